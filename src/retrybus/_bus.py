@@ -1,0 +1,341 @@
+"""The event bus: subscribe handlers, publish events, record every failure durably."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from ._clock import Clock, SystemClock
+from ._decision import decide
+from ._errors import UnknownHandler
+from ._event import Event
+from ._handlers import Handler, HandlerRegistry, Subscription
+from ._policy import ExponentialBackoff, RetryPolicy
+from ._queues import DeadLetterQueue, RetryQueue
+from ._records import DeadLetterItem, ErrorInfo, RetryItem
+from ._stats import Stats
+from ._stores.base import Store
+from ._stores.memory import MemoryStore
+
+__all__ = ["EventBus", "PublishResult"]
+
+logger = logging.getLogger("retrybus")
+
+H = TypeVar("H", bound=Handler)
+DeadLetterHook = Callable[[DeadLetterItem], Awaitable[Any]] | Callable[[DeadLetterItem], Any]
+
+SEVEN_DAYS = 7 * 24 * 3600.0
+THIRTY_DAYS = 30 * 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What became of one publish: which handlers succeeded, which were
+    scheduled for retry and which were dead-lettered (by handler name)."""
+
+    event: Event
+    succeeded: tuple[str, ...] = ()
+    retrying: tuple[str, ...] = ()
+    dead_lettered: tuple[str, ...] = ()
+    retry_items: tuple[RetryItem, ...] = field(default=(), repr=False)
+    dead_letters: tuple[DeadLetterItem, ...] = field(default=(), repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """Every matching handler succeeded on the first call."""
+        return not self.retrying and not self.dead_lettered
+
+
+async def _call(subscription: Subscription, event: Event) -> BaseException | None:
+    try:
+        await subscription.call(event)
+    except Exception as exc:
+        return exc
+    return None
+
+
+class EventBus:
+    """Handlers subscribed to event types; a failing handler's delivery is retried
+    under its policy from the store's retry queue, and dead-lettered when retries
+    are spent. A failure never reaches the publisher.
+
+    >>> bus = EventBus(open_store("sqlite:///retrybus.db"))
+    >>> @bus.handler("like.added")
+    ... async def count_like(event: Event) -> None: ...
+    >>> result = await bus.publish(Event("like.added", {"post_id": 7}))
+
+    ``retry_retention`` and ``dead_letter_retention`` (seconds; None keeps
+    forever) are the ages past which a worker moves retry items to the dead
+    letter queue and deletes dead letters: 7 and 30 days by default.
+    """
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        *,
+        default_policy: RetryPolicy | None = None,
+        clock: Clock | None = None,
+        retry_retention: float | None = SEVEN_DAYS,
+        dead_letter_retention: float | None = THIRTY_DAYS,
+    ) -> None:
+        if store is not None and not isinstance(store, Store):
+            raise TypeError(f"store must be a retrybus store (see open_store), got {store!r}")
+        if default_policy is not None and not isinstance(default_policy, RetryPolicy):
+            raise TypeError(f"default_policy must implement RetryPolicy, got {default_policy!r}")
+        for name, value in (
+            ("retry_retention", retry_retention),
+            ("dead_letter_retention", dead_letter_retention),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+            ):
+                raise ValueError(f"{name} must be a number of seconds > 0 or None, got {value!r}")
+        self._store: Store = store if store is not None else MemoryStore()
+        self.default_policy: RetryPolicy = default_policy or ExponentialBackoff()
+        self.clock: Clock = clock or SystemClock()
+        self.retry_retention = retry_retention
+        self.dead_letter_retention = dead_letter_retention
+        self._registry = HandlerRegistry()
+        self._hooks: list[DeadLetterHook] = []
+        self._schedule_listeners: list[Callable[[datetime], None]] = []
+        self.retry_queue = RetryQueue(self)
+        self.dead_letters = DeadLetterQueue(self)
+
+    @property
+    def store(self) -> Store:
+        """The store holding the retry queue and the dead letter queue."""
+        return self._store
+
+    def use_store(self, store: Store) -> None:
+        """Switch to another store (for example the one ``retrybus worker --store`` names)."""
+        if not isinstance(store, Store):
+            raise TypeError(f"store must be a retrybus store (see open_store), got {store!r}")
+        self._store = store
+
+    async def close(self) -> None:
+        """Close the store."""
+        await self._store.close()
+
+    async def __aenter__(self) -> EventBus:
+        await self._store.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # subscriptions ---------------------------------------------------------
+
+    def subscribe(
+        self,
+        pattern: str | Iterable[str],
+        handler: Handler,
+        *,
+        name: str | None = None,
+        policy: RetryPolicy | None = None,
+    ) -> Subscription:
+        """Run ``handler`` for events whose type matches ``pattern`` (an exact type,
+        a glob such as ``like.*`` or ``*``, or a list of them).
+
+        ``name`` (default: the function's qualified name) must be unique on the
+        bus: retries find the handler by it. ``policy`` overrides the bus's
+        ``default_policy`` for this handler.
+        """
+        return self._registry.add(pattern, handler, name=name, policy=policy)
+
+    def handler(
+        self,
+        pattern: str | Iterable[str],
+        *,
+        name: str | None = None,
+        policy: RetryPolicy | None = None,
+    ) -> Callable[[H], H]:
+        """Decorator form of ``subscribe``; returns the function unchanged."""
+
+        def register(function: H) -> H:
+            self.subscribe(pattern, function, name=name, policy=policy)
+            return function
+
+        return register
+
+    def unsubscribe(self, name: str) -> None:
+        """Remove the handler called ``name``; raises ``UnknownHandler``."""
+        if self._registry.remove(name) is None:
+            raise UnknownHandler(name)
+
+    def subscription(self, name: str) -> Subscription:
+        """The subscription of the handler called ``name``; raises ``UnknownHandler``."""
+        subscription = self._registry.get(name)
+        if subscription is None:
+            raise UnknownHandler(name)
+        return subscription
+
+    @property
+    def handler_names(self) -> list[str]:
+        """Names of the subscribed handlers, in subscription order."""
+        return self._registry.names()
+
+    def policy_for(self, handler_name: str) -> RetryPolicy:
+        """The policy that governs ``handler_name`` (the bus default if it has none)."""
+        subscription = self._registry.get(handler_name)
+        if subscription is not None and subscription.policy is not None:
+            return subscription.policy
+        return self.default_policy
+
+    def on_dead_letter(self, callback: DeadLetterHook) -> DeadLetterHook:
+        """Call ``callback(item)`` (plain or async) for each new dead letter, for
+        alerts. Its own failure is logged; the dead letter is kept regardless.
+        Usable as a decorator."""
+        if not callable(callback):
+            raise TypeError(f"on_dead_letter needs a callable, got {callback!r}")
+        self._hooks.append(callback)
+        return callback
+
+    # publishing ------------------------------------------------------------
+
+    async def publish(self, event: Event) -> PublishResult:
+        """Run every handler matching ``event.type`` concurrently.
+
+        Never raises a handler's error: each failure is scheduled for retry or
+        dead-lettered, durably, before this returns. Raises only when the
+        failure could not be recorded (``StoreUnavailable``).
+        """
+        if not isinstance(event, Event):
+            raise TypeError(f"publish takes a retrybus.Event, got {event!r}")
+        subscriptions = self._registry.match(event.type)
+        if not subscriptions:
+            return PublishResult(event)
+        if len(subscriptions) == 1:
+            errors: list[BaseException | None] = [await _call(subscriptions[0], event)]
+        else:
+            errors = list(await asyncio.gather(*(_call(s, event) for s in subscriptions)))
+        if not any(errors):
+            return PublishResult(event, tuple(s.name for s in subscriptions))
+        return await self._record_failures(event, subscriptions, errors)
+
+    async def _record_failures(
+        self,
+        event: Event,
+        subscriptions: tuple[Subscription, ...],
+        errors: list[BaseException | None],
+    ) -> PublishResult:
+        now = self.clock.now()
+        succeeded: list[str] = []
+        retry_items: list[RetryItem] = []
+        dead_letters: list[DeadLetterItem] = []
+        for subscription, error in zip(subscriptions, errors, strict=True):
+            if error is None:
+                succeeded.append(subscription.name)
+                continue
+            policy = subscription.policy or self.default_policy
+            decision = decide(policy, error, 1, now, now)
+            info = ErrorInfo.from_exception(error)
+            if decision.delay is not None:
+                retry_items.append(
+                    RetryItem.for_failure(
+                        event,
+                        subscription.name,
+                        info,
+                        attempt=1,
+                        max_retries=policy.max_retries,
+                        next_retry=now + timedelta(seconds=decision.delay),
+                        now=now,
+                    )
+                )
+                logger.info(
+                    "handler %s failed for event %s (%s), retry 1 in %.3gs: %s",
+                    subscription.name,
+                    event.id,
+                    event.type,
+                    decision.delay,
+                    info.message,
+                    extra=_log_fields(event, subscription.name, 1),
+                )
+            else:
+                dead_letters.append(
+                    DeadLetterItem.for_failure(
+                        event,
+                        subscription.name,
+                        info,
+                        reason=decision.reason,
+                        attempt=0,
+                        max_retries=policy.max_retries,
+                        now=now,
+                    )
+                )
+        await self._store.record_failures(retry_items, dead_letters)
+        if retry_items:
+            self._retry_scheduled(min(item.next_retry for item in retry_items))
+        await self._announce_dead_letters(dead_letters)
+        return PublishResult(
+            event,
+            tuple(succeeded),
+            tuple(item.handler_name for item in retry_items),
+            tuple(item.handler_name for item in dead_letters),
+            tuple(retry_items),
+            tuple(dead_letters),
+        )
+
+    # monitoring ------------------------------------------------------------
+
+    async def stats(self) -> Stats:
+        """Queue sizes, retry success rate and average attempts (the seed's monitoring)."""
+        counters = await self._store.counters()
+        return Stats.from_counts(
+            retry_queue_size=await self._store.retry_count(),
+            dead_letter_queue_size=await self._store.count_dead(),
+            unprocessed_dead_letters=await self._store.count_dead(False),
+            counters=counters,
+        )
+
+    # between the bus, its queues and workers -------------------------------
+
+    def _add_schedule_listener(self, listener: Callable[[datetime], None]) -> None:
+        self._schedule_listeners.append(listener)
+
+    def _remove_schedule_listener(self, listener: Callable[[datetime], None]) -> None:
+        if listener in self._schedule_listeners:
+            self._schedule_listeners.remove(listener)
+
+    def _retry_scheduled(self, when: datetime) -> None:
+        for listener in self._schedule_listeners:
+            listener(when)
+
+    async def _announce_dead_letters(self, items: Iterable[DeadLetterItem]) -> None:
+        for item in items:
+            logger.warning(
+                "dead-lettered event %s (%s) for handler %s: %s (%s)",
+                item.event_id,
+                item.event_type,
+                item.handler_name,
+                item.reason,
+                item.error,
+                extra={
+                    **_log_fields(item.to_event(), item.handler_name, item.attempt),
+                    "reason": item.reason,
+                },
+            )
+            for hook in self._hooks:
+                try:
+                    outcome = hook(item)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+                except Exception:
+                    logger.exception(
+                        "on_dead_letter hook %r failed for dead letter %s; the dead letter is kept",
+                        hook,
+                        item.id,
+                    )
+
+
+def _log_fields(event: Event, handler_name: str, attempt: int) -> dict[str, Any]:
+    return {
+        "event_id": event.id,
+        "event_type": event.type,
+        "handler": handler_name,
+        "attempt": attempt,
+    }

@@ -1,0 +1,216 @@
+"""The event: immutable, with CloudEvents 1.0 attribute names, JSON data only."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
+
+__all__ = ["Event"]
+
+_EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,64}$")
+_RESERVED = frozenset(
+    {
+        "specversion",
+        "id",
+        "source",
+        "type",
+        "time",
+        "data",
+        "subject",
+        "datacontenttype",
+        "dataschema",
+        "data_base64",
+    }
+)
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+def encode_json(value: Any, what: str) -> str:
+    """Encode ``value`` as compact JSON, or raise ``TypeError`` naming ``what``."""
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"{what} must be a JSON value (dict, list, str, number, bool or None): {exc}"
+        ) from None
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 in UTC with microseconds, as CloudEvents' JSON format writes ``time``."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str, what: str = "time") -> datetime:
+    """Parse an RFC 3339 timestamp into an aware UTC datetime."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be an RFC 3339 string, got {text!r}")
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{what} is not an RFC 3339 timestamp: {text!r}") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"{what} must carry a UTC offset: {text!r}")
+    return moment.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True, eq=True, init=False)
+class Event:
+    """Something that happened, handed to every handler subscribed to its ``type``.
+
+    >>> Event("like.added", {"post_id": 7, "user_id": 3}, source="social-service")
+
+    ``data`` must be a JSON value (it is stored as JSON, never pickled); ``time``
+    must be timezone-aware and is kept in UTC; ``extensions`` carry string
+    attributes such as ``traceparent`` or a correlation id.
+    """
+
+    type: str
+    data: Any
+    source: str
+    id: str
+    time: datetime
+    subject: str | None
+    extensions: Mapping[str, str]
+    _data_json: str = field(repr=False, compare=False)
+
+    def __init__(
+        self,
+        type: str,
+        data: Any = None,
+        *,
+        source: str = "",
+        id: str | None = None,
+        time: datetime | None = None,
+        subject: str | None = None,
+        extensions: Mapping[str, str] | None = None,
+    ) -> None:
+        if not isinstance(type, str) or not type:
+            raise ValueError(f"Event type must be a non-empty string, got {type!r}")
+        if not isinstance(source, str):
+            raise TypeError(f"Event source must be a string, got {source!r}")
+        if id is None:
+            id = str(uuid.uuid4())
+        elif not isinstance(id, str) or not id:
+            raise ValueError(f"Event id must be a non-empty string, got {id!r}")
+        if time is None:
+            time = datetime.now(UTC)
+        elif not isinstance(time, datetime) or time.tzinfo is None:
+            raise ValueError(f"Event time must be a timezone-aware datetime, got {time!r}")
+        else:
+            time = time.astimezone(UTC)
+        if subject is not None and not isinstance(subject, str):
+            raise TypeError(f"Event subject must be a string or None, got {subject!r}")
+        setter = object.__setattr__
+        setter(self, "type", type)
+        setter(self, "data", data)
+        setter(self, "source", source)
+        setter(self, "id", id)
+        setter(self, "time", time)
+        setter(self, "subject", subject)
+        setter(self, "extensions", _check_extensions(extensions))
+        setter(self, "_data_json", encode_json(data, f"data of event {type!r}"))
+
+    @classmethod
+    def _from_stored(
+        cls,
+        *,
+        type: str,
+        data: Any,
+        source: str,
+        id: str,
+        time: datetime,
+        subject: str | None,
+        extensions: Mapping[str, str],
+    ) -> Event:
+        """Rebuild an event read back from a store, skipping checks it already passed."""
+        event = object.__new__(cls)
+        setter = object.__setattr__
+        setter(event, "type", type)
+        setter(event, "data", data)
+        setter(event, "source", source)
+        setter(event, "id", id)
+        setter(event, "time", time)
+        setter(event, "subject", subject)
+        setter(event, "extensions", MappingProxyType(dict(extensions)) if extensions else _EMPTY)
+        setter(event, "_data_json", "")
+        return event
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    @property
+    def data_json(self) -> str:
+        """``data`` encoded as compact JSON (computed once)."""
+        if not self._data_json:
+            object.__setattr__(
+                self, "_data_json", encode_json(self.data, f"data of event {self.type!r}")
+            )
+        return self._data_json
+
+    def to_dict(self) -> dict[str, Any]:
+        """The CloudEvents 1.0 JSON structured form of this event."""
+        out: dict[str, Any] = {
+            "specversion": "1.0",
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "time": format_time(self.time),
+            "datacontenttype": "application/json",
+        }
+        if self.subject is not None:
+            out["subject"] = self.subject
+        out.update(self.extensions)
+        out["data"] = self.data
+        return out
+
+    @classmethod
+    def from_dict(cls, document: Mapping[str, Any]) -> Event:
+        """Read an event from the CloudEvents 1.0 JSON structured form.
+
+        Attributes other than the core ones become extensions (string values only).
+        """
+        if not isinstance(document, Mapping):
+            raise TypeError(f"a CloudEvent must be a JSON object, got {document!r}")
+        version = document.get("specversion")
+        if version != "1.0":
+            raise ValueError(f"unsupported CloudEvents specversion {version!r}; expected '1.0'")
+        if "data_base64" in document:
+            raise ValueError(
+                "binary CloudEvents data (data_base64) is not supported: data must be JSON"
+            )
+        content_type = document.get("datacontenttype")
+        if content_type is not None and "json" not in str(content_type):
+            raise ValueError(f"unsupported datacontenttype {content_type!r}: data must be JSON")
+        time_text = document.get("time")
+        extensions = {key: value for key, value in document.items() if key not in _RESERVED}
+        return cls(
+            document.get("type"),  # type: ignore[arg-type]  # checked by __init__
+            document.get("data"),
+            source=document.get("source", ""),
+            id=document.get("id"),
+            time=parse_time(time_text) if time_text is not None else None,
+            subject=document.get("subject"),
+            extensions=extensions,
+        )
+
+
+def _check_extensions(extensions: Mapping[str, str] | None) -> Mapping[str, str]:
+    if not extensions:
+        return _EMPTY
+    if not isinstance(extensions, Mapping):
+        raise TypeError(f"Event extensions must be a mapping of str to str, got {extensions!r}")
+    for name, value in extensions.items():
+        if not isinstance(name, str) or not _EXTENSION_NAME.match(name) or name in _RESERVED:
+            raise ValueError(
+                f"invalid CloudEvents extension name {name!r}: use lowercase letters and digits, "
+                "not a core attribute name"
+            )
+        if not isinstance(value, str):
+            raise TypeError(f"extension {name!r} must be a string, got {value!r}")
+    return MappingProxyType(dict(extensions))

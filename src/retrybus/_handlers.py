@@ -1,0 +1,145 @@
+"""Subscriptions: which handler runs for which event type, and how it is called."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import functools
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ._event import Event
+from ._policy import RetryPolicy
+
+__all__ = ["Handler", "HandlerRegistry", "Subscription"]
+
+Handler = Callable[[Event], Awaitable[Any]] | Callable[[Event], Any]
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _is_async(handler: Callable[..., Any]) -> bool:
+    if inspect.iscoroutinefunction(handler):
+        return True
+    if isinstance(handler, functools.partial):
+        return _is_async(handler.func)
+    call = getattr(handler, "__call__", None)  # noqa: B004 - objects with an async __call__
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+def default_name(handler: Callable[..., Any]) -> str:
+    """A handler's name when none is given: its qualified name."""
+    target = handler.func if isinstance(handler, functools.partial) else handler
+    name = getattr(target, "__qualname__", None) or getattr(type(target), "__qualname__", None)
+    if not name:
+        raise ValueError(f"cannot name handler {handler!r}: pass name=")
+    return str(name)
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """A handler subscribed under a unique ``name`` to one or more type patterns."""
+
+    name: str
+    patterns: tuple[str, ...]
+    handler: Handler
+    policy: RetryPolicy | None
+    is_async: bool
+
+    async def call(self, event: Event) -> None:
+        """Run the handler on ``event``: async ones awaited, plain ones in a thread."""
+        if self.is_async:
+            await self.handler(event)
+        else:
+            await asyncio.to_thread(self.handler, event)
+
+
+def check_pattern(pattern: str) -> str:
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise ValueError(f"an event type pattern must be a non-empty string, got {pattern!r}")
+    return pattern
+
+
+class HandlerRegistry:
+    """Handlers by name, and a cache of which handlers match each event type."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Subscription] = {}
+        self._exact: dict[str, list[Subscription]] = {}
+        self._globs: list[tuple[re.Pattern[str], Subscription]] = []
+        self._cache: dict[str, tuple[Subscription, ...]] = {}
+
+    def add(
+        self,
+        patterns: str | Iterable[str],
+        handler: Handler,
+        *,
+        name: str | None,
+        policy: RetryPolicy | None,
+    ) -> Subscription:
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, got {handler!r}")
+        pattern_list = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+        if not pattern_list:
+            raise ValueError("subscribe needs at least one event type pattern")
+        pattern_list = tuple(check_pattern(p) for p in pattern_list)
+        if name is None:
+            name = default_name(handler)
+        elif not isinstance(name, str) or not name:
+            raise ValueError(f"handler name must be a non-empty string, got {name!r}")
+        if name in self._by_name:
+            raise ValueError(
+                f"a handler named {name!r} is already subscribed; handler names are the key for "
+                "retries and must be unique on a bus: pass name="
+            )
+        if policy is not None and not isinstance(policy, RetryPolicy):
+            raise TypeError(
+                f"policy must implement RetryPolicy (should_retry, delay, max_retries), got {policy!r}"
+            )
+        subscription = Subscription(name, pattern_list, handler, policy, _is_async(handler))
+        self._by_name[name] = subscription
+        for pattern in pattern_list:
+            if _GLOB_CHARS.isdisjoint(pattern):
+                self._exact.setdefault(pattern, []).append(subscription)
+            else:
+                self._globs.append((re.compile(fnmatch.translate(pattern)), subscription))
+        self._cache.clear()
+        return subscription
+
+    def remove(self, name: str) -> Subscription | None:
+        subscription = self._by_name.pop(name, None)
+        if subscription is None:
+            return None
+        for pattern in subscription.patterns:
+            subscriptions = self._exact.get(pattern)
+            if subscriptions is not None:
+                subscriptions[:] = [s for s in subscriptions if s is not subscription]
+                if not subscriptions:
+                    del self._exact[pattern]
+        self._globs = [(regex, s) for regex, s in self._globs if s is not subscription]
+        self._cache.clear()
+        return subscription
+
+    def get(self, name: str) -> Subscription | None:
+        return self._by_name.get(name)
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def match(self, event_type: str) -> tuple[Subscription, ...]:
+        """The subscriptions for ``event_type``, each once, in subscription order."""
+        cached = self._cache.get(event_type)
+        if cached is not None:
+            return cached
+        found = list(self._exact.get(event_type, ()))
+        found.extend(s for regex, s in self._globs if regex.match(event_type))
+        order = {name: index for index, name in enumerate(self._by_name)}
+        unique = {s.name: s for s in found}
+        result = tuple(sorted(unique.values(), key=lambda s: order[s.name]))
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[event_type] = result
+        return result

@@ -1,0 +1,374 @@
+"""The two queues as users see them: ``bus.retry_queue`` and ``bus.dead_letters``."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from ._errors import ItemNotFound
+from ._event import Event
+from ._records import DeadLetterItem, ErrorInfo, RetryItem
+from ._stores.base import (
+    CorruptRecord,
+    DeadLettered,
+    Rescheduled,
+    Succeeded,
+    corrupt_to_dead_letter,
+)
+
+if TYPE_CHECKING:
+    from ._bus import EventBus
+
+__all__ = ["DeadLetterQueue", "RetryQueue"]
+
+EXPIRED_REASON = "expired in retry queue"
+
+
+def _check_page(limit: int, offset: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit must be an int >= 0, got {limit!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be an int >= 0, got {offset!r}")
+
+
+def _check_positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+class RetryQueue:
+    """Failed deliveries waiting for their next retry (one item = one event × one handler).
+
+    The operations are the seed's: ``add``, ``claim_due`` (its ``Get``, made
+    atomic with a lease), ``mark_success``, ``mark_failed``, ``update_attempt``,
+    ``count``, ``cleanup`` and ``health``. Methods that finish an item take the
+    ``RetryItem`` that ``claim_due`` returned and do nothing (returning False)
+    when its lease has passed to another worker; given a bare id they act
+    unconditionally.
+    """
+
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+
+    async def add(
+        self,
+        event: Event,
+        handler_name: str,
+        error: BaseException | str,
+        attempt: int = 1,
+        *,
+        next_retry: datetime | None = None,
+        max_retries: int | None = None,
+    ) -> RetryItem:
+        """Queue retry number ``attempt`` of ``handler_name`` for ``event``.
+
+        Without ``next_retry`` it falls due after the handler's policy delay.
+        """
+        if not isinstance(event, Event):
+            raise TypeError(f"event must be a retrybus.Event, got {event!r}")
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            raise ValueError(f"attempt must be an int >= 1, got {attempt!r}")
+        policy = self._bus.policy_for(handler_name)
+        now = self._bus.clock.now()
+        if next_retry is None:
+            next_retry = now + timedelta(seconds=policy.delay(attempt))
+        elif next_retry.tzinfo is None:
+            raise ValueError(f"next_retry must be timezone-aware, got {next_retry!r}")
+        item = RetryItem.for_failure(
+            event,
+            handler_name,
+            ErrorInfo.coerce(error),
+            attempt=attempt,
+            max_retries=policy.max_retries if max_retries is None else max_retries,
+            next_retry=next_retry,
+            now=now,
+        )
+        await self._bus.store.record_failures([item], [])
+        self._bus._retry_scheduled(next_retry)
+        return item
+
+    async def claim_due(
+        self, limit: int = 100, *, lease: float = 60.0, owner: str | None = None
+    ) -> list[RetryItem]:
+        """Lease up to ``limit`` due items, earliest first, atomically: no other
+        claim gets them until the lease (seconds) runs out or they are finished.
+
+        A stored record that cannot be decoded is moved to the dead letter
+        queue with the reason, not returned.
+        """
+        _check_page(limit, 0)
+        lease = _check_positive("lease", lease)
+        owner = owner or f"claim-{uuid.uuid4().hex[:12]}"
+        now = self._bus.clock.now()
+        claimed = await self._bus.store.claim_due(
+            now=now, limit=limit, owner=owner, lease_until=now + timedelta(seconds=lease)
+        )
+        items = [record for record in claimed if isinstance(record, RetryItem)]
+        corrupt = [record for record in claimed if isinstance(record, CorruptRecord)]
+        if corrupt:
+            await self._dead_letter_corrupt(corrupt, owner, now)
+        return items
+
+    async def _dead_letter_corrupt(
+        self, records: Sequence[CorruptRecord], owner: str, now: datetime
+    ) -> None:
+        outcomes = [
+            DeadLettered(
+                record.id,
+                corrupt_to_dead_letter(record, now, f"undecodable record: {record.problem}"),
+            )
+            for record in records
+        ]
+        applied = await self._bus.store.complete(outcomes, owner)
+        await self._bus._announce_dead_letters(
+            o.dead_letter for o in outcomes if o.item_id in applied
+        )
+
+    async def mark_success(self, item: RetryItem | str) -> bool:
+        """The retry worked: remove the item. False if it is gone or its lease was lost."""
+        held, owner = await self._resolve(item)
+        if held is None:
+            return False
+        return bool(await self._bus.store.complete([Succeeded(held)], owner))
+
+    async def mark_failed(
+        self,
+        item: RetryItem | str,
+        *,
+        error: BaseException | str | None = None,
+        reason: str | None = None,
+    ) -> DeadLetterItem | None:
+        """Move the item to the dead letter queue in one step; returns the dead letter
+        (None if the item is gone or its lease was lost)."""
+        held, owner = await self._resolve(item)
+        if held is None:
+            return None
+        now = self._bus.clock.now()
+        dead = held.to_dead_letter(
+            reason=reason or f"failed after {held.attempt} retries",
+            now=now,
+            error=None if error is None else ErrorInfo.coerce(error),
+        )
+        applied = await self._bus.store.complete([DeadLettered(held.id, dead)], owner)
+        if not applied:
+            return None
+        await self._bus._announce_dead_letters([dead])
+        return dead
+
+    async def update_attempt(
+        self,
+        item: RetryItem | str,
+        next_retry: datetime,
+        attempt: int,
+        *,
+        error: BaseException | str | None = None,
+    ) -> bool:
+        """Reschedule the item as retry number ``attempt`` at ``next_retry``, releasing its lease."""
+        if next_retry.tzinfo is None:
+            raise ValueError(f"next_retry must be timezone-aware, got {next_retry!r}")
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            raise ValueError(f"attempt must be an int >= 1, got {attempt!r}")
+        held, owner = await self._resolve(item)
+        if held is None:
+            return False
+        info = (
+            ErrorInfo(held.error, held.error_type, held.traceback)
+            if error is None
+            else ErrorInfo.coerce(error)
+        )
+        updated = held.rescheduled(
+            attempt=attempt, next_retry=next_retry, error=info, now=self._bus.clock.now()
+        )
+        applied = await self._bus.store.complete([Rescheduled(updated)], owner)
+        if applied:
+            self._bus._retry_scheduled(next_retry)
+        return bool(applied)
+
+    async def _resolve(self, item: RetryItem | str) -> tuple[RetryItem | None, str | None]:
+        if isinstance(item, RetryItem):
+            return item, item.lease_owner
+        if not isinstance(item, str):
+            raise TypeError(f"expected a RetryItem or an item id, got {item!r}")
+        return await self._bus.store.get_retry(item), None
+
+    async def get(self, item_id: str) -> RetryItem:
+        """The item with this id; raises ``ItemNotFound``."""
+        item = await self._bus.store.get_retry(item_id)
+        if item is None:
+            raise ItemNotFound(item_id)
+        return item
+
+    async def list(
+        self,
+        limit: int = 100,
+        offset: int = 0,
+        *,
+        handler_name: str | None = None,
+        event_type: str | None = None,
+    ) -> list[RetryItem]:
+        """Items by next retry time, earliest first."""
+        _check_page(limit, offset)
+        return await self._bus.store.list_retry(
+            limit=limit, offset=offset, handler_name=handler_name, event_type=event_type
+        )
+
+    async def delete(self, item_id: str) -> None:
+        """Drop an item without dead-lettering it; raises ``ItemNotFound``."""
+        if not await self._bus.store.delete_retry(item_id):
+            raise ItemNotFound(item_id)
+
+    async def count(self) -> int:
+        """How many items wait (leased ones included)."""
+        return await self._bus.store.retry_count()
+
+    async def count_due(self, within: float = 0.0) -> int:
+        """How many items fall due within ``within`` seconds from now."""
+        return await self._bus.store.count_due(self._bus.clock.now() + timedelta(seconds=within))
+
+    async def next_due(self) -> datetime | None:
+        """When the next item falls due (None when the queue is empty)."""
+        return await self._bus.store.next_due()
+
+    async def cleanup(self, before: datetime | None = None) -> int:
+        """Move items created before ``before`` (default: older than the bus's
+        ``retry_retention``) to the dead letter queue, reason "expired in retry
+        queue". Nothing is deleted; returns how many moved."""
+        now = self._bus.clock.now()
+        if before is None:
+            if self._bus.retry_retention is None:
+                return 0
+            before = now - timedelta(seconds=self._bus.retry_retention)
+        moved = await self._bus.store.expire_retry(before=before, now=now, reason=EXPIRED_REASON)
+        await self._bus._announce_dead_letters(moved)
+        return len(moved)
+
+    async def health(self) -> None:
+        """Raise ``StoreUnavailable`` unless the store answers."""
+        await self._bus.store.health()
+
+
+class DeadLetterQueue:
+    """Deliveries that will not be retried again, for a person to browse,
+    reprocess, requeue and clean."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+
+    async def add(
+        self,
+        item: RetryItem,
+        *,
+        reason: str,
+        error: BaseException | str | None = None,
+    ) -> DeadLetterItem:
+        """Record ``item`` as a dead letter (it is not removed from the retry queue:
+        ``bus.retry_queue.mark_failed`` moves it)."""
+        if not isinstance(item, RetryItem):
+            raise TypeError(f"expected a RetryItem, got {item!r}")
+        if not reason:
+            raise ValueError("a dead letter needs a reason")
+        dead = item.to_dead_letter(
+            reason=reason,
+            now=self._bus.clock.now(),
+            error=None if error is None else ErrorInfo.coerce(error),
+        )
+        await self._bus.store.record_failures([], [dead])
+        await self._bus._announce_dead_letters([dead])
+        return dead
+
+    async def list(
+        self,
+        limit: int = 100,
+        offset: int = 0,
+        *,
+        event_type: str | None = None,
+        handler_name: str | None = None,
+        processed: bool | None = None,
+    ) -> list[DeadLetterItem]:
+        """Dead letters, newest first, optionally filtered."""
+        _check_page(limit, offset)
+        return await self._bus.store.list_dead(
+            limit=limit,
+            offset=offset,
+            event_type=event_type,
+            handler_name=handler_name,
+            processed=processed,
+        )
+
+    async def get(self, item_id: str) -> DeadLetterItem:
+        """The dead letter with this id; raises ``ItemNotFound``."""
+        item = await self._bus.store.get_dead(item_id)
+        if item is None:
+            raise ItemNotFound(item_id)
+        return item
+
+    async def reprocess(self, item_id: str) -> DeadLetterItem:
+        """Call the item's handler now. On success the item is marked ``processed``
+        (with ``processed_at``); on failure it stays, carrying the new error.
+        Returns the item as stored afterwards.
+
+        Raises ``ItemNotFound``, or ``UnknownHandler`` when no handler of its
+        name is subscribed on this bus.
+        """
+        item = await self.get(item_id)
+        subscription = self._bus.subscription(item.handler_name)
+        now = self._bus.clock.now()
+        metadata: dict[str, Any] = dict(item.metadata)
+        metadata["reprocess_count"] = int(metadata.get("reprocess_count", 0)) + 1
+        metadata["last_reprocessed_at"] = now.isoformat()
+        try:
+            await subscription.call(item.to_event())
+        except Exception as exc:
+            info = ErrorInfo.from_exception(exc)
+            updated = replace(
+                item,
+                error=info.message,
+                error_type=info.type,
+                traceback=info.traceback,
+                metadata=metadata,
+            )
+        else:
+            updated = replace(
+                item, processed=True, processed_at=self._bus.clock.now(), metadata=metadata
+            )
+        if not await self._bus.store.update_dead(updated):
+            raise ItemNotFound(item_id)
+        return updated
+
+    async def requeue(self, item_id: str) -> RetryItem:
+        """Move the dead letter back into the retry queue, due now, with all its
+        retries ahead of it (the handler's current policy). Returns the new item."""
+        item = await self.get(item_id)
+        now = self._bus.clock.now()
+        policy = self._bus.policy_for(item.handler_name)
+        retry_item = item.to_retry_item(max_retries=policy.max_retries, now=now)
+        if not await self._bus.store.requeue_dead(item_id, retry_item):
+            raise ItemNotFound(item_id)
+        self._bus._retry_scheduled(now)
+        return retry_item
+
+    async def delete(self, item_id: str) -> None:
+        """Delete one dead letter; raises ``ItemNotFound``."""
+        if not await self._bus.store.delete_dead(item_id):
+            raise ItemNotFound(item_id)
+
+    async def count(self, processed: bool | None = None) -> int:
+        """How many dead letters there are (optionally only processed or unprocessed ones)."""
+        return await self._bus.store.count_dead(processed)
+
+    async def cleanup(self, before: datetime | None = None) -> int:
+        """Delete dead letters created before ``before`` (default: older than the
+        bus's ``dead_letter_retention``); returns how many."""
+        if before is None:
+            if self._bus.dead_letter_retention is None:
+                return 0
+            before = self._bus.clock.now() - timedelta(seconds=self._bus.dead_letter_retention)
+        return await self._bus.store.cleanup_dead(before)
+
+    async def health(self) -> None:
+        """Raise ``StoreUnavailable`` unless the store answers."""
+        await self._bus.store.health()

@@ -1,0 +1,298 @@
+"""The stored records: a failed delivery waiting in the retry queue, and a dead letter."""
+
+from __future__ import annotations
+
+import traceback as traceback_module
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from ._event import Event
+
+__all__ = ["DeadLetterItem", "ErrorInfo", "RetryItem"]
+
+MAX_TRACEBACK_CHARS = 8_000
+MAX_ERROR_CHARS = 2_000
+
+
+def new_retry_id() -> str:
+    return f"retry_{uuid.uuid4().hex}"
+
+
+def new_dead_letter_id() -> str:
+    return f"dlq_{uuid.uuid4().hex}"
+
+
+def dead_letter_id_for(retry_id: str) -> str:
+    """A dead letter made from a retry item takes an id derived from it, so that
+    moving an item twice (after a crash between the two writes) is a no-op."""
+    return "dlq_" + retry_id.removeprefix("retry_")
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """What is kept of a handler's exception: its message, class and a bounded traceback."""
+
+    message: str
+    type: str
+    traceback: str = ""
+
+    @classmethod
+    def from_exception(cls, error: BaseException) -> ErrorInfo:
+        kind = type(error)
+        name = (
+            kind.__qualname__
+            if kind.__module__ in ("builtins", "__main__")
+            else f"{kind.__module__}.{kind.__qualname__}"
+        )
+        message = str(error) or kind.__name__
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[: MAX_ERROR_CHARS - 1] + "…"
+        text = "".join(traceback_module.format_exception(error, limit=20))
+        if len(text) > MAX_TRACEBACK_CHARS:
+            text = "…" + text[-(MAX_TRACEBACK_CHARS - 1) :]
+        return cls(message, name, text)
+
+    @classmethod
+    def coerce(cls, error: BaseException | str | ErrorInfo | None) -> ErrorInfo:
+        if isinstance(error, ErrorInfo):
+            return error
+        if isinstance(error, BaseException):
+            return cls.from_exception(error)
+        if error is None:
+            return cls("", "")
+        return cls(str(error), "")
+
+    @property
+    def short_type(self) -> str:
+        """The class name without its module (``TimeoutError``)."""
+        return self.type.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryItem:
+    """One failed delivery (one event × one handler) waiting for its next retry.
+
+    ``attempt`` is the number of the retry it is waiting for (1 after the first
+    failure); ``next_retry`` is when it falls due. While a worker holds it,
+    ``lease_owner`` and ``lease_until`` say who and until when.
+    """
+
+    id: str
+    event_id: str
+    event_type: str
+    event_data: Any
+    event_source: str
+    event_timestamp: datetime
+    event_subject: str | None = None
+    event_extensions: Mapping[str, str] = field(default_factory=dict)
+    handler_name: str
+    error: str
+    error_type: str = ""
+    traceback: str = ""
+    attempt: int
+    max_retries: int
+    next_retry: datetime
+    created_at: datetime
+    updated_at: datetime
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_failure(
+        cls,
+        event: Event,
+        handler_name: str,
+        error: ErrorInfo,
+        *,
+        attempt: int,
+        max_retries: int,
+        next_retry: datetime,
+        now: datetime,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> RetryItem:
+        """A new retry item for ``event`` whose ``handler_name`` just failed."""
+        return cls(
+            id=new_retry_id(),
+            event_id=event.id,
+            event_type=event.type,
+            event_data=event.data,
+            event_source=event.source,
+            event_timestamp=event.time,
+            event_subject=event.subject,
+            event_extensions=dict(event.extensions),
+            handler_name=handler_name,
+            error=error.message,
+            error_type=error.type,
+            traceback=error.traceback,
+            attempt=attempt,
+            max_retries=max_retries,
+            next_retry=next_retry,
+            created_at=now,
+            updated_at=now,
+            metadata=dict(metadata or {}),
+        )
+
+    def to_event(self) -> Event:
+        """The event as it was published, rebuilt exactly."""
+        return Event._from_stored(
+            type=self.event_type,
+            data=self.event_data,
+            source=self.event_source,
+            id=self.event_id,
+            time=self.event_timestamp,
+            subject=self.event_subject,
+            extensions=self.event_extensions,
+        )
+
+    def rescheduled(
+        self, *, attempt: int, next_retry: datetime, error: ErrorInfo, now: datetime
+    ) -> RetryItem:
+        """This item after another failure, due again at ``next_retry``."""
+        return replace(
+            self,
+            attempt=attempt,
+            next_retry=next_retry,
+            error=error.message,
+            error_type=error.type,
+            traceback=error.traceback,
+            updated_at=now,
+            lease_owner=None,
+            lease_until=None,
+        )
+
+    def to_dead_letter(
+        self,
+        *,
+        reason: str,
+        now: datetime,
+        error: ErrorInfo | None = None,
+        attempt: int | None = None,
+    ) -> DeadLetterItem:
+        """The dead letter this item becomes when retries end."""
+        return DeadLetterItem(
+            id=dead_letter_id_for(self.id),
+            event_id=self.event_id,
+            event_type=self.event_type,
+            event_data=self.event_data,
+            event_source=self.event_source,
+            event_timestamp=self.event_timestamp,
+            event_subject=self.event_subject,
+            event_extensions=self.event_extensions,
+            handler_name=self.handler_name,
+            error=error.message if error else self.error,
+            error_type=error.type if error else self.error_type,
+            traceback=error.traceback if error else self.traceback,
+            attempt=self.attempt if attempt is None else attempt,
+            max_retries=self.max_retries,
+            reason=reason,
+            processed=False,
+            created_at=now,
+            processed_at=None,
+            first_failed_at=self.created_at,
+            metadata=dict(self.metadata),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetterItem:
+    """A delivery that will not be retried again, kept for a person to look at.
+
+    ``attempt`` is how many retries were made; ``reason`` says why it stopped
+    ("failed after 3 retries", "non-retryable: ValueError", "expired in retry
+    queue", "unknown handler …", "undecodable record …").
+    """
+
+    id: str
+    event_id: str
+    event_type: str
+    event_data: Any
+    event_source: str
+    event_timestamp: datetime
+    event_subject: str | None = None
+    event_extensions: Mapping[str, str] = field(default_factory=dict)
+    handler_name: str
+    error: str
+    error_type: str = ""
+    traceback: str = ""
+    attempt: int
+    max_retries: int = 0
+    reason: str
+    processed: bool = False
+    created_at: datetime
+    processed_at: datetime | None = None
+    first_failed_at: datetime | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_failure(
+        cls,
+        event: Event,
+        handler_name: str,
+        error: ErrorInfo,
+        *,
+        reason: str,
+        attempt: int,
+        max_retries: int,
+        now: datetime,
+    ) -> DeadLetterItem:
+        """A dead letter for a delivery that failed on publish and will not be retried."""
+        return cls(
+            id=new_dead_letter_id(),
+            event_id=event.id,
+            event_type=event.type,
+            event_data=event.data,
+            event_source=event.source,
+            event_timestamp=event.time,
+            event_subject=event.subject,
+            event_extensions=dict(event.extensions),
+            handler_name=handler_name,
+            error=error.message,
+            error_type=error.type,
+            traceback=error.traceback,
+            attempt=attempt,
+            max_retries=max_retries,
+            reason=reason,
+            created_at=now,
+            first_failed_at=now,
+        )
+
+    def to_event(self) -> Event:
+        """The event as it was published, rebuilt exactly."""
+        return Event._from_stored(
+            type=self.event_type,
+            data=self.event_data,
+            source=self.event_source,
+            id=self.event_id,
+            time=self.event_timestamp,
+            subject=self.event_subject,
+            extensions=self.event_extensions,
+        )
+
+    def to_retry_item(self, *, max_retries: int, now: datetime) -> RetryItem:
+        """A fresh retry item for this dead letter, due now, with all its retries ahead."""
+        metadata = dict(self.metadata)
+        metadata["requeued_from"] = self.id
+        return RetryItem(
+            id=new_retry_id(),
+            event_id=self.event_id,
+            event_type=self.event_type,
+            event_data=self.event_data,
+            event_source=self.event_source,
+            event_timestamp=self.event_timestamp,
+            event_subject=self.event_subject,
+            event_extensions=self.event_extensions,
+            handler_name=self.handler_name,
+            error=self.error,
+            error_type=self.error_type,
+            traceback=self.traceback,
+            attempt=1,
+            max_retries=max_retries,
+            next_retry=now,
+            created_at=now,
+            updated_at=now,
+            metadata=metadata,
+        )

@@ -1,0 +1,58 @@
+"""``bus.stats()``: the numbers the seed asks to monitor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._stores.base import Counters
+
+__all__ = ["Stats"]
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A snapshot of both queues and of how retries have gone.
+
+    ``retry_success_rate`` is the share of retry items that ended in success
+    rather than in the dead letter queue (None before any ended);
+    ``average_attempts`` is how many retries a successful item needed on
+    average (None before any succeeded).
+    """
+
+    retry_queue_size: int
+    dead_letter_queue_size: int
+    unprocessed_dead_letters: int
+    retries_scheduled: int
+    retries_succeeded: int
+    retries_dead_lettered: int
+    retry_success_rate: float | None
+    average_attempts: float | None
+
+    @classmethod
+    def from_counts(
+        cls,
+        *,
+        retry_queue_size: int,
+        dead_letter_queue_size: int,
+        unprocessed_dead_letters: int,
+        counters: Counters,
+    ) -> Stats:
+        ended = counters.retry_succeeded + counters.retry_dead_lettered
+        return cls(
+            retry_queue_size=retry_queue_size,
+            dead_letter_queue_size=dead_letter_queue_size,
+            unprocessed_dead_letters=unprocessed_dead_letters,
+            retries_scheduled=counters.retry_added,
+            retries_succeeded=counters.retry_succeeded,
+            retries_dead_lettered=counters.retry_dead_lettered,
+            retry_success_rate=counters.retry_succeeded / ended if ended else None,
+            average_attempts=(
+                counters.retry_succeeded_attempts / counters.retry_succeeded
+                if counters.retry_succeeded
+                else None
+            ),
+        )
+
+    def to_dict(self) -> dict[str, int | float | None]:
+        """The stats as a JSON-ready dict."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}

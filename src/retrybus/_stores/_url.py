@@ -1,0 +1,37 @@
+"""Parsing store URLs and keeping passwords out of messages."""
+
+from __future__ import annotations
+
+from urllib.parse import SplitResult, urlsplit
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+def split(url: str) -> SplitResult:
+    """``urlsplit`` with a ``ValueError`` that names the URL."""
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"a store URL must be a non-empty string, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError as exc:
+        raise ValueError(f"malformed store URL {redact(url)!r}: {exc}") from None
+    if not parts.scheme or "://" not in url:
+        raise ValueError(
+            f"malformed store URL {redact(url)!r}: expected scheme://…, "
+            "for example sqlite:///retrybus.db or memory://"
+        )
+    return parts

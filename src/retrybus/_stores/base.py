@@ -1,0 +1,234 @@
+"""The store protocol: what every engine (memory, SQLite, later servers) implements.
+
+A store keeps both queues and moves items between them atomically. It takes
+the time as an argument (``now``) from the caller, who reads it from the
+bus's clock, so that schedules can be tested without sleeping. Methods that
+finish a claimed item take the claim's ``owner`` token and do nothing for an
+item whose lease another claim has taken over (the fencing check).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+from .._records import DeadLetterItem, RetryItem, dead_letter_id_for
+
+__all__ = [
+    "CorruptRecord",
+    "Counters",
+    "DeadLettered",
+    "Outcome",
+    "Rescheduled",
+    "Store",
+    "Succeeded",
+    "corrupt_to_dead_letter",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class CorruptRecord:
+    """A stored retry item that could not be decoded; ``raw`` holds its fields as text."""
+
+    id: str
+    raw: Mapping[str, Any]
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded:
+    """The retry worked: remove the item."""
+
+    item: RetryItem
+
+
+@dataclass(frozen=True, slots=True)
+class Rescheduled:
+    """The retry failed and another is allowed: ``item`` carries the new attempt and time."""
+
+    item: RetryItem
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLettered:
+    """No more retries: remove retry item ``item_id`` and add ``dead_letter`` in one step."""
+
+    item_id: str
+    dead_letter: DeadLetterItem
+
+
+Outcome = Succeeded | Rescheduled | DeadLettered
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Running totals a store keeps for ``bus.stats()``."""
+
+    retry_added: int = 0
+    retry_succeeded: int = 0
+    retry_succeeded_attempts: int = 0
+    retry_dead_lettered: int = 0
+
+
+class Store(abc.ABC):
+    """One engine holding the retry queue and the dead letter queue.
+
+    Use it as an async context manager, or call ``await store.close()``; it
+    connects on first use (``await store.connect()`` connects eagerly and
+    raises ``StoreUnavailable`` naming the URL when it cannot).
+    """
+
+    #: the URL the store was opened with, password removed
+    url: str
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect (and create tables) now rather than on first use."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections; the store can be used again afterwards (it reconnects)."""
+
+    @abc.abstractmethod
+    async def health(self) -> None:
+        """Raise ``StoreUnavailable`` unless the store answers."""
+
+    # retry queue -----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def record_failures(
+        self, retry_items: Sequence[RetryItem], dead_letters: Sequence[DeadLetterItem]
+    ) -> None:
+        """Add new retry items and new dead letters in one step."""
+
+    @abc.abstractmethod
+    async def claim_due(
+        self, *, now: datetime, limit: int, owner: str, lease_until: datetime
+    ) -> list[RetryItem | CorruptRecord]:
+        """Lease up to ``limit`` items due at ``now`` (earliest first) to ``owner``, atomically."""
+
+    @abc.abstractmethod
+    async def extend_leases(self, owners: Sequence[str], lease_until: datetime) -> int:
+        """Push the leases held by these owner tokens to ``lease_until``."""
+
+    @abc.abstractmethod
+    async def release(self, ids: Sequence[str], owner: str) -> int:
+        """Give leased items back unprocessed, due as they were."""
+
+    @abc.abstractmethod
+    async def complete(self, outcomes: Sequence[Outcome], owner: str | None) -> set[str]:
+        """Apply outcomes in one step; with ``owner``, only to items it still holds.
+
+        Returns the ids of the retry items the outcomes were applied to.
+        """
+
+    @abc.abstractmethod
+    async def next_due(self) -> datetime | None:
+        """When the earliest item not currently leased falls due (None when empty)."""
+
+    @abc.abstractmethod
+    async def retry_count(self) -> int: ...
+
+    @abc.abstractmethod
+    async def count_due(self, before: datetime) -> int:
+        """Items falling due before ``before``."""
+
+    @abc.abstractmethod
+    async def get_retry(self, item_id: str) -> RetryItem | None: ...
+
+    @abc.abstractmethod
+    async def list_retry(
+        self,
+        *,
+        limit: int,
+        offset: int,
+        handler_name: str | None = None,
+        event_type: str | None = None,
+    ) -> list[RetryItem]:
+        """Items by next retry time, earliest first."""
+
+    @abc.abstractmethod
+    async def delete_retry(self, item_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def expire_retry(
+        self, *, before: datetime, now: datetime, reason: str
+    ) -> list[DeadLetterItem]:
+        """Move unleased items created before ``before`` to the dead letter queue."""
+
+    # dead letter queue -----------------------------------------------------
+
+    @abc.abstractmethod
+    async def list_dead(
+        self,
+        *,
+        limit: int,
+        offset: int,
+        event_type: str | None = None,
+        handler_name: str | None = None,
+        processed: bool | None = None,
+    ) -> list[DeadLetterItem]:
+        """Dead letters, newest first."""
+
+    @abc.abstractmethod
+    async def get_dead(self, item_id: str) -> DeadLetterItem | None: ...
+
+    @abc.abstractmethod
+    async def update_dead(self, item: DeadLetterItem) -> bool:
+        """Store a changed dead letter (error, processed, processed_at, metadata, attempt)."""
+
+    @abc.abstractmethod
+    async def requeue_dead(self, item_id: str, retry_item: RetryItem) -> bool:
+        """Remove dead letter ``item_id`` and add ``retry_item`` in one step."""
+
+    @abc.abstractmethod
+    async def delete_dead(self, item_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def count_dead(self, processed: bool | None = None) -> int: ...
+
+    @abc.abstractmethod
+    async def cleanup_dead(self, before: datetime) -> int:
+        """Delete dead letters created before ``before``; return how many."""
+
+    @abc.abstractmethod
+    async def counters(self) -> Counters: ...
+
+
+def corrupt_to_dead_letter(record: CorruptRecord, now: datetime, reason: str) -> DeadLetterItem:
+    """A dead letter for a stored record that could not be decoded, keeping its raw fields."""
+    raw = record.raw
+    return DeadLetterItem(
+        id=dead_letter_id_for(record.id),
+        event_id=str(raw.get("event_id") or ""),
+        event_type=str(raw.get("event_type") or "unknown"),
+        event_data=None,
+        event_source=str(raw.get("event_source") or ""),
+        event_timestamp=now,
+        handler_name=str(raw.get("handler_name") or "unknown"),
+        error=record.problem,
+        error_type="retrybus.CorruptRecord",
+        attempt=0,
+        reason=reason,
+        created_at=now,
+        metadata={"raw_record": dict(raw)},
+    )

@@ -1,0 +1,234 @@
+"""The in-memory store: the bus's default, and the one to use in your own tests.
+
+Everything lives in this process and is gone when it ends. Each operation runs
+without awaiting in between, so on one event loop every operation is atomic.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime
+
+from .._records import DeadLetterItem, RetryItem
+from .base import CorruptRecord, Counters, DeadLettered, Outcome, Rescheduled, Store, Succeeded
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore(Store):
+    """A store in a dict: fast, shared by everything in this process, not durable."""
+
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self._retry: dict[str, RetryItem] = {}
+        self._dead: dict[str, DeadLetterItem] = {}
+        self._counters = Counters()
+
+    async def connect(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def health(self) -> None:
+        return None
+
+    def _count(self, **deltas: int) -> None:
+        current = self._counters
+        self._counters = replace(
+            current, **{name: getattr(current, name) + delta for name, delta in deltas.items()}
+        )
+
+    # retry queue -----------------------------------------------------------
+
+    async def record_failures(
+        self, retry_items: Sequence[RetryItem], dead_letters: Sequence[DeadLetterItem]
+    ) -> None:
+        for item in retry_items:
+            self._retry[item.id] = item
+        for dead in dead_letters:
+            self._dead.setdefault(dead.id, dead)
+        if retry_items:
+            self._count(retry_added=len(retry_items))
+
+    def _claimable(self, now: datetime) -> list[RetryItem]:
+        return [
+            item
+            for item in self._retry.values()
+            if item.next_retry <= now and (item.lease_until is None or item.lease_until <= now)
+        ]
+
+    async def claim_due(
+        self, *, now: datetime, limit: int, owner: str, lease_until: datetime
+    ) -> list[RetryItem | CorruptRecord]:
+        due = heapq.nsmallest(limit, self._claimable(now), key=lambda item: item.next_retry)
+        claimed: list[RetryItem | CorruptRecord] = []
+        for item in due:
+            leased = replace(item, lease_owner=owner, lease_until=lease_until, updated_at=now)
+            self._retry[item.id] = leased
+            claimed.append(leased)
+        return claimed
+
+    async def extend_leases(self, owners: Sequence[str], lease_until: datetime) -> int:
+        wanted = set(owners)
+        extended = 0
+        for item_id, item in list(self._retry.items()):
+            if item.lease_owner in wanted:
+                self._retry[item_id] = replace(item, lease_until=lease_until)
+                extended += 1
+        return extended
+
+    async def release(self, ids: Sequence[str], owner: str) -> int:
+        released = 0
+        for item_id in ids:
+            item = self._retry.get(item_id)
+            if item is not None and item.lease_owner == owner:
+                self._retry[item_id] = replace(item, lease_owner=None, lease_until=None)
+                released += 1
+        return released
+
+    def _held(self, item_id: str, owner: str | None) -> RetryItem | None:
+        item = self._retry.get(item_id)
+        if item is None or (owner is not None and item.lease_owner != owner):
+            return None
+        return item
+
+    async def complete(self, outcomes: Sequence[Outcome], owner: str | None) -> set[str]:
+        applied: set[str] = set()
+        succeeded = attempts = dead_lettered = 0
+        for outcome in outcomes:
+            if isinstance(outcome, Succeeded):
+                held = self._held(outcome.item.id, owner)
+                if held is None:
+                    continue
+                del self._retry[held.id]
+                succeeded += 1
+                attempts += held.attempt
+                applied.add(held.id)
+            elif isinstance(outcome, Rescheduled):
+                if self._held(outcome.item.id, owner) is None:
+                    continue
+                self._retry[outcome.item.id] = replace(
+                    outcome.item, lease_owner=None, lease_until=None
+                )
+                applied.add(outcome.item.id)
+            elif isinstance(outcome, DeadLettered):
+                if self._held(outcome.item_id, owner) is None:
+                    continue
+                del self._retry[outcome.item_id]
+                self._dead.setdefault(outcome.dead_letter.id, outcome.dead_letter)
+                dead_lettered += 1
+                applied.add(outcome.item_id)
+        if applied:
+            self._count(
+                retry_succeeded=succeeded,
+                retry_succeeded_attempts=attempts,
+                retry_dead_lettered=dead_lettered,
+            )
+        return applied
+
+    async def next_due(self) -> datetime | None:
+        times = [
+            max(item.next_retry, item.lease_until) if item.lease_until else item.next_retry
+            for item in self._retry.values()
+        ]
+        return min(times, default=None)
+
+    async def retry_count(self) -> int:
+        return len(self._retry)
+
+    async def count_due(self, before: datetime) -> int:
+        return sum(1 for item in self._retry.values() if item.next_retry < before)
+
+    async def get_retry(self, item_id: str) -> RetryItem | None:
+        return self._retry.get(item_id)
+
+    async def list_retry(
+        self,
+        *,
+        limit: int,
+        offset: int,
+        handler_name: str | None = None,
+        event_type: str | None = None,
+    ) -> list[RetryItem]:
+        items = [
+            item
+            for item in self._retry.values()
+            if (handler_name is None or item.handler_name == handler_name)
+            and (event_type is None or item.event_type == event_type)
+        ]
+        items.sort(key=lambda item: (item.next_retry, item.id))
+        return items[offset : offset + limit]
+
+    async def delete_retry(self, item_id: str) -> bool:
+        return self._retry.pop(item_id, None) is not None
+
+    async def expire_retry(
+        self, *, before: datetime, now: datetime, reason: str
+    ) -> list[DeadLetterItem]:
+        moved: list[DeadLetterItem] = []
+        for item in list(self._retry.values()):
+            if item.created_at < before and (item.lease_until is None or item.lease_until <= now):
+                dead = item.to_dead_letter(reason=reason, now=now, attempt=item.attempt - 1)
+                del self._retry[item.id]
+                self._dead.setdefault(dead.id, dead)
+                moved.append(dead)
+        if moved:
+            self._count(retry_dead_lettered=len(moved))
+        return moved
+
+    # dead letter queue -----------------------------------------------------
+
+    async def list_dead(
+        self,
+        *,
+        limit: int,
+        offset: int,
+        event_type: str | None = None,
+        handler_name: str | None = None,
+        processed: bool | None = None,
+    ) -> list[DeadLetterItem]:
+        items = [
+            item
+            for item in self._dead.values()
+            if (event_type is None or item.event_type == event_type)
+            and (handler_name is None or item.handler_name == handler_name)
+            and (processed is None or item.processed == processed)
+        ]
+        items.sort(key=lambda item: (item.created_at, item.id), reverse=True)
+        return items[offset : offset + limit]
+
+    async def get_dead(self, item_id: str) -> DeadLetterItem | None:
+        return self._dead.get(item_id)
+
+    async def update_dead(self, item: DeadLetterItem) -> bool:
+        if item.id not in self._dead:
+            return False
+        self._dead[item.id] = item
+        return True
+
+    async def requeue_dead(self, item_id: str, retry_item: RetryItem) -> bool:
+        if self._dead.pop(item_id, None) is None:
+            return False
+        self._retry[retry_item.id] = retry_item
+        self._count(retry_added=1)
+        return True
+
+    async def delete_dead(self, item_id: str) -> bool:
+        return self._dead.pop(item_id, None) is not None
+
+    async def count_dead(self, processed: bool | None = None) -> int:
+        if processed is None:
+            return len(self._dead)
+        return sum(1 for item in self._dead.values() if item.processed == processed)
+
+    async def cleanup_dead(self, before: datetime) -> int:
+        old = [item_id for item_id, item in self._dead.items() if item.created_at < before]
+        for item_id in old:
+            del self._dead[item_id]
+        return len(old)
+
+    async def counters(self) -> Counters:
+        return self._counters

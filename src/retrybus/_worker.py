@@ -1,0 +1,329 @@
+"""The retry worker: claims due items with a lease and redelivers each to the
+one handler that failed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from types import TracebackType
+
+from ._bus import EventBus
+from ._decision import decide
+from ._errors import StoreUnavailable
+from ._policy import RetryPolicy
+from ._records import ErrorInfo, RetryItem
+from ._stores.base import DeadLettered, Outcome, Rescheduled, Succeeded
+
+__all__ = ["RetryWorker"]
+
+logger = logging.getLogger("retrybus.worker")
+
+_MIN_IDLE = 0.005
+_MAX_OUTAGE_BACKOFF = 30.0
+
+
+def _positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class RetryWorker:
+    """Claims due retry items from the bus's store and calls only the handler
+    that failed; success removes the item, failure reschedules it or, when
+    retries are spent, moves it to the dead letter queue.
+
+    >>> async with RetryWorker(bus):
+    ...     await serve_forever()
+
+    ``check_interval`` is the longest it sleeps (it wakes sooner when an item
+    falls due sooner, or when this process schedules one); ``batch_size`` items
+    are claimed at once and run ``concurrency`` at a time; each is leased for
+    ``lease`` seconds, extended while its handler runs. Every
+    ``maintenance_interval`` seconds it moves expired retry items to the dead
+    letter queue and deletes dead letters past the bus's retention.
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        check_interval: float = 10.0,
+        batch_size: int = 100,
+        concurrency: int = 16,
+        lease: float = 60.0,
+        maintenance_interval: float = 3600.0,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(bus, EventBus):
+            raise TypeError(f"RetryWorker needs an EventBus, got {bus!r}")
+        self.bus = bus
+        self.check_interval = _positive("check_interval", check_interval)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.concurrency = _positive_int("concurrency", concurrency)
+        self.lease = _positive("lease", lease)
+        self.maintenance_interval = _positive("maintenance_interval", maintenance_interval)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._claims = itertools.count(1)
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._wake: asyncio.Event | None = None
+        self._next_maintenance: datetime | None = None
+
+    # lifecycle -------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Start the claim loop in the background."""
+        if self.running:
+            raise RuntimeError(f"worker {self.name} is already running")
+        await self.bus.store.connect()
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self.bus._add_schedule_listener(self._on_retry_scheduled)
+        self._task = asyncio.create_task(self._loop(), name=f"retrybus-worker-{self.name}")
+        logger.info("worker %s started on %s", self.name, self.bus.store.url)
+
+    async def stop(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a grace period, not a cancel scope
+        """Stop claiming, let in-flight handlers finish, release the claimed items
+        not yet started. After ``timeout`` seconds in-flight work is cancelled;
+        its items stay leased until the lease runs out, then another worker takes them."""
+        task = self._task
+        if task is None:
+            return
+        self._stopping = True
+        if self._wake is not None:
+            self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            self.bus._remove_schedule_listener(self._on_retry_scheduled)
+            self._task = None
+            logger.info("worker %s stopped", self.name)
+
+    async def __aenter__(self) -> RetryWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _on_retry_scheduled(self, when: datetime) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # the loop --------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        outage = 0.0
+        while not self._stopping:
+            try:
+                await self._maintain()
+                handled = await self.run_once()
+                if outage:
+                    logger.info("worker %s: store %s is back", self.name, self.bus.store.url)
+                    outage = 0.0
+            except StoreUnavailable as exc:
+                outage = min(max(outage * 2, 0.5), _MAX_OUTAGE_BACKOFF)
+                logger.warning(
+                    "worker %s: store unavailable, retrying in %.1fs: %s", self.name, outage, exc
+                )
+                await self._sleep(outage)
+                continue
+            except Exception:
+                logger.exception("worker %s: unexpected error in the claim loop", self.name)
+                await self._sleep(1.0)
+                continue
+            if handled >= self.batch_size:
+                await asyncio.sleep(0)  # let others run between full batches
+                continue
+            await self._sleep(await self._idle_time())
+
+    async def _idle_time(self) -> float:
+        try:
+            due = await self.bus.store.next_due()
+        except StoreUnavailable:
+            return self.check_interval
+        if due is None:
+            return self.check_interval
+        wait = (due - self.bus.clock.now()).total_seconds()
+        return min(self.check_interval, max(wait, _MIN_IDLE))
+
+    async def _sleep(self, seconds: float) -> None:
+        wake = self._wake
+        if wake is None or self._stopping:
+            return
+        wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), seconds)
+
+    async def _maintain(self) -> None:
+        now = self.bus.clock.now()
+        if self._next_maintenance is not None and now < self._next_maintenance:
+            return
+        self._next_maintenance = now + timedelta(seconds=self.maintenance_interval)
+        expired = await self.bus.retry_queue.cleanup()
+        deleted = await self.bus.dead_letters.cleanup()
+        if expired or deleted:
+            logger.info(
+                "worker %s: moved %d expired retry items to the DLQ, deleted %d old dead letters",
+                self.name,
+                expired,
+                deleted,
+            )
+
+    # one pass --------------------------------------------------------------
+
+    async def run_once(self) -> int:
+        """Claim one batch of due items and process it; returns how many items were handled."""
+        owner = f"{self.name}:{next(self._claims)}"
+        items = await self.bus.retry_queue.claim_due(self.batch_size, lease=self.lease, owner=owner)
+        if not items:
+            return 0
+        heartbeat = asyncio.create_task(self._heartbeat(owner))
+        try:
+            outcomes, unstarted = await self._process(items)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        if unstarted:
+            await self.bus.store.release([item.id for item in unstarted], owner)
+        await self._complete(outcomes, owner)
+        return len(outcomes)
+
+    async def _process(self, items: list[RetryItem]) -> tuple[list[Outcome], list[RetryItem]]:
+        outcomes: list[Outcome] = []
+        queue: Iterator[RetryItem] = iter(items)
+
+        async def lane() -> None:
+            while not self._stopping:
+                item = next(queue, None)
+                if item is None:
+                    return
+                outcomes.append(await self._deliver(item))
+
+        lanes = min(self.concurrency, len(items))
+        if lanes == 1:
+            await lane()
+        else:
+            await asyncio.gather(*(lane() for _ in range(lanes)))
+        return outcomes, list(queue)
+
+    async def _deliver(self, item: RetryItem) -> Outcome:
+        bus = self.bus
+        subscription = bus._registry.get(item.handler_name)
+        if subscription is None:
+            now = bus.clock.now()
+            reason = f"unknown handler: no handler named {item.handler_name!r} is subscribed"
+            return DeadLettered(
+                item.id, item.to_dead_letter(reason=reason, now=now, attempt=item.attempt - 1)
+            )
+        try:
+            await subscription.call(item.to_event())
+        except Exception as exc:
+            return self._after_failure(item, exc, subscription.policy or bus.default_policy)
+        return Succeeded(item)
+
+    def _after_failure(self, item: RetryItem, error: Exception, policy: RetryPolicy) -> Outcome:
+        now = self.bus.clock.now()
+        info = ErrorInfo.from_exception(error)
+        next_attempt = item.attempt + 1
+        decision = decide(policy, error, next_attempt, item.created_at, now)
+        fields = {
+            "event_id": item.event_id,
+            "event_type": item.event_type,
+            "handler": item.handler_name,
+            "attempt": item.attempt,
+        }
+        if decision.delay is None:
+            return DeadLettered(
+                item.id,
+                item.to_dead_letter(
+                    reason=decision.reason, now=now, error=info, attempt=item.attempt
+                ),
+            )
+        logger.info(
+            "retry %d of handler %s failed for event %s, retry %d in %.3gs: %s",
+            item.attempt,
+            item.handler_name,
+            item.event_id,
+            next_attempt,
+            decision.delay,
+            info.message,
+            extra=fields,
+        )
+        return Rescheduled(
+            item.rescheduled(
+                attempt=next_attempt,
+                next_retry=now + timedelta(seconds=decision.delay),
+                error=info,
+                now=now,
+            )
+        )
+
+    async def _complete(self, outcomes: list[Outcome], owner: str) -> None:
+        pause = 0.1
+        for attempt in range(6):
+            try:
+                applied = await self.bus.store.complete(outcomes, owner)
+                break
+            except StoreUnavailable:
+                if attempt == 5:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
+        lost = len(outcomes) - len(applied)
+        if lost:
+            logger.warning(
+                "worker %s: %d item(s) were taken over by another worker after their lease ran out; "
+                "their outcome here is discarded",
+                self.name,
+                lost,
+            )
+        await self.bus._announce_dead_letters(
+            o.dead_letter for o in outcomes if isinstance(o, DeadLettered) and o.item_id in applied
+        )
+        rescheduled = [
+            o.item.next_retry
+            for o in outcomes
+            if isinstance(o, Rescheduled) and o.item.id in applied
+        ]
+        if rescheduled:
+            self.bus._retry_scheduled(min(rescheduled))
+
+    async def _heartbeat(self, owner: str) -> None:
+        interval = self.lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.bus.store.extend_leases(
+                    [owner], self.bus.clock.now() + timedelta(seconds=self.lease)
+                )
+            except StoreUnavailable as exc:
+                logger.warning("worker %s: could not extend leases: %s", self.name, exc)
