@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from retrybus import StoreUnavailable, open_store
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("", "non-empty"),
+        ("nothing-here", "malformed store URL 'nothing-here'"),
+        ("ftp://host/x", "unknown store URL scheme 'ftp'"),
+        ("sqlite://", "no file path"),
+        ("sqlite://host/x.db", "has no host"),
+        ("sqlite:///x.db?colour=blue", "colour"),
+        ("sqlite:///x.db?busy_timeout=soon", "busy_timeout"),
+        ("sqlite:///x.db?synchronous=maybe", "synchronous"),
+        ("memory://somewhere", "memory://"),
+    ],
+)
+def test_a_bad_url_raises_value_error_naming_it(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        open_store(url)
+
+
+def test_passwords_never_appear_in_errors() -> None:
+    with pytest.raises(ValueError) as info:
+        open_store("nosuch://user:s3cret@host/db")
+    assert "s3cret" not in str(info.value)
+    assert "user:***@host" in str(info.value)
+
+
+def test_sqlite_paths_are_relative_with_three_slashes_and_absolute_with_four(
+    tmp_path: Path,
+) -> None:
+    assert open_store("sqlite:///data/retrybus.db").path == "data/retrybus.db"  # type: ignore[attr-defined]
+    assert open_store(f"sqlite:///{tmp_path}/r.db").path == f"{tmp_path}/r.db"  # type: ignore[attr-defined]
+
+
+async def test_a_store_that_cannot_be_opened_raises_store_unavailable_naming_the_url() -> None:
+    store = open_store("sqlite:////no/such/dir/retrybus.db")
+    with pytest.raises(StoreUnavailable, match="/no/such/dir/retrybus.db"):
+        await store.connect()
+
+
+async def test_stores_are_async_context_managers(tmp_path: Path) -> None:
+    async with open_store(f"sqlite:///{tmp_path}/r.db") as store:
+        await store.health()
+    async with open_store("memory://") as store:
+        await store.health()
