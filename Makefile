@@ -25,7 +25,7 @@ test: $(VENV)/.installed-dev
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
 bench: $(VENV)/.installed-base

@@ -84,7 +84,7 @@ def test_to_dict_and_from_dict_round_trip_through_json(
 
 
 def test_data_that_is_not_json_is_refused_naming_the_event_type() -> None:
-    with pytest.raises(TypeError, match="like.added"):
+    with pytest.raises(TypeError, match=r"like\.added"):
         Event("like.added", {"when": datetime.now(UTC)})
 
 

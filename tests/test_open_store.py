@@ -27,7 +27,7 @@ def test_a_bad_url_raises_value_error_naming_it(url: str, message: str) -> None:
 
 
 def test_passwords_never_appear_in_errors() -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="nosuch") as info:
         open_store("nosuch://user:s3cret@host/db")
     assert "s3cret" not in str(info.value)
     assert "user:***@host" in str(info.value)
@@ -42,7 +42,7 @@ def test_sqlite_paths_are_relative_with_three_slashes_and_absolute_with_four(
 
 async def test_a_store_that_cannot_be_opened_raises_store_unavailable_naming_the_url() -> None:
     store = open_store("sqlite:////no/such/dir/retrybus.db")
-    with pytest.raises(StoreUnavailable, match="/no/such/dir/retrybus.db"):
+    with pytest.raises(StoreUnavailable, match=r"/no/such/dir/retrybus\.db"):
         await store.connect()
 
 

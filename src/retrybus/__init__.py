@@ -6,6 +6,8 @@ that a person can browse, reprocess and clean.
 >>> bus = retrybus.EventBus(retrybus.open_store("sqlite:///retrybus.db"))
 """
 
+import logging as _logging
+
 from ._bus import EventBus, PublishResult
 from ._clock import Clock, ManualClock, SystemClock
 from ._errors import (
@@ -26,6 +28,10 @@ from ._stores import Store, open_store
 from ._worker import RetryWorker
 
 __version__ = "0.1.0"
+
+# A library leaves output to the application: without its own logging set-up,
+# retrybus prints nothing (the standard library's advice).
+_logging.getLogger("retrybus").addHandler(_logging.NullHandler())
 
 __all__ = [
     "Clock",

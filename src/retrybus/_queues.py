@@ -123,7 +123,7 @@ class RetryQueue:
             )
             for record in records
         ]
-        applied = await self._bus.store.complete(outcomes, owner)
+        applied = await self._bus.store.complete(outcomes, owner, now)
         await self._bus._announce_dead_letters(
             o.dead_letter for o in outcomes if o.item_id in applied
         )
@@ -133,7 +133,7 @@ class RetryQueue:
         held, owner = await self._resolve(item)
         if held is None:
             return False
-        return bool(await self._bus.store.complete([Succeeded(held)], owner))
+        return bool(await self._bus.store.complete([Succeeded(held)], owner, self._bus.clock.now()))
 
     async def mark_failed(
         self,
@@ -153,7 +153,7 @@ class RetryQueue:
             now=now,
             error=None if error is None else ErrorInfo.coerce(error),
         )
-        applied = await self._bus.store.complete([DeadLettered(held.id, dead)], owner)
+        applied = await self._bus.store.complete([DeadLettered(held.id, dead)], owner, now)
         if not applied:
             return None
         await self._bus._announce_dead_letters([dead])
@@ -180,10 +180,9 @@ class RetryQueue:
             if error is None
             else ErrorInfo.coerce(error)
         )
-        updated = held.rescheduled(
-            attempt=attempt, next_retry=next_retry, error=info, now=self._bus.clock.now()
-        )
-        applied = await self._bus.store.complete([Rescheduled(updated)], owner)
+        now = self._bus.clock.now()
+        updated = held.rescheduled(attempt=attempt, next_retry=next_retry, error=info, now=now)
+        applied = await self._bus.store.complete([Rescheduled(updated)], owner, now)
         if applied:
             self._bus._retry_scheduled(next_retry)
         return bool(applied)

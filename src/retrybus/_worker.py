@@ -10,10 +10,10 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from types import TracebackType
 
+from ._batch import ClaimedBatch
 from ._bus import EventBus
 from ._decision import decide
 from ._errors import StoreUnavailable
@@ -26,6 +26,7 @@ __all__ = ["RetryWorker"]
 logger = logging.getLogger("retrybus.worker")
 
 _MIN_IDLE = 0.005
+_FLUSH_LINGER = 0.02
 _MAX_OUTAGE_BACKOFF = 30.0
 
 
@@ -117,9 +118,10 @@ class RetryWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         finally:
-            self.bus._remove_schedule_listener(self._on_retry_scheduled)
-            self._task = None
-            logger.info("worker %s stopped", self.name)
+            if self._task is task:  # a second stop() waits for the first; one says so
+                self.bus._remove_schedule_listener(self._on_retry_scheduled)
+                self._task = None
+                logger.info("worker %s stopped", self.name)
 
     async def __aenter__(self) -> RetryWorker:
         await self.start()
@@ -205,35 +207,51 @@ class RetryWorker:
         items = await self.bus.retry_queue.claim_due(self.batch_size, lease=self.lease, owner=owner)
         if not items:
             return 0
-        heartbeat = asyncio.create_task(self._heartbeat(owner))
+        batch = ClaimedBatch(owner, items)
+        heartbeat = asyncio.create_task(self._heartbeat(batch))
+        flusher = asyncio.create_task(self._flush(batch))
         try:
-            outcomes, unstarted = await self._process(items)
+            await self._process(batch)
         finally:
+            # Also when cancelled (a forced stop): write what finished, give back the rest.
             heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
-        if unstarted:
-            await self.bus.store.release([item.id for item in unstarted], owner)
-        await self._complete(outcomes, owner)
-        return len(outcomes)
+            batch.finished = True
+            batch.ready.set()
+            try:
+                await flusher
+            finally:
+                unhandled = batch.unhandled_ids()
+                if unhandled:
+                    await self.bus.store.release(unhandled, owner)
+        return len(batch.handled)
 
-    async def _process(self, items: list[RetryItem]) -> tuple[list[Outcome], list[RetryItem]]:
-        outcomes: list[Outcome] = []
-        queue: Iterator[RetryItem] = iter(items)
-
+    async def _process(self, batch: ClaimedBatch) -> None:
         async def lane() -> None:
             while not self._stopping:
-                item = next(queue, None)
+                item = batch.next_item()
                 if item is None:
                     return
-                outcomes.append(await self._deliver(item))
+                batch.add(await self._deliver(item))
 
-        lanes = min(self.concurrency, len(items))
+        lanes = min(self.concurrency, len(batch.items))
         if lanes == 1:
             await lane()
         else:
             await asyncio.gather(*(lane() for _ in range(lanes)))
-        return outcomes, list(queue)
+
+    async def _flush(self, batch: ClaimedBatch) -> None:
+        """Write outcomes as they come, lingering briefly so that outcomes finishing
+        together are written together."""
+        while True:
+            if not batch.pending:
+                if batch.finished:
+                    return
+                batch.ready.clear()
+                await batch.ready.wait()
+                continue
+            if not batch.finished:
+                await asyncio.sleep(_FLUSH_LINGER)
+            await self._complete(batch.take_pending(), batch.owner)
 
     async def _deliver(self, item: RetryItem) -> Outcome:
         bus = self.bus
@@ -291,7 +309,7 @@ class RetryWorker:
         pause = 0.1
         for attempt in range(6):
             try:
-                applied = await self.bus.store.complete(outcomes, owner)
+                applied = await self.bus.store.complete(outcomes, owner, self.bus.clock.now())
                 break
             except StoreUnavailable:
                 if attempt == 5:
@@ -317,13 +335,29 @@ class RetryWorker:
         if rescheduled:
             self.bus._retry_scheduled(min(rescheduled))
 
-    async def _heartbeat(self, owner: str) -> None:
+    async def _heartbeat(self, batch: ClaimedBatch) -> None:
+        """Extend the batch's leases every third of a lease while its handlers run."""
         interval = self.lease / 3
+        warned = False
         while True:
             await asyncio.sleep(interval)
+            until = self.bus.clock.now() + timedelta(seconds=self.lease)
             try:
-                await self.bus.store.extend_leases(
-                    [owner], self.bus.clock.now() + timedelta(seconds=self.lease)
+                # A heartbeat that waits longer than this is too late to matter.
+                extended = await asyncio.wait_for(
+                    self.bus.store.extend_leases([batch.owner], until), interval
                 )
-            except StoreUnavailable as exc:
-                logger.warning("worker %s: could not extend leases: %s", self.name, exc)
+            except (StoreUnavailable, TimeoutError) as exc:
+                logger.warning(
+                    "worker %s: could not extend leases: %s", self.name, exc or "timed out"
+                )
+                continue
+            lost = batch.still_held - extended
+            if lost > 0 and not warned:
+                warned = True
+                logger.warning(
+                    "worker %s: the lease on %d item(s) ran out before it could be extended; "
+                    "another worker may be running them too, and only its outcome will count",
+                    self.name,
+                    lost,
+                )

@@ -135,8 +135,11 @@ class Store(abc.ABC):
         """Give leased items back unprocessed, due as they were."""
 
     @abc.abstractmethod
-    async def complete(self, outcomes: Sequence[Outcome], owner: str | None) -> set[str]:
-        """Apply outcomes in one step; with ``owner``, only to items it still holds.
+    async def complete(
+        self, outcomes: Sequence[Outcome], owner: str | None, now: datetime
+    ) -> set[str]:
+        """Apply outcomes in one step: with ``owner``, only to items it still
+        holds; without, only to items no live lease holds at ``now``.
 
         Returns the ids of the retry items the outcomes were applied to.
         """

@@ -89,18 +89,23 @@ class MemoryStore(Store):
                 released += 1
         return released
 
-    def _held(self, item_id: str, owner: str | None) -> RetryItem | None:
+    def _held(self, item_id: str, owner: str | None, now: datetime) -> RetryItem | None:
         item = self._retry.get(item_id)
-        if item is None or (owner is not None and item.lease_owner != owner):
+        if item is None:
             return None
-        return item
+        if owner is None:
+            leased = item.lease_until is not None and item.lease_until > now
+            return None if leased else item
+        return item if item.lease_owner == owner else None
 
-    async def complete(self, outcomes: Sequence[Outcome], owner: str | None) -> set[str]:
+    async def complete(
+        self, outcomes: Sequence[Outcome], owner: str | None, now: datetime
+    ) -> set[str]:
         applied: set[str] = set()
         succeeded = attempts = dead_lettered = 0
         for outcome in outcomes:
             if isinstance(outcome, Succeeded):
-                held = self._held(outcome.item.id, owner)
+                held = self._held(outcome.item.id, owner, now)
                 if held is None:
                     continue
                 del self._retry[held.id]
@@ -108,14 +113,14 @@ class MemoryStore(Store):
                 attempts += held.attempt
                 applied.add(held.id)
             elif isinstance(outcome, Rescheduled):
-                if self._held(outcome.item.id, owner) is None:
+                if self._held(outcome.item.id, owner, now) is None:
                     continue
                 self._retry[outcome.item.id] = replace(
                     outcome.item, lease_owner=None, lease_until=None
                 )
                 applied.add(outcome.item.id)
             elif isinstance(outcome, DeadLettered):
-                if self._held(outcome.item_id, owner) is None:
+                if self._held(outcome.item_id, owner, now) is None:
                     continue
                 del self._retry[outcome.item_id]
                 self._dead.setdefault(outcome.dead_letter.id, outcome.dead_letter)

@@ -381,15 +381,18 @@ class SQLiteStore(Store):
 
         return await self._write(run)
 
-    async def complete(self, outcomes: Sequence[Outcome], owner: str | None) -> set[str]:
+    async def complete(
+        self, outcomes: Sequence[Outcome], owner: str | None, now: datetime
+    ) -> set[str]:
+        at = _ts(now)
         succeeded = [o.item.id for o in outcomes if isinstance(o, Succeeded)]
         rescheduled: list[dict[str, Any]] = [
-            {**_reschedule_params(o.item), "owner": owner}
+            {**_reschedule_params(o.item), "owner": owner, "now": at}
             for o in outcomes
             if isinstance(o, Rescheduled)
         ]
         dead: list[tuple[dict[str, Any], dict[str, Any]]] = [
-            ({"id": o.item_id, "owner": owner}, _dead_params(o.dead_letter))
+            ({"id": o.item_id, "owner": owner, "now": at}, _dead_params(o.dead_letter))
             for o in outcomes
             if isinstance(o, DeadLettered)
         ]
@@ -400,7 +403,7 @@ class SQLiteStore(Store):
             for start in range(0, len(succeeded), _CHUNK):
                 chunk = succeeded[start : start + _CHUNK]
                 sql = Q["delete_succeeded"].format(ids=placeholders(len(chunk)))
-                cursor = conn.execute(sql, (owner, *chunk))
+                cursor = conn.execute(sql, (owner, at, *chunk))
                 for item_id, attempt in cursor.fetchall():
                     applied.add(item_id)
                     attempts += attempt

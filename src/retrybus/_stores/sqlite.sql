@@ -108,7 +108,8 @@ WHERE lease_owner = ? AND id IN ({ids});
 
 -- name: delete_succeeded
 DELETE FROM retry_queue
-WHERE (?1 IS NULL OR lease_owner = ?1) AND id IN ({ids})
+WHERE (lease_owner = ?1 OR (?1 IS NULL AND (lease_until IS NULL OR lease_until <= ?2)))
+  AND id IN ({ids})
 RETURNING id, attempt;
 
 -- name: reschedule
@@ -116,10 +117,13 @@ UPDATE retry_queue
 SET attempt = :attempt, next_retry = :next_retry, error = :error, error_type = :error_type,
     traceback = :traceback, updated_at = :updated_at, metadata = :metadata,
     lease_owner = NULL, lease_until = NULL
-WHERE id = :id AND (:owner IS NULL OR lease_owner = :owner);
+WHERE id = :id
+  AND (lease_owner = :owner OR (:owner IS NULL AND (lease_until IS NULL OR lease_until <= :now)));
 
 -- name: delete_held
-DELETE FROM retry_queue WHERE id = :id AND (:owner IS NULL OR lease_owner = :owner);
+DELETE FROM retry_queue
+WHERE id = :id
+  AND (lease_owner = :owner OR (:owner IS NULL AND (lease_until IS NULL OR lease_until <= :now)));
 
 -- name: add_counter
 UPDATE retrybus_counters SET value = value + ? WHERE name = ?;

@@ -1,0 +1,59 @@
+"""One claimed batch as the worker runs it: which items are pending, which written."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ._records import RetryItem
+from ._stores.base import DeadLettered, Outcome
+
+
+def outcome_id(outcome: Outcome) -> str:
+    """The id of the retry item an outcome is for."""
+    return outcome.item_id if isinstance(outcome, DeadLettered) else outcome.item.id
+
+
+@dataclass(eq=False)
+class ClaimedBatch:
+    """Items leased under one ``owner`` token, and their outcomes on the way to the store.
+
+    Handlers append outcomes to ``pending``; the flusher writes them in groups,
+    so a finished item is recorded soon after its handler returns (a crash
+    re-runs little), while a batch of fast handlers is still one write.
+    """
+
+    owner: str
+    items: list[RetryItem]
+    pending: list[Outcome] = field(default_factory=list)
+    handled: set[str] = field(default_factory=set)
+    written: int = 0
+    finished: bool = False
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _queue: Iterator[RetryItem] | None = None
+
+    def next_item(self) -> RetryItem | None:
+        """The next item no handler has started, or None."""
+        if self._queue is None:
+            self._queue = iter(self.items)
+        return next(self._queue, None)
+
+    def add(self, outcome: Outcome) -> None:
+        self.pending.append(outcome)
+        self.handled.add(outcome_id(outcome))
+        self.ready.set()
+
+    def take_pending(self) -> list[Outcome]:
+        outcomes, self.pending = self.pending, []
+        self.written += len(outcomes)
+        return outcomes
+
+    def unhandled_ids(self) -> list[str]:
+        """Claimed items that no handler finished (never started, or cut off)."""
+        return [item.id for item in self.items if item.id not in self.handled]
+
+    @property
+    def still_held(self) -> int:
+        """How many items this batch should still hold a lease on."""
+        return len(self.items) - self.written
