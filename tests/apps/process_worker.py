@@ -1,0 +1,116 @@
+"""A retry worker in its own process, for the multi-process tests.
+
+    python tests/apps/process_worker.py --db PATH --record PATH [options]
+
+It opens the SQLite store at ``--db``, subscribes one handler (``--handler``,
+for every event type) that succeeds after sleeping, and runs a ``RetryWorker``
+until the retry queue is empty (``--until-empty``) or until SIGTERM, then
+stops the worker gracefully.
+
+Every handler call is recorded durably, one ``os.write`` per line to the
+append-only file ``--record`` (so a SIGKILL loses no line that was written):
+
+    S <event_id> <pid> <start_ns>                 when the call starts
+    E <event_id> <pid> <start_ns> <end_ns>        when it returns
+
+Times are ``time.time_ns()`` (the wall clock the store's leases use too).
+
+With ``--ready PATH --go PATH`` it connects, creates the ready file and waits
+for the go file before it claims anything, so that several workers start together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import retrybus
+from retrybus import Event, EventBus, FixedDelay, RetryWorker
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--db", required=True, help="the SQLite file")
+    parser.add_argument("--record", required=True, help="file to append handler calls to")
+    parser.add_argument("--handler", default="record_item", help="the handler's name")
+    parser.add_argument("--sleep-min", type=float, default=0.0, help="handler sleep, seconds")
+    parser.add_argument("--sleep-max", type=float, default=0.0, help="handler sleep, seconds")
+    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--lease", type=float, default=60.0)
+    parser.add_argument("--check-interval", type=float, default=0.05)
+    parser.add_argument(
+        "--name", default=None, help="the worker's name (prefix of its owner tokens)"
+    )
+    parser.add_argument("--until-empty", action="store_true", help="exit once the queue is empty")
+    parser.add_argument("--ready", default=None, help="file to create once connected")
+    parser.add_argument("--go", default=None, help="file to wait for before claiming")
+    args = parser.parse_args(argv)
+    args.db = Path(args.db).resolve()
+    return args
+
+
+def wait_for_file(path: Path, stopping: threading.Event) -> None:
+    while not path.exists() and not stopping.is_set():
+        time.sleep(0.005)
+
+
+async def main(args: argparse.Namespace) -> int:
+    pid = os.getpid()
+    record = os.open(args.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    async def record_item(event: Event) -> None:
+        start = time.time_ns()
+        os.write(record, f"S {event.id} {pid} {start}\n".encode())
+        await asyncio.sleep(random.uniform(args.sleep_min, max(args.sleep_min, args.sleep_max)))
+        end = time.time_ns()
+        os.write(record, f"E {event.id} {pid} {start} {end}\n".encode())
+
+    store = retrybus.open_store(f"sqlite:///{args.db}")
+    bus = EventBus(store, default_policy=FixedDelay(max_retries=3, delay=0))
+    bus.subscribe("*", record_item, name=args.handler)
+    worker = RetryWorker(
+        bus,
+        check_interval=args.check_interval,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        lease=args.lease,
+        name=args.name,
+    )
+    stopping = asyncio.Event()
+    stopping_now = threading.Event()
+
+    def on_sigterm() -> None:
+        stopping.set()
+        stopping_now.set()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+    await store.connect()
+    if args.ready:
+        os.close(os.open(args.ready, os.O_WRONLY | os.O_CREAT, 0o644))
+    if args.go:
+        await asyncio.to_thread(wait_for_file, Path(args.go), stopping_now)
+    await worker.start()
+    try:
+        while not stopping.is_set():
+            if args.until_empty and await bus.retry_queue.count() == 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 0.05)
+    finally:
+        await worker.stop()
+        await store.close()
+        os.close(record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(parse_args(sys.argv[1:]))))

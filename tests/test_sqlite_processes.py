@@ -1,0 +1,536 @@
+"""The SQLite store's multi-process guarantees, shown with real processes on a real file.
+
+Workers run ``tests/apps/process_worker.py`` in their own processes; each records
+every handler call durably in its own file (see that module), and the tests
+read those records and the store afterwards. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+import retrybus
+from retrybus import Event, EventBus, FixedDelay, PermanentError
+from retrybus._stores.base import Counters
+
+pytestmark = pytest.mark.slow
+
+APPS = Path(__file__).parent / "apps"
+WORKER = APPS / "process_worker.py"
+HANDLER = "record_item"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _load_app(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_retrybus_test_app_{name}", APPS / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ns(moment: datetime) -> int:
+    """An aware datetime as integer nanoseconds since the epoch (no float rounding)."""
+    return (moment - EPOCH) // timedelta(microseconds=1) * 1000
+
+
+def _url(db: Path) -> str:
+    return f"sqlite:///{db}"
+
+
+@dataclass
+class Call:
+    """One handler call: who made it and when (``end`` is None if it never returned)."""
+
+    event_id: str
+    pid: int
+    start: int
+    end: int | None = None
+
+
+def read_calls(record: Path) -> list[Call]:
+    """The calls a worker process recorded (``S``/``E`` lines, see process_worker.py)."""
+    calls: dict[tuple[str, int, int], Call] = {}
+    if not record.exists():
+        return []
+    for line in record.read_text().splitlines():
+        kind, event_id, pid, start, *rest = line.split()
+        key = (event_id, int(pid), int(start))
+        call = calls.setdefault(key, Call(event_id, int(pid), int(start)))
+        if kind == "E":
+            call.end = int(rest[0])
+    return list(calls.values())
+
+
+@dataclass
+class StoreState:
+    retry_count: int
+    dead_count: int
+    counters: Counters
+    leases: dict[str, tuple[str | None, datetime | None]] = field(default_factory=dict)
+
+
+async def read_state(db: Path) -> StoreState:
+    """How many items are in each queue, the running totals, and who holds which lease."""
+    async with retrybus.open_store(_url(db)) as store:
+        bus = EventBus(store)
+        items = await bus.retry_queue.list(limit=100_000)
+        return StoreState(
+            retry_count=await bus.retry_queue.count(),
+            dead_count=await bus.dead_letters.count(),
+            counters=await store.counters(),
+            leases={item.event_id: (item.lease_owner, item.lease_until) for item in items},
+        )
+
+
+async def seed(db: Path, count: int) -> dict[str, Call]:
+    """Publish ``count`` events whose handler fails on this first call, so each
+    leaves one retry item, due at once. Returns the publish-time calls by event id."""
+    calls: dict[str, Call] = {}
+
+    async def fails_the_first_time(event: Event) -> None:
+        start = time.time_ns()
+        calls[event.id] = Call(event.id, os.getpid(), start, time.time_ns())
+        raise ConnectionError("the first call fails")
+
+    async with retrybus.open_store(_url(db)) as store:
+        bus = EventBus(store, default_policy=FixedDelay(max_retries=3, delay=0))
+        bus.subscribe("*", fails_the_first_time, name=HANDLER)
+        for n in range(count):
+            result = await bus.publish(Event("item.created", {"n": n}))
+            assert result.retrying == (HANDLER,)
+        assert await bus.retry_queue.count() == count
+    return calls
+
+
+class Workers:
+    """Worker processes on one SQLite file, with their record and log files."""
+
+    def __init__(self, directory: Path, db: Path) -> None:
+        self.directory = directory
+        self.db = db
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def record(self, name: str) -> Path:
+        return self.directory / f"{name}.calls"
+
+    def log(self, name: str) -> str:
+        path = self.directory / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def spawn(self, name: str, *options: str) -> subprocess.Popen[bytes]:
+        with (self.directory / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(WORKER),
+                    "--db",
+                    str(self.db),
+                    "--record",
+                    str(self.record(name)),
+                    "--name",
+                    name,
+                    *options,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def wait(self, name: str, timeout: float = 60.0) -> int:
+        try:
+            return self.procs[name].wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.procs[name].kill()
+            self.procs[name].wait()
+            pytest.fail(f"worker {name} did not finish in {timeout}s:\n{self.log(name)}")
+
+    def kill_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def wait_until(condition: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting until {what}")
+        time.sleep(0.005)
+
+
+def overlapping(calls: list[Call]) -> list[tuple[Call, Call]]:
+    """Pairs of calls of one item where the second started before the first ended."""
+    ordered = sorted(calls, key=lambda call: call.start)
+    return [
+        (first, second)
+        for first, second in itertools.pairwise(ordered)
+        if first.end is None or second.start < first.end
+    ]
+
+
+# Four workers, two thousand items ---------------------------------------------
+
+ITEMS = 2_000
+WORKER_NAMES = ("w1", "w2", "w3", "w4")
+
+
+@dataclass
+class FourWorkersRun:
+    publish_calls: dict[str, Call]
+    worker_calls: list[Call]
+    pids: dict[str, int]
+    exit_codes: dict[str, int]
+    logs: dict[str, str]
+    after: StoreState
+
+
+@pytest.fixture(scope="module")
+def four_workers(tmp_path_factory: pytest.TempPathFactory) -> FourWorkersRun:
+    """2,000 items whose first call failed at publish, then four worker processes
+    (concurrency 8, batches of 25) started together on the file, each running
+    until the retry queue is empty."""
+    directory = tmp_path_factory.mktemp("four_workers")
+    db = directory / "bus.db"
+    publish_calls = asyncio.run(seed(db, ITEMS))
+    workers = Workers(directory, db)
+    go = directory / "go"
+    try:
+        for name in WORKER_NAMES:
+            workers.spawn(
+                name,
+                "--batch-size=25",
+                "--concurrency=8",
+                "--lease=30",
+                "--sleep-min=0.001",
+                "--sleep-max=0.004",
+                "--until-empty",
+                f"--ready={directory / name}.ready",
+                f"--go={go}",
+            )
+        wait_until(
+            lambda: all((directory / f"{name}.ready").exists() for name in WORKER_NAMES),
+            "every worker process has connected",
+        )
+        go.touch()
+        exit_codes = {name: workers.wait(name) for name in WORKER_NAMES}
+    finally:
+        workers.kill_all()
+    return FourWorkersRun(
+        publish_calls=publish_calls,
+        worker_calls=[call for name in WORKER_NAMES for call in read_calls(workers.record(name))],
+        pids={name: workers.procs[name].pid for name in WORKER_NAMES},
+        exit_codes=exit_codes,
+        logs={name: workers.log(name) for name in WORKER_NAMES},
+        after=asyncio.run(read_state(db)),
+    )
+
+
+def test_every_worker_process_exits_cleanly_once_the_queue_is_empty(
+    four_workers: FourWorkersRun,
+) -> None:
+    assert four_workers.exit_codes == dict.fromkeys(WORKER_NAMES, 0), four_workers.logs
+
+
+def test_every_item_is_handled_exactly_twice_once_at_publish_and_once_by_a_worker(
+    four_workers: FourWorkersRun,
+) -> None:
+    assert len(four_workers.publish_calls) == ITEMS
+    retries = Counter(call.event_id for call in four_workers.worker_calls)
+    assert set(retries) == set(four_workers.publish_calls)
+    assert {event_id: n for event_id, n in retries.items() if n != 1} == {}
+    assert all(call.end is not None for call in four_workers.worker_calls)
+
+
+def test_no_item_is_ever_handled_by_two_callers_at_once(four_workers: FourWorkersRun) -> None:
+    by_item: dict[str, list[Call]] = defaultdict(list)
+    for call in [*four_workers.publish_calls.values(), *four_workers.worker_calls]:
+        by_item[call.event_id].append(call)
+    clashes = {event_id: overlapping(calls) for event_id, calls in by_item.items()}
+    assert {event_id: pairs for event_id, pairs in clashes.items() if pairs} == {}
+
+
+def test_no_item_is_lost_or_dead_lettered(four_workers: FourWorkersRun) -> None:
+    after = four_workers.after
+    assert (after.retry_count, after.dead_count) == (0, 0)
+    assert after.counters.retry_added == ITEMS
+    assert after.counters.retry_succeeded == ITEMS
+    assert after.counters.retry_dead_lettered == 0
+
+
+def test_all_four_workers_share_the_items_and_run_side_by_side(
+    four_workers: FourWorkersRun,
+) -> None:
+    per_pid = Counter(call.pid for call in four_workers.worker_calls)
+    assert set(per_pid) == set(four_workers.pids.values())
+    assert min(per_pid.values()) >= ITEMS // 20, per_pid
+    spans = {
+        pid: (
+            min(c.start for c in four_workers.worker_calls if c.pid == pid),
+            max(c.end or 0 for c in four_workers.worker_calls if c.pid == pid),
+        )
+        for pid in per_pid
+    }
+    # every worker was still handling items after every other one had begun
+    latest_first_start = max(start for start, _ in spans.values())
+    assert all(end > latest_first_start for _, end in spans.values()), spans
+
+
+# A worker killed with SIGKILL in the middle of a batch --------------------------
+
+KILL_ITEMS = 40
+KILL_LEASE = 2.0
+SLOW_WORKER = (
+    "--batch-size=10",
+    "--concurrency=5",
+    f"--lease={KILL_LEASE}",
+    "--sleep-min=0.2",
+    "--sleep-max=0.2",
+)
+
+
+SETTLED_NS = 50_000_000  # a handler that returned this long ago has had time to report
+
+
+def killed_mid_batch(calls: list[Call]) -> bool:
+    """Some handlers are running, and some returned a while ago."""
+    settled = time.time_ns() - SETTLED_NS
+    return any(c.end is None for c in calls) and any(
+        c.end is not None and c.end < settled for c in calls
+    )
+
+
+@dataclass
+class KillRun:
+    publish_calls: dict[str, Call]
+    killed_calls: list[Call]
+    second_calls: list[Call]
+    killed_at: int
+    held: dict[str, datetime]  # event id -> lease_until of the items the killed worker held
+    second_exit_code: int
+    second_log: str
+    after: StoreState
+
+
+@pytest.fixture(scope="module")
+def killed_worker(tmp_path_factory: pytest.TempPathFactory) -> KillRun:
+    """40 items whose handler takes 0.2 s; a worker (batches of 10, 5 at a time,
+    lease 2 s) is SIGKILLed once some of its handlers returned (50 ms or more
+    ago) while others are still running; then a second worker runs on the same
+    file until the queue is empty."""
+    directory = tmp_path_factory.mktemp("killed_worker")
+    db = directory / "bus.db"
+    publish_calls = asyncio.run(seed(db, KILL_ITEMS))
+    workers = Workers(directory, db)
+    try:
+        victim = workers.spawn("killed", *SLOW_WORKER)
+        wait_until(
+            lambda: killed_mid_batch(read_calls(workers.record("killed"))),
+            "the worker has finished some handlers and is in the middle of others",
+        )
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        killed_at = time.time_ns()
+        before = asyncio.run(read_state(db))
+        held = {
+            event_id: lease_until
+            for event_id, (owner, lease_until) in before.leases.items()
+            if owner is not None and owner.startswith("killed:") and lease_until is not None
+        }
+        workers.spawn("second", *SLOW_WORKER, "--until-empty")
+        second_exit_code = workers.wait("second")
+    finally:
+        workers.kill_all()
+    return KillRun(
+        publish_calls=publish_calls,
+        killed_calls=read_calls(workers.record("killed")),
+        second_calls=read_calls(workers.record("second")),
+        killed_at=killed_at,
+        held=held,
+        second_exit_code=second_exit_code,
+        second_log=workers.log("second"),
+        after=asyncio.run(read_state(db)),
+    )
+
+
+def test_the_worker_is_killed_while_it_holds_items_in_flight(killed_worker: KillRun) -> None:
+    in_flight = {c.event_id for c in killed_worker.killed_calls if c.end is None}
+    assert in_flight
+    assert in_flight <= set(killed_worker.held)
+    assert killed_worker.second_exit_code == 0, killed_worker.second_log
+
+
+def test_no_item_is_lost_when_a_worker_is_killed(killed_worker: KillRun) -> None:
+    completed = {
+        c.event_id
+        for c in [*killed_worker.killed_calls, *killed_worker.second_calls]
+        if c.end is not None
+    }
+    assert completed == set(killed_worker.publish_calls)
+    after = killed_worker.after
+    assert (after.retry_count, after.dead_count) == (0, 0)
+    assert after.counters.retry_succeeded == KILL_ITEMS
+    assert after.counters.retry_dead_lettered == 0
+
+
+def test_only_the_items_the_killed_worker_held_are_handled_again(killed_worker: KillRun) -> None:
+    calls = Counter(c.event_id for c in [*killed_worker.killed_calls, *killed_worker.second_calls])
+    handled_again = {event_id for event_id, n in calls.items() if n > 1}
+    assert handled_again <= set(killed_worker.held)
+    assert {event_id: n for event_id, n in calls.items() if n > 2} == {}
+    second = Counter(c.event_id for c in killed_worker.second_calls)
+    assert {event_id: second[event_id] for event_id in killed_worker.held} == dict.fromkeys(
+        killed_worker.held, 1
+    )
+
+
+def test_an_item_whose_handler_finished_before_the_kill_is_not_handled_again(
+    killed_worker: KillRun,
+) -> None:
+    finished = {
+        c.event_id
+        for c in killed_worker.killed_calls
+        if c.end is not None and c.end < killed_worker.killed_at - SETTLED_NS
+    }
+    assert finished  # the killed worker had finished some handlers
+    handled_again = {c.event_id for c in killed_worker.second_calls} & finished
+    assert handled_again == set(), (
+        f"{len(handled_again)} of the {len(finished)} items whose handler had returned "
+        "before the kill were handled again"
+    )
+
+
+def test_the_killed_workers_items_are_taken_over_only_after_their_lease_expires(
+    killed_worker: KillRun,
+) -> None:
+    taken_over = {
+        c.event_id: c.start for c in killed_worker.second_calls if c.event_id in killed_worker.held
+    }
+    early = {
+        event_id: (start, _ns(killed_worker.held[event_id]))
+        for event_id, start in taken_over.items()
+        if start < _ns(killed_worker.held[event_id])
+    }
+    assert early == {}
+    # and the second worker was running, handling other items, while those leases held
+    first_start = min(c.start for c in killed_worker.second_calls)
+    assert first_start < min(_ns(lease_until) for lease_until in killed_worker.held.values())
+    assert killed_worker.killed_at < first_start
+
+
+def test_no_item_is_handled_by_the_second_worker_while_the_killed_one_ran(
+    killed_worker: KillRun,
+) -> None:
+    by_item: dict[str, list[Call]] = defaultdict(list)
+    for call in killed_worker.killed_calls:
+        # a call cut off by the kill ended at the kill at the latest
+        by_item[call.event_id].append(
+            Call(call.event_id, call.pid, call.start, call.end or killed_worker.killed_at)
+        )
+    for call in killed_worker.second_calls:
+        by_item[call.event_id].append(call)
+    clashes = {event_id: overlapping(calls) for event_id, calls in by_item.items()}
+    assert {event_id: pairs for event_id, pairs in clashes.items() if pairs} == {}
+
+
+# Closing and reopening the file --------------------------------------------------
+
+
+async def test_records_survive_closing_and_reopening_the_file_in_a_fresh_process(
+    tmp_path: Path,
+) -> None:
+    dump_store = _load_app("dump_store")
+    db = tmp_path / "bus.db"
+    placed = Event(
+        "order.placed",
+        {"id": 1, "name": "Zoë", "items": [{"sku": "A-1", "qty": 2}], "total": 12.5, "gift": None},
+        source="shop",
+        subject="order/1",
+        time=datetime(2025, 1, 7, 9, 59, 59, 123456, tzinfo=UTC),
+        extensions={
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "correlationid": "c-1",
+        },
+    )
+    rescheduled = Event("order.placed", ["a list", 1, 2.5, True, None], source="shop")
+    rejected = Event("order.rejected", "plain text, 日本語")
+    cancelled = Event("order.cancelled", None, subject="order/4")
+    late = Event("order.placed", {"id": 5})
+
+    async with retrybus.open_store(_url(db)) as store:
+        bus = EventBus(store, default_policy=FixedDelay(max_retries=2, delay=0))
+
+        async def flaky(event: Event) -> None:
+            raise TimeoutError("db timeout")
+
+        async def strict(event: Event) -> None:
+            raise PermanentError("no such customer")
+
+        bus.subscribe("order.*", flaky, name="flaky")
+        bus.subscribe("order.rejected", strict, name="strict")
+        published = [await bus.publish(e) for e in (placed, rescheduled, rejected, cancelled)]
+        claimed = {
+            item.event_id: item
+            for item in await bus.retry_queue.claim_due(10, lease=600, owner="writer")
+        }
+        assert await bus.retry_queue.update_attempt(
+            claimed[rescheduled.id],
+            bus.clock.now() + timedelta(hours=1),
+            2,
+            error=ValueError("second failure"),
+        )
+        given_up = await bus.retry_queue.mark_failed(claimed[cancelled.id], error="gave up")
+        assert given_up is not None
+        (rejection,) = published[2].dead_letters
+        await bus.dead_letters.reprocess(rejection.id)  # fails again: new error, metadata
+        late_result = await bus.publish(late)  # a fresh item, never claimed
+
+        written = {
+            "retry": [dump_store.record(i) for i in await bus.retry_queue.list(limit=1000)],
+            "dead": [dump_store.record(i) for i in await bus.dead_letters.list(limit=1000)],
+            "counters": dump_store.plain(await store.counters()),
+        }
+
+    fresh = await asyncio.create_subprocess_exec(
+        sys.executable, str(APPS / "dump_store.py"), str(db), stdout=asyncio.subprocess.PIPE
+    )
+    output, _ = await fresh.communicate()
+    assert fresh.returncode == 0
+    reopened = json.loads(output)
+
+    assert reopened == json.loads(json.dumps(written))
+    # and what was written is what the bus produced
+    retry_ids = {item.id for result in published for item in result.retry_items}
+    assert {r["id"] for r in reopened["retry"]} == retry_ids - {claimed[cancelled.id].id} | {
+        item.id for item in late_result.retry_items
+    }
+    assert {r["id"] for r in reopened["dead"]} == {rejection.id, given_up.id}
+    by_event = {r["event_id"]: r for r in reopened["retry"]}
+    assert by_event[placed.id]["event"] == placed.to_dict()
+    assert by_event[placed.id]["lease_owner"] == "writer"
+    assert by_event[rescheduled.id]["attempt"] == 2
+    assert by_event[rescheduled.id]["error"] == "second failure"
+    assert by_event[late.id]["lease_owner"] is None
+    dead = {r["id"]: r for r in reopened["dead"]}
+    assert dead[rejection.id]["event"] == rejected.to_dict()
+    assert dead[rejection.id]["metadata"]["reprocess_count"] == 1
+    assert dead[given_up.id]["error"] == "gave up"
