@@ -31,6 +31,7 @@ class ClaimedBatch:
     written: int = 0
     finished: bool = False
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
     _queue: Iterator[RetryItem] | None = None
 
     def next_item(self) -> RetryItem | None:
@@ -43,6 +44,12 @@ class ClaimedBatch:
         self.pending.append(outcome)
         self.handled.add(outcome_id(outcome))
         self.ready.set()
+
+    def finish(self) -> None:
+        """No more outcomes will come."""
+        self.finished = True
+        self.ready.set()
+        self.done.set()
 
     def take_pending(self) -> list[Outcome]:
         outcomes, self.pending = self.pending, []

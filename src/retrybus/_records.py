@@ -31,6 +31,37 @@ def dead_letter_id_for(retry_id: str) -> str:
     return "dlq_" + retry_id.removeprefix("retry_")
 
 
+def format_traceback(error: BaseException, limit: int = 20) -> str:
+    """The traceback as Python prints it, chained causes included, but without the
+    ``^^^^`` markers: placing them parses each frame's source, which costs more
+    than the rest of recording a failure."""
+    seen: set[int] = set()
+    chunks: list[str] = []
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        lines = ["Traceback (most recent call last):\n"]
+        for frame in traceback_module.extract_tb(current.__traceback__, limit=-limit):
+            lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}\n')
+            if frame.line:
+                lines.append(f"    {frame.line.strip()}\n")
+        lines.extend(traceback_module.format_exception_only(type(current), current))
+        chunks.append("".join(lines) if current.__traceback__ else lines[-1])
+        if current.__cause__ is not None:
+            chunks.append(_CAUSE)
+            current = current.__cause__
+        elif current.__context__ is not None and not current.__suppress_context__:
+            chunks.append(_CONTEXT)
+            current = current.__context__
+        else:
+            current = None
+    return "".join(reversed(chunks))
+
+
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
     """What is kept of a handler's exception: its message, class and a bounded traceback."""
@@ -50,7 +81,7 @@ class ErrorInfo:
         message = str(error) or kind.__name__
         if len(message) > MAX_ERROR_CHARS:
             message = message[: MAX_ERROR_CHARS - 1] + "…"
-        text = "".join(traceback_module.format_exception(error, limit=20))
+        text = format_traceback(error)
         if len(text) > MAX_TRACEBACK_CHARS:
             text = "…" + text[-(MAX_TRACEBACK_CHARS - 1) :]
         return cls(message, name, text)

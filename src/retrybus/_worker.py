@@ -215,8 +215,7 @@ class RetryWorker:
         finally:
             # Also when cancelled (a forced stop): write what finished, give back the rest.
             heartbeat.cancel()
-            batch.finished = True
-            batch.ready.set()
+            batch.finish()
             try:
                 await flusher
             finally:
@@ -250,7 +249,8 @@ class RetryWorker:
                 await batch.ready.wait()
                 continue
             if not batch.finished:
-                await asyncio.sleep(_FLUSH_LINGER)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(batch.done.wait(), _FLUSH_LINGER)
             await self._complete(batch.take_pending(), batch.owner)
 
     async def _deliver(self, item: RetryItem) -> Outcome:
