@@ -174,8 +174,9 @@ async def test_extend_leases_pushes_the_lease_of_an_owner(
     bus: EventBus, clock: ManualClock
 ) -> None:
     await bus.retry_queue.add(make_event(), "h", "e", next_retry=clock.now())
-    assert len(await bus.retry_queue.claim_due(1, lease=10, owner="a")) == 1
-    assert await bus.store.extend_leases(["a"], clock.now() + timedelta(seconds=100)) == 1
+    [item] = await bus.retry_queue.claim_due(1, lease=10, owner="a")
+    assert await bus.store.extend_leases([item.id], "a", clock.now() + timedelta(seconds=100)) == 1
+    assert await bus.store.extend_leases([item.id], "b", clock.now() + timedelta(seconds=900)) == 0
     clock.advance(50)
     assert await bus.retry_queue.claim_due(1, owner="b") == []
     clock.advance(51)
@@ -300,7 +301,9 @@ async def test_items_are_typed_records(bus: EventBus) -> None:
         item.attempt = 5  # type: ignore[misc]
 
 
-async def test_finishing_by_id_leaves_an_item_a_worker_holds_alone(bus: EventBus, clock: ManualClock) -> None:
+async def test_finishing_by_id_leaves_an_item_a_worker_holds_alone(
+    bus: EventBus, clock: ManualClock
+) -> None:
     item = await bus.retry_queue.add(make_event(), "h", "e", next_retry=clock.now())
     await bus.retry_queue.claim_due(1, lease=30, owner="worker")
     assert await bus.retry_queue.mark_success(item.id) is False

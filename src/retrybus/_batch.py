@@ -28,7 +28,6 @@ class ClaimedBatch:
     items: list[RetryItem]
     pending: list[Outcome] = field(default_factory=list)
     handled: set[str] = field(default_factory=set)
-    written: int = 0
     finished: bool = False
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -53,14 +52,13 @@ class ClaimedBatch:
 
     def take_pending(self) -> list[Outcome]:
         outcomes, self.pending = self.pending, []
-        self.written += len(outcomes)
         return outcomes
 
     def unhandled_ids(self) -> list[str]:
         """Claimed items that no handler finished (never started, or cut off)."""
         return [item.id for item in self.items if item.id not in self.handled]
 
-    @property
-    def still_held(self) -> int:
-        """How many items this batch should still hold a lease on."""
-        return len(self.items) - self.written
+    def unwritten_ids(self) -> list[str]:
+        """Claimed items whose outcome is not yet on its way to the store."""
+        written = self.handled.difference(outcome_id(outcome) for outcome in self.pending)
+        return [item.id for item in self.items if item.id not in written]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
 import traceback as traceback_module
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -17,12 +18,19 @@ MAX_TRACEBACK_CHARS = 8_000
 MAX_ERROR_CHARS = 2_000
 
 
+def _time_ordered_hex() -> str:
+    """32 hex digits like uuid4().hex, but led by the time in ms (as UUIDv7 is), so
+    ids created together sit together in the primary key index: inserts append,
+    and a batch claimed and deleted together touches a few index pages, not one each."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
 def new_retry_id() -> str:
-    return f"retry_{uuid.uuid4().hex}"
+    return f"retry_{_time_ordered_hex()}"
 
 
 def new_dead_letter_id() -> str:
-    return f"dlq_{uuid.uuid4().hex}"
+    return f"dlq_{_time_ordered_hex()}"
 
 
 def dead_letter_id_for(retry_id: str) -> str:

@@ -342,17 +342,18 @@ class RetryWorker:
         while True:
             await asyncio.sleep(interval)
             until = self.bus.clock.now() + timedelta(seconds=self.lease)
+            held = batch.unwritten_ids()
             try:
                 # A heartbeat that waits longer than this is too late to matter.
                 extended = await asyncio.wait_for(
-                    self.bus.store.extend_leases([batch.owner], until), interval
+                    self.bus.store.extend_leases(held, batch.owner, until), interval
                 )
             except (StoreUnavailable, TimeoutError) as exc:
                 logger.warning(
                     "worker %s: could not extend leases: %s", self.name, exc or "timed out"
                 )
                 continue
-            lost = batch.still_held - extended
+            lost = len(held) - extended
             if lost > 0 and not warned:
                 warned = True
                 logger.warning(

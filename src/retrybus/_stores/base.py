@@ -127,8 +127,9 @@ class Store(abc.ABC):
         """Lease up to ``limit`` items due at ``now`` (earliest first) to ``owner``, atomically."""
 
     @abc.abstractmethod
-    async def extend_leases(self, owners: Sequence[str], lease_until: datetime) -> int:
-        """Push the leases held by these owner tokens to ``lease_until``."""
+    async def extend_leases(self, ids: Sequence[str], owner: str, lease_until: datetime) -> int:
+        """Push to ``lease_until`` the leases ``owner`` still holds on these items;
+        returns how many it still holds."""
 
     @abc.abstractmethod
     async def release(self, ids: Sequence[str], owner: str) -> int:

@@ -71,11 +71,11 @@ class MemoryStore(Store):
             claimed.append(leased)
         return claimed
 
-    async def extend_leases(self, owners: Sequence[str], lease_until: datetime) -> int:
-        wanted = set(owners)
+    async def extend_leases(self, ids: Sequence[str], owner: str, lease_until: datetime) -> int:
         extended = 0
-        for item_id, item in list(self._retry.items()):
-            if item.lease_owner in wanted:
+        for item_id in ids:
+            item = self._retry.get(item_id)
+            if item is not None and item.lease_owner == owner:
                 self._retry[item_id] = replace(item, lease_until=lease_until)
                 extended += 1
         return extended

@@ -10,6 +10,7 @@ until ``busy_timeout`` runs out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import sqlite3
@@ -40,6 +41,11 @@ SCHEMA_VERSION = 1
 _CHUNK = 500
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 _SYNCHRONOUS = {"off", "normal", "full", "extra"}
+# Checkpoints (copying the WAL into the database, with fsyncs) run on a thread of
+# their own every _CHECKPOINT_EVERY commits instead of inside a commit on the event
+# loop; the connection's own autocheckpoint stays on, later, as a backstop.
+_CHECKPOINT_EVERY = 100
+_AUTOCHECKPOINT_BACKSTOP = 10_000  # pages
 
 
 def _ts(moment: datetime) -> str:
@@ -229,6 +235,9 @@ class SQLiteStore(Store):
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
         self._opening: asyncio.Lock | None = None
+        self._commits = 0
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpointing: asyncio.Future[None] | None = None
 
     # connection ------------------------------------------------------------
 
@@ -255,6 +264,7 @@ class SQLiteStore(Store):
         try:
             await self._retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_BACKSTOP}")
             await self._retry_busy(lambda: self._migrate(conn))
         except sqlite3.Error as exc:
             conn.close()
@@ -281,9 +291,37 @@ class SQLiteStore(Store):
             raise
 
     async def close(self) -> None:
+        pending, self._checkpointing = self._checkpointing, None
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                await pending
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            checkpointer.close()
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+    def _committed(self) -> None:
+        self._commits += 1
+        if self._commits < _CHECKPOINT_EVERY or self._checkpointing is not None:
+            return
+        self._commits = 0
+        self._checkpointing = asyncio.get_running_loop().run_in_executor(None, self._checkpoint)
+        self._checkpointing.add_done_callback(self._checkpoint_done)
+
+    def _checkpoint(self) -> None:
+        """PASSIVE: copies what it can without waiting for, or blocking, anyone."""
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(
+                self.path, isolation_level=None, timeout=0, check_same_thread=False
+            )
+        with contextlib.suppress(sqlite3.Error):
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def _checkpoint_done(self, future: asyncio.Future[None]) -> None:
+        if self._checkpointing is future:
+            self._checkpointing = None
 
     async def health(self) -> None:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
@@ -325,6 +363,7 @@ class SQLiteStore(Store):
         try:
             result = operation(conn)
             conn.execute("COMMIT")
+            self._committed()
         except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -359,13 +398,20 @@ class SQLiteStore(Store):
         rows = await self._write(lambda conn: _rows(conn.execute(Q["claim_due"], params)))
         return [_retry_or_corrupt(row) for row in rows]
 
-    async def extend_leases(self, owners: Sequence[str], lease_until: datetime) -> int:
-        if not owners:
+    async def extend_leases(self, ids: Sequence[str], owner: str, lease_until: datetime) -> int:
+        if not ids:
             return 0
-        sql = Q["extend_leases"].format(owners=placeholders(len(owners)))
-        return await self._write(
-            lambda conn: conn.execute(sql, (_ts(lease_until), *owners)).rowcount
-        )
+        until = _ts(lease_until)
+
+        def run(conn: sqlite3.Connection) -> int:
+            extended = 0
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                sql = Q["extend_leases"].format(ids=placeholders(len(chunk)))
+                extended += conn.execute(sql, (until, owner, *chunk)).rowcount
+            return extended
+
+        return await self._write(run)
 
     async def release(self, ids: Sequence[str], owner: str) -> int:
         if not ids:

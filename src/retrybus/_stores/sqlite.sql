@@ -30,7 +30,6 @@ CREATE INDEX IF NOT EXISTS retry_queue_handler_name ON retry_queue (handler_name
 CREATE INDEX IF NOT EXISTS retry_queue_next_retry_attempt ON retry_queue (next_retry, attempt);
 CREATE INDEX IF NOT EXISTS retry_queue_created_at ON retry_queue (created_at);
 CREATE INDEX IF NOT EXISTS retry_queue_lease_until ON retry_queue (lease_until) WHERE lease_until IS NOT NULL;
-CREATE INDEX IF NOT EXISTS retry_queue_lease_owner ON retry_queue (lease_owner) WHERE lease_owner IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS dead_letter_queue (
     id               TEXT PRIMARY KEY,
@@ -91,8 +90,8 @@ INSERT OR IGNORE INTO dead_letter_queue (
 -- name: claim_due
 UPDATE retry_queue
 SET lease_owner = :owner, lease_until = :lease_until, updated_at = :now
-WHERE id IN (
-    SELECT id FROM retry_queue
+WHERE rowid IN (
+    SELECT rowid FROM retry_queue
     WHERE next_retry <= :now AND (lease_until IS NULL OR lease_until <= :now)
     ORDER BY next_retry
     LIMIT :limit
@@ -100,7 +99,7 @@ WHERE id IN (
 RETURNING *;
 
 -- name: extend_leases
-UPDATE retry_queue SET lease_until = ? WHERE lease_owner IN ({owners});
+UPDATE retry_queue SET lease_until = ? WHERE lease_owner = ? AND id IN ({ids});
 
 -- name: release
 UPDATE retry_queue SET lease_owner = NULL, lease_until = NULL
