@@ -31,10 +31,14 @@ _RESERVED = frozenset(
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
+#: compact, strict JSON (no NaN), built once: ``json.dumps`` with arguments builds an encoder per call
+compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 def encode_json(value: Any, what: str) -> str:
     """Encode ``value`` as compact JSON, or raise ``TypeError`` naming ``what``."""
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return compact_json(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(
             f"{what} must be a JSON value (dict, list, str, number, bool or None): {exc}"

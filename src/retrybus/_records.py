@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import linecache
 import os
 import time
 import traceback as traceback_module
@@ -49,10 +50,14 @@ def format_traceback(error: BaseException, limit: int = 20) -> str:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         lines = ["Traceback (most recent call last):\n"]
-        for frame in traceback_module.extract_tb(current.__traceback__, limit=-limit):
-            lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}\n')
-            if frame.line:
-                lines.append(f"    {frame.line.strip()}\n")
+        frames = list(traceback_module.walk_tb(current.__traceback__))[-limit:]
+        for frame, lineno in frames:
+            code = frame.f_code
+            lines.append(f'  File "{code.co_filename}", line {lineno}, in {code.co_name}\n')
+            # getline without checkcache: no stat() of every source file on each failure
+            source = linecache.getline(code.co_filename, lineno, frame.f_globals).strip()
+            if source:
+                lines.append(f"    {source}\n")
         lines.extend(traceback_module.format_exception_only(type(current), current))
         chunks.append("".join(lines) if current.__traceback__ else lines[-1])
         if current.__cause__ is not None:

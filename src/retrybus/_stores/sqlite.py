@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from .._errors import StoreUnavailable
+from .._event import compact_json
 from .._records import DeadLetterItem, RetryItem
 from ._queries import load_queries, placeholders
 from .base import (
@@ -71,10 +72,6 @@ def _dt_or_none(text: str | None) -> datetime | None:
     return None if text is None else _dt(text)
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
 def _object(text: str) -> dict[str, Any]:
     if text == "{}":
         return {}
@@ -89,11 +86,11 @@ def _retry_params(item: RetryItem) -> dict[str, Any]:
         "id": item.id,
         "event_id": item.event_id,
         "event_type": item.event_type,
-        "event_data": _json(item.event_data),
+        "event_data": compact_json(item.event_data),
         "event_source": item.event_source,
         "event_timestamp": _ts(item.event_timestamp),
         "event_subject": item.event_subject,
-        "event_extensions": _json(dict(item.event_extensions)),
+        "event_extensions": compact_json(dict(item.event_extensions)),
         "handler_name": item.handler_name,
         "error": item.error,
         "error_type": item.error_type,
@@ -105,7 +102,7 @@ def _retry_params(item: RetryItem) -> dict[str, Any]:
         "updated_at": _ts(item.updated_at),
         "lease_owner": item.lease_owner,
         "lease_until": _ts_or_none(item.lease_until),
-        "metadata": _json(dict(item.metadata)),
+        "metadata": compact_json(dict(item.metadata)),
     }
 
 
@@ -114,11 +111,11 @@ def _dead_params(item: DeadLetterItem) -> dict[str, Any]:
         "id": item.id,
         "event_id": item.event_id,
         "event_type": item.event_type,
-        "event_data": _json(item.event_data),
+        "event_data": compact_json(item.event_data),
         "event_source": item.event_source,
         "event_timestamp": _ts(item.event_timestamp),
         "event_subject": item.event_subject,
-        "event_extensions": _json(dict(item.event_extensions)),
+        "event_extensions": compact_json(dict(item.event_extensions)),
         "handler_name": item.handler_name,
         "error": item.error,
         "error_type": item.error_type,
@@ -130,7 +127,7 @@ def _dead_params(item: DeadLetterItem) -> dict[str, Any]:
         "created_at": _ts(item.created_at),
         "processed_at": _ts_or_none(item.processed_at),
         "first_failed_at": _ts_or_none(item.first_failed_at),
-        "metadata": _json(dict(item.metadata)),
+        "metadata": compact_json(dict(item.metadata)),
     }
 
 
@@ -618,5 +615,5 @@ def _reschedule_params(item: RetryItem) -> dict[str, Any]:
         "error_type": item.error_type,
         "traceback": item.traceback,
         "updated_at": _ts(item.updated_at),
-        "metadata": _json(dict(item.metadata)),
+        "metadata": compact_json(dict(item.metadata)),
     }
