@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from urllib.parse import parse_qsl
 
 from ._url import redact, split
@@ -9,7 +10,17 @@ from .base import Store
 
 __all__ = ["Store", "open_store"]
 
-_KNOWN = "memory://, sqlite:///path/to.db"
+_KNOWN = "memory://, sqlite:///path/to.db, postgresql://…, redis://…, mongodb://…/db"
+
+# server engines: scheme -> (module in this package, store class, pip extra)
+_SERVER_ENGINES = {
+    "postgresql": ("postgresql", "PostgresStore", "postgres"),
+    "postgres": ("postgresql", "PostgresStore", "postgres"),
+    "redis": ("redis", "RedisStore", "redis"),
+    "rediss": ("redis", "RedisStore", "redis"),
+    "mongodb": ("mongodb", "MongoStore", "mongodb"),
+    "mongodb+srv": ("mongodb", "MongoStore", "mongodb"),
+}
 
 
 def open_store(url: str) -> Store:
@@ -36,6 +47,8 @@ def open_store(url: str) -> Store:
         return MemoryStore(url)
     if scheme == "sqlite":
         return _open_sqlite(url, parts.netloc, parts.path, options)
+    if scheme in _SERVER_ENGINES:
+        return _open_server(url, *_SERVER_ENGINES[scheme])
     raise ValueError(f"unknown store URL scheme {parts.scheme!r} in {redact(url)!r}: use {_KNOWN}")
 
 
@@ -63,3 +76,15 @@ def _open_sqlite(url: str, netloc: str, path: str, options: dict[str, str]) -> S
         synchronous=options.get("synchronous", "normal"),
         busy_timeout=busy_timeout,
     )
+
+
+def _open_server(url: str, module_name: str, class_name: str, extra: str) -> Store:
+    try:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+    except ImportError as exc:
+        raise ValueError(
+            f"the store for {redact(url)!r} needs an optional dependency that is not "
+            f"installed ({exc.name}): pip install 'retrybus[{extra}]'"
+        ) from None
+    store: Store = getattr(module, class_name).from_url(url)
+    return store

@@ -85,6 +85,12 @@ class Store(abc.ABC):
     #: the URL the store was opened with, password removed
     url: str
 
+    @classmethod
+    def from_url(cls, url: str) -> Store:
+        """The store a URL of this engine names (server engines implement it;
+        ``open_store`` calls it). Raises ``ValueError`` naming a malformed URL."""
+        raise NotImplementedError(f"{cls.__name__} is not opened from a URL")
+
     async def __aenter__(self) -> Self:
         await self.connect()
         return self
