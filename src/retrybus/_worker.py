@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from types import TracebackType
 
@@ -83,6 +84,7 @@ class RetryWorker:
         self._stopping = False
         self._wake: asyncio.Event | None = None
         self._next_maintenance: datetime | None = None
+        self._unwatch: Callable[[], Awaitable[None]] | None = None
 
     # lifecycle -------------------------------------------------------------
 
@@ -98,6 +100,7 @@ class RetryWorker:
         self._stopping = False
         self._wake = asyncio.Event()
         self.bus._add_schedule_listener(self._on_retry_scheduled)
+        self._unwatch = await self.bus.store.watch(self._wake_up)
         self._task = asyncio.create_task(self._loop(), name=f"retrybus-worker-{self.name}")
         logger.info("worker %s started on %s", self.name, self.bus.store.url)
 
@@ -120,6 +123,10 @@ class RetryWorker:
         finally:
             if self._task is task:  # a second stop() waits for the first; one says so
                 self.bus._remove_schedule_listener(self._on_retry_scheduled)
+                unwatch, self._unwatch = self._unwatch, None
+                if unwatch is not None:
+                    with contextlib.suppress(Exception):
+                        await unwatch()
                 self._task = None
                 logger.info("worker %s stopped", self.name)
 
@@ -136,6 +143,9 @@ class RetryWorker:
         await self.stop()
 
     def _on_retry_scheduled(self, when: datetime) -> None:
+        self._wake_up()
+
+    def _wake_up(self) -> None:
         if self._wake is not None:
             self._wake.set()
 

@@ -1,8 +1,8 @@
 """A retry worker in its own process, for the multi-process tests.
 
-    python tests/apps/process_worker.py --db PATH --record PATH [options]
+    python tests/apps/process_worker.py (--db PATH | --store URL) --record PATH [options]
 
-It opens the SQLite store at ``--db``, subscribes one handler (``--handler``,
+It opens the SQLite store at ``--db`` (or any store at ``--store``), subscribes one handler (``--handler``,
 for every event type) that succeeds after sleeping, and runs a ``RetryWorker``
 until the retry queue is empty (``--until-empty``) or until SIGTERM, then
 stops the worker gracefully.
@@ -38,7 +38,9 @@ from retrybus import Event, EventBus, FixedDelay, RetryWorker
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--db", required=True, help="the SQLite file")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", help="the SQLite file")
+    where.add_argument("--store", help="any store URL (server engines)")
     parser.add_argument("--record", required=True, help="file to append handler calls to")
     parser.add_argument("--handler", default="record_item", help="the handler's name")
     parser.add_argument("--sleep-min", type=float, default=0.0, help="handler sleep, seconds")
@@ -54,7 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ready", default=None, help="file to create once connected")
     parser.add_argument("--go", default=None, help="file to wait for before claiming")
     args = parser.parse_args(argv)
-    args.db = Path(args.db).resolve()
+    if args.db is not None:
+        args.store = f"sqlite:///{Path(args.db).resolve()}"
     return args
 
 
@@ -74,7 +77,7 @@ async def main(args: argparse.Namespace) -> int:
         end = time.time_ns()
         os.write(record, f"E {event.id} {pid} {start} {end}\n".encode())
 
-    store = retrybus.open_store(f"sqlite:///{args.db}")
+    store = retrybus.open_store(args.store)
     bus = EventBus(store, default_policy=FixedDelay(max_retries=3, delay=0))
     bus.subscribe("*", record_item, name=args.handler)
     worker = RetryWorker(

@@ -10,7 +10,7 @@ item whose lease another claim has taken over (the fencing check).
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -117,6 +117,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def health(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""
+
+    async def watch(self, on_change: Callable[[], None]) -> Callable[[], Awaitable[None]] | None:
+        """Call ``on_change()`` when another process adds a retry item or makes one
+        due, so that an idle worker wakes at once (PostgreSQL's LISTEN/NOTIFY, for
+        example). Returns an async function that stops watching, or None when the
+        engine cannot watch: workers then rely on their check interval."""
+        return None
 
     # retry queue -----------------------------------------------------------
 
