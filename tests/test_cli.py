@@ -342,7 +342,7 @@ def test_the_store_can_come_from_the_environment(seeded: Seeded) -> None:
 @pytest.mark.parametrize(
     ("url", "says"),
     [
-        ("postgres://localhost/db", "unknown store URL scheme 'postgres'"),
+        ("nosuch://localhost/db", "unknown store URL scheme 'nosuch'"),
         ("sqlite://host/x.db", "a SQLite URL has no host"),
         ("retrybus.db", "malformed store URL"),
     ],
