@@ -71,7 +71,17 @@ def test_to_dict_is_the_cloudevents_structured_form() -> None:
     ).filter(
         lambda d: (
             not set(d)
-            & {"id", "source", "type", "time", "data", "subject", "specversion", "dataschema"}
+            & {
+                "id",
+                "source",
+                "type",
+                "time",
+                "data",
+                "subject",
+                "specversion",
+                "dataschema",
+                "datacontenttype",
+            }
         )
     ),
 )
