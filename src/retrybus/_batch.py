@@ -28,6 +28,7 @@ class ClaimedBatch:
     items: list[RetryItem]
     pending: list[Outcome] = field(default_factory=list)
     handled: set[str] = field(default_factory=set)
+    started: int = 0
     finished: bool = False
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -37,7 +38,10 @@ class ClaimedBatch:
         """The next item no handler has started, or None."""
         if self._queue is None:
             self._queue = iter(self.items)
-        return next(self._queue, None)
+        item = next(self._queue, None)
+        if item is not None:
+            self.started += 1
+        return item
 
     def add(self, outcome: Outcome) -> None:
         self.pending.append(outcome)
@@ -54,9 +58,9 @@ class ClaimedBatch:
         outcomes, self.pending = self.pending, []
         return outcomes
 
-    def unhandled_ids(self) -> list[str]:
-        """Claimed items that no handler finished (never started, or cut off)."""
-        return [item.id for item in self.items if item.id not in self.handled]
+    def unstarted_ids(self) -> list[str]:
+        """Claimed items no handler has started (items are started in order)."""
+        return [item.id for item in self.items[self.started :]]
 
     def unwritten_ids(self) -> list[str]:
         """Claimed items whose outcome is not yet on its way to the store."""

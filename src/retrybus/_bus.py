@@ -7,7 +7,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 from ._clock import Clock, SystemClock
@@ -234,7 +234,7 @@ class EventBus:
             policy = subscription.policy or self.default_policy
             decision = decide(policy, error, 1, now, now)
             info = ErrorInfo.from_exception(error)
-            if decision.delay is not None:
+            if decision.next_retry is not None:
                 retry_items.append(
                     RetryItem.for_failure(
                         event,
@@ -242,7 +242,7 @@ class EventBus:
                         info,
                         attempt=1,
                         max_retries=policy.max_retries,
-                        next_retry=now + timedelta(seconds=decision.delay),
+                        next_retry=decision.next_retry,
                         now=now,
                     )
                 )

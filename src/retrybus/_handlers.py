@@ -53,8 +53,12 @@ class Subscription:
         """Run the handler on ``event``: async ones awaited, plain ones in a thread."""
         if self.is_async:
             await self.handler(event)
-        else:
-            await asyncio.to_thread(self.handler, event)
+            return
+        result = await asyncio.to_thread(self.handler, event)
+        if inspect.isawaitable(result):
+            # a plain function that hands back a coroutine (a lambda around an
+            # async call, a sync decorator on an async function): run it too
+            await result
 
 
 def check_pattern(pattern: str) -> str:

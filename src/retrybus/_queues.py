@@ -62,11 +62,12 @@ class RetryQueue:
         attempt: int = 1,
         *,
         next_retry: datetime | None = None,
-        max_retries: int | None = None,
     ) -> RetryItem:
         """Queue retry number ``attempt`` of ``handler_name`` for ``event``.
 
-        Without ``next_retry`` it falls due after the handler's policy delay.
+        Without ``next_retry`` it falls due after the handler's policy delay. The
+        handler's policy decides what follows a failed retry; the item records its
+        ``max_retries`` as it was when the item was scheduled.
         """
         if not isinstance(event, Event):
             raise TypeError(f"event must be a retrybus.Event, got {event!r}")
@@ -83,7 +84,7 @@ class RetryQueue:
             handler_name,
             ErrorInfo.coerce(error),
             attempt=attempt,
-            max_retries=policy.max_retries if max_retries is None else max_retries,
+            max_retries=policy.max_retries,
             next_retry=next_retry,
             now=now,
         )
@@ -274,6 +275,7 @@ class DeadLetterQueue:
             reason=reason,
             now=self._bus.clock.now(),
             error=None if error is None else ErrorInfo.coerce(error),
+            copy=True,
         )
         await self._bus.store.record_failures([], [dead])
         await self._bus._announce_dead_letters([dead])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import linecache
 import os
 import time
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from ._event import Event
+from ._event import Event, compact_json
 
 __all__ = ["DeadLetterItem", "ErrorInfo", "RetryItem"]
 
@@ -91,10 +92,16 @@ class ErrorInfo:
             if kind.__module__ in ("builtins", "__main__")
             else f"{kind.__module__}.{kind.__qualname__}"
         )
-        message = str(error) or kind.__name__
+        try:
+            message = str(error) or kind.__name__
+        except Exception:  # an exception whose __str__ fails still gets recorded
+            message = f"<unprintable {kind.__name__}>"
         if len(message) > MAX_ERROR_CHARS:
             message = message[: MAX_ERROR_CHARS - 1] + "…"
-        text = format_traceback(error)
+        try:
+            text = format_traceback(error)
+        except Exception:
+            text = ""
         if len(text) > MAX_TRACEBACK_CHARS:
             text = "…" + text[-(MAX_TRACEBACK_CHARS - 1) :]
         return cls(message, name, text)
@@ -163,7 +170,7 @@ class RetryItem:
             id=new_retry_id(),
             event_id=event.id,
             event_type=event.type,
-            event_data=event.data,
+            event_data=json.loads(event.data_json),
             event_source=event.source,
             event_timestamp=event.time,
             event_subject=event.subject,
@@ -181,10 +188,11 @@ class RetryItem:
         )
 
     def to_event(self) -> Event:
-        """The event as it was published, rebuilt exactly."""
+        """The event as it was published, rebuilt exactly, with a payload of its own
+        (a handler that changes it changes nothing stored)."""
         return Event._from_stored(
             type=self.event_type,
-            data=self.event_data,
+            data=json.loads(compact_json(self.event_data)),
             source=self.event_source,
             id=self.event_id,
             time=self.event_timestamp,
@@ -215,10 +223,12 @@ class RetryItem:
         now: datetime,
         error: ErrorInfo | None = None,
         attempt: int | None = None,
+        copy: bool = False,
     ) -> DeadLetterItem:
-        """The dead letter this item becomes when retries end."""
+        """The dead letter this item becomes when retries end (with ``copy``, a
+        dead letter of its own id, recorded while the item stays queued)."""
         return DeadLetterItem(
-            id=dead_letter_id_for(self.id),
+            id=new_dead_letter_id() if copy else dead_letter_id_for(self.id),
             event_id=self.event_id,
             event_type=self.event_type,
             event_data=self.event_data,
@@ -288,7 +298,7 @@ class DeadLetterItem:
             id=new_dead_letter_id(),
             event_id=event.id,
             event_type=event.type,
-            event_data=event.data,
+            event_data=json.loads(event.data_json),
             event_source=event.source,
             event_timestamp=event.time,
             event_subject=event.subject,
@@ -305,10 +315,11 @@ class DeadLetterItem:
         )
 
     def to_event(self) -> Event:
-        """The event as it was published, rebuilt exactly."""
+        """The event as it was published, rebuilt exactly, with a payload of its own
+        (a handler that changes it changes nothing stored)."""
         return Event._from_stored(
             type=self.event_type,
-            data=self.event_data,
+            data=json.loads(compact_json(self.event_data)),
             source=self.event_source,
             id=self.event_id,
             time=self.event_timestamp,

@@ -223,15 +223,17 @@ class RetryWorker:
         try:
             await self._process(batch)
         finally:
-            # Also when cancelled (a forced stop): write what finished, give back the rest.
+            # Also when cancelled (a forced stop): write what finished, give back
+            # what no handler started. Items cut off mid-handler keep their lease
+            # (a plain handler's thread may still be running) until it runs out.
             heartbeat.cancel()
             batch.finish()
             try:
                 await flusher
             finally:
-                unhandled = batch.unhandled_ids()
-                if unhandled:
-                    await self.bus.store.release(unhandled, owner)
+                unstarted = batch.unstarted_ids()
+                if unstarted:
+                    await self.bus.store.release(unstarted, owner)
         return len(batch.handled)
 
     async def _process(self, batch: ClaimedBatch) -> None:
@@ -246,7 +248,11 @@ class RetryWorker:
         if lanes == 1:
             await lane()
         else:
-            await asyncio.gather(*(lane() for _ in range(lanes)))
+            # A TaskGroup, not gather: should one lane fail, the others are cancelled
+            # and awaited before the batch's items are released.
+            async with asyncio.TaskGroup() as group:
+                for _ in range(lanes):
+                    group.create_task(lane())
 
     async def _flush(self, batch: ClaimedBatch) -> None:
         """Write outcomes as they come, lingering briefly so that outcomes finishing
@@ -261,7 +267,14 @@ class RetryWorker:
             if not batch.finished:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(batch.done.wait(), _FLUSH_LINGER)
-            await self._complete(batch.take_pending(), batch.owner)
+            outcomes = batch.take_pending()
+            try:
+                await self._complete(outcomes, batch.owner)
+            except StoreUnavailable:
+                batch.pending[:0] = outcomes  # keep them: the store may come back
+                if batch.finished:
+                    raise  # the items stay leased; once the lease runs out they run again
+                await asyncio.sleep(1.0)
 
     async def _deliver(self, item: RetryItem) -> Outcome:
         bus = self.bus
@@ -289,7 +302,7 @@ class RetryWorker:
             "handler": item.handler_name,
             "attempt": item.attempt,
         }
-        if decision.delay is None:
+        if decision.next_retry is None:
             return DeadLettered(
                 item.id,
                 item.to_dead_letter(
@@ -309,7 +322,7 @@ class RetryWorker:
         return Rescheduled(
             item.rescheduled(
                 attempt=next_attempt,
-                next_retry=now + timedelta(seconds=decision.delay),
+                next_retry=decision.next_retry,
                 error=info,
                 now=now,
             )

@@ -14,6 +14,7 @@ import typer
 from .. import __version__
 from .common import fail, run
 from .dlq import dlq_app
+from .migrate import migrate
 from .queue import queue_app, stats
 from .session import EXIT_USAGE
 
@@ -30,6 +31,7 @@ app = typer.Typer(
 app.add_typer(dlq_app)
 app.add_typer(queue_app)
 app.command("stats")(stats)
+app.command("migrate")(migrate)
 
 
 def _show_version(value: bool) -> None:

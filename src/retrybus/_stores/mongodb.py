@@ -1,0 +1,989 @@
+"""The MongoDB store (``mongodb://host:27017/dbname``), on pymongo's native async client.
+
+Collections and indexes follow the seed: ``retry_queue`` (``_id`` = ``retry_…``)
+and ``dead_letter_queue`` (``_id`` = ``dlq_…``, TTL of 30 days on ``created_at``),
+plus ``retrybus_counters`` (one document per running total).
+
+Times. BSON datetimes keep milliseconds, retrybus keeps microseconds (jittered
+schedules, event times). Each time field ``t`` is stored as a BSON datetime
+(the time truncated to the millisecond: indexes, the TTL and other tools use
+it) plus ``t_us``, the microseconds within that millisecond (0–999) that BSON
+drops. Records read back equal the records written, and every comparison
+(due, lease expired, older than) is exact: ``t < x`` is ``t < ms(x)`` or
+``t == ms(x) and t_us < us(x)``. A document without ``t_us`` (written by
+another tool) counts as ``t_us = 0``.
+
+JSON values (event data, extensions, metadata) are stored as BSON values, so
+they can be read and queried in place; a value BSON cannot hold as such (keys
+with ``.``/``$``/NUL, integers beyond 64 bits) is stored as JSON text in
+``<field>_json`` instead.
+
+Atomicity. Claiming leases one document at a time with ``find_one_and_update``
+(due, lease free or expired, earliest first). On a replica set or sharded
+cluster (what transactions need) every multi-document change runs in a
+transaction. On a standalone server the moves run in an order that loses
+nothing: to dead-letter an item, the dead letter (its id derived from the
+item's) is upserted first, then the item deleted under the fencing filter;
+if the delete finds nothing (the lease was lost) the dead letter is removed
+again, but only if this move created it and nobody else's move has met it
+since. A repeated move is a no-op. The running totals (``bus.stats()``) are
+incremented after the change, outside any transaction: they are statistics,
+and one hot counter document inside every transaction would make concurrent
+workers conflict on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from bson.codec_options import CodecOptions
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+
+from .._errors import StoreUnavailable
+from .._event import compact_json
+from .._records import DeadLetterItem, RetryItem
+from .base import (
+    CorruptRecord,
+    Counters,
+    DeadLettered,
+    Outcome,
+    Rescheduled,
+    Store,
+    Succeeded,
+    corrupt_to_dead_letter,
+)
+
+__all__ = ["MongoStore"]
+
+T = TypeVar("T")
+Doc = dict[str, Any]
+Session = AsyncClientSession | None
+
+RETRY = "retry_queue"
+DEAD = "dead_letter_queue"
+COUNTERS = "retrybus_counters"
+DEAD_LETTER_TTL = timedelta(days=30)
+DEFAULT_TIMEOUT = 5.0
+_EXPIRE_CHUNK = 500
+_MAX_INT64 = 2**63 - 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DB_NAME_FORBIDDEN = re.compile(r'[/\\. "$\x00]')
+_PASSWORD = re.compile(r"^(?P<head>[a-z+]+://[^:@/]*):[^@/]*@", re.IGNORECASE)
+
+RETRY_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
+    ([("next_retry", ASCENDING)], {}),
+    ([("handler_name", ASCENDING)], {}),
+    ([("next_retry", ASCENDING), ("attempt", ASCENDING)], {}),
+    ([("created_at", ASCENDING)], {}),
+]
+DEAD_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
+    ([("created_at", DESCENDING)], {}),
+    ([("processed", ASCENDING)], {}),
+    ([("event_type", ASCENDING)], {}),
+    (
+        [("created_at", ASCENDING)],
+        {"expireAfterSeconds": int(DEAD_LETTER_TTL.total_seconds())},
+    ),
+]
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (works for several hosts too)."""
+    return _PASSWORD.sub(r"\g<head>:***@", url)
+
+
+# times -----------------------------------------------------------------------
+
+
+def _split_time(moment: datetime) -> tuple[datetime, int]:
+    """The millisecond BSON keeps, and the microseconds within it that it drops."""
+    if moment.tzinfo is None:
+        raise ValueError(f"stored times must be timezone-aware, got {moment!r}")
+    moment = moment.astimezone(UTC)
+    extra = moment.microsecond % 1000
+    return moment.replace(microsecond=moment.microsecond - extra), extra
+
+
+def _time_fields(name: str, moment: datetime | None) -> Doc:
+    if moment is None:
+        return {name: None, f"{name}_us": None}
+    ms, extra = _split_time(moment)
+    return {name: ms, f"{name}_us": extra}
+
+
+def _time(doc: Mapping[str, Any], name: str) -> datetime:
+    value = doc[name]
+    if not isinstance(value, datetime):
+        raise TypeError(f"{name} must be a date, got {value!r}")
+    extra = doc.get(f"{name}_us") or 0
+    if not isinstance(extra, int) or isinstance(extra, bool) or not 0 <= extra < 1000:
+        raise ValueError(f"{name}_us must be an integer 0-999, got {extra!r}")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value + timedelta(microseconds=extra)
+
+
+def _time_or_none(doc: Mapping[str, Any], name: str) -> datetime | None:
+    return None if doc.get(name) is None else _time(doc, name)
+
+
+def _earlier(name: str, moment: datetime, *, or_equal: bool = False) -> Doc:
+    """Filter: the time field ``name`` is before ``moment`` (or at it), to the microsecond."""
+    ms, extra = _split_time(moment)
+    if not or_equal and extra == 0:
+        return {name: {"$lt": ms}}
+    # a missing or null ``_us`` counts as 0: "$not $gt/$gte" matches it
+    within = {"$not": {"$gt": extra}} if or_equal else {"$not": {"$gte": extra}}
+    return {"$or": [{name: {"$lt": ms}}, {name: ms, f"{name}_us": within}]}
+
+
+def _lease_free(now: datetime) -> Doc:
+    """Filter: no live lease at ``now`` (none, or one that ran out)."""
+    return {"$or": [{"lease_until": None}, _earlier("lease_until", now, or_equal=True)]}
+
+
+def _fence(owner: str | None, now: datetime) -> Doc:
+    """Filter: what ``complete`` may touch (the owner's items, or items no lease holds)."""
+    return {"lease_owner": owner} if owner is not None else _lease_free(now)
+
+
+# JSON values -------------------------------------------------------------------
+
+
+def _bson_safe(value: Any) -> bool:
+    """Whether a JSON value is stored as the same BSON value and read back equal."""
+    if value is None or isinstance(value, str | bool | float):
+        return True
+    if isinstance(value, int):
+        return -_MAX_INT64 - 1 <= value <= _MAX_INT64
+    if isinstance(value, list):
+        return all(_bson_safe(item) for item in value)
+    if isinstance(value, dict):
+        return all(
+            isinstance(key, str)
+            and not key.startswith("$")
+            and "." not in key
+            and "\x00" not in key
+            and _bson_safe(item)
+            for key, item in value.items()
+        )
+    return False
+
+
+def _json_fields(name: str, value: Any) -> Doc:
+    if _bson_safe(value):
+        return {name: value}
+    return {name: None, f"{name}_json": compact_json(value)}
+
+
+def _json_update(name: str, value: Any) -> tuple[Doc, Doc]:
+    """``$set`` and ``$unset`` parts storing ``value`` in field ``name``."""
+    fields = _json_fields(name, value)
+    unset = {} if f"{name}_json" in fields else {f"{name}_json": ""}
+    return fields, unset
+
+
+def _json_value(doc: Mapping[str, Any], name: str, default: Any = ...) -> Any:
+    text = doc.get(f"{name}_json")
+    if text is not None:
+        if not isinstance(text, str):
+            raise TypeError(f"{name}_json must be JSON text, got {text!r}")
+        return json.loads(text)
+    if default is not ... and doc.get(name) is None:
+        return default
+    return doc[name]
+
+
+def _object(doc: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = _json_value(doc, name, {})
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be an object, got {value!r}")
+    return value
+
+
+def _text(doc: Mapping[str, Any], name: str, default: str | None = None) -> str:
+    value = doc.get(name, default)
+    if value is None and default is not None:
+        value = default
+    if value is None and name not in doc:
+        raise KeyError(name)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _optional_text(doc: Mapping[str, Any], name: str) -> str | None:
+    value = doc.get(name)
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _int(doc: Mapping[str, Any], name: str) -> int:
+    value = doc[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+# records <-> documents -----------------------------------------------------------
+
+
+def _retry_doc(item: RetryItem) -> Doc:
+    return {
+        "_id": item.id,
+        "event_id": item.event_id,
+        "event_type": item.event_type,
+        **_json_fields("event_data", item.event_data),
+        "event_source": item.event_source,
+        **_time_fields("event_timestamp", item.event_timestamp),
+        "event_subject": item.event_subject,
+        **_json_fields("event_extensions", dict(item.event_extensions)),
+        "handler_name": item.handler_name,
+        "error": item.error,
+        "error_type": item.error_type,
+        "traceback": item.traceback,
+        "attempt": item.attempt,
+        "max_retries": item.max_retries,
+        **_time_fields("next_retry", item.next_retry),
+        **_time_fields("created_at", item.created_at),
+        **_time_fields("updated_at", item.updated_at),
+        "lease_owner": item.lease_owner,
+        **_time_fields("lease_until", item.lease_until),
+        **_json_fields("metadata", dict(item.metadata)),
+    }
+
+
+def _dead_doc(item: DeadLetterItem) -> Doc:
+    return {
+        "_id": item.id,
+        "event_id": item.event_id,
+        "event_type": item.event_type,
+        **_json_fields("event_data", item.event_data),
+        "event_source": item.event_source,
+        **_time_fields("event_timestamp", item.event_timestamp),
+        "event_subject": item.event_subject,
+        **_json_fields("event_extensions", dict(item.event_extensions)),
+        "handler_name": item.handler_name,
+        "error": item.error,
+        "error_type": item.error_type,
+        "traceback": item.traceback,
+        "attempt": item.attempt,
+        "max_retries": item.max_retries,
+        "reason": item.reason,
+        "processed": item.processed,
+        **_time_fields("created_at", item.created_at),
+        **_time_fields("processed_at", item.processed_at),
+        **_time_fields("first_failed_at", item.first_failed_at),
+        **_json_fields("metadata", dict(item.metadata)),
+    }
+
+
+def _retry_from_doc(doc: Mapping[str, Any]) -> RetryItem:
+    return RetryItem(
+        id=_text(doc, "_id"),
+        event_id=_text(doc, "event_id"),
+        event_type=_text(doc, "event_type"),
+        event_data=_json_value(doc, "event_data"),
+        event_source=_text(doc, "event_source"),
+        event_timestamp=_time(doc, "event_timestamp"),
+        event_subject=_optional_text(doc, "event_subject"),
+        event_extensions=_object(doc, "event_extensions"),
+        handler_name=_text(doc, "handler_name"),
+        error=_text(doc, "error", ""),
+        error_type=_text(doc, "error_type", ""),
+        traceback=_text(doc, "traceback", ""),
+        attempt=_int(doc, "attempt"),
+        max_retries=_int(doc, "max_retries"),
+        next_retry=_time(doc, "next_retry"),
+        created_at=_time(doc, "created_at"),
+        updated_at=_time(doc, "updated_at"),
+        lease_owner=_optional_text(doc, "lease_owner"),
+        lease_until=_time_or_none(doc, "lease_until"),
+        metadata=_object(doc, "metadata"),
+    )
+
+
+def _raw(doc: Mapping[str, Any]) -> dict[str, Any]:
+    raw = {key: None if value is None else str(value) for key, value in doc.items()}
+    raw["id"] = raw.pop("_id", None)
+    return raw
+
+
+def _retry_or_corrupt(doc: Mapping[str, Any]) -> RetryItem | CorruptRecord:
+    try:
+        return _retry_from_doc(doc)
+    except Exception as exc:  # any decoding failure makes the record a dead letter
+        problem = f"{type(exc).__name__}: {exc}"
+        return CorruptRecord(id=str(doc.get("_id")), raw=_raw(doc), problem=problem)
+
+
+def _dead_from_doc(doc: Mapping[str, Any]) -> DeadLetterItem:
+    """A dead letter; a damaged one (written by hand, say) is still shown, with defaults."""
+    created_at = _time(doc, "created_at") if isinstance(doc.get("created_at"), datetime) else _EPOCH
+    metadata: dict[str, Any]
+    try:
+        data = _json_value(doc, "event_data", None)
+        metadata = _object(doc, "metadata")
+    except (TypeError, ValueError):
+        data = doc.get("event_data_json", doc.get("event_data"))
+        metadata = {"undecodable": True}
+
+    def text(name: str, default: str = "") -> str:
+        value = doc.get(name)
+        return value if isinstance(value, str) else default
+
+    def number(name: str) -> int:
+        value = doc.get(name)
+        return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+    def moment(name: str) -> datetime | None:
+        try:
+            return _time_or_none(doc, name)
+        except (TypeError, ValueError):
+            return None
+
+    try:
+        extensions = _object(doc, "event_extensions")
+    except (TypeError, ValueError):
+        extensions = {}
+    return DeadLetterItem(
+        id=str(doc["_id"]),
+        event_id=text("event_id"),
+        event_type=text("event_type", "unknown"),
+        event_data=data,
+        event_source=text("event_source"),
+        event_timestamp=moment("event_timestamp") or created_at,
+        event_subject=doc.get("event_subject")
+        if isinstance(doc.get("event_subject"), str)
+        else None,
+        event_extensions=extensions,
+        handler_name=text("handler_name", "unknown"),
+        error=text("error"),
+        error_type=text("error_type"),
+        traceback=text("traceback"),
+        attempt=number("attempt"),
+        max_retries=number("max_retries"),
+        reason=text("reason"),
+        processed=bool(doc.get("processed", False)),
+        created_at=created_at,
+        processed_at=moment("processed_at"),
+        first_failed_at=moment("first_failed_at"),
+        metadata=metadata,
+    )
+
+
+def _reschedule_update(item: RetryItem) -> Doc:
+    metadata, unset = _json_update("metadata", dict(item.metadata))
+    update: Doc = {
+        "$set": {
+            "attempt": item.attempt,
+            **_time_fields("next_retry", item.next_retry),
+            "error": item.error,
+            "error_type": item.error_type,
+            "traceback": item.traceback,
+            **_time_fields("updated_at", item.updated_at),
+            **metadata,
+            "lease_owner": None,
+            **_time_fields("lease_until", None),
+        }
+    }
+    if unset:
+        update["$unset"] = unset
+    return update
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).split(", Timeout:")[0].split(", Topology Description:")[0]
+    line = (text.strip().splitlines() or [type(exc).__name__])[0]
+    return line if len(line) <= 300 else line[:299] + "…"
+
+
+def _claim_order(record: RetryItem | CorruptRecord) -> tuple[int, datetime, str]:
+    if isinstance(record, CorruptRecord):
+        return (0, _EPOCH, record.id)
+    return (1, record.next_retry, record.id)
+
+
+class MongoStore(Store):
+    """Both queues in one MongoDB database (``mongodb://host:27017/dbname``).
+
+    URL options: ``timeout`` (seconds, default 5) bounds how long an operation
+    waits for a reachable server; every other option is pymongo's.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        database: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        transactions: bool | None = None,
+        client_url: str | None = None,
+    ) -> None:
+        """``url`` is what the store reports (its password is removed); ``client_url``
+        what pymongo connects to (default ``url``); ``transactions`` None uses them
+        when the server supports them (replica set or mongos)."""
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.url = redact(url)
+        self.database_name = database
+        self._client_url = client_url or url
+        self._timeout = timeout
+        self._want_transactions = transactions
+        self._transactions = False
+        self._client: AsyncMongoClient[Doc] | None = None
+        self._db: AsyncDatabase[Doc] | None = None
+        self._opening: asyncio.Lock | None = None
+        self._claiming: asyncio.Lock | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> MongoStore:
+        """``mongodb://[user:password@]host[:port][,host…]/dbname[?options]`` (or
+        ``mongodb+srv://``). Raises ``ValueError`` naming the URL when it is malformed."""
+        shown = redact(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise ValueError(f"malformed MongoDB store URL {shown!r}: {exc}") from None
+        if parts.scheme.lower() not in ("mongodb", "mongodb+srv") or not parts.netloc:
+            raise ValueError(
+                f"malformed MongoDB store URL {shown!r}: expected mongodb://host:27017/dbname"
+            )
+        database = parts.path.lstrip("/")
+        if not database:
+            raise ValueError(
+                f"malformed MongoDB store URL {shown!r}: no database name "
+                "(mongodb://host:27017/dbname)"
+            )
+        if _DB_NAME_FORBIDDEN.search(database) or len(database) > 63:
+            raise ValueError(
+                f"malformed MongoDB store URL {shown!r}: invalid database name {database!r}"
+            )
+        options = parse_qsl(parts.query, keep_blank_values=True)
+        timeout = DEFAULT_TIMEOUT
+        kept: list[tuple[str, str]] = []
+        for key, value in options:
+            if key == "timeout":
+                try:
+                    timeout = float(value)
+                except ValueError:
+                    timeout = -1.0
+                if not timeout > 0:
+                    raise ValueError(
+                        f"timeout in MongoDB store URL {shown!r} must be a number of "
+                        f"seconds > 0, got {value!r}"
+                    )
+            else:
+                kept.append((key, value))
+        client_url = urlunsplit(parts._replace(query=urlencode(kept)))
+        if parts.scheme.lower() == "mongodb":
+            from pymongo.uri_parser import parse_uri
+
+            try:
+                parse_uri(client_url)
+            except Exception as exc:  # InvalidURI, ConfigurationError, ValueError…
+                raise ValueError(
+                    f"malformed MongoDB store URL {shown!r}: {_first_line(exc)}"
+                ) from None
+        return cls(url, database=database, timeout=timeout, client_url=client_url)
+
+    # connection ------------------------------------------------------------
+
+    async def connect(self) -> None:
+        await self._database()
+
+    async def _database(self) -> AsyncDatabase[Doc]:
+        if self._db is not None:
+            return self._db
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._db is None:
+                await self._open()
+        assert self._db is not None
+        return self._db
+
+    async def _open(self) -> None:
+        options: dict[str, Any] = {"appname": "retrybus"}
+        given = {key.lower() for key, _ in parse_qsl(urlsplit(self._client_url).query)}
+        millis = int(self._timeout * 1000)
+        for name in ("serverSelectionTimeoutMS", "connectTimeoutMS"):
+            if name.lower() not in given:
+                options[name] = millis
+        try:
+            client: AsyncMongoClient[Doc] = AsyncMongoClient(
+                self._client_url, tz_aware=True, tzinfo=UTC, **options
+            )
+        except (PyMongoError, ValueError, TypeError) as exc:
+            raise StoreUnavailable(
+                f"cannot open MongoDB store {self.url}: {_first_line(exc)}"
+            ) from None
+        try:
+            db = client.get_database(
+                self.database_name, codec_options=CodecOptions(tz_aware=True, tzinfo=UTC)
+            )
+            hello = await db.command("hello")
+            if self._want_transactions is None:
+                self._transactions = "setName" in hello or hello.get("msg") == "isdbgrid"
+            else:
+                self._transactions = self._want_transactions
+            await self._create_indexes(db)
+        except ConnectionFailure as exc:
+            await client.close()
+            raise StoreUnavailable(
+                f"cannot reach MongoDB store {self.url}: {_first_line(exc)}"
+            ) from None
+        except PyMongoError as exc:
+            await client.close()
+            raise StoreUnavailable(
+                f"cannot open MongoDB store {self.url}: {_first_line(exc)}"
+            ) from None
+        except BaseException:
+            await client.close()
+            raise
+        self._client, self._db = client, db
+
+    @staticmethod
+    async def _create_indexes(db: AsyncDatabase[Doc]) -> None:
+        for keys, options in RETRY_INDEXES:
+            await db[RETRY].create_index(keys, **options)
+        for keys, options in DEAD_INDEXES:
+            await db[DEAD].create_index(keys, **options)
+
+    async def close(self) -> None:
+        client, self._client, self._db = self._client, None, None
+        if client is not None:
+            with contextlib.suppress(PyMongoError):
+                await client.close()
+
+    async def health(self) -> None:
+        async with self._errors() as db:
+            await db.command("ping")
+
+    @contextlib.asynccontextmanager
+    async def _errors(self) -> AsyncIterator[AsyncDatabase[Doc]]:
+        """The database; pymongo's errors turned into ``StoreUnavailable`` naming the URL."""
+        db = await self._database()
+        try:
+            yield db
+        except ConnectionFailure as exc:
+            raise StoreUnavailable(
+                f"MongoDB store {self.url} is unreachable: {_first_line(exc)}"
+            ) from exc
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"MongoDB store {self.url} failed: {_first_line(exc)}") from exc
+
+    async def _atomically(self, operation: Callable[[Session], Awaitable[T]]) -> T:
+        """Run ``operation`` in a transaction where the server has them (it may run
+        again after a transient conflict), else once without a session."""
+        async with self._errors():
+            if not self._transactions:
+                return await operation(None)
+            assert self._client is not None
+            async with self._client.start_session() as session:
+                return await session.with_transaction(operation)
+
+    async def _count(self, db: AsyncDatabase[Doc], **deltas: int) -> None:
+        updates = [
+            UpdateOne({"_id": name}, {"$inc": {"value": delta}}, upsert=True)
+            for name, delta in deltas.items()
+            if delta
+        ]
+        if updates:
+            await db[COUNTERS].bulk_write(updates, ordered=False)
+
+    # moving to the dead letter queue -------------------------------------------
+
+    async def _insert_dead(self, dead: AsyncCollection[Doc], doc: Doc, session: Session) -> None:
+        """Add a dead letter unless one with its id is there (a repeat is a no-op)."""
+        fields = {key: value for key, value in doc.items() if key != "_id"}
+        with contextlib.suppress(DuplicateKeyError):
+            await dead.update_one(
+                {"_id": doc["_id"]}, {"$setOnInsert": fields}, upsert=True, session=session
+            )
+
+    async def _move(self, db: AsyncDatabase[Doc], held: Doc, doc: Doc, session: Session) -> bool:
+        """Delete the retry item ``held`` matches and add dead letter ``doc``, as one step:
+        in the transaction ``session``, or (without one) in an order that loses nothing."""
+        retry, dead = db[RETRY], db[DEAD]
+        if session is not None:
+            if not (await retry.delete_one(held, session=session)).deleted_count:
+                return False
+            await self._insert_dead(dead, doc, session)
+            return True
+        token = uuid.uuid4().hex
+        fields = {key: value for key, value in doc.items() if key != "_id"}
+        while True:
+            try:
+                result = await dead.update_one(
+                    {"_id": doc["_id"]},
+                    {"$setOnInsert": {**fields, "_move": token}},
+                    upsert=True,
+                )
+            except DuplicateKeyError:
+                continue  # two upserts raced: the other inserted it, look again
+            created = result.upserted_id is not None
+            if created:
+                break
+            # It was there (a repeat, or another move of the same item in flight):
+            # claim it as shared, so that its creator's rollback cannot remove it.
+            shared = await dead.update_one({"_id": doc["_id"]}, {"$unset": {"_move": ""}})
+            if shared.matched_count:
+                break
+            # its creator just rolled it back: add it again
+        if (await retry.delete_one(held)).deleted_count:
+            return True
+        if created:
+            await dead.delete_one({"_id": doc["_id"], "_move": token})
+        return False
+
+    # retry queue -----------------------------------------------------------
+
+    async def record_failures(
+        self, retry_items: Sequence[RetryItem], dead_letters: Sequence[DeadLetterItem]
+    ) -> None:
+        retry_docs = [_retry_doc(item) for item in retry_items]
+        dead_docs = [_dead_doc(item) for item in dead_letters]
+        if not retry_docs and not dead_docs:
+            return
+
+        async def run(session: Session) -> None:
+            db = await self._database()
+            if retry_docs:
+                await db[RETRY].insert_many(retry_docs, session=session)
+            for doc in dead_docs:
+                await self._insert_dead(db[DEAD], doc, session)
+
+        await self._atomically(run)
+        async with self._errors() as db:
+            await self._count(db, retry_added=len(retry_docs))
+
+    async def claim_due(
+        self, *, now: datetime, limit: int, owner: str, lease_until: datetime
+    ) -> list[RetryItem | CorruptRecord]:
+        claimable = {"$and": [_earlier("next_retry", now, or_equal=True), _lease_free(now)]}
+        lease = {
+            "$set": {
+                "lease_owner": owner,
+                **_time_fields("lease_until", lease_until),
+                **_time_fields("updated_at", now),
+            }
+        }
+        held = {"lease_owner": owner, "lease_until": lease["$set"]["lease_until"]}
+        held["lease_until_us"] = lease["$set"]["lease_until_us"]
+        order = [("next_retry", ASCENDING), ("next_retry_us", ASCENDING), ("_id", ASCENDING)]
+        claimed: list[RetryItem | CorruptRecord] = []
+        if self._claiming is None:
+            self._claiming = asyncio.Lock()
+        # Claims through one store object take turns: they would compete for the same
+        # earliest documents. Each round reads the earliest claimable ids, leases those
+        # still claimable (one atomic update per document), and reads back what it got.
+        async with self._claiming, self._errors() as db:
+            retry = db[RETRY]
+            while len(claimed) < limit:
+                wanted = limit - len(claimed)
+                candidates = (
+                    await retry.find(claimable, projection={"_id": 1})
+                    .sort(order)
+                    .limit(wanted)
+                    .to_list()
+                )
+                if not candidates:
+                    break
+                ids = [doc["_id"] for doc in candidates]
+                result = await retry.update_many({"_id": {"$in": ids}, **claimable}, lease)
+                if result.modified_count:
+                    docs = await retry.find({"_id": {"$in": ids}, **held}).to_list()
+                    claimed += [_retry_or_corrupt(doc) for doc in docs]
+                if len(candidates) < wanted:
+                    break  # nothing more is due (what others took meanwhile is theirs)
+        return sorted(claimed, key=_claim_order)
+
+    async def extend_leases(self, ids: Sequence[str], owner: str, lease_until: datetime) -> int:
+        if not ids:
+            return 0
+        async with self._errors() as db:
+            result = await db[RETRY].update_many(
+                {"_id": {"$in": list(ids)}, "lease_owner": owner},
+                {"$set": _time_fields("lease_until", lease_until)},
+            )
+        return result.matched_count
+
+    async def release(self, ids: Sequence[str], owner: str) -> int:
+        if not ids:
+            return 0
+        async with self._errors() as db:
+            result = await db[RETRY].update_many(
+                {"_id": {"$in": list(ids)}, "lease_owner": owner},
+                {"$set": {"lease_owner": None, **_time_fields("lease_until", None)}},
+            )
+        return result.matched_count
+
+    async def complete(
+        self, outcomes: Sequence[Outcome], owner: str | None, now: datetime
+    ) -> set[str]:
+        fence = _fence(owner, now)
+        totals: dict[str, int] = {}
+
+        async def run(session: Session) -> set[str]:
+            db = await self._database()
+            retry = db[RETRY]
+            applied: set[str] = set()
+            done = attempts = moved = 0
+            for outcome in outcomes:
+                if isinstance(outcome, Succeeded):
+                    item_id = outcome.item.id
+                    gone = await retry.find_one_and_delete(
+                        {"_id": item_id, **fence}, projection={"attempt": 1}, session=session
+                    )
+                    if gone is not None:
+                        applied.add(item_id)
+                        done += 1
+                        attempt = gone.get("attempt")
+                        attempts += attempt if isinstance(attempt, int) else 0
+                elif isinstance(outcome, Rescheduled):
+                    item_id = outcome.item.id
+                    result = await retry.update_one(
+                        {"_id": item_id, **fence},
+                        _reschedule_update(outcome.item),
+                        session=session,
+                    )
+                    if result.matched_count:
+                        applied.add(item_id)
+                elif isinstance(outcome, DeadLettered):
+                    item_id = outcome.item_id
+                    held = {"_id": item_id, **fence}
+                    if await self._move(db, held, _dead_doc(outcome.dead_letter), session):
+                        applied.add(item_id)
+                        moved += 1
+            totals.clear()
+            totals.update(
+                retry_succeeded=done, retry_succeeded_attempts=attempts, retry_dead_lettered=moved
+            )
+            return applied
+
+        applied = await self._atomically(run)
+        async with self._errors() as db:
+            await self._count(db, **totals)
+        return applied
+
+    async def next_due(self) -> datetime | None:
+        async with self._errors() as db:
+            retry = db[RETRY]
+            times: list[datetime] = []
+            unleased = await retry.find_one(
+                {"lease_until": None},
+                projection={"next_retry": 1, "next_retry_us": 1},
+                sort=[("next_retry", ASCENDING), ("next_retry_us", ASCENDING)],
+            )
+            if unleased is not None:
+                times.append(_time(unleased, "next_retry"))
+            # a leased item falls due when its lease ends, or later if its next retry is later
+            best: datetime | None = None
+            leased = retry.find(
+                {"lease_until": {"$ne": None}},
+                projection={
+                    "next_retry": 1,
+                    "next_retry_us": 1,
+                    "lease_until": 1,
+                    "lease_until_us": 1,
+                },
+                sort=[("lease_until", ASCENDING), ("lease_until_us", ASCENDING)],
+            )
+            async with leased:
+                async for doc in leased:
+                    until = _time(doc, "lease_until")
+                    if best is not None and until >= best:
+                        break
+                    due = max(until, _time(doc, "next_retry"))
+                    best = due if best is None else min(best, due)
+            if best is not None:
+                times.append(best)
+        return min(times, default=None)
+
+    async def retry_count(self) -> int:
+        async with self._errors() as db:
+            return await db[RETRY].count_documents({})
+
+    async def count_due(self, before: datetime) -> int:
+        async with self._errors() as db:
+            return await db[RETRY].count_documents(_earlier("next_retry", before))
+
+    async def get_retry(self, item_id: str) -> RetryItem | None:
+        async with self._errors() as db:
+            doc = await db[RETRY].find_one({"_id": item_id})
+        return None if doc is None else _retry_from_doc(doc)
+
+    async def list_retry(
+        self,
+        *,
+        limit: int,
+        offset: int,
+        handler_name: str | None = None,
+        event_type: str | None = None,
+    ) -> list[RetryItem]:
+        if limit <= 0:
+            return []
+        query: Doc = {}
+        if handler_name is not None:
+            query["handler_name"] = handler_name
+        if event_type is not None:
+            query["event_type"] = event_type
+        async with self._errors() as db:
+            docs = (
+                await db[RETRY]
+                .find(query)
+                .sort([("next_retry", ASCENDING), ("next_retry_us", ASCENDING), ("_id", ASCENDING)])
+                .skip(offset)
+                .limit(limit)
+                .to_list()
+            )
+        return [_retry_from_doc(doc) for doc in docs]
+
+    async def delete_retry(self, item_id: str) -> bool:
+        async with self._errors() as db:
+            return bool((await db[RETRY].delete_one({"_id": item_id})).deleted_count)
+
+    async def expire_retry(
+        self, *, before: datetime, now: datetime, reason: str
+    ) -> list[DeadLetterItem]:
+        expired = {"$and": [_earlier("created_at", before), _lease_free(now)]}
+
+        async def run(session: Session) -> list[DeadLetterItem]:
+            db = await self._database()
+            moved: list[DeadLetterItem] = []
+            skip: set[str] = set()
+            while True:
+                query = {**expired, "_id": {"$nin": sorted(skip)}} if skip else expired
+                docs = await db[RETRY].find(query, session=session).limit(_EXPIRE_CHUNK).to_list()
+                if not docs:
+                    break
+                for doc in docs:
+                    record = _retry_or_corrupt(doc)
+                    dead = (
+                        corrupt_to_dead_letter(record, now, reason)
+                        if isinstance(record, CorruptRecord)
+                        else record.to_dead_letter(
+                            reason=reason, now=now, attempt=record.attempt - 1
+                        )
+                    )
+                    if await self._move(
+                        db, {"_id": doc["_id"], **expired}, _dead_doc(dead), session
+                    ):
+                        moved.append(dead)
+                    else:
+                        skip.add(str(doc["_id"]))  # claimed meanwhile: leave it to its worker
+            return moved
+
+        moved = await self._atomically(run)
+        async with self._errors() as db:
+            await self._count(db, retry_dead_lettered=len(moved))
+        return moved
+
+    # dead letter queue -----------------------------------------------------
+
+    async def list_dead(
+        self,
+        *,
+        limit: int,
+        offset: int,
+        event_type: str | None = None,
+        handler_name: str | None = None,
+        processed: bool | None = None,
+    ) -> list[DeadLetterItem]:
+        if limit <= 0:
+            return []
+        query: Doc = {}
+        if event_type is not None:
+            query["event_type"] = event_type
+        if handler_name is not None:
+            query["handler_name"] = handler_name
+        if processed is not None:
+            query["processed"] = processed
+        order = [("created_at", DESCENDING), ("created_at_us", DESCENDING), ("_id", DESCENDING)]
+        async with self._errors() as db:
+            docs = await db[DEAD].find(query).sort(order).skip(offset).limit(limit).to_list()
+        return [_dead_from_doc(doc) for doc in docs]
+
+    async def get_dead(self, item_id: str) -> DeadLetterItem | None:
+        async with self._errors() as db:
+            doc = await db[DEAD].find_one({"_id": item_id})
+        return None if doc is None else _dead_from_doc(doc)
+
+    async def update_dead(self, item: DeadLetterItem) -> bool:
+        metadata, unset_metadata = _json_update("metadata", dict(item.metadata))
+        data, unset_data = _json_update("event_data", item.event_data)
+        update: Doc = {
+            "$set": {
+                "error": item.error,
+                "error_type": item.error_type,
+                "traceback": item.traceback,
+                "attempt": item.attempt,
+                "processed": item.processed,
+                **_time_fields("processed_at", item.processed_at),
+                **metadata,
+                **data,
+                "reason": item.reason,
+            }
+        }
+        if unset_metadata or unset_data:
+            update["$unset"] = {**unset_metadata, **unset_data}
+        async with self._errors() as db:
+            result = await db[DEAD].update_one({"_id": item.id}, update)
+        return bool(result.matched_count)
+
+    async def requeue_dead(self, item_id: str, retry_item: RetryItem) -> bool:
+        doc = _retry_doc(retry_item)
+
+        async def run(session: Session) -> bool:
+            db = await self._database()
+            if session is not None:
+                if not (await db[DEAD].delete_one({"_id": item_id}, session=session)).deleted_count:
+                    return False
+                await db[RETRY].insert_one(doc, session=session)
+                return True
+            # without a transaction: add the retry item first, so nothing is lost
+            await db[RETRY].insert_one(doc)
+            if (await db[DEAD].delete_one({"_id": item_id})).deleted_count:
+                return True
+            await db[RETRY].delete_one({"_id": doc["_id"]})
+            return False
+
+        requeued = await self._atomically(run)
+        if requeued:
+            async with self._errors() as db:
+                await self._count(db, retry_added=1)
+        return requeued
+
+    async def delete_dead(self, item_id: str) -> bool:
+        async with self._errors() as db:
+            return bool((await db[DEAD].delete_one({"_id": item_id})).deleted_count)
+
+    async def count_dead(self, processed: bool | None = None) -> int:
+        query = {} if processed is None else {"processed": processed}
+        async with self._errors() as db:
+            return await db[DEAD].count_documents(query)
+
+    async def cleanup_dead(self, before: datetime) -> int:
+        async with self._errors() as db:
+            result = await db[DEAD].delete_many(_earlier("created_at", before))
+        return result.deleted_count
+
+    async def counters(self) -> Counters:
+        async with self._errors() as db:
+            docs = await db[COUNTERS].find({}).to_list()
+        values = {doc["_id"]: int(doc.get("value") or 0) for doc in docs}
+        return Counters(**{name: values.get(name, 0) for name in Counters.__dataclass_fields__})

@@ -1,0 +1,714 @@
+"""The PostgreSQL store (``postgresql://user@host:5432/db?schema=NAME``), on asyncpg.
+
+Both queues live in one schema (``public`` unless ``?schema=`` names another).
+The tables are created by a versioned migration on first use (or by
+``retrybus migrate``), serialised between processes by an advisory lock.
+Every operation is one statement (so one round trip and one implicit
+transaction) except ``expire_retry``; claiming is ``UPDATE … WHERE id IN
+(SELECT … FOR UPDATE SKIP LOCKED) RETURNING *``, so concurrent workers on any
+number of machines never receive the same item. Writes that add or release work
+send a ``NOTIFY`` on a channel of the schema; ``watch`` LISTENs on it so that an
+idle worker wakes at once.
+
+Connection trouble (refused, lost, the server shutting down or restarting, too
+many connections, a deadlock or serialisation failure) raises ``StoreUnavailable``
+naming the URL without its password; the worker logs it and retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode
+
+import asyncpg  # type: ignore[import-untyped]
+
+from .._errors import StoreUnavailable
+from .._event import compact_json
+from .._records import DeadLetterItem, RetryItem
+from ._queries import load_queries
+from ._url import redact, split
+from .base import (
+    CorruptRecord,
+    Counters,
+    DeadLettered,
+    Outcome,
+    Rescheduled,
+    Store,
+    Succeeded,
+    corrupt_to_dead_letter,
+)
+
+__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+
+logger = logging.getLogger("retrybus.store.postgresql")
+
+T = TypeVar("T")
+Q = load_queries("postgresql.sql")
+SCHEMA_VERSION = 1
+MIGRATIONS = {1: Q["schema_v1"]}
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_OPTIONS = {"schema", "pool_min", "pool_max", "connect_timeout", "synchronous_commit"}
+_SYNCHRONOUS_COMMIT = {"on", "off", "local", "remote_write", "remote_apply"}
+# passed through to asyncpg as they are
+_LIBPQ_OPTIONS = {"sslmode", "sslrootcert", "sslcert", "sslkey", "application_name"}
+_LISTEN_BACKOFF_MAX = 10.0
+
+# errors that say the server is (for now) out of reach, or that the transaction
+# lost a race and may simply be tried again
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,  # class 08, ConnectionDoesNotExistError included
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: admin shutdown, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full
+    asyncpg.exceptions.TransactionRollbackError,  # class 40: deadlock, serialisation failure
+    asyncpg.InterfaceError,  # "connection is closed", pool closing
+    asyncpg.exceptions.InternalClientError,
+)
+
+
+def _aware(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        raise ValueError(f"stored times must be timezone-aware, got {moment!r}")
+    return moment
+
+
+def _aware_or_none(moment: datetime | None) -> datetime | None:
+    return None if moment is None else _aware(moment)
+
+
+def _object(text: str | None) -> dict[str, Any]:
+    if text is None:
+        raise ValueError("missing JSON object")
+    if text == "{}":
+        return {}
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {text[:80]!r}")
+    return value
+
+
+def _required(row: Mapping[str, Any], name: str) -> Any:
+    value = row[name]
+    if value is None:
+        raise ValueError(f"field {name!r} is missing (NULL)")
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
+
+
+def _retry_columns(items: Sequence[RetryItem]) -> list[list[Any]]:
+    """The items as 20 column arrays, in the order of the ``retry_queue`` columns."""
+    columns: list[list[Any]] = [[] for _ in range(20)]
+    for item in items:
+        row = (
+            item.id,
+            item.event_id,
+            item.event_type,
+            compact_json(item.event_data),
+            item.event_source,
+            _aware(item.event_timestamp),
+            item.event_subject,
+            compact_json(dict(item.event_extensions)),
+            item.handler_name,
+            item.error,
+            item.error_type,
+            item.traceback,
+            item.attempt,
+            item.max_retries,
+            _aware(item.next_retry),
+            _aware(item.created_at),
+            _aware(item.updated_at),
+            item.lease_owner,
+            _aware_or_none(item.lease_until),
+            compact_json(dict(item.metadata)),
+        )
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return columns
+
+
+def _dead_row(item: DeadLetterItem) -> tuple[Any, ...]:
+    return (
+        item.id,
+        item.event_id,
+        item.event_type,
+        compact_json(item.event_data),
+        item.event_source,
+        _aware(item.event_timestamp),
+        item.event_subject,
+        compact_json(dict(item.event_extensions)),
+        item.handler_name,
+        item.error,
+        item.error_type,
+        item.traceback,
+        item.attempt,
+        item.max_retries,
+        item.reason,
+        bool(item.processed),
+        _aware(item.created_at),
+        _aware_or_none(item.processed_at),
+        _aware_or_none(item.first_failed_at),
+        compact_json(dict(item.metadata)),
+    )
+
+
+def _dead_columns(items: Sequence[DeadLetterItem]) -> list[list[Any]]:
+    """The dead letters as 20 column arrays, in the order of ``dead_letter_queue``'s columns."""
+    columns: list[list[Any]] = [[] for _ in range(20)]
+    for item in items:
+        for column, value in zip(columns, _dead_row(item), strict=True):
+            column.append(value)
+    return columns
+
+
+def _retry_from_row(row: Mapping[str, Any]) -> RetryItem:
+    event_data = _required(row, "event_data")
+    return RetryItem(
+        id=row["id"],
+        event_id=_required(row, "event_id"),
+        event_type=_required(row, "event_type"),
+        event_data=json.loads(event_data),
+        event_source=_required(row, "event_source"),
+        event_timestamp=_required(row, "event_timestamp"),
+        event_subject=row["event_subject"],
+        event_extensions=_object(row["event_extensions"]),
+        handler_name=_required(row, "handler_name"),
+        error=row["error"],
+        error_type=row["error_type"],
+        traceback=row["traceback"],
+        attempt=int(_required(row, "attempt")),
+        max_retries=int(_required(row, "max_retries")),
+        next_retry=row["next_retry"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        lease_owner=row["lease_owner"],
+        lease_until=row["lease_until"],
+        metadata=_object(row["metadata"]),
+    )
+
+
+def _retry_or_corrupt(row: Mapping[str, Any]) -> RetryItem | CorruptRecord:
+    try:
+        return _retry_from_row(row)
+    except Exception as exc:  # any decoding failure makes the record a dead letter
+        raw = {key: None if value is None else str(value) for key, value in row.items()}
+        return CorruptRecord(id=str(row.get("id")), raw=raw, problem=f"{type(exc).__name__}: {exc}")
+
+
+def _dead_from_row(row: Mapping[str, Any]) -> DeadLetterItem:
+    metadata: dict[str, Any]
+    try:
+        data = None if row["event_data"] is None else json.loads(row["event_data"])
+        metadata = _object(row["metadata"])
+    except ValueError:
+        # A damaged dead letter is still shown: its payload as the text that is stored.
+        data = row["event_data"]
+        metadata = {"undecodable": True}
+    return DeadLetterItem(
+        id=row["id"],
+        event_id=row["event_id"],
+        event_type=row["event_type"],
+        event_data=data,
+        event_source=row["event_source"],
+        event_timestamp=row["event_timestamp"],
+        event_subject=row["event_subject"],
+        event_extensions=_object(row["event_extensions"]),
+        handler_name=row["handler_name"],
+        error=row["error"],
+        error_type=row["error_type"],
+        traceback=row["traceback"],
+        attempt=int(row["attempt"]),
+        max_retries=int(row["max_retries"]),
+        reason=row["reason"],
+        processed=bool(row["processed"]),
+        created_at=row["created_at"],
+        processed_at=row["processed_at"],
+        first_failed_at=row["first_failed_at"],
+        metadata=metadata,
+    )
+
+
+def _affected(status: str) -> int:
+    """The row count of a command status such as ``UPDATE 3`` or ``DELETE 0``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _channel(schema: str) -> str:
+    """The NOTIFY channel of a schema (a channel name has at most 63 bytes)."""
+    name = f"retrybus_{schema}"
+    if len(name) <= 63:
+        return name
+    return "retrybus_" + hashlib.sha256(schema.encode()).hexdigest()[:40]
+
+
+def _lock_key(schema: str) -> int:
+    """A signed 64-bit advisory lock key for migrating ``schema``."""
+    digest = hashlib.sha256(f"retrybus.migrate.{schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+class PostgresStore(Store):
+    """Both queues in a PostgreSQL schema, shared by any number of processes and machines."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        url: str | None = None,
+        schema: str = "public",
+        pool_min: int = 1,
+        pool_max: int = 10,
+        connect_timeout: float = 10.0,
+        synchronous_commit: str | None = None,
+    ) -> None:
+        if synchronous_commit is not None and synchronous_commit not in _SYNCHRONOUS_COMMIT:
+            raise ValueError(
+                f"synchronous_commit must be one of {sorted(_SYNCHRONOUS_COMMIT)}, "
+                f"got {synchronous_commit!r}"
+            )
+        if not _SCHEMA_NAME.match(schema):
+            raise ValueError(
+                f"schema must be a plain identifier (letters, digits, _; at most 63), got {schema!r}"
+            )
+        if not 0 <= pool_min <= pool_max or pool_max < 1:
+            raise ValueError(
+                f"need 0 <= pool_min <= pool_max and pool_max >= 1, got {pool_min}, {pool_max}"
+            )
+        if connect_timeout <= 0:
+            raise ValueError(f"connect_timeout must be > 0 seconds, got {connect_timeout!r}")
+        self.url = redact(url or dsn)
+        self.schema = schema
+        self.channel = _channel(schema)
+        self._dsn = dsn
+        self._pool_min = pool_min
+        self._pool_max = pool_max
+        self._connect_timeout = connect_timeout
+        self._synchronous_commit = synchronous_commit
+        self._pool: asyncpg.Pool | None = None
+        self._opening: asyncio.Lock | None = None
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresStore:
+        parts = split(url)
+        if parts.scheme.lower() not in ("postgresql", "postgres"):
+            raise ValueError(f"not a PostgreSQL store URL: {redact(url)!r}")
+        if parts.fragment:
+            raise ValueError(f"malformed PostgreSQL store URL {redact(url)!r}: no '#…' allowed")
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        options = dict(pairs)
+        unknown = set(options) - _OPTIONS - _LIBPQ_OPTIONS
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {sorted(unknown)} in PostgreSQL store URL {redact(url)!r}: "
+                f"use {sorted(_OPTIONS | _LIBPQ_OPTIONS)}"
+            )
+        database = parts.path.lstrip("/")
+        if "/" in database:
+            raise ValueError(
+                f"malformed PostgreSQL store URL {redact(url)!r}: the path must be one database name"
+            )
+        try:
+            pool_min = int(options.get("pool_min", "1"))
+            pool_max = int(options.get("pool_max", "10"))
+            connect_timeout = float(options.get("connect_timeout", "10"))
+        except ValueError:
+            raise ValueError(
+                f"pool_min, pool_max and connect_timeout in {redact(url)!r} must be numbers"
+            ) from None
+        schema = options.get("schema", "public")
+        passed = [(key, value) for key, value in pairs if key in _LIBPQ_OPTIONS]
+        dsn = parts._replace(scheme="postgresql", query=urlencode(passed)).geturl()
+        try:
+            return cls(
+                dsn,
+                url=url,
+                schema=schema,
+                pool_min=pool_min,
+                pool_max=pool_max,
+                connect_timeout=connect_timeout,
+                synchronous_commit=options.get("synchronous_commit"),
+            )
+        except ValueError as exc:
+            raise ValueError(f"bad PostgreSQL store URL {redact(url)!r}: {exc}") from None
+
+    # connection ------------------------------------------------------------
+
+    def _server_settings(self) -> dict[str, str]:
+        settings = {"search_path": _quote(self.schema)}
+        if "application_name=" not in self._dsn:
+            settings["application_name"] = "retrybus"
+        if self._synchronous_commit is not None:
+            settings["synchronous_commit"] = self._synchronous_commit
+        return settings
+
+    async def connect(self) -> None:
+        await self._get_pool()
+
+    async def _get_pool(self) -> asyncpg.Pool:
+        if self._pool is not None:
+            return self._pool
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._pool is None:
+                self._pool = await self._open()
+        return self._pool
+
+    async def _open(self) -> asyncpg.Pool:
+        try:
+            pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self._pool_min,
+                max_size=self._pool_max,
+                timeout=self._connect_timeout,
+                server_settings=self._server_settings(),
+            )
+        except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(
+                f"cannot connect to PostgreSQL store {self.url}: {_one_line(exc)}"
+            ) from None
+        try:
+            async with pool.acquire() as conn:
+                await self._migrate(conn)
+        except BaseException as exc:
+            pool.terminate()
+            if isinstance(exc, (*_TRANSIENT, asyncpg.PostgresError)):
+                raise StoreUnavailable(
+                    f"cannot prepare PostgreSQL store {self.url}: {_one_line(exc)}"
+                ) from None
+            raise
+        return pool
+
+    async def _migrate(self, conn: asyncpg.Connection) -> int:
+        """Bring the schema to ``SCHEMA_VERSION``; returns the version it is at."""
+        async with conn.transaction():
+            # one migrator per schema at a time, across processes; released at commit
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(self.schema))
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(self.schema)}")
+            await conn.execute(Q["version_table"])
+            version = int(await conn.fetchval(Q["current_version"]))
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                await conn.execute(MIGRATIONS[target])
+                await conn.execute(Q["record_version"], target)
+                logger.info("migrated %s (schema %s) to version %d", self.url, self.schema, target)
+                version = target
+            return version
+
+    async def migrate(self) -> int:
+        """Run the migration now (it runs on first use anyway); returns the schema version."""
+        await self._get_pool()
+        return await self.schema_version()
+
+    async def schema_version(self) -> int:
+        """The schema version recorded in the database."""
+        return int(await self._run(lambda conn: conn.fetchval(Q["current_version"])))
+
+    async def close(self) -> None:
+        watchers, self._watchers = self._watchers, set()
+        for task in watchers:
+            task.cancel()
+        for task in watchers:
+            with contextlib.suppress(BaseException):
+                await task
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 5.0)
+            except Exception:
+                pool.terminate()
+
+    async def health(self) -> None:
+        await self._run(lambda conn: conn.fetchval("SELECT 1"))
+
+    async def _run(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run ``operation`` on a pooled connection, turning connection trouble into
+        ``StoreUnavailable``."""
+        pool = await self._get_pool()
+        try:
+            async with pool.acquire() as conn:
+                return await operation(conn)
+        except asyncpg.IntegrityConstraintViolationError:
+            raise  # a duplicate id: the caller's mistake, not the store's
+        except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(f"PostgreSQL store {self.url} failed: {_one_line(exc)}") from exc
+
+    # watching --------------------------------------------------------------
+
+    async def _listen(self, on_change: Callable[[], None]) -> asyncpg.Connection:
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self._dsn, timeout=self._connect_timeout, server_settings=self._server_settings()
+        )
+        try:
+            await conn.add_listener(self.channel, lambda *_: on_change())
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    @staticmethod
+    async def _until_lost(conn: asyncpg.Connection) -> None:
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        if conn.is_closed():
+            lost.set()
+        await lost.wait()
+
+    async def watch(self, on_change: Callable[[], None]) -> Callable[[], Awaitable[None]] | None:
+        """LISTEN on the schema's channel on a connection of its own; when that
+        connection is lost, reconnect with backoff (and call ``on_change`` once,
+        for what may have been missed)."""
+        try:
+            first = await self._listen(on_change)
+        except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(
+                f"cannot listen on PostgreSQL store {self.url}: {_one_line(exc)}"
+            ) from None
+
+        async def keep_listening() -> None:
+            conn: asyncpg.Connection | None = first
+            pause = 0.5
+            try:
+                while True:
+                    if conn is None:
+                        try:
+                            conn = await self._listen(on_change)
+                        except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+                            logger.warning(
+                                "cannot listen on %s, again in %.1fs: %s",
+                                self.url,
+                                pause,
+                                _one_line(exc),
+                            )
+                            await asyncio.sleep(pause)
+                            pause = min(pause * 2, _LISTEN_BACKOFF_MAX)
+                            continue
+                        pause = 0.5
+                        on_change()
+                    await self._until_lost(conn)
+                    conn = None
+            finally:
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 2.0)
+                    if not conn.is_closed():
+                        conn.terminate()
+
+        task = asyncio.create_task(keep_listening(), name=f"retrybus-listen-{self.channel}")
+        self._watchers.add(task)
+
+        async def stop() -> None:
+            self._watchers.discard(task)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        return stop
+
+    # retry queue -----------------------------------------------------------
+
+    async def record_failures(
+        self, retry_items: Sequence[RetryItem], dead_letters: Sequence[DeadLetterItem]
+    ) -> None:
+        if not retry_items and not dead_letters:
+            return
+        args = [*_retry_columns(retry_items), *_dead_columns(dead_letters), self.channel]
+        await self._run(lambda conn: conn.fetchrow(Q["record_failures"], *args))
+
+    async def claim_due(
+        self, *, now: datetime, limit: int, owner: str, lease_until: datetime
+    ) -> list[RetryItem | CorruptRecord]:
+        args = (owner, _aware(lease_until), _aware(now), limit)
+        rows = await self._run(lambda conn: conn.fetch(Q["claim_due"], *args))
+        rows.sort(key=lambda row: (row["next_retry"], row["id"]))
+        return [_retry_or_corrupt(row) for row in rows]
+
+    async def extend_leases(self, ids: Sequence[str], owner: str, lease_until: datetime) -> int:
+        if not ids:
+            return 0
+        args = (_aware(lease_until), owner, list(ids))
+        return _affected(await self._run(lambda conn: conn.execute(Q["extend_leases"], *args)))
+
+    async def release(self, ids: Sequence[str], owner: str) -> int:
+        if not ids:
+            return 0
+        args = (owner, list(ids), self.channel)
+        row = await self._run(lambda conn: conn.fetchrow(Q["release"], *args))
+        assert row is not None
+        return int(row[0])
+
+    async def complete(
+        self, outcomes: Sequence[Outcome], owner: str | None, now: datetime
+    ) -> set[str]:
+        if not outcomes:
+            return set()
+        succeeded = [o.item.id for o in outcomes if isinstance(o, Succeeded)]
+        rescheduled: list[list[Any]] = [[] for _ in range(8)]
+        dead_ids: list[str] = []
+        dead_letters: list[DeadLetterItem] = []
+        for outcome in outcomes:
+            if isinstance(outcome, Rescheduled):
+                item = outcome.item
+                row = (
+                    item.id,
+                    item.attempt,
+                    _aware(item.next_retry),
+                    item.error,
+                    item.error_type,
+                    item.traceback,
+                    _aware(item.updated_at),
+                    compact_json(dict(item.metadata)),
+                )
+                for column, value in zip(rescheduled, row, strict=True):
+                    column.append(value)
+            elif isinstance(outcome, DeadLettered):
+                dead_ids.append(outcome.item_id)
+                dead_letters.append(outcome.dead_letter)
+        args = [
+            owner,
+            _aware(now),
+            self.channel,
+            succeeded,
+            *rescheduled,
+            dead_ids,
+            *_dead_columns(dead_letters),
+        ]
+        rows = await self._run(lambda conn: conn.fetch(Q["complete"], *args))
+        return {row[0] for row in rows if row[0] is not None}
+
+    async def next_due(self) -> datetime | None:
+        due: datetime | None = await self._run(lambda conn: conn.fetchval(Q["next_due"]))
+        return due
+
+    async def retry_count(self) -> int:
+        return int(await self._run(lambda conn: conn.fetchval(Q["retry_count"])))
+
+    async def count_due(self, before: datetime) -> int:
+        at = _aware(before)
+        return int(await self._run(lambda conn: conn.fetchval(Q["count_due"], at)))
+
+    async def get_retry(self, item_id: str) -> RetryItem | None:
+        row = await self._run(lambda conn: conn.fetchrow(Q["get_retry"], item_id))
+        return None if row is None else _retry_from_row(row)
+
+    async def list_retry(
+        self,
+        *,
+        limit: int,
+        offset: int,
+        handler_name: str | None = None,
+        event_type: str | None = None,
+    ) -> list[RetryItem]:
+        args = (handler_name, event_type, limit, offset)
+        rows = await self._run(lambda conn: conn.fetch(Q["list_retry"], *args))
+        return [_retry_from_row(row) for row in rows]
+
+    async def delete_retry(self, item_id: str) -> bool:
+        return bool(
+            _affected(await self._run(lambda conn: conn.execute(Q["delete_retry"], item_id)))
+        )
+
+    async def expire_retry(
+        self, *, before: datetime, now: datetime, reason: str
+    ) -> list[DeadLetterItem]:
+        args = (_aware(before), _aware(now))
+
+        async def run(conn: asyncpg.Connection) -> list[DeadLetterItem]:
+            moved: list[DeadLetterItem] = []
+            async with conn.transaction():
+                while True:
+                    rows = await conn.fetch(Q["take_expired"], *args)
+                    if not rows:
+                        break
+                    batch: list[DeadLetterItem] = []
+                    for row in rows:
+                        record = _retry_or_corrupt(row)
+                        batch.append(
+                            corrupt_to_dead_letter(record, now, reason)
+                            if isinstance(record, CorruptRecord)
+                            else record.to_dead_letter(
+                                reason=reason, now=now, attempt=record.attempt - 1
+                            )
+                        )
+                    await conn.execute(Q["insert_dead"], *_dead_columns(batch))
+                    moved.extend(batch)
+                if moved:
+                    await conn.execute(Q["add_dead_lettered"], len(moved))
+            return moved
+
+        return await self._run(run)
+
+    # dead letter queue -----------------------------------------------------
+
+    async def list_dead(
+        self,
+        *,
+        limit: int,
+        offset: int,
+        event_type: str | None = None,
+        handler_name: str | None = None,
+        processed: bool | None = None,
+    ) -> list[DeadLetterItem]:
+        args = (event_type, handler_name, processed, limit, offset)
+        rows = await self._run(lambda conn: conn.fetch(Q["list_dead"], *args))
+        return [_dead_from_row(row) for row in rows]
+
+    async def get_dead(self, item_id: str) -> DeadLetterItem | None:
+        row = await self._run(lambda conn: conn.fetchrow(Q["get_dead"], item_id))
+        return None if row is None else _dead_from_row(row)
+
+    async def update_dead(self, item: DeadLetterItem) -> bool:
+        args = (
+            item.id,
+            item.error,
+            item.error_type,
+            item.traceback,
+            item.attempt,
+            bool(item.processed),
+            _aware_or_none(item.processed_at),
+            compact_json(dict(item.metadata)),
+            compact_json(item.event_data),
+            item.reason,
+        )
+        return bool(_affected(await self._run(lambda conn: conn.execute(Q["update_dead"], *args))))
+
+    async def requeue_dead(self, item_id: str, retry_item: RetryItem) -> bool:
+        values = [column[0] for column in _retry_columns([retry_item])]
+        args = (item_id, *values, self.channel)
+        row = await self._run(lambda conn: conn.fetchrow(Q["requeue_dead"], *args))
+        assert row is not None
+        return bool(row[0])
+
+    async def delete_dead(self, item_id: str) -> bool:
+        return bool(
+            _affected(await self._run(lambda conn: conn.execute(Q["delete_dead"], item_id)))
+        )
+
+    async def count_dead(self, processed: bool | None = None) -> int:
+        return int(await self._run(lambda conn: conn.fetchval(Q["count_dead"], processed)))
+
+    async def cleanup_dead(self, before: datetime) -> int:
+        at = _aware(before)
+        return _affected(await self._run(lambda conn: conn.execute(Q["cleanup_dead"], at)))
+
+    async def counters(self) -> Counters:
+        row = await self._run(lambda conn: conn.fetchrow(Q["counters"]))
+        if row is None:
+            return Counters()
+        return Counters(**{name: int(row[name]) for name in Counters.__dataclass_fields__})

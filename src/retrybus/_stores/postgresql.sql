@@ -1,0 +1,352 @@
+-- All SQL of the PostgreSQL store, one named query per block.
+-- Every connection's search_path is the store's schema (``?schema=NAME``, default
+-- public), so names are unqualified. Every time comes from the caller (``now``),
+-- never from the server's clock: tests drive a manual clock.
+-- event_data is ``json`` (kept as written, so any JSON value round-trips exactly,
+-- floats like 1e300 and "\u0000" included); extensions and metadata are ``jsonb``.
+
+-- name: version_table
+CREATE TABLE IF NOT EXISTS retrybus_schema_version (
+    version    integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: current_version
+SELECT coalesce(max(version), 0) FROM retrybus_schema_version;
+
+-- name: record_version
+INSERT INTO retrybus_schema_version (version) VALUES ($1) ON CONFLICT (version) DO NOTHING;
+
+-- name: schema_v1
+CREATE TABLE IF NOT EXISTS retry_queue (
+    id               text PRIMARY KEY,
+    event_id         text,
+    event_type       text,
+    event_data       json,
+    event_source     text,
+    event_timestamp  timestamptz,
+    event_subject    text,
+    event_extensions jsonb NOT NULL DEFAULT '{}',
+    handler_name     text,
+    error            text NOT NULL DEFAULT '',
+    error_type       text NOT NULL DEFAULT '',
+    traceback        text NOT NULL DEFAULT '',
+    attempt          integer,
+    max_retries      integer,
+    next_retry       timestamptz NOT NULL,
+    created_at       timestamptz NOT NULL,
+    updated_at       timestamptz NOT NULL,
+    lease_owner      text,
+    lease_until      timestamptz,
+    metadata         jsonb NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS retry_queue_next_retry ON retry_queue (next_retry);
+CREATE INDEX IF NOT EXISTS retry_queue_handler_name ON retry_queue (handler_name);
+CREATE INDEX IF NOT EXISTS retry_queue_next_retry_attempt ON retry_queue (next_retry, attempt);
+CREATE INDEX IF NOT EXISTS retry_queue_created_at ON retry_queue (created_at);
+CREATE INDEX IF NOT EXISTS retry_queue_lease_until ON retry_queue (lease_until)
+    WHERE lease_until IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS dead_letter_queue (
+    id               text PRIMARY KEY,
+    event_id         text NOT NULL,
+    event_type       text NOT NULL,
+    event_data       json,
+    event_source     text NOT NULL,
+    event_timestamp  timestamptz NOT NULL,
+    event_subject    text,
+    event_extensions jsonb NOT NULL DEFAULT '{}',
+    handler_name     text NOT NULL,
+    error            text NOT NULL DEFAULT '',
+    error_type       text NOT NULL DEFAULT '',
+    traceback        text NOT NULL DEFAULT '',
+    attempt          integer NOT NULL,
+    max_retries      integer NOT NULL DEFAULT 0,
+    reason           text NOT NULL,
+    processed        boolean NOT NULL DEFAULT false,
+    created_at       timestamptz NOT NULL,
+    processed_at     timestamptz,
+    first_failed_at  timestamptz,
+    metadata         jsonb NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS dead_letter_queue_created_at ON dead_letter_queue (created_at DESC);
+CREATE INDEX IF NOT EXISTS dead_letter_queue_processed ON dead_letter_queue (processed);
+CREATE INDEX IF NOT EXISTS dead_letter_queue_event_type ON dead_letter_queue (event_type);
+CREATE INDEX IF NOT EXISTS dead_letter_queue_handler_name ON dead_letter_queue (handler_name);
+
+-- one row: its columns are the running totals of bus.stats()
+CREATE TABLE IF NOT EXISTS retrybus_counters (
+    id                       integer PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    retry_added              bigint NOT NULL DEFAULT 0,
+    retry_succeeded          bigint NOT NULL DEFAULT 0,
+    retry_succeeded_attempts bigint NOT NULL DEFAULT 0,
+    retry_dead_lettered      bigint NOT NULL DEFAULT 0
+);
+INSERT INTO retrybus_counters (id) VALUES (1) ON CONFLICT (id) DO NOTHING;
+
+-- name: record_failures
+-- $1..$20: one array per retry_queue column; $21..$40: one per dead letter column; $41: channel
+WITH ins AS (
+    INSERT INTO retry_queue (
+        id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
+        event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata
+    )
+    SELECT r.id, r.event_id, r.event_type, r.event_data::json, r.event_source, r.event_timestamp,
+           r.event_subject, r.event_extensions::jsonb, r.handler_name, r.error, r.error_type,
+           r.traceback, r.attempt, r.max_retries, r.next_retry, r.created_at, r.updated_at,
+           r.lease_owner, r.lease_until, r.metadata::jsonb
+    FROM unnest(
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+        $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
+        $13::integer[], $14::integer[], $15::timestamptz[], $16::timestamptz[],
+        $17::timestamptz[], $18::text[], $19::timestamptz[], $20::text[]
+    ) AS r(
+        id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
+        event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata
+    )
+    RETURNING 1
+), dead AS (
+    INSERT INTO dead_letter_queue (
+        id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
+        event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
+        reason, processed, created_at, processed_at, first_failed_at, metadata
+    )
+    SELECT d.id, d.event_id, d.event_type, d.event_data::json, d.event_source, d.event_timestamp,
+           d.event_subject, d.event_extensions::jsonb, d.handler_name, d.error, d.error_type,
+           d.traceback, d.attempt, d.max_retries, d.reason, d.processed, d.created_at,
+           d.processed_at, d.first_failed_at, d.metadata::jsonb
+    FROM unnest(
+        $21::text[], $22::text[], $23::text[], $24::text[], $25::text[], $26::timestamptz[],
+        $27::text[], $28::text[], $29::text[], $30::text[], $31::text[], $32::text[],
+        $33::integer[], $34::integer[], $35::text[], $36::boolean[], $37::timestamptz[],
+        $38::timestamptz[], $39::timestamptz[], $40::text[]
+    ) AS d(
+        id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
+        event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
+        reason, processed, created_at, processed_at, first_failed_at, metadata
+    )
+    ON CONFLICT (id) DO NOTHING
+    RETURNING 1
+), added AS (
+    SELECT count(*) AS n FROM ins
+), counted AS (
+    UPDATE retrybus_counters SET retry_added = retry_added + added.n
+    FROM added WHERE added.n > 0
+    RETURNING 1
+), notified AS (
+    SELECT pg_notify($41, '') FROM added WHERE added.n > 0
+)
+SELECT (SELECT n FROM added), (SELECT count(*) FROM dead), (SELECT count(*) FROM notified),
+       (SELECT count(*) FROM counted);
+
+-- name: claim_due
+UPDATE retry_queue
+SET lease_owner = $1, lease_until = $2, updated_at = $3
+WHERE id IN (
+    SELECT id FROM retry_queue
+    WHERE next_retry <= $3 AND (lease_until IS NULL OR lease_until <= $3)
+    ORDER BY next_retry
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING *;
+
+-- name: extend_leases
+UPDATE retry_queue SET lease_until = $1 WHERE lease_owner = $2 AND id = ANY($3::text[]);
+
+-- name: release
+WITH released AS (
+    UPDATE retry_queue SET lease_owner = NULL, lease_until = NULL
+    WHERE lease_owner = $1 AND id = ANY($2::text[])
+    RETURNING 1
+), notified AS (
+    SELECT pg_notify($3, '') FROM (SELECT 1 FROM released LIMIT 1) AS any_released
+)
+SELECT (SELECT count(*) FROM released), (SELECT count(*) FROM notified);
+
+-- name: complete
+-- $1 owner (NULL: only items no live lease holds at $2), $2 now, $3 channel;
+-- $4 succeeded ids; $5..$12 rescheduled columns; $13 dead-lettered retry ids and
+-- $14..$33 their dead letters' columns.
+WITH succeeded AS (
+    DELETE FROM retry_queue
+    WHERE id = ANY($4::text[])
+      AND (lease_owner = $1 OR ($1::text IS NULL AND (lease_until IS NULL OR lease_until <= $2)))
+    RETURNING id, attempt
+), rescheduled AS (
+    UPDATE retry_queue AS q
+    SET attempt = n.attempt, next_retry = n.next_retry, error = n.error,
+        error_type = n.error_type, traceback = n.traceback, updated_at = n.updated_at,
+        metadata = n.metadata::jsonb, lease_owner = NULL, lease_until = NULL
+    FROM unnest(
+        $5::text[], $6::integer[], $7::timestamptz[], $8::text[], $9::text[], $10::text[],
+        $11::timestamptz[], $12::text[]
+    ) AS n(id, attempt, next_retry, error, error_type, traceback, updated_at, metadata)
+    WHERE q.id = n.id
+      AND (q.lease_owner = $1
+           OR ($1::text IS NULL AND (q.lease_until IS NULL OR q.lease_until <= $2)))
+    RETURNING q.id
+), moved AS (
+    DELETE FROM retry_queue
+    WHERE id = ANY($13::text[])
+      AND (lease_owner = $1 OR ($1::text IS NULL AND (lease_until IS NULL OR lease_until <= $2)))
+    RETURNING id
+), dead AS (
+    INSERT INTO dead_letter_queue (
+        id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
+        event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
+        reason, processed, created_at, processed_at, first_failed_at, metadata
+    )
+    SELECT d.id, d.event_id, d.event_type, d.event_data::json, d.event_source, d.event_timestamp,
+           d.event_subject, d.event_extensions::jsonb, d.handler_name, d.error, d.error_type,
+           d.traceback, d.attempt, d.max_retries, d.reason, d.processed, d.created_at,
+           d.processed_at, d.first_failed_at, d.metadata::jsonb
+    FROM unnest(
+        $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[],
+        $19::timestamptz[], $20::text[], $21::text[], $22::text[], $23::text[], $24::text[],
+        $25::text[], $26::integer[], $27::integer[], $28::text[], $29::boolean[],
+        $30::timestamptz[], $31::timestamptz[], $32::timestamptz[], $33::text[]
+    ) AS d(
+        retry_id, id, event_id, event_type, event_data, event_source, event_timestamp,
+        event_subject, event_extensions, handler_name, error, error_type, traceback, attempt,
+        max_retries, reason, processed, created_at, processed_at, first_failed_at, metadata
+    )
+    WHERE d.retry_id IN (SELECT id FROM moved)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING 1
+), totals AS (
+    SELECT (SELECT count(*) FROM succeeded) AS done,
+           (SELECT coalesce(sum(attempt), 0) FROM succeeded) AS attempts,
+           (SELECT count(*) FROM moved) AS moved
+), counted AS (
+    UPDATE retrybus_counters
+    SET retry_succeeded = retry_succeeded + totals.done,
+        retry_succeeded_attempts = retry_succeeded_attempts + totals.attempts,
+        retry_dead_lettered = retry_dead_lettered + totals.moved
+    FROM totals WHERE totals.done > 0 OR totals.moved > 0
+    RETURNING 1
+), notified AS (
+    SELECT pg_notify($3, '') FROM (SELECT 1 FROM rescheduled LIMIT 1) AS any_rescheduled
+)
+SELECT id FROM succeeded
+UNION ALL SELECT id FROM rescheduled
+UNION ALL SELECT id FROM moved
+UNION ALL SELECT NULL FROM notified
+UNION ALL SELECT NULL FROM counted;
+
+-- name: next_due
+SELECT least(
+    (SELECT next_retry FROM retry_queue WHERE lease_until IS NULL ORDER BY next_retry LIMIT 1),
+    (SELECT min(greatest(next_retry, lease_until)) FROM retry_queue WHERE lease_until IS NOT NULL)
+);
+
+-- name: retry_count
+SELECT count(*) FROM retry_queue;
+
+-- name: count_due
+SELECT count(*) FROM retry_queue WHERE next_retry < $1;
+
+-- name: get_retry
+SELECT * FROM retry_queue WHERE id = $1;
+
+-- name: list_retry
+SELECT * FROM retry_queue
+WHERE ($1::text IS NULL OR handler_name = $1)
+  AND ($2::text IS NULL OR event_type = $2)
+ORDER BY next_retry, id
+LIMIT $3 OFFSET $4;
+
+-- name: delete_retry
+DELETE FROM retry_queue WHERE id = $1;
+
+-- name: take_expired
+DELETE FROM retry_queue
+WHERE id IN (
+    SELECT id FROM retry_queue
+    WHERE created_at < $1 AND (lease_until IS NULL OR lease_until <= $2)
+    LIMIT 500
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING *;
+
+-- name: insert_dead
+INSERT INTO dead_letter_queue (
+    id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
+    event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
+    reason, processed, created_at, processed_at, first_failed_at, metadata
+)
+SELECT d.id, d.event_id, d.event_type, d.event_data::json, d.event_source, d.event_timestamp,
+       d.event_subject, d.event_extensions::jsonb, d.handler_name, d.error, d.error_type,
+       d.traceback, d.attempt, d.max_retries, d.reason, d.processed, d.created_at,
+       d.processed_at, d.first_failed_at, d.metadata::jsonb
+FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+    $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
+    $13::integer[], $14::integer[], $15::text[], $16::boolean[], $17::timestamptz[],
+    $18::timestamptz[], $19::timestamptz[], $20::text[]
+) AS d(
+    id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
+    event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
+    reason, processed, created_at, processed_at, first_failed_at, metadata
+)
+ON CONFLICT (id) DO NOTHING;
+
+-- name: add_dead_lettered
+UPDATE retrybus_counters SET retry_dead_lettered = retry_dead_lettered + $1;
+
+-- name: list_dead
+SELECT * FROM dead_letter_queue
+WHERE ($1::text IS NULL OR event_type = $1)
+  AND ($2::text IS NULL OR handler_name = $2)
+  AND ($3::boolean IS NULL OR processed = $3)
+ORDER BY created_at DESC, id DESC
+LIMIT $4 OFFSET $5;
+
+-- name: get_dead
+SELECT * FROM dead_letter_queue WHERE id = $1;
+
+-- name: update_dead
+UPDATE dead_letter_queue
+SET error = $2, error_type = $3, traceback = $4, attempt = $5, processed = $6,
+    processed_at = $7, metadata = $8::jsonb, event_data = $9::json, reason = $10
+WHERE id = $1;
+
+-- name: requeue_dead
+-- $1 the dead letter's id, $2..$21 the new retry item's columns, $22 channel
+WITH removed AS (
+    DELETE FROM dead_letter_queue WHERE id = $1 RETURNING id
+), ins AS (
+    INSERT INTO retry_queue (
+        id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
+        event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata
+    )
+    SELECT $2::text, $3::text, $4::text, $5::json, $6::text, $7::timestamptz, $8::text,
+           $9::jsonb, $10::text, $11::text, $12::text, $13::text, $14::integer, $15::integer,
+           $16::timestamptz, $17::timestamptz, $18::timestamptz, $19::text, $20::timestamptz,
+           $21::jsonb
+    FROM removed
+    RETURNING 1
+), counted AS (
+    UPDATE retrybus_counters SET retry_added = retry_added + 1
+    WHERE EXISTS (SELECT 1 FROM ins)
+    RETURNING 1
+), notified AS (
+    SELECT pg_notify($22, '') FROM ins
+)
+SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM counted), (SELECT count(*) FROM notified);
+
+-- name: delete_dead
+DELETE FROM dead_letter_queue WHERE id = $1;
+
+-- name: count_dead
+SELECT count(*) FROM dead_letter_queue WHERE ($1::boolean IS NULL OR processed = $1);
+
+-- name: cleanup_dead
+DELETE FROM dead_letter_queue WHERE created_at < $1;
+
+-- name: counters
+SELECT retry_added, retry_succeeded, retry_succeeded_attempts, retry_dead_lettered
+FROM retrybus_counters;
