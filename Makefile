@@ -28,7 +28,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-bench: $(VENV)/.installed-base
+bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/run.py
 
 clean:

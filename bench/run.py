@@ -14,6 +14,7 @@ import sys
 import time
 
 import latency
+import postgresql
 import publish
 import worker
 from _common import emit, note
@@ -25,7 +26,7 @@ def main() -> None:
         f"{platform.machine()} {platform.system()}"
     )
     start = time.perf_counter()
-    for module in (publish, latency, worker):
+    for module in (publish, latency, worker, postgresql):
         note(f"-- {module.__name__}")
         emit(module.run())
     note(f"bench done in {time.perf_counter() - start:.1f}s")

@@ -26,7 +26,8 @@ StoreOption = Annotated[
         "--store",
         envvar="RETRYBUS_STORE",
         metavar="URL",
-        help="Store URL: sqlite:///path/to.db or memory:// (default: the --app bus's store).",
+        help="Store URL: sqlite:///path/to.db, postgresql://…, redis://…, mongodb://…/db or "
+        "memory:// (default: the --app bus's store).",
         show_default=False,
     ),
 ]

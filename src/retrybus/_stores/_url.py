@@ -13,9 +13,7 @@ def redact(url: str) -> str:
         return url
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # as written: the port may be malformed
     user = parts.username or ""
     return parts._replace(netloc=f"{user}:***@{host}").geturl()
 

@@ -10,6 +10,13 @@ number of machines never receive the same item. Writes that add or release work
 send a ``NOTIFY`` on a channel of the schema; ``watch`` LISTENs on it so that an
 idle worker wakes at once.
 
+URL options: ``schema`` (default public), ``pool_min``/``pool_max`` (connections,
+1/10), ``connect_timeout`` (seconds, 10), ``synchronous_commit`` (the server's
+setting by default, which waits for the WAL to reach the disk; ``off`` makes a
+commit several times faster on slow disks at the risk of losing the last
+commits, never consistency, if the server crashes), and libpq's ``sslmode``,
+``sslrootcert``, ``sslcert``, ``sslkey`` and ``application_name``.
+
 Connection trouble (refused, lost, the server shutting down or restarting, too
 many connections, a deadlock or serialisation failure) raises ``StoreUnavailable``
 naming the URL without its password; the worker logs it and retries.
@@ -259,6 +266,13 @@ def _lock_key(schema: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release a pooled connection without asyncpg's default reset (``RESET ALL``,
+    ``UNLISTEN *``, …: one more round trip per call). The store leaves no session
+    state behind: no SET, no LISTEN on pooled connections (``watch`` has its own),
+    advisory locks only per transaction; asyncpg still rolls back an open transaction."""
+
+
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
@@ -282,9 +296,10 @@ class PostgresStore(Store):
                 f"synchronous_commit must be one of {sorted(_SYNCHRONOUS_COMMIT)}, "
                 f"got {synchronous_commit!r}"
             )
-        if not _SCHEMA_NAME.match(schema):
+        if not _SCHEMA_NAME.match(schema) or schema.lower().startswith("pg_"):
             raise ValueError(
-                f"schema must be a plain identifier (letters, digits, _; at most 63), got {schema!r}"
+                "schema must be a plain identifier (letters, digits, _; at most 63; "
+                f"not starting with pg_), got {schema!r}"
             )
         if not 0 <= pool_min <= pool_max or pool_max < 1:
             raise ValueError(
@@ -379,6 +394,7 @@ class PostgresStore(Store):
                 max_size=self._pool_max,
                 timeout=self._connect_timeout,
                 server_settings=self._server_settings(),
+                reset=_keep_session,
             )
         except (*_TRANSIENT, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(
@@ -528,8 +544,15 @@ class PostgresStore(Store):
     ) -> None:
         if not retry_items and not dead_letters:
             return
-        args = [*_retry_columns(retry_items), *_dead_columns(dead_letters), self.channel]
-        await self._run(lambda conn: conn.fetchrow(Q["record_failures"], *args))
+        if not dead_letters:
+            args = [*_retry_columns(retry_items), self.channel]
+            await self._run(lambda conn: conn.fetchrow(Q["record_retries"], *args))
+        elif not retry_items:
+            dead = _dead_columns(dead_letters)
+            await self._run(lambda conn: conn.execute(Q["insert_dead"], *dead))
+        else:
+            args = [*_retry_columns(retry_items), *_dead_columns(dead_letters), self.channel]
+            await self._run(lambda conn: conn.fetchrow(Q["record_failures"], *args))
 
     async def claim_due(
         self, *, now: datetime, limit: int, owner: str, lease_until: datetime

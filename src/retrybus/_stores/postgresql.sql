@@ -141,6 +141,40 @@ WITH ins AS (
 SELECT (SELECT n FROM added), (SELECT count(*) FROM dead), (SELECT count(*) FROM notified),
        (SELECT count(*) FROM counted);
 
+-- name: record_retries
+-- record_failures without dead letters (the common case): $1..$20 retry columns, $21 channel
+WITH ins AS (
+    INSERT INTO retry_queue (
+        id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
+        event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata
+    )
+    SELECT r.id, r.event_id, r.event_type, r.event_data::json, r.event_source, r.event_timestamp,
+           r.event_subject, r.event_extensions::jsonb, r.handler_name, r.error, r.error_type,
+           r.traceback, r.attempt, r.max_retries, r.next_retry, r.created_at, r.updated_at,
+           r.lease_owner, r.lease_until, r.metadata::jsonb
+    FROM unnest(
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+        $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
+        $13::integer[], $14::integer[], $15::timestamptz[], $16::timestamptz[],
+        $17::timestamptz[], $18::text[], $19::timestamptz[], $20::text[]
+    ) AS r(
+        id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
+        event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata
+    )
+    RETURNING 1
+), added AS (
+    SELECT count(*) AS n FROM ins
+), counted AS (
+    UPDATE retrybus_counters SET retry_added = retry_added + added.n
+    FROM added WHERE added.n > 0
+    RETURNING 1
+), notified AS (
+    SELECT pg_notify($21, '') FROM added WHERE added.n > 0
+)
+SELECT (SELECT n FROM added), (SELECT count(*) FROM notified), (SELECT count(*) FROM counted);
+
 -- name: claim_due
 UPDATE retry_queue
 SET lease_owner = $1, lease_until = $2, updated_at = $3

@@ -1,0 +1,445 @@
+"""What only the PostgreSQL store has to show: its migration, tables and indexes,
+damaged rows, LISTEN/NOTIFY, its errors, and four worker processes on one schema.
+
+Every test works in a schema of its own (dropped afterwards) and skips when the
+server is unreachable (fails with CI=true); see tests/engines/postgresql.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+from typer.testing import CliRunner, Result
+
+from engines.postgresql import URL, fresh_schema, url_with_schema
+from retrybus import (
+    Event,
+    EventBus,
+    FixedDelay,
+    ManualClock,
+    RetryItem,
+    RetryWorker,
+    StoreUnavailable,
+    open_store,
+)
+from retrybus._cli.app import app
+from retrybus._records import ErrorInfo
+from retrybus._stores.postgresql import SCHEMA_VERSION, PostgresStore
+from test_sqlite_processes import Call, overlapping, read_calls
+
+APPS = Path(__file__).parent / "apps"
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    async with fresh_schema() as name:
+        yield name
+
+
+@pytest.fixture
+def url(schema: str) -> str:
+    return url_with_schema(schema)
+
+
+async def raw_connection() -> asyncpg.Connection:
+    return await asyncpg.connect(PostgresStore.from_url(URL)._dsn)
+
+
+# migration -------------------------------------------------------------------
+
+
+async def test_the_migration_is_versioned_and_idempotent(url: str, schema: str) -> None:
+    for _ in range(2):
+        async with open_store(url) as store:
+            assert isinstance(store, PostgresStore)
+            assert await store.migrate() == SCHEMA_VERSION
+    conn = await raw_connection()
+    try:
+        rows = await conn.fetch(f'SELECT version FROM "{schema}".retrybus_schema_version')
+    finally:
+        await conn.close()
+    assert [row["version"] for row in rows] == [SCHEMA_VERSION]
+
+
+async def test_several_stores_migrating_one_schema_at_once_agree(url: str, schema: str) -> None:
+    stores = [open_store(url) for _ in range(6)]
+    try:
+        await asyncio.gather(*(store.connect() for store in stores))
+        bus = EventBus(stores[0])
+        await bus.retry_queue.add(Event("x"), "h", "e")
+        assert [await store.retry_count() for store in stores] == [1] * 6
+    finally:
+        await asyncio.gather(*(store.close() for store in stores))
+    conn = await raw_connection()
+    try:
+        versions = await conn.fetchval(f'SELECT count(*) FROM "{schema}".retrybus_schema_version')
+    finally:
+        await conn.close()
+    assert versions == 1
+
+
+async def test_the_tables_and_indexes_follow_the_seed(url: str, schema: str) -> None:
+    async with open_store(url) as store:
+        await store.health()
+    conn = await raw_connection()
+    try:
+        tables = {
+            row["tablename"]
+            for row in await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = $1", schema
+            )
+        }
+        indexes = {
+            row["indexname"]
+            for row in await conn.fetch(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = $1", schema
+            )
+        }
+        types = {
+            (row["table_name"], row["column_name"]): row["data_type"]
+            for row in await conn.fetch(
+                "SELECT table_name, column_name, data_type FROM information_schema.columns"
+                " WHERE table_schema = $1",
+                schema,
+            )
+        }
+    finally:
+        await conn.close()
+    assert {"retry_queue", "dead_letter_queue", "retrybus_counters", "retrybus_schema_version"} <= (
+        tables
+    )
+    assert {
+        "retry_queue_next_retry",
+        "retry_queue_handler_name",
+        "retry_queue_next_retry_attempt",
+        "retry_queue_created_at",
+        "dead_letter_queue_created_at",
+        "dead_letter_queue_processed",
+        "dead_letter_queue_event_type",
+    } <= indexes
+    assert types["retry_queue", "next_retry"] == "timestamp with time zone"
+    assert types["retry_queue", "event_extensions"] == "jsonb"
+    assert types["dead_letter_queue", "metadata"] == "jsonb"
+    assert types["dead_letter_queue", "processed"] == "boolean"
+    assert types["retry_queue", "attempt"] == "integer"
+
+
+async def test_the_migrate_command_creates_the_tables_and_prints_the_version(
+    url: str, schema: str, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+
+    def migrate(*args: str) -> Result:
+        return runner.invoke(app, ["migrate", "--store", *args])
+
+    # the command runs its own event loop: in a thread, away from this test's loop
+    result = await asyncio.to_thread(migrate, url)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"{url}: schema version {SCHEMA_VERSION}"
+    result = await asyncio.to_thread(migrate, url, "--json")
+    assert result.exit_code == 0, result.output
+    assert '"schema_version": 1' in result.stdout
+    async with open_store(url) as store:
+        assert await store.retry_count() == 0
+    sqlite = f"sqlite:///{tmp_path / 'm.db'}"
+    result = await asyncio.to_thread(migrate, sqlite)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"{sqlite}: schema version 1"
+    assert (tmp_path / "m.db").exists()
+
+
+def test_the_migrate_command_reports_an_unreachable_server_in_one_line() -> None:
+    result = CliRunner().invoke(
+        app, ["migrate", "--store", "postgresql://me:s3cret@127.0.0.1:1/test"]
+    )
+    assert result.exit_code == 1
+    assert "s3cret" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1
+    assert "postgresql://me:***@127.0.0.1:1/test" in lines[0]
+
+
+# durability and damaged rows ---------------------------------------------------
+
+
+async def test_everything_survives_closing_and_reopening(url: str, clock: ManualClock) -> None:
+    event = Event(
+        "like.added",
+        {"n": 1, "big": 1e300, "tiny": 5e-324, "nul": "a\x00b", "text": "Zoë 日本語"},
+        source="svc",
+        subject="post/1",
+        extensions={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+    )
+    async with open_store(url) as store:
+        bus = EventBus(store, clock=clock)
+        item = await bus.retry_queue.add(event, "h", TimeoutError("slow"))
+        other = await bus.retry_queue.add(Event("like.added", {"n": 2}), "h", "e")
+        dead = await bus.retry_queue.mark_failed(other)
+        stats = await bus.stats()
+    async with open_store(url) as store:
+        bus = EventBus(store, clock=clock)
+        got = await bus.retry_queue.get(item.id)
+        assert got == item
+        assert got.to_event().to_dict() == event.to_dict()
+        assert isinstance(got.event_data["big"], float)
+        assert dead is not None
+        assert await bus.dead_letters.get(dead.id) == dead
+        assert await bus.stats() == stats
+
+
+async def test_a_record_that_cannot_be_decoded_goes_to_the_dlq_and_the_worker_goes_on(
+    url: str, schema: str, clock: ManualClock
+) -> None:
+    async with open_store(url) as store:
+        bus = EventBus(store, clock=clock)
+        calls: list[str] = []
+        bus.subscribe("x", lambda e: calls.append(e.id), name="h")
+        good = await bus.retry_queue.add(
+            Event("x", {"ok": True}), "h", "boom", next_retry=clock.now()
+        )
+        broken = await bus.retry_queue.add(
+            Event("x", {"ok": False}), "h", "boom", next_retry=clock.now()
+        )
+        conn = await raw_connection()
+        try:
+            await conn.execute(
+                f"UPDATE \"{schema}\".retry_queue SET event_extensions = '[1, 2]' WHERE id = $1",
+                broken.id,
+            )
+            await conn.execute(
+                f'INSERT INTO "{schema}".retry_queue (id, event_id, event_type, handler_name,'
+                " next_retry, created_at, updated_at)"
+                " VALUES ('retry_hand', 'e1', 'x', 'h', '2000-01-01Z', '2000-01-01Z', '2000-01-01Z')"
+            )
+        finally:
+            await conn.close()
+
+        assert await RetryWorker(bus).run_once() == 1
+        assert calls == [good.event_id]
+        dead = {d.id: d for d in await bus.dead_letters.list()}
+        assert set(dead) == {"dlq_hand", "dlq_" + broken.id.removeprefix("retry_")}
+        for item in dead.values():
+            assert item.reason.startswith("undecodable record")
+            assert item.metadata["raw_record"]
+        assert dead["dlq_hand"].event_id == "e1"
+        assert "event_data" in dead["dlq_hand"].reason
+        assert await bus.retry_queue.count() == 0
+
+
+# LISTEN/NOTIFY -------------------------------------------------------------------
+
+
+async def test_an_idle_worker_wakes_at_once_when_another_store_adds_an_item(url: str) -> None:
+    handled = asyncio.Event()
+    async with open_store(url) as worker_store, open_store(url) as publisher_store:
+        worker_bus = EventBus(worker_store, default_policy=FixedDelay(delay=0))
+        worker_bus.subscribe("x", lambda event: handled.set(), name="h")
+        publisher = EventBus(publisher_store, default_policy=FixedDelay(delay=0))
+        async with RetryWorker(worker_bus, check_interval=30):
+            await asyncio.sleep(0.3)  # the worker found nothing and sleeps for 30 s
+            started = time.monotonic()
+            await publisher.retry_queue.add(Event("x"), "h", "failed elsewhere")
+            await asyncio.wait_for(handled.wait(), 1.0)
+            assert time.monotonic() - started < 1.0
+        assert await publisher.retry_queue.count() == 0
+
+
+async def test_watching_survives_a_lost_connection(url: str, schema: str) -> None:
+    woken = asyncio.Event()
+    store = PostgresStore.from_url(f"{url}&application_name={schema[:50]}")
+    async with store, open_store(url) as other:
+        stop = await store.watch(woken.set)
+        assert stop is not None
+        conn = await raw_connection()
+        try:
+            killed = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = $1",
+                schema[:50],
+            )
+        finally:
+            await conn.close()
+        assert killed >= 1
+        # the pool's connection was killed too: a call may fail (StoreUnavailable, never
+        # an asyncpg error), and the pool reconnects
+        outcomes: list[int | str] = []
+        for _ in range(3):
+            try:
+                outcomes.append(await store.retry_count())
+            except StoreUnavailable as exc:
+                outcomes.append(str(exc))
+        assert outcomes[-1] == 0
+        assert all(o == 0 or "PostgreSQL store" in str(o) for o in outcomes), outcomes
+        await asyncio.sleep(0.8)  # the listener reconnects (and wakes the worker once)
+        woken.clear()
+        await EventBus(other).retry_queue.add(Event("x"), "h", "e")
+        await asyncio.wait_for(woken.wait(), 2.0)
+        await stop()
+
+
+async def test_synchronous_commit_is_a_url_option(url: str) -> None:
+    async with open_store(f"{url}&synchronous_commit=off") as store:
+        assert isinstance(store, PostgresStore)
+        assert await store._run(lambda conn: conn.fetchval("SHOW synchronous_commit")) == "off"
+        await EventBus(store).retry_queue.add(Event("x"), "h", "e")
+    async with open_store(url) as store:
+        assert await store.retry_count() == 1
+
+
+# bad input -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad_url", "match"),
+    [
+        ("postgresql://me:pw@host:notaport/db", "malformed store URL"),
+        ("postgresql://me@host:notaport/db", "malformed store URL"),
+        ("postgresql://me:pw@host/db?schema=bad-name", "schema"),
+        ("postgresql://me:pw@host/db?schema=", "schema"),
+        ("postgresql://me:pw@host/db?schema=pg_mine", "schema"),
+        ("postgresql://me:pw@host/db?colour=blue", "unknown option"),
+        ("postgresql://me:pw@host/db?pool_max=many", "pool_max"),
+        ("postgresql://me:pw@host/db/extra", "one database name"),
+        ("postgresql://me:pw@host/db?synchronous_commit=maybe", "synchronous_commit"),
+    ],
+)
+def test_a_malformed_url_raises_naming_it_without_the_password(bad_url: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match) as raised:
+        open_store(bad_url)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "me:***@host" in message or "me@host" in message
+    assert ":pw@" not in message
+
+
+async def test_an_unreachable_server_gives_one_line_naming_the_url() -> None:
+    store = open_store("postgresql://me:s3cret@127.0.0.1:1/test?connect_timeout=2")
+    assert store.url == "postgresql://me:***@127.0.0.1:1/test?connect_timeout=2"
+    with pytest.raises(StoreUnavailable) as raised:
+        await store.connect()
+    message = str(raised.value)
+    assert message.startswith("cannot connect to PostgreSQL store postgresql://me:***@127.0.0.1:1/")
+    assert "\n" not in message
+    assert "s3cret" not in message
+    # and any call on the lazily connected store says the same
+    with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1:1/"):
+        await store.retry_count()
+    await store.close()
+
+
+# many processes --------------------------------------------------------------------
+
+ITEMS = 10_000
+WORKERS = ("w1", "w2", "w3", "w4")
+HANDLER = "record_item"
+
+
+async def seed(url: str, count: int) -> set[str]:
+    """``count`` items whose first call (not made here) failed, due at once; their event ids."""
+    now = datetime.now(UTC) - timedelta(seconds=1)
+    error = ErrorInfo("the first call fails", "ConnectionError")
+    ids: set[str] = set()
+    async with open_store(url) as store:
+        for start in range(0, count, 1000):
+            batch = [
+                RetryItem.for_failure(
+                    Event("item.created", {"n": n}),
+                    HANDLER,
+                    error,
+                    attempt=1,
+                    max_retries=3,
+                    next_retry=now,
+                    now=now,
+                )
+                for n in range(start, min(start + 1000, count))
+            ]
+            await store.record_failures(batch, [])
+            ids.update(item.event_id for item in batch)
+        assert await store.retry_count() == count
+    return ids
+
+
+def spawn_worker(url: str, directory: Path, name: str, go: Path) -> subprocess.Popen[bytes]:
+    with (directory / f"{name}.log").open("wb") as log:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                str(APPS / "process_worker.py"),
+                "--store",
+                url,
+                "--record",
+                str(directory / f"{name}.calls"),
+                "--name",
+                name,
+                "--batch-size=100",
+                "--concurrency=8",
+                "--lease=60",
+                "--until-empty",
+                f"--ready={directory / name}.ready",
+                f"--go={go}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+@pytest.mark.slow
+async def test_four_worker_processes_handle_every_item_exactly_once_never_two_at_once(
+    url: str, tmp_path: Path
+) -> None:
+    seeded = await seed(url, ITEMS)
+    go = tmp_path / "go"
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name in WORKERS:
+            procs[name] = spawn_worker(url, tmp_path, name, go)
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / f"{name}.ready").exists() for name in WORKERS):
+            assert time.monotonic() < deadline, "the workers did not connect"
+            assert all(p.poll() is None for p in procs.values()), "a worker exited early"
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        go.touch()
+        codes = {}
+        for name, proc in procs.items():
+            codes[name] = await asyncio.to_thread(proc.wait, 90)
+        elapsed = time.monotonic() - started
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in WORKERS}
+    assert codes == dict.fromkeys(WORKERS, 0), logs
+
+    calls: list[Call] = [c for name in WORKERS for c in read_calls(tmp_path / f"{name}.calls")]
+    per_item = Counter(call.event_id for call in calls)
+    assert set(per_item) == seeded, "no item is lost"
+    assert {event_id: n for event_id, n in per_item.items() if n != 1} == {}
+    assert all(call.end is not None for call in calls)
+    by_item: dict[str, list[Call]] = defaultdict(list)
+    for call in calls:
+        by_item[call.event_id].append(call)
+    assert {e: pairs for e, c in by_item.items() if (pairs := overlapping(c))} == {}
+    per_pid = Counter(call.pid for call in calls)
+    assert len(per_pid) == 4
+    assert min(per_pid.values()) >= ITEMS // 20, per_pid
+
+    async with open_store(url) as store:
+        counters = await store.counters()
+        assert (await store.retry_count(), await store.count_dead()) == (0, 0)
+    assert counters.retry_added == ITEMS
+    assert counters.retry_succeeded == ITEMS
+    assert counters.retry_dead_lettered == 0
+    print(f"\n{ITEMS} items, 4 processes x 8: {elapsed:.1f}s ({ITEMS / elapsed:.0f} items/s)")
+    assert os.environ.get("CI") == "true" or elapsed < 60
