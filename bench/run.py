@@ -16,6 +16,7 @@ import time
 import latency
 import postgresql
 import publish
+import redis_engine
 import worker
 from _common import emit, note
 
@@ -26,7 +27,7 @@ def main() -> None:
         f"{platform.machine()} {platform.system()}"
     )
     start = time.perf_counter()
-    for module in (publish, latency, worker, postgresql):
+    for module in (publish, latency, worker, postgresql, redis_engine):
         note(f"-- {module.__name__}")
         emit(module.run())
     note(f"bench done in {time.perf_counter() - start:.1f}s")

@@ -30,6 +30,9 @@ def open_store(url: str) -> Store:
     (relative) or ``sqlite:////abs/path/to.db`` keeps it in one SQLite file;
     its options ``?synchronous=normal|full`` and ``?busy_timeout=30`` (seconds)
     tune durability and how long a writer waits for a lock.
+    ``postgresql://user@host/db?schema=NAME`` (``pip install "retrybus[postgres]"``),
+    ``redis://host:6379/0?prefix=NAME`` (``retrybus[redis]``) and
+    ``mongodb://host:27017/dbname`` (``retrybus[mongodb]``) keep them on a server.
 
     >>> async with open_store("sqlite:///retrybus.db") as store:
     ...     bus = EventBus(store)
