@@ -51,3 +51,8 @@ async def test_stores_are_async_context_managers(tmp_path: Path) -> None:
         await store.health()
     async with open_store("memory://") as store:
         await store.health()
+
+
+def test_a_replica_set_url_with_several_hosts_is_accepted() -> None:
+    store = open_store("mongodb://a.example:27017,b.example:27017/retrybus?replicaSet=rs0")
+    assert store.url.startswith("mongodb://a.example:27017,b.example:27017/retrybus")

@@ -24,7 +24,8 @@ def split(url: str) -> SplitResult:
         raise ValueError(f"a store URL must be a non-empty string, got {url!r}")
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
+        if "," not in parts.netloc:  # several hosts (a MongoDB replica set): the driver checks
+            parts.port  # noqa: B018 - raises ValueError for a malformed port
     except ValueError as exc:
         raise ValueError(f"malformed store URL {redact(url)!r}: {exc}") from None
     if not parts.scheme or "://" not in url:

@@ -18,8 +18,13 @@ they can be read and queried in place; a value BSON cannot hold as such (keys
 with ``.``/``$``/NUL, integers beyond 64 bits) is stored as JSON text in
 ``<field>_json`` instead.
 
-Atomicity. Claiming leases one document at a time with ``find_one_and_update``
-(due, lease free or expired, earliest first). On a replica set or sharded
+Atomicity. A claim reads the ids of the earliest claimable items (due, lease
+free or expired), then leases with one ``update_many`` those still claimable
+(the filter is checked and the lease set atomically per document, so two
+claimers never both get one), and reads back what it got; it repeats while
+others took some. On SecantusDB this is far faster than one
+``find_one_and_update`` per item (each scans the collection), and claims
+through one store object take turns. On a replica set or sharded
 cluster (what transactions need) every multi-document change runs in a
 transaction. On a standalone server the moves run in an order that loses
 nothing: to dead-letter an item, the dead letter (its id derived from the
@@ -37,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -45,7 +51,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from bson.codec_options import CodecOptions
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -68,6 +74,7 @@ from .base import (
 __all__ = ["MongoStore"]
 
 T = TypeVar("T")
+logger = logging.getLogger("retrybus.store.mongodb")
 Doc = dict[str, Any]
 Session = AsyncClientSession | None
 
@@ -596,14 +603,22 @@ class MongoStore(Store):
             async with self._client.start_session() as session:
                 return await session.with_transaction(operation)
 
-    async def _count(self, db: AsyncDatabase[Doc], **deltas: int) -> None:
+    async def _count(self, **deltas: int) -> None:
+        """Add to the running totals, after the change they count. Best effort: the
+        change is made, so a failure here is logged, not raised (a caller told that
+        recording a failure failed would record it again)."""
         updates = [
             UpdateOne({"_id": name}, {"$inc": {"value": delta}}, upsert=True)
             for name, delta in deltas.items()
             if delta
         ]
-        if updates:
-            await db[COUNTERS].bulk_write(updates, ordered=False)
+        if not updates:
+            return
+        try:
+            async with self._errors() as db:
+                await db[COUNTERS].bulk_write(updates, ordered=False)
+        except StoreUnavailable as exc:
+            logger.warning("running totals not updated (%s): %s", deltas, exc)
 
     # moving to the dead letter queue -------------------------------------------
 
@@ -668,8 +683,7 @@ class MongoStore(Store):
                 await self._insert_dead(db[DEAD], doc, session)
 
         await self._atomically(run)
-        async with self._errors() as db:
-            await self._count(db, retry_added=len(retry_docs))
+        await self._count(retry_added=len(retry_docs))
 
     async def claim_due(
         self, *, now: datetime, limit: int, owner: str, lease_until: datetime
@@ -705,7 +719,7 @@ class MongoStore(Store):
                     break
                 ids = [doc["_id"] for doc in candidates]
                 result = await retry.update_many({"_id": {"$in": ids}, **claimable}, lease)
-                if result.modified_count:
+                if result.matched_count:
                     docs = await retry.find({"_id": {"$in": ids}, **held}).to_list()
                     claimed += [_retry_or_corrupt(doc) for doc in docs]
                 if len(candidates) < wanted:
@@ -776,8 +790,7 @@ class MongoStore(Store):
             return applied
 
         applied = await self._atomically(run)
-        async with self._errors() as db:
-            await self._count(db, **totals)
+        await self._count(**totals)
         return applied
 
     async def next_due(self) -> datetime | None:
@@ -889,8 +902,7 @@ class MongoStore(Store):
             return moved
 
         moved = await self._atomically(run)
-        async with self._errors() as db:
-            await self._count(db, retry_dead_lettered=len(moved))
+        await self._count(retry_dead_lettered=len(moved))
         return moved
 
     # dead letter queue -----------------------------------------------------
@@ -964,8 +976,7 @@ class MongoStore(Store):
 
         requeued = await self._atomically(run)
         if requeued:
-            async with self._errors() as db:
-                await self._count(db, retry_added=1)
+            await self._count(retry_added=1)
         return requeued
 
     async def delete_dead(self, item_id: str) -> bool:
