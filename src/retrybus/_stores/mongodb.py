@@ -60,6 +60,8 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 from .._errors import StoreUnavailable
 from .._event import compact_json
 from .._records import DeadLetterItem, RetryItem
+from ._codec import decode_or_corrupt
+from ._url import redact
 from .base import (
     CorruptRecord,
     Counters,
@@ -87,7 +89,6 @@ _EXPIRE_CHUNK = 500
 _MAX_INT64 = 2**63 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DB_NAME_FORBIDDEN = re.compile(r'[/\\. "$\x00]')
-_PASSWORD = re.compile(r"^(?P<head>[a-z+]+://[^:@/]*):[^@/]*@", re.IGNORECASE)
 
 RETRY_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
     ([("next_retry", ASCENDING)], {}),
@@ -104,11 +105,6 @@ DEAD_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
         {"expireAfterSeconds": int(DEAD_LETTER_TTL.total_seconds())},
     ),
 ]
-
-
-def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (works for several hosts too)."""
-    return _PASSWORD.sub(r"\g<head>:***@", url)
 
 
 # times -----------------------------------------------------------------------
@@ -321,20 +317,6 @@ def _retry_from_doc(doc: Mapping[str, Any]) -> RetryItem:
         lease_until=_time_or_none(doc, "lease_until"),
         metadata=_object(doc, "metadata"),
     )
-
-
-def _raw(doc: Mapping[str, Any]) -> dict[str, Any]:
-    raw = {key: None if value is None else str(value) for key, value in doc.items()}
-    raw["id"] = raw.pop("_id", None)
-    return raw
-
-
-def _retry_or_corrupt(doc: Mapping[str, Any]) -> RetryItem | CorruptRecord:
-    try:
-        return _retry_from_doc(doc)
-    except Exception as exc:  # any decoding failure makes the record a dead letter
-        problem = f"{type(exc).__name__}: {exc}"
-        return CorruptRecord(id=str(doc.get("_id")), raw=_raw(doc), problem=problem)
 
 
 def _dead_from_doc(doc: Mapping[str, Any]) -> DeadLetterItem:
@@ -721,7 +703,9 @@ class MongoStore(Store):
                 result = await retry.update_many({"_id": {"$in": ids}, **claimable}, lease)
                 if result.matched_count:
                     docs = await retry.find({"_id": {"$in": ids}, **held}).to_list()
-                    claimed += [_retry_or_corrupt(doc) for doc in docs]
+                    claimed += [
+                        decode_or_corrupt(doc, _retry_from_doc, id_field="_id") for doc in docs
+                    ]
                 if len(candidates) < wanted:
                     break  # nothing more is due (what others took meanwhile is theirs)
         return sorted(claimed, key=_claim_order)
@@ -885,7 +869,7 @@ class MongoStore(Store):
                 if not docs:
                     break
                 for doc in docs:
-                    record = _retry_or_corrupt(doc)
+                    record = decode_or_corrupt(doc, _retry_from_doc, id_field="_id")
                     dead = (
                         corrupt_to_dead_letter(record, now, reason)
                         if isinstance(record, CorruptRecord)

@@ -40,6 +40,7 @@ import asyncpg  # type: ignore[import-untyped]
 from .._errors import StoreUnavailable
 from .._event import compact_json
 from .._records import DeadLetterItem, RetryItem
+from ._codec import decode_or_corrupt
 from ._queries import load_queries
 from ._url import redact, split
 from .base import (
@@ -204,14 +205,6 @@ def _retry_from_row(row: Mapping[str, Any]) -> RetryItem:
         lease_until=row["lease_until"],
         metadata=_object(row["metadata"]),
     )
-
-
-def _retry_or_corrupt(row: Mapping[str, Any]) -> RetryItem | CorruptRecord:
-    try:
-        return _retry_from_row(row)
-    except Exception as exc:  # any decoding failure makes the record a dead letter
-        raw = {key: None if value is None else str(value) for key, value in row.items()}
-        return CorruptRecord(id=str(row.get("id")), raw=raw, problem=f"{type(exc).__name__}: {exc}")
 
 
 def _dead_from_row(row: Mapping[str, Any]) -> DeadLetterItem:
@@ -560,7 +553,7 @@ class PostgresStore(Store):
         args = (owner, _aware(lease_until), _aware(now), limit)
         rows = await self._run(lambda conn: conn.fetch(Q["claim_due"], *args))
         rows.sort(key=lambda row: (row["next_retry"], row["id"]))
-        return [_retry_or_corrupt(row) for row in rows]
+        return [decode_or_corrupt(row, _retry_from_row) for row in rows]
 
     async def extend_leases(self, ids: Sequence[str], owner: str, lease_until: datetime) -> int:
         if not ids:
@@ -661,7 +654,7 @@ class PostgresStore(Store):
                         break
                     batch: list[DeadLetterItem] = []
                     for row in rows:
-                        record = _retry_or_corrupt(row)
+                        record = decode_or_corrupt(row, _retry_from_row)
                         batch.append(
                             corrupt_to_dead_letter(record, now, reason)
                             if isinstance(record, CorruptRecord)

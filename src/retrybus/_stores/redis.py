@@ -32,6 +32,10 @@ from redis.exceptions import RedisError
 from .._errors import StoreUnavailable
 from .._event import compact_json
 from .._records import DeadLetterItem, RetryItem
+from ._codec import parse_text_time as _dt
+from ._codec import parse_text_time_or_none as _dt_or_none
+from ._codec import text_time as _ts
+from ._codec import text_time_or_none as _ts_or_none
 from ._queries import load_queries
 from ._url import redact, split
 from .base import (
@@ -81,29 +85,6 @@ _REDIS_OPTIONS = frozenset(URL_QUERY_ARGUMENT_PARSERS) | {
 
 
 # times -------------------------------------------------------------------------
-
-
-def _ts(moment: datetime) -> str:
-    if moment.tzinfo is None:
-        raise ValueError(f"stored times must be timezone-aware, got {moment!r}")
-    if moment.utcoffset():
-        moment = moment.astimezone(UTC)
-    return moment.isoformat(timespec="microseconds")
-
-
-def _ts_or_none(moment: datetime | None) -> str | None:
-    return None if moment is None else _ts(moment)
-
-
-def _dt(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        raise ValueError(f"stored time {text!r} has no UTC offset")
-    return moment
-
-
-def _dt_or_none(text: str | None) -> datetime | None:
-    return None if text is None else _dt(text)
 
 
 def _score(moment: datetime) -> str:

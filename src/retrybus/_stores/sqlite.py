@@ -16,12 +16,17 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 from .._errors import StoreUnavailable
 from .._event import compact_json
 from .._records import DeadLetterItem, RetryItem
+from ._codec import decode_or_corrupt
+from ._codec import parse_text_time as _dt
+from ._codec import parse_text_time_or_none as _dt_or_none
+from ._codec import text_time as _ts
+from ._codec import text_time_or_none as _ts_or_none
 from ._queries import load_queries, placeholders
 from .base import (
     CorruptRecord,
@@ -47,29 +52,6 @@ _SYNCHRONOUS = {"off", "normal", "full", "extra"}
 # loop; the connection's own autocheckpoint stays on, later, as a backstop.
 _CHECKPOINT_EVERY = 100
 _AUTOCHECKPOINT_BACKSTOP = 10_000  # pages
-
-
-def _ts(moment: datetime) -> str:
-    if moment.tzinfo is None:
-        raise ValueError(f"stored times must be timezone-aware, got {moment!r}")
-    if moment.utcoffset():
-        moment = moment.astimezone(UTC)
-    return moment.isoformat(timespec="microseconds")
-
-
-def _ts_or_none(moment: datetime | None) -> str | None:
-    return None if moment is None else _ts(moment)
-
-
-def _dt(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        raise ValueError(f"stored time {text!r} has no UTC offset")
-    return moment
-
-
-def _dt_or_none(text: str | None) -> datetime | None:
-    return None if text is None else _dt(text)
 
 
 def _object(text: str) -> dict[str, Any]:
@@ -154,14 +136,6 @@ def _retry_from_row(row: Mapping[str, Any]) -> RetryItem:
         lease_until=_dt_or_none(row["lease_until"]),
         metadata=_object(row["metadata"]),
     )
-
-
-def _retry_or_corrupt(row: Mapping[str, Any]) -> RetryItem | CorruptRecord:
-    try:
-        return _retry_from_row(row)
-    except Exception as exc:  # any decoding failure makes the record a dead letter
-        raw = {key: None if value is None else str(value) for key, value in row.items()}
-        return CorruptRecord(id=str(row.get("id")), raw=raw, problem=f"{type(exc).__name__}: {exc}")
 
 
 def _dead_from_row(row: Mapping[str, Any]) -> DeadLetterItem:
@@ -393,7 +367,7 @@ class SQLiteStore(Store):
     ) -> list[RetryItem | CorruptRecord]:
         params = {"owner": owner, "lease_until": _ts(lease_until), "now": _ts(now), "limit": limit}
         rows = await self._write(lambda conn: _rows(conn.execute(Q["claim_due"], params)))
-        return [_retry_or_corrupt(row) for row in rows]
+        return [decode_or_corrupt(row, _retry_from_row) for row in rows]
 
     async def extend_leases(self, ids: Sequence[str], owner: str, lease_until: datetime) -> int:
         if not ids:
@@ -527,7 +501,7 @@ class SQLiteStore(Store):
                 if not rows:
                     break
                 for row in rows:
-                    record = _retry_or_corrupt(row)
+                    record = decode_or_corrupt(row, _retry_from_row)
                     dead = (
                         corrupt_to_dead_letter(record, now, reason)
                         if isinstance(record, CorruptRecord)
