@@ -26,6 +26,8 @@ class ClaimedBatch:
 
     owner: str
     items: list[RetryItem]
+    #: when (time.monotonic()) the leases run out unless a heartbeat extends them
+    lease_deadline: float = 0.0
     pending: list[Outcome] = field(default_factory=list)
     handled: set[str] = field(default_factory=set)
     started: int = 0

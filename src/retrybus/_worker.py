@@ -9,6 +9,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -85,6 +86,7 @@ class RetryWorker:
         self._wake: asyncio.Event | None = None
         self._next_maintenance: datetime | None = None
         self._unwatch: Callable[[], Awaitable[None]] | None = None
+        self._outage = False
 
     # lifecycle -------------------------------------------------------------
 
@@ -151,21 +153,31 @@ class RetryWorker:
 
     # the loop --------------------------------------------------------------
 
+    def _store_failed(self, exc: StoreUnavailable, retry_in: float) -> None:
+        """Log an outage of the store (each time it is retried)."""
+        self._outage = True
+        logger.warning(
+            "worker %s: store unavailable, retrying in %.1fs: %s", self.name, retry_in, exc
+        )
+
+    def _store_answered(self) -> None:
+        """Log the end of an outage, once."""
+        if self._outage:
+            self._outage = False
+            logger.info("worker %s: store %s is back", self.name, self.bus.store.url)
+
     async def _loop(self) -> None:
-        outage = 0.0
+        backoff = 0.0
         while not self._stopping:
             try:
                 await self._maintain()
                 handled = await self.run_once()
-                if outage:
-                    logger.info("worker %s: store %s is back", self.name, self.bus.store.url)
-                    outage = 0.0
+                self._store_answered()
+                backoff = 0.0
             except StoreUnavailable as exc:
-                outage = min(max(outage * 2, 0.5), _MAX_OUTAGE_BACKOFF)
-                logger.warning(
-                    "worker %s: store unavailable, retrying in %.1fs: %s", self.name, outage, exc
-                )
-                await self._sleep(outage)
+                backoff = min(max(backoff * 2, 0.5), _MAX_OUTAGE_BACKOFF)
+                self._store_failed(exc, backoff)
+                await self._sleep(backoff)
                 continue
             except Exception:
                 logger.exception("worker %s: unexpected error in the claim loop", self.name)
@@ -217,7 +229,7 @@ class RetryWorker:
         items = await self.bus.retry_queue.claim_due(self.batch_size, lease=self.lease, owner=owner)
         if not items:
             return 0
-        batch = ClaimedBatch(owner, items)
+        batch = ClaimedBatch(owner, items, lease_deadline=time.monotonic() + self.lease)
         heartbeat = asyncio.create_task(self._heartbeat(batch))
         flusher = asyncio.create_task(self._flush(batch))
         try:
@@ -226,11 +238,13 @@ class RetryWorker:
             # Also when cancelled (a forced stop): write what finished, give back
             # what no handler started. Items cut off mid-handler keep their lease
             # (a plain handler's thread may still be running) until it runs out.
-            heartbeat.cancel()
+            # The heartbeat goes on until the outcomes are written: a store that is
+            # briefly away must not cost the leases of work that is already done.
             batch.finish()
             try:
                 await flusher
             finally:
+                heartbeat.cancel()
                 unstarted = batch.unstarted_ids()
                 if unstarted:
                     await self.bus.store.release(unstarted, owner)
@@ -270,11 +284,20 @@ class RetryWorker:
             outcomes = batch.take_pending()
             try:
                 await self._complete(outcomes, batch.owner)
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
                 batch.pending[:0] = outcomes  # keep them: the store may come back
-                if batch.finished:
-                    raise  # the items stay leased; once the lease runs out they run again
-                await asyncio.sleep(1.0)
+                left = batch.lease_deadline - time.monotonic()
+                if left <= 0:
+                    # the leases are gone: these items run again elsewhere (at least once)
+                    raise
+                logger.warning(
+                    "worker %s: %d outcome(s) wait for the store; their leases last %.0fs more",
+                    self.name,
+                    len(batch.pending),
+                    left,
+                )
+                self._store_failed(exc, min(1.0, left))
+                await asyncio.sleep(min(1.0, left))
 
     async def _deliver(self, item: RetryItem) -> Outcome:
         bus = self.bus
@@ -333,10 +356,12 @@ class RetryWorker:
         for attempt in range(6):
             try:
                 applied = await self.bus.store.complete(outcomes, owner, self.bus.clock.now())
+                self._store_answered()
                 break
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
                 if attempt == 5:
                     raise
+                self._store_failed(exc, pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
         lost = len(outcomes) - len(applied)
@@ -376,6 +401,7 @@ class RetryWorker:
                     "worker %s: could not extend leases: %s", self.name, exc or "timed out"
                 )
                 continue
+            batch.lease_deadline = time.monotonic() + self.lease
             lost = len(held) - extended
             if lost > 0 and not warned:
                 warned = True
