@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import SplitResult, urlsplit
+
+_USERINFO_PASSWORD = re.compile(r"(?P<head>://[^:@/?#\[\]]*):[^/?#]*@")
+_QUERY_SECRET = re.compile(r"(?P<head>[?&](?:password|pass|pwd)=)[^&#]*", re.IGNORECASE)
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
+    """``url`` with any password (in the user info or a ``password=`` option)
+    replaced by ``***``."""
+    url = _QUERY_SECRET.sub(r"\g<head>***", url)
     try:
         parts = urlsplit(url)
-    except ValueError:
-        return url
+    except ValueError:  # unparseable (an unclosed IPv6 bracket): mask by pattern
+        return _USERINFO_PASSWORD.sub(r"\g<head>:***@", url, count=1)
     if parts.password is None:
         return url
     host = parts.netloc.rpartition("@")[2]  # as written: the port may be malformed
