@@ -1,8 +1,9 @@
 """The worker side of bench/worker.py, run as its own process so that its peak
-RSS is its own: drains a SQLite retry queue with RetryWorker.run_once and
-prints one JSON line (items, seconds, peak RSS) on stdout.
+RSS is its own: drains a retry queue (a SQLite file, or any store URL) with RetryWorker.run_once
+and prints one JSON line (items, seconds, peak RSS) on stdout.
 
     .venv/bin/python bench/_worker_process.py --db /tmp/x.db --handler bench.handle
+    .venv/bin/python bench/_worker_process.py --store redis://127.0.0.1:6379/0?prefix=b
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ def _rss_mb() -> float:
     return _ru_maxrss_mb()
 
 
-async def drain(db: str, handler: str, batch_size: int, concurrency: int) -> dict[str, float]:
+async def drain(
+    store_url: str, handler: str, batch_size: int, concurrency: int
+) -> dict[str, float]:
     from retrybus import Event, EventBus, RetryWorker, open_store
 
     logging.getLogger("retrybus").addHandler(logging.NullHandler())
     logging.getLogger("retrybus").propagate = False
 
-    bus = EventBus(open_store(f"sqlite:///{db}"))
+    bus = EventBus(open_store(store_url))
 
     async def handle(event: Event) -> None:
         return None  # the retry succeeds: the first call failed in the parent
@@ -80,12 +83,15 @@ async def drain(db: str, handler: str, batch_size: int, concurrency: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--db", required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", help="a SQLite file")
+    where.add_argument("--store", help="any store URL")
     parser.add_argument("--handler", default="bench.handle")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
-    result = asyncio.run(drain(args.db, args.handler, args.batch_size, args.concurrency))
+    url = args.store or f"sqlite:///{args.db}"
+    result = asyncio.run(drain(url, args.handler, args.batch_size, args.concurrency))
     print(json.dumps(result), flush=True)
 
 

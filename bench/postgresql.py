@@ -25,20 +25,17 @@ import argparse
 import asyncio
 import gc
 import json
-import logging
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 from _common import Figure, emit, median, note, percentile, quiet_logging
-from _worker_process import _rss_mb, _ru_maxrss_mb
 from latency import SAMPLES, WARMUP, _time_dlq_adds, _time_retry_adds, caught_error
 from worker import BATCH_SIZE, CONCURRENCY, HANDLER, LARGE, ROUNDS_SMALL, SMALL, seed
 
-from retrybus import Event, EventBus, RetryWorker, open_store
+from retrybus import Event, EventBus, open_store
 
 BASE_URL = os.environ.get(
     "RETRYBUS_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -111,39 +108,6 @@ async def _seed(url: str, count: int) -> None:
         await bus.close()
 
 
-async def drain(url: str) -> dict[str, float]:
-    """The worker process: drain the queue with RetryWorker.run_once, as bench/_worker_process.py."""
-    logging.getLogger("retrybus").addHandler(logging.NullHandler())
-    logging.getLogger("retrybus").propagate = False
-    bus = EventBus(open_store(url))
-
-    async def handle(event: Event) -> None:
-        return None  # the retry succeeds: the first call failed in the parent
-
-    bus.subscribe("bench.*", handle, name=HANDLER)
-    worker = RetryWorker(bus, batch_size=BATCH_SIZE, concurrency=CONCURRENCY, check_interval=1.0)
-    await bus.store.connect()
-    startup_rss = _rss_mb()
-    handled = 0
-    cpu_start = time.process_time()
-    start = time.perf_counter_ns()
-    while done := await worker.run_once():
-        handled += done
-    elapsed = (time.perf_counter_ns() - start) / 1e9
-    cpu = time.process_time() - cpu_start
-    left = await bus.retry_queue.count()
-    await bus.close()
-    return {
-        "items": handled,
-        "seconds": elapsed,
-        "cpu_seconds": cpu,
-        "left": left,
-        "startup_rss_mb": startup_rss,
-        "peak_rss_mb": _rss_mb(),
-        "ru_maxrss_mb": _ru_maxrss_mb(),
-    }
-
-
 def worker_run(count: int, extra: str = "") -> dict[str, float]:
     """Seed a fresh schema with ``count`` items and drain it in a worker process."""
     schema = new_schema()
@@ -151,7 +115,18 @@ def worker_run(count: int, extra: str = "") -> dict[str, float]:
     try:
         asyncio.run(_seed(url, count))
         completed = subprocess.run(
-            [sys.executable, str(Path(__file__)), "--drain", url],
+            [
+                sys.executable,
+                str(Path(__file__).with_name("_worker_process.py")),
+                "--store",
+                url,
+                "--handler",
+                HANDLER,
+                "--batch-size",
+                str(BATCH_SIZE),
+                "--concurrency",
+                str(CONCURRENCY),
+            ],
             check=True,
             capture_output=True,
             text=True,
@@ -192,11 +167,7 @@ def run() -> list[Figure]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--drain", metavar="URL", help="be the worker process on this store")
-    args = parser.parse_args()
-    if args.drain:
-        print(json.dumps(asyncio.run(drain(args.drain))), flush=True)
-        return
+    parser.parse_args()
     emit(run())
 
 

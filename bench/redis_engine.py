@@ -24,15 +24,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
+from pathlib import Path
 
 from _common import Figure, emit, median, note, percentile, quiet_logging
-from _worker_process import _rss_mb
 from latency import WARMUP, _time_dlq_adds, _time_retry_adds, caught_error
 from worker import BATCH_SIZE, CONCURRENCY, HANDLER, seed
 
-from retrybus import Event, EventBus, RetryWorker, StoreUnavailable, open_store
+from retrybus import Event, EventBus, StoreUnavailable, open_store
 
 SERVER = os.environ.get("RETRYBUS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 SAMPLES = 5_000
@@ -96,44 +95,24 @@ async def _seed(url: str, count: int) -> None:
         await bus.close()
 
 
-async def drain(url: str) -> dict[str, float]:
-    """The worker process: drain the queue with RetryWorker.run_once (see _worker_process.py)."""
-    quiet_logging()
-    bus = EventBus(open_store(url))
-
-    async def handle(event: Event) -> None:
-        return None  # the retry succeeds: the first call failed in the parent
-
-    bus.subscribe("bench.*", handle, name=HANDLER)
-    worker = RetryWorker(bus, batch_size=BATCH_SIZE, concurrency=CONCURRENCY, check_interval=1.0)
-    await bus.store.connect()
-    startup_rss = _rss_mb()
-    handled = 0
-    cpu_start = time.process_time()
-    start = time.perf_counter_ns()
-    while done := await worker.run_once():
-        handled += done
-    elapsed = (time.perf_counter_ns() - start) / 1e9
-    cpu = time.process_time() - cpu_start
-    left = await bus.retry_queue.count()
-    await bus.close()
-    return {
-        "items": handled,
-        "seconds": elapsed,
-        "cpu_seconds": cpu,
-        "left": left,
-        "startup_rss_mb": startup_rss,
-        "peak_rss_mb": _rss_mb(),
-    }
-
-
 def worker_run(count: int = ITEMS) -> dict[str, float]:
     prefix = f"retrybus_bench_{uuid.uuid4().hex[:8]}"
     url = _url(prefix)
     try:
         asyncio.run(_seed(url, count))
         completed = subprocess.run(
-            [sys.executable, __file__, "--drain", url],
+            [
+                sys.executable,
+                str(Path(__file__).with_name("_worker_process.py")),
+                "--store",
+                url,
+                "--handler",
+                HANDLER,
+                "--batch-size",
+                str(BATCH_SIZE),
+                "--concurrency",
+                str(CONCURRENCY),
+            ],
             check=True,
             capture_output=True,
             text=True,
@@ -172,9 +151,5 @@ def run() -> list[Figure]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--drain", metavar="URL", help="(internal) be the worker process")
-    args = parser.parse_args()
-    if args.drain:
-        print(json.dumps(asyncio.run(drain(args.drain))), flush=True)
-    else:
-        emit(run())
+    parser.parse_args()
+    emit(run())
