@@ -15,23 +15,23 @@ answers, before they end, because the rest of the suite shares those servers.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
 import retrybus
+from call_records import Call, clashes, epoch_ns, read_calls, wait_until
 from engines import mongodb as mongodb_engine
 from engines import postgresql as postgresql_engine
 from engines import redis as redis_engine
@@ -43,7 +43,6 @@ pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).parent / "apps" / "logging_worker.py"
 HANDLER = "record_item"
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 OUTAGE_LOGGED = "store unavailable, retrying in"
 STORE_IS_BACK = "is back"
 
@@ -96,53 +95,6 @@ def namespaces() -> Iterator[Callable[[str], Namespace]]:
 
 
 # Calls, store state, worker processes (as in test_sqlite_processes.py) ---------------
-
-
-@dataclass
-class Call:
-    """One handler call: who made it and when (``end`` is None if it never returned)."""
-
-    event_id: str
-    pid: int
-    start: int
-    end: int | None = None
-
-
-def read_calls(record: Path) -> list[Call]:
-    """The calls a worker process recorded (``S``/``E`` lines, see process_worker.py)."""
-    calls: dict[tuple[str, int, int], Call] = {}
-    if not record.exists():
-        return []
-    for line in record.read_text().splitlines():
-        kind, event_id, pid, start, *rest = line.split()
-        key = (event_id, int(pid), int(start))
-        call = calls.setdefault(key, Call(event_id, int(pid), int(start)))
-        if kind == "E":
-            call.end = int(rest[0])
-    return list(calls.values())
-
-
-def overlapping(calls: list[Call]) -> list[tuple[Call, Call]]:
-    """Pairs of calls of one item where the second started before the first ended."""
-    ordered = sorted(calls, key=lambda call: call.start)
-    return [
-        (first, second)
-        for first, second in itertools.pairwise(ordered)
-        if first.end is None or second.start < first.end
-    ]
-
-
-def clashes(calls: list[Call]) -> dict[str, list[tuple[Call, Call]]]:
-    by_item: dict[str, list[Call]] = defaultdict(list)
-    for call in calls:
-        by_item[call.event_id].append(call)
-    found = {event_id: overlapping(item_calls) for event_id, item_calls in by_item.items()}
-    return {event_id: pairs for event_id, pairs in found.items() if pairs}
-
-
-def _ns(moment: datetime) -> int:
-    """An aware datetime as integer nanoseconds since the epoch (no float rounding)."""
-    return (moment - EPOCH) // timedelta(microseconds=1) * 1000
 
 
 @dataclass
@@ -245,14 +197,6 @@ class Workers:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting until {what}")
-        time.sleep(0.02)
 
 
 def handled(calls: list[Call]) -> set[str]:
@@ -376,15 +320,15 @@ def test_the_killed_workers_items_are_taken_over_only_after_their_lease_expires(
     }
     assert set(taken_over) == set(killed_worker.held)
     early = {
-        event_id: (start, _ns(killed_worker.held[event_id]))
+        event_id: (start, epoch_ns(killed_worker.held[event_id]))
         for event_id, start in taken_over.items()
-        if start < _ns(killed_worker.held[event_id])
+        if start < epoch_ns(killed_worker.held[event_id])
     }
     assert early == {}
     # and the second worker was running, handling other items, while those leases held
     first_start = min(c.start for c in killed_worker.second_calls)
     assert killed_worker.killed_at < first_start
-    assert first_start < min(_ns(lease_until) for lease_until in killed_worker.held.values())
+    assert first_start < min(epoch_ns(lease_until) for lease_until in killed_worker.held.values())
 
 
 def test_no_item_is_handled_by_the_second_worker_while_the_killed_one_ran_it(

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import retrybus
+from call_records import Call, overlapping, read_calls, wait_until
 from engines._common import unique_name
 from engines.mongodb import database_url, drop_database, open_test_store
 from engines.mongodb import server_uri as mongodb_server_uri
@@ -35,7 +36,6 @@ from retrybus import (
 from retrybus._records import dead_letter_id_for
 from retrybus._stores.base import Counters
 from retrybus._stores.mongodb import MongoStore
-from test_sqlite_processes import Call, overlapping, read_calls, wait_until
 
 EVENT_TIME = datetime(2025, 1, 7, 9, 59, 59, 123456, tzinfo=UTC)
 

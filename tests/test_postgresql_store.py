@@ -21,6 +21,7 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 from typer.testing import CliRunner, Result
 
+from call_records import Call, overlapping, read_calls
 from engines.postgresql import URL, fresh_schema, url_with_schema
 from retrybus import (
     Event,
@@ -35,7 +36,6 @@ from retrybus import (
 from retrybus._cli.app import app
 from retrybus._records import ErrorInfo
 from retrybus._stores.postgresql import SCHEMA_VERSION, PostgresStore
-from test_sqlite_processes import Call, overlapping, read_calls
 
 APPS = Path(__file__).parent / "apps"
 

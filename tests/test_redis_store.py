@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from call_records import Call, overlapping, read_calls, wait_until
 from engines._common import unique_name
 from engines.redis import REDIS_URL, delete_prefix, open_test_store, ping, store_url
 from retrybus import (
@@ -39,7 +40,6 @@ from retrybus._records import ErrorInfo
 from retrybus._stores.base import Counters
 from retrybus._stores.memory import MemoryStore
 from retrybus._stores.redis import RedisStore, _from_score, _score
-from test_sqlite_processes import Call, overlapping, read_calls, wait_until
 
 APPS = Path(__file__).parent / "apps"
 WORKER = APPS / "process_worker.py"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import itertools
 import json
 import os
 import signal
@@ -21,11 +20,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 
 import retrybus
+from call_records import Call, epoch_ns, overlapping, read_calls, wait_until
 from retrybus import Event, EventBus, FixedDelay, PermanentError
 from retrybus._stores.base import Counters
 
@@ -34,7 +33,6 @@ pytestmark = pytest.mark.slow
 APPS = Path(__file__).parent / "apps"
 WORKER = APPS / "process_worker.py"
 HANDLER = "record_item"
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _load_app(name: str) -> ModuleType:
@@ -46,37 +44,8 @@ def _load_app(name: str) -> ModuleType:
     return module
 
 
-def _ns(moment: datetime) -> int:
-    """An aware datetime as integer nanoseconds since the epoch (no float rounding)."""
-    return (moment - EPOCH) // timedelta(microseconds=1) * 1000
-
-
 def _url(db: Path) -> str:
     return f"sqlite:///{db}"
-
-
-@dataclass
-class Call:
-    """One handler call: who made it and when (``end`` is None if it never returned)."""
-
-    event_id: str
-    pid: int
-    start: int
-    end: int | None = None
-
-
-def read_calls(record: Path) -> list[Call]:
-    """The calls a worker process recorded (``S``/``E`` lines, see process_worker.py)."""
-    calls: dict[tuple[str, int, int], Call] = {}
-    if not record.exists():
-        return []
-    for line in record.read_text().splitlines():
-        kind, event_id, pid, start, *rest = line.split()
-        key = (event_id, int(pid), int(start))
-        call = calls.setdefault(key, Call(event_id, int(pid), int(start)))
-        if kind == "E":
-            call.end = int(rest[0])
-    return list(calls.values())
 
 
 @dataclass
@@ -168,24 +137,6 @@ class Workers:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-
-
-def wait_until(condition: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting until {what}")
-        time.sleep(0.005)
-
-
-def overlapping(calls: list[Call]) -> list[tuple[Call, Call]]:
-    """Pairs of calls of one item where the second started before the first ended."""
-    ordered = sorted(calls, key=lambda call: call.start)
-    return [
-        (first, second)
-        for first, second in itertools.pairwise(ordered)
-        if first.end is None or second.start < first.end
-    ]
 
 
 # Four workers, two thousand items ---------------------------------------------
@@ -426,14 +377,14 @@ def test_the_killed_workers_items_are_taken_over_only_after_their_lease_expires(
         c.event_id: c.start for c in killed_worker.second_calls if c.event_id in killed_worker.held
     }
     early = {
-        event_id: (start, _ns(killed_worker.held[event_id]))
+        event_id: (start, epoch_ns(killed_worker.held[event_id]))
         for event_id, start in taken_over.items()
-        if start < _ns(killed_worker.held[event_id])
+        if start < epoch_ns(killed_worker.held[event_id])
     }
     assert early == {}
     # and the second worker was running, handling other items, while those leases held
     first_start = min(c.start for c in killed_worker.second_calls)
-    assert first_start < min(_ns(lease_until) for lease_until in killed_worker.held.values())
+    assert first_start < min(epoch_ns(lease_until) for lease_until in killed_worker.held.values())
     assert killed_worker.killed_at < first_start
 
 
