@@ -24,16 +24,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 from _common import Figure, emit, median, note, percentile, quiet_logging
 from latency import SAMPLES, WARMUP, _time_dlq_adds, _time_retry_adds, caught_error
-from worker import BATCH_SIZE, CONCURRENCY, HANDLER, LARGE, ROUNDS_SMALL, SMALL, seed
+from worker import (
+    LARGE,
+    ROUNDS_SMALL,
+    SMALL,
+    run_worker_process,
+    seed,
+)
 
 from retrybus import Event, EventBus, open_store
 
@@ -114,29 +116,9 @@ def worker_run(count: int, extra: str = "") -> dict[str, float]:
     url = schema_url(schema, extra)
     try:
         asyncio.run(_seed(url, count))
-        completed = subprocess.run(
-            [
-                sys.executable,
-                str(Path(__file__).with_name("_worker_process.py")),
-                "--store",
-                url,
-                "--handler",
-                HANDLER,
-                "--batch-size",
-                str(BATCH_SIZE),
-                "--concurrency",
-                str(CONCURRENCY),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = run_worker_process(url)
     finally:
         asyncio.run(drop_schema(schema))
-    if completed.stderr.strip():
-        note(completed.stderr.strip())
-    result: dict[str, float] = json.loads(completed.stdout.strip().splitlines()[-1])
     if result["items"] != count or result["left"]:
         raise RuntimeError(f"worker handled {result['items']} of {count}, {result['left']} left")
     result["rate"] = result["items"] / result["seconds"]

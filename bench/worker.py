@@ -81,13 +81,14 @@ async def _seed_sqlite(path: str, count: int) -> None:
         await bus.close()
 
 
-def _run_worker_process(path: str) -> dict[str, float]:
+def run_worker_process(url: str) -> dict[str, float]:
+    """Drain the store at ``url`` in a worker process of its own; its JSON report."""
     completed = subprocess.run(
         [
             sys.executable,
             str(WORKER_SCRIPT),
-            "--db",
-            path,
+            "--store",
+            url,
             "--handler",
             HANDLER,
             "--batch-size",
@@ -113,7 +114,7 @@ def sqlite_run(count: int) -> dict[str, float]:
         start = time.perf_counter()
         asyncio.run(_seed_sqlite(path, count))
         seeded = time.perf_counter() - start
-        result = _run_worker_process(path)
+        result = run_worker_process(f"sqlite:///{path}")
     if result["items"] != count or result["left"]:
         raise RuntimeError(f"worker handled {result['items']} of {count}, {result['left']} left")
     result["rate"] = result["items"] / result["seconds"]
