@@ -8,6 +8,7 @@ at most a few hundred items, and leases outlast the tests.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -26,12 +27,14 @@ from engines._common import unique_name
 from engines.mongodb import database_url, drop_database, open_test_store
 from engines.mongodb import server_uri as mongodb_server_uri
 from retrybus import (
+    DeadLetterFilter,
     Event,
     EventBus,
     FixedDelay,
     ManualClock,
     RetryWorker,
     StoreUnavailable,
+    failure_group_key,
 )
 from retrybus._records import dead_letter_id_for
 from retrybus._stores.base import Counters
@@ -75,7 +78,12 @@ async def test_the_seed_collections_and_indexes_exist(mongo: MongoStore) -> None
         assert keys in retry, retry
     assert (("created_at", 1),) in retry
     assert "expireAfterSeconds" not in retry[(("created_at", 1),)]  # retry items never vanish
-    for keys in ((("created_at", -1),), (("processed", 1),), (("event_type", 1),)):
+    for keys in (
+        (("created_at", -1),),
+        (("processed", 1),),
+        (("event_type", 1),),
+        (("failure_group", 1),),
+    ):
         assert keys in dead, dead
     assert dead[(("created_at", 1),)]["expireAfterSeconds"] == 30 * 24 * 3600
 
@@ -241,6 +249,113 @@ async def test_a_dead_letter_written_by_hand_is_still_listed(mongo: MongoStore) 
     assert dead.event_data == {"comment_id": 9}
 
 
+# Failure groups and control records ------------------------------------------------------
+
+
+async def test_every_write_of_a_dead_letter_stores_its_failure_group(mongo: MongoStore) -> None:
+    clock = ManualClock()
+    bus = EventBus(mongo, clock=clock)
+    item = await bus.retry_queue.add(make_event(), "h", TimeoutError("timeout after 30 s"))
+    dead = await bus.retry_queue.mark_failed(item)
+    assert dead is not None
+    db = await mongo._database()
+    doc = await db.dead_letter_queue.find_one({"_id": dead.id})
+    assert doc is not None
+    assert doc["failure_group"] == dead.failure_group
+    assert dead.failure_group == failure_group_key("h", "TimeoutError", "timeout after 5 s")
+    changed = dataclasses.replace(dead, error="token expired", error_type="PermissionError")
+    assert await mongo.update_dead(changed)
+    doc = await db.dead_letter_queue.find_one({"_id": dead.id})
+    assert doc is not None
+    assert doc["failure_group"] == changed.failure_group != dead.failure_group
+
+
+async def test_dead_letters_written_without_a_failure_group_get_one_on_connect(
+    mongo: MongoStore,
+) -> None:
+    """Dead letters of the previous version (no ``failure_group`` field) are back-filled
+    when a store connects, in batches, and are then filtered and grouped as any other."""
+    db = await mongo._database()
+    old = [
+        {
+            "_id": f"dlq_old_{n:04d}",
+            "event_type": "comment.created",
+            "event_data": {"comment_id": n},
+            "handler_name": "CommentNotificationHandler",
+            "error": f"smtp 10.0.0.{n % 250}:25 refused",
+            "error_type": "ConnectionError",
+            "attempt": 3,
+            "reason": "failed after 3 retries",
+            "processed": False,
+            "created_at": datetime(2025, 1, 7, 10, 0, n % 60, tzinfo=UTC),
+            "metadata": {},
+        }
+        for n in range(7)
+    ]
+    old.append({"_id": "dlq_bare", "created_at": datetime(2025, 1, 7, 9, 0, tzinfo=UTC)})
+    await db.dead_letter_queue.insert_many(old)
+    await mongo.close()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("retrybus._stores.mongodb._BACKFILL_BATCH", 3)
+        await mongo.connect()
+    db = await mongo._database()
+    assert await db.dead_letter_queue.count_documents({"failure_group": None}) == 0
+    key = failure_group_key(
+        "CommentNotificationHandler", "ConnectionError", "smtp 1.2.3.4:25 refused"
+    )
+    assert await mongo.count_dead(DeadLetterFilter(failure_group=key)) == 7
+    groups = await mongo.group_dead("failure_group", DeadLetterFilter(), limit=10)
+    assert [(g.key, g.count) for g in groups] == [
+        (key, 7),
+        (failure_group_key("unknown", "", ""), 1),  # what a bare document reads back as
+    ]
+    assert groups[0].sample_id == "dlq_old_0006"
+    assert groups[0].first_at == datetime(2025, 1, 7, 10, 0, 0, tzinfo=UTC)
+    assert groups[0].last_at == datetime(2025, 1, 7, 10, 0, 6, tzinfo=UTC)
+
+
+async def test_filters_and_groups_compare_times_to_the_microsecond(mongo: MongoStore) -> None:
+    start = datetime(2025, 1, 7, 10, 0, 0, 250_100, tzinfo=UTC)
+    clock = ManualClock(start)
+    bus = EventBus(mongo, clock=clock)
+    letters = []
+    for n in range(3):  # 100 µs apart: all in one millisecond
+        item = await bus.retry_queue.add(make_event(n), "h", "boom")
+        letters.append(await bus.retry_queue.mark_failed(item))
+        clock.advance(0.0001)
+    middle = letters[1]
+    assert middle is not None
+    where = DeadLetterFilter(
+        created_after=middle.created_at,
+        created_before=middle.created_at + timedelta(microseconds=1),
+    )
+    assert [d.id for d in await bus.dead_letters.list(where=where)] == [middle.id]
+    after = DeadLetterFilter(created_after=middle.created_at + timedelta(microseconds=1))
+    assert await mongo.count_dead(after) == 1
+    [group] = await mongo.group_dead("handler_name", DeadLetterFilter(), limit=5)
+    assert (group.count, group.first_at, group.last_at) == (
+        3,
+        start,
+        start + timedelta(microseconds=200),
+    )
+
+
+async def test_control_records_are_documents_with_a_version(mongo: MongoStore) -> None:
+    assert await mongo.put_control("redrive:x", {"state": "running", "big": 2**70}, version=0) == 1
+    db = await mongo._database()
+    doc = await db.retrybus_control.find_one({"_id": "redrive:x"})
+    assert doc is not None
+    assert doc["version"] == 1
+    assert "value_json" in doc  # 2**70 does not fit BSON: kept exactly as JSON text
+    assert await mongo.put_control("redrive:x", {"state": "done"}, version=1) == 2
+    doc = await db.retrybus_control.find_one({"_id": "redrive:x"})
+    assert doc is not None
+    assert (doc["version"], doc["value"], "value_json" in doc) == (2, {"state": "done"}, False)
+    record = await mongo.get_control("redrive:x")
+    assert record is not None
+    assert dict(record.value) == {"state": "done"}
+
+
 # Moving to the DLQ without a transaction -------------------------------------------------
 
 
@@ -366,7 +481,13 @@ async def test_a_server_gone_after_connecting_raises_store_unavailable(tmp_path:
         await EventBus(store).retry_queue.add(make_event(), "h", "boom")
         assert await store.retry_count() == 1
         await asyncio.to_thread(server.stop)
-        for call in (store.health(), store.retry_count(), store.next_due(), store.count_dead()):
+        calls = (
+            store.health(),
+            store.retry_count(),
+            store.next_due(),
+            store.count_dead(DeadLetterFilter()),
+        )
+        for call in calls:
             with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{port}/retrybus"):
                 await call
     finally:
@@ -413,7 +534,11 @@ async def _seed(url: str, count: int) -> dict[str, Call]:
 
 async def _state(url: str) -> tuple[int, int, Counters]:
     async with retrybus.open_store(url) as store:
-        return await store.retry_count(), await store.count_dead(), await store.counters()
+        return (
+            await store.retry_count(),
+            await store.count_dead(DeadLetterFilter()),
+            await store.counters(),
+        )
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""What only the PostgreSQL store has to show: its migration, tables and indexes,
-damaged rows, LISTEN/NOTIFY, its errors, and four worker processes on one schema.
+"""What only the PostgreSQL store has to show: its migrations (version 1 databases
+upgraded, their failure groups back-filled), tables and indexes, damaged rows,
+LISTEN/NOTIFY, its errors, and four worker processes on one schema.
 
 Every test works in a schema of its own (dropped afterwards) and skips when the
 server is unreachable (fails with CI=true); see tests/engines/postgresql.py.
@@ -24,6 +25,7 @@ from typer.testing import CliRunner, Result
 from call_records import Call, overlapping, read_calls
 from engines.postgresql import URL, fresh_schema, url_with_schema
 from retrybus import (
+    DeadLetterFilter,
     Event,
     EventBus,
     FixedDelay,
@@ -34,7 +36,10 @@ from retrybus import (
     open_store,
 )
 from retrybus._cli.app import app
+from retrybus._groups import failure_group_key
 from retrybus._records import ErrorInfo
+from retrybus._stores import postgresql
+from retrybus._stores import sqlite as sqlite_store
 from retrybus._stores.postgresql import SCHEMA_VERSION, PostgresStore
 
 APPS = Path(__file__).parent / "apps"
@@ -68,7 +73,107 @@ async def test_the_migration_is_versioned_and_idempotent(url: str, schema: str) 
         rows = await conn.fetch(f'SELECT version FROM "{schema}".retrybus_schema_version')
     finally:
         await conn.close()
-    assert [row["version"] for row in rows] == [SCHEMA_VERSION]
+    assert [row["version"] for row in rows] == list(range(1, SCHEMA_VERSION + 1))
+
+
+async def create_version_1(schema: str) -> asyncpg.Connection:
+    """A connection to ``schema`` holding the tables of schema version 1, as a
+    retrybus before failure groups created them."""
+    conn = await raw_connection()
+    await conn.execute(f'CREATE SCHEMA "{schema}"')
+    await conn.execute(f'SET search_path = "{schema}"')
+    await conn.execute(postgresql.Q["version_table"])
+    await conn.execute(postgresql.Q["schema_v1"])  # kept as version 1 had it
+    await conn.execute(postgresql.Q["record_version"], 1)
+    return conn
+
+
+async def insert_version_1_dead_letter(
+    conn: asyncpg.Connection, n: int, handler: str, error_type: str, error: str
+) -> str:
+    """A dead letter as version 1 wrote it: no failure_group column."""
+    item_id = f"dlq_v1_{n:03d}"
+    await conn.execute(
+        "INSERT INTO dead_letter_queue (id, event_id, event_type, event_data, event_source,"
+        " event_timestamp, handler_name, error, error_type, attempt, reason, created_at)"
+        " VALUES ($1, $2, 'like.added', '{\"n\": 1}', 'svc', $3, $4, $5, $6, 3,"
+        " 'failed after 3 retries', $3)",
+        item_id,
+        f"event-{n}",
+        datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=n),
+        handler,
+        error,
+        error_type,
+    )
+    return item_id
+
+
+async def test_a_version_1_schema_is_migrated_and_its_dead_letters_get_failure_groups(
+    url: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(postgresql, "FILL_BATCH", 2)  # several batches of the back-fill
+    conn = await create_version_1(schema)
+    try:
+        refused = [
+            await insert_version_1_dead_letter(
+                conn, n, "Mailer", "ConnectionError", f"smtp 10.0.0.{n}:25 refused"
+            )
+            for n in range(5)
+        ]
+        other = await insert_version_1_dead_letter(conn, 9, "Mailer", "KeyError", "'user 7'")
+    finally:
+        await conn.close()
+
+    async with open_store(url) as store:
+        assert isinstance(store, PostgresStore)
+        assert await store.schema_version() == SCHEMA_VERSION == 2
+        key = failure_group_key("Mailer", "ConnectionError", "smtp 10.0.0.1:25 refused")
+        groups = await store.group_dead("failure_group", DeadLetterFilter(), limit=10)
+        assert [(g.key, g.count, g.sample_id) for g in groups] == [
+            (key, 5, refused[-1]),
+            (failure_group_key("Mailer", "KeyError", "'user 1'"), 1, other),
+        ]
+        listed = await store.list_dead(DeadLetterFilter(failure_group=key), limit=10, offset=0)
+        assert [item.id for item in listed] == refused[::-1]
+        assert all(item.failure_group == key for item in listed)
+        assert await store.count_dead(DeadLetterFilter(failure_group=key, event_id="event-3")) == 1
+    conn = await raw_connection()
+    try:
+        stored = await conn.fetch(
+            f'SELECT id, failure_group FROM "{schema}".dead_letter_queue ORDER BY id'
+        )
+        versions = await conn.fetch(f'SELECT version FROM "{schema}".retrybus_schema_version')
+    finally:
+        await conn.close()
+    assert {row["id"]: row["failure_group"] for row in stored} == {
+        **dict.fromkeys(refused, key),
+        other: failure_group_key("Mailer", "KeyError", "'x'"),
+    }
+    assert sorted(row["version"] for row in versions) == [1, 2]
+
+
+async def test_dead_letters_an_older_retrybus_writes_after_the_migration_are_grouped(
+    url: str, schema: str
+) -> None:
+    async with open_store(url) as store:
+        bus = EventBus(store)
+        item = await bus.retry_queue.add(Event("x"), "Mailer", ConnectionError("refused"))
+        current = await bus.retry_queue.mark_failed(item)
+        assert current is not None
+        conn = await raw_connection()
+        try:
+            await conn.execute(f'SET search_path = "{schema}"')
+            # what a process still running version 1 writes: no failure group
+            old = await insert_version_1_dead_letter(conn, 1, "Mailer", "ConnectionError", "x")
+        finally:
+            await conn.close()
+        old_key = failure_group_key("Mailer", "ConnectionError", "x")
+        listed = await store.list_dead(DeadLetterFilter(failure_group=old_key), limit=10, offset=0)
+        assert [d.id for d in listed] == [old]
+        groups = await store.group_dead("failure_group", DeadLetterFilter(), limit=10)
+        assert sorted((g.key, g.count) for g in groups) == sorted(
+            [(current.failure_group, 1), (old_key, 1)]
+        )
 
 
 async def test_several_stores_migrating_one_schema_at_once_agree(url: str, schema: str) -> None:
@@ -85,7 +190,7 @@ async def test_several_stores_migrating_one_schema_at_once_agree(url: str, schem
         versions = await conn.fetchval(f'SELECT count(*) FROM "{schema}".retrybus_schema_version')
     finally:
         await conn.close()
-    assert versions == 1
+    assert versions == SCHEMA_VERSION
 
 
 async def test_the_tables_and_indexes_follow_the_seed(url: str, schema: str) -> None:
@@ -115,9 +220,13 @@ async def test_the_tables_and_indexes_follow_the_seed(url: str, schema: str) -> 
         }
     finally:
         await conn.close()
-    assert {"retry_queue", "dead_letter_queue", "retrybus_counters", "retrybus_schema_version"} <= (
-        tables
-    )
+    assert {
+        "retry_queue",
+        "dead_letter_queue",
+        "retrybus_counters",
+        "retrybus_schema_version",
+        "retrybus_control",
+    } <= tables
     assert {
         "retry_queue_next_retry",
         "retry_queue_handler_name",
@@ -126,12 +235,39 @@ async def test_the_tables_and_indexes_follow_the_seed(url: str, schema: str) -> 
         "dead_letter_queue_created_at",
         "dead_letter_queue_processed",
         "dead_letter_queue_event_type",
+        "dead_letter_queue_failure_group",
+        "dead_letter_queue_event_id",
     } <= indexes
     assert types["retry_queue", "next_retry"] == "timestamp with time zone"
     assert types["retry_queue", "event_extensions"] == "jsonb"
     assert types["dead_letter_queue", "metadata"] == "jsonb"
     assert types["dead_letter_queue", "processed"] == "boolean"
     assert types["retry_queue", "attempt"] == "integer"
+    assert types["dead_letter_queue", "failure_group"] == "text"
+    assert types["retrybus_control", "value"] == "json"
+
+
+async def test_newest_first_paging_and_group_filters_can_use_an_index(
+    url: str, schema: str
+) -> None:
+    async with open_store(url) as store:
+        await store.health()
+    conn = await raw_connection()
+    try:
+        await conn.execute(f'SET search_path = "{schema}"')
+        await conn.execute("SET enable_seqscan = off")  # a tiny table: ask what it could do
+        await conn.execute("SET plan_cache_mode = force_custom_plan")
+        page = await conn.fetch(f"EXPLAIN {postgresql.Q['list_dead']}", *[None] * 8, 50, 100)
+        grouped = await conn.fetch(
+            f"EXPLAIN {postgresql.Q['list_dead']}", *[None] * 7, "grp_0123456789abcdef", 50, 0
+        )
+    finally:
+        await conn.close()
+    page_plan = "\n".join(row[0] for row in page)
+    group_plan = "\n".join(row[0] for row in grouped)
+    assert "dead_letter_queue_created_at" in page_plan, page_plan
+    assert "dead_letter_queue_failure_group" in group_plan, group_plan
+    assert "Sort" not in page_plan + group_plan, (page_plan, group_plan)
 
 
 async def test_the_migrate_command_creates_the_tables_and_prints_the_version(
@@ -148,13 +284,13 @@ async def test_the_migrate_command_creates_the_tables_and_prints_the_version(
     assert result.stdout.strip() == f"{url}: schema version {SCHEMA_VERSION}"
     result = await asyncio.to_thread(migrate, url, "--json")
     assert result.exit_code == 0, result.output
-    assert '"schema_version": 1' in result.stdout
+    assert f'"schema_version": {SCHEMA_VERSION}' in result.stdout
     async with open_store(url) as store:
         assert await store.retry_count() == 0
     sqlite = f"sqlite:///{tmp_path / 'm.db'}"
     result = await asyncio.to_thread(migrate, sqlite)
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == f"{sqlite}: schema version 1"
+    assert result.stdout.strip() == f"{sqlite}: schema version {sqlite_store.SCHEMA_VERSION}"
     assert (tmp_path / "m.db").exists()
 
 
@@ -437,7 +573,7 @@ async def test_four_worker_processes_handle_every_item_exactly_once_never_two_at
 
     async with open_store(url) as store:
         counters = await store.counters()
-        assert (await store.retry_count(), await store.count_dead()) == (0, 0)
+        assert (await store.retry_count(), await store.count_dead(DeadLetterFilter())) == (0, 0)
     assert counters.retry_added == ITEMS
     assert counters.retry_succeeded == ITEMS
     assert counters.retry_dead_lettered == 0

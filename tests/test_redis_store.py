@@ -1,5 +1,7 @@
 """What only the Redis store has to show: keys under a prefix, hand-written records,
-indexed dead letter browsing, one-line errors, and four worker processes on one queue.
+indexed dead letter queries (and the back-fill of dead letters of the previous key
+layout), retry queue breakdowns, control records, one-line errors, and four worker
+processes on one queue.
 
 Needs a Redis server (``RETRYBUS_TEST_REDIS_URL``, default redis://127.0.0.1:6379/0):
 without one these tests skip, or fail when CI=true.
@@ -27,6 +29,7 @@ from call_records import Call, overlapping, read_calls, wait_until
 from engines._common import unique_name
 from engines.redis import REDIS_URL, delete_prefix, open_test_store, ping, store_url
 from retrybus import (
+    DeadLetterFilter,
     DeadLetterItem,
     Event,
     EventBus,
@@ -37,9 +40,10 @@ from retrybus import (
     open_store,
 )
 from retrybus._records import ErrorInfo
-from retrybus._stores.base import Counters
+from retrybus._stores import redis as redis_module
+from retrybus._stores.base import DEAD_LETTER_GROUP_FIELDS, Counters
 from retrybus._stores.memory import MemoryStore
-from retrybus._stores.redis import RedisStore, _from_score, _score
+from retrybus._stores.redis import LAYOUT_VERSION, RedisStore, _dead_json, _from_score, _score
 
 APPS = Path(__file__).parent / "apps"
 WORKER = APPS / "process_worker.py"
@@ -177,22 +181,37 @@ async def test_a_record_that_cannot_be_decoded_goes_to_the_dlq_and_the_worker_go
 
 
 def _dead_letters(count: int) -> list[DeadLetterItem]:
-    """Dead letters of three types and four handlers, some processed, many sharing a time."""
+    """Dead letters of three types, four handlers, three reasons and a few failure groups,
+    some processed, many sharing a time, some events failing in two handlers."""
     rng = random.Random(11)
     base = datetime(2025, 3, 1, tzinfo=UTC)
     letters = []
+    events: list[Event] = []
     for n in range(count):
         created = base + timedelta(seconds=rng.randrange(count // 3))
-        event = Event(
-            rng.choice(["like.added", "comment.created", "user.deleted"]),
-            {"n": n},
-            time=created,
+        if events and rng.random() < 0.2:
+            event = rng.choice(events)  # the same event failed in another handler too
+        else:
+            event = Event(
+                rng.choice(["like.added", "comment.created", "user.deleted"]),
+                {"n": n},
+                time=created,
+            )
+            events.append(event)
+        error = rng.choice(
+            [
+                ErrorInfo(f"order {n} not found", "KeyError"),
+                ErrorInfo(f"smtp 10.0.0.{n % 200}:25 refused", "ConnectionError"),
+                ErrorInfo("boom", "ValueError"),
+            ]
         )
         letter = DeadLetterItem.for_failure(
             event,
             rng.choice(["A", "B", "C", "D"]),
-            ErrorInfo("boom", "ValueError"),
-            reason="failed after 3 retries",
+            error,
+            reason=rng.choice(
+                ["failed after 3 retries", "non-retryable: ValueError", "expired in retry queue"]
+            ),
             attempt=3,
             max_retries=3,
             now=created,
@@ -201,7 +220,54 @@ def _dead_letters(count: int) -> list[DeadLetterItem]:
     return letters
 
 
-async def test_dead_letter_filters_and_order_match_the_reference_at_three_hundred_items(
+def _filters(letters: list[DeadLetterItem]) -> list[DeadLetterFilter]:
+    """Every kind of filter, alone and combined, some matching nothing."""
+    sample = letters[len(letters) // 2]
+    middle = sample.created_at
+    shared_event = Counter(letter.event_id for letter in letters).most_common(1)[0][0]
+    filters = [
+        DeadLetterFilter(event_type=t, handler_name=h, processed=p)
+        for t in (None, "like.added", "nope")
+        for h in (None, "A", "D")
+        for p in (None, True, False)
+    ]
+    filters += [
+        DeadLetterFilter(reason="expired in retry queue"),
+        DeadLetterFilter(reason="expired in retry queue", handler_name="B", processed=False),
+        DeadLetterFilter(failure_group=sample.failure_group),
+        DeadLetterFilter(failure_group=sample.failure_group, created_before=middle),
+        DeadLetterFilter(failure_group=sample.failure_group, event_type=sample.event_type),
+        DeadLetterFilter(created_after=middle),
+        DeadLetterFilter(created_before=middle),
+        DeadLetterFilter(created_after=middle, created_before=middle),
+        DeadLetterFilter(
+            created_after=middle - timedelta(seconds=20), created_before=middle, handler_name="C"
+        ),
+        DeadLetterFilter(event_id=shared_event),
+        DeadLetterFilter(event_id=shared_event, created_after=middle),
+        DeadLetterFilter(event_id=sample.event_id, handler_name=sample.handler_name),
+        DeadLetterFilter(event_id="no-such-event"),
+        DeadLetterFilter(failure_group="grp_0000000000000000"),
+    ]
+    return filters
+
+
+async def _assert_like_the_reference(
+    store: RedisStore, reference: MemoryStore, where: DeadLetterFilter
+) -> None:
+    assert await store.count_dead(where) == await reference.count_dead(where), where
+    for limit, offset in ((1000, 0), (7, 0), (7, 5), (50, 20), (10, 290)):
+        got = await store.list_dead(where, limit=limit, offset=offset)
+        want = await reference.list_dead(where, limit=limit, offset=offset)
+        assert [d.id for d in got] == [d.id for d in want], (where, limit, offset)
+    for by in DEAD_LETTER_GROUP_FIELDS:
+        for limit in (1, 3, 100):
+            got_groups = await store.group_dead(by, where, limit=limit)  # type: ignore[arg-type]
+            want_groups = await reference.group_dead(by, where, limit=limit)  # type: ignore[arg-type]
+            assert got_groups == want_groups, (by, where, limit)
+
+
+async def test_dead_letter_queries_match_the_reference_at_three_hundred_items(
     redis_store: RedisStore,
 ) -> None:
     letters = _dead_letters(300)
@@ -209,22 +275,12 @@ async def test_dead_letter_filters_and_order_match_the_reference_at_three_hundre
     for start in range(0, len(letters), 100):
         await redis_store.record_failures([], letters[start : start + 100])
         await reference.record_failures([], letters[start : start + 100])
-    assert await redis_store.count_dead() == 300
-    for processed in (None, True, False):
-        assert await redis_store.count_dead(processed) == await reference.count_dead(processed)
-    filters = [
-        {"event_type": t, "handler_name": h, "processed": p}
-        for t in (None, "like.added", "user.deleted", "nope")
-        for h in (None, "A", "D")
-        for p in (None, True, False)
-    ]
-    for where in filters:
-        for limit, offset in ((1000, 0), (7, 0), (7, 5), (50, 20), (10, 290)):
-            got = await redis_store.list_dead(limit=limit, offset=offset, **where)  # type: ignore[arg-type]
-            want = await reference.list_dead(limit=limit, offset=offset, **where)  # type: ignore[arg-type]
-            assert [d.id for d in got] == [d.id for d in want], (where, limit, offset)
-    assert await redis_store.list_dead(limit=1000, offset=0) == await reference.list_dead(
-        limit=1000, offset=0
+    assert await redis_store.count_dead(DeadLetterFilter()) == 300
+    for where in _filters(letters):
+        await _assert_like_the_reference(redis_store, reference, where)
+    everything = DeadLetterFilter()
+    assert await redis_store.list_dead(everything, limit=1000, offset=0) == (
+        await reference.list_dead(everything, limit=1000, offset=0)
     )
 
 
@@ -235,27 +291,224 @@ async def test_updating_deleting_and_cleaning_keep_the_dead_letter_indexes_right
     reference = MemoryStore()
     await redis_store.record_failures([], letters)
     await reference.record_failures([], letters)
-    for letter in letters[:60]:
-        changed = replace(letter, processed=not letter.processed, error="again")
+    for n, letter in enumerate(letters[:60]):
+        # a reprocess changes the error, so the failure group; a reason change moves it too
+        changed = replace(
+            letter,
+            processed=not letter.processed,
+            error=f"again {n}",
+            error_type="RuntimeError",
+            reason="reprocessed" if n % 3 == 0 else letter.reason,
+        )
+        assert changed.failure_group != letter.failure_group
         assert await redis_store.update_dead(changed)
         await reference.update_dead(changed)
     for letter in letters[60:80]:
         assert await redis_store.delete_dead(letter.id)
         await reference.delete_dead(letter.id)
+    ids = [letter.id for letter in letters[80:90]] + ["dlq_missing", letters[80].id]
+    assert await redis_store.delete_dead_many(ids) == await reference.delete_dead_many(ids) == 10
     cutoff = letters[0].created_at + timedelta(seconds=20)
     assert await redis_store.cleanup_dead(cutoff) == await reference.cleanup_dead(cutoff)
-    for where in ({}, {"processed": True}, {"handler_name": "B", "processed": False}):
-        got = await redis_store.list_dead(limit=1000, offset=0, **where)  # type: ignore[arg-type]
-        want = await reference.list_dead(limit=1000, offset=0, **where)  # type: ignore[arg-type]
-        assert got == want
-    for processed in (None, True, False):
-        assert await redis_store.count_dead(processed) == await reference.count_dead(processed)
+    for where in [*_filters(letters), DeadLetterFilter(reason="reprocessed")]:
+        await _assert_like_the_reference(redis_store, reference, where)
+    old_group = DeadLetterFilter(failure_group=letters[0].failure_group)
+    assert letters[0].id not in {
+        d.id for d in await redis_store.list_dead(old_group, limit=1000, offset=0)
+    }
     # nothing is left behind in the per-value index sets once every letter is gone
-    remaining = await redis_store.list_dead(limit=1000, offset=0)
-    for letter in remaining:
-        assert await redis_store.delete_dead(letter.id)
+    remaining = await redis_store.list_dead(DeadLetterFilter(), limit=1000, offset=0)
+    assert await redis_store.delete_dead_many([letter.id for letter in remaining]) == len(remaining)
     keys = [key async for key in raw.scan_iter(match=f"{redis_store.prefix}:dead:*")]
     assert keys == []
+    assert await redis_store.group_dead("failure_group", DeadLetterFilter(), limit=10) == []
+
+
+async def _write_layout_one(raw: aioredis.Redis, prefix: str, letter: DeadLetterItem) -> None:
+    """Write a dead letter as the previous version of the store did: no reason, failure
+    group or event id index, no value sets."""
+    score = _score(letter.created_at)
+    index = json.dumps(
+        [letter.event_type, letter.handler_name, int(letter.processed), score],
+        separators=(",", ":"),
+    )
+    async with raw.pipeline(transaction=True) as pipe:
+        pipe.hset(f"{prefix}:dead:items", letter.id, _dead_json(letter))
+        pipe.hset(f"{prefix}:dead:index", letter.id, index)
+        for key in (
+            "dead:created",
+            f"dead:type:{letter.event_type}",
+            f"dead:handler:{letter.handler_name}",
+            f"dead:processed:{int(letter.processed)}",
+        ):
+            pipe.zadd(f"{prefix}:{key}", {letter.id: float(score)})
+        await pipe.execute()
+
+
+async def test_dead_letters_of_layout_one_get_the_new_indexes_on_first_use(
+    raw: aioredis.Redis,
+) -> None:
+    """Dead letters as the previous version wrote them (and no layout version) are
+    back-filled when a store connects, in batches."""
+    letters = _dead_letters(1200)  # more than one HSCAN batch
+    reference = MemoryStore()
+    await reference.record_failures([], letters)
+    async with open_test_store() as store:
+        prefix = store.prefix
+        await raw.delete(f"{prefix}:schema")
+        for letter in letters:
+            await _write_layout_one(raw, prefix, letter)
+        async with open_store(store_url(prefix)) as upgraded:
+            assert isinstance(upgraded, RedisStore)
+            assert await raw.get(f"{prefix}:schema") == str(LAYOUT_VERSION)
+            indexes = await raw.hvals(f"{prefix}:dead:index")
+            assert {len(json.loads(index)) for index in indexes} == {7}
+            for where in _filters(letters)[-12:]:
+                await _assert_like_the_reference(upgraded, reference, where)
+        # the version is recorded: a store opened later does not scan again
+        extra = _dead_letters(3)[0]
+        await _write_layout_one(raw, prefix, extra)
+        async with open_store(store_url(prefix)) as later:
+            assert isinstance(later, RedisStore)
+            index = await raw.hget(f"{prefix}:dead:index", extra.id)
+            assert index is not None
+            assert len(json.loads(index)) == 4
+
+
+async def test_a_damaged_dead_letter_of_layout_one_is_indexed_as_it_is_shown(
+    raw: aioredis.Redis,
+) -> None:
+    letter = _dead_letters(3)[0]
+    async with open_test_store() as store:
+        await raw.delete(f"{store.prefix}:schema")
+        await _write_layout_one(raw, store.prefix, letter)
+        await raw.hset(f"{store.prefix}:dead:items", letter.id, "{not json")
+        async with open_store(store_url(store.prefix)) as upgraded:
+            shown = await upgraded.get_dead(letter.id)
+            assert shown is not None
+            assert shown.reason == "undecodable dead letter"
+            for where in (
+                DeadLetterFilter(reason=shown.reason),
+                DeadLetterFilter(failure_group=shown.failure_group),
+            ):
+                assert [d.id for d in await upgraded.list_dead(where, limit=5, offset=0)] == [
+                    letter.id
+                ]
+
+
+async def test_a_lazy_upgrade_runs_before_the_first_query(raw: aioredis.Redis) -> None:
+    letter = _dead_letters(3)[0]
+    async with open_test_store() as store:
+        prefix = store.prefix
+        await raw.delete(f"{prefix}:schema")
+        score = _score(letter.created_at)
+        await raw.hset(f"{prefix}:dead:items", letter.id, _dead_json(letter))
+        await raw.hset(
+            f"{prefix}:dead:index",
+            letter.id,
+            json.dumps([letter.event_type, letter.handler_name, 0, score]),
+        )
+        await raw.zadd(f"{prefix}:dead:created", {letter.id: float(score)})
+        fresh = RedisStore.from_url(store_url(prefix))  # not connected: first use upgrades
+        try:
+            groups = await fresh.group_dead("failure_group", DeadLetterFilter(), limit=5)
+            assert [(g.key, g.count, g.sample_id) for g in groups] == [
+                (letter.failure_group, 1, letter.id)
+            ]
+        finally:
+            await fresh.close()
+
+
+# retry queue breakdowns ------------------------------------------------------------------
+
+
+async def test_group_retry_reads_records_of_any_field_order_and_escaped_names(
+    redis_store: RedisStore, raw: aioredis.Redis, clock: ManualClock
+) -> None:
+    bus = EventBus(redis_store, clock=clock)
+    reference = MemoryStore()
+    names = ['Mail"er', "Zähler\\n", "plain", "back\\slash\\"]
+    items = []
+    for n in range(40):
+        event = Event(["a.x", "b/y", 'c"z'][n % 3], {"n": n, "handler_name": "decoy"})
+        due = clock.now() + timedelta(seconds=n % 7)
+        item = await bus.retry_queue.add(event, names[n % 4], "boom", next_retry=due)
+        await reference.record_failures([item], [])
+        items.append(item)
+    # records written by the previous version: handler_name after the event fields
+    for item in items[::5]:
+        text = await raw.hget(f"{redis_store.prefix}:retry:items", item.id)
+        assert text is not None
+        record = json.loads(text)
+        reordered = {
+            "attempt": record.pop("attempt"),
+            "id": record.pop("id"),
+            "event_id": record.pop("event_id"),
+        }
+        reordered.update(record)
+        await raw.hset(f"{redis_store.prefix}:retry:items", item.id, json.dumps(reordered))
+    for by in ("handler_name", "event_type"):
+        for limit in (1, 2, 10):
+            got = await redis_store.group_retry(by, limit=limit)
+            want = await reference.group_retry(by, limit=limit)
+            assert got == want, (by, limit)
+
+
+async def test_group_retry_walks_the_queue_in_chunks(
+    redis_store: RedisStore, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_module, "_GROUP_CHUNK", 3)
+    reference = MemoryStore()
+    bus = EventBus(redis_store, clock=clock)
+    for n in range(20):
+        due = clock.now() + timedelta(seconds=n % 4)
+        item = await bus.retry_queue.add(Event(f"t{n % 2}"), f"h{n % 3}", "e", next_retry=due)
+        await reference.record_failures([item], [])
+    for by in ("handler_name", "event_type"):
+        want = await reference.group_retry(by, limit=10)
+        assert await redis_store.group_retry(by, limit=10) == want
+
+
+# control records -----------------------------------------------------------------------
+
+
+async def test_control_records_compare_and_set_across_connections(
+    redis_store: RedisStore, raw: aioredis.Redis
+) -> None:
+    others = [RedisStore.from_url(store_url(redis_store.prefix)) for _ in range(6)]
+    try:
+        assert await redis_store.put_control("race", {"n": 0}, version=0) == 1
+        results = await asyncio.gather(
+            *(store.put_control("race", {"n": n}, version=1) for n, store in enumerate(others, 1))
+        )
+        assert [r for r in results if r is not None] == [2]
+        record = await redis_store.get_control("race")
+        assert record is not None
+        winner = results.index(2) + 1
+        assert (record.version, dict(record.value)) == (2, {"n": winner})
+    finally:
+        for store in others:
+            await store.close()
+    keys = {key async for key in raw.scan_iter(match=f"{redis_store.prefix}:control:*")}
+    assert keys == {
+        f"{redis_store.prefix}:control:index",
+        f"{redis_store.prefix}:control:rec:race",
+    }
+    assert await redis_store.delete_control("race")
+    assert [key async for key in raw.scan_iter(match=f"{redis_store.prefix}:control:*")] == []
+
+
+async def test_list_control_takes_exactly_the_keys_with_the_prefix(
+    redis_store: RedisStore,
+) -> None:
+    keys = ["a", "a:", "a:b", "a:\u00e9", "a:\U0001f600", "a;", "a\x00", "b", "ä:1", "ä:2", ""]
+    for key in keys:
+        assert await redis_store.put_control(key, {"k": key}, version=0) == 1
+    for prefix in ("", "a", "a:", "ä", "ä:", "a:\U0001f600", "z", "a:b:c"):
+        listed = await redis_store.list_control(prefix)
+        want = sorted(key for key in keys if key.startswith(prefix))
+        assert [record.key for record in listed] == want, prefix
+        assert [dict(record.value) for record in listed] == [{"k": key} for key in want]
 
 
 # bad input -------------------------------------------------------------------------
@@ -437,7 +690,11 @@ def test_four_worker_processes_handle_ten_thousand_items_exactly_once_each(
 
         async def after() -> tuple[int, int, Counters]:
             async with open_store(url) as store:
-                return await store.retry_count(), await store.count_dead(), await store.counters()
+                return (
+                    await store.retry_count(),
+                    await store.count_dead(DeadLetterFilter()),
+                    await store.counters(),
+                )
 
         retry_count, dead_count, counters = asyncio.run(after())
         assert (retry_count, dead_count) == (0, 0)

@@ -7,9 +7,11 @@ that a person can browse, reprocess and clean.
 """
 
 import logging as _logging
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from ._bus import EventBus, PublishResult
 from ._clock import Clock, ManualClock, SystemClock
+from ._dead_letters import BulkResult, DeadLetterQueue
 from ._errors import (
     ItemNotFound,
     PermanentError,
@@ -19,13 +21,19 @@ from ._errors import (
     UnknownHandler,
 )
 from ._event import Event
+from ._filters import DeadLetterFilter
+from ._groups import FailureGroup, GroupCount, failure_group_key, message_shape
 from ._handlers import Subscription
+from ._history import DepthHistory, DepthSample
 from ._policy import ExponentialBackoff, FixedDelay, LinearBackoff, RetryPolicy
-from ._queues import DeadLetterQueue, RetryQueue
+from ._queues import RetryQueue
 from ._records import DeadLetterItem, RetryItem
 from ._stats import Stats
 from ._stores import Store, open_store
 from ._worker import RetryWorker
+
+if _TYPE_CHECKING:
+    from ._redrive import Redrive, Redrives
 
 __version__ = "0.1.0"
 
@@ -34,18 +42,26 @@ __version__ = "0.1.0"
 _logging.getLogger("retrybus").addHandler(_logging.NullHandler())
 
 __all__ = [
+    "BulkResult",
     "Clock",
+    "DeadLetterFilter",
     "DeadLetterItem",
     "DeadLetterQueue",
+    "DepthHistory",
+    "DepthSample",
     "Event",
     "EventBus",
     "ExponentialBackoff",
+    "FailureGroup",
     "FixedDelay",
+    "GroupCount",
     "ItemNotFound",
     "LinearBackoff",
     "ManualClock",
     "PermanentError",
     "PublishResult",
+    "Redrive",
+    "Redrives",
     "RetryAfter",
     "RetryItem",
     "RetryPolicy",
@@ -59,5 +75,16 @@ __all__ = [
     "SystemClock",
     "UnknownHandler",
     "__version__",
+    "failure_group_key",
+    "message_shape",
     "open_store",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # redrives are for operators' tools; a worker process never loads them
+    if name in ("Redrive", "Redrives"):
+        from . import _redrive
+
+        return getattr(_redrive, name)
+    raise AttributeError(f"module 'retrybus' has no attribute {name!r}")

@@ -8,19 +8,24 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._clock import Clock, SystemClock
+from ._dead_letters import DeadLetterQueue
 from ._decision import decide
 from ._errors import UnknownHandler
 from ._event import Event
+from ._filters import DeadLetterFilter
 from ._handlers import Handler, HandlerRegistry, Subscription
 from ._policy import ExponentialBackoff, RetryPolicy
-from ._queues import DeadLetterQueue, RetryQueue
+from ._queues import RetryQueue
 from ._records import DeadLetterItem, ErrorInfo, RetryItem
 from ._stats import Stats
 from ._stores.base import Store
 from ._stores.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from ._redrive import Redrives
 
 __all__ = ["EventBus", "PublishResult"]
 
@@ -105,6 +110,17 @@ class EventBus:
         self._schedule_listeners: list[Callable[[datetime], None]] = []
         self.retry_queue = RetryQueue(self)
         self.dead_letters = DeadLetterQueue(self)
+        self._redrives: Redrives | None = None
+
+    @property
+    def redrives(self) -> Redrives:
+        """Start, follow and steer redrives of the dead letter queue (``Redrives``)."""
+        if self._redrives is None:
+            # imported on first use: workers, which never redrive, stay small
+            from ._redrive import Redrives
+
+            self._redrives = Redrives(self)
+        return self._redrives
 
     @property
     def store(self) -> Store:
@@ -287,8 +303,10 @@ class EventBus:
         counters = await self._store.counters()
         return Stats.from_counts(
             retry_queue_size=await self._store.retry_count(),
-            dead_letter_queue_size=await self._store.count_dead(),
-            unprocessed_dead_letters=await self._store.count_dead(False),
+            dead_letter_queue_size=await self._store.count_dead(DeadLetterFilter()),
+            unprocessed_dead_letters=await self._store.count_dead(
+                DeadLetterFilter(processed=False)
+            ),
             counters=counters,
         )
 

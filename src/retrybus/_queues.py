@@ -1,12 +1,11 @@
-"""The two queues as users see them: ``bus.retry_queue`` and ``bus.dead_letters``."""
+"""The retry queue as users see it: ``bus.retry_queue``."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._errors import ItemNotFound
 from ._event import Event
@@ -22,7 +21,7 @@ from ._stores.base import (
 if TYPE_CHECKING:
     from ._bus import EventBus
 
-__all__ = ["DeadLetterQueue", "RetryQueue"]
+__all__ = ["RetryQueue"]
 
 EXPIRED_REASON = "expired in retry queue"
 
@@ -245,130 +244,6 @@ class RetryQueue:
         moved = await self._bus.store.expire_retry(before=before, now=now, reason=EXPIRED_REASON)
         await self._bus._announce_dead_letters(moved)
         return len(moved)
-
-    async def health(self) -> None:
-        """Raise ``StoreUnavailable`` unless the store answers."""
-        await self._bus.store.health()
-
-
-class DeadLetterQueue:
-    """Deliveries that will not be retried again, for a person to browse,
-    reprocess, requeue and clean."""
-
-    def __init__(self, bus: EventBus) -> None:
-        self._bus = bus
-
-    async def add(
-        self,
-        item: RetryItem,
-        *,
-        reason: str,
-        error: BaseException | str | None = None,
-    ) -> DeadLetterItem:
-        """Record ``item`` as a dead letter (it is not removed from the retry queue:
-        ``bus.retry_queue.mark_failed`` moves it)."""
-        if not isinstance(item, RetryItem):
-            raise TypeError(f"expected a RetryItem, got {item!r}")
-        if not reason:
-            raise ValueError("a dead letter needs a reason")
-        dead = item.to_dead_letter(
-            reason=reason,
-            now=self._bus.clock.now(),
-            error=None if error is None else ErrorInfo.coerce(error),
-            copy=True,
-        )
-        await self._bus.store.record_failures([], [dead])
-        await self._bus._announce_dead_letters([dead])
-        return dead
-
-    async def list(
-        self,
-        limit: int = 100,
-        offset: int = 0,
-        *,
-        event_type: str | None = None,
-        handler_name: str | None = None,
-        processed: bool | None = None,
-    ) -> list[DeadLetterItem]:
-        """Dead letters, newest first, optionally filtered."""
-        _check_page(limit, offset)
-        return await self._bus.store.list_dead(
-            limit=limit,
-            offset=offset,
-            event_type=event_type,
-            handler_name=handler_name,
-            processed=processed,
-        )
-
-    async def get(self, item_id: str) -> DeadLetterItem:
-        """The dead letter with this id; raises ``ItemNotFound``."""
-        item = await self._bus.store.get_dead(item_id)
-        if item is None:
-            raise ItemNotFound(item_id)
-        return item
-
-    async def reprocess(self, item_id: str) -> DeadLetterItem:
-        """Call the item's handler now. On success the item is marked ``processed``
-        (with ``processed_at``); on failure it stays, carrying the new error.
-        Returns the item as stored afterwards.
-
-        Raises ``ItemNotFound``, or ``UnknownHandler`` when no handler of its
-        name is subscribed on this bus.
-        """
-        item = await self.get(item_id)
-        subscription = self._bus.subscription(item.handler_name)
-        now = self._bus.clock.now()
-        metadata: dict[str, Any] = dict(item.metadata)
-        metadata["reprocess_count"] = int(metadata.get("reprocess_count", 0)) + 1
-        metadata["last_reprocessed_at"] = now.isoformat()
-        try:
-            await subscription.call(item.to_event())
-        except Exception as exc:
-            info = ErrorInfo.from_exception(exc)
-            updated = replace(
-                item,
-                error=info.message,
-                error_type=info.type,
-                traceback=info.traceback,
-                metadata=metadata,
-            )
-        else:
-            updated = replace(
-                item, processed=True, processed_at=self._bus.clock.now(), metadata=metadata
-            )
-        if not await self._bus.store.update_dead(updated):
-            raise ItemNotFound(item_id)
-        return updated
-
-    async def requeue(self, item_id: str) -> RetryItem:
-        """Move the dead letter back into the retry queue, due now, with all its
-        retries ahead of it (the handler's current policy). Returns the new item."""
-        item = await self.get(item_id)
-        now = self._bus.clock.now()
-        policy = self._bus.policy_for(item.handler_name)
-        retry_item = item.to_retry_item(max_retries=policy.max_retries, now=now)
-        if not await self._bus.store.requeue_dead(item_id, retry_item):
-            raise ItemNotFound(item_id)
-        self._bus._retry_scheduled(now)
-        return retry_item
-
-    async def delete(self, item_id: str) -> None:
-        """Delete one dead letter; raises ``ItemNotFound``."""
-        if not await self._bus.store.delete_dead(item_id):
-            raise ItemNotFound(item_id)
-
-    async def count(self, processed: bool | None = None) -> int:
-        """How many dead letters there are (optionally only processed or unprocessed ones)."""
-        return await self._bus.store.count_dead(processed)
-
-    async def cleanup(self, before: datetime | None = None) -> int:
-        """Delete dead letters created before ``before`` (default: older than the
-        bus's ``dead_letter_retention``); returns how many."""
-        if before is None:
-            if self._bus.dead_letter_retention is None:
-                return 0
-            before = self._bus.clock.now() - timedelta(seconds=self._bus.dead_letter_retention)
-        return await self._bus.store.cleanup_dead(before)
 
     async def health(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from ._event import Event, compact_json
+from ._groups import failure_group_key
 
 __all__ = ["DeadLetterItem", "ErrorInfo", "RetryItem"]
 
@@ -326,6 +327,11 @@ class DeadLetterItem:
             subject=self.event_subject,
             extensions=self.event_extensions,
         )
+
+    @property
+    def failure_group(self) -> str:
+        """The failure group key (``grp_…``): same handler, error type and message shape."""
+        return failure_group_key(self.handler_name, self.error_type, self.error)
 
     def to_retry_item(self, *, max_retries: int, now: datetime) -> RetryItem:
         """A fresh retry item for this dead letter, due now, with all its retries ahead."""

@@ -19,6 +19,7 @@ from ._batch import ClaimedBatch
 from ._bus import EventBus
 from ._decision import decide
 from ._errors import StoreUnavailable
+from ._history import DEFAULT_INTERVAL, DepthHistory
 from ._policy import RetryPolicy
 from ._records import ErrorInfo, RetryItem
 from ._stores.base import DeadLettered, Outcome, Rescheduled, Succeeded
@@ -57,7 +58,10 @@ class RetryWorker:
     are claimed at once and run ``concurrency`` at a time; each is leased for
     ``lease`` seconds, extended while its handler runs. Every
     ``maintenance_interval`` seconds it moves expired retry items to the dead
-    letter queue and deletes dead letters past the bus's retention.
+    letter queue and deletes dead letters past the bus's retention. Every
+    ``depth_sample_interval`` seconds (None: never) it adds a sample of the queues'
+    depth to the store's history (``DepthHistory``) that the dashboard charts; many
+    workers add one sample per interval between them.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class RetryWorker:
         concurrency: int = 16,
         lease: float = 60.0,
         maintenance_interval: float = 3600.0,
+        depth_sample_interval: float | None = DEFAULT_INTERVAL,
         name: str | None = None,
     ) -> None:
         if not isinstance(bus, EventBus):
@@ -79,6 +84,14 @@ class RetryWorker:
         self.concurrency = _positive_int("concurrency", concurrency)
         self.lease = _positive("lease", lease)
         self.maintenance_interval = _positive("maintenance_interval", maintenance_interval)
+        self.depth_history = (
+            None
+            if depth_sample_interval is None
+            else DepthHistory(
+                bus, interval=_positive("depth_sample_interval", depth_sample_interval)
+            )
+        )
+        self._next_sample: datetime | None = None
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._claims = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
@@ -171,6 +184,7 @@ class RetryWorker:
         while not self._stopping:
             try:
                 await self._maintain()
+                await self._sample_depth()
                 handled = await self.run_once()
                 self._store_answered()
                 backoff = 0.0
@@ -220,6 +234,19 @@ class RetryWorker:
                 expired,
                 deleted,
             )
+
+    async def _sample_depth(self) -> None:
+        history = self.depth_history
+        now = self.bus.clock.now()
+        if history is None or (self._next_sample is not None and now < self._next_sample):
+            return
+        self._next_sample = now + timedelta(seconds=history.interval)
+        try:
+            await history.record()
+        except StoreUnavailable:
+            raise
+        except Exception:  # the chart's history is not worth stopping retries for
+            logger.exception("worker %s: could not record the queue depth", self.name)
 
     # one pass --------------------------------------------------------------
 

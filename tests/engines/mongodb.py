@@ -88,7 +88,7 @@ async def open_test_store(**kwargs: Any) -> AsyncIterator[MongoStore]:
     url = database_url(name, timeout="10")
     store = MongoStore.from_url(url)
     if kwargs:  # options of the store object (transactions=False, say)
-        store = MongoStore(database_url(name), database=name, timeout=10, **kwargs)
+        store = MongoStore(url, database=name, timeout=10, client_url=database_url(name), **kwargs)
     try:
         await store.connect()
     except StoreUnavailable as exc:

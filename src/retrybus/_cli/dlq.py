@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
 
 from .._bus import EventBus
-from .._errors import ItemNotFound
+from .._filters import DeadLetterFilter
 from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
+from .dlq_actions import delete_dead_letters, reprocess_dead_letters, requeue_dead_letters
 from .output import echo_json, record_to_dict
-from .session import EXIT_FAILURE, EXIT_USAGE, connected_bus
+from .redrive import redrive_app
+from .selection import FilterOption, describe, parse_filter
+from .session import EXIT_USAGE, connected_bus
 
 __all__ = ["dlq_app"]
 
@@ -23,7 +25,11 @@ dlq_app = typer.Typer(
 )
 
 IdArgument = Annotated[str, typer.Argument(metavar="ID", help="A dead letter id (dlq_…).")]
-_PAGE = 500
+
+dlq_app.command("requeue")(requeue_dead_letters)
+dlq_app.command("reprocess")(reprocess_dead_letters)
+dlq_app.command("delete")(delete_dead_letters)
+dlq_app.add_typer(redrive_app)
 
 
 @dlq_app.command("list")
@@ -43,28 +49,34 @@ def list_dead_letters(
             show_default=False,
         ),
     ] = None,
+    filters: FilterOption = None,
     json: JsonOption = False,
     app: AppOption = None,
     app_dir: AppDirOption = ".",
 ) -> None:
     """List dead letters, newest first."""
+    where = parse_filter(filters, datetime.now(UTC)) if filters else DeadLetterFilter()
 
     async def main() -> None:
         async with connected_bus(store, app, app_dir) as bus:
-            items = await bus.dead_letters.list(
-                limit,
-                offset,
-                event_type=event_type,
-                handler_name=handler,
-                processed=processed,
+            selected = where.narrowed(
+                **{
+                    name: value
+                    for name, value in (
+                        ("event_type", event_type),
+                        ("handler_name", handler),
+                        ("processed", processed),
+                    )
+                    if value is not None
+                }
             )
+            items = await bus.dead_letters.list(limit, offset, where=selected)
             if json:
                 echo_json([record_to_dict(item) for item in items])
                 return
             from . import views
 
-            filtered = event_type is not None or handler is not None
-            total = None if filtered else await bus.dead_letters.count(processed)
+            total = await bus.dead_letters.count(where=selected)
             title = f"dead letters — {bus.store.url}"
             out = views.console()
             out.print(views.dead_letter_table(items, bus.clock.now(), title))
@@ -103,92 +115,65 @@ def show_dead_letter(
     run(main())
 
 
-@dlq_app.command("reprocess")
-def reprocess_dead_letter(
-    item_id: IdArgument,
+@dlq_app.command("groups")
+def dead_letter_groups(
     store: StoreOption = None,
-    app: AppOption = None,
-    app_dir: AppDirOption = ".",
+    by: Annotated[
+        str,
+        typer.Option(
+            metavar="FIELD",
+            help="failure (handler + error type + message shape), handler, type or reason.",
+        ),
+    ] = "failure",
+    filters: FilterOption = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many groups to show.")] = 50,
     json: JsonOption = False,
 ) -> None:
-    """Call the dead letter's handler now (needs --app).
+    """Dead letters grouped, largest group first: one bad deploy is one row.
 
-    On success the dead letter is marked processed; on failure it stays, with the new
-    error, and the exit status is 1.
+    A failure group's key selects its dead letters in other commands:
+    `retrybus dlq requeue --filter group=KEY`.
     """
-    if app is None:
-        fail(
-            "dlq reprocess calls the handler, so it needs --app MODULE:ATTR naming your "
-            "EventBus; without it use 'retrybus dlq requeue ID' and let a worker retry it",
-            EXIT_USAGE,
-        )
-
-    async def main() -> bool:
-        async with connected_bus(store, app, app_dir) as bus:
-            before = await bus.dead_letters.get(item_id)
-            bus.subscription(before.handler_name)  # UnknownHandler before the call, not after
-            after = await bus.dead_letters.reprocess(item_id)
-            succeeded = after.processed and after.processed_at != before.processed_at
-            if json:
-                echo_json({**record_to_dict(after), "reprocess_succeeded": succeeded})
-            elif succeeded:
-                typer.echo(
-                    f"reprocessed {item_id}: {after.handler_name} succeeded; marked processed"
-                )
-            else:
-                typer.echo(
-                    f"reprocessed {item_id}: {after.handler_name} failed again: "
-                    f"{after.error_type or 'error'}: {after.error}"
-                )
-            return succeeded
-
-    if not run(main()):
-        raise typer.Exit(EXIT_FAILURE)
-
-
-@dlq_app.command("requeue")
-def requeue_dead_letter(
-    item_id: IdArgument,
-    store: StoreOption = None,
-    json: JsonOption = False,
-    app: AppOption = None,
-    app_dir: AppDirOption = ".",
-) -> None:
-    """Move a dead letter back to the retry queue, due now.
-
-    It gets all its retries ahead of it, counted by the handler's policy when --app
-    is given, else by the default policy (3 retries). A running worker picks it up.
-    """
-
-    async def main() -> None:
-        async with connected_bus(store, app, app_dir) as bus:
-            item = await bus.dead_letters.requeue(item_id)
-            if json:
-                echo_json(record_to_dict(item))
-            else:
-                typer.echo(
-                    f"requeued {item_id} as {item.id}: due now for {item.handler_name}, "
-                    f"{item.max_retries} retries ahead; a running worker will pick it up"
-                )
-
-    run(main())
-
-
-@dlq_app.command("delete")
-def delete_dead_letter(
-    item_id: IdArgument,
-    store: StoreOption = None,
-    json: JsonOption = False,
-) -> None:
-    """Delete one dead letter."""
+    fields = {
+        "failure": "failure_group",
+        "handler": "handler_name",
+        "type": "event_type",
+        "reason": "reason",
+    }
+    if by not in fields:
+        fail(f"--by {by!r}: use one of {', '.join(fields)}", EXIT_USAGE)
+    where = parse_filter(filters, datetime.now(UTC))
 
     async def main() -> None:
         async with connected_bus(store) as bus:
-            await bus.dead_letters.delete(item_id)
+            now = bus.clock.now()
+            from . import views
+
+            if by == "failure":
+                groups = await bus.dead_letters.groups(where, limit=limit)
+                if json:
+                    echo_json([group.to_dict() for group in groups])
+                    return
+                title = f"failure groups ({describe(where)}) — {bus.store.url}"
+                views.console().print(views.failure_group_table(groups, now, title))
+                return
+            counts = await bus.dead_letters.counts_by(fields[by], where, limit=limit)
             if json:
-                echo_json({"deleted": item_id})
-            else:
-                typer.echo(f"deleted {item_id}")
+                echo_json(
+                    [
+                        {
+                            "key": c.key,
+                            "count": c.count,
+                            "first_at": c.first_at,
+                            "last_at": c.last_at,
+                            "sample_id": c.sample_id,
+                        }
+                        for c in counts
+                    ]
+                )
+                return
+            title = f"dead letters by {by} ({describe(where)}) — {bus.store.url}"
+            views.console().print(views.count_table(counts, by, now, title))
 
     run(main())
 
@@ -248,18 +233,7 @@ def purge_dead_letters(
 
 
 async def _purge_processed(bus: EventBus, before: datetime) -> int:
-    # The store deletes by age only; processed ones older than ``before`` are
-    # found page by page (newest first) and deleted one by one.
-    deleted = 0
-    kept = 0
-    while True:
-        page = await bus.dead_letters.list(_PAGE, kept, processed=True)
-        if not page:
-            return deleted
-        for item in page:
-            if item.created_at < before:
-                with contextlib.suppress(ItemNotFound):  # deleted meanwhile by someone else
-                    await bus.dead_letters.delete(item.id)
-                    deleted += 1
-            else:
-                kept += 1
+    where = DeadLetterFilter(processed=True)
+    if before < datetime.max.replace(tzinfo=UTC):
+        where = where.narrowed(created_before=before)
+    return await bus.dead_letters.delete_matching(where)

@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
-from .common import AppDirOption, AppOption, JsonOption, StoreOption, run
+from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
 from .output import echo_json, record_to_dict
-from .session import connected_bus
+from .session import EXIT_USAGE, connected_bus
 
 __all__ = ["queue_app", "stats"]
 
@@ -50,6 +50,44 @@ def list_retry_items(
             out.print(views.retry_table(items, bus.clock.now(), title))
             shown = f"{offset + 1}–{offset + len(items)}" if items else "none"
             out.print(f"showing {shown} of {total} (all handlers and types)")
+
+    run(main())
+
+
+@queue_app.command("groups")
+def retry_groups(
+    store: StoreOption = None,
+    by: Annotated[str, typer.Option(metavar="FIELD", help="handler or type.")] = "handler",
+    limit: Annotated[int, typer.Option(min=1, help="How many groups to show.")] = 50,
+    json: JsonOption = False,
+) -> None:
+    """Retry items counted per handler (or event type), largest first, with when the
+    first and the last of them fall due."""
+    fields = {"handler": "handler_name", "type": "event_type"}
+    if by not in fields:
+        fail(f"--by {by!r}: use handler or type", EXIT_USAGE)
+
+    async def main() -> None:
+        async with connected_bus(store) as bus:
+            counts = await bus.store.group_retry(fields[by], limit=limit)  # type: ignore[arg-type]
+            if json:
+                echo_json(
+                    [
+                        {
+                            "key": c.key,
+                            "count": c.count,
+                            "first_due": c.first_at,
+                            "last_due": c.last_at,
+                            "sample_id": c.sample_id,
+                        }
+                        for c in counts
+                    ]
+                )
+                return
+            from . import views
+
+            title = f"retry queue by {by} — {bus.store.url}"
+            views.console().print(views.count_table(counts, by, bus.clock.now(), title, due=True))
 
     run(main())
 

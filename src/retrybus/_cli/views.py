@@ -13,14 +13,17 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from .._groups import FailureGroup, GroupCount
 from .._records import DeadLetterItem, RetryItem
 from .._stats import Stats
 
 __all__ = [
     "console",
+    "count_table",
     "dead_letter_detail",
     "dead_letter_table",
     "duration",
+    "failure_group_table",
     "retry_table",
     "stats_table",
 ]
@@ -180,3 +183,43 @@ def dead_letter_detail(item: DeadLetterItem, now: datetime) -> RenderableType:
     if item.traceback:
         parts += [Text("\ntraceback", style="bold"), Text(item.traceback.rstrip(), style="dim")]
     return Group(*parts)
+
+
+def failure_group_table(groups: Sequence[FailureGroup], now: datetime, title: str) -> Table:
+    """Failure groups, one per row, largest first."""
+    table = Table(title=escape(title), title_justify="left")
+    table.add_column("count", justify="right", style="bold")
+    table.add_column("handler", no_wrap=True)
+    table.add_column("error type", no_wrap=True)
+    table.add_column("message shape", overflow="ellipsis")
+    table.add_column("first", no_wrap=True)
+    table.add_column("last", no_wrap=True)
+    table.add_column("group (--filter group=…)", no_wrap=True, style="cyan")
+    for group in groups:
+        table.add_row(
+            str(group.count),
+            escape(group.handler_name),
+            escape(group.error_type.rsplit(".", 1)[-1] or "—"),
+            escape(_short(group.shape, 60)),
+            _ago(group.first_at, now),
+            _ago(group.last_at, now),
+            group.key,
+        )
+    return table
+
+
+def count_table(
+    counts: Sequence[GroupCount], by: str, now: datetime, title: str, *, due: bool = False
+) -> Table:
+    """Counts per value of one field, largest first (``due``: the times are next retries)."""
+    when = _due if due else _ago
+    table = Table(title=escape(title), title_justify="left")
+    table.add_column("count", justify="right", style="bold")
+    table.add_column(by, no_wrap=True)
+    table.add_column("first due" if due else "first", no_wrap=True)
+    table.add_column("last due" if due else "last", no_wrap=True)
+    for count in counts:
+        table.add_row(
+            str(count.count), escape(count.key), when(count.first_at, now), when(count.last_at, now)
+        )
+    return table

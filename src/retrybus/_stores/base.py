@@ -14,11 +14,16 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
+from .._filters import DeadLetterFilter
+from .._groups import GroupCount
 from .._records import DeadLetterItem, RetryItem, dead_letter_id_for
 
 __all__ = [
+    "DEAD_LETTER_GROUP_FIELDS",
+    "RETRY_GROUP_FIELDS",
+    "ControlRecord",
     "CorruptRecord",
     "Counters",
     "DeadLettered",
@@ -62,6 +67,27 @@ class DeadLettered:
 
 
 Outcome = Succeeded | Rescheduled | DeadLettered
+
+
+DeadLetterField = Literal["failure_group", "handler_name", "event_type", "reason"]
+RetryField = Literal["handler_name", "event_type"]
+DEAD_LETTER_GROUP_FIELDS: tuple[str, ...] = (
+    "failure_group",
+    "handler_name",
+    "event_type",
+    "reason",
+)
+RETRY_GROUP_FIELDS: tuple[str, ...] = ("handler_name", "event_type")
+
+
+@dataclass(frozen=True, slots=True)
+class ControlRecord:
+    """A small JSON document the store keeps for retrybus itself (a redrive's
+    progress, the queue depth history), written with compare-and-set on ``version``."""
+
+    key: str
+    version: int
+    value: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,15 +222,25 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_dead(
-        self,
-        *,
-        limit: int,
-        offset: int,
-        event_type: str | None = None,
-        handler_name: str | None = None,
-        processed: bool | None = None,
+        self, where: DeadLetterFilter, *, limit: int, offset: int
     ) -> list[DeadLetterItem]:
-        """Dead letters, newest first."""
+        """Dead letters matching ``where``, newest first (``created_at``, then ``id``,
+        both descending)."""
+
+    @abc.abstractmethod
+    async def count_dead(self, where: DeadLetterFilter) -> int:
+        """How many dead letters match ``where``."""
+
+    @abc.abstractmethod
+    async def group_dead(
+        self, by: DeadLetterField, where: DeadLetterFilter, *, limit: int
+    ) -> list[GroupCount]:
+        """The dead letters matching ``where`` counted per value of ``by`` (one of
+        ``DEAD_LETTER_GROUP_FIELDS``; ``failure_group`` is
+        ``DeadLetterItem.failure_group``): at most ``limit`` groups, largest first,
+        ties by key ascending. ``first_at``/``last_at`` are the oldest and newest
+        ``created_at``; ``sample_id`` is the id of the newest item (the greatest id
+        among equally new ones)."""
 
     @abc.abstractmethod
     async def get_dead(self, item_id: str) -> DeadLetterItem | None: ...
@@ -221,11 +257,37 @@ class Store(abc.ABC):
     async def delete_dead(self, item_id: str) -> bool: ...
 
     @abc.abstractmethod
-    async def count_dead(self, processed: bool | None = None) -> int: ...
+    async def delete_dead_many(self, ids: Sequence[str]) -> int:
+        """Delete these dead letters (unknown ids are skipped); returns how many went."""
 
     @abc.abstractmethod
     async def cleanup_dead(self, before: datetime) -> int:
         """Delete dead letters created before ``before``; return how many."""
+
+    @abc.abstractmethod
+    async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
+        """Retry items counted per value of ``by`` (``handler_name`` or
+        ``event_type``), largest first, ties by key ascending; ``first_at`` and
+        ``last_at`` are the earliest and latest ``next_retry``, ``sample_id`` the id
+        of the item due first (the least id among equally due ones)."""
+
+    # control records -------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get_control(self, key: str) -> ControlRecord | None: ...
+
+    @abc.abstractmethod
+    async def put_control(self, key: str, value: Mapping[str, Any], *, version: int) -> int | None:
+        """Write ``value`` (a JSON object) under ``key`` if its stored version is
+        ``version`` (0: only if there is no record yet), atomically. Returns the new
+        version (``version + 1``), or None when the stored version differs."""
+
+    @abc.abstractmethod
+    async def list_control(self, prefix: str) -> list[ControlRecord]:
+        """The records whose key starts with ``prefix``, by key."""
+
+    @abc.abstractmethod
+    async def delete_control(self, key: str) -> bool: ...
 
     @abc.abstractmethod
     async def counters(self) -> Counters: ...

@@ -6,13 +6,30 @@ without awaiting in between, so on one event loop every operation is atomic.
 
 from __future__ import annotations
 
+import copy
 import heapq
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
+from .._event import encode_json
+from .._filters import DeadLetterFilter
+from .._groups import GroupCount
 from .._records import DeadLetterItem, RetryItem
-from .base import CorruptRecord, Counters, DeadLettered, Outcome, Rescheduled, Store, Succeeded
+from .base import (
+    ControlRecord,
+    CorruptRecord,
+    Counters,
+    DeadLettered,
+    DeadLetterField,
+    Outcome,
+    Rescheduled,
+    RetryField,
+    Store,
+    Succeeded,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -25,6 +42,7 @@ class MemoryStore(Store):
         self._retry: dict[str, RetryItem] = {}
         self._dead: dict[str, DeadLetterItem] = {}
         self._counters = Counters()
+        self._control: dict[str, ControlRecord] = {}
 
     async def connect(self) -> None:
         return None
@@ -187,23 +205,27 @@ class MemoryStore(Store):
     # dead letter queue -----------------------------------------------------
 
     async def list_dead(
-        self,
-        *,
-        limit: int,
-        offset: int,
-        event_type: str | None = None,
-        handler_name: str | None = None,
-        processed: bool | None = None,
+        self, where: DeadLetterFilter, *, limit: int, offset: int
     ) -> list[DeadLetterItem]:
-        items = [
-            item
-            for item in self._dead.values()
-            if (event_type is None or item.event_type == event_type)
-            and (handler_name is None or item.handler_name == handler_name)
-            and (processed is None or item.processed == processed)
-        ]
+        items = [item for item in self._dead.values() if where.matches(item)]
         items.sort(key=lambda item: (item.created_at, item.id), reverse=True)
         return items[offset : offset + limit]
+
+    async def count_dead(self, where: DeadLetterFilter) -> int:
+        return sum(1 for item in self._dead.values() if where.matches(item))
+
+    async def group_dead(
+        self, by: DeadLetterField, where: DeadLetterFilter, *, limit: int
+    ) -> list[GroupCount]:
+        matching = (item for item in self._dead.values() if where.matches(item))
+        return _group(
+            matching,
+            key=lambda item: str(getattr(item, by)),
+            moment=lambda item: item.created_at,
+            sample=lambda item: (item.created_at, item.id),
+            newest=True,
+            limit=limit,
+        )
 
     async def get_dead(self, item_id: str) -> DeadLetterItem | None:
         return self._dead.get(item_id)
@@ -224,10 +246,8 @@ class MemoryStore(Store):
     async def delete_dead(self, item_id: str) -> bool:
         return self._dead.pop(item_id, None) is not None
 
-    async def count_dead(self, processed: bool | None = None) -> int:
-        if processed is None:
-            return len(self._dead)
-        return sum(1 for item in self._dead.values() if item.processed == processed)
+    async def delete_dead_many(self, ids: Sequence[str]) -> int:
+        return sum(1 for item_id in set(ids) if self._dead.pop(item_id, None) is not None)
 
     async def cleanup_dead(self, before: datetime) -> int:
         old = [item_id for item_id, item in self._dead.items() if item.created_at < before]
@@ -235,5 +255,72 @@ class MemoryStore(Store):
             del self._dead[item_id]
         return len(old)
 
+    async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
+        return _group(
+            self._retry.values(),
+            key=lambda item: str(getattr(item, by)),
+            moment=lambda item: item.next_retry,
+            sample=lambda item: (item.next_retry, item.id),
+            newest=False,
+            limit=limit,
+        )
+
     async def counters(self) -> Counters:
         return self._counters
+
+    # control records -------------------------------------------------------
+
+    async def get_control(self, key: str) -> ControlRecord | None:
+        record = self._control.get(key)
+        return None if record is None else replace(record, value=copy.deepcopy(record.value))
+
+    async def put_control(self, key: str, value: Mapping[str, Any], *, version: int) -> int | None:
+        current = self._control.get(key)
+        if (current.version if current else 0) != version:
+            return None
+        # a JSON round trip, as the other engines store it
+        stored = json.loads(encode_json(dict(value), f"control record {key!r}"))
+        self._control[key] = ControlRecord(key, version + 1, stored)
+        return version + 1
+
+    async def list_control(self, prefix: str) -> list[ControlRecord]:
+        return [
+            replace(record, value=copy.deepcopy(record.value))
+            for key, record in sorted(self._control.items())
+            if key.startswith(prefix)
+        ]
+
+    async def delete_control(self, key: str) -> bool:
+        return self._control.pop(key, None) is not None
+
+
+def _group(
+    items: Iterable[Any],
+    *,
+    key: Callable[[Any], str],
+    moment: Callable[[Any], datetime],
+    sample: Callable[[Any], tuple[datetime, str]],
+    newest: bool,
+    limit: int,
+) -> list[GroupCount]:
+    """Count ``items`` per ``key``; the sample is the newest (or earliest) by ``sample``."""
+    groups: dict[str, list[Any]] = {}
+    for item in items:
+        value = key(item)
+        moment_of = moment(item)
+        group = groups.get(value)
+        if group is None:
+            groups[value] = [1, moment_of, moment_of, item]
+            continue
+        group[0] += 1
+        group[1] = min(group[1], moment_of)
+        group[2] = max(group[2], moment_of)
+        better = sample(item) > sample(group[3]) if newest else sample(item) < sample(group[3])
+        if better:
+            group[3] = item
+    counted = [
+        GroupCount(value, count, first, last, chosen.id)
+        for value, (count, first, last, chosen) in groups.items()
+    ]
+    counted.sort(key=lambda group: (-group.count, group.key))
+    return counted[:limit]

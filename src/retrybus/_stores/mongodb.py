@@ -2,7 +2,14 @@
 
 Collections and indexes follow the seed: ``retry_queue`` (``_id`` = ``retry_…``)
 and ``dead_letter_queue`` (``_id`` = ``dlq_…``, TTL of 30 days on ``created_at``),
-plus ``retrybus_counters`` (one document per running total).
+plus ``retrybus_counters`` (one document per running total) and
+``retrybus_control`` (control records: ``_id`` = key, ``version``, ``value``).
+
+Each dead letter carries ``failure_group`` (``DeadLetterItem.failure_group``,
+computed in Python when the dead letter is written or changed; indexed), so that
+filtering and grouping by it are queries of the server. Dead letters written
+before the field existed get it on connect (a back-fill in batches, repeated on
+every connect, so that it also catches those an older process wrote meanwhile).
 
 Times. BSON datetimes keep milliseconds, retrybus keeps microseconds (jittered
 schedules, event times). Each time field ``t`` is stored as a BSON datetime
@@ -58,16 +65,29 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
 from .._errors import StoreUnavailable
-from .._event import compact_json
+from .._event import compact_json, encode_json
+from .._filters import DeadLetterFilter
+from .._groups import GroupCount, failure_group_key
 from .._records import DeadLetterItem, RetryItem
 from ._codec import decode_or_corrupt
+from ._mongo_queries import (
+    DEAD_GROUP_DEFAULTS,
+    dead_letter_query,
+    group_counts,
+    group_pipeline,
+    split_time,
+)
+from ._mongo_queries import earlier as _earlier
 from ._url import redact
 from .base import (
+    ControlRecord,
     CorruptRecord,
     Counters,
     DeadLettered,
+    DeadLetterField,
     Outcome,
     Rescheduled,
+    RetryField,
     Store,
     Succeeded,
     corrupt_to_dead_letter,
@@ -83,9 +103,12 @@ Session = AsyncClientSession | None
 RETRY = "retry_queue"
 DEAD = "dead_letter_queue"
 COUNTERS = "retrybus_counters"
+CONTROL = "retrybus_control"
 DEAD_LETTER_TTL = timedelta(days=30)
 DEFAULT_TIMEOUT = 5.0
 _EXPIRE_CHUNK = 500
+_BACKFILL_BATCH = 500
+_DELETE_CHUNK = 1000
 _MAX_INT64 = 2**63 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DB_NAME_FORBIDDEN = re.compile(r'[/\\. "$\x00]')
@@ -100,6 +123,8 @@ DEAD_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
     ([("created_at", DESCENDING)], {}),
     ([("processed", ASCENDING)], {}),
     ([("event_type", ASCENDING)], {}),
+    ([("failure_group", ASCENDING)], {}),
+    ([("handler_name", ASCENDING)], {}),
     (
         [("created_at", ASCENDING)],
         {"expireAfterSeconds": int(DEAD_LETTER_TTL.total_seconds())},
@@ -110,19 +135,10 @@ DEAD_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
 # times -----------------------------------------------------------------------
 
 
-def _split_time(moment: datetime) -> tuple[datetime, int]:
-    """The millisecond BSON keeps, and the microseconds within it that it drops."""
-    if moment.tzinfo is None:
-        raise ValueError(f"stored times must be timezone-aware, got {moment!r}")
-    moment = moment.astimezone(UTC)
-    extra = moment.microsecond % 1000
-    return moment.replace(microsecond=moment.microsecond - extra), extra
-
-
 def _time_fields(name: str, moment: datetime | None) -> Doc:
     if moment is None:
         return {name: None, f"{name}_us": None}
-    ms, extra = _split_time(moment)
+    ms, extra = split_time(moment)
     return {name: ms, f"{name}_us": extra}
 
 
@@ -140,16 +156,6 @@ def _time(doc: Mapping[str, Any], name: str) -> datetime:
 
 def _time_or_none(doc: Mapping[str, Any], name: str) -> datetime | None:
     return None if doc.get(name) is None else _time(doc, name)
-
-
-def _earlier(name: str, moment: datetime, *, or_equal: bool = False) -> Doc:
-    """Filter: the time field ``name`` is before ``moment`` (or at it), to the microsecond."""
-    ms, extra = _split_time(moment)
-    if not or_equal and extra == 0:
-        return {name: {"$lt": ms}}
-    # a missing or null ``_us`` counts as 0: "$not $gt/$gte" matches it
-    within = {"$not": {"$gt": extra}} if or_equal else {"$not": {"$gte": extra}}
-    return {"$or": [{name: {"$lt": ms}}, {name: ms, f"{name}_us": within}]}
 
 
 def _lease_free(now: datetime) -> Doc:
@@ -286,6 +292,7 @@ def _dead_doc(item: DeadLetterItem) -> Doc:
         "attempt": item.attempt,
         "max_retries": item.max_retries,
         "reason": item.reason,
+        "failure_group": item.failure_group,
         "processed": item.processed,
         **_time_fields("created_at", item.created_at),
         **_time_fields("processed_at", item.processed_at),
@@ -372,6 +379,21 @@ def _dead_from_doc(doc: Mapping[str, Any]) -> DeadLetterItem:
         first_failed_at=moment("first_failed_at"),
         metadata=metadata,
     )
+
+
+def _failure_group_of(doc: Mapping[str, Any]) -> str:
+    """The failure group of a stored dead letter, as ``_dead_from_doc`` would read it."""
+
+    def text(name: str, default: str = "") -> str:
+        value = doc.get(name)
+        return value if isinstance(value, str) else default
+
+    return failure_group_key(text("handler_name", "unknown"), text("error_type"), text("error"))
+
+
+def _control_from_doc(doc: Mapping[str, Any]) -> ControlRecord:
+    value = _object(doc, "value")
+    return ControlRecord(key=str(doc["_id"]), version=_int(doc, "version"), value=value)
 
 
 def _reschedule_update(item: RetryItem) -> Doc:
@@ -530,6 +552,7 @@ class MongoStore(Store):
             else:
                 self._transactions = self._want_transactions
             await self._create_indexes(db)
+            await self._backfill_failure_groups(db)
         except ConnectionFailure as exc:
             await client.close()
             raise StoreUnavailable(
@@ -551,6 +574,39 @@ class MongoStore(Store):
             await db[RETRY].create_index(keys, **options)
         for keys, options in DEAD_INDEXES:
             await db[DEAD].create_index(keys, **options)
+
+    @staticmethod
+    async def _backfill_failure_groups(db: AsyncDatabase[Doc]) -> None:
+        """Give ``failure_group`` to the dead letters that lack it (written before the
+        field existed, or by hand), in batches by id."""
+        dead = db[DEAD]
+        after: Any = None
+        projection = {"handler_name": 1, "error_type": 1, "error": 1}
+        while True:
+            query: Doc = {"failure_group": None}
+            if after is not None:
+                query["_id"] = {"$gt": after}
+            docs = (
+                await dead.find(query, projection=projection)
+                .sort("_id", ASCENDING)
+                .limit(_BACKFILL_BATCH)
+                .to_list()
+            )
+            if not docs:
+                return
+            await dead.bulk_write(
+                [
+                    UpdateOne(
+                        {"_id": doc["_id"], "failure_group": None},
+                        {"$set": {"failure_group": _failure_group_of(doc)}},
+                    )
+                    for doc in docs
+                ],
+                ordered=False,
+            )
+            if len(docs) < _BACKFILL_BATCH:
+                return
+            after = docs[-1]["_id"]
 
     async def close(self) -> None:
         client, self._client, self._db = self._client, None, None
@@ -892,27 +948,38 @@ class MongoStore(Store):
     # dead letter queue -----------------------------------------------------
 
     async def list_dead(
-        self,
-        *,
-        limit: int,
-        offset: int,
-        event_type: str | None = None,
-        handler_name: str | None = None,
-        processed: bool | None = None,
+        self, where: DeadLetterFilter, *, limit: int, offset: int
     ) -> list[DeadLetterItem]:
         if limit <= 0:
             return []
-        query: Doc = {}
-        if event_type is not None:
-            query["event_type"] = event_type
-        if handler_name is not None:
-            query["handler_name"] = handler_name
-        if processed is not None:
-            query["processed"] = processed
         order = [("created_at", DESCENDING), ("created_at_us", DESCENDING), ("_id", DESCENDING)]
+        query = dead_letter_query(where)
         async with self._errors() as db:
             docs = await db[DEAD].find(query).sort(order).skip(offset).limit(limit).to_list()
         return [_dead_from_doc(doc) for doc in docs]
+
+    async def count_dead(self, where: DeadLetterFilter) -> int:
+        async with self._errors() as db:
+            return await db[DEAD].count_documents(dead_letter_query(where))
+
+    async def group_dead(
+        self, by: DeadLetterField, where: DeadLetterFilter, *, limit: int
+    ) -> list[GroupCount]:
+        if by not in DEAD_GROUP_DEFAULTS:
+            raise ValueError(f"cannot group dead letters by {by!r}")
+        if limit <= 0:
+            return []
+        pipeline = group_pipeline(
+            dead_letter_query(where),
+            by=by,
+            default=DEAD_GROUP_DEFAULTS[by],
+            moment="created_at",
+            newest=True,
+            limit=limit,
+        )
+        async with self._errors() as db:
+            docs = await (await db[DEAD].aggregate(pipeline)).to_list()
+        return group_counts(docs, newest=True)
 
     async def get_dead(self, item_id: str) -> DeadLetterItem | None:
         async with self._errors() as db:
@@ -933,6 +1000,7 @@ class MongoStore(Store):
                 **metadata,
                 **data,
                 "reason": item.reason,
+                "failure_group": item.failure_group,  # a new error may change it
             }
         }
         if unset_metadata or unset_data:
@@ -967,18 +1035,77 @@ class MongoStore(Store):
         async with self._errors() as db:
             return bool((await db[DEAD].delete_one({"_id": item_id})).deleted_count)
 
-    async def count_dead(self, processed: bool | None = None) -> int:
-        query = {} if processed is None else {"processed": processed}
+    async def delete_dead_many(self, ids: Sequence[str]) -> int:
+        unique = sorted(set(ids))
+        deleted = 0
         async with self._errors() as db:
-            return await db[DEAD].count_documents(query)
+            for start in range(0, len(unique), _DELETE_CHUNK):
+                chunk = unique[start : start + _DELETE_CHUNK]
+                deleted += (await db[DEAD].delete_many({"_id": {"$in": chunk}})).deleted_count
+        return deleted
 
     async def cleanup_dead(self, before: datetime) -> int:
         async with self._errors() as db:
             result = await db[DEAD].delete_many(_earlier("created_at", before))
         return result.deleted_count
 
+    async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
+        if by not in ("handler_name", "event_type"):
+            raise ValueError(f"cannot group retry items by {by!r}")
+        if limit <= 0:
+            return []
+        pipeline = group_pipeline(
+            {}, by=by, default="", moment="next_retry", newest=False, limit=limit
+        )
+        async with self._errors() as db:
+            docs = await (await db[RETRY].aggregate(pipeline)).to_list()
+        return group_counts(docs, newest=False)
+
     async def counters(self) -> Counters:
         async with self._errors() as db:
             docs = await db[COUNTERS].find({}).to_list()
         values = {doc["_id"]: int(doc.get("value") or 0) for doc in docs}
         return Counters(**{name: values.get(name, 0) for name in Counters.__dataclass_fields__})
+
+    # control records -------------------------------------------------------
+
+    async def get_control(self, key: str) -> ControlRecord | None:
+        async with self._errors() as db:
+            doc = await db[CONTROL].find_one({"_id": key})
+        return None if doc is None else _control_from_doc(doc)
+
+    async def put_control(self, key: str, value: Mapping[str, Any], *, version: int) -> int | None:
+        # refuses what is not strict JSON (NaN, objects) before anything is written
+        stored = json.loads(encode_json(dict(value), f"control record {key!r}"))
+        fields, unset = _json_update("value", stored)
+        async with self._errors() as db:
+            control = db[CONTROL]
+            if version == 0:
+                try:
+                    await control.insert_one({"_id": key, "version": 1, **fields})
+                except DuplicateKeyError:
+                    return None
+                return 1
+            update: Doc = {"$set": {"version": version + 1, **fields}}
+            if unset:
+                update["$unset"] = unset
+            written = await control.find_one_and_update(
+                {"_id": key, "version": version}, update, projection={"_id": 1}
+            )
+        return None if written is None else version + 1
+
+    async def list_control(self, prefix: str) -> list[ControlRecord]:
+        records: list[ControlRecord] = []
+        async with self._errors() as db:
+            # keys in order from the prefix on: those with it come first, then stop
+            cursor = db[CONTROL].find({"_id": {"$gte": prefix}}).sort("_id", ASCENDING)
+            async with cursor:
+                async for doc in cursor:
+                    if not str(doc["_id"]).startswith(prefix):
+                        break
+                    records.append(_control_from_doc(doc))
+        return records
+
+    async def delete_control(self, key: str) -> bool:
+        async with self._errors() as db:
+            return bool((await db[CONTROL].delete_one({"_id": key})).deleted_count)

@@ -10,6 +10,12 @@ number of machines never receive the same item. Writes that add or release work
 send a ``NOTIFY`` on a channel of the schema; ``watch`` LISTENs on it so that an
 idle worker wakes at once.
 
+Dead letters are filtered, counted and grouped by the server (a ``DeadLetterFilter``
+is one prepared statement with a nullable parameter per field). Their failure group
+is computed in Python when a dead letter is written and kept in an indexed column;
+version 2 of the schema added it and back-filled existing rows. Control records are
+rows of ``retrybus_control``, written with compare-and-set in one statement.
+
 URL options: ``schema`` (default public), ``pool_min``/``pool_max`` (connections,
 1/10), ``connect_timeout`` (seconds, 10), ``synchronous_commit`` (the server's
 setting by default, which waits for the WAL to reach the disk; ``off`` makes a
@@ -32,23 +38,30 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode
 
 import asyncpg  # type: ignore[import-untyped]
 
 from .._errors import StoreUnavailable
-from .._event import compact_json
+from .._event import compact_json, encode_json
+from .._filters import DeadLetterFilter
+from .._groups import GroupCount, failure_group_key
 from .._records import DeadLetterItem, RetryItem
 from ._codec import decode_or_corrupt
 from ._queries import load_queries
 from ._url import redact, split
 from .base import (
+    DEAD_LETTER_GROUP_FIELDS,
+    RETRY_GROUP_FIELDS,
+    ControlRecord,
     CorruptRecord,
     Counters,
     DeadLettered,
+    DeadLetterField,
     Outcome,
     Rescheduled,
+    RetryField,
     Store,
     Succeeded,
     corrupt_to_dead_letter,
@@ -60,8 +73,9 @@ logger = logging.getLogger("retrybus.store.postgresql")
 
 T = TypeVar("T")
 Q = load_queries("postgresql.sql")
-SCHEMA_VERSION = 1
-MIGRATIONS = {1: Q["schema_v1"]}
+SCHEMA_VERSION = 2
+# dead letters per round trip when failure groups are back-filled
+FILL_BATCH = 1000
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _OPTIONS = {"schema", "pool_min", "pool_max", "connect_timeout", "synchronous_commit"}
 _SYNCHRONOUS_COMMIT = {"on", "off", "local", "remote_write", "remote_apply"}
@@ -148,6 +162,7 @@ def _retry_columns(items: Sequence[RetryItem]) -> list[list[Any]]:
 
 
 def _dead_row(item: DeadLetterItem) -> tuple[Any, ...]:
+    # failure_group last: the column a version 2 schema added
     return (
         item.id,
         item.event_id,
@@ -169,12 +184,13 @@ def _dead_row(item: DeadLetterItem) -> tuple[Any, ...]:
         _aware_or_none(item.processed_at),
         _aware_or_none(item.first_failed_at),
         compact_json(dict(item.metadata)),
+        item.failure_group,
     )
 
 
 def _dead_columns(items: Sequence[DeadLetterItem]) -> list[list[Any]]:
-    """The dead letters as 20 column arrays, in the order of ``dead_letter_queue``'s columns."""
-    columns: list[list[Any]] = [[] for _ in range(20)]
+    """The dead letters as 21 column arrays, in the order of ``dead_letter_queue``'s columns."""
+    columns: list[list[Any]] = [[] for _ in range(21)]
     for item in items:
         for column, value in zip(columns, _dead_row(item), strict=True):
             column.append(value)
@@ -243,6 +259,72 @@ def _dead_from_row(row: Mapping[str, Any]) -> DeadLetterItem:
 def _affected(status: str) -> int:
     """The row count of a command status such as ``UPDATE 3`` or ``DELETE 0``."""
     return int(status.rsplit(" ", 1)[-1])
+
+
+def _filter_args(where: DeadLetterFilter) -> tuple[Any, ...]:
+    """``$1..$8`` of list_dead, count_dead and group_dead."""
+    return (
+        where.event_type,
+        where.handler_name,
+        where.reason,
+        where.processed,
+        _aware_or_none(where.created_after),
+        _aware_or_none(where.created_before),
+        where.event_id,
+        where.failure_group,
+    )
+
+
+def _group_from_row(row: Mapping[str, Any]) -> GroupCount:
+    return GroupCount(
+        key=row["key"],
+        count=int(row["n"]),
+        first_at=row["first_at"],
+        last_at=row["last_at"],
+        sample_id=row["sample_id"],
+    )
+
+
+def _control_from_row(row: Mapping[str, Any]) -> ControlRecord:
+    return ControlRecord(key=row["key"], version=int(row["version"]), value=_object(row["value"]))
+
+
+async def _fill_failure_groups(conn: asyncpg.Connection) -> int:
+    """Compute and store the failure group of every dead letter that has none (all
+    of them when the version 2 migration runs; later, only rows an older retrybus
+    wrote), ``FILL_BATCH`` at a time; returns how many."""
+    filled = 0
+    after = ""
+    while True:
+        rows = await conn.fetch(Q["dead_without_group"], after, FILL_BATCH)
+        if not rows:
+            return filled
+        ids = [row["id"] for row in rows]
+        groups = [
+            failure_group_key(row["handler_name"], row["error_type"], row["error"]) for row in rows
+        ]
+        filled += _affected(await conn.execute(Q["set_failure_groups"], ids, groups))
+        after = ids[-1]
+
+
+async def _migrate_v1(conn: asyncpg.Connection) -> None:
+    await conn.execute(Q["schema_v1"])
+
+
+async def _migrate_v2(conn: asyncpg.Connection) -> None:
+    await conn.execute(Q["schema_v2"])
+    filled = await _fill_failure_groups(conn)
+    if filled:
+        logger.info("stored the failure group of %d dead letters", filled)
+    # after the back-fill, so that the new indexes are built once rather than
+    # updated row by row
+    await conn.execute(Q["schema_v2_indexes"])
+
+
+MIGRATIONS: dict[int, Callable[[asyncpg.Connection], Awaitable[None]]] = {
+    1: _migrate_v1,
+    2: _migrate_v2,
+}
 
 
 def _channel(schema: str) -> str:
@@ -414,7 +496,7 @@ class PostgresStore(Store):
             await conn.execute(Q["version_table"])
             version = int(await conn.fetchval(Q["current_version"]))
             for target in range(version + 1, SCHEMA_VERSION + 1):
-                await conn.execute(MIGRATIONS[target])
+                await MIGRATIONS[target](conn)
                 await conn.execute(Q["record_version"], target)
                 logger.info("migrated %s (schema %s) to version %d", self.url, self.schema, target)
                 version = target
@@ -672,18 +754,40 @@ class PostgresStore(Store):
 
     # dead letter queue -----------------------------------------------------
 
+    async def _fetch_dead(
+        self, query: str, where: DeadLetterFilter, *extra: Any, by_group: bool = False
+    ) -> list[asyncpg.Record]:
+        """Run a query taking the filter as ``$1..$8``; when it reads failure groups,
+        first fill those an older retrybus left out (one quick look when there are none)."""
+        args = (*_filter_args(where), *extra)
+        needs_groups = by_group or where.failure_group is not None
+
+        async def run(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            if needs_groups:
+                await _fill_failure_groups(conn)
+            return cast(list[asyncpg.Record], await conn.fetch(Q[query], *args))
+
+        return await self._run(run)
+
     async def list_dead(
-        self,
-        *,
-        limit: int,
-        offset: int,
-        event_type: str | None = None,
-        handler_name: str | None = None,
-        processed: bool | None = None,
+        self, where: DeadLetterFilter, *, limit: int, offset: int
     ) -> list[DeadLetterItem]:
-        args = (event_type, handler_name, processed, limit, offset)
-        rows = await self._run(lambda conn: conn.fetch(Q["list_dead"], *args))
+        rows = await self._fetch_dead("list_dead", where, limit, offset)
         return [_dead_from_row(row) for row in rows]
+
+    async def count_dead(self, where: DeadLetterFilter) -> int:
+        rows = await self._fetch_dead("count_dead", where)
+        return int(rows[0][0])
+
+    async def group_dead(
+        self, by: DeadLetterField, where: DeadLetterFilter, *, limit: int
+    ) -> list[GroupCount]:
+        if by not in DEAD_LETTER_GROUP_FIELDS:
+            raise ValueError(f"cannot group dead letters by {by!r}: use {DEAD_LETTER_GROUP_FIELDS}")
+        rows = await self._fetch_dead(
+            "group_dead", where, by, limit, by_group=by == "failure_group"
+        )
+        return [_group_from_row(row) for row in rows]
 
     async def get_dead(self, item_id: str) -> DeadLetterItem | None:
         row = await self._run(lambda conn: conn.fetchrow(Q["get_dead"], item_id))
@@ -701,6 +805,7 @@ class PostgresStore(Store):
             compact_json(dict(item.metadata)),
             compact_json(item.event_data),
             item.reason,
+            item.failure_group,
         )
         return bool(_affected(await self._run(lambda conn: conn.execute(Q["update_dead"], *args))))
 
@@ -716,12 +821,44 @@ class PostgresStore(Store):
             _affected(await self._run(lambda conn: conn.execute(Q["delete_dead"], item_id)))
         )
 
-    async def count_dead(self, processed: bool | None = None) -> int:
-        return int(await self._run(lambda conn: conn.fetchval(Q["count_dead"], processed)))
+    async def delete_dead_many(self, ids: Sequence[str]) -> int:
+        if not ids:
+            return 0
+        unique = list(set(ids))
+        return _affected(await self._run(lambda conn: conn.execute(Q["delete_dead_many"], unique)))
 
     async def cleanup_dead(self, before: datetime) -> int:
         at = _aware(before)
         return _affected(await self._run(lambda conn: conn.execute(Q["cleanup_dead"], at)))
+
+    async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
+        if by not in RETRY_GROUP_FIELDS:
+            raise ValueError(f"cannot group retry items by {by!r}: use {RETRY_GROUP_FIELDS}")
+        rows = await self._run(lambda conn: conn.fetch(Q["group_retry"], by, limit))
+        return [_group_from_row(row) for row in rows]
+
+    # control records -------------------------------------------------------
+
+    async def get_control(self, key: str) -> ControlRecord | None:
+        row = await self._run(lambda conn: conn.fetchrow(Q["get_control"], key))
+        return None if row is None else _control_from_row(row)
+
+    async def put_control(self, key: str, value: Mapping[str, Any], *, version: int) -> int | None:
+        text = encode_json(dict(value), f"control record {key!r}")
+        if version == 0:
+            written = await self._run(lambda conn: conn.fetchval(Q["create_control"], key, text))
+        else:
+            written = await self._run(
+                lambda conn: conn.fetchval(Q["update_control"], key, version, text)
+            )
+        return None if written is None else int(written)
+
+    async def list_control(self, prefix: str) -> list[ControlRecord]:
+        rows = await self._run(lambda conn: conn.fetch(Q["list_control"], prefix))
+        return [_control_from_row(row) for row in rows]
+
+    async def delete_control(self, key: str) -> bool:
+        return bool(_affected(await self._run(lambda conn: conn.execute(Q["delete_control"], key))))
 
     async def counters(self) -> Counters:
         row = await self._run(lambda conn: conn.fetchrow(Q["counters"]))

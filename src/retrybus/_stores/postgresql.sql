@@ -84,8 +84,49 @@ CREATE TABLE IF NOT EXISTS retrybus_counters (
 );
 INSERT INTO retrybus_counters (id) VALUES (1) ON CONFLICT (id) DO NOTHING;
 
+-- name: schema_v2
+-- Failure groups: DeadLetterItem.failure_group is computed in Python, so it is stored
+-- with every dead letter; the migration back-fills existing rows (dead_without_group,
+-- set_failure_groups) before schema_v2_indexes. The column stays nullable: a retrybus
+-- of schema version 1 still running against the database (a rolling upgrade) leaves
+-- it NULL, and the store fills such rows before a query that needs them.
+-- Control records: small JSON documents written with compare-and-set on version.
+ALTER TABLE dead_letter_queue ADD COLUMN IF NOT EXISTS failure_group text;
+
+CREATE TABLE IF NOT EXISTS retrybus_control (
+    key     text COLLATE "C" PRIMARY KEY,
+    version bigint NOT NULL,
+    value   json NOT NULL
+);
+
+-- name: schema_v2_indexes
+-- newest first (created_at DESC, id DESC) straight from the index; it still serves
+-- cleanup_dead's created_at < $1
+DROP INDEX IF EXISTS dead_letter_queue_created_at;
+CREATE INDEX IF NOT EXISTS dead_letter_queue_created_at
+    ON dead_letter_queue (created_at DESC, id DESC);
+-- a group's members newest first, and its count
+CREATE INDEX IF NOT EXISTS dead_letter_queue_failure_group
+    ON dead_letter_queue (failure_group, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS dead_letter_queue_event_id ON dead_letter_queue (event_id);
+-- empty but for rows an older retrybus wrote (see schema_v2)
+CREATE INDEX IF NOT EXISTS dead_letter_queue_without_group
+    ON dead_letter_queue (id) WHERE failure_group IS NULL;
+
+-- name: dead_without_group
+-- $1: the last id of the previous batch ('' for the first)
+SELECT id, handler_name, error_type, error FROM dead_letter_queue
+WHERE failure_group IS NULL AND id > $1
+ORDER BY id
+LIMIT $2;
+
+-- name: set_failure_groups
+UPDATE dead_letter_queue AS d SET failure_group = g.failure_group
+FROM unnest($1::text[], $2::text[]) AS g(id, failure_group)
+WHERE d.id = g.id AND d.failure_group IS NULL;
+
 -- name: record_failures
--- $1..$20: one array per retry_queue column; $21..$40: one per dead letter column; $41: channel
+-- $1..$20: one array per retry_queue column; $21..$41: one per dead letter column; $42: channel
 WITH ins AS (
     INSERT INTO retry_queue (
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
@@ -111,21 +152,21 @@ WITH ins AS (
     INSERT INTO dead_letter_queue (
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        reason, processed, created_at, processed_at, first_failed_at, metadata
+        reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group
     )
     SELECT d.id, d.event_id, d.event_type, d.event_data::json, d.event_source, d.event_timestamp,
            d.event_subject, d.event_extensions::jsonb, d.handler_name, d.error, d.error_type,
            d.traceback, d.attempt, d.max_retries, d.reason, d.processed, d.created_at,
-           d.processed_at, d.first_failed_at, d.metadata::jsonb
+           d.processed_at, d.first_failed_at, d.metadata::jsonb, d.failure_group
     FROM unnest(
         $21::text[], $22::text[], $23::text[], $24::text[], $25::text[], $26::timestamptz[],
         $27::text[], $28::text[], $29::text[], $30::text[], $31::text[], $32::text[],
         $33::integer[], $34::integer[], $35::text[], $36::boolean[], $37::timestamptz[],
-        $38::timestamptz[], $39::timestamptz[], $40::text[]
+        $38::timestamptz[], $39::timestamptz[], $40::text[], $41::text[]
     ) AS d(
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        reason, processed, created_at, processed_at, first_failed_at, metadata
+        reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group
     )
     ON CONFLICT (id) DO NOTHING
     RETURNING 1
@@ -136,7 +177,7 @@ WITH ins AS (
     FROM added WHERE added.n > 0
     RETURNING 1
 ), notified AS (
-    SELECT pg_notify($41, '') FROM added WHERE added.n > 0
+    SELECT pg_notify($42, '') FROM added WHERE added.n > 0
 )
 SELECT (SELECT n FROM added), (SELECT count(*) FROM dead), (SELECT count(*) FROM notified),
        (SELECT count(*) FROM counted);
@@ -203,7 +244,7 @@ SELECT (SELECT count(*) FROM released), (SELECT count(*) FROM notified);
 -- name: complete
 -- $1 owner (NULL: only items no live lease holds at $2), $2 now, $3 channel;
 -- $4 succeeded ids; $5..$12 rescheduled columns; $13 dead-lettered retry ids and
--- $14..$33 their dead letters' columns.
+-- $14..$34 their dead letters' columns.
 WITH succeeded AS (
     DELETE FROM retry_queue
     WHERE id = ANY($4::text[])
@@ -231,21 +272,22 @@ WITH succeeded AS (
     INSERT INTO dead_letter_queue (
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        reason, processed, created_at, processed_at, first_failed_at, metadata
+        reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group
     )
     SELECT d.id, d.event_id, d.event_type, d.event_data::json, d.event_source, d.event_timestamp,
            d.event_subject, d.event_extensions::jsonb, d.handler_name, d.error, d.error_type,
            d.traceback, d.attempt, d.max_retries, d.reason, d.processed, d.created_at,
-           d.processed_at, d.first_failed_at, d.metadata::jsonb
+           d.processed_at, d.first_failed_at, d.metadata::jsonb, d.failure_group
     FROM unnest(
         $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[],
         $19::timestamptz[], $20::text[], $21::text[], $22::text[], $23::text[], $24::text[],
         $25::text[], $26::integer[], $27::integer[], $28::text[], $29::boolean[],
-        $30::timestamptz[], $31::timestamptz[], $32::timestamptz[], $33::text[]
+        $30::timestamptz[], $31::timestamptz[], $32::timestamptz[], $33::text[], $34::text[]
     ) AS d(
         retry_id, id, event_id, event_type, event_data, event_source, event_timestamp,
         event_subject, event_extensions, handler_name, error, error_type, traceback, attempt,
-        max_retries, reason, processed, created_at, processed_at, first_failed_at, metadata
+        max_retries, reason, processed, created_at, processed_at, first_failed_at, metadata,
+        failure_group
     )
     WHERE d.retry_id IN (SELECT id FROM moved)
     ON CONFLICT (id) DO NOTHING
@@ -309,21 +351,21 @@ RETURNING *;
 INSERT INTO dead_letter_queue (
     id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
     event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-    reason, processed, created_at, processed_at, first_failed_at, metadata
+    reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group
 )
 SELECT d.id, d.event_id, d.event_type, d.event_data::json, d.event_source, d.event_timestamp,
        d.event_subject, d.event_extensions::jsonb, d.handler_name, d.error, d.error_type,
        d.traceback, d.attempt, d.max_retries, d.reason, d.processed, d.created_at,
-       d.processed_at, d.first_failed_at, d.metadata::jsonb
+       d.processed_at, d.first_failed_at, d.metadata::jsonb, d.failure_group
 FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
     $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
     $13::integer[], $14::integer[], $15::text[], $16::boolean[], $17::timestamptz[],
-    $18::timestamptz[], $19::timestamptz[], $20::text[]
+    $18::timestamptz[], $19::timestamptz[], $20::text[], $21::text[]
 ) AS d(
     id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
     event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-    reason, processed, created_at, processed_at, first_failed_at, metadata
+    reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group
 )
 ON CONFLICT (id) DO NOTHING;
 
@@ -331,20 +373,75 @@ ON CONFLICT (id) DO NOTHING;
 UPDATE retrybus_counters SET retry_dead_lettered = retry_dead_lettered + $1;
 
 -- name: list_dead
+-- $1..$8: the DeadLetterFilter (event_type, handler_name, reason, processed,
+-- created_after, created_before, event_id, failure_group; NULL matches anything),
+-- as in count_dead and group_dead; $9 limit, $10 offset
 SELECT * FROM dead_letter_queue
 WHERE ($1::text IS NULL OR event_type = $1)
   AND ($2::text IS NULL OR handler_name = $2)
-  AND ($3::boolean IS NULL OR processed = $3)
+  AND ($3::text IS NULL OR reason = $3)
+  AND ($4::boolean IS NULL OR processed = $4)
+  AND ($5::timestamptz IS NULL OR created_at >= $5)
+  AND ($6::timestamptz IS NULL OR created_at < $6)
+  AND ($7::text IS NULL OR event_id = $7)
+  AND ($8::text IS NULL OR failure_group = $8)
 ORDER BY created_at DESC, id DESC
-LIMIT $4 OFFSET $5;
+LIMIT $9 OFFSET $10;
+
+-- name: count_dead
+SELECT count(*) FROM dead_letter_queue
+WHERE ($1::text IS NULL OR event_type = $1)
+  AND ($2::text IS NULL OR handler_name = $2)
+  AND ($3::text IS NULL OR reason = $3)
+  AND ($4::boolean IS NULL OR processed = $4)
+  AND ($5::timestamptz IS NULL OR created_at >= $5)
+  AND ($6::timestamptz IS NULL OR created_at < $6)
+  AND ($7::text IS NULL OR event_id = $7)
+  AND ($8::text IS NULL OR failure_group = $8);
+
+-- name: group_dead
+-- $9 the field, $10 limit. One hash aggregate counts the groups; then, for each group
+-- kept, the newest item is looked up by its created_at (last_at) in the created_at index.
+-- Keys compare as code points (COLLATE "C"), whatever the database's collation.
+WITH matching AS NOT MATERIALIZED (
+    SELECT CASE $9::text
+               WHEN 'failure_group' THEN coalesce(failure_group, '')
+               WHEN 'handler_name' THEN handler_name
+               WHEN 'event_type' THEN event_type
+               WHEN 'reason' THEN reason
+           END AS key,
+           id, created_at
+    FROM dead_letter_queue
+    WHERE ($1::text IS NULL OR event_type = $1)
+      AND ($2::text IS NULL OR handler_name = $2)
+      AND ($3::text IS NULL OR reason = $3)
+      AND ($4::boolean IS NULL OR processed = $4)
+      AND ($5::timestamptz IS NULL OR created_at >= $5)
+      AND ($6::timestamptz IS NULL OR created_at < $6)
+      AND ($7::text IS NULL OR event_id = $7)
+      AND ($8::text IS NULL OR failure_group = $8)
+), groups AS (
+    SELECT key, count(*) AS n, min(created_at) AS first_at, max(created_at) AS last_at
+    FROM matching
+    GROUP BY key
+    ORDER BY n DESC, key COLLATE "C"
+    LIMIT $10
+)
+SELECT key, n, first_at, last_at,
+       (SELECT max(m.id) FROM matching AS m
+        WHERE m.key = g.key AND m.created_at = g.last_at) AS sample_id
+FROM groups AS g
+ORDER BY n DESC, key COLLATE "C";
 
 -- name: get_dead
 SELECT * FROM dead_letter_queue WHERE id = $1;
 
 -- name: update_dead
+-- $11: the failure group of the (maybe new) error
 UPDATE dead_letter_queue
 SET error = $2, error_type = $3, traceback = $4, attempt = $5, processed = $6,
-    processed_at = $7, metadata = $8::jsonb, event_data = $9::json, reason = $10
+    processed_at = $7, metadata = $8::jsonb, event_data = $9::json, reason = $10,
+    failure_group = $11
 WHERE id = $1;
 
 -- name: requeue_dead
@@ -375,11 +472,58 @@ SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM counted), (SELECT count
 -- name: delete_dead
 DELETE FROM dead_letter_queue WHERE id = $1;
 
--- name: count_dead
-SELECT count(*) FROM dead_letter_queue WHERE ($1::boolean IS NULL OR processed = $1);
+-- name: delete_dead_many
+DELETE FROM dead_letter_queue WHERE id = ANY($1::text[]);
 
 -- name: cleanup_dead
 DELETE FROM dead_letter_queue WHERE created_at < $1;
+
+-- name: group_retry
+-- $1 the field, $2 limit; as group_dead, by next_retry, the sample being the item due first
+WITH items AS NOT MATERIALIZED (
+    -- a damaged row may lack the field
+    SELECT coalesce(CASE $1::text
+                        WHEN 'handler_name' THEN handler_name
+                        WHEN 'event_type' THEN event_type
+                    END, 'unknown') AS key,
+           id, next_retry
+    FROM retry_queue
+), groups AS (
+    SELECT key, count(*) AS n, min(next_retry) AS first_at, max(next_retry) AS last_at
+    FROM items
+    GROUP BY key
+    ORDER BY n DESC, key COLLATE "C"
+    LIMIT $2
+)
+SELECT key, n, first_at, last_at,
+       (SELECT min(i.id) FROM items AS i
+        WHERE i.key = g.key AND i.next_retry = g.first_at) AS sample_id
+FROM groups AS g
+ORDER BY n DESC, key COLLATE "C";
+
+-- name: get_control
+SELECT key, version, value::text AS value FROM retrybus_control WHERE key = $1;
+
+-- name: create_control
+-- version 0: only when there is no record under the key
+INSERT INTO retrybus_control (key, version, value) VALUES ($1, 1, $2::json)
+ON CONFLICT (key) DO NOTHING
+RETURNING version;
+
+-- name: update_control
+-- a concurrent writer of the same version waits for the row lock, then finds the
+-- version changed and updates nothing
+UPDATE retrybus_control SET version = version + 1, value = $3::json
+WHERE key = $1 AND version = $2
+RETURNING version;
+
+-- name: list_control
+SELECT key, version, value::text AS value FROM retrybus_control
+WHERE starts_with(key, $1)
+ORDER BY key;
+
+-- name: delete_control
+DELETE FROM retrybus_control WHERE key = $1;
 
 -- name: counters
 SELECT retry_added, retry_succeeded, retry_succeeded_attempts, retry_dead_lettered

@@ -7,7 +7,8 @@
 -- exact times (microseconds) live in the JSON records.
 --
 -- Keys (P = prefix):
---   P:retry:items     hash  id -> retry item JSON (everything but the lease)
+--   P:retry:items     hash  id -> retry item JSON (everything but the lease; it starts
+--                           with attempt, id, handler_name, event_type: see redis.py)
 --   P:retry:next      zset  id -> next_retry   (every item: listing, count_due)
 --   P:retry:ready     zset  id -> next_retry   (items no one has leased: claim, next_due)
 --   P:retry:leased    zset  id -> lease_until  (leased items; claimable again once <= now)
@@ -18,9 +19,17 @@
 --   P:counters        hash  name -> running total
 --   P:dead:items      hash  id -> dead letter JSON
 --   P:dead:created    zset  id -> created_at   (newest first browsing, cleanup)
---   P:dead:index      hash  id -> JSON [event_type, handler_name, processed, created_at score]
---   P:dead:type:T, P:dead:handler:H, P:dead:processed:0|1
---                     zsets id -> created_at   (one per value: filtered browsing)
+--   P:dead:index      hash  id -> JSON [event_type, handler_name, processed, created_at
+--                           score, reason, failure_group, event_id] (the last three since
+--                           layout 2; see backfill_dead)
+--   P:dead:type:T, P:dead:handler:H, P:dead:processed:0|1, P:dead:reason:R,
+--   P:dead:group:G    zsets id -> created_at   (one per value: filtering, counting)
+--   P:dead:values:type|handler|reason|group
+--                     sets  the values that have a non-empty per-value zset (grouping)
+--   P:dead:events     zset  event_id NUL id, all scored 0 (by event id, ZRANGEBYLEX)
+--   P:schema          string  the key layout version (redis.py: LAYOUT_VERSION)
+--   P:control:rec:K   hash  version, value (JSON): control record K
+--   P:control:index   zset  K, all scored 0 (list_control by prefix, ZRANGEBYLEX)
 --   channel P:changes (PUBLISH when an item is added or made due)
 
 -- name: helpers
@@ -28,6 +37,7 @@ local K_ITEMS, K_NEXT, K_READY, K_LEASED, K_CREATED = KEYS[1], KEYS[2], KEYS[3],
 local K_CLAIMS, K_COUNTERS = KEYS[6], KEYS[7]
 local K_DEAD, K_DEAD_CREATED, K_DEAD_INDEX = KEYS[8], KEYS[9], KEYS[10]
 local STAMP = 32 -- characters of the claim time at the start of a K_CLAIMS value
+local CHUNK = 500 -- members read per ZRANGE while walking an index
 
 -- the owner of an item's lease ('' when none)
 local function owner_of(id)
@@ -77,21 +87,43 @@ local function held(id, has_owner, owner, now)
     return (not lease) or tonumber(lease) <= now
 end
 
-local function dead_value_keys(index)
-    local ix = cjson.decode(index)
-    return {
-        PREFIX .. ':dead:type:' .. ix[1],
-        PREFIX .. ':dead:handler:' .. ix[2],
-        PREFIX .. ':dead:processed:' .. tostring(ix[3]),
-    }, ix[4]
+-- the per-value index sets of a dead letter: key name, position in the index JSON,
+-- and whether P:dead:values:<name> lists the values (the fields one groups by)
+local DEAD_FIELDS = {
+    { 'type', 1, true },
+    { 'handler', 2, true },
+    { 'processed', 3, false },
+    { 'reason', 5, true },
+    { 'group', 6, true },
+}
+local K_DEAD_EVENTS = KEYS[11]
+
+local function value_key(name, value)
+    return PREFIX .. ':dead:' .. name .. ':' .. value
 end
 
+local function values_key(name)
+    return PREFIX .. ':dead:values:' .. name
+end
+
+-- an index of layout 1 has no reason, group or event id: those fields are skipped
 local function index_dead(id, index)
-    local keys, created = dead_value_keys(index)
+    local ix = cjson.decode(index)
+    local created = ix[4]
     redis.call('HSET', K_DEAD_INDEX, id, index)
     redis.call('ZADD', K_DEAD_CREATED, created, id)
-    for _, key in ipairs(keys) do
-        redis.call('ZADD', key, created, id)
+    for _, field in ipairs(DEAD_FIELDS) do
+        local value = ix[field[2]]
+        if value ~= nil then
+            value = tostring(value)
+            redis.call('ZADD', value_key(field[1], value), created, id)
+            if field[3] then
+                redis.call('SADD', values_key(field[1]), value)
+            end
+        end
+    end
+    if ix[7] ~= nil then
+        redis.call('ZADD', K_DEAD_EVENTS, 0, ix[7] .. '\0' .. id)
     end
 end
 
@@ -99,11 +131,23 @@ local function unindex_dead(id)
     local index = redis.call('HGET', K_DEAD_INDEX, id)
     redis.call('HDEL', K_DEAD_INDEX, id)
     redis.call('ZREM', K_DEAD_CREATED, id)
-    if index then
-        local keys = dead_value_keys(index)
-        for _, key in ipairs(keys) do
+    if not index then
+        return
+    end
+    local ix = cjson.decode(index)
+    for _, field in ipairs(DEAD_FIELDS) do
+        local value = ix[field[2]]
+        if value ~= nil then
+            value = tostring(value)
+            local key = value_key(field[1], value)
             redis.call('ZREM', key, id)
+            if field[3] and redis.call('ZCARD', key) == 0 then
+                redis.call('SREM', values_key(field[1]), value)
+            end
         end
+    end
+    if ix[7] ~= nil then
+        redis.call('ZREM', K_DEAD_EVENTS, ix[7] .. '\0' .. id)
     end
 end
 
@@ -134,6 +178,134 @@ local function fetch_retry(ids)
         out[#out + 1] = redis.call('ZSCORE', K_LEASED, id)
     end
     return out
+end
+
+-- a < b by bytes, as Redis orders members (Lua's < on strings follows the locale)
+local function bytes_less(a, b)
+    for j = 1, math.min(#a, #b) do
+        local x, y = string.byte(a, j), string.byte(b, j)
+        if x ~= y then
+            return x < y
+        end
+    end
+    return #a < #b
+end
+
+-- A dead letter filter from ARGV[at...]: created_after score or '' (inclusive),
+-- created_before score or '' (exclusive), event_id or '', n, then n keys of per-value
+-- zsets a dead letter must be in (its type, handler, reason, group, processed).
+local function dead_filter(at)
+    local f = { after = ARGV[at], before = ARGV[at + 1], event = ARGV[at + 2], sets = {} }
+    for j = 1, tonumber(ARGV[at + 3]) do
+        f.sets[j] = ARGV[at + 3 + j]
+    end
+    f.min = f.after == '' and '-inf' or f.after
+    f.max = f.before == '' and '+inf' or '(' .. f.before
+    return f
+end
+
+-- Without an event id: the most selective zset of the filter (fewest members in the
+-- time range; P:dead:created when there is none), the filter's other zsets, and the
+-- reverse ranks (newest first) of the base's first and last member in the time range.
+local function dead_candidates(f)
+    local base, others = K_DEAD_CREATED, {}
+    if #f.sets > 0 then
+        local smallest = nil
+        for _, key in ipairs(f.sets) do
+            local size = redis.call('ZCOUNT', key, f.min, f.max)
+            if smallest == nil or size < smallest then
+                smallest, base = size, key
+            end
+        end
+        for _, key in ipairs(f.sets) do
+            if key ~= base then
+                others[#others + 1] = key
+            end
+        end
+    end
+    local first = 0
+    if f.before ~= '' then
+        first = redis.call('ZCOUNT', base, f.before, '+inf')
+    end
+    return base, others, first, first + redis.call('ZCOUNT', base, f.min, f.max) - 1
+end
+
+local function in_all(keys, id)
+    for _, key in ipairs(keys) do
+        if not redis.call('ZSCORE', key, id) then
+            return false
+        end
+    end
+    return true
+end
+
+-- Calls visit(id, score) for each dead letter matching filter f but the first `skip`,
+-- newest first (created_at, then id, descending), until visit returns true. Cost: the
+-- members of the most selective zset in the time range, up to the last one visited;
+-- with an event id, the dead letters of that event.
+local function walk_dead(f, skip, visit)
+    if f.event ~= '' then
+        local found = {}
+        local low, high = tonumber(f.after) or -math.huge, tonumber(f.before) or math.huge
+        local members = redis.call(
+            'ZRANGEBYLEX', K_DEAD_EVENTS, '[' .. f.event .. '\0', '(' .. f.event .. '\1'
+        )
+        for _, member in ipairs(members) do
+            local id = string.sub(member, #f.event + 2)
+            local index = redis.call('HGET', K_DEAD_INDEX, id)
+            -- (an event id holding a NUL would match a longer one's members)
+            if index and cjson.decode(index)[7] == f.event then
+                local score = redis.call('ZSCORE', K_DEAD_CREATED, id)
+                local at = tonumber(score)
+                if score and at >= low and at < high and in_all(f.sets, id) then
+                    found[#found + 1] = { id, at, score }
+                end
+            end
+        end
+        table.sort(found, function(a, b)
+            return a[2] > b[2] or (a[2] == b[2] and bytes_less(b[1], a[1]))
+        end)
+        for j = skip + 1, #found do
+            if visit(found[j][1], found[j][3]) then
+                return
+            end
+        end
+        return
+    end
+    local base, others, first, last = dead_candidates(f)
+    local skipped = 0
+    if #others == 0 then
+        first = first + skip -- every member matches: skip by rank
+    end
+    for start = first, last, CHUNK do
+        local page = redis.call('ZREVRANGE', base, start, math.min(start + CHUNK - 1, last), 'WITHSCORES')
+        for j = 1, #page, 2 do
+            local id = page[j]
+            if #others == 0 or in_all(others, id) then
+                if skipped < skip and #others > 0 then
+                    skipped = skipped + 1
+                elseif visit(id, page[j + 1]) then
+                    return
+                end
+            end
+        end
+    end
+end
+
+-- the raw (still JSON-escaped) text of the JSON string whose opening quote is just
+-- before `pos`, and the position after its closing quote
+local function raw_json_string(text, pos)
+    local at = pos
+    while true do
+        local stop = string.find(text, '["\\]', at)
+        if not stop then
+            return nil, nil
+        end
+        if string.byte(text, stop) == 34 then
+            return string.sub(text, pos, stop - 1), stop + 1
+        end
+        at = stop + 2 -- the escaped character
+    end
 end
 
 -- name: record_failures
@@ -367,61 +539,117 @@ end
 return moved
 
 -- name: list_dead
--- ARGV: prefix, offset, limit, filter keys... Newest first (created_at, then id, descending).
--- With filters, walks the smallest of their sets and checks the others by ZSCORE, so the
--- cost is bounded by the size of the most selective filter, not by the whole DLQ.
+-- ARGV: prefix, offset, limit, filter (see dead_filter). The id and JSON of each
+-- matching dead letter of the page, newest first (created_at, then id, descending).
 local offset, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
-local base, others = K_DEAD_CREATED, {}
-if #ARGV > 3 then
-    local smallest = nil
-    for j = 4, #ARGV do
-        local size = redis.call('ZCARD', ARGV[j])
-        if smallest == nil or size < smallest then
-            smallest, base = size, ARGV[j]
-        end
-    end
-    for j = 4, #ARGV do
-        if ARGV[j] ~= base then
-            others[#others + 1] = ARGV[j]
-        end
-    end
-end
-local ids
-if #others == 0 then
-    ids = redis.call('ZREVRANGE', base, offset, offset + limit - 1)
-else
-    ids = {}
-    local skipped, pos, chunk = 0, 0, 500
-    while #ids < limit do
-        local page = redis.call('ZREVRANGE', base, pos, pos + chunk - 1)
-        if #page == 0 then
-            break
-        end
-        for _, id in ipairs(page) do
-            local match = true
-            for _, key in ipairs(others) do
-                if not redis.call('ZSCORE', key, id) then
-                    match = false
-                    break
-                end
-            end
-            if match then
-                if skipped < offset then
-                    skipped = skipped + 1
-                elseif #ids < limit then
-                    ids[#ids + 1] = id
-                end
-            end
-        end
-        pos = pos + chunk
-    end
-end
 local out = {}
-for _, id in ipairs(ids) do
-    out[#out + 1] = id
-    out[#out + 1] = redis.call('HGET', K_DEAD, id)
+if limit > 0 then
+    walk_dead(dead_filter(4), offset, function(id)
+        out[#out + 1] = id
+        out[#out + 1] = redis.call('HGET', K_DEAD, id)
+        return #out >= 2 * limit
+    end)
 end
 return out
+
+-- name: count_dead
+-- ARGV: prefix, filter (see dead_filter). With at most one zset and no event id, a
+-- ZCOUNT; with several and no time range, ZINTERCARD (Redis 7); otherwise a walk of
+-- the most selective zset.
+local f = dead_filter(2)
+if f.event == '' then
+    local _, others, first, last = dead_candidates(f)
+    if #others == 0 then
+        return last - first + 1
+    end
+    if f.after == '' and f.before == '' then
+        local n = redis.pcall('ZINTERCARD', #f.sets, unpack(f.sets))
+        if type(n) == 'number' then
+            return n
+        end
+    end
+end
+local n = 0
+walk_dead(f, 0, function()
+    n = n + 1
+    return false
+end)
+return n
+
+-- name: group_dead
+-- ARGV: prefix, field (type, handler, reason or group), own value or '' (the filter's
+-- value of that field, its zset being among the filter's too), filter (see dead_filter).
+-- Returns {value, count, oldest score, newest score, id of the newest} per group, in
+-- no order. Without other conditions than a time range (and the field's own value):
+-- a few O(log n) calls per value of the field; otherwise a walk of the matching dead
+-- letters, reading each one's index entry.
+local name, own = ARGV[2], ARGV[3]
+local f = dead_filter(4)
+local out = {}
+if f.event == '' and (#f.sets == 0 or (#f.sets == 1 and own ~= '')) then
+    local values = { own }
+    if own == '' then
+        values = redis.call('SMEMBERS', values_key(name))
+    end
+    for _, value in ipairs(values) do
+        local key = value_key(name, value)
+        local n = redis.call('ZCOUNT', key, f.min, f.max)
+        if n > 0 then
+            local oldest = redis.call('ZRANGEBYSCORE', key, f.min, f.max, 'WITHSCORES', 'LIMIT', 0, 1)
+            local newest = redis.call('ZREVRANGEBYSCORE', key, f.max, f.min, 'WITHSCORES', 'LIMIT', 0, 1)
+            out[#out + 1] = value
+            out[#out + 1] = n
+            out[#out + 1] = oldest[2]
+            out[#out + 1] = newest[2]
+            out[#out + 1] = newest[1]
+        end
+    end
+    return out
+end
+local position = nil
+for _, field in ipairs(DEAD_FIELDS) do
+    if field[1] == name then
+        position = field[2]
+    end
+end
+local groups, order = {}, {}
+walk_dead(f, 0, function(id, score)
+    local index = redis.call('HGET', K_DEAD_INDEX, id)
+    local value = index and cjson.decode(index)[position]
+    if value then
+        local group = groups[value]
+        if group == nil then -- the walk is newest first: the first one seen is the sample
+            groups[value] = { 1, score, score, id }
+            order[#order + 1] = value
+        else
+            group[1] = group[1] + 1
+            group[2] = score
+        end
+    end
+    return false
+end)
+for _, value in ipairs(order) do
+    local group = groups[value]
+    out[#out + 1] = value
+    out[#out + 1] = group[1]
+    out[#out + 1] = group[2]
+    out[#out + 1] = group[3]
+    out[#out + 1] = group[4]
+end
+return out
+
+-- name: backfill_dead
+-- ARGV: prefix, n x (id, index as read, index of the current layout). Re-indexes each
+-- dead letter whose index entry is still as read; returns how many.
+local n = 0
+for i = 2, #ARGV, 3 do
+    if redis.call('HGET', K_DEAD_INDEX, ARGV[i]) == ARGV[i + 1] then
+        unindex_dead(ARGV[i])
+        index_dead(ARGV[i], ARGV[i + 2])
+        n = n + 1
+    end
+end
+return n
 
 -- name: update_dead
 -- ARGV: prefix, id, json, index
@@ -450,6 +678,16 @@ if drop_dead(ARGV[2]) then
 end
 return 0
 
+-- name: delete_dead_many
+-- ARGV: prefix, ids... Returns how many of them were deleted.
+local n = 0
+for j = 2, #ARGV do
+    if drop_dead(ARGV[j]) then
+        n = n + 1
+    end
+end
+return n
+
 -- name: cleanup_dead
 -- ARGV: prefix, before, count. Deletes up to `count` dead letters created before `before`.
 local ids = redis.call('ZRANGEBYSCORE', K_DEAD_CREATED, '-inf', '(' .. ARGV[2], 'LIMIT', 0, ARGV[3])
@@ -458,3 +696,99 @@ for _, id in ipairs(ids) do
     unindex_dead(id)
 end
 return #ids
+
+-- name: group_retry
+-- ARGV: prefix, field (handler_name or event_type), start, stop (ranks in next_retry,
+-- id order). Counts the items of that rank range per value of the field. Returns
+-- {scanned, then per group: the value as JSON-escaped text, count, earliest score,
+-- latest score, id of the item due first}. The field is read from the front of the
+-- record (redis.py writes attempt, id, handler_name, event_type first); a record in
+-- another order is decoded whole; one that cannot be decoded is not counted.
+local name = ARGV[2]
+local page = redis.call('ZRANGE', K_NEXT, ARGV[3], ARGV[4], 'WITHSCORES')
+local function front_field(json)
+    local _, at = string.find(json, '^{"attempt":%-?%d+,"id":"')
+    if not at then
+        return nil
+    end
+    local _, after = raw_json_string(json, at + 1)
+    for _, field in ipairs({ 'handler_name', 'event_type' }) do
+        local head = ',"' .. field .. '":"'
+        if not after or string.sub(json, after, after + #head - 1) ~= head then
+            return nil
+        end
+        local raw
+        raw, after = raw_json_string(json, after + #head)
+        if field == name then
+            return raw
+        end
+    end
+    return nil
+end
+local groups, order = {}, {}
+for j = 1, #page, 2 do
+    local id, score = page[j], page[j + 1]
+    local json = redis.call('HGET', K_ITEMS, id)
+    local value = json and front_field(json)
+    if json and not value then
+        local ok, record = pcall(cjson.decode, json)
+        if ok and type(record) == 'table' and type(record[name]) == 'string' then
+            value = string.sub(cjson.encode(record[name]), 2, -2)
+        end
+    end
+    if value then
+        local group = groups[value]
+        if group == nil then -- ascending: the first one seen is due first
+            groups[value] = { 1, score, score, id }
+            order[#order + 1] = value
+        else
+            group[1] = group[1] + 1
+            group[3] = score
+        end
+    end
+end
+local out = { #page / 2 }
+for _, value in ipairs(order) do
+    local group = groups[value]
+    out[#out + 1] = value
+    out[#out + 1] = group[1]
+    out[#out + 1] = group[2]
+    out[#out + 1] = group[3]
+    out[#out + 1] = group[4]
+end
+return out
+
+-- name: put_control
+-- ARGV: prefix, key, expected version (0: none yet), value JSON. Writes the record if
+-- its version is the expected one; returns the new version, or 0 on a conflict.
+local record = PREFIX .. ':control:rec:' .. ARGV[2]
+local current = tonumber(redis.call('HGET', record, 'version') or '0')
+if current ~= tonumber(ARGV[3]) then
+    return 0
+end
+redis.call('HSET', record, 'version', current + 1, 'value', ARGV[4])
+redis.call('ZADD', PREFIX .. ':control:index', 0, ARGV[2])
+return current + 1
+
+-- name: list_control
+-- ARGV: prefix, key prefix. Key, version and value of each record whose key starts
+-- with it, by key (bytes; no UTF-8 text holds the byte 255, so it ends the range).
+local start, stop = '-', '+'
+if ARGV[2] ~= '' then
+    start, stop = '[' .. ARGV[2], '(' .. ARGV[2] .. '\255'
+end
+local out = {}
+for _, key in ipairs(redis.call('ZRANGEBYLEX', PREFIX .. ':control:index', start, stop)) do
+    local record = redis.call('HMGET', PREFIX .. ':control:rec:' .. key, 'version', 'value')
+    if record[1] and record[2] and string.sub(key, 1, #ARGV[2]) == ARGV[2] then
+        out[#out + 1] = key
+        out[#out + 1] = record[1]
+        out[#out + 1] = record[2]
+    end
+end
+return out
+
+-- name: delete_control
+-- ARGV: prefix, key
+redis.call('ZREM', PREFIX .. ':control:index', ARGV[2])
+return redis.call('DEL', PREFIX .. ':control:rec:' .. ARGV[2])

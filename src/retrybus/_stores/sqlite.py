@@ -20,7 +20,9 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from .._errors import StoreUnavailable
-from .._event import compact_json
+from .._event import compact_json, encode_json
+from .._filters import DeadLetterFilter
+from .._groups import GroupCount, failure_group_key
 from .._records import DeadLetterItem, RetryItem
 from ._codec import decode_or_corrupt
 from ._codec import parse_text_time as _dt
@@ -29,11 +31,16 @@ from ._codec import text_time as _ts
 from ._codec import text_time_or_none as _ts_or_none
 from ._queries import load_queries, placeholders
 from .base import (
+    DEAD_LETTER_GROUP_FIELDS,
+    RETRY_GROUP_FIELDS,
+    ControlRecord,
     CorruptRecord,
     Counters,
     DeadLettered,
+    DeadLetterField,
     Outcome,
     Rescheduled,
+    RetryField,
     Store,
     Succeeded,
     corrupt_to_dead_letter,
@@ -43,8 +50,10 @@ __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
 Q = load_queries("sqlite.sql")
-SCHEMA_VERSION = 1
+# 1: the tables; 2: dead_letter_queue.failure_group (back-filled), retrybus_control
+SCHEMA_VERSION = 2
 _CHUNK = 500
+_BACKFILL_BATCH = 500
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 _SYNCHRONOUS = {"off", "normal", "full", "extra"}
 # Checkpoints (copying the WAL into the database, with fsyncs) run on a thread of
@@ -52,6 +61,48 @@ _SYNCHRONOUS = {"off", "normal", "full", "extra"}
 # loop; the connection's own autocheckpoint stays on, later, as a backstop.
 _CHECKPOINT_EVERY = 100
 _AUTOCHECKPOINT_BACKSTOP = 10_000  # pages
+
+
+def _filter_conditions() -> dict[str, str]:
+    """The ``dead_filter`` block: the SQL condition of each DeadLetterFilter field."""
+    conditions: dict[str, str] = {}
+    for line in Q["dead_filter"].splitlines():
+        line = line.strip()
+        if line and not line.startswith("--"):
+            conditions[line.rsplit(":", 1)[1]] = line
+    if set(conditions) != set(DeadLetterFilter.__dataclass_fields__):
+        raise RuntimeError("sqlite.sql: dead_filter must name every DeadLetterFilter field")
+    return conditions
+
+
+_DEAD_CONDITIONS = _filter_conditions()
+
+
+def _where(where: DeadLetterFilter) -> tuple[str, dict[str, Any]]:
+    """The ``{where}`` of the dead letter queries for ``where``, and its parameters."""
+    params: dict[str, Any] = {}
+    for name in _DEAD_CONDITIONS:
+        value = getattr(where, name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = int(value)
+        elif isinstance(value, datetime):
+            value = _ts(value)
+        params[name] = value
+    return " AND ".join(_DEAD_CONDITIONS[name] for name in params) or "TRUE", params
+
+
+def _group_counts(rows: list[tuple[Any, ...]]) -> list[GroupCount]:
+    return [
+        GroupCount(str(key), int(count), _dt(first), _dt(last), str(sample))
+        for key, count, first, last, sample in rows
+    ]
+
+
+def _control_from_row(row: tuple[Any, ...]) -> ControlRecord:
+    key, version, value = row
+    return ControlRecord(key, int(version), json.loads(value))
 
 
 def _object(text: str) -> dict[str, Any]:
@@ -110,6 +161,7 @@ def _dead_params(item: DeadLetterItem) -> dict[str, Any]:
         "processed_at": _ts_or_none(item.processed_at),
         "first_failed_at": _ts_or_none(item.first_failed_at),
         "metadata": compact_json(dict(item.metadata)),
+        "failure_group": item.failure_group,
     }
 
 
@@ -236,7 +288,7 @@ class SQLiteStore(Store):
             await self._retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_BACKSTOP}")
-            await self._retry_busy(lambda: self._migrate(conn))
+            await self._migrate(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise StoreUnavailable(f"cannot open SQLite store {self.url}: {exc}") from exc
@@ -245,21 +297,16 @@ class SQLiteStore(Store):
             raise
         return conn
 
-    @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version >= SCHEMA_VERSION:
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in Q["schema"].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    async def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring the file to SCHEMA_VERSION (PRAGMA user_version). Safe to run by
+        several processes at once: each step re-reads the version inside its
+        transaction, and the back-fill commits in batches, so that other processes
+        are not locked out for long and an interrupted upgrade resumes."""
+        if await self._retry_busy(lambda: _schema_version(conn)) < SCHEMA_VERSION:
+            await self._retry_busy(lambda: _transaction(conn, _upgrade_schema))
+        while await self._retry_busy(lambda: _needs_backfill(conn)):
+            await self._retry_busy(lambda: _transaction(conn, _backfill_failure_groups))
+            await asyncio.sleep(0)  # let the event loop run between batches
 
     async def close(self) -> None:
         pending, self._checkpointing = self._checkpointing, None
@@ -520,23 +567,28 @@ class SQLiteStore(Store):
     # dead letter queue -----------------------------------------------------
 
     async def list_dead(
-        self,
-        *,
-        limit: int,
-        offset: int,
-        event_type: str | None = None,
-        handler_name: str | None = None,
-        processed: bool | None = None,
+        self, where: DeadLetterFilter, *, limit: int, offset: int
     ) -> list[DeadLetterItem]:
-        params = {
-            "event_type": event_type,
-            "handler_name": handler_name,
-            "processed": None if processed is None else int(processed),
-            "limit": limit,
-            "offset": offset,
-        }
-        rows = await self._read(lambda conn: _rows(conn.execute(Q["list_dead"], params)))
+        condition, params = _where(where)
+        sql = Q["list_dead"].format(where=condition)
+        params.update(limit=limit, offset=offset)
+        rows = await self._read(lambda conn: _rows(conn.execute(sql, params)))
         return [_dead_from_row(row) for row in rows]
+
+    async def count_dead(self, where: DeadLetterFilter) -> int:
+        condition, params = _where(where)
+        sql = Q["count_dead"].format(where=condition)
+        return int(await self._read(lambda conn: conn.execute(sql, params).fetchone()[0]))
+
+    async def group_dead(
+        self, by: DeadLetterField, where: DeadLetterFilter, *, limit: int
+    ) -> list[GroupCount]:
+        if by not in DEAD_LETTER_GROUP_FIELDS:
+            raise ValueError(f"cannot group dead letters by {by!r}: use {DEAD_LETTER_GROUP_FIELDS}")
+        condition, params = _where(where)
+        sql = Q["group_dead"].format(by=by, where=condition)
+        params["limit"] = limit
+        return _group_counts(await self._read(lambda conn: conn.execute(sql, params).fetchall()))
 
     async def get_dead(self, item_id: str) -> DeadLetterItem | None:
         rows = await self._read(lambda conn: _rows(conn.execute(Q["get_dead"], (item_id,))))
@@ -563,21 +615,134 @@ class SQLiteStore(Store):
             await self._write(lambda conn: conn.execute(Q["delete_dead"], (item_id,)).rowcount)
         )
 
-    async def count_dead(self, processed: bool | None = None) -> int:
-        params = {"processed": None if processed is None else int(processed)}
-        return int(
-            await self._read(lambda conn: conn.execute(Q["count_dead"], params).fetchone()[0])
-        )
+    async def delete_dead_many(self, ids: Sequence[str]) -> int:
+        unique = list(dict.fromkeys(ids))
+        if not unique:
+            return 0
+
+        def run(conn: sqlite3.Connection) -> int:
+            deleted = 0
+            for start in range(0, len(unique), _CHUNK):
+                chunk = unique[start : start + _CHUNK]
+                sql = Q["delete_dead_many"].format(ids=placeholders(len(chunk)))
+                deleted += conn.execute(sql, chunk).rowcount
+            return deleted
+
+        return await self._write(run)
 
     async def cleanup_dead(self, before: datetime) -> int:
         return int(
             await self._write(lambda conn: conn.execute(Q["cleanup_dead"], (_ts(before),)).rowcount)
         )
 
+    async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
+        if by not in RETRY_GROUP_FIELDS:
+            raise ValueError(f"cannot group retry items by {by!r}: use {RETRY_GROUP_FIELDS}")
+        sql = Q["group_retry"].format(by=by)
+        params = {"limit": limit}
+        return _group_counts(await self._read(lambda conn: conn.execute(sql, params).fetchall()))
+
+    # control records -------------------------------------------------------
+
+    async def get_control(self, key: str) -> ControlRecord | None:
+        row = await self._read(lambda conn: conn.execute(Q["get_control"], (key,)).fetchone())
+        return None if row is None else _control_from_row(row)
+
+    async def put_control(self, key: str, value: Mapping[str, Any], *, version: int) -> int | None:
+        params = {
+            "key": key,
+            "value": encode_json(dict(value), f"control record {key!r}"),
+            "version": version,
+        }
+        # one statement, in a BEGIN IMMEDIATE transaction: the compare-and-set is
+        # atomic across processes
+        sql = Q["create_control"] if version == 0 else Q["replace_control"]
+        written = await self._write(lambda conn: conn.execute(sql, params).rowcount)
+        return version + 1 if written else None
+
+    async def list_control(self, prefix: str) -> list[ControlRecord]:
+        rows = await self._read(
+            lambda conn: conn.execute(Q["list_control"], {"prefix": prefix}).fetchall()
+        )
+        return [_control_from_row(row) for row in rows]
+
+    async def delete_control(self, key: str) -> bool:
+        return bool(
+            await self._write(lambda conn: conn.execute(Q["delete_control"], (key,)).rowcount)
+        )
+
     async def counters(self) -> Counters:
         rows = await self._read(lambda conn: conn.execute(Q["counters"]).fetchall())
         values = {name: int(value) for name, value in rows}
         return Counters(**{name: values.get(name, 0) for name in Counters.__dataclass_fields__})
+
+
+def _transaction(conn: sqlite3.Connection, step: Callable[[sqlite3.Connection], None]) -> None:
+    """Run ``step`` in one ``BEGIN IMMEDIATE`` transaction (for the migrations)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        step(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _set_schema_version(conn: sqlite3.Connection, version: int) -> None:
+    conn.execute(f"PRAGMA user_version={int(version)}")  # PRAGMA takes no parameters
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _upgrade_schema(conn: sqlite3.Connection) -> None:
+    """A new file gets the whole schema at SCHEMA_VERSION. A version 1 file gets the
+    failure_group column, its index and the control table; its version moves to 2
+    when ``_backfill_failure_groups`` has given every row its group."""
+    version = _schema_version(conn)
+    if version >= SCHEMA_VERSION:
+        return
+    if version == 1:
+        columns = {row[0] for row in conn.execute(Q["dead_columns"])}
+        if "failure_group" not in columns:
+            conn.execute(Q["migrate_2_add_failure_group"])
+    _run_script(conn, Q["schema"])
+    if version == 0:
+        _set_schema_version(conn, SCHEMA_VERSION)
+
+
+def _needs_backfill(conn: sqlite3.Connection) -> bool:
+    """Whether dead letters lack their failure group: left by the upgrade from
+    version 1, or written since by a process still at version 1 (an index lookup
+    when there are none)."""
+    if _schema_version(conn) < SCHEMA_VERSION:
+        return True
+    return conn.execute(Q["ungrouped_dead"], (1,)).fetchone() is not None
+
+
+def _backfill_failure_groups(conn: sqlite3.Connection) -> None:
+    """Give one batch of dead letters without a failure group theirs; when none is
+    left, record that the file is at SCHEMA_VERSION."""
+    rows = conn.execute(Q["ungrouped_dead"], (_BACKFILL_BATCH,)).fetchall()
+    if not rows:
+        if _schema_version(conn) < SCHEMA_VERSION:
+            _set_schema_version(conn, SCHEMA_VERSION)
+        return
+    conn.executemany(
+        Q["set_failure_group"],
+        [
+            (failure_group_key(str(handler), str(error_type), str(error)), rowid)
+            for rowid, handler, error_type, error in rows
+        ],
+    )
 
 
 def _reschedule_params(item: RetryItem) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 -- so they sort as text and any tool can read them. JSON columns hold JSON text.
 
 -- name: schema
+-- (the store splits it at semicolons: none in comments)
 CREATE TABLE IF NOT EXISTS retry_queue (
     id               TEXT PRIMARY KEY,
     event_id         TEXT NOT NULL,
@@ -51,12 +52,24 @@ CREATE TABLE IF NOT EXISTS dead_letter_queue (
     created_at       TEXT NOT NULL,
     processed_at     TEXT,
     first_failed_at  TEXT,
-    metadata         TEXT NOT NULL DEFAULT '{}'
+    metadata         TEXT NOT NULL DEFAULT '{}',
+    -- DeadLetterItem.failure_group, computed in Python on every write, '' until then
+    -- (rows of a version 1 database, or written by a process of that version)
+    failure_group    TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS dead_letter_queue_created_at ON dead_letter_queue (created_at DESC);
 CREATE INDEX IF NOT EXISTS dead_letter_queue_processed ON dead_letter_queue (processed);
 CREATE INDEX IF NOT EXISTS dead_letter_queue_event_type ON dead_letter_queue (event_type);
 CREATE INDEX IF NOT EXISTS dead_letter_queue_handler_name ON dead_letter_queue (handler_name);
+CREATE INDEX IF NOT EXISTS dead_letter_queue_event_id ON dead_letter_queue (event_id);
+CREATE INDEX IF NOT EXISTS dead_letter_queue_failure_group
+    ON dead_letter_queue (failure_group, created_at);
+
+CREATE TABLE IF NOT EXISTS retrybus_control (
+    key     TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    value   TEXT NOT NULL
+);
 
 CREATE TABLE IF NOT EXISTS retrybus_counters (
     name  TEXT PRIMARY KEY,
@@ -64,6 +77,22 @@ CREATE TABLE IF NOT EXISTS retrybus_counters (
 );
 INSERT OR IGNORE INTO retrybus_counters (name, value) VALUES
     ('retry_added', 0), ('retry_succeeded', 0), ('retry_succeeded_attempts', 0), ('retry_dead_lettered', 0);
+
+-- name: migrate_2_add_failure_group
+-- version 1 -> 2, before the schema above runs again (it adds the index and the
+-- control table); the store then back-fills failure_group in batches
+ALTER TABLE dead_letter_queue ADD COLUMN failure_group TEXT NOT NULL DEFAULT '';
+
+-- name: dead_columns
+SELECT name FROM pragma_table_info('dead_letter_queue');
+
+-- name: ungrouped_dead
+SELECT rowid, handler_name, error_type, error FROM dead_letter_queue
+WHERE failure_group = ''
+LIMIT ?;
+
+-- name: set_failure_group
+UPDATE dead_letter_queue SET failure_group = ? WHERE rowid = ? AND failure_group = '';
 
 -- name: insert_retry
 INSERT INTO retry_queue (
@@ -80,11 +109,11 @@ INSERT INTO retry_queue (
 INSERT OR IGNORE INTO dead_letter_queue (
     id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
     event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-    reason, processed, created_at, processed_at, first_failed_at, metadata
+    reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group
 ) VALUES (
     :id, :event_id, :event_type, :event_data, :event_source, :event_timestamp, :event_subject,
     :event_extensions, :handler_name, :error, :error_type, :traceback, :attempt, :max_retries,
-    :reason, :processed, :created_at, :processed_at, :first_failed_at, :metadata
+    :reason, :processed, :created_at, :processed_at, :first_failed_at, :metadata, :failure_group
 );
 
 -- name: claim_due
@@ -164,13 +193,44 @@ WHERE id IN (
 )
 RETURNING *;
 
+-- name: dead_filter
+-- One condition per DeadLetterFilter field, one a line; {where} in the queries below
+-- is the conditions of the fields that are set, joined with AND (TRUE for none).
+event_type = :event_type
+handler_name = :handler_name
+reason = :reason
+processed = :processed
+created_at >= :created_after
+created_at < :created_before
+event_id = :event_id
+failure_group = :failure_group
+
 -- name: list_dead
 SELECT * FROM dead_letter_queue
-WHERE (:event_type IS NULL OR event_type = :event_type)
-  AND (:handler_name IS NULL OR handler_name = :handler_name)
-  AND (:processed IS NULL OR processed = :processed)
+WHERE {where}
 ORDER BY created_at DESC, id DESC
 LIMIT :limit OFFSET :offset;
+
+-- name: count_dead
+SELECT COUNT(*) FROM dead_letter_queue WHERE {where};
+
+-- name: group_dead
+-- {by} is a column of DEAD_LETTER_GROUP_FIELDS; the sample is the newest item of the
+-- group (created_at = last_at, the greatest id among those)
+WITH counted AS (
+    SELECT {by} AS key, COUNT(*) AS n, MIN(created_at) AS first_at, MAX(created_at) AS last_at
+    FROM dead_letter_queue
+    WHERE {where}
+    GROUP BY {by}
+    ORDER BY n DESC, key
+    LIMIT :limit
+)
+SELECT key, n, first_at, last_at, (
+    SELECT MAX(id) FROM dead_letter_queue
+    WHERE {by} = counted.key AND created_at = counted.last_at AND {where}
+) AS sample_id
+FROM counted
+ORDER BY n DESC, key;
 
 -- name: get_dead
 SELECT * FROM dead_letter_queue WHERE id = ?;
@@ -179,14 +239,50 @@ SELECT * FROM dead_letter_queue WHERE id = ?;
 UPDATE dead_letter_queue
 SET error = :error, error_type = :error_type, traceback = :traceback, attempt = :attempt,
     processed = :processed, processed_at = :processed_at, metadata = :metadata,
-    event_data = :event_data, reason = :reason
+    event_data = :event_data, reason = :reason, failure_group = :failure_group
 WHERE id = :id;
 
 -- name: delete_dead
 DELETE FROM dead_letter_queue WHERE id = ?;
 
--- name: count_dead
-SELECT COUNT(*) FROM dead_letter_queue WHERE (:processed IS NULL OR processed = :processed);
+-- name: delete_dead_many
+DELETE FROM dead_letter_queue WHERE id IN ({ids});
 
 -- name: cleanup_dead
 DELETE FROM dead_letter_queue WHERE created_at < ?;
+
+-- name: group_retry
+-- {by} is a column of RETRY_GROUP_FIELDS; the sample is the item due first
+-- (next_retry = first_at, the least id among those)
+WITH counted AS (
+    SELECT {by} AS key, COUNT(*) AS n, MIN(next_retry) AS first_at, MAX(next_retry) AS last_at
+    FROM retry_queue
+    GROUP BY {by}
+    ORDER BY n DESC, key
+    LIMIT :limit
+)
+SELECT key, n, first_at, last_at, (
+    SELECT MIN(id) FROM retry_queue WHERE {by} = counted.key AND next_retry = counted.first_at
+) AS sample_id
+FROM counted
+ORDER BY n DESC, key;
+
+-- name: get_control
+SELECT key, version, value FROM retrybus_control WHERE key = ?;
+
+-- name: create_control
+INSERT INTO retrybus_control (key, version, value) VALUES (:key, 1, :value)
+ON CONFLICT (key) DO NOTHING;
+
+-- name: replace_control
+UPDATE retrybus_control SET version = version + 1, value = :value
+WHERE key = :key AND version = :version;
+
+-- name: list_control
+-- the primary key's order is Python's str order (BINARY collation on UTF-8)
+SELECT key, version, value FROM retrybus_control
+WHERE key >= :prefix AND substr(key, 1, length(:prefix)) = :prefix
+ORDER BY key;
+
+-- name: delete_control
+DELETE FROM retrybus_control WHERE key = ?;

@@ -1,0 +1,359 @@
+"""The dead letter queue as users see it: ``bus.dead_letters``."""
+
+from __future__ import annotations
+
+import builtins
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from ._errors import ItemNotFound
+from ._event import encode_json
+from ._filters import DeadLetterFilter
+from ._groups import FailureGroup, GroupCount, message_shape
+from ._queues import _check_page
+from ._records import DeadLetterItem, ErrorInfo, RetryItem
+from ._stores.base import DEAD_LETTER_GROUP_FIELDS
+
+if TYPE_CHECKING:
+    from ._bus import EventBus
+
+__all__ = ["BulkResult", "DeadLetterQueue"]
+
+# how many dead letters a bulk delete reads and deletes at a time
+DELETE_PAGE = 500
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+UNSET: Any = _Unset()
+
+
+@dataclass(frozen=True, slots=True)
+class BulkResult:
+    """What became of a bulk action on a list of ids: the ids it succeeded for,
+    those it failed for (with the error), and those that no longer existed."""
+
+    succeeded: tuple[str, ...] = ()
+    failed: dict[str, str] = field(default_factory=dict)
+    missing: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "succeeded": list(self.succeeded),
+            "failed": dict(self.failed),
+            "missing": list(self.missing),
+        }
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split()) or type(exc).__name__}"
+
+
+def _filter(where: DeadLetterFilter | None, **fields: Any) -> DeadLetterFilter:
+    if where is not None and not isinstance(where, DeadLetterFilter):
+        raise TypeError(f"where must be a DeadLetterFilter, got {where!r}")
+    given = {name: value for name, value in fields.items() if value is not None}
+    if where is None:
+        return DeadLetterFilter(**given)
+    return replace(where, **given) if given else where
+
+
+class DeadLetterQueue:
+    """Deliveries that will not be retried again, for a person to browse,
+    reprocess, requeue and clean.
+
+    Listing, counting, grouping and the bulk actions take the same filter: either
+    keyword arguments (``event_type=``, ``handler_name=``, ``processed=`` …) or a
+    ``DeadLetterFilter`` as ``where=``.
+    """
+
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+
+    async def add(
+        self,
+        item: RetryItem,
+        *,
+        reason: str,
+        error: BaseException | str | None = None,
+    ) -> DeadLetterItem:
+        """Record ``item`` as a dead letter (it is not removed from the retry queue:
+        ``bus.retry_queue.mark_failed`` moves it)."""
+        if not isinstance(item, RetryItem):
+            raise TypeError(f"expected a RetryItem, got {item!r}")
+        if not reason:
+            raise ValueError("a dead letter needs a reason")
+        dead = item.to_dead_letter(
+            reason=reason,
+            now=self._bus.clock.now(),
+            error=None if error is None else ErrorInfo.coerce(error),
+            copy=True,
+        )
+        await self._bus.store.record_failures([], [dead])
+        await self._bus._announce_dead_letters([dead])
+        return dead
+
+    # browsing --------------------------------------------------------------
+
+    async def list(
+        self,
+        limit: int = 100,
+        offset: int = 0,
+        *,
+        where: DeadLetterFilter | None = None,
+        event_type: str | None = None,
+        handler_name: str | None = None,
+        processed: bool | None = None,
+        reason: str | None = None,
+        failure_group: str | None = None,
+        event_id: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+    ) -> list[DeadLetterItem]:
+        """Dead letters, newest first, optionally filtered."""
+        _check_page(limit, offset)
+        selected = _filter(
+            where,
+            event_type=event_type,
+            handler_name=handler_name,
+            processed=processed,
+            reason=reason,
+            failure_group=failure_group,
+            event_id=event_id,
+            created_after=created_after,
+            created_before=created_before,
+        )
+        return await self._bus.store.list_dead(selected, limit=limit, offset=offset)
+
+    async def get(self, item_id: str) -> DeadLetterItem:
+        """The dead letter with this id; raises ``ItemNotFound``."""
+        item = await self._bus.store.get_dead(item_id)
+        if item is None:
+            raise ItemNotFound(item_id)
+        return item
+
+    async def count(
+        self, processed: bool | None = None, *, where: DeadLetterFilter | None = None
+    ) -> int:
+        """How many dead letters there are (optionally only processed or
+        unprocessed ones, or those matching ``where``)."""
+        return await self._bus.store.count_dead(_filter(where, processed=processed))
+
+    async def counts_by(
+        self, field: str, where: DeadLetterFilter | None = None, *, limit: int = 50
+    ) -> builtins.list[GroupCount]:
+        """How many dead letters (matching ``where``) there are per ``handler_name``,
+        ``event_type``, ``reason`` or ``failure_group``, largest first."""
+        if field not in DEAD_LETTER_GROUP_FIELDS:
+            raise ValueError(
+                f"cannot count dead letters by {field!r}: use {DEAD_LETTER_GROUP_FIELDS}"
+            )
+        _check_page(limit, 0)
+        return await self._bus.store.group_dead(field, _filter(where), limit=limit)  # type: ignore[arg-type]
+
+    async def groups(
+        self, where: DeadLetterFilter | None = None, *, limit: int = 50
+    ) -> builtins.list[FailureGroup]:
+        """Failure groups, largest first: dead letters of one handler, error type and
+        message shape (see ``retrybus.message_shape``), each with a sample. A group's
+        ``key`` filters its dead letters: ``list(failure_group=group.key)``."""
+        counted = await self.counts_by("failure_group", where, limit=limit)
+        groups: builtins.list[FailureGroup] = []
+        for group in counted:
+            sample = await self._bus.store.get_dead(group.sample_id)
+            if sample is None:  # deleted since it was counted: take any other
+                others = await self._bus.store.list_dead(
+                    _filter(where, failure_group=group.key), limit=1, offset=0
+                )
+                if not others:
+                    continue
+                sample = others[0]
+            groups.append(
+                FailureGroup(
+                    key=group.key,
+                    handler_name=sample.handler_name,
+                    error_type=sample.error_type,
+                    shape=message_shape(sample.error),
+                    count=group.count,
+                    first_at=group.first_at,
+                    last_at=group.last_at,
+                    sample_id=sample.id,
+                    sample_error=sample.error,
+                    sample_reason=sample.reason,
+                )
+            )
+        return groups
+
+    # acting on one ---------------------------------------------------------
+
+    async def reprocess(self, item_id: str, *, actor: str | None = None) -> DeadLetterItem:
+        """Call the item's handler now. On success the item is marked ``processed``
+        (with ``processed_at``); on failure it stays, carrying the new error.
+        Returns the item as stored afterwards.
+
+        Raises ``ItemNotFound``, or ``UnknownHandler`` when no handler of its
+        name is subscribed on this bus.
+        """
+        item, _ok = await self._reprocess(item_id, actor)
+        return item
+
+    async def _reprocess(self, item_id: str, actor: str | None) -> tuple[DeadLetterItem, bool]:
+        item = await self.get(item_id)
+        subscription = self._bus.subscription(item.handler_name)
+        now = self._bus.clock.now()
+        metadata: dict[str, Any] = dict(item.metadata)
+        metadata["reprocess_count"] = int(metadata.get("reprocess_count", 0)) + 1
+        metadata["last_reprocessed_at"] = now.isoformat()
+        if actor is not None:
+            metadata["last_reprocessed_by"] = actor
+        try:
+            await subscription.call(item.to_event())
+        except Exception as exc:
+            info = ErrorInfo.from_exception(exc)
+            ok = False
+            updated = replace(
+                item,
+                error=info.message,
+                error_type=info.type,
+                traceback=info.traceback,
+                metadata=metadata,
+            )
+        else:
+            ok = True
+            updated = replace(
+                item, processed=True, processed_at=self._bus.clock.now(), metadata=metadata
+            )
+        if not await self._bus.store.update_dead(updated):
+            raise ItemNotFound(item_id)
+        return updated, ok
+
+    async def requeue(
+        self, item_id: str, *, data: Any = UNSET, actor: str | None = None
+    ) -> RetryItem:
+        """Move the dead letter back into the retry queue, due now, with all its
+        retries ahead of it (the handler's current policy). Returns the new item.
+
+        With ``data`` the event's payload is replaced first (edit and requeue): it
+        must be JSON, and the item's ``metadata["edits"]`` keeps the original
+        payload, the new one, who (``actor``) and when, as an audit trail that
+        follows the item through later failures.
+        """
+        item = await self.get(item_id)
+        now = self._bus.clock.now()
+        if data is not UNSET:
+            edited = json.loads(encode_json(data, f"the new payload of dead letter {item_id!r}"))
+            metadata = dict(item.metadata)
+            edits = list(metadata.get("edits", []))
+            edits.append(
+                {
+                    "at": now.isoformat(),
+                    "by": actor or "unknown",
+                    "original_data": item.event_data,
+                    "data": edited,
+                }
+            )
+            metadata["edits"] = edits
+            item = replace(item, event_data=edited, metadata=metadata)
+        policy = self._bus.policy_for(item.handler_name)
+        retry_item = item.to_retry_item(max_retries=policy.max_retries, now=now)
+        if actor is not None:
+            retry_item = replace(retry_item, metadata={**retry_item.metadata, "requeued_by": actor})
+        if not await self._bus.store.requeue_dead(item_id, retry_item):
+            raise ItemNotFound(item_id)
+        self._bus._retry_scheduled(now)
+        return retry_item
+
+    async def delete(self, item_id: str) -> None:
+        """Delete one dead letter; raises ``ItemNotFound``."""
+        if not await self._bus.store.delete_dead(item_id):
+            raise ItemNotFound(item_id)
+
+    # acting on many --------------------------------------------------------
+
+    async def delete_many(self, ids: Sequence[str]) -> int:
+        """Delete these dead letters (ids that are gone already are skipped);
+        returns how many were deleted."""
+        ids = _ids(ids)
+        return await self._bus.store.delete_dead_many(ids) if ids else 0
+
+    async def delete_matching(self, where: DeadLetterFilter | None = None) -> int:
+        """Delete every dead letter matching ``where`` that exists now (those
+        created from now on are kept, even when they match); returns how many."""
+        selected = _filter(where).narrowed(created_before=self._bus.clock.now() + _TICK)
+        deleted = 0
+        while True:
+            page = await self._bus.store.list_dead(selected, limit=DELETE_PAGE, offset=0)
+            if not page:
+                return deleted
+            gone = await self._bus.store.delete_dead_many([item.id for item in page])
+            deleted += gone
+            if gone == 0:  # another process holds them; do not spin
+                return deleted
+
+    async def requeue_many(self, ids: Sequence[str], *, actor: str | None = None) -> BulkResult:
+        """``requeue`` each of these dead letters, now (no rate limit: for a
+        selection; ``bus.redrives`` requeues many at a bounded rate)."""
+        succeeded: list[str] = []
+        missing: list[str] = []
+        for item_id in _ids(ids):
+            try:
+                await self.requeue(item_id, actor=actor)
+            except ItemNotFound:
+                missing.append(item_id)
+            else:
+                succeeded.append(item_id)
+        return BulkResult(tuple(succeeded), {}, tuple(missing))
+
+    async def reprocess_many(self, ids: Sequence[str], *, actor: str | None = None) -> BulkResult:
+        """``reprocess`` each of these dead letters, one after another."""
+        succeeded: list[str] = []
+        failed: dict[str, str] = {}
+        missing: list[str] = []
+        for item_id in _ids(ids):
+            try:
+                item, ok = await self._reprocess(item_id, actor)
+            except ItemNotFound:
+                missing.append(item_id)
+            except LookupError as exc:  # UnknownHandler
+                failed[item_id] = str(exc)
+            else:
+                if ok:
+                    succeeded.append(item_id)
+                else:
+                    failed[item_id] = f"{item.error_type}: {item.error}"
+        return BulkResult(tuple(succeeded), failed, tuple(missing))
+
+    # housekeeping ----------------------------------------------------------
+
+    async def cleanup(self, before: datetime | None = None) -> int:
+        """Delete dead letters created before ``before`` (default: older than the
+        bus's ``dead_letter_retention``); returns how many."""
+        if before is None:
+            if self._bus.dead_letter_retention is None:
+                return 0
+            before = self._bus.clock.now() - timedelta(seconds=self._bus.dead_letter_retention)
+        return await self._bus.store.cleanup_dead(before)
+
+    async def health(self) -> None:
+        """Raise ``StoreUnavailable`` unless the store answers."""
+        await self._bus.store.health()
+
+
+# created_before is exclusive: what was created in this very microsecond still counts
+_TICK = timedelta(microseconds=1)
+
+
+def _ids(ids: Sequence[str]) -> list[str]:
+    if isinstance(ids, str):
+        raise TypeError(f"expected a list of ids, got the string {ids!r}")
+    unique = list(dict.fromkeys(ids))
+    for item_id in unique:
+        if not isinstance(item_id, str) or not item_id:
+            raise ValueError(f"ids must be non-empty strings, got {item_id!r}")
+    return unique

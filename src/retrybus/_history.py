@@ -1,0 +1,98 @@
+"""Queue depth over time, for the dashboard's chart.
+
+Samples (retry queue size, unprocessed and processed dead letters) are kept in
+one control record of the store, so every process that records them (workers,
+the dashboard) adds to one history, and it outlives them. A sample is added
+only when the newest is older than the interval, so many recorders add one
+sample per interval between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from ._filters import DeadLetterFilter
+
+if TYPE_CHECKING:
+    from ._bus import EventBus
+
+__all__ = ["DepthHistory", "DepthSample"]
+
+HISTORY_KEY = "depth_history"
+DEFAULT_INTERVAL = 60.0
+# a day of samples at the default interval
+DEFAULT_KEEP = 1440
+
+
+@dataclass(frozen=True, slots=True)
+class DepthSample:
+    """The queues' depth at one moment."""
+
+    at: datetime
+    retry_queue: int
+    dead_unprocessed: int
+    dead_processed: int
+
+    def to_list(self) -> list[object]:
+        return [self.at.isoformat(), self.retry_queue, self.dead_unprocessed, self.dead_processed]
+
+
+class DepthHistory:
+    """Record and read the depth history of a bus's store."""
+
+    def __init__(
+        self, bus: EventBus, *, interval: float = DEFAULT_INTERVAL, keep: int = DEFAULT_KEEP
+    ) -> None:
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+            raise ValueError(f"interval must be a number of seconds > 0, got {interval!r}")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 2:
+            raise ValueError(f"keep must be an int >= 2, got {keep!r}")
+        self._bus = bus
+        self.interval = float(interval)
+        self.keep = keep
+
+    async def samples(self) -> list[DepthSample]:
+        """The samples kept, oldest first."""
+        record = await self._bus.store.get_control(HISTORY_KEY)
+        if record is None:
+            return []
+        return [_sample(row) for row in record.value.get("samples", []) if _valid(row)]
+
+    async def record(self) -> DepthSample | None:
+        """Add a sample of now, unless the newest is younger than the interval (or
+        another process added one meanwhile). Returns the sample added, or None."""
+        store = self._bus.store
+        now = self._bus.clock.now()
+        record = await store.get_control(HISTORY_KEY)
+        rows = list(record.value.get("samples", [])) if record is not None else []
+        if rows and _valid(rows[-1]):
+            newest = datetime.fromisoformat(rows[-1][0])
+            # a little slack, so recorders waking every `interval` do not skip one
+            if now - newest < timedelta(seconds=self.interval * 0.9):
+                return None
+        sample = DepthSample(
+            now,
+            await store.retry_count(),
+            await store.count_dead(DeadLetterFilter(processed=False)),
+            await store.count_dead(DeadLetterFilter(processed=True)),
+        )
+        rows = [*rows[-(self.keep - 1) :], sample.to_list()]
+        version = record.version if record is not None else 0
+        written = await store.put_control(HISTORY_KEY, {"samples": rows}, version=version)
+        return sample if written is not None else None
+
+
+def _valid(row: object) -> bool:
+    return isinstance(row, list) and len(row) == 4 and isinstance(row[0], str)
+
+
+def _sample(row: list[object]) -> DepthSample:
+    at, retry, unprocessed, processed = row
+    return DepthSample(
+        datetime.fromisoformat(str(at)),
+        int(str(retry)),
+        int(str(unprocessed)),
+        int(str(processed)),
+    )

@@ -1,0 +1,153 @@
+"""The MongoDB store's query documents: exact time comparisons, dead letter
+filters and the grouping pipelines.
+
+Times are stored as a BSON datetime ``t`` (milliseconds) plus ``t_us``, the
+microseconds within that millisecond (see ``mongodb.py``), so every comparison
+here is made on the pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .._filters import DeadLetterFilter
+from .._groups import GroupCount
+
+__all__ = [
+    "DEAD_GROUP_DEFAULTS",
+    "dead_letter_query",
+    "earlier",
+    "group_counts",
+    "group_pipeline",
+    "not_earlier",
+    "split_time",
+]
+
+Doc = dict[str, Any]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# filter field -> document field, compared for equality
+_EQUAL_FIELDS = (
+    ("event_type", "event_type"),
+    ("handler_name", "handler_name"),
+    ("reason", "reason"),
+    ("processed", "processed"),
+    ("event_id", "event_id"),
+    ("failure_group", "failure_group"),
+)
+
+# what a dead letter without the field reads back as (``_dead_from_doc``)
+DEAD_GROUP_DEFAULTS: Mapping[str, str] = {
+    "failure_group": "",
+    "handler_name": "unknown",
+    "event_type": "unknown",
+    "reason": "",
+}
+
+
+def split_time(moment: datetime) -> tuple[datetime, int]:
+    """The millisecond BSON keeps, and the microseconds within it that it drops."""
+    if moment.tzinfo is None:
+        raise ValueError(f"stored times must be timezone-aware, got {moment!r}")
+    moment = moment.astimezone(UTC)
+    extra = moment.microsecond % 1000
+    return moment.replace(microsecond=moment.microsecond - extra), extra
+
+
+def earlier(name: str, moment: datetime, *, or_equal: bool = False) -> Doc:
+    """Filter: the time field ``name`` is before ``moment`` (or at it), to the microsecond."""
+    ms, extra = split_time(moment)
+    if not or_equal and extra == 0:
+        return {name: {"$lt": ms}}
+    # a missing or null ``_us`` counts as 0: "$not $gt/$gte" matches it
+    within = {"$not": {"$gt": extra}} if or_equal else {"$not": {"$gte": extra}}
+    return {"$or": [{name: {"$lt": ms}}, {name: ms, f"{name}_us": within}]}
+
+
+def not_earlier(name: str, moment: datetime) -> Doc:
+    """Filter: the time field ``name`` is at ``moment`` or after it, to the microsecond."""
+    ms, extra = split_time(moment)
+    if extra == 0:
+        return {name: {"$gte": ms}}
+    return {"$or": [{name: {"$gt": ms}}, {name: ms, f"{name}_us": {"$gte": extra}}]}
+
+
+def dead_letter_query(where: DeadLetterFilter) -> Doc:
+    """The query document selecting the dead letters ``where`` matches."""
+    query: Doc = {}
+    for attribute, field in _EQUAL_FIELDS:
+        value = getattr(where, attribute)
+        if value is not None:
+            query[field] = value
+    ranges: list[Doc] = []
+    if where.created_after is not None:
+        ranges.append(not_earlier("created_at", where.created_after))
+    if where.created_before is not None:
+        ranges.append(earlier("created_at", where.created_before))
+    if len(ranges) == 1 and "$or" not in ranges[0]:
+        query.update(ranges[0])
+    elif ranges:
+        query["$and"] = ranges
+    return query
+
+
+def _moment_of(name: str) -> Doc:
+    # a document, compared field by field: the millisecond, then the microseconds
+    return {"t": f"${name}", "us": {"$ifNull": [f"${name}_us", 0]}}
+
+
+def group_pipeline(
+    query: Doc, *, by: str, default: str, moment: str, newest: bool, limit: int
+) -> list[Doc]:
+    """Count the documents ``query`` matches per value of field ``by`` (``default``
+    where it is missing): largest first, ties by key; the earliest and latest of
+    the time field ``moment``, and a sample id (the greatest ``(moment, _id)`` when
+    ``newest``, else the least). Uses only ``$match``, ``$group`` (``$sum``,
+    ``$min``, ``$max`` of small documents), ``$sort`` and ``$limit``."""
+    with_id = {**_moment_of(moment), "id": "$_id"}
+    first = with_id if not newest else _moment_of(moment)
+    last = with_id if newest else _moment_of(moment)
+    return [
+        {"$match": query},
+        {
+            "$group": {
+                "_id": {"$ifNull": [f"${by}", default]},
+                "count": {"$sum": 1},
+                "first": {"$min": first},
+                "last": {"$max": last},
+            }
+        },
+        {"$sort": {"count": -1, "_id": 1}},
+        {"$limit": limit},
+    ]
+
+
+def _moment(part: Mapping[str, Any]) -> datetime:
+    value = part.get("t")
+    if not isinstance(value, datetime):
+        return _EPOCH  # a hand-written document without the time reads back so
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    extra = part.get("us")
+    if not isinstance(extra, int) or isinstance(extra, bool) or not 0 <= extra < 1000:
+        extra = 0
+    return value.astimezone(UTC) + timedelta(microseconds=extra)
+
+
+def group_counts(docs: list[Doc], *, newest: bool) -> list[GroupCount]:
+    """The ``GroupCount`` rows of what ``group_pipeline`` returned."""
+    counted: list[GroupCount] = []
+    for doc in docs:
+        sample = doc["last"] if newest else doc["first"]
+        counted.append(
+            GroupCount(
+                key=str(doc["_id"]),
+                count=int(doc["count"]),
+                first_at=_moment(doc["first"]),
+                last_at=_moment(doc["last"]),
+                sample_id=str(sample["id"]),
+            )
+        )
+    return counted
