@@ -67,6 +67,8 @@ def test_dlq_list_takes_filters(seeded: Seeded) -> None:
         ("processed=maybe", "must be true or false"),
         ("since=yesterday", "not a time: 'yesterday'"),
         ("handler", "expected KEY=VALUE"),
+        ("handler=", "has an empty value"),
+        ("since=100000000d", "reaches past the calendar"),
     ],
 )
 def test_a_bad_filter_is_a_one_line_usage_error(seeded: Seeded, option: str, says: str) -> None:
@@ -256,3 +258,21 @@ def test_queue_groups_counts_retry_items_per_handler(seeded: Seeded) -> None:
     table = ok("queue", "groups", "--store", seeded.url).stdout
     assert "CommentNotificationHandler" in table
     assert "first due" in table
+
+
+def test_an_empty_filter_value_never_selects_everything(seeded: Seeded) -> None:
+    result = invoke("dlq", "delete", "--store", seeded.url, "-f", "handler=", "--yes")
+    assert "empty value" in one_line_error(result, code=2)
+    assert remaining(seeded.url) == {*seeded.old, *seeded.recent}
+
+
+def test_two_names_of_one_filter_field_are_a_usage_error(seeded: Seeded) -> None:
+    result = invoke("dlq", "list", "--store", seeded.url, "-f", "type=a", "-f", "event_type=b")
+    assert "name the same field" in one_line_error(result, code=2)
+
+
+def test_reprocess_refuses_a_processed_filter(seeded: Seeded) -> None:
+    result = invoke(
+        "dlq", "reprocess", "--store", seeded.url, "-f", "processed=true", "--yes", *WITH_APP
+    )
+    assert "unprocessed" in one_line_error(result, code=2)

@@ -4,7 +4,7 @@ deletes, retry queue breakdowns and control records. Every store engine passes i
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -293,3 +293,61 @@ async def test_put_control_refuses_what_is_not_json(store: Store, bad: dict[str,
     with pytest.raises((TypeError, ValueError)):
         await store.put_control("bad", bad, version=0)
     assert await store.get_control("bad") is None
+
+
+# keyset paging ---------------------------------------------------------------
+
+
+async def test_a_cursor_pages_newest_first_through_equally_old_dead_letters(
+    bus: EventBus, clock: ManualClock
+) -> None:
+    same_time = [await dead(bus, n) for n in range(3)]  # one created_at
+    clock.advance(1)
+    newer = await dead(bus, 9)
+    clock.advance(1)
+    newest = await dead(bus, 10)
+    expected = [newest.id, newer.id, *sorted(ids(same_time), reverse=True)]
+    seen: list[str] = []
+    where = DeadLetterFilter(handler_name="h")
+    while True:
+        page = await bus.dead_letters.list(2, where=where)
+        if not page:
+            break
+        seen += ids(page)
+        last = page[-1]
+        where = DeadLetterFilter(handler_name="h", cursor=(last.created_at, last.id))
+    assert seen == expected
+    middle = ids(
+        await bus.dead_letters.list(where=DeadLetterFilter(cursor=(newer.created_at, newer.id)))
+    )
+    assert middle == expected[2:]
+    assert (
+        await bus.dead_letters.count(where=DeadLetterFilter(cursor=(newer.created_at, newer.id)))
+        == 3
+    )
+
+
+async def test_a_cursor_combines_with_other_fields_and_groups(
+    bus: EventBus, store: Store, clock: ManualClock
+) -> None:
+    letters = []
+    for n in range(4):
+        letters.append(await dead(bus, n, handler="A" if n % 2 else "B"))
+        clock.advance(1)
+    cursor = (letters[2].created_at, letters[2].id)
+    assert ids(
+        await bus.dead_letters.list(where=DeadLetterFilter(handler_name="A", cursor=cursor))
+    ) == [letters[1].id]
+    groups = await store.group_dead("handler_name", DeadLetterFilter(cursor=cursor), limit=5)
+    assert [(g.key, g.count) for g in groups] == [("A", 1), ("B", 1)]
+
+
+def test_a_cursor_needs_an_aware_time_and_an_id() -> None:
+    with pytest.raises(ValueError, match="cursor"):
+        DeadLetterFilter(cursor=(datetime(2026, 1, 1), "dlq_x"))
+    with pytest.raises(ValueError, match="cursor"):
+        DeadLetterFilter(cursor=("2026-01-01", "dlq_x"))  # type: ignore[arg-type]
+    moment = datetime(2026, 1, 1, tzinfo=UTC)
+    where = DeadLetterFilter(cursor=(moment, "dlq_x"), processed=False)
+    assert DeadLetterFilter.from_dict(where.to_dict()) == where
+    assert "cursor" not in where.to_query()

@@ -85,6 +85,7 @@ async def test_the_seed_collections_and_indexes_exist(mongo: MongoStore) -> None
         (("failure_group", 1),),
     ):
         assert keys in dead, dead
+    assert (("created_at", -1), ("created_at_us", -1), ("_id", -1)) in dead  # newest first
     assert dead[(("created_at", 1),)]["expireAfterSeconds"] == 30 * 24 * 3600
 
 
@@ -338,6 +339,43 @@ async def test_filters_and_groups_compare_times_to_the_microsecond(mongo: MongoS
         start,
         start + timedelta(microseconds=200),
     )
+
+
+async def test_a_cursor_compares_times_to_the_microsecond(mongo: MongoStore) -> None:
+    """Keyset paging within one millisecond: by the microseconds, then by id; a
+    document written without ``created_at_us`` counts as 0 µs."""
+    start = datetime(2025, 1, 7, 10, 0, 0, 250_000, tzinfo=UTC)
+    db = await mongo._database()
+    await db.dead_letter_queue.insert_one(
+        {"_id": "dlq_by_hand", "handler_name": "h", "created_at": start, "failure_group": ""}
+    )
+    clock = ManualClock(start + timedelta(microseconds=100))
+    bus = EventBus(mongo, clock=clock)
+    positions = [(start, "dlq_by_hand")]
+    for n in range(4):  # two at 250.100 ms, two at 251.000 ms
+        if n == 2:
+            clock.advance(0.0009)
+        item = await bus.retry_queue.add(make_event(n), "h", "boom")
+        dead = await bus.retry_queue.mark_failed(item)
+        assert dead is not None
+        positions.append((dead.created_at, dead.id))
+    newest_first = sorted(positions, reverse=True)
+    listed = await bus.dead_letters.list(where=DeadLetterFilter())
+    assert [(d.created_at, d.id) for d in listed] == newest_first
+    for n, position in enumerate(newest_first):
+        after = [i for _, i in newest_first[n + 1 :]]
+        where = DeadLetterFilter(cursor=position)
+        assert [d.id for d in await bus.dead_letters.list(where=where)] == after
+        assert await mongo.count_dead(where) == len(after)
+    for moment, item_id, count in (
+        (start, "dlq_a", 0),
+        (start, "dlq_z", 1),
+        (start + timedelta(microseconds=50), "", 1),
+        (start + timedelta(microseconds=101), "", 3),
+        (start + timedelta(milliseconds=1), "", 3),
+        (start + timedelta(milliseconds=1), "dlq_z", 5),
+    ):
+        assert await mongo.count_dead(DeadLetterFilter(cursor=(moment, item_id))) == count
 
 
 async def test_control_records_are_documents_with_a_version(mongo: MongoStore) -> None:

@@ -257,9 +257,15 @@ async def test_newest_first_paging_and_group_filters_can_use_an_index(
         await conn.execute(f'SET search_path = "{schema}"')
         await conn.execute("SET enable_seqscan = off")  # a tiny table: ask what it could do
         await conn.execute("SET plan_cache_mode = force_custom_plan")
-        page = await conn.fetch(f"EXPLAIN {postgresql.Q['list_dead']}", *[None] * 8, 50, 100)
+        page = await conn.fetch(f"EXPLAIN {postgresql.Q['list_dead']}", *[None] * 10, 50, 100)
         grouped = await conn.fetch(
-            f"EXPLAIN {postgresql.Q['list_dead']}", *[None] * 7, "grp_0123456789abcdef", 50, 0
+            f"EXPLAIN {postgresql.Q['list_dead']}",
+            *[None] * 7,
+            "grp_0123456789abcdef",
+            None,
+            None,
+            50,
+            0,
         )
     finally:
         await conn.close()

@@ -252,6 +252,35 @@ def _filters(letters: list[DeadLetterItem]) -> list[DeadLetterFilter]:
     return filters
 
 
+def _cursor_filters(letters: list[DeadLetterItem]) -> list[DeadLetterFilter]:
+    """Keyset cursors: at a letter, between two ids of one time, below and above every
+    id of a time, before every letter, and combined with the other fields."""
+    sample = letters[len(letters) // 2]
+    middle = sample.created_at
+    shared_event = Counter(letter.event_id for letter in letters).most_common(1)[0][0]
+    tied = Counter(letter.created_at for letter in letters).most_common(1)[0][0]
+    tied_ids = sorted(letter.id for letter in letters if letter.created_at == tied)
+    cursors = [
+        (middle, sample.id),
+        (tied, tied_ids[len(tied_ids) // 2]),
+        (tied, tied_ids[0][:-1] + "!"),  # below every id of that time
+        (tied, tied_ids[-1] + "~"),  # above every id of that time
+        (middle + timedelta(microseconds=1), ""),
+        (letters[0].created_at - timedelta(days=1), "dlq_z"),  # before them all
+    ]
+    return [
+        *(DeadLetterFilter(cursor=cursor) for cursor in cursors),
+        DeadLetterFilter(cursor=(tied, tied_ids[1]), handler_name="A"),
+        DeadLetterFilter(cursor=(middle, sample.id), handler_name="B", processed=False),
+        DeadLetterFilter(cursor=(middle, sample.id), created_after=middle),
+        DeadLetterFilter(cursor=(middle, sample.id), created_before=middle),
+        DeadLetterFilter(cursor=(middle, sample.id), created_before=middle + timedelta(seconds=9)),
+        DeadLetterFilter(cursor=(middle, sample.id), failure_group=sample.failure_group),
+        DeadLetterFilter(cursor=(middle, sample.id), event_id=shared_event),
+        DeadLetterFilter(cursor=(tied, tied_ids[-1]), event_id=sample.event_id),
+    ]
+
+
 async def _assert_like_the_reference(
     store: RedisStore, reference: MemoryStore, where: DeadLetterFilter
 ) -> None:
@@ -276,12 +305,21 @@ async def test_dead_letter_queries_match_the_reference_at_three_hundred_items(
         await redis_store.record_failures([], letters[start : start + 100])
         await reference.record_failures([], letters[start : start + 100])
     assert await redis_store.count_dead(DeadLetterFilter()) == 300
-    for where in _filters(letters):
+    for where in [*_filters(letters), *_cursor_filters(letters)]:
         await _assert_like_the_reference(redis_store, reference, where)
     everything = DeadLetterFilter()
     assert await redis_store.list_dead(everything, limit=1000, offset=0) == (
         await reference.list_dead(everything, limit=1000, offset=0)
     )
+    # paging by cursor through many equally old letters sees each one once, in order
+    for where in (everything, DeadLetterFilter(handler_name="C", processed=False)):
+        seen: list[str] = []
+        page_where = where
+        while page := await redis_store.list_dead(page_where, limit=7, offset=0):
+            seen += [d.id for d in page]
+            page_where = replace(where, cursor=(page[-1].created_at, page[-1].id))
+        want = await reference.list_dead(where, limit=1000, offset=0)
+        assert seen == [d.id for d in want]
 
 
 async def test_updating_deleting_and_cleaning_keep_the_dead_letter_indexes_right(
@@ -310,7 +348,11 @@ async def test_updating_deleting_and_cleaning_keep_the_dead_letter_indexes_right
     assert await redis_store.delete_dead_many(ids) == await reference.delete_dead_many(ids) == 10
     cutoff = letters[0].created_at + timedelta(seconds=20)
     assert await redis_store.cleanup_dead(cutoff) == await reference.cleanup_dead(cutoff)
-    for where in [*_filters(letters), DeadLetterFilter(reason="reprocessed")]:
+    for where in [
+        *_filters(letters),
+        *_cursor_filters(letters),
+        DeadLetterFilter(reason="reprocessed"),
+    ]:
         await _assert_like_the_reference(redis_store, reference, where)
     old_group = DeadLetterFilter(failure_group=letters[0].failure_group)
     assert letters[0].id not in {

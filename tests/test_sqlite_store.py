@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
 from retrybus import (
@@ -189,6 +190,10 @@ INSERT_DEAD_V1 = (
 )
 
 
+def index_columns(conn: sqlite3.Connection, index: str) -> list[str]:
+    return [row[0] for row in conn.execute("SELECT name FROM pragma_index_info(?)", (index,))]
+
+
 def write_v1_dead_letters(path: Path, rows: list[tuple[str, str, str, str]]) -> None:
     """Dead letters ``(id, handler, error, error_type)`` written as version 1 did, a
     second apart, the first oldest."""
@@ -235,9 +240,13 @@ async def test_a_version_1_database_is_upgraded_and_its_dead_letters_grouped(
         assert (await store.counters()).retry_dead_lettered == 7  # the old rows are kept
         assert await store.put_control("k", {"n": 1}, version=0) == 1  # the new table
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
-    indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-    assert "dead_letter_queue_failure_group" in indexes
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert index_columns(conn, "dead_letter_queue_failure_group") == [
+        "failure_group",
+        "created_at",
+        "id",
+    ]
+    assert index_columns(conn, "dead_letter_queue_created_at") == ["created_at", "id"]
     assert (
         conn.execute("SELECT COUNT(*) FROM dead_letter_queue WHERE failure_group = ''").fetchone()[
             0
@@ -319,4 +328,83 @@ async def test_dead_letter_filters_use_indexes(tmp_path: Path) -> None:
         sql = sqlite_store.Q["list_dead"].format(where=condition)
         plan = conn.execute(f"EXPLAIN QUERY PLAN {sql}", {**params, "limit": 10, "offset": 0})
         assert index in " ".join(str(row[-1]) for row in plan)
+    conn.close()
+
+
+# What version 2 (failure groups, control records; up to commit 271581e) added to
+# version 1: its newest-first indexes end at created_at.
+SCHEMA_V2_CHANGES = """
+ALTER TABLE dead_letter_queue ADD COLUMN failure_group TEXT NOT NULL DEFAULT '';
+CREATE INDEX dead_letter_queue_event_id ON dead_letter_queue (event_id);
+CREATE INDEX dead_letter_queue_failure_group ON dead_letter_queue (failure_group, created_at);
+CREATE TABLE retrybus_control (
+    key     TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    value   TEXT NOT NULL
+);
+PRAGMA user_version = 2;
+"""
+
+
+async def test_a_version_2_database_gets_the_newest_first_indexes_with_the_id(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    create_v1_database(
+        path,
+        [("dlq_1", "Mailer", "order 1 not found", "KeyError")]
+        + [(f"dlq_{n}", "Mailer", "slow", "TimeoutError") for n in range(2, 5)],
+    )
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA_V2_CHANGES)
+    conn.execute("UPDATE dead_letter_queue SET created_at = '2025-01-07T10:00:00.000000+00:00'")
+    for item_id, handler, error_type, error in conn.execute(
+        "SELECT id, handler_name, error_type, error FROM dead_letter_queue"
+    ).fetchall():
+        conn.execute(
+            "UPDATE dead_letter_queue SET failure_group = ? WHERE id = ?",
+            (failure_group_key(handler, error_type, error), item_id),
+        )
+    conn.commit()
+    conn.close()
+    async with open_store(f"sqlite:///{path}") as store:
+        first = await store.list_dead(DeadLetterFilter(), limit=2, offset=0)
+        assert [d.id for d in first] == ["dlq_4", "dlq_3"]
+        cursor = (first[-1].created_at, first[-1].id)
+        rest = await store.list_dead(DeadLetterFilter(cursor=cursor), limit=10, offset=0)
+        assert [d.id for d in rest] == ["dlq_2", "dlq_1"]
+        slow = failure_group_key("Mailer", "TimeoutError", "slow")
+        assert await store.count_dead(DeadLetterFilter(failure_group=slow, cursor=cursor)) == 1
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert index_columns(conn, "dead_letter_queue_created_at") == ["created_at", "id"]
+    assert index_columns(conn, "dead_letter_queue_failure_group") == [
+        "failure_group",
+        "created_at",
+        "id",
+    ]
+    conn.close()
+
+
+async def test_a_cursor_is_a_seek_in_the_newest_first_indexes(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        await store.health()
+    conn = sqlite3.connect(path)
+    cursor = (datetime(2026, 1, 1, tzinfo=UTC), "dlq_x")
+    for where, index in [
+        (DeadLetterFilter(cursor=cursor), "dead_letter_queue_created_at"),
+        (DeadLetterFilter(failure_group="grp_x", cursor=cursor), "dead_letter_queue_failure_group"),
+    ]:
+        condition, params = sqlite_store._where(where)
+        sql = sqlite_store.Q["list_dead"].format(where=condition)
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.execute(
+                f"EXPLAIN QUERY PLAN {sql}", {**params, "limit": 10, "offset": 0}
+            )
+        )
+        assert index in plan
+        assert "(created_at,id)<(?,?)" in plan  # a seek, not a filter
+        assert "TEMP B-TREE" not in plan  # the order is the index's
     conn.close()

@@ -13,6 +13,7 @@ from ._bus import EventBus, PublishResult
 from ._clock import Clock, ManualClock, SystemClock
 from ._dead_letters import BulkResult, DeadLetterQueue
 from ._errors import (
+    ItemBusy,
     ItemNotFound,
     PermanentError,
     RetryAfter,
@@ -33,7 +34,8 @@ from ._stores import Store, open_store
 from ._worker import RetryWorker
 
 if _TYPE_CHECKING:
-    from ._redrive import Redrive, Redrives
+    from ._redrive import Redrive
+    from ._redrives import Redrives
 
 __version__ = "0.1.0"
 
@@ -55,6 +57,7 @@ __all__ = [
     "FailureGroup",
     "FixedDelay",
     "GroupCount",
+    "ItemBusy",
     "ItemNotFound",
     "LinearBackoff",
     "ManualClock",
@@ -83,8 +86,12 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     # redrives are for operators' tools; a worker process never loads them
-    if name in ("Redrive", "Redrives"):
-        from . import _redrive
+    if name == "Redrive":
+        from ._redrive import Redrive
 
-        return getattr(_redrive, name)
+        return Redrive
+    if name == "Redrives":
+        from ._redrives import Redrives
+
+        return Redrives
     raise AttributeError(f"module 'retrybus' has no attribute {name!r}")

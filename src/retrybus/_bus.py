@@ -25,7 +25,7 @@ from ._stores.base import Store
 from ._stores.memory import MemoryStore
 
 if TYPE_CHECKING:
-    from ._redrive import Redrives
+    from ._redrives import Redrives
 
 __all__ = ["EventBus", "PublishResult"]
 
@@ -117,7 +117,7 @@ class EventBus:
         """Start, follow and steer redrives of the dead letter queue (``Redrives``)."""
         if self._redrives is None:
             # imported on first use: workers, which never redrive, stay small
-            from ._redrive import Redrives
+            from ._redrives import Redrives
 
             self._redrives = Redrives(self)
         return self._redrives

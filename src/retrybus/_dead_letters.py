@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import builtins
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ._errors import ItemNotFound
+from ._errors import ItemBusy, ItemNotFound
 from ._event import encode_json
 from ._filters import DeadLetterFilter
 from ._groups import FailureGroup, GroupCount, message_shape
@@ -24,6 +25,10 @@ __all__ = ["BulkResult", "DeadLetterQueue"]
 
 # how many dead letters a bulk delete reads and deletes at a time
 DELETE_PAGE = 500
+# a reprocess holds its dead letter (a control record) for at most this long, so
+# that a second reprocess, a requeue or a delete does not run at the same time
+REPROCESS_CLAIM = 300.0
+CLAIM_PREFIX = "reprocessing:"
 
 
 class _Unset:
@@ -49,10 +54,6 @@ class BulkResult:
             "failed": dict(self.failed),
             "missing": list(self.missing),
         }
-
-
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split()) or type(exc).__name__}"
 
 
 def _filter(where: DeadLetterFilter | None, **fields: Any) -> DeadLetterFilter:
@@ -206,6 +207,15 @@ class DeadLetterQueue:
     async def _reprocess(self, item_id: str, actor: str | None) -> tuple[DeadLetterItem, bool]:
         item = await self.get(item_id)
         subscription = self._bus.subscription(item.handler_name)
+        claim = await self._claim(item_id, actor)
+        try:
+            return await self._call_and_record(item, subscription.call, actor)
+        finally:
+            await self._release(item_id, claim)
+
+    async def _call_and_record(
+        self, item: DeadLetterItem, call: Any, actor: str | None
+    ) -> tuple[DeadLetterItem, bool]:
         now = self._bus.clock.now()
         metadata: dict[str, Any] = dict(item.metadata)
         metadata["reprocess_count"] = int(metadata.get("reprocess_count", 0)) + 1
@@ -213,7 +223,7 @@ class DeadLetterQueue:
         if actor is not None:
             metadata["last_reprocessed_by"] = actor
         try:
-            await subscription.call(item.to_event())
+            await call(item.to_event())
         except Exception as exc:
             info = ErrorInfo.from_exception(exc)
             ok = False
@@ -230,8 +240,51 @@ class DeadLetterQueue:
                 item, processed=True, processed_at=self._bus.clock.now(), metadata=metadata
             )
         if not await self._bus.store.update_dead(updated):
-            raise ItemNotFound(item_id)
+            raise ItemNotFound(item.id)
         return updated, ok
+
+    async def _claim(self, item_id: str, actor: str | None) -> str:
+        """Hold ``item_id`` for a reprocess (a control record, taken by compare-and-set;
+        one left by a crashed process is taken over once it has run out)."""
+        key = CLAIM_PREFIX + item_id
+        now = self._bus.clock.now()
+        record = await self._bus.store.get_control(key)
+        if record is not None and _live(record.value, now):
+            raise ItemBusy(
+                item_id, f"being reprocessed by {record.value.get('by') or 'another process'}"
+            )
+        token = uuid.uuid4().hex
+        claim = {
+            "token": token,
+            "by": actor or "",
+            "until": (now + timedelta(seconds=REPROCESS_CLAIM)).isoformat(),
+        }
+        version = record.version if record is not None else 0
+        if await self._bus.store.put_control(key, claim, version=version) is None:
+            raise ItemBusy(item_id, "being reprocessed by another process")
+        return token
+
+    async def _release(self, item_id: str, token: str) -> None:
+        key = CLAIM_PREFIX + item_id
+        record = await self._bus.store.get_control(key)
+        if record is not None and record.value.get("token") == token:
+            await self._bus.store.delete_control(key)
+
+    async def _check_free(self, item_id: str) -> None:
+        """Raise ``ItemBusy`` while a reprocess holds ``item_id``."""
+        record = await self._bus.store.get_control(CLAIM_PREFIX + item_id)
+        if record is not None and _live(record.value, self._bus.clock.now()):
+            raise ItemBusy(
+                item_id, f"being reprocessed by {record.value.get('by') or 'another process'}"
+            )
+
+    async def _busy_ids(self) -> set[str]:
+        now = self._bus.clock.now()
+        return {
+            record.key.removeprefix(CLAIM_PREFIX)
+            for record in await self._bus.store.list_control(CLAIM_PREFIX)
+            if _live(record.value, now)
+        }
 
     async def requeue(
         self, item_id: str, *, data: Any = UNSET, actor: str | None = None
@@ -245,6 +298,7 @@ class DeadLetterQueue:
         follows the item through later failures.
         """
         item = await self.get(item_id)
+        await self._check_free(item_id)
         now = self._bus.clock.now()
         if data is not UNSET:
             edited = json.loads(encode_json(data, f"the new payload of dead letter {item_id!r}"))
@@ -270,7 +324,9 @@ class DeadLetterQueue:
         return retry_item
 
     async def delete(self, item_id: str) -> None:
-        """Delete one dead letter; raises ``ItemNotFound``."""
+        """Delete one dead letter; raises ``ItemNotFound``, or ``ItemBusy`` while it is
+        being reprocessed."""
+        await self._check_free(item_id)
         if not await self._bus.store.delete_dead(item_id):
             raise ItemNotFound(item_id)
 
@@ -280,35 +336,42 @@ class DeadLetterQueue:
         """Delete these dead letters (ids that are gone already are skipped);
         returns how many were deleted."""
         ids = _ids(ids)
+        busy = await self._busy_ids() if ids else set()
+        ids = [item_id for item_id in ids if item_id not in busy]
         return await self._bus.store.delete_dead_many(ids) if ids else 0
 
     async def delete_matching(self, where: DeadLetterFilter | None = None) -> int:
         """Delete every dead letter matching ``where`` that exists now (those
-        created from now on are kept, even when they match); returns how many."""
+        created from now on are kept, even when they match; so are those being
+        reprocessed); returns how many."""
         selected = _filter(where).narrowed(created_before=self._bus.clock.now() + _TICK)
+        busy = await self._busy_ids()
         deleted = 0
         while True:
             page = await self._bus.store.list_dead(selected, limit=DELETE_PAGE, offset=0)
             if not page:
                 return deleted
-            gone = await self._bus.store.delete_dead_many([item.id for item in page])
-            deleted += gone
-            if gone == 0:  # another process holds them; do not spin
-                return deleted
+            last = page[-1]
+            selected = selected.narrowed(cursor=(last.created_at, last.id))
+            ids = [item.id for item in page if item.id not in busy]
+            deleted += await self._bus.store.delete_dead_many(ids) if ids else 0
 
     async def requeue_many(self, ids: Sequence[str], *, actor: str | None = None) -> BulkResult:
         """``requeue`` each of these dead letters, now (no rate limit: for a
         selection; ``bus.redrives`` requeues many at a bounded rate)."""
         succeeded: list[str] = []
+        failed: dict[str, str] = {}
         missing: list[str] = []
         for item_id in _ids(ids):
             try:
                 await self.requeue(item_id, actor=actor)
             except ItemNotFound:
                 missing.append(item_id)
+            except ItemBusy as exc:
+                failed[item_id] = str(exc)
             else:
                 succeeded.append(item_id)
-        return BulkResult(tuple(succeeded), {}, tuple(missing))
+        return BulkResult(tuple(succeeded), failed, tuple(missing))
 
     async def reprocess_many(self, ids: Sequence[str], *, actor: str | None = None) -> BulkResult:
         """``reprocess`` each of these dead letters, one after another."""
@@ -320,7 +383,7 @@ class DeadLetterQueue:
                 item, ok = await self._reprocess(item_id, actor)
             except ItemNotFound:
                 missing.append(item_id)
-            except LookupError as exc:  # UnknownHandler
+            except (LookupError, ItemBusy) as exc:  # UnknownHandler, or held elsewhere
                 failed[item_id] = str(exc)
             else:
                 if ok:
@@ -333,7 +396,9 @@ class DeadLetterQueue:
 
     async def cleanup(self, before: datetime | None = None) -> int:
         """Delete dead letters created before ``before`` (default: older than the
-        bus's ``dead_letter_retention``); returns how many."""
+        bus's ``dead_letter_retention``); returns how many. Also forgets reprocess
+        claims left behind by crashed processes."""
+        await self._forget_stale_claims()
         if before is None:
             if self._bus.dead_letter_retention is None:
                 return 0
@@ -344,9 +409,24 @@ class DeadLetterQueue:
         """Raise ``StoreUnavailable`` unless the store answers."""
         await self._bus.store.health()
 
+    async def _forget_stale_claims(self) -> None:
+        now = self._bus.clock.now()
+        for record in await self._bus.store.list_control(CLAIM_PREFIX):
+            if not _live(record.value, now):
+                await self._bus.store.delete_control(record.key)
+
 
 # created_before is exclusive: what was created in this very microsecond still counts
 _TICK = timedelta(microseconds=1)
+
+
+def _live(claim: Any, now: datetime) -> bool:
+    """Whether a reprocess claim still holds (a damaged one does not)."""
+    try:
+        until = datetime.fromisoformat(str(claim.get("until")))
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return until.tzinfo is not None and until > now
 
 
 def _ids(ids: Sequence[str]) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 __all__ = [
+    "ItemBusy",
     "ItemNotFound",
     "PermanentError",
     "RetryAfter",
@@ -35,6 +36,14 @@ class ItemNotFound(RetrybusError, LookupError):
 
     def __init__(self, item_id: str) -> None:
         super().__init__(f"no item with id {item_id!r}")
+        self.item_id = item_id
+
+
+class ItemBusy(RetrybusError):
+    """Another operation holds the item now (a dead letter being reprocessed)."""
+
+    def __init__(self, item_id: str, why: str) -> None:
+        super().__init__(f"{item_id} is busy: {why}; try again later")
         self.item_id = item_id
 
 

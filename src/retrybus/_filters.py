@@ -10,12 +10,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ._records import DeadLetterItem
 
-__all__ = ["DeadLetterFilter", "parse_moment"]
+__all__ = ["DeadLetterFilter", "field_name", "parse_moment"]
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -39,13 +39,21 @@ _ALIASES = {
 }
 
 
+def field_name(key: str) -> str | None:
+    """The ``DeadLetterFilter`` field a text key (``handler``, ``since`` …) names."""
+    return _ALIASES.get(key.strip().lower())
+
+
 def parse_moment(text: str, now: datetime) -> datetime:
     """An ISO 8601 time (``2026-12-01T10:00:00+00:00``; a time without a zone is
     UTC) or an age before ``now`` (``30m``, ``2h``, ``7d``)."""
     value = text.strip()
     match = _DURATION.match(value)
     if match:
-        return now - timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+        try:
+            return now - timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+        except OverflowError:
+            raise ValueError(f"the age {text!r} reaches past the calendar") from None
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -53,9 +61,12 @@ def parse_moment(text: str, now: datetime) -> datetime:
             f"not a time: {text!r} (use ISO 8601 such as 2026-12-01T10:00:00Z, "
             "or an age such as 30m, 2h, 7d)"
         ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=now.tzinfo)
-    return moment
+    return _aware(moment)
+
+
+def _aware(moment: datetime) -> datetime:
+    """A stored time; one written without a zone is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _parse_bool(name: str, text: str) -> bool:
@@ -73,6 +84,9 @@ class DeadLetterFilter:
 
     ``created_after`` is inclusive and ``created_before`` exclusive;
     ``failure_group`` is a group key from ``bus.dead_letters.groups()``.
+    ``cursor`` is a position for keyset paging, the ``(created_at, id)`` of the
+    last dead letter seen: only those after it in newest-first order match
+    (``created_at`` earlier, or equal with a smaller ``id``).
 
     >>> DeadLetterFilter(handler_name="CommentNotificationHandler", processed=False)
     """
@@ -85,6 +99,7 @@ class DeadLetterFilter:
     created_before: datetime | None = None
     event_id: str | None = None
     failure_group: str | None = None
+    cursor: tuple[datetime, str] | None = None
 
     def __post_init__(self) -> None:
         for name in ("event_type", "handler_name", "reason", "event_id", "failure_group"):
@@ -97,6 +112,16 @@ class DeadLetterFilter:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
                 raise ValueError(f"{name} must be a timezone-aware datetime, got {value!r}")
+        if self.cursor is not None:
+            cursor = self.cursor
+            if (
+                not isinstance(cursor, tuple)
+                or len(cursor) != 2
+                or not isinstance(cursor[0], datetime)
+                or cursor[0].tzinfo is None
+                or not isinstance(cursor[1], str)
+            ):
+                raise ValueError(f"cursor must be (timezone-aware created_at, id), got {cursor!r}")
 
     @property
     def is_empty(self) -> bool:
@@ -114,6 +139,7 @@ class DeadLetterFilter:
             and (self.created_before is None or item.created_at < self.created_before)
             and (self.event_id is None or item.event_id == self.event_id)
             and (self.failure_group is None or item.failure_group == self.failure_group)
+            and (self.cursor is None or (item.created_at, item.id) < self.cursor)
         )
 
     def narrowed(self, **changes: Any) -> DeadLetterFilter:
@@ -130,7 +156,10 @@ class DeadLetterFilter:
             value = getattr(self, f.name)
             if value is None:
                 continue
-            out[f.name] = value.isoformat() if isinstance(value, datetime) else value
+            if isinstance(value, tuple):
+                out[f.name] = [value[0].isoformat(), value[1]]
+            else:
+                out[f.name] = value.isoformat() if isinstance(value, datetime) else value
         return out
 
     @classmethod
@@ -141,7 +170,9 @@ class DeadLetterFilter:
             if key not in cls.__dataclass_fields__:
                 raise ValueError(f"unknown dead letter filter field {key!r}")
             if key in ("created_after", "created_before") and isinstance(value, str):
-                value = datetime.fromisoformat(value)
+                value = _aware(datetime.fromisoformat(value))
+            elif key == "cursor" and isinstance(value, list | tuple) and len(value) == 2:
+                value = (_aware(datetime.fromisoformat(str(value[0]))), str(value[1]))
             values[key] = value
         return cls(**values)
 
@@ -185,7 +216,7 @@ class DeadLetterFilter:
         out: dict[str, str] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None:
+            if value is None or f.name == "cursor":
                 continue
             if isinstance(value, bool):
                 out[names[f.name]] = "true" if value else "false"

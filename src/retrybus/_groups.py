@@ -17,11 +17,14 @@ from datetime import datetime
 __all__ = ["FailureGroup", "GroupCount", "failure_group_key", "message_shape"]
 
 MAX_SHAPE_CHARS = 200
+# only the start of a long message decides its shape (and bounds the work)
+MAX_SOURCE_CHARS = 2_000
 
 # order matters: the specific forms first, bare numbers last
 _SHAPE_RULES: tuple[tuple[str, str], ...] = (
-    (r"'[^']*'", "'<str>'"),
-    (r'"[^"]*"', '"<str>"'),
+    # a quoted value, not the apostrophes of "can't ... won't"
+    (r"(?<!\w)'[^']*'(?!\w)", "'<str>'"),
+    (r'(?<!\w)"[^"]*"(?!\w)', '"<str>"'),
     (
         r"\b[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\b",
         "<uuid>",
@@ -33,7 +36,7 @@ _SHAPE_RULES: tuple[tuple[str, str], ...] = (
     (r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b", "<ip>"),
     (r"\b0x[0-9a-fA-F]+\b", "<hex>"),
     (r"\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{8,}\b", "<hex>"),
-    (r"[A-Za-z]+_[0-9a-fA-F]{12,}\b", "<id>"),
+    (r"(?<![A-Za-z])[A-Za-z]+_[0-9a-fA-F]{12,}\b", "<id>"),
     (r"(?<![A-Za-z0-9_.])[-+]?\d+(?:[.,]\d+)*", "<n>"),
 )
 
@@ -46,7 +49,7 @@ def _compiled_rules() -> tuple[tuple[re.Pattern[str], str], ...]:
 
 def message_shape(message: str) -> str:
     """``message`` with its varying parts replaced by placeholders (see the module)."""
-    shape = message
+    shape = message[:MAX_SOURCE_CHARS]
     for pattern, placeholder in _compiled_rules():
         shape = pattern.sub(placeholder, shape)
     shape = " ".join(shape.split())

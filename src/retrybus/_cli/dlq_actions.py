@@ -61,6 +61,12 @@ def _selection(
     return parse_filter(filters, datetime.now(UTC))
 
 
+def _as_of_now(where: DeadLetterFilter) -> DeadLetterFilter:
+    """``where`` limited to what exists now: the confirmation counts what is acted on,
+    nothing created while the question waits for an answer."""
+    return where.narrowed(created_before=datetime.now(UTC))
+
+
 def _report_bulk(verb: str, result: BulkResult, json: bool) -> None:
     if json:
         echo_json(result.to_dict())
@@ -90,20 +96,23 @@ async def _start_redrive(
         per_second = parse_rate(rate)
     except ValueError as exc:
         fail(f"--rate: {exc}", EXIT_USAGE)
-    count = await bus.dead_letters.count(where=where)
-    if action == "reprocess":
-        count = await bus.dead_letters.count(where=where.narrowed(processed=False))
+    if action == "reprocess" and where.processed is True:
+        fail("reprocess takes unprocessed dead letters: drop processed=true", EXIT_USAGE)
+    shown, where = where, _as_of_now(where)
+    count = await bus.dead_letters.count(
+        where=where.narrowed(processed=False) if action == "reprocess" else where
+    )
     if count == 0:
         if json:
             echo_json({"matched": 0})
         else:
-            typer.echo(f"no dead letters match {describe(where)}")
+            typer.echo(f"no dead letters match {describe(shown)}")
         return None
     if not yes:
         pace = f" at {per_second:g}/s" if per_second else ""
         first = f", after a probe of {probe}" if probe else ""
         typer.confirm(
-            f"{action.capitalize()} {count} dead letter(s) matching {describe(where)}"
+            f"{action.capitalize()} {count} dead letter(s) matching {describe(shown)}"
             f"{pace}{first} in {bus.store.url}?",
             abort=True,
             err=True,
@@ -348,7 +357,8 @@ def delete_dead_letters(
                 if deleted < len(set(ids)):
                     raise typer.Exit(EXIT_FAILURE)
                 return
-            count = await bus.dead_letters.count(where=where)
+            acted = _as_of_now(where)
+            count = await bus.dead_letters.count(where=acted)
             if count and not yes:
                 typer.confirm(
                     f"Delete {count} dead letter(s) matching {describe(where)} from "
@@ -356,7 +366,7 @@ def delete_dead_letters(
                     abort=True,
                     err=True,
                 )
-            deleted = await bus.dead_letters.delete_matching(where) if count else 0
+            deleted = await bus.dead_letters.delete_matching(acted) if count else 0
             if json:
                 echo_json({"deleted": deleted})
             else:

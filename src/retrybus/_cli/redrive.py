@@ -136,7 +136,7 @@ def resume_redrive(
         typer.echo(_line(redrive))
     if redrive.state == "paused":
         raise typer.Exit(EXIT_INTERRUPTED)
-    if redrive.state in ("stopped", "cancelled"):
+    if redrive.state in ("stopped", "cancelled") or redrive.failed:
         raise typer.Exit(EXIT_FAILURE)
 
 

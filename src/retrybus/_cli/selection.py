@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from .._bus import EventBus
-from .._filters import DeadLetterFilter
+from .._filters import DeadLetterFilter, field_name
 from .._redrive import Redrive
 from .common import fail
 from .session import EXIT_USAGE
@@ -72,13 +72,21 @@ def parse_filter(pairs: Sequence[str] | None, now: datetime) -> DeadLetterFilter
     """``--filter KEY=VALUE`` options as a ``DeadLetterFilter``; a malformed one ends the
     command with a one-line usage error."""
     given: dict[str, str] = {}
+    fields: dict[str, str] = {}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             fail(f"--filter {pair!r}: expected KEY=VALUE, e.g. handler=Mailer", EXIT_USAGE)
-        if key.strip() in given:
-            fail(f"--filter {key.strip()!r} is given twice", EXIT_USAGE)
-        given[key.strip()] = value
+        if not value.strip():
+            # `-f handler=$H` with H unset must not select every dead letter
+            fail(f"--filter {pair!r} has an empty value", EXIT_USAGE)
+        name = field_name(key)
+        if name is not None and name in fields:
+            fail(f"--filter {key!r} and {fields[name]!r} name the same field", EXIT_USAGE)
+        if name is not None:
+            fields[name] = key
+        given[key] = value
     try:
         return DeadLetterFilter.parse(given, now)
     except ValueError as exc:
@@ -144,7 +152,10 @@ async def drive(bus: EventBus, redrive: Redrive, *, quiet: bool) -> Redrive:
             if not current.active:
                 break
             if interrupted.is_set():
-                current = await bus.redrives.pause(current.id)
+                try:
+                    current = await bus.redrives.pause(current.id)
+                except ValueError:  # it ended (or was cancelled) meanwhile
+                    current = await bus.redrives.get(current.id)
                 show(current)
                 break
             with contextlib.suppress(TimeoutError):

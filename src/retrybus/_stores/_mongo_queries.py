@@ -17,6 +17,7 @@ from .._groups import GroupCount
 
 __all__ = [
     "DEAD_GROUP_DEFAULTS",
+    "before_position",
     "dead_letter_query",
     "earlier",
     "group_counts",
@@ -74,6 +75,21 @@ def not_earlier(name: str, moment: datetime) -> Doc:
     return {"$or": [{name: {"$gt": ms}}, {name: ms, f"{name}_us": {"$gte": extra}}]}
 
 
+def before_position(name: str, moment: datetime, item_id: str) -> Doc:
+    """Filter: the document comes after ``(moment, item_id)`` in newest-first order,
+    i.e. ``(name, _id) < (moment, item_id)``, to the microsecond (keyset paging).
+
+    The plain ``name <= ms(moment)`` bound lets the server walk the newest-first
+    index from the cursor on; the ``$or`` then decides within that millisecond.
+    """
+    ms, extra = split_time(moment)
+    # a missing or null ``_us`` counts as 0, as in ``earlier``
+    same_us: Any = extra if extra else {"$not": {"$gt": 0}}
+    tie = {name: ms, f"{name}_us": same_us, "_id": {"$lt": item_id}}
+    within = [tie] if not extra else [{name: ms, f"{name}_us": {"$not": {"$gte": extra}}}, tie]
+    return {name: {"$lte": ms}, "$or": [{name: {"$lt": ms}}, *within]}
+
+
 def dead_letter_query(where: DeadLetterFilter) -> Doc:
     """The query document selecting the dead letters ``where`` matches."""
     query: Doc = {}
@@ -86,6 +102,8 @@ def dead_letter_query(where: DeadLetterFilter) -> Doc:
         ranges.append(not_earlier("created_at", where.created_after))
     if where.created_before is not None:
         ranges.append(earlier("created_at", where.created_before))
+    if where.cursor is not None:
+        ranges.append(before_position("created_at", *where.cursor))
     if len(ranges) == 1 and "$or" not in ranges[0]:
         query.update(ranges[0])
     elif ranges:

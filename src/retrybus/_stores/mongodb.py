@@ -4,6 +4,9 @@ Collections and indexes follow the seed: ``retry_queue`` (``_id`` = ``retry_…`
 and ``dead_letter_queue`` (``_id`` = ``dlq_…``, TTL of 30 days on ``created_at``),
 plus ``retrybus_counters`` (one document per running total) and
 ``retrybus_control`` (control records: ``_id`` = key, ``version``, ``value``).
+Dead letters also have an index in their newest-first order (``created_at``,
+``created_at_us``, ``_id``, all descending), which listing and keyset paging
+(``DeadLetterFilter.cursor``) walk.
 
 Each dead letter carries ``failure_group`` (``DeadLetterItem.failure_group``,
 computed in Python when the dead letter is written or changed; indexed), so that
@@ -121,6 +124,8 @@ RETRY_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
 ]
 DEAD_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
     ([("created_at", DESCENDING)], {}),
+    # the newest-first order itself: listing and keyset paging walk it and stop
+    ([("created_at", DESCENDING), ("created_at_us", DESCENDING), ("_id", DESCENDING)], {}),
     ([("processed", ASCENDING)], {}),
     ([("event_type", ASCENDING)], {}),
     ([("failure_group", ASCENDING)], {}),

@@ -15,6 +15,9 @@ is one prepared statement with a nullable parameter per field). Their failure gr
 is computed in Python when a dead letter is written and kept in an indexed column;
 version 2 of the schema added it and back-filled existing rows. Control records are
 rows of ``retrybus_control``, written with compare-and-set in one statement.
+That admin side (dead letter queries, grouping, bulk deletes, control records) is
+in ``_postgresql_admin`` and the migration steps are in ``_postgresql_migrate``;
+both are imported on first use, so that a worker does not load them.
 
 URL options: ``schema`` (default public), ``pool_min``/``pool_max`` (connections,
 1/10), ``connect_timeout`` (seconds, 10), ``synchronous_commit`` (the server's
@@ -38,22 +41,18 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 import asyncpg  # type: ignore[import-untyped]
 
 from .._errors import StoreUnavailable
-from .._event import compact_json, encode_json
-from .._filters import DeadLetterFilter
-from .._groups import GroupCount, failure_group_key
+from .._event import compact_json
 from .._records import DeadLetterItem, RetryItem
 from ._codec import decode_or_corrupt
 from ._queries import load_queries
 from ._url import redact, split
 from .base import (
-    DEAD_LETTER_GROUP_FIELDS,
-    RETRY_GROUP_FIELDS,
     ControlRecord,
     CorruptRecord,
     Counters,
@@ -67,6 +66,10 @@ from .base import (
     corrupt_to_dead_letter,
 )
 
+if TYPE_CHECKING:
+    from .._filters import DeadLetterFilter
+    from .._groups import GroupCount
+
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 logger = logging.getLogger("retrybus.store.postgresql")
@@ -74,7 +77,7 @@ logger = logging.getLogger("retrybus.store.postgresql")
 T = TypeVar("T")
 Q = load_queries("postgresql.sql")
 SCHEMA_VERSION = 2
-# dead letters per round trip when failure groups are back-filled
+# dead letters per round trip when failure groups are back-filled (_postgresql_migrate)
 FILL_BATCH = 1000
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _OPTIONS = {"schema", "pool_min", "pool_max", "connect_timeout", "synchronous_commit"}
@@ -223,108 +226,9 @@ def _retry_from_row(row: Mapping[str, Any]) -> RetryItem:
     )
 
 
-def _dead_from_row(row: Mapping[str, Any]) -> DeadLetterItem:
-    metadata: dict[str, Any]
-    try:
-        data = None if row["event_data"] is None else json.loads(row["event_data"])
-        metadata = _object(row["metadata"])
-    except ValueError:
-        # A damaged dead letter is still shown: its payload as the text that is stored.
-        data = row["event_data"]
-        metadata = {"undecodable": True}
-    return DeadLetterItem(
-        id=row["id"],
-        event_id=row["event_id"],
-        event_type=row["event_type"],
-        event_data=data,
-        event_source=row["event_source"],
-        event_timestamp=row["event_timestamp"],
-        event_subject=row["event_subject"],
-        event_extensions=_object(row["event_extensions"]),
-        handler_name=row["handler_name"],
-        error=row["error"],
-        error_type=row["error_type"],
-        traceback=row["traceback"],
-        attempt=int(row["attempt"]),
-        max_retries=int(row["max_retries"]),
-        reason=row["reason"],
-        processed=bool(row["processed"]),
-        created_at=row["created_at"],
-        processed_at=row["processed_at"],
-        first_failed_at=row["first_failed_at"],
-        metadata=metadata,
-    )
-
-
 def _affected(status: str) -> int:
     """The row count of a command status such as ``UPDATE 3`` or ``DELETE 0``."""
     return int(status.rsplit(" ", 1)[-1])
-
-
-def _filter_args(where: DeadLetterFilter) -> tuple[Any, ...]:
-    """``$1..$8`` of list_dead, count_dead and group_dead."""
-    return (
-        where.event_type,
-        where.handler_name,
-        where.reason,
-        where.processed,
-        _aware_or_none(where.created_after),
-        _aware_or_none(where.created_before),
-        where.event_id,
-        where.failure_group,
-    )
-
-
-def _group_from_row(row: Mapping[str, Any]) -> GroupCount:
-    return GroupCount(
-        key=row["key"],
-        count=int(row["n"]),
-        first_at=row["first_at"],
-        last_at=row["last_at"],
-        sample_id=row["sample_id"],
-    )
-
-
-def _control_from_row(row: Mapping[str, Any]) -> ControlRecord:
-    return ControlRecord(key=row["key"], version=int(row["version"]), value=_object(row["value"]))
-
-
-async def _fill_failure_groups(conn: asyncpg.Connection) -> int:
-    """Compute and store the failure group of every dead letter that has none (all
-    of them when the version 2 migration runs; later, only rows an older retrybus
-    wrote), ``FILL_BATCH`` at a time; returns how many."""
-    filled = 0
-    after = ""
-    while True:
-        rows = await conn.fetch(Q["dead_without_group"], after, FILL_BATCH)
-        if not rows:
-            return filled
-        ids = [row["id"] for row in rows]
-        groups = [
-            failure_group_key(row["handler_name"], row["error_type"], row["error"]) for row in rows
-        ]
-        filled += _affected(await conn.execute(Q["set_failure_groups"], ids, groups))
-        after = ids[-1]
-
-
-async def _migrate_v1(conn: asyncpg.Connection) -> None:
-    await conn.execute(Q["schema_v1"])
-
-
-async def _migrate_v2(conn: asyncpg.Connection) -> None:
-    await conn.execute(Q["schema_v2"])
-    filled = await _fill_failure_groups(conn)
-    if filled:
-        logger.info("stored the failure group of %d dead letters", filled)
-    # after the back-fill, so that the new indexes are built once rather than
-    # updated row by row
-    await conn.execute(Q["schema_v2_indexes"])
-
-
-MIGRATIONS: dict[int, Callable[[asyncpg.Connection], Awaitable[None]]] = {
-    1: _migrate_v1,
-    2: _migrate_v2,
-}
 
 
 def _channel(schema: str) -> str:
@@ -495,12 +399,11 @@ class PostgresStore(Store):
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(self.schema)}")
             await conn.execute(Q["version_table"])
             version = int(await conn.fetchval(Q["current_version"]))
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                await MIGRATIONS[target](conn)
-                await conn.execute(Q["record_version"], target)
-                logger.info("migrated %s (schema %s) to version %d", self.url, self.schema, target)
-                version = target
-            return version
+            if version >= SCHEMA_VERSION:
+                return version
+            from ._postgresql_migrate import upgrade
+
+            return await upgrade(conn, version, url=self.url, schema=self.schema)
 
     async def migrate(self) -> int:
         """Run the migration now (it runs on first use anyway); returns the schema version."""
@@ -752,46 +655,31 @@ class PostgresStore(Store):
 
         return await self._run(run)
 
-    # dead letter queue -----------------------------------------------------
-
-    async def _fetch_dead(
-        self, query: str, where: DeadLetterFilter, *extra: Any, by_group: bool = False
-    ) -> list[asyncpg.Record]:
-        """Run a query taking the filter as ``$1..$8``; when it reads failure groups,
-        first fill those an older retrybus left out (one quick look when there are none)."""
-        args = (*_filter_args(where), *extra)
-        needs_groups = by_group or where.failure_group is not None
-
-        async def run(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-            if needs_groups:
-                await _fill_failure_groups(conn)
-            return cast(list[asyncpg.Record], await conn.fetch(Q[query], *args))
-
-        return await self._run(run)
+    # dead letter queue (the admin side: _postgresql_admin, imported on first use) --
 
     async def list_dead(
         self, where: DeadLetterFilter, *, limit: int, offset: int
     ) -> list[DeadLetterItem]:
-        rows = await self._fetch_dead("list_dead", where, limit, offset)
-        return [_dead_from_row(row) for row in rows]
+        from . import _postgresql_admin as admin
+
+        return await admin.list_dead(self, where, limit, offset)
 
     async def count_dead(self, where: DeadLetterFilter) -> int:
-        rows = await self._fetch_dead("count_dead", where)
-        return int(rows[0][0])
+        from . import _postgresql_admin as admin
+
+        return await admin.count_dead(self, where)
 
     async def group_dead(
         self, by: DeadLetterField, where: DeadLetterFilter, *, limit: int
     ) -> list[GroupCount]:
-        if by not in DEAD_LETTER_GROUP_FIELDS:
-            raise ValueError(f"cannot group dead letters by {by!r}: use {DEAD_LETTER_GROUP_FIELDS}")
-        rows = await self._fetch_dead(
-            "group_dead", where, by, limit, by_group=by == "failure_group"
-        )
-        return [_group_from_row(row) for row in rows]
+        from . import _postgresql_admin as admin
+
+        return await admin.group_dead(self, by, where, limit)
 
     async def get_dead(self, item_id: str) -> DeadLetterItem | None:
-        row = await self._run(lambda conn: conn.fetchrow(Q["get_dead"], item_id))
-        return None if row is None else _dead_from_row(row)
+        from . import _postgresql_admin as admin
+
+        return await admin.get_dead(self, item_id)
 
     async def update_dead(self, item: DeadLetterItem) -> bool:
         args = (
@@ -822,43 +710,40 @@ class PostgresStore(Store):
         )
 
     async def delete_dead_many(self, ids: Sequence[str]) -> int:
-        if not ids:
-            return 0
-        unique = list(set(ids))
-        return _affected(await self._run(lambda conn: conn.execute(Q["delete_dead_many"], unique)))
+        from . import _postgresql_admin as admin
+
+        return await admin.delete_dead_many(self, ids)
 
     async def cleanup_dead(self, before: datetime) -> int:
         at = _aware(before)
         return _affected(await self._run(lambda conn: conn.execute(Q["cleanup_dead"], at)))
 
     async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
-        if by not in RETRY_GROUP_FIELDS:
-            raise ValueError(f"cannot group retry items by {by!r}: use {RETRY_GROUP_FIELDS}")
-        rows = await self._run(lambda conn: conn.fetch(Q["group_retry"], by, limit))
-        return [_group_from_row(row) for row in rows]
+        from . import _postgresql_admin as admin
 
-    # control records -------------------------------------------------------
+        return await admin.group_retry(self, by, limit)
+
+    # control records (_postgresql_admin) -------------------------------------
 
     async def get_control(self, key: str) -> ControlRecord | None:
-        row = await self._run(lambda conn: conn.fetchrow(Q["get_control"], key))
-        return None if row is None else _control_from_row(row)
+        from . import _postgresql_admin as admin
+
+        return await admin.get_control(self, key)
 
     async def put_control(self, key: str, value: Mapping[str, Any], *, version: int) -> int | None:
-        text = encode_json(dict(value), f"control record {key!r}")
-        if version == 0:
-            written = await self._run(lambda conn: conn.fetchval(Q["create_control"], key, text))
-        else:
-            written = await self._run(
-                lambda conn: conn.fetchval(Q["update_control"], key, version, text)
-            )
-        return None if written is None else int(written)
+        from . import _postgresql_admin as admin
+
+        return await admin.put_control(self, key, value, version)
 
     async def list_control(self, prefix: str) -> list[ControlRecord]:
-        rows = await self._run(lambda conn: conn.fetch(Q["list_control"], prefix))
-        return [_control_from_row(row) for row in rows]
+        from . import _postgresql_admin as admin
+
+        return await admin.list_control(self, prefix)
 
     async def delete_control(self, key: str) -> bool:
-        return bool(_affected(await self._run(lambda conn: conn.execute(Q["delete_control"], key))))
+        from . import _postgresql_admin as admin
+
+        return await admin.delete_control(self, key)
 
     async def counters(self) -> Counters:
         row = await self._run(lambda conn: conn.fetchrow(Q["counters"]))

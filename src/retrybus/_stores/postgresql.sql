@@ -373,9 +373,10 @@ ON CONFLICT (id) DO NOTHING;
 UPDATE retrybus_counters SET retry_dead_lettered = retry_dead_lettered + $1;
 
 -- name: list_dead
--- $1..$8: the DeadLetterFilter (event_type, handler_name, reason, processed,
--- created_after, created_before, event_id, failure_group; NULL matches anything),
--- as in count_dead and group_dead; $9 limit, $10 offset
+-- $1..$10: the DeadLetterFilter (event_type, handler_name, reason, processed,
+-- created_after, created_before, event_id, failure_group, and the cursor as its
+-- created_at and id; NULL matches anything), as in count_dead and group_dead;
+-- $11 limit, $12 offset
 SELECT * FROM dead_letter_queue
 WHERE ($1::text IS NULL OR event_type = $1)
   AND ($2::text IS NULL OR handler_name = $2)
@@ -385,8 +386,9 @@ WHERE ($1::text IS NULL OR event_type = $1)
   AND ($6::timestamptz IS NULL OR created_at < $6)
   AND ($7::text IS NULL OR event_id = $7)
   AND ($8::text IS NULL OR failure_group = $8)
+  AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::text))
 ORDER BY created_at DESC, id DESC
-LIMIT $9 OFFSET $10;
+LIMIT $11 OFFSET $12;
 
 -- name: count_dead
 SELECT count(*) FROM dead_letter_queue
@@ -397,14 +399,15 @@ WHERE ($1::text IS NULL OR event_type = $1)
   AND ($5::timestamptz IS NULL OR created_at >= $5)
   AND ($6::timestamptz IS NULL OR created_at < $6)
   AND ($7::text IS NULL OR event_id = $7)
-  AND ($8::text IS NULL OR failure_group = $8);
+  AND ($8::text IS NULL OR failure_group = $8)
+  AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::text));
 
 -- name: group_dead
--- $9 the field, $10 limit. One hash aggregate counts the groups; then, for each group
+-- $11 the field, $12 limit. One hash aggregate counts the groups; then, for each group
 -- kept, the newest item is looked up by its created_at (last_at) in the created_at index.
 -- Keys compare as code points (COLLATE "C"), whatever the database's collation.
 WITH matching AS NOT MATERIALIZED (
-    SELECT CASE $9::text
+    SELECT CASE $11::text
                WHEN 'failure_group' THEN coalesce(failure_group, '')
                WHEN 'handler_name' THEN handler_name
                WHEN 'event_type' THEN event_type
@@ -420,12 +423,13 @@ WITH matching AS NOT MATERIALIZED (
       AND ($6::timestamptz IS NULL OR created_at < $6)
       AND ($7::text IS NULL OR event_id = $7)
       AND ($8::text IS NULL OR failure_group = $8)
+      AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::text))
 ), groups AS (
     SELECT key, count(*) AS n, min(created_at) AS first_at, max(created_at) AS last_at
     FROM matching
     GROUP BY key
     ORDER BY n DESC, key COLLATE "C"
-    LIMIT $10
+    LIMIT $12
 )
 SELECT key, n, first_at, last_at,
        (SELECT max(m.id) FROM matching AS m

@@ -192,42 +192,74 @@ local function bytes_less(a, b)
 end
 
 -- A dead letter filter from ARGV[at...]: created_after score or '' (inclusive),
--- created_before score or '' (exclusive), event_id or '', n, then n keys of per-value
--- zsets a dead letter must be in (its type, handler, reason, group, processed).
+-- created_before score or '' (exclusive), event_id or '', the cursor's created_at
+-- score and id or '', '' (only dead letters after it, newest first), n, then n keys
+-- of per-value zsets a dead letter must be in (its type, handler, reason, group,
+-- processed).
 local function dead_filter(at)
-    local f = { after = ARGV[at], before = ARGV[at + 1], event = ARGV[at + 2], sets = {} }
-    for j = 1, tonumber(ARGV[at + 3]) do
-        f.sets[j] = ARGV[at + 3 + j]
+    local f = {
+        after = ARGV[at],
+        before = ARGV[at + 1],
+        event = ARGV[at + 2],
+        cursor = ARGV[at + 3],
+        cursor_id = ARGV[at + 4],
+        sets = {},
+    }
+    for j = 1, tonumber(ARGV[at + 5]) do
+        f.sets[j] = ARGV[at + 5 + j]
     end
     f.min = f.after == '' and '-inf' or f.after
     f.max = f.before == '' and '+inf' or '(' .. f.before
     return f
 end
 
--- Without an event id: the most selective zset of the filter (fewest members in the
--- time range; P:dead:created when there is none), the filter's other zsets, and the
--- reverse ranks (newest first) of the base's first and last member in the time range.
-local function dead_candidates(f)
-    local base, others = K_DEAD_CREATED, {}
-    if #f.sets > 0 then
-        local smallest = nil
-        for _, key in ipairs(f.sets) do
-            local size = redis.call('ZCOUNT', key, f.min, f.max)
-            if smallest == nil or size < smallest then
-                smallest, base = size, key
-            end
-        end
-        for _, key in ipairs(f.sets) do
-            if key ~= base then
-                others[#others + 1] = key
-            end
-        end
-    end
+-- The reverse ranks (newest first) of the first and last member of zset `key` that
+-- filter f's time range and cursor let through (first > last: none). The members
+-- at the cursor's score are in descending id order: a binary search finds the first
+-- one below the cursor's id, so a cursor costs O(log^2 n) whatever the ties.
+local function dead_window(key, f)
     local first = 0
     if f.before ~= '' then
-        first = redis.call('ZCOUNT', base, f.before, '+inf')
+        first = redis.call('ZCOUNT', key, f.before, '+inf')
     end
-    return base, others, first, first + redis.call('ZCOUNT', base, f.min, f.max) - 1
+    local last = first + redis.call('ZCOUNT', key, f.min, f.max) - 1
+    if f.cursor ~= '' then
+        local low = redis.call('ZCOUNT', key, '(' .. f.cursor, '+inf')
+        local high = low + redis.call('ZCOUNT', key, f.cursor, f.cursor)
+        while low < high do
+            local mid = math.floor((low + high) / 2)
+            if bytes_less(redis.call('ZREVRANGE', key, mid, mid)[1], f.cursor_id) then
+                high = mid
+            else
+                low = mid + 1
+            end
+        end
+        first = math.max(first, low)
+    end
+    return first, last
+end
+
+-- Without an event id: the most selective zset of the filter (fewest members in its
+-- window; P:dead:created when there is none), the filter's other zsets, and the
+-- window's first and last reverse rank in the base (see dead_window).
+local function dead_candidates(f)
+    local base, others = K_DEAD_CREATED, {}
+    local first, last = nil, nil
+    for _, key in ipairs(f.sets) do
+        local low, high = dead_window(key, f)
+        if first == nil or high - low < last - first then
+            base, first, last = key, low, high
+        end
+    end
+    for _, key in ipairs(f.sets) do
+        if key ~= base then
+            others[#others + 1] = key
+        end
+    end
+    if first == nil then
+        first, last = dead_window(base, f)
+    end
+    return base, others, first, last
 end
 
 local function in_all(keys, id)
@@ -241,12 +273,17 @@ end
 
 -- Calls visit(id, score) for each dead letter matching filter f but the first `skip`,
 -- newest first (created_at, then id, descending), until visit returns true. Cost: the
--- members of the most selective zset in the time range, up to the last one visited;
+-- members of the most selective zset in the time range, from the cursor (if any) up to
+-- the last one visited;
 -- with an event id, the dead letters of that event.
 local function walk_dead(f, skip, visit)
     if f.event ~= '' then
         local found = {}
         local low, high = tonumber(f.after) or -math.huge, tonumber(f.before) or math.huge
+        local cursor = tonumber(f.cursor)
+        local function after_cursor(at, id)
+            return cursor == nil or at < cursor or (at == cursor and bytes_less(id, f.cursor_id))
+        end
         local members = redis.call(
             'ZRANGEBYLEX', K_DEAD_EVENTS, '[' .. f.event .. '\0', '(' .. f.event .. '\1'
         )
@@ -257,7 +294,8 @@ local function walk_dead(f, skip, visit)
             if index and cjson.decode(index)[7] == f.event then
                 local score = redis.call('ZSCORE', K_DEAD_CREATED, id)
                 local at = tonumber(score)
-                if score and at >= low and at < high and in_all(f.sets, id) then
+                local inside = score and at >= low and at < high and after_cursor(at, id)
+                if inside and in_all(f.sets, id) then
                     found[#found + 1] = { id, at, score }
                 end
             end
@@ -560,9 +598,9 @@ local f = dead_filter(2)
 if f.event == '' then
     local _, others, first, last = dead_candidates(f)
     if #others == 0 then
-        return last - first + 1
+        return math.max(last - first + 1, 0)
     end
-    if f.after == '' and f.before == '' then
+    if f.after == '' and f.before == '' and f.cursor == '' then
         local n = redis.pcall('ZINTERCARD', #f.sets, unpack(f.sets))
         if type(n) == 'number' then
             return n
@@ -580,8 +618,8 @@ return n
 -- ARGV: prefix, field (type, handler, reason or group), own value or '' (the filter's
 -- value of that field, its zset being among the filter's too), filter (see dead_filter).
 -- Returns {value, count, oldest score, newest score, id of the newest} per group, in
--- no order. Without other conditions than a time range (and the field's own value):
--- a few O(log n) calls per value of the field; otherwise a walk of the matching dead
+-- no order. Without other conditions than a time range and a cursor (and the field's
+-- own value): a few O(log n) calls per value of the field; otherwise a walk of the matching dead
 -- letters, reading each one's index entry.
 local name, own = ARGV[2], ARGV[3]
 local f = dead_filter(4)
@@ -593,12 +631,12 @@ if f.event == '' and (#f.sets == 0 or (#f.sets == 1 and own ~= '')) then
     end
     for _, value in ipairs(values) do
         local key = value_key(name, value)
-        local n = redis.call('ZCOUNT', key, f.min, f.max)
-        if n > 0 then
-            local oldest = redis.call('ZRANGEBYSCORE', key, f.min, f.max, 'WITHSCORES', 'LIMIT', 0, 1)
-            local newest = redis.call('ZREVRANGEBYSCORE', key, f.max, f.min, 'WITHSCORES', 'LIMIT', 0, 1)
+        local first, last = dead_window(key, f)
+        if last >= first then
+            local oldest = redis.call('ZREVRANGE', key, last, last, 'WITHSCORES')
+            local newest = redis.call('ZREVRANGE', key, first, first, 'WITHSCORES')
             out[#out + 1] = value
-            out[#out + 1] = n
+            out[#out + 1] = last - first + 1
             out[#out + 1] = oldest[2]
             out[#out + 1] = newest[2]
             out[#out + 1] = newest[1]

@@ -13,8 +13,10 @@ reason, failure group, processed: sorted sets by ``created_at``; event id: one
 lexicographic set). A query walks the most selective of the sets its filter names,
 newest first, in one script: a page costs the members of that set up to the page's
 last match, a count with at most one such set is a ``ZCOUNT`` (with several and no
-time range, a ``ZINTERCARD``), and grouping without other conditions than a time
-range is a few ``O(log n)`` calls per group. Otherwise counting and grouping walk
+time range or cursor, a ``ZINTERCARD``), and grouping without other conditions than
+a time range and a cursor is a few ``O(log n)`` calls per group. A keyset cursor
+(``DeadLetterFilter.cursor``) is a position in a set: the members after its score,
+and those at its score with a smaller id (found by a binary search). Otherwise counting and grouping walk
 every candidate of that set inside the script (admin calls: about 3 to 4 µs per
 candidate, 50,000 candidates in about 0.2 s, during which the server waits), as does
 a page deep into a filter naming several sets.
@@ -729,6 +731,8 @@ class RedisStore(Store):
             "" if where.created_after is None else _score(where.created_after),
             "" if where.created_before is None else _score(where.created_before),
             where.event_id or "",
+            "" if where.cursor is None else _score(where.cursor[0]),
+            "" if where.cursor is None else where.cursor[1],
             len(sets),
             *sets,
         ]

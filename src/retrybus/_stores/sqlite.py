@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -50,8 +51,9 @@ __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
 Q = load_queries("sqlite.sql")
-# 1: the tables; 2: dead_letter_queue.failure_group (back-filled), retrybus_control
-SCHEMA_VERSION = 2
+# 1: the tables; 2: dead_letter_queue.failure_group (back-filled), retrybus_control;
+# 3: the newest-first indexes end with id (keyset paging)
+SCHEMA_VERSION = 3
 _CHUNK = 500
 _BACKFILL_BATCH = 500
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
@@ -61,15 +63,17 @@ _SYNCHRONOUS = {"off", "normal", "full", "extra"}
 # loop; the connection's own autocheckpoint stays on, later, as a backstop.
 _CHECKPOINT_EVERY = 100
 _AUTOCHECKPOINT_BACKSTOP = 10_000  # pages
+_PARAMETER = re.compile(r":(\w+)")
 
 
 def _filter_conditions() -> dict[str, str]:
-    """The ``dead_filter`` block: the SQL condition of each DeadLetterFilter field."""
+    """The ``dead_filter`` block: the SQL condition of each DeadLetterFilter field,
+    the field named by the condition's first parameter."""
     conditions: dict[str, str] = {}
     for line in Q["dead_filter"].splitlines():
         line = line.strip()
         if line and not line.startswith("--"):
-            conditions[line.rsplit(":", 1)[1]] = line
+            conditions[_PARAMETER.findall(line)[0]] = line
     if set(conditions) != set(DeadLetterFilter.__dataclass_fields__):
         raise RuntimeError("sqlite.sql: dead_filter must name every DeadLetterFilter field")
     return conditions
@@ -80,17 +84,22 @@ _DEAD_CONDITIONS = _filter_conditions()
 
 def _where(where: DeadLetterFilter) -> tuple[str, dict[str, Any]]:
     """The ``{where}`` of the dead letter queries for ``where``, and its parameters."""
+    conditions: list[str] = []
     params: dict[str, Any] = {}
-    for name in _DEAD_CONDITIONS:
+    for name, condition in _DEAD_CONDITIONS.items():
         value = getattr(where, name)
         if value is None:
             continue
+        conditions.append(condition)
         if isinstance(value, bool):
-            value = int(value)
+            params[name] = int(value)
         elif isinstance(value, datetime):
-            value = _ts(value)
-        params[name] = value
-    return " AND ".join(_DEAD_CONDITIONS[name] for name in params) or "TRUE", params
+            params[name] = _ts(value)
+        elif isinstance(value, tuple):  # the cursor: (created_at, id)
+            params[name], params[f"{name}_id"] = _ts(value[0]), value[1]
+        else:
+            params[name] = value
+    return " AND ".join(conditions) or "TRUE", params
 
 
 def _group_counts(rows: list[tuple[Any, ...]]) -> list[GroupCount]:
@@ -705,8 +714,11 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 def _upgrade_schema(conn: sqlite3.Connection) -> None:
     """A new file gets the whole schema at SCHEMA_VERSION. A version 1 file gets the
-    failure_group column, its index and the control table; its version moves to 2
-    when ``_backfill_failure_groups`` has given every row its group."""
+    failure_group column, its index and the control table; its version moves on
+    when ``_backfill_failure_groups`` has given every row its group. A version 1 or
+    2 file gets the newest-first indexes rebuilt with ``id`` (once: one pass over
+    the dead letters, in this transaction); a version 2 file is then at
+    SCHEMA_VERSION."""
     version = _schema_version(conn)
     if version >= SCHEMA_VERSION:
         return
@@ -714,8 +726,12 @@ def _upgrade_schema(conn: sqlite3.Connection) -> None:
         columns = {row[0] for row in conn.execute(Q["dead_columns"])}
         if "failure_group" not in columns:
             conn.execute(Q["migrate_2_add_failure_group"])
+    if version in (1, 2):
+        indexed = [row[0] for row in conn.execute(Q["newest_first_index_columns"])]
+        if indexed.count("id") < 2:  # not rebuilt yet (a version 1 upgrade can resume)
+            _run_script(conn, Q["migrate_3_newest_first_indexes"])
     _run_script(conn, Q["schema"])
-    if version == 0:
+    if version in (0, 2):
         _set_schema_version(conn, SCHEMA_VERSION)
 
 

@@ -57,13 +57,16 @@ CREATE TABLE IF NOT EXISTS dead_letter_queue (
     -- (rows of a version 1 database, or written by a process of that version)
     failure_group    TEXT NOT NULL DEFAULT ''
 );
-CREATE INDEX IF NOT EXISTS dead_letter_queue_created_at ON dead_letter_queue (created_at DESC);
+-- newest first (created_at DESC, id DESC) straight from the index, a cursor a seek
+CREATE INDEX IF NOT EXISTS dead_letter_queue_created_at
+    ON dead_letter_queue (created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS dead_letter_queue_processed ON dead_letter_queue (processed);
 CREATE INDEX IF NOT EXISTS dead_letter_queue_event_type ON dead_letter_queue (event_type);
 CREATE INDEX IF NOT EXISTS dead_letter_queue_handler_name ON dead_letter_queue (handler_name);
 CREATE INDEX IF NOT EXISTS dead_letter_queue_event_id ON dead_letter_queue (event_id);
+-- a group's members newest first, and its count
 CREATE INDEX IF NOT EXISTS dead_letter_queue_failure_group
-    ON dead_letter_queue (failure_group, created_at);
+    ON dead_letter_queue (failure_group, created_at DESC, id DESC);
 
 CREATE TABLE IF NOT EXISTS retrybus_control (
     key     TEXT PRIMARY KEY,
@@ -82,6 +85,18 @@ INSERT OR IGNORE INTO retrybus_counters (name, value) VALUES
 -- version 1 -> 2, before the schema above runs again (it adds the index and the
 -- control table); the store then back-fills failure_group in batches
 ALTER TABLE dead_letter_queue ADD COLUMN failure_group TEXT NOT NULL DEFAULT '';
+
+-- name: migrate_3_newest_first_indexes
+-- version 2 (or 1) -> 3, when newest_first_index_columns lacks id: before the schema
+-- above runs again and creates them anew with id after created_at, for the
+-- newest-first order and keyset paging
+DROP INDEX IF EXISTS dead_letter_queue_created_at;
+DROP INDEX IF EXISTS dead_letter_queue_failure_group;
+
+-- name: newest_first_index_columns
+SELECT name FROM pragma_index_info('dead_letter_queue_created_at')
+UNION ALL
+SELECT name FROM pragma_index_info('dead_letter_queue_failure_group');
 
 -- name: dead_columns
 SELECT name FROM pragma_table_info('dead_letter_queue');
@@ -194,8 +209,10 @@ WHERE id IN (
 RETURNING *;
 
 -- name: dead_filter
--- One condition per DeadLetterFilter field, one a line; {where} in the queries below
--- is the conditions of the fields that are set, joined with AND (TRUE for none).
+-- One condition per DeadLetterFilter field, one a line, named by its first parameter;
+-- {where} in the queries below is the conditions of the fields that are set, joined
+-- with AND (TRUE for none). The cursor is (:cursor, :cursor_id), its (created_at, id):
+-- a row value, which SQLite seeks in the (created_at, id) indexes.
 event_type = :event_type
 handler_name = :handler_name
 reason = :reason
@@ -204,6 +221,7 @@ created_at >= :created_after
 created_at < :created_before
 event_id = :event_id
 failure_group = :failure_group
+(created_at, id) < (:cursor, :cursor_id)
 
 -- name: list_dead
 SELECT * FROM dead_letter_queue

@@ -1,0 +1,533 @@
+"""``bus.redrives``: start, steer and drive redrives (the record is ``_redrive.Redrive``).
+
+Driving is a series of steps. A step leases the redrive to this runner (a
+compare-and-set on its record), takes what the rate allows now from after the
+redrive's cursor, and writes the progress back. While a step runs, its lease is
+renewed; a step that loses its lease (another runner took over, or someone
+paused or cancelled the redrive) stops before its next item. Steps of one
+redrive never overlap within a process. Whatever happens to the record during a
+step (a pause, a cancel), the step's counts are added to it, not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from ._errors import ItemBusy, ItemNotFound, StoreUnavailable, UnknownHandler
+from ._filters import DeadLetterFilter
+from ._records import dead_letter_id_for
+from ._redrive import ACTIONS, FINAL, Redrive, RedriveConflict, parse_rate
+
+if TYPE_CHECKING:
+    from ._bus import EventBus
+
+__all__ = ["Redrives"]
+
+logger = logging.getLogger("retrybus.redrive")
+
+PREFIX = "redrive:"
+RUNNER_LEASE = 30.0
+# a step stops taking items after this long, well inside its lease
+STEP_BUDGET = RUNNER_LEASE / 3
+# items taken per step without a rate limit
+UNLIMITED_BATCH = 200
+
+
+@dataclass(slots=True)
+class _Taken:
+    """What one step took: how many dead letters it looked at, how they went, the
+    new retry items' ids (requeue), the first error and where to go on from."""
+
+    listed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retry_ids: list[str] = field(default_factory=list)
+    first_error: str = ""
+    cursor: tuple[datetime, str] | None = None
+
+
+class Redrives:
+    """``bus.redrives``: start, watch and steer redrives of the dead letter queue.
+
+    >>> redrive = await bus.redrives.start(DeadLetterFilter(handler_name="Mailer"),
+    ...                                    rate=10, probe=5, actor="alice")
+    >>> await bus.redrives.run(redrive.id)   # drive it here until it ends or is paused
+    """
+
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+        self.owner = f"redrive-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._steps: dict[str, asyncio.Lock] = {}
+
+    # starting and steering -------------------------------------------------
+
+    async def start(
+        self,
+        where: DeadLetterFilter | None = None,
+        *,
+        action: str = "requeue",
+        rate: float | str | None = None,
+        probe: int = 0,
+        actor: str | None = None,
+    ) -> Redrive:
+        """Create a redrive of the dead letters matching ``where`` now.
+
+        ``rate`` bounds it to that many items per second (``10``, ``"600/m"``);
+        ``probe`` first takes that many items alone and goes on only once they
+        have succeeded (for ``requeue``: once a worker has handled them), stopping
+        for good if any fails again. ``action="reprocess"`` calls the handlers in
+        the process that runs the redrive, which must subscribe them, and takes
+        only unprocessed dead letters.
+        """
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+        if isinstance(probe, bool) or not isinstance(probe, int) or probe < 0:
+            raise ValueError(f"probe must be an int >= 0, got {probe!r}")
+        if where is not None and not isinstance(where, DeadLetterFilter):
+            raise TypeError(f"where must be a DeadLetterFilter, got {where!r}")
+        if action == "reprocess" and where is not None and where.processed is True:
+            raise ValueError(
+                "a reprocess redrive takes unprocessed dead letters, not processed=True"
+            )
+        per_second = parse_rate(rate)
+        now = self._bus.clock.now()
+        selected = (where or DeadLetterFilter()).narrowed(
+            created_before=now + timedelta(microseconds=1), cursor=None
+        )
+        if action == "reprocess":
+            selected = replace(selected, processed=False)
+        total = await self._bus.store.count_dead(selected)
+        redrive = Redrive(
+            id=f"redrive_{time.time_ns() // 1_000_000:012x}{uuid.uuid4().hex[:8]}",
+            action=action,
+            where=selected,
+            rate=per_second,
+            probe=probe,
+            state="probing" if probe else "running",
+            total=total,
+            created_by=actor,
+            created_at=now,
+            updated_at=now,
+        )
+        version = await self._bus.store.put_control(
+            PREFIX + redrive.id, redrive.to_dict(), version=0
+        )
+        if version is None:  # pragma: no cover - ids are unique
+            raise RedriveConflict(f"redrive {redrive.id} exists already")
+        return replace(redrive, version=version)
+
+    async def get(self, redrive_id: str) -> Redrive:
+        """The redrive with this id; raises ``ItemNotFound``."""
+        record = await self._bus.store.get_control(PREFIX + redrive_id)
+        if record is None:
+            raise ItemNotFound(redrive_id)
+        return Redrive.from_dict(dict(record.value), record.version)
+
+    async def list(self) -> builtins.list[Redrive]:
+        """Every redrive the store keeps, newest first (a damaged record is logged
+        and left out)."""
+        redrives = []
+        for record in await self._bus.store.list_control(PREFIX):
+            try:
+                redrives.append(Redrive.from_dict(dict(record.value), record.version))
+            except (KeyError, TypeError, ValueError) as exc:
+                logger.warning("cannot read redrive record %s: %s", record.key, exc)
+        return sorted(redrives, key=lambda r: (r.created_at, r.id), reverse=True)
+
+    async def pause(self, redrive_id: str) -> Redrive:
+        """Pause an active redrive (it keeps its progress); ``resume`` goes on."""
+        return await self._change(redrive_id, self._paused)
+
+    async def resume(self, redrive_id: str) -> Redrive:
+        """Resume a paused redrive."""
+        return await self._change(redrive_id, self._resumed)
+
+    async def cancel(self, redrive_id: str) -> Redrive:
+        """Cancel a redrive for good (what it requeued stays requeued)."""
+        return await self._change(redrive_id, self._cancelled)
+
+    async def delete(self, redrive_id: str) -> None:
+        """Forget a finished redrive; raises ``ItemNotFound``, or ``ValueError`` while
+        it is not finished (cancel it first)."""
+        redrive = await self.get(redrive_id)
+        if not redrive.finished:
+            raise ValueError(f"redrive {redrive_id} is {redrive.state}: cancel it first")
+        await self._bus.store.delete_control(PREFIX + redrive_id)
+
+    @staticmethod
+    def _paused(redrive: Redrive, now: datetime) -> Redrive:
+        if not redrive.active:
+            raise ValueError(f"redrive {redrive.id} is {redrive.state}, not active: cannot pause")
+        return replace(
+            redrive,
+            state="paused",
+            resume_state=redrive.state,
+            message="paused",
+            runner=None,
+            runner_until=None,
+            updated_at=now,
+        )
+
+    @staticmethod
+    def _resumed(redrive: Redrive, now: datetime) -> Redrive:
+        if redrive.state != "paused":
+            raise ValueError(f"redrive {redrive.id} is {redrive.state}, not paused: cannot resume")
+        return replace(
+            redrive,
+            state=redrive.resume_state or "running",
+            resume_state=None,
+            message="resumed",
+            allowance=1.0,
+            last_step_at=None,
+            runner=None,
+            runner_until=None,
+            updated_at=now,
+        )
+
+    @staticmethod
+    def _cancelled(redrive: Redrive, now: datetime) -> Redrive:
+        if redrive.finished:
+            raise ValueError(f"redrive {redrive.id} is {redrive.state} already")
+        return replace(
+            redrive,
+            state="cancelled",
+            message="cancelled",
+            finished_at=now,
+            runner=None,
+            runner_until=None,
+            updated_at=now,
+        )
+
+    async def _change(
+        self, redrive_id: str, change: Callable[[Redrive, datetime], Redrive]
+    ) -> Redrive:
+        while True:
+            current = await self.get(redrive_id)
+            saved = await self._save(change(current, self._bus.clock.now()))
+            if saved is not None:
+                return saved
+
+    async def _save(self, redrive: Redrive) -> Redrive | None:
+        version = await self._bus.store.put_control(
+            PREFIX + redrive.id, redrive.to_dict(), version=redrive.version
+        )
+        return None if version is None else replace(redrive, version=version)
+
+    # driving ---------------------------------------------------------------
+
+    async def step(self, redrive_id: str) -> Redrive:
+        """Advance one redrive by what its rate allows now, if no other runner holds
+        it. Returns it as stored afterwards."""
+        lock = self._steps.setdefault(redrive_id, asyncio.Lock())
+        async with lock:
+            return await self._step(redrive_id)
+
+    async def _step(self, redrive_id: str) -> Redrive:
+        redrive = await self.get(redrive_id)
+        if not redrive.active:
+            return redrive
+        now = self._bus.clock.now()
+        if (
+            redrive.runner not in (None, self.owner)
+            and redrive.runner_until is not None
+            and redrive.runner_until > now
+        ):
+            return redrive  # another runner drives it
+        held = await self._save(
+            replace(
+                redrive,
+                runner=self.owner,
+                runner_until=now + timedelta(seconds=RUNNER_LEASE),
+                updated_at=now,
+            )
+        )
+        if held is None:
+            return await self.get(redrive_id)  # changed meanwhile: next step
+        lost = asyncio.Event()
+        keeper = asyncio.create_task(self._keep_lease(held.id, lost))
+        try:
+            if held.state == "probing":
+                return await self._probe_step(held, now, lost)
+            return await self._run_step(held, now, lost)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _keep_lease(self, redrive_id: str, lost: asyncio.Event) -> None:
+        """Renew this runner's lease while a step runs; set ``lost`` when it is gone."""
+        while True:
+            await asyncio.sleep(RUNNER_LEASE / 3)
+            while True:
+                current = await self.get(redrive_id)
+                if current.runner != self.owner or not current.active:
+                    lost.set()
+                    return
+                until = self._bus.clock.now() + timedelta(seconds=RUNNER_LEASE)
+                if await self._save(replace(current, runner_until=until)) is not None:
+                    break
+
+    async def run(
+        self,
+        redrive_id: str,
+        *,
+        interval: float = 0.2,
+        on_progress: Callable[[Redrive], Any] | None = None,
+    ) -> Redrive:
+        """Drive a redrive here until it is finished or paused; returns it then.
+        ``on_progress(redrive)`` is called after each step."""
+        while True:
+            redrive = await self.step(redrive_id)
+            if on_progress is not None:
+                on_progress(redrive)
+            if not redrive.active:
+                return redrive
+            await asyncio.sleep(interval)
+
+    def can_drive(self, redrive: Redrive) -> bool:
+        """Whether this bus can drive ``redrive``: a reprocess needs its handlers."""
+        if redrive.action != "reprocess":
+            return True
+        names = self._bus.handler_names
+        handler = redrive.where.handler_name
+        return bool(names) and (handler is None or handler in names)
+
+    async def run_all(self, *, interval: float = 0.5, stop: asyncio.Event | None = None) -> None:
+        """Drive every active redrive in the store that this bus can drive, for as
+        long as this runs (the dashboard runs it in the background). A store outage
+        or a failing redrive is logged; the others go on."""
+        stop = stop or asyncio.Event()
+        while not stop.is_set():
+            try:
+                redrives = await self.list()
+            except StoreUnavailable as exc:
+                logger.warning("cannot list redrives, again in %.1fs: %s", interval, exc)
+                redrives = []
+            for redrive in redrives:
+                if stop.is_set():
+                    return
+                if not redrive.active or not self.can_drive(redrive):
+                    continue
+                try:
+                    await self.step(redrive.id)
+                except StoreUnavailable as exc:
+                    logger.warning("redrive %s: store unavailable: %s", redrive.id, exc)
+                except Exception:
+                    logger.exception("redrive %s: step failed", redrive.id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    async def _finish_step(self, redrive: Redrive, **changes: Any) -> Redrive:
+        """Write a step's result. When the record changed meanwhile (a lease renewal,
+        a pause, a cancel), the step's counts and position are added to it as it is
+        now; its state change holds if the state is still the step's, and a final
+        decision (completed, stopped) also holds over a pause."""
+        if changes.get("state") in FINAL:
+            changes.update(runner=None, runner_until=None)
+        saved = await self._save(replace(redrive, **changes))
+        if saved is not None:
+            return saved
+        done_delta = changes.get("done", redrive.done) - redrive.done
+        failed_delta = changes.get("failed", redrive.failed) - redrive.failed
+        new_state = changes.get("state")
+        while True:
+            current = await self.get(redrive.id)
+            if current.state == redrive.state:
+                merged = replace(current, **changes)
+            elif current.state == "paused" and new_state in FINAL:
+                merged = replace(current, **changes, resume_state=None)
+            elif current.state == "paused" and new_state == "running":
+                merged = replace(current, resume_state="running", message=changes["message"])
+            else:
+                merged = current
+            merged = replace(
+                merged,
+                done=current.done + done_delta,
+                failed=current.failed + failed_delta,
+                cursor=changes.get("cursor", current.cursor),
+                probe_ids=changes.get("probe_ids", current.probe_ids),
+                updated_at=self._bus.clock.now(),
+            )
+            saved = await self._save(merged)
+            if saved is not None:
+                return saved
+
+    def _allowance(self, redrive: Redrive, now: datetime) -> tuple[int, float]:
+        """How many items this step may take, and the allowance left afterwards."""
+        if redrive.rate is None:
+            return UNLIMITED_BATCH, 1.0
+        allowance = redrive.allowance
+        if redrive.last_step_at is not None:
+            elapsed = max(0.0, (now - redrive.last_step_at).total_seconds())
+            allowance = min(allowance + elapsed * redrive.rate, max(1.0, redrive.rate))
+        take = int(allowance)
+        return take, allowance - take
+
+    async def _take(self, redrive: Redrive, count: int, lost: asyncio.Event) -> _Taken:
+        """Requeue or reprocess up to ``count`` dead letters after the cursor."""
+        where = redrive.where.narrowed(cursor=redrive.cursor)
+        items = await self._bus.store.list_dead(where, limit=count, offset=0)
+        taken = _Taken(cursor=redrive.cursor)
+        started = time.monotonic()
+        actor = redrive.created_by
+        for item in items:
+            if lost.is_set() or time.monotonic() - started > STEP_BUDGET:
+                break
+            taken.listed += 1
+            taken.cursor = (item.created_at, item.id)
+            if redrive.action == "requeue":
+                try:
+                    retry_item = await self._bus.dead_letters.requeue(item.id, actor=actor)
+                except (ItemNotFound, ItemBusy):
+                    continue  # requeued, deleted or being reprocessed by someone else
+                taken.succeeded += 1
+                taken.retry_ids.append(retry_item.id)
+                continue
+            try:
+                updated, ok = await self._bus.dead_letters._reprocess(item.id, actor)
+            except (ItemNotFound, ItemBusy):
+                continue
+            except UnknownHandler as exc:
+                taken.failed += 1
+                taken.first_error = taken.first_error or str(exc)
+                continue
+            if ok:
+                taken.succeeded += 1
+            else:
+                taken.failed += 1
+                taken.first_error = taken.first_error or f"{updated.error_type}: {updated.error}"
+        return taken
+
+    async def _run_step(self, redrive: Redrive, now: datetime, lost: asyncio.Event) -> Redrive:
+        take, allowance = self._allowance(redrive, now)
+        if take == 0:
+            return await self._finish_step(redrive, allowance=allowance, last_step_at=now)
+        taken = await self._take(redrive, take, lost)
+        done, failed = redrive.done + taken.succeeded, redrive.failed + taken.failed
+        if taken.listed == 0 and not lost.is_set():
+            return await self._finish_step(
+                redrive,
+                state="completed",
+                message=_summary(redrive.action, done, failed),
+                finished_at=self._bus.clock.now(),
+                done=done,
+                failed=failed,
+            )
+        return await self._finish_step(
+            redrive,
+            done=done,
+            failed=failed,
+            cursor=taken.cursor,
+            allowance=allowance,
+            last_step_at=now,
+            message=_summary(redrive.action, done, failed),
+        )
+
+    async def _probe_step(self, redrive: Redrive, now: datetime, lost: asyncio.Event) -> Redrive:
+        if redrive.action == "reprocess":
+            # reprocessing answers at once: the probe is decided in this step
+            taken = await self._take(redrive, redrive.probe, lost)
+            if taken.listed == 0:
+                return await self._nothing_matched(redrive, lost)
+            return await self._probe_outcome(
+                redrive,
+                taken.succeeded + taken.failed,
+                taken.failed,
+                taken.first_error,
+                done=redrive.done + taken.succeeded,
+                failed=redrive.failed + taken.failed,
+                cursor=taken.cursor,
+            )
+        if not redrive.probe_ids:
+            taken = await self._take(redrive, redrive.probe, lost)
+            if taken.listed == 0:
+                return await self._nothing_matched(redrive, lost)
+            message = (
+                f"probe: {len(taken.retry_ids)} requeued, waiting for a worker"
+                if taken.retry_ids
+                else "probe: nothing could be requeued (taken by others), trying again"
+            )
+            return await self._finish_step(
+                redrive,
+                done=redrive.done + taken.succeeded,
+                probe_ids=tuple(taken.retry_ids),
+                cursor=taken.cursor,
+                message=message,
+                last_step_at=now,
+            )
+        handled, failed, error = await self._probe_results(redrive.probe_ids)
+        if failed or handled == len(redrive.probe_ids):
+            return await self._probe_outcome(redrive, len(redrive.probe_ids), failed, error)
+        return await self._finish_step(
+            redrive,
+            message=f"probe: {handled} of {len(redrive.probe_ids)} handled, waiting for a worker",
+        )
+
+    async def _nothing_matched(self, redrive: Redrive, lost: asyncio.Event) -> Redrive:
+        if lost.is_set():
+            return await self.get(redrive.id)
+        return await self._finish_step(
+            redrive,
+            state="completed",
+            message=_summary(redrive.action, redrive.done, redrive.failed)
+            if redrive.done or redrive.failed
+            else "nothing matched",
+            finished_at=self._bus.clock.now(),
+        )
+
+    async def _probe_outcome(
+        self, redrive: Redrive, size: int, failures: int, error: str, **changes: Any
+    ) -> Redrive:
+        if failures:
+            return await self._finish_step(
+                redrive,
+                state="stopped",
+                message=f"probe failed: {failures} of {size} failed again ({error})",
+                finished_at=self._bus.clock.now(),
+                **changes,
+            )
+        return await self._finish_step(
+            redrive,
+            state="running",
+            message=f"probe passed: {size} of {size} succeeded",
+            allowance=1.0,
+            last_step_at=None,
+            **changes,
+        )
+
+    async def _probe_results(self, retry_ids: tuple[str, ...]) -> tuple[int, int, str]:
+        """How the requeued probe items went: (handled, failed again, first error).
+
+        An item still queued at attempt 1 is waiting; one rescheduled (attempt > 1)
+        or back in the dead letter queue failed again; one gone from both succeeded."""
+        handled = failed = 0
+        first_error = ""
+        for retry_id in retry_ids:
+            item = await self._bus.store.get_retry(retry_id)
+            if item is not None:
+                if item.attempt > 1:
+                    handled += 1
+                    failed += 1
+                    first_error = first_error or f"{item.error_type}: {item.error}"
+                continue
+            dead = await self._bus.store.get_dead(dead_letter_id_for(retry_id))
+            handled += 1
+            if dead is not None:
+                failed += 1
+                first_error = first_error or f"{dead.error_type}: {dead.error}"
+        return handled, failed, first_error
+
+
+def _summary(action: str, done: int, failed: int) -> str:
+    verb = "requeued" if action == "requeue" else "reprocessed"
+    return f"{done} {verb}" + (f", {failed} failed again" if failed else "")
