@@ -13,6 +13,7 @@ import typer
 
 from .. import __version__
 from .common import fail, run
+from .dashboard import dashboard
 from .dlq import dlq_app
 from .migrate import migrate
 from .queue import queue_app, stats
@@ -32,6 +33,7 @@ app.add_typer(dlq_app)
 app.add_typer(queue_app)
 app.command("stats")(stats)
 app.command("migrate")(migrate)
+app.command("dashboard")(dashboard)
 
 
 def _show_version(value: bool) -> None:

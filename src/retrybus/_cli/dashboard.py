@@ -1,0 +1,90 @@
+"""``retrybus dashboard``: serve the web dashboard with uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Annotated
+
+import typer
+
+from .._errors import RetrybusError
+from .common import AppDirOption, AppOption, StoreOption, fail
+from .session import EXIT_USAGE, CliError, _require_existing_file, build_bus
+
+__all__ = ["dashboard"]
+
+TOKEN_ENV = "RETRYBUS_DASHBOARD_TOKEN"
+MIN_SECRET = 16
+
+
+async def _check_store(url: str) -> None:
+    # open and close once here, so that an unreachable store is one line, not a
+    # traceback from inside uvicorn's start-up; the app reconnects on its own loop
+    from .._stores import open_store
+
+    store = open_store(url)
+    try:
+        await store.connect()
+    finally:
+        await store.close()
+
+
+def dashboard(
+    store: StoreOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    app: AppOption = None,
+    app_dir: AppDirOption = ".",
+    root_path: Annotated[
+        str,
+        typer.Option(help="The prefix a reverse proxy serves the dashboard under (/ops/retrybus)."),
+    ] = "",
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+) -> None:
+    """Serve the web dashboard: queue depth, dead letters, failure groups, redrives.
+
+    Changing data needs a token: set RETRYBUS_DASHBOARD_TOKEN to one or more
+    comma-separated `name:secret` entries (a bare secret is named admin). Without
+    one the dashboard is read-only. `--app` (your EventBus) makes reprocessing possible.
+    """
+    try:
+        import uvicorn
+
+        from ..dashboard._app import build_app
+        from ..dashboard._auth import parse_tokens
+    except ImportError as exc:
+        fail(f"the dashboard needs {exc.name}: pip install 'retrybus[dashboard]'", EXIT_USAGE)
+    try:
+        tokens = parse_tokens(os.environ.get(TOKEN_ENV))
+    except ValueError as exc:
+        fail(f"{TOKEN_ENV}: {exc}", EXIT_USAGE)
+    try:
+        bus = build_bus(store, app, app_dir)
+        _require_existing_file(bus.store)
+        if store is not None:
+            asyncio.run(_check_store(store))
+    except CliError as exc:
+        fail(str(exc), exc.code)
+    except (RetrybusError, OSError) as exc:  # StoreUnavailable and the like: one line
+        fail(str(exc))
+    web = build_app(bus, tokens=tokens, owns_bus=True)
+    shown_host = f"[{host}]" if ":" in host else host
+    behind = f" (links under {root_path.rstrip('/')}/, for a proxy)" if root_path.strip("/") else ""
+    typer.echo(f"retrybus dashboard on http://{shown_host}:{port}/{behind}")
+    typer.echo(f"store: {bus.store.url}")
+    if tokens:
+        typer.echo(f"tokens: {', '.join(sorted(tokens))} (log in with a token's secret)")
+        for name, secret in sorted(tokens.items()):
+            if len(secret) < MIN_SECRET:
+                typer.echo(
+                    f"warning: the secret of token {name!r} is shorter than {MIN_SECRET} "
+                    "characters; use a long random one (python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(24))')",
+                    err=True,
+                )
+    else:
+        typer.echo(f"read-only: {TOKEN_ENV} is not set, nothing can be changed")
+    if not bus.handler_names:
+        typer.echo("reprocess is off: no --app, so no handlers to call")
+    uvicorn.run(web, host=host, port=port, root_path=root_path, log_level=log_level)

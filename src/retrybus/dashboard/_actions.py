@@ -1,0 +1,359 @@
+"""What changes data: log-in and log-out, and the actions on dead letters and
+redrives. Every one is a POST that passes ``Auth.check_post`` (a token, a CSRF
+token for a session, no foreign Origin) before it touches anything."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from .._errors import ItemNotFound, UnknownHandler
+from .._redrive import parse_rate
+from ._auth import LOGIN_COOKIE, SESSION_COOKIE, Forbidden, Identity
+from ._pages import ACTIONS, dead_letter_context, parse_filter
+from ._web import HTTPError, flash, redirect, render, root, state
+
+__all__ = [
+    "bulk",
+    "edit",
+    "item_action",
+    "login",
+    "login_form",
+    "logout",
+    "redrive_action",
+    "selected",
+]
+
+MAX_BODY = 2 * 1024 * 1024
+MAX_LISTED = 5
+REDRIVE_ACTIONS = ("pause", "resume", "cancel", "delete")
+# what the dead letter list's address may hold (a form's "back" keeps only these)
+LIST_KEYS = (
+    *("type", "handler", "reason", "processed", "since", "until", "event_id", "group"),
+    *("offset", "limit"),
+)
+
+Action = Callable[[Request, FormData, Identity], Awaitable[Response]]
+
+
+async def _form(request: Request) -> FormData:
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
+        raise HTTPError(413, "Request too large", f"a form may hold at most {MAX_BODY:,} bytes")
+    return await request.form()
+
+
+def acting(action: Action) -> Callable[[Request], Awaitable[Response]]:
+    """Wrap a data-changing endpoint: refuse (403) unless ``check_post`` passes."""
+
+    async def endpoint(request: Request) -> Response:
+        auth = state(request).auth
+        try:
+            if auth.read_only:  # refuse before reading a body that cannot matter
+                raise Forbidden(
+                    "read-only dashboard: no tokens are configured, nothing can be changed"
+                )
+            form = await _form(request)
+            csrf = form.get("csrf")
+            identity = auth.check_post(request, csrf if isinstance(csrf, str) else None)
+        except Forbidden as exc:
+            raise HTTPError(403, "Forbidden", str(exc)) from None
+        return await action(request, form, identity)
+
+    endpoint.__name__ = action.__name__
+    return endpoint
+
+
+def _text(form: FormData, name: str) -> str:
+    value = form.get(name, "")
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _back(request: Request, form: FormData) -> Response:
+    """Back to the dead letter list the form was on (its query string, re-encoded)."""
+    pairs = parse_qsl(_text(form, "back"), keep_blank_values=False)
+    return redirect(request, "/dead-letters", {k: v for k, v in pairs if k in LIST_KEYS})
+
+
+def _listed(entries: list[str]) -> str:
+    shown = entries[:MAX_LISTED]
+    more = len(entries) - len(shown)
+    return "; ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+# logging in and out -----------------------------------------------------------
+
+
+async def login_form(
+    request: Request, *, status: int = 200, error: str = "", next_path: str | None = None
+) -> Response:
+    auth = state(request).auth
+    nonce = request.cookies.get(LOGIN_COOKIE) or auth.login_nonce()
+    if next_path is None:
+        next_path = request.query_params.get("next", "")
+    context = {
+        "login_csrf": "" if auth.read_only else auth.login_csrf(nonce),
+        "next": next_path if _local(request, next_path) else "",
+        "error": error,
+    }
+    response = render(request, "login.html", context, status=status)
+    if not auth.read_only:
+        response.set_cookie(
+            LOGIN_COOKIE,
+            nonce,
+            max_age=3600,
+            path=root(request) or "/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+    return response
+
+
+def _local(request: Request, path: str) -> bool:
+    """Whether ``path`` is a page of this dashboard (no open redirects)."""
+    prefix = root(request) + "/"
+    return path.startswith(prefix) and not path.startswith("//") and "\\" not in path
+
+
+async def login(request: Request) -> Response:
+    auth = state(request).auth
+    try:
+        form = await _form(request)
+        auth.check_login_post(request, _text(form, "csrf"))
+    except Forbidden as exc:
+        raise HTTPError(403, "Forbidden", str(exc)) from None
+    target = _text(form, "next")
+    name = auth.name_for_login(_text(form, "token"))
+    if name is None:
+        error = "That is not one of the configured tokens."
+        return await login_form(request, status=403, error=error, next_path=target)
+    response: Response = (
+        RedirectResponse(target, status_code=303)
+        if _local(request, target)
+        else redirect(request, "/")
+    )
+    response.set_cookie(
+        SESSION_COOKIE,
+        auth.new_session(name),
+        max_age=auth.session_max_age,
+        path=root(request) or "/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    response.delete_cookie(LOGIN_COOKIE, path=root(request) or "/")
+    return flash(request, response, "ok", f"Logged in as {name}.")
+
+
+@acting
+async def logout(request: Request, form: FormData, identity: Identity) -> Response:
+    response = redirect(request, "/")
+    response.delete_cookie(SESSION_COOKIE, path=root(request) or "/")
+    return flash(request, response, "ok", f"Logged out ({identity.name}).")
+
+
+# one dead letter ----------------------------------------------------------------
+
+
+@acting
+async def item_action(request: Request, form: FormData, identity: Identity) -> Response:
+    bus = state(request).bus
+    item_id = request.path_params["item_id"]
+    action = request.path_params["action"]
+    if action not in ACTIONS:
+        raise HTTPError(
+            404,
+            "No such action",
+            f"dead letters can be requeued, reprocessed or deleted, not {action!r}",
+        )
+    try:
+        if action == "requeue":
+            retry = await bus.dead_letters.requeue(item_id, actor=identity.name)
+            response = redirect(request, f"/retry-queue/{retry.id}")
+            return flash(request, response, "ok", f"Requeued {item_id} as {retry.id}: due now.")
+        if action == "delete":
+            await bus.dead_letters.delete(item_id)
+            return flash(request, _back(request, form), "ok", f"Deleted {item_id}.")
+        if state(request).reprocess_disabled:
+            raise HTTPError(409, "Cannot reprocess", state(request).reprocess_disabled)
+        item = await bus.dead_letters.reprocess(item_id, actor=identity.name)
+    except ItemNotFound:
+        raise HTTPError(
+            404, "No such dead letter", f"no dead letter has the id {item_id!r}"
+        ) from None
+    except UnknownHandler as exc:
+        raise HTTPError(409, "Cannot reprocess", str(exc)) from None
+    response = redirect(request, f"/dead-letters/{item_id}")
+    if item.processed:
+        return flash(request, response, "ok", f"Reprocessed {item_id}: the handler succeeded.")
+    return flash(
+        request,
+        response,
+        "error",
+        f"Reprocessed {item_id}: it failed again ({item.error_type}: {item.error})",
+    )
+
+
+def _payload(text: str) -> Any:
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@acting
+async def edit(request: Request, form: FormData, identity: Identity) -> Response:
+    bus = state(request).bus
+    item_id = request.path_params["item_id"]
+    text = form.get("data", "")
+    text = text if isinstance(text, str) else ""
+    try:
+        item = await bus.dead_letters.get(item_id)
+    except ItemNotFound:
+        raise HTTPError(
+            404, "No such dead letter", f"no dead letter has the id {item_id!r}"
+        ) from None
+    try:
+        data = _payload(text)
+    except ValueError as exc:
+        context = dead_letter_context(item, edit_text=text, edit_error=f"Not valid JSON: {exc}")
+        return render(request, "dead_letter.html", context, status=400, identity=identity)
+    try:
+        retry = await bus.dead_letters.requeue(item_id, data=data, actor=identity.name)
+    except ItemNotFound:
+        raise HTTPError(
+            404, "No such dead letter", f"no dead letter has the id {item_id!r}"
+        ) from None
+    except (TypeError, ValueError) as exc:
+        context = dead_letter_context(item, edit_text=text, edit_error=str(exc))
+        return render(request, "dead_letter.html", context, status=400, identity=identity)
+    response = redirect(request, f"/retry-queue/{retry.id}")
+    return flash(request, response, "ok", f"Edited and requeued {item_id} as {retry.id}: due now.")
+
+
+# a selection ------------------------------------------------------------------------
+
+
+@acting
+async def selected(request: Request, form: FormData, identity: Identity) -> Response:
+    dashboard = state(request)
+    bus = dashboard.bus
+    action = _text(form, "action")
+    ids = [
+        value.strip() for value in form.getlist("ids") if isinstance(value, str) and value.strip()
+    ]
+    if action not in ACTIONS:
+        raise HTTPError(
+            400, "Bad action", f"action must be requeue, reprocess or delete, got {action!r}"
+        )
+    if not ids:
+        return flash(
+            request, _back(request, form), "error", "Select at least one dead letter first."
+        )
+    if action == "delete":
+        if _text(form, "confirmed") != "yes":
+            context = {"ids": ids, "back": _text(form, "back")}
+            return render(request, "confirm_selection.html", context, identity=identity)
+        deleted = await bus.dead_letters.delete_many(ids)
+        return flash(
+            request, _back(request, form), "ok", f"Deleted {deleted} of {len(ids)} selected."
+        )
+    if action == "reprocess":
+        if dashboard.reprocess_disabled:
+            raise HTTPError(409, "Cannot reprocess", dashboard.reprocess_disabled)
+        result = await bus.dead_letters.reprocess_many(ids, actor=identity.name)
+        verb = "Reprocessed"
+    else:
+        result = await bus.dead_letters.requeue_many(ids, actor=identity.name)
+        verb = "Requeued"
+    parts = [f"{verb} {len(result.succeeded)} of {len(ids)} selected."]
+    if result.failed:
+        parts.append(f"Failed: {_listed([f'{k}: {v}' for k, v in result.failed.items()])}.")
+    if result.missing:
+        parts.append(f"No longer there: {_listed(list(result.missing))}.")
+    kind = "ok" if not result.failed else "error"
+    return flash(request, _back(request, form), kind, " ".join(parts))
+
+
+# everything matching a filter (or a failure group) ------------------------------------
+
+
+@acting
+async def bulk(request: Request, form: FormData, identity: Identity) -> Response:
+    dashboard = state(request)
+    bus = dashboard.bus
+    action = _text(form, "action")
+    if action not in ACTIONS:
+        raise HTTPError(
+            400, "Bad action", f"action must be requeue, reprocess or delete, got {action!r}"
+        )
+    pairs = [
+        (key[2:], value)
+        for key, value in form.multi_items()
+        if key.startswith("f_") and isinstance(value, str)
+    ]
+    where, _ = parse_filter(request, pairs)
+    if action == "delete":
+        deleted = await bus.dead_letters.delete_matching(where)
+        response = redirect(request, "/dead-letters")
+        return flash(request, response, "ok", f"Deleted {deleted:,} dead letters.")
+    if action == "reprocess" and dashboard.reprocess_disabled:
+        raise HTTPError(409, "Cannot reprocess", dashboard.reprocess_disabled)
+    rate_text, probe_text = _text(form, "rate"), _text(form, "probe") or "0"
+    try:
+        rate = parse_rate(rate_text) if rate_text else None
+    except ValueError as exc:
+        raise HTTPError(400, "Bad rate", str(exc)) from None
+    if not probe_text.isdigit():
+        raise HTTPError(
+            400, "Bad probe size", f"the probe size must be a whole number >= 0, got {probe_text!r}"
+        )
+    redrive = await bus.redrives.start(
+        where, action=action, rate=rate, probe=int(probe_text), actor=identity.name
+    )
+    response = redirect(request, f"/redrives/{redrive.id}")
+    verb = "requeue" if action == "requeue" else "reprocess"
+    return flash(
+        request, response, "ok", f"Started a redrive to {verb} {redrive.total:,} dead letters."
+    )
+
+
+# redrives ---------------------------------------------------------------------------
+
+
+@acting
+async def redrive_action(request: Request, form: FormData, identity: Identity) -> Response:
+    redrives = state(request).bus.redrives
+    redrive_id = request.path_params["redrive_id"]
+    action = request.path_params["action"]
+    if action not in REDRIVE_ACTIONS:
+        raise HTTPError(
+            404,
+            "No such action",
+            f"a redrive can be paused, resumed, cancelled or deleted, not {action!r}",
+        )
+    try:
+        if action == "delete":
+            await redrives.delete(redrive_id)
+            return flash(
+                request, redirect(request, "/redrives"), "ok", f"Deleted redrive {redrive_id}."
+            )
+        changed = await getattr(redrives, action)(redrive_id)
+    except ItemNotFound:
+        raise HTTPError(404, "No such redrive", f"no redrive has the id {redrive_id!r}") from None
+    except ValueError as exc:
+        raise HTTPError(409, "Cannot " + action, str(exc)) from None
+    target = _text(form, "back")
+    response = (
+        redirect(request, "/redrives")
+        if target == "list"
+        else redirect(request, f"/redrives/{redrive_id}")
+    )
+    return flash(request, response, "ok", f"Redrive {redrive_id}: {changed.state}.")

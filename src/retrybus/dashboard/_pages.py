@@ -1,0 +1,336 @@
+"""The dashboard's pages (GET only: nothing here changes data)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .._errors import ItemNotFound
+from .._filters import DeadLetterFilter
+from .._history import DepthHistory
+from .._records import DeadLetterItem
+from ._chart import depth_chart
+from ._web import HTTPError, pretty_json, redirect, render, root, state
+
+__all__ = [
+    "ACTIONS",
+    "bulk_confirm",
+    "dead_letter",
+    "dead_letters",
+    "groups",
+    "overview",
+    "parse_filter",
+    "redrive",
+    "redrives",
+    "retry_item",
+    "retry_queue",
+]
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+PAGING_KEYS = ("offset", "limit")
+ACTIONS = {
+    "requeue": "Requeue",
+    "reprocess": "Reprocess",
+    "delete": "Delete",
+}
+# created_before is exclusive: this microsecond still counts
+TICK = timedelta(microseconds=1)
+
+
+def parse_filter(
+    request: Request, pairs: Iterable[tuple[str, str]], *, ignore: Iterable[str] = ()
+) -> tuple[DeadLetterFilter, dict[str, str]]:
+    """The dead letter filter these query (or form) pairs give, and the non-empty
+    pairs as typed (for links: an age such as ``since=2h`` stays relative)."""
+    skipped = {*PAGING_KEYS, *ignore}
+    given = {key: value for key, value in pairs if key not in skipped}
+    try:
+        where = DeadLetterFilter.parse(given, state(request).bus.clock.now())
+    except ValueError as exc:
+        raise HTTPError(400, "Bad filter", str(exc)) from None
+    return where, {key: value.strip() for key, value in given.items() if value.strip()}
+
+
+def _whole(request: Request, name: str, default: int, maximum: int | None = None) -> int:
+    text = request.query_params.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit():
+        raise HTTPError(400, "Bad paging", f"{name} must be a whole number >= 0, got {text!r}")
+    value = int(text)
+    if maximum is not None and not 1 <= value <= maximum:
+        raise HTTPError(400, "Bad paging", f"{name} must be between 1 and {maximum}, got {text!r}")
+    return value
+
+
+def _paging(request: Request) -> tuple[int, int]:
+    return _whole(request, "limit", DEFAULT_LIMIT, MAX_LIMIT), _whole(request, "offset", 0)
+
+
+def _pages(total: int, offset: int, limit: int, query: dict[str, str]) -> dict[str, Any]:
+    """What the pager shows: the range on this page and the links' queries."""
+    keep = {k: v for k, v in query.items() if k not in PAGING_KEYS}
+    if limit != DEFAULT_LIMIT:
+        keep["limit"] = str(limit)
+    previous = None if offset == 0 else {**keep, "offset": str(max(0, offset - limit))}
+    following = None if offset + limit >= total else {**keep, "offset": str(offset + limit)}
+    return {
+        "first": offset + 1 if total > offset else 0,
+        "last": min(offset + limit, total),
+        "total": total,
+        "previous": previous,
+        "next": following,
+    }
+
+
+def _drop_empty(request: Request) -> Response | None:
+    """Redirect ``?type=&handler=X`` (what an empty form field sends) to ``?handler=X``."""
+    items = request.query_params.multi_items()
+    if any(not value.strip() for _, value in items):
+        kept = {key: value.strip() for key, value in items if value.strip()}
+        return redirect(request, request.url.path.removeprefix(root(request)), kept)
+    return None
+
+
+# overview ---------------------------------------------------------------------
+
+
+async def overview(request: Request) -> Response:
+    bus = state(request).bus
+    stats = await bus.stats()
+    samples = await DepthHistory(bus).samples()
+    redrives = await bus.redrives.list()
+    context = {
+        "stats": stats,
+        "processed": stats.dead_letter_queue_size - stats.unprocessed_dead_letters,
+        "due_minute": await bus.retry_queue.count_due(within=60),
+        "due_hour": await bus.retry_queue.count_due(within=3600),
+        "by_handler": await bus.dead_letters.counts_by("handler_name", limit=10),
+        "by_type": await bus.dead_letters.counts_by("event_type", limit=10),
+        "retry_by_handler": await bus.store.group_retry("handler_name", limit=10),
+        "top_groups": await bus.dead_letters.groups(DeadLetterFilter(processed=False), limit=5),
+        "chart": depth_chart(samples),
+        "samples": samples,
+        "active_redrives": [r for r in redrives if not r.finished],
+    }
+    return render(request, "overview.html", context)
+
+
+# dead letters -----------------------------------------------------------------
+
+
+async def dead_letters(request: Request) -> Response:
+    cleaned = _drop_empty(request)
+    if cleaned is not None:
+        return cleaned
+    bus = state(request).bus
+    where, query = parse_filter(request, request.query_params.multi_items())
+    limit, offset = _paging(request)
+    total = await bus.dead_letters.count(where=where)
+    items = await bus.dead_letters.list(limit, offset, where=where)
+    group = None
+    if where.failure_group is not None:
+        found = await bus.dead_letters.groups(
+            DeadLetterFilter(failure_group=where.failure_group), limit=1
+        )
+        group = found[0] if found else None
+    context = {
+        "items": items,
+        "where": where,
+        "query": query,
+        "filter_query": {k: v for k, v in query.items() if k not in PAGING_KEYS},
+        "limit": limit,
+        "offset": offset,
+        "pages": _pages(total, offset, limit, query),
+        "group": group,
+        "choices": {
+            field: [g.key for g in await bus.dead_letters.counts_by(field, limit=100)]
+            for field in ("handler_name", "event_type", "reason")
+        },
+        "back": request.url.query,
+    }
+    return render(request, "dead_letters.html", context)
+
+
+async def dead_letter(request: Request) -> Response:
+    item_id = request.path_params["item_id"]
+    try:
+        item = await state(request).bus.dead_letters.get(item_id)
+    except ItemNotFound:
+        raise HTTPError(
+            404, "No such dead letter", f"no dead letter has the id {item_id!r}"
+        ) from None
+    return render(request, "dead_letter.html", dead_letter_context(item))
+
+
+def dead_letter_context(
+    item: DeadLetterItem, *, edit_text: str | None = None, edit_error: str = ""
+) -> dict[str, Any]:
+    """What the detail page shows; ``edit_text`` and ``edit_error`` after a refused edit."""
+    metadata = dict(item.metadata)
+    edits = metadata.get("edits", [])
+    return {
+        "item": item,
+        "payload": pretty_json(item.event_data),
+        "edit_text": pretty_json(item.event_data) if edit_text is None else edit_text,
+        "edit_error": edit_error,
+        "edits": edits if isinstance(edits, list) else [],
+        "metadata": metadata,
+    }
+
+
+# failure groups -----------------------------------------------------------------
+
+
+async def groups(request: Request) -> Response:
+    cleaned = _drop_empty(request)
+    if cleaned is not None:
+        return cleaned
+    bus = state(request).bus
+    where, query = parse_filter(request, request.query_params.multi_items())
+    found = await bus.dead_letters.groups(where, limit=200)
+    context = {
+        "groups": found,
+        "where": where,
+        "query": query,
+        "total": sum(g.count for g in found),
+        "largest": max((g.count for g in found), default=0),
+    }
+    return render(request, "groups.html", context)
+
+
+# confirmation of a bulk action ------------------------------------------------------
+
+
+async def bulk_confirm(request: Request) -> Response:
+    dashboard = state(request)
+    action = request.query_params.get("action", "")
+    if action not in ACTIONS:
+        raise HTTPError(
+            400, "Bad action", f"action must be requeue, reprocess or delete, got {action!r}"
+        )
+    where, query = parse_filter(request, request.query_params.multi_items(), ignore=("action",))
+    now = dashboard.bus.clock.now()
+    # what the form acts on: what matches now, however long the page stays open
+    pinned = where.narrowed(created_before=now + TICK)
+    if action == "reprocess":
+        pinned = pinned.narrowed(processed=False)
+    count = await dashboard.bus.dead_letters.count(where=pinned)
+    context = {
+        "action": action,
+        "label": ACTIONS[action],
+        "where": where,
+        "query": query,
+        "pinned": pinned.to_query(),
+        "count": count,
+        "describe": describe(where),
+        "blocked": dashboard.reprocess_disabled if action == "reprocess" else "",
+    }
+    status = 200 if dashboard.auth.identify(request) is not None else 403
+    return render(request, "confirm.html", context, status=status)
+
+
+def describe(where: DeadLetterFilter) -> list[tuple[str, str]]:
+    """The filter as (label, value) rows, for people."""
+    labels = {
+        "event_type": "Event type",
+        "handler_name": "Handler",
+        "reason": "Reason",
+        "processed": "Processed",
+        "created_after": "Created at or after",
+        "created_before": "Created before",
+        "event_id": "Event id",
+        "failure_group": "Failure group",
+    }
+    rows = []
+    for name, value in where.to_dict().items():
+        if name not in labels:  # a redrive's paging position (cursor) is no filter
+            continue
+        if isinstance(value, bool):
+            value = "yes" if value else "no"
+        rows.append((labels[name], str(value)))
+    return rows
+
+
+# retry queue --------------------------------------------------------------------
+
+
+async def retry_queue(request: Request) -> Response:
+    cleaned = _drop_empty(request)
+    if cleaned is not None:
+        return cleaned
+    bus = state(request).bus
+    unknown = set(request.query_params) - {"handler", *PAGING_KEYS}
+    if unknown:
+        raise HTTPError(400, "Bad filter", f"unknown filter {sorted(unknown)[0]!r}: use handler")
+    handler = request.query_params.get("handler") or None
+    limit, offset = _paging(request)
+    breakdown = await bus.store.group_retry("handler_name", limit=100)
+    rows = []
+    for group in breakdown:
+        sample = await bus.store.get_retry(group.sample_id)
+        rows.append((group, sample))
+    if handler is None:
+        total = await bus.retry_queue.count()
+    else:
+        total = next((g.count for g in breakdown if g.key == handler), 0)
+    items = await bus.retry_queue.list(limit, offset, handler_name=handler)
+    query = {"handler": handler} if handler else {}
+    context = {
+        "items": items,
+        "handler": handler,
+        "breakdown": rows,
+        "largest": max((g.count for g in breakdown), default=0),
+        "pages": _pages(total, offset, limit, {k: v for k, v in query.items() if v}),
+        "due_minute": await bus.retry_queue.count_due(within=60),
+        "due_now": await bus.retry_queue.count_due(within=0),
+    }
+    return render(request, "retry_queue.html", context)
+
+
+async def retry_item(request: Request) -> Response:
+    item_id = request.path_params["item_id"]
+    try:
+        item = await state(request).bus.retry_queue.get(item_id)
+    except ItemNotFound:
+        raise HTTPError(
+            404, "No such retry item", f"no item in the retry queue has the id {item_id!r}"
+        ) from None
+    metadata = dict(item.metadata)
+    edits = metadata.get("edits", [])
+    context = {
+        "item": item,
+        "payload": pretty_json(item.event_data),
+        "metadata": metadata,
+        "edits": edits if isinstance(edits, list) else [],
+    }
+    return render(request, "retry_item.html", context)
+
+
+# redrives -----------------------------------------------------------------------
+
+
+async def redrives(request: Request) -> Response:
+    found = await state(request).bus.redrives.list()
+    context = {"redrives": found, "refresh": any(r.active for r in found)}
+    return render(request, "redrives.html", context)
+
+
+async def redrive(request: Request) -> Response:
+    redrive_id = request.path_params["redrive_id"]
+    try:
+        found = await state(request).bus.redrives.get(redrive_id)
+    except ItemNotFound:
+        raise HTTPError(404, "No such redrive", f"no redrive has the id {redrive_id!r}") from None
+    context = {
+        "redrive": found,
+        "describe": describe(found.where),
+        "refresh": found.active,
+        "list_query": found.where.to_query(),
+    }
+    return render(request, "redrive.html", context)
