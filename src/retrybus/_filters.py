@@ -61,7 +61,10 @@ def parse_moment(text: str, now: datetime) -> datetime:
             f"not a time: {text!r} (use ISO 8601 such as 2026-12-01T10:00:00Z, "
             "or an age such as 30m, 2h, 7d)"
         ) from None
-    return _aware(moment)
+    try:
+        return _aware(moment).astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"the time {text!r} is past the calendar in UTC") from None
 
 
 def _aware(moment: datetime) -> datetime:

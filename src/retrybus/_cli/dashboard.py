@@ -30,6 +30,22 @@ async def _check_store(url: str) -> None:
         await store.close()
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+_ANY_ADDRESS = ("0.0.0.0", "::", "")
+
+
+def _allowed_hosts(host: str, given: list[str]) -> list[str]:
+    """The Host names to answer to: those given, else the address listened on (with
+    its loopback names), else any when listening on every address."""
+    if given:
+        return given
+    if host in _ANY_ADDRESS:
+        return ["*"]
+    if host in _LOOPBACK:
+        return list(_LOOPBACK)
+    return [host]
+
+
 def dashboard(
     store: StoreOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -41,6 +57,27 @@ def dashboard(
         typer.Option(help="The prefix a reverse proxy serves the dashboard under (/ops/retrybus)."),
     ] = "",
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+    allowed_hosts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            metavar="NAME",
+            help="A Host name the dashboard answers to (repeatable; default: the address it "
+            "listens on, and localhost when that is a loopback address). Others are refused, "
+            "against DNS rebinding.",
+            show_default=False,
+        ),
+    ] = None,
+    trusted_origins: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trusted-origin",
+            metavar="URL",
+            help="Another origin whose forms may post (https://ops.example.com), for a proxy "
+            "that rewrites the Host header (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve the web dashboard: queue depth, dead letters, failure groups, redrives.
 
@@ -68,7 +105,20 @@ def dashboard(
         fail(str(exc), exc.code)
     except (RetrybusError, OSError) as exc:  # StoreUnavailable and the like: one line
         fail(str(exc))
-    web = build_app(bus, tokens=tokens, owns_bus=True)
+    hosts = _allowed_hosts(host, allowed_hosts or [])
+    if hosts == ["*"]:
+        typer.echo(
+            f"warning: listening on {host} and answering to any Host name; give --allowed-host "
+            "NAME for the names it is reached by",
+            err=True,
+        )
+    web = build_app(
+        bus,
+        tokens=tokens,
+        owns_bus=True,
+        allowed_hosts=hosts,
+        trusted_origins=trusted_origins or (),
+    )
     shown_host = f"[{host}]" if ":" in host else host
     behind = f" (links under {root_path.rstrip('/')}/, for a proxy)" if root_path.strip("/") else ""
     typer.echo(f"retrybus dashboard on http://{shown_host}:{port}/{behind}")

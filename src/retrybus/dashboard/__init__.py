@@ -43,6 +43,7 @@ def create_app(
     redrive_interval: float = 0.5,
     session_max_age: int = DEFAULT_SESSION_MAX_AGE,
     trusted_origins: Iterable[str] = (),
+    allowed_hosts: Iterable[str] | None = None,
     title: str = "retrybus",
 ) -> Starlette:
     """The dashboard as a Starlette (ASGI) app.
@@ -61,7 +62,10 @@ def create_app(
     ``history_interval`` seconds and drives the redrives started from its pages
     (``background=False`` turns both off). ``trusted_origins`` lists other
     origins (``"https://ops.example.com"``) whose forms may post to it, for a
-    proxy that changes the Host header.
+    proxy that changes the Host header. ``allowed_hosts`` (e.g. ``["ops.example.com",
+    "127.0.0.1"]``) refuses requests naming any other Host, against DNS rebinding;
+    None answers to every Host, as suits a dashboard mounted in an app that checks
+    Host itself (``retrybus dashboard`` sets it).
 
     Served on its own::
 
@@ -100,6 +104,7 @@ def create_app(
         redrive_interval=redrive_interval,
         session_max_age=session_max_age,
         trusted_origins=trusted_origins,
+        allowed_hosts=allowed_hosts,
         title=title,
     )
 

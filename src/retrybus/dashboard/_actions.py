@@ -30,7 +30,8 @@ __all__ = [
     "selected",
 ]
 
-MAX_BODY = 2 * 1024 * 1024
+# Starlette refuses a form field over 1 MiB: a form as a whole may hold as much
+MAX_BODY = 1024 * 1024
 MAX_LISTED = 5
 REDRIVE_ACTIONS = ("pause", "resume", "cancel", "delete")
 # what the dead letter list's address may hold (a form's "back" keeps only these)
@@ -43,9 +44,17 @@ Action = Callable[[Request, FormData, Identity], Awaitable[Response]]
 
 
 async def _form(request: Request) -> FormData:
+    """The request's form, read only up to ``MAX_BODY`` bytes (chunked bodies too)."""
+    too_large = HTTPError(413, "Request too large", f"a form may hold at most {MAX_BODY:,} bytes")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_BODY:
-        raise HTTPError(413, "Request too large", f"a form may hold at most {MAX_BODY:,} bytes")
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise too_large
+    request._body = bytes(body)  # what request.form() parses
     return await request.form()
 
 
@@ -59,6 +68,8 @@ def acting(action: Action) -> Callable[[Request], Awaitable[Response]]:
                 raise Forbidden(
                     "read-only dashboard: no tokens are configured, nothing can be changed"
                 )
+            # who is asking, before reading a body: a stranger's is never read
+            auth.check_sender(request)
             form = await _form(request)
             csrf = form.get("csrf")
             identity = auth.check_post(request, csrf if isinstance(csrf, str) else None)
@@ -222,7 +233,7 @@ async def edit(request: Request, form: FormData, identity: Identity) -> Response
         ) from None
     try:
         data = _payload(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         context = dead_letter_context(item, edit_text=text, edit_error=f"Not valid JSON: {exc}")
         return render(request, "dead_letter.html", context, status=400, identity=identity)
     try:
@@ -311,7 +322,7 @@ async def bulk(request: Request, form: FormData, identity: Identity) -> Response
         rate = parse_rate(rate_text) if rate_text else None
     except ValueError as exc:
         raise HTTPError(400, "Bad rate", str(exc)) from None
-    if not probe_text.isdigit():
+    if not (probe_text.isascii() and probe_text.isdigit()) or len(probe_text) > 9:
         raise HTTPError(
             400, "Bad probe size", f"the probe size must be a whole number >= 0, got {probe_text!r}"
         )

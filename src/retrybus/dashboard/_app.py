@@ -12,6 +12,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
@@ -135,6 +136,7 @@ def build_app(
     redrive_interval: float = 0.5,
     session_max_age: int = DEFAULT_SESSION_MAX_AGE,
     trusted_origins: Iterable[str] = (),
+    allowed_hosts: Iterable[str] | None = None,
     title: str = "retrybus",
     owns_bus: bool | None = None,
 ) -> Starlette:
@@ -244,7 +246,15 @@ def build_app(
     }
     starlette = Starlette(
         routes=routes,
-        middleware=[Middleware(SecurityHeaders)],
+        middleware=[
+            # first: a request for another Host (DNS rebinding) is refused at once
+            *(
+                [Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))]
+                if allowed_hosts is not None
+                else []
+            ),
+            Middleware(SecurityHeaders),
+        ],
         exception_handlers=handlers,
         lifespan=lifespan,
     )

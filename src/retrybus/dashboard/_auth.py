@@ -216,6 +216,17 @@ class Auth:
         if not nonce or not hmac.compare_digest(form_csrf, self.login_csrf(nonce)):
             raise Forbidden("refused: the login form expired or was not sent by this page")
 
+    def check_sender(self, request: Request) -> None:
+        """The checks a data-changing request passes before its body is read: the
+        origin, and a session or bearer token (the CSRF token comes with the form)."""
+        if self.read_only:
+            raise Forbidden("read-only dashboard: no tokens are configured, nothing can be changed")
+        self.check_origin(request)
+        if self.identify(request) is None:
+            if request.headers.get("authorization"):
+                raise Forbidden("refused: the bearer token is not one of the configured tokens")
+            raise Forbidden("log in with a token to change data")
+
     def check_post(self, request: Request, form_csrf: str | None) -> Identity:
         """The identity a data-changing request acts as; raises ``Forbidden``."""
         if self.read_only:

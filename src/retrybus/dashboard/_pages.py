@@ -56,12 +56,18 @@ def parse_filter(
     return where, {key: value.strip() for key, value in given.items() if value.strip()}
 
 
+# paging numbers beyond this are refused (a store's integer would overflow)
+MAX_DIGITS = 9
+
+
 def _whole(request: Request, name: str, default: int, maximum: int | None = None) -> int:
     text = request.query_params.get(name, "").strip()
     if not text:
         return default
-    if not text.isdigit():
-        raise HTTPError(400, "Bad paging", f"{name} must be a whole number >= 0, got {text!r}")
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_DIGITS:
+        raise HTTPError(
+            400, "Bad paging", f"{name} must be a whole number from 0 to 10^9, got {text!r}"
+        )
     value = int(text)
     if maximum is not None and not 1 <= value <= maximum:
         raise HTTPError(400, "Bad paging", f"{name} must be between 1 and {maximum}, got {text!r}")
