@@ -312,3 +312,16 @@ async def test_finishing_by_id_leaves_an_item_a_worker_holds_alone(
     assert await bus.retry_queue.count() == 1
     clock.advance(30)
     assert await bus.retry_queue.mark_success(item.id) is True
+
+
+async def test_stats_count_what_falls_due_within_a_minute_and_an_hour(
+    bus: EventBus, clock: ManualClock
+) -> None:
+    now = clock.now()
+    for seconds in (-5, 30, 600, 7200):
+        await bus.retry_queue.add(
+            Event("x", {}), "h", "boom", next_retry=now + timedelta(seconds=seconds)
+        )
+    stats = await bus.stats()
+    assert (stats.due_within_minute, stats.due_within_hour) == (2, 3)
+    assert stats.to_dict()["due_within_hour"] == 3

@@ -7,7 +7,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._clock import Clock, SystemClock
@@ -299,8 +299,10 @@ class EventBus:
     # monitoring ------------------------------------------------------------
 
     async def stats(self) -> Stats:
-        """Queue sizes, retry success rate and average attempts (the seed's monitoring)."""
+        """Queue sizes, retry success rate and average attempts (the seed's monitoring),
+        and how many retries fall due within a minute and an hour."""
         counters = await self._store.counters()
+        now = self.clock.now()
         return Stats.from_counts(
             retry_queue_size=await self._store.retry_count(),
             dead_letter_queue_size=await self._store.count_dead(DeadLetterFilter()),
@@ -308,6 +310,8 @@ class EventBus:
                 DeadLetterFilter(processed=False)
             ),
             counters=counters,
+            due_within_minute=await self._store.count_due(now + timedelta(minutes=1)),
+            due_within_hour=await self._store.count_due(now + timedelta(hours=1)),
         )
 
     # between the bus, its queues and workers -------------------------------

@@ -16,7 +16,9 @@ class Stats:
     ``retry_success_rate`` is the share of retry items that ended in success
     rather than in the dead letter queue (None before any ended);
     ``average_attempts`` is how many retries a successful item needed on
-    average (None before any succeeded).
+    average (None before any succeeded); ``due_within_minute`` and
+    ``due_within_hour`` count the retry items falling due that soon (overdue
+    ones included).
     """
 
     retry_queue_size: int
@@ -27,6 +29,8 @@ class Stats:
     retries_dead_lettered: int
     retry_success_rate: float | None
     average_attempts: float | None
+    due_within_minute: int = 0
+    due_within_hour: int = 0
 
     @classmethod
     def from_counts(
@@ -36,6 +40,8 @@ class Stats:
         dead_letter_queue_size: int,
         unprocessed_dead_letters: int,
         counters: Counters,
+        due_within_minute: int = 0,
+        due_within_hour: int = 0,
     ) -> Stats:
         ended = counters.retry_succeeded + counters.retry_dead_lettered
         return cls(
@@ -51,6 +57,8 @@ class Stats:
                 if counters.retry_succeeded
                 else None
             ),
+            due_within_minute=due_within_minute,
+            due_within_hour=due_within_hour,
         )
 
     def to_dict(self) -> dict[str, int | float | None]:

@@ -79,6 +79,8 @@ def stats_table(stats: Stats, url: str) -> Table:
     table.add_column("value", justify="right")
     table.add_row("store", escape(url), end_section=True)
     table.add_row("retry queue size", str(stats.retry_queue_size))
+    table.add_row("  due within a minute", str(stats.due_within_minute))
+    table.add_row("  due within an hour", str(stats.due_within_hour))
     table.add_row("dead letters", str(stats.dead_letter_queue_size))
     table.add_row("  unprocessed", str(stats.unprocessed_dead_letters))
     table.add_row("retries scheduled", str(stats.retries_scheduled))
