@@ -449,3 +449,38 @@ def test_a_mounted_dashboard_runs_its_background_work_in_the_parents_lifespan(
         Starlette(routes=[Mount("/ops", app=create_app(open_test_store("memory", tmp_path)))])
     ) as client:
         assert "not being driven" in client.get("/ops/redrives").text
+
+
+def test_mounted_in_fastapi_as_the_readme_shows(tmp_path: Path) -> None:
+    import contextlib
+    from collections.abc import AsyncIterator
+
+    from fastapi import FastAPI
+
+    from retrybus.dashboard import background
+
+    dashboard = create_app(open_test_store("memory", tmp_path), tokens="alice:s3cret-value-123")
+    bus = dashboard.state.dashboard.bus
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with background(dashboard):
+            yield
+
+    api = FastAPI(lifespan=lifespan)
+    api.mount("/ops/retrybus", dashboard)
+
+    @api.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    with TestClient(api, base_url="http://testserver") as client:
+        client.portal.call(_seed_one, bus)  # type: ignore[union-attr]
+        assert client.get("/health").json() == {"status": "ok"}
+        listed = client.get("/ops/retrybus/dead-letters")
+        assert listed.status_code == 200
+        letter_id = re.findall(r"/ops/retrybus/dead-letters/(dlq_[0-9a-f]+)", listed.text)[0]
+        detail = client.get(f"/ops/retrybus/dead-letters/{letter_id}")
+        assert detail.status_code == 200
+        assert 'href="/ops/retrybus/static/dashboard.css"' in detail.text
+        assert client.get("/ops/retrybus/static/dashboard.css").status_code == 200
