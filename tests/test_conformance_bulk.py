@@ -10,7 +10,6 @@ import pytest
 
 from retrybus import (
     DeadLetterFilter,
-    DeadLetterItem,
     Event,
     EventBus,
     FixedDelay,
@@ -19,20 +18,7 @@ from retrybus import (
     RetryWorker,
     Store,
 )
-
-
-async def dead(
-    bus: EventBus,
-    n: int = 1,
-    *,
-    handler: str = "h",
-    error: BaseException | str = "connection timeout",
-) -> DeadLetterItem:
-    item = await bus.retry_queue.add(Event("like.added", {"n": n}, source="svc"), handler, error)
-    letter = await bus.retry_queue.mark_failed(item)
-    assert letter is not None
-    return letter
-
+from seeding import dead_letter as dead
 
 # failure groups --------------------------------------------------------------
 

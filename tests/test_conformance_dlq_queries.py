@@ -17,21 +17,7 @@ from retrybus import (
     Store,
     failure_group_key,
 )
-
-
-async def dead(
-    bus: EventBus,
-    n: int = 1,
-    *,
-    handler: str = "h",
-    event_type: str = "like.added",
-    error: BaseException | str = "connection timeout",
-    reason: str = "failed after 3 retries",
-) -> DeadLetterItem:
-    item = await bus.retry_queue.add(Event(event_type, {"n": n}, source="svc"), handler, error)
-    letter = await bus.retry_queue.mark_failed(item, reason=reason)
-    assert letter is not None
-    return letter
+from seeding import dead_letter as dead
 
 
 def ids(items: list[DeadLetterItem]) -> list[str]:

@@ -11,7 +11,6 @@ import pytest
 
 from retrybus import (
     DeadLetterFilter,
-    DeadLetterItem,
     Event,
     EventBus,
     ItemBusy,
@@ -19,13 +18,7 @@ from retrybus import (
     Store,
 )
 from retrybus import _redrives as redrives_module
-
-
-async def dead(bus: EventBus, n: int, error: BaseException | str = "boom") -> DeadLetterItem:
-    item = await bus.retry_queue.add(Event("like.added", {"n": n}, source="svc"), "h", error)
-    letter = await bus.retry_queue.mark_failed(item)
-    assert letter is not None
-    return letter
+from seeding import dead_letter as dead
 
 
 async def test_a_reprocess_redrive_tries_each_item_once_when_a_failure_leaves_the_filter(
@@ -40,7 +33,7 @@ async def test_a_reprocess_redrive_tries_each_item_once_when_a_failure_leaves_th
 
     bus.subscribe("like.added", handler, name="h")
     for n in range(5):
-        await dead(bus, n, ConnectionError(f"smtp 10.0.0.{n}:25 refused"))
+        await dead(bus, n, error=ConnectionError(f"smtp 10.0.0.{n}:25 refused"))
         clock.advance(1)
     (group,) = await bus.dead_letters.groups()
     redrive = await bus.redrives.start(

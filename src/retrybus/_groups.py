@@ -79,6 +79,16 @@ class GroupCount:
     last_at: datetime
     sample_id: str
 
+    def to_dict(self) -> dict[str, object]:
+        """The count as a JSON-ready dict (times as ISO 8601)."""
+        return {
+            "key": self.key,
+            "count": self.count,
+            "first_at": self.first_at.isoformat(),
+            "last_at": self.last_at.isoformat(),
+            "sample_id": self.sample_id,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class FailureGroup:

@@ -159,18 +159,7 @@ def dead_letter_groups(
                 return
             counts = await bus.dead_letters.counts_by(fields[by], where, limit=limit)
             if json:
-                echo_json(
-                    [
-                        {
-                            "key": c.key,
-                            "count": c.count,
-                            "first_at": c.first_at,
-                            "last_at": c.last_at,
-                            "sample_id": c.sample_id,
-                        }
-                        for c in counts
-                    ]
-                )
+                echo_json([count.to_dict() for count in counts])
                 return
             title = f"dead letters by {by} ({describe(where)}) — {bus.store.url}"
             views.console().print(views.count_table(counts, by, now, title))

@@ -62,7 +62,7 @@ def retry_groups(
     json: JsonOption = False,
 ) -> None:
     """Retry items counted per handler (or event type), largest first, with when the
-    first and the last of them fall due."""
+    first and the last of them fall due (first_at and last_at in --json)."""
     fields = {"handler": "handler_name", "type": "event_type"}
     if by not in fields:
         fail(f"--by {by!r}: use handler or type", EXIT_USAGE)
@@ -71,18 +71,7 @@ def retry_groups(
         async with connected_bus(store) as bus:
             counts = await bus.store.group_retry(fields[by], limit=limit)  # type: ignore[arg-type]
             if json:
-                echo_json(
-                    [
-                        {
-                            "key": c.key,
-                            "count": c.count,
-                            "first_due": c.first_at,
-                            "last_due": c.last_at,
-                            "sample_id": c.sample_id,
-                        }
-                        for c in counts
-                    ]
-                )
+                echo_json([count.to_dict() for count in counts])
                 return
             from . import views
 
