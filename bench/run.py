@@ -14,6 +14,7 @@ import sys
 import time
 
 import latency
+import observability
 import postgresql
 import publish
 import redis_engine
@@ -27,7 +28,7 @@ def main() -> None:
         f"{platform.machine()} {platform.system()}"
     )
     start = time.perf_counter()
-    for module in (publish, latency, worker, postgresql, redis_engine):
+    for module in (publish, latency, worker, postgresql, redis_engine, observability):
         note(f"-- {module.__name__}")
         emit(module.run())
     note(f"bench done in {time.perf_counter() - start:.1f}s")

@@ -150,11 +150,13 @@ def running(
     tokens: Any = TOKENS,
     clock: ManualClock | None = None,
     handlers: bool = False,
+    bus_metrics: Any = None,
     **options: Any,
 ) -> Iterator[Dash]:
-    """A dashboard over ``store`` (without background work unless asked for)."""
+    """A dashboard over ``store`` (without background work unless asked for);
+    ``bus_metrics`` are the bus's ``metrics``."""
     clock = clock or ManualClock()
-    bus = EventBus(store, clock=clock)
+    bus = EventBus(store, clock=clock, metrics=bus_metrics)
     if handlers:
         bus.subscribe("*", lambda event: _maybe_fail(event), name="Mailer")
     options.setdefault("background", False)

@@ -134,3 +134,26 @@ def test_events_hash_by_id() -> None:
     event = Event("x", {"a": 1}, id="same")
     assert hash(event) == hash("same")
     assert {event: 1}[event] == 1
+
+
+def test_with_extensions_adds_to_a_copy_and_checks_the_names() -> None:
+    event = Event("like.added", {"post_id": 7}, extensions={"correlationid": "c1"})
+    traced = event.with_extensions(
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    )
+    assert traced.extensions == {
+        "correlationid": "c1",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    }
+    assert (traced.id, traced.time, traced.data, traced.type) == (
+        event.id,
+        event.time,
+        event.data,
+        event.type,
+    )
+    assert traced.data_json == event.data_json
+    assert event.extensions == {"correlationid": "c1"}
+    with pytest.raises(ValueError, match="invalid CloudEvents extension name 'Bad-Name'"):
+        event.with_extensions({"Bad-Name": "x"})
+    with pytest.raises(TypeError, match="extension 'n' must be a string, got 3"):
+        event.with_extensions({"n": 3})  # type: ignore[dict-item]

@@ -26,6 +26,7 @@ from ._filters import DeadLetterFilter
 from ._groups import FailureGroup, GroupCount, failure_group_key, message_shape
 from ._handlers import Subscription
 from ._history import DepthHistory, DepthSample
+from ._observe import Metrics, Tracing, reason_kind
 from ._policy import ExponentialBackoff, FixedDelay, LinearBackoff, RetryPolicy
 from ._queues import RetryQueue
 from ._records import DeadLetterItem, RetryItem
@@ -61,6 +62,7 @@ __all__ = [
     "ItemNotFound",
     "LinearBackoff",
     "ManualClock",
+    "Metrics",
     "PermanentError",
     "PublishResult",
     "Redrive",
@@ -76,11 +78,13 @@ __all__ = [
     "StoreUnavailable",
     "Subscription",
     "SystemClock",
+    "Tracing",
     "UnknownHandler",
     "__version__",
     "failure_group_key",
     "message_shape",
     "open_store",
+    "reason_kind",
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -17,6 +18,19 @@ from ._errors import UnknownHandler
 from ._event import Event
 from ._filters import DeadLetterFilter
 from ._handlers import Handler, HandlerRegistry, Subscription
+from ._observe import (
+    NO_METRICS,
+    DeliverySpan,
+    GuardedMetrics,
+    Metrics,
+    Tracing,
+    end_quietly,
+    last_failed_attempt,
+    log_fields,
+    reason_kind,
+    timed_call,
+    trace_metadata,
+)
 from ._policy import ExponentialBackoff, RetryPolicy
 from ._queues import RetryQueue
 from ._records import DeadLetterItem, ErrorInfo, RetryItem
@@ -64,6 +78,25 @@ async def _call(subscription: Subscription, event: Event) -> BaseException | Non
     return None
 
 
+async def _observed_call(
+    subscription: Subscription,
+    event: Event,
+    metrics: Metrics | None,
+    tracing: Tracing | None = None,
+    started: list[tuple[str, DeliverySpan]] | None = None,
+) -> BaseException | None:
+    """``_call`` timed for metrics, inside a handler span when tracing; the span
+    is left open for the outcome, and listed in ``started`` as soon as it exists."""
+    span = None
+    if tracing is not None and started is not None:
+        span = tracing.delivery(event, subscription.name, kind="publish", attempt=0)
+        started.append((subscription.name, span))
+    error, seconds = await timed_call(subscription.call, event, span)
+    if metrics is not None:
+        metrics.handled(event.type, subscription.name, error is None, seconds)
+    return error
+
+
 class EventBus:
     """Handlers subscribed to event types; a failing handler's delivery is retried
     under its policy from the store's retry queue, and dead-lettered when retries
@@ -77,6 +110,11 @@ class EventBus:
     ``retry_retention`` and ``dead_letter_retention`` (seconds; None keeps
     forever) are the ages past which a worker moves retry items to the dead
     letter queue and deletes dead letters: 7 and 30 days by default.
+
+    ``metrics`` (``retrybus.prometheus.PrometheusMetrics``) and ``tracing``
+    (``retrybus.otel.OpenTelemetryTracing``) turn on Prometheus metrics and
+    OpenTelemetry spans for everything the bus, its workers and its dead
+    letter queue do; ``instrument`` adds them later.
     """
 
     def __init__(
@@ -87,6 +125,8 @@ class EventBus:
         clock: Clock | None = None,
         retry_retention: float | None = SEVEN_DAYS,
         dead_letter_retention: float | None = THIRTY_DAYS,
+        metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         if store is not None and not isinstance(store, Store):
             raise TypeError(f"store must be a retrybus store (see open_store), got {store!r}")
@@ -111,6 +151,42 @@ class EventBus:
         self.retry_queue = RetryQueue(self)
         self.dead_letters = DeadLetterQueue(self)
         self._redrives: Redrives | None = None
+        self._metrics: Metrics | None = None  # what the bus calls (guarded)
+        self._metrics_given: Metrics | None = None  # what it was given
+        self._tracing: Tracing | None = None
+        self._observed = False  # either of them set: publish takes the observed path
+        self.instrument(metrics=metrics, tracing=tracing)
+
+    def instrument(self, *, metrics: Metrics | None = None, tracing: Tracing | None = None) -> None:
+        """Report to ``metrics`` and/or trace with ``tracing`` from now on (each
+        replaces the one set before; None leaves it as it is)."""
+        if metrics is not None:
+            if not isinstance(metrics, Metrics):
+                raise TypeError(
+                    f"metrics must implement retrybus.Metrics (see retrybus.prometheus), "
+                    f"got {metrics!r}"
+                )
+            self._metrics_given = metrics
+            # retrybus's own metrics never raise; anyone else's are guarded
+            trusted = type(metrics).__dict__.get("_never_raises", False)  # not subclasses
+            self._metrics = metrics if trusted else GuardedMetrics(metrics)
+        if tracing is not None:
+            if not isinstance(tracing, Tracing):
+                raise TypeError(
+                    f"tracing must implement retrybus.Tracing (see retrybus.otel), got {tracing!r}"
+                )
+            self._tracing = tracing
+        self._observed = self._metrics is not None or self._tracing is not None
+
+    @property
+    def metrics(self) -> Metrics | None:
+        """Where this bus reports its metrics (None: nowhere)."""
+        return self._metrics_given
+
+    @property
+    def tracing(self) -> Tracing | None:
+        """What starts this bus's spans (None: no tracing)."""
+        return self._tracing
 
     @property
     def redrives(self) -> Redrives:
@@ -222,6 +298,8 @@ class EventBus:
         """
         if not isinstance(event, Event):
             raise TypeError(f"publish takes a retrybus.Event, got {event!r}")
+        if self._observed:
+            return await self._publish_observed(event)
         subscriptions = self._registry.match(event.type)
         if not subscriptions:
             return PublishResult(event)
@@ -233,11 +311,77 @@ class EventBus:
             return PublishResult(event, tuple(s.name for s in subscriptions))
         return await self._record_failures(event, subscriptions, errors)
 
+    async def _publish_observed(self, event: Event) -> PublishResult:
+        """``publish`` with a span around it and the handlers' calls, and metrics."""
+        metrics, tracing = self._metrics, self._tracing
+        if tracing is not None and not tracing.active:
+            tracing = None
+        if tracing is None:
+            return await self._publish_metered(event, metrics or NO_METRICS)
+        span = tracing.publish(event)
+        event = span.event  # now carrying its traceparent
+        started: list[tuple[str, DeliverySpan]] = []
+        try:
+            if metrics is not None:
+                metrics.published(event.type)
+            subscriptions = self._registry.match(event.type)
+            calls = [_observed_call(s, event, metrics, tracing, started) for s in subscriptions]
+            if not calls:
+                errors: list[BaseException | None] = []
+            elif len(calls) == 1:
+                errors = [await calls[0]]
+            else:
+                errors = list(await asyncio.gather(*calls))
+            if any(errors):
+                result = await self._record_failures(
+                    event, subscriptions, errors, dict(started), span.traceparent
+                )
+            else:
+                result = PublishResult(event, tuple(s.name for s in subscriptions))
+        except BaseException as exc:
+            for _name, delivery in started:
+                end_quietly(delivery, "error")
+            end_quietly(span, exc)
+            raise
+        reasons = {dead.handler_name: dead.reason for dead in result.dead_letters}
+        for name, delivery in started:
+            if name in reasons:
+                end_quietly(delivery, "dead_letter", reasons[name])
+            else:
+                end_quietly(delivery, "retry" if name in result.retrying else "success")
+        end_quietly(span)
+        return result
+
+    async def _publish_metered(self, event: Event, metrics: Metrics) -> PublishResult:
+        """``publish`` reporting to ``metrics`` (without tracing: the lean path)."""
+        metrics.published(event.type)
+        subscriptions = self._registry.match(event.type)
+        if not subscriptions:
+            return PublishResult(event)
+        if len(subscriptions) == 1:
+            subscription = subscriptions[0]
+            start = time.perf_counter()
+            error = await _call(subscription, event)
+            seconds = time.perf_counter() - start
+            metrics.handled(event.type, subscription.name, error is None, seconds)
+            if error is None:
+                return PublishResult(event, (subscription.name,))
+            errors: list[BaseException | None] = [error]
+        else:
+            errors = list(
+                await asyncio.gather(*(_observed_call(s, event, metrics) for s in subscriptions))
+            )
+            if not any(errors):
+                return PublishResult(event, tuple(s.name for s in subscriptions))
+        return await self._record_failures(event, subscriptions, errors)
+
     async def _record_failures(
         self,
         event: Event,
         subscriptions: tuple[Subscription, ...],
         errors: list[BaseException | None],
+        spans: dict[str, DeliverySpan] | None = None,
+        publish: str | None = None,
     ) -> PublishResult:
         now = self.clock.now()
         succeeded: list[str] = []
@@ -250,6 +394,9 @@ class EventBus:
             policy = subscription.policy or self.default_policy
             decision = decide(policy, error, 1, now, now)
             info = ErrorInfo.from_exception(error)
+            span = spans.get(subscription.name) if spans else None
+            attempt = None if span is None else span.traceparent
+            metadata = trace_metadata(publish, attempt)
             if decision.next_retry is not None:
                 retry_items.append(
                     RetryItem.for_failure(
@@ -260,6 +407,7 @@ class EventBus:
                         max_retries=policy.max_retries,
                         next_retry=decision.next_retry,
                         now=now,
+                        metadata=metadata,
                     )
                 )
                 logger.info(
@@ -269,7 +417,7 @@ class EventBus:
                     event.type,
                     decision.delay,
                     info.message,
-                    extra=_log_fields(event, subscription.name, 1),
+                    extra=log_fields(event.id, event.type, subscription.name, 1, attempt),
                 )
             else:
                 dead_letters.append(
@@ -281,10 +429,14 @@ class EventBus:
                         attempt=0,
                         max_retries=policy.max_retries,
                         now=now,
+                        metadata=metadata,
                     )
                 )
         await self._store.record_failures(retry_items, dead_letters)
         if retry_items:
+            if self._metrics is not None:
+                for item in retry_items:
+                    self._metrics.retry_scheduled(item.event_type, item.handler_name)
             self._retry_scheduled(min(item.next_retry for item in retry_items))
         await self._announce_dead_letters(dead_letters)
         return PublishResult(
@@ -328,7 +480,10 @@ class EventBus:
             listener(when)
 
     async def _announce_dead_letters(self, items: Iterable[DeadLetterItem]) -> None:
+        metrics = self._metrics
         for item in items:
+            if metrics is not None:
+                metrics.dead_lettered(item.event_type, item.handler_name, reason_kind(item.reason))
             logger.warning(
                 "dead-lettered event %s (%s) for handler %s: %s (%s)",
                 item.event_id,
@@ -337,7 +492,13 @@ class EventBus:
                 item.reason,
                 item.error,
                 extra={
-                    **_log_fields(item.to_event(), item.handler_name, item.attempt),
+                    **log_fields(
+                        item.event_id,
+                        item.event_type,
+                        item.handler_name,
+                        item.attempt,
+                        last_failed_attempt(item.metadata),
+                    ),
                     "reason": item.reason,
                 },
             )
@@ -352,12 +513,3 @@ class EventBus:
                         hook,
                         item.id,
                     )
-
-
-def _log_fields(event: Event, handler_name: str, attempt: int) -> dict[str, Any]:
-    return {
-        "event_id": event.id,
-        "event_type": event.type,
-        "handler": handler_name,
-        "attempt": attempt,
-    }

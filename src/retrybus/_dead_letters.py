@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -14,6 +15,15 @@ from ._errors import ItemBusy, ItemNotFound
 from ._event import encode_json
 from ._filters import DeadLetterFilter
 from ._groups import FailureGroup, GroupCount, message_shape
+from ._observe import (
+    end_quietly,
+    failed_attempts,
+    last_failed_attempt,
+    log_fields,
+    publisher,
+    timed_call,
+    with_failed_attempt,
+)
 from ._queues import _check_page
 from ._records import DeadLetterItem, ErrorInfo, RetryItem
 from ._stores.base import DEAD_LETTER_GROUP_FIELDS
@@ -22,6 +32,8 @@ if TYPE_CHECKING:
     from ._bus import EventBus
 
 __all__ = ["BulkResult", "DeadLetterQueue"]
+
+logger = logging.getLogger("retrybus")
 
 # how many dead letters a bulk delete reads and deletes at a time
 DELETE_PAGE = 500
@@ -222,11 +234,32 @@ class DeadLetterQueue:
         metadata["last_reprocessed_at"] = now.isoformat()
         if actor is not None:
             metadata["last_reprocessed_by"] = actor
-        try:
-            await call(item.to_event())
-        except Exception as exc:
-            info = ErrorInfo.from_exception(exc)
-            ok = False
+        event = item.to_event()
+        metrics, tracing = self._bus._metrics, self._bus.tracing
+        if tracing is not None and not tracing.active:
+            tracing = None
+        span = (
+            None
+            if tracing is None
+            else tracing.delivery(
+                event,
+                item.handler_name,
+                kind="reprocess",
+                attempt=item.attempt,
+                failed=failed_attempts(item.metadata),
+                publisher=publisher(item.metadata),
+            )
+        )
+        fields = _log_fields(item)
+        error, seconds = await timed_call(call, event, span)
+        ok = error is None
+        if metrics is not None:
+            metrics.handled(item.event_type, item.handler_name, ok, seconds)
+        if error is not None:
+            info = ErrorInfo.from_exception(error)
+            if span is not None:
+                metadata = with_failed_attempt(metadata, span.traceparent)
+                fields = _log_fields(item, span.traceparent)
             updated = replace(
                 item,
                 error=info.message,
@@ -234,13 +267,38 @@ class DeadLetterQueue:
                 traceback=info.traceback,
                 metadata=metadata,
             )
+            logger.warning(
+                "reprocess of dead letter %s failed: handler %s, event %s (%s): %s",
+                item.id,
+                item.handler_name,
+                item.event_id,
+                item.event_type,
+                info.message,
+                extra=fields,
+            )
         else:
-            ok = True
             updated = replace(
                 item, processed=True, processed_at=self._bus.clock.now(), metadata=metadata
             )
-        if not await self._bus.store.update_dead(updated):
-            raise ItemNotFound(item.id)
+            logger.info(
+                "reprocessed dead letter %s: handler %s, event %s (%s)",
+                item.id,
+                item.handler_name,
+                item.event_id,
+                item.event_type,
+                extra=fields,
+            )
+        try:
+            if not await self._bus.store.update_dead(updated):
+                raise ItemNotFound(item.id)
+        except BaseException:
+            if span is not None:
+                end_quietly(span, "error")
+            raise
+        if span is not None:
+            end_quietly(span, "success" if ok else "failure")
+        if metrics is not None:
+            metrics.reprocessed(item.event_type, item.handler_name, ok)
         return updated, ok
 
     async def _claim(self, item_id: str, actor: str | None) -> str:
@@ -320,6 +378,25 @@ class DeadLetterQueue:
             retry_item = replace(retry_item, metadata={**retry_item.metadata, "requeued_by": actor})
         if not await self._bus.store.requeue_dead(item_id, retry_item):
             raise ItemNotFound(item_id)
+        if self._bus.tracing is not None and self._bus.tracing.active:
+            self._bus.tracing.requeue(
+                item.to_event(),
+                item.handler_name,
+                failed_attempts(item.metadata),
+                publisher(item.metadata),
+            )
+        if self._bus._metrics is not None:
+            self._bus._metrics.requeued(item.event_type, item.handler_name)
+            self._bus._metrics.retry_scheduled(item.event_type, item.handler_name)
+        logger.info(
+            "requeued dead letter %s as %s: handler %s, event %s (%s)",
+            item_id,
+            retry_item.id,
+            item.handler_name,
+            item.event_id,
+            item.event_type,
+            extra=_log_fields(item),
+        )
         self._bus._retry_scheduled(now)
         return retry_item
 
@@ -418,6 +495,18 @@ class DeadLetterQueue:
 
 # created_before is exclusive: what was created in this very microsecond still counts
 _TICK = timedelta(microseconds=1)
+
+
+def _log_fields(item: DeadLetterItem, traceparent: str | None = None) -> dict[str, Any]:
+    fields = log_fields(
+        item.event_id,
+        item.event_type,
+        item.handler_name,
+        item.attempt,
+        traceparent or last_failed_attempt(item.metadata),
+    )
+    fields["dead_letter_id"] = item.id
+    return fields
 
 
 def _live(claim: Any, now: datetime) -> bool:

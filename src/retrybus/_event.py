@@ -148,6 +148,25 @@ class Event:
     def __hash__(self) -> int:
         return hash(self.id)
 
+    def with_extensions(self, extensions: Mapping[str, str]) -> Event:
+        """This event with ``extensions`` added to (or replacing) its own; the
+        rest, id and time included, is unchanged."""
+        return self._with_checked_extensions(_check_extensions(extensions))
+
+    def _with_checked_extensions(self, extensions: Mapping[str, str]) -> Event:
+        """``with_extensions`` for extensions already known to be valid."""
+        event = object.__new__(type(self))
+        setter = object.__setattr__
+        setter(event, "type", self.type)
+        setter(event, "data", self.data)
+        setter(event, "source", self.source)
+        setter(event, "id", self.id)
+        setter(event, "time", self.time)
+        setter(event, "subject", self.subject)
+        setter(event, "extensions", MappingProxyType({**self.extensions, **extensions}))
+        setter(event, "_data_json", self._data_json)
+        return event
+
     @property
     def data_json(self) -> str:
         """``data`` encoded as compact JSON (computed once)."""

@@ -88,6 +88,8 @@ class RetryQueue:
             now=now,
         )
         await self._bus.store.record_failures([item], [])
+        if self._bus._metrics is not None:
+            self._bus._metrics.retry_scheduled(item.event_type, item.handler_name)
         self._bus._retry_scheduled(next_retry)
         return item
 
@@ -133,7 +135,10 @@ class RetryQueue:
         held, owner = await self._resolve(item)
         if held is None:
             return False
-        return bool(await self._bus.store.complete([Succeeded(held)], owner, self._bus.clock.now()))
+        applied = await self._bus.store.complete([Succeeded(held)], owner, self._bus.clock.now())
+        if applied and self._bus._metrics is not None:
+            self._bus._metrics.retry_succeeded(held.event_type, held.handler_name)
+        return bool(applied)
 
     async def mark_failed(
         self,
@@ -184,6 +189,8 @@ class RetryQueue:
         updated = held.rescheduled(attempt=attempt, next_retry=next_retry, error=info, now=now)
         applied = await self._bus.store.complete([Rescheduled(updated)], owner, now)
         if applied:
+            if self._bus._metrics is not None:
+                self._bus._metrics.retry_scheduled(held.event_type, held.handler_name)
             self._bus._retry_scheduled(next_retry)
         return bool(applied)
 

@@ -202,11 +202,19 @@ class RetryItem:
         )
 
     def rescheduled(
-        self, *, attempt: int, next_retry: datetime, error: ErrorInfo, now: datetime
+        self,
+        *,
+        attempt: int,
+        next_retry: datetime,
+        error: ErrorInfo,
+        now: datetime,
+        metadata: Mapping[str, Any] | None = None,
     ) -> RetryItem:
-        """This item after another failure, due again at ``next_retry``."""
+        """This item after another failure, due again at ``next_retry`` (with
+        ``metadata`` in place of its own, when given)."""
         return replace(
             self,
+            metadata=self.metadata if metadata is None else dict(metadata),
             attempt=attempt,
             next_retry=next_retry,
             error=error.message,
@@ -225,9 +233,11 @@ class RetryItem:
         error: ErrorInfo | None = None,
         attempt: int | None = None,
         copy: bool = False,
+        metadata: Mapping[str, Any] | None = None,
     ) -> DeadLetterItem:
         """The dead letter this item becomes when retries end (with ``copy``, a
-        dead letter of its own id, recorded while the item stays queued)."""
+        dead letter of its own id, recorded while the item stays queued; with
+        ``metadata``, that in place of the item's)."""
         return DeadLetterItem(
             id=new_dead_letter_id() if copy else dead_letter_id_for(self.id),
             event_id=self.event_id,
@@ -248,7 +258,7 @@ class RetryItem:
             created_at=now,
             processed_at=None,
             first_failed_at=self.created_at,
-            metadata=dict(self.metadata),
+            metadata=dict(self.metadata if metadata is None else metadata),
         )
 
 
@@ -293,6 +303,7 @@ class DeadLetterItem:
         attempt: int,
         max_retries: int,
         now: datetime,
+        metadata: Mapping[str, Any] | None = None,
     ) -> DeadLetterItem:
         """A dead letter for a delivery that failed on publish and will not be retried."""
         return cls(
@@ -313,6 +324,7 @@ class DeadLetterItem:
             reason=reason,
             created_at=now,
             first_failed_at=now,
+            metadata=dict(metadata or {}),
         )
 
     def to_event(self) -> Event:

@@ -11,7 +11,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import datetime, timedelta
 from types import TracebackType
 
@@ -19,7 +19,17 @@ from ._batch import ClaimedBatch
 from ._bus import EventBus
 from ._decision import decide
 from ._errors import StoreUnavailable
+from ._handlers import Subscription
 from ._history import DEFAULT_INTERVAL, DepthHistory
+from ._observe import (
+    DeliverySpan,
+    end_quietly,
+    failed_attempts,
+    log_fields,
+    publisher,
+    timed_call,
+    with_failed_attempt,
+)
 from ._policy import RetryPolicy
 from ._records import ErrorInfo, RetryItem
 from ._stores.base import DeadLettered, Outcome, Rescheduled, Succeeded
@@ -61,7 +71,9 @@ class RetryWorker:
     letter queue and deletes dead letters past the bus's retention. Every
     ``depth_sample_interval`` seconds (None: never) it adds a sample of the queues'
     depth to the store's history (``DepthHistory``) that the dashboard charts; many
-    workers add one sample per interval between them.
+    workers add one sample per interval between them. When the bus has
+    ``metrics``, every ``metrics_interval`` seconds it reads the queues' depth
+    for them.
     """
 
     def __init__(
@@ -74,6 +86,7 @@ class RetryWorker:
         lease: float = 60.0,
         maintenance_interval: float = 3600.0,
         depth_sample_interval: float | None = DEFAULT_INTERVAL,
+        metrics_interval: float = 15.0,
         name: str | None = None,
     ) -> None:
         if not isinstance(bus, EventBus):
@@ -92,6 +105,8 @@ class RetryWorker:
             )
         )
         self._next_sample: datetime | None = None
+        self.metrics_interval = _positive("metrics_interval", metrics_interval)
+        self._next_metrics: datetime | None = None
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._claims = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
@@ -100,6 +115,7 @@ class RetryWorker:
         self._next_maintenance: datetime | None = None
         self._unwatch: Callable[[], Awaitable[None]] | None = None
         self._outage = False
+        self._open_spans: dict[str, tuple[DeliverySpan, str, str | None]] = {}
 
     # lifecycle -------------------------------------------------------------
 
@@ -185,6 +201,7 @@ class RetryWorker:
             try:
                 await self._maintain()
                 await self._sample_depth()
+                await self._refresh_metrics()
                 handled = await self.run_once()
                 self._store_answered()
                 backoff = 0.0
@@ -248,6 +265,19 @@ class RetryWorker:
         except Exception:  # the chart's history is not worth stopping retries for
             logger.exception("worker %s: could not record the queue depth", self.name)
 
+    async def _refresh_metrics(self) -> None:
+        metrics = self.bus.metrics
+        now = self.bus.clock.now()
+        if metrics is None or (self._next_metrics is not None and now < self._next_metrics):
+            return
+        self._next_metrics = now + timedelta(seconds=self.metrics_interval)
+        try:
+            await metrics.refresh(self.bus)
+        except StoreUnavailable:
+            raise
+        except Exception:  # a gauge is not worth stopping retries for
+            logger.exception("worker %s: could not read the queues' depth for metrics", self.name)
+
     # one pass --------------------------------------------------------------
 
     async def run_once(self) -> int:
@@ -272,6 +302,8 @@ class RetryWorker:
                 await flusher
             finally:
                 heartbeat.cancel()
+                if self._open_spans:  # outcomes that never reached the store
+                    self._end_spans(item.id for item in batch.items)
                 unstarted = batch.unstarted_ids()
                 if unstarted:
                     await self.bus.store.release(unstarted, owner)
@@ -335,28 +367,95 @@ class RetryWorker:
             return DeadLettered(
                 item.id, item.to_dead_letter(reason=reason, now=now, attempt=item.attempt - 1)
             )
+        if bus._observed:
+            return await self._deliver_observed(item, subscription)
         try:
             await subscription.call(item.to_event())
         except Exception as exc:
             return self._after_failure(item, exc, subscription.policy or bus.default_policy)
         return Succeeded(item)
 
-    def _after_failure(self, item: RetryItem, error: Exception, policy: RetryPolicy) -> Outcome:
+    async def _deliver_observed(self, item: RetryItem, subscription: Subscription) -> Outcome:
+        """``_deliver`` in a span of its own, timed and reported to the bus's metrics."""
+        metrics, tracing = self.bus._metrics, self.bus._tracing
+        if tracing is not None and not tracing.active:
+            tracing = None
+        event = item.to_event()
+        if metrics is not None:
+            lag = (self.bus.clock.now() - item.next_retry).total_seconds()
+            metrics.retry_lag(item.event_type, item.handler_name, max(lag, 0.0))
+        span: DeliverySpan | None = None
+        if tracing is not None:
+            span = tracing.delivery(
+                event,
+                item.handler_name,
+                kind="retry",
+                attempt=item.attempt,
+                failed=failed_attempts(item.metadata),
+                publisher=publisher(item.metadata),
+            )
+        error, seconds = await timed_call(subscription.call, event, span)
+        if metrics is not None:
+            metrics.handled(item.event_type, item.handler_name, error is None, seconds)
+        if error is None:
+            outcome: Outcome = Succeeded(item)
+            said: tuple[str, str | None] = ("success", None)
+        else:
+            outcome = self._after_failure(
+                item,
+                error,
+                subscription.policy or self.bus.default_policy,
+                traceparent=None if span is None else span.traceparent,
+            )
+            if isinstance(outcome, DeadLettered):
+                said = ("dead_letter", outcome.dead_letter.reason)
+            else:
+                said = ("retry", None)
+        if span is not None:
+            # ended once the store has the outcome (or another worker took the item)
+            self._open_spans[item.id] = (span, *said)
+        return outcome
+
+    def _end_spans(self, ids: Iterable[str], applied: Collection[str] | None = None) -> None:
+        """End the spans of these items: with their outcome when it was written
+        (``applied``), ``lost`` when another worker had taken the item over, and
+        ``error`` when it could not be written at all (``applied`` None)."""
+        for item_id in ids:
+            entry = self._open_spans.pop(item_id, None)
+            if entry is None:
+                continue
+            span, outcome, reason = entry
+            if applied is None:
+                end_quietly(span, "error")
+            elif item_id in applied:
+                end_quietly(span, outcome, reason)
+            else:
+                end_quietly(span, "lost")
+
+    def _after_failure(
+        self,
+        item: RetryItem,
+        error: Exception,
+        policy: RetryPolicy,
+        traceparent: str | None = None,
+    ) -> Outcome:
         now = self.bus.clock.now()
         info = ErrorInfo.from_exception(error)
         next_attempt = item.attempt + 1
         decision = decide(policy, error, next_attempt, item.created_at, now)
-        fields = {
-            "event_id": item.event_id,
-            "event_type": item.event_type,
-            "handler": item.handler_name,
-            "attempt": item.attempt,
-        }
+        metadata = None if traceparent is None else with_failed_attempt(item.metadata, traceparent)
+        fields = log_fields(
+            item.event_id, item.event_type, item.handler_name, item.attempt, traceparent
+        )
         if decision.next_retry is None:
             return DeadLettered(
                 item.id,
                 item.to_dead_letter(
-                    reason=decision.reason, now=now, error=info, attempt=item.attempt
+                    reason=decision.reason,
+                    now=now,
+                    error=info,
+                    attempt=item.attempt,
+                    metadata=metadata,
                 ),
             )
         logger.info(
@@ -375,6 +474,7 @@ class RetryWorker:
                 next_retry=decision.next_retry,
                 error=info,
                 now=now,
+                metadata=metadata,
             )
         )
 
@@ -399,6 +499,15 @@ class RetryWorker:
                 self.name,
                 lost,
             )
+        if self._open_spans:
+            self._end_spans((_outcome_id(outcome) for outcome in outcomes), applied)
+        metrics = self.bus._metrics
+        if metrics is not None:
+            for outcome in outcomes:
+                if isinstance(outcome, Succeeded) and outcome.item.id in applied:
+                    metrics.retry_succeeded(outcome.item.event_type, outcome.item.handler_name)
+                elif isinstance(outcome, Rescheduled) and outcome.item.id in applied:
+                    metrics.retry_scheduled(outcome.item.event_type, outcome.item.handler_name)
         await self.bus._announce_dead_letters(
             o.dead_letter for o in outcomes if isinstance(o, DeadLettered) and o.item_id in applied
         )
@@ -438,3 +547,7 @@ class RetryWorker:
                     self.name,
                     lost,
                 )
+
+
+def _outcome_id(outcome: Outcome) -> str:
+    return outcome.item_id if isinstance(outcome, DeadLettered) else outcome.item.id

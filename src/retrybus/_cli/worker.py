@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .._bus import EventBus
@@ -33,6 +33,7 @@ logger = logging.getLogger("retrybus.cli")
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 DESCRIPTION = """\
 Run a retry worker for APP until SIGINT or SIGTERM, then stop gracefully: on
 the first signal it stops claiming, lets running handlers finish and releases
@@ -50,6 +51,9 @@ class WorkerSettings:
     lease: float = 60.0
     shutdown_timeout: float | None = None
     name: str | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    tracing: bool = False
 
 
 def _seconds(text: str) -> float:
@@ -69,6 +73,16 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {text!r}")
     return value
 
 
@@ -109,6 +123,33 @@ def build_parser(prog: str = "retrybus worker") -> argparse.ArgumentParser:
         help="logging level, to stderr (info)",
     )
     parser.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=LOG_FORMATS,
+        default="text",
+        help="text lines, or one JSON object per line with the event id, type, handler "
+        "and attempt as fields (text)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics "
+        "(needs retrybus[prometheus]; default: no metrics)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        metavar="HOST",
+        help="address the metrics endpoint listens on (0.0.0.0)",
+    )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="trace retries with OpenTelemetry's global tracer provider, as the APP or "
+        "opentelemetry-instrument sets it up (needs retrybus[otel])",
+    )
+    parser.add_argument(
         "--app-dir", default=".", metavar="DIR", help="directory put first on sys.path (.)"
     )
     return parser
@@ -117,7 +158,7 @@ def build_parser(prog: str = "retrybus worker") -> argparse.ArgumentParser:
 def main(argv: Sequence[str], prog: str = "retrybus worker") -> int:
     """Parse ``argv``, run the worker until a signal, return the exit status."""
     args = build_parser(prog).parse_args(list(argv))
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     settings = WorkerSettings(
         check_interval=args.check_interval,
         batch_size=args.batch_size,
@@ -125,6 +166,9 @@ def main(argv: Sequence[str], prog: str = "retrybus worker") -> int:
         lease=args.lease,
         shutdown_timeout=args.shutdown_timeout,
         name=args.name,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        tracing=args.tracing,
     )
     store = args.store or os.environ.get("RETRYBUS_STORE") or None
     try:
@@ -138,9 +182,58 @@ def main(argv: Sequence[str], prog: str = "retrybus worker") -> int:
     return 0
 
 
-def configure_logging(level: str) -> None:
-    """Log to stderr at ``level`` (``debug``, ``info``, ``warning``, ``error``)."""
-    logging.basicConfig(stream=sys.stderr, level=level.upper(), format=LOG_FORMAT, force=True)
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr at ``level`` (``debug``, ``info``, ``warning``, ``error``),
+    as text lines or (``log_format="json"``) one JSON object per line."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        from ..logs import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _instrument(bus: EventBus, settings: WorkerSettings) -> Callable[[], None]:
+    """Turn on what the settings ask for; returns what stops it again."""
+    if settings.tracing and bus.tracing is None:
+        try:
+            from ..otel import OpenTelemetryTracing
+        except ImportError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+        bus.instrument(tracing=OpenTelemetryTracing())
+    if settings.metrics_port is None:
+        return lambda: None
+    try:
+        from .. import prometheus
+    except ImportError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    metrics = bus.metrics
+    if metrics is None:
+        metrics = prometheus.PrometheusMetrics()
+        bus.instrument(metrics=metrics)
+    elif not isinstance(metrics, prometheus.PrometheusMetrics):
+        raise CliError(
+            f"--metrics-port serves retrybus.prometheus.PrometheusMetrics, but the APP's bus "
+            f"reports to {metrics!r}",
+            EXIT_USAGE,
+        )
+    try:
+        server, _thread = metrics.serve(settings.metrics_port, settings.metrics_host)
+    except OSError as exc:
+        raise CliError(
+            f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc}",
+            EXIT_USAGE,
+        ) from None
+    host, port = server.server_address[:2]
+    logger.info("serving Prometheus metrics at http://%s:%s/metrics", host, port)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    return stop
 
 
 async def serve(bus: EventBus, settings: WorkerSettings) -> None:
@@ -151,6 +244,7 @@ async def serve(bus: EventBus, settings: WorkerSettings) -> None:
             "item as 'unknown handler'",
             EXIT_USAGE,
         )
+    stop_instruments = _instrument(bus, settings)
     worker = RetryWorker(
         bus,
         check_interval=settings.check_interval,
@@ -195,4 +289,5 @@ async def serve(bus: EventBus, settings: WorkerSettings) -> None:
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+        await asyncio.to_thread(stop_instruments)  # the server's shutdown waits for its thread
         await bus.close()

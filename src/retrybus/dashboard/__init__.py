@@ -45,6 +45,7 @@ def create_app(
     trusted_origins: Iterable[str] = (),
     allowed_hosts: Iterable[str] | None = None,
     title: str = "retrybus",
+    metrics: bool = True,
 ) -> Starlette:
     """The dashboard as a Starlette (ASGI) app.
 
@@ -66,6 +67,11 @@ def create_app(
     "127.0.0.1"]``) refuses requests naming any other Host, against DNS rebinding;
     None answers to every Host, as suits a dashboard mounted in an app that checks
     Host itself (``retrybus dashboard`` sets it).
+
+    ``/metrics`` serves the bus's Prometheus metrics (with ``retrybus[prometheus]``
+    installed; a bus without metrics gets ``PrometheusMetrics()`` on the default
+    registry, so the DLQ actions taken here are counted too); ``metrics=False``
+    leaves the bus alone and answers 404 there.
 
     Served on its own::
 
@@ -106,6 +112,7 @@ def create_app(
         trusted_origins=trusted_origins,
         allowed_hosts=allowed_hosts,
         title=title,
+        metrics=metrics,
     )
 
 

@@ -23,8 +23,9 @@ from .._bus import EventBus
 from .._errors import ItemBusy, RetrybusError, StoreUnavailable
 from .._history import DEFAULT_INTERVAL, DepthHistory
 from .._stores import Store, open_store
-from . import _actions, _pages
+from . import _actions, _metrics, _pages
 from ._auth import DEFAULT_SESSION_MAX_AGE, Auth, TokenSpec
+from ._metrics import attach_metrics
 from ._web import Dashboard, HTTPError, error_page
 
 __all__ = ["build_app"]
@@ -138,6 +139,7 @@ def build_app(
     trusted_origins: Iterable[str] = (),
     allowed_hosts: Iterable[str] | None = None,
     title: str = "retrybus",
+    metrics: bool = True,
     owns_bus: bool | None = None,
 ) -> Starlette:
     """``create_app``; ``owns_bus`` says whether to close the bus's store at shutdown
@@ -146,6 +148,8 @@ def build_app(
     owns_bus = opened if owns_bus is None else owns_bus
     auth = Auth(tokens, session_max_age=session_max_age, trusted_origins=trusted_origins)
     dashboard = Dashboard(bus=bus, auth=auth, owns_bus=owns_bus, title=title)
+    if metrics:
+        dashboard.metrics = attach_metrics(bus)
     history = DepthHistory(bus, interval=history_interval)
 
     async def record_depth() -> None:
@@ -205,6 +209,7 @@ def build_app(
             methods=["POST"],
             name="redrive_action",
         ),
+        Route("/metrics", _metrics.metrics, name="metrics"),
         Route("/login", _actions.login_form, name="login_form"),
         Route("/login", _actions.login, methods=["POST"], name="login"),
         Route("/logout", _actions.logout, methods=["POST"], name="logout"),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import jinja2
@@ -21,6 +22,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from .._bus import EventBus
+
+if TYPE_CHECKING:
+    from ..prometheus import PrometheusMetrics
 from ._auth import Auth, Identity
 from ._chart import bar
 
@@ -49,6 +53,9 @@ class Dashboard:
     owns_bus: bool
     title: str = "retrybus"
     runner_active: bool = False
+    metrics: PrometheusMetrics | None = None
+    metrics_read_at: float = float("-inf")
+    metrics_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     flash_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     env: jinja2.Environment = field(init=False)
 

@@ -1,0 +1,380 @@
+"""What the bus, the worker and the dead letter queue report to metrics and
+tracing, as two small protocols. ``retrybus.prometheus`` and ``retrybus.otel``
+implement them with prometheus-client and opentelemetry-api; a bus without
+either pays one ``is None`` test per delivery.
+
+The trace context of each failed handler call is kept in the stored record's
+``metadata["trace"]`` (W3C ``traceparent`` strings, newest last), so that a
+retry run later in another process links to the attempt before it, and a dead
+letter's reprocess or requeue links to the failures that produced it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ._bus import EventBus
+    from ._event import Event
+
+__all__ = [
+    "NO_METRICS",
+    "DeliveryKind",
+    "DeliverySpan",
+    "GuardedMetrics",
+    "Metrics",
+    "PublishSpan",
+    "Tracing",
+    "end_quietly",
+    "failed_attempts",
+    "last_failed_attempt",
+    "log_fields",
+    "publisher",
+    "reason_kind",
+    "timed_call",
+    "trace_metadata",
+    "with_failed_attempt",
+]
+
+logger = logging.getLogger("retrybus")
+
+#: the first call at publish, a retry by a worker, a dead letter's reprocess
+DeliveryKind = Literal["publish", "retry", "reprocess"]
+
+#: how many failed attempts a record remembers for its trace links
+MAX_REMEMBERED_ATTEMPTS = 16
+
+_REASON_KINDS = (
+    ("failed after ", "retries_exhausted"),
+    ("non-retryable", "non_retryable"),
+    ("retry time budget", "time_budget_exhausted"),
+    ("expired in retry queue", "expired"),
+    ("unknown handler", "unknown_handler"),
+    ("undecodable record", "undecodable"),
+    ("retry decision failed", "policy_error"),
+)
+
+
+def reason_kind(reason: str) -> str:
+    """A dead letter's reason reduced to a word that suits a metric label:
+    ``retries_exhausted``, ``non_retryable``, ``time_budget_exhausted``,
+    ``expired``, ``unknown_handler``, ``undecodable``, ``policy_error`` or
+    ``other`` (reasons carry item-specific text; labels must not)."""
+    for prefix, kind in _REASON_KINDS:
+        if reason.startswith(prefix):
+            return kind
+    return "other"
+
+
+@runtime_checkable
+class Metrics(Protocol):
+    """Receives what happens to deliveries, for counters and histograms.
+
+    Every method is called on the event loop's thread, right after the thing
+    it reports happened (a count of stored outcomes only once the store wrote
+    them). ``retrybus.prometheus.PrometheusMetrics`` implements it; implement
+    it yourself to send the same figures elsewhere.
+    """
+
+    def published(self, event_type: str) -> None:
+        """An event was published."""
+
+    def handled(self, event_type: str, handler: str, ok: bool, seconds: float) -> None:
+        """A handler was called (first call, retry or reprocess), taking ``seconds``."""
+
+    def retry_scheduled(self, event_type: str, handler: str) -> None:
+        """A failed delivery was stored in the retry queue (first failure or a later one)."""
+
+    def retry_succeeded(self, event_type: str, handler: str) -> None:
+        """A retry succeeded and its item left the retry queue."""
+
+    def retry_lag(self, event_type: str, handler: str, seconds: float) -> None:
+        """A retry started ``seconds`` after its ``next_retry``."""
+
+    def dead_lettered(self, event_type: str, handler: str, reason: str) -> None:
+        """A delivery was stored in the dead letter queue; ``reason`` is a ``reason_kind``."""
+
+    def reprocessed(self, event_type: str, handler: str, ok: bool) -> None:
+        """A dead letter was reprocessed (its handler called from the DLQ)."""
+
+    def requeued(self, event_type: str, handler: str) -> None:
+        """A dead letter was moved back into the retry queue."""
+
+    async def refresh(self, bus: EventBus) -> None:
+        """Read the queues' depth from ``bus``'s store (called periodically)."""
+
+
+class _NoMetrics:
+    """Metrics that count nothing (tracing on, metrics off, no SDK set up)."""
+
+    def published(self, event_type: str) -> None:
+        return None
+
+    def handled(self, event_type: str, handler: str, ok: bool, seconds: float) -> None:
+        return None
+
+    def retry_scheduled(self, event_type: str, handler: str) -> None:
+        return None
+
+    def retry_succeeded(self, event_type: str, handler: str) -> None:
+        return None
+
+    def retry_lag(self, event_type: str, handler: str, seconds: float) -> None:
+        return None
+
+    def dead_lettered(self, event_type: str, handler: str, reason: str) -> None:
+        return None
+
+    def reprocessed(self, event_type: str, handler: str, ok: bool) -> None:
+        return None
+
+    def requeued(self, event_type: str, handler: str) -> None:
+        return None
+
+    async def refresh(self, bus: EventBus) -> None:
+        return None
+
+
+NO_METRICS: Metrics = _NoMetrics()
+
+
+class GuardedMetrics:
+    """Another ``Metrics`` whose failures are logged (once per method) and never
+    reach a delivery: a broken metrics back end must not keep a failure from
+    being recorded."""
+
+    def __init__(self, inner: Metrics) -> None:
+        self.inner = inner
+        self._failed: set[str] = set()
+
+    def _report(self, method: str) -> None:
+        if method not in self._failed:
+            self._failed.add(method)
+            logger.exception(
+                "metrics %r failed in %s(); deliveries go on, its figures may be off",
+                self.inner,
+                method,
+            )
+
+    def published(self, event_type: str) -> None:
+        try:
+            self.inner.published(event_type)
+        except Exception:
+            self._report("published")
+
+    def handled(self, event_type: str, handler: str, ok: bool, seconds: float) -> None:
+        try:
+            self.inner.handled(event_type, handler, ok, seconds)
+        except Exception:
+            self._report("handled")
+
+    def retry_scheduled(self, event_type: str, handler: str) -> None:
+        try:
+            self.inner.retry_scheduled(event_type, handler)
+        except Exception:
+            self._report("retry_scheduled")
+
+    def retry_succeeded(self, event_type: str, handler: str) -> None:
+        try:
+            self.inner.retry_succeeded(event_type, handler)
+        except Exception:
+            self._report("retry_succeeded")
+
+    def retry_lag(self, event_type: str, handler: str, seconds: float) -> None:
+        try:
+            self.inner.retry_lag(event_type, handler, seconds)
+        except Exception:
+            self._report("retry_lag")
+
+    def dead_lettered(self, event_type: str, handler: str, reason: str) -> None:
+        try:
+            self.inner.dead_lettered(event_type, handler, reason)
+        except Exception:
+            self._report("dead_lettered")
+
+    def reprocessed(self, event_type: str, handler: str, ok: bool) -> None:
+        try:
+            self.inner.reprocessed(event_type, handler, ok)
+        except Exception:
+            self._report("reprocessed")
+
+    def requeued(self, event_type: str, handler: str) -> None:
+        try:
+            self.inner.requeued(event_type, handler)
+        except Exception:
+            self._report("requeued")
+
+    async def refresh(self, bus: EventBus) -> None:
+        await self.inner.refresh(bus)  # its callers log a failure themselves
+
+
+class PublishSpan(Protocol):
+    """The span around one publish; ``event`` carries its trace context."""
+
+    event: Event
+
+    @property
+    def traceparent(self) -> str | None:
+        """This span's W3C ``traceparent``, stored with failures (None: not sampled)."""
+
+    def end(self, error: BaseException | None = None) -> None: ...
+
+
+class DeliverySpan(Protocol):
+    """The span around one handler call, current while the handler runs."""
+
+    def __enter__(self) -> DeliverySpan: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    @property
+    def traceparent(self) -> str | None:
+        """This span's W3C ``traceparent``, to store with a failure (None: not sampled)."""
+
+    def end(self, outcome: str, reason: str | None = None) -> None:
+        """End the span, saying what became of the delivery: ``success``, ``retry``,
+        ``dead_letter`` (with the ``reason``), ``failure`` (a failed reprocess),
+        ``lost`` (another worker took the item over) or ``error`` (the outcome
+        could not be recorded). Only the first call counts."""
+
+
+@runtime_checkable
+class Tracing(Protocol):
+    """Starts the spans of publishes, handler calls and DLQ actions.
+    ``retrybus.otel.OpenTelemetryTracing`` implements it."""
+
+    @property
+    def active(self) -> bool:
+        """False while spans would go nowhere (no SDK set up): the bus then skips
+        tracing altogether."""
+
+    def publish(self, event: Event) -> PublishSpan:
+        """Start the span of publishing ``event``."""
+
+    def delivery(
+        self,
+        event: Event,
+        handler: str,
+        *,
+        kind: DeliveryKind,
+        attempt: int,
+        failed: Sequence[str] = (),
+        publisher: str | None = None,
+    ) -> DeliverySpan:
+        """A span for calling ``handler`` with ``event``; ``failed`` are the
+        ``traceparent``s of the failed attempts before it (newest last),
+        ``publisher`` the publish span's."""
+
+    def requeue(
+        self, event: Event, handler: str, failed: Sequence[str], publisher: str | None = None
+    ) -> None:
+        """Record that a dead letter was requeued, linked to its failed attempts."""
+
+
+async def timed_call(
+    call: Callable[[Event], Awaitable[Any]], event: Event, span: DeliverySpan | None
+) -> tuple[Exception | None, float]:
+    """Call a handler (inside ``span`` when there is one): the error it raised, if
+    any, and how many seconds the call took. A cancellation ends the span and
+    propagates."""
+    error: Exception | None = None
+    start = time.perf_counter()
+    try:
+        if span is None:
+            await call(event)
+        else:
+            with span:
+                await call(event)
+    except Exception as exc:
+        error = exc
+    except BaseException:
+        if span is not None:
+            span.end("error")
+        raise
+    return error, time.perf_counter() - start
+
+
+def end_quietly(span: DeliverySpan | PublishSpan, *args: Any) -> None:
+    """End a span; a tracing back end that fails at it is logged, not raised:
+    the delivery it reports is already recorded."""
+    try:
+        span.end(*args)
+    except Exception:
+        logger.exception("tracing %r failed to end a span; the delivery is recorded", span)
+
+
+def log_fields(
+    event_id: str, event_type: str, handler: str, attempt: int, traceparent: str | None = None
+) -> dict[str, Any]:
+    """The ``extra`` fields of a log record about a delivery; with the
+    ``traceparent`` of its handler call, that call's ``trace_id`` and ``span_id``."""
+    fields: dict[str, Any] = {
+        "event_id": event_id,
+        "event_type": event_type,
+        "handler": handler,
+        "attempt": attempt,
+    }
+    if traceparent is not None:
+        parts = traceparent.split("-")
+        if len(parts) >= 3:
+            fields["trace_id"], fields["span_id"] = parts[1], parts[2]
+    return fields
+
+
+def last_failed_attempt(metadata: Mapping[str, Any]) -> str | None:
+    """The ``traceparent`` of a record's newest failed attempt."""
+    attempts = failed_attempts(metadata)
+    return attempts[-1] if attempts else None
+
+
+def failed_attempts(metadata: Mapping[str, Any]) -> list[str]:
+    """The ``traceparent``s of a record's failed attempts, oldest first."""
+    trace = metadata.get("trace")
+    if not isinstance(trace, Mapping):
+        return []
+    attempts = trace.get("attempts")
+    if not isinstance(attempts, list):
+        return []
+    return [value for value in attempts if isinstance(value, str)]
+
+
+def publisher(metadata: Mapping[str, Any]) -> str | None:
+    """The ``traceparent`` of the publish span a record's delivery came from."""
+    trace = metadata.get("trace")
+    value = trace.get("publish") if isinstance(trace, Mapping) else None
+    return value if isinstance(value, str) else None
+
+
+def trace_metadata(publish: str | None, attempt: str | None) -> dict[str, Any] | None:
+    """A new record's ``metadata["trace"]``: its publish span and first failed
+    attempt (None when neither was sampled)."""
+    if publish is None and attempt is None:
+        return None
+    trace: dict[str, Any] = {"attempts": [] if attempt is None else [attempt]}
+    if publish is not None:
+        trace["publish"] = publish
+    return {"trace": trace}
+
+
+def with_failed_attempt(metadata: Mapping[str, Any], traceparent: str | None) -> dict[str, Any]:
+    """``metadata`` with ``traceparent`` added to its failed attempts (the newest
+    ``MAX_REMEMBERED_ATTEMPTS`` are kept)."""
+    updated = dict(metadata)
+    if traceparent is None:
+        return updated
+    attempts = [*failed_attempts(metadata), traceparent][-MAX_REMEMBERED_ATTEMPTS:]
+    trace = updated.get("trace")
+    updated["trace"] = {
+        **(trace if isinstance(trace, Mapping) else {}),
+        "attempts": attempts,
+    }
+    return updated

@@ -1,0 +1,68 @@
+"""``/metrics``: the bus's Prometheus metrics, with the queues' depth read at
+most every few seconds, for Prometheus to scrape (read-only: no token needed)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ._web import Dashboard, HTTPError, state
+
+if TYPE_CHECKING:
+    from .._bus import EventBus
+    from ..prometheus import PrometheusMetrics
+
+log = logging.getLogger("retrybus.dashboard")
+
+# scrapes closer together than this reuse the depth read before
+REFRESH_INTERVAL = 5.0
+
+
+def attach_metrics(bus: EventBus) -> PrometheusMetrics | None:
+    """The bus's ``PrometheusMetrics``; a bus without metrics gets one on a registry
+    of its own, so that ``/metrics`` shows retrybus's figures and nothing else of
+    the app it is mounted in (None: prometheus-client is not installed, or the bus
+    reports elsewhere)."""
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from ..prometheus import PrometheusMetrics
+    except ImportError:
+        return None
+    if bus.metrics is None:
+        bus.instrument(metrics=PrometheusMetrics(CollectorRegistry()))
+    return bus.metrics if isinstance(bus.metrics, PrometheusMetrics) else None
+
+
+async def metrics(request: Request) -> Response:
+    dashboard = state(request)
+    served = dashboard.metrics
+    if served is None:
+        raise HTTPError(
+            404,
+            "No metrics here",
+            "/metrics serves retrybus.prometheus.PrometheusMetrics: "
+            "pip install 'retrybus[prometheus]', and give the bus no other metrics",
+        )
+    await _refresh(dashboard, served)
+    body, content_type = served.exposition(request.headers.get("accept"))
+    return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+
+
+async def _refresh(dashboard: Dashboard, served: PrometheusMetrics) -> None:
+    """Read the depths again at most every ``REFRESH_INTERVAL`` seconds, one scrape
+    at a time (a burst of requests reads the store once). A store that does not
+    answer leaves the previous depths: the counters are served regardless."""
+    async with dashboard.metrics_lock:
+        now = time.monotonic()
+        if now - dashboard.metrics_read_at < REFRESH_INTERVAL:
+            return
+        dashboard.metrics_read_at = now
+        try:
+            await served.refresh(dashboard.bus)
+        except Exception:
+            log.warning("could not read the queues' depth for /metrics", exc_info=True)
