@@ -11,6 +11,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -532,3 +533,70 @@ async def test_log_records_about_a_delivery_name_its_span(
         trace_id, span_id = ids(span)
         assert record.trace_id == f"{trace_id:032x}"  # type: ignore[attr-defined]
         assert record.span_id == f"{span_id:016x}"  # type: ignore[attr-defined]
+
+
+class BrokenTracing:
+    """A tracing back end that fails at everything, its spans too."""
+
+    active = True
+
+    class Span:
+        event: Event
+
+        def __init__(self, event: Event) -> None:
+            self.event = event
+
+        def __enter__(self) -> Any:
+            raise RuntimeError("tracing down (enter)")
+
+        def __exit__(self, *exc_info: object) -> None:
+            raise RuntimeError("tracing down (exit)")
+
+        @property
+        def traceparent(self) -> str:
+            raise RuntimeError("tracing down (traceparent)")
+
+        def end(self, *args: object) -> None:
+            raise RuntimeError("tracing down (end)")
+
+    def publish(self, event: Event) -> Any:
+        return self.Span(event)
+
+    def delivery(self, event: Event, handler: str, **options: Any) -> Any:
+        return self.Span(event)
+
+    def requeue(self, *args: object) -> None:
+        raise RuntimeError("tracing down (requeue)")
+
+
+async def test_a_failing_tracing_back_end_never_loses_a_delivery(
+    clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = BrokenTracing()
+    bus = EventBus(clock=clock, default_policy=FixedDelay(delay=1, max_retries=1), tracing=broken)
+    assert bus.tracing is broken
+    calls = 0
+
+    async def handler(event: Event) -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 4:
+            raise TimeoutError("connection timeout")
+
+    bus.subscribe("job", handler, name="job")
+    result = await bus.publish(Event("job"))
+    assert result.retrying == ("job",)  # the handler's failure, not the tracer's
+    stored = await bus.retry_queue.list()
+    assert [item.error for item in stored] == ["connection timeout"]
+    worker = RetryWorker(bus)
+    clock.advance(1)
+    assert await worker.run_once() == 1
+    (dead,) = await bus.dead_letters.list()
+    assert dead.error == "connection timeout"
+    assert (await bus.dead_letters.reprocess(dead.id)).processed is False
+    await bus.dead_letters.requeue(dead.id)
+    clock.advance(1)
+    assert await worker.run_once() == 1
+    assert await bus.retry_queue.count() == 0
+    assert calls == 4
+    assert any("failed in DeliverySpan.__enter__()" in r.getMessage() for r in caplog.records)

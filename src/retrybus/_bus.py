@@ -17,11 +17,11 @@ from ._decision import decide
 from ._errors import UnknownHandler
 from ._event import Event
 from ._filters import DeadLetterFilter
+from ._guards import GuardedMetrics, GuardedTracing, guarded
 from ._handlers import Handler, HandlerRegistry, Subscription
 from ._observe import (
     NO_METRICS,
     DeliverySpan,
-    GuardedMetrics,
     Metrics,
     Tracing,
     end_quietly,
@@ -153,7 +153,8 @@ class EventBus:
         self._redrives: Redrives | None = None
         self._metrics: Metrics | None = None  # what the bus calls (guarded)
         self._metrics_given: Metrics | None = None  # what it was given
-        self._tracing: Tracing | None = None
+        self._tracing: Tracing | None = None  # what the bus calls (guarded)
+        self._tracing_given: Tracing | None = None
         self._observed = False  # either of them set: publish takes the observed path
         self.instrument(metrics=metrics, tracing=tracing)
 
@@ -167,15 +168,14 @@ class EventBus:
                     f"got {metrics!r}"
                 )
             self._metrics_given = metrics
-            # retrybus's own metrics never raise; anyone else's are guarded
-            trusted = type(metrics).__dict__.get("_never_raises", False)  # not subclasses
-            self._metrics = metrics if trusted else GuardedMetrics(metrics)
+            self._metrics = guarded(metrics, GuardedMetrics)
         if tracing is not None:
             if not isinstance(tracing, Tracing):
                 raise TypeError(
                     f"tracing must implement retrybus.Tracing (see retrybus.otel), got {tracing!r}"
                 )
-            self._tracing = tracing
+            self._tracing_given = tracing
+            self._tracing = guarded(tracing, GuardedTracing)
         self._observed = self._metrics is not None or self._tracing is not None
 
     @property
@@ -186,7 +186,7 @@ class EventBus:
     @property
     def tracing(self) -> Tracing | None:
         """What starts this bus's spans (None: no tracing)."""
-        return self._tracing
+        return self._tracing_given
 
     @property
     def redrives(self) -> Redrives:

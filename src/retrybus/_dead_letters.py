@@ -235,7 +235,7 @@ class DeadLetterQueue:
         if actor is not None:
             metadata["last_reprocessed_by"] = actor
         event = item.to_event()
-        metrics, tracing = self._bus._metrics, self._bus.tracing
+        metrics, tracing = self._bus._metrics, self._bus._tracing
         if tracing is not None and not tracing.active:
             tracing = None
         span = (
@@ -378,8 +378,8 @@ class DeadLetterQueue:
             retry_item = replace(retry_item, metadata={**retry_item.metadata, "requeued_by": actor})
         if not await self._bus.store.requeue_dead(item_id, retry_item):
             raise ItemNotFound(item_id)
-        if self._bus.tracing is not None and self._bus.tracing.active:
-            self._bus.tracing.requeue(
+        if self._bus._tracing is not None and self._bus._tracing.active:
+            self._bus._tracing.requeue(
                 item.to_event(),
                 item.handler_name,
                 failed_attempts(item.metadata),

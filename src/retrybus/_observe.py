@@ -25,7 +25,6 @@ __all__ = [
     "NO_METRICS",
     "DeliveryKind",
     "DeliverySpan",
-    "GuardedMetrics",
     "Metrics",
     "PublishSpan",
     "Tracing",
@@ -140,76 +139,6 @@ class _NoMetrics:
 
 
 NO_METRICS: Metrics = _NoMetrics()
-
-
-class GuardedMetrics:
-    """Another ``Metrics`` whose failures are logged (once per method) and never
-    reach a delivery: a broken metrics back end must not keep a failure from
-    being recorded."""
-
-    def __init__(self, inner: Metrics) -> None:
-        self.inner = inner
-        self._failed: set[str] = set()
-
-    def _report(self, method: str) -> None:
-        if method not in self._failed:
-            self._failed.add(method)
-            logger.exception(
-                "metrics %r failed in %s(); deliveries go on, its figures may be off",
-                self.inner,
-                method,
-            )
-
-    def published(self, event_type: str) -> None:
-        try:
-            self.inner.published(event_type)
-        except Exception:
-            self._report("published")
-
-    def handled(self, event_type: str, handler: str, ok: bool, seconds: float) -> None:
-        try:
-            self.inner.handled(event_type, handler, ok, seconds)
-        except Exception:
-            self._report("handled")
-
-    def retry_scheduled(self, event_type: str, handler: str) -> None:
-        try:
-            self.inner.retry_scheduled(event_type, handler)
-        except Exception:
-            self._report("retry_scheduled")
-
-    def retry_succeeded(self, event_type: str, handler: str) -> None:
-        try:
-            self.inner.retry_succeeded(event_type, handler)
-        except Exception:
-            self._report("retry_succeeded")
-
-    def retry_lag(self, event_type: str, handler: str, seconds: float) -> None:
-        try:
-            self.inner.retry_lag(event_type, handler, seconds)
-        except Exception:
-            self._report("retry_lag")
-
-    def dead_lettered(self, event_type: str, handler: str, reason: str) -> None:
-        try:
-            self.inner.dead_lettered(event_type, handler, reason)
-        except Exception:
-            self._report("dead_lettered")
-
-    def reprocessed(self, event_type: str, handler: str, ok: bool) -> None:
-        try:
-            self.inner.reprocessed(event_type, handler, ok)
-        except Exception:
-            self._report("reprocessed")
-
-    def requeued(self, event_type: str, handler: str) -> None:
-        try:
-            self.inner.requeued(event_type, handler)
-        except Exception:
-            self._report("requeued")
-
-    async def refresh(self, bus: EventBus) -> None:
-        await self.inner.refresh(bus)  # its callers log a failure themselves
 
 
 class PublishSpan(Protocol):

@@ -242,6 +242,8 @@ class OpenTelemetryTracing:
     by ``tracer_provider`` (default: the global one, as set by the application's
     OpenTelemetry SDK or ``opentelemetry-instrument``)."""
 
+    _never_raises = True  # the OpenTelemetry API does not raise: the bus calls it unguarded
+
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
         from . import __version__
 

@@ -3,6 +3,7 @@ most every few seconds, for Prometheus to scrape (read-only: no token needed).""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -57,7 +58,12 @@ async def _refresh(dashboard: Dashboard, served: PrometheusMetrics) -> None:
     """Read the depths again at most every ``REFRESH_INTERVAL`` seconds, one scrape
     at a time (a burst of requests reads the store once). A store that does not
     answer leaves the previous depths: the counters are served regardless."""
-    async with dashboard.metrics_lock:
+    # one lock per event loop: an app may be served by more than one in its life
+    loop = asyncio.get_running_loop()
+    lock = dashboard.metrics_locks.get(loop)
+    if lock is None:
+        lock = dashboard.metrics_locks[loop] = asyncio.Lock()
+    async with lock:
         now = time.monotonic()
         if now - dashboard.metrics_read_at < REFRESH_INTERVAL:
             return

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -55,7 +56,9 @@ class Dashboard:
     runner_active: bool = False
     metrics: PrometheusMetrics | None = None
     metrics_read_at: float = float("-inf")
-    metrics_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    metrics_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = field(
+        default_factory=weakref.WeakKeyDictionary  # type: ignore[arg-type]
+    )
     flash_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     env: jinja2.Environment = field(init=False)
 
