@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ._records import RetryItem
 from ._stores.base import DeadLettered, Outcome
+
+if TYPE_CHECKING:
+    from ._observe import DeliverySpan
 
 
 def outcome_id(outcome: Outcome) -> str:
@@ -34,6 +38,8 @@ class ClaimedBatch:
     finished: bool = False
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: the retry spans waiting for their outcome to be written (tracing on)
+    spans: dict[str, tuple[DeliverySpan, str, str | None]] = field(default_factory=dict)
     _queue: Iterator[RetryItem] | None = None
 
     def next_item(self) -> RetryItem | None:

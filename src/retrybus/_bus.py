@@ -86,12 +86,15 @@ async def _observed_call(
     started: list[tuple[str, DeliverySpan]] | None = None,
 ) -> BaseException | None:
     """``_call`` timed for metrics, inside a handler span when tracing; the span
-    is left open for the outcome, and listed in ``started`` as soon as it exists."""
+    of a failed call is left open for its outcome. Spans are listed in
+    ``started`` as soon as they exist."""
     span = None
     if tracing is not None and started is not None:
         span = tracing.delivery(event, subscription.name, kind="publish", attempt=0)
         started.append((subscription.name, span))
     error, seconds = await timed_call(subscription.call, event, span)
+    if span is not None and error is None:
+        end_quietly(span, "success")  # nothing to record: its outcome is known now
     if metrics is not None:
         metrics.handled(event.type, subscription.name, error is None, seconds)
     return error
@@ -344,11 +347,11 @@ class EventBus:
             end_quietly(span, exc)
             raise
         reasons = {dead.handler_name: dead.reason for dead in result.dead_letters}
-        for name, delivery in started:
+        for name, delivery in started:  # the successful ones have ended already
             if name in reasons:
                 end_quietly(delivery, "dead_letter", reasons[name])
-            else:
-                end_quietly(delivery, "retry" if name in result.retrying else "success")
+            elif name in result.retrying:
+                end_quietly(delivery, "retry")
         end_quietly(span)
         return result
 

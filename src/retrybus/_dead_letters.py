@@ -16,6 +16,7 @@ from ._event import encode_json
 from ._filters import DeadLetterFilter
 from ._groups import FailureGroup, GroupCount, message_shape
 from ._observe import (
+    DeliverySpan,
     end_quietly,
     failed_attempts,
     last_failed_attempt,
@@ -250,45 +251,12 @@ class DeadLetterQueue:
                 publisher=publisher(item.metadata),
             )
         )
-        fields = _log_fields(item)
         error, seconds = await timed_call(call, event, span)
         ok = error is None
-        if metrics is not None:
-            metrics.handled(item.event_type, item.handler_name, ok, seconds)
-        if error is not None:
-            info = ErrorInfo.from_exception(error)
-            if span is not None:
-                metadata = with_failed_attempt(metadata, span.traceparent)
-                fields = _log_fields(item, span.traceparent)
-            updated = replace(
-                item,
-                error=info.message,
-                error_type=info.type,
-                traceback=info.traceback,
-                metadata=metadata,
-            )
-            logger.warning(
-                "reprocess of dead letter %s failed: handler %s, event %s (%s): %s",
-                item.id,
-                item.handler_name,
-                item.event_id,
-                item.event_type,
-                info.message,
-                extra=fields,
-            )
-        else:
-            updated = replace(
-                item, processed=True, processed_at=self._bus.clock.now(), metadata=metadata
-            )
-            logger.info(
-                "reprocessed dead letter %s: handler %s, event %s (%s)",
-                item.id,
-                item.handler_name,
-                item.event_id,
-                item.event_type,
-                extra=fields,
-            )
         try:
+            if metrics is not None:
+                metrics.handled(item.event_type, item.handler_name, ok, seconds)
+            updated = self._after_reprocess(item, error, metadata, span)
             if not await self._bus.store.update_dead(updated):
                 raise ItemNotFound(item.id)
         except BaseException:
@@ -300,6 +268,46 @@ class DeadLetterQueue:
         if metrics is not None:
             metrics.reprocessed(item.event_type, item.handler_name, ok)
         return updated, ok
+
+    def _after_reprocess(
+        self,
+        item: DeadLetterItem,
+        error: Exception | None,
+        metadata: dict[str, Any],
+        span: DeliverySpan | None,
+    ) -> DeadLetterItem:
+        """The dead letter after a reprocess: processed, or with the new error
+        (and the failed call's trace context); logged either way."""
+        if error is None:
+            logger.info(
+                "reprocessed dead letter %s: handler %s, event %s (%s)",
+                item.id,
+                item.handler_name,
+                item.event_id,
+                item.event_type,
+                extra=_log_fields(item),
+            )
+            return replace(
+                item, processed=True, processed_at=self._bus.clock.now(), metadata=metadata
+            )
+        info = ErrorInfo.from_exception(error)
+        traceparent = None if span is None else span.traceparent
+        logger.warning(
+            "reprocess of dead letter %s failed: handler %s, event %s (%s): %s",
+            item.id,
+            item.handler_name,
+            item.event_id,
+            item.event_type,
+            info.message,
+            extra=_log_fields(item, traceparent),
+        )
+        return replace(
+            item,
+            error=info.message,
+            error_type=info.type,
+            traceback=info.traceback,
+            metadata=with_failed_attempt(metadata, traceparent),
+        )
 
     async def _claim(self, item_id: str, actor: str | None) -> str:
         """Hold ``item_id`` for a reprocess (a control record, taken by compare-and-set;

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ._observe import DeliveryKind, DeliverySpan, Metrics, PublishSpan, Tracing
+from ._event import Event
+from ._observe import DeliveryKind, DeliverySpan, Metrics, PublishSpan, Tracing, is_traceparent
 
 if TYPE_CHECKING:
     from ._bus import EventBus
-    from ._event import Event
 
 __all__ = ["GuardedMetrics", "GuardedTracing", "guarded"]
 
@@ -116,10 +116,15 @@ class GuardedTracing(_Guard):
 
     def publish(self, event: Event) -> PublishSpan:
         try:
-            return _GuardedPublishSpan(self.inner.publish(event), self)
+            span = self.inner.publish(event)
+            traced = span.event
         except Exception:
             self._report("publish")
             return _NoPublishSpan(event)
+        if not isinstance(traced, Event) or traced.id != event.id:
+            self._report("publish (an event other than the one published)")
+            traced = event
+        return _GuardedPublishSpan(span, traced, self)
 
     def delivery(
         self,
@@ -149,18 +154,26 @@ class GuardedTracing(_Guard):
             self._report("requeue")
 
 
+def _checked_traceparent(span: PublishSpan | DeliverySpan, guard: GuardedTracing) -> str | None:
+    try:
+        value = span.traceparent
+    except Exception:
+        guard._report("traceparent")
+        return None
+    if value is None or is_traceparent(value):
+        return value
+    guard._report(f"traceparent (not a W3C traceparent: {value!r})")
+    return None
+
+
 class _GuardedPublishSpan:
-    def __init__(self, span: PublishSpan, guard: GuardedTracing) -> None:
+    def __init__(self, span: PublishSpan, event: Event, guard: GuardedTracing) -> None:
         self._span, self._guard = span, guard
-        self.event = span.event
+        self.event = event
 
     @property
     def traceparent(self) -> str | None:
-        try:
-            return self._span.traceparent
-        except Exception:
-            self._guard._report("PublishSpan.traceparent")
-            return None
+        return _checked_traceparent(self._span, self._guard)
 
     def end(self, error: BaseException | None = None) -> None:
         try:
@@ -182,7 +195,7 @@ class _NoPublishSpan:
 class _GuardedDeliverySpan:
     def __init__(self, span: DeliverySpan, guard: GuardedTracing) -> None:
         self._span, self._guard = span, guard
-        self._entered = False
+        self._entered = self._ended = False
 
     def __enter__(self) -> DeliverySpan:
         try:
@@ -207,13 +220,12 @@ class _GuardedDeliverySpan:
 
     @property
     def traceparent(self) -> str | None:
-        try:
-            return self._span.traceparent
-        except Exception:
-            self._guard._report("DeliverySpan.traceparent")
-            return None
+        return _checked_traceparent(self._span, self._guard)
 
     def end(self, outcome: str, reason: str | None = None) -> None:
+        if self._ended:  # the first outcome stands, as the protocol says
+            return
+        self._ended = True
         try:
             self._span.end(outcome, reason)
         except Exception:

@@ -12,6 +12,7 @@ letter's reprocess or requeue links to the failures that produced it.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
@@ -30,6 +31,7 @@ __all__ = [
     "Tracing",
     "end_quietly",
     "failed_attempts",
+    "is_traceparent",
     "last_failed_attempt",
     "log_fields",
     "publisher",
@@ -227,7 +229,7 @@ async def timed_call(
         error = exc
     except BaseException:
         if span is not None:
-            span.end("error")
+            end_quietly(span, "error")
         raise
     return error, time.perf_counter() - start
 
@@ -252,11 +254,21 @@ def log_fields(
         "handler": handler,
         "attempt": attempt,
     }
-    if traceparent is not None:
+    if traceparent is not None and is_traceparent(traceparent):
         parts = traceparent.split("-")
-        if len(parts) >= 3:
-            fields["trace_id"], fields["span_id"] = parts[1], parts[2]
+        fields["trace_id"], fields["span_id"] = parts[1], parts[2]
     return fields
+
+
+_TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?")
+
+
+def is_traceparent(value: object) -> bool:
+    """Whether ``value`` has the W3C ``traceparent`` form (version ``00`` has
+    exactly four fields; later versions may add more)."""
+    if not isinstance(value, str) or not _TRACEPARENT.fullmatch(value):
+        return False
+    return not (value.startswith("00-") and len(value) != 55)
 
 
 def last_failed_attempt(metadata: Mapping[str, Any]) -> str | None:

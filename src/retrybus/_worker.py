@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import datetime, timedelta
 from types import TracebackType
 
-from ._batch import ClaimedBatch
+from ._batch import ClaimedBatch, outcome_id
 from ._bus import EventBus
 from ._decision import decide
 from ._errors import StoreUnavailable
@@ -115,7 +115,6 @@ class RetryWorker:
         self._next_maintenance: datetime | None = None
         self._unwatch: Callable[[], Awaitable[None]] | None = None
         self._outage = False
-        self._open_spans: dict[str, tuple[DeliverySpan, str, str | None]] = {}
 
     # lifecycle -------------------------------------------------------------
 
@@ -302,8 +301,8 @@ class RetryWorker:
                 await flusher
             finally:
                 heartbeat.cancel()
-                if self._open_spans:  # outcomes that never reached the store
-                    self._end_spans(item.id for item in batch.items)
+                if batch.spans:  # outcomes that never reached the store
+                    _end_spans(batch, list(batch.spans))
                 unstarted = batch.unstarted_ids()
                 if unstarted:
                     await self.bus.store.release(unstarted, owner)
@@ -315,7 +314,7 @@ class RetryWorker:
                 item = batch.next_item()
                 if item is None:
                     return
-                batch.add(await self._deliver(item))
+                batch.add(await self._deliver(item, batch))
 
         lanes = min(self.concurrency, len(batch.items))
         if lanes == 1:
@@ -342,7 +341,7 @@ class RetryWorker:
                     await asyncio.wait_for(batch.done.wait(), _FLUSH_LINGER)
             outcomes = batch.take_pending()
             try:
-                await self._complete(outcomes, batch.owner)
+                await self._complete(outcomes, batch)
             except StoreUnavailable as exc:
                 batch.pending[:0] = outcomes  # keep them: the store may come back
                 left = batch.lease_deadline - time.monotonic()
@@ -358,7 +357,7 @@ class RetryWorker:
                 self._store_failed(exc, min(1.0, left))
                 await asyncio.sleep(min(1.0, left))
 
-    async def _deliver(self, item: RetryItem) -> Outcome:
+    async def _deliver(self, item: RetryItem, batch: ClaimedBatch) -> Outcome:
         bus = self.bus
         subscription = bus._registry.get(item.handler_name)
         if subscription is None:
@@ -368,14 +367,16 @@ class RetryWorker:
                 item.id, item.to_dead_letter(reason=reason, now=now, attempt=item.attempt - 1)
             )
         if bus._observed:
-            return await self._deliver_observed(item, subscription)
+            return await self._deliver_observed(item, subscription, batch)
         try:
             await subscription.call(item.to_event())
         except Exception as exc:
             return self._after_failure(item, exc, subscription.policy or bus.default_policy)
         return Succeeded(item)
 
-    async def _deliver_observed(self, item: RetryItem, subscription: Subscription) -> Outcome:
+    async def _deliver_observed(
+        self, item: RetryItem, subscription: Subscription, batch: ClaimedBatch
+    ) -> Outcome:
         """``_deliver`` in a span of its own, timed and reported to the bus's metrics."""
         metrics, tracing = self.bus._metrics, self.bus._tracing
         if tracing is not None and not tracing.active:
@@ -395,42 +396,31 @@ class RetryWorker:
                 publisher=publisher(item.metadata),
             )
         error, seconds = await timed_call(subscription.call, event, span)
-        if metrics is not None:
-            metrics.handled(item.event_type, item.handler_name, error is None, seconds)
-        if error is None:
-            outcome: Outcome = Succeeded(item)
-            said: tuple[str, str | None] = ("success", None)
-        else:
-            outcome = self._after_failure(
-                item,
-                error,
-                subscription.policy or self.bus.default_policy,
-                traceparent=None if span is None else span.traceparent,
-            )
-            if isinstance(outcome, DeadLettered):
-                said = ("dead_letter", outcome.dead_letter.reason)
+        try:
+            if metrics is not None:
+                metrics.handled(item.event_type, item.handler_name, error is None, seconds)
+            if error is None:
+                outcome: Outcome = Succeeded(item)
+                said: tuple[str, str | None] = ("success", None)
             else:
-                said = ("retry", None)
+                outcome = self._after_failure(
+                    item,
+                    error,
+                    subscription.policy or self.bus.default_policy,
+                    traceparent=None if span is None else span.traceparent,
+                )
+                if isinstance(outcome, DeadLettered):
+                    said = ("dead_letter", outcome.dead_letter.reason)
+                else:
+                    said = ("retry", None)
+        except BaseException:
+            if span is not None:
+                end_quietly(span, "error")
+            raise
         if span is not None:
             # ended once the store has the outcome (or another worker took the item)
-            self._open_spans[item.id] = (span, *said)
+            batch.spans[item.id] = (span, *said)
         return outcome
-
-    def _end_spans(self, ids: Iterable[str], applied: Collection[str] | None = None) -> None:
-        """End the spans of these items: with their outcome when it was written
-        (``applied``), ``lost`` when another worker had taken the item over, and
-        ``error`` when it could not be written at all (``applied`` None)."""
-        for item_id in ids:
-            entry = self._open_spans.pop(item_id, None)
-            if entry is None:
-                continue
-            span, outcome, reason = entry
-            if applied is None:
-                end_quietly(span, "error")
-            elif item_id in applied:
-                end_quietly(span, outcome, reason)
-            else:
-                end_quietly(span, "lost")
 
     def _after_failure(
         self,
@@ -478,7 +468,8 @@ class RetryWorker:
             )
         )
 
-    async def _complete(self, outcomes: list[Outcome], owner: str) -> None:
+    async def _complete(self, outcomes: list[Outcome], batch: ClaimedBatch) -> None:
+        owner = batch.owner
         pause = 0.1
         for attempt in range(6):
             try:
@@ -499,8 +490,8 @@ class RetryWorker:
                 self.name,
                 lost,
             )
-        if self._open_spans:
-            self._end_spans((_outcome_id(outcome) for outcome in outcomes), applied)
+        if batch.spans:
+            _end_spans(batch, [outcome_id(outcome) for outcome in outcomes], applied)
         metrics = self.bus._metrics
         if metrics is not None:
             for outcome in outcomes:
@@ -549,5 +540,20 @@ class RetryWorker:
                 )
 
 
-def _outcome_id(outcome: Outcome) -> str:
-    return outcome.item_id if isinstance(outcome, DeadLettered) else outcome.item.id
+def _end_spans(
+    batch: ClaimedBatch, ids: Iterable[str], applied: Collection[str] | None = None
+) -> None:
+    """End the batch's spans of these items: with their outcome when it was
+    written (``applied``), ``lost`` when another worker had taken the item over,
+    ``error`` when it could not be written at all (``applied`` None)."""
+    for item_id in ids:
+        entry = batch.spans.pop(item_id, None)
+        if entry is None:
+            continue
+        span, outcome, reason = entry
+        if applied is None:
+            end_quietly(span, "error")
+        elif item_id in applied:
+            end_quietly(span, outcome, reason)
+        else:
+            end_quietly(span, "lost")

@@ -58,13 +58,18 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             document["stack"] = self.formatStack(record.stack_info)
         try:
-            return json.dumps(document, default=str, ensure_ascii=False)
-        except (TypeError, ValueError):  # e.g. a dict with tuple keys: keep the line anyway
+            return json.dumps(document, default=str, ensure_ascii=False, allow_nan=False)
+        except Exception:  # tuple keys, NaN, a failing __str__: keep the line anyway
             return json.dumps({key: _text(value) for key, value in document.items()})
 
 
 def _text(value: Any) -> Any:
-    return value if isinstance(value, str | int | float | bool) or value is None else repr(value)
+    if isinstance(value, str | int | bool) or value is None:
+        return value
+    try:
+        return repr(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
 
 
 def _trace_ids() -> dict[str, str]:

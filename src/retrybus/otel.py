@@ -41,7 +41,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on what is installed
     raise ImportError(f"retrybus tracing needs {exc.name}: pip install 'retrybus[otel]'") from exc
 
-from ._observe import DeliveryKind
+from ._observe import DeliveryKind, is_traceparent
 
 if TYPE_CHECKING:
     from ._event import Event
@@ -61,15 +61,11 @@ def _traceparent(context: trace.SpanContext) -> str:
 
 def _span_context(traceparent: str, tracestate: str | None = None) -> trace.SpanContext | None:
     """The span context a W3C ``traceparent`` names (None: malformed or invalid)."""
-    parts = traceparent.split("-")
-    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
+    if not is_traceparent(traceparent):
         return None
-    if parts[0] == "ff" or (parts[0] == "00" and len(parts) != 4):
-        return None
-    try:
-        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
-    except ValueError:
-        return None
+    _version, trace_hex, span_hex, flags_hex = traceparent.split("-")[:4]
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    flags = int(flags_hex, 16)
     if not trace_id or not span_id:
         return None
     state = trace.TraceState.from_header([tracestate]) if tracestate else None
@@ -96,7 +92,7 @@ def _context_of(traceparent: str, tracestate: str | None = None) -> otel_context
 def _origin(event: Event, publisher: str | None) -> otel_context.Context | None:
     """The publish span's context: as the record kept it, else the event's own."""
     if publisher is not None:
-        context = _context_of(publisher, event.extensions.get("tracestate"))
+        context = _context_of(publisher)  # the event's tracestate is its origin's
         if context is not None:
             return context
     return _remote_context(event.extensions)
@@ -242,8 +238,6 @@ class OpenTelemetryTracing:
     by ``tracer_provider`` (default: the global one, as set by the application's
     OpenTelemetry SDK or ``opentelemetry-instrument``)."""
 
-    _never_raises = True  # the OpenTelemetry API does not raise: the bus calls it unguarded
-
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
         from . import __version__
 
@@ -251,6 +245,8 @@ class OpenTelemetryTracing:
             raise TypeError(
                 f"tracer_provider must be an opentelemetry TracerProvider, got {tracer_provider!r}"
             )
+        if isinstance(tracer_provider, trace.ProxyTracerProvider):
+            tracer_provider = None  # the global one, as it will be once the SDK is set up
         self._provider = tracer_provider
         self._tracer = trace.get_tracer("retrybus", __version__, tracer_provider)
         self._fixed_activity = None if tracer_provider is None else _makes_spans(tracer_provider)
@@ -265,7 +261,7 @@ class OpenTelemetryTracing:
 
     def publish(self, event: Event) -> _PublishSpan | _UntracedPublish:
         """Start the span of publishing ``event``; the event it hands back carries
-        the span's ``traceparent`` unless it had one already."""
+        the span's ``traceparent`` unless it had a valid one already."""
         carried = _remote_context(event.extensions)
         parent = None
         links: list[trace.Link] = []
@@ -291,7 +287,7 @@ class OpenTelemetryTracing:
         span_context = span.get_span_context()
         if not span_context.is_valid:  # no SDK: the API's no-op tracer
             return _UntracedPublish(event)
-        if "traceparent" not in event.extensions:
+        if carried is None:  # none, or one that names no valid span: start afresh
             extensions = {"traceparent": _traceparent(span_context)}
             if span_context.trace_state:
                 extensions["tracestate"] = span_context.trace_state.to_header()

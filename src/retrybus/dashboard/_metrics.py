@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -21,6 +22,8 @@ log = logging.getLogger("retrybus.dashboard")
 
 # scrapes closer together than this reuse the depth read before
 REFRESH_INTERVAL = 5.0
+# a store slower than this to count its queues leaves the depths as they were
+REFRESH_TIMEOUT = 5.0
 
 
 def attach_metrics(bus: EventBus) -> PrometheusMetrics | None:
@@ -58,17 +61,16 @@ async def _refresh(dashboard: Dashboard, served: PrometheusMetrics) -> None:
     """Read the depths again at most every ``REFRESH_INTERVAL`` seconds, one scrape
     at a time (a burst of requests reads the store once). A store that does not
     answer leaves the previous depths: the counters are served regardless."""
-    # one lock per event loop: an app may be served by more than one in its life
+    # a lock of the running loop: an app may be served by more than one in its life
     loop = asyncio.get_running_loop()
-    lock = dashboard.metrics_locks.get(loop)
-    if lock is None:
-        lock = dashboard.metrics_locks[loop] = asyncio.Lock()
-    async with lock:
+    if dashboard.metrics_lock is None or dashboard.metrics_lock[0]() is not loop:
+        dashboard.metrics_lock = (weakref.ref(loop), asyncio.Lock())
+    async with dashboard.metrics_lock[1]:
         now = time.monotonic()
         if now - dashboard.metrics_read_at < REFRESH_INTERVAL:
             return
         dashboard.metrics_read_at = now
         try:
-            await served.refresh(dashboard.bus)
+            await asyncio.wait_for(served.refresh(dashboard.bus), REFRESH_TIMEOUT)
         except Exception:
             log.warning("could not read the queues' depth for /metrics", exc_info=True)

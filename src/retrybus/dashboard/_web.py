@@ -56,9 +56,8 @@ class Dashboard:
     runner_active: bool = False
     metrics: PrometheusMetrics | None = None
     metrics_read_at: float = float("-inf")
-    metrics_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = field(
-        default_factory=weakref.WeakKeyDictionary  # type: ignore[arg-type]
-    )
+    #: the /metrics refresh lock, and (weakly) the event loop it serves
+    metrics_lock: tuple[weakref.ref[asyncio.AbstractEventLoop], asyncio.Lock] | None = None
     flash_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     env: jinja2.Environment = field(init=False)
 
