@@ -446,14 +446,21 @@ def _queue_due_items(url: str, events: Sequence[Event]) -> None:
     with_bus(url, add)
 
 
-def _start_worker(url: str, cwd: Path, *options: str) -> subprocess.Popen[str]:
-    command = f"worker cli_app:bus --store {url} --check-interval 0.1 --app-dir {APPS}"
+def _start_worker(
+    url: str,
+    cwd: Path,
+    *options: str,
+    app: str = "cli_app:bus",
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[str]:
+    command = f"worker {app} --store {url} --check-interval 0.1 --app-dir {APPS}"
     return subprocess.Popen(
         [str(RETRYBUS), *command.split(), *options],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
 
 

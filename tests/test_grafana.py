@@ -13,7 +13,8 @@ import promql_parser
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from retrybus.prometheus import METRIC_NAMES, PrometheusMetrics
+from retrybus.prometheus import METRIC_NAMES
+from test_metrics import exercised
 
 DOCS = Path(__file__).parent.parent / "docs"
 DASHBOARD = DOCS / "grafana-dashboard.json"
@@ -34,20 +35,7 @@ def expressions() -> list[str]:
 
 def exported_labels() -> dict[str, set[str]]:
     """Every series name a fully exercised PrometheusMetrics exports, with its labels."""
-    metrics = PrometheusMetrics(CollectorRegistry())
-    metrics.published("t")
-    metrics.handled("t", "h", True, 0.01)
-    metrics.handled("t", "h", False, 0.01)
-    metrics.retry_scheduled("t", "h")
-    metrics.retry_succeeded("t", "h")
-    metrics.retry_lag("t", "h", 1.0)
-    metrics.dead_lettered("t", "h", "expired")
-    metrics.reprocessed("t", "h", True)
-    metrics.requeued("t", "h")
-    figures = metrics._figures
-    figures.retry_depth["h"] = 1
-    figures.dead_depth[("h", "false")] = 1
-    figures.due = 0
+    metrics = exercised(CollectorRegistry())
     body, _ = metrics.exposition()
     labels: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(body.decode()):

@@ -17,23 +17,9 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from retrybus import Event, EventBus, open_store
-from test_cli import APPS, RETRYBUS, _queue_due_items, _wait_for, with_bus
+from test_cli import _queue_due_items, _start_worker, _wait_for, with_bus
 
 SERVING = re.compile(r"serving Prometheus metrics at http://[^:]+:(\d+)/metrics")
-
-
-def start(
-    url: str, cwd: Path, *options: str, app: str = "cli_app:bus", env: dict[str, str] | None = None
-) -> subprocess.Popen[str]:
-    command = f"worker {app} --store {url} --check-interval 0.1 --app-dir {APPS}"
-    return subprocess.Popen(
-        [str(RETRYBUS), *command.split(), *options],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -76,7 +62,7 @@ def test_worker_serves_metrics_and_logs_json_lines(tmp_path: Path) -> None:
     good = [Event("like.added", {"n": n}) for n in range(3)]
     bad = Event("like.added", {"fail": True})
     _queue_due_items(url, [*good, bad])
-    worker = start(
+    worker = _start_worker(
         url, tmp_path, "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--log-format", "json"
     )
     lines: list[str] = []
@@ -115,7 +101,7 @@ def test_worker_log_lines_are_json_with_the_delivery_fields(tmp_path: Path) -> N
     url = f"sqlite:///{tmp_path / 'worker.db'}"
     bad = Event("like.added", {"fail": True})
     _queue_due_items(url, [bad])
-    worker = start(url, tmp_path, "--log-format", "json", "--log-level", "info")
+    worker = _start_worker(url, tmp_path, "--log-format", "json", "--log-level", "info")
     stderr = run_until_dead_lettered(worker, url)
     records = [json.loads(line) for line in stderr.splitlines()]
     assert {"time", "level", "logger", "message"} <= set(records[0])
@@ -162,7 +148,7 @@ def test_worker_with_tracing_puts_its_retries_in_the_publisher_s_trace(tmp_path:
     (first,) = [s for s in exporter.get_finished_spans() if s.name == "handle like.added"]
     spans_file = tmp_path / "spans.jsonl"
     env = {**os.environ, "TRACED_APP_SPANS": str(spans_file)}
-    worker = start(url, tmp_path, "--tracing", app="traced_app:bus", env=env)
+    worker = _start_worker(url, tmp_path, "--tracing", app="traced_app:bus", env=env)
     run_until_dead_lettered(worker, url)
     retries = [json.loads(line) for line in spans_file.read_text().splitlines()]
     assert [r["name"] for r in retries] == ["retry like.added", "retry like.added"]
