@@ -181,6 +181,12 @@ class EventBus:
             self._tracing = guarded(tracing, GuardedTracing)
         self._observed = self._metrics is not None or self._tracing is not None
 
+    def _active_tracing(self) -> Tracing | None:
+        """The (guarded) tracing to use now: None when off, or while its spans
+        would go nowhere (no SDK set up)."""
+        tracing = self._tracing
+        return tracing if tracing is not None and tracing.active else None
+
     @property
     def metrics(self) -> Metrics | None:
         """Where this bus reports its metrics (None: nowhere)."""
@@ -316,9 +322,7 @@ class EventBus:
 
     async def _publish_observed(self, event: Event) -> PublishResult:
         """``publish`` with a span around it and the handlers' calls, and metrics."""
-        metrics, tracing = self._metrics, self._tracing
-        if tracing is not None and not tracing.active:
-            tracing = None
+        metrics, tracing = self._metrics, self._active_tracing()
         if tracing is None:
             return await self._publish_metered(event, metrics or NO_METRICS)
         span = tracing.publish(event)

@@ -22,6 +22,7 @@ from ._observe import (
     last_failed_attempt,
     log_fields,
     publisher,
+    record_span,
     timed_call,
     with_failed_attempt,
 )
@@ -236,20 +237,14 @@ class DeadLetterQueue:
         if actor is not None:
             metadata["last_reprocessed_by"] = actor
         event = item.to_event()
-        metrics, tracing = self._bus._metrics, self._bus._tracing
-        if tracing is not None and not tracing.active:
-            tracing = None
-        span = (
-            None
-            if tracing is None
-            else tracing.delivery(
-                event,
-                item.handler_name,
-                kind="reprocess",
-                attempt=item.attempt,
-                failed=failed_attempts(item.metadata),
-                publisher=publisher(item.metadata),
-            )
+        metrics = self._bus._metrics
+        span = record_span(
+            self._bus._active_tracing(),
+            event,
+            item.handler_name,
+            "reprocess",
+            item.attempt,
+            item.metadata,
         )
         error, seconds = await timed_call(call, event, span)
         ok = error is None
@@ -386,8 +381,9 @@ class DeadLetterQueue:
             retry_item = replace(retry_item, metadata={**retry_item.metadata, "requeued_by": actor})
         if not await self._bus.store.requeue_dead(item_id, retry_item):
             raise ItemNotFound(item_id)
-        if self._bus._tracing is not None and self._bus._tracing.active:
-            self._bus._tracing.requeue(
+        tracing = self._bus._active_tracing()
+        if tracing is not None:
+            tracing.requeue(
                 item.to_event(),
                 item.handler_name,
                 failed_attempts(item.metadata),

@@ -36,6 +36,7 @@ __all__ = [
     "log_fields",
     "publisher",
     "reason_kind",
+    "record_span",
     "timed_call",
     "trace_metadata",
     "with_failed_attempt",
@@ -275,6 +276,28 @@ def last_failed_attempt(metadata: Mapping[str, Any]) -> str | None:
     """The ``traceparent`` of a record's newest failed attempt."""
     attempts = failed_attempts(metadata)
     return attempts[-1] if attempts else None
+
+
+def record_span(
+    tracing: Tracing | None,
+    event: Event,
+    handler: str,
+    kind: DeliveryKind,
+    attempt: int,
+    metadata: Mapping[str, Any],
+) -> DeliverySpan | None:
+    """The span of calling ``handler`` again for a stored record (a retry or a
+    reprocess), placed by the trace context its ``metadata`` keeps."""
+    if tracing is None:
+        return None
+    return tracing.delivery(
+        event,
+        handler,
+        kind=kind,
+        attempt=attempt,
+        failed=failed_attempts(metadata),
+        publisher=publisher(metadata),
+    )
 
 
 def failed_attempts(metadata: Mapping[str, Any]) -> list[str]:

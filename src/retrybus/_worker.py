@@ -22,11 +22,9 @@ from ._errors import StoreUnavailable
 from ._handlers import Subscription
 from ._history import DEFAULT_INTERVAL, DepthHistory
 from ._observe import (
-    DeliverySpan,
     end_quietly,
-    failed_attempts,
     log_fields,
-    publisher,
+    record_span,
     timed_call,
     with_failed_attempt,
 )
@@ -378,23 +376,19 @@ class RetryWorker:
         self, item: RetryItem, subscription: Subscription, batch: ClaimedBatch
     ) -> Outcome:
         """``_deliver`` in a span of its own, timed and reported to the bus's metrics."""
-        metrics, tracing = self.bus._metrics, self.bus._tracing
-        if tracing is not None and not tracing.active:
-            tracing = None
+        metrics = self.bus._metrics
         event = item.to_event()
         if metrics is not None:
             lag = (self.bus.clock.now() - item.next_retry).total_seconds()
             metrics.retry_lag(item.event_type, item.handler_name, max(lag, 0.0))
-        span: DeliverySpan | None = None
-        if tracing is not None:
-            span = tracing.delivery(
-                event,
-                item.handler_name,
-                kind="retry",
-                attempt=item.attempt,
-                failed=failed_attempts(item.metadata),
-                publisher=publisher(item.metadata),
-            )
+        span = record_span(
+            self.bus._active_tracing(),
+            event,
+            item.handler_name,
+            "retry",
+            item.attempt,
+            item.metadata,
+        )
         error, seconds = await timed_call(subscription.call, event, span)
         try:
             if metrics is not None:
