@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 
 from retrybus import (
+    AmbiguousId,
     DeadLetterItem,
     Event,
     EventBus,
@@ -194,3 +195,43 @@ async def test_dead_letters_keep_the_whole_event(bus: EventBus) -> None:
     stored = await bus.dead_letters.get(dead.id)
     assert stored.to_event() == event
     assert stored.to_event().to_dict() == event.to_dict()
+
+
+async def test_count_groups_and_delete_take_filter_fields_as_keywords(bus: EventBus) -> None:
+    await dead_letter(bus, 1, handler="A", event_type="x")
+    await dead_letter(bus, 2, handler="B", event_type="x")
+    await dead_letter(bus, 3, handler="B", event_type="y")
+    queue = bus.dead_letters
+    assert await queue.count(event_type="x") == 2
+    assert await queue.count(handler_name="B", event_type="y") == 1
+    assert await queue.count(False, handler_name="A") == 1
+    assert [g.count for g in await queue.groups(event_type="x")] == [1, 1]
+    assert [(c.key, c.count) for c in await queue.counts_by("handler_name", event_type="x")] == [
+        ("A", 1),
+        ("B", 1),
+    ]
+    with pytest.raises(TypeError, match="'handler'"):
+        await queue.count(handler="A")  # type: ignore[call-arg]
+    assert await queue.delete_matching(handler_name="B", event_type="x") == 1
+    assert await queue.count() == 2
+
+
+async def test_a_dead_letter_is_found_by_a_unique_start_of_its_id(bus: EventBus) -> None:
+    first = await dead_letter(bus, 1)
+    second = await dead_letter(bus, 2)
+    common = next(i for i, (a, b) in enumerate(zip(first.id, second.id, strict=True)) if a != b)
+    assert await bus.dead_letters.resolve_id(first.id) == first.id
+    assert await bus.dead_letters.resolve_id(first.id[: common + 1]) == first.id
+    assert await bus.dead_letters.resolve_id(second.id[: common + 1]) == second.id
+    assert await bus.store.find_dead_ids("dlq_", limit=10) == sorted([first.id, second.id])
+    assert await bus.store.find_dead_ids("dlq_", limit=1) == [min(first.id, second.id)]
+    with pytest.raises(AmbiguousId) as ambiguous:
+        await bus.dead_letters.resolve_id(first.id[:common])
+    assert sorted(ambiguous.value.matches) == sorted([first.id, second.id])
+    assert first.id in str(ambiguous.value)
+    with pytest.raises(ItemNotFound):
+        await bus.dead_letters.resolve_id("dlq_zz")
+    # characters special to a glob, LIKE or a regex are plain characters here
+    for odd in ("dlq_*", "dlq_%", "dlq_.", "dlq_[0-9]", "dlq_\\"):
+        with pytest.raises(ItemNotFound):
+            await bus.dead_letters.resolve_id(odd)

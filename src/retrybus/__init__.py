@@ -13,12 +13,15 @@ from ._bus import EventBus, PublishResult
 from ._clock import Clock, ManualClock, SystemClock
 from ._dead_letters import BulkResult, DeadLetterQueue
 from ._errors import (
+    AmbiguousId,
     ItemBusy,
     ItemNotFound,
     PermanentError,
+    RecordRejected,
     RetryAfter,
     RetrybusError,
     StoreUnavailable,
+    StoreUnusable,
     UnknownHandler,
 )
 from ._event import Event
@@ -45,6 +48,7 @@ __version__ = "0.1.0"
 _logging.getLogger("retrybus").addHandler(_logging.NullHandler())
 
 __all__ = [
+    "AmbiguousId",
     "BulkResult",
     "Clock",
     "DeadLetterFilter",
@@ -65,6 +69,7 @@ __all__ = [
     "Metrics",
     "PermanentError",
     "PublishResult",
+    "RecordRejected",
     "Redrive",
     "Redrives",
     "RetryAfter",
@@ -76,6 +81,7 @@ __all__ = [
     "Stats",
     "Store",
     "StoreUnavailable",
+    "StoreUnusable",
     "Subscription",
     "SystemClock",
     "Tracing",

@@ -9,11 +9,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
-from ._errors import ItemBusy, ItemNotFound
+from ._errors import AmbiguousId, ItemBusy, ItemNotFound
 from ._event import encode_json
-from ._filters import DeadLetterFilter
+from ._filters import DeadLetterFilter, FilterFields, FilterFieldsExceptProcessed, filter_from
 from ._groups import FailureGroup, GroupCount, message_shape
 from ._observe import (
     DeliverySpan,
@@ -70,15 +70,6 @@ class BulkResult:
         }
 
 
-def _filter(where: DeadLetterFilter | None, **fields: Any) -> DeadLetterFilter:
-    if where is not None and not isinstance(where, DeadLetterFilter):
-        raise TypeError(f"where must be a DeadLetterFilter, got {where!r}")
-    given = {name: value for name, value in fields.items() if value is not None}
-    if where is None:
-        return DeadLetterFilter(**given)
-    return replace(where, **given) if given else where
-
-
 class DeadLetterQueue:
     """Deliveries that will not be retried again, for a person to browse,
     reprocess, requeue and clean.
@@ -122,28 +113,12 @@ class DeadLetterQueue:
         offset: int = 0,
         *,
         where: DeadLetterFilter | None = None,
-        event_type: str | None = None,
-        handler_name: str | None = None,
-        processed: bool | None = None,
-        reason: str | None = None,
-        failure_group: str | None = None,
-        event_id: str | None = None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
+        **fields: Unpack[FilterFields],
     ) -> list[DeadLetterItem]:
-        """Dead letters, newest first, optionally filtered."""
+        """Dead letters, newest first, optionally filtered (``where=`` and/or the
+        filter's fields as keyword arguments: ``event_type=``, ``processed=`` …)."""
         _check_page(limit, offset)
-        selected = _filter(
-            where,
-            event_type=event_type,
-            handler_name=handler_name,
-            processed=processed,
-            reason=reason,
-            failure_group=failure_group,
-            event_id=event_id,
-            created_after=created_after,
-            created_before=created_before,
-        )
+        selected = filter_from(where, fields)
         return await self._bus.store.list_dead(selected, limit=limit, offset=offset)
 
     async def get(self, item_id: str) -> DeadLetterItem:
@@ -153,38 +128,72 @@ class DeadLetterQueue:
             raise ItemNotFound(item_id)
         return item
 
+    async def resolve_id(self, prefix: str) -> str:
+        """The id of the one dead letter whose id is ``prefix`` or starts with it
+        (for people who copy a shortened id); raises ``ItemNotFound`` when none
+        does and ``AmbiguousId``, listing them, when several do."""
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"a dead letter id must be a non-empty string, got {prefix!r}")
+        if await self._bus.store.get_dead(prefix) is not None:
+            return prefix
+        found = await self._bus.store.find_dead_ids(prefix, limit=11)
+        if not found:
+            raise ItemNotFound(prefix)
+        if len(found) > 1:
+            raise AmbiguousId(prefix, found)
+        return found[0]
+
     async def count(
-        self, processed: bool | None = None, *, where: DeadLetterFilter | None = None
+        self,
+        processed: bool | None = None,
+        *,
+        where: DeadLetterFilter | None = None,
+        **fields: Unpack[FilterFieldsExceptProcessed],
     ) -> int:
         """How many dead letters there are (optionally only processed or
-        unprocessed ones, or those matching ``where``)."""
-        return await self._bus.store.count_dead(_filter(where, processed=processed))
+        unprocessed ones, or those matching ``where`` and the filter fields given
+        as keyword arguments)."""
+        return await self._bus.store.count_dead(
+            filter_from(where, {**fields, "processed": processed})
+        )
 
     async def counts_by(
-        self, field: str, where: DeadLetterFilter | None = None, *, limit: int = 50
+        self,
+        field: str,
+        where: DeadLetterFilter | None = None,
+        *,
+        limit: int = 50,
+        **fields: Unpack[FilterFields],
     ) -> builtins.list[GroupCount]:
-        """How many dead letters (matching ``where``) there are per ``handler_name``,
-        ``event_type``, ``reason`` or ``failure_group``, largest first."""
+        """How many dead letters (matching ``where`` and the filter fields given as
+        keyword arguments) there are per ``handler_name``, ``event_type``,
+        ``reason`` or ``failure_group``, largest first."""
         if field not in DEAD_LETTER_GROUP_FIELDS:
             raise ValueError(
                 f"cannot count dead letters by {field!r}: use {DEAD_LETTER_GROUP_FIELDS}"
             )
         _check_page(limit, 0)
-        return await self._bus.store.group_dead(field, _filter(where), limit=limit)  # type: ignore[arg-type]
+        selected = filter_from(where, fields)
+        return await self._bus.store.group_dead(field, selected, limit=limit)  # type: ignore[arg-type]
 
     async def groups(
-        self, where: DeadLetterFilter | None = None, *, limit: int = 50
+        self,
+        where: DeadLetterFilter | None = None,
+        *,
+        limit: int = 50,
+        **fields: Unpack[FilterFields],
     ) -> builtins.list[FailureGroup]:
         """Failure groups, largest first: dead letters of one handler, error type and
         message shape (see ``retrybus.message_shape``), each with a sample. A group's
         ``key`` filters its dead letters: ``list(failure_group=group.key)``."""
+        where = filter_from(where, fields)
         counted = await self.counts_by("failure_group", where, limit=limit)
         groups: builtins.list[FailureGroup] = []
         for group in counted:
             sample = await self._bus.store.get_dead(group.sample_id)
             if sample is None:  # deleted since it was counted: take any other
                 others = await self._bus.store.list_dead(
-                    _filter(where, failure_group=group.key), limit=1, offset=0
+                    filter_from(where, {"failure_group": group.key}), limit=1, offset=0
                 )
                 if not others:
                     continue
@@ -421,11 +430,13 @@ class DeadLetterQueue:
         ids = [item_id for item_id in ids if item_id not in busy]
         return await self._bus.store.delete_dead_many(ids) if ids else 0
 
-    async def delete_matching(self, where: DeadLetterFilter | None = None) -> int:
-        """Delete every dead letter matching ``where`` that exists now (those
-        created from now on are kept, even when they match; so are those being
-        reprocessed); returns how many."""
-        selected = _filter(where).narrowed(created_before=self._bus.clock.now() + _TICK)
+    async def delete_matching(
+        self, where: DeadLetterFilter | None = None, **fields: Unpack[FilterFields]
+    ) -> int:
+        """Delete every dead letter matching ``where`` and the filter fields given
+        as keyword arguments that exists now (those created from now on are kept,
+        even when they match; so are those being reprocessed); returns how many."""
+        selected = filter_from(where, fields).narrowed(created_before=self._bus.clock.now() + _TICK)
         busy = await self._busy_ids()
         deleted = 0
         while True:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 
 __all__ = [
+    "AmbiguousId",
     "ItemBusy",
     "ItemNotFound",
     "PermanentError",
+    "RecordRejected",
     "RetryAfter",
     "RetrybusError",
     "StoreUnavailable",
+    "StoreUnusable",
     "UnknownHandler",
 ]
 
@@ -21,6 +24,18 @@ class RetrybusError(Exception):
 
 class StoreUnavailable(RetrybusError):
     """The store could not be reached or did not answer; the message names its URL."""
+
+
+class StoreUnusable(RetrybusError):
+    """The store answered but cannot be used: its file is not a database or is
+    damaged, or its schema is newer than this retrybus knows. Trying again will
+    not help; the message says what is wrong."""
+
+
+class RecordRejected(RetrybusError, ValueError):
+    """The store refused a record because of what it holds (larger than the
+    engine keeps, for example). Trying again will not help; the message names
+    the record and the engine's reason."""
 
 
 class UnknownHandler(RetrybusError, LookupError):
@@ -37,6 +52,16 @@ class ItemNotFound(RetrybusError, LookupError):
     def __init__(self, item_id: str) -> None:
         super().__init__(f"no item with id {item_id!r}")
         self.item_id = item_id
+
+
+class AmbiguousId(RetrybusError, LookupError):
+    """A shortened id that starts more than one item's id; ``matches`` lists some."""
+
+    def __init__(self, prefix: str, matches: list[str]) -> None:
+        shown = ", ".join(matches[:10]) + (", …" if len(matches) > 10 else "")
+        super().__init__(f"{prefix!r} starts more than one id: {shown}; give more of it")
+        self.prefix = prefix
+        self.matches = matches
 
 
 class ItemBusy(RetrybusError):

@@ -11,11 +11,18 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from ._records import DeadLetterItem
 
-__all__ = ["DeadLetterFilter", "field_name", "parse_moment"]
+__all__ = [
+    "DeadLetterFilter",
+    "FilterFields",
+    "FilterFieldsExceptProcessed",
+    "field_name",
+    "filter_from",
+    "parse_moment",
+]
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -79,6 +86,25 @@ def _parse_bool(name: str, text: str) -> bool:
     if lowered in ("false", "no", "0", "unprocessed"):
         return False
     raise ValueError(f"{name} must be true or false, got {text!r}")
+
+
+class FilterFieldsExceptProcessed(TypedDict, total=False):
+    """``FilterFields`` but ``processed`` (for a method that takes it by position)."""
+
+    event_type: str | None
+    handler_name: str | None
+    reason: str | None
+    created_after: datetime | None
+    created_before: datetime | None
+    event_id: str | None
+    failure_group: str | None
+
+
+class FilterFields(FilterFieldsExceptProcessed, total=False):
+    """The fields of a ``DeadLetterFilter``, as keyword arguments of the methods
+    that take one (``bus.dead_letters.count(event_type="x")``)."""
+
+    processed: bool | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -228,3 +254,20 @@ class DeadLetterFilter:
             else:
                 out[names[f.name]] = str(value)
         return out
+
+
+def filter_from(where: DeadLetterFilter | None, fields: Mapping[str, Any]) -> DeadLetterFilter:
+    """``where`` narrowed by the filter fields given as keyword arguments (those
+    that are None are left out); raises ``TypeError`` naming an unknown one."""
+    if where is not None and not isinstance(where, DeadLetterFilter):
+        raise TypeError(f"where must be a DeadLetterFilter, got {where!r}")
+    unknown = sorted(set(fields) - set(FilterFields.__annotations__))
+    if unknown:
+        raise TypeError(
+            f"unknown dead letter filter field(s) {', '.join(map(repr, unknown))}: "
+            f"use {', '.join(sorted(FilterFields.__annotations__))}"
+        )
+    given = {name: value for name, value in fields.items() if value is not None}
+    if where is None:
+        return DeadLetterFilter(**given)
+    return replace(where, **given) if given else where

@@ -21,10 +21,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from ._errors import ItemBusy, ItemNotFound, StoreUnavailable, UnknownHandler
-from ._filters import DeadLetterFilter
+from ._filters import DeadLetterFilter, FilterFields, filter_from
 from ._records import dead_letter_id_for
 from ._redrive import ACTIONS, FINAL, Redrive, RedriveConflict, parse_rate
 
@@ -79,8 +79,10 @@ class Redrives:
         rate: float | str | None = None,
         probe: int = 0,
         actor: str | None = None,
+        **fields: Unpack[FilterFields],
     ) -> Redrive:
-        """Create a redrive of the dead letters matching ``where`` now.
+        """Create a redrive of the dead letters matching ``where`` (and the filter
+        fields given as keyword arguments) now.
 
         ``rate`` bounds it to that many items per second (``10``, ``"600/m"``);
         ``probe`` first takes that many items alone and goes on only once they
@@ -93,17 +95,14 @@ class Redrives:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         if isinstance(probe, bool) or not isinstance(probe, int) or probe < 0:
             raise ValueError(f"probe must be an int >= 0, got {probe!r}")
-        if where is not None and not isinstance(where, DeadLetterFilter):
-            raise TypeError(f"where must be a DeadLetterFilter, got {where!r}")
-        if action == "reprocess" and where is not None and where.processed is True:
+        where = filter_from(where, fields)
+        if action == "reprocess" and where.processed is True:
             raise ValueError(
                 "a reprocess redrive takes unprocessed dead letters, not processed=True"
             )
         per_second = parse_rate(rate)
         now = self._bus.clock.now()
-        selected = (where or DeadLetterFilter()).narrowed(
-            created_before=now + timedelta(microseconds=1), cursor=None
-        )
+        selected = where.narrowed(created_before=now + timedelta(microseconds=1), cursor=None)
         if action == "reprocess":
             selected = replace(selected, processed=False)
         total = await self._bus.store.count_dead(selected)

@@ -246,6 +246,11 @@ class Store(abc.ABC):
     async def get_dead(self, item_id: str) -> DeadLetterItem | None: ...
 
     @abc.abstractmethod
+    async def find_dead_ids(self, prefix: str, *, limit: int) -> list[str]:
+        """Ids of dead letters that start with ``prefix``, ascending, at most ``limit``
+        (for people who type a shortened id)."""
+
+    @abc.abstractmethod
     async def update_dead(self, item: DeadLetterItem) -> bool:
         """Store a changed dead letter (error, processed, processed_at, metadata, attempt)."""
 

@@ -230,6 +230,9 @@ class MemoryStore(Store):
     async def get_dead(self, item_id: str) -> DeadLetterItem | None:
         return self._dead.get(item_id)
 
+    async def find_dead_ids(self, prefix: str, *, limit: int) -> list[str]:
+        return sorted(item_id for item_id in self._dead if item_id.startswith(prefix))[:limit]
+
     async def update_dead(self, item: DeadLetterItem) -> bool:
         if item.id not in self._dead:
             return False

@@ -991,6 +991,15 @@ class MongoStore(Store):
             doc = await db[DEAD].find_one({"_id": item_id})
         return None if doc is None else _dead_from_doc(doc)
 
+    async def find_dead_ids(self, prefix: str, *, limit: int) -> list[str]:
+        if limit <= 0:
+            return []
+        # strings compare by their bytes here: ids with the prefix sort below prefix + U+FFFF
+        query = {"_id": {"$gte": prefix, "$lt": prefix + "\uffff"}}
+        async with self._errors() as db:
+            docs = await db[DEAD].find(query, {"_id": 1}).sort("_id", 1).limit(limit).to_list()
+        return [str(doc["_id"]) for doc in docs]
+
     async def update_dead(self, item: DeadLetterItem) -> bool:
         metadata, unset_metadata = _json_update("metadata", dict(item.metadata))
         data, unset_data = _json_update("event_data", item.event_data)

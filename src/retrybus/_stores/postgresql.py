@@ -681,6 +681,10 @@ class PostgresStore(Store):
 
         return await admin.get_dead(self, item_id)
 
+    async def find_dead_ids(self, prefix: str, *, limit: int) -> list[str]:
+        rows = await self._run(lambda conn: conn.fetch(Q["find_dead_ids"], prefix, limit))
+        return [str(row[0]) for row in rows]
+
     async def update_dead(self, item: DeadLetterItem) -> bool:
         args = (
             item.id,

@@ -440,6 +440,10 @@ ORDER BY n DESC, key COLLATE "C";
 -- name: get_dead
 SELECT * FROM dead_letter_queue WHERE id = $1;
 
+-- name: find_dead_ids
+-- starts_with, not a range or LIKE: under a linguistic collation neither follows byte order
+SELECT id FROM dead_letter_queue WHERE starts_with(id, $1) ORDER BY id COLLATE "C" LIMIT $2;
+
 -- name: update_dead
 -- $11: the failure group of the (maybe new) error
 UPDATE dead_letter_queue

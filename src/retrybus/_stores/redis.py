@@ -790,6 +790,21 @@ class RedisStore(Store):
         text = await self._command("HGET", self._key("dead:items"), item_id)
         return None if text is None else _dead_from_text(item_id, _text(text))
 
+    async def find_dead_ids(self, prefix: str, *, limit: int) -> list[str]:
+        """An HSCAN of the dead letters' hash: O(dead letters), for a person's command."""
+        if limit <= 0:
+            return []
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+        found: set[str] = set()
+        cursor: Any = 0
+        while True:
+            cursor, flat = await self._command(
+                "HSCAN", self._key("dead:items"), cursor, "MATCH", pattern, "COUNT", 1000
+            )
+            found.update(_text(field) for field, _value in _pairs(flat))
+            if int(cursor) == 0:
+                return sorted(found)[:limit]
+
     async def update_dead(self, item: DeadLetterItem) -> bool:
         return bool(await self._run("update_dead", item.id, _dead_json(item), _dead_index(item)))
 

@@ -603,6 +603,12 @@ class SQLiteStore(Store):
         rows = await self._read(lambda conn: _rows(conn.execute(Q["get_dead"], (item_id,))))
         return _dead_from_row(rows[0]) if rows else None
 
+    async def find_dead_ids(self, prefix: str, *, limit: int) -> list[str]:
+        # ids are ASCII: every id with the prefix sorts below prefix + U+FFFF (byte order)
+        params = (prefix, prefix + "\uffff", limit)
+        rows = await self._read(lambda conn: conn.execute(Q["find_dead_ids"], params).fetchall())
+        return [str(row[0]) for row in rows]
+
     async def update_dead(self, item: DeadLetterItem) -> bool:
         params = _dead_params(item)
         return bool(await self._write(lambda conn: conn.execute(Q["update_dead"], params).rowcount))

@@ -253,6 +253,9 @@ ORDER BY n DESC, key;
 -- name: get_dead
 SELECT * FROM dead_letter_queue WHERE id = ?;
 
+-- name: find_dead_ids
+SELECT id FROM dead_letter_queue WHERE id >= ? AND id < ? ORDER BY id LIMIT ?;
+
 -- name: update_dead
 UPDATE dead_letter_queue
 SET error = :error, error_type = :error_type, traceback = :traceback, attempt = :attempt,
