@@ -402,7 +402,7 @@ async def test_the_cli_and_the_worker_report_an_unreachable_server_in_one_line(
     url, shown = UNREACHABLE[kind]
     stats, worker = await asyncio.gather(
         run_process("stats", "--store", url),
-        run_process("worker", "cli_app:bus", "--store", url, "--app-dir", APPS),
+        run_process("worker", "cli_app:bus", "--store", url, "--app-dir", APPS, "--fail-fast"),
     )
     for done in (stats, worker):
         line = one_line_error(done.stderr, done.returncode)

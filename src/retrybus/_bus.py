@@ -18,7 +18,7 @@ from ._errors import UnknownHandler
 from ._event import Event
 from ._filters import DeadLetterFilter
 from ._guards import GuardedMetrics, GuardedTracing, guarded
-from ._handlers import Handler, HandlerRegistry, Subscription
+from ._handlers import Handler, HandlerRegistry, Subscription, stops_the_caller
 from ._observe import (
     NO_METRICS,
     DeliverySpan,
@@ -73,7 +73,9 @@ class PublishResult:
 async def _call(subscription: Subscription, event: Event) -> BaseException | None:
     try:
         await subscription.call(event)
-    except Exception as exc:
+    except BaseException as exc:
+        if stops_the_caller(exc):
+            raise
         return exc
     return None
 

@@ -276,7 +276,7 @@ class DeadLetterQueue:
     def _after_reprocess(
         self,
         item: DeadLetterItem,
-        error: Exception | None,
+        error: BaseException | None,
         metadata: dict[str, Any],
         span: DeliverySpan | None,
     ) -> DeadLetterItem:

@@ -14,7 +14,7 @@ from typing import Any
 from ._event import Event
 from ._policy import RetryPolicy
 
-__all__ = ["Handler", "HandlerRegistry", "Subscription"]
+__all__ = ["Handler", "HandlerRegistry", "Subscription", "stops_the_caller"]
 
 Handler = Callable[[Event], Awaitable[Any]] | Callable[[Event], Any]
 
@@ -28,6 +28,21 @@ def _is_async(handler: Callable[..., Any]) -> bool:
         return _is_async(handler.func)
     call = getattr(handler, "__call__", None)  # noqa: B004 - objects with an async __call__
     return call is not None and inspect.iscoroutinefunction(call)
+
+
+def stops_the_caller(error: BaseException) -> bool:
+    """Whether ``error``, raised out of a handler call, must propagate rather than
+    count as that delivery's failure: ``KeyboardInterrupt``, ``SystemExit``, and a
+    ``CancelledError`` while the calling task is really being cancelled (a worker
+    stopping, a publish cancelled). A handler's own ``CancelledError`` (a timeout
+    inside it leaking one, say), or any other ``BaseException``, is a failure of
+    the delivery, recorded like any other: it must not stop the worker."""
+    if isinstance(error, KeyboardInterrupt | SystemExit):
+        return True
+    if isinstance(error, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
+    return False
 
 
 def default_name(handler: Callable[..., Any]) -> str:

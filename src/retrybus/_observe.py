@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from ._handlers import stops_the_caller
+
 if TYPE_CHECKING:
     from ._bus import EventBus
     from ._event import Event
@@ -214,11 +216,11 @@ class Tracing(Protocol):
 
 async def timed_call(
     call: Callable[[Event], Awaitable[Any]], event: Event, span: DeliverySpan | None
-) -> tuple[Exception | None, float]:
-    """Call a handler (inside ``span`` when there is one): the error it raised, if
-    any, and how many seconds the call took. A cancellation ends the span and
-    propagates."""
-    error: Exception | None = None
+) -> tuple[BaseException | None, float]:
+    """Call a handler (inside ``span`` when there is one): the error it failed
+    with, if any, and how many seconds the call took. A cancellation of the
+    caller (``stops_the_caller``) ends the span and propagates."""
+    error: BaseException | None = None
     start = time.perf_counter()
     try:
         if span is None:
@@ -226,12 +228,12 @@ async def timed_call(
         else:
             with span:
                 await call(event)
-    except Exception as exc:
+    except BaseException as exc:
+        if stops_the_caller(exc):
+            if span is not None:
+                end_quietly(span, "error")
+            raise
         error = exc
-    except BaseException:
-        if span is not None:
-            end_quietly(span, "error")
-        raise
     return error, time.perf_counter() - start
 
 

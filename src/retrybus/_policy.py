@@ -69,7 +69,8 @@ class _BasePolicy:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
         self._max_retries = max_retries
-        self._retry_on = _as_exception_tuple("retry_on", retry_on) or (Exception,)
+        # by default every failure: a handler's stray CancelledError is retried too
+        self._retry_on = _as_exception_tuple("retry_on", retry_on) or (BaseException,)
         self._give_up_on = _as_exception_tuple("give_up_on", give_up_on)
         self.max_elapsed = (
             None if max_elapsed is None else _check_non_negative("max_elapsed", max_elapsed)

@@ -19,7 +19,7 @@ from ._batch import ClaimedBatch, outcome_id
 from ._bus import EventBus
 from ._decision import decide
 from ._errors import StoreUnavailable
-from ._handlers import Subscription
+from ._handlers import Subscription, stops_the_caller
 from ._history import DEFAULT_INTERVAL, DepthHistory
 from ._observe import (
     end_quietly,
@@ -72,6 +72,11 @@ class RetryWorker:
     workers add one sample per interval between them. When the bus has
     ``metrics``, every ``metrics_interval`` seconds it reads the queues' depth
     for them.
+
+    A worker started while its store is down waits for it, retrying with
+    backoff (logged once, and once more when the store is back), as a running
+    worker rides out an outage; with ``fail_fast`` its ``start()`` raises
+    ``StoreUnavailable`` instead.
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class RetryWorker:
         depth_sample_interval: float | None = DEFAULT_INTERVAL,
         metrics_interval: float = 15.0,
         name: str | None = None,
+        fail_fast: bool = False,
     ) -> None:
         if not isinstance(bus, EventBus):
             raise TypeError(f"RetryWorker needs an EventBus, got {bus!r}")
@@ -112,7 +118,8 @@ class RetryWorker:
         self._wake: asyncio.Event | None = None
         self._next_maintenance: datetime | None = None
         self._unwatch: Callable[[], Awaitable[None]] | None = None
-        self._outage = False
+        self._outage_since: float | None = None
+        self.fail_fast = bool(fail_fast)
 
     # lifecycle -------------------------------------------------------------
 
@@ -121,16 +128,49 @@ class RetryWorker:
         return self._task is not None and not self._task.done()
 
     async def start(self) -> None:
-        """Start the claim loop in the background."""
+        """Start the claim loop in the background. A store that cannot be reached
+        now is waited for (``fail_fast``: ``StoreUnavailable`` is raised); one that
+        cannot be used (``StoreUnusable``) raises at once."""
         if self.running:
             raise RuntimeError(f"worker {self.name} is already running")
-        await self.bus.store.connect()
         self._stopping = False
         self._wake = asyncio.Event()
+        watching = False
+        try:
+            await self.bus.store.connect()
+            self._unwatch = await self.bus.store.watch(self._wake_up)
+            watching = True
+        except StoreUnavailable as exc:
+            if self.fail_fast:
+                raise
+            self._store_failed(exc, 0.5)
         self.bus._add_schedule_listener(self._on_retry_scheduled)
-        self._unwatch = await self.bus.store.watch(self._wake_up)
-        self._task = asyncio.create_task(self._loop(), name=f"retrybus-worker-{self.name}")
+        self._task = asyncio.create_task(self._loop(watching), name=f"retrybus-worker-{self.name}")
+        self._task.add_done_callback(self._loop_ended)
         logger.info("worker %s started on %s", self.name, self.bus.store.url)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """Say so when the claim loop ends without being asked to: nothing else would."""
+        if self._stopping:
+            return
+        if task.cancelled():
+            logger.error(
+                "worker %s: its claim loop was cancelled; it claims nothing more", self.name
+            )
+        elif (error := task.exception()) is not None:
+            logger.error(
+                "worker %s: its claim loop failed; it claims nothing more",
+                self.name,
+                exc_info=error,
+            )
+
+    async def join(self) -> None:
+        """Wait until the claim loop ends: after ``stop()``, or when it fails, in
+        which case its error is raised here (``asyncio.CancelledError`` if it was
+        cancelled from elsewhere)."""
+        task = self._task
+        if task is not None:
+            await asyncio.shield(task)
 
     async def stop(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a grace period, not a cancel scope
         """Stop claiming, let in-flight handlers finish, release the claimed items
@@ -143,7 +183,8 @@ class RetryWorker:
         if self._wake is not None:
             self._wake.set()
         try:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
+            if not task.done():  # a loop that failed on its own has said so already
+                await asyncio.wait_for(asyncio.shield(task), timeout)
         except TimeoutError:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -180,22 +221,40 @@ class RetryWorker:
     # the loop --------------------------------------------------------------
 
     def _store_failed(self, exc: StoreUnavailable, retry_in: float) -> None:
-        """Log an outage of the store (each time it is retried)."""
-        self._outage = True
-        logger.warning(
-            "worker %s: store unavailable, retrying in %.1fs: %s", self.name, retry_in, exc
-        )
+        """Log an outage of the store: once when it begins (each retry after that at
+        debug level only)."""
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            logger.warning(
+                "worker %s: store unavailable, retrying in %.1fs (and on, with backoff): %s",
+                self.name,
+                retry_in,
+                exc,
+            )
+        else:
+            logger.debug("worker %s: store still unavailable: %s", self.name, exc)
 
     def _store_answered(self) -> None:
         """Log the end of an outage, once."""
-        if self._outage:
-            self._outage = False
-            logger.info("worker %s: store %s is back", self.name, self.bus.store.url)
+        if self._outage_since is not None:
+            lasted = time.monotonic() - self._outage_since
+            self._outage_since = None
+            logger.info(
+                "worker %s: store %s is back after %.1fs", self.name, self.bus.store.url, lasted
+            )
 
-    async def _loop(self) -> None:
+    async def _watch_store(self) -> None:
+        """Connect and watch the store (a worker started while it was down)."""
+        await self.bus.store.connect()
+        self._unwatch = await self.bus.store.watch(self._wake_up)
+
+    async def _loop(self, watching: bool = True) -> None:
         backoff = 0.0
         while not self._stopping:
             try:
+                if not watching:
+                    await self._watch_store()
+                    watching = True
                 await self._maintain()
                 await self._sample_depth()
                 await self._refresh_metrics()
@@ -368,7 +427,9 @@ class RetryWorker:
             return await self._deliver_observed(item, subscription, batch)
         try:
             await subscription.call(item.to_event())
-        except Exception as exc:
+        except BaseException as exc:
+            if stops_the_caller(exc):
+                raise
             return self._after_failure(item, exc, subscription.policy or bus.default_policy)
         return Succeeded(item)
 
@@ -419,7 +480,7 @@ class RetryWorker:
     def _after_failure(
         self,
         item: RetryItem,
-        error: Exception,
+        error: BaseException,
         policy: RetryPolicy,
         traceparent: str | None = None,
     ) -> Outcome:

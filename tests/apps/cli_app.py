@@ -3,7 +3,8 @@
 Its handlers carry the demo's names. Each appends one JSON line per call to the
 file named by the event's ``out`` field (when there is one), so a test sees
 what a worker process did. An event with ``"fail": true`` fails with
-"connection timeout"; one with ``"sleep": S`` sleeps S seconds between a
+"connection timeout"; one with ``"cancel": true`` raises ``CancelledError`` (a
+handler's own, not the worker's); one with ``"sleep": S`` sleeps S seconds between a
 "started" and a "done" line, so a test can stop a worker while it runs.
 """
 
@@ -34,6 +35,9 @@ async def _handle(event: Event, handler: str) -> None:
     data: dict[str, Any] = event.data if isinstance(event.data, dict) else {}
     if data.get("fail"):
         raise TimeoutError("connection timeout")
+    if data.get("cancel"):
+        _record(event, handler, "cancelled")
+        raise asyncio.CancelledError("a timeout inside the handler leaked")
     if data.get("sleep"):
         _record(event, handler, "started")
         await asyncio.sleep(float(data["sleep"]))

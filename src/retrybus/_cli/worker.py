@@ -54,6 +54,7 @@ class WorkerSettings:
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
     tracing: bool = False
+    fail_fast: bool = False
 
 
 def _seconds(text: str) -> float:
@@ -150,6 +151,12 @@ def build_parser(prog: str = "retrybus worker") -> argparse.ArgumentParser:
         "opentelemetry-instrument sets it up (needs retrybus[otel])",
     )
     parser.add_argument(
+        "--fail-fast",
+        action="store_true",
+        help="exit with status 1 when the store cannot be reached at start (default: wait "
+        "for it, retrying with backoff, as a running worker rides out an outage)",
+    )
+    parser.add_argument(
         "--app-dir", default=".", metavar="DIR", help="directory put first on sys.path (.)"
     )
     return parser
@@ -169,6 +176,7 @@ def main(argv: Sequence[str], prog: str = "retrybus worker") -> int:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         tracing=args.tracing,
+        fail_fast=args.fail_fast,
     )
     store = args.store or os.environ.get("RETRYBUS_STORE") or None
     try:
@@ -236,6 +244,24 @@ def _instrument(bus: EventBus, settings: WorkerSettings) -> Callable[[], None]:
     return stop
 
 
+async def _until_stopped_or_failed(stopping: asyncio.Event, worker: RetryWorker) -> None:
+    """Wait for a signal; raise ``CliError`` should the worker's loop end first
+    (it failed, and has logged why): the process must not linger doing nothing."""
+    signalled = asyncio.ensure_future(stopping.wait())
+    ended = asyncio.ensure_future(worker.join())
+    try:
+        await asyncio.wait({signalled, ended}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        signalled.cancel()
+    if not ended.done():
+        ended.cancel()
+        return
+    if ended.cancelled():
+        raise CliError(f"worker {worker.name} stopped: its claim loop was cancelled", 1)
+    error = ended.exception()
+    raise CliError(f"worker {worker.name} stopped: {error or 'its claim loop ended'}", 1)
+
+
 async def serve(bus: EventBus, settings: WorkerSettings) -> None:
     """Run a worker on ``bus`` until SIGINT or SIGTERM, then stop it gracefully."""
     if not bus.handler_names:
@@ -252,6 +278,7 @@ async def serve(bus: EventBus, settings: WorkerSettings) -> None:
         concurrency=settings.concurrency,
         lease=settings.lease,
         name=settings.name,
+        fail_fast=settings.fail_fast,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -282,7 +309,7 @@ async def serve(bus: EventBus, settings: WorkerSettings) -> None:
     try:
         await worker.start()
         logger.info("serving handlers: %s", ", ".join(bus.handler_names))
-        await stopping.wait()
+        await _until_stopped_or_failed(stopping, worker)
         # A second signal cancels the worker's loop, which ends this stop() early.
         with contextlib.suppress(asyncio.CancelledError):
             await worker.stop(timeout=settings.shutdown_timeout)
