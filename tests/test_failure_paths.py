@@ -4,6 +4,7 @@ handlers that hand back coroutines, forced stops."""
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import timedelta
 
 from retrybus import (
@@ -161,3 +162,49 @@ async def test_a_forced_stop_keeps_cut_off_items_leased_until_the_lease_runs_out
     [held] = [i for i in await bus.retry_queue.list() if i.lease_owner != "next"]
     assert held.lease_until is not None
     assert held.lease_until > bus.clock.now() + timedelta(seconds=20)
+
+
+async def test_every_call_first_or_retry_gets_the_events_json_decoded_afresh(
+    bus: EventBus, clock: ManualClock
+) -> None:
+    seen: list[tuple[str, object]] = []
+
+    async def pops(event: Event) -> None:
+        seen.append(("pops", json.dumps(event.data, sort_keys=True)))
+        event.data.pop("t")
+
+    async def fails_once(event: Event) -> None:
+        await asyncio.sleep(0)  # let the sibling run first
+        seen.append(("fails_once", json.dumps(event.data, sort_keys=True)))
+        if [name for name, _data in seen].count("fails_once") == 1:
+            raise TimeoutError("slow")
+
+    def plain(event: Event) -> None:
+        seen.append(("plain", json.dumps(event.data, sort_keys=True)))
+
+    bus.subscribe("rt", pops, name="pops")
+    bus.subscribe("rt", fails_once, name="fails_once")
+    bus.subscribe("rt", plain, name="plain")
+    payload = {1: "a", "t": (1, 2)}
+    event = Event("rt", payload)
+    payload["later"] = "the caller changed it after building the event"
+    await bus.publish(event)
+    clock.advance(5)
+    await RetryWorker(bus).run_once()
+    expected = json.dumps({"1": "a", "t": [1, 2]}, sort_keys=True)
+    assert [data for _name, data in seen] == [expected] * 4
+    assert event.data is payload  # the publisher's own object is left alone
+
+
+async def test_handlers_of_one_publish_each_get_their_own_copy() -> None:
+    bus = EventBus()
+    got: list[object] = []
+
+    async def keep(event: Event) -> None:
+        got.append(event.data)
+
+    bus.subscribe("x", keep, name="a")
+    bus.subscribe("x", keep, name="b")
+    await bus.publish(Event("x", {"k": [1]}))
+    assert got == [{"k": [1]}, {"k": [1]}]
+    assert got[0] is not got[1]

@@ -72,7 +72,7 @@ class PublishResult:
 
 async def _call(subscription: Subscription, event: Event) -> BaseException | None:
     try:
-        await subscription.call(event)
+        await subscription.call(event.copy())
     except BaseException as exc:
         if stops_the_caller(exc):
             raise
@@ -94,7 +94,7 @@ async def _observed_call(
     if tracing is not None and started is not None:
         span = tracing.delivery(event, subscription.name, kind="publish", attempt=0)
         started.append((subscription.name, span))
-    error, seconds = await timed_call(subscription.call, event, span)
+    error, seconds = await timed_call(subscription.call, event.copy(), span)
     if span is not None and error is None:
         end_quietly(span, "success")  # nothing to record: its outcome is known now
     if metrics is not None:

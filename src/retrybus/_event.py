@@ -29,6 +29,8 @@ _RESERVED = frozenset(
     }
 )
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+# payloads that JSON gives back as they are, and that no handler can change
+_IMMUTABLE_JSON = frozenset({str, int, float, bool, type(None)})
 
 
 #: compact, strict JSON (no NaN), built once: ``json.dumps`` with arguments builds an encoder per call
@@ -164,6 +166,25 @@ class Event:
         setter(event, "time", self.time)
         setter(event, "subject", self.subject)
         setter(event, "extensions", MappingProxyType({**self.extensions, **extensions}))
+        setter(event, "_data_json", self._data_json)
+        return event
+
+    def copy(self) -> Event:
+        """This event with a payload of its own, decoded afresh from its JSON form:
+        what every handler call receives, the first as much as a retry, so that no
+        handler sees another's changes (or the publisher's) and every call sees the
+        same types (string keys, lists for tuples)."""
+        if type(self.data) in _IMMUTABLE_JSON:
+            return self
+        event = object.__new__(type(self))
+        setter = object.__setattr__
+        setter(event, "type", self.type)
+        setter(event, "data", json.loads(self.data_json))
+        setter(event, "source", self.source)
+        setter(event, "id", self.id)
+        setter(event, "time", self.time)
+        setter(event, "subject", self.subject)
+        setter(event, "extensions", self.extensions)
         setter(event, "_data_json", self._data_json)
         return event
 
