@@ -126,7 +126,7 @@ async def test_a_version_1_schema_is_migrated_and_its_dead_letters_get_failure_g
 
     async with open_store(url) as store:
         assert isinstance(store, PostgresStore)
-        assert await store.schema_version() == SCHEMA_VERSION == 2
+        assert await store.schema_version() == SCHEMA_VERSION == 3
         key = failure_group_key("Mailer", "ConnectionError", "smtp 10.0.0.1:25 refused")
         groups = await store.group_dead("failure_group", DeadLetterFilter(), limit=10)
         assert [(g.key, g.count, g.sample_id) for g in groups] == [
@@ -143,13 +143,23 @@ async def test_a_version_1_schema_is_migrated_and_its_dead_letters_get_failure_g
             f'SELECT id, failure_group FROM "{schema}".dead_letter_queue ORDER BY id'
         )
         versions = await conn.fetch(f'SELECT version FROM "{schema}".retrybus_schema_version')
+        metadata_types = await conn.fetch(
+            "SELECT table_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = $1 AND column_name = 'metadata'",
+            schema,
+        )
     finally:
         await conn.close()
     assert {row["id"]: row["failure_group"] for row in stored} == {
         **dict.fromkeys(refused, key),
         other: failure_group_key("Mailer", "KeyError", "'x'"),
     }
-    assert sorted(row["version"] for row in versions) == [1, 2]
+    assert sorted(row["version"] for row in versions) == list(range(1, SCHEMA_VERSION + 1))
+    # version 3: metadata is json, as event_data is (jsonb refuses "\u0000")
+    assert {row["table_name"]: row["data_type"] for row in metadata_types} == {
+        "retry_queue": "json",
+        "dead_letter_queue": "json",
+    }
 
 
 async def test_dead_letters_an_older_retrybus_writes_after_the_migration_are_grouped(
@@ -240,7 +250,7 @@ async def test_the_tables_and_indexes_follow_the_seed(url: str, schema: str) -> 
     } <= indexes
     assert types["retry_queue", "next_retry"] == "timestamp with time zone"
     assert types["retry_queue", "event_extensions"] == "jsonb"
-    assert types["dead_letter_queue", "metadata"] == "jsonb"
+    assert types["dead_letter_queue", "metadata"] == "json"
     assert types["dead_letter_queue", "processed"] == "boolean"
     assert types["retry_queue", "attempt"] == "integer"
     assert types["dead_letter_queue", "failure_group"] == "text"

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Unpack
 
 from ._errors import AmbiguousId, ItemBusy, ItemNotFound
-from ._event import encode_json
+from ._event import check_text, encode_json, printable
 from ._filters import DeadLetterFilter, FilterFields, FilterFieldsExceptProcessed, filter_from
 from ._groups import FailureGroup, GroupCount, message_shape
 from ._observe import (
@@ -70,6 +70,13 @@ class BulkResult:
         }
 
 
+def _check_actor(actor: str | None) -> None:
+    if actor is not None:
+        if not isinstance(actor, str):
+            raise TypeError(f"actor must be a string or None, got {actor!r}")
+        check_text(actor, "actor")
+
+
 class DeadLetterQueue:
     """Deliveries that will not be retried again, for a person to browse,
     reprocess, requeue and clean.
@@ -96,7 +103,7 @@ class DeadLetterQueue:
         if not reason:
             raise ValueError("a dead letter needs a reason")
         dead = item.to_dead_letter(
-            reason=reason,
+            reason=printable(reason),
             now=self._bus.clock.now(),
             error=None if error is None else ErrorInfo.coerce(error),
             copy=True,
@@ -228,6 +235,7 @@ class DeadLetterQueue:
         return item
 
     async def _reprocess(self, item_id: str, actor: str | None) -> tuple[DeadLetterItem, bool]:
+        _check_actor(actor)
         item = await self.get(item_id)
         subscription = self._bus.subscription(item.handler_name)
         claim = await self._claim(item_id, actor)
@@ -367,6 +375,7 @@ class DeadLetterQueue:
         payload, the new one, who (``actor``) and when, as an audit trail that
         follows the item through later failures.
         """
+        _check_actor(actor)
         item = await self.get(item_id)
         await self._check_free(item_id)
         now = self._bus.clock.now()

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["Event"]
+__all__ = ["Event", "check_text", "encode_json", "printable"]
 
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,64}$")
 _RESERVED = frozenset(
@@ -36,15 +36,79 @@ _IMMUTABLE_JSON = frozenset({str, int, float, bool, type(None)})
 #: compact, strict JSON (no NaN), built once: ``json.dumps`` with arguments builds an encoder per call
 compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
+# UTF-8, which every store writes, cannot encode a lone surrogate; PostgreSQL's
+# text cannot hold NUL. An event's attributes refuse both (CloudEvents 1.0 rules
+# them out of its String type too); its JSON data refuses surrogates only (NUL
+# travels in JSON as \u0000, which every store keeps).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NUL_OR_SURROGATE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _describe(char: str) -> str:
+    if char == "\x00":
+        return "a NUL character ('\\x00')"
+    return f"an unpaired surrogate ({char!r})"
+
+
+def check_text(value: str, what: str) -> str:
+    """``value`` unchanged, or ``ValueError`` naming ``what`` when it holds a
+    character no store can keep as text (NUL, an unpaired surrogate)."""
+    if not value.isascii() or "\x00" in value:
+        found = _NUL_OR_SURROGATE.search(value)
+        if found is not None:
+            raise ValueError(
+                f"{what} holds {_describe(found.group())}, which no store can keep "
+                f"as text: {value!r}"
+            )
+    return value
+
+
+def printable(text: str) -> str:
+    """``text`` with NUL and unpaired surrogates written as escapes (``\\x00``,
+    ``\\udc80``): for what retrybus records about a failure (an error message, a
+    traceback, a reason), which must never fail to be stored."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\x00", "\\x00")
+
+
+def _surrogate_path(value: Any, path: str = "") -> str | None:
+    """Where in a JSON value the first string holding a surrogate is (``['a'][0]``)."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return f"the key {key!r}" + (f" in {path}" if path else "")
+            found = _surrogate_path(item, f"{path}[{key!r}]")
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _surrogate_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
 
 def encode_json(value: Any, what: str) -> str:
-    """Encode ``value`` as compact JSON, or raise ``TypeError`` naming ``what``."""
+    """Encode ``value`` as compact JSON, or raise ``TypeError`` naming ``what``
+    (not JSON), ``ValueError`` (a string holding an unpaired surrogate, which
+    no store can keep)."""
     try:
-        return compact_json(value)
-    except (TypeError, ValueError) as exc:
+        text = compact_json(value)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(
             f"{what} must be a JSON value (dict, list, str, number, bool or None): {exc}"
         ) from None
+    if not text.isascii() and _SURROGATE.search(text):
+        where = _surrogate_path(value) or ""
+        raise ValueError(
+            f"{what}{' at ' + where if where else ''} holds an unpaired surrogate, "
+            "which no store can keep (UTF-8 cannot encode it)"
+        )
+    return text
 
 
 def format_time(moment: datetime) -> str:
@@ -98,20 +162,26 @@ class Event:
     ) -> None:
         if not isinstance(type, str) or not type:
             raise ValueError(f"Event type must be a non-empty string, got {type!r}")
+        check_text(type, "Event type")
         if not isinstance(source, str):
             raise TypeError(f"Event source must be a string, got {source!r}")
+        check_text(source, "Event source")
         if id is None:
             id = str(uuid.uuid4())
         elif not isinstance(id, str) or not id:
             raise ValueError(f"Event id must be a non-empty string, got {id!r}")
+        else:
+            check_text(id, "Event id")
         if time is None:
             time = datetime.now(UTC)
         elif not isinstance(time, datetime) or time.tzinfo is None:
             raise ValueError(f"Event time must be a timezone-aware datetime, got {time!r}")
         else:
             time = time.astimezone(UTC)
-        if subject is not None and not isinstance(subject, str):
-            raise TypeError(f"Event subject must be a string or None, got {subject!r}")
+        if subject is not None:
+            if not isinstance(subject, str):
+                raise TypeError(f"Event subject must be a string or None, got {subject!r}")
+            check_text(subject, "Event subject")
         setter = object.__setattr__
         setter(self, "type", type)
         setter(self, "data", data)
@@ -257,4 +327,5 @@ def _check_extensions(extensions: Mapping[str, str] | None) -> Mapping[str, str]
             )
         if not isinstance(value, str):
             raise TypeError(f"extension {name!r} must be a string, got {value!r}")
+        check_text(value, f"extension {name!r}")
     return MappingProxyType(dict(extensions))

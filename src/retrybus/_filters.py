@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict
 
+from ._event import check_text
 from ._records import DeadLetterItem
 
 __all__ = [
@@ -135,6 +136,8 @@ class DeadLetterFilter:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
+            if value is not None:
+                check_text(value, name)
         if self.processed is not None and not isinstance(self.processed, bool):
             raise ValueError(f"processed must be True, False or None, got {self.processed!r}")
         for name in ("created_after", "created_before"):

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ._event import Event
+from ._event import Event, check_text
 from ._policy import RetryPolicy
 
 __all__ = ["Handler", "HandlerRegistry", "Subscription", "stops_the_caller"]
@@ -109,6 +109,7 @@ class HandlerRegistry:
             name = default_name(handler)
         elif not isinstance(name, str) or not name:
             raise ValueError(f"handler name must be a non-empty string, got {name!r}")
+        check_text(name, "handler name")
         if name in self._by_name:
             raise ValueError(
                 f"a handler named {name!r} is already subscribed; handler names are the key for "

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from ._errors import ItemNotFound
-from ._event import Event
+from ._event import Event, check_text, printable
 from ._records import DeadLetterItem, ErrorInfo, RetryItem
 from ._stores.base import (
     CorruptRecord,
@@ -72,6 +72,9 @@ class RetryQueue:
             raise TypeError(f"event must be a retrybus.Event, got {event!r}")
         if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
             raise ValueError(f"attempt must be an int >= 1, got {attempt!r}")
+        if not isinstance(handler_name, str) or not handler_name:
+            raise ValueError(f"handler_name must be a non-empty string, got {handler_name!r}")
+        check_text(handler_name, "handler_name")
         policy = self._bus.policy_for(handler_name)
         now = self._bus.clock.now()
         if next_retry is None:
@@ -154,7 +157,7 @@ class RetryQueue:
             return None
         now = self._bus.clock.now()
         dead = held.to_dead_letter(
-            reason=reason or f"failed after {held.attempt} retries",
+            reason=printable(reason) if reason else f"failed after {held.attempt} retries",
             now=now,
             error=None if error is None else ErrorInfo.coerce(error),
         )

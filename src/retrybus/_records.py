@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from ._event import Event, compact_json
+from ._event import Event, compact_json, printable
 from ._groups import failure_group_key
 
 __all__ = ["DeadLetterItem", "ErrorInfo", "RetryItem"]
@@ -105,7 +105,7 @@ class ErrorInfo:
             text = ""
         if len(text) > MAX_TRACEBACK_CHARS:
             text = "…" + text[-(MAX_TRACEBACK_CHARS - 1) :]
-        return cls(message, name, text)
+        return cls(printable(message), name, printable(text))
 
     @classmethod
     def coerce(cls, error: BaseException | str | ErrorInfo | None) -> ErrorInfo:
@@ -115,7 +115,7 @@ class ErrorInfo:
             return cls.from_exception(error)
         if error is None:
             return cls("", "")
-        return cls(str(error), "")
+        return cls(printable(str(error)), "")
 
     @property
     def short_type(self) -> str:

@@ -19,6 +19,7 @@ from ._batch import ClaimedBatch, outcome_id
 from ._bus import EventBus
 from ._decision import decide
 from ._errors import StoreUnavailable
+from ._event import check_text
 from ._handlers import Subscription, stops_the_caller
 from ._history import DEFAULT_INTERVAL, DepthHistory
 from ._observe import (
@@ -111,7 +112,11 @@ class RetryWorker:
         self._next_sample: datetime | None = None
         self.metrics_interval = _positive("metrics_interval", metrics_interval)
         self._next_metrics: datetime | None = None
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"name must be a non-empty string or None, got {name!r}")
+        self.name = check_text(
+            name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", "worker name"
+        )
         self._claims = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False

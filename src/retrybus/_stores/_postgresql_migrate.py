@@ -53,9 +53,14 @@ async def _migrate_v2(conn: asyncpg.Connection) -> None:
     await conn.execute(Q["schema_v2_indexes"])
 
 
+async def _migrate_v3(conn: asyncpg.Connection) -> None:
+    await conn.execute(Q["schema_v3"])
+
+
 MIGRATIONS: dict[int, Callable[[asyncpg.Connection], Awaitable[None]]] = {
     1: _migrate_v1,
     2: _migrate_v2,
+    3: _migrate_v3,
 }
 
 

@@ -61,13 +61,19 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from bson.codec_options import CodecOptions
+from bson.errors import InvalidDocument
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+from pymongo.errors import (
+    ConnectionFailure,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+)
 
-from .._errors import StoreUnavailable
+from .._errors import RecordRejected, StoreUnavailable
 from .._event import compact_json, encode_json
 from .._filters import DeadLetterFilter
 from .._groups import GroupCount, failure_group_key
@@ -99,6 +105,9 @@ from .base import (
 __all__ = ["MongoStore"]
 
 T = TypeVar("T")
+# server errors about a document too large to store (BSONObjectTooLarge and kin)
+_TOO_LARGE_CODES = frozenset({10334, 17419, 17420})
+
 logger = logging.getLogger("retrybus.store.mongodb")
 Doc = dict[str, Any]
 Session = AsyncClientSession | None
@@ -633,6 +642,16 @@ class MongoStore(Store):
             raise StoreUnavailable(
                 f"MongoDB store {self.url} is unreachable: {_first_line(exc)}"
             ) from exc
+        except (InvalidDocument, UnicodeError) as exc:  # DocumentTooLarge included
+            raise RecordRejected(
+                f"MongoDB store {self.url} refused the data: {_first_line(exc)}"
+            ) from exc
+        except OperationFailure as exc:
+            if exc.code in _TOO_LARGE_CODES:
+                raise RecordRejected(
+                    f"MongoDB store {self.url} refused the data: {_first_line(exc)}"
+                ) from exc
+            raise StoreUnavailable(f"MongoDB store {self.url} failed: {_first_line(exc)}") from exc
         except PyMongoError as exc:
             raise StoreUnavailable(f"MongoDB store {self.url} failed: {_first_line(exc)}") from exc
 

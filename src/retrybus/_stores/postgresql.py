@@ -46,7 +46,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import asyncpg  # type: ignore[import-untyped]
 
-from .._errors import StoreUnavailable
+from .._errors import RecordRejected, StoreUnavailable
 from .._event import compact_json
 from .._records import DeadLetterItem, RetryItem
 from ._codec import decode_or_corrupt
@@ -76,7 +76,7 @@ logger = logging.getLogger("retrybus.store.postgresql")
 
 T = TypeVar("T")
 Q = load_queries("postgresql.sql")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # dead letters per round trip when failure groups are back-filled (_postgresql_migrate)
 FILL_BATCH = 1000
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -97,6 +97,14 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.TransactionRollbackError,  # class 40: deadlock, serialisation failure
     asyncpg.InterfaceError,  # "connection is closed", pool closing
     asyncpg.exceptions.InternalClientError,
+)
+
+
+# errors about what was sent, not about the server: trying again cannot help
+_ABOUT_THE_DATA: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,  # class 22: a character PostgreSQL cannot store, a value out of range
+    asyncpg.exceptions.ProgramLimitExceededError,  # class 54: too large
+    UnicodeError,
 )
 
 
@@ -440,6 +448,10 @@ class PostgresStore(Store):
                 return await operation(conn)
         except asyncpg.IntegrityConstraintViolationError:
             raise  # a duplicate id: the caller's mistake, not the store's
+        except _ABOUT_THE_DATA as exc:
+            raise RecordRejected(
+                f"PostgreSQL store {self.url} refused the data: {_one_line(exc)}"
+            ) from exc
         except (*_TRANSIENT, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"PostgreSQL store {self.url} failed: {_one_line(exc)}") from exc
 

@@ -2,8 +2,9 @@
 -- Every connection's search_path is the store's schema (``?schema=NAME``, default
 -- public), so names are unqualified. Every time comes from the caller (``now``),
 -- never from the server's clock: tests drive a manual clock.
--- event_data is ``json`` (kept as written, so any JSON value round-trips exactly,
--- floats like 1e300 and "\u0000" included); extensions and metadata are ``jsonb``.
+-- event_data and metadata are ``json`` (kept as written, so any JSON value round-trips
+-- exactly, floats like 1e300 and "\u0000" included: jsonb refuses "\u0000", which an
+-- edited payload kept in metadata may hold); extensions are ``jsonb``.
 
 -- name: version_table
 CREATE TABLE IF NOT EXISTS retrybus_schema_version (
@@ -99,6 +100,19 @@ CREATE TABLE IF NOT EXISTS retrybus_control (
     value   json NOT NULL
 );
 
+-- name: schema_v3
+-- metadata becomes json, as event_data is: jsonb refuses "\u0000", and metadata keeps
+-- copies of payloads (an edit's original). Both ways between json and jsonb are
+-- assignment casts, so a retrybus of version 2 still running keeps working.
+ALTER TABLE retry_queue
+    ALTER COLUMN metadata DROP DEFAULT,
+    ALTER COLUMN metadata TYPE json USING metadata::json,
+    ALTER COLUMN metadata SET DEFAULT '{}';
+ALTER TABLE dead_letter_queue
+    ALTER COLUMN metadata DROP DEFAULT,
+    ALTER COLUMN metadata TYPE json USING metadata::json,
+    ALTER COLUMN metadata SET DEFAULT '{}';
+
 -- name: schema_v2_indexes
 -- newest first (created_at DESC, id DESC) straight from the index; it still serves
 -- cleanup_dead's created_at < $1
@@ -136,7 +150,7 @@ WITH ins AS (
     SELECT r.id, r.event_id, r.event_type, r.event_data::json, r.event_source, r.event_timestamp,
            r.event_subject, r.event_extensions::jsonb, r.handler_name, r.error, r.error_type,
            r.traceback, r.attempt, r.max_retries, r.next_retry, r.created_at, r.updated_at,
-           r.lease_owner, r.lease_until, r.metadata::jsonb
+           r.lease_owner, r.lease_until, r.metadata::json
     FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
         $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
@@ -157,7 +171,7 @@ WITH ins AS (
     SELECT d.id, d.event_id, d.event_type, d.event_data::json, d.event_source, d.event_timestamp,
            d.event_subject, d.event_extensions::jsonb, d.handler_name, d.error, d.error_type,
            d.traceback, d.attempt, d.max_retries, d.reason, d.processed, d.created_at,
-           d.processed_at, d.first_failed_at, d.metadata::jsonb, d.failure_group
+           d.processed_at, d.first_failed_at, d.metadata::json, d.failure_group
     FROM unnest(
         $21::text[], $22::text[], $23::text[], $24::text[], $25::text[], $26::timestamptz[],
         $27::text[], $28::text[], $29::text[], $30::text[], $31::text[], $32::text[],
@@ -193,7 +207,7 @@ WITH ins AS (
     SELECT r.id, r.event_id, r.event_type, r.event_data::json, r.event_source, r.event_timestamp,
            r.event_subject, r.event_extensions::jsonb, r.handler_name, r.error, r.error_type,
            r.traceback, r.attempt, r.max_retries, r.next_retry, r.created_at, r.updated_at,
-           r.lease_owner, r.lease_until, r.metadata::jsonb
+           r.lease_owner, r.lease_until, r.metadata::json
     FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
         $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
@@ -254,7 +268,7 @@ WITH succeeded AS (
     UPDATE retry_queue AS q
     SET attempt = n.attempt, next_retry = n.next_retry, error = n.error,
         error_type = n.error_type, traceback = n.traceback, updated_at = n.updated_at,
-        metadata = n.metadata::jsonb, lease_owner = NULL, lease_until = NULL
+        metadata = n.metadata::json, lease_owner = NULL, lease_until = NULL
     FROM unnest(
         $5::text[], $6::integer[], $7::timestamptz[], $8::text[], $9::text[], $10::text[],
         $11::timestamptz[], $12::text[]
@@ -277,7 +291,7 @@ WITH succeeded AS (
     SELECT d.id, d.event_id, d.event_type, d.event_data::json, d.event_source, d.event_timestamp,
            d.event_subject, d.event_extensions::jsonb, d.handler_name, d.error, d.error_type,
            d.traceback, d.attempt, d.max_retries, d.reason, d.processed, d.created_at,
-           d.processed_at, d.first_failed_at, d.metadata::jsonb, d.failure_group
+           d.processed_at, d.first_failed_at, d.metadata::json, d.failure_group
     FROM unnest(
         $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[],
         $19::timestamptz[], $20::text[], $21::text[], $22::text[], $23::text[], $24::text[],
@@ -356,7 +370,7 @@ INSERT INTO dead_letter_queue (
 SELECT d.id, d.event_id, d.event_type, d.event_data::json, d.event_source, d.event_timestamp,
        d.event_subject, d.event_extensions::jsonb, d.handler_name, d.error, d.error_type,
        d.traceback, d.attempt, d.max_retries, d.reason, d.processed, d.created_at,
-       d.processed_at, d.first_failed_at, d.metadata::jsonb, d.failure_group
+       d.processed_at, d.first_failed_at, d.metadata::json, d.failure_group
 FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
     $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
@@ -448,7 +462,7 @@ SELECT id FROM dead_letter_queue WHERE starts_with(id, $1) ORDER BY id COLLATE "
 -- $11: the failure group of the (maybe new) error
 UPDATE dead_letter_queue
 SET error = $2, error_type = $3, traceback = $4, attempt = $5, processed = $6,
-    processed_at = $7, metadata = $8::jsonb, event_data = $9::json, reason = $10,
+    processed_at = $7, metadata = $8::json, event_data = $9::json, reason = $10,
     failure_group = $11
 WHERE id = $1;
 
@@ -465,7 +479,7 @@ WITH removed AS (
     SELECT $2::text, $3::text, $4::text, $5::json, $6::text, $7::timestamptz, $8::text,
            $9::jsonb, $10::text, $11::text, $12::text, $13::text, $14::integer, $15::integer,
            $16::timestamptz, $17::timestamptz, $18::timestamptz, $19::text, $20::timestamptz,
-           $21::jsonb
+           $21::json
     FROM removed
     RETURNING 1
 ), counted AS (

@@ -47,9 +47,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import DataError, RedisError
 
-from .._errors import StoreUnavailable
+from .._errors import RecordRejected, RetrybusError, StoreUnavailable
 from .._event import compact_json, encode_json
 from .._filters import DeadLetterFilter
 from .._groups import GroupCount
@@ -373,6 +373,10 @@ def _strict(records: list[RetryItem | CorruptRecord]) -> list[RetryItem]:
 # the store ---------------------------------------------------------------------
 
 
+# what Redis answers to a value larger than it keeps (proto-max-bulk-len, 512 MB)
+_REFUSED_DATA = ("exceeds maximum allowed size", "invalid bulk length")
+
+
 class RedisStore(Store):
     """Both queues in Redis (``redis://host:6379/0?prefix=retrybus``)."""
 
@@ -445,6 +449,15 @@ class RedisStore(Store):
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return StoreUnavailable(f"Redis store {self.url} is unavailable: {message}")
 
+    def _failure(self, exc: BaseException) -> RetrybusError:
+        """``RecordRejected`` for data Redis (or its client) refuses, which no retry
+        would change; ``StoreUnavailable`` for everything else."""
+        text = str(exc)
+        if isinstance(exc, DataError | UnicodeError) or any(sign in text for sign in _REFUSED_DATA):
+            message = text.splitlines()[0] if text else type(exc).__name__
+            return RecordRejected(f"Redis store {self.url} refused the data: {message}")
+        return self._unavailable(exc)
+
     async def connect(self) -> None:
         await self.health()
         await self._upgrade_layout()
@@ -508,15 +521,15 @@ class RedisStore(Store):
             return await self._scripts[script](
                 keys=self._keys, args=[self.prefix, *args], client=client
             )
-        except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from exc
+        except (RedisError, OSError, UnicodeError) as exc:
+            raise self._failure(exc) from exc
 
     async def _command(self, name: str, *args: Any) -> Any:
         client = self._redis()
         try:
             return await cast(Any, client).execute_command(name, *args)
-        except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from exc
+        except (RedisError, OSError, UnicodeError) as exc:
+            raise self._failure(exc) from exc
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}:{name}"

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from .._errors import StoreUnavailable
+from .._errors import RecordRejected, RetrybusError, StoreUnavailable, StoreUnusable
 from .._event import compact_json, encode_json
 from .._filters import DeadLetterFilter
 from .._groups import GroupCount, failure_group_key
@@ -237,6 +237,24 @@ def _rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
+def _failure(url: str, exc: BaseException, *, opening: bool = False) -> RetrybusError:
+    """The retrybus error an SQLite (or encoding) error stands for: a file that is
+    no database, or a damaged one, cannot be used (retrying will not help); data
+    SQLite refuses is rejected; anything else is an outage, worth retrying."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = None if code is None else code & 0xFF
+    if primary in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+        return StoreUnusable(
+            f"SQLite store {url} cannot be used: {exc} (it is not a retrybus SQLite "
+            "database, or it is damaged)"
+        )
+    if primary == sqlite3.SQLITE_TOOBIG or isinstance(exc, sqlite3.DataError | UnicodeError):
+        return RecordRejected(f"SQLite store {url} refused the data: {exc}")
+    if opening:
+        return StoreUnavailable(f"cannot open SQLite store {url}: {exc}")
+    return StoreUnavailable(f"SQLite store {url} failed: {exc}")
+
+
 def _is_busy(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
@@ -292,7 +310,7 @@ class SQLiteStore(Store):
                 self.path, isolation_level=None, timeout=0, check_same_thread=False
             )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot open SQLite store {self.url}: {exc}") from exc
+            raise _failure(self.url, exc, opening=True) from exc
         try:
             await self._retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
@@ -300,7 +318,7 @@ class SQLiteStore(Store):
             await self._migrate(conn)
         except sqlite3.Error as exc:
             conn.close()
-            raise StoreUnavailable(f"cannot open SQLite store {self.url}: {exc}") from exc
+            raise _failure(self.url, exc, opening=True) from exc
         except BaseException:
             conn.close()
             raise
@@ -311,7 +329,13 @@ class SQLiteStore(Store):
         several processes at once: each step re-reads the version inside its
         transaction, and the back-fill commits in batches, so that other processes
         are not locked out for long and an interrupted upgrade resumes."""
-        if await self._retry_busy(lambda: _schema_version(conn)) < SCHEMA_VERSION:
+        version = await self._retry_busy(lambda: _schema_version(conn))
+        if version > SCHEMA_VERSION:
+            raise StoreUnusable(
+                f"SQLite store {self.url} has schema version {version}, newer than this "
+                f"retrybus knows ({SCHEMA_VERSION}): upgrade retrybus to use it"
+            )
+        if version < SCHEMA_VERSION:
             await self._retry_busy(lambda: _transaction(conn, _upgrade_schema))
         while await self._retry_busy(lambda: _needs_backfill(conn)):
             await self._retry_busy(lambda: _transaction(conn, _backfill_failure_groups))
@@ -377,8 +401,8 @@ class SQLiteStore(Store):
         conn = await self._connection()
         try:
             return await self._retry_busy(lambda: operation(conn))
-        except sqlite3.DatabaseError as exc:
-            raise StoreUnavailable(f"SQLite store {self.url} failed: {exc}") from exc
+        except (sqlite3.DatabaseError, UnicodeError) as exc:
+            raise _failure(self.url, exc) from exc
 
     async def _write(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``operation`` in one ``BEGIN IMMEDIATE`` transaction."""
@@ -386,7 +410,7 @@ class SQLiteStore(Store):
         try:
             await self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
         except sqlite3.DatabaseError as exc:
-            raise StoreUnavailable(f"SQLite store {self.url} failed: {exc}") from exc
+            raise _failure(self.url, exc) from exc
         try:
             result = operation(conn)
             conn.execute("COMMIT")
@@ -394,10 +418,10 @@ class SQLiteStore(Store):
         except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+            if isinstance(exc, sqlite3.DatabaseError | UnicodeError) and not isinstance(
                 exc, sqlite3.IntegrityError
             ):
-                raise StoreUnavailable(f"SQLite store {self.url} failed: {exc}") from exc
+                raise _failure(self.url, exc) from exc
             raise
         return result
 
