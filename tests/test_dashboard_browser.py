@@ -203,3 +203,72 @@ def test_an_xss_payload_renders_as_text(page: Any) -> None:
     page.goto("/groups")
     expect(page.locator("table.rows")).to_contain_text(XSS)
     assert page.dialogs == []
+
+
+# on a phone -------------------------------------------------------------------------------
+
+PHONE = {"width": 390, "height": 844}
+# the page's own width, and the edges of the top bar and the navigation with all they hold
+EXTENT = """() => {
+    const edges = (selector) => {
+        const boxes = Array.from(document.querySelectorAll(selector), (e) => e.getBoundingClientRect());
+        return {left: Math.min(...boxes.map((b) => b.left)), right: Math.max(...boxes.map((b) => b.right))};
+    };
+    return {
+        page: document.documentElement.scrollWidth,
+        bar: edges("header.topbar, header.topbar *"),
+        nav: edges("nav.nav, nav.nav *"),
+    };
+}"""
+# the icon the page links to, loaded as an image (as the Content-Security-Policy allows)
+ICON_WIDTH = """async () => {
+    const image = new Image();
+    image.src = document.querySelector("link[rel=icon]").href;
+    try { await image.decode(); } catch (error) { return 0; }
+    return image.naturalWidth;
+}"""
+
+
+@pytest.fixture
+def phone(browser: Any, server: Served) -> Iterator[Any]:
+    """A page 390 px wide (a phone's), recording what the Content-Security-Policy refused."""
+    context = browser.new_context(base_url=server.url, viewport=PHONE)
+    context.set_default_timeout(10_000)
+    opened = context.new_page()
+    refused: list[str] = []
+
+    def note(message: Any) -> None:
+        if "Content Security Policy" in message.text:
+            refused.append(message.text)
+
+    opened.on("console", note)
+    yield opened
+    context.close()
+    assert refused == [], f"the Content-Security-Policy refused: {refused}"
+
+
+def test_on_a_phone_the_navigation_stays_within_the_screen(phone: Any) -> None:
+    width = PHONE["width"]
+    phone.goto("/dead-letters?handler=Mailer")
+    detail = phone.locator("table.rows tbody a[href*='/dead-letters/dlq_']").first
+    pages = ["/", "/dead-letters", detail.get_attribute("href"), "/groups", "/retry-queue"]
+    pages += ["/redrives", "/login"]
+    for logged_in in (False, True):  # logged in, the top bar holds a name and a button more
+        if logged_in:
+            log_in(phone)
+        for path in pages:
+            phone.goto(path)
+            extent = phone.evaluate(EXTENT)
+            where = (path, logged_in, extent)
+            assert extent["page"] <= width, where
+            for part in ("bar", "nav"):
+                assert extent[part]["left"] >= 0, where
+                assert extent[part]["right"] <= width, where
+            nav = phone.locator("nav.nav").bounding_box()
+            assert nav is not None
+            assert nav["x"] >= 0
+            assert nav["x"] + nav["width"] <= width, where
+    # every section is a tap away
+    phone.locator("nav.nav a", has_text="Redrives").click()
+    phone.wait_for_url("**/redrives")
+    assert phone.evaluate(ICON_WIDTH) > 0

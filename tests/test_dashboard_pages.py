@@ -4,11 +4,12 @@ what handlers and payloads contain, and the dashboard mounted under a prefix."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
-from html import escape
+from html import escape, unescape
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ from starlette.routing import Mount
 from starlette.testclient import TestClient
 
 from dashboard_support import XSS, Dash, dead, hrefs, links, open_test_store, running
-from retrybus import DeadLetterFilter, DepthHistory, Event
+from retrybus import DeadLetterFilter, DeadLetterItem, DepthHistory, Event, PermanentError
 from retrybus.dashboard import background, create_app
+from retrybus.dashboard._display import PREVIEW_CHARS, human_size
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -117,6 +119,21 @@ def test_the_chart_draws_every_sample(dash: Dash) -> None:
     html = dash.get("/").text
     assert html.count("<polyline") == 3  # three series
     assert "5 samples from" in html
+
+
+def test_the_chart_breaks_where_samples_are_missing(dash: Dash) -> None:
+    async def record() -> None:
+        history = DepthHistory(dash.bus)
+        for wait in (0, 1, 1, 28, 1):  # minutes: nothing recorded from 2 to 30 minutes in
+            dash.clock.advance(wait * 60)
+            await dead(dash.bus, wait)
+            await history.record()
+
+    dash.run(record)
+    html = dash.get("/").text
+    assert html.count("<polyline") == 6  # three series, each in two pieces
+    assert "5 samples from" in html
+    assert "The lines break where no sample was recorded" in html
 
 
 def test_pages_list_what_the_store_holds(dash: Dash) -> None:
@@ -346,6 +363,16 @@ def test_static_files_are_served(dash: Dash) -> None:
     assert dash.get("/static/dashboard.js").status_code == 200
 
 
+def test_the_icon_is_served_without_logging_in(dash: Dash) -> None:
+    for path in ("/favicon.ico", "/static/favicon.svg"):
+        response = dash.get(path)
+        assert response.status_code == 200, path
+        assert response.headers["content-type"] == "image/svg+xml", path
+        assert response.content.startswith(b"<svg"), path
+    for path in ("/", "/dead-letters", "/login", "/no/such/page"):
+        assert '<link rel="icon" href="/static/favicon.svg"' in dash.get(path).text, path
+
+
 # mounted under a prefix ---------------------------------------------------------------
 
 
@@ -405,6 +432,20 @@ def test_mounted_under_a_prefix_every_link_works(tmp_path: Path) -> None:
         assert moved.status_code == 303
         assert moved.headers["location"].startswith("/ops/retrybus/retry-queue/retry_")
         assert client.portal.call(bus.dead_letters.count) == 1  # type: ignore[union-attr]
+
+
+def test_mounted_under_a_prefix_the_icon_is_there_too(tmp_path: Path) -> None:
+    dashboard = create_app(open_test_store("memory", tmp_path), tokens="alice:s3cret-value-123")
+    parent = Starlette(routes=[Mount("/ops/retrybus", app=dashboard)])
+    with TestClient(parent, base_url="http://testserver") as client:
+        icon = client.get("/ops/retrybus/favicon.ico")
+        assert icon.status_code == 200
+        assert icon.headers["content-type"] == "image/svg+xml"
+        page = client.get("/ops/retrybus/").text
+        linked = re.search(r'<link rel="icon" href="([^"]+)"', page)
+        assert linked is not None
+        assert linked.group(1) == "/ops/retrybus/static/favicon.svg"
+        assert client.get(linked.group(1)).content == icon.content
 
 
 async def _seed_one(bus: object) -> None:
@@ -484,3 +525,158 @@ def test_mounted_in_fastapi_as_the_readme_shows(tmp_path: Path) -> None:
         assert detail.status_code == 200
         assert 'href="/ops/retrybus/static/dashboard.css"' in detail.text
         assert client.get("/ops/retrybus/static/dashboard.css").status_code == 200
+
+
+# huge values: a page shows the start of a payload, a traceback or metadata --------------------
+
+
+def pre(html: str, element_id: str) -> str:
+    """The text of the ``<pre>`` with this id."""
+    match = re.search(rf'<pre class="[^"]*" id="{element_id}">(.*?)</pre>', html, re.S)
+    assert match is not None, element_id
+    return unescape(match.group(1))
+
+
+def test_a_huge_payload_is_cut_with_its_size_and_a_download_link(dash: Dash) -> None:
+    data = {"blob": "é" * 5_000_000, "n": 1}  # 10 MB of UTF-8
+    letter = dash.run(dead, dash.bus, 1, data=data)
+    whole = json.dumps(data, indent=2, ensure_ascii=False)
+    size = len(whole.encode())
+    dash.login()
+    response = dash.get(f"/dead-letters/{letter.id}")
+    assert response.status_code == 200
+    assert len(response.content) < 200_000
+    assert pre(response.text, "payload") == whole[:PREVIEW_CHARS]
+    note = re.sub(r"<[^>]+>", "", response.text.split('id="payload-cut">')[1].split("</p>")[0])
+    assert f"first {PREVIEW_CHARS:,} characters" in note
+    assert f"{human_size(size)} ({size:,} bytes)" in note
+    assert human_size(size) == "9.5 MiB"
+    download = f"/dead-letters/{letter.id}/payload.json"
+    assert f'href="{download}" download>Download the whole payload as JSON' in response.text
+    # the edit form says why it is not there (a cut payload sent back would replace the whole)
+    assert "too large to edit in the browser" in response.text
+    assert "<textarea" not in response.text
+    served = dash.get(download)
+    assert served.status_code == 200
+    assert served.headers["content-type"] == "application/json"
+    assert (
+        served.headers["content-disposition"] == f'attachment; filename="{letter.id}-payload.json"'
+    )
+    assert len(served.content) == size
+    assert json.loads(served.content) == data
+
+
+def test_a_payload_up_to_the_limit_is_shown_whole_and_editable(dash: Dash) -> None:
+    around = len(json.dumps({"s": ""}, indent=2))  # what the JSON adds to the string
+    for extra, cut in ((0, False), (1, True)):
+        data = {"s": "x" * (PREVIEW_CHARS - around + extra)}
+        letter = dash.run(dead, dash.bus, 1, data=data)
+        dash.login()
+        html = dash.get(f"/dead-letters/{letter.id}").text
+        assert len(json.dumps(letter.event_data, indent=2)) == PREVIEW_CHARS + extra
+        assert ('id="payload-cut"' in html) is cut
+        assert ("<textarea" in html) is not cut
+        assert f'href="/dead-letters/{letter.id}/payload.json"' in html  # offered either way
+
+
+def test_the_payload_download_needs_what_the_detail_page_needs(tmp_path: Path) -> None:
+    async def seed_one(dash: Dash) -> str:
+        return (await dead(dash.bus, 1, data={"n": 1})).id
+
+    for tokens in (None, "alice:s3cret-value-123"):  # read-only, and logged out
+        with running(open_test_store("memory", tmp_path), tokens=tokens) as dash:
+            item_id = dash.run(seed_one, dash)
+            for detail in (f"/dead-letters/{item_id}", "/dead-letters/dlq_missing"):
+                page = dash.get(detail)
+                download = dash.get(detail + "/payload.json")
+                assert download.status_code == page.status_code, detail
+            download = dash.get(f"/dead-letters/{item_id}/payload.json")
+            assert download.headers["x-content-type-options"] == "nosniff"
+            assert "default-src 'none'" in download.headers["content-security-policy"]
+            # it changes nothing, so a POST there is refused like every other one
+            assert dash.post(f"/dead-letters/{item_id}/payload.json", csrf="").status_code == 403
+    # a Host the dashboard does not answer to gets neither
+    with running(open_test_store("memory", tmp_path), allowed_hosts=["testserver"]) as dash:
+        item_id = dash.run(seed_one, dash)
+        for path in (f"/dead-letters/{item_id}", f"/dead-letters/{item_id}/payload.json"):
+            assert dash.get(path).status_code == 200
+            assert dash.get(path, headers={"host": "rebind.example"}).status_code == 400
+
+
+def test_long_tracebacks_metadata_edits_and_errors_are_cut_on_both_detail_pages(
+    dash: Dash,
+) -> None:
+    huge = {"blob": "x" * 200_000}
+    long_text = "line of a traceback\n" * 10_000
+
+    async def edited() -> str:
+        """A retry item with a long traceback, error and metadata, whose huge
+        original payload is kept in its edits."""
+        bus = dash.bus
+        event = Event("like.added", huge, source="svc", extensions={"trace": "t" * 100_000})
+        item = await bus.retry_queue.add(event, "Mailer", "e" * 100_000)
+        letter = await bus.retry_queue.mark_failed(item)
+        assert letter is not None
+        letter = replace(letter, traceback=long_text, metadata={"note": "m" * 100_000})
+        assert await bus.store.update_dead(letter)
+        return (await bus.dead_letters.requeue(letter.id, data={"n": 1}, actor="alice")).id
+
+    def check(path: str) -> None:
+        response = dash.get(path)
+        assert response.status_code == 200, path
+        assert len(response.content) < 8 * PREVIEW_CHARS, path
+        html = response.text
+        assert len(pre(html, "metadata")) == PREVIEW_CHARS
+        assert 'id="metadata-cut"' in html
+        assert "the whole traceback is" in html
+        assert "the whole payload is" in html  # the original payload in the edits table
+        assert "more characters)" in html  # the error (and the extension), clipped
+
+    retry_id = dash.run(edited)
+    check(f"/retry-queue/{retry_id}")
+    again = dash.run(dash.bus.retry_queue.mark_failed, retry_id)  # it fails again
+    assert again is not None
+    check(f"/dead-letters/{again.id}")
+
+
+def test_a_retry_items_huge_payload_is_cut_and_downloads_whole(dash: Dash) -> None:
+    data = {"blob": "x" * 200_000}
+    item = dash.run(dash.bus.retry_queue.add, Event("like.added", data), "Mailer", "timeout")
+    html = dash.get(f"/retry-queue/{item.id}").text
+    assert pre(html, "payload") == json.dumps(data, indent=2)[:PREVIEW_CHARS]
+    assert 'id="payload-cut"' in html
+    download = dash.get(f"/retry-queue/{item.id}/payload.json")
+    assert download.status_code == 200
+    assert download.headers["content-type"] == "application/json"
+    assert f'filename="{item.id}-payload.json"' in download.headers["content-disposition"]
+    assert json.loads(download.content) == data
+    assert dash.get("/retry-queue/retry_missing/payload.json").status_code == 404
+
+
+def test_error_types_are_shown_by_their_public_names(dash: Dash) -> None:
+    private = "retrybus._errors.PermanentError"  # what a worker records for PermanentError
+
+    async def recorded_privately(n: int) -> DeadLetterItem:
+        letter = await dead(dash.bus, n, handler="Billing", error=PermanentError("card declined"))
+        letter = replace(letter, error_type=private)
+        assert await dash.bus.store.update_dead(letter)
+        return letter
+
+    letter = dash.run(recorded_privately, 1)
+    item = dash.run(dash.bus.dead_letters.requeue, dash.run(recorded_privately, 2).id)
+    assert item.error_type == private
+    pages = [
+        "/",
+        "/dead-letters",
+        f"/dead-letters/{letter.id}",
+        f"/dead-letters?group={letter.failure_group}",
+        "/groups",
+        "/retry-queue",
+        f"/retry-queue/{item.id}",
+    ]
+    for path in pages:
+        html = dash.get(path).text
+        # the traceback is shown as Python wrote it
+        html = re.sub(r'<pre class="code traceback">.*?</pre>', "", html, flags=re.S)
+        assert "retrybus._errors" not in html, path
+        assert "retrybus.PermanentError" in html, path

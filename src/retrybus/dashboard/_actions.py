@@ -16,6 +16,7 @@ from starlette.responses import RedirectResponse, Response
 from .._errors import ItemNotFound, UnknownHandler
 from .._redrive import parse_rate
 from ._auth import LOGIN_COOKIE, SESSION_COOKIE, Forbidden, Identity
+from ._display import public_type_name
 from ._pages import ACTIONS, dead_letter_context, parse_filter
 from ._web import HTTPError, flash, redirect, render, root, state
 
@@ -204,11 +205,12 @@ async def item_action(request: Request, form: FormData, identity: Identity) -> R
     response = redirect(request, f"/dead-letters/{item_id}")
     if item.processed:
         return flash(request, response, "ok", f"Reprocessed {item_id}: the handler succeeded.")
+    error_type = public_type_name(item.error_type)
     return flash(
         request,
         response,
         "error",
-        f"Reprocessed {item_id}: it failed again ({item.error_type}: {item.error})",
+        f"Reprocessed {item_id}: it failed again ({error_type}: {item.error})",
     )
 
 

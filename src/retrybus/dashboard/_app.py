@@ -147,10 +147,12 @@ def build_app(
     bus, opened = _resolve_bus(bus_or_store_url, app, app_dir)
     owns_bus = opened if owns_bus is None else owns_bus
     auth = Auth(tokens, session_max_age=session_max_age, trusted_origins=trusted_origins)
-    dashboard = Dashboard(bus=bus, auth=auth, owns_bus=owns_bus, title=title)
+    history = DepthHistory(bus, interval=history_interval)
+    dashboard = Dashboard(
+        bus=bus, auth=auth, owns_bus=owns_bus, title=title, history_interval=history.interval
+    )
     if metrics:
         dashboard.metrics = attach_metrics(bus)
-    history = DepthHistory(bus, interval=history_interval)
 
     async def record_depth() -> None:
         while True:
@@ -191,6 +193,11 @@ def build_app(
         Route("/dead-letters/bulk", _actions.bulk, methods=["POST"], name="bulk"),
         Route("/dead-letters/selected", _actions.selected, methods=["POST"], name="selected"),
         Route("/dead-letters/{item_id}", _pages.dead_letter, name="dead_letter"),
+        Route(
+            "/dead-letters/{item_id}/payload.json",
+            _pages.dead_letter_payload,
+            name="dead_letter_payload",
+        ),
         Route("/dead-letters/{item_id}/edit", _actions.edit, methods=["POST"], name="edit"),
         Route(
             "/dead-letters/{item_id}/{action}",
@@ -201,6 +208,7 @@ def build_app(
         Route("/groups", _pages.groups, name="groups"),
         Route("/retry-queue", _pages.retry_queue, name="retry_queue"),
         Route("/retry-queue/{item_id}", _pages.retry_item, name="retry_item"),
+        Route("/retry-queue/{item_id}/payload.json", _pages.retry_payload, name="retry_payload"),
         Route("/redrives", _pages.redrives, name="redrives"),
         Route("/redrives/{redrive_id}", _pages.redrive, name="redrive"),
         Route(
@@ -210,6 +218,7 @@ def build_app(
             name="redrive_action",
         ),
         Route("/metrics", _metrics.metrics, name="metrics"),
+        Route("/favicon.ico", _pages.favicon, name="favicon"),
         Route("/login", _actions.login_form, name="login_form"),
         Route("/login", _actions.login, methods=["POST"], name="login"),
         Route("/logout", _actions.logout, methods=["POST"], name="logout"),

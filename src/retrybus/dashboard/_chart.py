@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from html import escape
 
-from .._history import DepthSample
+from .._history import DEFAULT_INTERVAL, DepthSample
 
-__all__ = ["axis_step", "bar", "depth_chart"]
+__all__ = ["axis_step", "bar", "depth_chart", "runs"]
 
 WIDTH, HEIGHT = 1200, 280
 LEFT, RIGHT, TOP, BOTTOM = 52, 14, 14, 30
@@ -19,6 +19,8 @@ SERIES = (
     ("dead_unprocessed", "Dead letters (unprocessed)", "series-dead"),
     ("dead_processed", "Dead letters (processed)", "series-processed"),
 )
+# samples further apart than this many intervals are not joined: nothing was recorded between
+GAP_INTERVALS = 2.5
 
 
 def axis_step(value: float, ticks: int = TICKS) -> int:
@@ -39,8 +41,23 @@ def _time_label(moment: datetime, span: timedelta) -> str:
     return moment.strftime("%H:%M")
 
 
-def depth_chart(samples: Sequence[DepthSample]) -> str:
-    """An SVG line chart of the three depths over time (``samples`` oldest first).
+def runs(samples: Sequence[DepthSample], interval: float) -> list[list[DepthSample]]:
+    """``samples`` (oldest first) split where two in a row are more than
+    ``GAP_INTERVALS`` sampling intervals apart."""
+    gap = timedelta(seconds=interval * GAP_INTERVALS)
+    found: list[list[DepthSample]] = []
+    for sample in samples:
+        if found and sample.at - found[-1][-1].at <= gap:
+            found[-1].append(sample)
+        else:
+            found.append([sample])
+    return found
+
+
+def depth_chart(samples: Sequence[DepthSample], interval: float = DEFAULT_INTERVAL) -> str:
+    """An SVG line chart of the three depths over time (``samples`` oldest first,
+    recorded every ``interval`` seconds). A line breaks where samples are missing
+    (see ``runs``); a sample alone between two gaps is a small dot.
 
     Every value written into the SVG is a number or escaped text, so the result is
     safe to insert as markup."""
@@ -81,24 +98,50 @@ def depth_chart(samples: Sequence[DepthSample]) -> str:
             f'<text class="axis" x="{tx:.1f}" y="{HEIGHT - 12}" text-anchor="{anchor}">'
             f"{escape(_time_label(moment, span))}</text>"
         )
+    pieces = runs(samples, interval)
     for field, label, css in SERIES:
-        points = [(x(s.at), y(getattr(s, field))) for s in samples]
-        if len(points) > 1:
-            path = " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
-            parts.append(f'<polyline class="line {css}" points="{path}"><title>{label}</title>')
-            parts.append("</polyline>")
-        last_x, last_y = points[-1]
-        latest = getattr(samples[-1], field)
-        parts.append(
-            f'<circle class="dot {css}" cx="{last_x:.1f}" cy="{last_y:.1f}" r="3.5">'
-            f"<title>{escape(label)}: {latest:,}</title></circle>"
-        )
+        parts.extend(_lines(pieces, field, label, css, x, y))
     parts.append(
         f'<line class="axis-line" x1="{LEFT}" x2="{WIDTH - RIGHT}" '
         f'y1="{TOP + plot_h}" y2="{TOP + plot_h}"/>'
     )
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _lines(
+    pieces: list[list[DepthSample]],
+    field: str,
+    label: str,
+    css: str,
+    x: Callable[[datetime], float],
+    y: Callable[[int], float],
+) -> list[str]:
+    """One series: a polyline for each run of samples, a small dot for a sample
+    alone between two gaps, and a dot on the newest sample."""
+
+    def place(sample: DepthSample) -> tuple[float, float]:
+        return x(sample.at), y(getattr(sample, field))
+
+    parts = []
+    newest = pieces[-1][-1]
+    for piece in pieces:
+        points = [place(s) for s in piece]
+        if len(points) > 1:
+            path = " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
+            parts.append(f'<polyline class="line {css}" points="{path}"><title>{label}</title>')
+            parts.append("</polyline>")
+        elif piece[0] is not newest:
+            parts.append(_dot(points[0], "dot dot-lone", css, 2.2, label, getattr(piece[0], field)))
+    parts.append(_dot(place(newest), "dot", css, 3.5, label, getattr(newest, field)))
+    return parts
+
+
+def _dot(at: tuple[float, float], kind: str, css: str, r: float, label: str, value: int) -> str:
+    return (
+        f'<circle class="{kind} {css}" cx="{at[0]:.1f}" cy="{at[1]:.1f}" r="{r}">'
+        f"<title>{escape(label)}: {value:,}</title></circle>"
+    )
 
 
 def bar(fraction: float) -> str:

@@ -2,31 +2,37 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 
 from .._errors import ItemNotFound
 from .._filters import DeadLetterFilter
 from .._history import DepthHistory
-from .._records import DeadLetterItem
-from ._chart import depth_chart
+from .._records import DeadLetterItem, RetryItem
+from ._chart import depth_chart, runs
+from ._display import preview
 from ._web import HTTPError, pretty_json, redirect, render, root, state
 
 __all__ = [
     "ACTIONS",
     "bulk_confirm",
     "dead_letter",
+    "dead_letter_payload",
     "dead_letters",
+    "favicon",
     "groups",
     "overview",
     "parse_filter",
     "redrive",
     "redrives",
     "retry_item",
+    "retry_payload",
     "retry_queue",
 ]
 
@@ -40,6 +46,9 @@ ACTIONS = {
 }
 # created_before is exclusive: this microsecond still counts
 TICK = timedelta(microseconds=1)
+FAVICON = Path(__file__).parent / "static" / "favicon.svg"
+# what a downloaded file's name may hold of an item's id
+_UNSAFE_IN_FILENAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def parse_filter(
@@ -107,9 +116,11 @@ def _drop_empty(request: Request) -> Response | None:
 
 
 async def overview(request: Request) -> Response:
-    bus = state(request).bus
+    dashboard = state(request)
+    bus = dashboard.bus
     stats = await bus.stats()
     samples = await DepthHistory(bus).samples()
+    interval = dashboard.history_interval
     redrives = await bus.redrives.list()
     context = {
         "stats": stats,
@@ -120,8 +131,9 @@ async def overview(request: Request) -> Response:
         "by_type": await bus.dead_letters.counts_by("event_type", limit=10),
         "retry_by_handler": await bus.store.group_retry("handler_name", limit=10),
         "top_groups": await bus.dead_letters.groups(DeadLetterFilter(processed=False), limit=5),
-        "chart": depth_chart(samples),
+        "chart": depth_chart(samples, interval),
         "samples": samples,
+        "gaps": len(runs(samples, interval)) - 1,
         "active_redrives": [r for r in redrives if not r.finished],
     }
     return render(request, "overview.html", context)
@@ -163,31 +175,64 @@ async def dead_letters(request: Request) -> Response:
     return render(request, "dead_letters.html", context)
 
 
-async def dead_letter(request: Request) -> Response:
+async def _dead_letter(request: Request) -> DeadLetterItem:
     item_id = request.path_params["item_id"]
     try:
-        item = await state(request).bus.dead_letters.get(item_id)
+        return await state(request).bus.dead_letters.get(item_id)
     except ItemNotFound:
         raise HTTPError(
             404, "No such dead letter", f"no dead letter has the id {item_id!r}"
         ) from None
+
+
+async def dead_letter(request: Request) -> Response:
+    item = await _dead_letter(request)
     return render(request, "dead_letter.html", dead_letter_context(item))
+
+
+async def dead_letter_payload(request: Request) -> Response:
+    """A dead letter's whole payload, as a JSON file to download."""
+    item = await _dead_letter(request)
+    return json_download(item.event_data, f"{item.id}-payload.json")
 
 
 def dead_letter_context(
     item: DeadLetterItem, *, edit_text: str | None = None, edit_error: str = ""
 ) -> dict[str, Any]:
-    """What the detail page shows; ``edit_text`` and ``edit_error`` after a refused edit."""
+    """What the detail page shows; ``edit_text`` and ``edit_error`` after a refused edit.
+
+    A payload longer than a preview is shown cut, and not offered for editing: a
+    cut text sent back would replace the payload with its start."""
+    payload = pretty_json(item.event_data)
+    context = _item_context(item, payload)
+    if edit_text is None and not context["payload"].truncated:
+        edit_text = payload
+    return {**context, "edit_text": edit_text, "edit_error": edit_error}
+
+
+def _item_context(item: DeadLetterItem | RetryItem, payload: str) -> dict[str, Any]:
+    """What both detail pages show: the payload (``pretty_json`` of it) cut to a
+    preview, the metadata and its edits."""
     metadata = dict(item.metadata)
     edits = metadata.get("edits", [])
     return {
         "item": item,
-        "payload": pretty_json(item.event_data),
-        "edit_text": pretty_json(item.event_data) if edit_text is None else edit_text,
-        "edit_error": edit_error,
+        "payload": preview(payload),
         "edits": edits if isinstance(edits, list) else [],
         "metadata": metadata,
     }
+
+
+def json_download(data: Any, filename: str) -> Response:
+    """``data`` as a pretty JSON file (what the pages show of it is its start)."""
+    # a lone surrogate (which JSON allows as an escape) is written back as that escape
+    body = pretty_json(data).encode("utf-8", "backslashreplace")
+    name = _UNSAFE_IN_FILENAME.sub("_", filename)
+    return Response(
+        body,
+        media_type="application/json",
+        headers={"content-disposition": f'attachment; filename="{name}"'},
+    )
 
 
 # failure groups -----------------------------------------------------------------
@@ -299,23 +344,25 @@ async def retry_queue(request: Request) -> Response:
     return render(request, "retry_queue.html", context)
 
 
-async def retry_item(request: Request) -> Response:
+async def _retry_item(request: Request) -> RetryItem:
     item_id = request.path_params["item_id"]
     try:
-        item = await state(request).bus.retry_queue.get(item_id)
+        return await state(request).bus.retry_queue.get(item_id)
     except ItemNotFound:
         raise HTTPError(
             404, "No such retry item", f"no item in the retry queue has the id {item_id!r}"
         ) from None
-    metadata = dict(item.metadata)
-    edits = metadata.get("edits", [])
-    context = {
-        "item": item,
-        "payload": pretty_json(item.event_data),
-        "metadata": metadata,
-        "edits": edits if isinstance(edits, list) else [],
-    }
-    return render(request, "retry_item.html", context)
+
+
+async def retry_item(request: Request) -> Response:
+    item = await _retry_item(request)
+    return render(request, "retry_item.html", _item_context(item, pretty_json(item.event_data)))
+
+
+async def retry_payload(request: Request) -> Response:
+    """A retry item's whole payload, as a JSON file to download."""
+    item = await _retry_item(request)
+    return json_download(item.event_data, f"{item.id}-payload.json")
 
 
 # redrives -----------------------------------------------------------------------
@@ -340,3 +387,11 @@ async def redrive(request: Request) -> Response:
         "list_query": found.where.to_query(),
     }
     return render(request, "redrive.html", context)
+
+
+# the icon ---------------------------------------------------------------------------
+
+
+async def favicon(request: Request) -> Response:
+    """The dashboard's icon where browsers look for it without a ``<link rel="icon">``."""
+    return FileResponse(FAVICON, media_type="image/svg+xml")

@@ -23,11 +23,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from .._bus import EventBus
+from .._history import DEFAULT_INTERVAL
 
 if TYPE_CHECKING:
     from ..prometheus import PrometheusMetrics
 from ._auth import Auth, Identity
 from ._chart import bar
+from ._display import clip, human_size, preview, public_type_name
 
 __all__ = ["Dashboard", "HTTPError", "flash", "link", "redirect", "render", "state"]
 
@@ -54,6 +56,8 @@ class Dashboard:
     owns_bus: bool
     title: str = "retrybus"
     runner_active: bool = False
+    #: how often depth samples are recorded (the chart shows longer gaps between them)
+    history_interval: float = DEFAULT_INTERVAL
     metrics: PrometheusMetrics | None = None
     metrics_read_at: float = float("-inf")
     #: the /metrics refresh lock, and (weakly) the event loop it serves
@@ -77,6 +81,10 @@ class Dashboard:
             percent=lambda f: "—" if f is None else f"{f * 100:.1f} %",
             reject_key=lambda pairs, key: {k: v for k, v in pairs.items() if k != key},
             short_type=lambda name: (name or "Error").rsplit(".", 1)[-1],
+            type_name=public_type_name,
+            preview=preview,
+            clip=clip,
+            size=human_size,
         )
         self.env.globals["bar"] = lambda fraction: Markup(bar(fraction))
 
