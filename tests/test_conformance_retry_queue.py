@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from retrybus import Event, EventBus, ItemNotFound, ManualClock, RetryItem
+from retrybus import DeadLetterItem, Event, EventBus, ItemNotFound, ManualClock, RetryItem, Store
+from retrybus._records import ErrorInfo
 
 
 def make_event(n: int = 1, **kwargs: object) -> Event:
@@ -325,3 +326,35 @@ async def test_stats_count_what_falls_due_within_a_minute_and_an_hour(
     stats = await bus.stats()
     assert (stats.due_within_minute, stats.due_within_hour) == (2, 3)
     assert stats.to_dict()["due_within_hour"] == 3
+
+
+async def test_recording_the_same_failures_twice_adds_them_once(
+    store: Store, clock: ManualClock
+) -> None:
+    """A write repeated after a lost reply (publish retries through an outage)."""
+    bus = EventBus(store, clock=clock)
+    event = Event("x", {"n": 1})
+    item = RetryItem.for_failure(
+        event,
+        "h",
+        ErrorInfo("boom", "TimeoutError"),
+        attempt=1,
+        max_retries=3,
+        next_retry=clock.now(),
+        now=clock.now(),
+    )
+    dead = DeadLetterItem.for_failure(
+        event,
+        "g",
+        ErrorInfo("bad", "ValueError"),
+        reason="non-retryable: ValueError",
+        attempt=0,
+        max_retries=3,
+        now=clock.now(),
+    )
+    before = (await store.counters()).retry_added
+    await store.record_failures([item], [dead])
+    await store.record_failures([item], [dead])
+    assert [i.id for i in await bus.retry_queue.list()] == [item.id]
+    assert [d.id for d in await bus.dead_letters.list()] == [dead.id]
+    assert (await store.counters()).retry_added == before + 1

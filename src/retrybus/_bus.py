@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._clock import Clock, SystemClock
 from ._dead_letters import DeadLetterQueue
 from ._decision import decide
-from ._errors import UnknownHandler
+from ._errors import StoreUnavailable, UnknownHandler
 from ._event import Event
 from ._filters import DeadLetterFilter
 from ._guards import GuardedMetrics, GuardedTracing, guarded
@@ -47,6 +47,10 @@ logger = logging.getLogger("retrybus")
 
 H = TypeVar("H", bound=Handler)
 DeadLetterHook = Callable[[DeadLetterItem], Awaitable[Any]] | Callable[[DeadLetterItem], Any]
+
+DEFAULT_STORE_TIMEOUT = 5.0
+_FIRST_PAUSE = 0.05
+_LONGEST_PAUSE = 1.0
 
 SEVEN_DAYS = 7 * 24 * 3600.0
 THIRTY_DAYS = 30 * 24 * 3600.0
@@ -116,6 +120,10 @@ class EventBus:
     forever) are the ages past which a worker moves retry items to the dead
     letter queue and deletes dead letters: 7 and 30 days by default.
 
+    ``store_timeout`` (seconds, 5 by default; 0: no retrying) is how long
+    ``publish`` keeps retrying its store write through an outage (a server
+    restarting, a failover) before it raises ``StoreUnavailable``.
+
     ``metrics`` (``retrybus.prometheus.PrometheusMetrics``) and ``tracing``
     (``retrybus.otel.OpenTelemetryTracing``) turn on Prometheus metrics and
     OpenTelemetry spans for everything the bus, its workers and its dead
@@ -132,6 +140,7 @@ class EventBus:
         dead_letter_retention: float | None = THIRTY_DAYS,
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
+        store_timeout: float = DEFAULT_STORE_TIMEOUT,
     ) -> None:
         if store is not None and not isinstance(store, Store):
             raise TypeError(f"store must be a retrybus store (see open_store), got {store!r}")
@@ -145,6 +154,15 @@ class EventBus:
                 isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
             ):
                 raise ValueError(f"{name} must be a number of seconds > 0 or None, got {value!r}")
+        if (
+            isinstance(store_timeout, bool)
+            or not isinstance(store_timeout, int | float)
+            or not 0 <= store_timeout < float("inf")
+        ):
+            raise ValueError(
+                f"store_timeout must be a number of seconds >= 0, got {store_timeout!r}"
+            )
+        self.store_timeout = float(store_timeout)
         self._store: Store = store if store is not None else MemoryStore()
         self.default_policy: RetryPolicy = default_policy or ExponentialBackoff()
         self.clock: Clock = clock or SystemClock()
@@ -304,8 +322,10 @@ class EventBus:
         """Run every handler matching ``event.type`` concurrently.
 
         Never raises a handler's error: each failure is scheduled for retry or
-        dead-lettered, durably, before this returns. Raises only when the
-        failure could not be recorded (``StoreUnavailable``).
+        dead-lettered, durably, before this returns. The store write is retried
+        through an outage for up to ``store_timeout`` seconds; raises only when
+        the failure could still not be recorded (``StoreUnavailable``), or when
+        the store refuses it (``RecordRejected``, not worth retrying).
         """
         if not isinstance(event, Event):
             raise TypeError(f"publish takes a retrybus.Event, got {event!r}")
@@ -441,7 +461,7 @@ class EventBus:
                         metadata=metadata,
                     )
                 )
-        await self._store.record_failures(retry_items, dead_letters)
+        await self._record_durably(retry_items, dead_letters, event)
         if retry_items:
             if self._metrics is not None:
                 for item in retry_items:
@@ -456,6 +476,37 @@ class EventBus:
             tuple(retry_items),
             tuple(dead_letters),
         )
+
+    async def _record_durably(
+        self,
+        retry_items: list[RetryItem],
+        dead_letters: list[DeadLetterItem],
+        event: Event,
+    ) -> None:
+        """Write a publish's failures, retrying through a store outage for up to
+        ``store_timeout`` seconds (the write is safe to repeat: ids already stored
+        are skipped) before ``StoreUnavailable`` reaches the publisher."""
+        started = time.monotonic()
+        pause = _FIRST_PAUSE
+        while True:
+            try:
+                await self._store.record_failures(retry_items, dead_letters)
+            except StoreUnavailable as exc:
+                remaining = self.store_timeout - (time.monotonic() - started)
+                if remaining <= 0:
+                    raise
+                if pause == _FIRST_PAUSE:  # once per publish
+                    logger.warning(
+                        "publish of event %s (%s): %s; retrying for up to %gs",
+                        event.id,
+                        event.type,
+                        exc,
+                        self.store_timeout,
+                    )
+                await asyncio.sleep(min(pause, remaining))  # the last try at the deadline
+                pause = min(pause * 2, _LONGEST_PAUSE)
+            else:
+                return
 
     # monitoring ------------------------------------------------------------
 

@@ -157,7 +157,9 @@ class Store(abc.ABC):
     async def record_failures(
         self, retry_items: Sequence[RetryItem], dead_letters: Sequence[DeadLetterItem]
     ) -> None:
-        """Add new retry items and new dead letters in one step."""
+        """Add new retry items and new dead letters in one step. Ids already
+        stored are skipped, so that a write repeated after a lost reply (the
+        store answered nothing, yet committed) adds nothing twice."""
 
     @abc.abstractmethod
     async def claim_due(

@@ -64,12 +64,15 @@ class MemoryStore(Store):
     async def record_failures(
         self, retry_items: Sequence[RetryItem], dead_letters: Sequence[DeadLetterItem]
     ) -> None:
+        added = 0
         for item in retry_items:
-            self._retry[item.id] = item
+            if item.id not in self._retry:  # a repeated write adds nothing twice
+                self._retry[item.id] = item
+                added += 1
         for dead in dead_letters:
             self._dead.setdefault(dead.id, dead)
-        if retry_items:
-            self._count(retry_added=len(retry_items))
+        if added:
+            self._count(retry_added=added)
 
     def _claimable(self, now: datetime) -> list[RetryItem]:
         return [

@@ -737,15 +737,31 @@ class MongoStore(Store):
         if not retry_docs and not dead_docs:
             return
 
-        async def run(session: Session) -> None:
+        async def run(session: Session) -> int:
             db = await self._database()
+            added = 0
             if retry_docs:
-                await db[RETRY].insert_many(retry_docs, session=session)
+                # inserted only where the id is new: a write repeated after a lost
+                # reply (publish retries through an outage) adds nothing twice
+                result = await db[RETRY].bulk_write(
+                    [
+                        UpdateOne(
+                            {"_id": doc["_id"]},
+                            {"$setOnInsert": {k: v for k, v in doc.items() if k != "_id"}},
+                            upsert=True,
+                        )
+                        for doc in retry_docs
+                    ],
+                    ordered=False,
+                    session=session,
+                )
+                added = result.upserted_count
             for doc in dead_docs:
                 await self._insert_dead(db[DEAD], doc, session)
+            return added
 
-        await self._atomically(run)
-        await self._count(retry_added=len(retry_docs))
+        added = await self._atomically(run)
+        await self._count(retry_added=added)
 
     async def claim_due(
         self, *, now: datetime, limit: int, owner: str, lease_until: datetime

@@ -74,6 +74,34 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 logger = logging.getLogger("retrybus.store.postgresql")
 
+
+class _PoolReconnectWarnings(logging.Filter):
+    """asyncpg's pool logs a warning with a traceback each time it fails to reopen
+    a connection while the server is down: to stderr, through logging's last
+    resort, even in an app that set up no logging. This filter drops those
+    records and says it once per outage through retrybus's logger instead (the
+    store's next successful query ends the outage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outage = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Failed to restore the pool connection floor"):
+            return True
+        if not self.outage:
+            self.outage = True
+            error = record.exc_info[1] if record.exc_info else None
+            logger.warning(
+                "PostgreSQL connection pool cannot reconnect; it keeps trying: %s",
+                _one_line(error) if error is not None else "server unreachable",
+            )
+        return False
+
+
+_POOL_WARNINGS = _PoolReconnectWarnings()
+logging.getLogger("asyncpg.pool").addFilter(_POOL_WARNINGS)
+
 T = TypeVar("T")
 Q = load_queries("postgresql.sql")
 SCHEMA_VERSION = 3
@@ -445,7 +473,7 @@ class PostgresStore(Store):
         pool = await self._get_pool()
         try:
             async with pool.acquire() as conn:
-                return await operation(conn)
+                result = await operation(conn)
         except asyncpg.IntegrityConstraintViolationError:
             raise  # a duplicate id: the caller's mistake, not the store's
         except _ABOUT_THE_DATA as exc:
@@ -454,6 +482,8 @@ class PostgresStore(Store):
             ) from exc
         except (*_TRANSIENT, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"PostgreSQL store {self.url} failed: {_one_line(exc)}") from exc
+        _POOL_WARNINGS.outage = False
+        return result
 
     # watching --------------------------------------------------------------
 
@@ -496,15 +526,18 @@ class PostgresStore(Store):
                         try:
                             conn = await self._listen(on_change)
                         except (*_TRANSIENT, asyncpg.PostgresError) as exc:
-                            logger.warning(
-                                "cannot listen on %s, again in %.1fs: %s",
+                            # once per outage; the worker says the rest
+                            log = logger.warning if pause == 0.5 else logger.debug
+                            log(
+                                "cannot listen on %s, trying again with backoff: %s",
                                 self.url,
-                                pause,
                                 _one_line(exc),
                             )
                             await asyncio.sleep(pause)
                             pause = min(pause * 2, _LISTEN_BACKOFF_MAX)
                             continue
+                        if pause > 0.5:
+                            logger.info("listening on %s again", self.url)
                         pause = 0.5
                         on_change()
                     await self._until_lost(conn)

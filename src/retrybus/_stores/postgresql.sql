@@ -161,6 +161,7 @@ WITH ins AS (
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
         next_retry, created_at, updated_at, lease_owner, lease_until, metadata
     )
+    ON CONFLICT (id) DO NOTHING  -- a write repeated after a lost reply adds nothing twice
     RETURNING 1
 ), dead AS (
     INSERT INTO dead_letter_queue (
@@ -218,6 +219,7 @@ WITH ins AS (
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
         next_retry, created_at, updated_at, lease_owner, lease_until, metadata
     )
+    ON CONFLICT (id) DO NOTHING  -- a write repeated after a lost reply adds nothing twice
     RETURNING 1
 ), added AS (
     SELECT count(*) AS n FROM ins

@@ -350,17 +350,22 @@ end
 -- ARGV: prefix, n_retry, n_dead,
 --       n_retry x (id, json, next, created, claim (time .. owner) or '', lease_until or ''),
 --       n_dead x (id, json, index)
+-- An id already there is skipped: a write repeated after a lost reply adds nothing twice.
 local n_retry, n_dead = tonumber(ARGV[2]), tonumber(ARGV[3])
 local i = 4
+local added = 0
 for _ = 1, n_retry do
     local id = ARGV[i]
-    put_retry(id, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
-    if ARGV[i + 5] ~= '' then
-        redis.call('ZREM', K_READY, id)
-        redis.call('ZADD', K_LEASED, ARGV[i + 5], id)
-    end
-    if ARGV[i + 4] ~= '' then
-        redis.call('HSET', K_CLAIMS, id, ARGV[i + 4])
+    if redis.call('HEXISTS', K_ITEMS, id) == 0 then
+        put_retry(id, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+        if ARGV[i + 5] ~= '' then
+            redis.call('ZREM', K_READY, id)
+            redis.call('ZADD', K_LEASED, ARGV[i + 5], id)
+        end
+        if ARGV[i + 4] ~= '' then
+            redis.call('HSET', K_CLAIMS, id, ARGV[i + 4])
+        end
+        added = added + 1
     end
     i = i + 6
 end
@@ -368,11 +373,11 @@ for _ = 1, n_dead do
     put_dead(ARGV[i], ARGV[i + 1], ARGV[i + 2])
     i = i + 3
 end
-if n_retry > 0 then
-    redis.call('HINCRBY', K_COUNTERS, 'retry_added', n_retry)
+if added > 0 then
+    redis.call('HINCRBY', K_COUNTERS, 'retry_added', added)
     redis.call('PUBLISH', CHANNEL, 'added')
 end
-return n_retry
+return added
 
 -- name: claim_due
 -- ARGV: prefix, now, limit, owner, lease_until, now (ISO text)

@@ -435,8 +435,8 @@ class SQLiteStore(Store):
 
         def run(conn: sqlite3.Connection) -> None:
             if retry_rows:
-                conn.executemany(Q["insert_retry"], retry_rows)
-                conn.execute(Q["add_counter"], (len(retry_rows), "retry_added"))
+                added = conn.executemany(Q["insert_retry"], retry_rows).rowcount
+                conn.execute(Q["add_counter"], (added, "retry_added"))
             if dead_rows:
                 conn.executemany(Q["insert_dead"], dead_rows)
 

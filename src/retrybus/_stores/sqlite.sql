@@ -110,7 +110,8 @@ LIMIT ?;
 UPDATE dead_letter_queue SET failure_group = ? WHERE rowid = ? AND failure_group = '';
 
 -- name: insert_retry
-INSERT INTO retry_queue (
+-- OR IGNORE: a write repeated after an error whose commit went through adds nothing twice
+INSERT OR IGNORE INTO retry_queue (
     id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
     event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
     next_retry, created_at, updated_at, lease_owner, lease_until, metadata
