@@ -10,6 +10,10 @@ Figures:
   worker_peak_rss_sqlite                MB, peak RSS of the 20,000-item worker process
   worker_startup_rss_sqlite             MB, its peak RSS after imports and connect, before work
   worker_retry_throughput_memory        items/s, 2,000 items, memory store, in this process
+  worker_cli_peak_rss_sqlite            MB, peak RSS of a `retrybus worker` process that
+                                        retried 2,000 items (the command users run)
+  worker_cli_peak_rss_sqlite_metrics    MB, the same with --metrics-port (prometheus-client
+                                        loaded and serving)
 
 Worker settings are the library defaults: batch_size=100, concurrency=16.
 
@@ -24,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -44,6 +50,7 @@ ROUNDS_SMALL = 5
 BATCH_SIZE = 100
 CONCURRENCY = 16
 WORKER_SCRIPT = Path(__file__).with_name("_worker_process.py")
+RETRYBUS = Path(sys.executable).with_name("retrybus")
 
 
 async def seed(bus: EventBus, count: int) -> None:
@@ -128,6 +135,56 @@ def sqlite_run(count: int) -> dict[str, float]:
     return result
 
 
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc: this figure needs Linux")
+
+
+def cli_worker_rss(count: int, *options: str) -> float:
+    """Peak RSS (MB) of a ``retrybus worker`` process once it has retried ``count``
+    seeded items of a SQLite file (``options``: extra command-line flags)."""
+    with tempfile.TemporaryDirectory(prefix="retrybus-bench-") as tmp:
+        path = os.path.join(tmp, "worker.db")
+        asyncio.run(_seed_sqlite(path, count))
+        worker = subprocess.Popen(
+            [
+                str(RETRYBUS),
+                "worker",
+                "_cli_app:bus",
+                "--store",
+                f"sqlite:///{path}",
+                "--app-dir",
+                str(Path(__file__).parent),
+                "--check-interval",
+                "0.2",
+                "--log-level",
+                "warning",
+                *options,
+            ],
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while _retry_count(path):
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the worker process stopped or stalled ({options})")
+                time.sleep(0.1)
+            time.sleep(0.3)  # the last outcomes' bookkeeping
+            peak = _peak_rss_mb(worker.pid)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(30)
+    note(f"retrybus worker {' '.join(options) or '(no options)'}: peak RSS {peak:.1f} MB")
+    return peak
+
+
+def _retry_count(path: str) -> int:
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT count(*) FROM retry_queue").fetchone()[0])
+
+
 async def memory_run(count: int) -> float:
     quiet_logging()
     bus = EventBus(open_store("memory://"))
@@ -153,12 +210,16 @@ def run() -> list[Figure]:
     large = sqlite_run(LARGE)
     memory = [asyncio.run(memory_run(SMALL)) for _ in range(ROUNDS_SMALL)]
     note(f"worker memory: {[round(r) for r in memory]} items/s (median reported)")
+    cli = cli_worker_rss(SMALL)
+    cli_metrics = cli_worker_rss(SMALL, "--metrics-port", "0", "--metrics-host", "127.0.0.1")
     return [
         Figure("worker_retry_throughput_sqlite", median(small), "items/s"),
         Figure("worker_retry_throughput_sqlite_20k", large["rate"], "items/s"),
         Figure("worker_peak_rss_sqlite", large["peak_rss_mb"], "MB"),
         Figure("worker_startup_rss_sqlite", large["startup_rss_mb"], "MB"),
         Figure("worker_retry_throughput_memory", median(memory), "items/s"),
+        Figure("worker_cli_peak_rss_sqlite", cli, "MB"),
+        Figure("worker_cli_peak_rss_sqlite_metrics", cli_metrics, "MB"),
     ]
 
 
