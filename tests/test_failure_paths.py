@@ -193,7 +193,9 @@ async def test_every_call_first_or_retry_gets_the_events_json_decoded_afresh(
     await RetryWorker(bus).run_once()
     expected = json.dumps({"1": "a", "t": [1, 2]}, sort_keys=True)
     assert [data for _name, data in seen] == [expected] * 4
-    assert event.data is payload  # the publisher's own object is left alone
+    # the event keeps its data in JSON form, a copy: the caller's later change is not in it
+    assert event.data == {"1": "a", "t": [1, 2]}
+    assert payload["t"] == (1, 2)
 
 
 async def test_handlers_of_one_publish_each_get_their_own_copy() -> None:

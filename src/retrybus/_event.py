@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 import uuid
@@ -182,15 +183,21 @@ class Event:
             if not isinstance(subject, str):
                 raise TypeError(f"Event subject must be a string or None, got {subject!r}")
             check_text(subject, "Event subject")
+        data_json = encode_json(data, f"data of event {type!r}")
         setter = object.__setattr__
         setter(self, "type", type)
-        setter(self, "data", data)
+        # the event keeps its data as its JSON form, a copy of its own: what the
+        # caller changes afterwards is not the event's, and what handlers and the
+        # store see (string keys, lists for tuples) is what ``data`` says
+        setter(
+            self, "data", data if builtins.type(data) in _IMMUTABLE_JSON else json.loads(data_json)
+        )
         setter(self, "source", source)
         setter(self, "id", id)
         setter(self, "time", time)
         setter(self, "subject", subject)
         setter(self, "extensions", _check_extensions(extensions))
-        setter(self, "_data_json", encode_json(data, f"data of event {type!r}"))
+        setter(self, "_data_json", data_json)
 
     @classmethod
     def _from_stored(
@@ -240,16 +247,15 @@ class Event:
         return event
 
     def copy(self) -> Event:
-        """This event with a payload of its own, decoded afresh from its JSON form:
-        what every handler call receives, the first as much as a retry, so that no
-        handler sees another's changes (or the publisher's) and every call sees the
-        same types (string keys, lists for tuples)."""
+        """This event with a payload of its own (a copy of ``data``, which is
+        already in its JSON form): what every handler call receives, the first
+        as much as a retry, so that no handler sees another's changes."""
         if type(self.data) in _IMMUTABLE_JSON:
             return self
         event = object.__new__(type(self))
         setter = object.__setattr__
         setter(event, "type", self.type)
-        setter(event, "data", json.loads(self.data_json))
+        setter(event, "data", _json_copy(self.data))
         setter(event, "source", self.source)
         setter(event, "id", self.id)
         setter(event, "time", self.time)
@@ -312,6 +318,18 @@ class Event:
             subject=document.get("subject"),
             extensions=extensions,
         )
+
+
+def _json_copy(value: Any) -> Any:
+    """A deep copy of a value in JSON form (dicts, lists and immutable scalars)."""
+    if type(value) is dict:
+        return {
+            key: item if type(item) in _IMMUTABLE_JSON else _json_copy(item)
+            for key, item in value.items()
+        }
+    if type(value) is list:
+        return [item if type(item) in _IMMUTABLE_JSON else _json_copy(item) for item in value]
+    return value
 
 
 def _check_extensions(extensions: Mapping[str, str] | None) -> Mapping[str, str]:
