@@ -241,6 +241,18 @@ async def test_dlq_show_json_has_the_event_and_the_error(seeded: Seeded) -> None
     assert datetime.fromisoformat(item["event_timestamp"]).tzinfo is not None
 
 
+async def test_a_dead_letter_id_may_be_a_unique_start_of_one(seeded: Seeded) -> None:
+    target = seeded.comments[0]
+    start = target[:-4]  # the last hex digits of an id are random
+    assert (await json_of("dlq", "show", start, "--store", seeded.url))["id"] == target
+    result = await invoke("dlq", "delete", start, "dlq_", "--store", seeded.url)
+    message = one_line_error(result.stderr, result.exit_code, 1)
+    assert "'dlq_' starts more than one id" in message
+    assert all(item_id in message for item_id in seeded.comments + seeded.likes)
+    assert target in {d.id for d in await seeded.bus.dead_letters.list(1000)}
+    assert (await json_of("dlq", "delete", start, "--store", seeded.url)) == {"deleted": target}
+
+
 async def test_dlq_requeue_moves_the_dead_letter_to_the_retry_queue(seeded: Seeded) -> None:
     target = seeded.likes[0]
     requeued = await json_of("dlq", "requeue", target, "--store", seeded.url)

@@ -18,10 +18,11 @@ from .dlq import dlq_app
 from .migrate import migrate
 from .queue import queue_app, stats
 from .session import EXIT_USAGE
+from .typer_help import RetrybusTyper
 
 __all__ = ["app"]
 
-app = typer.Typer(
+app = RetrybusTyper(
     name="retrybus",
     help="Retry failed event handlers from a durable queue; inspect and act on dead letters.",
     no_args_is_help=True,
@@ -70,13 +71,19 @@ def worker(ctx: typer.Context) -> None:
 @app.command()
 def demo(
     db: Annotated[
-        Path, typer.Option(help="SQLite file to (re)create and leave for inspection.")
+        Path,
+        typer.Option(metavar="PATH", help="SQLite file to (re)create and leave for inspection."),
     ] = Path("retrybus-demo.db"),
-    events: Annotated[int, typer.Option(min=1, help="How many events to publish.")] = 3000,
+    events: Annotated[
+        int, typer.Option(min=1, metavar="N", help="How many events to publish.")
+    ] = 3000,
     rate: Annotated[
-        float, typer.Option(min=0, help="Events published per second (0: as fast as possible).")
+        float,
+        typer.Option(
+            min=0, metavar="N", help="Events published per second (0: as fast as possible)."
+        ),
     ] = 1000.0,
-    seed: Annotated[int, typer.Option(help="Seed of the simulated failures.")] = 7,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the simulated failures.")] = 7,
     progress: Annotated[
         bool | None,
         typer.Option(

@@ -48,15 +48,22 @@ def _allowed_hosts(host: str, given: list[str]) -> list[str]:
 
 def dashboard(
     store: StoreOption = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    host: Annotated[
+        str, typer.Option(metavar="ADDRESS", help="Address to listen on.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, metavar="PORT", help="Port to listen on.")
+    ] = 8000,
     app: AppOption = None,
     app_dir: AppDirOption = ".",
     root_path: Annotated[
         str,
-        typer.Option(help="The prefix a reverse proxy serves the dashboard under (/ops/retrybus)."),
+        typer.Option(
+            metavar="PREFIX",
+            help="The prefix a reverse proxy serves the dashboard under (/ops/retrybus).",
+        ),
     ] = "",
-    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+    log_level: Annotated[str, typer.Option(metavar="LEVEL", help="uvicorn's log level.")] = "info",
     allowed_hosts: Annotated[
         list[str] | None,
         typer.Option(

@@ -11,20 +11,20 @@ from .._bus import EventBus
 from .._filters import DeadLetterFilter
 from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
 from .dlq_actions import delete_dead_letters, reprocess_dead_letters, requeue_dead_letters
+from .ids import DeadLetterIdArgument, resolve_dead_letter_id
 from .output import echo_json, record_to_dict
 from .redrive import redrive_app
 from .selection import FilterOption, describe, parse_filter
 from .session import EXIT_USAGE, connected_bus
+from .typer_help import RetrybusTyper
 
 __all__ = ["dlq_app"]
 
-dlq_app = typer.Typer(
+dlq_app = RetrybusTyper(
     name="dlq",
     help="Browse and act on the dead letter queue.",
     no_args_is_help=True,
 )
-
-IdArgument = Annotated[str, typer.Argument(metavar="ID", help="A dead letter id (dlq_…).")]
 
 dlq_app.command("requeue")(requeue_dead_letters)
 dlq_app.command("reprocess")(reprocess_dead_letters)
@@ -35,8 +35,10 @@ dlq_app.add_typer(redrive_app)
 @dlq_app.command("list")
 def list_dead_letters(
     store: StoreOption = None,
-    limit: Annotated[int, typer.Option(min=0, help="How many to show.")] = 50,
-    offset: Annotated[int, typer.Option(min=0, help="How many to skip (newest first).")] = 0,
+    limit: Annotated[int, typer.Option(min=0, metavar="N", help="How many to show.")] = 50,
+    offset: Annotated[
+        int, typer.Option(min=0, metavar="N", help="How many to skip (newest first).")
+    ] = 0,
     event_type: Annotated[
         str | None, typer.Option(metavar="TYPE", help="Only this event type.")
     ] = None,
@@ -94,23 +96,32 @@ def list_dead_letters(
 
 @dlq_app.command("show")
 def show_dead_letter(
-    item_id: IdArgument,
+    item_id: DeadLetterIdArgument,
     store: StoreOption = None,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="Print the event data, metadata and traceback whole, however long "
+            "(else the first 64 KB of each; --json is always whole).",
+        ),
+    ] = False,
     json: JsonOption = False,
     app: AppOption = None,
     app_dir: AppDirOption = ".",
 ) -> None:
-    """Show one dead letter in full: event, error, traceback, metadata."""
+    """Show one dead letter: event, error, traceback, metadata (the first 64 KB of
+    each of the last three, unless --full)."""
 
     async def main() -> None:
         async with connected_bus(store, app, app_dir) as bus:
-            item = await bus.dead_letters.get(item_id)
+            item = await bus.dead_letters.get(await resolve_dead_letter_id(bus, item_id))
             if json:
                 echo_json(record_to_dict(item))
                 return
             from . import views
 
-            views.console().print(views.dead_letter_detail(item, bus.clock.now()))
+            views.console().print(views.dead_letter_detail(item, bus.clock.now(), full=full))
 
     run(main())
 
@@ -126,7 +137,7 @@ def dead_letter_groups(
         ),
     ] = "failure",
     filters: FilterOption = None,
-    limit: Annotated[int, typer.Option(min=1, help="How many groups to show.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, metavar="N", help="How many groups to show.")] = 50,
     json: JsonOption = False,
 ) -> None:
     """Dead letters grouped, largest group first: one bad deploy is one row.

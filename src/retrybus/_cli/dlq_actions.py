@@ -17,6 +17,7 @@ from .._dead_letters import BulkResult
 from .._filters import DeadLetterFilter
 from .._redrive import Redrive, parse_rate
 from .common import EXIT_INTERRUPTED, AppDirOption, AppOption, JsonOption, StoreOption, fail, run
+from .ids import DeadLetterIdsArgument, resolve_dead_letter_ids
 from .output import echo_json, record_to_dict
 from .selection import (
     AllOption,
@@ -33,10 +34,6 @@ from .session import EXIT_FAILURE, EXIT_USAGE, connected_bus
 
 __all__ = ["delete_dead_letters", "reprocess_dead_letters", "requeue_dead_letters"]
 
-IdsArgument = Annotated[
-    list[str] | None,
-    typer.Argument(metavar="[ID]...", help="Dead letter ids (dlq_…).", show_default=False),
-]
 DetachOption = Annotated[
     bool,
     typer.Option(
@@ -170,7 +167,7 @@ def _load_data(data: str | None, data_file: Path | None) -> Any:
 
 
 def requeue_dead_letters(
-    ids: IdsArgument = None,
+    ids: DeadLetterIdsArgument = None,
     store: StoreOption = None,
     filters: FilterOption = None,
     everything: AllOption = False,
@@ -230,21 +227,25 @@ def requeue_dead_letters(
                     json=json,
                 )
             assert ids
-            if len(ids) > 1:
+            targets = await resolve_dead_letter_ids(bus, ids)
+            if len(targets) > 1:
                 _report_bulk(
-                    "requeued", await bus.dead_letters.requeue_many(ids, actor=actor_name()), json
+                    "requeued",
+                    await bus.dead_letters.requeue_many(targets, actor=actor_name()),
+                    json,
                 )
                 return None
+            (target,) = targets
             if editing:
-                item = await bus.dead_letters.requeue(ids[0], data=payload, actor=actor_name())
+                item = await bus.dead_letters.requeue(target, data=payload, actor=actor_name())
             else:
-                item = await bus.dead_letters.requeue(ids[0], actor=actor_name())
+                item = await bus.dead_letters.requeue(target, actor=actor_name())
             if json:
                 echo_json(record_to_dict(item))
             else:
                 edited = " with the new payload" if editing else ""
                 typer.echo(
-                    f"requeued {ids[0]} as {item.id}{edited}: due now for {item.handler_name}, "
+                    f"requeued {target} as {item.id}{edited}: due now for {item.handler_name}, "
                     f"{item.max_retries} retries ahead; a running worker will pick it up"
                 )
             return None
@@ -253,7 +254,7 @@ def requeue_dead_letters(
 
 
 def reprocess_dead_letters(
-    ids: IdsArgument = None,
+    ids: DeadLetterIdsArgument = None,
     store: StoreOption = None,
     filters: FilterOption = None,
     everything: AllOption = False,
@@ -296,14 +297,15 @@ def reprocess_dead_letters(
                 )
                 return True, redrive
             assert ids
-            if len(ids) > 1:
+            targets = await resolve_dead_letter_ids(bus, ids)
+            if len(targets) > 1:
                 _report_bulk(
                     "reprocessed",
-                    await bus.dead_letters.reprocess_many(ids, actor=actor_name()),
+                    await bus.dead_letters.reprocess_many(targets, actor=actor_name()),
                     json,
                 )
                 return True, None
-            item_id = ids[0]
+            (item_id,) = targets
             before = await bus.dead_letters.get(item_id)
             bus.subscription(before.handler_name)  # UnknownHandler before the call, not after
             after, succeeded = await bus.dead_letters._reprocess(item_id, actor_name())
@@ -326,8 +328,25 @@ def reprocess_dead_letters(
         raise typer.Exit(EXIT_FAILURE)
 
 
+async def _delete_by_id(bus: EventBus, targets: list[str], json: bool) -> None:
+    if len(targets) == 1:
+        await bus.dead_letters.delete(targets[0])
+        if json:
+            echo_json({"deleted": targets[0]})
+        else:
+            typer.echo(f"deleted {targets[0]}")
+        return
+    deleted = await bus.dead_letters.delete_many(targets)
+    if json:
+        echo_json({"deleted": deleted})
+    else:
+        typer.echo(f"deleted {deleted} dead letter(s)")
+    if deleted < len(targets):  # some were deleted by someone else meanwhile
+        raise typer.Exit(EXIT_FAILURE)
+
+
 def delete_dead_letters(
-    ids: IdsArgument = None,
+    ids: DeadLetterIdsArgument = None,
     store: StoreOption = None,
     filters: FilterOption = None,
     everything: AllOption = False,
@@ -342,20 +361,7 @@ def delete_dead_letters(
         async with connected_bus(store) as bus:
             if where is None:
                 assert ids
-                if len(ids) == 1:
-                    await bus.dead_letters.delete(ids[0])
-                    if json:
-                        echo_json({"deleted": ids[0]})
-                    else:
-                        typer.echo(f"deleted {ids[0]}")
-                    return
-                deleted = await bus.dead_letters.delete_many(ids)
-                if json:
-                    echo_json({"deleted": deleted})
-                else:
-                    typer.echo(f"deleted {deleted} dead letter(s)")
-                if deleted < len(set(ids)):
-                    raise typer.Exit(EXIT_FAILURE)
+                await _delete_by_id(bus, await resolve_dead_letter_ids(bus, ids), json)
                 return
             acted = _as_of_now(where)
             count = await bus.dead_letters.count(where=acted)

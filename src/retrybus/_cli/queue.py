@@ -9,10 +9,11 @@ import typer
 from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
 from .output import echo_json, record_to_dict
 from .session import EXIT_USAGE, connected_bus
+from .typer_help import RetrybusTyper
 
 __all__ = ["queue_app", "stats"]
 
-queue_app = typer.Typer(
+queue_app = RetrybusTyper(
     name="queue",
     help="Look at the retry queue.",
     no_args_is_help=True,
@@ -22,8 +23,8 @@ queue_app = typer.Typer(
 @queue_app.command("list")
 def list_retry_items(
     store: StoreOption = None,
-    limit: Annotated[int, typer.Option(min=0, help="How many to show.")] = 50,
-    offset: Annotated[int, typer.Option(min=0, help="How many to skip.")] = 0,
+    limit: Annotated[int, typer.Option(min=0, metavar="N", help="How many to show.")] = 50,
+    offset: Annotated[int, typer.Option(min=0, metavar="N", help="How many to skip.")] = 0,
     handler: Annotated[str | None, typer.Option(metavar="NAME", help="Only this handler.")] = None,
     event_type: Annotated[
         str | None, typer.Option(metavar="TYPE", help="Only this event type.")
@@ -58,7 +59,7 @@ def list_retry_items(
 def retry_groups(
     store: StoreOption = None,
     by: Annotated[str, typer.Option(metavar="FIELD", help="handler or type.")] = "handler",
-    limit: Annotated[int, typer.Option(min=1, help="How many groups to show.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, metavar="N", help="How many groups to show.")] = 50,
     json: JsonOption = False,
 ) -> None:
     """Retry items counted per handler (or event type), largest first, with when the

@@ -9,19 +9,19 @@ import typer
 
 from .._redrive import Redrive
 from .common import EXIT_INTERRUPTED, AppDirOption, AppOption, JsonOption, StoreOption, run
+from .ids import RedriveIdArgument, resolve_redrive_id
 from .output import echo_json
 from .selection import describe, drive
 from .session import EXIT_FAILURE, CliError, connected_bus
+from .typer_help import RetrybusTyper
 
 __all__ = ["redrive_app"]
 
-redrive_app = typer.Typer(
+redrive_app = RetrybusTyper(
     name="redrive",
     help="Follow, pause, resume and cancel redrives (bulk requeues of dead letters).",
     no_args_is_help=True,
 )
-
-RedriveArgument = Annotated[str, typer.Argument(metavar="ID", help="A redrive id (redrive_…).")]
 
 
 def _line(redrive: Redrive) -> str:
@@ -53,13 +53,13 @@ def list_redrives(store: StoreOption = None, json: JsonOption = False) -> None:
 
 @redrive_app.command("show")
 def show_redrive(
-    redrive_id: RedriveArgument, store: StoreOption = None, json: JsonOption = False
+    redrive_id: RedriveIdArgument, store: StoreOption = None, json: JsonOption = False
 ) -> None:
     """One redrive: its filter, rate, probe, progress and state."""
 
     async def main() -> None:
         async with connected_bus(store) as bus:
-            redrive = await bus.redrives.get(redrive_id)
+            redrive = await bus.redrives.get(await resolve_redrive_id(bus, redrive_id))
             if json:
                 echo_json(redrive.to_dict())
             else:
@@ -72,8 +72,9 @@ def _steer(verb: str, redrive_id: str, store: str | None, json: bool) -> None:
     async def main() -> None:
         async with connected_bus(store) as bus:
             change = {"pause": bus.redrives.pause, "cancel": bus.redrives.cancel}[verb]
+            target = await resolve_redrive_id(bus, redrive_id)
             try:
-                redrive = await change(redrive_id)
+                redrive = await change(target)
             except ValueError as exc:
                 raise CliError(str(exc)) from None
             if json:
@@ -86,7 +87,7 @@ def _steer(verb: str, redrive_id: str, store: str | None, json: bool) -> None:
 
 @redrive_app.command("pause")
 def pause_redrive(
-    redrive_id: RedriveArgument, store: StoreOption = None, json: JsonOption = False
+    redrive_id: RedriveIdArgument, store: StoreOption = None, json: JsonOption = False
 ) -> None:
     """Pause a redrive; it keeps its progress."""
     _steer("pause", redrive_id, store, json)
@@ -94,7 +95,7 @@ def pause_redrive(
 
 @redrive_app.command("cancel")
 def cancel_redrive(
-    redrive_id: RedriveArgument, store: StoreOption = None, json: JsonOption = False
+    redrive_id: RedriveIdArgument, store: StoreOption = None, json: JsonOption = False
 ) -> None:
     """Cancel a redrive for good (what it requeued stays requeued)."""
     _steer("cancel", redrive_id, store, json)
@@ -102,7 +103,7 @@ def cancel_redrive(
 
 @redrive_app.command("resume")
 def resume_redrive(
-    redrive_id: RedriveArgument,
+    redrive_id: RedriveIdArgument,
     store: StoreOption = None,
     detach: Annotated[
         bool, typer.Option("--detach", help="Only mark it resumed; let a dashboard drive it.")
@@ -116,11 +117,11 @@ def resume_redrive(
 
     async def main() -> Redrive:
         async with connected_bus(store, app, app_dir) as bus:
-            redrive = await bus.redrives.get(redrive_id)
+            redrive = await bus.redrives.get(await resolve_redrive_id(bus, redrive_id))
             if redrive.state == "paused":
-                redrive = await bus.redrives.resume(redrive_id)
+                redrive = await bus.redrives.resume(redrive.id)
             elif not redrive.active:
-                raise CliError(f"redrive {redrive_id} is {redrive.state}: nothing to resume")
+                raise CliError(f"redrive {redrive.id} is {redrive.state}: nothing to resume")
             if redrive.action == "reprocess" and app is None:
                 raise CliError(
                     "this redrive reprocesses: give --app MODULE:ATTR naming your EventBus"
@@ -142,19 +143,20 @@ def resume_redrive(
 
 @redrive_app.command("delete")
 def delete_redrive(
-    redrive_id: RedriveArgument, store: StoreOption = None, json: JsonOption = False
+    redrive_id: RedriveIdArgument, store: StoreOption = None, json: JsonOption = False
 ) -> None:
     """Forget a finished redrive."""
 
     async def main() -> None:
         async with connected_bus(store) as bus:
+            target = await resolve_redrive_id(bus, redrive_id)
             try:
-                await bus.redrives.delete(redrive_id)
+                await bus.redrives.delete(target)
             except ValueError as exc:
                 raise CliError(str(exc)) from None
             if json:
-                echo_json({"deleted": redrive_id})
+                echo_json({"deleted": target})
             else:
-                typer.echo(f"deleted redrive {redrive_id}")
+                typer.echo(f"deleted redrive {target}")
 
     run(main())

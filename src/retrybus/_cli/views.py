@@ -5,10 +5,20 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, Generic, TypeVar
 
-from rich.console import Console, Group, RenderableType
+from rich.cells import cell_len
+from rich.console import (
+    Console,
+    ConsoleOptions,
+    Group,
+    JustifyMethod,
+    RenderableType,
+    RenderResult,
+)
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -18,6 +28,9 @@ from .._records import DeadLetterItem, RetryItem
 from .._stats import Stats
 
 __all__ = [
+    "SHOWN_BYTES",
+    "Column",
+    "FittedTable",
     "console",
     "count_table",
     "dead_letter_detail",
@@ -30,6 +43,15 @@ __all__ = [
 
 _PIPE_WIDTH = 160
 _ERROR_WIDTH = 48
+#: how much of an event's data, metadata or traceback ``dlq show`` prints
+#: without ``--full``
+SHOWN_BYTES = 64 * 1024
+# each cell has a space either side, and each column a rule on its left (the
+# last also one on its right)
+_CELL_PADDING = 2
+_RULE = 1
+
+Row = TypeVar("Row")
 
 
 def console(*, stderr: bool = False) -> Console:
@@ -72,6 +94,133 @@ def _percent(value: float | None) -> str:
     return "—" if value is None else f"{value:.1%}"
 
 
+@dataclass(frozen=True)
+class Column(Generic[Row]):
+    """A column of a ``FittedTable``: its header, its cell in each row, and how it
+    gives way when the console is too narrow for every column."""
+
+    header: str
+    cell: Callable[[Row], str]
+    #: when the columns do not fit, they are dropped by this number, 1 first;
+    #: None: never (an id a person copies)
+    drop: int | None = None
+    #: the narrowest this column may wrap to; None: it never wraps (ids, times)
+    wraps_to: int | None = None
+    justify: JustifyMethod = "left"
+    style: str = ""
+
+
+def _table_width(content_widths: Iterable[int]) -> int:
+    """How wide a table is whose columns hold text this wide."""
+    return sum(width + _CELL_PADDING + _RULE for width in content_widths) + _RULE
+
+
+class FittedTable:
+    """A table that fits the console it is printed on.
+
+    While its columns would not fit even wrapped, the next by ``Column.drop`` is
+    left out; then the columns that wrap are narrowed, the widest first. The
+    columns that never wrap (ids) are shown whole on one line.
+    """
+
+    def __init__(
+        self,
+        title: str,
+        columns: Sequence[Column[Row]],
+        rows: Sequence[Row],
+        *,
+        caption: str | None = None,
+    ) -> None:
+        self.title = title
+        self.caption = caption
+        self.columns: list[Column[Any]] = list(columns)
+        self.cells = [[column.cell(row) for column in columns] for row in rows]
+        texts = [
+            [column.header, *(row[index] for row in self.cells)]
+            for index, column in enumerate(self.columns)
+        ]
+        self.widest = [max(map(cell_len, column)) for column in texts]
+        self.longest_word = [
+            max(cell_len(word) for text in column for word in [*text.split(), ""])
+            for column in texts
+        ]
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.table(options.max_width)
+
+    def table(self, width: int) -> Table:
+        """The table as it fits in ``width`` columns of text."""
+        widths = self.layout(width)
+        table = Table(
+            title=escape(self.title),
+            title_justify="left",
+            caption=None if self.caption is None else escape(self.caption),
+            caption_justify="left",
+        )
+        for index, content_width in widths.items():
+            column = self.columns[index]
+            table.add_column(
+                column.header,
+                justify=column.justify,
+                style=column.style,
+                no_wrap=column.wraps_to is None,
+                overflow="fold",
+                max_width=content_width,
+            )
+        for row in self.cells:
+            table.add_row(*(Text(row[index]) for index in widths))
+        return table
+
+    def layout(self, width: int) -> dict[int, int]:
+        """The columns to show in ``width`` columns of text (by index, in order),
+        each with the width of its text."""
+        shown = self._shown(width)
+        widths = {index: self.widest[index] for index in shown}
+        wrapping = [i for i in shown if self.columns[i].wraps_to is not None]
+        excess = _table_width(widths.values()) - width
+        # wrap between words first; cut words only if that is not enough
+        excess = self._narrow(widths, wrapping, self._unbroken, excess)
+        self._narrow(widths, wrapping, self._least, excess)
+        return widths
+
+    @staticmethod
+    def _narrow(
+        widths: dict[int, int], indexes: list[int], floor: Callable[[int], int], excess: int
+    ) -> int:
+        """Narrow the widest of these columns, one character at a time, until
+        ``excess`` characters are saved or each is at its floor; what is left."""
+        while excess > 0:
+            narrowable = [i for i in indexes if widths[i] > floor(i)]
+            if not narrowable:
+                break
+            widest = max(widths[i] for i in narrowable)
+            for index in (i for i in narrowable if widths[i] == widest):
+                if excess > 0:
+                    widths[index] -= 1
+                    excess -= 1
+        return excess
+
+    def _least(self, index: int) -> int:
+        """The narrowest column ``index`` may be."""
+        wraps_to = self.columns[index].wraps_to
+        return self.widest[index] if wraps_to is None else min(self.widest[index], wraps_to)
+
+    def _unbroken(self, index: int) -> int:
+        """The narrowest column ``index`` may be without cutting a word."""
+        return max(self._least(index), self.longest_word[index])
+
+    def _shown(self, width: int) -> list[int]:
+        shown = list(range(len(self.columns)))
+        droppable = sorted(
+            (column.drop, index) for index, column in enumerate(self.columns) if column.drop
+        )
+        for _, index in droppable:
+            if _table_width(self._least(i) for i in shown) <= width:
+                break
+            shown.remove(index)
+        return shown
+
+
 def stats_table(stats: Stats, url: str) -> Table:
     """``bus.stats()`` as a two-column table titled with the store URL."""
     table = Table(title="retrybus stats", show_header=False, title_justify="left")
@@ -92,61 +241,61 @@ def stats_table(stats: Stats, url: str) -> Table:
     return table
 
 
-def dead_letter_table(items: Sequence[DeadLetterItem], now: datetime, title: str) -> Table:
-    """Dead letters, one per row, newest first."""
-    table = Table(title=escape(title), title_justify="left")
-    table.add_column("id", no_wrap=True, style="cyan")
-    table.add_column("created", no_wrap=True)
-    table.add_column("event type", no_wrap=True)
-    table.add_column("handler", no_wrap=True)
-    table.add_column("retries", justify="right")
-    table.add_column("reason", no_wrap=True)
-    table.add_column("error", no_wrap=True, overflow="ellipsis")
-    table.add_column("processed", justify="center")
-    for item in items:
-        table.add_row(
-            item.id,
-            _ago(item.created_at, now),
-            escape(item.event_type),
-            escape(item.handler_name),
-            str(item.attempt),
-            escape(item.reason),
-            escape(_short(item.error)),
-            "yes" if item.processed else "no",
-        )
-    return table
+def dead_letter_table(items: Sequence[DeadLetterItem], now: datetime, title: str) -> FittedTable:
+    """Dead letters, one per row, newest first; in a narrow console the retries,
+    creation times, event types, reasons, processed marks and handlers give way
+    (in that order) so that each id stays whole."""
+    columns: list[Column[DeadLetterItem]] = [
+        Column("id", lambda item: item.id, style="cyan"),
+        Column("created", lambda item: _ago(item.created_at, now), drop=2),
+        Column("event type", lambda item: item.event_type, wraps_to=10, drop=3),
+        Column("handler", lambda item: item.handler_name, wraps_to=10, drop=6),
+        Column("retries", lambda item: str(item.attempt), justify="right", drop=1),
+        Column("reason", lambda item: item.reason, wraps_to=10, drop=4),
+        Column("error", lambda item: _short(item.error), wraps_to=10, drop=7),
+        Column(
+            "processed", lambda item: "yes" if item.processed else "no", justify="center", drop=5
+        ),
+    ]
+    return FittedTable(title, columns, items)
 
 
-def retry_table(items: Sequence[RetryItem], now: datetime, title: str) -> Table:
-    """Retry items, one per row, by next retry."""
-    table = Table(title=escape(title), title_justify="left")
-    table.add_column("id", no_wrap=True, style="cyan")
-    table.add_column("next retry", no_wrap=True)
-    table.add_column("event type", no_wrap=True)
-    table.add_column("handler", no_wrap=True)
-    table.add_column("retry", justify="right")
-    table.add_column("last error", no_wrap=True, overflow="ellipsis")
-    table.add_column("leased by")
-    for item in items:
-        leased = (
-            item.lease_owner
-            if item.lease_owner and item.lease_until and item.lease_until > now
-            else ""
-        )
-        table.add_row(
-            item.id,
-            _due(item.next_retry, now),
-            escape(item.event_type),
-            escape(item.handler_name),
-            f"{item.attempt}/{item.max_retries}",
-            escape(_short(item.error)),
-            escape(leased or ""),
-        )
-    return table
+def retry_table(items: Sequence[RetryItem], now: datetime, title: str) -> FittedTable:
+    """Retry items, one per row, by next retry; in a narrow console the lease
+    owners, event types, retry counts, next retries and handlers give way (in
+    that order) so that each id stays whole."""
+
+    def leased_by(item: RetryItem) -> str:
+        if item.lease_owner and item.lease_until and item.lease_until > now:
+            return item.lease_owner
+        return ""
+
+    columns: list[Column[RetryItem]] = [
+        Column("id", lambda item: item.id, style="cyan"),
+        Column("next retry", lambda item: _due(item.next_retry, now), wraps_to=8, drop=4),
+        Column("event type", lambda item: item.event_type, wraps_to=8, drop=2),
+        Column("handler", lambda item: item.handler_name, wraps_to=8, drop=5),
+        Column("retry", lambda item: f"{item.attempt}/{item.max_retries}", justify="right", drop=3),
+        Column("last error", lambda item: _short(item.error), wraps_to=8, drop=6),
+        Column("leased by", leased_by, wraps_to=8, drop=1),
+    ]
+    return FittedTable(title, columns, items)
 
 
-def dead_letter_detail(item: DeadLetterItem, now: datetime) -> RenderableType:
-    """One dead letter in full: its fields, the event's data, metadata and traceback."""
+def dead_letter_detail(item: DeadLetterItem, now: datetime, *, full: bool = False) -> Group:
+    """One dead letter: its fields, the event's data, metadata and traceback; the
+    last three cut after their first ``SHOWN_BYTES`` (with a line saying so)
+    unless ``full``."""
+    parts: list[RenderableType] = [_dead_letter_fields(item, now)]
+    parts += _json_section("event data", item.event_data, full)
+    if item.metadata:
+        parts += _json_section("metadata", dict(item.metadata), full)
+    if item.traceback:
+        parts += _text_section("traceback", item.traceback.rstrip(), full, style="dim")
+    return Group(*parts)
+
+
+def _dead_letter_fields(item: DeadLetterItem, now: datetime) -> Table:
     fields = Table.grid(padding=(0, 2))
     fields.add_column(style="bold")
     fields.add_column()
@@ -172,56 +321,106 @@ def dead_letter_detail(item: DeadLetterItem, now: datetime) -> RenderableType:
     rows.extend((f"extension {k}", v) for k, v in item.event_extensions.items())
     for name, value in rows:
         fields.add_row(name, Text(value))
-    parts: list[RenderableType] = [
-        fields,
-        Text("\nevent data", style="bold"),
-        Text(json.dumps(item.event_data, indent=2, ensure_ascii=False)),
-    ]
-    if item.metadata:
-        parts += [
-            Text("\nmetadata", style="bold"),
-            Text(json.dumps(dict(item.metadata), indent=2, ensure_ascii=False, default=str)),
-        ]
-    if item.traceback:
-        parts += [Text("\ntraceback", style="bold"), Text(item.traceback.rstrip(), style="dim")]
-    return Group(*parts)
+    return fields
 
 
-def failure_group_table(groups: Sequence[FailureGroup], now: datetime, title: str) -> Table:
-    """Failure groups, one per row, largest first."""
-    table = Table(title=escape(title), title_justify="left")
-    table.add_column("count", justify="right", style="bold")
-    table.add_column("handler", no_wrap=True)
-    table.add_column("error type", no_wrap=True)
-    table.add_column("message shape", overflow="ellipsis")
-    table.add_column("first", no_wrap=True)
-    table.add_column("last", no_wrap=True)
-    table.add_column("group (--filter group=…)", no_wrap=True, style="cyan")
-    for group in groups:
-        table.add_row(
-            str(group.count),
-            escape(group.handler_name),
-            escape(group.error_type.rsplit(".", 1)[-1] or "—"),
-            escape(_short(group.shape, 60)),
-            _ago(group.first_at, now),
-            _ago(group.last_at, now),
-            group.key,
+def _json_section(title: str, value: Any, full: bool) -> list[RenderableType]:
+    if full:
+        return _section(title, json.dumps(value, indent=2, ensure_ascii=False, default=str))
+    head = _indented_json_head(value, SHOWN_BYTES)
+    if _utf8_len(head) <= SHOWN_BYTES:  # then the encoder did not stop early: all of it
+        return _section(title, head)
+    # the compact form, which the C encoder writes fast, gives the size
+    compact = json.dumps(value, ensure_ascii=False, default=str, separators=(",", ":"))
+    return _section(title, _utf8_head(head), cut_from=f"{_size(_utf8_len(compact))} as JSON")
+
+
+def _text_section(title: str, text: str, full: bool, *, style: str) -> list[RenderableType]:
+    if full or _utf8_len(text) <= SHOWN_BYTES:
+        return _section(title, text, style=style)
+    return _section(title, _utf8_head(text), style=style, cut_from=_size(_utf8_len(text)))
+
+
+def _section(
+    title: str, text: str, *, style: str = "", cut_from: str | None = None
+) -> list[RenderableType]:
+    parts: list[RenderableType] = [Text(f"\n{title}", style="bold"), Text(text, style=style)]
+    if cut_from is not None:
+        parts.append(
+            Text(
+                f"[{title}: the first {_size(SHOWN_BYTES)} of {cut_from} are shown; "
+                "--full prints all of it]",
+                style="yellow",
+            )
         )
-    return table
+    return parts
+
+
+def _indented_json_head(value: Any, limit: int) -> str:
+    """``value`` as indented JSON, whole or cut after a little more than ``limit``
+    characters: the encoder stops there, so a huge value costs no more than a small one."""
+    encoder = json.JSONEncoder(indent=2, ensure_ascii=False, default=str)
+    chunks: list[str] = []
+    length = 0
+    for chunk in encoder.iterencode(value):
+        chunks.append(chunk)
+        length += len(chunk)
+        if length > limit:
+            break
+    return "".join(chunks)
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _utf8_head(text: str) -> str:
+    """The start of ``text`` whose UTF-8 form takes at most ``SHOWN_BYTES``."""
+    head = text[:SHOWN_BYTES].encode("utf-8", "surrogatepass")[:SHOWN_BYTES]
+    return head.decode("utf-8", "ignore")
+
+
+def _size(count: int) -> str:
+    """``812 bytes``, ``64 KB``, ``10.5 MB`` (of 1024)."""
+    if count < 1024:
+        return f"{count} bytes"
+    if count < 1024 * 1024:
+        return f"{count / 1024:.0f} KB"
+    return f"{count / (1024 * 1024):.1f} MB"
+
+
+def failure_group_table(groups: Sequence[FailureGroup], now: datetime, title: str) -> FittedTable:
+    """Failure groups, one per row, largest first; in a narrow console the first
+    and last times, error types, handlers and message shapes give way (in that
+    order) so that each group's key stays whole."""
+    columns: list[Column[FailureGroup]] = [
+        Column("count", lambda group: str(group.count), justify="right", style="bold"),
+        Column("handler", lambda group: group.handler_name, wraps_to=10, drop=4),
+        Column(
+            "error type",
+            lambda group: group.error_type.rsplit(".", 1)[-1] or "—",
+            wraps_to=10,
+            drop=3,
+        ),
+        Column("message shape", lambda group: _short(group.shape, 60), wraps_to=12, drop=5),
+        Column("first", lambda group: _ago(group.first_at, now), drop=1),
+        Column("last", lambda group: _ago(group.last_at, now), drop=2),
+        Column("group", lambda group: group.key, style="cyan"),
+    ]
+    caption = "--filter group=KEY selects a group's dead letters in other commands"
+    return FittedTable(title, columns, groups, caption=caption)
 
 
 def count_table(
     counts: Sequence[GroupCount], by: str, now: datetime, title: str, *, due: bool = False
-) -> Table:
-    """Counts per value of one field, largest first (``due``: the times are next retries)."""
+) -> FittedTable:
+    """Counts per value of one field, largest first (``due``: the times are next
+    retries); in a narrow console the first and then the last times give way."""
     when = _due if due else _ago
-    table = Table(title=escape(title), title_justify="left")
-    table.add_column("count", justify="right", style="bold")
-    table.add_column(by, no_wrap=True)
-    table.add_column("first due" if due else "first", no_wrap=True)
-    table.add_column("last due" if due else "last", no_wrap=True)
-    for count in counts:
-        table.add_row(
-            str(count.count), escape(count.key), when(count.first_at, now), when(count.last_at, now)
-        )
-    return table
+    columns: list[Column[GroupCount]] = [
+        Column("count", lambda count: str(count.count), justify="right", style="bold"),
+        Column(by, lambda count: count.key),
+        Column("first due" if due else "first", lambda count: when(count.first_at, now), drop=1),
+        Column("last due" if due else "last", lambda count: when(count.last_at, now), drop=2),
+    ]
+    return FittedTable(title, columns, counts)
