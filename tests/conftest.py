@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -41,3 +44,91 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 @pytest.fixture
 async def bus(store: Store, clock: ManualClock) -> retrybus.EventBus:
     return retrybus.EventBus(store, clock=clock)
+
+
+# The shared servers must come out of the session as they went in ---------------------
+
+SHARED_POSTGRES_URL = os.environ.get(
+    "RETRYBUS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+SHARED_REDIS_URL = os.environ.get("RETRYBUS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+GUARD_TIMEOUT = 3.0  # seconds; a shared server that takes longer counts as not answering
+
+
+def _postgres_start_time() -> str | None:
+    """The shared PostgreSQL's ``pg_postmaster_start_time()``; None if it does not answer."""
+    try:
+        import asyncpg  # type: ignore[import-untyped]
+
+        from retrybus._stores.postgresql import PostgresStore
+    except ImportError:
+        return None
+
+    async def query() -> str:
+        dsn = PostgresStore.from_url(SHARED_POSTGRES_URL)._dsn
+        conn = await asyncpg.connect(dsn, timeout=GUARD_TIMEOUT)
+        try:
+            return str(await conn.fetchval("SELECT pg_postmaster_start_time()"))
+        finally:
+            await conn.close(timeout=GUARD_TIMEOUT)
+
+    try:
+        return asyncio.run(asyncio.wait_for(query(), GUARD_TIMEOUT * 2))
+    except Exception:
+        return None
+
+
+def _redis_run_id() -> str | None:
+    """The shared Redis's ``run_id`` (INFO server); None if it does not answer."""
+    try:
+        import redis
+    except ImportError:
+        return None
+    client = redis.Redis.from_url(
+        SHARED_REDIS_URL, socket_timeout=GUARD_TIMEOUT, socket_connect_timeout=GUARD_TIMEOUT
+    )
+    try:
+        return str(client.info("server")["run_id"])
+    except Exception:
+        return None
+    finally:
+        client.close()
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_servers_are_not_restarted() -> Iterator[None]:
+    """Fail the session when a test restarted (or stopped) the machine's shared
+    PostgreSQL or Redis: a test that restarts a server must start a private one
+    (tests/private_servers.py). A server unreachable at the start is not checked."""
+    checks = [
+        ("PostgreSQL", SHARED_POSTGRES_URL, "start time", _postgres_start_time),
+        ("Redis", SHARED_REDIS_URL, "run_id", _redis_run_id),
+    ]
+    before = {name: read() for name, _url, _what, read in checks}
+    yield
+    problems = []
+    for name, url, what, read in checks:
+        if before[name] is None:
+            continue
+        now = read()
+        if now is None:
+            problems.append(
+                f"the suite stopped the shared {name} at {_redacted(url)}: it answered before "
+                f"the session and does not now ({what} was {before[name]})"
+            )
+        elif now != before[name]:
+            problems.append(
+                f"the suite restarted the shared {name} at {_redacted(url)}: its {what} was "
+                f"{before[name]} before the session and is {now} after it"
+            )
+    if problems:
+        pytest.fail(
+            "; ".join(problems) + ": tests must use private servers (tests/private_servers.py)",
+            pytrace=False,
+        )

@@ -370,11 +370,18 @@ SECANTUS_SERVER = """
 import signal, sys, threading
 from secantus import SecantusDBServer
 
-server = SecantusDBServer(host="127.0.0.1", port=int(sys.argv[1]), storage_path=sys.argv[2],
-                          ttl_sweep_seconds=10**9)
+port, path, lifetime, replica_set = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+server = SecantusDBServer(host="127.0.0.1", port=port, storage_path=path, ttl_sweep_seconds=10**9,
+                          transaction_lifetime_seconds=lifetime, replica_set_name=replica_set or None)
 stopped = threading.Event()
+
+def reap():  # abort transactions idle past their lifetime, as mongod's periodic reaper does
+    while not stopped.wait(0.5):
+        server.transactions.prune_expired()
+
 signal.signal(signal.SIGTERM, lambda *_: stopped.set())
 server.start()
+threading.Thread(target=reap, daemon=True).start()
 stopped.wait()
 server.stop()
 """
@@ -382,11 +389,22 @@ server.stop()
 
 class PrivateSecantus(PrivateServer):
     """A SecantusDB server (see tests/engines/mongodb.py) in a process of its own,
-    so that the test may stop and restart it: SIGTERM stops it cleanly, SIGKILL at once."""
+    so that the test may stop and restart it: SIGTERM stops it cleanly, SIGKILL at once.
+
+    A transaction left open by a client that died (a SIGKILLed worker) holds its
+    writes' locks until the server aborts it, ``transaction_lifetime`` seconds
+    after its last use (mongod's ``transactionLifetimeLimitSeconds``, 60 by
+    default); this server checks every 0.5 s, as mongod's reaper does (SecantusDB
+    by itself only checks when another transaction runs a statement).
+
+    With ``transactions=False`` it is a standalone server (no replica set), which
+    has none: retrybus then takes its code path for a standalone MongoDB."""
 
     kind = "secantus"
 
-    def __init__(self) -> None:
+    def __init__(self, transaction_lifetime: float = 60.0, transactions: bool = True) -> None:
+        self.transaction_lifetime = transaction_lifetime
+        self.replica_set = "secantus" if transactions else ""
         self.what = "a private SecantusDB server"
         try:
             import secantus  # noqa: F401
@@ -409,6 +427,8 @@ class PrivateSecantus(PrivateServer):
                     SECANTUS_SERVER,
                     str(self.port),
                     str(self.directory / "data"),
+                    str(self.transaction_lifetime),
+                    self.replica_set,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -7,16 +7,20 @@ file of its own; the tests read those records, the worker's log and the store
 afterwards. Every test gets a namespace of its own (a schema, a key prefix, a
 database) from the engine's fixture module, removed afterwards.
 
-The restart tests stop and start the PostgreSQL and Redis servers of this
-machine (as root); they always bring the server back up, and check that it
-answers, before they end, because the rest of the suite shares those servers.
+The killed-worker tests use the shared PostgreSQL and Redis servers (a namespace
+each), as they restart nothing; on MongoDB they use a SecantusDB server of this
+module's own (see ``MONGODB_TRANSACTION_LIFETIME``). The restart tests never touch the shared servers: each starts
+a private PostgreSQL cluster or Redis server of its own (tests/private_servers.py:
+initdb or redis-server on a free port of 127.0.0.1, data in a temporary
+directory), stops and starts that one, and removes it at the end, whatever
+happens. conftest.py fails the session should the shared servers restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +30,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -35,7 +38,8 @@ from call_records import Call, clashes, epoch_ns, read_calls, wait_until
 from engines import mongodb as mongodb_engine
 from engines import postgresql as postgresql_engine
 from engines import redis as redis_engine
-from engines._common import unavailable, unique_name
+from engines._common import unique_name
+from private_servers import PrivatePostgres, PrivateRedis, PrivateSecantus
 from retrybus import Event, EventBus, FixedDelay
 from retrybus._stores.base import Counters
 
@@ -58,9 +62,24 @@ class Namespace:
     remove: Callable[[], Awaitable[None]]
 
 
-async def new_namespace(kind: str) -> Namespace:
+# MongoDB: a SecantusDB server of this module's own (unless MONGODB_URI names a real
+# server). A worker SIGKILLed inside a transaction (a batch of outcomes) leaves it
+# open, and the next worker's claim of an item it wrote waits until the server
+# aborts it: mongod does so transactionLifetimeLimitSeconds (60 s by default) after
+# its last use, SecantusDB only when another transaction runs a statement, so on
+# the session's shared SecantusDB the second worker (and the database's removal)
+# could wait forever. The private one aborts such transactions 3 s after their
+# last use, checking twice a second (tests/private_servers.py).
+MONGODB_TRANSACTION_LIFETIME = 3.0
+
+
+async def _nothing() -> None:
+    """Nothing to remove: the namespace goes with its private server."""
+
+
+async def new_namespace(kind: str, mongodb_server: str | None = None) -> Namespace:
     """A fresh namespace on engine ``kind``; skips (or, with CI=true, fails) when
-    its server is unreachable."""
+    its server is unreachable. MongoDB's is on ``mongodb_server`` when given."""
     if kind == "postgresql":
         async with postgresql_engine.fresh_schema() as schema:  # only checks the server
             pass
@@ -74,6 +93,8 @@ async def new_namespace(kind: str) -> Namespace:
         return Namespace(redis_engine.store_url(prefix), lambda: redis_engine.delete_prefix(prefix))
     if kind == "mongodb":
         name = unique_name()
+        if mongodb_server is not None:
+            return Namespace(f"{mongodb_server}/{name}?timeout=10", _nothing)
         url = mongodb_engine.database_url(name, timeout="10")  # starts SecantusDB
         return Namespace(url, lambda: mongodb_engine.drop_database(url, name))
     raise ValueError(f"no such engine: {kind}")
@@ -83,15 +104,21 @@ async def new_namespace(kind: str) -> Namespace:
 def namespaces() -> Iterator[Callable[[str], Namespace]]:
     """Makes namespaces (``namespaces(kind)``); removes them all at the end."""
     made: list[Namespace] = []
+    servers = contextlib.ExitStack()
+    mongodb_servers: list[str] = []
 
     def make(kind: str) -> Namespace:
-        namespace = asyncio.run(new_namespace(kind))
+        if kind == "mongodb" and not os.environ.get("MONGODB_URI") and not mongodb_servers:
+            server = PrivateSecantus(transaction_lifetime=MONGODB_TRANSACTION_LIFETIME)
+            mongodb_servers.append(servers.enter_context(server).url)
+        namespace = asyncio.run(new_namespace(kind, next(iter(mongodb_servers), None)))
         made.append(namespace)
         return namespace
 
-    yield make
-    for namespace in made:
-        asyncio.run(namespace.remove())
+    with servers:
+        yield make
+        for namespace in made:
+            asyncio.run(namespace.remove())
 
 
 # Calls, store state, worker processes (as in test_sqlite_processes.py) ---------------
@@ -342,44 +369,12 @@ def test_no_item_is_handled_by_the_second_worker_while_the_killed_one_ran_it(
 
 
 # The engine restarting under a running worker -------------------------------------
+#
+# These run on servers of their own (tests/private_servers.py), never on the shared
+# ones the rest of the suite uses: each test starts a private PostgreSQL cluster or
+# Redis server, restarts that, and removes it at the end.
 
-READY_TIMEOUT = 20.0  # seconds a server may take to answer again
 RESTART_WORKER = ("--batch-size=10", "--concurrency=5", "--lease=5", "--check-interval=0.05")
-
-
-def run_command(*command: str, timeout: float = 60.0) -> int:
-    """Run a server-control command; its output goes to /dev/null (a daemon it
-    starts must not hold a pipe of ours open)."""
-    try:
-        return subprocess.run(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=timeout,
-            check=False,
-        ).returncode
-    except subprocess.TimeoutExpired:
-        return -1
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
-def can_control_servers(what: str, *tools: str) -> None:
-    """Skip (or, with CI=true, fail) unless this process may stop and start the server."""
-    if os.geteuid() != 0:
-        unavailable(what, "restarting it needs root")
-    missing = [tool for tool in tools if shutil.which(tool) is None]
-    if missing:
-        unavailable(what, f"cannot restart it here: no {', '.join(missing)}")
 
 
 @dataclass
@@ -395,77 +390,55 @@ class RestartRun:
 # PostgreSQL: it keeps its data, so items are added first and the server restarts
 # while the worker is in the middle of them.
 
-PG_PARTS = urlsplit(postgresql_engine.URL)
-PG_HOST = PG_PARTS.hostname or "127.0.0.1"
-PG_PORT = str(PG_PARTS.port or 5432)
 PG_ITEMS = 40
 
 
-def pg_cluster(action: str) -> int:
-    versions = sorted(os.listdir("/etc/postgresql"))
-    return run_command("pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", action)
-
-
-def pg_answers() -> bool:
-    return run_command("pg_isready", "-h", PG_HOST, "-p", PG_PORT, "-t", "1", timeout=5) == 0
-
-
-def ensure_postgresql_up() -> None:
-    if wait_for(pg_answers, 1.0):
-        return
-    pg_cluster("start")
-    if not wait_for(pg_answers, READY_TIMEOUT):
-        pytest.fail(f"PostgreSQL at {PG_HOST}:{PG_PORT} did not come back up")
-
-
 @pytest.fixture(scope="module")
-def postgresql_restart(
-    namespaces: Callable[[str], Namespace], tmp_path_factory: pytest.TempPathFactory
-) -> RestartRun:
+def postgresql_restart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartRun]:
     """40 items whose handler takes 0.2 s, a worker (batches of 10, 5 at a time,
-    lease 5 s) handling them; once some are done and others running, PostgreSQL
-    is stopped, and started again once the worker has logged the outage. The
-    worker is left to finish by itself, then stopped with SIGTERM."""
-    can_control_servers(postgresql_engine.WHAT, "pg_ctlcluster", "pg_isready")
-    if PG_HOST not in ("127.0.0.1", "localhost", "::1") or not os.path.isdir("/etc/postgresql"):
-        unavailable(postgresql_engine.WHAT, "it is not a cluster of this machine")
-    url = namespaces("postgresql").url
-    items = asyncio.run(seed(url, PG_ITEMS))
-    workers = Workers(tmp_path_factory.mktemp("postgresql_restart"), url)
-    try:
-        worker = workers.spawn("worker", *RESTART_WORKER, "--sleep-min=0.2", "--sleep-max=0.2")
-        wait_until(
-            lambda: killed_mid_batch(workers.calls("worker")) or worker.poll() is not None,
-            "the worker has finished some handlers and is in the middle of others",
-        )
+    lease 5 s) handling them, on a private PostgreSQL cluster; once some are done
+    and others running, the cluster is stopped (fast shutdown), and started again
+    once the worker has logged the outage. The worker is left to finish by itself,
+    then stopped with SIGTERM."""
+    with PrivatePostgres() as server:
+        url = server.url
+        items = asyncio.run(seed(url, PG_ITEMS))
+        workers = Workers(tmp_path_factory.mktemp("postgresql_restart"), url)
         try:
-            assert pg_cluster("stop") == 0
-            wait_until(lambda: OUTAGE_LOGGED in workers.log("worker"), "the worker logs the outage")
-            time.sleep(1.0)  # down a while longer: the worker keeps retrying
+            worker = workers.spawn("worker", *RESTART_WORKER, "--sleep-min=0.2", "--sleep-max=0.2")
+            wait_until(
+                lambda: killed_mid_batch(workers.calls("worker")) or worker.poll() is not None,
+                "the worker has finished some handlers and is in the middle of others",
+            )
+            server.stop("fast")
+            try:
+                wait_until(
+                    lambda: OUTAGE_LOGGED in workers.log("worker"), "the worker logs the outage"
+                )
+                time.sleep(1.0)  # down a while longer: the worker keeps retrying
+            finally:
+                server.start()
+            wait_until(
+                lambda: handled(workers.calls("worker")) == items or worker.poll() is not None,
+                "the worker has handled every item",
+                timeout=30.0,
+            )
+            wait_until(
+                lambda: asyncio.run(read_state(url)).retry_count == 0 or worker.poll() is not None,
+                "the worker has written every outcome",
+            )
+            alive = worker.poll() is None
+            exit_code = workers.stop("worker")
         finally:
-            ensure_postgresql_up()
-        wait_until(
-            lambda: handled(workers.calls("worker")) == items or worker.poll() is not None,
-            "the worker has handled every item",
-            timeout=30.0,
+            workers.kill_all()
+        yield RestartRun(
+            items=items,
+            calls=workers.calls("worker"),
+            alive_after_restart=alive,
+            exit_code=exit_code,
+            log=workers.log("worker"),
+            after=asyncio.run(read_state(url)),
         )
-        wait_until(
-            lambda: asyncio.run(read_state(url)).retry_count == 0 or worker.poll() is not None,
-            "the worker has written every outcome",
-        )
-        alive = worker.poll() is None
-        exit_code = workers.stop("worker")
-    finally:
-        workers.kill_all()
-        ensure_postgresql_up()
-    return RestartRun(
-        items=items,
-        calls=workers.calls("worker"),
-        alive_after_restart=alive,
-        exit_code=exit_code,
-        log=workers.log("worker"),
-        after=asyncio.run(read_state(url)),
-    )
 
 
 def test_the_worker_logs_the_postgresql_outage_and_resumes_by_itself(
@@ -501,103 +474,62 @@ def test_no_item_is_handled_twice_when_postgresql_restarts(
     assert {event_id: n for event_id, n in calls.items() if n > 1} == {}, postgresql_restart.log
 
 
-# Redis: this server keeps nothing on disk (no RDB, no AOF), so a restart empties it
-# and any item added before would be gone with the server, whatever retrybus does.
-# So the worker is running (idle, polling) when Redis goes down; the test checks it
-# survives the outage, and then handles every item added after the server is back.
+# Redis: the private server keeps nothing on disk (no RDB, no AOF), so a restart
+# empties it and any item added before would be gone with the server, whatever
+# retrybus does. So the worker is running (idle, polling) when Redis goes down; the
+# test checks it survives the outage, and then handles every item added after the
+# server is back.
 
-REDIS_PORT = "6379"
-REDIS_START = (
-    "redis-server",
-    "--daemonize",
-    "yes",
-    "--bind",
-    "127.0.0.1",
-    "-::1",
-    "--port",
-    REDIS_PORT,
-    "--save",
-    "",
-    "--appendonly",
-    "no",
-    "--dir",
-    "/var/lib/redis",
-    "--logfile",
-    "/var/log/redis/ci.log",
-)
 REDIS_ITEMS = 30
 
 
-def redis_answers() -> bool:
-    try:
-        reply = subprocess.run(
-            ["redis-cli", "-p", REDIS_PORT, "ping"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=5,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return False
-    return reply.stdout.strip() == b"PONG"
-
-
-def ensure_redis_up() -> None:
-    if redis_answers():
-        return
-    run_command(*REDIS_START)
-    if not wait_for(redis_answers, READY_TIMEOUT):
-        pytest.fail(f"Redis on port {REDIS_PORT} did not come back up")
-
-
 @pytest.fixture(scope="module")
-def redis_restart(
-    namespaces: Callable[[str], Namespace], tmp_path_factory: pytest.TempPathFactory
-) -> RestartRun:
-    """A worker running (idle) on Redis; Redis is shut down, and started again
-    once the worker has logged the outage; then 30 items (handler 0.05 s) are
-    added, the worker is left to handle them, then stopped with SIGTERM."""
-    can_control_servers(redis_engine.server_name(), "redis-server", "redis-cli")
-    if urlsplit(redis_engine.REDIS_URL).port not in (None, int(REDIS_PORT)):
-        unavailable(redis_engine.server_name(), "it is not the server on port 6379")
-    url = namespaces("redis").url
-    workers = Workers(tmp_path_factory.mktemp("redis_restart"), url)
-    try:
-        worker = workers.spawn("worker", *RESTART_WORKER, "--sleep-min=0.05", "--sleep-max=0.05")
-        wait_until(
-            lambda: " started on " in workers.log("worker") or worker.poll() is not None,
-            "the worker has started",
-        )
+def redis_restart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartRun]:
+    """A worker running (idle) on a private Redis server; the server is shut down,
+    and started again once the worker has logged the outage; then 30 items
+    (handler 0.05 s) are added, the worker is left to handle them, then stopped
+    with SIGTERM."""
+    with PrivateRedis(persistent=False) as server:
+        url = server.url
+        workers = Workers(tmp_path_factory.mktemp("redis_restart"), url)
         try:
-            run_command("redis-cli", "-p", REDIS_PORT, "shutdown", "nosave", timeout=10)
-            assert wait_for(lambda: not redis_answers(), 10.0), "Redis did not shut down"
-            wait_until(lambda: OUTAGE_LOGGED in workers.log("worker"), "the worker logs the outage")
-            time.sleep(1.0)  # down a while longer: the worker keeps retrying
+            worker = workers.spawn(
+                "worker", *RESTART_WORKER, "--sleep-min=0.05", "--sleep-max=0.05"
+            )
+            wait_until(
+                lambda: " started on " in workers.log("worker") or worker.poll() is not None,
+                "the worker has started",
+            )
+            server.stop("fast")
+            try:
+                wait_until(
+                    lambda: OUTAGE_LOGGED in workers.log("worker"), "the worker logs the outage"
+                )
+                time.sleep(1.0)  # down a while longer: the worker keeps retrying
+            finally:
+                server.start()
+            items = asyncio.run(seed(url, REDIS_ITEMS))
+            wait_until(
+                lambda: handled(workers.calls("worker")) == items or worker.poll() is not None,
+                "the worker has handled every item added after the restart",
+                timeout=30.0,
+            )
+            wait_until(
+                lambda: asyncio.run(read_state(url)).retry_count == 0 or worker.poll() is not None,
+                "the worker has written every outcome",
+            )
+            alive = worker.poll() is None
+            exit_code = workers.stop("worker")
         finally:
-            ensure_redis_up()
-        items = asyncio.run(seed(url, REDIS_ITEMS))
-        wait_until(
-            lambda: handled(workers.calls("worker")) == items or worker.poll() is not None,
-            "the worker has handled every item added after the restart",
-            timeout=30.0,
+            workers.kill_all()
+        yield RestartRun(
+            items=items,
+            calls=workers.calls("worker"),
+            alive_after_restart=alive,
+            exit_code=exit_code,
+            log=workers.log("worker"),
+            after=asyncio.run(read_state(url)),
         )
-        wait_until(
-            lambda: asyncio.run(read_state(url)).retry_count == 0 or worker.poll() is not None,
-            "the worker has written every outcome",
-        )
-        alive = worker.poll() is None
-        exit_code = workers.stop("worker")
-    finally:
-        workers.kill_all()
-        ensure_redis_up()
-    return RestartRun(
-        items=items,
-        calls=workers.calls("worker"),
-        alive_after_restart=alive,
-        exit_code=exit_code,
-        log=workers.log("worker"),
-        after=asyncio.run(read_state(url)),
-    )
 
 
 def test_the_worker_logs_the_redis_outage_and_resumes_by_itself(
