@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -27,17 +29,24 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
-@pytest.fixture(params=STORE_KINDS)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """Every store engine, fresh for each test."""
-    kind = request.param
+@asynccontextmanager
+async def fresh_store(kind: str, directory: Path) -> AsyncIterator[Store]:
+    """A connected store of engine ``kind`` in a namespace of its own (a SQLite
+    file in ``directory``), removed afterwards."""
     if kind in SERVER_KINDS:
         engine = importlib.import_module(f"engines.{kind}")
         async with engine.open_test_store() as opened:
             yield opened
         return
-    url = "memory://" if kind == "memory" else f"sqlite:///{tmp_path / 'retrybus.db'}"
+    url = "memory://" if kind == "memory" else f"sqlite:///{directory / f'{uuid.uuid4().hex}.db'}"
     async with retrybus.open_store(url) as opened:
+        yield opened
+
+
+@pytest.fixture(params=STORE_KINDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """Every store engine, fresh for each test."""
+    async with fresh_store(request.param, tmp_path) as opened:
         yield opened
 
 

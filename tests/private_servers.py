@@ -282,7 +282,30 @@ class PrivatePostgres(PrivateServer):
 # Redis --------------------------------------------------------------------------
 
 
-class PrivateRedis(PrivateServer):
+class _ChildProcessServer(PrivateServer):
+    """A server that runs as our child process (``proc``): SIGTERM stops it
+    cleanly (``fast``), SIGKILL at once (``immediate``)."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def _stop(self, mode: str) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM if mode == "fast" else signal.SIGKILL)
+        try:
+            proc.wait(READY_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def _kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class PrivateRedis(_ChildProcessServer):
     """A ``redis-server`` of our own (127.0.0.1, its own directory and log file).
     Without ``persistent`` it keeps nothing on disk (``--save "" --appendonly no``):
     a restart empties it. With it, every write goes to an append-only file
@@ -347,22 +370,6 @@ class PrivateRedis(PrivateServer):
         except OSError:
             return False
 
-    def _stop(self, mode: str) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM if mode == "fast" else signal.SIGKILL)
-        try:
-            proc.wait(READY_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def _kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
 
 # SecantusDB (MongoDB wire protocol) -------------------------------------------
 
@@ -387,7 +394,7 @@ server.stop()
 """
 
 
-class PrivateSecantus(PrivateServer):
+class PrivateSecantus(_ChildProcessServer):
     """A SecantusDB server (see tests/engines/mongodb.py) in a process of its own,
     so that the test may stop and restart it: SIGTERM stops it cleanly, SIGKILL at once.
 
@@ -442,19 +449,3 @@ class PrivateSecantus(PrivateServer):
         )
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.what} did not start:\n{self.log()}")
-
-    def _stop(self, mode: str) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM if mode == "fast" else signal.SIGKILL)
-        try:
-            proc.wait(READY_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def _kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()

@@ -6,12 +6,9 @@ error about the data is never reported as an outage."""
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import re
 import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import retrybus
-from conftest import SERVER_KINDS, STORE_KINDS
+from conftest import STORE_KINDS, fresh_store
 from retrybus import (
     DeadLetterFilter,
     Event,
@@ -51,18 +48,6 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(any_text, inner, max_size=3),
     max_leaves=8,
 )
-
-
-@asynccontextmanager
-async def opened(kind: str, tmp_path: Path) -> AsyncIterator[Store]:
-    if kind in SERVER_KINDS:
-        engine = importlib.import_module(f"engines.{kind}")
-        async with engine.open_test_store() as store:
-            yield store
-        return
-    url = "memory://" if kind == "memory" else f"sqlite:///{tmp_path / 'text.db'}"
-    async with retrybus.open_store(url) as store:
-        yield store
 
 
 def event_or_refusal(
@@ -145,7 +130,7 @@ def test_every_engine_keeps_every_string_an_event_accepts(kind: str, tmp_path: P
             return
 
         async def run() -> None:
-            async with opened(kind, tmp_path) as store:
+            async with fresh_store(kind, tmp_path) as store:
                 await round_trip(store, event, message)
 
         asyncio.run(run())
