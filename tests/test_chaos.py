@@ -68,7 +68,7 @@ import retrybus
 from call_records import Call, clashes, read_calls
 from private_servers import PrivatePostgres, PrivateRedis, PrivateSecantus
 from retrybus import Event, EventBus, FixedDelay, RetryWorker, StoreUnavailable
-from retrybus._stores.base import DeadLettered, Outcome, Succeeded
+from retrybus._outcomes import DeadLettered, Outcome, Succeeded
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 

@@ -41,7 +41,7 @@ from engines import redis as redis_engine
 from engines._common import unique_name
 from private_servers import PrivatePostgres, PrivateRedis, PrivateSecantus
 from retrybus import Event, EventBus, FixedDelay
-from retrybus._stores.base import Counters
+from retrybus._outcomes import Counters
 
 pytestmark = pytest.mark.slow
 

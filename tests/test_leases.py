@@ -18,8 +18,8 @@ import pytest
 
 import retrybus
 from retrybus import Event, EventBus, FixedDelay, ManualClock, RetryItem, RetryWorker, Store
+from retrybus._outcomes import DeadLettered, Rescheduled, Succeeded
 from retrybus._records import ErrorInfo
-from retrybus._stores.base import DeadLettered, Rescheduled, Succeeded
 
 # Heartbeat ------------------------------------------------------------------------
 

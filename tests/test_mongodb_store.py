@@ -36,8 +36,8 @@ from retrybus import (
     StoreUnavailable,
     failure_group_key,
 )
+from retrybus._outcomes import Counters
 from retrybus._records import dead_letter_id_for
-from retrybus._stores.base import Counters
 from retrybus._stores.mongodb import MongoStore
 
 EVENT_TIME = datetime(2025, 1, 7, 9, 59, 59, 123456, tzinfo=UTC)

@@ -39,9 +39,10 @@ from retrybus import (
     StoreUnavailable,
     open_store,
 )
+from retrybus._outcomes import Counters
 from retrybus._records import ErrorInfo
 from retrybus._stores import redis as redis_module
-from retrybus._stores.base import DEAD_LETTER_GROUP_FIELDS, Counters
+from retrybus._stores.base import DEAD_LETTER_GROUP_FIELDS
 from retrybus._stores.memory import MemoryStore
 from retrybus._stores.redis import LAYOUT_VERSION, RedisStore, _dead_json, _from_score, _score
 

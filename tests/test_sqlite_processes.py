@@ -26,7 +26,7 @@ import pytest
 import retrybus
 from call_records import Call, epoch_ns, overlapping, read_calls, wait_until
 from retrybus import Event, EventBus, FixedDelay, PermanentError
-from retrybus._stores.base import Counters
+from retrybus._outcomes import Counters
 
 pytestmark = pytest.mark.slow
 

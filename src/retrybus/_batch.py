@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ._outcomes import DeadLettered, Outcome
 from ._records import RetryItem
-from ._stores.base import DeadLettered, Outcome
 
 if TYPE_CHECKING:
     from ._observe import DeliverySpan

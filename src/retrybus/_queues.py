@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 
 from ._errors import ItemNotFound
 from ._event import Event, check_text, printable
-from ._records import DeadLetterItem, ErrorInfo, RetryItem
-from ._stores.base import (
+from ._outcomes import (
     CorruptRecord,
     DeadLettered,
     Rescheduled,
     Succeeded,
     corrupt_to_dead_letter,
 )
+from ._records import DeadLetterItem, ErrorInfo, RetryItem
 
 if TYPE_CHECKING:
     from ._bus import EventBus

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._stores.base import Counters
+from ._outcomes import Counters
 
 __all__ = ["Stats"]
 

@@ -29,9 +29,9 @@ from ._observe import (
     timed_call,
     with_failed_attempt,
 )
+from ._outcomes import DeadLettered, Outcome, Rescheduled, Succeeded
 from ._policy import RetryPolicy
 from ._records import ErrorInfo, RetryItem
-from ._stores.base import DeadLettered, Outcome, Rescheduled, Succeeded
 
 __all__ = ["RetryWorker"]
 

@@ -6,8 +6,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from .._outcomes import CorruptRecord
 from .._records import RetryItem
-from .base import CorruptRecord
 
 
 def text_time(moment: datetime) -> str:

@@ -18,55 +18,17 @@ from typing import Any, Literal, Self
 
 from .._filters import DeadLetterFilter
 from .._groups import GroupCount
-from .._records import DeadLetterItem, RetryItem, dead_letter_id_for
+from .._outcomes import CorruptRecord, Counters, Outcome
+from .._records import DeadLetterItem, RetryItem
 
 __all__ = [
     "DEAD_LETTER_GROUP_FIELDS",
     "RETRY_GROUP_FIELDS",
     "ControlRecord",
-    "CorruptRecord",
-    "Counters",
-    "DeadLettered",
-    "Outcome",
-    "Rescheduled",
+    "DeadLetterField",
+    "RetryField",
     "Store",
-    "Succeeded",
-    "corrupt_to_dead_letter",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class CorruptRecord:
-    """A stored retry item that could not be decoded; ``raw`` holds its fields as text."""
-
-    id: str
-    raw: Mapping[str, Any]
-    problem: str
-
-
-@dataclass(frozen=True, slots=True)
-class Succeeded:
-    """The retry worked: remove the item."""
-
-    item: RetryItem
-
-
-@dataclass(frozen=True, slots=True)
-class Rescheduled:
-    """The retry failed and another is allowed: ``item`` carries the new attempt and time."""
-
-    item: RetryItem
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLettered:
-    """No more retries: remove retry item ``item_id`` and add ``dead_letter`` in one step."""
-
-    item_id: str
-    dead_letter: DeadLetterItem
-
-
-Outcome = Succeeded | Rescheduled | DeadLettered
 
 
 DeadLetterField = Literal["failure_group", "handler_name", "event_type", "reason"]
@@ -88,16 +50,6 @@ class ControlRecord:
     key: str
     version: int
     value: Mapping[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Counters:
-    """Running totals a store keeps for ``bus.stats()``."""
-
-    retry_added: int = 0
-    retry_succeeded: int = 0
-    retry_succeeded_attempts: int = 0
-    retry_dead_lettered: int = 0
 
 
 class Store(abc.ABC):
@@ -298,23 +250,3 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def counters(self) -> Counters: ...
-
-
-def corrupt_to_dead_letter(record: CorruptRecord, now: datetime, reason: str) -> DeadLetterItem:
-    """A dead letter for a stored record that could not be decoded, keeping its raw fields."""
-    raw = record.raw
-    return DeadLetterItem(
-        id=dead_letter_id_for(record.id),
-        event_id=str(raw.get("event_id") or ""),
-        event_type=str(raw.get("event_type") or "unknown"),
-        event_data=None,
-        event_source=str(raw.get("event_source") or ""),
-        event_timestamp=now,
-        handler_name=str(raw.get("handler_name") or "unknown"),
-        error=record.problem,
-        error_type="retrybus.CorruptRecord",
-        attempt=0,
-        reason=reason,
-        created_at=now,
-        metadata={"raw_record": dict(raw)},
-    )

@@ -17,18 +17,20 @@ from typing import Any
 from .._event import encode_json
 from .._filters import DeadLetterFilter
 from .._groups import GroupCount
-from .._records import DeadLetterItem, RetryItem
-from .base import (
-    ControlRecord,
+from .._outcomes import (
     CorruptRecord,
     Counters,
     DeadLettered,
-    DeadLetterField,
     Outcome,
     Rescheduled,
+    Succeeded,
+)
+from .._records import DeadLetterItem, RetryItem
+from .base import (
+    ControlRecord,
+    DeadLetterField,
     RetryField,
     Store,
-    Succeeded,
 )
 
 __all__ = ["MemoryStore"]

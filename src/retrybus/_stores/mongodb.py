@@ -77,6 +77,15 @@ from .._errors import RecordRejected, StoreUnavailable
 from .._event import compact_json, encode_json
 from .._filters import DeadLetterFilter
 from .._groups import GroupCount, failure_group_key
+from .._outcomes import (
+    CorruptRecord,
+    Counters,
+    DeadLettered,
+    Outcome,
+    Rescheduled,
+    Succeeded,
+    corrupt_to_dead_letter,
+)
 from .._records import DeadLetterItem, RetryItem
 from ._codec import decode_or_corrupt
 from ._mongo_queries import (
@@ -90,16 +99,9 @@ from ._mongo_queries import earlier as _earlier
 from ._url import redact
 from .base import (
     ControlRecord,
-    CorruptRecord,
-    Counters,
-    DeadLettered,
     DeadLetterField,
-    Outcome,
-    Rescheduled,
     RetryField,
     Store,
-    Succeeded,
-    corrupt_to_dead_letter,
 )
 
 __all__ = ["MongoStore"]

@@ -48,22 +48,24 @@ import asyncpg  # type: ignore[import-untyped]
 
 from .._errors import RecordRejected, StoreUnavailable
 from .._event import compact_json
+from .._outcomes import (
+    CorruptRecord,
+    Counters,
+    DeadLettered,
+    Outcome,
+    Rescheduled,
+    Succeeded,
+    corrupt_to_dead_letter,
+)
 from .._records import DeadLetterItem, RetryItem
 from ._codec import decode_or_corrupt
 from ._queries import load_queries
 from ._url import redact, split
 from .base import (
     ControlRecord,
-    CorruptRecord,
-    Counters,
-    DeadLettered,
     DeadLetterField,
-    Outcome,
-    Rescheduled,
     RetryField,
     Store,
-    Succeeded,
-    corrupt_to_dead_letter,
 )
 
 if TYPE_CHECKING:

@@ -53,6 +53,15 @@ from .._errors import RecordRejected, RetrybusError, StoreUnavailable
 from .._event import compact_json, encode_json
 from .._filters import DeadLetterFilter
 from .._groups import GroupCount
+from .._outcomes import (
+    CorruptRecord,
+    Counters,
+    DeadLettered,
+    Outcome,
+    Rescheduled,
+    Succeeded,
+    corrupt_to_dead_letter,
+)
 from .._records import DeadLetterItem, RetryItem
 from ._codec import parse_text_time as _dt
 from ._codec import parse_text_time_or_none as _dt_or_none
@@ -62,16 +71,9 @@ from ._queries import load_queries
 from ._url import redact, split
 from .base import (
     ControlRecord,
-    CorruptRecord,
-    Counters,
-    DeadLettered,
     DeadLetterField,
-    Outcome,
-    Rescheduled,
     RetryField,
     Store,
-    Succeeded,
-    corrupt_to_dead_letter,
 )
 
 __all__ = ["RedisStore"]

@@ -24,6 +24,15 @@ from .._errors import RecordRejected, RetrybusError, StoreUnavailable, StoreUnus
 from .._event import compact_json, encode_json
 from .._filters import DeadLetterFilter
 from .._groups import GroupCount, failure_group_key
+from .._outcomes import (
+    CorruptRecord,
+    Counters,
+    DeadLettered,
+    Outcome,
+    Rescheduled,
+    Succeeded,
+    corrupt_to_dead_letter,
+)
 from .._records import DeadLetterItem, RetryItem
 from ._codec import decode_or_corrupt
 from ._codec import parse_text_time as _dt
@@ -35,16 +44,9 @@ from .base import (
     DEAD_LETTER_GROUP_FIELDS,
     RETRY_GROUP_FIELDS,
     ControlRecord,
-    CorruptRecord,
-    Counters,
-    DeadLettered,
     DeadLetterField,
-    Outcome,
-    Rescheduled,
     RetryField,
     Store,
-    Succeeded,
-    corrupt_to_dead_letter,
 )
 
 __all__ = ["SQLiteStore"]
