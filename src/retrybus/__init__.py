@@ -14,10 +14,12 @@ from ._clock import Clock, ManualClock, SystemClock
 from ._dead_letters import BulkResult, DeadLetterQueue
 from ._errors import (
     AmbiguousId,
+    AppNotFound,
     ItemBusy,
     ItemNotFound,
     PermanentError,
     RecordRejected,
+    RedriveConflict,
     RetryAfter,
     RetrybusError,
     StoreUnavailable,
@@ -49,6 +51,7 @@ _logging.getLogger("retrybus").addHandler(_logging.NullHandler())
 
 __all__ = [
     "AmbiguousId",
+    "AppNotFound",
     "BulkResult",
     "Clock",
     "DeadLetterFilter",
@@ -71,6 +74,7 @@ __all__ = [
     "PublishResult",
     "RecordRejected",
     "Redrive",
+    "RedriveConflict",
     "Redrives",
     "RetryAfter",
     "RetryItem",

@@ -231,10 +231,15 @@ class DeadLetterQueue:
         Raises ``ItemNotFound``, or ``UnknownHandler`` when no handler of its
         name is subscribed on this bus.
         """
-        item, _ok = await self._reprocess(item_id, actor)
+        item, _ok = await self.attempt_reprocess(item_id, actor=actor)
         return item
 
-    async def _reprocess(self, item_id: str, actor: str | None) -> tuple[DeadLetterItem, bool]:
+    async def attempt_reprocess(
+        self, item_id: str, *, actor: str | None = None
+    ) -> tuple[DeadLetterItem, bool]:
+        """``reprocess``, saying also whether the handler succeeded: the item as
+        stored afterwards, and True on success (an item processed before stays
+        processed when the handler fails again)."""
         _check_actor(actor)
         item = await self.get(item_id)
         subscription = self._bus.subscription(item.handler_name)
@@ -481,7 +486,7 @@ class DeadLetterQueue:
         missing: list[str] = []
         for item_id in _ids(ids):
             try:
-                item, ok = await self._reprocess(item_id, actor)
+                item, ok = await self.attempt_reprocess(item_id, actor=actor)
             except ItemNotFound:
                 missing.append(item_id)
             except (LookupError, ItemBusy) as exc:  # UnknownHandler, or held elsewhere

@@ -6,10 +6,12 @@ import math
 
 __all__ = [
     "AmbiguousId",
+    "AppNotFound",
     "ItemBusy",
     "ItemNotFound",
     "PermanentError",
     "RecordRejected",
+    "RedriveConflict",
     "RetryAfter",
     "RetrybusError",
     "StoreUnavailable",
@@ -62,6 +64,15 @@ class AmbiguousId(RetrybusError, LookupError):
         super().__init__(f"{prefix!r} starts more than one id: {shown}; give more of it")
         self.prefix = prefix
         self.matches = matches
+
+
+class AppNotFound(RetrybusError, ImportError):
+    """``module:attribute`` does not name an importable ``EventBus`` (the worker's
+    and the dashboard's ``APP``); the message says which part is wrong."""
+
+
+class RedriveConflict(RetrybusError):
+    """The redrive changed under this operation (another process acted on it)."""
 
 
 class ItemBusy(RetrybusError):

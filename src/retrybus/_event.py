@@ -200,7 +200,7 @@ class Event:
         setter(self, "_data_json", data_json)
 
     @classmethod
-    def _from_stored(
+    def from_stored(
         cls,
         *,
         type: str,
@@ -211,7 +211,8 @@ class Event:
         subject: str | None,
         extensions: Mapping[str, str],
     ) -> Event:
-        """Rebuild an event read back from a store, skipping checks it already passed."""
+        """Rebuild an event read back from a store, skipping the checks it passed
+        when it was first built (for store engines and records, not for new events)."""
         event = object.__new__(cls)
         setter = object.__setattr__
         setter(event, "type", type)

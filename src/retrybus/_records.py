@@ -191,7 +191,7 @@ class RetryItem:
     def to_event(self) -> Event:
         """The event as it was published, rebuilt exactly, with a payload of its own
         (a handler that changes it changes nothing stored)."""
-        return Event._from_stored(
+        return Event.from_stored(
             type=self.event_type,
             data=json.loads(compact_json(self.event_data)),
             source=self.event_source,
@@ -330,7 +330,7 @@ class DeadLetterItem:
     def to_event(self) -> Event:
         """The event as it was published, rebuilt exactly, with a payload of its own
         (a handler that changes it changes nothing stored)."""
-        return Event._from_stored(
+        return Event.from_stored(
             type=self.event_type,
             data=json.loads(compact_json(self.event_data)),
             source=self.event_source,

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ._errors import RetrybusError
 from ._filters import DeadLetterFilter
 
-__all__ = ["ACTIONS", "ACTIVE", "FINAL", "STATES", "Redrive", "RedriveConflict", "parse_rate"]
+__all__ = ["ACTIONS", "ACTIVE", "FINAL", "STATES", "Redrive", "parse_rate"]
 
 ACTIONS = ("requeue", "reprocess")
 ACTIVE = ("probing", "running")
@@ -148,10 +147,6 @@ class Redrive:
             last_step_at=_time(data.get("last_step_at")),
             version=version,
         )
-
-
-class RedriveConflict(RetrybusError):
-    """The redrive changed under this operation (another process acted on it)."""
 
 
 def parse_rate(text: str | float | None) -> float | None:

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Unpack
 
-from ._errors import ItemBusy, ItemNotFound, StoreUnavailable, UnknownHandler
+from ._errors import ItemBusy, ItemNotFound, RedriveConflict, StoreUnavailable, UnknownHandler
 from ._filters import DeadLetterFilter, FilterFields, filter_from
 from ._records import dead_letter_id_for
-from ._redrive import ACTIONS, FINAL, Redrive, RedriveConflict, parse_rate
+from ._redrive import ACTIONS, FINAL, Redrive, parse_rate
 
 if TYPE_CHECKING:
     from ._bus import EventBus
@@ -393,7 +393,7 @@ class Redrives:
                 taken.retry_ids.append(retry_item.id)
                 continue
             try:
-                updated, ok = await self._bus.dead_letters._reprocess(item.id, actor)
+                updated, ok = await self._bus.dead_letters.attempt_reprocess(item.id, actor=actor)
             except (ItemNotFound, ItemBusy):
                 continue
             except UnknownHandler as exc:

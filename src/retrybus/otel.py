@@ -291,7 +291,7 @@ class OpenTelemetryTracing:
             extensions = {"traceparent": _traceparent(span_context)}
             if span_context.trace_state:
                 extensions["tracestate"] = span_context.trace_state.to_header()
-            event = event._with_checked_extensions(extensions)
+            event = event.with_extensions(extensions)
         return _PublishSpan(span, event)
 
     def delivery(

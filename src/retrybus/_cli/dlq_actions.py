@@ -308,7 +308,7 @@ def reprocess_dead_letters(
             (item_id,) = targets
             before = await bus.dead_letters.get(item_id)
             bus.subscription(before.handler_name)  # UnknownHandler before the call, not after
-            after, succeeded = await bus.dead_letters._reprocess(item_id, actor_name())
+            after, succeeded = await bus.dead_letters.attempt_reprocess(item_id, actor=actor_name())
             if json:
                 echo_json({**record_to_dict(after), "reprocess_succeeded": succeeded})
             elif succeeded:

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from .._bus import EventBus
-from .._errors import StoreUnavailable
+from .._errors import AppNotFound, StoreUnavailable
 from .._stores import Store, open_store
 
 __all__ = [
@@ -68,9 +68,12 @@ def build_bus(store_url: str | None, app: str | None, app_dir: str = ".") -> Eve
     if app is None:
         assert store is not None
         return EventBus(store)
-    from .loading import load_bus
+    from .._loading import load_bus
 
-    bus = load_bus(app, app_dir)
+    try:
+        bus = load_bus(app, app_dir)
+    except AppNotFound as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     if store is not None:
         bus.use_store(store)
     return bus

@@ -20,7 +20,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._bus import EventBus
-from .._errors import ItemBusy, RetrybusError, StoreUnavailable
+from .._errors import AppNotFound, ItemBusy, RetrybusError, StoreUnavailable
 from .._history import DEFAULT_INTERVAL, DepthHistory
 from .._stores import Store, open_store
 from . import _actions, _metrics, _pages
@@ -75,12 +75,11 @@ def _resolve_bus(
 ) -> tuple[EventBus, bool]:
     """The bus to show, and whether the dashboard owns it (and closes its store)."""
     if isinstance(app, str):
-        from .._cli.loading import load_bus
-        from .._cli.session import CliError
+        from .._loading import load_bus
 
         try:
             loaded = load_bus(app, app_dir)
-        except CliError as exc:
+        except AppNotFound as exc:
             raise ValueError(str(exc)) from None
         if isinstance(bus_or_store_url, str):
             loaded.use_store(open_store(bus_or_store_url))
