@@ -615,7 +615,8 @@ async def test_a_failing_tracing_back_end_never_loses_a_delivery(
     assert await worker.run_once() == 1
     assert await bus.retry_queue.count() == 0
     assert calls == 4
-    assert any("failed in DeliverySpan.__enter__()" in r.getMessage() for r in caplog.records)
+    # the observer failing in each hook is logged once per hook (here: the span's __enter__)
+    assert any("failed in call_started()" in r.getMessage() for r in caplog.records)
 
 
 class FailingProcessor(SpanProcessor):

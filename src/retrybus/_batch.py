@@ -7,16 +7,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ._outcomes import DeadLettered, Outcome
+from ._outcomes import outcome_id
 from ._records import RetryItem
 
 if TYPE_CHECKING:
-    from ._observe import DeliverySpan
-
-
-def outcome_id(outcome: Outcome) -> str:
-    """The id of the retry item an outcome is for."""
-    return outcome.item_id if isinstance(outcome, DeadLettered) else outcome.item.id
+    from ._delivery import Attempted
 
 
 @dataclass(eq=False)
@@ -32,14 +27,12 @@ class ClaimedBatch:
     items: list[RetryItem]
     #: when (time.monotonic()) the leases run out unless a heartbeat extends them
     lease_deadline: float = 0.0
-    pending: list[Outcome] = field(default_factory=list)
+    pending: list[Attempted] = field(default_factory=list)
     handled: set[str] = field(default_factory=set)
     started: int = 0
     finished: bool = False
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    #: the retry spans waiting for their outcome to be written (tracing on)
-    spans: dict[str, tuple[DeliverySpan, str, str | None]] = field(default_factory=dict)
     _queue: Iterator[RetryItem] | None = None
 
     def next_item(self) -> RetryItem | None:
@@ -51,9 +44,9 @@ class ClaimedBatch:
             self.started += 1
         return item
 
-    def add(self, outcome: Outcome) -> None:
-        self.pending.append(outcome)
-        self.handled.add(outcome_id(outcome))
+    def add(self, attempted: Attempted) -> None:
+        self.pending.append(attempted)
+        self.handled.add(outcome_id(attempted.outcome))
         self.ready.set()
 
     def finish(self) -> None:
@@ -62,7 +55,7 @@ class ClaimedBatch:
         self.ready.set()
         self.done.set()
 
-    def take_pending(self) -> list[Outcome]:
+    def take_pending(self) -> list[Attempted]:
         outcomes, self.pending = self.pending, []
         return outcomes
 
@@ -72,5 +65,5 @@ class ClaimedBatch:
 
     def unwritten_ids(self) -> list[str]:
         """Claimed items whose outcome is not yet on its way to the store."""
-        written = self.handled.difference(outcome_id(outcome) for outcome in self.pending)
+        written = self.handled.difference(outcome_id(a.outcome) for a in self.pending)
         return [item.id for item in self.items if item.id not in written]

@@ -3,37 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
-import logging
-import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from datetime import timedelta
+from typing import TYPE_CHECKING, TypeVar
 
 from ._clock import Clock, SystemClock
+from ._core import BusCore
 from ._dead_letters import DeadLetterQueue
-from ._decision import decide
-from ._errors import StoreUnavailable, UnknownHandler
+from ._delivery import Attempted, call_observed, call_plain, failure_outcome, first_record
+from ._errors import UnknownHandler
 from ._event import Event
 from ._filters import DeadLetterFilter
-from ._guards import GuardedMetrics, GuardedTracing, guarded
-from ._handlers import Handler, HandlerRegistry, Subscription, stops_the_caller
-from ._observe import (
-    NO_METRICS,
-    DeliverySpan,
-    Metrics,
-    Tracing,
-    end_quietly,
-    last_failed_attempt,
-    log_fields,
-    reason_kind,
-    timed_call,
-    trace_metadata,
-)
+from ._handlers import Handler, Subscription
+from ._ledger import DeadLetterHook
+from ._observe import Metrics, Tracing
+from ._observers import Delivery, Publication
+from ._outcomes import DeadLettered, Rescheduled
 from ._policy import ExponentialBackoff, RetryPolicy
 from ._queues import RetryQueue
-from ._records import DeadLetterItem, ErrorInfo, RetryItem
+from ._records import DeadLetterItem, RetryItem
 from ._stats import Stats
 from ._stores.base import Store
 from ._stores.memory import MemoryStore
@@ -43,15 +32,9 @@ if TYPE_CHECKING:
 
 __all__ = ["EventBus", "PublishResult"]
 
-logger = logging.getLogger("retrybus")
-
 H = TypeVar("H", bound=Handler)
-DeadLetterHook = Callable[[DeadLetterItem], Awaitable[Any]] | Callable[[DeadLetterItem], Any]
 
 DEFAULT_STORE_TIMEOUT = 5.0
-_FIRST_PAUSE = 0.05
-_LONGEST_PAUSE = 1.0
-
 SEVEN_DAYS = 7 * 24 * 3600.0
 THIRTY_DAYS = 30 * 24 * 3600.0
 
@@ -72,38 +55,6 @@ class PublishResult:
     def ok(self) -> bool:
         """Every matching handler succeeded on the first call."""
         return not self.retrying and not self.dead_lettered
-
-
-async def _call(subscription: Subscription, event: Event) -> BaseException | None:
-    try:
-        await subscription.call(event.copy())
-    except BaseException as exc:
-        if stops_the_caller(exc):
-            raise
-        return exc
-    return None
-
-
-async def _observed_call(
-    subscription: Subscription,
-    event: Event,
-    metrics: Metrics | None,
-    tracing: Tracing | None = None,
-    started: list[tuple[str, DeliverySpan]] | None = None,
-) -> BaseException | None:
-    """``_call`` timed for metrics, inside a handler span when tracing; the span
-    of a failed call is left open for its outcome. Spans are listed in
-    ``started`` as soon as they exist."""
-    span = None
-    if tracing is not None and started is not None:
-        span = tracing.delivery(event, subscription.name, kind="publish", attempt=0)
-        started.append((subscription.name, span))
-    error, seconds = await timed_call(subscription.call, event.copy(), span)
-    if span is not None and error is None:
-        end_quietly(span, "success")  # nothing to record: its outcome is known now
-    if metrics is not None:
-        metrics.handled(event.type, subscription.name, error is None, seconds)
-    return error
 
 
 class EventBus:
@@ -162,60 +113,73 @@ class EventBus:
             raise ValueError(
                 f"store_timeout must be a number of seconds >= 0, got {store_timeout!r}"
             )
-        self.store_timeout = float(store_timeout)
-        self._store: Store = store if store is not None else MemoryStore()
-        self.default_policy: RetryPolicy = default_policy or ExponentialBackoff()
-        self.clock: Clock = clock or SystemClock()
-        self.retry_retention = retry_retention
-        self.dead_letter_retention = dead_letter_retention
-        self._registry = HandlerRegistry()
-        self._hooks: list[DeadLetterHook] = []
-        self._schedule_listeners: list[Callable[[datetime], None]] = []
-        self.retry_queue = RetryQueue(self)
-        self.dead_letters = DeadLetterQueue(self)
+        self._core = BusCore(
+            store if store is not None else MemoryStore(),
+            default_policy=default_policy or ExponentialBackoff(),
+            clock=clock or SystemClock(),
+            retry_retention=retry_retention,
+            dead_letter_retention=dead_letter_retention,
+            store_timeout=float(store_timeout),
+        )
+        self.retry_queue = RetryQueue(self._core)
+        self.dead_letters = DeadLetterQueue(self._core)
         self._redrives: Redrives | None = None
-        self._metrics: Metrics | None = None  # what the bus calls (guarded)
-        self._metrics_given: Metrics | None = None  # what it was given
-        self._tracing: Tracing | None = None  # what the bus calls (guarded)
-        self._tracing_given: Tracing | None = None
-        self._observed = False  # either of them set: publish takes the observed path
         self.instrument(metrics=metrics, tracing=tracing)
+
+    @property
+    def core(self) -> BusCore:
+        """What this bus's queues and workers share (store, clock, handlers,
+        observers, ledger); for workers and tools built on the bus."""
+        return self._core
+
+    @property
+    def default_policy(self) -> RetryPolicy:
+        """The policy of handlers subscribed without one."""
+        return self._core.default_policy
+
+    @property
+    def clock(self) -> Clock:
+        """Where the bus, its queues and workers read the time."""
+        return self._core.clock
+
+    @property
+    def retry_retention(self) -> float | None:
+        """Seconds a retry item may wait before a worker moves it to the DLQ."""
+        return self._core.retry_retention
+
+    @property
+    def dead_letter_retention(self) -> float | None:
+        """Seconds a dead letter is kept before a worker deletes it."""
+        return self._core.dead_letter_retention
+
+    @property
+    def store_timeout(self) -> float:
+        """Seconds ``publish`` retries its store write through an outage."""
+        return self._core.store_timeout
 
     def instrument(self, *, metrics: Metrics | None = None, tracing: Tracing | None = None) -> None:
         """Report to ``metrics`` and/or trace with ``tracing`` from now on (each
         replaces the one set before; None leaves it as it is)."""
-        if metrics is not None:
-            if not isinstance(metrics, Metrics):
-                raise TypeError(
-                    f"metrics must implement retrybus.Metrics (see retrybus.prometheus), "
-                    f"got {metrics!r}"
-                )
-            self._metrics_given = metrics
-            self._metrics = guarded(metrics, GuardedMetrics)
-        if tracing is not None:
-            if not isinstance(tracing, Tracing):
-                raise TypeError(
-                    f"tracing must implement retrybus.Tracing (see retrybus.otel), got {tracing!r}"
-                )
-            self._tracing_given = tracing
-            self._tracing = guarded(tracing, GuardedTracing)
-        self._observed = self._metrics is not None or self._tracing is not None
-
-    def _active_tracing(self) -> Tracing | None:
-        """The (guarded) tracing to use now: None when off, or while its spans
-        would go nowhere (no SDK set up)."""
-        tracing = self._tracing
-        return tracing if tracing is not None and tracing.active else None
+        if metrics is not None and not isinstance(metrics, Metrics):
+            raise TypeError(
+                f"metrics must implement retrybus.Metrics (see retrybus.prometheus), "
+                f"got {metrics!r}"
+            )
+        if tracing is not None and not isinstance(tracing, Tracing):
+            raise TypeError(
+                f"tracing must implement retrybus.Tracing (see retrybus.otel), got {tracing!r}"
+            )
+        self._core.instrument(metrics, tracing)
 
     @property
     def metrics(self) -> Metrics | None:
         """Where this bus reports its metrics (None: nowhere)."""
-        return self._metrics_given
+        return self._core.metrics
 
     @property
     def tracing(self) -> Tracing | None:
         """What starts this bus's spans (None: no tracing)."""
-        return self._tracing_given
+        return self._core.tracing
 
     @property
     def redrives(self) -> Redrives:
@@ -230,20 +194,20 @@ class EventBus:
     @property
     def store(self) -> Store:
         """The store holding the retry queue and the dead letter queue."""
-        return self._store
+        return self._core.store
 
     def use_store(self, store: Store) -> None:
         """Switch to another store (for example the one ``retrybus worker --store`` names)."""
         if not isinstance(store, Store):
             raise TypeError(f"store must be a retrybus store (see open_store), got {store!r}")
-        self._store = store
+        self._core.store = store
 
     async def close(self) -> None:
         """Close the store."""
-        await self._store.close()
+        await self._core.store.close()
 
     async def __aenter__(self) -> EventBus:
-        await self._store.connect()
+        await self._core.store.connect()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -266,7 +230,7 @@ class EventBus:
         bus: retries find the handler by it. ``policy`` overrides the bus's
         ``default_policy`` for this handler.
         """
-        return self._registry.add(pattern, handler, name=name, policy=policy)
+        return self._core.registry.add(pattern, handler, name=name, policy=policy)
 
     def handler(
         self,
@@ -285,12 +249,12 @@ class EventBus:
 
     def unsubscribe(self, name: str) -> None:
         """Remove the handler called ``name``; raises ``UnknownHandler``."""
-        if self._registry.remove(name) is None:
+        if self._core.registry.remove(name) is None:
             raise UnknownHandler(name)
 
     def subscription(self, name: str) -> Subscription:
         """The subscription of the handler called ``name``; raises ``UnknownHandler``."""
-        subscription = self._registry.get(name)
+        subscription = self._core.subscription(name)
         if subscription is None:
             raise UnknownHandler(name)
         return subscription
@@ -298,14 +262,11 @@ class EventBus:
     @property
     def handler_names(self) -> list[str]:
         """Names of the subscribed handlers, in subscription order."""
-        return self._registry.names()
+        return self._core.registry.names()
 
     def policy_for(self, handler_name: str) -> RetryPolicy:
         """The policy that governs ``handler_name`` (the bus default if it has none)."""
-        subscription = self._registry.get(handler_name)
-        if subscription is not None and subscription.policy is not None:
-            return subscription.policy
-        return self.default_policy
+        return self._core.policy_for(handler_name)
 
     def on_dead_letter(self, callback: DeadLetterHook) -> DeadLetterHook:
         """Call ``callback(item)`` (plain or async) for each new dead letter, for
@@ -313,7 +274,7 @@ class EventBus:
         Usable as a decorator."""
         if not callable(callback):
             raise TypeError(f"on_dead_letter needs a callable, got {callback!r}")
-        self._hooks.append(callback)
+        self._core.ledger.add_dead_letter_hook(callback)
         return callback
 
     # publishing ------------------------------------------------------------
@@ -329,247 +290,118 @@ class EventBus:
         """
         if not isinstance(event, Event):
             raise TypeError(f"publish takes a retrybus.Event, got {event!r}")
-        if self._observed:
-            return await self._publish_observed(event)
-        subscriptions = self._registry.match(event.type)
+        core = self._core
+        subscriptions = core.registry.match(event.type)
+        if core.observers.watch_calls:
+            return await self._publish_observed(event, subscriptions)
         if not subscriptions:
             return PublishResult(event)
         if len(subscriptions) == 1:
-            errors: list[BaseException | None] = [await _call(subscriptions[0], event)]
+            errors: list[BaseException | None] = [await call_plain(subscriptions[0], event)]
         else:
-            errors = list(await asyncio.gather(*(_call(s, event) for s in subscriptions)))
+            errors = list(await asyncio.gather(*(call_plain(s, event) for s in subscriptions)))
         if not any(errors):
             return PublishResult(event, tuple(s.name for s in subscriptions))
-        return await self._record_failures(event, subscriptions, errors)
+        return await self._record_failures(event, subscriptions, errors, None, None)
 
-    async def _publish_observed(self, event: Event) -> PublishResult:
-        """``publish`` with a span around it and the handlers' calls, and metrics."""
-        metrics, tracing = self._metrics, self._active_tracing()
-        if tracing is None:
-            return await self._publish_metered(event, metrics or NO_METRICS)
-        span = tracing.publish(event)
-        event = span.event  # now carrying its traceparent
-        started: list[tuple[str, DeliverySpan]] = []
+    async def _publish_observed(
+        self, event: Event, subscriptions: tuple[Subscription, ...]
+    ) -> PublishResult:
+        """``publish`` with its observers told at each point (metrics, tracing)."""
+        observers = self._core.observers
+        publication = Publication(event)
+        observers.publish_started(publication)
+        event = publication.event  # tracing gave it its traceparent
+        if len(subscriptions) == 1:
+            deliveries = [Delivery("publish", event, subscriptions[0].name, 0)]
+        else:
+            deliveries = [Delivery("publish", event, s.name, 0) for s in subscriptions]
         try:
-            if metrics is not None:
-                metrics.published(event.type)
-            subscriptions = self._registry.match(event.type)
-            calls = [_observed_call(s, event, metrics, tracing, started) for s in subscriptions]
-            if not calls:
-                errors: list[BaseException | None] = []
-            elif len(calls) == 1:
-                errors = [await calls[0]]
+            if len(subscriptions) == 1:
+                delivery = deliveries[0]
+                await call_observed(
+                    subscriptions[0], delivery, observers, event.copy(), nothing_to_write=True
+                )
+                failed = delivery.error is not None
             else:
-                errors = list(await asyncio.gather(*calls))
-            if any(errors):
+                await asyncio.gather(
+                    *(
+                        call_observed(s, d, observers, event.copy(), nothing_to_write=True)
+                        for s, d in zip(subscriptions, deliveries, strict=True)
+                    )
+                )
+                failed = any(delivery.error is not None for delivery in deliveries)
+            if failed:
                 result = await self._record_failures(
-                    event, subscriptions, errors, dict(started), span.traceparent
+                    event,
+                    subscriptions,
+                    [delivery.error for delivery in deliveries],
+                    deliveries,
+                    publication.traceparent,
                 )
             else:
                 result = PublishResult(event, tuple(s.name for s in subscriptions))
         except BaseException as exc:
-            for _name, delivery in started:
-                end_quietly(delivery, "error")
-            end_quietly(span, exc)
+            for delivery in deliveries:
+                if delivery.error is not None:  # a failure whose outcome was never written
+                    observers.recorded(delivery, None, "failure", "error")
+            observers.publish_ended(publication, exc)
             raise
-        reasons = {dead.handler_name: dead.reason for dead in result.dead_letters}
-        for name, delivery in started:  # the successful ones have ended already
-            if name in reasons:
-                end_quietly(delivery, "dead_letter", reasons[name])
-            elif name in result.retrying:
-                end_quietly(delivery, "retry")
-        end_quietly(span)
+        if observers.watching_publish_ends:
+            observers.publish_ended(publication, None)
         return result
-
-    async def _publish_metered(self, event: Event, metrics: Metrics) -> PublishResult:
-        """``publish`` reporting to ``metrics`` (without tracing: the lean path)."""
-        metrics.published(event.type)
-        subscriptions = self._registry.match(event.type)
-        if not subscriptions:
-            return PublishResult(event)
-        if len(subscriptions) == 1:
-            subscription = subscriptions[0]
-            start = time.perf_counter()
-            error = await _call(subscription, event)
-            seconds = time.perf_counter() - start
-            metrics.handled(event.type, subscription.name, error is None, seconds)
-            if error is None:
-                return PublishResult(event, (subscription.name,))
-            errors: list[BaseException | None] = [error]
-        else:
-            errors = list(
-                await asyncio.gather(*(_observed_call(s, event, metrics) for s in subscriptions))
-            )
-            if not any(errors):
-                return PublishResult(event, tuple(s.name for s in subscriptions))
-        return await self._record_failures(event, subscriptions, errors)
 
     async def _record_failures(
         self,
         event: Event,
         subscriptions: tuple[Subscription, ...],
         errors: list[BaseException | None],
-        spans: dict[str, DeliverySpan] | None = None,
-        publish: str | None = None,
+        deliveries: list[Delivery] | None,
+        publisher: str | None,
     ) -> PublishResult:
-        now = self.clock.now()
+        """Decide and store what follows each failed first call, then the result."""
+        core = self._core
+        now = core.clock.now()
         succeeded: list[str] = []
-        retry_items: list[RetryItem] = []
-        dead_letters: list[DeadLetterItem] = []
-        for subscription, error in zip(subscriptions, errors, strict=True):
+        attempted: list[Attempted] = []
+        for index, (subscription, error) in enumerate(zip(subscriptions, errors, strict=True)):
             if error is None:
                 succeeded.append(subscription.name)
                 continue
-            policy = subscription.policy or self.default_policy
-            decision = decide(policy, error, 1, now, now)
-            info = ErrorInfo.from_exception(error)
-            span = spans.get(subscription.name) if spans else None
-            attempt = None if span is None else span.traceparent
-            metadata = trace_metadata(publish, attempt)
-            if decision.next_retry is not None:
-                retry_items.append(
-                    RetryItem.for_failure(
-                        event,
-                        subscription.name,
-                        info,
-                        attempt=1,
-                        max_retries=policy.max_retries,
-                        next_retry=decision.next_retry,
-                        now=now,
-                        metadata=metadata,
-                    )
-                )
-                logger.info(
-                    "handler %s failed for event %s (%s), retry 1 in %.3gs: %s",
-                    subscription.name,
-                    event.id,
-                    event.type,
-                    decision.delay,
-                    info.message,
-                    extra=log_fields(event.id, event.type, subscription.name, 1, attempt),
-                )
-            else:
-                dead_letters.append(
-                    DeadLetterItem.for_failure(
-                        event,
-                        subscription.name,
-                        info,
-                        reason=decision.reason,
-                        attempt=0,
-                        max_retries=policy.max_retries,
-                        now=now,
-                        metadata=metadata,
-                    )
-                )
-        await self._record_durably(retry_items, dead_letters, event)
-        if retry_items:
-            if self._metrics is not None:
-                for item in retry_items:
-                    self._metrics.retry_scheduled(item.event_type, item.handler_name)
-            self._retry_scheduled(min(item.next_retry for item in retry_items))
-        await self._announce_dead_letters(dead_letters)
+            policy = subscription.policy or core.default_policy
+            record = first_record(event, subscription.name, policy.max_retries, now, publisher)
+            delivery = None if deliveries is None else deliveries[index]
+            traceparent = None if delivery is None else delivery.traceparent
+            attempted.append(
+                Attempted(failure_outcome(record, error, policy, now, traceparent), delivery)
+            )
+        await core.ledger.record_first_failures(attempted, f"event {event.id} ({event.type})")
+        retry_items = tuple(a.outcome.item for a in attempted if isinstance(a.outcome, Rescheduled))
+        dead_letters = tuple(
+            a.outcome.dead_letter for a in attempted if isinstance(a.outcome, DeadLettered)
+        )
         return PublishResult(
             event,
             tuple(succeeded),
             tuple(item.handler_name for item in retry_items),
             tuple(item.handler_name for item in dead_letters),
-            tuple(retry_items),
-            tuple(dead_letters),
+            retry_items,
+            dead_letters,
         )
-
-    async def _record_durably(
-        self,
-        retry_items: list[RetryItem],
-        dead_letters: list[DeadLetterItem],
-        event: Event,
-    ) -> None:
-        """Write a publish's failures, retrying through a store outage for up to
-        ``store_timeout`` seconds (the write is safe to repeat: ids already stored
-        are skipped) before ``StoreUnavailable`` reaches the publisher."""
-        started = time.monotonic()
-        pause = _FIRST_PAUSE
-        while True:
-            try:
-                await self._store.record_failures(retry_items, dead_letters)
-            except StoreUnavailable as exc:
-                remaining = self.store_timeout - (time.monotonic() - started)
-                if remaining <= 0:
-                    raise
-                if pause == _FIRST_PAUSE:  # once per publish
-                    logger.warning(
-                        "publish of event %s (%s): %s; retrying for up to %gs",
-                        event.id,
-                        event.type,
-                        exc,
-                        self.store_timeout,
-                    )
-                await asyncio.sleep(min(pause, remaining))  # the last try at the deadline
-                pause = min(pause * 2, _LONGEST_PAUSE)
-            else:
-                return
 
     # monitoring ------------------------------------------------------------
 
     async def stats(self) -> Stats:
         """Queue sizes, retry success rate and average attempts (the seed's monitoring),
         and how many retries fall due within a minute and an hour."""
-        counters = await self._store.counters()
-        now = self.clock.now()
+        store = self._core.store
+        counters = await store.counters()
+        now = self._core.clock.now()
         return Stats.from_counts(
-            retry_queue_size=await self._store.retry_count(),
-            dead_letter_queue_size=await self._store.count_dead(DeadLetterFilter()),
-            unprocessed_dead_letters=await self._store.count_dead(
-                DeadLetterFilter(processed=False)
-            ),
+            retry_queue_size=await store.retry_count(),
+            dead_letter_queue_size=await store.count_dead(DeadLetterFilter()),
+            unprocessed_dead_letters=await store.count_dead(DeadLetterFilter(processed=False)),
             counters=counters,
-            due_within_minute=await self._store.count_due(now + timedelta(minutes=1)),
-            due_within_hour=await self._store.count_due(now + timedelta(hours=1)),
+            due_within_minute=await store.count_due(now + timedelta(minutes=1)),
+            due_within_hour=await store.count_due(now + timedelta(hours=1)),
         )
-
-    # between the bus, its queues and workers -------------------------------
-
-    def _add_schedule_listener(self, listener: Callable[[datetime], None]) -> None:
-        self._schedule_listeners.append(listener)
-
-    def _remove_schedule_listener(self, listener: Callable[[datetime], None]) -> None:
-        if listener in self._schedule_listeners:
-            self._schedule_listeners.remove(listener)
-
-    def _retry_scheduled(self, when: datetime) -> None:
-        for listener in self._schedule_listeners:
-            listener(when)
-
-    async def _announce_dead_letters(self, items: Iterable[DeadLetterItem]) -> None:
-        metrics = self._metrics
-        for item in items:
-            if metrics is not None:
-                metrics.dead_lettered(item.event_type, item.handler_name, reason_kind(item.reason))
-            logger.warning(
-                "dead-lettered event %s (%s) for handler %s: %s (%s)",
-                item.event_id,
-                item.event_type,
-                item.handler_name,
-                item.reason,
-                item.error,
-                extra={
-                    **log_fields(
-                        item.event_id,
-                        item.event_type,
-                        item.handler_name,
-                        item.attempt,
-                        last_failed_attempt(item.metadata),
-                    ),
-                    "reason": item.reason,
-                },
-            )
-            for hook in self._hooks:
-                try:
-                    outcome = hook(item)
-                    if inspect.isawaitable(outcome):
-                        await outcome
-                except Exception:
-                    logger.exception(
-                        "on_dead_letter hook %r failed for dead letter %s; the dead letter is kept",
-                        hook,
-                        item.id,
-                    )

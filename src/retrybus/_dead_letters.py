@@ -11,27 +11,20 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Unpack
 
-from ._errors import AmbiguousId, ItemBusy, ItemNotFound
+from ._delivery import call_observed
+from ._errors import AmbiguousId, ItemBusy, ItemNotFound, UnknownHandler
 from ._event import check_text, encode_json, printable
 from ._filters import DeadLetterFilter, FilterFields, FilterFieldsExceptProcessed, filter_from
 from ._groups import FailureGroup, GroupCount, message_shape
-from ._observe import (
-    DeliverySpan,
-    end_quietly,
-    failed_attempts,
-    last_failed_attempt,
-    log_fields,
-    publisher,
-    record_span,
-    timed_call,
-    with_failed_attempt,
-)
+from ._observe import last_failed_attempt, log_fields, with_failed_attempt
+from ._observers import Delivery
 from ._queues import _check_page
 from ._records import DeadLetterItem, ErrorInfo, RetryItem
 from ._stores.base import DEAD_LETTER_GROUP_FIELDS
 
 if TYPE_CHECKING:
-    from ._bus import EventBus
+    from ._core import BusCore
+    from ._handlers import Subscription
 
 __all__ = ["BulkResult", "DeadLetterQueue"]
 
@@ -86,8 +79,8 @@ class DeadLetterQueue:
     ``DeadLetterFilter`` as ``where=``.
     """
 
-    def __init__(self, bus: EventBus) -> None:
-        self._bus = bus
+    def __init__(self, core: BusCore) -> None:
+        self._core = core
 
     async def add(
         self,
@@ -104,12 +97,11 @@ class DeadLetterQueue:
             raise ValueError("a dead letter needs a reason")
         dead = item.to_dead_letter(
             reason=printable(reason),
-            now=self._bus.clock.now(),
+            now=self._core.clock.now(),
             error=None if error is None else ErrorInfo.coerce(error),
             copy=True,
         )
-        await self._bus.store.record_failures([], [dead])
-        await self._bus._announce_dead_letters([dead])
+        await self._core.ledger.add_dead_letters([dead])
         return dead
 
     # browsing --------------------------------------------------------------
@@ -126,11 +118,11 @@ class DeadLetterQueue:
         filter's fields as keyword arguments: ``event_type=``, ``processed=`` …)."""
         _check_page(limit, offset)
         selected = filter_from(where, fields)
-        return await self._bus.store.list_dead(selected, limit=limit, offset=offset)
+        return await self._core.store.list_dead(selected, limit=limit, offset=offset)
 
     async def get(self, item_id: str) -> DeadLetterItem:
         """The dead letter with this id; raises ``ItemNotFound``."""
-        item = await self._bus.store.get_dead(item_id)
+        item = await self._core.store.get_dead(item_id)
         if item is None:
             raise ItemNotFound(item_id)
         return item
@@ -141,9 +133,9 @@ class DeadLetterQueue:
         does and ``AmbiguousId``, listing them, when several do."""
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"a dead letter id must be a non-empty string, got {prefix!r}")
-        if await self._bus.store.get_dead(prefix) is not None:
+        if await self._core.store.get_dead(prefix) is not None:
             return prefix
-        found = await self._bus.store.find_dead_ids(prefix, limit=11)
+        found = await self._core.store.find_dead_ids(prefix, limit=11)
         if not found:
             raise ItemNotFound(prefix)
         if len(found) > 1:
@@ -160,7 +152,7 @@ class DeadLetterQueue:
         """How many dead letters there are (optionally only processed or
         unprocessed ones, or those matching ``where`` and the filter fields given
         as keyword arguments)."""
-        return await self._bus.store.count_dead(
+        return await self._core.store.count_dead(
             filter_from(where, {**fields, "processed": processed})
         )
 
@@ -181,7 +173,7 @@ class DeadLetterQueue:
             )
         _check_page(limit, 0)
         selected = filter_from(where, fields)
-        return await self._bus.store.group_dead(field, selected, limit=limit)  # type: ignore[arg-type]
+        return await self._core.store.group_dead(field, selected, limit=limit)  # type: ignore[arg-type]
 
     async def groups(
         self,
@@ -197,9 +189,9 @@ class DeadLetterQueue:
         counted = await self.counts_by("failure_group", where, limit=limit)
         groups: builtins.list[FailureGroup] = []
         for group in counted:
-            sample = await self._bus.store.get_dead(group.sample_id)
+            sample = await self._core.store.get_dead(group.sample_id)
             if sample is None:  # deleted since it was counted: take any other
-                others = await self._bus.store.list_dead(
+                others = await self._core.store.list_dead(
                     filter_from(where, {"failure_group": group.key}), limit=1, offset=0
                 )
                 if not others:
@@ -242,56 +234,38 @@ class DeadLetterQueue:
         processed when the handler fails again)."""
         _check_actor(actor)
         item = await self.get(item_id)
-        subscription = self._bus.subscription(item.handler_name)
+        subscription = self._core.subscription(item.handler_name)
+        if subscription is None:
+            raise UnknownHandler(item.handler_name)
         claim = await self._claim(item_id, actor)
         try:
-            return await self._call_and_record(item, subscription.call, actor)
+            return await self._call_and_record(item, subscription, actor)
         finally:
             await self._release(item_id, claim)
 
     async def _call_and_record(
-        self, item: DeadLetterItem, call: Any, actor: str | None
+        self, item: DeadLetterItem, subscription: Subscription, actor: str | None
     ) -> tuple[DeadLetterItem, bool]:
-        now = self._bus.clock.now()
+        now = self._core.clock.now()
         metadata: dict[str, Any] = dict(item.metadata)
         metadata["reprocess_count"] = int(metadata.get("reprocess_count", 0)) + 1
         metadata["last_reprocessed_at"] = now.isoformat()
         if actor is not None:
             metadata["last_reprocessed_by"] = actor
         event = item.to_event()
-        metrics = self._bus._metrics
-        span = record_span(
-            self._bus._active_tracing(),
-            event,
-            item.handler_name,
-            "reprocess",
-            item.attempt,
-            item.metadata,
-        )
-        error, seconds = await timed_call(call, event, span)
-        ok = error is None
-        try:
-            if metrics is not None:
-                metrics.handled(item.event_type, item.handler_name, ok, seconds)
-            updated = self._after_reprocess(item, error, metadata, span)
-            if not await self._bus.store.update_dead(updated):
-                raise ItemNotFound(item.id)
-        except BaseException:
-            if span is not None:
-                end_quietly(span, "error")
-            raise
-        if span is not None:
-            end_quietly(span, "success" if ok else "failure")
-        if metrics is not None:
-            metrics.reprocessed(item.event_type, item.handler_name, ok)
-        return updated, ok
+        delivery = Delivery("reprocess", event, item.handler_name, item.attempt, item.metadata)
+        await call_observed(subscription, delivery, self._core.observers, event)
+        updated = self._after_reprocess(item, delivery.error, metadata, delivery.traceparent)
+        if not await self._core.ledger.record_reprocess(delivery, updated):
+            raise ItemNotFound(item.id)
+        return updated, delivery.error is None
 
     def _after_reprocess(
         self,
         item: DeadLetterItem,
         error: BaseException | None,
         metadata: dict[str, Any],
-        span: DeliverySpan | None,
+        traceparent: str | None,
     ) -> DeadLetterItem:
         """The dead letter after a reprocess: processed, or with the new error
         (and the failed call's trace context); logged either way."""
@@ -305,10 +279,9 @@ class DeadLetterQueue:
                 extra=_log_fields(item),
             )
             return replace(
-                item, processed=True, processed_at=self._bus.clock.now(), metadata=metadata
+                item, processed=True, processed_at=self._core.clock.now(), metadata=metadata
             )
         info = ErrorInfo.from_exception(error)
-        traceparent = None if span is None else span.traceparent
         logger.warning(
             "reprocess of dead letter %s failed: handler %s, event %s (%s): %s",
             item.id,
@@ -330,8 +303,8 @@ class DeadLetterQueue:
         """Hold ``item_id`` for a reprocess (a control record, taken by compare-and-set;
         one left by a crashed process is taken over once it has run out)."""
         key = CLAIM_PREFIX + item_id
-        now = self._bus.clock.now()
-        record = await self._bus.store.get_control(key)
+        now = self._core.clock.now()
+        record = await self._core.store.get_control(key)
         if record is not None and _live(record.value, now):
             raise ItemBusy(
                 item_id, f"being reprocessed by {record.value.get('by') or 'another process'}"
@@ -343,29 +316,29 @@ class DeadLetterQueue:
             "until": (now + timedelta(seconds=REPROCESS_CLAIM)).isoformat(),
         }
         version = record.version if record is not None else 0
-        if await self._bus.store.put_control(key, claim, version=version) is None:
+        if await self._core.store.put_control(key, claim, version=version) is None:
             raise ItemBusy(item_id, "being reprocessed by another process")
         return token
 
     async def _release(self, item_id: str, token: str) -> None:
         key = CLAIM_PREFIX + item_id
-        record = await self._bus.store.get_control(key)
+        record = await self._core.store.get_control(key)
         if record is not None and record.value.get("token") == token:
-            await self._bus.store.delete_control(key)
+            await self._core.store.delete_control(key)
 
     async def _check_free(self, item_id: str) -> None:
         """Raise ``ItemBusy`` while a reprocess holds ``item_id``."""
-        record = await self._bus.store.get_control(CLAIM_PREFIX + item_id)
-        if record is not None and _live(record.value, self._bus.clock.now()):
+        record = await self._core.store.get_control(CLAIM_PREFIX + item_id)
+        if record is not None and _live(record.value, self._core.clock.now()):
             raise ItemBusy(
                 item_id, f"being reprocessed by {record.value.get('by') or 'another process'}"
             )
 
     async def _busy_ids(self) -> set[str]:
-        now = self._bus.clock.now()
+        now = self._core.clock.now()
         return {
             record.key.removeprefix(CLAIM_PREFIX)
-            for record in await self._bus.store.list_control(CLAIM_PREFIX)
+            for record in await self._core.store.list_control(CLAIM_PREFIX)
             if _live(record.value, now)
         }
 
@@ -383,7 +356,7 @@ class DeadLetterQueue:
         _check_actor(actor)
         item = await self.get(item_id)
         await self._check_free(item_id)
-        now = self._bus.clock.now()
+        now = self._core.clock.now()
         if data is not UNSET:
             edited = json.loads(encode_json(data, f"the new payload of dead letter {item_id!r}"))
             metadata = dict(item.metadata)
@@ -398,23 +371,12 @@ class DeadLetterQueue:
             )
             metadata["edits"] = edits
             item = replace(item, event_data=edited, metadata=metadata)
-        policy = self._bus.policy_for(item.handler_name)
+        policy = self._core.policy_for(item.handler_name)
         retry_item = item.to_retry_item(max_retries=policy.max_retries, now=now)
         if actor is not None:
             retry_item = replace(retry_item, metadata={**retry_item.metadata, "requeued_by": actor})
-        if not await self._bus.store.requeue_dead(item_id, retry_item):
+        if not await self._core.ledger.requeue(item, retry_item):
             raise ItemNotFound(item_id)
-        tracing = self._bus._active_tracing()
-        if tracing is not None:
-            tracing.requeue(
-                item.to_event(),
-                item.handler_name,
-                failed_attempts(item.metadata),
-                publisher(item.metadata),
-            )
-        if self._bus._metrics is not None:
-            self._bus._metrics.requeued(item.event_type, item.handler_name)
-            self._bus._metrics.retry_scheduled(item.event_type, item.handler_name)
         logger.info(
             "requeued dead letter %s as %s: handler %s, event %s (%s)",
             item_id,
@@ -424,14 +386,13 @@ class DeadLetterQueue:
             item.event_type,
             extra=_log_fields(item),
         )
-        self._bus._retry_scheduled(now)
         return retry_item
 
     async def delete(self, item_id: str) -> None:
         """Delete one dead letter; raises ``ItemNotFound``, or ``ItemBusy`` while it is
         being reprocessed."""
         await self._check_free(item_id)
-        if not await self._bus.store.delete_dead(item_id):
+        if not await self._core.store.delete_dead(item_id):
             raise ItemNotFound(item_id)
 
     # acting on many --------------------------------------------------------
@@ -442,7 +403,7 @@ class DeadLetterQueue:
         ids = _ids(ids)
         busy = await self._busy_ids() if ids else set()
         ids = [item_id for item_id in ids if item_id not in busy]
-        return await self._bus.store.delete_dead_many(ids) if ids else 0
+        return await self._core.store.delete_dead_many(ids) if ids else 0
 
     async def delete_matching(
         self, where: DeadLetterFilter | None = None, **fields: Unpack[FilterFields]
@@ -450,17 +411,19 @@ class DeadLetterQueue:
         """Delete every dead letter matching ``where`` and the filter fields given
         as keyword arguments that exists now (those created from now on are kept,
         even when they match; so are those being reprocessed); returns how many."""
-        selected = filter_from(where, fields).narrowed(created_before=self._bus.clock.now() + _TICK)
+        selected = filter_from(where, fields).narrowed(
+            created_before=self._core.clock.now() + _TICK
+        )
         busy = await self._busy_ids()
         deleted = 0
         while True:
-            page = await self._bus.store.list_dead(selected, limit=DELETE_PAGE, offset=0)
+            page = await self._core.store.list_dead(selected, limit=DELETE_PAGE, offset=0)
             if not page:
                 return deleted
             last = page[-1]
             selected = selected.narrowed(cursor=(last.created_at, last.id))
             ids = [item.id for item in page if item.id not in busy]
-            deleted += await self._bus.store.delete_dead_many(ids) if ids else 0
+            deleted += await self._core.store.delete_dead_many(ids) if ids else 0
 
     async def requeue_many(self, ids: Sequence[str], *, actor: str | None = None) -> BulkResult:
         """``requeue`` each of these dead letters, now (no rate limit: for a
@@ -506,20 +469,20 @@ class DeadLetterQueue:
         claims left behind by crashed processes."""
         await self._forget_stale_claims()
         if before is None:
-            if self._bus.dead_letter_retention is None:
+            if self._core.dead_letter_retention is None:
                 return 0
-            before = self._bus.clock.now() - timedelta(seconds=self._bus.dead_letter_retention)
-        return await self._bus.store.cleanup_dead(before)
+            before = self._core.clock.now() - timedelta(seconds=self._core.dead_letter_retention)
+        return await self._core.store.cleanup_dead(before)
 
     async def health(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""
-        await self._bus.store.health()
+        await self._core.store.health()
 
     async def _forget_stale_claims(self) -> None:
-        now = self._bus.clock.now()
-        for record in await self._bus.store.list_control(CLAIM_PREFIX):
+        now = self._core.clock.now()
+        for record in await self._core.store.list_control(CLAIM_PREFIX):
             if not _live(record.value, now):
-                await self._bus.store.delete_control(record.key)
+                await self._core.store.delete_control(record.key)
 
 
 # created_before is exclusive: what was created in this very microsecond still counts

@@ -1,7 +1,8 @@
 """What the bus, the worker and the dead letter queue report to metrics and
 tracing, as two small protocols. ``retrybus.prometheus`` and ``retrybus.otel``
-implement them with prometheus-client and opentelemetry-api; a bus without
-either pays one ``is None`` test per delivery.
+implement them with prometheus-client and opentelemetry-api; the observers of
+``_reporting`` tell them what happens (a bus without either calls no handler
+through an observer at all).
 
 The trace context of each failed handler call is kept in the stored record's
 ``metadata["trace"]`` (W3C ``traceparent`` strings, newest last), so that a
@@ -11,40 +12,31 @@ letter's reprocess or requeue links to the failures that produced it.
 
 from __future__ import annotations
 
-import logging
 import re
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
-
-from ._handlers import stops_the_caller
 
 if TYPE_CHECKING:
     from ._bus import EventBus
     from ._event import Event
 
 __all__ = [
-    "NO_METRICS",
     "DeliveryKind",
     "DeliverySpan",
     "Metrics",
     "PublishSpan",
     "Tracing",
-    "end_quietly",
     "failed_attempts",
     "is_traceparent",
     "last_failed_attempt",
     "log_fields",
     "publisher",
     "reason_kind",
-    "record_span",
-    "timed_call",
     "trace_metadata",
     "with_failed_attempt",
 ]
 
-logger = logging.getLogger("retrybus")
 
 #: the first call at publish, a retry by a worker, a dead letter's reprocess
 DeliveryKind = Literal["publish", "retry", "reprocess"]
@@ -110,40 +102,6 @@ class Metrics(Protocol):
 
     async def refresh(self, bus: EventBus) -> None:
         """Read the queues' depth from ``bus``'s store (called periodically)."""
-
-
-class _NoMetrics:
-    """Metrics that count nothing (tracing on, metrics off, no SDK set up)."""
-
-    def published(self, event_type: str) -> None:
-        return None
-
-    def handled(self, event_type: str, handler: str, ok: bool, seconds: float) -> None:
-        return None
-
-    def retry_scheduled(self, event_type: str, handler: str) -> None:
-        return None
-
-    def retry_succeeded(self, event_type: str, handler: str) -> None:
-        return None
-
-    def retry_lag(self, event_type: str, handler: str, seconds: float) -> None:
-        return None
-
-    def dead_lettered(self, event_type: str, handler: str, reason: str) -> None:
-        return None
-
-    def reprocessed(self, event_type: str, handler: str, ok: bool) -> None:
-        return None
-
-    def requeued(self, event_type: str, handler: str) -> None:
-        return None
-
-    async def refresh(self, bus: EventBus) -> None:
-        return None
-
-
-NO_METRICS: Metrics = _NoMetrics()
 
 
 class PublishSpan(Protocol):
@@ -214,38 +172,6 @@ class Tracing(Protocol):
         """Record that a dead letter was requeued, linked to its failed attempts."""
 
 
-async def timed_call(
-    call: Callable[[Event], Awaitable[Any]], event: Event, span: DeliverySpan | None
-) -> tuple[BaseException | None, float]:
-    """Call a handler (inside ``span`` when there is one): the error it failed
-    with, if any, and how many seconds the call took. A cancellation of the
-    caller (``stops_the_caller``) ends the span and propagates."""
-    error: BaseException | None = None
-    start = time.perf_counter()
-    try:
-        if span is None:
-            await call(event)
-        else:
-            with span:
-                await call(event)
-    except BaseException as exc:
-        if stops_the_caller(exc):
-            if span is not None:
-                end_quietly(span, "error")
-            raise
-        error = exc
-    return error, time.perf_counter() - start
-
-
-def end_quietly(span: DeliverySpan | PublishSpan, *args: Any) -> None:
-    """End a span; a tracing back end that fails at it is logged, not raised:
-    the delivery it reports is already recorded."""
-    try:
-        span.end(*args)
-    except Exception:
-        logger.exception("tracing %r failed to end a span; the delivery is recorded", span)
-
-
 def log_fields(
     event_id: str, event_type: str, handler: str, attempt: int, traceparent: str | None = None
 ) -> dict[str, Any]:
@@ -278,28 +204,6 @@ def last_failed_attempt(metadata: Mapping[str, Any]) -> str | None:
     """The ``traceparent`` of a record's newest failed attempt."""
     attempts = failed_attempts(metadata)
     return attempts[-1] if attempts else None
-
-
-def record_span(
-    tracing: Tracing | None,
-    event: Event,
-    handler: str,
-    kind: DeliveryKind,
-    attempt: int,
-    metadata: Mapping[str, Any],
-) -> DeliverySpan | None:
-    """The span of calling ``handler`` again for a stored record (a retry or a
-    reprocess), placed by the trace context its ``metadata`` keeps."""
-    if tracing is None:
-        return None
-    return tracing.delivery(
-        event,
-        handler,
-        kind=kind,
-        attempt=attempt,
-        failed=failed_attempts(metadata),
-        publisher=publisher(metadata),
-    )
 
 
 def failed_attempts(metadata: Mapping[str, Any]) -> list[str]:

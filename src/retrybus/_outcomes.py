@@ -21,6 +21,7 @@ __all__ = [
     "Rescheduled",
     "Succeeded",
     "corrupt_to_dead_letter",
+    "outcome_id",
 ]
 
 
@@ -56,6 +57,11 @@ class DeadLettered:
 
 
 Outcome = Succeeded | Rescheduled | DeadLettered
+
+
+def outcome_id(outcome: Outcome) -> str:
+    """The id of the retry item an outcome is for."""
+    return outcome.item_id if isinstance(outcome, DeadLettered) else outcome.item.id
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,11 +7,13 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+from ._delivery import Attempted
 from ._errors import ItemNotFound
 from ._event import Event, check_text, printable
 from ._outcomes import (
     CorruptRecord,
     DeadLettered,
+    Outcome,
     Rescheduled,
     Succeeded,
     corrupt_to_dead_letter,
@@ -19,7 +21,7 @@ from ._outcomes import (
 from ._records import DeadLetterItem, ErrorInfo, RetryItem
 
 if TYPE_CHECKING:
-    from ._bus import EventBus
+    from ._core import BusCore
 
 __all__ = ["RetryQueue"]
 
@@ -50,8 +52,15 @@ class RetryQueue:
     unconditionally.
     """
 
-    def __init__(self, bus: EventBus) -> None:
-        self._bus = bus
+    def __init__(self, core: BusCore) -> None:
+        self._core = core
+
+    async def _finish(self, outcome: Outcome, owner: str | None) -> bool:
+        """Apply one outcome through the ledger (fenced by ``owner`` when given)."""
+        applied = await self._core.ledger.complete(
+            [Attempted(outcome)], owner, self._core.clock.now()
+        )
+        return bool(applied)
 
     async def add(
         self,
@@ -75,8 +84,8 @@ class RetryQueue:
         if not isinstance(handler_name, str) or not handler_name:
             raise ValueError(f"handler_name must be a non-empty string, got {handler_name!r}")
         check_text(handler_name, "handler_name")
-        policy = self._bus.policy_for(handler_name)
-        now = self._bus.clock.now()
+        policy = self._core.policy_for(handler_name)
+        now = self._core.clock.now()
         if next_retry is None:
             next_retry = now + timedelta(seconds=policy.delay(attempt))
         elif next_retry.tzinfo is None:
@@ -90,10 +99,7 @@ class RetryQueue:
             next_retry=next_retry,
             now=now,
         )
-        await self._bus.store.record_failures([item], [])
-        if self._bus._metrics is not None:
-            self._bus._metrics.retry_scheduled(item.event_type, item.handler_name)
-        self._bus._retry_scheduled(next_retry)
+        await self._core.ledger.add_retry(item)
         return item
 
     async def claim_due(
@@ -108,8 +114,8 @@ class RetryQueue:
         _check_page(limit, 0)
         lease = _check_positive("lease", lease)
         owner = owner or f"claim-{uuid.uuid4().hex[:12]}"
-        now = self._bus.clock.now()
-        claimed = await self._bus.store.claim_due(
+        now = self._core.clock.now()
+        claimed = await self._core.store.claim_due(
             now=now, limit=limit, owner=owner, lease_until=now + timedelta(seconds=lease)
         )
         items = [record for record in claimed if isinstance(record, RetryItem)]
@@ -121,27 +127,23 @@ class RetryQueue:
     async def _dead_letter_corrupt(
         self, records: Sequence[CorruptRecord], owner: str, now: datetime
     ) -> None:
-        outcomes = [
-            DeadLettered(
-                record.id,
-                corrupt_to_dead_letter(record, now, f"undecodable record: {record.problem}"),
+        attempted = [
+            Attempted(
+                DeadLettered(
+                    record.id,
+                    corrupt_to_dead_letter(record, now, f"undecodable record: {record.problem}"),
+                )
             )
             for record in records
         ]
-        applied = await self._bus.store.complete(outcomes, owner, now)
-        await self._bus._announce_dead_letters(
-            o.dead_letter for o in outcomes if o.item_id in applied
-        )
+        await self._core.ledger.complete(attempted, owner, now)
 
     async def mark_success(self, item: RetryItem | str) -> bool:
         """The retry worked: remove the item. False if it is gone or its lease was lost."""
         held, owner = await self._resolve(item)
         if held is None:
             return False
-        applied = await self._bus.store.complete([Succeeded(held)], owner, self._bus.clock.now())
-        if applied and self._bus._metrics is not None:
-            self._bus._metrics.retry_succeeded(held.event_type, held.handler_name)
-        return bool(applied)
+        return await self._finish(Succeeded(held), owner)
 
     async def mark_failed(
         self,
@@ -155,17 +157,13 @@ class RetryQueue:
         held, owner = await self._resolve(item)
         if held is None:
             return None
-        now = self._bus.clock.now()
+        now = self._core.clock.now()
         dead = held.to_dead_letter(
             reason=printable(reason) if reason else f"failed after {held.attempt} retries",
             now=now,
             error=None if error is None else ErrorInfo.coerce(error),
         )
-        applied = await self._bus.store.complete([DeadLettered(held.id, dead)], owner, now)
-        if not applied:
-            return None
-        await self._bus._announce_dead_letters([dead])
-        return dead
+        return dead if await self._finish(DeadLettered(held.id, dead), owner) else None
 
     async def update_attempt(
         self,
@@ -188,25 +186,20 @@ class RetryQueue:
             if error is None
             else ErrorInfo.coerce(error)
         )
-        now = self._bus.clock.now()
+        now = self._core.clock.now()
         updated = held.rescheduled(attempt=attempt, next_retry=next_retry, error=info, now=now)
-        applied = await self._bus.store.complete([Rescheduled(updated)], owner, now)
-        if applied:
-            if self._bus._metrics is not None:
-                self._bus._metrics.retry_scheduled(held.event_type, held.handler_name)
-            self._bus._retry_scheduled(next_retry)
-        return bool(applied)
+        return await self._finish(Rescheduled(updated), owner)
 
     async def _resolve(self, item: RetryItem | str) -> tuple[RetryItem | None, str | None]:
         if isinstance(item, RetryItem):
             return item, item.lease_owner
         if not isinstance(item, str):
             raise TypeError(f"expected a RetryItem or an item id, got {item!r}")
-        return await self._bus.store.get_retry(item), None
+        return await self._core.store.get_retry(item), None
 
     async def get(self, item_id: str) -> RetryItem:
         """The item with this id; raises ``ItemNotFound``."""
-        item = await self._bus.store.get_retry(item_id)
+        item = await self._core.store.get_retry(item_id)
         if item is None:
             raise ItemNotFound(item_id)
         return item
@@ -221,40 +214,40 @@ class RetryQueue:
     ) -> list[RetryItem]:
         """Items by next retry time, earliest first."""
         _check_page(limit, offset)
-        return await self._bus.store.list_retry(
+        return await self._core.store.list_retry(
             limit=limit, offset=offset, handler_name=handler_name, event_type=event_type
         )
 
     async def delete(self, item_id: str) -> None:
         """Drop an item without dead-lettering it; raises ``ItemNotFound``."""
-        if not await self._bus.store.delete_retry(item_id):
+        if not await self._core.store.delete_retry(item_id):
             raise ItemNotFound(item_id)
 
     async def count(self) -> int:
         """How many items wait (leased ones included)."""
-        return await self._bus.store.retry_count()
+        return await self._core.store.retry_count()
 
     async def count_due(self, within: float = 0.0) -> int:
         """How many items fall due within ``within`` seconds from now."""
-        return await self._bus.store.count_due(self._bus.clock.now() + timedelta(seconds=within))
+        return await self._core.store.count_due(self._core.clock.now() + timedelta(seconds=within))
 
     async def next_due(self) -> datetime | None:
         """When the next item falls due (None when the queue is empty)."""
-        return await self._bus.store.next_due()
+        return await self._core.store.next_due()
 
     async def cleanup(self, before: datetime | None = None) -> int:
         """Move items created before ``before`` (default: older than the bus's
         ``retry_retention``) to the dead letter queue, reason "expired in retry
         queue". Nothing is deleted; returns how many moved."""
-        now = self._bus.clock.now()
+        now = self._core.clock.now()
         if before is None:
-            if self._bus.retry_retention is None:
+            if self._core.retry_retention is None:
                 return 0
-            before = now - timedelta(seconds=self._bus.retry_retention)
-        moved = await self._bus.store.expire_retry(before=before, now=now, reason=EXPIRED_REASON)
-        await self._bus._announce_dead_letters(moved)
+            before = now - timedelta(seconds=self._core.retry_retention)
+        moved = await self._core.store.expire_retry(before=before, now=now, reason=EXPIRED_REASON)
+        await self._core.ledger.dead_lettered(moved)
         return len(moved)
 
     async def health(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""
-        await self._bus.store.health()
+        await self._core.store.health()

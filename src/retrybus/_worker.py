@@ -11,27 +11,17 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from types import TracebackType
 
-from ._batch import ClaimedBatch, outcome_id
+from ._batch import ClaimedBatch
 from ._bus import EventBus
-from ._decision import decide
+from ._delivery import Attempted, deliver
 from ._errors import StoreUnavailable
 from ._event import check_text
-from ._handlers import Subscription, stops_the_caller
 from ._history import DEFAULT_INTERVAL, DepthHistory
-from ._observe import (
-    end_quietly,
-    log_fields,
-    record_span,
-    timed_call,
-    with_failed_attempt,
-)
-from ._outcomes import DeadLettered, Outcome, Rescheduled, Succeeded
-from ._policy import RetryPolicy
-from ._records import ErrorInfo, RetryItem
+from ._records import RetryItem
 
 __all__ = ["RetryWorker"]
 
@@ -149,7 +139,7 @@ class RetryWorker:
             if self.fail_fast:
                 raise
             self._store_failed(exc, 0.5)
-        self.bus._add_schedule_listener(self._on_retry_scheduled)
+        self.bus.core.ledger.add_schedule_listener(self._on_retry_scheduled)
         self._task = asyncio.create_task(self._loop(watching), name=f"retrybus-worker-{self.name}")
         self._task.add_done_callback(self._loop_ended)
         logger.info("worker %s started on %s", self.name, self.bus.store.url)
@@ -196,7 +186,7 @@ class RetryWorker:
                 await task
         finally:
             if self._task is task:  # a second stop() waits for the first; one says so
-                self.bus._remove_schedule_listener(self._on_retry_scheduled)
+                self.bus.core.ledger.remove_schedule_listener(self._on_retry_scheduled)
                 unwatch, self._unwatch = self._unwatch, None
                 if unwatch is not None:
                     with contextlib.suppress(Exception):
@@ -363,8 +353,8 @@ class RetryWorker:
                 await flusher
             finally:
                 heartbeat.cancel()
-                if batch.spans:  # outcomes that never reached the store
-                    _end_spans(batch, list(batch.spans))
+                if batch.pending:  # outcomes that never reached the store
+                    self.bus.core.ledger.unwritten(batch.take_pending())
                 unstarted = batch.unstarted_ids()
                 if unstarted:
                     await self.bus.store.release(unstarted, owner)
@@ -376,7 +366,7 @@ class RetryWorker:
                 item = batch.next_item()
                 if item is None:
                     return
-                batch.add(await self._deliver(item, batch))
+                batch.add(await self._deliver(item))
 
         lanes = min(self.concurrency, len(batch.items))
         if lanes == 1:
@@ -401,11 +391,11 @@ class RetryWorker:
             if not batch.finished:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(batch.done.wait(), _FLUSH_LINGER)
-            outcomes = batch.take_pending()
+            attempted = batch.take_pending()
             try:
-                await self._complete(outcomes, batch)
+                await self._complete(attempted, batch)
             except StoreUnavailable as exc:
-                batch.pending[:0] = outcomes  # keep them: the store may come back
+                batch.pending[:0] = attempted  # keep them: the store may come back
                 left = batch.lease_deadline - time.monotonic()
                 if left <= 0:
                     # the leases are gone: these items run again elsewhere (at least once)
@@ -419,121 +409,22 @@ class RetryWorker:
                 self._store_failed(exc, min(1.0, left))
                 await asyncio.sleep(min(1.0, left))
 
-    async def _deliver(self, item: RetryItem, batch: ClaimedBatch) -> Outcome:
-        bus = self.bus
-        subscription = bus._registry.get(item.handler_name)
-        if subscription is None:
-            now = bus.clock.now()
-            reason = f"unknown handler: no handler named {item.handler_name!r} is subscribed"
-            return DeadLettered(
-                item.id, item.to_dead_letter(reason=reason, now=now, attempt=item.attempt - 1)
-            )
-        if bus._observed:
-            return await self._deliver_observed(item, subscription, batch)
-        try:
-            await subscription.call(item.to_event())
-        except BaseException as exc:
-            if stops_the_caller(exc):
-                raise
-            return self._after_failure(item, exc, subscription.policy or bus.default_policy)
-        return Succeeded(item)
-
-    async def _deliver_observed(
-        self, item: RetryItem, subscription: Subscription, batch: ClaimedBatch
-    ) -> Outcome:
-        """``_deliver`` in a span of its own, timed and reported to the bus's metrics."""
-        metrics = self.bus._metrics
-        event = item.to_event()
-        if metrics is not None:
-            lag = (self.bus.clock.now() - item.next_retry).total_seconds()
-            metrics.retry_lag(item.event_type, item.handler_name, max(lag, 0.0))
-        span = record_span(
-            self.bus._active_tracing(),
-            event,
-            item.handler_name,
-            "retry",
-            item.attempt,
-            item.metadata,
-        )
-        error, seconds = await timed_call(subscription.call, event, span)
-        try:
-            if metrics is not None:
-                metrics.handled(item.event_type, item.handler_name, error is None, seconds)
-            if error is None:
-                outcome: Outcome = Succeeded(item)
-                said: tuple[str, str | None] = ("success", None)
-            else:
-                outcome = self._after_failure(
-                    item,
-                    error,
-                    subscription.policy or self.bus.default_policy,
-                    traceparent=None if span is None else span.traceparent,
-                )
-                if isinstance(outcome, DeadLettered):
-                    said = ("dead_letter", outcome.dead_letter.reason)
-                else:
-                    said = ("retry", None)
-        except BaseException:
-            if span is not None:
-                end_quietly(span, "error")
-            raise
-        if span is not None:
-            # ended once the store has the outcome (or another worker took the item)
-            batch.spans[item.id] = (span, *said)
-        return outcome
-
-    def _after_failure(
-        self,
-        item: RetryItem,
-        error: BaseException,
-        policy: RetryPolicy,
-        traceparent: str | None = None,
-    ) -> Outcome:
-        now = self.bus.clock.now()
-        info = ErrorInfo.from_exception(error)
-        next_attempt = item.attempt + 1
-        decision = decide(policy, error, next_attempt, item.created_at, now)
-        metadata = None if traceparent is None else with_failed_attempt(item.metadata, traceparent)
-        fields = log_fields(
-            item.event_id, item.event_type, item.handler_name, item.attempt, traceparent
-        )
-        if decision.next_retry is None:
-            return DeadLettered(
-                item.id,
-                item.to_dead_letter(
-                    reason=decision.reason,
-                    now=now,
-                    error=info,
-                    attempt=item.attempt,
-                    metadata=metadata,
-                ),
-            )
-        logger.info(
-            "retry %d of handler %s failed for event %s, retry %d in %.3gs: %s",
-            item.attempt,
-            item.handler_name,
-            item.event_id,
-            next_attempt,
-            decision.delay,
-            info.message,
-            extra=fields,
-        )
-        return Rescheduled(
-            item.rescheduled(
-                attempt=next_attempt,
-                next_retry=decision.next_retry,
-                error=info,
-                now=now,
-                metadata=metadata,
-            )
+    async def _deliver(self, item: RetryItem) -> Attempted:
+        core = self.bus.core
+        return await deliver(
+            item,
+            core.subscription(item.handler_name),
+            observers=core.observers,
+            clock=core.clock,
+            default_policy=core.default_policy,
         )
 
-    async def _complete(self, outcomes: list[Outcome], batch: ClaimedBatch) -> None:
-        owner = batch.owner
+    async def _complete(self, attempted: list[Attempted], batch: ClaimedBatch) -> None:
+        ledger = self.bus.core.ledger
         pause = 0.1
         for attempt in range(6):
             try:
-                applied = await self.bus.store.complete(outcomes, owner, self.bus.clock.now())
+                applied = await ledger.complete(attempted, batch.owner, self.bus.clock.now())
                 self._store_answered()
                 break
             except StoreUnavailable as exc:
@@ -542,7 +433,7 @@ class RetryWorker:
                 self._store_failed(exc, pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
-        lost = len(outcomes) - len(applied)
+        lost = len(attempted) - len(applied)
         if lost:
             logger.warning(
                 "worker %s: %d item(s) were taken over by another worker after their lease ran out; "
@@ -550,25 +441,6 @@ class RetryWorker:
                 self.name,
                 lost,
             )
-        if batch.spans:
-            _end_spans(batch, [outcome_id(outcome) for outcome in outcomes], applied)
-        metrics = self.bus._metrics
-        if metrics is not None:
-            for outcome in outcomes:
-                if isinstance(outcome, Succeeded) and outcome.item.id in applied:
-                    metrics.retry_succeeded(outcome.item.event_type, outcome.item.handler_name)
-                elif isinstance(outcome, Rescheduled) and outcome.item.id in applied:
-                    metrics.retry_scheduled(outcome.item.event_type, outcome.item.handler_name)
-        await self.bus._announce_dead_letters(
-            o.dead_letter for o in outcomes if isinstance(o, DeadLettered) and o.item_id in applied
-        )
-        rescheduled = [
-            o.item.next_retry
-            for o in outcomes
-            if isinstance(o, Rescheduled) and o.item.id in applied
-        ]
-        if rescheduled:
-            self.bus._retry_scheduled(min(rescheduled))
 
     async def _heartbeat(self, batch: ClaimedBatch) -> None:
         """Extend the batch's leases every third of a lease while its handlers run."""
@@ -598,22 +470,3 @@ class RetryWorker:
                     self.name,
                     lost,
                 )
-
-
-def _end_spans(
-    batch: ClaimedBatch, ids: Iterable[str], applied: Collection[str] | None = None
-) -> None:
-    """End the batch's spans of these items: with their outcome when it was
-    written (``applied``), ``lost`` when another worker had taken the item over,
-    ``error`` when it could not be written at all (``applied`` None)."""
-    for item_id in ids:
-        entry = batch.spans.pop(item_id, None)
-        if entry is None:
-            continue
-        span, outcome, reason = entry
-        if applied is None:
-            end_quietly(span, "error")
-        elif item_id in applied:
-            end_quietly(span, outcome, reason)
-        else:
-            end_quietly(span, "lost")

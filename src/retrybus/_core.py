@@ -1,0 +1,69 @@
+"""What a bus, its two queues and its workers share: the store, the clock, the
+handlers and their policies, the retention settings, the observers and the
+ledger. ``EventBus`` builds one and hands it to the parts it is made of, which
+reach the bus's state only through it."""
+
+from __future__ import annotations
+
+from ._clock import Clock
+from ._handlers import HandlerRegistry, Subscription
+from ._ledger import Ledger
+from ._observe import Metrics, Tracing
+from ._observers import Observer, Observers
+from ._policy import RetryPolicy
+from ._reporting import LogObserver, MetricsObserver, TracingObserver
+from ._stores.base import Store
+
+__all__ = ["BusCore"]
+
+
+class BusCore:
+    """The state one bus's parts share; see ``EventBus`` for what each setting means."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        default_policy: RetryPolicy,
+        clock: Clock,
+        retry_retention: float | None,
+        dead_letter_retention: float | None,
+        store_timeout: float,
+    ) -> None:
+        self.store = store
+        self.default_policy = default_policy
+        self.clock = clock
+        self.retry_retention = retry_retention
+        self.dead_letter_retention = dead_letter_retention
+        self.store_timeout = store_timeout
+        self.registry = HandlerRegistry()
+        self.metrics: Metrics | None = None
+        self.tracing: Tracing | None = None
+        self.observers = Observers([LogObserver()])
+        self.ledger = Ledger(self)
+
+    def instrument(self, metrics: Metrics | None, tracing: Tracing | None) -> None:
+        """Observe with ``metrics`` and ``tracing`` (each replaces the one set before;
+        None leaves it as it is)."""
+        if metrics is not None:
+            self.metrics = metrics
+        if tracing is not None:
+            self.tracing = tracing
+        observers: list[Observer] = []
+        if self.metrics is not None:
+            observers.append(MetricsObserver(self.metrics))
+        if self.tracing is not None:
+            observers.append(TracingObserver(self.tracing))
+        observers.append(LogObserver())
+        self.observers = Observers(observers)
+
+    def subscription(self, name: str) -> Subscription | None:
+        """The handler subscribed as ``name`` (None: there is none)."""
+        return self.registry.get(name)
+
+    def policy_for(self, handler_name: str) -> RetryPolicy:
+        """The policy that governs ``handler_name`` (the bus default if it has none)."""
+        subscription = self.registry.get(handler_name)
+        if subscription is not None and subscription.policy is not None:
+            return subscription.policy
+        return self.default_policy

@@ -1,0 +1,195 @@
+"""The delivery core: call one handler once with one event, and decide what
+follows (success, another retry, the dead letter queue). Publish, the worker
+and a dead letter's reprocess all call handlers through here; what they decide
+is written and announced by the ledger (``_ledger``).
+
+When no observer watches handler calls (no metrics, no tracing) the call takes
+the plain path: no timing, no ``Delivery`` record, nothing but the call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ._decision import decide
+from ._event import Event
+from ._handlers import Subscription, stops_the_caller
+from ._observe import trace_metadata, with_failed_attempt
+from ._observers import Delivery, Observers
+from ._outcomes import DeadLettered, Outcome, Rescheduled, Succeeded
+from ._records import ErrorInfo, RetryItem
+
+if TYPE_CHECKING:
+    from ._clock import Clock
+    from ._observe import DeliveryKind
+    from ._policy import RetryPolicy
+
+__all__ = [
+    "Attempted",
+    "call_observed",
+    "call_plain",
+    "deliver",
+    "failure_outcome",
+    "first_record",
+    "unknown_handler",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Attempted:
+    """What one delivery decided (``outcome``), and the observers' view of its
+    call (None when no observer watched it), on the way to the store."""
+
+    outcome: Outcome
+    delivery: Delivery | None = None
+
+
+async def call_plain(subscription: Subscription, event: Event) -> BaseException | None:
+    """Call the handler with its own copy of ``event``; the error it failed with,
+    if any. A cancellation of the caller (``stops_the_caller``) propagates."""
+    try:
+        await subscription.call(event.copy())
+    except BaseException as exc:
+        if stops_the_caller(exc):
+            raise
+        return exc
+    return None
+
+
+async def call_observed(
+    subscription: Subscription,
+    delivery: Delivery,
+    observers: Observers,
+    payload: Event,
+    *,
+    nothing_to_write: bool = False,
+) -> None:
+    """Call the handler with ``payload`` between the observers' ``call_started``
+    and ``call_ended``; ``delivery.error`` and ``.seconds`` say how it went. With
+    ``nothing_to_write`` (a first call at publish), a success is ``recorded`` at
+    once: there is nothing to store. A cancellation of the caller is told to the
+    observers (``error``) and propagates."""
+    if observers.watching_call_starts:
+        observers.call_started(delivery)
+    start = time.perf_counter()
+    try:
+        await subscription.call(payload)
+    except BaseException as exc:
+        delivery.error = exc
+        delivery.seconds = time.perf_counter() - start
+        if stops_the_caller(exc):
+            observers.call_ended(delivery)
+            observers.recorded(delivery, None, "failure", "error")
+            raise
+        observers.call_ended(delivery)
+        return
+    delivery.seconds = time.perf_counter() - start
+    observers.call_ended(delivery)
+    if nothing_to_write and delivery.span is not None:  # only a span waits for it
+        observers.recorded(delivery, None, "success", "applied")
+
+
+def first_record(
+    event: Event, handler: str, max_retries: int, now: datetime, publisher: str | None
+) -> RetryItem:
+    """The record of a first delivery (attempt 0, due now): what a first failure
+    is decided from, and, with durable delivery, what is stored before the call."""
+    return RetryItem.for_failure(
+        event,
+        handler,
+        ErrorInfo("", ""),
+        attempt=0,
+        max_retries=max_retries,
+        next_retry=now,
+        now=now,
+        metadata=trace_metadata(publisher, None),
+    )
+
+
+def failure_outcome(
+    record: RetryItem,
+    error: BaseException,
+    policy: RetryPolicy,
+    now: datetime,
+    traceparent: str | None = None,
+) -> Rescheduled | DeadLettered:
+    """What follows a failed call of ``record``'s handler, by its policy: the
+    record rescheduled as the next retry, or moved to the dead letter queue.
+    ``traceparent`` is the failed call's span, remembered for the next one's link."""
+    info = ErrorInfo.from_exception(error)
+    next_attempt = record.attempt + 1
+    first_failed_at = now if record.attempt == 0 else record.created_at
+    decision = decide(policy, error, next_attempt, first_failed_at, now)
+    metadata: dict[str, Any] | None = (
+        None if traceparent is None else with_failed_attempt(record.metadata, traceparent)
+    )
+    if decision.next_retry is None:
+        return DeadLettered(
+            record.id,
+            record.to_dead_letter(
+                reason=decision.reason,
+                now=now,
+                error=info,
+                attempt=record.attempt,
+                metadata=metadata,
+            ),
+        )
+    return Rescheduled(
+        record.rescheduled(
+            attempt=next_attempt,
+            next_retry=decision.next_retry,
+            error=info,
+            now=now,
+            metadata=metadata,
+        )
+    )
+
+
+def unknown_handler(record: RetryItem, now: datetime) -> DeadLettered:
+    """A record whose handler no longer exists goes to the dead letter queue, uncalled."""
+    reason = f"unknown handler: no handler named {record.handler_name!r} is subscribed"
+    return DeadLettered(
+        record.id, record.to_dead_letter(reason=reason, now=now, attempt=max(record.attempt - 1, 0))
+    )
+
+
+async def deliver(
+    record: RetryItem,
+    subscription: Subscription | None,
+    *,
+    observers: Observers,
+    clock: Clock,
+    default_policy: RetryPolicy,
+    kind: DeliveryKind = "retry",
+) -> Attempted:
+    """Call ``record``'s handler once and decide what follows: ``Succeeded``,
+    ``Rescheduled`` or ``DeadLettered`` (an unknown handler is not called)."""
+    if subscription is None:
+        return Attempted(unknown_handler(record, clock.now()))
+    policy = subscription.policy or default_policy
+    event = record.to_event()  # a payload of its own: the handler may change it
+    if not observers.watch_calls:
+        try:
+            await subscription.call(event)
+        except BaseException as exc:
+            if stops_the_caller(exc):
+                raise
+            return Attempted(failure_outcome(record, exc, policy, clock.now()))
+        return Attempted(Succeeded(record))
+    delivery = Delivery(
+        kind,
+        event,
+        record.handler_name,
+        record.attempt,
+        record.metadata,
+        due=record.next_retry if kind == "retry" else None,
+        started_at=clock.now(),
+    )
+    await call_observed(subscription, delivery, observers, event)
+    if delivery.error is None:
+        return Attempted(Succeeded(record), delivery)
+    outcome = failure_outcome(record, delivery.error, policy, clock.now(), delivery.traceparent)
+    return Attempted(outcome, delivery)

@@ -1,0 +1,208 @@
+"""The ledger: the one place that writes what became of deliveries to the store
+and then announces it, to the observers (metrics, spans, logs), to the
+``on_dead_letter`` hooks and to the workers of this process that wait for the
+next retry to fall due. Publish, the worker, both queues and redrives go
+through it, so every state change is counted, traced and logged alike, and
+only once the store has it."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ._delivery import Attempted
+from ._errors import StoreUnavailable
+from ._observers import Delivery, Verdict, Written
+from ._outcomes import DeadLettered, Rescheduled, Succeeded, outcome_id
+from ._records import DeadLetterItem, RetryItem
+from ._reporting import verdict_of
+
+if TYPE_CHECKING:
+    from ._core import BusCore
+
+__all__ = ["DeadLetterHook", "Ledger"]
+
+logger = logging.getLogger("retrybus")
+
+DeadLetterHook = Callable[[DeadLetterItem], Awaitable[Any]] | Callable[[DeadLetterItem], Any]
+
+_FIRST_PAUSE = 0.05
+_LONGEST_PAUSE = 1.0
+
+
+class Ledger:
+    """Writes outcomes to the bus's store, then announces them."""
+
+    def __init__(self, core: BusCore) -> None:
+        self._core = core
+        self._hooks: list[DeadLetterHook] = []
+        self._listeners: list[Callable[[datetime], None]] = []
+
+    # who is told -------------------------------------------------------------
+
+    def add_dead_letter_hook(self, hook: DeadLetterHook) -> None:
+        """Call ``hook(item)`` (plain or async) for each new dead letter."""
+        self._hooks.append(hook)
+
+    def add_schedule_listener(self, listener: Callable[[datetime], None]) -> None:
+        """Call ``listener(when)`` when this process schedules a retry due at ``when``."""
+        self._listeners.append(listener)
+
+    def remove_schedule_listener(self, listener: Callable[[datetime], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    # writing -----------------------------------------------------------------
+
+    async def record_first_failures(self, attempted: Sequence[Attempted], context: str) -> None:
+        """Store new records for first deliveries that failed (retry items,
+        dead letters), retrying through a store outage for up to the bus's
+        ``store_timeout`` (the write is safe to repeat: ids already stored are
+        skipped), then announce them. ``context`` names the publish in the log."""
+        retry_items = [a.outcome.item for a in attempted if isinstance(a.outcome, Rescheduled)]
+        dead_letters = [
+            a.outcome.dead_letter for a in attempted if isinstance(a.outcome, DeadLettered)
+        ]
+        started = time.monotonic()
+        pause = _FIRST_PAUSE
+        while True:
+            try:
+                await self._core.store.record_failures(retry_items, dead_letters)
+            except StoreUnavailable as exc:
+                remaining = self._core.store_timeout - (time.monotonic() - started)
+                if remaining <= 0:
+                    self.unwritten(attempted)
+                    raise
+                if pause == _FIRST_PAUSE:  # once per publish
+                    logger.warning(
+                        "publish of %s: %s; retrying for up to %gs",
+                        context,
+                        exc,
+                        self._core.store_timeout,
+                    )
+                await asyncio.sleep(min(pause, remaining))  # the last try at the deadline
+                pause = min(pause * 2, _LONGEST_PAUSE)
+            except BaseException:
+                self.unwritten(attempted)
+                raise
+            else:
+                break
+        await self._announce(attempted, None)
+
+    async def complete(
+        self, attempted: Sequence[Attempted], owner: str | None, now: datetime
+    ) -> set[str]:
+        """Apply the outcomes of claimed records in one store step (with ``owner``,
+        only to records it still holds: the fencing check), then announce those
+        applied; the others were taken over by another worker. Returns the ids
+        of the records the outcomes were applied to. Raises ``StoreUnavailable``
+        (nothing announced: the caller may try again)."""
+        applied = await self._core.store.complete([a.outcome for a in attempted], owner, now)
+        await self._announce(attempted, applied)
+        return applied
+
+    def unwritten(self, attempted: Iterable[Attempted]) -> None:
+        """These outcomes could not be written (and will not be here): the
+        observers close what they opened for them."""
+        observers = self._core.observers
+        for entry in attempted:
+            verdict, reason = verdict_of(entry.outcome)
+            observers.recorded(entry.delivery, entry.outcome, verdict, "error", reason)
+
+    async def record_reprocess(self, delivery: Delivery, updated: DeadLetterItem) -> bool:
+        """Store a dead letter after its reprocess (``processed``, or carrying the new
+        error), then announce it; False when the dead letter is gone."""
+        verdict: Verdict = "success" if delivery.error is None else "failure"
+        try:
+            stored = await self._core.store.update_dead(updated)
+        except BaseException:
+            self._core.observers.recorded(delivery, None, verdict, "error")
+            raise
+        self._core.observers.recorded(delivery, None, verdict, "applied" if stored else "lost")
+        return stored
+
+    async def add_retry(self, item: RetryItem) -> None:
+        """Store a retry item made by hand (``bus.retry_queue.add``), then announce it."""
+        await self._core.store.record_failures([item], [])
+        self._scheduled([item])
+
+    async def add_dead_letters(self, items: Sequence[DeadLetterItem]) -> None:
+        """Store dead letters made by hand (``bus.dead_letters.add``), then announce them."""
+        await self._core.store.record_failures([], items)
+        await self.dead_lettered(items)
+
+    async def requeue(self, dead: DeadLetterItem, retry: RetryItem) -> bool:
+        """Replace dead letter ``dead`` with ``retry`` in one store step, then
+        announce it; False when the dead letter is gone."""
+        if not await self._core.store.requeue_dead(dead.id, retry):
+            return False
+        self._core.observers.requeued(dead, retry)
+        self._scheduled([retry])
+        return True
+
+    async def dead_lettered(self, items: Sequence[DeadLetterItem]) -> None:
+        """Announce dead letters already written (a sweep of expired retry items)."""
+        if not items:
+            return
+        self._core.observers.dead_lettered(items)
+        await self._run_hooks(items)
+
+    # announcing --------------------------------------------------------------
+
+    async def _announce(
+        self, attempted: Sequence[Attempted], applied: Collection[str] | None
+    ) -> None:
+        observers = self._core.observers
+        scheduled: list[RetryItem] = []
+        succeeded: list[RetryItem] = []
+        dead: list[DeadLetterItem] = []
+        for entry in attempted:
+            outcome = entry.outcome
+            verdict, reason = verdict_of(outcome)
+            written: Written = (
+                "applied" if applied is None or outcome_id(outcome) in applied else "lost"
+            )
+            if written == "applied":
+                if isinstance(outcome, Rescheduled):
+                    scheduled.append(outcome.item)
+                elif isinstance(outcome, DeadLettered):
+                    dead.append(outcome.dead_letter)
+                elif isinstance(outcome, Succeeded) and outcome.item.attempt >= 1:
+                    succeeded.append(outcome.item)  # a retry that worked
+            if (
+                entry.delivery is not None and entry.delivery.span is not None
+            ) or verdict != "success":
+                # a success matters to whoever opened a span for its call; the rest to all
+                observers.recorded(entry.delivery, outcome, verdict, written, reason)
+        if succeeded:
+            observers.retry_succeeded(succeeded)
+        if scheduled:
+            self._scheduled(scheduled)
+        await self.dead_lettered(dead)
+
+    def _scheduled(self, items: Sequence[RetryItem]) -> None:
+        self._core.observers.retry_scheduled(items)
+        when = min(item.next_retry for item in items)
+        for listener in self._listeners:
+            listener(when)
+
+    async def _run_hooks(self, items: Iterable[DeadLetterItem]) -> None:
+        if not self._hooks:
+            return
+        for item in items:
+            for hook in self._hooks:
+                try:
+                    outcome = hook(item)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+                except Exception:
+                    logger.exception(
+                        "on_dead_letter hook %r failed for dead letter %s; the dead letter is kept",
+                        hook,
+                        item.id,
+                    )

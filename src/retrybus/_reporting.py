@@ -1,0 +1,242 @@
+"""The three observers retrybus has: metrics (a ``Metrics`` back end such as
+``retrybus.prometheus.PrometheusMetrics``), tracing (a ``Tracing`` back end such
+as ``retrybus.otel.OpenTelemetryTracing``) and the log lines about deliveries.
+Each turns the named points of ``_observers`` into what its back end records."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ._event import Event
+from ._observe import (
+    Metrics,
+    Tracing,
+    failed_attempts,
+    is_traceparent,
+    last_failed_attempt,
+    log_fields,
+    publisher,
+    reason_kind,
+)
+from ._observers import Delivery, Observer, Publication, Verdict, Written
+from ._outcomes import DeadLettered, Rescheduled
+
+if TYPE_CHECKING:
+    from ._observe import DeliverySpan, PublishSpan
+    from ._outcomes import Outcome
+    from ._records import DeadLetterItem, RetryItem
+
+__all__ = ["LogObserver", "MetricsObserver", "TracingObserver", "verdict_of"]
+
+logger = logging.getLogger("retrybus")
+
+
+class MetricsObserver(Observer):
+    """Counts what happens for a ``Metrics`` back end."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        # retrybus's own back end is plain arithmetic; any other is guarded
+        self.never_raises = bool(type(metrics).__dict__.get("_never_raises", False))
+
+    def __repr__(self) -> str:
+        return repr(self.metrics)
+
+    def publish_started(self, publication: Publication) -> None:
+        self.metrics.published(publication.event.type)
+
+    def call_ended(self, delivery: Delivery) -> None:
+        event_type = delivery.event.type
+        if delivery.due is not None and delivery.started_at is not None:
+            lag = (delivery.started_at - delivery.due).total_seconds()
+            self.metrics.retry_lag(event_type, delivery.handler, max(lag, 0.0))
+        self.metrics.handled(event_type, delivery.handler, delivery.error is None, delivery.seconds)
+
+    def recorded(
+        self,
+        delivery: Delivery | None,
+        outcome: Outcome | None,
+        verdict: Verdict,
+        written: Written,
+        reason: str | None = None,
+    ) -> None:
+        if delivery is not None and delivery.kind == "reprocess" and written == "applied":
+            self.metrics.reprocessed(delivery.event.type, delivery.handler, verdict == "success")
+
+    def retry_scheduled(self, item: RetryItem) -> None:
+        self.metrics.retry_scheduled(item.event_type, item.handler_name)
+
+    def retry_succeeded(self, item: RetryItem) -> None:
+        self.metrics.retry_succeeded(item.event_type, item.handler_name)
+
+    def dead_lettered(self, item: DeadLetterItem) -> None:
+        self.metrics.dead_lettered(item.event_type, item.handler_name, reason_kind(item.reason))
+
+    def requeued(self, dead: DeadLetterItem, retry: RetryItem) -> None:
+        self.metrics.requeued(dead.event_type, dead.handler_name)
+
+
+class TracingObserver(Observer):
+    """Spans for a ``Tracing`` back end: one around each publish, one around each
+    handler call, ended with what the store recorded. What the back end hands
+    back is checked: a span that gives another event, or a malformed
+    ``traceparent``, is logged (once) and left out."""
+
+    def __init__(self, tracing: Tracing) -> None:
+        self.tracing = tracing
+        self._complained: set[str] = set()
+
+    def __repr__(self) -> str:
+        return repr(self.tracing)
+
+    always_active = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self.tracing.active)
+
+    def _complain(self, what: str) -> None:
+        if what not in self._complained:
+            self._complained.add(what)
+            logger.error("%r: %s; left out of the trace", self.tracing, what)
+
+    def _checked(self, span: PublishSpan | DeliverySpan) -> str | None:
+        value = span.traceparent
+        if value is None or is_traceparent(value):
+            return value
+        self._complain(f"a span's traceparent is not a W3C traceparent: {value!r}")
+        return None
+
+    def publish_started(self, publication: Publication) -> None:
+        if not self.tracing.active:
+            return
+        event = publication.event
+        span = self.tracing.publish(event)
+        publication.span = span
+        traced = span.event
+        if isinstance(traced, Event) and traced.id == event.id:
+            publication.event = traced
+        else:
+            self._complain("its publish span gave an event other than the one published")
+        publication.traceparent = self._checked(span)
+
+    def publish_ended(self, publication: Publication, error: BaseException | None) -> None:
+        if publication.span is not None:
+            publication.span.end(error)
+
+    def call_started(self, delivery: Delivery) -> None:
+        if not self.tracing.active:
+            return
+        span = self.tracing.delivery(
+            delivery.event,
+            delivery.handler,
+            kind=delivery.kind,
+            attempt=delivery.attempt,
+            failed=failed_attempts(delivery.metadata),
+            publisher=publisher(delivery.metadata),
+        )
+        delivery.span = span
+        span.__enter__()
+        delivery.traceparent = self._checked(span)
+
+    def call_ended(self, delivery: Delivery) -> None:
+        span, error = delivery.span, delivery.error
+        if span is not None:
+            span.__exit__(None if error is None else type(error), error, None)
+
+    def recorded(
+        self,
+        delivery: Delivery | None,
+        outcome: Outcome | None,
+        verdict: Verdict,
+        written: Written,
+        reason: str | None = None,
+    ) -> None:
+        if delivery is None or delivery.span is None:
+            return
+        if written == "applied":
+            delivery.span.end(verdict, reason)
+        else:
+            delivery.span.end(written)
+
+    def requeued(self, dead: DeadLetterItem, retry: RetryItem) -> None:
+        if self.tracing.active:
+            self.tracing.requeue(
+                dead.to_event(),
+                dead.handler_name,
+                failed_attempts(dead.metadata),
+                publisher(dead.metadata),
+            )
+
+
+class LogObserver(Observer):
+    """The log lines about deliveries: each failure that is retried (info), each
+    dead letter (warning), with the delivery's ids as ``extra`` fields."""
+
+    def recorded(
+        self,
+        delivery: Delivery | None,
+        outcome: Outcome | None,
+        verdict: Verdict,
+        written: Written,
+        reason: str | None = None,
+    ) -> None:
+        if written != "applied" or not isinstance(outcome, Rescheduled):
+            return
+        item = outcome.item
+        delay = (item.next_retry - item.updated_at).total_seconds()
+        failed = item.attempt - 1  # the attempt that just failed (0: the first call)
+        traceparent = None if delivery is None else delivery.traceparent
+        fields = log_fields(item.event_id, item.event_type, item.handler_name, failed, traceparent)
+        if failed == 0:
+            logger.info(
+                "handler %s failed for event %s (%s), retry 1 in %.3gs: %s",
+                item.handler_name,
+                item.event_id,
+                item.event_type,
+                delay,
+                item.error,
+                extra=fields,
+            )
+        else:
+            logger.info(
+                "retry %d of handler %s failed for event %s, retry %d in %.3gs: %s",
+                failed,
+                item.handler_name,
+                item.event_id,
+                item.attempt,
+                delay,
+                item.error,
+                extra=fields,
+            )
+
+    def dead_lettered(self, item: DeadLetterItem) -> None:
+        logger.warning(
+            "dead-lettered event %s (%s) for handler %s: %s (%s)",
+            item.event_id,
+            item.event_type,
+            item.handler_name,
+            item.reason,
+            item.error,
+            extra={
+                **log_fields(
+                    item.event_id,
+                    item.event_type,
+                    item.handler_name,
+                    item.attempt,
+                    last_failed_attempt(item.metadata),
+                ),
+                "reason": item.reason,
+            },
+        )
+
+
+def verdict_of(outcome: Outcome) -> tuple[Verdict, str | None]:
+    """What an outcome means for a delivery's span and logs: the verdict and,
+    for a dead letter, its reason."""
+    if isinstance(outcome, DeadLettered):
+        return "dead_letter", outcome.dead_letter.reason
+    if isinstance(outcome, Rescheduled):
+        return "retry", None
+    return "success", None
