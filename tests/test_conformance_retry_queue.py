@@ -358,3 +358,10 @@ async def test_recording_the_same_failures_twice_adds_them_once(
     assert [i.id for i in await bus.retry_queue.list()] == [item.id]
     assert [d.id for d in await bus.dead_letters.list()] == [dead.id]
     assert (await store.counters()).retry_added == before + 1
+
+
+async def test_migrate_is_idempotent_and_reports_the_schema_version(store: Store) -> None:
+    version = await store.migrate()
+    assert version == await store.schema_version()
+    assert await store.migrate() == version
+    assert version is None or (isinstance(version, int) and version >= 1)

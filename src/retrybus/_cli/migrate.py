@@ -1,40 +1,19 @@
 """``retrybus migrate``: create or upgrade a store's tables now, and show its schema version.
 
 Every store migrates itself on first use; this command does it ahead of time (for
-example in a deployment step, before workers start) and reports the version.
-An engine that keeps a versioned schema has ``async migrate() -> int``; the
-SQLite store records its version in ``PRAGMA user_version``.
+example in a deployment step, before workers start) and reports the version
+(``Store.migrate``; None for an engine that keeps no versioned schema).
 """
 
 from __future__ import annotations
 
-import sqlite3
-
 import typer
 
-from .._stores import Store
-from .._stores.sqlite import SQLiteStore
 from .common import JsonOption, StoreOption, run
 from .output import echo_json
 from .session import EXIT_USAGE, CliError, open_store_url
 
 __all__ = ["migrate"]
-
-
-async def schema_version(store: Store) -> int | None:
-    """Connect ``store`` (which runs its migration) and return its schema version
-    (None for an engine without a schema, such as ``memory://``)."""
-    migrate_now = getattr(store, "migrate", None)
-    if migrate_now is not None:
-        return int(await migrate_now())
-    await store.connect()
-    if isinstance(store, SQLiteStore):
-
-        def user_version(conn: sqlite3.Connection) -> int:
-            return int(conn.execute("PRAGMA user_version").fetchone()[0])
-
-        return await store._read(user_version)
-    return None
 
 
 def migrate(store: StoreOption = None, json: JsonOption = False) -> None:
@@ -46,7 +25,7 @@ def migrate(store: StoreOption = None, json: JsonOption = False) -> None:
     async def main() -> None:
         opened = open_store_url(url)
         try:
-            version = await schema_version(opened)
+            version = await opened.migrate()
         finally:
             await opened.close()
         if json:

@@ -24,9 +24,11 @@ from .._records import DeadLetterItem, RetryItem
 __all__ = [
     "DEAD_LETTER_GROUP_FIELDS",
     "RETRY_GROUP_FIELDS",
+    "AdminStore",
     "ControlRecord",
     "DeadLetterField",
     "RetryField",
+    "RetryStore",
     "Store",
 ]
 
@@ -52,37 +54,13 @@ class ControlRecord:
     value: Mapping[str, Any]
 
 
-class Store(abc.ABC):
-    """One engine holding the retry queue and the dead letter queue.
-
-    Use it as an async context manager, or call ``await store.close()``; it
-    connects on first use (``await store.connect()`` connects eagerly and
-    raises ``StoreUnavailable`` naming the URL when it cannot).
-    """
+class RetryStore(abc.ABC):
+    """The hot half of a store: what publish and the workers use on every
+    delivery (record failures, claim, extend, release, complete) and the sweeps
+    a worker runs now and then."""
 
     #: the URL the store was opened with, password removed
     url: str
-
-    @classmethod
-    def from_url(cls, url: str) -> Store:
-        """The store a URL of this engine names (server engines implement it;
-        ``open_store`` calls it). Raises ``ValueError`` naming a malformed URL."""
-        raise NotImplementedError(f"{cls.__name__} is not opened from a URL")
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.url}>"
 
     @abc.abstractmethod
     async def connect(self) -> None:
@@ -102,8 +80,6 @@ class Store(abc.ABC):
         example). Returns an async function that stops watching, or None when the
         engine cannot watch: workers then rely on their check interval."""
         return None
-
-    # retry queue -----------------------------------------------------------
 
     @abc.abstractmethod
     async def record_failures(
@@ -143,6 +119,25 @@ class Store(abc.ABC):
         """When the earliest item not currently leased falls due (None when empty)."""
 
     @abc.abstractmethod
+    async def expire_retry(
+        self, *, before: datetime, now: datetime, reason: str
+    ) -> list[DeadLetterItem]:
+        """Move unleased items created before ``before`` to the dead letter queue."""
+
+    @abc.abstractmethod
+    async def cleanup_dead(self, before: datetime) -> int:
+        """Delete dead letters created before ``before``; return how many."""
+
+    @abc.abstractmethod
+    async def counters(self) -> Counters: ...
+
+
+class AdminStore(abc.ABC):
+    """The admin half of a store: what people use to look at and act on the
+    queues (the CLI, the dashboard, ``bus.dead_letters``), the control records
+    that redrives and the depth history keep, and the schema's migration."""
+
+    @abc.abstractmethod
     async def retry_count(self) -> int: ...
 
     @abc.abstractmethod
@@ -167,12 +162,11 @@ class Store(abc.ABC):
     async def delete_retry(self, item_id: str) -> bool: ...
 
     @abc.abstractmethod
-    async def expire_retry(
-        self, *, before: datetime, now: datetime, reason: str
-    ) -> list[DeadLetterItem]:
-        """Move unleased items created before ``before`` to the dead letter queue."""
-
-    # dead letter queue -----------------------------------------------------
+    async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
+        """Retry items counted per value of ``by`` (``handler_name`` or
+        ``event_type``), largest first, ties by key ascending; ``first_at`` and
+        ``last_at`` are the earliest and latest ``next_retry``, ``sample_id`` the id
+        of the item due first (the least id among equally due ones)."""
 
     @abc.abstractmethod
     async def list_dead(
@@ -220,19 +214,6 @@ class Store(abc.ABC):
         """Delete these dead letters (unknown ids are skipped); returns how many went."""
 
     @abc.abstractmethod
-    async def cleanup_dead(self, before: datetime) -> int:
-        """Delete dead letters created before ``before``; return how many."""
-
-    @abc.abstractmethod
-    async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
-        """Retry items counted per value of ``by`` (``handler_name`` or
-        ``event_type``), largest first, ties by key ascending; ``first_at`` and
-        ``last_at`` are the earliest and latest ``next_retry``, ``sample_id`` the id
-        of the item due first (the least id among equally due ones)."""
-
-    # control records -------------------------------------------------------
-
-    @abc.abstractmethod
     async def get_control(self, key: str) -> ControlRecord | None: ...
 
     @abc.abstractmethod
@@ -248,5 +229,50 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_control(self, key: str) -> bool: ...
 
+    async def migrate(self) -> int | None:
+        """Create or upgrade the store's tables and indexes now (a store does it
+        on first use anyway); returns its schema version (None: the engine keeps
+        no versioned schema)."""
+        await self.connect()
+        return await self.schema_version()
+
+    async def schema_version(self) -> int | None:
+        """The schema version the store records (None: it keeps none)."""
+        return None
+
     @abc.abstractmethod
-    async def counters(self) -> Counters: ...
+    async def connect(self) -> None:
+        """Connect (and create tables) now rather than on first use."""
+
+
+class Store(RetryStore, AdminStore):
+    """One engine holding the retry queue and the dead letter queue.
+
+    Use it as an async context manager, or call ``await store.close()``; it
+    connects on first use (``await store.connect()`` connects eagerly and
+    raises ``StoreUnavailable`` naming the URL when it cannot).
+    """
+
+    #: the URL the store was opened with, password removed
+    url: str
+
+    @classmethod
+    def from_url(cls, url: str) -> Store:
+        """The store a URL of this engine names (server engines implement it;
+        ``open_store`` calls it). Raises ``ValueError`` naming a malformed URL."""
+        raise NotImplementedError(f"{cls.__name__} is not opened from a URL")
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"

@@ -376,6 +376,10 @@ class SQLiteStore(Store):
         if self._checkpointing is future:
             self._checkpointing = None
 
+    async def schema_version(self) -> int:
+        """The schema version the file records (``PRAGMA user_version``)."""
+        return await self._read(_schema_version)
+
     async def health(self) -> None:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
 
