@@ -8,13 +8,15 @@ import re
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
-def load_queries(filename: str) -> dict[str, str]:
-    """Split ``filename`` (in this package) at its ``-- name: X`` comments."""
+def load_queries(filename: str, package: str | None = None) -> dict[str, str]:
+    """Split ``filename`` (in ``package``, by default this one) at its
+    ``-- name: X`` comments."""
+    package = package or __package__
     # pkgutil rather than importlib.resources, which imports zipfile, tempfile,
     # shutil, bz2 and lzma: half a megabyte in every worker
-    data = pkgutil.get_data(__package__, filename)
+    data = pkgutil.get_data(package, filename)
     if data is None:  # pragma: no cover - a loader that cannot read package data
-        raise FileNotFoundError(f"{filename} is missing from {__package__}")
+        raise FileNotFoundError(f"{filename} is missing from {package}")
     text = data.decode("utf-8")
     parts = _NAME.split(text)
     queries: dict[str, str] = {}
