@@ -297,7 +297,7 @@ async def test_dead_letters_written_without_a_failure_group_get_one_on_connect(
     await db.dead_letter_queue.insert_many(old)
     await mongo.close()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("retrybus._stores.mongodb._BACKFILL_BATCH", 3)
+        patch.setattr("retrybus._stores.mongodb.migrate.BACKFILL_BATCH", 3)
         await mongo.connect()
     db = await mongo._database()
     assert await db.dead_letter_queue.count_documents({"failure_group": None}) == 0

@@ -41,6 +41,7 @@ from retrybus._records import ErrorInfo
 from retrybus._stores import postgresql
 from retrybus._stores import sqlite as sqlite_store
 from retrybus._stores.postgresql import SCHEMA_VERSION, PostgresStore
+from retrybus._stores.postgresql import migrate as postgresql_migrate
 
 APPS = Path(__file__).parent / "apps"
 
@@ -111,7 +112,7 @@ async def insert_version_1_dead_letter(
 async def test_a_version_1_schema_is_migrated_and_its_dead_letters_get_failure_groups(
     url: str, schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(postgresql, "FILL_BATCH", 2)  # several batches of the back-fill
+    monkeypatch.setattr(postgresql_migrate, "FILL_BATCH", 2)  # several batches of the back-fill
     conn = await create_version_1(schema)
     try:
         refused = [

@@ -41,10 +41,11 @@ from retrybus import (
 )
 from retrybus._outcomes import Counters
 from retrybus._records import ErrorInfo
-from retrybus._stores import redis as redis_module
 from retrybus._stores.base import DEAD_LETTER_GROUP_FIELDS
 from retrybus._stores.memory import MemoryStore
-from retrybus._stores.redis import LAYOUT_VERSION, RedisStore, _dead_json, _from_score, _score
+from retrybus._stores.redis import LAYOUT_VERSION, RedisStore
+from retrybus._stores.redis import admin as redis_admin
+from retrybus._stores.redis.codec import dead_json, from_score, to_score
 
 APPS = Path(__file__).parent / "apps"
 WORKER = APPS / "process_worker.py"
@@ -75,13 +76,13 @@ def test_scores_give_back_the_exact_microsecond_and_keep_the_order() -> None:
     moments = [base + timedelta(microseconds=rng.randrange(10**15)) for _ in range(20_000)]
     moments += [base, base + timedelta(microseconds=1), datetime(2255, 1, 1, tzinfo=UTC)]
     for moment in moments:
-        assert _from_score(_score(moment)) == moment
+        assert from_score(to_score(moment)) == moment
     ordered = sorted(moments)
-    scores = [float(_score(m)) for m in ordered]
+    scores = [float(to_score(m)) for m in ordered]
     assert all(a < b for a, b in itertools.pairwise(scores) if a != b)
     assert scores == sorted(scores)
     for a, b in itertools.pairwise(ordered):
-        assert (float(_score(a)) < float(_score(b))) == (a < b)
+        assert (float(to_score(a)) < float(to_score(b))) == (a < b)
 
 
 # durability and namespaces ---------------------------------------------------------
@@ -148,7 +149,7 @@ async def test_a_record_that_cannot_be_decoded_goes_to_the_dlq_and_the_worker_go
         Event("x", {"ok": False}), "h", "boom", next_retry=clock.now()
     )
     prefix = redis_store.prefix
-    due = _score(clock.now() - timedelta(seconds=1))
+    due = to_score(clock.now() - timedelta(seconds=1))
     # bad JSON in place of a stored record
     await raw.hset(f"{prefix}:retry:items", broken.id, '{"attempt":1,"id": not json')
     # records written by hand: one with missing fields, one with a time that is not one
@@ -370,13 +371,13 @@ async def test_updating_deleting_and_cleaning_keep_the_dead_letter_indexes_right
 async def _write_layout_one(raw: aioredis.Redis, prefix: str, letter: DeadLetterItem) -> None:
     """Write a dead letter as the previous version of the store did: no reason, failure
     group or event id index, no value sets."""
-    score = _score(letter.created_at)
+    score = to_score(letter.created_at)
     index = json.dumps(
         [letter.event_type, letter.handler_name, int(letter.processed), score],
         separators=(",", ":"),
     )
     async with raw.pipeline(transaction=True) as pipe:
-        pipe.hset(f"{prefix}:dead:items", letter.id, _dead_json(letter))
+        pipe.hset(f"{prefix}:dead:items", letter.id, dead_json(letter))
         pipe.hset(f"{prefix}:dead:index", letter.id, index)
         for key in (
             "dead:created",
@@ -444,8 +445,8 @@ async def test_a_lazy_upgrade_runs_before_the_first_query(raw: aioredis.Redis) -
     async with open_test_store() as store:
         prefix = store.prefix
         await raw.delete(f"{prefix}:schema")
-        score = _score(letter.created_at)
-        await raw.hset(f"{prefix}:dead:items", letter.id, _dead_json(letter))
+        score = to_score(letter.created_at)
+        await raw.hset(f"{prefix}:dead:items", letter.id, dead_json(letter))
         await raw.hset(
             f"{prefix}:dead:index",
             letter.id,
@@ -500,7 +501,7 @@ async def test_group_retry_reads_records_of_any_field_order_and_escaped_names(
 async def test_group_retry_walks_the_queue_in_chunks(
     redis_store: RedisStore, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(redis_module, "_GROUP_CHUNK", 3)
+    monkeypatch.setattr(redis_admin, "GROUP_CHUNK", 3)
     reference = MemoryStore()
     bus = EventBus(redis_store, clock=clock)
     for n in range(20):

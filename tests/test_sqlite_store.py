@@ -16,8 +16,8 @@ from retrybus import (
     failure_group_key,
     open_store,
 )
-from retrybus._stores import sqlite as sqlite_store
 from retrybus._stores.sqlite import SCHEMA_VERSION
+from retrybus._stores.sqlite.sql import Q, dead_where
 
 
 async def test_the_database_is_in_wal_mode(tmp_path: Path) -> None:
@@ -324,8 +324,8 @@ async def test_dead_letter_filters_use_indexes(tmp_path: Path) -> None:
         (DeadLetterFilter(handler_name="h"), "dead_letter_queue_handler_name"),
         (DeadLetterFilter(event_type="t"), "dead_letter_queue_event_type"),
     ]:
-        condition, params = sqlite_store._where(where)
-        sql = sqlite_store.Q["list_dead"].format(where=condition)
+        condition, params = dead_where(where)
+        sql = Q["list_dead"].format(where=condition)
         plan = conn.execute(f"EXPLAIN QUERY PLAN {sql}", {**params, "limit": 10, "offset": 0})
         assert index in " ".join(str(row[-1]) for row in plan)
     conn.close()
@@ -396,8 +396,8 @@ async def test_a_cursor_is_a_seek_in_the_newest_first_indexes(tmp_path: Path) ->
         (DeadLetterFilter(cursor=cursor), "dead_letter_queue_created_at"),
         (DeadLetterFilter(failure_group="grp_x", cursor=cursor), "dead_letter_queue_failure_group"),
     ]:
-        condition, params = sqlite_store._where(where)
-        sql = sqlite_store.Q["list_dead"].format(where=condition)
+        condition, params = dead_where(where)
+        sql = Q["list_dead"].format(where=condition)
         plan = " ".join(
             str(row[-1])
             for row in conn.execute(

@@ -188,7 +188,7 @@ class EventBus:
             # imported on first use: workers, which never redrive, stay small
             from ._redrives import Redrives
 
-            self._redrives = Redrives(self)
+            self._redrives = Redrives(self._core, self.dead_letters)
         return self._redrives
 
     @property

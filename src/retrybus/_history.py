@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ._filters import DeadLetterFilter
 
 if TYPE_CHECKING:
-    from ._bus import EventBus
+    from ._observe import BusView
 
 __all__ = ["DepthHistory", "DepthSample"]
 
@@ -43,7 +43,7 @@ class DepthHistory:
     """Record and read the depth history of a bus's store."""
 
     def __init__(
-        self, bus: EventBus, *, interval: float = DEFAULT_INTERVAL, keep: int = DEFAULT_KEEP
+        self, bus: BusView, *, interval: float = DEFAULT_INTERVAL, keep: int = DEFAULT_KEEP
     ) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
             raise ValueError(f"interval must be a number of seconds > 0, got {interval!r}")

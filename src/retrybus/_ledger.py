@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._delivery import Attempted
 from ._errors import StoreUnavailable
@@ -23,9 +23,20 @@ from ._records import DeadLetterItem, RetryItem
 from ._reporting import verdict_of
 
 if TYPE_CHECKING:
-    from ._core import BusCore
+    from ._observers import Observers
+    from ._stores.base import Store
 
-__all__ = ["DeadLetterHook", "Ledger"]
+
+class LedgerContext(Protocol):
+    """What the ledger reads from the bus's shared state (``BusCore``), each time
+    it writes: the store, the observers and the ``store_timeout`` may change."""
+
+    store: Store
+    observers: Observers
+    store_timeout: float
+
+
+__all__ = ["DeadLetterHook", "Ledger", "LedgerContext"]
 
 logger = logging.getLogger("retrybus")
 
@@ -38,7 +49,7 @@ _LONGEST_PAUSE = 1.0
 class Ledger:
     """Writes outcomes to the bus's store, then announces them."""
 
-    def __init__(self, core: BusCore) -> None:
+    def __init__(self, core: LedgerContext) -> None:
         self._core = core
         self._hooks: list[DeadLetterHook] = []
         self._listeners: list[Callable[[datetime], None]] = []

@@ -18,10 +18,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from ._bus import EventBus
+    from ._clock import Clock
     from ._event import Event
+    from ._stores.base import Store
 
 __all__ = [
+    "BusView",
     "DeliveryKind",
     "DeliverySpan",
     "Metrics",
@@ -66,6 +68,16 @@ def reason_kind(reason: str) -> str:
     return "other"
 
 
+class BusView(Protocol):
+    """What reading a bus's queues needs: its store and its clock (an ``EventBus``)."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+
 @runtime_checkable
 class Metrics(Protocol):
     """Receives what happens to deliveries, for counters and histograms.
@@ -100,7 +112,7 @@ class Metrics(Protocol):
     def requeued(self, event_type: str, handler: str) -> None:
         """A dead letter was moved back into the retry queue."""
 
-    async def refresh(self, bus: EventBus) -> None:
+    async def refresh(self, bus: BusView) -> None:
         """Read the queues' depth from ``bus``'s store (called periodically)."""
 
 

@@ -29,7 +29,8 @@ from ._records import dead_letter_id_for
 from ._redrive import ACTIONS, FINAL, Redrive, parse_rate
 
 if TYPE_CHECKING:
-    from ._bus import EventBus
+    from ._core import BusCore
+    from ._dead_letters import DeadLetterQueue
 
 __all__ = ["Redrives"]
 
@@ -64,8 +65,9 @@ class Redrives:
     >>> await bus.redrives.run(redrive.id)   # drive it here until it ends or is paused
     """
 
-    def __init__(self, bus: EventBus) -> None:
-        self._bus = bus
+    def __init__(self, core: BusCore, dead_letters: DeadLetterQueue) -> None:
+        self._core = core
+        self._dead_letters = dead_letters
         self.owner = f"redrive-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._steps: dict[str, asyncio.Lock] = {}
 
@@ -101,11 +103,11 @@ class Redrives:
                 "a reprocess redrive takes unprocessed dead letters, not processed=True"
             )
         per_second = parse_rate(rate)
-        now = self._bus.clock.now()
+        now = self._core.clock.now()
         selected = where.narrowed(created_before=now + timedelta(microseconds=1), cursor=None)
         if action == "reprocess":
             selected = replace(selected, processed=False)
-        total = await self._bus.store.count_dead(selected)
+        total = await self._core.store.count_dead(selected)
         redrive = Redrive(
             id=f"redrive_{time.time_ns() // 1_000_000:012x}{uuid.uuid4().hex[:8]}",
             action=action,
@@ -118,7 +120,7 @@ class Redrives:
             created_at=now,
             updated_at=now,
         )
-        version = await self._bus.store.put_control(
+        version = await self._core.store.put_control(
             PREFIX + redrive.id, redrive.to_dict(), version=0
         )
         if version is None:  # pragma: no cover - ids are unique
@@ -127,7 +129,7 @@ class Redrives:
 
     async def get(self, redrive_id: str) -> Redrive:
         """The redrive with this id; raises ``ItemNotFound``."""
-        record = await self._bus.store.get_control(PREFIX + redrive_id)
+        record = await self._core.store.get_control(PREFIX + redrive_id)
         if record is None:
             raise ItemNotFound(redrive_id)
         return Redrive.from_dict(dict(record.value), record.version)
@@ -136,7 +138,7 @@ class Redrives:
         """Every redrive the store keeps, newest first (a damaged record is logged
         and left out)."""
         redrives = []
-        for record in await self._bus.store.list_control(PREFIX):
+        for record in await self._core.store.list_control(PREFIX):
             try:
                 redrives.append(Redrive.from_dict(dict(record.value), record.version))
             except (KeyError, TypeError, ValueError) as exc:
@@ -161,7 +163,7 @@ class Redrives:
         redrive = await self.get(redrive_id)
         if not redrive.finished:
             raise ValueError(f"redrive {redrive_id} is {redrive.state}: cancel it first")
-        await self._bus.store.delete_control(PREFIX + redrive_id)
+        await self._core.store.delete_control(PREFIX + redrive_id)
 
     @staticmethod
     def _paused(redrive: Redrive, now: datetime) -> Redrive:
@@ -212,12 +214,12 @@ class Redrives:
     ) -> Redrive:
         while True:
             current = await self.get(redrive_id)
-            saved = await self._save(change(current, self._bus.clock.now()))
+            saved = await self._save(change(current, self._core.clock.now()))
             if saved is not None:
                 return saved
 
     async def _save(self, redrive: Redrive) -> Redrive | None:
-        version = await self._bus.store.put_control(
+        version = await self._core.store.put_control(
             PREFIX + redrive.id, redrive.to_dict(), version=redrive.version
         )
         return None if version is None else replace(redrive, version=version)
@@ -235,7 +237,7 @@ class Redrives:
         redrive = await self.get(redrive_id)
         if not redrive.active:
             return redrive
-        now = self._bus.clock.now()
+        now = self._core.clock.now()
         if (
             redrive.runner not in (None, self.owner)
             and redrive.runner_until is not None
@@ -272,7 +274,7 @@ class Redrives:
                 if current.runner != self.owner or not current.active:
                     lost.set()
                     return
-                until = self._bus.clock.now() + timedelta(seconds=RUNNER_LEASE)
+                until = self._core.clock.now() + timedelta(seconds=RUNNER_LEASE)
                 if await self._save(replace(current, runner_until=until)) is not None:
                     break
 
@@ -297,7 +299,7 @@ class Redrives:
         """Whether this bus can drive ``redrive``: a reprocess needs its handlers."""
         if redrive.action != "reprocess":
             return True
-        names = self._bus.handler_names
+        names = self._core.registry.names()
         handler = redrive.where.handler_name
         return bool(names) and (handler is None or handler in names)
 
@@ -355,7 +357,7 @@ class Redrives:
                 failed=current.failed + failed_delta,
                 cursor=changes.get("cursor", current.cursor),
                 probe_ids=changes.get("probe_ids", current.probe_ids),
-                updated_at=self._bus.clock.now(),
+                updated_at=self._core.clock.now(),
             )
             saved = await self._save(merged)
             if saved is not None:
@@ -375,7 +377,7 @@ class Redrives:
     async def _take(self, redrive: Redrive, count: int, lost: asyncio.Event) -> _Taken:
         """Requeue or reprocess up to ``count`` dead letters after the cursor."""
         where = redrive.where.narrowed(cursor=redrive.cursor)
-        items = await self._bus.store.list_dead(where, limit=count, offset=0)
+        items = await self._core.store.list_dead(where, limit=count, offset=0)
         taken = _Taken(cursor=redrive.cursor)
         started = time.monotonic()
         actor = redrive.created_by
@@ -386,14 +388,14 @@ class Redrives:
             taken.cursor = (item.created_at, item.id)
             if redrive.action == "requeue":
                 try:
-                    retry_item = await self._bus.dead_letters.requeue(item.id, actor=actor)
+                    retry_item = await self._dead_letters.requeue(item.id, actor=actor)
                 except (ItemNotFound, ItemBusy):
                     continue  # requeued, deleted or being reprocessed by someone else
                 taken.succeeded += 1
                 taken.retry_ids.append(retry_item.id)
                 continue
             try:
-                updated, ok = await self._bus.dead_letters.attempt_reprocess(item.id, actor=actor)
+                updated, ok = await self._dead_letters.attempt_reprocess(item.id, actor=actor)
             except (ItemNotFound, ItemBusy):
                 continue
             except UnknownHandler as exc:
@@ -418,7 +420,7 @@ class Redrives:
                 redrive,
                 state="completed",
                 message=_summary(redrive.action, done, failed),
-                finished_at=self._bus.clock.now(),
+                finished_at=self._core.clock.now(),
                 done=done,
                 failed=failed,
             )
@@ -481,7 +483,7 @@ class Redrives:
             message=_summary(redrive.action, redrive.done, redrive.failed)
             if redrive.done or redrive.failed
             else "nothing matched",
-            finished_at=self._bus.clock.now(),
+            finished_at=self._core.clock.now(),
         )
 
     async def _probe_outcome(
@@ -492,7 +494,7 @@ class Redrives:
                 redrive,
                 state="stopped",
                 message=f"probe failed: {failures} of {size} failed again ({error})",
-                finished_at=self._bus.clock.now(),
+                finished_at=self._core.clock.now(),
                 **changes,
             )
         return await self._finish_step(
@@ -512,14 +514,14 @@ class Redrives:
         handled = failed = 0
         first_error = ""
         for retry_id in retry_ids:
-            item = await self._bus.store.get_retry(retry_id)
+            item = await self._core.store.get_retry(retry_id)
             if item is not None:
                 if item.attempt > 1:
                     handled += 1
                     failed += 1
                     first_error = first_error or f"{item.error_type}: {item.error}"
                 continue
-            dead = await self._bus.store.get_dead(dead_letter_id_for(retry_id))
+            dead = await self._core.store.get_dead(dead_letter_id_for(retry_id))
             handled += 1
             if dead is not None:
                 failed += 1

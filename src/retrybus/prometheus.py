@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from threading import Thread
     from wsgiref.simple_server import WSGIServer
 
-    from ._bus import EventBus
+    from ._observe import BusView
 
 __all__ = ["DURATION_BUCKETS", "LAG_BUCKETS", "METRIC_NAMES", "PrometheusMetrics"]
 
@@ -326,7 +326,7 @@ class PrometheusMetrics:
     def requeued(self, event_type: str, handler: str) -> None:
         self._figures.of(event_type, handler).requeued += 1
 
-    async def refresh(self, bus: EventBus) -> None:
+    async def refresh(self, bus: BusView) -> None:
         """Read the queues' depth from ``bus``'s store into the gauges (a handler
         whose queue emptied reads 0)."""
         store = bus.store

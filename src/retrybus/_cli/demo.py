@@ -19,16 +19,16 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from .._bus import EventBus, PublishResult
+from .._bus import EventBus
 from .._errors import PermanentError
 from .._event import Event
 from .._policy import ExponentialBackoff
 from .._worker import RetryWorker
-from .demo_view import Snapshot, make_view, print_report
+from .demo_view import Snapshot, Tally, make_view, print_report
 from .session import CliError, open_store_url
 
 __all__ = ["DemoSettings", "run_demo"]
@@ -132,28 +132,6 @@ def social_events(count: int, seed: int) -> Iterator[Event]:
 
 
 # running it --------------------------------------------------------------------
-
-
-@dataclass
-class Tally:
-    """What the publish results said: each delivery's first outcome."""
-
-    total: int
-    published: int = 0
-    deliveries: int = 0
-    first_succeeded: int = 0
-    first_retrying: int = 0
-    first_dead_lettered: int = 0
-    done: bool = False
-    by_type: Counter[str] = field(default_factory=Counter)
-
-    def add(self, result: PublishResult) -> None:
-        self.published += 1
-        self.by_type[result.event.type] += 1
-        self.first_succeeded += len(result.succeeded)
-        self.first_retrying += len(result.retrying)
-        self.first_dead_lettered += len(result.dead_lettered)
-        self.deliveries += len(result.succeeded) + len(result.retrying) + len(result.dead_lettered)
 
 
 def build_bus(url: str, seed: int) -> EventBus:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -15,13 +15,33 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .._bus import PublishResult
 from .._stats import Stats
 from . import views
 
-if TYPE_CHECKING:
-    from .demo import Tally
+__all__ = ["Snapshot", "Tally", "make_view", "print_report"]
 
-__all__ = ["Snapshot", "make_view", "print_report"]
+
+@dataclass
+class Tally:
+    """What the publish results said: each delivery's first outcome."""
+
+    total: int
+    published: int = 0
+    deliveries: int = 0
+    first_succeeded: int = 0
+    first_retrying: int = 0
+    first_dead_lettered: int = 0
+    done: bool = False
+    by_type: Counter[str] = field(default_factory=Counter)
+
+    def add(self, result: PublishResult) -> None:
+        self.published += 1
+        self.by_type[result.event.type] += 1
+        self.first_succeeded += len(result.succeeded)
+        self.first_retrying += len(result.retrying)
+        self.first_dead_lettered += len(result.dead_lettered)
+        self.deliveries += len(result.succeeded) + len(result.retrying) + len(result.dead_lettered)
 
 
 @dataclass(frozen=True, slots=True)

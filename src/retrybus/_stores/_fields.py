@@ -74,9 +74,16 @@ def _same(value: Any) -> Any:
 
 
 def json_object(value: Any) -> dict[str, Any]:
-    """A stored JSON object (text or already decoded), or ``ValueError``."""
+    """A JSON object: the text of one, or one already decoded; else ``ValueError``."""
     if isinstance(value, str):
         value = {} if value == "{}" else json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {str(value)[:80]!r}")
+    return value
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """A decoded JSON value that must be an object (a string is not decoded again)."""
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object, got {str(value)[:80]!r}")
     return value
@@ -94,6 +101,9 @@ class RecordCodec:
     write_json: Callable[[Any], Any] = compact_json
     read_json: Callable[[Any], Any] = json.loads
     write_flag: Callable[[bool], Any] = bool
+    #: True where JSON values are kept natively, so that None is JSON's null (a
+    #: payload of None); False where they are text, so that None is a missing field
+    native_json: bool = False
 
     def _time_or_none(self, moment: datetime | None) -> Any:
         return None if moment is None else self.write_time(moment)
@@ -156,7 +166,7 @@ class RecordCodec:
         """The retry item ``row`` holds; raises (``KeyError``, ``ValueError``,
         ``TypeError``) when it is damaged: the caller dead-letters it."""
         for name in _REQUIRED:
-            if row[name] is None:
+            if row[name] is None and not (name == "event_data" and self.native_json):
                 raise ValueError(f"{name} is missing")
         return RetryItem(
             id=str(row["id"]),
@@ -166,7 +176,7 @@ class RecordCodec:
             event_source=row["event_source"],
             event_timestamp=self.read_time(row["event_timestamp"]),
             event_subject=row["event_subject"],
-            event_extensions=json_object(self._decoded(row["event_extensions"])),
+            event_extensions=_object(self._decoded(row["event_extensions"])),
             handler_name=row["handler_name"],
             error=row["error"] or "",
             error_type=row["error_type"] or "",
@@ -178,7 +188,7 @@ class RecordCodec:
             updated_at=self.read_time(row["updated_at"]),
             lease_owner=row["lease_owner"],
             lease_until=self._parsed_time_or_none(row["lease_until"]),
-            metadata=json_object(self._decoded(row["metadata"])),
+            metadata=_object(self._decoded(row["metadata"])),
         )
 
     def dead_letter(self, row: Mapping[str, Any]) -> DeadLetterItem:
@@ -188,7 +198,7 @@ class RecordCodec:
         metadata: dict[str, Any]
         try:
             data = None if row["event_data"] is None else self.read_json(row["event_data"])
-            metadata = json_object(self._decoded(row["metadata"]))
+            metadata = _object(self._decoded(row["metadata"]))
         except ValueError:
             data = row["event_data"]
             metadata = {"undecodable": True}
@@ -200,7 +210,7 @@ class RecordCodec:
             event_source=row["event_source"],
             event_timestamp=self.read_time(row["event_timestamp"]),
             event_subject=row["event_subject"],
-            event_extensions=json_object(self._decoded(row["event_extensions"])),
+            event_extensions=_object(self._decoded(row["event_extensions"])),
             handler_name=row["handler_name"],
             error=row["error"] or "",
             error_type=row["error_type"] or "",
@@ -216,5 +226,8 @@ class RecordCodec:
         )
 
     def _decoded(self, value: Any) -> Any:
-        """A stored JSON object: text goes through ``read_json``; a document as it is."""
+        """A stored JSON object: text goes through ``read_json`` (the empty object,
+        the usual case, without it); a document as it is."""
+        if value == "{}":
+            return {}
         return self.read_json(value) if isinstance(value, str | bytes) else value

@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
+from starlette.types import Message
 
 from .._errors import ItemNotFound, UnknownHandler
 from .._redrive import parse_rate
@@ -55,8 +56,12 @@ async def _form(request: Request) -> FormData:
         body += chunk
         if len(body) > MAX_BODY:
             raise too_large
-    request._body = bytes(body)  # what request.form() parses
-    return await request.form()
+    whole = bytes(body)
+
+    async def replay() -> Message:  # the body read above, for the form parser
+        return {"type": "http.request", "body": whole, "more_body": False}
+
+    return await Request(request.scope, replay).form()
 
 
 def acting(action: Action) -> Callable[[Request], Awaitable[Response]]:

@@ -1,34 +1,21 @@
-"""The PostgreSQL store (``postgresql://user@host:5432/db?schema=NAME``), on asyncpg.
+"""The PostgreSQL store's class: its URL and pool, connection handling and error
+mapping (``_run``), LISTEN/NOTIFY (``watch``), and the hot half of the protocol.
 
-Both queues live in one schema (``public`` unless ``?schema=`` names another).
-The tables are created by a versioned migration on first use (or by
-``retrybus migrate``), serialised between processes by an advisory lock.
+The hot half (``RetryStore``) is what publish and the workers use on every
+delivery: record failures, claim, extend, release, complete, and the sweeps.
 Every operation is one statement (so one round trip and one implicit
 transaction) except ``expire_retry``; claiming is ``UPDATE … WHERE id IN
 (SELECT … FOR UPDATE SKIP LOCKED) RETURNING *``, so concurrent workers on any
 number of machines never receive the same item. Writes that add or release work
 send a ``NOTIFY`` on a channel of the schema; ``watch`` LISTENs on it so that an
-idle worker wakes at once.
-
-Dead letters are filtered, counted and grouped by the server (a ``DeadLetterFilter``
-is one prepared statement with a nullable parameter per field). Their failure group
-is computed in Python when a dead letter is written and kept in an indexed column;
-version 2 of the schema added it and back-filled existing rows. Control records are
-rows of ``retrybus_control``, written with compare-and-set in one statement.
-That admin side (dead letter queries, grouping, bulk deletes, control records) is
-in ``_postgresql_admin`` and the migration steps are in ``_postgresql_migrate``;
-both are imported on first use, so that a worker does not load them.
-
-URL options: ``schema`` (default public), ``pool_min``/``pool_max`` (connections,
-1/10), ``connect_timeout`` (seconds, 10), ``synchronous_commit`` (the server's
-setting by default, which waits for the WAL to reach the disk; ``off`` makes a
-commit several times faster on slow disks at the risk of losing the last
-commits, never consistency, if the server crashes), and libpq's ``sslmode``,
-``sslrootcert``, ``sslcert``, ``sslkey`` and ``application_name``.
+idle worker wakes at once. The admin half is the ``PostgresAdmin`` mixin
+(``admin.py``); the pool runs the migration (``migrate.py``) when it opens.
 
 Connection trouble (refused, lost, the server shutting down or restarting, too
 many connections, a deadlock or serialisation failure) raises ``StoreUnavailable``
-naming the URL without its password; the worker logs it and retries.
+naming the URL without its password; the worker logs it and retries. Data the
+server refuses (a character it cannot store, a value out of range or too large)
+raises ``RecordRejected``.
 """
 
 from __future__ import annotations
@@ -36,19 +23,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 import asyncpg  # type: ignore[import-untyped]
 
-from .._errors import RecordRejected, StoreUnavailable
-from .._event import compact_json
-from .._outcomes import (
+from ..._errors import RecordRejected, StoreUnavailable
+from ..._outcomes import (
     CorruptRecord,
     Counters,
     DeadLettered,
@@ -57,22 +42,16 @@ from .._outcomes import (
     Succeeded,
     corrupt_to_dead_letter,
 )
-from .._records import DeadLetterItem, RetryItem
-from ._codec import decode_or_corrupt
-from ._queries import load_queries
-from ._url import redact, split
-from .base import (
-    ControlRecord,
-    DeadLetterField,
-    RetryField,
-    Store,
-)
+from ..._records import DeadLetterItem, RetryItem
+from .._codec import decode_or_corrupt
+from .._url import redact, split
+from ..base import Store
+from .admin import PostgresAdmin
+from .codec import CODEC, dead_letter_columns, retry_columns
+from .migrate import migrate_schema
+from .sql import Q, affected, aware, quote
 
-if TYPE_CHECKING:
-    from .._filters import DeadLetterFilter
-    from .._groups import GroupCount
-
-__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+__all__ = ["PostgresStore"]
 
 logger = logging.getLogger("retrybus.store.postgresql")
 
@@ -105,10 +84,6 @@ _POOL_WARNINGS = _PoolReconnectWarnings()
 logging.getLogger("asyncpg.pool").addFilter(_POOL_WARNINGS)
 
 T = TypeVar("T")
-Q = load_queries("postgresql.sql")
-SCHEMA_VERSION = 3
-# dead letters per round trip when failure groups are back-filled (_postgresql_migrate)
-FILL_BATCH = 1000
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _OPTIONS = {"schema", "pool_min", "pool_max", "connect_timeout", "synchronous_commit"}
 _SYNCHRONOUS_COMMIT = {"on", "off", "local", "remote_write", "remote_apply"}
@@ -138,135 +113,9 @@ _ABOUT_THE_DATA: tuple[type[BaseException], ...] = (
 )
 
 
-def _aware(moment: datetime) -> datetime:
-    if moment.tzinfo is None:
-        raise ValueError(f"stored times must be timezone-aware, got {moment!r}")
-    return moment
-
-
-def _aware_or_none(moment: datetime | None) -> datetime | None:
-    return None if moment is None else _aware(moment)
-
-
-def _object(text: str | None) -> dict[str, Any]:
-    if text is None:
-        raise ValueError("missing JSON object")
-    if text == "{}":
-        return {}
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise ValueError(f"expected a JSON object, got {text[:80]!r}")
-    return value
-
-
-def _required(row: Mapping[str, Any], name: str) -> Any:
-    value = row[name]
-    if value is None:
-        raise ValueError(f"field {name!r} is missing (NULL)")
-    return value
-
-
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"
-
-
-def _retry_columns(items: Sequence[RetryItem]) -> list[list[Any]]:
-    """The items as 20 column arrays, in the order of the ``retry_queue`` columns."""
-    columns: list[list[Any]] = [[] for _ in range(20)]
-    for item in items:
-        row = (
-            item.id,
-            item.event_id,
-            item.event_type,
-            compact_json(item.event_data),
-            item.event_source,
-            _aware(item.event_timestamp),
-            item.event_subject,
-            compact_json(dict(item.event_extensions)),
-            item.handler_name,
-            item.error,
-            item.error_type,
-            item.traceback,
-            item.attempt,
-            item.max_retries,
-            _aware(item.next_retry),
-            _aware(item.created_at),
-            _aware(item.updated_at),
-            item.lease_owner,
-            _aware_or_none(item.lease_until),
-            compact_json(dict(item.metadata)),
-        )
-        for column, value in zip(columns, row, strict=True):
-            column.append(value)
-    return columns
-
-
-def _dead_row(item: DeadLetterItem) -> tuple[Any, ...]:
-    # failure_group last: the column a version 2 schema added
-    return (
-        item.id,
-        item.event_id,
-        item.event_type,
-        compact_json(item.event_data),
-        item.event_source,
-        _aware(item.event_timestamp),
-        item.event_subject,
-        compact_json(dict(item.event_extensions)),
-        item.handler_name,
-        item.error,
-        item.error_type,
-        item.traceback,
-        item.attempt,
-        item.max_retries,
-        item.reason,
-        bool(item.processed),
-        _aware(item.created_at),
-        _aware_or_none(item.processed_at),
-        _aware_or_none(item.first_failed_at),
-        compact_json(dict(item.metadata)),
-        item.failure_group,
-    )
-
-
-def _dead_columns(items: Sequence[DeadLetterItem]) -> list[list[Any]]:
-    """The dead letters as 21 column arrays, in the order of ``dead_letter_queue``'s columns."""
-    columns: list[list[Any]] = [[] for _ in range(21)]
-    for item in items:
-        for column, value in zip(columns, _dead_row(item), strict=True):
-            column.append(value)
-    return columns
-
-
-def _retry_from_row(row: Mapping[str, Any]) -> RetryItem:
-    event_data = _required(row, "event_data")
-    return RetryItem(
-        id=row["id"],
-        event_id=_required(row, "event_id"),
-        event_type=_required(row, "event_type"),
-        event_data=json.loads(event_data),
-        event_source=_required(row, "event_source"),
-        event_timestamp=_required(row, "event_timestamp"),
-        event_subject=row["event_subject"],
-        event_extensions=_object(row["event_extensions"]),
-        handler_name=_required(row, "handler_name"),
-        error=row["error"],
-        error_type=row["error_type"],
-        traceback=row["traceback"],
-        attempt=int(_required(row, "attempt")),
-        max_retries=int(_required(row, "max_retries")),
-        next_retry=row["next_retry"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        lease_owner=row["lease_owner"],
-        lease_until=row["lease_until"],
-        metadata=_object(row["metadata"]),
-    )
-
-
-def _affected(status: str) -> int:
-    """The row count of a command status such as ``UPDATE 3`` or ``DELETE 0``."""
-    return int(status.rsplit(" ", 1)[-1])
 
 
 def _channel(schema: str) -> str:
@@ -277,12 +126,6 @@ def _channel(schema: str) -> str:
     return "retrybus_" + hashlib.sha256(schema.encode()).hexdigest()[:40]
 
 
-def _lock_key(schema: str) -> int:
-    """A signed 64-bit advisory lock key for migrating ``schema``."""
-    digest = hashlib.sha256(f"retrybus.migrate.{schema}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Release a pooled connection without asyncpg's default reset (``RESET ALL``,
     ``UNLISTEN *``, …: one more round trip per call). The store leaves no session
@@ -290,11 +133,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     advisory locks only per transaction; asyncpg still rolls back an open transaction."""
 
 
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
-
-
-class PostgresStore(Store):
+class PostgresStore(PostgresAdmin, Store):
     """Both queues in a PostgreSQL schema, shared by any number of processes and machines."""
 
     def __init__(
@@ -383,7 +222,7 @@ class PostgresStore(Store):
     # connection ------------------------------------------------------------
 
     def _server_settings(self) -> dict[str, str]:
-        settings = {"search_path": _quote(self.schema)}
+        settings = {"search_path": quote(self.schema)}
         if "application_name=" not in self._dsn:
             settings["application_name"] = "retrybus"
         if self._synchronous_commit is not None:
@@ -419,7 +258,7 @@ class PostgresStore(Store):
             ) from None
         try:
             async with pool.acquire() as conn:
-                await self._migrate(conn)
+                await migrate_schema(conn, schema=self.schema, url=self.url)
         except BaseException as exc:
             pool.terminate()
             if isinstance(exc, (*_TRANSIENT, asyncpg.PostgresError)):
@@ -428,29 +267,6 @@ class PostgresStore(Store):
                 ) from None
             raise
         return pool
-
-    async def _migrate(self, conn: asyncpg.Connection) -> int:
-        """Bring the schema to ``SCHEMA_VERSION``; returns the version it is at."""
-        async with conn.transaction():
-            # one migrator per schema at a time, across processes; released at commit
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(self.schema))
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(self.schema)}")
-            await conn.execute(Q["version_table"])
-            version = int(await conn.fetchval(Q["current_version"]))
-            if version >= SCHEMA_VERSION:
-                return version
-            from ._postgresql_migrate import upgrade
-
-            return await upgrade(conn, version, url=self.url, schema=self.schema)
-
-    async def migrate(self) -> int:
-        """Run the migration now (it runs on first use anyway); returns the schema version."""
-        await self._get_pool()
-        return await self.schema_version()
-
-    async def schema_version(self) -> int:
-        """The schema version recorded in the database."""
-        return int(await self._run(lambda conn: conn.fetchval(Q["current_version"])))
 
     async def close(self) -> None:
         watchers, self._watchers = self._watchers, set()
@@ -471,7 +287,7 @@ class PostgresStore(Store):
 
     async def _run(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run ``operation`` on a pooled connection, turning connection trouble into
-        ``StoreUnavailable``."""
+        ``StoreUnavailable`` and data the server refuses into ``RecordRejected``."""
         pool = await self._get_pool()
         try:
             async with pool.acquire() as conn:
@@ -570,28 +386,28 @@ class PostgresStore(Store):
         if not retry_items and not dead_letters:
             return
         if not dead_letters:
-            args = [*_retry_columns(retry_items), self.channel]
+            args = [*retry_columns(retry_items), self.channel]
             await self._run(lambda conn: conn.fetchrow(Q["record_retries"], *args))
         elif not retry_items:
-            dead = _dead_columns(dead_letters)
+            dead = dead_letter_columns(dead_letters)
             await self._run(lambda conn: conn.execute(Q["insert_dead"], *dead))
         else:
-            args = [*_retry_columns(retry_items), *_dead_columns(dead_letters), self.channel]
+            args = [*retry_columns(retry_items), *dead_letter_columns(dead_letters), self.channel]
             await self._run(lambda conn: conn.fetchrow(Q["record_failures"], *args))
 
     async def claim_due(
         self, *, now: datetime, limit: int, owner: str, lease_until: datetime
     ) -> list[RetryItem | CorruptRecord]:
-        args = (owner, _aware(lease_until), _aware(now), limit)
+        args = (owner, aware(lease_until), aware(now), limit)
         rows = await self._run(lambda conn: conn.fetch(Q["claim_due"], *args))
         rows.sort(key=lambda row: (row["next_retry"], row["id"]))
-        return [decode_or_corrupt(row, _retry_from_row) for row in rows]
+        return [decode_or_corrupt(row, CODEC.retry_item) for row in rows]
 
     async def extend_leases(self, ids: Sequence[str], owner: str, lease_until: datetime) -> int:
         if not ids:
             return 0
-        args = (_aware(lease_until), owner, list(ids))
-        return _affected(await self._run(lambda conn: conn.execute(Q["extend_leases"], *args)))
+        args = (aware(lease_until), owner, list(ids))
+        return affected(await self._run(lambda conn: conn.execute(Q["extend_leases"], *args)))
 
     async def release(self, ids: Sequence[str], owner: str) -> int:
         if not ids:
@@ -616,12 +432,12 @@ class PostgresStore(Store):
                 row = (
                     item.id,
                     item.attempt,
-                    _aware(item.next_retry),
+                    CODEC.write_time(item.next_retry),
                     item.error,
                     item.error_type,
                     item.traceback,
-                    _aware(item.updated_at),
-                    compact_json(dict(item.metadata)),
+                    CODEC.write_time(item.updated_at),
+                    CODEC.write_json(dict(item.metadata)),
                 )
                 for column, value in zip(rescheduled, row, strict=True):
                     column.append(value)
@@ -630,12 +446,12 @@ class PostgresStore(Store):
                 dead_letters.append(outcome.dead_letter)
         args = [
             owner,
-            _aware(now),
+            aware(now),
             self.channel,
             succeeded,
             *rescheduled,
             dead_ids,
-            *_dead_columns(dead_letters),
+            *dead_letter_columns(dead_letters),
         ]
         rows = await self._run(lambda conn: conn.fetch(Q["complete"], *args))
         return {row[0] for row in rows if row[0] is not None}
@@ -644,38 +460,10 @@ class PostgresStore(Store):
         due: datetime | None = await self._run(lambda conn: conn.fetchval(Q["next_due"]))
         return due
 
-    async def retry_count(self) -> int:
-        return int(await self._run(lambda conn: conn.fetchval(Q["retry_count"])))
-
-    async def count_due(self, before: datetime) -> int:
-        at = _aware(before)
-        return int(await self._run(lambda conn: conn.fetchval(Q["count_due"], at)))
-
-    async def get_retry(self, item_id: str) -> RetryItem | None:
-        row = await self._run(lambda conn: conn.fetchrow(Q["get_retry"], item_id))
-        return None if row is None else _retry_from_row(row)
-
-    async def list_retry(
-        self,
-        *,
-        limit: int,
-        offset: int,
-        handler_name: str | None = None,
-        event_type: str | None = None,
-    ) -> list[RetryItem]:
-        args = (handler_name, event_type, limit, offset)
-        rows = await self._run(lambda conn: conn.fetch(Q["list_retry"], *args))
-        return [_retry_from_row(row) for row in rows]
-
-    async def delete_retry(self, item_id: str) -> bool:
-        return bool(
-            _affected(await self._run(lambda conn: conn.execute(Q["delete_retry"], item_id)))
-        )
-
     async def expire_retry(
         self, *, before: datetime, now: datetime, reason: str
     ) -> list[DeadLetterItem]:
-        args = (_aware(before), _aware(now))
+        args = (aware(before), aware(now))
 
         async def run(conn: asyncpg.Connection) -> list[DeadLetterItem]:
             moved: list[DeadLetterItem] = []
@@ -686,7 +474,7 @@ class PostgresStore(Store):
                         break
                     batch: list[DeadLetterItem] = []
                     for row in rows:
-                        record = decode_or_corrupt(row, _retry_from_row)
+                        record = decode_or_corrupt(row, CODEC.retry_item)
                         batch.append(
                             corrupt_to_dead_letter(record, now, reason)
                             if isinstance(record, CorruptRecord)
@@ -694,7 +482,7 @@ class PostgresStore(Store):
                                 reason=reason, now=now, attempt=record.attempt - 1
                             )
                         )
-                    await conn.execute(Q["insert_dead"], *_dead_columns(batch))
+                    await conn.execute(Q["insert_dead"], *dead_letter_columns(batch))
                     moved.extend(batch)
                 if moved:
                     await conn.execute(Q["add_dead_lettered"], len(moved))
@@ -702,99 +490,9 @@ class PostgresStore(Store):
 
         return await self._run(run)
 
-    # dead letter queue (the admin side: _postgresql_admin, imported on first use) --
-
-    async def list_dead(
-        self, where: DeadLetterFilter, *, limit: int, offset: int
-    ) -> list[DeadLetterItem]:
-        from . import _postgresql_admin as admin
-
-        return await admin.list_dead(self, where, limit, offset)
-
-    async def count_dead(self, where: DeadLetterFilter) -> int:
-        from . import _postgresql_admin as admin
-
-        return await admin.count_dead(self, where)
-
-    async def group_dead(
-        self, by: DeadLetterField, where: DeadLetterFilter, *, limit: int
-    ) -> list[GroupCount]:
-        from . import _postgresql_admin as admin
-
-        return await admin.group_dead(self, by, where, limit)
-
-    async def get_dead(self, item_id: str) -> DeadLetterItem | None:
-        from . import _postgresql_admin as admin
-
-        return await admin.get_dead(self, item_id)
-
-    async def find_dead_ids(self, prefix: str, *, limit: int) -> list[str]:
-        rows = await self._run(lambda conn: conn.fetch(Q["find_dead_ids"], prefix, limit))
-        return [str(row[0]) for row in rows]
-
-    async def update_dead(self, item: DeadLetterItem) -> bool:
-        args = (
-            item.id,
-            item.error,
-            item.error_type,
-            item.traceback,
-            item.attempt,
-            bool(item.processed),
-            _aware_or_none(item.processed_at),
-            compact_json(dict(item.metadata)),
-            compact_json(item.event_data),
-            item.reason,
-            item.failure_group,
-        )
-        return bool(_affected(await self._run(lambda conn: conn.execute(Q["update_dead"], *args))))
-
-    async def requeue_dead(self, item_id: str, retry_item: RetryItem) -> bool:
-        values = [column[0] for column in _retry_columns([retry_item])]
-        args = (item_id, *values, self.channel)
-        row = await self._run(lambda conn: conn.fetchrow(Q["requeue_dead"], *args))
-        assert row is not None
-        return bool(row[0])
-
-    async def delete_dead(self, item_id: str) -> bool:
-        return bool(
-            _affected(await self._run(lambda conn: conn.execute(Q["delete_dead"], item_id)))
-        )
-
-    async def delete_dead_many(self, ids: Sequence[str]) -> int:
-        from . import _postgresql_admin as admin
-
-        return await admin.delete_dead_many(self, ids)
-
     async def cleanup_dead(self, before: datetime) -> int:
-        at = _aware(before)
-        return _affected(await self._run(lambda conn: conn.execute(Q["cleanup_dead"], at)))
-
-    async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
-        from . import _postgresql_admin as admin
-
-        return await admin.group_retry(self, by, limit)
-
-    # control records (_postgresql_admin) -------------------------------------
-
-    async def get_control(self, key: str) -> ControlRecord | None:
-        from . import _postgresql_admin as admin
-
-        return await admin.get_control(self, key)
-
-    async def put_control(self, key: str, value: Mapping[str, Any], *, version: int) -> int | None:
-        from . import _postgresql_admin as admin
-
-        return await admin.put_control(self, key, value, version)
-
-    async def list_control(self, prefix: str) -> list[ControlRecord]:
-        from . import _postgresql_admin as admin
-
-        return await admin.list_control(self, prefix)
-
-    async def delete_control(self, key: str) -> bool:
-        from . import _postgresql_admin as admin
-
-        return await admin.delete_control(self, key)
+        at = aware(before)
+        return affected(await self._run(lambda conn: conn.execute(Q["cleanup_dead"], at)))
 
     async def counters(self) -> Counters:
         row = await self._run(lambda conn: conn.fetchrow(Q["counters"]))

@@ -2,8 +2,8 @@
 filters and the grouping pipelines.
 
 Times are stored as a BSON datetime ``t`` (milliseconds) plus ``t_us``, the
-microseconds within that millisecond (see ``mongodb.py``), so every comparison
-here is made on the pair.
+microseconds within that millisecond (see ``codec``), so every comparison here
+is made on the pair.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .._filters import DeadLetterFilter
-from .._groups import GroupCount
+from ..._filters import DeadLetterFilter
+from ..._groups import GroupCount
+from .common import Doc
 
 __all__ = [
     "DEAD_GROUP_DEFAULTS",
@@ -26,7 +27,6 @@ __all__ = [
     "split_time",
 ]
 
-Doc = dict[str, Any]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # filter field -> document field, compared for equality
@@ -39,7 +39,7 @@ _EQUAL_FIELDS = (
     ("failure_group", "failure_group"),
 )
 
-# what a dead letter without the field reads back as (``_dead_from_doc``)
+# what a dead letter without the field reads back as (``codec.dead_letter_from_document``)
 DEAD_GROUP_DEFAULTS: Mapping[str, str] = {
     "failure_group": "",
     "handler_name": "unknown",

@@ -1,14 +1,14 @@
 -- All Lua of the Redis store, one named script per block. The store prepends the
 -- `helpers` block to every other block before registering it (EVALSHA).
 --
--- Every script gets the same KEYS (see KEY_NAMES in redis.py) and ARGV[1] = the key
+-- Every script gets the same KEYS (see KEY_NAMES in store.py) and ARGV[1] = the key
 -- prefix, from which the per-value dead letter index keys are built. Times are passed
 -- in by the caller (never the server's TIME): scores are epoch seconds as floats; the
 -- exact times (microseconds) live in the JSON records.
 --
 -- Keys (P = prefix):
 --   P:retry:items     hash  id -> retry item JSON (everything but the lease; it starts
---                           with attempt, id, handler_name, event_type: see redis.py)
+--                           with attempt, id, handler_name, event_type: see codec.py)
 --   P:retry:next      zset  id -> next_retry   (every item: listing, count_due)
 --   P:retry:ready     zset  id -> next_retry   (items no one has leased: claim, next_due)
 --   P:retry:leased    zset  id -> lease_until  (leased items; claimable again once <= now)
@@ -27,7 +27,7 @@
 --   P:dead:values:type|handler|reason|group
 --                     sets  the values that have a non-empty per-value zset (grouping)
 --   P:dead:events     zset  event_id NUL id, all scored 0 (by event id, ZRANGEBYLEX)
---   P:schema          string  the key layout version (redis.py: LAYOUT_VERSION)
+--   P:schema          string  the key layout version (migrate.py: LAYOUT_VERSION)
 --   P:control:rec:K   hash  version, value (JSON): control record K
 --   P:control:index   zset  K, all scored 0 (list_control by prefix, ZRANGEBYLEX)
 --   channel P:changes (PUBLISH when an item is added or made due)
@@ -745,7 +745,7 @@ return #ids
 -- id order). Counts the items of that rank range per value of the field. Returns
 -- {scanned, then per group: the value as JSON-escaped text, count, earliest score,
 -- latest score, id of the item due first}. The field is read from the front of the
--- record (redis.py writes attempt, id, handler_name, event_type first); a record in
+-- record (codec.py writes attempt, id, handler_name, event_type first); a record in
 -- another order is decoded whole; one that cannot be decoded is not counted.
 local name = ARGV[2]
 local page = redis.call('ZRANGE', K_NEXT, ARGV[3], ARGV[4], 'WITHSCORES')

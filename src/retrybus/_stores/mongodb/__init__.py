@@ -1,0 +1,23 @@
+"""The MongoDB store (``mongodb://host:27017/dbname``), on pymongo's native async client.
+
+The engine's modules:
+
+- ``store``: ``MongoStore``, its client, transactions (or, without them, moves in
+  an order that loses nothing; the atomicity rules are documented there), error
+  mapping, and the hot half of the protocol (publish, the workers, the sweeps);
+- ``admin``: the admin half (browsing, grouping, requeueing, control records), a
+  mixin that ``MongoStore`` inherits;
+- ``migrate``: the collections and indexes, set up on connect, and the back-fill
+  of failure groups;
+- ``codec``: records as documents and back (times to the microsecond, JSON values
+  that BSON cannot hold), on the record codec the engines share;
+- ``queries``: query documents (exact time comparisons, dead letter filters) and
+  the grouping pipelines;
+- ``common``: the collection names and the document and session types.
+"""
+
+from __future__ import annotations
+
+from .store import MongoStore
+
+__all__ = ["MongoStore"]

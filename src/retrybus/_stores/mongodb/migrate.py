@@ -1,0 +1,102 @@
+"""The MongoDB store's set-up, run on every connect: the collections' indexes, and
+the back-fill of failure groups.
+
+Collections and indexes follow the seed: ``retry_queue`` (``_id`` = ``retry_…``)
+and ``dead_letter_queue`` (``_id`` = ``dlq_…``, TTL of 30 days on ``created_at``),
+plus ``retrybus_counters`` (one document per running total) and
+``retrybus_control`` (control records: ``_id`` = key, ``version``, ``value``).
+Dead letters also have an index in their newest-first order (``created_at``,
+``created_at_us``, ``_id``, all descending), which listing and keyset paging
+(``DeadLetterFilter.cursor``) walk.
+
+Each dead letter carries ``failure_group`` (``DeadLetterItem.failure_group``,
+computed in Python when the dead letter is written or changed; indexed), so that
+filtering and grouping by it are queries of the server. Dead letters written
+before the field existed get it on connect (a back-fill in batches, repeated on
+every connect, so that it also catches those an older process wrote meanwhile).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, UpdateOne
+from pymongo.asynchronous.database import AsyncDatabase
+
+from .codec import failure_group_of
+from .common import DEAD, RETRY, Doc
+
+__all__ = ["BACKFILL_BATCH", "DEAD_INDEXES", "DEAD_LETTER_TTL", "RETRY_INDEXES", "set_up"]
+
+DEAD_LETTER_TTL = timedelta(days=30)
+#: dead letters given a failure group per round trip (read at each back-fill: tunable)
+BACKFILL_BATCH = 500
+
+RETRY_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
+    ([("next_retry", ASCENDING)], {}),
+    ([("handler_name", ASCENDING)], {}),
+    ([("next_retry", ASCENDING), ("attempt", ASCENDING)], {}),
+    ([("created_at", ASCENDING)], {}),
+]
+DEAD_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
+    ([("created_at", DESCENDING)], {}),
+    # the newest-first order itself: listing and keyset paging walk it and stop
+    ([("created_at", DESCENDING), ("created_at_us", DESCENDING), ("_id", DESCENDING)], {}),
+    ([("processed", ASCENDING)], {}),
+    ([("event_type", ASCENDING)], {}),
+    ([("failure_group", ASCENDING)], {}),
+    ([("handler_name", ASCENDING)], {}),
+    (
+        [("created_at", ASCENDING)],
+        {"expireAfterSeconds": int(DEAD_LETTER_TTL.total_seconds())},
+    ),
+]
+
+
+async def set_up(db: AsyncDatabase[Doc]) -> None:
+    """Create the indexes that are missing and back-fill failure groups (both
+    idempotent: every connect runs them)."""
+    await _create_indexes(db)
+    await _backfill_failure_groups(db)
+
+
+async def _create_indexes(db: AsyncDatabase[Doc]) -> None:
+    for keys, options in RETRY_INDEXES:
+        await db[RETRY].create_index(keys, **options)
+    for keys, options in DEAD_INDEXES:
+        await db[DEAD].create_index(keys, **options)
+
+
+async def _backfill_failure_groups(db: AsyncDatabase[Doc]) -> None:
+    """Give ``failure_group`` to the dead letters that lack it (written before the
+    field existed, or by hand), in batches by id."""
+    batch = BACKFILL_BATCH
+    dead = db[DEAD]
+    after: Any = None
+    projection = {"handler_name": 1, "error_type": 1, "error": 1}
+    while True:
+        query: Doc = {"failure_group": None}
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        docs = (
+            await dead.find(query, projection=projection)
+            .sort("_id", ASCENDING)
+            .limit(batch)
+            .to_list()
+        )
+        if not docs:
+            return
+        await dead.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": doc["_id"], "failure_group": None},
+                    {"$set": {"failure_group": failure_group_of(doc)}},
+                )
+                for doc in docs
+            ],
+            ordered=False,
+        )
+        if len(docs) < batch:
+            return
+        after = docs[-1]["_id"]

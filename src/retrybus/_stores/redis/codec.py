@@ -1,0 +1,278 @@
+"""The Redis store's record encoding: a retry item or a dead letter as one JSON
+document, a dead letter's index entry, and times as sorted set scores.
+
+A record holds the shared codec's fields (``RecordCodec``) with times as ISO text
+and JSON values kept as values, dumped once. A retry item's record starts with
+``attempt``, ``id``, ``handler_name`` and ``event_type``, in this order: the scripts
+``complete`` and ``group_retry`` read them with an anchored pattern, without
+decoding the record. Its lease is not in it (``P:retry:claims``, ``P:retry:leased``);
+a dead letter's failure group is in its index entry (``P:dead:index``), not in its
+record. Records written before must still read back: keep the names and the order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ..._event import compact_json
+from ..._outcomes import CorruptRecord
+from ..._records import DeadLetterItem, RetryItem
+from .._codec import parse_text_time, text_time
+from .._fields import DEAD_LETTER_FIELDS, RETRY_FIELDS, RecordCodec
+from .common import text
+
+__all__ = [
+    "CODEC",
+    "DEAD_RECORD_FIELDS",
+    "EPOCH",
+    "RETRY_RECORD_FIELDS",
+    "STAMP",
+    "dead_json",
+    "dead_letter",
+    "dead_texts",
+    "decode_retry",
+    "from_score",
+    "retry_from_reply",
+    "retry_json",
+    "strict",
+    "to_score",
+]
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+#: characters of a claim time (ISO, UTC, microseconds) at the start of a
+#: ``P:retry:claims`` value; the lease owner follows
+STAMP = 32
+
+
+# times -------------------------------------------------------------------------
+
+
+def to_score(moment: datetime) -> str:
+    """Epoch seconds as the text of a float: distinct microseconds give distinct,
+    ordered floats (until the year 2255), and ``from_score`` gives the time back."""
+    if moment.tzinfo is None:
+        raise ValueError(f"stored times must be timezone-aware, got {moment!r}")
+    return repr(((moment - EPOCH) // _MICROSECOND) / 1e6)
+
+
+def from_score(score: str | bytes) -> datetime:
+    """The time ``to_score`` wrote as ``score``."""
+    return EPOCH + timedelta(microseconds=round(float(score) * 1e6))
+
+
+# the codec ---------------------------------------------------------------------
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _read_time(value: Any) -> datetime:
+    # a lease's end comes as a datetime (the caller's, or from its score); the
+    # record's times are text
+    return value if isinstance(value, datetime) else parse_text_time(value)
+
+
+#: a retry item or a dead letter as the fields of its JSON record, and back
+CODEC = RecordCodec(
+    write_time=text_time,
+    read_time=_read_time,
+    write_json=_as_is,
+    read_json=_as_is,
+    write_flag=bool,
+    native_json=True,  # a null payload is JSON null in the record
+)
+
+# first, in this order: complete and group_retry read them without decoding the record
+_FRONT = ("attempt", "id", "handler_name", "event_type")
+_LEASE = ("lease_owner", "lease_until")
+#: a retry item record's fields, in the order they are written
+RETRY_RECORD_FIELDS: tuple[str, ...] = _FRONT + tuple(
+    name for name in RETRY_FIELDS if name not in _FRONT and name not in _LEASE
+)
+#: a dead letter record's fields, in the order they are written
+DEAD_RECORD_FIELDS: tuple[str, ...] = tuple(
+    name for name in DEAD_LETTER_FIELDS if name != "failure_group"
+)
+
+# the fields checked for text when reading: JSON has no schema to do it
+_TEXT = ("id", "event_id", "event_type", "event_source", "handler_name")
+_RETRY_TEXT = (*_TEXT, "error", "error_type", "traceback")
+_DEAD_TEXT = (*_RETRY_TEXT, "reason")
+
+
+def _row(record: Any, defaults: dict[str, Any], texts: tuple[str, ...]) -> dict[str, Any]:
+    """A decoded record as the codec reads it: ``defaults`` for the fields it may
+    lack, and its text and object fields checked."""
+    if not isinstance(record, dict):
+        raise ValueError(f"the record is not a JSON object: {record!r:.80}")
+    row = defaults | record
+    for name in texts:
+        if not isinstance(row[name], str):
+            raise ValueError(f"{name} is not a string: {row[name]!r:.80}")
+    subject = row["event_subject"]
+    if subject is not None and not isinstance(subject, str):
+        raise ValueError(f"event_subject is not a string: {subject!r:.80}")
+    for name in ("event_extensions", "metadata"):
+        if not isinstance(row[name], dict):
+            raise ValueError(f"{name} is not a JSON object: {row[name]!r:.80}")
+    return row
+
+
+# retry items -------------------------------------------------------------------
+
+
+def retry_json(item: RetryItem) -> str:
+    """``item``'s record (everything but the lease)."""
+    fields = CODEC.retry_fields(item)
+    return compact_json({name: fields[name] for name in RETRY_RECORD_FIELDS})
+
+
+def decode_retry(
+    item_id: str,
+    record_text: str,
+    owner: str | None = None,
+    lease_until: datetime | None = None,
+    touched: str | None = None,
+) -> RetryItem | CorruptRecord:
+    """The item stored as ``record_text`` (leased to ``owner`` until ``lease_until``,
+    last claimed at ``touched``, its ``updated_at``), or a ``CorruptRecord`` saying
+    why it cannot be."""
+    record: Any = None
+    try:
+        record = json.loads(record_text)
+        row = _row(
+            record,
+            {
+                "event_subject": None,
+                "event_extensions": {},
+                "error": "",
+                "error_type": "",
+                "traceback": "",
+                "metadata": {},
+            },
+            _RETRY_TEXT,
+        )
+        if touched is not None:
+            row["updated_at"] = touched
+        row["lease_owner"] = owner
+        row["lease_until"] = lease_until
+        return CODEC.retry_item(row)
+    except Exception as exc:  # any decoding failure makes the record a dead letter
+        if isinstance(record, dict):
+            raw = {
+                str(key): None if value is None else _raw_text(value)
+                for key, value in record.items()
+            }
+            raw.setdefault("id", item_id)
+        else:
+            raw = {"id": item_id, "record": record_text}
+        return CorruptRecord(id=item_id, raw=raw, problem=f"{type(exc).__name__}: {exc}")
+
+
+def _raw_text(value: Any) -> str:
+    return value if isinstance(value, str) else compact_json(value)
+
+
+def retry_from_reply(reply: Sequence[Any]) -> list[RetryItem | CorruptRecord]:
+    """Items from a ``fetch_retry``-shaped reply: (id, json, claim, lease_until) each,
+    a claim being the claim's time (``STAMP`` characters) and the lease owner, if any."""
+    items: list[RetryItem | CorruptRecord] = []
+    for start in range(0, len(reply), 4):
+        item_id, record_text, claim, lease = reply[start : start + 4]
+        if record_text is None:
+            continue
+        touched = owner = None
+        if claim is not None:
+            claim = text(claim)
+            touched, owner = claim[:STAMP], claim[STAMP:] or None
+        items.append(
+            decode_retry(
+                text(item_id),
+                text(record_text),
+                owner,
+                None if lease is None else from_score(lease),
+                touched,
+            )
+        )
+    return items
+
+
+def strict(records: list[RetryItem | CorruptRecord]) -> list[RetryItem]:
+    """``records``, or ``ValueError`` naming the first that cannot be decoded."""
+    items: list[RetryItem] = []
+    for record in records:
+        if isinstance(record, CorruptRecord):
+            raise ValueError(f"stored retry item {record.id!r} cannot be decoded: {record.problem}")
+        items.append(record)
+    return items
+
+
+# dead letters ------------------------------------------------------------------
+
+
+def dead_texts(item: DeadLetterItem) -> tuple[str, str]:
+    """``item``'s record and what the scripts need to index it without decoding the
+    record (the failure group is computed here: Lua cannot)."""
+    fields = CODEC.dead_letter_fields(item)
+    record = compact_json({name: fields[name] for name in DEAD_RECORD_FIELDS})
+    index = compact_json(
+        [
+            item.event_type,
+            item.handler_name,
+            int(item.processed),
+            to_score(item.created_at),
+            item.reason,
+            fields["failure_group"],
+            item.event_id,
+        ]
+    )
+    return record, index
+
+
+def dead_json(item: DeadLetterItem) -> str:
+    """``item``'s record alone."""
+    return dead_texts(item)[0]
+
+
+def dead_letter(item_id: str, record_text: str) -> DeadLetterItem:
+    """A dead letter as stored; a damaged one is still shown, its record as text."""
+    try:
+        row = _row(
+            json.loads(record_text),
+            {
+                "event_subject": None,
+                "event_extensions": {},
+                "error": "",
+                "error_type": "",
+                "traceback": "",
+                "max_retries": 0,
+                "processed": False,
+                "processed_at": None,
+                "first_failed_at": None,
+                "metadata": {},
+            },
+            _DEAD_TEXT,
+        )
+        # the codec reads a null max_retries as 0 (a NULL column); here it is damage
+        row["max_retries"] = int(row["max_retries"])
+        return CODEC.dead_letter(row)
+    except Exception as exc:
+        return DeadLetterItem(
+            id=item_id,
+            event_id="",
+            event_type="unknown",
+            event_data=record_text,
+            event_source="",
+            event_timestamp=EPOCH,
+            handler_name="unknown",
+            error=f"{type(exc).__name__}: {exc}",
+            attempt=0,
+            reason="undecodable dead letter",
+            created_at=EPOCH,
+            metadata={"undecodable": True},
+        )

@@ -1,0 +1,122 @@
+"""The SQLite store's schema versions (``PRAGMA user_version``) and the steps that
+bring a file up to ``SCHEMA_VERSION``, the back-fill of failure groups among them."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+from ..._errors import StoreUnusable
+from ..._groups import failure_group_key
+from .sql import Q
+
+__all__ = ["SCHEMA_VERSION", "RetryBusy", "read_version", "upgrade"]
+
+T = TypeVar("T")
+
+# 1: the tables; 2: dead_letter_queue.failure_group (back-filled), retrybus_control;
+# 3: the newest-first indexes end with id (keyset paging)
+SCHEMA_VERSION = 3
+_BACKFILL_BATCH = 500
+
+
+class RetryBusy(Protocol):
+    """Runs an operation again while another process holds the lock (the store's)."""
+
+    def __call__(self, operation: Callable[[], T], /) -> Awaitable[T]: ...
+
+
+def read_version(conn: sqlite3.Connection) -> int:
+    """The schema version the file records."""
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+async def upgrade(conn: sqlite3.Connection, *, url: str, retry_busy: RetryBusy) -> None:
+    """Bring the file to SCHEMA_VERSION. Safe to run by several processes at once:
+    each step re-reads the version inside its transaction, and the back-fill commits
+    in batches, so that other processes are not locked out for long and an
+    interrupted upgrade resumes."""
+    version = await retry_busy(lambda: read_version(conn))
+    if version > SCHEMA_VERSION:
+        raise StoreUnusable(
+            f"SQLite store {url} has schema version {version}, newer than this "
+            f"retrybus knows ({SCHEMA_VERSION}): upgrade retrybus to use it"
+        )
+    if version < SCHEMA_VERSION:
+        await retry_busy(lambda: _transaction(conn, _upgrade_schema))
+    while await retry_busy(lambda: _needs_backfill(conn)):
+        await retry_busy(lambda: _transaction(conn, _backfill_failure_groups))
+        await asyncio.sleep(0)  # let the event loop run between batches
+
+
+def _transaction(conn: sqlite3.Connection, step: Callable[[sqlite3.Connection], None]) -> None:
+    """Run ``step`` in one ``BEGIN IMMEDIATE`` transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        step(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _set_version(conn: sqlite3.Connection, version: int) -> None:
+    conn.execute(f"PRAGMA user_version={int(version)}")  # PRAGMA takes no parameters
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _upgrade_schema(conn: sqlite3.Connection) -> None:
+    """A new file gets the whole schema at SCHEMA_VERSION. A version 1 file gets the
+    failure_group column, its index and the control table; its version moves on
+    when ``_backfill_failure_groups`` has given every row its group. A version 1 or
+    2 file gets the newest-first indexes rebuilt with ``id`` (once: one pass over
+    the dead letters, in this transaction); a version 2 file is then at
+    SCHEMA_VERSION."""
+    version = read_version(conn)
+    if version >= SCHEMA_VERSION:
+        return
+    if version == 1:
+        columns = {row[0] for row in conn.execute(Q["dead_columns"])}
+        if "failure_group" not in columns:
+            conn.execute(Q["migrate_2_add_failure_group"])
+    if version in (1, 2):
+        indexed = [row[0] for row in conn.execute(Q["newest_first_index_columns"])]
+        if indexed.count("id") < 2:  # not rebuilt yet (a version 1 upgrade can resume)
+            _run_script(conn, Q["migrate_3_newest_first_indexes"])
+    _run_script(conn, Q["schema"])
+    if version in (0, 2):
+        _set_version(conn, SCHEMA_VERSION)
+
+
+def _needs_backfill(conn: sqlite3.Connection) -> bool:
+    """Whether dead letters lack their failure group: left by the upgrade from
+    version 1, or written since by a process still at version 1 (an index lookup
+    when there are none)."""
+    if read_version(conn) < SCHEMA_VERSION:
+        return True
+    return conn.execute(Q["ungrouped_dead"], (1,)).fetchone() is not None
+
+
+def _backfill_failure_groups(conn: sqlite3.Connection) -> None:
+    """Give one batch of dead letters without a failure group theirs; when none is
+    left, record that the file is at SCHEMA_VERSION."""
+    rows = conn.execute(Q["ungrouped_dead"], (_BACKFILL_BATCH,)).fetchall()
+    if not rows:
+        if read_version(conn) < SCHEMA_VERSION:
+            _set_version(conn, SCHEMA_VERSION)
+        return
+    conn.executemany(
+        Q["set_failure_group"],
+        [
+            (failure_group_key(str(handler), str(error_type), str(error)), rowid)
+            for rowid, handler, error_type, error in rows
+        ],
+    )
