@@ -36,24 +36,31 @@ class CorruptRecord:
 
 @dataclass(frozen=True, slots=True)
 class Succeeded:
-    """The retry worked: remove the item."""
+    """The call worked: remove the item (``item`` is the record as claimed;
+    ``item.first_delivery``: a first delivery, not a retry, worked)."""
 
     item: RetryItem
 
 
 @dataclass(frozen=True, slots=True)
 class Rescheduled:
-    """The retry failed and another is allowed: ``item`` carries the new attempt and time."""
+    """The call failed and a retry is allowed: ``item`` carries the new attempt
+    and time. ``first_delivery``: the record was a first delivery (a pending
+    one), so this adds a retry to the queue's totals."""
 
     item: RetryItem
+    first_delivery: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLettered:
-    """No more retries: remove retry item ``item_id`` and add ``dead_letter`` in one step."""
+    """No more retries: remove retry item ``item_id`` and add ``dead_letter`` in
+    one step. ``first_delivery``: the record was a first delivery (it leaves
+    the retry totals alone, as a first failure dead-lettered at publish does)."""
 
     item_id: str
     dead_letter: DeadLetterItem
+    first_delivery: bool = False
 
 
 Outcome = Succeeded | Rescheduled | DeadLettered

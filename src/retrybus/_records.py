@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import linecache
 import os
@@ -30,6 +31,16 @@ def _time_ordered_hex() -> str:
 
 def new_retry_id() -> str:
     return f"retry_{_time_ordered_hex()}"
+
+
+def delivery_id(event_source: str, event_id: str, handler_name: str) -> str:
+    """The id of the record of one delivery (one event to one handler): derived
+    from the event's ``source`` and ``id`` (which together name an event, as in
+    CloudEvents) and the handler's name, so that recording the same delivery
+    twice (a redelivery after a crash, the same event published twice) finds
+    the record already there instead of making a second one."""
+    key = "\x00".join((event_source, event_id, handler_name)).encode("utf-8", "surrogatepass")
+    return f"retry_{hashlib.sha256(key).hexdigest()[:32]}"
 
 
 def new_dead_letter_id() -> str:
@@ -128,8 +139,12 @@ class RetryItem:
     """One failed delivery (one event × one handler) waiting for its next retry.
 
     ``attempt`` is the number of the retry it is waiting for (1 after the first
-    failure); ``next_retry`` is when it falls due. While a worker holds it,
-    ``lease_owner`` and ``lease_until`` say who and until when.
+    failure; 0 for a first delivery not yet made: a durable publish's record, a
+    deferred or scheduled one); ``next_retry`` is when it falls due. While a
+    worker (or the publishing process) holds it, ``lease_owner`` and
+    ``lease_until`` say who and until when. ``claims`` counts the claims made
+    since its last outcome was written: a delivery whose handler keeps killing
+    or hanging its worker is claimed again and again without one.
     """
 
     id: str
@@ -152,6 +167,12 @@ class RetryItem:
     lease_owner: str | None = None
     lease_until: datetime | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    claims: int = 0
+
+    @property
+    def first_delivery(self) -> bool:
+        """No handler call of this delivery has an outcome yet (``attempt == 0``)."""
+        return self.attempt == 0
 
     @classmethod
     def for_failure(
@@ -223,6 +244,7 @@ class RetryItem:
             updated_at=now,
             lease_owner=None,
             lease_until=None,
+            claims=0,
         )
 
     def to_dead_letter(

@@ -39,6 +39,7 @@ RETRY_FIELDS: tuple[str, ...] = (
     "lease_owner",
     "lease_until",
     "metadata",
+    "claims",
 )
 
 #: a dead letter's fields (with its failure group, stored for filtering), likewise
@@ -134,6 +135,7 @@ class RecordCodec:
             "lease_owner": item.lease_owner,
             "lease_until": self._time_or_none(item.lease_until),
             "metadata": self.write_json(dict(item.metadata)),
+            "claims": item.claims,
         }
 
     def dead_letter_fields(self, item: DeadLetterItem) -> dict[str, Any]:
@@ -189,6 +191,7 @@ class RecordCodec:
             lease_owner=row["lease_owner"],
             lease_until=self._parsed_time_or_none(row["lease_until"]),
             metadata=_object(self._decoded(row["metadata"])),
+            claims=int(row.get("claims") or 0),
         )
 
     def dead_letter(self, row: Mapping[str, Any]) -> DeadLetterItem:

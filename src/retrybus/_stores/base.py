@@ -10,11 +10,11 @@ item whose lease another claim has taken over (the fencing check).
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 from .._filters import DeadLetterFilter
 from .._groups import GroupCount
@@ -61,6 +61,9 @@ class RetryStore(abc.ABC):
 
     #: the URL the store was opened with, password removed
     url: str
+    #: what the store holds outlives this process (the memory store's does not):
+    #: publish is durable by default on such a store
+    persistent: ClassVar[bool] = True
 
     @abc.abstractmethod
     async def connect(self) -> None:
@@ -75,11 +78,22 @@ class RetryStore(abc.ABC):
         """Raise ``StoreUnavailable`` unless the store answers."""
 
     async def watch(self, on_change: Callable[[], None]) -> Callable[[], Awaitable[None]] | None:
-        """Call ``on_change()`` when another process adds a retry item or makes one
-        due, so that an idle worker wakes at once (PostgreSQL's LISTEN/NOTIFY, for
-        example). Returns an async function that stops watching, or None when the
-        engine cannot watch: workers then rely on their check interval."""
+        """Call ``on_change()`` when another process adds a retry item or a
+        pending delivery, or makes one due, so that an idle worker wakes at once
+        (PostgreSQL's LISTEN/NOTIFY, for example). Returns an async function that
+        stops watching, or None when the engine cannot watch: workers then rely
+        on their check interval."""
         return None
+
+    @abc.abstractmethod
+    async def record_pending(self, items: Sequence[RetryItem]) -> set[str]:
+        """Add first deliveries not yet made (``attempt == 0``) in one step: a
+        durable publish's, leased to it (``item.lease_owner`` until
+        ``item.lease_until``, ``item.claims == 1``) while it runs them, or
+        deferred ones (no lease, ``claims == 0``) due at ``item.next_retry``.
+        Ids already stored are skipped (the same delivery recorded twice makes
+        no second record). Returns the ids added. They do not count in the
+        running totals (``Counters``): a first delivery is not a retry."""
 
     @abc.abstractmethod
     async def record_failures(
@@ -91,9 +105,18 @@ class RetryStore(abc.ABC):
 
     @abc.abstractmethod
     async def claim_due(
-        self, *, now: datetime, limit: int, owner: str, lease_until: datetime
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        owner: str,
+        lease_until: datetime,
+        handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
-        """Lease up to ``limit`` items due at ``now`` (earliest first) to ``owner``, atomically."""
+        """Lease up to ``limit`` items due at ``now`` (earliest first) to ``owner``,
+        atomically, adding one to each one's ``claims`` (the items returned carry
+        the new count). With ``handlers``, only items of those handlers (a worker
+        claims only what it can run); an empty collection claims nothing."""
 
     @abc.abstractmethod
     async def extend_leases(self, ids: Sequence[str], owner: str, lease_until: datetime) -> int:
@@ -102,7 +125,8 @@ class RetryStore(abc.ABC):
 
     @abc.abstractmethod
     async def release(self, ids: Sequence[str], owner: str) -> int:
-        """Give leased items back unprocessed, due as they were."""
+        """Give leased items back unprocessed, due as they were; the claim that
+        leased them no longer counts (``claims`` goes down by one, not below 0)."""
 
     @abc.abstractmethod
     async def complete(
@@ -110,13 +134,20 @@ class RetryStore(abc.ABC):
     ) -> set[str]:
         """Apply outcomes in one step: with ``owner``, only to items it still
         holds; without, only to items no live lease holds at ``now``.
+        ``Rescheduled`` writes its item whole (its ``claims`` is 0 again).
+
+        The running totals change only for retries: a ``Succeeded`` whose
+        ``item.first_delivery`` is not a retry that worked; a ``Rescheduled``
+        with ``first_delivery`` adds one to ``retry_added``; a ``DeadLettered``
+        with ``first_delivery`` leaves ``retry_dead_lettered`` alone.
 
         Returns the ids of the retry items the outcomes were applied to.
         """
 
     @abc.abstractmethod
-    async def next_due(self) -> datetime | None:
-        """When the earliest item not currently leased falls due (None when empty)."""
+    async def next_due(self, handlers: Collection[str] | None = None) -> datetime | None:
+        """When the earliest item falls due or its lease runs out (None when
+        empty); with ``handlers``, only among items of those handlers."""
 
     @abc.abstractmethod
     async def expire_retry(
@@ -255,6 +286,9 @@ class Store(RetryStore, AdminStore):
 
     #: the URL the store was opened with, password removed
     url: str
+    #: what the store holds outlives this process (the memory store's does not):
+    #: publish is durable by default on such a store
+    persistent: ClassVar[bool] = True
 
     @classmethod
     def from_url(cls, url: str) -> Store:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import copy
 import heapq
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from .._event import encode_json
 from .._filters import DeadLetterFilter
@@ -38,6 +38,8 @@ __all__ = ["MemoryStore"]
 
 class MemoryStore(Store):
     """A store in a dict: fast, shared by everything in this process, not durable."""
+
+    persistent: ClassVar[bool] = False
 
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
@@ -76,20 +78,44 @@ class MemoryStore(Store):
         if added:
             self._count(retry_added=added)
 
-    def _claimable(self, now: datetime) -> list[RetryItem]:
+    async def record_pending(self, items: Sequence[RetryItem]) -> set[str]:
+        added: set[str] = set()
+        for item in items:
+            if item.id not in self._retry:
+                self._retry[item.id] = item
+                added.add(item.id)
+        return added
+
+    def _claimable(self, now: datetime, handlers: Collection[str] | None) -> list[RetryItem]:
         return [
             item
             for item in self._retry.values()
-            if item.next_retry <= now and (item.lease_until is None or item.lease_until <= now)
+            if item.next_retry <= now
+            and (item.lease_until is None or item.lease_until <= now)
+            and (handlers is None or item.handler_name in handlers)
         ]
 
     async def claim_due(
-        self, *, now: datetime, limit: int, owner: str, lease_until: datetime
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        owner: str,
+        lease_until: datetime,
+        handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
-        due = heapq.nsmallest(limit, self._claimable(now), key=lambda item: item.next_retry)
+        due = heapq.nsmallest(
+            limit, self._claimable(now, handlers), key=lambda item: (item.next_retry, item.id)
+        )
         claimed: list[RetryItem | CorruptRecord] = []
         for item in due:
-            leased = replace(item, lease_owner=owner, lease_until=lease_until, updated_at=now)
+            leased = replace(
+                item,
+                lease_owner=owner,
+                lease_until=lease_until,
+                updated_at=now,
+                claims=item.claims + 1,
+            )
             self._retry[item.id] = leased
             claimed.append(leased)
         return claimed
@@ -108,7 +134,9 @@ class MemoryStore(Store):
         for item_id in ids:
             item = self._retry.get(item_id)
             if item is not None and item.lease_owner == owner:
-                self._retry[item_id] = replace(item, lease_owner=None, lease_until=None)
+                self._retry[item_id] = replace(
+                    item, lease_owner=None, lease_until=None, claims=max(item.claims - 1, 0)
+                )
                 released += 1
         return released
 
@@ -125,42 +153,46 @@ class MemoryStore(Store):
         self, outcomes: Sequence[Outcome], owner: str | None, now: datetime
     ) -> set[str]:
         applied: set[str] = set()
-        succeeded = attempts = dead_lettered = 0
+        added = succeeded = attempts = dead_lettered = 0
         for outcome in outcomes:
             if isinstance(outcome, Succeeded):
                 held = self._held(outcome.item.id, owner, now)
                 if held is None:
                     continue
                 del self._retry[held.id]
-                succeeded += 1
-                attempts += held.attempt
+                if not held.first_delivery:
+                    succeeded += 1
+                    attempts += held.attempt
                 applied.add(held.id)
             elif isinstance(outcome, Rescheduled):
                 if self._held(outcome.item.id, owner, now) is None:
                     continue
                 self._retry[outcome.item.id] = replace(
-                    outcome.item, lease_owner=None, lease_until=None
+                    outcome.item, lease_owner=None, lease_until=None, claims=0
                 )
+                added += outcome.first_delivery
                 applied.add(outcome.item.id)
             elif isinstance(outcome, DeadLettered):
                 if self._held(outcome.item_id, owner, now) is None:
                     continue
                 del self._retry[outcome.item_id]
                 self._dead.setdefault(outcome.dead_letter.id, outcome.dead_letter)
-                dead_lettered += 1
+                dead_lettered += not outcome.first_delivery
                 applied.add(outcome.item_id)
         if applied:
             self._count(
+                retry_added=added,
                 retry_succeeded=succeeded,
                 retry_succeeded_attempts=attempts,
                 retry_dead_lettered=dead_lettered,
             )
         return applied
 
-    async def next_due(self) -> datetime | None:
+    async def next_due(self, handlers: Collection[str] | None = None) -> datetime | None:
         times = [
             max(item.next_retry, item.lease_until) if item.lease_until else item.next_retry
             for item in self._retry.values()
+            if handlers is None or item.handler_name in handlers
         ]
         return min(times, default=None)
 
@@ -199,7 +231,7 @@ class MemoryStore(Store):
         moved: list[DeadLetterItem] = []
         for item in list(self._retry.values()):
             if item.created_at < before and (item.lease_until is None or item.lease_until <= now):
-                dead = item.to_dead_letter(reason=reason, now=now, attempt=item.attempt - 1)
+                dead = item.to_dead_letter(reason=reason, now=now, attempt=max(item.attempt - 1, 0))
                 del self._retry[item.id]
                 self._dead.setdefault(dead.id, dead)
                 moved.append(dead)
