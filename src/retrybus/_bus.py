@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 from ._clock import Clock, SystemClock
 from ._core import BusCore
 from ._dead_letters import DeadLetterQueue
-from ._delivery import Attempted, call_observed, call_plain, failure_outcome, first_record
 from ._errors import UnknownHandler
 from ._event import Event
 from ._filters import DeadLetterFilter
 from ._handlers import Handler, Subscription
 from ._ledger import DeadLetterHook
 from ._observe import Metrics, Tracing
-from ._observers import Delivery, Publication
-from ._outcomes import DeadLettered, Rescheduled
 from ._policy import ExponentialBackoff, RetryPolicy
+from ._publish import Publisher, PublishResult
 from ._queues import RetryQueue
-from ._records import DeadLetterItem, RetryItem
 from ._stats import Stats
 from ._stores.base import Store
 from ._stores.memory import MemoryStore
@@ -35,26 +30,10 @@ __all__ = ["EventBus", "PublishResult"]
 H = TypeVar("H", bound=Handler)
 
 DEFAULT_STORE_TIMEOUT = 5.0
+DEFAULT_PUBLISH_LEASE = 60.0
+DEFAULT_MAX_CLAIMS = 3
 SEVEN_DAYS = 7 * 24 * 3600.0
 THIRTY_DAYS = 30 * 24 * 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class PublishResult:
-    """What became of one publish: which handlers succeeded, which were
-    scheduled for retry and which were dead-lettered (by handler name)."""
-
-    event: Event
-    succeeded: tuple[str, ...] = ()
-    retrying: tuple[str, ...] = ()
-    dead_lettered: tuple[str, ...] = ()
-    retry_items: tuple[RetryItem, ...] = field(default=(), repr=False)
-    dead_letters: tuple[DeadLetterItem, ...] = field(default=(), repr=False)
-
-    @property
-    def ok(self) -> bool:
-        """Every matching handler succeeded on the first call."""
-        return not self.retrying and not self.dead_lettered
 
 
 class EventBus:
@@ -92,6 +71,9 @@ class EventBus:
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
         store_timeout: float = DEFAULT_STORE_TIMEOUT,
+        durable: bool | None = None,
+        publish_lease: float = DEFAULT_PUBLISH_LEASE,
+        max_claims: int = DEFAULT_MAX_CLAIMS,
     ) -> None:
         if store is not None and not isinstance(store, Store):
             raise TypeError(f"store must be a retrybus store (see open_store), got {store!r}")
@@ -113,6 +95,18 @@ class EventBus:
             raise ValueError(
                 f"store_timeout must be a number of seconds >= 0, got {store_timeout!r}"
             )
+        if durable is not None and not isinstance(durable, bool):
+            raise TypeError(f"durable must be True, False or None, got {durable!r}")
+        if (
+            isinstance(publish_lease, bool)
+            or not isinstance(publish_lease, int | float)
+            or not 0 < publish_lease < float("inf")
+        ):
+            raise ValueError(
+                f"publish_lease must be a number of seconds > 0, got {publish_lease!r}"
+            )
+        if isinstance(max_claims, bool) or not isinstance(max_claims, int) or max_claims < 1:
+            raise ValueError(f"max_claims must be an int >= 1, got {max_claims!r}")
         self._core = BusCore(
             store if store is not None else MemoryStore(),
             default_policy=default_policy or ExponentialBackoff(),
@@ -120,7 +114,11 @@ class EventBus:
             retry_retention=retry_retention,
             dead_letter_retention=dead_letter_retention,
             store_timeout=float(store_timeout),
+            durable=durable,
+            publish_lease=float(publish_lease),
+            max_claims=max_claims,
         )
+        self._publisher = Publisher(self._core)
         self.retry_queue = RetryQueue(self._core)
         self.dead_letters = DeadLetterQueue(self._core)
         self._redrives: Redrives | None = None
@@ -203,7 +201,9 @@ class EventBus:
         self._core.store = store
 
     async def close(self) -> None:
-        """Close the store."""
+        """Write what is still on its way to the store (the removals of durable
+        deliveries that succeeded), then close the store."""
+        await self._core.ledger.flush()
         await self._core.store.close()
 
     async def __aenter__(self) -> EventBus:
@@ -279,115 +279,67 @@ class EventBus:
 
     # publishing ------------------------------------------------------------
 
-    async def publish(self, event: Event) -> PublishResult:
-        """Run every handler matching ``event.type`` concurrently.
+    async def publish(
+        self,
+        event: Event,
+        *,
+        durable: bool | None = None,
+        defer: bool = False,
+        deliver_at: datetime | None = None,
+        deliver_in: float | None = None,
+    ) -> PublishResult:
+        """Deliver ``event`` to every handler matching its type.
 
-        Never raises a handler's error: each failure is scheduled for retry or
-        dead-lettered, durably, before this returns. The store write is retried
-        through an outage for up to ``store_timeout`` seconds; raises only when
-        the failure could still not be recorded (``StoreUnavailable``), or when
-        the store refuses it (``RecordRejected``, not worth retrying).
+        By default the handlers run here, concurrently, and this returns once
+        each has succeeded or had its failure recorded (scheduled for retry or
+        dead-lettered): a handler's error never reaches the publisher. Durable
+        (``durable``, by default the bus's setting: on for a persistent store), a
+        pending record per handler is written first, so that a process dying
+        mid-handler leaves the delivery to a worker instead of losing it.
+
+        ``defer=True`` records the deliveries and returns at once: workers run
+        them. ``deliver_at`` (an aware datetime) or ``deliver_in`` (seconds) do the
+        same, not before that time. ``PublishResult.pending`` names the handlers
+        left to a worker (empty when no handler here matches: nothing is recorded).
+
+        Store writes are retried through an outage for up to ``store_timeout``
+        seconds; raises ``StoreUnavailable`` when they could still not be made,
+        or ``RecordRejected`` when the store refuses the record (not worth retrying).
         """
         if not isinstance(event, Event):
             raise TypeError(f"publish takes a retrybus.Event, got {event!r}")
+        if durable is not None and not isinstance(durable, bool):
+            raise TypeError(f"durable must be True, False or None, got {durable!r}")
+        if not isinstance(defer, bool):
+            raise TypeError(f"defer must be True or False, got {defer!r}")
+        due = self._due(deliver_at, deliver_in)
         core = self._core
-        subscriptions = core.registry.match(event.type)
-        if core.observers.watch_calls:
-            return await self._publish_observed(event, subscriptions)
-        if not subscriptions:
-            return PublishResult(event)
-        if len(subscriptions) == 1:
-            errors: list[BaseException | None] = [await call_plain(subscriptions[0], event)]
-        else:
-            errors = list(await asyncio.gather(*(call_plain(s, event) for s in subscriptions)))
-        if not any(errors):
-            return PublishResult(event, tuple(s.name for s in subscriptions))
-        return await self._record_failures(event, subscriptions, errors, None, None)
-
-    async def _publish_observed(
-        self, event: Event, subscriptions: tuple[Subscription, ...]
-    ) -> PublishResult:
-        """``publish`` with its observers told at each point (metrics, tracing)."""
-        observers = self._core.observers
-        publication = Publication(event)
-        observers.publish_started(publication)
-        event = publication.event  # tracing gave it its traceparent
-        if len(subscriptions) == 1:
-            deliveries = [Delivery("publish", event, subscriptions[0].name, 0)]
-        else:
-            deliveries = [Delivery("publish", event, s.name, 0) for s in subscriptions]
-        try:
-            if len(subscriptions) == 1:
-                delivery = deliveries[0]
-                await call_observed(
-                    subscriptions[0], delivery, observers, event.copy(), nothing_to_write=True
-                )
-                failed = delivery.error is not None
-            else:
-                await asyncio.gather(
-                    *(
-                        call_observed(s, d, observers, event.copy(), nothing_to_write=True)
-                        for s, d in zip(subscriptions, deliveries, strict=True)
-                    )
-                )
-                failed = any(delivery.error is not None for delivery in deliveries)
-            if failed:
-                result = await self._record_failures(
-                    event,
-                    subscriptions,
-                    [delivery.error for delivery in deliveries],
-                    deliveries,
-                    publication.traceparent,
-                )
-            else:
-                result = PublishResult(event, tuple(s.name for s in subscriptions))
-        except BaseException as exc:
-            for delivery in deliveries:
-                if delivery.error is not None:  # a failure whose outcome was never written
-                    observers.recorded(delivery, None, "failure", "error")
-            observers.publish_ended(publication, exc)
-            raise
-        if observers.watching_publish_ends:
-            observers.publish_ended(publication, None)
-        return result
-
-    async def _record_failures(
-        self,
-        event: Event,
-        subscriptions: tuple[Subscription, ...],
-        errors: list[BaseException | None],
-        deliveries: list[Delivery] | None,
-        publisher: str | None,
-    ) -> PublishResult:
-        """Decide and store what follows each failed first call, then the result."""
-        core = self._core
-        now = core.clock.now()
-        succeeded: list[str] = []
-        attempted: list[Attempted] = []
-        for index, (subscription, error) in enumerate(zip(subscriptions, errors, strict=True)):
-            if error is None:
-                succeeded.append(subscription.name)
-                continue
-            policy = subscription.policy or core.default_policy
-            record = first_record(event, subscription.name, policy.max_retries, now, publisher)
-            delivery = None if deliveries is None else deliveries[index]
-            traceparent = None if delivery is None else delivery.traceparent
-            attempted.append(
-                Attempted(failure_outcome(record, error, policy, now, traceparent), delivery)
-            )
-        await core.ledger.record_first_failures(attempted, f"event {event.id} ({event.type})")
-        retry_items = tuple(a.outcome.item for a in attempted if isinstance(a.outcome, Rescheduled))
-        dead_letters = tuple(
-            a.outcome.dead_letter for a in attempted if isinstance(a.outcome, DeadLettered)
-        )
-        return PublishResult(
+        return await self._publisher.publish(
             event,
-            tuple(succeeded),
-            tuple(item.handler_name for item in retry_items),
-            tuple(item.handler_name for item in dead_letters),
-            retry_items,
-            dead_letters,
+            durable=core.publishes_durably if durable is None else durable,
+            due=due,
+            defer=defer,
         )
+
+    def _due(self, deliver_at: datetime | None, deliver_in: float | None) -> datetime | None:
+        """When a scheduled delivery falls due (None: not scheduled)."""
+        if deliver_at is not None and deliver_in is not None:
+            raise ValueError("give deliver_at or deliver_in, not both")
+        if deliver_at is not None:
+            if not isinstance(deliver_at, datetime):
+                raise TypeError(f"deliver_at must be a datetime, got {deliver_at!r}")
+            if deliver_at.tzinfo is None or deliver_at.utcoffset() is None:
+                raise ValueError(f"deliver_at must be timezone-aware, got {deliver_at!r}")
+            return deliver_at.astimezone(UTC)
+        if deliver_in is not None:
+            if (
+                isinstance(deliver_in, bool)
+                or not isinstance(deliver_in, int | float)
+                or not 0 <= deliver_in < float("inf")
+            ):
+                raise ValueError(f"deliver_in must be a number of seconds >= 0, got {deliver_in!r}")
+            return self._core.clock.now() + timedelta(seconds=deliver_in)
+        return None
 
     # monitoring ------------------------------------------------------------
 

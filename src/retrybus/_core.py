@@ -5,8 +5,13 @@ reach the bus's state only through it."""
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
+
 from ._clock import Clock
 from ._handlers import HandlerRegistry, Subscription
+from ._leases import PublishLeases
 from ._ledger import Ledger
 from ._observe import Metrics, Tracing
 from ._observers import Observer, Observers
@@ -29,8 +34,17 @@ class BusCore:
         retry_retention: float | None,
         dead_letter_retention: float | None,
         store_timeout: float,
+        durable: bool | None = None,
+        publish_lease: float = 60.0,
+        max_claims: int = 3,
     ) -> None:
         self.store = store
+        #: None: durable when the store is persistent
+        self.durable = durable
+        self.publish_lease = publish_lease
+        self.max_claims = max_claims
+        #: the lease owner of this process's durable publishes
+        self.publish_owner = f"publish:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.default_policy = default_policy
         self.clock = clock
         self.retry_retention = retry_retention
@@ -41,6 +55,17 @@ class BusCore:
         self.tracing: Tracing | None = None
         self.observers = Observers([LogObserver()])
         self.ledger = Ledger(self)
+        self.leases = PublishLeases(
+            lambda: self.store,
+            lambda: self.clock.now(),
+            self.publish_owner,
+            lambda: self.publish_lease,
+        )
+
+    @property
+    def publishes_durably(self) -> bool:
+        """Whether ``publish`` records deliveries before running them by default."""
+        return self.store.persistent if self.durable is None else self.durable
 
     def instrument(self, metrics: Metrics | None, tracing: Tracing | None) -> None:
         """Observe with ``metrics`` and ``tracing`` (each replaces the one set before;

@@ -34,6 +34,7 @@ __all__ = [
     "deliver",
     "failure_outcome",
     "first_record",
+    "undeliverable",
     "unknown_handler",
 ]
 
@@ -136,6 +137,7 @@ def failure_outcome(
                 attempt=record.attempt,
                 metadata=metadata,
             ),
+            first_delivery=record.first_delivery,
         )
     return Rescheduled(
         record.rescheduled(
@@ -144,7 +146,8 @@ def failure_outcome(
             error=info,
             now=now,
             metadata=metadata,
-        )
+        ),
+        first_delivery=record.first_delivery,
     )
 
 
@@ -152,7 +155,20 @@ def unknown_handler(record: RetryItem, now: datetime) -> DeadLettered:
     """A record whose handler no longer exists goes to the dead letter queue, uncalled."""
     reason = f"unknown handler: no handler named {record.handler_name!r} is subscribed"
     return DeadLettered(
-        record.id, record.to_dead_letter(reason=reason, now=now, attempt=max(record.attempt - 1, 0))
+        record.id,
+        record.to_dead_letter(reason=reason, now=now, attempt=max(record.attempt - 1, 0)),
+        first_delivery=record.first_delivery,
+    )
+
+
+def undeliverable(record: RetryItem, max_claims: int, now: datetime) -> DeadLettered:
+    """A record claimed ``max_claims`` times without an outcome (its handler keeps
+    killing or hanging its worker) goes to the dead letter queue, uncalled."""
+    reason = f"undeliverable: claimed {max_claims} times without an outcome"
+    return DeadLettered(
+        record.id,
+        record.to_dead_letter(reason=reason, now=now, attempt=max(record.attempt - 1, 0)),
+        first_delivery=record.first_delivery,
     )
 
 

@@ -13,16 +13,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ._delivery import Attempted
 from ._errors import StoreUnavailable
+from ._group import GroupWriter
 from ._observers import Delivery, Verdict, Written
-from ._outcomes import DeadLettered, Rescheduled, Succeeded, outcome_id
+from ._outcomes import DeadLettered, Outcome, Rescheduled, Succeeded, outcome_id
 from ._records import DeadLetterItem, RetryItem
 from ._reporting import verdict_of
 
 if TYPE_CHECKING:
+    from ._clock import Clock
     from ._observers import Observers
     from ._stores.base import Store
 
@@ -34,6 +36,7 @@ class LedgerContext(Protocol):
     store: Store
     observers: Observers
     store_timeout: float
+    clock: Clock
 
 
 __all__ = ["DeadLetterHook", "Ledger", "LedgerContext"]
@@ -41,6 +44,8 @@ __all__ = ["DeadLetterHook", "Ledger", "LedgerContext"]
 logger = logging.getLogger("retrybus")
 
 DeadLetterHook = Callable[[DeadLetterItem], Awaitable[Any]] | Callable[[DeadLetterItem], Any]
+
+T = TypeVar("T")
 
 _FIRST_PAUSE = 0.05
 _LONGEST_PAUSE = 1.0
@@ -53,6 +58,12 @@ class Ledger:
         self._core = core
         self._hooks: list[DeadLetterHook] = []
         self._listeners: list[Callable[[datetime], None]] = []
+        self._pending: GroupWriter[RetryItem] = GroupWriter(
+            lambda items: self._core.store.record_pending(items)
+        )
+        self._finishers: dict[str, GroupWriter[Outcome]] = {}
+        self._removals: set[asyncio.Future[set[str]]] = set()
+        self._removal_failed = False
 
     # who is told -------------------------------------------------------------
 
@@ -79,15 +90,86 @@ class Ledger:
         dead_letters = [
             a.outcome.dead_letter for a in attempted if isinstance(a.outcome, DeadLettered)
         ]
+        try:
+            await self._through_outage(
+                lambda: self._core.store.record_failures(retry_items, dead_letters), context
+            )
+        except BaseException:
+            self.unwritten(attempted)
+            raise
+        await self._announce(attempted, None)
+
+    async def record_pending(self, items: Sequence[RetryItem], context: str) -> set[str]:
+        """Store pending first deliveries (a durable publish's, leased to it, or
+        deferred ones), written together with those of concurrent publishes
+        (group commit) and retried through an outage for up to ``store_timeout``.
+        Returns the ids of ``items`` that were new (the others were recorded before)."""
+        written = await self._through_outage(lambda: self._pending.write(items), context)
+        return {item.id for item in items if item.id in written}
+
+    async def finish_first(
+        self, attempted: Sequence[Attempted], owner: str, context: str
+    ) -> set[str]:
+        """Write what followed failed first calls of a durable publish (records
+        rescheduled or dead-lettered, leased to ``owner``), together with other
+        publishes' and through an outage, then announce them."""
+        try:
+            applied = await self._through_outage(
+                lambda: self._finisher(owner).write([a.outcome for a in attempted]), context
+            )
+        except BaseException:
+            self.unwritten(attempted)
+            raise
+        mine = {outcome_id(a.outcome) for a in attempted} & applied
+        await self._announce(attempted, mine)
+        return mine
+
+    def remove_soon(self, attempted: Sequence[Attempted], owner: str) -> None:
+        """Remove the records of first deliveries that succeeded (leased to
+        ``owner``), grouped with other writes, without waiting: should the write
+        never happen, a worker runs the delivery again once the lease runs out."""
+        future = asyncio.ensure_future(self._finisher(owner).write([a.outcome for a in attempted]))
+        self._removals.add(future)
+        future.add_done_callback(self._removed)
+
+    def _removed(self, future: asyncio.Future[set[str]]) -> None:
+        self._removals.discard(future)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None and not self._removal_failed:
+            self._removal_failed = True
+            logger.warning(
+                "could not remove the records of successful deliveries: %s; they will be "
+                "delivered again once their lease runs out",
+                error,
+            )
+        elif error is None:
+            self._removal_failed = False
+
+    async def flush(self) -> None:
+        """Wait for the removals ``remove_soon`` has not finished yet."""
+        while self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
+
+    def _finisher(self, owner: str) -> GroupWriter[Outcome]:
+        writer = self._finishers.get(owner)
+        if writer is None:
+            writer = self._finishers[owner] = GroupWriter(
+                lambda outcomes: self._core.store.complete(outcomes, owner, self._core.clock.now())
+            )
+        return writer
+
+    async def _through_outage(self, write: Callable[[], Awaitable[T]], context: str) -> T:
+        """``write()``, tried again through a store outage for up to ``store_timeout``."""
         started = time.monotonic()
         pause = _FIRST_PAUSE
         while True:
             try:
-                await self._core.store.record_failures(retry_items, dead_letters)
+                return await write()
             except StoreUnavailable as exc:
                 remaining = self._core.store_timeout - (time.monotonic() - started)
                 if remaining <= 0:
-                    self.unwritten(attempted)
                     raise
                 if pause == _FIRST_PAUSE:  # once per publish
                     logger.warning(
@@ -98,12 +180,6 @@ class Ledger:
                     )
                 await asyncio.sleep(min(pause, remaining))  # the last try at the deadline
                 pause = min(pause * 2, _LONGEST_PAUSE)
-            except BaseException:
-                self.unwritten(attempted)
-                raise
-            else:
-                break
-        await self._announce(attempted, None)
 
     async def complete(
         self, attempted: Sequence[Attempted], owner: str | None, now: datetime

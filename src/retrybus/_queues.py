@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -103,10 +103,16 @@ class RetryQueue:
         return item
 
     async def claim_due(
-        self, limit: int = 100, *, lease: float = 60.0, owner: str | None = None
+        self,
+        limit: int = 100,
+        *,
+        lease: float = 60.0,
+        owner: str | None = None,
+        handlers: Collection[str] | None = None,
     ) -> list[RetryItem]:
         """Lease up to ``limit`` due items, earliest first, atomically: no other
         claim gets them until the lease (seconds) runs out or they are finished.
+        With ``handlers``, only items of the handlers so named.
 
         A stored record that cannot be decoded is moved to the dead letter
         queue with the reason, not returned.
@@ -116,7 +122,11 @@ class RetryQueue:
         owner = owner or f"claim-{uuid.uuid4().hex[:12]}"
         now = self._core.clock.now()
         claimed = await self._core.store.claim_due(
-            now=now, limit=limit, owner=owner, lease_until=now + timedelta(seconds=lease)
+            now=now,
+            limit=limit,
+            owner=owner,
+            lease_until=now + timedelta(seconds=lease),
+            handlers=handlers,
         )
         items = [record for record in claimed if isinstance(record, RetryItem)]
         corrupt = [record for record in claimed if isinstance(record, CorruptRecord)]
@@ -231,9 +241,10 @@ class RetryQueue:
         """How many items fall due within ``within`` seconds from now."""
         return await self._core.store.count_due(self._core.clock.now() + timedelta(seconds=within))
 
-    async def next_due(self) -> datetime | None:
-        """When the next item falls due (None when the queue is empty)."""
-        return await self._core.store.next_due()
+    async def next_due(self, handlers: Collection[str] | None = None) -> datetime | None:
+        """When the next item falls due or its lease runs out (None when the queue
+        is empty); with ``handlers``, only among items of the handlers so named."""
+        return await self._core.store.next_due(handlers)
 
     async def cleanup(self, before: datetime | None = None) -> int:
         """Move items created before ``before`` (default: older than the bus's

@@ -17,7 +17,7 @@ from types import TracebackType
 
 from ._batch import ClaimedBatch
 from ._bus import EventBus
-from ._delivery import Attempted, deliver
+from ._delivery import Attempted, deliver, undeliverable
 from ._errors import StoreUnavailable
 from ._event import check_text
 from ._history import DEFAULT_INTERVAL, DepthHistory
@@ -272,7 +272,7 @@ class RetryWorker:
 
     async def _idle_time(self) -> float:
         try:
-            due = await self.bus.store.next_due()
+            due = await self.bus.store.next_due(self.bus.handler_names)
         except StoreUnavailable:
             return self.check_interval
         if due is None:
@@ -334,7 +334,9 @@ class RetryWorker:
     async def run_once(self) -> int:
         """Claim one batch of due items and process it; returns how many items were handled."""
         owner = f"{self.name}:{next(self._claims)}"
-        items = await self.bus.retry_queue.claim_due(self.batch_size, lease=self.lease, owner=owner)
+        items = await self.bus.retry_queue.claim_due(
+            self.batch_size, lease=self.lease, owner=owner, handlers=self.bus.handler_names
+        )
         if not items:
             return 0
         batch = ClaimedBatch(owner, items, lease_deadline=time.monotonic() + self.lease)
@@ -411,6 +413,8 @@ class RetryWorker:
 
     async def _deliver(self, item: RetryItem) -> Attempted:
         core = self.bus.core
+        if item.claims > core.max_claims:
+            return Attempted(undeliverable(item, core.max_claims, core.clock.now()))
         return await deliver(
             item,
             core.subscription(item.handler_name),

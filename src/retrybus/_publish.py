@@ -1,0 +1,374 @@
+"""Publishing: run an event's handlers here (durably or not) or hand them to the
+workers (deferred, scheduled), and say what became of each.
+
+Durable, the default on a persistent store: one pending record per matching
+handler (attempt 0, leased to this process for ``publish_lease`` seconds) is
+written before any handler runs, so that a process dying mid-handler leaves the
+delivery for a worker once the lease runs out. Each record is then finished as
+a worker finishes one: a failure rescheduled or dead-lettered before publish
+returns, a success removed soon after (removals are grouped and not waited
+for: a crash before one is written means a redelivery, never a loss).
+
+Not durable (the memory store's default, or ``durable=False``): handlers run
+first and only failures are written, as the seed did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, TypeVar
+
+from ._delivery import Attempted, call_observed, call_plain, failure_outcome, first_record
+from ._event import Event
+from ._handlers import Subscription
+from ._observers import Delivery, Observers, Publication
+from ._outcomes import DeadLettered, Rescheduled, Succeeded
+from ._records import DeadLetterItem, RetryItem, delivery_id
+
+if TYPE_CHECKING:
+    from ._core import BusCore
+
+__all__ = ["PublishResult", "Publisher"]
+
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What became of one publish: which handlers succeeded, which were
+    scheduled for retry, which were dead-lettered, and which were left to a
+    worker (``pending``: a deferred or scheduled publish, or a delivery already
+    recorded by an earlier publish of the same event), by handler name."""
+
+    event: Event
+    succeeded: tuple[str, ...] = ()
+    retrying: tuple[str, ...] = ()
+    dead_lettered: tuple[str, ...] = ()
+    retry_items: tuple[RetryItem, ...] = field(default=(), repr=False)
+    dead_letters: tuple[DeadLetterItem, ...] = field(default=(), repr=False)
+    pending: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """No matching handler failed on its first call (pending ones have not
+        been called yet)."""
+        return not self.retrying and not self.dead_lettered
+
+
+class _Calls:
+    """The handler calls of one publish: their errors, and the observers' view."""
+
+    __slots__ = ("deliveries", "errors")
+
+    def __init__(self, errors: list[BaseException | None], deliveries: list[Delivery] | None):
+        self.errors = errors
+        self.deliveries = deliveries
+
+
+class Publisher:
+    """Runs publishes for one bus (``EventBus.publish`` hands each to it)."""
+
+    def __init__(self, core: BusCore) -> None:
+        self._core = core
+
+    async def publish(
+        self,
+        event: Event,
+        *,
+        durable: bool,
+        due: datetime | None,
+        defer: bool,
+    ) -> PublishResult:
+        """Publish ``event``: deferred (``defer``, or ``due`` for a scheduled
+        delivery), durably or not."""
+        core = self._core
+        subscriptions = core.registry.match(event.type)
+        if defer or due is not None:
+            return await self._defer(event, subscriptions, due)
+        if not durable:
+            return await self._run_then_record(event, subscriptions)
+        return await self._record_then_run(event, subscriptions)
+
+    # not durable -------------------------------------------------------------
+
+    async def _run_then_record(
+        self, event: Event, subscriptions: tuple[Subscription, ...]
+    ) -> PublishResult:
+        core = self._core
+        observers = core.observers
+        if not observers.watch_calls:
+            if not subscriptions:
+                return PublishResult(event)
+            errors = await _call_plain_all(subscriptions, event)
+            if not any(errors):
+                return PublishResult(event, tuple(s.name for s in subscriptions))
+            return await self._record_failures(event, subscriptions, _Calls(errors, None), None)
+        publication = Publication(event)
+        observers.publish_started(publication)
+        event = publication.event  # tracing gave it its traceparent
+        calls: _Calls | None = None
+        try:
+            calls = await _call_observed_all(subscriptions, event, observers)
+            if any(calls.errors):
+                result = await self._record_failures(
+                    event, subscriptions, calls, publication.traceparent
+                )
+            else:
+                result = PublishResult(event, tuple(s.name for s in subscriptions))
+        except BaseException as exc:
+            _unrecorded(calls, observers)
+            observers.publish_ended(publication, exc)
+            raise
+        if observers.watching_publish_ends:
+            observers.publish_ended(publication, None)
+        return result
+
+    async def _record_failures(
+        self,
+        event: Event,
+        subscriptions: Sequence[Subscription],
+        calls: _Calls,
+        publisher: str | None,
+    ) -> PublishResult:
+        """Decide and store what follows each failed first call, then the result."""
+        core = self._core
+        now = core.clock.now()
+        succeeded: list[str] = []
+        attempted: list[Attempted] = []
+        for index, (subscription, error) in enumerate(
+            zip(subscriptions, calls.errors, strict=True)
+        ):
+            if error is None:
+                succeeded.append(subscription.name)
+                continue
+            policy = subscription.policy or core.default_policy
+            record = first_record(event, subscription.name, policy.max_retries, now, publisher)
+            delivery = None if calls.deliveries is None else calls.deliveries[index]
+            traceparent = None if delivery is None else delivery.traceparent
+            attempted.append(
+                Attempted(failure_outcome(record, error, policy, now, traceparent), delivery)
+            )
+        await core.ledger.record_first_failures(attempted, _context(event))
+        return _result(event, succeeded, attempted, ())
+
+    # durable -----------------------------------------------------------------
+
+    async def _record_then_run(
+        self, event: Event, subscriptions: tuple[Subscription, ...]
+    ) -> PublishResult:
+        core = self._core
+        observers = core.observers
+        if not subscriptions:
+            if observers.watch_calls:
+                publication = Publication(event)
+                observers.publish_started(publication)
+                observers.publish_ended(publication, None)
+            return PublishResult(event)
+        if not observers.watch_calls:
+            records = self._records(event, subscriptions, None, leased=True)
+            run, pending = await self._record(event, subscriptions, records)
+            if not run:
+                return PublishResult(event, pending=pending)
+            errors = await self._held_while(run, _call_plain_all([s for s, _ in run], event))
+            return await self._finish(event, run, _Calls(errors, None), pending)
+        publication = Publication(event)
+        observers.publish_started(publication)
+        event = publication.event
+        calls: _Calls | None = None
+        try:
+            records = self._records(event, subscriptions, publication.traceparent, leased=True)
+            run, pending = await self._record(event, subscriptions, records)
+            if run:
+                calls = await self._held_while(
+                    run, _call_observed_all([s for s, _ in run], event, observers)
+                )
+                result = await self._finish(event, run, calls, pending)
+            else:
+                result = PublishResult(event, pending=pending)
+        except BaseException as exc:
+            _unrecorded(calls, observers)
+            observers.publish_ended(publication, exc)
+            raise
+        if observers.watching_publish_ends:
+            observers.publish_ended(publication, None)
+        return result
+
+    def _records(
+        self,
+        event: Event,
+        subscriptions: Sequence[Subscription],
+        publisher: str | None,
+        *,
+        leased: bool,
+        due: datetime | None = None,
+    ) -> list[RetryItem]:
+        """One pending record per handler: leased to this process (a durable
+        publish about to run them), or due at ``due`` (now by default) for a worker."""
+        core = self._core
+        now = core.clock.now()
+        lease_until = now + timedelta(seconds=core.publish_lease) if leased else None
+        records = []
+        for subscription in subscriptions:
+            policy = subscription.policy or core.default_policy
+            record = first_record(event, subscription.name, policy.max_retries, now, publisher)
+            records.append(
+                replace(
+                    record,
+                    id=delivery_id(event.source, event.id, subscription.name),
+                    next_retry=due or now,
+                    lease_owner=core.publish_owner if leased else None,
+                    lease_until=lease_until,
+                    claims=1 if leased else 0,
+                )
+            )
+        return records
+
+    async def _record(
+        self,
+        event: Event,
+        subscriptions: Sequence[Subscription],
+        records: list[RetryItem],
+    ) -> tuple[list[tuple[Subscription, RetryItem]], tuple[str, ...]]:
+        """Write the pending records; the handlers whose record is new (to run
+        here) and the names of those already recorded (left to whoever has them)."""
+        added = await self._core.ledger.record_pending(records, _context(event))
+        run = [(s, r) for s, r in zip(subscriptions, records, strict=True) if r.id in added]
+        pending = tuple(r.handler_name for r in records if r.id not in added)
+        return run, pending
+
+    async def _held_while(
+        self, run: list[tuple[Subscription, RetryItem]], calls: Awaitable[R]
+    ) -> R:
+        """Await the handler calls while this process keeps their records' leases."""
+        leases = self._core.leases
+        ids = [record.id for _, record in run]
+        leases.hold(ids)
+        try:
+            return await calls
+        finally:
+            leases.drop(ids)
+
+    async def _finish(
+        self,
+        event: Event,
+        run: list[tuple[Subscription, RetryItem]],
+        calls: _Calls,
+        pending: tuple[str, ...],
+    ) -> PublishResult:
+        """Finish each record as a worker would: failures rescheduled or
+        dead-lettered now, successes removed soon (not waited for)."""
+        core = self._core
+        now = core.clock.now()
+        succeeded: list[str] = []
+        removed: list[Attempted] = []
+        attempted: list[Attempted] = []
+        for index, ((subscription, record), error) in enumerate(
+            zip(run, calls.errors, strict=True)
+        ):
+            delivery = None if calls.deliveries is None else calls.deliveries[index]
+            if error is None:
+                succeeded.append(subscription.name)
+                removed.append(Attempted(Succeeded(record), delivery))
+                continue
+            policy = subscription.policy or core.default_policy
+            traceparent = None if delivery is None else delivery.traceparent
+            attempted.append(
+                Attempted(failure_outcome(record, error, policy, now, traceparent), delivery)
+            )
+        if removed:
+            core.ledger.remove_soon(removed, core.publish_owner)
+        if attempted:
+            await core.ledger.finish_first(attempted, core.publish_owner, _context(event))
+        return _result(event, succeeded, attempted, pending)
+
+    # deferred ----------------------------------------------------------------
+
+    async def _defer(
+        self, event: Event, subscriptions: tuple[Subscription, ...], due: datetime | None
+    ) -> PublishResult:
+        core = self._core
+        observers = core.observers
+        if not observers.watch_calls and not observers.watching_publish_ends:
+            if not subscriptions:
+                return PublishResult(event)
+            records = self._records(event, subscriptions, None, leased=False, due=due)
+            await core.ledger.record_pending(records, _context(event))
+            return PublishResult(event, pending=tuple(r.handler_name for r in records))
+        publication = Publication(event)
+        observers.publish_started(publication)
+        event = publication.event
+        try:
+            records = self._records(
+                event, subscriptions, publication.traceparent, leased=False, due=due
+            )
+            if records:
+                await core.ledger.record_pending(records, _context(event))
+        except BaseException as exc:
+            observers.publish_ended(publication, exc)
+            raise
+        observers.publish_ended(publication, None)
+        return PublishResult(event, pending=tuple(r.handler_name for r in records))
+
+
+async def _call_plain_all(
+    subscriptions: Sequence[Subscription], event: Event
+) -> list[BaseException | None]:
+    if len(subscriptions) == 1:
+        return [await call_plain(subscriptions[0], event)]
+    return list(await asyncio.gather(*(call_plain(s, event) for s in subscriptions)))
+
+
+async def _call_observed_all(
+    subscriptions: Sequence[Subscription], event: Event, observers: Observers
+) -> _Calls:
+    deliveries = [Delivery("publish", event, s.name, 0) for s in subscriptions]
+    if len(subscriptions) == 1:
+        await call_observed(
+            subscriptions[0], deliveries[0], observers, event.copy(), nothing_to_write=True
+        )
+    else:
+        await asyncio.gather(
+            *(
+                call_observed(s, d, observers, event.copy(), nothing_to_write=True)
+                for s, d in zip(subscriptions, deliveries, strict=True)
+            )
+        )
+    return _Calls([d.error for d in deliveries], deliveries)
+
+
+def _unrecorded(calls: _Calls | None, observers: Observers) -> None:
+    """Close, for the observers, the failures whose outcome was never written."""
+    if calls is None or calls.deliveries is None:
+        return
+    for delivery in calls.deliveries:
+        if delivery.error is not None:
+            observers.recorded(delivery, None, "failure", "error")
+
+
+def _context(event: Event) -> str:
+    return f"event {event.id} ({event.type})"
+
+
+def _result(
+    event: Event,
+    succeeded: list[str],
+    attempted: list[Attempted],
+    pending: tuple[str, ...],
+) -> PublishResult:
+    retry_items = tuple(a.outcome.item for a in attempted if isinstance(a.outcome, Rescheduled))
+    dead_letters = tuple(
+        a.outcome.dead_letter for a in attempted if isinstance(a.outcome, DeadLettered)
+    )
+    return PublishResult(
+        event,
+        tuple(succeeded),
+        tuple(item.handler_name for item in retry_items),
+        tuple(item.handler_name for item in dead_letters),
+        retry_items,
+        dead_letters,
+        pending,
+    )
