@@ -7,11 +7,10 @@ import json
 from typing import Any
 
 from ..._event import compact_json
-from ..._records import RetryItem
 from .._codec import parse_text_time, text_time
 from .._fields import RecordCodec
 
-__all__ = ["CODEC", "reschedule_fields"]
+__all__ = ["CODEC"]
 
 
 def _read_json(text: str | bytes) -> Any:
@@ -29,18 +28,3 @@ CODEC = RecordCodec(
     read_json=_read_json,
     write_flag=int,
 )
-
-
-def reschedule_fields(item: RetryItem) -> dict[str, Any]:
-    """What a reschedule changes in ``item``'s row (the ``reschedule`` query's
-    parameters, without the fencing ones)."""
-    return {
-        "id": item.id,
-        "attempt": item.attempt,
-        "next_retry": text_time(item.next_retry),
-        "error": item.error,
-        "error_type": item.error_type,
-        "traceback": item.traceback,
-        "updated_at": text_time(item.updated_at),
-        "metadata": compact_json(dict(item.metadata)),
-    }

@@ -17,8 +17,9 @@ __all__ = ["SCHEMA_VERSION", "RetryBusy", "read_version", "upgrade"]
 T = TypeVar("T")
 
 # 1: the tables; 2: dead_letter_queue.failure_group (back-filled), retrybus_control;
-# 3: the newest-first indexes end with id (keyset paging)
-SCHEMA_VERSION = 3
+# 3: the newest-first indexes end with id (keyset paging); 4: retry_queue.claims,
+# retry_queue_handler_name on (handler_name, next_retry) (claims by handler)
+SCHEMA_VERSION = 4
 _BACKFILL_BATCH = 500
 
 
@@ -78,8 +79,11 @@ def _upgrade_schema(conn: sqlite3.Connection) -> None:
     failure_group column, its index and the control table; its version moves on
     when ``_backfill_failure_groups`` has given every row its group. A version 1 or
     2 file gets the newest-first indexes rebuilt with ``id`` (once: one pass over
-    the dead letters, in this transaction); a version 2 file is then at
-    SCHEMA_VERSION."""
+    the dead letters, in this transaction). A version 1, 2 or 3 file gets the
+    ``claims`` column (no rewrite: old rows read its default, 0) and the handler
+    index rebuilt on ``(handler_name, next_retry)`` (one pass over the retry
+    items); a version 2 or 3 file is then at SCHEMA_VERSION. Each step checks
+    what is there already, so that an interrupted version 1 upgrade resumes."""
     version = read_version(conn)
     if version >= SCHEMA_VERSION:
         return
@@ -91,8 +95,16 @@ def _upgrade_schema(conn: sqlite3.Connection) -> None:
         indexed = [row[0] for row in conn.execute(Q["newest_first_index_columns"])]
         if indexed.count("id") < 2:  # not rebuilt yet (a version 1 upgrade can resume)
             _run_script(conn, Q["migrate_3_newest_first_indexes"])
+    if version in (1, 2, 3):
+        if "claims" not in {row[0] for row in conn.execute(Q["retry_columns"])}:
+            conn.execute(Q["migrate_4_add_claims"])
+        if [row[0] for row in conn.execute(Q["handler_index_columns"])] != [
+            "handler_name",
+            "next_retry",
+        ]:
+            conn.execute(Q["migrate_4_handler_index"])
     _run_script(conn, Q["schema"])
-    if version in (0, 2):
+    if version in (0, 2, 3):
         _set_version(conn, SCHEMA_VERSION)
 
 

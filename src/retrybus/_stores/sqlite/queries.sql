@@ -24,10 +24,15 @@ CREATE TABLE IF NOT EXISTS retry_queue (
     updated_at       TEXT NOT NULL,
     lease_owner      TEXT,
     lease_until      TEXT,
-    metadata         TEXT NOT NULL DEFAULT '{}'
+    metadata         TEXT NOT NULL DEFAULT '{}',
+    -- claims made since the last outcome was written (RetryItem.claims)
+    claims           INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS retry_queue_next_retry ON retry_queue (next_retry);
-CREATE INDEX IF NOT EXISTS retry_queue_handler_name ON retry_queue (handler_name);
+-- a worker's own items in due order (claim_due and next_due with handlers): a seek
+-- per handler, whatever other handlers have waiting. lease_until is left out so
+-- that claims, extensions and releases do not rewrite this index
+CREATE INDEX IF NOT EXISTS retry_queue_handler_name ON retry_queue (handler_name, next_retry);
 CREATE INDEX IF NOT EXISTS retry_queue_next_retry_attempt ON retry_queue (next_retry, attempt);
 CREATE INDEX IF NOT EXISTS retry_queue_created_at ON retry_queue (created_at);
 CREATE INDEX IF NOT EXISTS retry_queue_lease_until ON retry_queue (lease_until) WHERE lease_until IS NOT NULL;
@@ -93,6 +98,21 @@ ALTER TABLE dead_letter_queue ADD COLUMN failure_group TEXT NOT NULL DEFAULT '';
 DROP INDEX IF EXISTS dead_letter_queue_created_at;
 DROP INDEX IF EXISTS dead_letter_queue_failure_group;
 
+-- name: migrate_4_add_claims
+-- version 3 (or 1, 2) -> 4, when retry_columns lacks claims: old rows read as 0
+ALTER TABLE retry_queue ADD COLUMN claims INTEGER NOT NULL DEFAULT 0;
+
+-- name: migrate_4_handler_index
+-- version 3 (or 1, 2) -> 4, when handler_index_columns is only handler_name: before
+-- the schema above runs again and creates it anew on (handler_name, next_retry)
+DROP INDEX IF EXISTS retry_queue_handler_name;
+
+-- name: retry_columns
+SELECT name FROM pragma_table_info('retry_queue');
+
+-- name: handler_index_columns
+SELECT name FROM pragma_index_info('retry_queue_handler_name');
+
 -- name: newest_first_index_columns
 SELECT name FROM pragma_index_info('dead_letter_queue_created_at')
 UNION ALL
@@ -114,12 +134,17 @@ UPDATE dead_letter_queue SET failure_group = ? WHERE rowid = ? AND failure_group
 INSERT OR IGNORE INTO retry_queue (
     id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
     event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-    next_retry, created_at, updated_at, lease_owner, lease_until, metadata
+    next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
 ) VALUES (
     :id, :event_id, :event_type, :event_data, :event_source, :event_timestamp, :event_subject,
     :event_extensions, :handler_name, :error, :error_type, :traceback, :attempt, :max_retries,
-    :next_retry, :created_at, :updated_at, :lease_owner, :lease_until, :metadata
+    :next_retry, :created_at, :updated_at, :lease_owner, :lease_until, :metadata, :claims
 );
+
+-- name: stored_retry_ids
+-- which of a JSON array of ids are stored already (record_pending skips them): one
+-- statement whatever the number of ids
+SELECT id FROM retry_queue WHERE id IN (SELECT value FROM json_each(?));
 
 -- name: insert_dead
 INSERT OR IGNORE INTO dead_letter_queue (
@@ -134,7 +159,7 @@ INSERT OR IGNORE INTO dead_letter_queue (
 
 -- name: claim_due
 UPDATE retry_queue
-SET lease_owner = :owner, lease_until = :lease_until, updated_at = :now
+SET lease_owner = :owner, lease_until = :lease_until, updated_at = :now, claims = claims + 1
 WHERE rowid IN (
     SELECT rowid FROM retry_queue
     WHERE next_retry <= :now AND (lease_until IS NULL OR lease_until <= :now)
@@ -143,11 +168,43 @@ WHERE rowid IN (
 )
 RETURNING *;
 
+-- name: claim_due_of_handlers
+-- The due slot (filled by sql.handler_query) is a set of (rid, next_retry) rows of
+-- the worker's handlers: the first due items of each handler (due_of_handler, one
+-- per handler, UNION ALL), or for very many handlers due_of_many_handlers
+UPDATE retry_queue
+SET lease_owner = :owner, lease_until = :lease_until, updated_at = :now, claims = claims + 1
+WHERE rowid IN (
+    SELECT rid FROM (
+{due}
+    ) ORDER BY next_retry LIMIT :limit
+)
+RETURNING *;
+
+-- name: due_of_handler
+-- one handler's first due items, straight from retry_queue_handler_name (a seek
+-- to the handler, then its items in due order until enough are found)
+SELECT rid, next_retry FROM (
+    SELECT rowid AS rid, next_retry FROM retry_queue
+    WHERE handler_name = :h{n} AND next_retry <= :now
+      AND (lease_until IS NULL OR lease_until <= :now)
+    ORDER BY next_retry
+    LIMIT :limit
+)
+
+-- name: due_of_many_handlers
+-- the due items of the JSON array of handlers: one seek per handler too, but
+-- every due item of theirs is read and sorted
+SELECT rowid AS rid, next_retry FROM retry_queue
+WHERE handler_name IN (SELECT value FROM json_each(:handlers)) AND next_retry <= :now
+  AND (lease_until IS NULL OR lease_until <= :now)
+
 -- name: extend_leases
 UPDATE retry_queue SET lease_until = ? WHERE lease_owner = ? AND id IN ({ids});
 
 -- name: release
-UPDATE retry_queue SET lease_owner = NULL, lease_until = NULL
+-- the claim no longer counts
+UPDATE retry_queue SET lease_owner = NULL, lease_until = NULL, claims = MAX(claims - 1, 0)
 WHERE lease_owner = ? AND id IN ({ids});
 
 -- name: delete_succeeded
@@ -157,10 +214,15 @@ WHERE (lease_owner = ?1 OR (?1 IS NULL AND (lease_until IS NULL OR lease_until <
 RETURNING id, attempt;
 
 -- name: reschedule
+-- the item written whole, unleased, its claims 0 again
 UPDATE retry_queue
-SET attempt = :attempt, next_retry = :next_retry, error = :error, error_type = :error_type,
-    traceback = :traceback, updated_at = :updated_at, metadata = :metadata,
-    lease_owner = NULL, lease_until = NULL
+SET event_id = :event_id, event_type = :event_type, event_data = :event_data,
+    event_source = :event_source, event_timestamp = :event_timestamp,
+    event_subject = :event_subject, event_extensions = :event_extensions,
+    handler_name = :handler_name, error = :error, error_type = :error_type,
+    traceback = :traceback, attempt = :attempt, max_retries = :max_retries,
+    next_retry = :next_retry, created_at = :created_at, updated_at = :updated_at,
+    metadata = :metadata, lease_owner = NULL, lease_until = NULL, claims = 0
 WHERE id = :id
   AND (lease_owner = :owner OR (:owner IS NULL AND (lease_until IS NULL OR lease_until <= :now)));
 
@@ -180,6 +242,31 @@ SELECT next_retry FROM retry_queue WHERE lease_until IS NULL ORDER BY next_retry
 
 -- name: next_lease_end
 SELECT MIN(MAX(next_retry, lease_until)) FROM retry_queue WHERE lease_until IS NOT NULL;
+
+-- name: next_due_of_handlers
+-- The first slot (filled by sql.handler_query) is the earliest unleased item of each
+-- handler (first_of_handler, UNION ALL), or for very many handlers
+-- first_of_many_handlers. The leased items are few (those in flight): read from the
+-- partial index retry_queue_lease_until (the + keeps the planner off the handler
+-- index, which would read every item of the handlers)
+SELECT MIN(due) FROM (
+    {first}
+    UNION ALL
+    SELECT MIN(MAX(next_retry, lease_until)) FROM retry_queue
+    WHERE lease_until IS NOT NULL AND +handler_name IN (SELECT value FROM json_each(:handlers))
+);
+
+-- name: first_of_handler
+SELECT due FROM (
+    SELECT next_retry AS due FROM retry_queue
+    WHERE handler_name = :h{n} AND lease_until IS NULL
+    ORDER BY next_retry
+    LIMIT 1
+)
+
+-- name: first_of_many_handlers
+SELECT MIN(next_retry) AS due FROM retry_queue
+WHERE handler_name IN (SELECT value FROM json_each(:handlers)) AND lease_until IS NULL
 
 -- name: retry_count
 SELECT COUNT(*) FROM retry_queue;

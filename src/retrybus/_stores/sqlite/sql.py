@@ -3,6 +3,8 @@ letter filter's ``WHERE``, and reading a cursor's rows by column name."""
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 import sqlite3
 from datetime import datetime
@@ -12,12 +14,16 @@ from ..._filters import DeadLetterFilter
 from .._codec import text_time
 from .._queries import load_queries
 
-__all__ = ["CHUNK", "Q", "dead_where", "dict_rows"]
+__all__ = ["CHUNK", "MAX_HANDLER_ARMS", "Q", "dead_where", "dict_rows", "handler_query"]
 
 #: the named queries, by name
 Q = load_queries("queries.sql", __package__)
 #: ids per ``IN (…)`` list, well under SQLite's limit on a statement's parameters
 CHUNK = 500
+#: handlers a worker may name and still get one seek-and-stop arm each (a UNION ALL
+#: of that many subqueries, well under SQLite's 500 terms of a compound SELECT);
+#: beyond, one ``IN`` over all of them, read whole and sorted
+MAX_HANDLER_ARMS = 64
 _PARAMETER = re.compile(r":(\w+)")
 
 
@@ -55,6 +61,34 @@ def dead_where(where: DeadLetterFilter) -> tuple[str, dict[str, Any]]:
         else:
             params[name] = value
     return " AND ".join(conditions) or "TRUE", params
+
+
+def handler_query(
+    query: str, arm: str, many: str, handlers: list[str], params: dict[str, Any]
+) -> str:
+    """Query ``query`` with its ``{due}``/``{first}`` slot filled for ``handlers`` (at
+    least one, no repeats): one ``arm`` per handler (its name bound as ``:h0``,
+    ``:h1``…, added to ``params``) joined with ``UNION ALL``, or ``many`` for more
+    than ``MAX_HANDLER_ARMS``. ``params`` gets ``:handlers``, their JSON array,
+    either way. The text depends only on how many handlers there are, so that a
+    worker's statements stay in the connection's statement cache."""
+    params["handlers"] = json.dumps(handlers)
+    if len(handlers) > MAX_HANDLER_ARMS:
+        return _filled(query, many, 0)
+    for n, handler in enumerate(handlers):
+        params[f"h{n}"] = handler
+    return _filled(query, arm, len(handlers))
+
+
+@functools.lru_cache(maxsize=64)
+def _filled(query: str, part: str, arms: int) -> str:
+    """``query`` with ``part`` (its comments left out) in its slot: ``arms`` copies
+    of it, the n-th naming ``:h{n}``, or ``part`` alone for 0."""
+    code = "\n".join(line for line in part.splitlines() if not line.lstrip().startswith("--"))
+    filled = (
+        "\nUNION ALL\n".join(code.replace("{n}", str(n)) for n in range(arms)) if arms else code
+    )
+    return query.replace("{due}", filled).replace("{first}", filled)
 
 
 def dict_rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:

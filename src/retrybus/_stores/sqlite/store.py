@@ -7,16 +7,23 @@ tens of microseconds, less than a hop to a thread pool would. The database is
 in WAL mode; writers take the lock with ``BEGIN IMMEDIATE`` and, when another
 process holds it, wait by sleeping on the event loop (never blocking it)
 until ``busy_timeout`` runs out.
+
+``watch`` reads ``PRAGMA data_version`` on the store's own connection every
+``_WATCH_INTERVAL`` seconds (a few microseconds a read): it changes when
+another connection, in this process or another, has committed, and not for
+the store's own commits, so that a worker is not woken by its own writes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -35,11 +42,13 @@ from .._codec import decode_or_corrupt, parse_text_time, text_time
 from .._queries import placeholders
 from ..base import Store
 from .admin import SQLiteAdmin
-from .codec import CODEC, reschedule_fields
+from .codec import CODEC
 from .migrate import upgrade
-from .sql import CHUNK, Q, dict_rows
+from .sql import CHUNK, Q, dict_rows, handler_query
 
 __all__ = ["SQLiteStore"]
+
+logger = logging.getLogger("retrybus.store.sqlite")
 
 T = TypeVar("T")
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
@@ -49,6 +58,9 @@ _SYNCHRONOUS = {"off", "normal", "full", "extra"}
 # loop; the connection's own autocheckpoint stays on, later, as a backstop.
 _CHECKPOINT_EVERY = 100
 _AUTOCHECKPOINT_BACKSTOP = 10_000  # pages
+# How often a watch reads PRAGMA data_version: another process's commit wakes an
+# idle worker within this (plus the worker's own claim), for 20 reads a second
+_WATCH_INTERVAL = 0.05
 
 
 def _failure(url: str, exc: BaseException, *, opening: bool = False) -> RetrybusError:
@@ -67,6 +79,15 @@ def _failure(url: str, exc: BaseException, *, opening: bool = False) -> Retrybus
     if opening:
         return StoreUnavailable(f"cannot open SQLite store {url}: {exc}")
     return StoreUnavailable(f"SQLite store {url} failed: {exc}")
+
+
+def _data_version(conn: sqlite3.Connection) -> int:
+    """Changes when another connection has committed since the last read."""
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _due_first(row: dict[str, Any]) -> tuple[str, str]:
+    return (str(row["next_retry"]), str(row["id"]))
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -102,6 +123,7 @@ class SQLiteStore(SQLiteAdmin, Store):
         self._commits = 0
         self._checkpointer: sqlite3.Connection | None = None
         self._checkpointing: asyncio.Future[None] | None = None
+        self._watchers: set[asyncio.Task[None]] = set()
 
     # connection ------------------------------------------------------------
 
@@ -139,6 +161,12 @@ class SQLiteStore(SQLiteAdmin, Store):
         return conn
 
     async def close(self) -> None:
+        watchers, self._watchers = self._watchers, set()
+        for task in watchers:
+            task.cancel()
+        for task in watchers:
+            with contextlib.suppress(BaseException):
+                await task
         pending, self._checkpointing = self._checkpointing, None
         if pending is not None:
             with contextlib.suppress(Exception):
@@ -222,6 +250,47 @@ class SQLiteStore(SQLiteAdmin, Store):
             raise
         return result
 
+    # watching --------------------------------------------------------------
+
+    async def watch(self, on_change: Callable[[], None]) -> Callable[[], Awaitable[None]] | None:
+        """Read ``PRAGMA data_version`` on the store's connection every
+        ``_WATCH_INTERVAL`` seconds and call ``on_change()`` when it changed:
+        another connection committed (any commit: what it changed is not known).
+        The store's own commits leave it as it is; commits between two reads
+        wake once. ``close()`` stops the watch."""
+        conn = await self._connection()
+        first = await self._read(_data_version)
+
+        async def poll() -> None:
+            seen = first
+            while True:
+                await asyncio.sleep(_WATCH_INTERVAL)
+                if conn.in_transaction:  # never between statements of one of ours
+                    continue
+                try:
+                    version = _data_version(conn)
+                except sqlite3.Error as exc:  # busy (a WAL recovery), or passing trouble
+                    logger.debug("watching %s: %s", self.url, exc)
+                    continue
+                if version == seen:
+                    continue
+                seen = version
+                try:
+                    on_change()
+                except Exception:
+                    logger.exception("watching %s: on_change failed", self.url)
+
+        task = asyncio.create_task(poll(), name=f"retrybus-watch-{self.path}")
+        self._watchers.add(task)
+
+        async def stop() -> None:
+            self._watchers.discard(task)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        return stop
+
     # the hot half (RetryStore) ---------------------------------------------
 
     async def record_failures(
@@ -239,16 +308,56 @@ class SQLiteStore(SQLiteAdmin, Store):
 
         await self._write(run)
 
+    async def record_pending(self, items: Sequence[RetryItem]) -> set[str]:
+        """One transaction: which ids are stored already (one statement, the ids
+        as a JSON array), then the rest inserted with one prepared statement."""
+        if not items:
+            return set()
+        rows: dict[str, dict[str, Any]] = {}
+        for item in items:
+            if item.id not in rows:  # the first of a repeated id is kept
+                rows[item.id] = CODEC.retry_fields(item)
+        ids = json.dumps(list(rows))
+
+        def run(conn: sqlite3.Connection) -> set[str]:
+            for (stored,) in conn.execute(Q["stored_retry_ids"], (ids,)).fetchall():
+                del rows[stored]
+            if rows:
+                conn.executemany(Q["insert_retry"], rows.values())
+            return set(rows)
+
+        return await self._write(run)
+
     async def claim_due(
-        self, *, now: datetime, limit: int, owner: str, lease_until: datetime
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        owner: str,
+        lease_until: datetime,
+        handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
-        params = {
+        params: dict[str, Any] = {
             "owner": owner,
             "lease_until": text_time(lease_until),
             "now": text_time(now),
             "limit": limit,
         }
-        rows = await self._write(lambda conn: dict_rows(conn.execute(Q["claim_due"], params)))
+        if handlers is None:
+            sql = Q["claim_due"]
+        else:
+            names = list(dict.fromkeys(handlers))
+            if not names or limit <= 0:
+                return []
+            sql = handler_query(
+                Q["claim_due_of_handlers"],
+                Q["due_of_handler"],
+                Q["due_of_many_handlers"],
+                names,
+                params,
+            )
+        rows = await self._write(lambda conn: dict_rows(conn.execute(sql, params)))
+        rows.sort(key=_due_first)  # RETURNING keeps no order: earliest first
         return [decode_or_corrupt(row, CODEC.retry_item) for row in rows]
 
     async def extend_leases(self, ids: Sequence[str], owner: str, lease_until: datetime) -> int:
@@ -285,13 +394,18 @@ class SQLiteStore(SQLiteAdmin, Store):
     ) -> set[str]:
         at = text_time(now)
         succeeded = [o.item.id for o in outcomes if isinstance(o, Succeeded)]
-        rescheduled: list[dict[str, Any]] = [
-            {**reschedule_fields(o.item), "owner": owner, "now": at}
+        # the item written whole (the query sets no lease and claims 0 itself)
+        rescheduled: list[tuple[dict[str, Any], bool]] = [
+            ({**CODEC.retry_fields(o.item), "owner": owner, "now": at}, o.first_delivery)
             for o in outcomes
             if isinstance(o, Rescheduled)
         ]
-        dead: list[tuple[dict[str, Any], dict[str, Any]]] = [
-            ({"id": o.item_id, "owner": owner, "now": at}, CODEC.dead_letter_fields(o.dead_letter))
+        dead: list[tuple[dict[str, Any], dict[str, Any], bool]] = [
+            (
+                {"id": o.item_id, "owner": owner, "now": at},
+                CODEC.dead_letter_fields(o.dead_letter),
+                o.first_delivery,
+            )
             for o in outcomes
             if isinstance(o, DeadLettered)
         ]
@@ -305,27 +419,47 @@ class SQLiteStore(SQLiteAdmin, Store):
                 cursor = conn.execute(sql, (owner, at, *chunk))
                 for item_id, attempt in cursor.fetchall():
                     applied.add(item_id)
-                    attempts += attempt
-                    done += 1
-            for params in rescheduled:
+                    if attempt:  # attempt 0: a first delivery worked, not a retry
+                        attempts += attempt
+                        done += 1
+            added = 0
+            for params, first_delivery in rescheduled:
                 if conn.execute(Q["reschedule"], params).rowcount:
                     applied.add(params["id"])
+                    added += first_delivery  # a first failure: a retry added
             moved = 0
-            for held, dead_row in dead:
+            for held, dead_row, first_delivery in dead:
                 if conn.execute(Q["delete_held"], held).rowcount:
                     conn.execute(Q["insert_dead"], dead_row)
                     applied.add(held["id"])
-                    moved += 1
+                    moved += not first_delivery
             if done:
                 conn.execute(Q["add_counter"], (done, "retry_succeeded"))
                 conn.execute(Q["add_counter"], (attempts, "retry_succeeded_attempts"))
+            if added:
+                conn.execute(Q["add_counter"], (added, "retry_added"))
             if moved:
                 conn.execute(Q["add_counter"], (moved, "retry_dead_lettered"))
             return applied
 
         return await self._write(run)
 
-    async def next_due(self) -> datetime | None:
+    async def next_due(self, handlers: Collection[str] | None = None) -> datetime | None:
+        if handlers is not None:
+            names = list(dict.fromkeys(handlers))
+            if not names:
+                return None
+            params: dict[str, Any] = {}
+            sql = handler_query(
+                Q["next_due_of_handlers"],
+                Q["first_of_handler"],
+                Q["first_of_many_handlers"],
+                names,
+                params,
+            )
+            found = await self._read(lambda conn: conn.execute(sql, params).fetchone()[0])
+            return None if found is None else parse_text_time(found)
+
         def run(conn: sqlite3.Connection) -> str | None:
             unleased = conn.execute(Q["next_due_unleased"]).fetchone()
             leased = conn.execute(Q["next_lease_end"]).fetchone()
@@ -352,7 +486,10 @@ class SQLiteStore(SQLiteAdmin, Store):
                         corrupt_to_dead_letter(record, now, reason)
                         if isinstance(record, CorruptRecord)
                         else record.to_dead_letter(
-                            reason=reason, now=now, attempt=record.attempt - 1
+                            # retries made; a first delivery (attempt 0) made none
+                            reason=reason,
+                            now=now,
+                            attempt=max(record.attempt - 1, 0),
                         )
                     )
                     conn.execute(Q["insert_dead"], CODEC.dead_letter_fields(dead))
