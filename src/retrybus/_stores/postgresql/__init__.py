@@ -12,6 +12,9 @@ is one prepared statement with a nullable parameter per field). Their failure gr
 is computed in Python when a dead letter is written and kept in an indexed column;
 version 2 of the schema added it and back-filled existing rows. Control records are
 rows of ``retrybus_control``, written with compare-and-set in one statement.
+Version 4 added ``retry_queue.claims`` (how many claims a record has had since its
+last outcome; existing rows read 0) and put ``next_retry`` into the handler_name
+index, for workers that claim only their own handlers' items.
 
 URL options: ``schema`` (default public), ``pool_min``/``pool_max`` (connections,
 1/10), ``connect_timeout`` (seconds, 10), ``synchronous_commit`` (the server's

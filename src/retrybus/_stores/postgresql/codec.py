@@ -60,7 +60,8 @@ def dead_letter_values(item: DeadLetterItem) -> list[Any]:
 
 def retry_columns(items: Sequence[RetryItem]) -> list[list[Any]]:
     """The items as one array per ``retry_queue`` column (the parameters of an
-    insert from ``unnest``); 20 empty arrays for no items."""
+    insert from ``unnest``); 21 empty arrays for no items (``claims`` last: the
+    column version 4 of the schema added)."""
     return _columns(map(retry_values, items), len(RETRY_FIELDS))
 
 

@@ -25,7 +25,7 @@ __all__ = ["FILL_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "fill_failure_groups", 
 logger = logging.getLogger("retrybus.store.postgresql")
 
 #: the version ``migrate_schema`` brings a schema to
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: dead letters per round trip when failure groups are back-filled
 FILL_BATCH = 1000
 
@@ -67,11 +67,17 @@ async def _migrate_v3(conn: asyncpg.Connection) -> None:
     await conn.execute(Q["schema_v3"])
 
 
+async def _migrate_v4(conn: asyncpg.Connection) -> None:
+    # the claims column, and the handler_name index ordered by next_retry
+    await conn.execute(Q["schema_v4"])
+
+
 #: the step that brings a schema to each version
 MIGRATIONS: dict[int, Callable[[asyncpg.Connection], Awaitable[None]]] = {
     1: _migrate_v1,
     2: _migrate_v2,
     3: _migrate_v3,
+    4: _migrate_v4,
 }
 
 

@@ -113,6 +113,23 @@ ALTER TABLE dead_letter_queue
     ALTER COLUMN metadata TYPE json USING metadata::json,
     ALTER COLUMN metadata SET DEFAULT '{}';
 
+-- name: schema_v4
+-- Pending deliveries: claims counts the claims made since a record's last outcome
+-- (RetryItem.claims). Adding a column with a constant default rewrites nothing
+-- (PostgreSQL 11+): existing rows read as 0, and a retrybus of version 3 still
+-- running inserts rows that get 0. The handler_name index gains next_retry, so that
+-- a worker claiming only its handlers' records reads them in time order straight
+-- from it (claim_due_for, next_due_for), however many other handlers' records are
+-- due before them; it keeps its name and still serves list_retry's filter. The
+-- partial index of leased items (the work in flight) gains handler_name first, for
+-- next_due_for; next_due still reads all of it, as it read the old one.
+ALTER TABLE retry_queue ADD COLUMN IF NOT EXISTS claims integer NOT NULL DEFAULT 0;
+DROP INDEX IF EXISTS retry_queue_handler_name;
+CREATE INDEX IF NOT EXISTS retry_queue_handler_name ON retry_queue (handler_name, next_retry);
+DROP INDEX IF EXISTS retry_queue_lease_until;
+CREATE INDEX IF NOT EXISTS retry_queue_leased ON retry_queue (handler_name, lease_until)
+    WHERE lease_until IS NOT NULL;
+
 -- name: schema_v2_indexes
 -- newest first (created_at DESC, id DESC) straight from the index; it still serves
 -- cleanup_dead's created_at < $1
@@ -140,26 +157,26 @@ FROM unnest($1::text[], $2::text[]) AS g(id, failure_group)
 WHERE d.id = g.id AND d.failure_group IS NULL;
 
 -- name: record_failures
--- $1..$20: one array per retry_queue column; $21..$41: one per dead letter column; $42: channel
+-- $1..$21: one array per retry_queue column; $22..$42: one per dead letter column; $43: channel
 WITH ins AS (
     INSERT INTO retry_queue (
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        next_retry, created_at, updated_at, lease_owner, lease_until, metadata
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
     )
     SELECT r.id, r.event_id, r.event_type, r.event_data::json, r.event_source, r.event_timestamp,
            r.event_subject, r.event_extensions::jsonb, r.handler_name, r.error, r.error_type,
            r.traceback, r.attempt, r.max_retries, r.next_retry, r.created_at, r.updated_at,
-           r.lease_owner, r.lease_until, r.metadata::json
+           r.lease_owner, r.lease_until, r.metadata::json, r.claims
     FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
         $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
         $13::integer[], $14::integer[], $15::timestamptz[], $16::timestamptz[],
-        $17::timestamptz[], $18::text[], $19::timestamptz[], $20::text[]
+        $17::timestamptz[], $18::text[], $19::timestamptz[], $20::text[], $21::integer[]
     ) AS r(
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        next_retry, created_at, updated_at, lease_owner, lease_until, metadata
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
     )
     ON CONFLICT (id) DO NOTHING  -- a write repeated after a lost reply adds nothing twice
     RETURNING 1
@@ -174,10 +191,10 @@ WITH ins AS (
            d.traceback, d.attempt, d.max_retries, d.reason, d.processed, d.created_at,
            d.processed_at, d.first_failed_at, d.metadata::json, d.failure_group
     FROM unnest(
-        $21::text[], $22::text[], $23::text[], $24::text[], $25::text[], $26::timestamptz[],
-        $27::text[], $28::text[], $29::text[], $30::text[], $31::text[], $32::text[],
-        $33::integer[], $34::integer[], $35::text[], $36::boolean[], $37::timestamptz[],
-        $38::timestamptz[], $39::timestamptz[], $40::text[], $41::text[]
+        $22::text[], $23::text[], $24::text[], $25::text[], $26::text[], $27::timestamptz[],
+        $28::text[], $29::text[], $30::text[], $31::text[], $32::text[], $33::text[],
+        $34::integer[], $35::integer[], $36::text[], $37::boolean[], $38::timestamptz[],
+        $39::timestamptz[], $40::timestamptz[], $41::text[], $42::text[]
     ) AS d(
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
@@ -192,32 +209,32 @@ WITH ins AS (
     FROM added WHERE added.n > 0
     RETURNING 1
 ), notified AS (
-    SELECT pg_notify($42, '') FROM added WHERE added.n > 0
+    SELECT pg_notify($43, '') FROM added WHERE added.n > 0
 )
 SELECT (SELECT n FROM added), (SELECT count(*) FROM dead), (SELECT count(*) FROM notified),
        (SELECT count(*) FROM counted);
 
 -- name: record_retries
--- record_failures without dead letters (the common case): $1..$20 retry columns, $21 channel
+-- record_failures without dead letters (the common case): $1..$21 retry columns, $22 channel
 WITH ins AS (
     INSERT INTO retry_queue (
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        next_retry, created_at, updated_at, lease_owner, lease_until, metadata
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
     )
     SELECT r.id, r.event_id, r.event_type, r.event_data::json, r.event_source, r.event_timestamp,
            r.event_subject, r.event_extensions::jsonb, r.handler_name, r.error, r.error_type,
            r.traceback, r.attempt, r.max_retries, r.next_retry, r.created_at, r.updated_at,
-           r.lease_owner, r.lease_until, r.metadata::json
+           r.lease_owner, r.lease_until, r.metadata::json, r.claims
     FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
         $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
         $13::integer[], $14::integer[], $15::timestamptz[], $16::timestamptz[],
-        $17::timestamptz[], $18::text[], $19::timestamptz[], $20::text[]
+        $17::timestamptz[], $18::text[], $19::timestamptz[], $20::text[], $21::integer[]
     ) AS r(
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        next_retry, created_at, updated_at, lease_owner, lease_until, metadata
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
     )
     ON CONFLICT (id) DO NOTHING  -- a write repeated after a lost reply adds nothing twice
     RETURNING 1
@@ -228,28 +245,97 @@ WITH ins AS (
     FROM added WHERE added.n > 0
     RETURNING 1
 ), notified AS (
-    SELECT pg_notify($21, '') FROM added WHERE added.n > 0
+    SELECT pg_notify($22, '') FROM added WHERE added.n > 0
 )
 SELECT (SELECT n FROM added), (SELECT count(*) FROM notified), (SELECT count(*) FROM counted);
 
+-- name: record_pending
+-- First deliveries not yet made: $1..$21 retry columns, $22 channel. Ids already
+-- stored are skipped; the totals are left alone (a first delivery is not a retry).
+-- Only a record added without a lease (deferred, scheduled) wakes the workers: a
+-- durable publish's records are leased to it while it runs them, and a NOTIFY
+-- serialises the commits of every notifying transaction of the server.
+-- Returns the ids added (NULL for none) and whether it notified.
+WITH ins AS (
+    INSERT INTO retry_queue (
+        id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
+        event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
+    )
+    SELECT r.id, r.event_id, r.event_type, r.event_data::json, r.event_source, r.event_timestamp,
+           r.event_subject, r.event_extensions::jsonb, r.handler_name, r.error, r.error_type,
+           r.traceback, r.attempt, r.max_retries, r.next_retry, r.created_at, r.updated_at,
+           r.lease_owner, r.lease_until, r.metadata::json, r.claims
+    FROM unnest(
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+        $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
+        $13::integer[], $14::integer[], $15::timestamptz[], $16::timestamptz[],
+        $17::timestamptz[], $18::text[], $19::timestamptz[], $20::text[], $21::integer[]
+    ) AS r(
+        id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
+        event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
+    )
+    ON CONFLICT (id) DO NOTHING  -- the same delivery recorded again: the record is there
+    RETURNING id, lease_until
+), notified AS (
+    SELECT pg_notify($22, '') FROM (SELECT 1 FROM ins WHERE lease_until IS NULL LIMIT 1) AS deferred
+)
+SELECT (SELECT array_agg(id) FROM ins) AS added, (SELECT count(*) FROM notified) AS notified;
+
 -- name: claim_due
+-- any handler's items: $1 owner, $2 lease_until, $3 now, $4 limit. The ids chosen
+-- are an array (an InitPlan), so that the rows are updated by primary key look-ups
+-- even in the generic plan of the prepared statement, which knows no limit
+-- (with "id IN (…)" it may hash-join a scan of the whole table).
 UPDATE retry_queue
-SET lease_owner = $1, lease_until = $2, updated_at = $3
-WHERE id IN (
+SET lease_owner = $1, lease_until = $2, updated_at = $3, claims = claims + 1
+WHERE id = ANY(ARRAY(
     SELECT id FROM retry_queue
     WHERE next_retry <= $3 AND (lease_until IS NULL OR lease_until <= $3)
     ORDER BY next_retry
     LIMIT $4
     FOR UPDATE SKIP LOCKED
-)
+))
+RETURNING *;
+
+-- name: claim_due_for
+-- only the items of the handlers $5 (distinct names); $1..$4 as claim_due.
+-- For each handler, its earliest claimable items come straight from the
+-- (handler_name, next_retry) index, locked as they are read (SKIP LOCKED below the
+-- LIMIT, so that items another worker is claiming do not count); the earliest
+-- $4 of those are leased. Other handlers' items, however many are due before
+-- them, are never read. A handler's rows locked but not among the earliest $4 are
+-- let go when the statement ends. The row comparison is handler_name = h.name AND
+-- next_retry <= $3 in a form only that index serves: with the equality, the
+-- planner may walk the next_retry index instead, filtering out every other
+-- handler's item due earlier. The ids are an array, as in claim_due.
+UPDATE retry_queue
+SET lease_owner = $1, lease_until = $2, updated_at = $3, claims = claims + 1
+WHERE id = ANY(ARRAY(
+    SELECT c.id
+    FROM unnest($5::text[]) AS h(name)
+    CROSS JOIN LATERAL (
+        SELECT id, next_retry FROM retry_queue
+        WHERE (handler_name, next_retry) BETWEEN (h.name, '-infinity') AND (h.name, $3)
+          AND (lease_until IS NULL OR lease_until <= $3)
+        ORDER BY handler_name, next_retry
+        LIMIT $4
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    ORDER BY c.next_retry, c.id
+    LIMIT $4
+))
 RETURNING *;
 
 -- name: extend_leases
 UPDATE retry_queue SET lease_until = $1 WHERE lease_owner = $2 AND id = ANY($3::text[]);
 
 -- name: release
+-- the claim that leased them no longer counts
 WITH released AS (
-    UPDATE retry_queue SET lease_owner = NULL, lease_until = NULL
+    UPDATE retry_queue
+    SET lease_owner = NULL, lease_until = NULL, claims = greatest(claims - 1, 0)
     WHERE lease_owner = $1 AND id = ANY($2::text[])
     RETURNING 1
 ), notified AS (
@@ -259,8 +345,11 @@ SELECT (SELECT count(*) FROM released), (SELECT count(*) FROM notified);
 
 -- name: complete
 -- $1 owner (NULL: only items no live lease holds at $2), $2 now, $3 channel;
--- $4 succeeded ids; $5..$12 rescheduled columns; $13 dead-lettered retry ids and
--- $14..$34 their dead letters' columns.
+-- $4 succeeded ids; $5..$13 rescheduled columns (the last: first delivery or not);
+-- $14 dead-lettered retry ids, $15 whether each is a first delivery, and $16..$36
+-- their dead letters' columns. The totals count retries only: a first delivery
+-- (attempt 0) that succeeds is not counted, one rescheduled adds a retry, one
+-- dead-lettered leaves retry_dead_lettered alone.
 WITH succeeded AS (
     DELETE FROM retry_queue
     WHERE id = ANY($4::text[])
@@ -270,20 +359,22 @@ WITH succeeded AS (
     UPDATE retry_queue AS q
     SET attempt = n.attempt, next_retry = n.next_retry, error = n.error,
         error_type = n.error_type, traceback = n.traceback, updated_at = n.updated_at,
-        metadata = n.metadata::json, lease_owner = NULL, lease_until = NULL
+        metadata = n.metadata::json, lease_owner = NULL, lease_until = NULL, claims = 0
     FROM unnest(
         $5::text[], $6::integer[], $7::timestamptz[], $8::text[], $9::text[], $10::text[],
-        $11::timestamptz[], $12::text[]
-    ) AS n(id, attempt, next_retry, error, error_type, traceback, updated_at, metadata)
+        $11::timestamptz[], $12::text[], $13::boolean[]
+    ) AS n(id, attempt, next_retry, error, error_type, traceback, updated_at, metadata, first)
     WHERE q.id = n.id
       AND (q.lease_owner = $1
            OR ($1::text IS NULL AND (q.lease_until IS NULL OR q.lease_until <= $2)))
-    RETURNING q.id
+    RETURNING q.id, n.first
 ), moved AS (
-    DELETE FROM retry_queue
-    WHERE id = ANY($13::text[])
-      AND (lease_owner = $1 OR ($1::text IS NULL AND (lease_until IS NULL OR lease_until <= $2)))
-    RETURNING id
+    DELETE FROM retry_queue AS q
+    USING unnest($14::text[], $15::boolean[]) AS m(id, first)
+    WHERE q.id = m.id
+      AND (q.lease_owner = $1
+           OR ($1::text IS NULL AND (q.lease_until IS NULL OR q.lease_until <= $2)))
+    RETURNING q.id, m.first
 ), dead AS (
     INSERT INTO dead_letter_queue (
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
@@ -295,10 +386,10 @@ WITH succeeded AS (
            d.traceback, d.attempt, d.max_retries, d.reason, d.processed, d.created_at,
            d.processed_at, d.first_failed_at, d.metadata::json, d.failure_group
     FROM unnest(
-        $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[],
-        $19::timestamptz[], $20::text[], $21::text[], $22::text[], $23::text[], $24::text[],
-        $25::text[], $26::integer[], $27::integer[], $28::text[], $29::boolean[],
-        $30::timestamptz[], $31::timestamptz[], $32::timestamptz[], $33::text[], $34::text[]
+        $14::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::text[],
+        $21::timestamptz[], $22::text[], $23::text[], $24::text[], $25::text[], $26::text[],
+        $27::text[], $28::integer[], $29::integer[], $30::text[], $31::boolean[],
+        $32::timestamptz[], $33::timestamptz[], $34::timestamptz[], $35::text[], $36::text[]
     ) AS d(
         retry_id, id, event_id, event_type, event_data, event_source, event_timestamp,
         event_subject, event_extensions, handler_name, error, error_type, traceback, attempt,
@@ -309,15 +400,17 @@ WITH succeeded AS (
     ON CONFLICT (id) DO NOTHING
     RETURNING 1
 ), totals AS (
-    SELECT (SELECT count(*) FROM succeeded) AS done,
+    SELECT (SELECT count(*) FROM succeeded WHERE attempt IS DISTINCT FROM 0) AS done,
            (SELECT coalesce(sum(attempt), 0) FROM succeeded) AS attempts,
-           (SELECT count(*) FROM moved) AS moved
+           (SELECT count(*) FROM rescheduled WHERE first) AS added,
+           (SELECT count(*) FROM moved WHERE NOT first) AS moved
 ), counted AS (
     UPDATE retrybus_counters
-    SET retry_succeeded = retry_succeeded + totals.done,
+    SET retry_added = retry_added + totals.added,
+        retry_succeeded = retry_succeeded + totals.done,
         retry_succeeded_attempts = retry_succeeded_attempts + totals.attempts,
         retry_dead_lettered = retry_dead_lettered + totals.moved
-    FROM totals WHERE totals.done > 0 OR totals.moved > 0
+    FROM totals WHERE totals.done > 0 OR totals.added > 0 OR totals.moved > 0
     RETURNING 1
 ), notified AS (
     SELECT pg_notify($3, '') FROM (SELECT 1 FROM rescheduled LIMIT 1) AS any_rescheduled
@@ -332,6 +425,25 @@ UNION ALL SELECT NULL FROM counted;
 SELECT least(
     (SELECT next_retry FROM retry_queue WHERE lease_until IS NULL ORDER BY next_retry LIMIT 1),
     (SELECT min(greatest(next_retry, lease_until)) FROM retry_queue WHERE lease_until IS NOT NULL)
+);
+
+-- name: next_due_for
+-- next_due among the items of the handlers $1: each one's earliest unleased item
+-- from the (handler_name, next_retry) index (the row comparison, as in
+-- claim_due_for); the leased ones (the work in flight) from the partial index of
+-- leased items
+SELECT least(
+    (SELECT min(first.next_retry)
+     FROM unnest($1::text[]) AS h(name)
+     CROSS JOIN LATERAL (
+         SELECT next_retry FROM retry_queue
+         WHERE (handler_name, next_retry) BETWEEN (h.name, '-infinity') AND (h.name, 'infinity')
+           AND lease_until IS NULL
+         ORDER BY handler_name, next_retry
+         LIMIT 1
+     ) AS first),
+    (SELECT min(greatest(next_retry, lease_until)) FROM retry_queue
+     WHERE lease_until IS NOT NULL AND handler_name = ANY($1::text[]))
 );
 
 -- name: retry_count
@@ -469,19 +581,19 @@ SET error = $2, error_type = $3, traceback = $4, attempt = $5, processed = $6,
 WHERE id = $1;
 
 -- name: requeue_dead
--- $1 the dead letter's id, $2..$21 the new retry item's columns, $22 channel
+-- $1 the dead letter's id, $2..$22 the new retry item's columns, $23 channel
 WITH removed AS (
     DELETE FROM dead_letter_queue WHERE id = $1 RETURNING id
 ), ins AS (
     INSERT INTO retry_queue (
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        next_retry, created_at, updated_at, lease_owner, lease_until, metadata
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
     )
     SELECT $2::text, $3::text, $4::text, $5::json, $6::text, $7::timestamptz, $8::text,
            $9::jsonb, $10::text, $11::text, $12::text, $13::text, $14::integer, $15::integer,
            $16::timestamptz, $17::timestamptz, $18::timestamptz, $19::text, $20::timestamptz,
-           $21::json
+           $21::json, $22::integer
     FROM removed
     RETURNING 1
 ), counted AS (
@@ -489,7 +601,7 @@ WITH removed AS (
     WHERE EXISTS (SELECT 1 FROM ins)
     RETURNING 1
 ), notified AS (
-    SELECT pg_notify($22, '') FROM ins
+    SELECT pg_notify($23, '') FROM ins
 )
 SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM counted), (SELECT count(*) FROM notified);
 

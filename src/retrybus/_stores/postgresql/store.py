@@ -4,12 +4,18 @@ mapping (``_run``), LISTEN/NOTIFY (``watch``), and the hot half of the protocol.
 The hot half (``RetryStore``) is what publish and the workers use on every
 delivery: record failures, claim, extend, release, complete, and the sweeps.
 Every operation is one statement (so one round trip and one implicit
-transaction) except ``expire_retry``; claiming is ``UPDATE … WHERE id IN
-(SELECT … FOR UPDATE SKIP LOCKED) RETURNING *``, so concurrent workers on any
-number of machines never receive the same item. Writes that add or release work
-send a ``NOTIFY`` on a channel of the schema; ``watch`` LISTENs on it so that an
-idle worker wakes at once. The admin half is the ``PostgresAdmin`` mixin
-(``admin.py``); the pool runs the migration (``migrate.py``) when it opens.
+transaction) except ``expire_retry``; claiming is ``UPDATE … WHERE id =
+ANY(ARRAY(SELECT … FOR UPDATE SKIP LOCKED)) RETURNING *``, so concurrent workers
+on any number of machines never receive the same item, and each claim adds one to
+the record's ``claims``. A worker claiming only its handlers' items reads each
+handler's earliest from the ``(handler_name, next_retry)`` index (``claim_due_for``
+in ``queries.sql``), never the other handlers' items due before them. Writes that
+add or release work send a ``NOTIFY`` on a channel of the schema, in their
+transaction; ``watch`` LISTENs on it so that an idle worker wakes at once. A
+durable publish's records, leased to the publisher, send none (``record_pending``
+notifies only when it adds a deferred record). The admin half is the
+``PostgresAdmin`` mixin (``admin.py``); the pool runs the migration
+(``migrate.py``) when it opens.
 
 Connection trouble (refused, lost, the server shutting down or restarting, too
 many connections, a deadlock or serialisation failure) raises ``StoreUnavailable``
@@ -25,7 +31,7 @@ import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
@@ -395,11 +401,40 @@ class PostgresStore(PostgresAdmin, Store):
             args = [*retry_columns(retry_items), *dead_letter_columns(dead_letters), self.channel]
             await self._run(lambda conn: conn.fetchrow(Q["record_failures"], *args))
 
+    async def record_pending(self, items: Sequence[RetryItem]) -> set[str]:
+        """One statement for the whole batch: an insert from one array per column,
+        skipping ids already stored; it notifies the workers only when it added a
+        record without a lease (a deferred one), in the same transaction."""
+        if not items:
+            return set()
+        args = [*retry_columns(items), self.channel]
+        row = await self._run(lambda conn: conn.fetchrow(Q["record_pending"], *args))
+        assert row is not None
+        added: list[str] | None = row["added"]
+        return set(added or ())
+
     async def claim_due(
-        self, *, now: datetime, limit: int, owner: str, lease_until: datetime
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        owner: str,
+        lease_until: datetime,
+        handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
-        args = (owner, aware(lease_until), aware(now), limit)
-        rows = await self._run(lambda conn: conn.fetch(Q["claim_due"], *args))
+        """Without ``handlers``, the earliest due items of any handler; with them,
+        claim_due_for: each handler's earliest from the (handler_name, next_retry)
+        index, so that other handlers' items due before them are never read."""
+        if handlers is None:
+            query = Q["claim_due"]
+            args: tuple[Any, ...] = (owner, aware(lease_until), aware(now), limit)
+        else:
+            names = sorted(set(handlers))
+            if not names or limit <= 0:
+                return []
+            query = Q["claim_due_for"]
+            args = (owner, aware(lease_until), aware(now), limit, names)
+        rows = await self._run(lambda conn: conn.fetch(query, *args))
         rows.sort(key=lambda row: (row["next_retry"], row["id"]))
         return [decode_or_corrupt(row, CODEC.retry_item) for row in rows]
 
@@ -423,8 +458,9 @@ class PostgresStore(PostgresAdmin, Store):
         if not outcomes:
             return set()
         succeeded = [o.item.id for o in outcomes if isinstance(o, Succeeded)]
-        rescheduled: list[list[Any]] = [[] for _ in range(8)]
+        rescheduled: list[list[Any]] = [[] for _ in range(9)]
         dead_ids: list[str] = []
+        dead_first: list[bool] = []
         dead_letters: list[DeadLetterItem] = []
         for outcome in outcomes:
             if isinstance(outcome, Rescheduled):
@@ -438,11 +474,13 @@ class PostgresStore(PostgresAdmin, Store):
                     item.traceback,
                     CODEC.write_time(item.updated_at),
                     CODEC.write_json(dict(item.metadata)),
+                    outcome.first_delivery,
                 )
                 for column, value in zip(rescheduled, row, strict=True):
                     column.append(value)
             elif isinstance(outcome, DeadLettered):
                 dead_ids.append(outcome.item_id)
+                dead_first.append(outcome.first_delivery)
                 dead_letters.append(outcome.dead_letter)
         args = [
             owner,
@@ -451,13 +489,22 @@ class PostgresStore(PostgresAdmin, Store):
             succeeded,
             *rescheduled,
             dead_ids,
+            dead_first,
             *dead_letter_columns(dead_letters),
         ]
         rows = await self._run(lambda conn: conn.fetch(Q["complete"], *args))
         return {row[0] for row in rows if row[0] is not None}
 
-    async def next_due(self) -> datetime | None:
-        due: datetime | None = await self._run(lambda conn: conn.fetchval(Q["next_due"]))
+    async def next_due(self, handlers: Collection[str] | None = None) -> datetime | None:
+        query = Q["next_due"]
+        args: tuple[Any, ...] = ()
+        if handlers is not None:
+            names = sorted(set(handlers))
+            if not names:
+                return None
+            query = Q["next_due_for"]
+            args = (names,)
+        due: datetime | None = await self._run(lambda conn: conn.fetchval(query, *args))
         return due
 
     async def expire_retry(
@@ -479,7 +526,10 @@ class PostgresStore(PostgresAdmin, Store):
                             corrupt_to_dead_letter(record, now, reason)
                             if isinstance(record, CorruptRecord)
                             else record.to_dead_letter(
-                                reason=reason, now=now, attempt=record.attempt - 1
+                                # a pending record (attempt 0) made no retry
+                                reason=reason,
+                                now=now,
+                                attempt=max(record.attempt - 1, 0),
                             )
                         )
                     await conn.execute(Q["insert_dead"], *dead_letter_columns(batch))
