@@ -8,10 +8,13 @@ index them by time (see the top of ``scripts.lua`` for every key). All times com
 the caller's ``now`` (never the server's clock), and nothing is ever expired by Redis:
 retention is ``cleanup`` only.
 
-Dead letters are indexed per value of each field one filters by (event type, handler,
-reason, failure group, processed; event id), which the dead letter queries walk (see
-``admin``). The key layout has a version (``P:schema``, ``LAYOUT_VERSION``): dead
-letters written by an older one get the indexes it lacked on first use (``migrate``).
+Retry items (and pending first deliveries) are in one due set per handler, by the
+time each can be claimed: a worker's claim reads the front of its handlers' sets only,
+however many items of other handlers are due before them. Dead letters are indexed per
+value of each field one filters by (event type, handler, reason, failure group,
+processed; event id), which the dead letter queries walk (see ``admin``). The key
+layout has a version (``P:schema``, ``LAYOUT_VERSION``): what an older one wrote gets
+the indexes it lacked on first use (``migrate``).
 
 Options: ``?prefix=NAME`` (default ``retrybus``) puts every key under ``NAME:``, so
 several buses share one database.

@@ -14,9 +14,10 @@ counting and grouping walk every candidate of that set inside the script (admin
 calls: about 3 to 4 µs per candidate, 50,000 candidates in about 0.2 s, during which
 the server waits), as does a page deep into a filter naming several sets.
 
-``group_retry`` has no index to use (adding one would cost every retry): it reads the
-retry items in chunks of ``GROUP_CHUNK``, each chunk consistent, the whole not a
-snapshot while workers change the queue.
+``group_retry`` has no index to use (the per-handler due sets that claims read are
+scored by when an item can be claimed, not by its ``next_retry``; one per event type
+would cost every retry): it reads the retry items in chunks of ``GROUP_CHUNK``, each
+chunk consistent, the whole not a snapshot while workers change the queue.
 """
 
 from __future__ import annotations
@@ -129,8 +130,9 @@ class RedisAdmin(AdminStore):
 
     async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
         """Counted per value of ``by`` from the records themselves (there is no index
-        per handler or type: it would cost every add), ``GROUP_CHUNK`` items per
-        script: O(queue length), and not a snapshot while workers change the queue."""
+        per type, and the per-handler due sets are scored by when an item can be
+        claimed, not by its ``next_retry``), ``GROUP_CHUNK`` items per script:
+        O(queue length), and not a snapshot while workers change the queue."""
         if by not in ("handler_name", "event_type"):
             raise ValueError(f"cannot group retry items by {by!r}")
         if limit <= 0:
@@ -263,6 +265,7 @@ class RedisAdmin(AdminStore):
                 retry_json(retry_item),
                 to_score(retry_item.next_retry),
                 to_score(retry_item.created_at),
+                retry_item.handler_name,
             )
         )
 

@@ -4,10 +4,13 @@ document, a dead letter's index entry, and times as sorted set scores.
 A record holds the shared codec's fields (``RecordCodec``) with times as ISO text
 and JSON values kept as values, dumped once. A retry item's record starts with
 ``attempt``, ``id``, ``handler_name`` and ``event_type``, in this order: the scripts
-``complete`` and ``group_retry`` read them with an anchored pattern, without
-decoding the record. Its lease is not in it (``P:retry:claims``, ``P:retry:leased``);
-a dead letter's failure group is in its index entry (``P:dead:index``), not in its
-record. Records written before must still read back: keep the names and the order.
+``complete``, ``claim_due`` and ``group_retry`` read them with an anchored pattern,
+without decoding the record. Its lease is not in it (``P:retry:claims``,
+``P:retry:leased``), nor its claims count (``P:retry:claim_count``, which a claim
+changes without rewriting the record; none there is 0, as for every record of the
+layouts before 3); a dead letter's failure group is in its index entry
+(``P:dead:index``), not in its record. Records written before must still read back:
+keep the names and the order.
 """
 
 from __future__ import annotations
@@ -87,12 +90,13 @@ CODEC = RecordCodec(
     native_json=True,  # a null payload is JSON null in the record
 )
 
-# first, in this order: complete and group_retry read them without decoding the record
+# first, in this order: the scripts read them without decoding the record (codec docstring)
 _FRONT = ("attempt", "id", "handler_name", "event_type")
-_LEASE = ("lease_owner", "lease_until")
+# kept beside the record (the scripts change them without rewriting it)
+_BESIDE = ("lease_owner", "lease_until", "claims")
 #: a retry item record's fields, in the order they are written
 RETRY_RECORD_FIELDS: tuple[str, ...] = _FRONT + tuple(
-    name for name in RETRY_FIELDS if name not in _FRONT and name not in _LEASE
+    name for name in RETRY_FIELDS if name not in _FRONT and name not in _BESIDE
 )
 #: a dead letter record's fields, in the order they are written
 DEAD_RECORD_FIELDS: tuple[str, ...] = tuple(
@@ -127,7 +131,7 @@ def _row(record: Any, defaults: dict[str, Any], texts: tuple[str, ...]) -> dict[
 
 
 def retry_json(item: RetryItem) -> str:
-    """``item``'s record (everything but the lease)."""
+    """``item``'s record (everything but the lease and the claims count)."""
     fields = CODEC.retry_fields(item)
     return compact_json({name: fields[name] for name in RETRY_RECORD_FIELDS})
 
@@ -138,10 +142,11 @@ def decode_retry(
     owner: str | None = None,
     lease_until: datetime | None = None,
     touched: str | None = None,
+    claims: int = 0,
 ) -> RetryItem | CorruptRecord:
     """The item stored as ``record_text`` (leased to ``owner`` until ``lease_until``,
-    last claimed at ``touched``, its ``updated_at``), or a ``CorruptRecord`` saying
-    why it cannot be."""
+    last claimed at ``touched``, its ``updated_at``, claimed ``claims`` times since its
+    last outcome), or a ``CorruptRecord`` saying why it cannot be."""
     record: Any = None
     try:
         record = json.loads(record_text)
@@ -161,6 +166,7 @@ def decode_retry(
             row["updated_at"] = touched
         row["lease_owner"] = owner
         row["lease_until"] = lease_until
+        row["claims"] = claims
         return CODEC.retry_item(row)
     except Exception as exc:  # any decoding failure makes the record a dead letter
         if isinstance(record, dict):
@@ -179,11 +185,12 @@ def _raw_text(value: Any) -> str:
 
 
 def retry_from_reply(reply: Sequence[Any]) -> list[RetryItem | CorruptRecord]:
-    """Items from a ``fetch_retry``-shaped reply: (id, json, claim, lease_until) each,
-    a claim being the claim's time (``STAMP`` characters) and the lease owner, if any."""
+    """Items from a ``fetch_retry``-shaped reply: (id, json, claim, lease_until, claims)
+    each, a claim being the claim's time (``STAMP`` characters) and the lease owner, if
+    any; claims None when there is none."""
     items: list[RetryItem | CorruptRecord] = []
-    for start in range(0, len(reply), 4):
-        item_id, record_text, claim, lease = reply[start : start + 4]
+    for start in range(0, len(reply), 5):
+        item_id, record_text, claim, lease, claims = reply[start : start + 5]
         if record_text is None:
             continue
         touched = owner = None
@@ -197,6 +204,7 @@ def retry_from_reply(reply: Sequence[Any]) -> list[RetryItem | CorruptRecord]:
                 owner,
                 None if lease is None else from_score(lease),
                 touched,
+                0 if claims is None else int(claims),
             )
         )
     return items

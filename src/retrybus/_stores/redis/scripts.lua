@@ -2,20 +2,32 @@
 -- `helpers` block to every other block before registering it (EVALSHA).
 --
 -- Every script gets the same KEYS (see KEY_NAMES in store.py) and ARGV[1] = the key
--- prefix, from which the per-value dead letter index keys are built. Times are passed
--- in by the caller (never the server's TIME): scores are epoch seconds as floats; the
--- exact times (microseconds) live in the JSON records.
+-- prefix, from which the per-value dead letter index keys and the per-handler due
+-- sets are built. Times are passed in by the caller (never the server's TIME): scores
+-- are epoch seconds as floats; the exact times (microseconds) live in the JSON records.
 --
 -- Keys (P = prefix):
---   P:retry:items     hash  id -> retry item JSON (everything but the lease; it starts
---                           with attempt, id, handler_name, event_type: see codec.py)
+--   P:retry:items     hash  id -> retry item JSON (everything but the lease and the
+--                           claims count; it starts with attempt, id, handler_name,
+--                           event_type: see codec.py)
 --   P:retry:next      zset  id -> next_retry   (every item: listing, count_due)
---   P:retry:ready     zset  id -> next_retry   (items no one has leased: claim, next_due)
---   P:retry:leased    zset  id -> lease_until  (leased items; claimable again once <= now)
+--   P:retry:due:H     zset  id -> when the item can be claimed: its next_retry, or
+--                           while it is leased, the later of next_retry and the lease's
+--                           end (the items of handler H: claim, next_due; since layout 3)
+--   P:retry:handler_of hash id -> the handler name H of the item's due set (layout 3)
+--   P:retry:handlers  set   the handler names whose due set is not empty (a claim or
+--                           next_due for every handler; layout 3)
+--   P:retry:ready     zset  id -> next_retry: until layout 3, every unleased item; now
+--                           only items a process of an older layout made due (or
+--                           damaged ones the upgrade could not read a handler from),
+--                           which every claim looks at and moves to their due set
+--   P:retry:leased    zset  id -> lease_until  (leased items; fencing, expiry)
 --   P:retry:created   zset  id -> created_at   (expiry)
 --   P:retry:claims    hash  id -> time of the last claim (ISO text, always 32 characters:
 --                           it is the item's updated_at) followed by the lease owner, if
 --                           it still holds the item (fencing)
+--   P:retry:claim_count hash id -> the item's claims since its last outcome, when not 0
+--                           (layout 3; RetryItem.claims)
 --   P:counters        hash  name -> running total
 --   P:dead:items      hash  id -> dead letter JSON
 --   P:dead:created    zset  id -> created_at   (newest first browsing, cleanup)
@@ -30,12 +42,14 @@
 --   P:schema          string  the key layout version (migrate.py: LAYOUT_VERSION)
 --   P:control:rec:K   hash  version, value (JSON): control record K
 --   P:control:index   zset  K, all scored 0 (list_control by prefix, ZRANGEBYLEX)
---   channel P:changes (PUBLISH when an item is added or made due)
+--   channel P:changes (PUBLISH when a retry item, or a pending delivery no one leases,
+--                     is added, or an item is made due again)
 
 -- name: helpers
-local K_ITEMS, K_NEXT, K_READY, K_LEASED, K_CREATED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_ITEMS, K_NEXT, K_LEGACY, K_LEASED, K_CREATED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local K_CLAIMS, K_COUNTERS = KEYS[6], KEYS[7]
 local K_DEAD, K_DEAD_CREATED, K_DEAD_INDEX = KEYS[8], KEYS[9], KEYS[10]
+local K_HANDLER_OF, K_HANDLERS, K_CLAIM_COUNT = KEYS[12], KEYS[13], KEYS[14]
 local STAMP = 32 -- characters of the claim time at the start of a K_CLAIMS value
 local CHUNK = 500 -- members read per ZRANGE while walking an index
 
@@ -50,27 +64,158 @@ end
 local PREFIX = ARGV[1]
 local CHANNEL = PREFIX .. ':changes'
 
+local function due_key(handler)
+    return PREFIX .. ':retry:due:' .. handler
+end
+
+-- the due set item `id` is in: its handler's, or the legacy one
+local function due_key_of(id)
+    local handler = redis.call('HGET', K_HANDLER_OF, id)
+    if handler then
+        return due_key(handler)
+    end
+    return K_LEGACY
+end
+
+-- the later of two scores, as the text of the later one
+local function later(a, b)
+    if b and tonumber(b) > tonumber(a) then
+        return b
+    end
+    return a
+end
+
+-- take item `id` out of the due sets (its handler's, and the legacy one)
+local function undue(id)
+    local handler = redis.call('HGET', K_HANDLER_OF, id)
+    if handler then
+        local key = due_key(handler)
+        redis.call('ZREM', key, id)
+        if redis.call('ZCARD', key) == 0 then
+            redis.call('SREM', K_HANDLERS, handler)
+        end
+        redis.call('HDEL', K_HANDLER_OF, id)
+    end
+    redis.call('ZREM', K_LEGACY, id)
+end
+
+-- item `id` of `handler` can be claimed from `score` on (it moves from the due set of
+-- another handler or the legacy one if it was there)
+local function set_due(id, handler, score)
+    local old = redis.call('HGET', K_HANDLER_OF, id)
+    if old ~= handler then
+        if old then
+            undue(id)
+        else
+            redis.call('ZREM', K_LEGACY, id)
+        end
+        redis.call('HSET', K_HANDLER_OF, id, handler)
+        redis.call('SADD', K_HANDLERS, handler)
+    end
+    redis.call('ZADD', due_key(handler), score, id)
+end
+
+-- the claims count of item `id` (absent: 0)
+local function set_claims(id, claims)
+    if tonumber(claims) > 0 then
+        redis.call('HSET', K_CLAIM_COUNT, id, claims)
+    else
+        redis.call('HDEL', K_CLAIM_COUNT, id)
+    end
+end
+
 local function drop_retry(id)
     local gone = redis.call('HDEL', K_ITEMS, id)
     redis.call('ZREM', K_NEXT, id)
-    if redis.call('ZREM', K_LEASED, id) == 0 then -- an item is either leased or ready
-        redis.call('ZREM', K_READY, id)
-    end
+    undue(id)
+    redis.call('ZREM', K_LEASED, id)
     redis.call('ZREM', K_CREATED, id)
     redis.call('HDEL', K_CLAIMS, id)
+    redis.call('HDEL', K_CLAIM_COUNT, id)
     return gone == 1
 end
 
--- store (or replace) an unleased item due at next_score
-local function put_retry(id, json, next_score, created_score)
+-- store (or replace) an unleased item of `handler` due at next_score, with `claims`
+local function put_retry(id, json, next_score, created_score, handler, claims)
     redis.call('HSET', K_ITEMS, id, json)
     redis.call('ZADD', K_NEXT, next_score, id)
-    redis.call('ZADD', K_READY, next_score, id)
+    set_due(id, handler, next_score)
     if created_score then
         redis.call('ZADD', K_CREATED, created_score, id)
     end
     redis.call('ZREM', K_LEASED, id)
     redis.call('HDEL', K_CLAIMS, id)
+    set_claims(id, claims)
+end
+
+local function push(list, a, b)
+    list[#list + 1] = a
+    list[#list + 1] = b
+end
+
+-- `command` on `key` with the arguments `args`, UNPACK of them at a time (Lua's
+-- unpack is bounded by its stack; UNPACK is even, for pairs)
+local UNPACK = 1000
+local function bulk(command, key, args)
+    for start = 1, #args, UNPACK do
+        redis.call(command, key, unpack(args, start, math.min(start + UNPACK - 1, #args)))
+    end
+end
+
+-- Adds the `count` items of ARGV[first...] (8 arguments each: id, json, next_retry,
+-- created_at, handler, claim (time .. owner) or '', lease_until or '', claims) whose
+-- id is not stored yet: one HSETNX each, then one command per index key for the
+-- whole batch (a new id has no lease, claim or due entry to remove). Returns one
+-- character per item ('1' added, '0' already there), how many were added, and
+-- whether an unleased one was.
+local function add_items(first, count)
+    local flags, added, unleased = {}, 0, false
+    local nexts, created, handler_of, leased, claims, counts, no_count = {}, {}, {}, {}, {}, {}, {}
+    local due, names = {}, {}
+    for i = first, first + 8 * (count - 1), 8 do
+        local id = ARGV[i]
+        if redis.call('HSETNX', K_ITEMS, id, ARGV[i + 1]) == 1 then
+            flags[#flags + 1] = '1'
+            added = added + 1
+            local next_score, handler, lease = ARGV[i + 2], ARGV[i + 4], ARGV[i + 6]
+            push(nexts, next_score, id)
+            push(created, ARGV[i + 3], id)
+            push(handler_of, id, handler)
+            local set = due[handler]
+            if set == nil then
+                set = {}
+                due[handler] = set
+                names[#names + 1] = handler
+            end
+            if lease == '' then
+                push(set, next_score, id)
+                unleased = true
+            else
+                push(set, later(next_score, lease), id)
+                push(leased, lease, id)
+                push(claims, id, ARGV[i + 5])
+            end
+            if tonumber(ARGV[i + 7]) > 0 then
+                push(counts, id, ARGV[i + 7])
+            else
+                no_count[#no_count + 1] = id
+            end
+        else
+            flags[#flags + 1] = '0'
+        end
+    end
+    bulk('ZADD', K_NEXT, nexts)
+    bulk('ZADD', K_CREATED, created)
+    bulk('HSET', K_HANDLER_OF, handler_of)
+    for _, handler in ipairs(names) do
+        bulk('ZADD', due_key(handler), due[handler])
+    end
+    bulk('SADD', K_HANDLERS, names)
+    bulk('ZADD', K_LEASED, leased)
+    bulk('HSET', K_CLAIMS, claims)
+    bulk('HSET', K_CLAIM_COUNT, counts)
+    bulk('HDEL', K_CLAIM_COUNT, no_count) -- (left by a process of an older layout)
+    return table.concat(flags), added, unleased
 end
 
 -- does the caller hold item `id`? with an owner: its lease is the owner's;
@@ -85,6 +230,21 @@ local function held(id, has_owner, owner, now)
     end
     local lease = redis.call('ZSCORE', K_LEASED, id)
     return (not lease) or tonumber(lease) <= now
+end
+
+-- the handler names ARGV[at] (a count, or -1: every handler with a due set) and the
+-- names after it
+local function handler_args(at)
+    local n = tonumber(ARGV[at])
+    if n < 0 then
+        return redis.call('SMEMBERS', K_HANDLERS), nil
+    end
+    local names, wanted = {}, {}
+    for j = 1, n do
+        names[j] = ARGV[at + j]
+        wanted[ARGV[at + j]] = true
+    end
+    return names, wanted
 end
 
 -- the per-value index sets of a dead letter: key name, position in the index JSON,
@@ -168,7 +328,8 @@ local function drop_dead(id)
     return true
 end
 
--- id, json, claim (time .. owner), lease_until score of each item (nil when absent)
+-- id, json, claim (time .. owner), lease_until score and claims count of each item
+-- (nil when absent)
 local function fetch_retry(ids)
     local out = {}
     for _, id in ipairs(ids) do
@@ -176,6 +337,7 @@ local function fetch_retry(ids)
         out[#out + 1] = redis.call('HGET', K_ITEMS, id)
         out[#out + 1] = redis.call('HGET', K_CLAIMS, id)
         out[#out + 1] = redis.call('ZSCORE', K_LEASED, id)
+        out[#out + 1] = redis.call('HGET', K_CLAIM_COUNT, id)
     end
     return out
 end
@@ -346,29 +508,44 @@ local function raw_json_string(text, pos)
     end
 end
 
+
+-- the handler name of a retry item record (nil when it cannot be read): from the
+-- front of the record (codec.py writes attempt, id, handler_name first), else from
+-- the whole record decoded
+local function handler_of(json)
+    local _, at = string.find(json, '^{"attempt":%-?%d+,"id":"')
+    if at then
+        local _, after = raw_json_string(json, at + 1)
+        local head = ',"handler_name":"'
+        if after and string.sub(json, after, after + #head - 1) == head then
+            local raw = raw_json_string(json, after + #head)
+            if raw and not string.find(raw, '\\', 1, true) then
+                return raw
+            end
+            if raw then
+                local ok, name = pcall(cjson.decode, '"' .. raw .. '"')
+                if ok and type(name) == 'string' then
+                    return name
+                end
+            end
+        end
+    end
+    local ok, record = pcall(cjson.decode, json)
+    if ok and type(record) == 'table' and type(record.handler_name) == 'string' then
+        return record.handler_name
+    end
+    return nil
+end
+
 -- name: record_failures
 -- ARGV: prefix, n_retry, n_dead,
---       n_retry x (id, json, next, created, claim (time .. owner) or '', lease_until or ''),
+--       n_retry x (id, json, next, created, handler, claim (time .. owner) or '',
+--                  lease_until or '', claims),
 --       n_dead x (id, json, index)
 -- An id already there is skipped: a write repeated after a lost reply adds nothing twice.
 local n_retry, n_dead = tonumber(ARGV[2]), tonumber(ARGV[3])
-local i = 4
-local added = 0
-for _ = 1, n_retry do
-    local id = ARGV[i]
-    if redis.call('HEXISTS', K_ITEMS, id) == 0 then
-        put_retry(id, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
-        if ARGV[i + 5] ~= '' then
-            redis.call('ZREM', K_READY, id)
-            redis.call('ZADD', K_LEASED, ARGV[i + 5], id)
-        end
-        if ARGV[i + 4] ~= '' then
-            redis.call('HSET', K_CLAIMS, id, ARGV[i + 4])
-        end
-        added = added + 1
-    end
-    i = i + 6
-end
+local _, added = add_items(4, n_retry)
+local i = 4 + 8 * n_retry
 for _ = 1, n_dead do
     put_dead(ARGV[i], ARGV[i + 1], ARGV[i + 2])
     i = i + 3
@@ -379,39 +556,87 @@ if added > 0 then
 end
 return added
 
--- name: claim_due
--- ARGV: prefix, now, limit, owner, lease_until, now (ISO text)
--- Due unleased items and items whose lease ran out, earliest next_retry first.
-local now, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
-local picked = {}
-local ready = redis.call('ZRANGEBYSCORE', K_READY, '-inf', ARGV[2], 'WITHSCORES', 'LIMIT', 0, limit)
-for j = 1, #ready, 2 do
-    picked[#picked + 1] = { ready[j], tonumber(ready[j + 1]) }
+-- name: record_pending
+-- ARGV: prefix, n x (id, json, next, created, handler, claim (time .. owner) or '',
+--       lease_until or '', claims)
+-- First deliveries: each id not stored yet is added (outside the running totals).
+-- Returns one character per item, '1' for those added and '0' for those skipped.
+-- Publishes only when an unleased (deferred) one was added: a leased one's publisher
+-- delivers it, and its lease's end is next_due.
+local flags, _, deferred = add_items(2, (#ARGV - 1) / 8)
+if deferred then
+    redis.call('PUBLISH', CHANNEL, 'pending')
 end
-local expired = redis.call('ZRANGEBYSCORE', K_LEASED, '-inf', ARGV[2], 'LIMIT', 0, limit)
-if #expired > 0 then
-    for _, id in ipairs(expired) do
-        local due = redis.call('ZSCORE', K_NEXT, id)
-        if due and tonumber(due) <= now then
-            picked[#picked + 1] = { id, tonumber(due) }
-        end
+return flags
+
+-- name: claim_due
+-- ARGV: prefix, now, limit, owner, lease_until, now (ISO text), n (-1: every handler
+--       with a due set), n handler names
+-- The due items of those handlers (unleased, or their lease ran out), earliest first
+-- (the time each can be claimed from, then id): up to `limit` from the front of each
+-- handler's due set, merged, so that no other handler's items are read. Each claim
+-- adds one to the item's claims count. Returns {id, json, claims} per item.
+local now, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+local names, wanted = handler_args(7)
+local picked = {}
+for _, handler in ipairs(names) do
+    local key = due_key(handler)
+    local page = redis.call('ZRANGEBYSCORE', key, '-inf', ARGV[2], 'WITHSCORES', 'LIMIT', 0, limit)
+    for j = 1, #page, 2 do
+        picked[#picked + 1] = { page[j], tonumber(page[j + 1]), key }
     end
+end
+-- items an older layout made due: each moves to its handler's due set (the first claim
+-- to see it moves it; it is claimed now if it is one of the handlers asked for)
+local legacy = redis.call('ZRANGEBYSCORE', K_LEGACY, '-inf', ARGV[2], 'WITHSCORES', 'LIMIT', 0, limit)
+for j = 1, #legacy, 2 do
+    local id, score = legacy[j], legacy[j + 1]
+    local json = redis.call('HGET', K_ITEMS, id)
+    local handler = json and handler_of(json)
+    if not json then
+        drop_retry(id) -- an index entry without its record: nothing to deliver
+    elseif handler then
+        set_due(id, handler, score)
+        if wanted == nil or wanted[handler] then
+            picked[#picked + 1] = { id, tonumber(score), due_key(handler) }
+        end
+    else -- no handler can be read from it: any worker takes it (to dead-letter it)
+        picked[#picked + 1] = { id, tonumber(score), K_LEGACY }
+    end
+end
+if #names > 1 or #legacy > 0 then
     table.sort(picked, function(a, b)
-        return a[2] < b[2] or (a[2] == b[2] and a[1] < b[1])
+        return a[2] < b[2] or (a[2] == b[2] and bytes_less(a[1], b[1]))
     end)
 end
-local out = {}
-for j = 1, math.min(limit, #picked) do
-    local id = picked[j][1]
-    local json = redis.call('HGET', K_ITEMS, id)
-    if json then
-        redis.call('ZREM', K_READY, id)
-        redis.call('ZADD', K_LEASED, ARGV[5], id)
-        redis.call('HSET', K_CLAIMS, id, ARGV[6] .. ARGV[4])
-        out[#out + 1] = id
-        out[#out + 1] = json
-    else
-        drop_retry(id) -- an index entry without its record: nothing to deliver
+local out, seen = {}, {}
+local lease_until = ARGV[5]
+for _, pick in ipairs(picked) do
+    if #out >= 3 * limit then
+        break
+    end
+    local id, key = pick[1], pick[3]
+    if not seen[id] then
+        seen[id] = true
+        local json = redis.call('HGET', K_ITEMS, id)
+        if not json then
+            drop_retry(id) -- an index entry without its record: nothing to deliver
+        else
+            -- the due set is an index: the item's own next_retry and lease decide (a
+            -- process of an older layout may have changed them without it)
+            local due = redis.call('ZSCORE', K_NEXT, id) or pick[2]
+            local lease = redis.call('ZSCORE', K_LEASED, id)
+            if tonumber(due) > now or (lease and tonumber(lease) > now) then
+                redis.call('ZADD', key, lease and later(due, lease) or due, id)
+            else
+                redis.call('ZADD', key, later(lease_until, due), id)
+                redis.call('ZADD', K_LEASED, lease_until, id)
+                redis.call('HSET', K_CLAIMS, id, ARGV[6] .. ARGV[4])
+                out[#out + 1] = id
+                out[#out + 1] = json
+                out[#out + 1] = redis.call('HINCRBY', K_CLAIM_COUNT, id, 1)
+            end
+        end
     end
 end
 return out
@@ -420,8 +645,10 @@ return out
 -- ARGV: prefix, owner, lease_until, ids...
 local n = 0
 for j = 4, #ARGV do
-    if ARGV[2] ~= '' and owner_of(ARGV[j]) == ARGV[2] then
-        redis.call('ZADD', K_LEASED, ARGV[3], ARGV[j])
+    local id = ARGV[j]
+    if ARGV[2] ~= '' and owner_of(id) == ARGV[2] then
+        redis.call('ZADD', K_LEASED, ARGV[3], id)
+        redis.call('ZADD', due_key_of(id), later(ARGV[3], redis.call('ZSCORE', K_NEXT, id)), id)
         n = n + 1
     end
 end
@@ -429,6 +656,7 @@ return n
 
 -- name: release
 -- ARGV: prefix, owner, ids...
+-- Each item the owner holds is due again at its next_retry, one claim fewer.
 local n = 0
 for j = 3, #ARGV do
     local id = ARGV[j]
@@ -438,7 +666,10 @@ for j = 3, #ARGV do
         redis.call('ZREM', K_LEASED, id)
         local due = redis.call('ZSCORE', K_NEXT, id)
         if due then
-            redis.call('ZADD', K_READY, due, id)
+            redis.call('ZADD', due_key_of(id), due, id)
+        end
+        if redis.call('HINCRBY', K_CLAIM_COUNT, id, -1) <= 0 then
+            redis.call('HDEL', K_CLAIM_COUNT, id)
         end
         n = n + 1
     end
@@ -451,13 +682,15 @@ return n
 -- name: complete
 -- ARGV: prefix, has_owner ('1'/'0'), owner, now, n_succeeded, n_rescheduled, n_dead,
 --       n_succeeded x (id, attempt),
---       n_rescheduled x (id, json, next_retry),
---       n_dead x (id, dead id, dead json, dead index)
--- Returns the ids the outcomes were applied to.
+--       n_rescheduled x (id, json, next_retry, handler, first delivery '1'/'0'),
+--       n_dead x (id, dead id, dead json, dead index, first delivery '1'/'0')
+-- Returns the ids the outcomes were applied to. The running totals count retries
+-- only: a first delivery (attempt 0) that worked is not counted, one rescheduled adds
+-- a retry, one dead-lettered leaves retry_dead_lettered alone.
 local has_owner, owner, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local n_ok, n_again, n_dead = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local applied = {}
-local done, attempts, moved, again = 0, 0, 0, 0
+local done, attempts, moved, again, added = 0, 0, 0, 0, 0
 local i = 8
 for _ = 1, n_ok do
     local id = ARGV[i]
@@ -470,19 +703,24 @@ for _ = 1, n_ok do
         end
         drop_retry(id)
         applied[#applied + 1] = id
-        done = done + 1
-        attempts = attempts + attempt
+        if attempt ~= 0 then
+            done = done + 1
+            attempts = attempts + attempt
+        end
     end
     i = i + 2
 end
 for _ = 1, n_again do
     local id = ARGV[i]
     if held(id, has_owner, owner, now) then
-        put_retry(id, ARGV[i + 1], ARGV[i + 2], nil)
+        put_retry(id, ARGV[i + 1], ARGV[i + 2], nil, ARGV[i + 3], 0)
         applied[#applied + 1] = id
         again = again + 1
+        if ARGV[i + 4] == '1' then
+            added = added + 1
+        end
     end
-    i = i + 3
+    i = i + 5
 end
 for _ = 1, n_dead do
     local id = ARGV[i]
@@ -490,9 +728,11 @@ for _ = 1, n_dead do
         drop_retry(id)
         put_dead(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
         applied[#applied + 1] = id
-        moved = moved + 1
+        if ARGV[i + 4] ~= '1' then
+            moved = moved + 1
+        end
     end
-    i = i + 4
+    i = i + 5
 end
 if done > 0 then
     redis.call('HINCRBY', K_COUNTERS, 'retry_succeeded', done)
@@ -501,29 +741,30 @@ end
 if moved > 0 then
     redis.call('HINCRBY', K_COUNTERS, 'retry_dead_lettered', moved)
 end
+if added > 0 then
+    redis.call('HINCRBY', K_COUNTERS, 'retry_added', added)
+end
 if again > 0 then
     redis.call('PUBLISH', CHANNEL, 'rescheduled')
 end
 return applied
 
 -- name: next_due
--- ARGV: prefix. The earliest next_retry of an unleased item or lease end of a leased
--- one (a claim's next_retry is never after its lease end), as the stored score text
--- (exact); nil when the queue is empty.
+-- ARGV: prefix, n (-1: every handler with a due set), n handler names. The earliest
+-- time an item of those handlers can be claimed from (its next_retry, or while it is
+-- leased, the later of that and the lease's end: its score in the due set), as the
+-- stored score text (exact); nil when there is none. Items an older layout made due
+-- count for every handler (the next claim moves them to their handler's set).
+local names = handler_args(2)
 local best, best_text = nil, nil
-local ready = redis.call('ZRANGE', K_READY, 0, 0, 'WITHSCORES')
-if #ready > 0 then
-    best, best_text = tonumber(ready[2]), ready[2]
+local keys = { K_LEGACY }
+for _, handler in ipairs(names) do
+    keys[#keys + 1] = due_key(handler)
 end
-local leased = redis.call('ZRANGE', K_LEASED, 0, 0, 'WITHSCORES')
-if #leased > 0 then
-    local at_text = leased[2]
-    local due_text = redis.call('ZSCORE', K_NEXT, leased[1])
-    if due_text and tonumber(due_text) > tonumber(at_text) then
-        at_text = due_text
-    end
-    if best == nil or tonumber(at_text) < best then
-        best, best_text = tonumber(at_text), at_text
+for _, key in ipairs(keys) do
+    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    if #first > 0 and (best == nil or tonumber(first[2]) < best) then
+        best, best_text = tonumber(first[2]), first[2]
     end
 end
 return best_text
@@ -704,15 +945,40 @@ redis.call('HSET', K_DEAD, ARGV[2], ARGV[3])
 index_dead(ARGV[2], ARGV[4])
 return 1
 
+
 -- name: requeue_dead
--- ARGV: prefix, dead id, retry id, retry json, next_retry, created_at
+-- ARGV: prefix, dead id, retry id, retry json, next_retry, created_at, handler
 if not drop_dead(ARGV[2]) then
     return 0
 end
-put_retry(ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+put_retry(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], 0)
 redis.call('HINCRBY', K_COUNTERS, 'retry_added', 1)
 redis.call('PUBLISH', CHANNEL, 'requeued')
 return 1
+
+-- name: index_due
+-- ARGV: prefix, ids... The upgrade to layout 3 (migrate.py): each stored item not yet
+-- in a due set goes into its handler's, scored by when it can be claimed (its
+-- next_retry, or while it is leased, the later of that and the lease's end), and out
+-- of P:retry:ready; one no handler can be read from stays in (or joins) P:retry:ready,
+-- which every claim looks at. Returns how many were indexed.
+local n = 0
+for j = 2, #ARGV do
+    local id = ARGV[j]
+    local json = redis.call('HGET', K_ITEMS, id)
+    local due = redis.call('ZSCORE', K_NEXT, id)
+    if json and due and redis.call('HEXISTS', K_HANDLER_OF, id) == 0 then
+        due = later(due, redis.call('ZSCORE', K_LEASED, id))
+        local handler = handler_of(json)
+        if handler then
+            set_due(id, handler, due)
+            n = n + 1
+        else
+            redis.call('ZADD', K_LEGACY, due, id)
+        end
+    end
+end
+return n
 
 -- name: delete_dead
 -- ARGV: prefix, id

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode
@@ -59,6 +59,9 @@ KEY_NAMES = (
     "dead:created",
     "dead:index",
     "dead:events",
+    "retry:handler_of",
+    "retry:handlers",
+    "retry:claim_count",
 )
 _PREFIX = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _WATCH_RETRY = 1.0
@@ -207,8 +210,9 @@ class RedisStore(RedisAdmin, Store):
         return f"{self.prefix}:{name}"
 
     async def watch(self, on_change: Callable[[], None]) -> Callable[[], Awaitable[None]] | None:
-        """Subscribe to the prefix's channel: every add, reschedule, release and
-        requeue publishes on it, and ``on_change()`` is called for each message."""
+        """Subscribe to the prefix's channel: every add of a retry item or of an
+        unleased (deferred) pending delivery, reschedule, release and requeue
+        publishes on it, and ``on_change()`` is called for each message."""
         ready = asyncio.Event()
         task = asyncio.create_task(self._listen(on_change, ready), name=f"retrybus-watch-{self}")
         with contextlib.suppress(TimeoutError):
@@ -250,31 +254,55 @@ class RedisStore(RedisAdmin, Store):
             return
         args: list[Any] = [len(retry_items), len(dead_letters)]
         for item in retry_items:
-            args += (
-                item.id,
-                retry_json(item),
-                to_score(item.next_retry),
-                to_score(item.created_at),
-                "" if item.lease_owner is None else text_time(item.updated_at) + item.lease_owner,
-                "" if item.lease_until is None else to_score(item.lease_until),
-            )
+            args += _item_args(item)
         for dead in dead_letters:
             args += (dead.id, *dead_texts(dead))
         await self._run("record_failures", *args)
 
+    async def record_pending(self, items: Sequence[RetryItem]) -> set[str]:
+        """One script for the whole batch (``record_pending``): each id not stored yet
+        is added with its indexes; the reply is one character per item (added or
+        not), not the ids. Publishes on the channel only when an unleased one was
+        added."""
+        if not items:
+            return set()
+        args: list[Any] = []
+        for item in items:
+            args += _item_args(item)
+        flags = text(await self._run("record_pending", *args))
+        return {item.id for item, flag in zip(items, flags, strict=True) if flag == "1"}
+
     async def claim_due(
-        self, *, now: datetime, limit: int, owner: str, lease_until: datetime
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        owner: str,
+        lease_until: datetime,
+        handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
-        if limit <= 0:
+        """One script: the front of each of the handlers' due sets (``P:retry:due:H``;
+        with none given, of every handler's, from ``P:retry:handlers``), merged by due
+        time, so that no other handler's items are read."""
+        if limit <= 0 or (handlers is not None and not handlers):
             return []
+        await self._upgrade_layout()  # the due sets are layout 3's
         touched = text_time(now)
         reply = await self._run(
-            "claim_due", to_score(now), limit, owner, to_score(lease_until), touched
+            "claim_due",
+            to_score(now),
+            limit,
+            owner,
+            to_score(lease_until),
+            touched,
+            *_handler_args(handlers),
         )
         # the lease is what the script wrote; exact times come from the arguments
         return [
-            decode_retry(text(reply[i]), text(reply[i + 1]), owner, lease_until, touched)
-            for i in range(0, len(reply), 2)
+            decode_retry(
+                text(reply[i]), text(reply[i + 1]), owner, lease_until, touched, int(reply[i + 2])
+            )
+            for i in range(0, len(reply), 3)
         ]
 
     async def extend_leases(self, ids: Sequence[str], owner: str, lease_until: datetime) -> int:
@@ -300,26 +328,42 @@ class RedisStore(RedisAdmin, Store):
                 succeeded += (outcome.item.id, outcome.item.attempt)
             elif isinstance(outcome, Rescheduled):
                 item = outcome.item
-                rescheduled += (item.id, retry_json(item), to_score(item.next_retry))
+                rescheduled += (
+                    item.id,
+                    retry_json(item),
+                    to_score(item.next_retry),
+                    item.handler_name,
+                    _flag(outcome.first_delivery),
+                )
             elif isinstance(outcome, DeadLettered):
                 letter = outcome.dead_letter
-                dead += (outcome.item_id, letter.id, *dead_texts(letter))
+                dead += (
+                    outcome.item_id,
+                    letter.id,
+                    *dead_texts(letter),
+                    _flag(outcome.first_delivery),
+                )
         reply = await self._run(
             "complete",
             "0" if owner is None else "1",
             owner or "",
             to_score(now),
             len(succeeded) // 2,
-            len(rescheduled) // 3,
-            len(dead) // 4,
+            len(rescheduled) // 5,
+            len(dead) // 5,
             *succeeded,
             *rescheduled,
             *dead,
         )
         return {text(item_id) for item_id in reply}
 
-    async def next_due(self) -> datetime | None:
-        score = await self._run("next_due")
+    async def next_due(self, handlers: Collection[str] | None = None) -> datetime | None:
+        """The first entry of each of the handlers' due sets (one script; with none
+        given, of every handler's, from ``P:retry:handlers``)."""
+        if handlers is not None and not handlers:
+            return None
+        await self._upgrade_layout()
+        score = await self._run("next_due", *_handler_args(handlers))
         return None if score is None else from_score(score)
 
     async def expire_retry(
@@ -342,7 +386,9 @@ class RedisStore(RedisAdmin, Store):
                 letter = (
                     corrupt_to_dead_letter(decoded, now, reason)
                     if isinstance(decoded, CorruptRecord)
-                    else decoded.to_dead_letter(reason=reason, now=now, attempt=decoded.attempt - 1)
+                    else decoded.to_dead_letter(
+                        reason=reason, now=now, attempt=max(decoded.attempt - 1, 0)
+                    )
                 )
                 letters[item_id] = letter
                 args += (item_id, record, letter.id, *dead_texts(letter))
@@ -366,3 +412,31 @@ class RedisStore(RedisAdmin, Store):
         values = await self._command("HGETALL", self._key("counters"))
         got = {text(name): int(value) for name, value in pairs(values)}
         return Counters(**{name: got.get(name, 0) for name in Counters.__dataclass_fields__})
+
+
+def _item_args(item: RetryItem) -> tuple[Any, ...]:
+    """What ``record_failures`` and ``record_pending`` take of a new item: id, record,
+    next_retry, created_at, handler, claim (time and owner) or '', lease end or '',
+    claims."""
+    return (
+        item.id,
+        retry_json(item),
+        to_score(item.next_retry),
+        to_score(item.created_at),
+        item.handler_name,
+        "" if item.lease_owner is None else text_time(item.updated_at) + item.lease_owner,
+        "" if item.lease_until is None else to_score(item.lease_until),
+        item.claims,
+    )
+
+
+def _handler_args(handlers: Collection[str] | None) -> list[Any]:
+    """A script's handler arguments: how many (-1: every handler) and their names."""
+    if handlers is None:
+        return [-1]
+    names = list(dict.fromkeys(handlers))
+    return [len(names), *names]
+
+
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
