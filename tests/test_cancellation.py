@@ -177,10 +177,10 @@ async def test_a_claim_loop_that_dies_is_logged_and_join_raises(
     bus = EventBus()
     worker = RetryWorker(bus, check_interval=0.01)
 
-    async def broken_run_once() -> int:
+    async def broken_claim(*args: object, **kwargs: object) -> list[object]:
         raise Aborted("the loop itself broke")
 
-    worker.run_once = broken_run_once  # type: ignore[method-assign]
+    bus.retry_queue.claim_due = broken_claim  # type: ignore[method-assign]
     with caplog.at_level(logging.ERROR, logger="retrybus.worker"):
         await worker.start()
         with pytest.raises(Aborted):

@@ -177,19 +177,24 @@ async def test_max_elapsed_dead_letters_past_the_time_budget(
     assert dead.reason == "retry time budget of 25s exhausted"
 
 
-async def test_an_unknown_handler_goes_to_the_dlq_and_the_worker_goes_on(
+async def test_a_worker_leaves_records_of_handlers_it_does_not_have(
     bus: EventBus, clock: ManualClock
 ) -> None:
     calls: list[str] = []
     bus.subscribe("x", lambda e: calls.append(e.id), name="alive")
-    await bus.retry_queue.add(Event("x"), "RemovedHandler", "boom", next_retry=clock.now())
+    other = await bus.retry_queue.add(Event("x"), "OtherService", "boom", next_retry=clock.now())
     known = await bus.retry_queue.add(Event("x"), "alive", "boom", next_retry=clock.now())
-    assert await RetryWorker(bus).run_once() == 2
-    [dead] = await bus.dead_letters.list()
-    assert dead.handler_name == "RemovedHandler"
-    assert dead.reason.startswith("unknown handler")
-    assert "RemovedHandler" in dead.reason
+    assert await RetryWorker(bus).run_once() == 1
     assert calls == [known.event_id]
+    assert await RetryWorker(bus).run_once() == 0
+    assert await bus.dead_letters.count() == 0
+    left = await bus.retry_queue.get(other.id)
+    assert (left.attempt, left.claims, left.lease_owner) == (1, 0, None)
+    # the service that has the handler runs it
+    theirs = EventBus(bus.store, clock=clock)
+    theirs.subscribe("x", lambda e: calls.append("theirs"), name="OtherService")
+    assert await RetryWorker(theirs).run_once() == 1
+    assert calls == [known.event_id, "theirs"]
 
 
 async def test_the_worker_moves_expired_items_to_the_dlq(store: Store, clock: ManualClock) -> None:

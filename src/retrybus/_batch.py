@@ -33,6 +33,11 @@ class ClaimedBatch:
     finished: bool = False
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: set once every started item has ended and no more will start (``close``,
+    #: or every item started): what the worker's shared lanes wait for
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: int = 0
+    closing: bool = False
     _queue: Iterator[RetryItem] | None = None
 
     def next_item(self) -> RetryItem | None:
@@ -43,6 +48,20 @@ class ClaimedBatch:
         if item is not None:
             self.started += 1
         return item
+
+    def item_ended(self) -> None:
+        """A lane is done with one of the items it started."""
+        self.ended += 1
+        self._check_settled()
+
+    def close(self) -> None:
+        """No more items will start (the worker stops): settle once the started ones end."""
+        self.closing = True
+        self._check_settled()
+
+    def _check_settled(self) -> None:
+        if self.ended == self.started and (self.closing or self.started == len(self.items)):
+            self.settled.set()
 
     def add(self, attempted: Attempted) -> None:
         self.pending.append(attempted)

@@ -222,15 +222,21 @@ class EventBus:
         *,
         name: str | None = None,
         policy: RetryPolicy | None = None,
+        handler_timeout: float | None = None,
     ) -> Subscription:
         """Run ``handler`` for events whose type matches ``pattern`` (an exact type,
         a glob such as ``like.*`` or ``*``, or a list of them).
 
         ``name`` (default: the function's qualified name) must be unique on the
         bus: retries find the handler by it. ``policy`` overrides the bus's
-        ``default_policy`` for this handler.
+        ``default_policy`` for this handler. ``handler_timeout`` (seconds) limits
+        each call: past it, an async handler is cancelled and the delivery fails
+        with ``TimeoutError`` under the policy (a plain handler's thread cannot be
+        stopped: its delivery fails and the thread is left to finish).
         """
-        return self._core.registry.add(pattern, handler, name=name, policy=policy)
+        return self._core.registry.add(
+            pattern, handler, name=name, policy=policy, timeout=handler_timeout
+        )
 
     def handler(
         self,
@@ -238,11 +244,14 @@ class EventBus:
         *,
         name: str | None = None,
         policy: RetryPolicy | None = None,
+        handler_timeout: float | None = None,
     ) -> Callable[[H], H]:
         """Decorator form of ``subscribe``; returns the function unchanged."""
 
         def register(function: H) -> H:
-            self.subscribe(pattern, function, name=name, policy=policy)
+            self.subscribe(
+                pattern, function, name=name, policy=policy, handler_timeout=handler_timeout
+            )
             return function
 
         return register

@@ -67,6 +67,7 @@ async def call_observed(
     payload: Event,
     *,
     nothing_to_write: bool = False,
+    time_limit: float | None = None,
 ) -> None:
     """Call the handler with ``payload`` between the observers' ``call_started``
     and ``call_ended``; ``delivery.error`` and ``.seconds`` say how it went. With
@@ -77,7 +78,7 @@ async def call_observed(
         observers.call_started(delivery)
     start = time.perf_counter()
     try:
-        await subscription.call(payload)
+        await subscription.call(payload, time_limit)
     except BaseException as exc:
         delivery.error = exc
         delivery.seconds = time.perf_counter() - start
@@ -180,16 +181,18 @@ async def deliver(
     clock: Clock,
     default_policy: RetryPolicy,
     kind: DeliveryKind = "retry",
+    time_limit: float | None = None,
 ) -> Attempted:
     """Call ``record``'s handler once and decide what follows: ``Succeeded``,
-    ``Rescheduled`` or ``DeadLettered`` (an unknown handler is not called)."""
+    ``Rescheduled`` or ``DeadLettered`` (an unknown handler is not called).
+    ``time_limit`` limits the call when the handler has no limit of its own."""
     if subscription is None:
         return Attempted(unknown_handler(record, clock.now()))
     policy = subscription.policy or default_policy
     event = record.to_event()  # a payload of its own: the handler may change it
     if not observers.watch_calls:
         try:
-            await subscription.call(event)
+            await subscription.call(event, time_limit)
         except BaseException as exc:
             if stops_the_caller(exc):
                 raise
@@ -204,7 +207,7 @@ async def deliver(
         due=record.next_retry if kind == "retry" else None,
         started_at=clock.now(),
     )
-    await call_observed(subscription, delivery, observers, event)
+    await call_observed(subscription, delivery, observers, event, time_limit=time_limit)
     if delivery.error is None:
         return Attempted(Succeeded(record), delivery)
     outcome = failure_outcome(record, delivery.error, policy, clock.now(), delivery.traceparent)

@@ -63,9 +63,30 @@ class Subscription:
     handler: Handler
     policy: RetryPolicy | None
     is_async: bool
+    #: seconds a call may take before it fails with ``TimeoutError`` (None: the
+    #: worker's default, else no limit)
+    timeout: float | None = None
 
-    async def call(self, event: Event) -> None:
-        """Run the handler on ``event``: async ones awaited, plain ones in a thread."""
+    async def call(self, event: Event, default_limit: float | None = None) -> None:
+        """Run the handler on ``event``: async ones awaited, plain ones in a thread.
+        Past its ``timeout`` (else ``default_limit``, seconds), an async handler is cancelled and
+        a plain one left to finish in its thread; either way the call raises
+        ``TimeoutError``."""
+        limit = self.timeout or default_limit
+        if limit is None:
+            await self._run(event)
+            return
+        try:
+            async with asyncio.timeout(limit) as scope:
+                await self._run(event)
+        except TimeoutError:
+            if scope.expired():
+                raise TimeoutError(
+                    f"handler {self.name!r} did not finish within {limit:g}s"
+                ) from None
+            raise
+
+    async def _run(self, event: Event) -> None:
         if self.is_async:
             await self.handler(event)
             return
@@ -74,6 +95,19 @@ class Subscription:
             # a plain function that hands back a coroutine (a lambda around an
             # async call, a sync decorator on an async function): run it too
             await result
+
+
+def check_timeout(name: str, value: float | None) -> float | None:
+    """A handler time limit: seconds > 0, or None for none."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value < float("inf")
+    ):
+        raise ValueError(f"{name} must be a number of seconds > 0 or None, got {value!r}")
+    return float(value)
 
 
 def check_pattern(pattern: str) -> str:
@@ -98,6 +132,7 @@ class HandlerRegistry:
         *,
         name: str | None,
         policy: RetryPolicy | None,
+        timeout: float | None = None,
     ) -> Subscription:
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {handler!r}")
@@ -119,7 +154,10 @@ class HandlerRegistry:
             raise TypeError(
                 f"policy must implement RetryPolicy (should_retry, delay, max_retries), got {policy!r}"
             )
-        subscription = Subscription(name, pattern_list, handler, policy, _is_async(handler))
+        timeout = check_timeout("handler_timeout", timeout)
+        subscription = Subscription(
+            name, pattern_list, handler, policy, _is_async(handler), timeout
+        )
         self._by_name[name] = subscription
         for pattern in pattern_list:
             if _GLOB_CHARS.isdisjoint(pattern):

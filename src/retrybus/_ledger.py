@@ -105,7 +105,13 @@ class Ledger:
         (group commit) and retried through an outage for up to ``store_timeout``.
         Returns the ids of ``items`` that were new (the others were recorded before)."""
         written = await self._through_outage(lambda: self._pending.write(items), context)
-        return {item.id for item in items if item.id in written}
+        added = {item.id for item in items if item.id in written}
+        deferred = [item for item in items if item.id in added and item.lease_owner is None]
+        if deferred:  # this process's idle workers start them (a store's watch hears others)
+            when = min(item.next_retry for item in deferred)
+            for listener in self._listeners:
+                listener(when)
+        return added
 
     async def finish_first(
         self, attempted: Sequence[Attempted], owner: str, context: str

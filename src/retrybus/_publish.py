@@ -110,9 +110,9 @@ class Publisher:
         publication = Publication(event)
         observers.publish_started(publication)
         event = publication.event  # tracing gave it its traceparent
-        calls: _Calls | None = None
+        calls = _observed_calls(subscriptions, event)
         try:
-            calls = await _call_observed_all(subscriptions, event, observers)
+            await _call_observed_all(calls, subscriptions, event, observers)
             if any(calls.errors):
                 result = await self._record_failures(
                     event, subscriptions, calls, publication.traceparent
@@ -183,9 +183,9 @@ class Publisher:
             records = self._records(event, subscriptions, publication.traceparent, leased=True)
             run, pending = await self._record(event, subscriptions, records)
             if run:
-                calls = await self._held_while(
-                    run, _call_observed_all([s for s, _ in run], event, observers)
-                )
+                running = [s for s, _ in run]
+                calls = _observed_calls(running, event)
+                await self._held_while(run, _call_observed_all(calls, running, event, observers))
                 result = await self._finish(event, run, calls, pending)
             else:
                 result = PublishResult(event, pending=pending)
@@ -322,10 +322,17 @@ async def _call_plain_all(
     return list(await asyncio.gather(*(call_plain(s, event) for s in subscriptions)))
 
 
+def _observed_calls(subscriptions: Sequence[Subscription], event: Event) -> _Calls:
+    """The observers' record of each call, made before the calls start (a
+    publish cancelled midway still closes what it opened for them)."""
+    return _Calls([], [Delivery("publish", event, s.name, 0) for s in subscriptions])
+
+
 async def _call_observed_all(
-    subscriptions: Sequence[Subscription], event: Event, observers: Observers
+    calls: _Calls, subscriptions: Sequence[Subscription], event: Event, observers: Observers
 ) -> _Calls:
-    deliveries = [Delivery("publish", event, s.name, 0) for s in subscriptions]
+    deliveries = calls.deliveries
+    assert deliveries is not None
     if len(subscriptions) == 1:
         await call_observed(
             subscriptions[0], deliveries[0], observers, event.copy(), nothing_to_write=True
@@ -337,7 +344,8 @@ async def _call_observed_all(
                 for s, d in zip(subscriptions, deliveries, strict=True)
             )
         )
-    return _Calls([d.error for d in deliveries], deliveries)
+    calls.errors = [d.error for d in deliveries]
+    return calls
 
 
 def _unrecorded(calls: _Calls | None, observers: Observers) -> None:

@@ -20,6 +20,7 @@ from ._bus import EventBus
 from ._delivery import Attempted, deliver, undeliverable
 from ._errors import StoreUnavailable
 from ._event import check_text
+from ._handlers import check_timeout
 from ._history import DEFAULT_INTERVAL, DepthHistory
 from ._records import RetryItem
 
@@ -52,10 +53,16 @@ class RetryWorker:
     >>> async with RetryWorker(bus):
     ...     await serve_forever()
 
-    ``check_interval`` is the longest it sleeps (it wakes sooner when an item
-    falls due sooner, or when this process schedules one); ``batch_size`` items
-    are claimed at once and run ``concurrency`` at a time; each is leased for
-    ``lease`` seconds, extended while its handler runs. Every
+    It claims only records of the bus's handlers. ``check_interval`` is the
+    longest it sleeps (it wakes sooner when an item falls due sooner, or when
+    this process schedules one); up to ``batch_size`` items are claimed at once
+    and run on ``concurrency`` lanes; it claims more as soon as a lane is free
+    and nothing claimed waits, so a slow handler never holds up the others.
+    Each item is leased for ``lease`` seconds, extended while its handler runs.
+    A delivery claimed ``bus.max_claims`` times without an outcome (its handler
+    keeps killing or hanging the worker) is dead-lettered as undeliverable.
+    ``handler_timeout`` (seconds) limits the calls of handlers that have no
+    ``handler_timeout`` of their own. Every
     ``maintenance_interval`` seconds it moves expired retry items to the dead
     letter queue and deletes dead letters past the bus's retention. Every
     ``depth_sample_interval`` seconds (None: never) it adds a sample of the queues'
@@ -83,6 +90,7 @@ class RetryWorker:
         metrics_interval: float = 15.0,
         name: str | None = None,
         fail_fast: bool = False,
+        handler_timeout: float | None = None,
     ) -> None:
         if not isinstance(bus, EventBus):
             raise TypeError(f"RetryWorker needs an EventBus, got {bus!r}")
@@ -115,6 +123,11 @@ class RetryWorker:
         self._unwatch: Callable[[], Awaitable[None]] | None = None
         self._outage_since: float | None = None
         self.fail_fast = bool(fail_fast)
+        self.handler_timeout = check_timeout("handler_timeout", handler_timeout)
+        # the claim loop's shared lanes: claimed items wait in _ready for a free lane
+        self._ready: asyncio.Queue[tuple[ClaimedBatch, RetryItem] | None] = asyncio.Queue()
+        self._busy = 0
+        self._batches: set[asyncio.Task[None]] = set()
 
     # lifecycle -------------------------------------------------------------
 
@@ -244,6 +257,38 @@ class RetryWorker:
         self._unwatch = await self.bus.store.watch(self._wake_up)
 
     async def _loop(self, watching: bool = True) -> None:
+        lanes = [
+            asyncio.create_task(self._lane(), name=f"retrybus-lane-{self.name}-{n}")
+            for n in range(self.concurrency)
+        ]
+        try:
+            await self._claim_continuously(watching)
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # a forced stop whose cancellation a wait swallowed (wait_for can,
+                # when what it waits for finishes at the same moment)
+                raise asyncio.CancelledError
+            # stopping: lanes start nothing more; each batch writes what finished
+            # and gives back what no lane started
+            for _ in lanes:
+                self._ready.put_nowait(None)
+            for task in list(self._batches):
+                batch = getattr(task, "batch", None)
+                if isinstance(batch, ClaimedBatch):
+                    batch.close()
+            await asyncio.gather(*lanes, *self._batches)
+        finally:
+            # a forced stop (or a failure) cancels what still runs: items cut off
+            # mid-handler keep their lease until it runs out
+            running = [task for task in (*lanes, *self._batches) if not task.done()]
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+            self._ready = asyncio.Queue()
+            self._busy = 0
+
+    async def _claim_continuously(self, watching: bool) -> None:
         backoff = 0.0
         while not self._stopping:
             try:
@@ -253,7 +298,10 @@ class RetryWorker:
                 await self._maintain()
                 await self._sample_depth()
                 await self._refresh_metrics()
-                handled = await self.run_once()
+                if not self._ready.empty() or self._busy >= self.concurrency:
+                    await self._sleep(self.check_interval)  # a lane that frees wakes it
+                    continue
+                batch = await self._claim()
                 self._store_answered()
                 backoff = 0.0
             except StoreUnavailable as exc:
@@ -265,10 +313,48 @@ class RetryWorker:
                 logger.exception("worker %s: unexpected error in the claim loop", self.name)
                 await self._sleep(1.0)
                 continue
-            if handled >= self.batch_size:
-                await asyncio.sleep(0)  # let others run between full batches
+            if batch is not None:
+                self._start(batch)
+                await asyncio.sleep(0)  # let the lanes start it
                 continue
             await self._sleep(await self._idle_time())
+
+    def _start(self, batch: ClaimedBatch) -> None:
+        """Queue the batch's items for the lanes, and run its writes alongside."""
+        for item in batch.items:
+            self._ready.put_nowait((batch, item))
+        task = asyncio.create_task(self._run_claimed(batch), name=f"retrybus-batch-{batch.owner}")
+        task.batch = batch  # type: ignore[attr-defined]
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _run_claimed(self, batch: ClaimedBatch) -> None:
+        try:
+            await self._run_batch(batch, batch.settled.wait())
+        except StoreUnavailable as exc:
+            self._store_failed(exc, 1.0)
+        except Exception:
+            logger.exception("worker %s: unexpected error finishing a batch", self.name)
+
+    async def _lane(self) -> None:
+        """Run claimed items one after another, from any batch, until stopped."""
+        while True:
+            entry = await self._ready.get()
+            if entry is None or self._stopping:
+                return
+            batch, item = entry
+            batch.started += 1
+            self._busy += 1
+            try:
+                batch.add(await self._deliver(item))
+            except Exception:
+                # its lease runs out and the item is claimed again
+                logger.exception("worker %s: unexpected error delivering %s", self.name, item.id)
+            finally:
+                self._busy -= 1
+                batch.item_ended()
+                if self._ready.empty():
+                    self._wake_up()  # a free lane and nothing waiting: claim more
 
     async def _idle_time(self) -> float:
         try:
@@ -333,17 +419,28 @@ class RetryWorker:
 
     async def run_once(self) -> int:
         """Claim one batch of due items and process it; returns how many items were handled."""
+        batch = await self._claim()
+        if batch is None:
+            return 0
+        await self._run_batch(batch, self._process(batch))
+        return len(batch.handled)
+
+    async def _claim(self) -> ClaimedBatch | None:
         owner = f"{self.name}:{next(self._claims)}"
         items = await self.bus.retry_queue.claim_due(
             self.batch_size, lease=self.lease, owner=owner, handlers=self.bus.handler_names
         )
         if not items:
-            return 0
-        batch = ClaimedBatch(owner, items, lease_deadline=time.monotonic() + self.lease)
+            return None
+        return ClaimedBatch(owner, items, lease_deadline=time.monotonic() + self.lease)
+
+    async def _run_batch(self, batch: ClaimedBatch, work: Awaitable[object]) -> None:
+        """Keep the batch's leases and write its outcomes while ``work`` runs its items."""
+        owner = batch.owner
         heartbeat = asyncio.create_task(self._heartbeat(batch))
         flusher = asyncio.create_task(self._flush(batch))
         try:
-            await self._process(batch)
+            await work
         finally:
             # Also when cancelled (a forced stop): write what finished, give back
             # what no handler started. Items cut off mid-handler keep their lease
@@ -360,7 +457,6 @@ class RetryWorker:
                 unstarted = batch.unstarted_ids()
                 if unstarted:
                     await self.bus.store.release(unstarted, owner)
-        return len(batch.handled)
 
     async def _process(self, batch: ClaimedBatch) -> None:
         async def lane() -> None:
@@ -421,6 +517,7 @@ class RetryWorker:
             observers=core.observers,
             clock=core.clock,
             default_policy=core.default_policy,
+            time_limit=self.handler_timeout,
         )
 
     async def _complete(self, attempted: list[Attempted], batch: ClaimedBatch) -> None:
