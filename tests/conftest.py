@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import ModuleType
 from urllib.parse import urlsplit
 
 import pytest
@@ -16,12 +16,19 @@ import pytest
 import retrybus
 from retrybus import ManualClock, Store
 
-# Server engines plug in as tests/engines/<kind>.py, each with an async context
-# manager `open_test_store()` that yields a connected store in a namespace of its
-# own (schema, key prefix, database) and removes it afterwards.
+# Engines plug in as tests/engines/<kind>.py, each with its FEATURES and an async
+# context manager `open_test_store()` that yields a connected store in a namespace of
+# its own (a file, a schema, a key prefix, a database) and removes it afterwards
+# (tests/engines/_common.py tells the rest). The local engines (memory, SQLite) come
+# first, then those on a server.
 ENGINES_DIR = Path(__file__).parent / "engines"
-SERVER_KINDS = sorted(p.stem for p in ENGINES_DIR.glob("*.py") if not p.stem.startswith("_"))
-STORE_KINDS = ["memory", "sqlite", *SERVER_KINDS]
+ENGINES: dict[str, ModuleType] = {
+    path.stem: importlib.import_module(f"engines.{path.stem}")
+    for path in sorted(ENGINES_DIR.glob("*.py"))
+    if not path.stem.startswith("_")
+}
+SERVER_KINDS = [kind for kind, engine in ENGINES.items() if engine.FEATURES.on_a_server]
+STORE_KINDS = [kind for kind in ENGINES if kind not in SERVER_KINDS] + SERVER_KINDS
 
 
 @pytest.fixture
@@ -33,13 +40,9 @@ def clock() -> ManualClock:
 async def fresh_store(kind: str, directory: Path) -> AsyncIterator[Store]:
     """A connected store of engine ``kind`` in a namespace of its own (a SQLite
     file in ``directory``), removed afterwards."""
-    if kind in SERVER_KINDS:
-        engine = importlib.import_module(f"engines.{kind}")
-        async with engine.open_test_store() as opened:
-            yield opened
-        return
-    url = "memory://" if kind == "memory" else f"sqlite:///{directory / f'{uuid.uuid4().hex}.db'}"
-    async with retrybus.open_store(url) as opened:
+    engine = ENGINES[kind]
+    opening = engine.open_test_store(directory) if kind == "sqlite" else engine.open_test_store()
+    async with opening as opened:
         yield opened
 
 

@@ -1,10 +1,15 @@
-"""Dead letters made as a worker makes them, for the tests of every engine."""
+"""Records made as retrybus makes them, for the tests of every engine."""
 
 from __future__ import annotations
 
+import os
+import time
+from datetime import UTC, datetime
 from typing import Any
 
-from retrybus import DeadLetterItem, Event, EventBus
+from call_records import Call
+from retrybus import DeadLetterItem, Event, EventBus, RetryItem, Store
+from retrybus._records import ErrorInfo
 
 
 async def dead_letter(
@@ -23,3 +28,29 @@ async def dead_letter(
     letter = await bus.retry_queue.mark_failed(item, reason=reason)
     assert letter is not None
     return letter
+
+
+async def failed_once(store: Store, count: int, handler: str, batch: int = 500) -> dict[str, Call]:
+    """Call ``handler`` for ``count`` events, a call that fails, and record a retry item
+    for each, due at once, ``batch`` at a time (as publish records its failures).
+    Returns those first calls by event id."""
+    calls: dict[str, Call] = {}
+    pid = os.getpid()
+    now = datetime.now(UTC)
+    error = ErrorInfo("the first call fails", "ConnectionError")
+    items: list[RetryItem] = []
+    for n in range(count):
+        event = Event("item.created", {"n": n})
+        start = time.time_ns()
+        calls[event.id] = Call(event.id, pid, start, time.time_ns())
+        items.append(
+            RetryItem.for_failure(
+                event, handler, error, attempt=1, max_retries=3, next_retry=now, now=now
+            )
+        )
+        if len(items) == batch:
+            await store.record_failures(items, [])
+            items = []
+    if items:
+        await store.record_failures(items, [])
+    return calls

@@ -1,4 +1,6 @@
-"""The MongoDB store's own guarantees (the conformance suites cover the rest).
+"""The MongoDB store's own guarantees (the conformance suites cover the rest:
+reopening a database, damaged documents, bad URLs, an unreachable server and four
+worker processes are in tests/test_conformance_engines.py, for every engine).
 
 Runs against the session's SecantusDB server (tests/engines/mongodb.py), or a
 real mongod when ``MONGODB_URI`` is set. SecantusDB is slow: queues here hold
@@ -10,33 +12,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import subprocess
-import sys
-import time
-from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-import retrybus
-from call_records import Call, overlapping, read_calls, wait_until
-from engines._common import unique_name
-from engines.mongodb import database_url, drop_database, open_test_store
+from engines.mongodb import open_test_store
 from engines.mongodb import server_uri as mongodb_server_uri
 from retrybus import (
     DeadLetterFilter,
     Event,
     EventBus,
-    FixedDelay,
     ManualClock,
-    RetryWorker,
     StoreUnavailable,
     failure_group_key,
 )
-from retrybus._outcomes import Counters
 from retrybus._records import dead_letter_id_for
 from retrybus._stores.mongodb import MongoStore
 
@@ -133,95 +124,7 @@ async def test_times_compare_to_the_microsecond(mongo: MongoStore) -> None:
     assert [i.id for i in await bus.retry_queue.claim_due(10, owner="b")] == [item.id]
 
 
-# Durability -----------------------------------------------------------------------
-
-
-async def test_records_survive_closing_and_reopening_the_store(mongo: MongoStore) -> None:
-    url = database_url(mongo.database_name)
-    clock = ManualClock()
-    bus = EventBus(mongo, clock=clock, default_policy=FixedDelay(max_retries=2, delay=0.5))
-
-    async def flaky(event: Event) -> None:
-        raise TimeoutError("db timeout")
-
-    bus.subscribe("like.*", flaky, name="flaky")
-    for n in range(3):
-        await bus.publish(make_event(n))
-    clock.advance(1)
-    [first, *_] = await bus.retry_queue.claim_due(1, lease=600, owner="writer")
-    given_up = await bus.retry_queue.mark_failed(
-        (await bus.retry_queue.claim_due(1, lease=600, owner="writer"))[0], error="gave up"
-    )
-    assert given_up is not None
-    written = (
-        await bus.retry_queue.list(limit=1000),
-        await bus.dead_letters.list(limit=1000),
-        await mongo.counters(),
-    )
-    await mongo.close()
-
-    reopened = MongoStore.from_url(url)
-    async with reopened:
-        again = EventBus(reopened)
-        read = (
-            await again.retry_queue.list(limit=1000),
-            await again.dead_letters.list(limit=1000),
-            await reopened.counters(),
-        )
-    assert read == written
-    assert [i.lease_owner for i in read[0] if i.id == first.id] == ["writer"]
-    assert read[2] == Counters(retry_added=3, retry_dead_lettered=1)
-    assert read[0][0].event_data["big"] == 2**70
-    assert read[0][0].event_timestamp == EVENT_TIME
-    assert read[1][0].error == "gave up"
-
-
 # Records written by hand ------------------------------------------------------------
-
-SEED_DOCUMENT = {  # the seed's own example, which lacks the event id retrybus needs
-    "_id": "retry_seed_example",
-    "event_type": "like.added",
-    "event_data": {"post_id": 1},
-    "event_source": "SocialService",
-    "event_timestamp": datetime(2025, 1, 7, 10, 0, tzinfo=UTC),
-    "handler_name": "SocialStatisticsHandler",
-    "error": "connection timeout",
-    "attempt": 1,
-    "max_retries": 3,
-    "next_retry": datetime(2025, 1, 7, 10, 0, 2, tzinfo=UTC),
-    "created_at": datetime(2025, 1, 7, 10, 0, tzinfo=UTC),
-    "updated_at": datetime(2025, 1, 7, 10, 0, 1, tzinfo=UTC),
-}
-
-
-async def test_a_document_with_missing_fields_is_dead_lettered_and_the_worker_goes_on(
-    mongo: MongoStore,
-) -> None:
-    clock = ManualClock(datetime(2025, 1, 7, 10, 0, 5, tzinfo=UTC))
-    bus = EventBus(mongo, clock=clock, default_policy=FixedDelay(delay=0))
-    handled: list[Event] = []
-
-    async def count_like(event: Event) -> None:
-        handled.append(event)
-
-    bus.subscribe("like.added", count_like, name="count_like")
-    good = await bus.retry_queue.add(make_event(), "count_like", "boom", next_retry=clock.now())
-    db = await mongo._database()
-    await db.retry_queue.insert_one(dict(SEED_DOCUMENT))
-    await db.retry_queue.insert_one({"_id": "retry_hand_typed", "next_retry": clock.now()})
-
-    worker = RetryWorker(bus, batch_size=10)
-    assert await worker.run_once() == 1
-    assert [event.id for event in handled] == [good.event_id]
-    assert await bus.retry_queue.count() == 0
-    dead = {d.id: d for d in await bus.dead_letters.list()}
-    assert set(dead) == {"dlq_seed_example", "dlq_hand_typed"}
-    seed = dead["dlq_seed_example"]
-    assert seed.reason.startswith("undecodable record: KeyError")
-    assert "event_id" in seed.reason
-    assert (seed.event_type, seed.handler_name) == ("like.added", "SocialStatisticsHandler")
-    assert seed.metadata["raw_record"]["event_source"] == "SocialService"
-    assert dead["dlq_hand_typed"].reason.startswith("undecodable record:")
 
 
 async def test_a_dead_letter_written_by_hand_is_still_listed(mongo: MongoStore) -> None:
@@ -462,45 +365,7 @@ async def test_without_transactions_requeue_and_cleanup_lose_nothing(
     assert expired.reason == "expired in retry queue"
 
 
-# Bad URLs and unreachable servers ---------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("mongodb://user:s3cret@localhost:27017", "no database name"),
-        ("mongodb://user:s3cret@localhost:27017/", "no database name"),
-        ("mongodb://user:s3cret@localhost/bad.name", "invalid database name"),
-        ("mongodb://user:s3cret@localhost/db?timeout=soon", "timeout"),
-        ("mongodb://user:s3cret@localhost/db?w=banana&journal=maybe", "malformed"),
-    ],
-)
-def test_a_malformed_url_gives_a_one_line_error_naming_it_without_its_password(
-    url: str, message: str
-) -> None:
-    with pytest.raises(ValueError, match=message) as raised:
-        retrybus.open_store(url)
-    text = str(raised.value)
-    assert "\n" not in text
-    assert "s3cret" not in text
-    assert "user:***@localhost" in text
-
-
-async def test_an_unreachable_server_gives_a_one_line_error_naming_the_url() -> None:
-    store = retrybus.open_store("mongodb://user:s3cret@127.0.0.1:1/retrybus?timeout=0.3")
-    assert store.url == "mongodb://user:***@127.0.0.1:1/retrybus?timeout=0.3"
-    started = time.monotonic()
-    with pytest.raises(StoreUnavailable) as raised:
-        await store.connect()
-    assert time.monotonic() - started < 5
-    text = str(raised.value)
-    assert "\n" not in text
-    assert "s3cret" not in text
-    assert "mongodb://user:***@127.0.0.1:1/retrybus" in text
-    assert len(text) < 400
-    with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1:1"):
-        await store.retry_count()
-    await store.close()
+# A server gone ---------------------------------------------------
 
 
 async def test_a_server_gone_after_connecting_raises_store_unavailable(tmp_path: Path) -> None:
@@ -531,150 +396,3 @@ async def test_a_server_gone_after_connecting_raises_store_unavailable(tmp_path:
     finally:
         await store.close()
         await asyncio.to_thread(server.stop)
-
-
-# Four worker processes ----------------------------------------------------------------
-
-ITEMS = 200
-WORKER_NAMES = ("w1", "w2", "w3", "w4")
-WORKER = Path(__file__).parent / "apps" / "process_worker.py"
-HANDLER = "record_item"
-
-
-@dataclass
-class FourWorkersRun:
-    publish_calls: dict[str, Call]
-    worker_calls: list[Call]
-    pids: dict[str, int]
-    exit_codes: dict[str, int]
-    logs: dict[str, str]
-    retry_count: int
-    dead_count: int
-    counters: Counters
-
-
-async def _seed(url: str, count: int) -> dict[str, Call]:
-    calls: dict[str, Call] = {}
-
-    async def fails_the_first_time(event: Event) -> None:
-        start = time.time_ns()
-        calls[event.id] = Call(event.id, 0, start, time.time_ns())
-        raise ConnectionError("the first call fails")
-
-    async with retrybus.open_store(url) as store:
-        bus = EventBus(store, default_policy=FixedDelay(max_retries=3, delay=0))
-        bus.subscribe("*", fails_the_first_time, name=HANDLER)
-        for n in range(count):
-            result = await bus.publish(Event("item.created", {"n": n}))
-            assert result.retrying == (HANDLER,)
-    return calls
-
-
-async def _state(url: str) -> tuple[int, int, Counters]:
-    async with retrybus.open_store(url) as store:
-        return (
-            await store.retry_count(),
-            await store.count_dead(DeadLetterFilter()),
-            await store.counters(),
-        )
-
-
-@pytest.fixture(scope="module")
-def four_workers(tmp_path_factory: pytest.TempPathFactory) -> FourWorkersRun:
-    """200 items whose first call failed at publish, then four worker processes
-    (concurrency 8, batches of 10, leases of 120 s) started together, each
-    running until the retry queue is empty."""
-    mongodb_server_uri()  # skips (or fails in CI) when there is no server
-    directory = tmp_path_factory.mktemp("mongodb_four_workers")
-    name = unique_name()
-    url = database_url(name, timeout="30")
-    publish_calls = asyncio.run(_seed(url, ITEMS))
-    go = directory / "go"
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        for worker in WORKER_NAMES:
-            with (directory / f"{worker}.log").open("wb") as log:
-                procs[worker] = subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(WORKER),
-                        "--store",
-                        url,
-                        "--record",
-                        str(directory / f"{worker}.calls"),
-                        "--name",
-                        worker,
-                        "--batch-size=10",
-                        "--concurrency=8",
-                        "--lease=120",
-                        "--sleep-min=0.001",
-                        "--sleep-max=0.004",
-                        "--until-empty",
-                        f"--ready={directory / worker}.ready",
-                        f"--go={go}",
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-        wait_until(
-            lambda: all((directory / f"{w}.ready").exists() for w in WORKER_NAMES),
-            "every worker process has connected",
-        )
-        go.touch()
-        exit_codes = {}
-        for worker, proc in procs.items():
-            try:
-                exit_codes[worker] = proc.wait(120)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"worker {worker} did not finish in 120 s")
-        retry_count, dead_count, counters = asyncio.run(_state(url))
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        asyncio.run(drop_database(url, name))
-    return FourWorkersRun(
-        publish_calls=publish_calls,
-        worker_calls=[c for w in WORKER_NAMES for c in read_calls(directory / f"{w}.calls")],
-        pids={w: procs[w].pid for w in WORKER_NAMES},
-        exit_codes=exit_codes,
-        logs={w: (directory / f"{w}.log").read_text() for w in WORKER_NAMES},
-        retry_count=retry_count,
-        dead_count=dead_count,
-        counters=counters,
-    )
-
-
-@pytest.mark.slow
-def test_four_worker_processes_exit_cleanly(four_workers: FourWorkersRun) -> None:
-    assert four_workers.exit_codes == dict.fromkeys(WORKER_NAMES, 0), four_workers.logs
-
-
-@pytest.mark.slow
-def test_four_worker_processes_handle_every_item_exactly_twice_in_total(
-    four_workers: FourWorkersRun,
-) -> None:
-    assert len(four_workers.publish_calls) == ITEMS
-    retries = Counter(call.event_id for call in four_workers.worker_calls)
-    assert set(retries) == set(four_workers.publish_calls)
-    assert {event_id: n for event_id, n in retries.items() if n != 1} == {}
-    assert all(call.end is not None for call in four_workers.worker_calls)
-    assert len(set(four_workers.pids.values()) & {c.pid for c in four_workers.worker_calls}) >= 2
-
-
-@pytest.mark.slow
-def test_four_worker_processes_never_handle_an_item_at_once(four_workers: FourWorkersRun) -> None:
-    by_item: dict[str, list[Call]] = defaultdict(list)
-    for call in [*four_workers.publish_calls.values(), *four_workers.worker_calls]:
-        by_item[call.event_id].append(call)
-    clashes = {event_id: overlapping(calls) for event_id, calls in by_item.items()}
-    assert {event_id: pairs for event_id, pairs in clashes.items() if pairs} == {}
-
-
-@pytest.mark.slow
-def test_four_worker_processes_lose_nothing(four_workers: FourWorkersRun) -> None:
-    assert (four_workers.retry_count, four_workers.dead_count) == (0, 0)
-    assert four_workers.counters.retry_added == ITEMS
-    assert four_workers.counters.retry_succeeded == ITEMS
-    assert four_workers.counters.retry_dead_lettered == 0

@@ -1,19 +1,17 @@
 """What only the PostgreSQL store has to show: its migrations (version 1 databases
-upgraded, their failure groups back-filled), tables and indexes, damaged rows,
-LISTEN/NOTIFY, its errors, and four worker processes on one schema.
+upgraded, their failure groups back-filled), tables and indexes, LISTEN/NOTIFY, and
+the migrate command.
 
 Every test works in a schema of its own (dropped afterwards) and skips when the
 server is unreachable (fails with CI=true); see tests/engines/postgresql.py.
+Reopening a schema, damaged rows, bad URLs, an unreachable server and four worker
+processes on one schema: tests/test_conformance_engines.py, for every engine.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
-from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,28 +20,22 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 from typer.testing import CliRunner, Result
 
-from call_records import Call, overlapping, read_calls
 from engines.postgresql import URL, fresh_schema, url_with_schema
 from retrybus import (
     DeadLetterFilter,
     Event,
     EventBus,
     FixedDelay,
-    ManualClock,
-    RetryItem,
     RetryWorker,
     StoreUnavailable,
     open_store,
 )
 from retrybus._cli.app import app
 from retrybus._groups import failure_group_key
-from retrybus._records import ErrorInfo
 from retrybus._stores import postgresql
 from retrybus._stores import sqlite as sqlite_store
 from retrybus._stores.postgresql import SCHEMA_VERSION, PostgresStore
 from retrybus._stores.postgresql import migrate as postgresql_migrate
-
-APPS = Path(__file__).parent / "apps"
 
 
 @pytest.fixture
@@ -322,73 +314,6 @@ def test_the_migrate_command_reports_an_unreachable_server_in_one_line() -> None
     assert "postgresql://me:***@127.0.0.1:1/test" in lines[0]
 
 
-# durability and damaged rows ---------------------------------------------------
-
-
-async def test_everything_survives_closing_and_reopening(url: str, clock: ManualClock) -> None:
-    event = Event(
-        "like.added",
-        {"n": 1, "big": 1e300, "tiny": 5e-324, "nul": "a\x00b", "text": "Zoë 日本語"},
-        source="svc",
-        subject="post/1",
-        extensions={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
-    )
-    async with open_store(url) as store:
-        bus = EventBus(store, clock=clock)
-        item = await bus.retry_queue.add(event, "h", TimeoutError("slow"))
-        other = await bus.retry_queue.add(Event("like.added", {"n": 2}), "h", "e")
-        dead = await bus.retry_queue.mark_failed(other)
-        stats = await bus.stats()
-    async with open_store(url) as store:
-        bus = EventBus(store, clock=clock)
-        got = await bus.retry_queue.get(item.id)
-        assert got == item
-        assert got.to_event().to_dict() == event.to_dict()
-        assert isinstance(got.event_data["big"], float)
-        assert dead is not None
-        assert await bus.dead_letters.get(dead.id) == dead
-        assert await bus.stats() == stats
-
-
-async def test_a_record_that_cannot_be_decoded_goes_to_the_dlq_and_the_worker_goes_on(
-    url: str, schema: str, clock: ManualClock
-) -> None:
-    async with open_store(url) as store:
-        bus = EventBus(store, clock=clock)
-        calls: list[str] = []
-        bus.subscribe("x", lambda e: calls.append(e.id), name="h")
-        good = await bus.retry_queue.add(
-            Event("x", {"ok": True}), "h", "boom", next_retry=clock.now()
-        )
-        broken = await bus.retry_queue.add(
-            Event("x", {"ok": False}), "h", "boom", next_retry=clock.now()
-        )
-        conn = await raw_connection()
-        try:
-            await conn.execute(
-                f"UPDATE \"{schema}\".retry_queue SET event_extensions = '[1, 2]' WHERE id = $1",
-                broken.id,
-            )
-            await conn.execute(
-                f'INSERT INTO "{schema}".retry_queue (id, event_id, event_type, handler_name,'
-                " next_retry, created_at, updated_at)"
-                " VALUES ('retry_hand', 'e1', 'x', 'h', '2000-01-01Z', '2000-01-01Z', '2000-01-01Z')"
-            )
-        finally:
-            await conn.close()
-
-        assert await RetryWorker(bus).run_once() == 1
-        assert calls == [good.event_id]
-        dead = {d.id: d for d in await bus.dead_letters.list()}
-        assert set(dead) == {"dlq_hand", "dlq_" + broken.id.removeprefix("retry_")}
-        for item in dead.values():
-            assert item.reason.startswith("undecodable record")
-            assert item.metadata["raw_record"]
-        assert dead["dlq_hand"].event_id == "e1"
-        assert "event_data" in dead["dlq_hand"].reason
-        assert await bus.retry_queue.count() == 0
-
-
 # LISTEN/NOTIFY -------------------------------------------------------------------
 
 
@@ -447,152 +372,3 @@ async def test_synchronous_commit_is_a_url_option(url: str) -> None:
         await EventBus(store).retry_queue.add(Event("x"), "h", "e")
     async with open_store(url) as store:
         assert await store.retry_count() == 1
-
-
-# bad input -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("bad_url", "match"),
-    [
-        ("postgresql://me:pw@host:notaport/db", "malformed store URL"),
-        ("postgresql://me@host:notaport/db", "malformed store URL"),
-        ("postgresql://me:pw@host/db?schema=bad-name", "schema"),
-        ("postgresql://me:pw@host/db?schema=", "schema"),
-        ("postgresql://me:pw@host/db?schema=pg_mine", "schema"),
-        ("postgresql://me:pw@host/db?colour=blue", "unknown option"),
-        ("postgresql://me:pw@host/db?pool_max=many", "pool_max"),
-        ("postgresql://me:pw@host/db/extra", "one database name"),
-        ("postgresql://me:pw@host/db?synchronous_commit=maybe", "synchronous_commit"),
-    ],
-)
-def test_a_malformed_url_raises_naming_it_without_the_password(bad_url: str, match: str) -> None:
-    with pytest.raises(ValueError, match=match) as raised:
-        open_store(bad_url)
-    message = str(raised.value)
-    assert "\n" not in message
-    assert "me:***@host" in message or "me@host" in message
-    assert ":pw@" not in message
-
-
-async def test_an_unreachable_server_gives_one_line_naming_the_url() -> None:
-    store = open_store("postgresql://me:s3cret@127.0.0.1:1/test?connect_timeout=2")
-    assert store.url == "postgresql://me:***@127.0.0.1:1/test?connect_timeout=2"
-    with pytest.raises(StoreUnavailable) as raised:
-        await store.connect()
-    message = str(raised.value)
-    assert message.startswith("cannot connect to PostgreSQL store postgresql://me:***@127.0.0.1:1/")
-    assert "\n" not in message
-    assert "s3cret" not in message
-    # and any call on the lazily connected store says the same
-    with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1:1/"):
-        await store.retry_count()
-    await store.close()
-
-
-# many processes --------------------------------------------------------------------
-
-ITEMS = 10_000
-WORKERS = ("w1", "w2", "w3", "w4")
-HANDLER = "record_item"
-
-
-async def seed(url: str, count: int) -> set[str]:
-    """``count`` items whose first call (not made here) failed, due at once; their event ids."""
-    now = datetime.now(UTC) - timedelta(seconds=1)
-    error = ErrorInfo("the first call fails", "ConnectionError")
-    ids: set[str] = set()
-    async with open_store(url) as store:
-        for start in range(0, count, 1000):
-            batch = [
-                RetryItem.for_failure(
-                    Event("item.created", {"n": n}),
-                    HANDLER,
-                    error,
-                    attempt=1,
-                    max_retries=3,
-                    next_retry=now,
-                    now=now,
-                )
-                for n in range(start, min(start + 1000, count))
-            ]
-            await store.record_failures(batch, [])
-            ids.update(item.event_id for item in batch)
-        assert await store.retry_count() == count
-    return ids
-
-
-def spawn_worker(url: str, directory: Path, name: str, go: Path) -> subprocess.Popen[bytes]:
-    with (directory / f"{name}.log").open("wb") as log:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                str(APPS / "process_worker.py"),
-                "--store",
-                url,
-                "--record",
-                str(directory / f"{name}.calls"),
-                "--name",
-                name,
-                "--batch-size=100",
-                "--concurrency=8",
-                "--lease=60",
-                "--until-empty",
-                f"--ready={directory / name}.ready",
-                f"--go={go}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-@pytest.mark.slow
-async def test_four_worker_processes_handle_every_item_exactly_once_never_two_at_once(
-    url: str, tmp_path: Path
-) -> None:
-    seeded = await seed(url, ITEMS)
-    go = tmp_path / "go"
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        for name in WORKERS:
-            procs[name] = spawn_worker(url, tmp_path, name, go)
-        deadline = time.monotonic() + 30
-        while not all((tmp_path / f"{name}.ready").exists() for name in WORKERS):
-            assert time.monotonic() < deadline, "the workers did not connect"
-            assert all(p.poll() is None for p in procs.values()), "a worker exited early"
-            await asyncio.sleep(0.01)
-        started = time.monotonic()
-        go.touch()
-        codes = {}
-        for name, proc in procs.items():
-            codes[name] = await asyncio.to_thread(proc.wait, 90)
-        elapsed = time.monotonic() - started
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    logs = {name: (tmp_path / f"{name}.log").read_text() for name in WORKERS}
-    assert codes == dict.fromkeys(WORKERS, 0), logs
-
-    calls: list[Call] = [c for name in WORKERS for c in read_calls(tmp_path / f"{name}.calls")]
-    per_item = Counter(call.event_id for call in calls)
-    assert set(per_item) == seeded, "no item is lost"
-    assert {event_id: n for event_id, n in per_item.items() if n != 1} == {}
-    assert all(call.end is not None for call in calls)
-    by_item: dict[str, list[Call]] = defaultdict(list)
-    for call in calls:
-        by_item[call.event_id].append(call)
-    assert {e: pairs for e, c in by_item.items() if (pairs := overlapping(c))} == {}
-    per_pid = Counter(call.pid for call in calls)
-    assert len(per_pid) == 4
-    assert min(per_pid.values()) >= ITEMS // 20, per_pid
-
-    async with open_store(url) as store:
-        counters = await store.counters()
-        assert (await store.retry_count(), await store.count_dead(DeadLetterFilter())) == (0, 0)
-    assert counters.retry_added == ITEMS
-    assert counters.retry_succeeded == ITEMS
-    assert counters.retry_dead_lettered == 0
-    print(f"\n{ITEMS} items, 4 processes x 8: {elapsed:.1f}s ({ITEMS / elapsed:.0f} items/s)")
-    assert os.environ.get("CI") == "true" or elapsed < 60

@@ -1,15 +1,16 @@
-"""The SQLite store's multi-process guarantees, shown with real processes on a real file.
+"""The SQLite store's multi-process guarantees, shown with real processes on a real file:
+a worker killed with SIGKILL in the middle of a batch.
 
 Workers run ``tests/apps/process_worker.py`` in their own processes; each records
 every handler call durably in its own file (see that module), and the tests
-read those records and the store afterwards. Nothing is mocked.
+read those records and the store afterwards. Nothing is mocked. Four workers
+sharing one file, and a file reopened in a fresh process: tests/test_conformance_engines.py,
+for every engine.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import json
 import os
 import signal
 import subprocess
@@ -17,15 +18,14 @@ import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 import retrybus
 from call_records import Call, epoch_ns, overlapping, read_calls, wait_until
-from retrybus import Event, EventBus, FixedDelay, PermanentError
+from retrybus import Event, EventBus, FixedDelay
 from retrybus._outcomes import Counters
 
 pytestmark = pytest.mark.slow
@@ -33,15 +33,6 @@ pytestmark = pytest.mark.slow
 APPS = Path(__file__).parent / "apps"
 WORKER = APPS / "process_worker.py"
 HANDLER = "record_item"
-
-
-def _load_app(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_retrybus_test_app_{name}", APPS / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _url(db: Path) -> str:
@@ -137,113 +128,6 @@ class Workers:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-
-
-# Four workers, two thousand items ---------------------------------------------
-
-ITEMS = 2_000
-WORKER_NAMES = ("w1", "w2", "w3", "w4")
-
-
-@dataclass
-class FourWorkersRun:
-    publish_calls: dict[str, Call]
-    worker_calls: list[Call]
-    pids: dict[str, int]
-    exit_codes: dict[str, int]
-    logs: dict[str, str]
-    after: StoreState
-
-
-@pytest.fixture(scope="module")
-def four_workers(tmp_path_factory: pytest.TempPathFactory) -> FourWorkersRun:
-    """2,000 items whose first call failed at publish, then four worker processes
-    (concurrency 8, batches of 25) started together on the file, each running
-    until the retry queue is empty."""
-    directory = tmp_path_factory.mktemp("four_workers")
-    db = directory / "bus.db"
-    publish_calls = asyncio.run(seed(db, ITEMS))
-    workers = Workers(directory, db)
-    go = directory / "go"
-    try:
-        for name in WORKER_NAMES:
-            workers.spawn(
-                name,
-                "--batch-size=25",
-                "--concurrency=8",
-                "--lease=30",
-                "--sleep-min=0.001",
-                "--sleep-max=0.004",
-                "--until-empty",
-                f"--ready={directory / name}.ready",
-                f"--go={go}",
-            )
-        wait_until(
-            lambda: all((directory / f"{name}.ready").exists() for name in WORKER_NAMES),
-            "every worker process has connected",
-        )
-        go.touch()
-        exit_codes = {name: workers.wait(name) for name in WORKER_NAMES}
-    finally:
-        workers.kill_all()
-    return FourWorkersRun(
-        publish_calls=publish_calls,
-        worker_calls=[call for name in WORKER_NAMES for call in read_calls(workers.record(name))],
-        pids={name: workers.procs[name].pid for name in WORKER_NAMES},
-        exit_codes=exit_codes,
-        logs={name: workers.log(name) for name in WORKER_NAMES},
-        after=asyncio.run(read_state(db)),
-    )
-
-
-def test_every_worker_process_exits_cleanly_once_the_queue_is_empty(
-    four_workers: FourWorkersRun,
-) -> None:
-    assert four_workers.exit_codes == dict.fromkeys(WORKER_NAMES, 0), four_workers.logs
-
-
-def test_every_item_is_handled_exactly_twice_once_at_publish_and_once_by_a_worker(
-    four_workers: FourWorkersRun,
-) -> None:
-    assert len(four_workers.publish_calls) == ITEMS
-    retries = Counter(call.event_id for call in four_workers.worker_calls)
-    assert set(retries) == set(four_workers.publish_calls)
-    assert {event_id: n for event_id, n in retries.items() if n != 1} == {}
-    assert all(call.end is not None for call in four_workers.worker_calls)
-
-
-def test_no_item_is_ever_handled_by_two_callers_at_once(four_workers: FourWorkersRun) -> None:
-    by_item: dict[str, list[Call]] = defaultdict(list)
-    for call in [*four_workers.publish_calls.values(), *four_workers.worker_calls]:
-        by_item[call.event_id].append(call)
-    clashes = {event_id: overlapping(calls) for event_id, calls in by_item.items()}
-    assert {event_id: pairs for event_id, pairs in clashes.items() if pairs} == {}
-
-
-def test_no_item_is_lost_or_dead_lettered(four_workers: FourWorkersRun) -> None:
-    after = four_workers.after
-    assert (after.retry_count, after.dead_count) == (0, 0)
-    assert after.counters.retry_added == ITEMS
-    assert after.counters.retry_succeeded == ITEMS
-    assert after.counters.retry_dead_lettered == 0
-
-
-def test_all_four_workers_share_the_items_and_run_side_by_side(
-    four_workers: FourWorkersRun,
-) -> None:
-    per_pid = Counter(call.pid for call in four_workers.worker_calls)
-    assert set(per_pid) == set(four_workers.pids.values())
-    assert min(per_pid.values()) >= ITEMS // 20, per_pid
-    spans = {
-        pid: (
-            min(c.start for c in four_workers.worker_calls if c.pid == pid),
-            max(c.end or 0 for c in four_workers.worker_calls if c.pid == pid),
-        )
-        for pid in per_pid
-    }
-    # every worker was still handling items after every other one had begun
-    latest_first_start = max(start for start, _ in spans.values())
-    assert all(end > latest_first_start for _, end in spans.values()), spans
 
 
 # A worker killed with SIGKILL in the middle of a batch --------------------------
@@ -401,87 +285,3 @@ def test_no_item_is_handled_by_the_second_worker_while_the_killed_one_ran(
         by_item[call.event_id].append(call)
     clashes = {event_id: overlapping(calls) for event_id, calls in by_item.items()}
     assert {event_id: pairs for event_id, pairs in clashes.items() if pairs} == {}
-
-
-# Closing and reopening the file --------------------------------------------------
-
-
-async def test_records_survive_closing_and_reopening_the_file_in_a_fresh_process(
-    tmp_path: Path,
-) -> None:
-    dump_store = _load_app("dump_store")
-    db = tmp_path / "bus.db"
-    placed = Event(
-        "order.placed",
-        {"id": 1, "name": "Zoë", "items": [{"sku": "A-1", "qty": 2}], "total": 12.5, "gift": None},
-        source="shop",
-        subject="order/1",
-        time=datetime(2025, 1, 7, 9, 59, 59, 123456, tzinfo=UTC),
-        extensions={
-            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-            "correlationid": "c-1",
-        },
-    )
-    rescheduled = Event("order.placed", ["a list", 1, 2.5, True, None], source="shop")
-    rejected = Event("order.rejected", "plain text, 日本語")
-    cancelled = Event("order.cancelled", None, subject="order/4")
-    late = Event("order.placed", {"id": 5})
-
-    async with retrybus.open_store(_url(db)) as store:
-        bus = EventBus(store, default_policy=FixedDelay(max_retries=2, delay=0))
-
-        async def flaky(event: Event) -> None:
-            raise TimeoutError("db timeout")
-
-        async def strict(event: Event) -> None:
-            raise PermanentError("no such customer")
-
-        bus.subscribe("order.*", flaky, name="flaky")
-        bus.subscribe("order.rejected", strict, name="strict")
-        published = [await bus.publish(e) for e in (placed, rescheduled, rejected, cancelled)]
-        claimed = {
-            item.event_id: item
-            for item in await bus.retry_queue.claim_due(10, lease=600, owner="writer")
-        }
-        assert await bus.retry_queue.update_attempt(
-            claimed[rescheduled.id],
-            bus.clock.now() + timedelta(hours=1),
-            2,
-            error=ValueError("second failure"),
-        )
-        given_up = await bus.retry_queue.mark_failed(claimed[cancelled.id], error="gave up")
-        assert given_up is not None
-        (rejection,) = published[2].dead_letters
-        await bus.dead_letters.reprocess(rejection.id)  # fails again: new error, metadata
-        late_result = await bus.publish(late)  # a fresh item, never claimed
-
-        written = {
-            "retry": [dump_store.record(i) for i in await bus.retry_queue.list(limit=1000)],
-            "dead": [dump_store.record(i) for i in await bus.dead_letters.list(limit=1000)],
-            "counters": dump_store.plain(await store.counters()),
-        }
-
-    fresh = await asyncio.create_subprocess_exec(
-        sys.executable, str(APPS / "dump_store.py"), str(db), stdout=asyncio.subprocess.PIPE
-    )
-    output, _ = await fresh.communicate()
-    assert fresh.returncode == 0
-    reopened = json.loads(output)
-
-    assert reopened == json.loads(json.dumps(written))
-    # and what was written is what the bus produced
-    retry_ids = {item.id for result in published for item in result.retry_items}
-    assert {r["id"] for r in reopened["retry"]} == retry_ids - {claimed[cancelled.id].id} | {
-        item.id for item in late_result.retry_items
-    }
-    assert {r["id"] for r in reopened["dead"]} == {rejection.id, given_up.id}
-    by_event = {r["event_id"]: r for r in reopened["retry"]}
-    assert by_event[placed.id]["event"] == placed.to_dict()
-    assert by_event[placed.id]["lease_owner"] == "writer"
-    assert by_event[rescheduled.id]["attempt"] == 2
-    assert by_event[rescheduled.id]["error"] == "second failure"
-    assert by_event[late.id]["lease_owner"] is None
-    dead = {r["id"]: r for r in reopened["dead"]}
-    assert dead[rejection.id]["event"] == rejected.to_dict()
-    assert dead[rejection.id]["metadata"]["reprocess_count"] == 1
-    assert dead[given_up.id]["error"] == "gave up"

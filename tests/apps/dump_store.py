@@ -1,10 +1,11 @@
-"""Print everything a SQLite store holds as JSON, from a fresh process.
+"""Print everything a store holds as JSON, from a fresh process.
 
-    python tests/apps/dump_store.py PATH
+    python tests/apps/dump_store.py (PATH | URL)
 
-Output: ``{"retry": [...], "dead": [...], "counters": {...}}``; each record is
-its dataclass fields, times as ISO 8601 with microseconds, plus ``event``:
-the event rebuilt from the record in its CloudEvents form.
+PATH is a SQLite file; URL any store URL. Output: ``{"retry": [...], "dead": [...],
+"counters": {...}, "control": [...]}``; each record is its dataclass fields, times
+as ISO 8601 with microseconds, plus, for the queues' records, ``event``: the event
+rebuilt from the record in its CloudEvents form.
 """
 
 from __future__ import annotations
@@ -39,15 +40,20 @@ def record(item: RetryItem | DeadLetterItem) -> dict[str, Any]:
     return {**plain(item), "event": item.to_event().to_dict()}
 
 
-async def dump(path: Path) -> dict[str, Any]:
-    async with retrybus.open_store(f"sqlite:///{path}") as store:
+async def dump(url: str) -> dict[str, Any]:
+    async with retrybus.open_store(url) as store:
         bus = EventBus(store)
         return {
             "retry": [record(item) for item in await bus.retry_queue.list(limit=100_000)],
             "dead": [record(item) for item in await bus.dead_letters.list(limit=100_000)],
             "counters": plain(await store.counters()),
+            "control": plain(await store.list_control("")),
         }
 
 
+def store_url(where: str) -> str:
+    return where if "://" in where else f"sqlite:///{Path(where).resolve()}"
+
+
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(dump(Path(sys.argv[1]).resolve())), ensure_ascii=False))
+    print(json.dumps(asyncio.run(dump(store_url(sys.argv[1]))), ensure_ascii=False))

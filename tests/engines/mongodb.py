@@ -18,15 +18,25 @@ import shutil
 import tempfile
 import threading
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from retrybus import StoreUnavailable
+from retrybus import RetryItem, Store, StoreUnavailable
 from retrybus._stores.mongodb import MongoStore
 
-from ._common import unavailable, unique_name
+from ._common import Features, Undecodable, WorkerLoad, unavailable, unique_name
 
 WHAT = "MongoDB (SecantusDB)"
+
+FEATURES = Features(
+    on_a_server=True,
+    survives_reopen=True,
+    can_corrupt_records=True,
+    has_url_with_password=True,
+    can_be_unreachable=True,
+    shared_across_processes=True,
+)
 
 _lock = threading.Lock()
 _server_uri: str | None = None
@@ -108,3 +118,68 @@ async def drop_database(url: str, name: str) -> None:
         assert cleaner._client is not None
         await cleaner._client.drop_database(name)
     await cleaner.close()
+
+
+def namespace_url(store: Store) -> str:
+    """The URL of ``store``'s database (with a long timeout: SecantusDB is slow under
+    several worker processes)."""
+    assert isinstance(store, MongoStore)
+    return database_url(store.database_name, timeout="30")
+
+
+SEED_DOCUMENT = {  # the seed's own example, which lacks the event id retrybus needs
+    "_id": "retry_seed_example",
+    "event_type": "like.added",
+    "event_data": {"post_id": 1},
+    "event_source": "SocialService",
+    "event_timestamp": datetime(2025, 1, 7, 10, 0, tzinfo=UTC),
+    "handler_name": "SocialStatisticsHandler",
+    "error": "connection timeout",
+    "attempt": 1,
+    "max_retries": 3,
+    "next_retry": datetime(2025, 1, 7, 10, 0, 2, tzinfo=UTC),
+    "created_at": datetime(2025, 1, 7, 10, 0, tzinfo=UTC),
+    "updated_at": datetime(2025, 1, 7, 10, 0, 1, tzinfo=UTC),
+}
+
+
+async def write_undecodable_records(store: Store, victim: RetryItem) -> list[Undecodable]:
+    """A text where ``victim``'s event time should be a date, the seed's example
+    document (no event id), and a document with nothing but an id and a due time."""
+    assert isinstance(store, MongoStore)
+    long_ago = datetime(2000, 1, 1, tzinfo=UTC)
+    db = await store._database()
+    await db.retry_queue.update_one({"_id": victim.id}, {"$set": {"event_timestamp": "yesterday"}})
+    await db.retry_queue.insert_one({**SEED_DOCUMENT, "next_retry": long_ago})
+    await db.retry_queue.insert_one({"_id": "retry_hand_typed", "next_retry": long_ago})
+    return [
+        Undecodable(
+            victim.id,
+            reason_has=("event_timestamp", "yesterday"),
+            fields={"event_id": victim.event_id},
+        ),
+        Undecodable(
+            "retry_seed_example",
+            reason_has=("undecodable record: KeyError", "event_id"),
+            fields={"event_type": "like.added", "handler_name": "SocialStatisticsHandler"},
+            raw_record={"event_source": "SocialService"},
+        ),
+        Undecodable("retry_hand_typed"),
+    ]
+
+
+MALFORMED_URLS = [
+    ("mongodb://user:s3cret@localhost:27017", "no database name"),
+    ("mongodb://user:s3cret@localhost:27017/", "no database name"),
+    ("mongodb://user:s3cret@localhost/bad.name", "invalid database name"),
+    ("mongodb://user:s3cret@localhost/db?timeout=soon", "timeout"),
+    ("mongodb://user:s3cret@localhost/db?w=banana&journal=maybe", "malformed"),
+]
+
+UNREACHABLE = (
+    "mongodb://user:s3cret@127.0.0.1:1/retrybus?timeout=0.3",
+    "cannot reach MongoDB store",
+)
+
+# SecantusDB is slow: a few hundred items, and leases that outlast the check
+WORKER_LOAD = WorkerLoad(items=200, batch_size=10, lease=120, sleep_min=0.001, sleep_max=0.004)
