@@ -72,18 +72,22 @@ async def test_publish_retries_its_write_through_a_server_restart(
     await bus.close()
 
 
+@pytest.mark.parametrize("durable", [True, False])
 async def test_publish_raises_store_unavailable_once_store_timeout_has_passed(
-    server: PrivateServer,
+    server: PrivateServer, durable: bool
 ) -> None:
+    """Durable, the delivery's record comes first: the handler never runs on an
+    event the store could not take. Not durable, the handler ran and its
+    failure could not be recorded."""
     bus, calls = counting_bus(store_url(server), store_timeout=1.5)
     await bus.store.connect()
     await asyncio.to_thread(server.stop)
     started = time.monotonic()
     with pytest.raises(StoreUnavailable):
-        await bus.publish(Event("order.placed", {"order": 2}))
+        await bus.publish(Event("order.placed", {"order": 2}), durable=durable)
     waited = time.monotonic() - started
     assert 1.0 <= waited < 15, waited
-    assert len(calls) == 1
+    assert len(calls) == (0 if durable else 1)
     await bus.close()
 
 
