@@ -38,6 +38,8 @@ class ClaimedBatch:
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     ended: int = 0
     closing: bool = False
+    #: the flusher is writing outcomes it took from ``pending``
+    writing: bool = False
     _queue: Iterator[RetryItem] | None = None
 
     def next_item(self) -> RetryItem | None:
@@ -48,6 +50,19 @@ class ClaimedBatch:
         if item is not None:
             self.started += 1
         return item
+
+    def give_back_unstarted(self) -> list[str]:
+        """Drop the items no lane has started (the caller releases them); their ids."""
+        unstarted = self.items[self.started :]
+        self.items = self.items[: self.started]
+        self._queue = iter(())
+        self._check_settled()
+        return [item.id for item in unstarted]
+
+    @property
+    def quiet(self) -> bool:
+        """Every outcome so far is written (none waiting, none being written)."""
+        return not self.pending and not self.writing
 
     def item_ended(self) -> None:
         """A lane is done with one of the items it started."""

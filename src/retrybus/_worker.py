@@ -128,6 +128,8 @@ class RetryWorker:
         self._ready: asyncio.Queue[tuple[ClaimedBatch, RetryItem] | None] = asyncio.Queue()
         self._busy = 0
         self._batches: set[asyncio.Task[None]] = set()
+        #: set while a lane runs a suspect alone (see _run_alone)
+        self._suspect: asyncio.Event | None = None
 
     # lifecycle -------------------------------------------------------------
 
@@ -298,10 +300,14 @@ class RetryWorker:
                 await self._maintain()
                 await self._sample_depth()
                 await self._refresh_metrics()
-                if not self._ready.empty() or self._busy >= self.concurrency:
+                if (
+                    not self._ready.empty()
+                    or self._busy >= self.concurrency
+                    or self._suspect is not None
+                ):
                     await self._sleep(self.check_interval)  # a lane that frees wakes it
                     continue
-                batch = await self._claim()
+                batch = await self._claim(min(self.batch_size, self.concurrency - self._busy))
                 self._store_answered()
                 backoff = 0.0
             except StoreUnavailable as exc:
@@ -343,6 +349,11 @@ class RetryWorker:
             if entry is None or self._stopping:
                 return
             batch, item = entry
+            while self._suspect is not None:  # another lane runs a suspect alone
+                await self._suspect.wait()
+            if item.claims > 1 and item.claims <= self.bus.core.max_claims:
+                await self._run_alone(batch, item)
+                continue
             batch.started += 1
             self._busy += 1
             try:
@@ -425,10 +436,13 @@ class RetryWorker:
         await self._run_batch(batch, self._process(batch))
         return len(batch.handled)
 
-    async def _claim(self) -> ClaimedBatch | None:
+    async def _claim(self, limit: int | None = None) -> ClaimedBatch | None:
         owner = f"{self.name}:{next(self._claims)}"
         items = await self.bus.retry_queue.claim_due(
-            self.batch_size, lease=self.lease, owner=owner, handlers=self.bus.handler_names
+            limit or self.batch_size,
+            lease=self.lease,
+            owner=owner,
+            handlers=self.bus.handler_names,
         )
         if not items:
             return None
@@ -490,6 +504,7 @@ class RetryWorker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(batch.done.wait(), _FLUSH_LINGER)
             attempted = batch.take_pending()
+            batch.writing = True
             try:
                 await self._complete(attempted, batch)
             except StoreUnavailable as exc:
@@ -506,6 +521,8 @@ class RetryWorker:
                 )
                 self._store_failed(exc, min(1.0, left))
                 await asyncio.sleep(min(1.0, left))
+            finally:
+                batch.writing = False
 
     async def _deliver(self, item: RetryItem) -> Attempted:
         core = self.bus.core
@@ -542,6 +559,53 @@ class RetryWorker:
                 self.name,
                 lost,
             )
+
+    async def _run_alone(self, batch: ClaimedBatch, item: RetryItem) -> None:
+        """Run a suspect (an item claimed before without an outcome: perhaps what
+        killed a worker) with nothing else in flight: the other lanes wait, the
+        items no lane started are given back first and every outcome is written
+        before and after it, so that should it kill this worker too, only its own
+        claims count (``max_claims``), not its neighbours'."""
+        self._suspect = done = asyncio.Event()
+        batch.started += 1
+        self._busy += 1
+        try:
+            # polls the lanes' and batches' state: suspects are rare
+            while self._busy > 1 or not self._quiet():  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+            await self._give_back_unstarted()
+            batch.add(await self._deliver(item))
+            while not self._quiet():  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        except Exception:
+            logger.exception("worker %s: unexpected error delivering %s", self.name, item.id)
+        finally:
+            self._busy -= 1
+            self._suspect = None
+            done.set()
+            batch.item_ended()
+            self._wake_up()
+
+    def _quiet(self) -> bool:
+        return all(
+            task.batch.quiet  # type: ignore[attr-defined]
+            for task in self._batches
+            if hasattr(task, "batch")
+        )
+
+    async def _give_back_unstarted(self) -> None:
+        """Release every claimed item no lane has started (its claim no longer counts)."""
+        while not self._ready.empty():
+            if self._ready.get_nowait() is None:
+                self._ready.put_nowait(None)  # a stop: leave it for a lane
+                break
+        for task in list(self._batches):
+            batch = getattr(task, "batch", None)
+            if isinstance(batch, ClaimedBatch):
+                ids = batch.give_back_unstarted()
+                if ids:
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.bus.store.release(ids, batch.owner)
 
     async def _heartbeat(self, batch: ClaimedBatch) -> None:
         """Extend the batch's leases every third of a lease while its handlers run."""
