@@ -588,7 +588,7 @@ class RetryWorker:
 
     def _quiet(self) -> bool:
         return all(
-            task.batch.quiet  # type: ignore[attr-defined]
+            task.batch.quiet
             for task in self._batches
             if hasattr(task, "batch")
         )

@@ -150,7 +150,9 @@ async def write_undecodable_records(store: Store, victim: RetryItem) -> list[Und
     long_ago = datetime(2000, 1, 1, tzinfo=UTC)
     db = await store._database()
     await db.retry_queue.update_one({"_id": victim.id}, {"$set": {"event_timestamp": "yesterday"}})
-    await db.retry_queue.insert_one({**SEED_DOCUMENT, "next_retry": long_ago})
+    # for the victim's handler: a worker claims only records of handlers it has
+    seed = {**SEED_DOCUMENT, "handler_name": victim.handler_name, "next_retry": long_ago}
+    await db.retry_queue.insert_one(seed)
     await db.retry_queue.insert_one({"_id": "retry_hand_typed", "next_retry": long_ago})
     return [
         Undecodable(
@@ -161,7 +163,7 @@ async def write_undecodable_records(store: Store, victim: RetryItem) -> list[Und
         Undecodable(
             "retry_seed_example",
             reason_has=("undecodable record: KeyError", "event_id"),
-            fields={"event_type": "like.added", "handler_name": "SocialStatisticsHandler"},
+            fields={"event_type": "like.added", "handler_name": victim.handler_name},
             raw_record={"event_source": "SocialService"},
         ),
         Undecodable("retry_hand_typed"),

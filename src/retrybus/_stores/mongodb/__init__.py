@@ -4,10 +4,12 @@ The engine's modules:
 
 - ``store``: ``MongoStore``, its client, transactions (or, without them, moves in
   an order that loses nothing; the atomicity rules are documented there), error
-  mapping, and the hot half of the protocol (publish, the workers, the sweeps);
+  mapping, the hot half of the protocol (publish, the workers, the sweeps) and
+  ``watch`` (a change stream, where the server has them);
 - ``admin``: the admin half (browsing, grouping, requeueing, control records), a
   mixin that ``MongoStore`` inherits;
-- ``migrate``: the collections and indexes, set up on connect, and the back-fill
+- ``migrate``: the collections and indexes, set up on connect, the layout's
+  upgrade (``LAYOUT_VERSION``: retry items count their claims) and the back-fill
   of failure groups;
 - ``codec``: records as documents and back (times to the microsecond, JSON values
   that BSON cannot hold), on the record codec the engines share;

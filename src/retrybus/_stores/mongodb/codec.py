@@ -204,6 +204,13 @@ def _int(doc: Mapping[str, Any], name: str) -> int:
     return int(value)
 
 
+def _claims(doc: Mapping[str, Any], name: str) -> int:
+    """A retry item's claim count: 0 when the field is missing (a document written
+    before layout 2, or by an older process)."""
+    value = doc.get(name)
+    return 0 if value is None else _int(doc, name)
+
+
 def _any_text(doc: Mapping[str, Any], name: str, default: str = "") -> str:
     """Field ``name`` if it is a string, else ``default`` (a dead letter is shown anyway)."""
     value = doc.get(name)
@@ -274,6 +281,7 @@ _RETRY_READERS: dict[str, Callable[[Mapping[str, Any], str], Any]] = {
     "lease_owner": _optional_text,
     "lease_until": _time_or_none,
     "metadata": _object,
+    "claims": _claims,
 }
 
 

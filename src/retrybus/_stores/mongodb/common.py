@@ -7,12 +7,14 @@ from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
-__all__ = ["CONTROL", "COUNTERS", "DEAD", "RETRY", "Doc", "Session"]
+__all__ = ["CONTROL", "COUNTERS", "DEAD", "LAYOUT", "RETRY", "Doc", "Session"]
 
 RETRY = "retry_queue"
 DEAD = "dead_letter_queue"
 COUNTERS = "retrybus_counters"
 CONTROL = "retrybus_control"
+#: one document, ``{_id: "layout", version: n}``: the layout version (``migrate``)
+LAYOUT = "retrybus_layout"
 
 Doc = dict[str, Any]
 #: the transaction an operation runs in (None: the server has no transactions)

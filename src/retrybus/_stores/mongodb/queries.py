@@ -19,6 +19,7 @@ from .common import Doc
 __all__ = [
     "DEAD_GROUP_DEFAULTS",
     "before_position",
+    "claim_candidates",
     "dead_letter_query",
     "earlier",
     "group_counts",
@@ -73,6 +74,25 @@ def not_earlier(name: str, moment: datetime) -> Doc:
     if extra == 0:
         return {name: {"$gte": ms}}
     return {"$or": [{name: {"$gt": ms}}, {name: ms, f"{name}_us": {"$gte": extra}}]}
+
+
+def claim_candidates(now: datetime, handlers: list[str] | None) -> Doc:
+    """Filter: the retry items that may be claimable at ``now`` (of ``handlers``
+    only, unless None): due, and no lease or one that ran out, both compared to
+    the millisecond. That is a superset, by the items whose time falls in the
+    millisecond of ``now`` but after it: the caller checks the microseconds of
+    what it reads, and leases with a compare-and-set. Every condition is on one
+    field, with no operator at the top level, so that the server narrows the
+    scan by index bounds (mongod) or by the first indexed field (SecantusDB,
+    which scans the collection for a query with a top-level ``$and``/``$or``):
+    ``handler_name`` comes first, then ``next_retry``."""
+    ms, _extra = split_time(now)
+    # a document without a handler name (damaged, or written by hand) is every
+    # worker's: claimed, it is dead-lettered as undecodable instead of lingering
+    query: Doc = {} if handlers is None else {"handler_name": {"$in": [*handlers, None]}}
+    query["next_retry"] = {"$lte": ms}
+    query["lease_until"] = {"$not": {"$gt": ms}}  # none (null or missing), or ran out
+    return query
 
 
 def before_position(name: str, moment: datetime, item_id: str) -> Doc:

@@ -3,23 +3,40 @@ an order that loses nothing), pymongo's errors mapped to retrybus's, and the hot
 half of the protocol (what publish and the workers use); ``MongoAdmin`` (``admin``)
 adds the admin half.
 
-Atomicity. A claim reads the ids of the earliest claimable items (due, lease
-free or expired), then leases with one ``update_many`` those still claimable
-(the filter is checked and the lease set atomically per document, so two
-claimers never both get one), and reads back what it got; it repeats while
-others took some. On SecantusDB this is far faster than one
+Atomicity. A claim reads the earliest items that may be claimable (due, lease
+free or expired, compared to the millisecond on fields that index bounds
+narrow: ``queries.claim_candidates``; with a worker's handlers, only theirs),
+keeps those claimable to the microsecond, and leases them with one
+compare-and-set per document in one ``bulk_write``: the update matches only a
+document whose lease, next retry time and ``claims`` are still as read, so two
+claimers never both get one, and the claim sets ``claims`` to the count read
+plus one. What it leased it knows without reading it back (unless some
+compare-and-set missed: then it reads back which are its own); it repeats
+while others took some. On SecantusDB this is far faster than one
 ``find_one_and_update`` per item (each scans the collection), and claims
-through one store object take turns. On a replica set or sharded
-cluster (what transactions need) every multi-document change runs in a
-transaction. On a standalone server the moves run in an order that loses
-nothing: to dead-letter an item, the dead letter (its id derived from the
-item's) is upserted first, then the item deleted under the fencing filter;
-if the delete finds nothing (the lease was lost) the dead letter is removed
-again, but only if this move created it and nobody else's move has met it
-since. A repeated move is a no-op. The running totals (``bus.stats()``) are
+through one store object take turns. A release takes one claim back
+(``claims`` - 1, not below 0: an item an older process wrote has none).
+
+On a replica set or sharded cluster (what transactions need) every
+multi-document change runs in a transaction. On a standalone server the moves
+run in an order that loses nothing: to dead-letter an item, the dead letter
+(its id derived from the item's) is upserted first, then the item deleted
+under the fencing filter; if the delete finds nothing (the lease was lost) the
+dead letter is removed again, but only if this move created it and nobody
+else's move has met it since. A repeated move is a no-op. The running totals (``bus.stats()``) are
 incremented after the change, outside any transaction: they are statistics,
 and one hot counter document inside every transaction would make concurrent
 workers conflict on it.
+
+Pending deliveries (``record_pending``) are one unordered ``insert_many``: ids
+already stored fail as duplicates and are skipped, the rest are inserted, in one
+round trip and outside any transaction (each record stands alone; a batch cut
+short is like one whose reply was lost: what was written is leased to the
+publisher, or deferred, and a worker takes it when due).
+
+Watching (``watch``) is a change stream on ``retry_queue``, where the server has
+them (a replica set or sharded cluster; a standalone server has none: workers
+poll).
 """
 
 from __future__ import annotations
@@ -29,17 +46,19 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from bson.codec_options import CodecOptions
 from bson.errors import InvalidDocument
-from pymongo import ASCENDING, AsyncMongoClient, UpdateOne
+from pymongo import ASCENDING, AsyncMongoClient, UpdateMany, UpdateOne
+from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
+    BulkWriteError,
     ConnectionFailure,
     DuplicateKeyError,
     OperationFailure,
@@ -71,7 +90,7 @@ from .codec import (
 )
 from .common import COUNTERS, DEAD, RETRY, Doc, Session
 from .migrate import set_up
-from .queries import earlier
+from .queries import claim_candidates, earlier
 
 __all__ = ["DEFAULT_TIMEOUT", "MongoStore"]
 
@@ -85,6 +104,48 @@ DEFAULT_TIMEOUT = 5.0
 _EXPIRE_CHUNK = 500
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DB_NAME_FORBIDDEN = re.compile(r'[/\\. "$\x00]')
+_DUPLICATE_KEY = 11000
+#: the order of claims: earliest due first (the microseconds break ties), then by id
+_CLAIM_ORDER = [("next_retry", ASCENDING), ("next_retry_us", ASCENDING), ("_id", ASCENDING)]
+#: the fields a claim's compare-and-set checks are as it read them
+_CLAIM_CHECKED = ("lease_owner", "lease_until", "lease_until_us", "next_retry", "next_retry_us")
+
+# Watching: the changes that may make an item claimable sooner than a worker
+# expects: an item added without a lease (a failure's retry, a deferred delivery,
+# a requeue), a next retry time changed (an outcome), a lease given back (a
+# release, an outcome). Not claims or lease extensions, nor a durable publish's
+# records (added leased to their publisher). Only ids and the operation come
+# over the wire.
+_WATCH_PIPELINE: list[Doc] = [
+    {
+        "$match": {
+            "$or": [
+                {
+                    "operationType": {"$in": ["insert", "replace"]},
+                    "fullDocument.lease_until": None,
+                },
+                {
+                    "operationType": "update",
+                    "updateDescription.updatedFields.next_retry": {"$exists": True},
+                },
+                {
+                    "operationType": "update",
+                    "updateDescription.updatedFields.next_retry_us": {"$exists": True},
+                },
+                {
+                    "operationType": "update",
+                    "updateDescription.updatedFields.lease_until": {"$type": "null"},
+                },
+            ]
+        }
+    },
+    {"$project": {"operationType": 1}},
+]
+#: the server has no change streams (``$changeStream`` on a standalone server)
+_NO_CHANGE_STREAMS = frozenset({40573})
+_WATCH_PAUSE = 0.5  # seconds before reopening a lost stream (doubling while it fails)
+_WATCH_PAUSE_MAX = 30.0
+_WATCH_STEADY = 5.0  # a stream lost sooner than this after opening waits before reopening
 
 
 def _lease_free(now: datetime) -> Doc:
@@ -95,6 +156,66 @@ def _lease_free(now: datetime) -> Doc:
 def _fence(owner: str | None, now: datetime) -> Doc:
     """Filter: what ``complete`` may touch (the owner's items, or items no lease holds)."""
     return {"lease_owner": owner} if owner is not None else _lease_free(now)
+
+
+def _claims_of(doc: Mapping[str, Any]) -> int:
+    """The claims a stored item counts (0: none stored, or damaged)."""
+    value = doc.get("claims")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == int(value):
+        return int(value)
+    return 0
+
+
+def _claimable(doc: Mapping[str, Any], now: datetime) -> bool:
+    """Whether an item ``claim_candidates`` matched (to the millisecond) is
+    claimable at ``now`` to the microsecond. A damaged one is: the worker
+    dead-letters it as a corrupt record."""
+    try:
+        if read_time(doc, "next_retry") > now:
+            return False
+        return doc.get("lease_until") is None or read_time(doc, "lease_until") <= now
+    except (KeyError, TypeError, ValueError):
+        return True
+
+
+def _as_read(doc: Mapping[str, Any]) -> Doc:
+    """Filter: the item ``doc`` is, with its lease, next retry time and claims as
+    read (null matches a missing field too). Plain values where they cannot be
+    taken for operators (SecantusDB plans those faster), else ``$eq``."""
+    fields: Doc = {}
+    for name in (*_CLAIM_CHECKED, "claims"):
+        value = doc.get(name)
+        fields[name] = {"$eq": value} if isinstance(value, dict) else value
+    return {"_id": doc["_id"], **fields}
+
+
+def _duplicates(exc: BulkWriteError) -> set[int]:
+    """The positions of the documents an unordered insert skipped as already
+    stored; raises ``exc`` when anything else failed."""
+    details = exc.details
+    errors = details.get("writeErrors") or []
+    if details.get("writeConcernErrors") or any(
+        error.get("code") != _DUPLICATE_KEY for error in errors
+    ):
+        raise exc
+    return {int(error["index"]) for error in errors}
+
+
+def _error_codes(exc: OperationFailure) -> set[Any]:
+    """The server's error codes in ``exc`` (a bulk write's: each write's too)."""
+    codes = {exc.code}
+    if isinstance(exc, BulkWriteError):
+        codes |= {error.get("code") for error in exc.details.get("writeErrors") or []}
+    return codes
+
+
+def _distinct_ids(outcomes: Sequence[Outcome]) -> bool:
+    """Whether no two of ``outcomes`` are for the same item."""
+    ids = {
+        outcome.item_id if isinstance(outcome, DeadLettered) else outcome.item.id
+        for outcome in outcomes
+    }
+    return len(ids) == len(outcomes)
 
 
 def _reschedule_update(item: RetryItem) -> Doc:
@@ -110,6 +231,7 @@ def _reschedule_update(item: RetryItem) -> Doc:
             **metadata,
             "lease_owner": None,
             **time_fields("lease_until", None),
+            "claims": 0,
         }
     }
     if unset:
@@ -160,6 +282,9 @@ class MongoStore(MongoAdmin, Store):
         self._db: AsyncDatabase[Doc] | None = None
         self._opening: asyncio.Lock | None = None
         self._claiming: asyncio.Lock | None = None
+        self._change_streams = False
+        self._said_no_watch = False
+        self._watchers: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(cls, url: str) -> MongoStore:
@@ -248,8 +373,11 @@ class MongoStore(MongoAdmin, Store):
                 self.database_name, codec_options=CodecOptions(tz_aware=True, tzinfo=UTC)
             )
             hello = await db.command("hello")
+            # a replica set or a sharded cluster: transactions and change streams
+            replicated = "setName" in hello or hello.get("msg") == "isdbgrid"
+            self._change_streams = replicated
             if self._want_transactions is None:
-                self._transactions = "setName" in hello or hello.get("msg") == "isdbgrid"
+                self._transactions = replicated
             else:
                 self._transactions = self._want_transactions
             await set_up(db)
@@ -269,6 +397,12 @@ class MongoStore(MongoAdmin, Store):
         self._client, self._db = client, db
 
     async def close(self) -> None:
+        watchers, self._watchers = self._watchers, set()
+        for task in watchers:
+            task.cancel()
+        for task in watchers:
+            with contextlib.suppress(BaseException):
+                await task
         client, self._client, self._db = self._client, None, None
         if client is not None:
             with contextlib.suppress(PyMongoError):
@@ -293,7 +427,7 @@ class MongoStore(MongoAdmin, Store):
                 f"MongoDB store {self.url} refused the data: {_first_line(exc)}"
             ) from exc
         except OperationFailure as exc:
-            if exc.code in _TOO_LARGE_CODES:
+            if _error_codes(exc) & _TOO_LARGE_CODES:
                 raise RecordRejected(
                     f"MongoDB store {self.url} refused the data: {_first_line(exc)}"
                 ) from exc
@@ -327,6 +461,113 @@ class MongoStore(MongoAdmin, Store):
                 await db[COUNTERS].bulk_write(updates, ordered=False)
         except StoreUnavailable as exc:
             logger.warning("running totals not updated (%s): %s", deltas, exc)
+
+    # watching --------------------------------------------------------------
+
+    async def watch(self, on_change: Callable[[], None]) -> Callable[[], Awaitable[None]] | None:
+        """A change stream on ``retry_queue``: ``on_change()`` for every item added
+        without a lease, every next retry time changed and every lease given back
+        (claims and lease extensions are not changes a worker waits for). The
+        stream is open when this returns. When it is lost it is opened again (with
+        backoff while that fails, or while it keeps being lost at once) and
+        ``on_change()`` is called once, for what may have been missed. Returns
+        None on a server without change streams (a standalone server; said once,
+        at debug level): workers then rely on their check interval."""
+        stream: AsyncChangeStream[Doc] | None = None
+        async with self._errors():
+            if self._change_streams:
+                try:
+                    stream = await self._open_stream()
+                except OperationFailure as exc:
+                    if exc.code not in _NO_CHANGE_STREAMS:
+                        raise
+                    self._change_streams = False
+        if stream is None:
+            if not self._said_no_watch:
+                self._said_no_watch = True
+                logger.debug(
+                    "MongoDB store %s: the server has no change streams (a standalone "
+                    "server); workers poll at their check interval",
+                    self.url,
+                )
+            return None
+        task = asyncio.create_task(
+            self._keep_watching(stream, on_change), name=f"retrybus-watch-{self.url}"
+        )
+        self._watchers.add(task)
+
+        async def stop() -> None:
+            self._watchers.discard(task)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        return stop
+
+    async def _open_stream(self) -> AsyncChangeStream[Doc]:
+        db = await self._database()
+        return await db[RETRY].watch(_WATCH_PIPELINE)
+
+    async def _keep_watching(
+        self, stream: AsyncChangeStream[Doc], on_change: Callable[[], None]
+    ) -> None:
+        """Call ``on_change()`` for each change ``stream`` reports; open it again when
+        it is lost (pymongo has already tried to resume it once by then)."""
+        current: AsyncChangeStream[Doc] | None = stream
+        pause = _WATCH_PAUSE
+        outage = False
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if current is None:
+                    try:
+                        current = await self._open_stream()
+                    except (PyMongoError, StoreUnavailable) as exc:
+                        # once per outage; the worker says the rest
+                        (logger.debug if outage else logger.warning)(
+                            "cannot watch MongoDB store %s, trying again with backoff: %s",
+                            self.url,
+                            _first_line(exc),
+                        )
+                        outage = True
+                        await asyncio.sleep(pause)
+                        pause = min(pause * 2, _WATCH_PAUSE_MAX)
+                        continue
+                    if outage:
+                        logger.info("watching MongoDB store %s again", self.url)
+                        outage = False
+                    self._changed(on_change)  # what may have changed meanwhile
+                opened = loop.time()
+                try:
+                    async for _change in current:
+                        self._changed(on_change)
+                    logger.debug("the change stream on %s ended; opening it again", self.url)
+                except PyMongoError as exc:
+                    (logger.debug if outage else logger.warning)(
+                        "the change stream on %s was lost, opening it again: %s",
+                        self.url,
+                        _first_line(exc),
+                    )
+                    outage = True
+                finally:
+                    stream_, current = current, None
+                    with contextlib.suppress(PyMongoError):
+                        await stream_.close()
+                if loop.time() - opened < _WATCH_STEADY:
+                    await asyncio.sleep(pause)  # lost at once: do not spin
+                    pause = min(pause * 2, _WATCH_PAUSE_MAX)
+                else:
+                    pause = _WATCH_PAUSE
+        finally:
+            if current is not None:
+                with contextlib.suppress(PyMongoError):
+                    await current.close()
+
+    def _changed(self, on_change: Callable[[], None]) -> None:
+        try:
+            on_change()
+        except Exception:
+            logger.exception("watching MongoDB store %s: on_change failed", self.url)
 
     # moving to the dead letter queue -------------------------------------------
 
@@ -409,48 +650,88 @@ class MongoStore(MongoAdmin, Store):
         added = await self._atomically(run)
         await self._count(retry_added=added)
 
+    async def record_pending(self, items: Sequence[RetryItem]) -> set[str]:
+        """One unordered ``insert_many``: the ids already stored fail as duplicates
+        and are skipped (see the module's notes: no transaction)."""
+        if not items:
+            return set()
+        docs = [retry_document(item) for item in items]
+        skipped: set[int] = set()
+        async with self._errors() as db:
+            try:
+                await db[RETRY].insert_many(docs, ordered=False)
+            except BulkWriteError as exc:
+                skipped = _duplicates(exc)
+        return {str(doc["_id"]) for n, doc in enumerate(docs) if n not in skipped}
+
     async def claim_due(
-        self, *, now: datetime, limit: int, owner: str, lease_until: datetime
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        owner: str,
+        lease_until: datetime,
+        handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
-        claimable = {"$and": [earlier("next_retry", now, or_equal=True), _lease_free(now)]}
+        names = None if handlers is None else sorted(set(handlers))
+        if limit <= 0 or names == []:
+            return []
+        candidates = claim_candidates(now, names)
         lease = {
-            "$set": {
-                "lease_owner": owner,
-                **time_fields("lease_until", lease_until),
-                **time_fields("updated_at", now),
-            }
+            "lease_owner": owner,
+            **time_fields("lease_until", lease_until),
+            **time_fields("updated_at", now),
         }
-        held = {"lease_owner": owner, "lease_until": lease["$set"]["lease_until"]}
-        held["lease_until_us"] = lease["$set"]["lease_until_us"]
-        order = [("next_retry", ASCENDING), ("next_retry_us", ASCENDING), ("_id", ASCENDING)]
         claimed: list[RetryItem | CorruptRecord] = []
         if self._claiming is None:
             self._claiming = asyncio.Lock()
         # Claims through one store object take turns: they would compete for the same
-        # earliest documents. Each round reads the earliest claimable ids, leases those
-        # still claimable (one atomic update per document), and reads back what it got.
+        # earliest documents. Each round reads the earliest candidates not examined
+        # yet, and leases those claimable with a compare-and-set each.
         async with self._claiming, self._errors() as db:
             retry = db[RETRY]
+            examined: set[Any] = set()
             while len(claimed) < limit:
                 wanted = limit - len(claimed)
-                candidates = (
-                    await retry.find(claimable, projection={"_id": 1})
-                    .sort(order)
-                    .limit(wanted)
-                    .to_list()
-                )
-                if not candidates:
-                    break
-                ids = [doc["_id"] for doc in candidates]
-                result = await retry.update_many({"_id": {"$in": ids}, **claimable}, lease)
-                if result.matched_count:
-                    docs = await retry.find({"_id": {"$in": ids}, **held}).to_list()
-                    claimed += [
-                        decode_or_corrupt(doc, retry_from_document, id_field="_id") for doc in docs
-                    ]
-                if len(candidates) < wanted:
+                asked = wanted + len(examined)  # the examined may still match
+                docs = await retry.find(candidates).sort(_CLAIM_ORDER).limit(asked).to_list()
+                chosen: list[Doc] = []
+                for doc in docs:
+                    if len(chosen) == wanted:
+                        break
+                    if doc["_id"] not in examined:
+                        examined.add(doc["_id"])
+                        if _claimable(doc, now):
+                            chosen.append(doc)
+                if chosen:
+                    claimed += await self._lease(retry, chosen, lease)
+                if len(docs) < asked:
                     break  # nothing more is due (what others took meanwhile is theirs)
         return sorted(claimed, key=_claim_order)
+
+    @staticmethod
+    async def _lease(
+        retry: AsyncCollection[Doc], docs: list[Doc], lease: Doc
+    ) -> list[RetryItem | CorruptRecord]:
+        """Lease ``docs`` (as read), one compare-and-set each in one round trip, and
+        return those leased (as the server now holds them)."""
+        leased = [{**doc, **lease, "claims": _claims_of(doc) + 1} for doc in docs]
+        result = await retry.bulk_write(
+            [
+                UpdateOne(_as_read(doc), {"$set": {**lease, "claims": new["claims"]}})
+                for doc, new in zip(docs, leased, strict=True)
+            ],
+            ordered=False,
+        )
+        if result.matched_count < len(docs):
+            # some changed since they were read (claimed elsewhere, say): which are ours?
+            held = {
+                "_id": {"$in": [doc["_id"] for doc in docs]},
+                **{name: lease[name] for name in ("lease_owner", "lease_until", "lease_until_us")},
+            }
+            ours = {doc["_id"] for doc in await retry.find(held, {"_id": 1}).to_list()}
+            leased = [doc for doc in leased if doc["_id"] in ours]
+        return [decode_or_corrupt(doc, retry_from_document, id_field="_id") for doc in leased]
 
     async def extend_leases(self, ids: Sequence[str], owner: str, lease_until: datetime) -> int:
         if not ids:
@@ -463,12 +744,22 @@ class MongoStore(MongoAdmin, Store):
         return result.matched_count
 
     async def release(self, ids: Sequence[str], owner: str) -> int:
+        """One ordered ``bulk_write`` of two updates: the items holding claims give
+        one back, then those holding none (written by an older process) are freed;
+        each item is freed by one of them."""
         if not ids:
             return 0
+        held = {"_id": {"$in": list(ids)}, "lease_owner": owner}
+        free = {"lease_owner": None, **time_fields("lease_until", None)}
         async with self._errors() as db:
-            result = await db[RETRY].update_many(
-                {"_id": {"$in": list(ids)}, "lease_owner": owner},
-                {"$set": {"lease_owner": None, **time_fields("lease_until", None)}},
+            result = await db[RETRY].bulk_write(
+                [
+                    UpdateMany(
+                        {**held, "claims": {"$gt": 0}}, {"$set": free, "$inc": {"claims": -1}}
+                    ),
+                    UpdateMany(held, {"$set": free}),
+                ],
+                ordered=True,
             )
         return result.matched_count
 
@@ -482,18 +773,33 @@ class MongoStore(MongoAdmin, Store):
             db = await self._database()
             retry = db[RETRY]
             applied: set[str] = set()
-            done = attempts = moved = 0
+            added = done = attempts = moved = 0
+            # The successes (a durable publish's are many): in a transaction, two
+            # statements however many there are: read those the fence holds, delete
+            # them (anyone else's change to one meanwhile is a write conflict, and
+            # the transaction runs again). Without one, a find_one_and_delete each,
+            # which alone tells exactly whether the item was this call's to remove.
+            gone: list[Doc] = []
+            batched = session is not None and _distinct_ids(outcomes)
+            if batched:
+                ids = [outcome.item.id for outcome in outcomes if isinstance(outcome, Succeeded)]
+                if ids:
+                    held = {"_id": {"$in": ids}, **fence}
+                    gone = await retry.find(held, {"attempt": 1}, session=session).to_list()
+                if gone:
+                    await retry.delete_many(
+                        {"_id": {"$in": [doc["_id"] for doc in gone]}, **fence}, session=session
+                    )
             for outcome in outcomes:
                 if isinstance(outcome, Succeeded):
-                    item_id = outcome.item.id
-                    gone = await retry.find_one_and_delete(
-                        {"_id": item_id, **fence}, projection={"attempt": 1}, session=session
-                    )
-                    if gone is not None:
-                        applied.add(item_id)
-                        done += 1
-                        attempt = gone.get("attempt")
-                        attempts += attempt if isinstance(attempt, int) else 0
+                    if not batched:
+                        doc = await retry.find_one_and_delete(
+                            {"_id": outcome.item.id, **fence},
+                            projection={"attempt": 1},
+                            session=session,
+                        )
+                        if doc is not None:
+                            gone.append(doc)
                 elif isinstance(outcome, Rescheduled):
                     item_id = outcome.item.id
                     result = await retry.update_one(
@@ -503,6 +809,7 @@ class MongoStore(MongoAdmin, Store):
                     )
                     if result.matched_count:
                         applied.add(item_id)
+                        added += outcome.first_delivery
                 elif isinstance(outcome, DeadLettered):
                     item_id = outcome.item_id
                     held = {"_id": item_id, **fence}
@@ -510,10 +817,19 @@ class MongoStore(MongoAdmin, Store):
                         db, held, dead_letter_document(outcome.dead_letter), session
                     ):
                         applied.add(item_id)
-                        moved += 1
+                        moved += not outcome.first_delivery
+            for doc in gone:
+                applied.add(str(doc["_id"]))
+                attempt = doc.get("attempt")
+                if attempt != 0:  # a first delivery that worked is not a retry
+                    done += 1
+                    attempts += attempt if isinstance(attempt, int) else 0
             totals.clear()
             totals.update(
-                retry_succeeded=done, retry_succeeded_attempts=attempts, retry_dead_lettered=moved
+                retry_added=added,
+                retry_succeeded=done,
+                retry_succeeded_attempts=attempts,
+                retry_dead_lettered=moved,
             )
             return applied
 
@@ -521,12 +837,17 @@ class MongoStore(MongoAdmin, Store):
         await self._count(**totals)
         return applied
 
-    async def next_due(self) -> datetime | None:
+    async def next_due(self, handlers: Collection[str] | None = None) -> datetime | None:
+        names = None if handlers is None else sorted(set(handlers))
+        if names == []:
+            return None
+        # handlers first: the index on (handler_name, next_retry, …) serves both reads
+        scope: Doc = {} if names is None else {"handler_name": {"$in": names}}
         async with self._errors() as db:
             retry = db[RETRY]
             times: list[datetime] = []
             unleased = await retry.find_one(
-                {"lease_until": None},
+                {**scope, "lease_until": None},
                 projection={"next_retry": 1, "next_retry_us": 1},
                 sort=[("next_retry", ASCENDING), ("next_retry_us", ASCENDING)],
             )
@@ -535,7 +856,7 @@ class MongoStore(MongoAdmin, Store):
             # a leased item falls due when its lease ends, or later if its next retry is later
             best: datetime | None = None
             leased = retry.find(
-                {"lease_until": {"$ne": None}},
+                {**scope, "lease_until": {"$ne": None}},
                 projection={
                     "next_retry": 1,
                     "next_retry_us": 1,
@@ -577,7 +898,7 @@ class MongoStore(MongoAdmin, Store):
                         corrupt_to_dead_letter(record, now, reason)
                         if isinstance(record, CorruptRecord)
                         else record.to_dead_letter(
-                            reason=reason, now=now, attempt=record.attempt - 1
+                            reason=reason, now=now, attempt=max(record.attempt - 1, 0)
                         )
                     )
                     if await self._move(
