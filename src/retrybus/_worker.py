@@ -587,11 +587,7 @@ class RetryWorker:
             self._wake_up()
 
     def _quiet(self) -> bool:
-        return all(
-            task.batch.quiet
-            for task in self._batches
-            if hasattr(task, "batch")
-        )
+        return all(task.batch.quiet for task in self._batches if hasattr(task, "batch"))
 
     async def _give_back_unstarted(self) -> None:
         """Release every claimed item no lane has started (its claim no longer counts)."""
