@@ -537,6 +537,41 @@ def test_worker_on_sigterm_finishes_the_running_handler_and_releases_the_rest(
     assert with_bus(url, lambda bus: bus.stats()).retries_succeeded == 1
 
 
+def test_worker_handler_timeout_fails_a_call_that_runs_too_long(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'worker.db'}"
+    calls = tmp_path / "calls.jsonl"
+    _queue_due_items(url, [Event("like.added", {"out": str(calls), "sleep": 30})])
+    worker = _start_worker(url, tmp_path, "--handler-timeout", "0.3")
+    try:
+        _wait_for(
+            lambda: with_bus(url, lambda bus: bus.dead_letters.count()) == 1,
+            "the hanging delivery to be dead-lettered after its retries",
+        )
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=20)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, stderr
+    [dead] = with_bus(url, lambda bus: bus.dead_letters.list())
+    assert dead.error_type == "TimeoutError"
+    assert dead.error == "handler 'SocialStatisticsHandler' did not finish within 0.3s"
+    assert dead.reason == "failed after 2 retries"
+    assert [c["what"] for c in _calls(calls)] == ["started"] * 2  # retries 1 and 2
+
+
+def test_worker_handler_timeout_must_be_seconds(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(RETRYBUS), "worker", "cli_app:bus", "--app-dir", APPS, "--handler-timeout", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--handler-timeout: must be > 0, got '0'" in done.stderr
+
+
 def test_worker_refuses_a_bus_without_handlers(tmp_path: Path) -> None:
     (tmp_path / "empty_app.py").write_text("import retrybus\nbus = retrybus.EventBus()\n")
     env = {**os.environ, "RETRYBUS_STORE": f"sqlite:///{tmp_path / 'w.db'}"}
@@ -551,6 +586,6 @@ def test_worker_refuses_a_bus_without_handlers(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip().endswith(
-        "Error: the APP's bus has no handlers subscribed: a worker would dead-letter every "
-        "item as 'unknown handler'"
+        "Error: the APP's bus has no handlers subscribed: a worker claims only the records "
+        "of its handlers, so it would have nothing to do"
     )

@@ -55,6 +55,7 @@ class WorkerSettings:
     metrics_host: str = "0.0.0.0"
     tracing: bool = False
     fail_fast: bool = False
+    handler_timeout: float | None = None
 
 
 def _seconds(text: str) -> float:
@@ -157,6 +158,14 @@ def build_parser(prog: str = "retrybus worker") -> argparse.ArgumentParser:
         "for it, retrying with backoff, as a running worker rides out an outage)",
     )
     parser.add_argument(
+        "--handler-timeout",
+        type=_seconds,
+        metavar="S",
+        help="fail a call with TimeoutError after S seconds, for handlers without a "
+        "handler_timeout of their own (an async handler is cancelled; a plain one's "
+        "thread is left to finish) (default: no limit)",
+    )
+    parser.add_argument(
         "--app-dir", default=".", metavar="DIR", help="directory put first on sys.path (.)"
     )
     return parser
@@ -177,6 +186,7 @@ def main(argv: Sequence[str], prog: str = "retrybus worker") -> int:
         metrics_host=args.metrics_host,
         tracing=args.tracing,
         fail_fast=args.fail_fast,
+        handler_timeout=args.handler_timeout,
     )
     store = args.store or os.environ.get("RETRYBUS_STORE") or None
     try:
@@ -266,8 +276,8 @@ async def serve(bus: EventBus, settings: WorkerSettings) -> None:
     """Run a worker on ``bus`` until SIGINT or SIGTERM, then stop it gracefully."""
     if not bus.handler_names:
         raise CliError(
-            "the APP's bus has no handlers subscribed: a worker would dead-letter every "
-            "item as 'unknown handler'",
+            "the APP's bus has no handlers subscribed: a worker claims only the records "
+            "of its handlers, so it would have nothing to do",
             EXIT_USAGE,
         )
     stop_instruments = _instrument(bus, settings)
@@ -279,6 +289,7 @@ async def serve(bus: EventBus, settings: WorkerSettings) -> None:
         lease=settings.lease,
         name=settings.name,
         fail_fast=settings.fail_fast,
+        handler_timeout=settings.handler_timeout,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
