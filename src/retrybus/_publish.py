@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
 from ._delivery import Attempted, call_observed, call_plain, failure_outcome, first_record
@@ -107,25 +108,13 @@ class Publisher:
             if not any(errors):
                 return PublishResult(event, tuple(s.name for s in subscriptions))
             return await self._record_failures(event, subscriptions, _Calls(errors, None), None)
-        publication = Publication(event)
-        observers.publish_started(publication)
-        event = publication.event  # tracing gave it its traceparent
-        calls = _observed_calls(subscriptions, event)
-        try:
+        with _ObservedPublish(observers, event) as scope:
+            event = scope.event  # tracing gave it its traceparent
+            calls = scope.calls = _observed_calls(subscriptions, event)
             await _call_observed_all(calls, subscriptions, event, observers)
             if any(calls.errors):
-                result = await self._record_failures(
-                    event, subscriptions, calls, publication.traceparent
-                )
-            else:
-                result = PublishResult(event, tuple(s.name for s in subscriptions))
-        except BaseException as exc:
-            _unrecorded(calls, observers)
-            observers.publish_ended(publication, exc)
-            raise
-        if observers.watching_publish_ends:
-            observers.publish_ended(publication, None)
-        return result
+                return await self._record_failures(event, subscriptions, calls, scope.traceparent)
+            return PublishResult(event, tuple(s.name for s in subscriptions))
 
     async def _record_failures(
         self,
@@ -175,27 +164,16 @@ class Publisher:
                 return PublishResult(event, pending=pending)
             errors = await self._held_while(run, _call_plain_all([s for s, _ in run], event))
             return await self._finish(event, run, _Calls(errors, None), pending)
-        publication = Publication(event)
-        observers.publish_started(publication)
-        event = publication.event
-        calls: _Calls | None = None
-        try:
-            records = self._records(event, subscriptions, publication.traceparent, leased=True)
+        with _ObservedPublish(observers, event) as scope:
+            event = scope.event
+            records = self._records(event, subscriptions, scope.traceparent, leased=True)
             run, pending = await self._record(event, subscriptions, records)
-            if run:
-                running = [s for s, _ in run]
-                calls = _observed_calls(running, event)
-                await self._held_while(run, _call_observed_all(calls, running, event, observers))
-                result = await self._finish(event, run, calls, pending)
-            else:
-                result = PublishResult(event, pending=pending)
-        except BaseException as exc:
-            _unrecorded(calls, observers)
-            observers.publish_ended(publication, exc)
-            raise
-        if observers.watching_publish_ends:
-            observers.publish_ended(publication, None)
-        return result
+            if not run:
+                return PublishResult(event, pending=pending)
+            running = [s for s, _ in run]
+            calls = scope.calls = _observed_calls(running, event)
+            await self._held_while(run, _call_observed_all(calls, running, event, observers))
+            return await self._finish(event, run, calls, pending)
 
     def _records(
         self,
@@ -298,20 +276,12 @@ class Publisher:
             records = self._records(event, subscriptions, None, leased=False, due=due)
             await core.ledger.record_pending(records, _context(event))
             return PublishResult(event, pending=tuple(r.handler_name for r in records))
-        publication = Publication(event)
-        observers.publish_started(publication)
-        event = publication.event
-        try:
-            records = self._records(
-                event, subscriptions, publication.traceparent, leased=False, due=due
-            )
+        with _ObservedPublish(observers, event) as scope:
+            event = scope.event
+            records = self._records(event, subscriptions, scope.traceparent, leased=False, due=due)
             if records:
                 await core.ledger.record_pending(records, _context(event))
-        except BaseException as exc:
-            observers.publish_ended(publication, exc)
-            raise
-        observers.publish_ended(publication, None)
-        return PublishResult(event, pending=tuple(r.handler_name for r in records))
+            return PublishResult(event, pending=tuple(r.handler_name for r in records))
 
 
 async def _call_plain_all(
@@ -320,6 +290,43 @@ async def _call_plain_all(
     if len(subscriptions) == 1:
         return [await call_plain(subscriptions[0], event)]
     return list(await asyncio.gather(*(call_plain(s, event) for s in subscriptions)))
+
+
+class _ObservedPublish:
+    """One publish as its observers see it: ``publish_started`` on entry, and
+    ``publish_ended`` on the way out, after closing (for an error) the calls
+    whose failure was never written."""
+
+    def __init__(self, observers: Observers, event: Event) -> None:
+        self._observers = observers
+        self._publication = Publication(event)
+        self.calls: _Calls | None = None
+
+    def __enter__(self) -> _ObservedPublish:
+        self._observers.publish_started(self._publication)
+        return self
+
+    @property
+    def event(self) -> Event:
+        """The event as published (tracing gives it its ``traceparent``)."""
+        return self._publication.event
+
+    @property
+    def traceparent(self) -> str | None:
+        """The publish span's ``traceparent`` (None: none, or not sampled)."""
+        return self._publication.traceparent
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            _unrecorded(self.calls, self._observers)
+            self._observers.publish_ended(self._publication, exc)
+        elif self._observers.watching_publish_ends:
+            self._observers.publish_ended(self._publication, None)
 
 
 def _observed_calls(subscriptions: Sequence[Subscription], event: Event) -> _Calls:
