@@ -284,6 +284,9 @@ async def test_a_pending_record_past_its_age_is_dead_lettered_as_attempt_0(
     item = pending(clock, due_in=3600)
     await mongo.record_pending([item])
     clock.advance(10)
+    # not before its time: only once due since before `before`
+    assert await mongo.expire_retry(before=clock.now(), now=clock.now(), reason="x") == []
+    clock.advance(3600)
     (dead,) = await mongo.expire_retry(before=clock.now(), now=clock.now(), reason="too old")
     assert (dead.attempt, dead.reason) == (0, "too old")
 

@@ -533,7 +533,9 @@ async def test_a_pending_record_that_expires_is_a_dead_letter_of_attempt_0(
     now = clock.now()
     item = pending(1, now=now, due_in=3600)  # scheduled an hour ahead
     await store.record_pending([item])
-    (dead,) = await store.expire_retry(before=now + timedelta(seconds=1), now=now, reason="expired")
+    # not before its time: only once due since before `before`
+    assert await store.expire_retry(before=now + timedelta(seconds=1), now=now, reason="x") == []
+    (dead,) = await store.expire_retry(before=now + timedelta(hours=2), now=now, reason="expired")
     assert (dead.attempt, dead.reason, dead.event_id) == (0, "expired", "event-1")
     assert await store.get_dead(dead.id) == dead
     assert await store.retry_count() == 0

@@ -291,7 +291,11 @@ async def test_a_pending_record_that_expires_is_a_dead_letter_of_attempt_zero(
     await redis_store.record_pending([first])
     await redis_store.record_failures([retry], [])
     clock.advance(10)
+    # the retry by its age; the first delivery not before its time
     moved = await redis_store.expire_retry(before=clock.now(), now=clock.now(), reason="expired")
+    assert [dead.event_id for dead in moved] == ["event-2"]
+    clock.advance(3600)
+    moved += await redis_store.expire_retry(before=clock.now(), now=clock.now(), reason="expired")
     assert {dead.event_id: dead.attempt for dead in moved} == {"event-1": 0, "event-2": 1}
     assert await redis_store.next_due() is None
 

@@ -440,6 +440,9 @@ async def test_an_expired_pending_record_is_a_dead_letter_of_attempt_0(
         item = pending(clock, 1, due_in=3600)
         await store.record_pending([item])
         clock.advance(10)
+        # not before its time: only once due since before `before`
+        assert await store.expire_retry(before=clock.now(), now=clock.now(), reason="x") == []
+        clock.advance(3600)
         (dead,) = await store.expire_retry(
             before=clock.now(), now=clock.now(), reason="expired in retry queue"
         )

@@ -48,7 +48,10 @@ class EventBus:
 
     ``retry_retention`` and ``dead_letter_retention`` (seconds; None keeps
     forever) are the ages past which a worker moves retry items to the dead
-    letter queue and deletes dead letters: 7 and 30 days by default.
+    letter queue and deletes dead letters: 7 and 30 days by default. A retry
+    expires by its age; a deferred or scheduled first delivery only once it has
+    been due that long without a worker taking it, so one scheduled further
+    ahead is never expired before its time.
 
     ``store_timeout`` (seconds, 5 by default; 0: no retrying) is how long
     ``publish`` keeps retrying its store write through an outage (a server
@@ -142,7 +145,8 @@ class EventBus:
 
     @property
     def retry_retention(self) -> float | None:
-        """Seconds a retry item may wait before a worker moves it to the DLQ."""
+        """Seconds a retry item may wait before a worker moves it to the DLQ (a
+        deferred or scheduled first delivery: seconds it may wait once due)."""
         return self._core.retry_retention
 
     @property

@@ -249,7 +249,9 @@ class RetryQueue:
     async def cleanup(self, before: datetime | None = None) -> int:
         """Move items created before ``before`` (default: older than the bus's
         ``retry_retention``) to the dead letter queue, reason "expired in retry
-        queue". Nothing is deleted; returns how many moved."""
+        queue": retries by that age alone, deferred and scheduled first
+        deliveries only once due since before ``before`` (never before their
+        time). Leased items stay; nothing is deleted; returns how many moved."""
         now = self._core.clock.now()
         if before is None:
             if self._core.retry_retention is None:

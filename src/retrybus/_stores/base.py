@@ -153,7 +153,12 @@ class RetryStore(abc.ABC):
     async def expire_retry(
         self, *, before: datetime, now: datetime, reason: str
     ) -> list[DeadLetterItem]:
-        """Move unleased items created before ``before`` to the dead letter queue."""
+        """Move to the dead letter queue the items that no live lease holds at
+        ``now``, were created before ``before``, and are either retries
+        (``attempt`` not 0: they expire by age) or first deliveries (``attempt ==
+        0``, deferred or scheduled) due since before ``before`` (``next_retry <
+        before``): a first delivery expires only once it has waited that long
+        due and unclaimed, never before its time. Returns the dead letters."""
 
     @abc.abstractmethod
     async def cleanup_dead(self, before: datetime) -> int:

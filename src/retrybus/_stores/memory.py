@@ -230,7 +230,11 @@ class MemoryStore(Store):
     ) -> list[DeadLetterItem]:
         moved: list[DeadLetterItem] = []
         for item in list(self._retry.values()):
-            if item.created_at < before and (item.lease_until is None or item.lease_until <= now):
+            if (
+                item.created_at < before
+                and (not item.first_delivery or item.next_retry < before)
+                and (item.lease_until is None or item.lease_until <= now)
+            ):
                 dead = item.to_dead_letter(reason=reason, now=now, attempt=max(item.attempt - 1, 0))
                 del self._retry[item.id]
                 self._dead.setdefault(dead.id, dead)

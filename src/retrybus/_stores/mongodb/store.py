@@ -881,7 +881,15 @@ class MongoStore(MongoAdmin, Store):
     async def expire_retry(
         self, *, before: datetime, now: datetime, reason: str
     ) -> list[DeadLetterItem]:
-        expired = {"$and": [earlier("created_at", before), _lease_free(now)]}
+        # a retry expires by age; a first delivery (attempt 0: deferred or scheduled)
+        # only once it has been due since before ``before``, never before its time
+        expired = {
+            "$and": [
+                earlier("created_at", before),
+                {"$or": [{"attempt": {"$ne": 0}}, earlier("next_retry", before)]},
+                _lease_free(now),
+            ]
+        }
 
         async def run(session: Session) -> list[DeadLetterItem]:
             db = await self._database()

@@ -466,10 +466,14 @@ LIMIT $3 OFFSET $4;
 DELETE FROM retry_queue WHERE id = $1;
 
 -- name: take_expired
+-- a retry expires by age; a first delivery (attempt 0: deferred or scheduled) only
+-- once it has been due since before $1, never before its time
 DELETE FROM retry_queue
 WHERE id IN (
     SELECT id FROM retry_queue
-    WHERE created_at < $1 AND (lease_until IS NULL OR lease_until <= $2)
+    WHERE created_at < $1
+      AND (attempt <> 0 OR next_retry < $1)
+      AND (lease_until IS NULL OR lease_until <= $2)
     LIMIT 500
     FOR UPDATE SKIP LOCKED
 )

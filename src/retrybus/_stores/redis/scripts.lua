@@ -790,16 +790,36 @@ return 0
 
 -- name: expire_candidates
 -- ARGV: prefix, before, now, offset, count. Read only: of `count` items created before
--- `before` (from rank `offset`), the id and JSON of those no live lease holds.
--- Returns {scanned, id, json, id, json, ...}.
-local now = tonumber(ARGV[3])
+-- `before` (from rank `offset`), the id and JSON of those no live lease holds that
+-- are retries (they expire by age) or first deliveries (attempt 0: deferred or
+-- scheduled) due since before `before` (never before their time). A record whose
+-- attempt cannot be read expires by age. Returns {scanned, id, json, id, json, ...}.
+local before, now = tonumber(ARGV[2]), tonumber(ARGV[3])
 local ids = redis.call('ZRANGEBYSCORE', K_CREATED, '-inf', '(' .. ARGV[2], 'LIMIT', ARGV[4], ARGV[5])
+-- is the record a first delivery? (from the front of it, where codec.py writes
+-- attempt; a record in another order is decoded whole)
+local function first_delivery(json)
+    local attempt = string.match(json, '^{"attempt":(%-?%d+)')
+    if attempt == nil then
+        local ok, record = pcall(cjson.decode, json)
+        attempt = ok and type(record) == 'table' and record.attempt or nil
+    end
+    return attempt ~= nil and tonumber(attempt) == 0
+end
 local out = { #ids }
 for _, id in ipairs(ids) do
     local lease = redis.call('ZSCORE', K_LEASED, id)
     if (not lease) or tonumber(lease) <= now then
-        out[#out + 1] = id
-        out[#out + 1] = redis.call('HGET', K_ITEMS, id) or ''
+        local json = redis.call('HGET', K_ITEMS, id) or ''
+        local expires = true
+        if json ~= '' and first_delivery(json) then
+            local due = redis.call('ZSCORE', K_NEXT, id)
+            expires = (not due) or tonumber(due) < before
+        end
+        if expires then
+            out[#out + 1] = id
+            out[#out + 1] = json
+        end
     end
 end
 return out

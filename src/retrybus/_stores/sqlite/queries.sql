@@ -288,10 +288,14 @@ LIMIT :limit OFFSET :offset;
 DELETE FROM retry_queue WHERE id = ?;
 
 -- name: take_expired
+-- a retry expires by age; a first delivery (attempt 0: deferred or scheduled) only
+-- once it has been due since before :before, never before its time
 DELETE FROM retry_queue
 WHERE id IN (
     SELECT id FROM retry_queue
-    WHERE created_at < :before AND (lease_until IS NULL OR lease_until <= :now)
+    WHERE created_at < :before
+      AND (attempt <> 0 OR next_retry < :before)
+      AND (lease_until IS NULL OR lease_until <= :now)
     LIMIT 500
 )
 RETURNING *;
