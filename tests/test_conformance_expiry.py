@@ -44,6 +44,33 @@ async def test_a_delivery_scheduled_past_the_retention_survives_cleanup_and_runs
     assert await bus.dead_letters.count() == 0
 
 
+async def test_a_scheduled_delivery_that_fails_is_retried_not_expired(
+    store: Store, clock: ManualClock
+) -> None:
+    bus = EventBus(store, clock=clock)
+    calls: list[datetime] = []
+
+    @bus.handler("reminder.due", name="remind")
+    async def remind(event: Event) -> None:
+        calls.append(clock.now())
+        if len(calls) == 1:
+            raise RetryAfter(3600)
+
+    due = clock.now() + timedelta(days=10)
+    await bus.publish(Event("reminder.due", {"n": 1}), deliver_in=10 * DAY)
+    worker = RetryWorker(bus)
+    clock.advance(10 * DAY)
+    assert await worker.run_once() == 1  # its first call fails: a retry in an hour
+    clock.advance(1800)
+    assert await bus.retry_queue.cleanup() == 0  # the retry is half an hour old, not 10 days
+    (retry,) = await bus.retry_queue.list()
+    assert (retry.attempt, retry.created_at) == (1, due)
+    clock.advance(1800)
+    assert await worker.run_once() == 1
+    assert calls == [due, due + timedelta(hours=1)]
+    assert await bus.dead_letters.count() == 0
+
+
 async def test_a_scheduled_delivery_nobody_takes_expires_a_retention_after_its_time(
     store: Store, clock: ManualClock
 ) -> None:

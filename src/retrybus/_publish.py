@@ -198,6 +198,9 @@ class Publisher:
                     record,
                     id=delivery_id(event.source, event.id, subscription.name),
                     next_retry=due or now,
+                    # a scheduled delivery's age (retention, a failure's time
+                    # budget) counts from its time, not from its publish
+                    created_at=due or now,
                     lease_owner=core.publish_owner if leased else None,
                     lease_until=lease_until,
                     claims=1 if leased else 0,
