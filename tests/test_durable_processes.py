@@ -7,17 +7,20 @@ dead-lettered as undeliverable after ``max_claims`` deaths."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from call_records import clashes, read_calls
 from conftest import ENGINES, fresh_store
-from retrybus import EventBus, open_store
+from private_servers import PrivateSecantus
+from retrybus import EventBus, Store, open_store
 from test_conformance_engines import needs
 
 APPS = Path(__file__).parent / "apps"
@@ -25,6 +28,22 @@ WORKER = APPS / "process_worker.py"
 HANDLER = "record_item"
 
 pytestmark = pytest.mark.slow
+
+
+@contextlib.asynccontextmanager
+async def killable(kind: str, directory: Path) -> AsyncIterator[tuple[str, Store]]:
+    """A URL and a store on a fresh namespace that processes killed with SIGKILL
+    may share. MongoDB runs on a private SecantusDB that aborts a killed client's
+    open transaction after 2 s, as mongod does after transactionLifetimeLimitSeconds
+    (the shared SecantusDB never does, and the others would wait on its locks)."""
+    if kind != "mongodb":
+        async with fresh_store(kind, directory) as store:
+            yield ENGINES[kind].namespace_url(store), store
+        return
+    with PrivateSecantus(transaction_lifetime=2.0) as server:
+        url = f"{server.url}/durable?timeout=30"
+        async with open_store(url) as store:
+            yield url, store
 
 
 async def run_app(url: str, record: Path, *args: str) -> asyncio.subprocess.Process:
@@ -58,8 +77,7 @@ def lines(path: Path) -> list[str]:
 
 @needs("shared_across_processes")
 async def test_a_publisher_killed_mid_publish_loses_no_delivery(kind: str, tmp_path: Path) -> None:
-    async with fresh_store(kind, tmp_path) as store:
-        url = ENGINES[kind].namespace_url(store)
+    async with killable(kind, tmp_path) as (url, store):
         publisher_calls = tmp_path / "publisher.calls"
         publisher = await run_app(
             url,
@@ -168,8 +186,7 @@ async def test_deferred_and_scheduled_deliveries_are_handled_once_never_early(
 async def test_a_handler_that_kills_its_worker_is_dead_lettered_after_three_deaths(
     kind: str, tmp_path: Path
 ) -> None:
-    async with fresh_store(kind, tmp_path) as store:
-        url = ENGINES[kind].namespace_url(store)
+    async with killable(kind, tmp_path) as (url, store):
         publisher = await run_app(
             url, tmp_path / "publisher.calls", "--publish=20", "--publish-concurrency=20", "--defer"
         )
