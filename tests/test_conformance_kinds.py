@@ -255,6 +255,10 @@ async def test_bus_retry_queue_lists_and_counts_by_kind_at_the_bus_clock(
     clock.advance(60.000001)
     assert await bus.retry_queue.count_kinds() == {"retry": 2, "pending": 3, "scheduled": 1}
     assert ids(await bus.retry_queue.list(kind="scheduled")) == [queue.scheduled_later.id]
+    stats = await bus.stats()
+    assert stats.retry_queue_size == 6
+    assert (stats.retry_queue_retries, stats.retry_queue_pending) == (2, 3)
+    assert stats.to_dict()["retry_queue_scheduled"] == 1
     with pytest.raises(ValueError, match="kind must be one of"):
         await bus.retry_queue.list(kind="dead")  # type: ignore[arg-type]
 
