@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
@@ -24,7 +25,9 @@ from ._stores.base import check_retry_kind
 if TYPE_CHECKING:
     from ._core import BusCore
 
-__all__ = ["RetryQueue"]
+__all__ = ["RetryQueue", "check_cancellable"]
+
+logger = logging.getLogger("retrybus")
 
 EXPIRED_REASON = "expired in retry queue"
 #: reads of a record ``cancel`` makes when it changes between the read and the delete
@@ -260,10 +263,11 @@ class RetryQueue:
             raise AmbiguousId(prefix, found)
         return found[0]
 
-    async def cancel(self, item_id: str) -> RetryItem:
+    async def cancel(self, item_id: str, *, actor: str | None = None) -> RetryItem:
         """Cancel a pending or scheduled delivery that no worker holds: its record
         is removed in one step, so its handler never runs (nothing is dead-lettered).
-        Returns the record as it was.
+        Returns the record as it was; the ``retrybus`` logger records it (with
+        ``actor``, who cancelled it, when given).
 
         Raises ``ItemNotFound`` for an unknown id, and ``NotCancellable`` (naming
         the id) for a retry (a failed delivery is retried or dead-lettered, never
@@ -278,8 +282,17 @@ class RetryQueue:
                 raise ItemNotFound(item_id)
             now = self._core.clock.now()
             kind = item.kind(now)
-            _refuse_cancel(item, now)
+            check_cancellable(item, now)
             if await store.cancel_delivery(item.id, now=now):
+                logger.info(
+                    "cancelled %s delivery %s: handler %s, event %s (%s)%s",
+                    kind,
+                    item.id,
+                    item.handler_name,
+                    item.event_id,
+                    item.event_type,
+                    "" if actor is None else f", by {actor}",
+                )
                 return item
             # it changed since it was read (claimed, finished): look again
         raise NotCancellable(item_id, kind, "it kept changing while being cancelled; try again")
@@ -320,8 +333,9 @@ class RetryQueue:
         await self._core.store.health()
 
 
-def _refuse_cancel(item: RetryItem, now: datetime) -> None:
-    """``NotCancellable`` unless ``item`` is a first delivery no live lease holds at ``now``."""
+def check_cancellable(item: RetryItem, now: datetime) -> None:
+    """Raise ``NotCancellable`` (naming the item and why) unless ``item`` is a first
+    delivery that no live lease holds at ``now``: what ``RetryQueue.cancel`` takes."""
     kind = item.kind(now)
     if kind == "retry":
         raise NotCancellable(

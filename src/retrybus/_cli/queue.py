@@ -10,7 +10,7 @@ import typer
 from .._records import RETRY_KINDS, RetryItem, RetryKind
 from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
 from .output import echo_json, record_to_dict
-from .selection import YesOption
+from .selection import YesOption, actor_name
 from .session import EXIT_USAGE, CliError, connected_bus
 from .typer_help import RetrybusTyper
 
@@ -121,7 +121,7 @@ def cancel_delivery(
                     abort=True,
                     err=True,
                 )
-            cancelled = await bus.retry_queue.cancel(resolved)
+            cancelled = await bus.retry_queue.cancel(resolved, actor=actor_name())
             if json:
                 echo_json({"cancelled": _item_dict(cancelled, cancelled.kind(bus.clock.now()))})
             else:
