@@ -171,4 +171,6 @@ def test_queue_cancel_of_an_unknown_or_ambiguous_id_says_so(kinds: Kinds) -> Non
     assert "no item with id 'retry_nope'" in unknown
     ambiguous = one_line_error(invoke("queue", "cancel", "retry_", "--store", kinds.url, "--yes"))
     assert "'retry_' starts more than one id" in ambiguous
+    empty = one_line_error(invoke("queue", "cancel", "", "--store", kinds.url, "--yes"), 2)
+    assert "an id may not be empty" in empty
     assert len(queued_ids(kinds.url)) == 4

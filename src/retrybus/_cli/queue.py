@@ -9,9 +9,10 @@ import typer
 
 from .._records import RETRY_KINDS, RetryItem, RetryKind
 from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
+from .ids import RetryIdArgument, resolve_retry_id
 from .output import echo_json, record_to_dict
 from .selection import YesOption, actor_name
-from .session import EXIT_USAGE, CliError, connected_bus
+from .session import EXIT_USAGE, connected_bus
 from .typer_help import RetrybusTyper
 
 __all__ = ["queue_app", "stats"]
@@ -21,11 +22,6 @@ queue_app = RetrybusTyper(
     help="Look at the retry queue; cancel a pending or scheduled delivery.",
     no_args_is_help=True,
 )
-
-RetryIdArgument = Annotated[
-    str,
-    typer.Argument(metavar="ID", help="A retry queue item id (retry_…) or a unique start of it."),
-]
 
 
 def kinds_line(counts: dict[RetryKind, int]) -> str:
@@ -106,9 +102,7 @@ def cancel_delivery(
 
     async def main() -> None:
         async with connected_bus(store) as bus:
-            if not item_id:
-                raise CliError("an id may not be empty", EXIT_USAGE)
-            resolved = await bus.retry_queue.resolve_id(item_id)
+            resolved = await resolve_retry_id(bus, item_id)
             item = await bus.retry_queue.get(resolved)
             now = bus.clock.now()
             kind = item.kind(now)
