@@ -33,6 +33,7 @@ XSS = "<script>alert(1)</script>"
 BASE = "http://testserver"
 
 # every data-changing endpoint, as (path, form) with ids filled in by `post_targets`
+# ({scheduled}: a scheduled delivery's, which a cancel would remove)
 POST_ENDPOINTS = (
     "/login",
     "/logout",
@@ -46,6 +47,7 @@ POST_ENDPOINTS = (
     "/redrives/{redrive}/resume",
     "/redrives/{redrive}/cancel",
     "/redrives/{redrive}/delete",
+    "/retry-queue/{scheduled}/cancel",
 )
 
 

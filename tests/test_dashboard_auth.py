@@ -22,7 +22,7 @@ from dashboard_support import (
     open_test_store,
     running,
 )
-from retrybus import DeadLetterFilter
+from retrybus import DeadLetterFilter, Event
 from retrybus.dashboard import create_app, parse_tokens
 from retrybus.dashboard._auth import SESSION_COOKIE, Auth
 
@@ -59,7 +59,9 @@ def seed(dash: Dash) -> dict[str, str]:
         letter = await dead(dash.bus, 1)
         await dead(dash.bus, 2)
         redrive = await dash.bus.redrives.start(DeadLetterFilter(handler_name="Nobody"), rate=1)
-        return {"id": letter.id, "redrive": redrive.id}
+        await dash.bus.publish(Event("reminder.due", {"n": 1}), deliver_in=3600)
+        (scheduled,) = await dash.bus.retry_queue.list(kind="scheduled")
+        return {"id": letter.id, "redrive": redrive.id, "scheduled": scheduled.id}
 
     return dash.run(make)
 
@@ -69,6 +71,7 @@ def endpoints(ids: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
         "/dead-letters/{id}/edit": {"data": '{"n": 7}'},
         "/dead-letters/selected": {"action": "delete", "ids": ids["id"], "confirmed": "yes"},
         "/dead-letters/bulk": {"action": "delete"},
+        "/retry-queue/{scheduled}/cancel": {"confirmed": "yes"},
         "/login": {"token": SECRET},
     }
     return [(path.format(**ids), forms.get(path, {})) for path in POST_ENDPOINTS]
@@ -92,6 +95,7 @@ def test_every_post_endpoint_is_in_the_list_the_tests_check(dash: Dash) -> None:
         "/redrives/{redrive}/{action}": {
             f"/redrives/{{redrive}}/{a}" for a in ("pause", "resume", "cancel", "delete")
         },
+        "/retry-queue/{id}/cancel": {"/retry-queue/{scheduled}/cancel"},
     }
     for path in posting:
         assert generic.get(path, {path}) <= listed, path
@@ -138,6 +142,7 @@ def test_without_tokens_the_dashboard_is_read_only(read_only: Dash) -> None:
         f"/dead-letters/{ids['id']}",
         "/groups",
         "/retry-queue",
+        f"/retry-queue/{ids['scheduled']}",
         "/redrives",
         f"/redrives/{ids['redrive']}",
         "/login",
@@ -408,7 +413,7 @@ def test_a_bearer_token_acts_without_a_cookie_or_csrf(dash: Dash) -> None:
         headers={"authorization": f"Bearer {BOB_SECRET}"},
     )
     assert response.status_code == 303
-    (queued,) = dash.run(dash.bus.retry_queue.list)
+    (queued,) = dash.run(dash.bus.retry_queue.list, kind="retry")
     assert queued.metadata["requeued_by"] == "bob"
 
 

@@ -62,7 +62,8 @@ def browser(playwright: Any) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """The dashboard over a store with three failure groups, one of them hostile."""
+    """The dashboard over a store with three failure groups, one of them hostile, and
+    a scheduled delivery."""
     tmp_path = tmp_path_factory.mktemp("browser")
     url = f"sqlite:///{tmp_path / 'browser.db'}"
 
@@ -87,6 +88,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                 error=ValueError(XSS),
                 metadata={"note": XSS},
             )
+            bus.subscribe("reminder.due", lambda event: None, name="Reminder")
+            await bus.publish(retrybus.Event("reminder.due", {"n": 1}), deliver_in=3600)
 
     # in a thread of its own: Playwright's sync API keeps an event loop in this one
     with ThreadPoolExecutor(1) as pool:
@@ -159,6 +162,25 @@ def test_requeue_a_failure_group_and_watch_the_redrive(page: Any) -> None:
     expect(page.locator("#redrive-done")).to_have_text("4")
     assert stat(page, "unprocessed") == unprocessed - 4
     assert stat(page, "retry") == queued + 4
+
+
+def test_cancel_a_scheduled_delivery_after_confirming(page: Any) -> None:
+    from playwright.sync_api import expect
+
+    log_in(page)
+    page.goto("/retry-queue")
+    page.click("#kind-scheduled")
+    expect(page).to_have_url(re.compile(r"/retry-queue\?kind=scheduled$"))
+    rows = page.locator("table.rows tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows.first.locator(".badge-kind-scheduled")).to_have_text("scheduled")
+    rows.first.get_by_role("button", name="Cancel").click()
+    expect(page.locator("h1")).to_contain_text("Cancel the scheduled delivery of reminder.due")
+    page.get_by_role("button", name="Cancel the delivery").click()
+    expect(page).to_have_url(re.compile(r"/retry-queue\?kind=scheduled$"))
+    expect(page.locator(".flash")).to_contain_text("will not be delivered")
+    expect(page.locator("table.rows")).to_have_count(0)
+    expect(page.locator("#kind-scheduled .tab-count")).to_have_text("0")
 
 
 def test_a_post_without_a_token_is_refused(page: Any) -> None:

@@ -17,6 +17,7 @@ from ._errors import (
     AppNotFound,
     ItemBusy,
     ItemNotFound,
+    NotCancellable,
     PermanentError,
     RecordRejected,
     RedriveConflict,
@@ -34,7 +35,7 @@ from ._history import DepthHistory, DepthSample
 from ._observe import Metrics, Tracing, reason_kind
 from ._policy import ExponentialBackoff, FixedDelay, LinearBackoff, RetryPolicy
 from ._queues import RetryQueue
-from ._records import DeadLetterItem, RetryItem
+from ._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
 from ._stats import Stats
 from ._stores import Store, open_store
 from ._worker import RetryWorker
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 _logging.getLogger("retrybus").addHandler(_logging.NullHandler())
 
 __all__ = [
+    "RETRY_KINDS",
     "AmbiguousId",
     "AppNotFound",
     "BulkResult",
@@ -70,6 +72,7 @@ __all__ = [
     "LinearBackoff",
     "ManualClock",
     "Metrics",
+    "NotCancellable",
     "PermanentError",
     "PublishResult",
     "RecordRejected",
@@ -78,6 +81,7 @@ __all__ = [
     "Redrives",
     "RetryAfter",
     "RetryItem",
+    "RetryKind",
     "RetryPolicy",
     "RetryQueue",
     "RetryWorker",

@@ -358,11 +358,13 @@ class EventBus:
 
     async def stats(self) -> Stats:
         """Queue sizes, retry success rate and average attempts (the seed's monitoring),
-        and how many retries fall due within a minute and an hour."""
+        how many retries fall due within a minute and an hour, and the retry queue
+        by kind (retries, pending and scheduled deliveries)."""
         store = self._core.store
         counters = await store.counters()
         now = self._core.clock.now()
         return Stats.from_counts(
+            kinds=await store.count_retry_kinds(now),
             retry_queue_size=await store.retry_count(),
             dead_letter_queue_size=await store.count_dead(DeadLetterFilter()),
             unprocessed_dead_letters=await store.count_dead(DeadLetterFilter(processed=False)),

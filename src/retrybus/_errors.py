@@ -9,6 +9,7 @@ __all__ = [
     "AppNotFound",
     "ItemBusy",
     "ItemNotFound",
+    "NotCancellable",
     "PermanentError",
     "RecordRejected",
     "RedriveConflict",
@@ -81,6 +82,18 @@ class ItemBusy(RetrybusError):
     def __init__(self, item_id: str, why: str) -> None:
         super().__init__(f"{item_id} is busy: {why}; try again later")
         self.item_id = item_id
+
+
+class NotCancellable(RetrybusError):
+    """The retry queue record exists but cannot be cancelled: it is a retry (a
+    failed delivery, which is retried or dead-lettered, never dropped unseen), or a
+    delivery whose handler runs now (a live lease holds it). ``kind`` is its
+    ``RetryKind``; the message names the id and says why."""
+
+    def __init__(self, item_id: str, kind: str, why: str) -> None:
+        super().__init__(f"{item_id} cannot be cancelled: {why}")
+        self.item_id = item_id
+        self.kind = kind
 
 
 class PermanentError(Exception):

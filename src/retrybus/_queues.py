@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from ._delivery import Attempted
-from ._errors import ItemNotFound
+from ._errors import AmbiguousId, ItemNotFound, NotCancellable
 from ._event import Event, check_text, printable
 from ._outcomes import (
     CorruptRecord,
@@ -18,14 +19,19 @@ from ._outcomes import (
     Succeeded,
     corrupt_to_dead_letter,
 )
-from ._records import DeadLetterItem, ErrorInfo, RetryItem
+from ._records import DeadLetterItem, ErrorInfo, RetryItem, RetryKind
+from ._stores.base import check_retry_kind
 
 if TYPE_CHECKING:
     from ._core import BusCore
 
-__all__ = ["RetryQueue"]
+__all__ = ["RetryQueue", "check_cancellable"]
+
+logger = logging.getLogger("retrybus")
 
 EXPIRED_REASON = "expired in retry queue"
+#: reads of a record ``cancel`` makes when it changes between the read and the delete
+_CANCEL_TRIES = 3
 
 
 def _check_page(limit: int, offset: int) -> None:
@@ -221,12 +227,75 @@ class RetryQueue:
         *,
         handler_name: str | None = None,
         event_type: str | None = None,
+        kind: RetryKind | None = None,
     ) -> list[RetryItem]:
-        """Items by next retry time, earliest first."""
+        """Items by next retry time, earliest first; with ``kind`` (``"retry"``,
+        ``"pending"`` or ``"scheduled"``, see ``RetryKind``), only those that are of
+        that kind now (``bus.clock``)."""
         _check_page(limit, offset)
+        check_retry_kind(kind, None if kind is None else self._core.clock.now())
         return await self._core.store.list_retry(
-            limit=limit, offset=offset, handler_name=handler_name, event_type=event_type
+            limit=limit,
+            offset=offset,
+            handler_name=handler_name,
+            event_type=event_type,
+            kind=kind,
+            now=None if kind is None else self._core.clock.now(),
         )
+
+    async def count_kinds(self) -> dict[RetryKind, int]:
+        """How many items of each kind wait now: ``{"retry": …, "pending": …,
+        "scheduled": …}`` (``RetryKind``; they add up to ``count()``)."""
+        return await self._core.store.count_retry_kinds(self._core.clock.now())
+
+    async def resolve_id(self, prefix: str) -> str:
+        """The id of the one item whose id is ``prefix`` or starts with it (for
+        people who copy a shortened id); raises ``ItemNotFound`` when none does and
+        ``AmbiguousId``, listing them, when several do."""
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"a retry item id must be a non-empty string, got {prefix!r}")
+        if await self._core.store.get_retry(prefix) is not None:
+            return prefix
+        found = await self._core.store.find_retry_ids(prefix, limit=11)
+        if not found:
+            raise ItemNotFound(prefix)
+        if len(found) > 1:
+            raise AmbiguousId(prefix, found)
+        return found[0]
+
+    async def cancel(self, item_id: str, *, actor: str | None = None) -> RetryItem:
+        """Cancel a pending or scheduled delivery that no worker holds: its record
+        is removed in one step, so its handler never runs (nothing is dead-lettered).
+        Returns the record as it was; the ``retrybus`` logger records it (with
+        ``actor``, who cancelled it, when given).
+
+        Raises ``ItemNotFound`` for an unknown id, and ``NotCancellable`` (naming
+        the id) for a retry (a failed delivery is retried or dead-lettered, never
+        dropped unseen: ``mark_failed`` moves it to the dead letter queue, ``delete``
+        drops it) or for a delivery whose handler runs now (a live lease holds it:
+        a durable publish's, or a worker's)."""
+        store = self._core.store
+        kind: RetryKind = "pending"
+        for _ in range(_CANCEL_TRIES):
+            item = await store.get_retry(item_id)
+            if item is None:
+                raise ItemNotFound(item_id)
+            now = self._core.clock.now()
+            kind = item.kind(now)
+            check_cancellable(item, now)
+            if await store.cancel_delivery(item.id, now=now):
+                logger.info(
+                    "cancelled %s delivery %s: handler %s, event %s (%s)%s",
+                    kind,
+                    item.id,
+                    item.handler_name,
+                    item.event_id,
+                    item.event_type,
+                    "" if actor is None else f", by {actor}",
+                )
+                return item
+            # it changed since it was read (claimed, finished): look again
+        raise NotCancellable(item_id, kind, "it kept changing while being cancelled; try again")
 
     async def delete(self, item_id: str) -> None:
         """Drop an item without dead-lettering it; raises ``ItemNotFound``."""
@@ -264,3 +333,25 @@ class RetryQueue:
     async def health(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""
         await self._core.store.health()
+
+
+def check_cancellable(item: RetryItem, now: datetime) -> None:
+    """Raise ``NotCancellable`` (naming the item and why) unless ``item`` is a first
+    delivery that no live lease holds at ``now``: what ``RetryQueue.cancel`` takes."""
+    kind = item.kind(now)
+    if kind == "retry":
+        raise NotCancellable(
+            item.id,
+            kind,
+            f"it is a retry (attempt {item.attempt} of {item.max_retries}) of a delivery "
+            "that failed, which is retried or dead-lettered; only pending and scheduled "
+            "deliveries can be cancelled",
+        )
+    if item.leased_at(now):
+        assert item.lease_until is not None
+        raise NotCancellable(
+            item.id,
+            kind,
+            f"its handler is running now (leased by {item.lease_owner} until "
+            f"{item.lease_until.isoformat()})",
+        )

@@ -11,12 +11,21 @@ import traceback as traceback_module
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from ._event import Event, compact_json, printable
 from ._groups import failure_group_key
 
-__all__ = ["DeadLetterItem", "ErrorInfo", "RetryItem"]
+__all__ = ["RETRY_KINDS", "DeadLetterItem", "ErrorInfo", "RetryItem", "RetryKind"]
+
+#: What a record of the retry queue is: a ``retry`` (``attempt >= 1``: a delivery
+#: that failed and waits for its next try), a ``pending`` first delivery
+#: (``attempt == 0`` and due: a durable publish's record while its handler runs, or
+#: a deferred one waiting for a worker) or a ``scheduled`` first delivery
+#: (``attempt == 0``, due later: published with ``deliver_at``/``deliver_in``).
+RetryKind = Literal["retry", "pending", "scheduled"]
+#: every ``RetryKind``, in the order the CLI and the dashboard show them
+RETRY_KINDS: tuple[RetryKind, ...] = ("retry", "pending", "scheduled")
 
 MAX_TRACEBACK_CHARS = 8_000
 MAX_ERROR_CHARS = 2_000
@@ -173,6 +182,19 @@ class RetryItem:
     def first_delivery(self) -> bool:
         """No handler call of this delivery has an outcome yet (``attempt == 0``)."""
         return self.attempt == 0
+
+    def kind(self, now: datetime) -> RetryKind:
+        """What this record is at ``now`` (``RetryKind``): a ``retry`` unless it is a
+        first delivery, which is ``pending`` once due (``next_retry <= now``) and
+        ``scheduled`` before."""
+        if self.attempt != 0:
+            return "retry"
+        return "pending" if self.next_retry <= now else "scheduled"
+
+    def leased_at(self, now: datetime) -> bool:
+        """A live lease holds it at ``now``: a worker (or the publishing process) is
+        running its handler."""
+        return self.lease_until is not None and self.lease_until > now
 
     @classmethod
     def for_failure(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ._outcomes import Counters
+from ._records import RetryKind
 
 __all__ = ["Stats"]
 
@@ -18,7 +20,10 @@ class Stats:
     ``average_attempts`` is how many retries a successful item needed on
     average (None before any succeeded); ``due_within_minute`` and
     ``due_within_hour`` count the retry items falling due that soon (overdue
-    ones included).
+    ones included). ``retry_queue_retries``, ``retry_queue_pending`` and
+    ``retry_queue_scheduled`` split ``retry_queue_size`` by kind (``RetryKind``):
+    failed deliveries waiting for their next try, first deliveries due (deferred,
+    or running), and first deliveries due later (``deliver_at``/``deliver_in``).
     """
 
     retry_queue_size: int
@@ -31,6 +36,9 @@ class Stats:
     average_attempts: float | None
     due_within_minute: int = 0
     due_within_hour: int = 0
+    retry_queue_retries: int = 0
+    retry_queue_pending: int = 0
+    retry_queue_scheduled: int = 0
 
     @classmethod
     def from_counts(
@@ -42,6 +50,7 @@ class Stats:
         counters: Counters,
         due_within_minute: int = 0,
         due_within_hour: int = 0,
+        kinds: Mapping[RetryKind, int] | None = None,
     ) -> Stats:
         ended = counters.retry_succeeded + counters.retry_dead_lettered
         return cls(
@@ -59,6 +68,9 @@ class Stats:
             ),
             due_within_minute=due_within_minute,
             due_within_hour=due_within_hour,
+            retry_queue_retries=(kinds or {}).get("retry", 0),
+            retry_queue_pending=(kinds or {}).get("pending", 0),
+            retry_queue_scheduled=(kinds or {}).get("scheduled", 0),
         )
 
     def to_dict(self) -> dict[str, int | float | None]:

@@ -1,6 +1,6 @@
 """Ids as people give them: a whole id, or a unique start of one copied from a
-table (``dlq_01a2370d``). Every command that takes a dead letter or redrive id
-resolves it here first, so that an unknown or ambiguous one stops the command,
+table (``dlq_01a2370d``). Every command that takes a dead letter, redrive or
+retry queue item id resolves it here first, so that an unknown or ambiguous one stops the command,
 naming it and the ids it could mean, before anything is changed."""
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ __all__ = [
     "DeadLetterIdArgument",
     "DeadLetterIdsArgument",
     "RedriveIdArgument",
+    "RetryIdArgument",
     "resolve_dead_letter_id",
     "resolve_dead_letter_ids",
     "resolve_redrive_id",
+    "resolve_retry_id",
 ]
 
 DeadLetterIdArgument = Annotated[
@@ -38,6 +40,10 @@ DeadLetterIdsArgument = Annotated[
 RedriveIdArgument = Annotated[
     str,
     typer.Argument(metavar="ID", help="A redrive id (redrive_…) or a unique start of it."),
+]
+RetryIdArgument = Annotated[
+    str,
+    typer.Argument(metavar="ID", help="A retry queue item id (retry_…) or a unique start of it."),
 ]
 
 # AmbiguousId lists ten ids, and says there are more when given an eleventh
@@ -90,3 +96,10 @@ async def resolve_redrive_id(bus: EventBus, given: str) -> str:
     if len(matches) > 1:
         raise AmbiguousId(given, matches[:_MATCHES_SHOWN])
     return matches[0]
+
+
+async def resolve_retry_id(bus: EventBus, given: str) -> str:
+    """The id of the one retry queue item whose id is ``given`` or starts with it;
+    ``ItemNotFound`` or ``AmbiguousId`` (which ``common.run`` reports) otherwise."""
+    _require_text(given)
+    return await bus.retry_queue.resolve_id(given)

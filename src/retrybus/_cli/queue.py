@@ -1,13 +1,17 @@
-"""``retrybus queue …`` and ``retrybus stats``: what waits in the retry queue."""
+"""``retrybus queue …`` and ``retrybus stats``: what waits in the retry queue (retries,
+pending and scheduled deliveries), and cancelling a pending or scheduled delivery."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from .._records import RETRY_KINDS, RetryItem, RetryKind
 from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
+from .ids import RetryIdArgument, resolve_retry_id
 from .output import echo_json, record_to_dict
+from .selection import YesOption, actor_name
 from .session import EXIT_USAGE, connected_bus
 from .typer_help import RetrybusTyper
 
@@ -15,9 +19,22 @@ __all__ = ["queue_app", "stats"]
 
 queue_app = RetrybusTyper(
     name="queue",
-    help="Look at the retry queue.",
+    help="Look at the retry queue; cancel a pending or scheduled delivery.",
     no_args_is_help=True,
 )
+
+
+def kinds_line(counts: dict[RetryKind, int]) -> str:
+    """``2 retries, 1 pending, 3 scheduled``."""
+    retries = counts["retry"]
+    return (
+        f"{retries} retr{'y' if retries == 1 else 'ies'}, {counts['pending']} pending, "
+        f"{counts['scheduled']} scheduled"
+    )
+
+
+def _item_dict(item: RetryItem, kind: RetryKind) -> dict[str, Any]:
+    return {**record_to_dict(item), "kind": kind}
 
 
 @queue_app.command("list")
@@ -29,28 +46,83 @@ def list_retry_items(
     event_type: Annotated[
         str | None, typer.Option(metavar="TYPE", help="Only this event type.")
     ] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(
+            metavar="KIND",
+            help="Only retries (retry: deliveries that failed), pending first deliveries "
+            "(pending: due, deferred or running) or scheduled ones (scheduled: due later).",
+            show_default=False,
+        ),
+    ] = None,
     json: JsonOption = False,
     app: AppOption = None,
     app_dir: AppDirOption = ".",
 ) -> None:
-    """List retry items by next retry, earliest first."""
+    """List retry queue items by next retry, earliest first, with the kind of each:
+    retry, pending or scheduled."""
+    if kind is not None and kind not in RETRY_KINDS:
+        fail(f"--kind {kind!r}: use {', '.join(RETRY_KINDS)}", EXIT_USAGE)
+    wanted: RetryKind | None = kind  # narrowed by the check above
 
     async def main() -> None:
         async with connected_bus(store, app, app_dir) as bus:
             items = await bus.retry_queue.list(
-                limit, offset, handler_name=handler, event_type=event_type
+                limit, offset, handler_name=handler, event_type=event_type, kind=wanted
             )
+            now = bus.clock.now()
             if json:
-                echo_json([record_to_dict(item) for item in items])
+                echo_json([_item_dict(item, item.kind(now)) for item in items])
                 return
             from . import views
 
-            total = await bus.retry_queue.count()
+            counts = await bus.retry_queue.count_kinds()
             out = views.console()
             title = f"retry queue — {bus.store.url}"
-            out.print(views.retry_table(items, bus.clock.now(), title))
+            if wanted is not None:
+                title = f"retry queue, {wanted} only — {bus.store.url}"
+            out.print(views.retry_table(items, now, title))
             shown = f"{offset + 1}–{offset + len(items)}" if items else "none"
-            out.print(f"showing {shown} of {total} (all handlers and types)")
+            total = sum(counts.values())
+            out.print(f"showing {shown} of {total} (all handlers and types): {kinds_line(counts)}")
+
+    run(main())
+
+
+@queue_app.command("cancel")
+def cancel_delivery(
+    item_id: RetryIdArgument,
+    store: StoreOption = None,
+    yes: YesOption = False,
+    json: JsonOption = False,
+) -> None:
+    """Cancel a pending or scheduled delivery no worker holds: its record is removed,
+    and its handler never runs (nothing is dead-lettered). A retry, or a delivery whose
+    handler is running, is refused. Asks first unless --yes."""
+
+    async def main() -> None:
+        async with connected_bus(store) as bus:
+            resolved = await resolve_retry_id(bus, item_id)
+            item = await bus.retry_queue.get(resolved)
+            now = bus.clock.now()
+            kind = item.kind(now)
+            if not yes and kind != "retry" and not item.leased_at(now):
+                when = item.next_retry.isoformat()
+                typer.confirm(
+                    f"Cancel the {kind} delivery {resolved} ({item.event_type} to "
+                    f"{item.handler_name}, due {when}) in {bus.store.url}, so that its "
+                    "handler never runs?",
+                    abort=True,
+                    err=True,
+                )
+            cancelled = await bus.retry_queue.cancel(resolved, actor=actor_name())
+            if json:
+                echo_json({"cancelled": _item_dict(cancelled, cancelled.kind(bus.clock.now()))})
+            else:
+                typer.echo(
+                    f"cancelled {resolved}: {cancelled.event_type} to {cancelled.handler_name} "
+                    "will not be delivered"
+                )
 
     run(main())
 
@@ -88,7 +160,8 @@ def stats(
     app: AppOption = None,
     app_dir: AppDirOption = ".",
 ) -> None:
-    """Queue sizes, retry success rate and average attempts."""
+    """Queue sizes (the retry queue's by kind: retries, pending and scheduled
+    deliveries), retry success rate and average attempts."""
 
     async def main() -> None:
         async with connected_bus(store, app, app_dir) as bus:

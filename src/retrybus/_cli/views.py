@@ -228,6 +228,9 @@ def stats_table(stats: Stats, url: str) -> Table:
     table.add_column("value", justify="right")
     table.add_row("store", escape(url), end_section=True)
     table.add_row("retry queue size", str(stats.retry_queue_size))
+    table.add_row("  retries", str(stats.retry_queue_retries))
+    table.add_row("  pending deliveries", str(stats.retry_queue_pending))
+    table.add_row("  scheduled deliveries", str(stats.retry_queue_scheduled))
     table.add_row("  due within a minute", str(stats.due_within_minute))
     table.add_row("  due within an hour", str(stats.due_within_hour))
     table.add_row("dead letters", str(stats.dead_letter_queue_size))
@@ -261,9 +264,10 @@ def dead_letter_table(items: Sequence[DeadLetterItem], now: datetime, title: str
 
 
 def retry_table(items: Sequence[RetryItem], now: datetime, title: str) -> FittedTable:
-    """Retry items, one per row, by next retry; in a narrow console the lease
-    owners, event types, retry counts, next retries and handlers give way (in
-    that order) so that each id stays whole."""
+    """Retry items, one per row, by next retry, with each one's kind (retry,
+    pending, scheduled); in a narrow console the lease owners, event types, retry
+    counts, kinds, next retries and handlers give way (in that order) so that each
+    id stays whole."""
 
     def leased_by(item: RetryItem) -> str:
         if item.lease_owner and item.lease_until and item.lease_until > now:
@@ -272,11 +276,12 @@ def retry_table(items: Sequence[RetryItem], now: datetime, title: str) -> Fitted
 
     columns: list[Column[RetryItem]] = [
         Column("id", lambda item: item.id, style="cyan"),
-        Column("next retry", lambda item: _due(item.next_retry, now), wraps_to=8, drop=4),
+        Column("kind", lambda item: item.kind(now), drop=4),
+        Column("next retry", lambda item: _due(item.next_retry, now), wraps_to=8, drop=5),
         Column("event type", lambda item: item.event_type, wraps_to=8, drop=2),
-        Column("handler", lambda item: item.handler_name, wraps_to=8, drop=5),
+        Column("handler", lambda item: item.handler_name, wraps_to=8, drop=6),
         Column("retry", lambda item: f"{item.attempt}/{item.max_retries}", justify="right", drop=3),
-        Column("last error", lambda item: _short(item.error), wraps_to=8, drop=6),
+        Column("last error", lambda item: _short(item.error), wraps_to=8, drop=7),
         Column("leased by", leased_by, wraps_to=8, drop=1),
     ]
     return FittedTable(title, columns, items)

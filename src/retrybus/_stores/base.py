@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal, Self
 from .._filters import DeadLetterFilter
 from .._groups import GroupCount
 from .._outcomes import CorruptRecord, Counters, Outcome
-from .._records import DeadLetterItem, RetryItem
+from .._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
 
 __all__ = [
     "DEAD_LETTER_GROUP_FIELDS",
@@ -30,6 +30,7 @@ __all__ = [
     "RetryField",
     "RetryStore",
     "Store",
+    "check_retry_kind",
 ]
 
 
@@ -42,6 +43,17 @@ DEAD_LETTER_GROUP_FIELDS: tuple[str, ...] = (
     "reason",
 )
 RETRY_GROUP_FIELDS: tuple[str, ...] = ("handler_name", "event_type")
+
+
+def check_retry_kind(kind: str | None, now: datetime | None) -> None:
+    """Refuse (``ValueError``) a kind that is not a ``RetryKind``, and ``pending`` or
+    ``scheduled`` without the ``now`` that tells them apart."""
+    if kind is None:
+        return
+    if kind not in RETRY_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(RETRY_KINDS)}, got {kind!r}")
+    if kind != "retry" and now is None:
+        raise ValueError(f"listing {kind} deliveries needs now (when they are due)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +203,32 @@ class AdminStore(abc.ABC):
         offset: int,
         handler_name: str | None = None,
         event_type: str | None = None,
+        kind: RetryKind | None = None,
+        now: datetime | None = None,
     ) -> list[RetryItem]:
-        """Items by next retry time, earliest first."""
+        """Items by next retry time, earliest first (``id`` among equal times); with
+        ``kind``, only records of that kind at ``now`` (``RetryItem.kind``: a retry
+        has ``attempt != 0``; a first delivery is pending when ``next_retry <= now``,
+        scheduled after). ``now`` is needed for pending and scheduled
+        (``check_retry_kind``)."""
+
+    @abc.abstractmethod
+    async def count_retry_kinds(self, now: datetime) -> dict[RetryKind, int]:
+        """How many records of each ``RetryKind`` the retry queue holds at ``now``
+        (every kind a key; together they are ``retry_count()``)."""
+
+    @abc.abstractmethod
+    async def find_retry_ids(self, prefix: str, *, limit: int) -> list[str]:
+        """Ids of retry queue records that start with ``prefix``, ascending, at most
+        ``limit`` (for people who type a shortened id)."""
+
+    @abc.abstractmethod
+    async def cancel_delivery(self, item_id: str, *, now: datetime) -> bool:
+        """Delete record ``item_id`` in one step if it is a first delivery
+        (``attempt == 0``: pending or scheduled) that no live lease holds at ``now``
+        (none, or one that ran out); returns whether it did. A retry, or a delivery
+        whose handler runs, is left as it is. The running totals do not change: a
+        first delivery is not in them."""
 
     @abc.abstractmethod
     async def delete_retry(self, item_id: str) -> bool: ...

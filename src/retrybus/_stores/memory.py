@@ -25,12 +25,13 @@ from .._outcomes import (
     Rescheduled,
     Succeeded,
 )
-from .._records import DeadLetterItem, RetryItem
+from .._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
 from .base import (
     ControlRecord,
     DeadLetterField,
     RetryField,
     Store,
+    check_retry_kind,
 )
 
 __all__ = ["MemoryStore"]
@@ -212,15 +213,36 @@ class MemoryStore(Store):
         offset: int,
         handler_name: str | None = None,
         event_type: str | None = None,
+        kind: RetryKind | None = None,
+        now: datetime | None = None,
     ) -> list[RetryItem]:
+        check_retry_kind(kind, now)
         items = [
             item
             for item in self._retry.values()
             if (handler_name is None or item.handler_name == handler_name)
             and (event_type is None or item.event_type == event_type)
+            # check_retry_kind: now is given unless kind is None or "retry"
+            and (kind is None or item.kind(now or item.next_retry) == kind)
         ]
         items.sort(key=lambda item: (item.next_retry, item.id))
         return items[offset : offset + limit]
+
+    async def count_retry_kinds(self, now: datetime) -> dict[RetryKind, int]:
+        counts = dict.fromkeys(RETRY_KINDS, 0)
+        for item in self._retry.values():
+            counts[item.kind(now)] += 1
+        return counts
+
+    async def find_retry_ids(self, prefix: str, *, limit: int) -> list[str]:
+        return sorted(item_id for item_id in self._retry if item_id.startswith(prefix))[:limit]
+
+    async def cancel_delivery(self, item_id: str, *, now: datetime) -> bool:
+        item = self._retry.get(item_id)
+        if item is None or not item.first_delivery or item.leased_at(now):
+            return False
+        del self._retry[item_id]
+        return True
 
     async def delete_retry(self, item_id: str) -> bool:
         return self._retry.pop(item_id, None) is not None

@@ -1,5 +1,5 @@
-"""What changes data: log-in and log-out, and the actions on dead letters and
-redrives. Every one is a POST that passes ``Auth.check_post`` (a token, a CSRF
+"""What changes data: log-in and log-out, the actions on dead letters and
+redrives, and cancelling a pending or scheduled delivery. Every one is a POST that passes ``Auth.check_post`` (a token, a CSRF
 token for a session, no foreign Origin) before it touches anything."""
 
 from __future__ import annotations
@@ -14,15 +14,17 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.types import Message
 
-from .._errors import ItemNotFound, UnknownHandler
+from .._errors import ItemNotFound, NotCancellable, UnknownHandler
+from .._queues import check_cancellable
 from .._redrive import parse_rate
 from ._auth import LOGIN_COOKIE, SESSION_COOKIE, Forbidden, Identity
 from ._display import public_type_name
-from ._pages import ACTIONS, dead_letter_context, parse_filter
+from ._pages import ACTIONS, RETRY_LIST_KEYS, dead_letter_context, parse_filter
 from ._web import HTTPError, flash, redirect, render, root, state
 
 __all__ = [
     "bulk",
+    "cancel_delivery",
     "edit",
     "item_action",
     "login",
@@ -375,3 +377,42 @@ async def redrive_action(request: Request, form: FormData, identity: Identity) -
         else redirect(request, f"/redrives/{redrive_id}")
     )
     return flash(request, response, "ok", f"Redrive {redrive_id}: {changed.state}.")
+
+
+# a pending or scheduled delivery -----------------------------------------------------
+
+
+@acting
+async def cancel_delivery(request: Request, form: FormData, identity: Identity) -> Response:
+    """Without ``confirmed=yes``, a page asking to confirm; with it, the delivery is
+    cancelled (``bus.retry_queue.cancel``). A retry, or a delivery whose handler
+    runs now, is refused (409) either way."""
+    bus = state(request).bus
+    item_id = request.path_params["item_id"]
+    missing = HTTPError(
+        404, "No such retry item", f"no item in the retry queue has the id {item_id!r}"
+    )
+    try:
+        item = await bus.retry_queue.get(item_id)
+        if _text(form, "confirmed") != "yes":
+            check_cancellable(item, bus.clock.now())
+            context = {
+                "item": item,
+                "kind": item.kind(bus.clock.now()),
+                "back": _text(form, "back"),
+            }
+            return render(request, "confirm_cancel.html", context, identity=identity)
+        cancelled = await bus.retry_queue.cancel(item_id, actor=identity.name)
+    except ItemNotFound:
+        raise missing from None
+    except NotCancellable as exc:
+        raise HTTPError(409, "Cannot cancel", str(exc)) from None
+    pairs = parse_qsl(_text(form, "back"), keep_blank_values=False)
+    response = redirect(request, "/retry-queue", {k: v for k, v in pairs if k in RETRY_LIST_KEYS})
+    return flash(
+        request,
+        response,
+        "ok",
+        f"Cancelled {item_id}: {cancelled.event_type} to {cancelled.handler_name} "
+        "will not be delivered.",
+    )

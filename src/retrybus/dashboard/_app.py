@@ -207,6 +207,12 @@ def build_app(
         Route("/groups", _pages.groups, name="groups"),
         Route("/retry-queue", _pages.retry_queue, name="retry_queue"),
         Route("/retry-queue/{item_id}", _pages.retry_item, name="retry_item"),
+        Route(
+            "/retry-queue/{item_id}/cancel",
+            _actions.cancel_delivery,
+            methods=["POST"],
+            name="cancel_delivery",
+        ),
         Route("/retry-queue/{item_id}/payload.json", _pages.retry_payload, name="retry_payload"),
         Route("/redrives", _pages.redrives, name="redrives"),
         Route("/redrives/{redrive_id}", _pages.redrive, name="redrive"),

@@ -14,13 +14,14 @@ from starlette.responses import FileResponse, Response
 from .._errors import ItemNotFound
 from .._filters import DeadLetterFilter
 from .._history import DepthHistory
-from .._records import DeadLetterItem, RetryItem
+from .._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
 from ._chart import depth_chart, runs
 from ._display import preview
 from ._web import HTTPError, pretty_json, redirect, render, root, state
 
 __all__ = [
     "ACTIONS",
+    "RETRY_LIST_KEYS",
     "bulk_confirm",
     "dead_letter",
     "dead_letter_payload",
@@ -311,33 +312,64 @@ def describe(where: DeadLetterFilter) -> list[tuple[str, str]]:
 # retry queue --------------------------------------------------------------------
 
 
+#: the retry queue page's tabs: each kind (``RetryKind``) and its label
+KIND_LABELS: dict[str, str] = {"retry": "Retries", "pending": "Pending", "scheduled": "Scheduled"}
+#: what the retry queue page's address may hold (a cancel form's "back" keeps only these)
+RETRY_LIST_KEYS = ("handler", "kind", *PAGING_KEYS)
+
+
 async def retry_queue(request: Request) -> Response:
     cleaned = _drop_empty(request)
     if cleaned is not None:
         return cleaned
     bus = state(request).bus
-    unknown = set(request.query_params) - {"handler", *PAGING_KEYS}
+    unknown = set(request.query_params) - set(RETRY_LIST_KEYS)
     if unknown:
-        raise HTTPError(400, "Bad filter", f"unknown filter {sorted(unknown)[0]!r}: use handler")
+        raise HTTPError(
+            400, "Bad filter", f"unknown filter {sorted(unknown)[0]!r}: use handler or kind"
+        )
     handler = request.query_params.get("handler") or None
+    kind = request.query_params.get("kind") or None
+    if kind is not None and kind not in RETRY_KINDS:
+        raise HTTPError(
+            400, "Bad filter", f"kind must be one of {', '.join(RETRY_KINDS)}, got {kind!r}"
+        )
+    wanted: RetryKind | None = kind  # narrowed by the check above
     limit, offset = _paging(request)
     breakdown = await bus.store.group_retry("handler_name", limit=100)
     rows = []
     for group in breakdown:
         sample = await bus.store.get_retry(group.sample_id)
         rows.append((group, sample))
+    kinds = await bus.retry_queue.count_kinds()
+    total: int | None
     if handler is None:
-        total = await bus.retry_queue.count()
-    else:
+        total = sum(kinds.values()) if wanted is None else kinds[wanted]
+        items = await bus.retry_queue.list(limit, offset, kind=wanted)
+    elif wanted is None:
         total = next((g.count for g in breakdown if g.key == handler), 0)
-    items = await bus.retry_queue.list(limit, offset, handler_name=handler)
-    query = {"handler": handler} if handler else {}
+        items = await bus.retry_queue.list(limit, offset, handler_name=handler)
+    else:
+        # no count of one handler's items of one kind: one more item says a page follows
+        total = None
+        items = await bus.retry_queue.list(limit + 1, offset, handler_name=handler, kind=wanted)
+    more = len(items) > limit
+    items = items[:limit]
+    query = {key: value for key, value in (("handler", handler), ("kind", kind)) if value}
+    pages = _pages(offset + len(items) + more if total is None else total, offset, limit, query)
+    if total is None:
+        pages["total"] = None
+    now = bus.clock.now()
     context = {
-        "items": items,
+        "items": [(item, item.kind(now), item.leased_at(now)) for item in items],
         "handler": handler,
+        "kind": kind,
+        "kinds": kinds,
+        "kind_labels": KIND_LABELS,
+        "back": request.url.query,
         "breakdown": rows,
         "largest": max((g.count for g in breakdown), default=0),
-        "pages": _pages(total, offset, limit, {k: v for k, v in query.items() if v}),
+        "pages": pages,
         "due_minute": await bus.retry_queue.count_due(within=60),
         "due_now": await bus.retry_queue.count_due(within=0),
     }
@@ -356,7 +388,13 @@ async def _retry_item(request: Request) -> RetryItem:
 
 async def retry_item(request: Request) -> Response:
     item = await _retry_item(request)
-    return render(request, "retry_item.html", _item_context(item, pretty_json(item.event_data)))
+    now = state(request).bus.clock.now()
+    context = {
+        **_item_context(item, pretty_json(item.event_data)),
+        "kind": item.kind(now),
+        "running": item.leased_at(now),
+    }
+    return render(request, "retry_item.html", context)
 
 
 async def retry_payload(request: Request) -> Response:

@@ -23,8 +23,8 @@ from pymongo.errors import DuplicateKeyError
 from ..._event import encode_json
 from ..._filters import DeadLetterFilter
 from ..._groups import GroupCount
-from ..._records import DeadLetterItem, RetryItem
-from ..base import AdminStore, ControlRecord, DeadLetterField, RetryField
+from ..._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
+from ..base import AdminStore, ControlRecord, DeadLetterField, RetryField, check_retry_kind
 from .codec import (
     control_from_document,
     dead_letter_from_document,
@@ -34,7 +34,16 @@ from .codec import (
     time_fields,
 )
 from .common import CONTROL, DEAD, RETRY, Doc, Session
-from .queries import DEAD_GROUP_DEFAULTS, dead_letter_query, earlier, group_counts, group_pipeline
+from .queries import (
+    DEAD_GROUP_DEFAULTS,
+    dead_letter_query,
+    earlier,
+    group_counts,
+    group_pipeline,
+    kind_counts_pipeline,
+    kind_query,
+    lease_free,
+)
 
 __all__ = ["MongoAdmin"]
 
@@ -85,10 +94,13 @@ class MongoAdmin(AdminStore):
         offset: int,
         handler_name: str | None = None,
         event_type: str | None = None,
+        kind: RetryKind | None = None,
+        now: datetime | None = None,
     ) -> list[RetryItem]:
+        check_retry_kind(kind, now)
         if limit <= 0:
             return []
-        query: Doc = {}
+        query: Doc = {} if kind is None else kind_query(kind, now)
         if handler_name is not None:
             query["handler_name"] = handler_name
         if event_type is not None:
@@ -103,6 +115,26 @@ class MongoAdmin(AdminStore):
                 .to_list()
             )
         return [retry_from_document(doc) for doc in docs]
+
+    async def count_retry_kinds(self, now: datetime) -> dict[RetryKind, int]:
+        async with self._errors() as db:
+            docs = await (await db[RETRY].aggregate(kind_counts_pipeline(now))).to_list()
+        counted = docs[0] if docs else {}
+        return {kind: int(counted.get(kind, 0)) for kind in RETRY_KINDS}
+
+    async def find_retry_ids(self, prefix: str, *, limit: int) -> list[str]:
+        if limit <= 0:
+            return []
+        # strings compare by their bytes here: ids with the prefix sort below prefix + U+FFFF
+        query = {"_id": {"$gte": prefix, "$lt": prefix + "\uffff"}}
+        async with self._errors() as db:
+            docs = await db[RETRY].find(query, {"_id": 1}).sort("_id", 1).limit(limit).to_list()
+        return [str(doc["_id"]) for doc in docs]
+
+    async def cancel_delivery(self, item_id: str, *, now: datetime) -> bool:
+        query = {"_id": item_id, "attempt": 0, **lease_free(now)}
+        async with self._errors() as db:
+            return bool((await db[RETRY].delete_one(query)).deleted_count)
 
     async def delete_retry(self, item_id: str) -> bool:
         async with self._errors() as db:

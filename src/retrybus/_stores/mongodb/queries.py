@@ -14,6 +14,7 @@ from typing import Any
 
 from ..._filters import DeadLetterFilter
 from ..._groups import GroupCount
+from ..._records import RetryKind
 from .common import Doc
 
 __all__ = [
@@ -24,6 +25,9 @@ __all__ = [
     "earlier",
     "group_counts",
     "group_pipeline",
+    "kind_counts_pipeline",
+    "kind_query",
+    "lease_free",
     "not_earlier",
     "split_time",
 ]
@@ -74,6 +78,63 @@ def not_earlier(name: str, moment: datetime) -> Doc:
     if extra == 0:
         return {name: {"$gte": ms}}
     return {"$or": [{name: {"$gt": ms}}, {name: ms, f"{name}_us": {"$gte": extra}}]}
+
+
+def lease_free(now: datetime) -> Doc:
+    """Filter: no live lease at ``now`` (none, or one that ran out)."""
+    return {"$or": [{"lease_until": None}, earlier("lease_until", now, or_equal=True)]}
+
+
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def kind_query(kind: RetryKind, now: datetime | None) -> Doc:
+    """Filter: the retry queue records of ``kind`` at ``now`` (``RetryItem.kind``):
+    a retry has ``attempt`` other than 0 (or none); a first delivery (``attempt``
+    0) is pending when due at ``now``, scheduled after it. ``next_retry`` comes
+    first, so that the server narrows the scan by the (next_retry, attempt) index."""
+    if kind == "retry":
+        return {"attempt": {"$ne": 0}}
+    assert now is not None  # check_retry_kind
+    due = (
+        earlier("next_retry", now, or_equal=True)
+        if kind == "pending"
+        else not_earlier("next_retry", now + _MICROSECOND)
+    )
+    return {**due, "attempt": 0}
+
+
+def kind_counts_pipeline(now: datetime) -> list[Doc]:
+    """One ``$group`` counting the retries, pending and scheduled deliveries at
+    ``now`` (the fields ``retry``, ``pending``, ``scheduled``), comparing
+    ``next_retry`` to the microsecond as ``earlier`` does."""
+    ms, extra = split_time(now)
+    due: Doc = {
+        "$or": [
+            {"$lt": ["$next_retry", ms]},
+            {
+                "$and": [
+                    {"$eq": ["$next_retry", ms]},
+                    {"$lte": [{"$ifNull": ["$next_retry_us", 0]}, extra]},
+                ]
+            },
+        ]
+    }
+    first: Doc = {"$eq": ["$attempt", 0]}
+
+    def count(condition: Doc) -> Doc:
+        return {"$sum": {"$cond": [condition, 1, 0]}}
+
+    return [
+        {
+            "$group": {
+                "_id": None,
+                "retry": count({"$not": [first]}),
+                "pending": count({"$and": [first, due]}),
+                "scheduled": count({"$and": [first, {"$not": [due]}]}),
+            }
+        }
+    ]
 
 
 def claim_candidates(now: datetime, handlers: list[str] | None) -> Doc:

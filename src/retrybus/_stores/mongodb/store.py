@@ -90,7 +90,7 @@ from .codec import (
 )
 from .common import COUNTERS, DEAD, RETRY, Doc, Session
 from .migrate import set_up
-from .queries import claim_candidates, earlier
+from .queries import claim_candidates, earlier, lease_free
 
 __all__ = ["DEFAULT_TIMEOUT", "MongoStore"]
 
@@ -148,14 +148,9 @@ _WATCH_PAUSE_MAX = 30.0
 _WATCH_STEADY = 5.0  # a stream lost sooner than this after opening waits before reopening
 
 
-def _lease_free(now: datetime) -> Doc:
-    """Filter: no live lease at ``now`` (none, or one that ran out)."""
-    return {"$or": [{"lease_until": None}, earlier("lease_until", now, or_equal=True)]}
-
-
 def _fence(owner: str | None, now: datetime) -> Doc:
     """Filter: what ``complete`` may touch (the owner's items, or items no lease holds)."""
-    return {"lease_owner": owner} if owner is not None else _lease_free(now)
+    return {"lease_owner": owner} if owner is not None else lease_free(now)
 
 
 def _claims_of(doc: Mapping[str, Any]) -> int:
@@ -887,7 +882,7 @@ class MongoStore(MongoAdmin, Store):
             "$and": [
                 earlier("created_at", before),
                 {"$or": [{"attempt": {"$ne": 0}}, earlier("next_retry", before)]},
-                _lease_free(now),
+                lease_free(now),
             ]
         }
 

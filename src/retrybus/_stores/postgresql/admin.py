@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ..._event import encode_json
 from ..._filters import DeadLetterFilter
 from ..._groups import GroupCount
-from ..._records import DeadLetterItem, RetryItem
+from ..._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
 from .._fields import json_object
 from ..base import (
     DEAD_LETTER_GROUP_FIELDS,
@@ -25,6 +25,7 @@ from ..base import (
     ControlRecord,
     DeadLetterField,
     RetryField,
+    check_retry_kind,
 )
 from .codec import CODEC, retry_values
 from .migrate import fill_failure_groups
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["PostgresAdmin"]
 
 T = TypeVar("T")
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def _filter_args(where: DeadLetterFilter) -> tuple[Any, ...]:
@@ -113,10 +115,38 @@ class PostgresAdmin(AdminStore):
         offset: int,
         handler_name: str | None = None,
         event_type: str | None = None,
+        kind: RetryKind | None = None,
+        now: datetime | None = None,
     ) -> list[RetryItem]:
-        args = (handler_name, event_type, limit, offset)
+        check_retry_kind(kind, now)
+        earliest = latest = first = None
+        if kind == "retry":
+            first = False
+        elif kind is not None and now is not None:
+            first = True
+            if kind == "pending":
+                latest = aware(now)
+            else:  # scheduled: after now (times are whole microseconds)
+                earliest = aware(now) + _MICROSECOND
+        args = (handler_name, event_type, limit, offset, earliest, latest, first)
         rows = await self._run(lambda conn: conn.fetch(Q["list_retry"], *args))
         return [CODEC.retry_item(row) for row in rows]
+
+    async def count_retry_kinds(self, now: datetime) -> dict[RetryKind, int]:
+        at = aware(now)
+        row = await self._run(lambda conn: conn.fetchrow(Q["count_retry_kinds"], at))
+        assert row is not None
+        return {kind: int(count) for kind, count in zip(RETRY_KINDS, row, strict=True)}
+
+    async def find_retry_ids(self, prefix: str, *, limit: int) -> list[str]:
+        rows = await self._run(lambda conn: conn.fetch(Q["find_retry_ids"], prefix, limit))
+        return [str(row[0]) for row in rows]
+
+    async def cancel_delivery(self, item_id: str, *, now: datetime) -> bool:
+        at = aware(now)
+        return bool(
+            affected(await self._run(lambda conn: conn.execute(Q["cancel_delivery"], item_id, at)))
+        )
 
     async def delete_retry(self, item_id: str) -> bool:
         return bool(

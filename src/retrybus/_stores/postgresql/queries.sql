@@ -456,11 +456,34 @@ SELECT count(*) FROM retry_queue WHERE next_retry < $1;
 SELECT * FROM retry_queue WHERE id = $1;
 
 -- name: list_retry
+-- $5, $6: the next_retry range of the kind asked for (inclusive; NULL: open), bounds
+-- of the next_retry index scan even in a generic plan; $7: only first deliveries
+-- (attempt 0: pending, scheduled), only retries, or NULL: both
 SELECT * FROM retry_queue
 WHERE ($1::text IS NULL OR handler_name = $1)
   AND ($2::text IS NULL OR event_type = $2)
+  AND next_retry >= coalesce($5::timestamptz, '-infinity')
+  AND next_retry <= coalesce($6::timestamptz, 'infinity')
+  AND ($7::boolean IS NULL OR (attempt IS NOT DISTINCT FROM 0) = $7)
 ORDER BY next_retry, id
 LIMIT $3 OFFSET $4;
+
+-- name: count_retry_kinds
+-- $1 now: retries, pending and scheduled deliveries, in one pass (the
+-- (next_retry, attempt) index holds both columns)
+SELECT count(*) FILTER (WHERE attempt IS DISTINCT FROM 0),
+       count(*) FILTER (WHERE attempt = 0 AND next_retry <= $1),
+       count(*) FILTER (WHERE attempt = 0 AND next_retry > $1)
+FROM retry_queue;
+
+-- name: find_retry_ids
+-- starts_with, not a range or LIKE: under a linguistic collation neither follows byte order
+SELECT id FROM retry_queue WHERE starts_with(id, $1) ORDER BY id COLLATE "C" LIMIT $2;
+
+-- name: cancel_delivery
+-- $1 id, $2 now: a first delivery that no live lease holds
+DELETE FROM retry_queue
+WHERE id = $1 AND attempt = 0 AND (lease_until IS NULL OR lease_until <= $2);
 
 -- name: delete_retry
 DELETE FROM retry_queue WHERE id = $1;

@@ -18,6 +18,15 @@ the server waits), as does a page deep into a filter naming several sets.
 scored by when an item can be claimed, not by its ``next_retry``; one per event type
 would cost every retry): it reads the retry items in chunks of ``GROUP_CHUNK``, each
 chunk consistent, the whole not a snapshot while workers change the queue.
+
+Neither has a record's kind (``RetryKind``) an index: it is the record's ``attempt``
+(read from the front of its JSON, without decoding it) and its ``next_retry`` against
+``now``. Listing by kind walks ``P:retry:next`` within the kind's time range only
+(pending: due by now; scheduled: due after now), ``CHUNK`` items per script, up to the
+page's last match; ``count_retry_kinds`` reads every item, ``GROUP_CHUNK`` per script,
+as ``group_retry`` does (about 1 µs per item inside the script). An index of first
+deliveries would make both ``O(log n)``, at the cost of a write on every publish and
+every outcome and of a layout upgrade; the admin pages do not need it.
 """
 
 from __future__ import annotations
@@ -32,8 +41,8 @@ from typing import Any
 from ..._event import encode_json
 from ..._filters import DeadLetterFilter
 from ..._groups import GroupCount
-from ..._records import DeadLetterItem, RetryItem
-from ..base import AdminStore, ControlRecord, DeadLetterField, RetryField
+from ..._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
+from ..base import AdminStore, ControlRecord, DeadLetterField, RetryField, check_retry_kind
 from .codec import (
     dead_letter,
     dead_texts,
@@ -100,19 +109,29 @@ class RedisAdmin(AdminStore):
         offset: int,
         handler_name: str | None = None,
         event_type: str | None = None,
+        kind: RetryKind | None = None,
+        now: datetime | None = None,
     ) -> list[RetryItem]:
+        check_retry_kind(kind, now)
         if limit <= 0:
             return []
-        if handler_name is None and event_type is None:
+        if handler_name is None and event_type is None and kind is None:
             reply = await self._run("page_retry", offset, offset + limit - 1)
             return strict(retry_from_reply(reply))
-        # filtered: walk the queue in next_retry order (an admin listing, not a hot path)
+        # filtered: walk the queue in next_retry order (an admin listing, not a hot path),
+        # with a kind only its time range, the script passing on that kind's items only
+        score = "0" if now is None else to_score(now)
         found: list[RetryItem] = []
         skipped = 0
         start = 0
         while len(found) < limit:
-            reply = await self._run("page_retry", start, start + CHUNK - 1)
-            if not reply:
+            if kind is None:
+                reply = await self._run("page_retry", start, start + CHUNK - 1)
+                read = len(reply) // 5
+            else:
+                reply = await self._run("page_retry_kind", kind, score, start, CHUNK)
+                read, reply = int(reply[0]), reply[1:]
+            if not read:
                 break
             for item in strict(retry_from_reply(reply)):
                 if (handler_name is None or item.handler_name == handler_name) and (
@@ -122,8 +141,31 @@ class RedisAdmin(AdminStore):
                         skipped += 1
                     elif len(found) < limit:
                         found.append(item)
+            if read < CHUNK:
+                break
             start += CHUNK
         return found
+
+    async def count_retry_kinds(self, now: datetime) -> dict[RetryKind, int]:
+        """Every item read, ``GROUP_CHUNK`` per script (see the module): O(queue
+        length), and not a snapshot while workers change the queue."""
+        counts = dict.fromkeys(RETRY_KINDS, 0)
+        score = to_score(now)
+        start = 0
+        while True:
+            reply = await self._run("count_kinds", score, start, start + GROUP_CHUNK - 1)
+            for kind, count in zip(RETRY_KINDS, reply[1:], strict=True):
+                counts[kind] += int(count)
+            if int(reply[0]) < GROUP_CHUNK:
+                return counts
+            start += GROUP_CHUNK
+
+    async def find_retry_ids(self, prefix: str, *, limit: int) -> list[str]:
+        """An HSCAN of the retry items' hash: O(queue length), for a person's command."""
+        return await self._find_ids("retry:items", prefix, limit)
+
+    async def cancel_delivery(self, item_id: str, *, now: datetime) -> bool:
+        return bool(await self._run("cancel_delivery", item_id, to_score(now)))
 
     async def delete_retry(self, item_id: str) -> bool:
         return bool(await self._run("delete_retry", item_id))
@@ -240,6 +282,10 @@ class RedisAdmin(AdminStore):
 
     async def find_dead_ids(self, prefix: str, *, limit: int) -> list[str]:
         """An HSCAN of the dead letters' hash: O(dead letters), for a person's command."""
+        return await self._find_ids("dead:items", prefix, limit)
+
+    async def _find_ids(self, name: str, prefix: str, limit: int) -> list[str]:
+        """The fields of hash ``name`` that start with ``prefix`` (HSCAN), ascending."""
         if limit <= 0:
             return []
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
@@ -247,7 +293,7 @@ class RedisAdmin(AdminStore):
         cursor: Any = 0
         while True:
             cursor, flat = await self._command(
-                "HSCAN", self._key("dead:items"), cursor, "MATCH", pattern, "COUNT", 1000
+                "HSCAN", self._key(name), cursor, "MATCH", pattern, "COUNT", 1000
             )
             found.update(text(field) for field, _value in pairs(flat))
             if int(cursor) == 0:

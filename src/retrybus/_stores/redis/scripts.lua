@@ -537,6 +537,32 @@ local function handler_of(json)
     return nil
 end
 
+-- the attempt of a retry item record (nil when it cannot be read): from the front of
+-- the record (codec.py writes attempt first), else from the record decoded
+local function attempt_of(json)
+    local attempt = tonumber(string.match(json, '^{"attempt":(%-?%d+)'))
+    if attempt == nil then
+        local ok, record = pcall(cjson.decode, json)
+        if ok and type(record) == 'table' then
+            attempt = tonumber(record.attempt)
+        end
+    end
+    return attempt
+end
+
+-- the kind of a retry item record whose next_retry score is `score`, at `now` (both
+-- numbers): 'pending' or 'scheduled' for a first delivery (attempt 0) due by `now` or
+-- after it, 'retry' for any other record (RetryItem.kind)
+local function kind_of(json, score, now)
+    if attempt_of(json) ~= 0 then
+        return 'retry'
+    end
+    if score <= now then
+        return 'pending'
+    end
+    return 'scheduled'
+end
+
 -- name: record_failures
 -- ARGV: prefix, n_retry, n_dead,
 --       n_retry x (id, json, next, created, handler, claim (time .. owner) or '',
@@ -787,6 +813,58 @@ if drop_retry(ARGV[2]) then
     return 1
 end
 return 0
+
+-- name: page_retry_kind
+-- ARGV: prefix, kind (retry, pending or scheduled), now, start, count. Reads `count`
+-- items in next_retry, id order from the `start`-th of those the kind's time range
+-- holds (pending: due by now; scheduled: due after now; retry: every item); returns
+-- {how many were read, then fetch_retry's fields of those of the kind}.
+local kind, now = ARGV[2], tonumber(ARGV[3])
+local page
+if kind == 'pending' then
+    page = redis.call('ZRANGEBYSCORE', K_NEXT, '-inf', ARGV[3], 'WITHSCORES', 'LIMIT', ARGV[4], ARGV[5])
+elseif kind == 'scheduled' then
+    page = redis.call('ZRANGEBYSCORE', K_NEXT, '(' .. ARGV[3], '+inf', 'WITHSCORES', 'LIMIT', ARGV[4], ARGV[5])
+else
+    local start = tonumber(ARGV[4])
+    page = redis.call('ZRANGE', K_NEXT, start, start + tonumber(ARGV[5]) - 1, 'WITHSCORES')
+end
+local ids = {}
+for j = 1, #page, 2 do
+    local json = redis.call('HGET', K_ITEMS, page[j])
+    if json and kind_of(json, tonumber(page[j + 1]), now) == kind then
+        ids[#ids + 1] = page[j]
+    end
+end
+local out = fetch_retry(ids)
+table.insert(out, 1, #page / 2)
+return out
+
+-- name: count_kinds
+-- ARGV: prefix, now, start, stop (ranks in next_retry, id order). Counts the items of
+-- that rank range per kind at now; returns {read, retry, pending, scheduled}.
+local now = tonumber(ARGV[2])
+local page = redis.call('ZRANGE', K_NEXT, ARGV[3], ARGV[4], 'WITHSCORES')
+local counts = { retry = 0, pending = 0, scheduled = 0 }
+for j = 1, #page, 2 do
+    local json = redis.call('HGET', K_ITEMS, page[j])
+    if json then
+        local kind = kind_of(json, tonumber(page[j + 1]), now)
+        counts[kind] = counts[kind] + 1
+    end
+end
+return { #page / 2, counts.retry, counts.pending, counts.scheduled }
+
+-- name: cancel_delivery
+-- ARGV: prefix, id, now. Deletes the item if it is a first delivery (attempt 0) that
+-- no live lease holds at now; returns 1 if it did, else 0.
+local id, now = ARGV[2], tonumber(ARGV[3])
+local json = redis.call('HGET', K_ITEMS, id)
+if not json or attempt_of(json) ~= 0 or not held(id, '0', '', now) then
+    return 0
+end
+drop_retry(id)
+return 1
 
 -- name: expire_candidates
 -- ARGV: prefix, before, now, offset, count. Read only: of `count` items created before

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from ..._event import encode_json
 from ..._filters import DeadLetterFilter
 from ..._groups import GroupCount
-from ..._records import DeadLetterItem, RetryItem
+from ..._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
 from .._codec import parse_text_time, text_time
 from .._queries import placeholders
 from ..base import (
@@ -23,6 +23,7 @@ from ..base import (
     ControlRecord,
     DeadLetterField,
     RetryField,
+    check_retry_kind,
 )
 from .codec import CODEC
 from .migrate import read_version
@@ -84,15 +85,39 @@ class SQLiteAdmin(AdminStore):
         offset: int,
         handler_name: str | None = None,
         event_type: str | None = None,
+        kind: RetryKind | None = None,
+        now: datetime | None = None,
     ) -> list[RetryItem]:
-        params = {
+        check_retry_kind(kind, now)
+        params: dict[str, Any] = {
             "handler_name": handler_name,
             "event_type": event_type,
             "limit": limit,
             "offset": offset,
         }
-        rows = await self._read(lambda conn: dict_rows(conn.execute(Q["list_retry"], params)))
+        condition = "TRUE" if kind is None else Q[f"kind_{kind}"]
+        if now is not None and ":now" in condition:
+            params["now"] = text_time(now)
+        sql = Q["list_retry"].format(kind=condition)
+        rows = await self._read(lambda conn: dict_rows(conn.execute(sql, params)))
         return [CODEC.retry_item(row) for row in rows]
+
+    async def count_retry_kinds(self, now: datetime) -> dict[RetryKind, int]:
+        params = {"now": text_time(now)}
+        row = await self._read(lambda conn: conn.execute(Q["count_retry_kinds"], params).fetchone())
+        return {kind: int(count) for kind, count in zip(RETRY_KINDS, row, strict=True)}
+
+    async def find_retry_ids(self, prefix: str, *, limit: int) -> list[str]:
+        # ids are ASCII: every id with the prefix sorts below prefix + U+FFFF (byte order)
+        params = (prefix, prefix + "\uffff", limit)
+        rows = await self._read(lambda conn: conn.execute(Q["find_retry_ids"], params).fetchall())
+        return [str(row[0]) for row in rows]
+
+    async def cancel_delivery(self, item_id: str, *, now: datetime) -> bool:
+        params = {"id": item_id, "now": text_time(now)}
+        return bool(
+            await self._write(lambda conn: conn.execute(Q["cancel_delivery"], params).rowcount)
+        )
 
     async def delete_retry(self, item_id: str) -> bool:
         return bool(

@@ -278,11 +278,39 @@ SELECT COUNT(*) FROM retry_queue WHERE next_retry < ?;
 SELECT * FROM retry_queue WHERE id = ?;
 
 -- name: list_retry
+-- {kind}: the condition of the kind asked for (kind_retry, kind_pending,
+-- kind_scheduled), or TRUE; the (next_retry, attempt) index serves the time range
+-- and the attempt of each
 SELECT * FROM retry_queue
 WHERE (:handler_name IS NULL OR handler_name = :handler_name)
   AND (:event_type IS NULL OR event_type = :event_type)
+  AND {kind}
 ORDER BY next_retry, id
 LIMIT :limit OFFSET :offset;
+
+-- name: kind_retry
+attempt <> 0
+
+-- name: kind_pending
+attempt = 0 AND next_retry <= :now
+
+-- name: kind_scheduled
+attempt = 0 AND next_retry > :now
+
+-- name: count_retry_kinds
+-- one pass over the (next_retry, attempt) index, which holds both columns
+SELECT coalesce(sum(attempt <> 0), 0),
+       coalesce(sum(attempt = 0 AND next_retry <= :now), 0),
+       coalesce(sum(attempt = 0 AND next_retry > :now), 0)
+FROM retry_queue;
+
+-- name: find_retry_ids
+SELECT id FROM retry_queue WHERE id >= ? AND id < ? ORDER BY id LIMIT ?;
+
+-- name: cancel_delivery
+-- a first delivery that no live lease holds
+DELETE FROM retry_queue
+WHERE id = :id AND attempt = 0 AND (lease_until IS NULL OR lease_until <= :now);
 
 -- name: delete_retry
 DELETE FROM retry_queue WHERE id = ?;
