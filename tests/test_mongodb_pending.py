@@ -29,7 +29,7 @@ from pymongo.errors import BulkWriteError, OperationFailure
 from engines._common import unique_name
 from engines.mongodb import database_url, drop_database, open_test_store, server_uri
 from retrybus import Event, ManualClock, RecordRejected, RetryItem, StoreUnavailable
-from retrybus._outcomes import Counters, Rescheduled, Succeeded
+from retrybus._outcomes import Counters, DeadLettered, Rescheduled, Succeeded
 from retrybus._records import ErrorInfo, delivery_id
 from retrybus._stores.mongodb import MongoStore
 from retrybus._stores.mongodb import store as store_module
@@ -294,35 +294,60 @@ async def test_a_pending_record_past_its_age_is_dead_lettered_as_attempt_0(
 # complete: the successes of a durable publish ------------------------------------------
 
 
-def in_transactions(store: MongoStore) -> None:
-    if not store._transactions:
-        pytest.skip("the server has no transactions (a standalone server's code path)")
+def count_sessions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record every session the store's client starts (a transaction needs one)."""
+    started: list[int] = []
+    original = AsyncMongoClient.start_session
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncMongoClient, "start_session", counting)
+    return started
 
 
-async def test_successes_in_a_transaction_are_two_statements_and_fenced(
+async def test_successes_are_two_statements_fenced_and_no_transaction(
     mongo: MongoStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    in_transactions(mongo)
     clock = ManualClock(START)
     firsts = [pending(clock, n, owner="p") for n in range(3)]
     retries = [replace(pending(clock, 10 + n, owner="p"), attempt=2) for n in range(2)]
     theirs = pending(clock, 20, owner="other")
     await mongo.record_pending([*firsts, *retries, theirs])
-    calls = count_calls(monkeypatch, ("find_one_and_delete", "delete_one", "delete_many"))
+    calls = count_calls(monkeypatch, ("find", "find_one_and_delete", "delete_one", "delete_many"))
+    sessions = count_sessions(monkeypatch)
     everything = [*firsts, *retries, theirs]
     applied = await mongo.complete([Succeeded(item) for item in everything], "p", clock.now())
     assert applied == {item.id for item in [*firsts, *retries]}
-    assert calls == ["delete_many"]
+    assert calls == ["find", "delete_many"]
+    assert sessions == []  # one document each: nothing for a killed process to leave open
     assert [item.id for item in await mongo.list_retry(limit=10, offset=0)] == [theirs.id]
     assert await mongo.counters() == Counters(retry_succeeded=2, retry_succeeded_attempts=4)
+
+
+async def test_outcomes_with_a_move_to_the_dead_letter_queue_run_in_a_transaction(
+    mongo: MongoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not mongo._transactions:
+        pytest.skip("the server has no transactions (a standalone server's code path)")
+    clock = ManualClock(START)
+    done, failed = pending(clock, 1, owner="p"), pending(clock, 2, owner="p")
+    await mongo.record_pending([done, failed])
+    sessions = count_sessions(monkeypatch)
+    dead = failed.to_dead_letter(reason="non-retryable", now=clock.now(), attempt=0)
+    outcomes = [Succeeded(done), DeadLettered(failed.id, dead, first_delivery=True)]
+    assert await mongo.complete(outcomes, "p", clock.now()) == {done.id, failed.id}
+    assert sessions == [1]
+    assert await mongo.retry_count() == 0
+    assert await mongo.get_dead(dead.id) == dead
 
 
 async def test_a_success_taken_over_before_its_delete_is_not_applied(
     mongo: MongoStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Between the read of what the fence holds and the delete, another worker takes
-    one over: the transaction conflicts and runs again, without it."""
-    in_transactions(mongo)
+    one over: it is left to its new holder, and not counted."""
     clock = ManualClock(START)
     items = [replace(pending(clock, n, owner="p"), attempt=1) for n in range(3)]
     await mongo.record_pending(items)
@@ -341,7 +366,6 @@ async def test_a_success_taken_over_before_its_delete_is_not_applied(
 
         monkeypatch.setattr(AsyncCollection, "delete_many", taken_over_first)
         applied = await mongo.complete([Succeeded(item) for item in items], "p", clock.now())
-    assert len(runs) == 2  # the transaction ran again
     assert applied == {items[1].id, items[2].id}
     kept = await mongo.get_retry(items[0].id)
     assert kept is not None
@@ -440,6 +464,25 @@ async def test_a_claim_that_loses_an_item_to_another_claimer_takes_the_next(
     thief = await db.retry_queue.find_one({"_id": items[0].id})
     assert thief is not None
     assert (thief["lease_owner"], thief["claims"]) == ("thief", 0)
+
+
+async def test_a_document_without_a_handler_name_is_every_workers(mongo: MongoStore) -> None:
+    """Damaged, or written by hand: no worker has its handler, so every worker
+    claims it (and dead-letters it as undecodable) rather than leave it lingering."""
+    clock = ManualClock(START)
+    db = await mongo._database()
+    due = START - timedelta(seconds=5)
+    await db.retry_queue.insert_one({"_id": "retry_nameless", "next_retry": due})
+    assert await mongo.next_due(["billing.charge"]) == due
+    claimed = await mongo.claim_due(
+        now=clock.now(),
+        limit=10,
+        owner="w",
+        lease_until=clock.now() + timedelta(seconds=30),
+        handlers=["billing.charge"],
+    )
+    assert [record.id for record in claimed] == ["retry_nameless"]
+    assert await mongo.next_due([]) is None
 
 
 async def test_a_lease_running_out_later_in_the_same_millisecond_is_not_claimable(

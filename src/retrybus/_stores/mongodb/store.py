@@ -213,6 +213,32 @@ def _distinct_ids(outcomes: Sequence[Outcome]) -> bool:
     return len(ids) == len(outcomes)
 
 
+async def _remove_held(
+    retry: AsyncCollection[Doc], ids: list[str], fence: Doc, session: Session
+) -> list[Doc]:
+    """Delete the items of ``ids`` that ``fence`` lets this call finish, in two
+    statements (read them, delete them); returns them (``_id``, ``attempt``). In a
+    transaction, anyone else's change to one meanwhile is a write conflict (the
+    transaction runs again). Without one, an item that changed hands in between
+    is not deleted, and is found still stored: it is not this call's. (One that
+    changed hands and was finished by its new holder in that instant would be
+    taken for this call's: that needs a lease to run out, the item to be
+    claimed, run and finished within one round trip.)"""
+    if not ids:
+        return []
+    held = retry.find({"_id": {"$in": ids}, **fence}, {"attempt": 1}, session=session)
+    found = await held.to_list()
+    if not found:
+        return []
+    found_ids = [doc["_id"] for doc in found]
+    result = await retry.delete_many({"_id": {"$in": found_ids}, **fence}, session=session)
+    if result.deleted_count < len(found):
+        still = retry.find({"_id": {"$in": found_ids}}, {"_id": 1}, session=session)
+        left = {doc["_id"] for doc in await still.to_list()}
+        found = [doc for doc in found if doc["_id"] not in left]
+    return found
+
+
 def _reschedule_update(item: RetryItem) -> Doc:
     metadata, unset = json_update("metadata", dict(item.metadata))
     update: Doc = {
@@ -430,11 +456,14 @@ class MongoStore(MongoAdmin, Store):
         except PyMongoError as exc:
             raise StoreUnavailable(f"MongoDB store {self.url} failed: {_first_line(exc)}") from exc
 
-    async def _atomically(self, operation: Callable[[Session], Awaitable[T]]) -> T:
+    async def _atomically(
+        self, operation: Callable[[Session], Awaitable[T]], *, transaction: bool = True
+    ) -> T:
         """Run ``operation`` in a transaction where the server has them (it may run
-        again after a transient conflict), else once without a session."""
+        again after a transient conflict), else (or without ``transaction``) once
+        without a session."""
         async with self._errors():
-            if not self._transactions:
+            if not (transaction and self._transactions):
                 return await operation(None)
             assert self._client is not None
             async with self._client.start_session() as session:
@@ -769,22 +798,13 @@ class MongoStore(MongoAdmin, Store):
             retry = db[RETRY]
             applied: set[str] = set()
             added = done = attempts = moved = 0
-            # The successes (a durable publish's are many): in a transaction, two
-            # statements however many there are: read those the fence holds, delete
-            # them (anyone else's change to one meanwhile is a write conflict, and
-            # the transaction runs again). Without one, a find_one_and_delete each,
-            # which alone tells exactly whether the item was this call's to remove.
+            # the successes (a durable publish's are many) in two statements, however
+            # many there are, when no item comes twice
+            batched = _distinct_ids(outcomes)
             gone: list[Doc] = []
-            batched = session is not None and _distinct_ids(outcomes)
             if batched:
                 ids = [outcome.item.id for outcome in outcomes if isinstance(outcome, Succeeded)]
-                if ids:
-                    held = {"_id": {"$in": ids}, **fence}
-                    gone = await retry.find(held, {"attempt": 1}, session=session).to_list()
-                if gone:
-                    await retry.delete_many(
-                        {"_id": {"$in": [doc["_id"] for doc in gone]}, **fence}, session=session
-                    )
+                gone = await _remove_held(retry, ids, fence, session)
             for outcome in outcomes:
                 if isinstance(outcome, Succeeded):
                     if not batched:
@@ -828,7 +848,12 @@ class MongoStore(MongoAdmin, Store):
             )
             return applied
 
-        applied = await self._atomically(run)
+        # Only a move to the dead letter queue changes two documents: without one,
+        # each outcome is one document's atomic change under the fence, and no
+        # transaction is needed (nor left open for others' writes to wait on by a
+        # process killed in the middle: a publisher removes its successes often).
+        moves = any(isinstance(outcome, DeadLettered) for outcome in outcomes)
+        applied = await self._atomically(run, transaction=moves)
         await self._count(**totals)
         return applied
 
@@ -836,8 +861,9 @@ class MongoStore(MongoAdmin, Store):
         names = None if handlers is None else sorted(set(handlers))
         if names == []:
             return None
-        # handlers first: the index on (handler_name, next_retry, …) serves both reads
-        scope: Doc = {} if names is None else {"handler_name": {"$in": names}}
+        # handlers first: the index on (handler_name, next_retry, …) serves both reads;
+        # a document without a handler name is every worker's (as in claim_candidates)
+        scope: Doc = {} if names is None else {"handler_name": {"$in": [*names, None]}}
         async with self._errors() as db:
             retry = db[RETRY]
             times: list[datetime] = []
