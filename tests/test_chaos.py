@@ -622,7 +622,14 @@ def explain(run: ChaosRun, earlier: Call) -> str | None:
         return "re-published by the publisher"
     if earlier.pid in run.killed and not run.outcome_written(earlier):
         return "its worker was killed before its outcome was written"
+    if REMOVAL_FAILED in run.publisher_err:
+        # a durable publish removes a success's record after publish returns, retried
+        # for store_timeout; a restart outlasting it leaves the record to a worker
+        return "the publisher could not remove a success's record through the outage"
     return None
+
+
+REMOVAL_FAILED = "could not remove the records of successful deliveries"
 
 
 def duplicates(run: ChaosRun) -> list[tuple[Call, Call, str | None]]:

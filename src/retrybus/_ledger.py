@@ -132,9 +132,15 @@ class Ledger:
 
     def remove_soon(self, attempted: Sequence[Attempted], owner: str) -> None:
         """Remove the records of first deliveries that succeeded (leased to
-        ``owner``), grouped with other writes, without waiting: should the write
+        ``owner``), grouped with other writes, without waiting; tried again
+        through a store outage for up to ``store_timeout``. Should the write
         never happen, a worker runs the delivery again once the lease runs out."""
-        future = asyncio.ensure_future(self._finisher(owner).write([a.outcome for a in attempted]))
+        outcomes = [a.outcome for a in attempted]
+        future = asyncio.ensure_future(
+            self._through_outage(
+                lambda: self._finisher(owner).write(outcomes), "removals", quiet=True
+            )
+        )
         self._removals.add(future)
         future.add_done_callback(self._removed)
 
@@ -166,8 +172,11 @@ class Ledger:
             )
         return writer
 
-    async def _through_outage(self, write: Callable[[], Awaitable[T]], context: str) -> T:
-        """``write()``, tried again through a store outage for up to ``store_timeout``."""
+    async def _through_outage(
+        self, write: Callable[[], Awaitable[T]], context: str, *, quiet: bool = False
+    ) -> T:
+        """``write()``, tried again through a store outage for up to ``store_timeout``
+        (``quiet``: without the warning; the caller says what failed in the end)."""
         started = time.monotonic()
         pause = _FIRST_PAUSE
         while True:
@@ -177,7 +186,7 @@ class Ledger:
                 remaining = self._core.store_timeout - (time.monotonic() - started)
                 if remaining <= 0:
                     raise
-                if pause == _FIRST_PAUSE:  # once per publish
+                if pause == _FIRST_PAUSE and not quiet:  # once per publish
                     logger.warning(
                         "publish of %s: %s; retrying for up to %gs",
                         context,
