@@ -13,6 +13,7 @@ import sqlite3
 import sys
 import time
 
+import durable
 import latency
 import observability
 import postgresql
@@ -28,7 +29,7 @@ def main() -> None:
         f"{platform.machine()} {platform.system()}"
     )
     start = time.perf_counter()
-    for module in (publish, latency, worker, postgresql, redis_engine, observability):
+    for module in (publish, latency, worker, postgresql, redis_engine, observability, durable):
         note(f"-- {module.__name__}")
         emit(module.run())
     note(f"bench done in {time.perf_counter() - start:.1f}s")
