@@ -349,12 +349,14 @@ class RetryWorker:
             if entry is None or self._stopping:
                 return
             batch, item = entry
+            # started as soon as a lane holds it: a suspect run alone meanwhile
+            # gives back only what no lane holds, never an item that will still run
+            batch.started += 1
             while self._suspect is not None:  # another lane runs a suspect alone
                 await self._suspect.wait()
             if item.claims > 1 and item.claims <= self.bus.core.max_claims:
                 await self._run_alone(batch, item)
                 continue
-            batch.started += 1
             self._busy += 1
             try:
                 batch.add(await self._deliver(item))
@@ -567,7 +569,6 @@ class RetryWorker:
         before and after it, so that should it kill this worker too, only its own
         claims count (``max_claims``), not its neighbours'."""
         self._suspect = done = asyncio.Event()
-        batch.started += 1
         self._busy += 1
         try:
             # polls the lanes' and batches' state: suspects are rare
