@@ -24,9 +24,34 @@ them anywhere. The configurations run in turn, round after round (seven
 rounds after a warm-up), so that a busy spell of the machine hits them alike;
 the median round is reported.
 
+The bare-span floor: what the SDK alone costs for the spans of one publish,
+timed in the same rounds. A loop with no retrybus in it makes, per event, what
+a traced publish with one handler makes: a PRODUCER span ``publish <type>``
+with the three messaging attributes, current while a CONSUMER child
+``handle <type>`` (those attributes, ``retrybus.handler`` and
+``retrybus.attempt``) is started, made current, left, given its
+``retrybus.outcome`` (when recording) and ended; then the publish span is left
+and ended. It runs under its own provider, set up as the configuration's
+(``bare_1pct`` as tracing_1pct, ``bare`` as tracing). The loop does nothing but
+make spans, so the SDK's code and data stay in the CPU's caches; inside a
+publish the same SDK calls run slower (alternating an untraced publish with
+the loop's spans costs noticeably more than the two apart), and the share below
+counts that as retrybus's. On a shared machine the figures move by tens of per
+cent from run to run: compare versions by interleaved runs, or by instruction
+counts (valgrind --tool=callgrind over a publish loop).
+
 Figures:
   observability_publish_<config>           events/s
-  observability_publish_overhead_<config>  % slower than off
+  observability_publish_overhead_<config>  % slower than off: (1 - rate / rate off) * 100
+  observability_publish_added_<config>     µs added per event: 1e6 / rate - 1e6 / rate off
+  observability_bare_spans_1pct            µs per event of the bare loop, 1 % sampled
+  observability_bare_spans                 µs per event of the bare loop, all recorded
+  observability_retrybus_share_<tracing>   retrybus's own share of the tracing
+                                           overhead, % of the bare loop: (added by
+                                           the config - bare loop) / bare loop * 100,
+                                           for tracing_1pct (against bare_1pct) and
+                                           tracing (against bare). 0 % would be a
+                                           tracing that costs what the SDK costs
   observability_worker_<config>            items/s
   observability_worker_overhead_<config>   % slower than off
 
@@ -40,12 +65,14 @@ import gc
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 from _common import Figure, emit, median, note, quiet_logging
 from latency import caught_error
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -62,6 +89,8 @@ WORKER_ITEMS = 2_000
 ROUNDS = 7
 HANDLER = "bench.handle"
 CONFIGS = ("off", "metrics", "tracing_api", "tracing_1pct", "tracing", "both", "both_1pct")
+#: the bare-span loops and the configuration each one is the floor of
+BARE = {"bare_1pct": "tracing_1pct", "bare": "tracing"}
 
 
 class _Discard(SpanExporter):
@@ -111,16 +140,73 @@ async def _publish_round(bus: EventBus, count: int) -> float:
     return count / ((time.perf_counter_ns() - start) / 1e9)
 
 
-async def measure_publish(count: int = PUBLISH_EVENTS, rounds: int = ROUNDS) -> dict[str, float]:
+async def measure_publish(
+    count: int = PUBLISH_EVENTS, rounds: int = ROUNDS
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Events/s of each configuration, and µs per event of each bare-span loop."""
     buses = {config: _publish_bus(config) for config in CONFIGS}
+    tracers = {name: _bare_tracer(name) for name in BARE}
     for bus in buses.values():
         await _publish_round(bus, 2_000)
+    for tracer in tracers.values():
+        _bare_round(tracer, 2_000)
     rates: dict[str, list[float]] = {config: [] for config in CONFIGS}
+    bare: dict[str, list[float]] = {name: [] for name in BARE}
     for _ in range(rounds):
         for config, bus in buses.items():
             gc.collect()
             rates[config].append(await _publish_round(bus, count))
-    return {config: median(values) for config, values in rates.items()}
+        for name, tracer in tracers.items():
+            gc.collect()
+            bare[name].append(_bare_round(tracer, count))
+    return (
+        {config: median(values) for config, values in rates.items()},
+        {name: median(values) for name, values in bare.items()},
+    )
+
+
+def _bare_round(tracer: trace.Tracer, count: int) -> float:
+    """µs per event of making a traced publish's spans with the SDK alone."""
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    start_span, attach, detach = tracer.start_span, otel_context.attach, otel_context.detach
+    current = trace.set_span_in_context
+    producer, consumer = trace.SpanKind.PRODUCER, trace.SpanKind.CONSUMER
+    event_type = "bench.published"
+    start = time.perf_counter_ns()
+    for event_id in ids:
+        publish = start_span(
+            f"publish {event_type}",
+            kind=producer,
+            attributes={
+                "messaging.system": "retrybus",
+                "messaging.destination.name": event_type,
+                "messaging.message.id": event_id,
+            },
+        )
+        outer = attach(current(publish))
+        handle = start_span(
+            f"handle {event_type}",
+            kind=consumer,
+            attributes={
+                "messaging.system": "retrybus",
+                "messaging.destination.name": event_type,
+                "messaging.message.id": event_id,
+                "retrybus.handler": HANDLER,
+                "retrybus.attempt": 0,
+            },
+        )
+        inner = attach(current(handle))
+        detach(inner)
+        if handle.is_recording():
+            handle.set_attribute("retrybus.outcome", "success")
+        handle.end()
+        detach(outer)
+        publish.end()
+    return (time.perf_counter_ns() - start) / 1e3 / count
+
+
+def _bare_tracer(name: str) -> trace.Tracer:
+    return _provider(0.01 if name == "bare_1pct" else None).get_tracer("bench.bare")
 
 
 # worker -----------------------------------------------------------------------------
@@ -204,6 +290,9 @@ def _figures(kind: str, unit: str, rates: dict[str, float]) -> list[Figure]:
     per_item = {
         config: 1e6 / rate - 1e6 / base for config, rate in rates.items() if config != "off"
     }
+    if kind == "publish":
+        for config, cost in per_item.items():
+            figures.append(Figure(f"observability_publish_added_{config}", cost, "µs"))
     note(
         f"{kind}: cost added per {'event' if kind == 'publish' else 'item'}, µs: "
         + ", ".join(f"{config} {cost:.1f}" for config, cost in per_item.items())
@@ -211,11 +300,25 @@ def _figures(kind: str, unit: str, rates: dict[str, float]) -> list[Figure]:
     return figures
 
 
+def _bare_figures(rates: dict[str, float], bare: dict[str, float]) -> list[Figure]:
+    """The bare-span floor, and how much of each tracing overhead is retrybus's own."""
+    figures = [Figure(f"observability_bare_spans{name[4:]}", bare[name], "µs") for name in BARE]
+    for name, config in BARE.items():
+        added = 1e6 / rates[config] - 1e6 / rates["off"]
+        share = (added - bare[name]) / bare[name] * 100
+        figures.append(Figure(f"observability_retrybus_share_{config}", share, "%"))
+    return figures
+
+
 def run() -> list[Figure]:
     quiet_logging()
-    publish = asyncio.run(measure_publish())
+    publish, bare = asyncio.run(measure_publish())
     worker = asyncio.run(measure_worker())
-    return [*_figures("publish", "events/s", publish), *_figures("worker", "items/s", worker)]
+    return [
+        *_figures("publish", "events/s", publish),
+        *_bare_figures(publish, bare),
+        *_figures("worker", "items/s", worker),
+    ]
 
 
 if __name__ == "__main__":

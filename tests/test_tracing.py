@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
 
 import retrybus
 from retrybus import Event, EventBus, FixedDelay, ManualClock, PermanentError, RetryWorker, Store
@@ -680,3 +680,156 @@ async def test_odd_values_from_a_tracing_back_end_are_not_trusted(clock: ManualC
     clock.advance(1)
     assert await RetryWorker(bus).run_once() == 1
     assert await bus.dead_letters.count() == 1
+
+
+# Spans of traces not sampled ----------------------------------------------------------
+#
+# With the SDK's ParentBased sampler (the usual one: ``parentbased_traceidratio``),
+# the children of a span not sampled are made without the SDK's whole path. They
+# must be the very spans the SDK makes: the same kind of span, in the same trace,
+# with flags and trace state as the SDK gives them, current while the handler runs.
+
+
+class SdkPathSampler(ParentBased):
+    """ParentBased as it is, but not the SDK's own class: retrybus then takes the
+    SDK's whole path for every span."""
+
+
+def _described(span: trace.Span, parent: trace.SpanContext) -> dict[str, Any]:
+    context = span.get_span_context()
+    return {
+        "type": type(span).__name__,
+        "recording": span.is_recording(),
+        "same_trace": context.trace_id == parent.trace_id,
+        "span_of_its_own": context.span_id not in (0, parent.span_id),
+        "remote": context.is_remote,
+        "flags": int(context.trace_flags),
+        "tracestate": context.trace_state.to_header(),
+    }
+
+
+def _context_of(traceparent: str) -> trace.SpanContext:
+    _version, trace_id, span_id, flags = traceparent.split("-")
+    return trace.SpanContext(
+        int(trace_id, 16), int(span_id, 16), True, trace.TraceFlags(int(flags, 16))
+    )
+
+
+async def _unsampled_story(sampler: Any, clock: ManualClock) -> list[dict[str, Any]]:
+    """What the handlers see of the spans around them, through a publish in a new
+    trace, publishes of events carrying a traceparent not sampled (with and without
+    a trace state, random trace id flag or not), a publish from inside a span not
+    sampled, and the retries of all of them."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = provider.get_tracer("app")
+    bus = traced_bus(provider, clock)
+    seen: list[dict[str, Any]] = []
+    parents: dict[str, trace.SpanContext] = {}
+    called: set[str] = set()
+
+    async def handler(event: Event) -> None:
+        current = trace.get_current_span()
+        parent = parents.get(event.id) or _context_of(event.extensions["traceparent"])
+        with app.start_as_current_span("app work") as work:
+            seen.append(
+                {
+                    "event": event.data,
+                    "retry": event.id in called,
+                    "call": _described(current, parent),
+                    "tracestate": event.extensions.get("tracestate"),
+                    "app work": _described(work, current.get_span_context()),
+                }
+            )
+        if event.id not in called:
+            called.add(event.id)
+            raise TimeoutError("first call fails")
+
+    bus.subscribe("job", handler, name="job")
+    await bus.publish(Event("job", "new trace"))
+    for name, flags, tracestate in [
+        ("carried", "00", None),
+        ("carried random", "02", None),
+        ("carried with state", "02", "vendor=x,other=y"),
+    ]:
+        extensions = {"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-{flags}"}
+        if tracestate is not None:
+            extensions["tracestate"] = tracestate
+        await bus.publish(Event("job", name, extensions=extensions))
+    with app.start_as_current_span("request") as request:
+        event = Event("job", "inside a span not sampled")
+        parents[event.id] = request.get_span_context()
+        await bus.publish(event)
+    seen.append({"request": _described(request, trace.INVALID_SPAN_CONTEXT)})
+    clock.advance(1)
+    assert await RetryWorker(bus).run_once() == 5
+    assert exporter.get_finished_spans() == ()
+    provider.shutdown()
+    return sorted(seen, key=repr)  # the worker takes the retries in an order of its own
+
+
+@pytest.mark.parametrize(
+    "root", [ALWAYS_OFF, TraceIdRatioBased(0.0)], ids=["always_off", "ratio_0"]
+)
+async def test_spans_of_a_trace_not_sampled_are_those_the_sdk_makes(
+    clock: ManualClock, root: Any
+) -> None:
+    quick = await _unsampled_story(ParentBased(root), clock)
+    sdk = await _unsampled_story(SdkPathSampler(root), clock)
+    assert quick == sdk
+    assert len(quick) == 11  # five first calls, the request, five retries
+    calls = [entry["call"] for entry in quick if "call" in entry]
+    assert all(call["type"] == "NonRecordingSpan" and call["same_trace"] for call in calls)
+    assert all(call["span_of_its_own"] and not call["remote"] for call in calls)
+    # the trace state an event carries is its handlers' spans' too
+    states = {entry["event"]: entry["call"]["tracestate"] for entry in quick if "call" in entry}
+    assert states["carried with state"] == "vendor=x,other=y"
+
+
+async def test_a_sampler_that_records_children_of_unsampled_parents_is_obeyed(
+    exporter: InMemorySpanExporter, clock: ManualClock
+) -> None:
+    provider = TracerProvider(
+        sampler=ParentBased(
+            ALWAYS_OFF, remote_parent_not_sampled=ALWAYS_ON, local_parent_not_sampled=ALWAYS_ON
+        )
+    )
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    bus = traced_bus(provider, clock)
+    bus.subscribe("job", always_fails, name="job")
+    await bus.publish(Event("job"))
+    unsampled = f"00-{'ab' * 16}-{'cd' * 8}-00"
+    await bus.publish(Event("job", extensions={"traceparent": unsampled}))
+    clock.advance(1)
+    assert await RetryWorker(bus).run_once() == 2
+    assert sorted(span.name for span in exporter.get_finished_spans()) == [
+        "handle job",
+        "handle job",
+        "publish job",  # the carried traceparent is a remote parent: sampled
+        "retry job",
+        "retry job",
+    ]
+
+
+async def test_children_of_a_span_not_sampled_cost_no_sampling(clock: ManualClock) -> None:
+    """The short cut is taken: the sampler is asked about the publish span alone,
+    not about its handlers' spans nor their retries."""
+    sampler = ParentBased(TraceIdRatioBased(0.0))
+    asked: list[str] = []
+    should_sample = sampler.should_sample
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        name = kwargs["name"] if "name" in kwargs else args[2]
+        asked.append(name)
+        return should_sample(*args, **kwargs)
+
+    sampler.should_sample = counting  # type: ignore[method-assign]
+    provider = TracerProvider(sampler=sampler)
+    bus = traced_bus(provider, clock)
+    bus.subscribe("job", always_fails, name="first")
+    bus.subscribe("job", always_fails, name="second")
+    await bus.publish(Event("job"))
+    clock.advance(1)
+    assert await RetryWorker(bus).run_once() == 2
+    assert [name for name in asked if name != "retrybus probe"] == ["publish job"]

@@ -129,7 +129,11 @@ class PublishSpan(Protocol):
 
 
 class DeliverySpan(Protocol):
-    """The span around one handler call, current while the handler runs."""
+    """The span around one handler call, current while the handler runs.
+
+    A span may say, with a class attribute ``awaits_outcome = False``, that it
+    records nothing: it is then let go once the call returns, and neither ended
+    nor told the outcome (``end`` is not called)."""
 
     def __enter__(self) -> DeliverySpan: ...
 

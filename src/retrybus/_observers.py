@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from ._event import Event
@@ -118,9 +118,6 @@ class Observer:
     #: True for an observer that cannot raise (its hooks are then called unguarded)
     never_raises = False
 
-    #: False for an observer whose ``active`` may change (tracing, once an SDK is set up)
-    always_active = True
-
     @property
     def active(self) -> bool:
         """False while this observer would record nothing (tracing without an SDK):
@@ -168,11 +165,19 @@ def _overrides(observer: Observer, hook: str) -> bool:
     return getattr(type(observer), hook) is not getattr(Observer, hook)
 
 
-def _direct(observers: tuple[Observer, ...], hook: str, guarded: Any) -> Any:
-    """``hook`` of the one observer that never raises, else ``guarded`` (the loop)."""
-    if len(observers) == 1 and observers[0].never_raises:
-        return getattr(observers[0], hook)
-    return guarded
+class _RecordedHook(Protocol):
+    def __call__(
+        self,
+        delivery: Delivery | None,
+        outcome: Outcome | None,
+        verdict: Verdict,
+        written: Written,
+        reason: str | None = None,
+    ) -> None: ...
+
+
+def _nothing(*args: Any) -> None:
+    return None
 
 
 class Observers:
@@ -184,37 +189,64 @@ class Observers:
         self._all: tuple[Observer, ...] = tuple(observers)
         self._failed: set[tuple[int, str]] = set()
         hooks = {hook: tuple(o for o in self._all if _overrides(o, hook)) for hook in _HOOKS}
-        self._publish_started = hooks["publish_started"]
-        self._publish_ended = hooks["publish_ended"]
-        self._call_started = hooks["call_started"]
-        self._call_ended = hooks["call_ended"]
-        self._recorded = hooks["recorded"]
         self._retry_scheduled = hooks["retry_scheduled"]
         self._retry_succeeded = hooks["retry_succeeded"]
         self._dead_lettered = hooks["dead_lettered"]
         self._requeued = hooks["requeued"]
         #: whether any observer implements ``call_started`` (most calls skip it then)
-        self.watching_call_starts = bool(self._call_started)
+        self.watching_call_starts = bool(hooks["call_started"])
         #: whether any observer implements ``publish_ended``
-        self.watching_publish_ends = bool(self._publish_ended)
-        # The hooks of every delivery: each observer's own method when it is the
-        # only one and never raises (metrics: plain arithmetic), else the guarded
-        # loop over all of them.
-        self.publish_started: Callable[[Publication], None] = _direct(
-            self._publish_started, "publish_started", self._publish_started_all
+        self.watching_publish_ends = bool(hooks["publish_ended"])
+        # The hooks of every delivery, each made once: nothing when no observer
+        # implements it; an observer's own method when it is the only one and
+        # never raises (metrics: plain arithmetic); that method guarded when it
+        # is the only one; else the guarded loop over all of them.
+        self.publish_started: Callable[[Publication], None] = self._hook(
+            hooks["publish_started"], "publish_started"
         )
-        self.publish_ended: Callable[[Publication, BaseException | None], None] = _direct(
-            self._publish_ended, "publish_ended", self._publish_ended_all
+        self.publish_ended: Callable[[Publication, BaseException | None], None] = self._hook(
+            hooks["publish_ended"], "publish_ended"
         )
-        self.call_started: Callable[[Delivery], None] = _direct(
-            self._call_started, "call_started", self._call_started_all
+        self.call_started: Callable[[Delivery], None] = self._hook(
+            hooks["call_started"], "call_started"
         )
-        self.call_ended: Callable[[Delivery], None] = _direct(
-            self._call_ended, "call_ended", self._call_ended_all
-        )
-        watchers = {*self._publish_started, *self._call_started, *self._call_ended}
+        self.call_ended: Callable[[Delivery], None] = self._hook(hooks["call_ended"], "call_ended")
+        #: what became of a delivery reached the store, or did not (see ``Observer``)
+        self.recorded: _RecordedHook = self._hook(hooks["recorded"], "recorded")
+        watchers = {*hooks["publish_started"], *hooks["call_started"], *hooks["call_ended"]}
         self._always_watched = any(o.always_active for o in watchers)
         self._maybe_watched = tuple(o for o in self._all if o in watchers and not o.always_active)
+
+    def _hook(self, observers: tuple[Observer, ...], hook: str) -> Any:
+        """One hook of ``observers`` as a single callable."""
+        if not observers:
+            return _nothing
+        if len(observers) == 1:
+            (observer,) = observers
+            method = getattr(observer, hook)
+            if observer.never_raises:
+                return method
+            report = self._report
+
+            def guarded(*args: Any) -> None:
+                try:
+                    method(*args)
+                except Exception:
+                    report(observer, hook)
+
+            return guarded
+
+        methods = tuple((observer, getattr(observer, hook)) for observer in observers)
+        report = self._report
+
+        def each(*args: Any) -> None:
+            for observer, method in methods:
+                try:
+                    method(*args)
+                except Exception:
+                    report(observer, hook)
+
+        return each
 
     @property
     def watch_calls(self) -> bool:
@@ -248,29 +280,6 @@ class Observers:
                 getattr(observer, hook)(*args)
             except Exception:
                 self._report(observer, hook)
-
-    def _publish_started_all(self, publication: Publication) -> None:
-        self._emit(self._publish_started, "publish_started", publication)
-
-    def _publish_ended_all(self, publication: Publication, error: BaseException | None) -> None:
-        self._emit(self._publish_ended, "publish_ended", publication, error)
-
-    def _call_started_all(self, delivery: Delivery) -> None:
-        self._emit(self._call_started, "call_started", delivery)
-
-    def _call_ended_all(self, delivery: Delivery) -> None:
-        self._emit(self._call_ended, "call_ended", delivery)
-
-    def recorded(
-        self,
-        delivery: Delivery | None,
-        outcome: Outcome | None,
-        verdict: Verdict,
-        written: Written,
-        reason: str | None = None,
-    ) -> None:
-        """What became of a delivery reached the store, or did not (see ``Observer``)."""
-        self._emit(self._recorded, "recorded", delivery, outcome, verdict, written, reason)
 
     def retry_scheduled(self, items: Sequence[RetryItem]) -> None:
         for item in items:

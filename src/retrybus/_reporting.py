@@ -23,7 +23,6 @@ from ._observers import Delivery, Observer, Publication, Verdict, Written
 from ._outcomes import DeadLettered, Rescheduled
 
 if TYPE_CHECKING:
-    from ._observe import DeliverySpan, PublishSpan
     from ._outcomes import Outcome
     from ._records import DeadLetterItem, RetryItem
 
@@ -81,16 +80,23 @@ class TracingObserver(Observer):
     """Spans for a ``Tracing`` back end: one around each publish, one around each
     handler call, ended with what the store recorded. What the back end hands
     back is checked: a span that gives another event, or a malformed
-    ``traceparent``, is logged (once) and left out."""
+    ``traceparent``, is logged (once) and left out.
+
+    A call's span whose ``awaits_outcome`` is False (one that records nothing,
+    such as an OpenTelemetry span of a trace not sampled) is let go once the
+    call returns: nothing then waits for what the store records."""
 
     def __init__(self, tracing: Tracing) -> None:
         self.tracing = tracing
         self._complained: set[str] = set()
+        # retrybus's own back end says when its activity is settled for good
+        # (a provider given to it): the hooks then need not ask
+        self.always_active = getattr(tracing, "_fixed_activity", None) is True
+        # and its spans' traceparents are W3C ones by construction
+        self._trusted = bool(type(tracing).__dict__.get("_w3c_traceparents", False))
 
     def __repr__(self) -> str:
         return repr(self.tracing)
-
-    always_active = False
 
     @property
     def active(self) -> bool:
@@ -101,49 +107,72 @@ class TracingObserver(Observer):
             self._complained.add(what)
             logger.error("%r: %s; left out of the trace", self.tracing, what)
 
-    def _checked(self, span: PublishSpan | DeliverySpan) -> str | None:
-        value = span.traceparent
-        if value is None or is_traceparent(value):
-            return value
+    def _checked(self, value: object) -> str | None:
+        """A span's ``traceparent``, if it is one (None: not sampled)."""
+        if self._trusted or value is None or is_traceparent(value):
+            return value  # type: ignore[return-value]
         self._complain(f"a span's traceparent is not a W3C traceparent: {value!r}")
         return None
 
     def publish_started(self, publication: Publication) -> None:
-        if not self.tracing.active:
+        if not self.always_active and not self.tracing.active:
             return
         event = publication.event
         span = self.tracing.publish(event)
         publication.span = span
         traced = span.event
-        if isinstance(traced, Event) and traced.id == event.id:
-            publication.event = traced
-        else:
-            self._complain("its publish span gave an event other than the one published")
-        publication.traceparent = self._checked(span)
+        if traced is not event:
+            if isinstance(traced, Event) and traced.id == event.id:
+                publication.event = traced
+            else:
+                self._complain("its publish span gave an event other than the one published")
+        value = span.traceparent
+        if value is not None:
+            publication.traceparent = self._checked(value)
 
     def publish_ended(self, publication: Publication, error: BaseException | None) -> None:
         if publication.span is not None:
             publication.span.end(error)
 
     def call_started(self, delivery: Delivery) -> None:
-        if not self.tracing.active:
+        if not self.always_active and not self.tracing.active:
             return
-        span = self.tracing.delivery(
-            delivery.event,
-            delivery.handler,
-            kind=delivery.kind,
-            attempt=delivery.attempt,
-            failed=failed_attempts(delivery.metadata),
-            publisher=publisher(delivery.metadata),
-        )
+        metadata = delivery.metadata
+        if metadata:
+            span = self.tracing.delivery(
+                delivery.event,
+                delivery.handler,
+                kind=delivery.kind,
+                attempt=delivery.attempt,
+                failed=failed_attempts(metadata),
+                publisher=publisher(metadata),
+            )
+        else:  # a first call: no trace context stored yet
+            span = self.tracing.delivery(
+                delivery.event,
+                delivery.handler,
+                kind=delivery.kind,
+                attempt=delivery.attempt,
+                failed=(),
+                publisher=None,
+            )
         delivery.span = span
         span.__enter__()
-        delivery.traceparent = self._checked(span)
+        value = span.traceparent
+        if value is not None:
+            delivery.traceparent = self._checked(value)
 
     def call_ended(self, delivery: Delivery) -> None:
-        span, error = delivery.span, delivery.error
-        if span is not None:
-            span.__exit__(None if error is None else type(error), error, None)
+        span = delivery.span
+        if span is None:
+            return
+        error = delivery.error
+        if error is None:
+            span.__exit__(None, None, None)
+        else:
+            span.__exit__(type(error), error, None)
+        if getattr(span, "awaits_outcome", True) is False:
+            delivery.span = None  # nothing waits for its outcome
 
     def recorded(
         self,
