@@ -102,7 +102,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -115,8 +115,7 @@ from redis_engine import _url as redis_url
 from worker import _peak_rss_mb
 
 from retrybus import Event, EventBus, open_store
-from retrybus._delivery import first_record  # seeding writes what publish(defer=True) writes
-from retrybus._records import delivery_id
+from retrybus._records import RetryItem
 
 ENGINES = ("sqlite", "postgresql", "redis")
 PARTS = ("latency", "concurrent", "deferred", "start", "slow")
@@ -728,8 +727,7 @@ async def _seed_deferred(bus: EventBus, count: int, slow: bool, first: int) -> N
         if slow and n % SLOW_EVERY == SLOW_EVERY // 2:
             data["sleep"] = SLOW_SECONDS
         event = Event(EVENT_TYPE, data, source="bench")
-        record = first_record(event, HANDLER, max_retries, now, None)
-        records.append(replace(record, id=delivery_id(event.source, event.id, HANDLER), claims=0))
+        records.append(RetryItem.pending(event, HANDLER, max_retries=max_retries, due=now, now=now))
     await bus.store.record_pending(records)
 
 

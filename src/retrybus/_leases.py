@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -36,7 +35,8 @@ class PublishLeases:
         self._now = now
         self._owner = owner
         self._lease = lease
-        self._held: Counter[str] = Counter()
+        # how many running publishes hold each record
+        self._held: dict[str, int] = {}
         self._keeper: asyncio.Task[None] | None = None
 
     @property
@@ -46,16 +46,23 @@ class PublishLeases:
 
     def hold(self, ids: Iterable[str]) -> None:
         """Keep these records' leases until ``drop``."""
-        self._held.update(ids)
-        if self._keeper is None and self._held:
+        held = self._held
+        for record_id in ids:
+            held[record_id] = held.get(record_id, 0) + 1
+        if self._keeper is None and held:
             self._keeper = asyncio.get_running_loop().create_task(
                 self._keep(), name="retrybus-publish-leases"
             )
 
     def drop(self, ids: Iterable[str]) -> None:
         """Their handlers are done: stop extending these leases."""
-        self._held.subtract(ids)
-        self._held = +self._held  # forget counts that reached 0
+        held = self._held
+        for record_id in ids:
+            count = held.get(record_id, 0) - 1
+            if count > 0:
+                held[record_id] = count
+            else:
+                held.pop(record_id, None)
 
     async def _keep(self) -> None:
         try:

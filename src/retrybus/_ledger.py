@@ -62,7 +62,8 @@ class Ledger:
             lambda items: self._core.store.record_pending(items)
         )
         self._finishers: dict[str, GroupWriter[Outcome]] = {}
-        self._removals: set[asyncio.Future[set[str]]] = set()
+        self._removals: dict[str, list[Outcome]] = {}  # by lease owner
+        self._removers: dict[str, asyncio.Future[None]] = {}
         self._removal_failed = False
 
     # who is told -------------------------------------------------------------
@@ -132,37 +133,43 @@ class Ledger:
 
     def remove_soon(self, attempted: Sequence[Attempted], owner: str) -> None:
         """Remove the records of first deliveries that succeeded (leased to
-        ``owner``), grouped with other writes, without waiting; tried again
+        ``owner``) without waiting: they are queued, and one task per owner
+        writes whatever has queued meanwhile in one store call, tried again
         through a store outage for up to ``store_timeout``. Should the write
         never happen, a worker runs the delivery again once the lease runs out."""
-        outcomes = [a.outcome for a in attempted]
-        future = asyncio.ensure_future(
-            self._through_outage(
-                lambda: self._finisher(owner).write(outcomes), "removals", quiet=True
-            )
-        )
-        self._removals.add(future)
-        future.add_done_callback(self._removed)
+        queued = self._removals.get(owner)
+        if queued is None:
+            queued = self._removals[owner] = []
+        queued.extend(a.outcome for a in attempted)
+        if owner not in self._removers:
+            self._removers[owner] = asyncio.ensure_future(self._remove_queued(owner))
 
-    def _removed(self, future: asyncio.Future[set[str]]) -> None:
-        self._removals.discard(future)
-        if future.cancelled():
-            return
-        error = future.exception()
-        if error is not None and not self._removal_failed:
-            self._removal_failed = True
-            logger.warning(
-                "could not remove the records of successful deliveries: %s; they will be "
-                "delivered again once their lease runs out",
-                error,
-            )
-        elif error is None:
-            self._removal_failed = False
+    async def _remove_queued(self, owner: str) -> None:
+        try:
+            while outcomes := self._removals.pop(owner, None):
+                try:
+                    await self._through_outage(
+                        lambda: self._core.store.complete(outcomes, owner, self._core.clock.now()),
+                        "removals",
+                        quiet=True,
+                    )
+                except Exception as error:
+                    if not self._removal_failed:
+                        self._removal_failed = True
+                        logger.warning(
+                            "could not remove the records of successful deliveries: %s; they "
+                            "will be delivered again once their lease runs out",
+                            error,
+                        )
+                else:
+                    self._removal_failed = False
+        finally:
+            del self._removers[owner]
 
     async def flush(self) -> None:
         """Wait for the removals ``remove_soon`` has not finished yet."""
-        while self._removals:
-            await asyncio.gather(*self._removals, return_exceptions=True)
+        while self._removers:
+            await asyncio.gather(*self._removers.values(), return_exceptions=True)
 
     def _finisher(self, owner: str) -> GroupWriter[Outcome]:
         writer = self._finishers.get(owner)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, TypeVar
 from ._delivery import Attempted, call_observed, call_plain, failure_outcome, first_record
 from ._event import Event
 from ._handlers import Subscription
+from ._observe import trace_metadata
 from ._observers import Delivery, Observers, Publication
 from ._outcomes import DeadLettered, Rescheduled, Succeeded
-from ._records import DeadLetterItem, RetryItem, delivery_id
+from ._records import DeadLetterItem, RetryItem
 
 if TYPE_CHECKING:
     from ._core import BusCore
@@ -188,25 +189,23 @@ class Publisher:
         publish about to run them), or due at ``due`` (now by default) for a worker."""
         core = self._core
         now = core.clock.now()
+        owner = core.publish_owner if leased else None
         lease_until = now + timedelta(seconds=core.publish_lease) if leased else None
-        records = []
-        for subscription in subscriptions:
-            policy = subscription.policy or core.default_policy
-            record = first_record(event, subscription.name, policy.max_retries, now, publisher)
-            records.append(
-                replace(
-                    record,
-                    id=delivery_id(event.source, event.id, subscription.name),
-                    next_retry=due or now,
-                    # a scheduled delivery's age (retention, a failure's time
-                    # budget) counts from its time, not from its publish
-                    created_at=due or now,
-                    lease_owner=core.publish_owner if leased else None,
-                    lease_until=lease_until,
-                    claims=1 if leased else 0,
-                )
+        default_policy = core.default_policy
+        return [
+            RetryItem.pending(
+                event,
+                subscription.name,
+                max_retries=(subscription.policy or default_policy).max_retries,
+                due=due or now,
+                now=now,
+                lease_owner=owner,
+                lease_until=lease_until,
+                # a dict of each record's own: records are separate values
+                metadata=trace_metadata(publisher, None),
             )
-        return records
+            for subscription in subscriptions
+        ]
 
     async def _record(
         self,

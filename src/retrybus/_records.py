@@ -231,6 +231,46 @@ class RetryItem:
             metadata=dict(metadata or {}),
         )
 
+    @classmethod
+    def pending(
+        cls,
+        event: Event,
+        handler_name: str,
+        *,
+        max_retries: int,
+        due: datetime,
+        now: datetime,
+        lease_owner: str | None = None,
+        lease_until: datetime | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> RetryItem:
+        """The record of ``event``'s first delivery to ``handler_name`` (attempt 0),
+        due at ``due``: leased to ``lease_owner`` until ``lease_until`` (a durable
+        publish about to run it here, counted as one claim) or left for a worker.
+        Its id is ``delivery_id``'s; its age (retention, a failure's time budget)
+        counts from ``due``: a scheduled delivery's from its time, not its publish."""
+        return cls(
+            id=delivery_id(event.source, event.id, handler_name),
+            event_id=event.id,
+            event_type=event.type,
+            event_data=json.loads(event.data_json),
+            event_source=event.source,
+            event_timestamp=event.time,
+            event_subject=event.subject,
+            event_extensions=dict(event.extensions),
+            handler_name=handler_name,
+            error="",
+            attempt=0,
+            max_retries=max_retries,
+            next_retry=due,
+            created_at=due,
+            updated_at=now,
+            lease_owner=lease_owner,
+            lease_until=lease_until,
+            metadata=dict(metadata or {}),
+            claims=0 if lease_owner is None else 1,
+        )
+
     def to_event(self) -> Event:
         """The event as it was published, rebuilt exactly, with a payload of its own
         (a handler that changes it changes nothing stored)."""

@@ -12,10 +12,12 @@ from .._records import RetryItem
 
 def text_time(moment: datetime) -> str:
     """An aware time as ISO 8601 text in UTC with microseconds: fixed width, so it sorts."""
-    if moment.tzinfo is None:
-        raise ValueError(f"stored times must be timezone-aware, got {moment!r}")
-    if moment.utcoffset():
-        moment = moment.astimezone(UTC)
+    zone = moment.tzinfo
+    if zone is not UTC:
+        if zone is None:
+            raise ValueError(f"stored times must be timezone-aware, got {moment!r}")
+        if moment.utcoffset():
+            moment = moment.astimezone(UTC)
     return moment.isoformat(timespec="microseconds")
 
 

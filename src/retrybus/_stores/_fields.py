@@ -114,13 +114,16 @@ class RecordCodec:
 
     def retry_fields(self, item: RetryItem) -> dict[str, Any]:
         """``item`` as the engine stores it, field by field (``RETRY_FIELDS``)."""
+        write_time = self.write_time
+        # a new record's times are mostly one moment: written once
+        created_at = write_time(item.created_at)
         return {
             "id": item.id,
             "event_id": item.event_id,
             "event_type": item.event_type,
             "event_data": self.write_json(item.event_data),
             "event_source": item.event_source,
-            "event_timestamp": self.write_time(item.event_timestamp),
+            "event_timestamp": write_time(item.event_timestamp),
             "event_subject": item.event_subject,
             "event_extensions": self.write_json(dict(item.event_extensions)),
             "handler_name": item.handler_name,
@@ -129,9 +132,13 @@ class RecordCodec:
             "traceback": item.traceback,
             "attempt": item.attempt,
             "max_retries": item.max_retries,
-            "next_retry": self.write_time(item.next_retry),
-            "created_at": self.write_time(item.created_at),
-            "updated_at": self.write_time(item.updated_at),
+            "next_retry": (
+                created_at if item.next_retry is item.created_at else write_time(item.next_retry)
+            ),
+            "created_at": created_at,
+            "updated_at": (
+                created_at if item.updated_at is item.created_at else write_time(item.updated_at)
+            ),
             "lease_owner": item.lease_owner,
             "lease_until": self._time_or_none(item.lease_until),
             "metadata": self.write_json(dict(item.metadata)),
