@@ -393,7 +393,7 @@ async def test_claiming_ten_of_ones_own_reads_none_of_five_thousand_others_due_b
         if analyzed:  # what autovacuum does to a busy table: statistics, "mine" rare
             await conn.execute("ANALYZE retry_queue")
         for generic in (False, True):
-            args = ("w", now + timedelta(seconds=30), now, 10, ["mine", "nobody"])
+            args = ("w", now + timedelta(seconds=30), now, 10, ["mine", "nobody"], "off")
             nodes = await explain(conn, Q["claim_due_for"], *args, generic=generic)
             reads = retry_queue_reads(nodes)
             # the handler's items come from its index in time order, one pkey look-up
@@ -402,7 +402,7 @@ async def test_claiming_ten_of_ones_own_reads_none_of_five_thousand_others_due_b
             assert set(reads) == {"retry_queue_handler_name", "retry_queue_pkey"}, reads
             assert reads["retry_queue_handler_name"] <= 50, reads
             # the same for any handler's items (a generic plan knows no limit)
-            nodes = await explain(conn, Q["claim_due"], *args[:4], generic=generic)
+            nodes = await explain(conn, Q["claim_due"], *args[:4], "off", generic=generic)
             reads = retry_queue_reads(nodes)
             assert set(reads) == {"retry_queue_next_retry", "retry_queue_pkey"}, reads
             nodes = await explain(conn, Q["next_due_for"], ["mine", "nobody"], generic=generic)
@@ -563,3 +563,65 @@ async def test_many_pending_records_are_one_statement(
     assert calls == ["run"]
     assert await store.retry_count() == 600
     assert await store.counters() == Counters()
+
+
+# how each write commits --------------------------------------------------------
+
+SEE_COMMIT_SETTING = """
+CREATE TABLE commit_settings (operation text, setting text);
+CREATE FUNCTION note_commit_setting() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO commit_settings VALUES (TG_OP, current_setting('synchronous_commit'));
+    RETURN NULL;
+END $$;
+CREATE TRIGGER note_commit_setting AFTER INSERT OR UPDATE OR DELETE ON retry_queue
+    FOR EACH STATEMENT EXECUTE FUNCTION note_commit_setting();
+"""
+
+
+async def commit_settings_of(url: str, schema: str) -> dict[str, list[str]]:
+    """What ``synchronous_commit`` each kind of write ran under, through the store
+    at ``url``: a publish's records (INSERT), then claims, lease extensions and
+    releases (UPDATE) and outcomes (DELETE, and the UPDATE of its rescheduled
+    part, none here), then a publish again (INSERT)."""
+    conn = await raw_connection(schema)
+    try:
+        opened = open_store(url)
+        assert isinstance(opened, PostgresStore)
+        async with opened as store:
+            await store.connect()  # the table exists before the trigger is made
+            await conn.execute(SEE_COMMIT_SETTING)
+            now = datetime.now(UTC)
+            await store.record_pending([pending(n, now=now) for n in range(2)])
+            items = await claim(store, now, ["h"], owner="w")
+            await store.extend_leases([items[0].id], "w", now + timedelta(seconds=60))
+            await store.release([items[1].id], "w")
+            await store.complete([Succeeded(items[0])], "w", now)
+            await store.record_pending([pending(9, now=now)])
+        settings: dict[str, list[str]] = {}
+        for row in await conn.fetch("SELECT operation, setting FROM commit_settings"):
+            settings.setdefault(row["operation"], []).append(row["setting"])
+    finally:
+        await conn.close()
+    return settings
+
+
+async def test_claims_leases_and_outcomes_commit_without_waiting_for_the_wal_flush(
+    url: str, schema: str
+) -> None:
+    # a lost claim or outcome only runs a delivery again; a publish's record must
+    # not be lost; and the setting is the statement's alone (the second publish)
+    assert await commit_settings_of(url, schema) == {
+        "INSERT": ["on", "on"],
+        "UPDATE": ["off", "off", "off", "off"],
+        "DELETE": ["off"],
+    }
+
+
+async def test_a_synchronous_commit_in_the_url_holds_for_every_write(schema: str) -> None:
+    url = url_with_schema(schema) + "&synchronous_commit=on"
+    assert await commit_settings_of(url, schema) == {
+        "INSERT": ["on", "on"],
+        "UPDATE": ["on", "on", "on", "on"],
+        "DELETE": ["on"],
+    }
