@@ -241,3 +241,25 @@ async def test_many_pending_records_in_one_step(store: Store, clock: ManualClock
     applied = await store.complete([Succeeded(item) for item in items], "publisher", clock.now())
     assert applied == {item.id for item in items}
     assert await store.retry_count() == 0
+
+
+async def test_a_publishers_removals_and_its_next_records_in_one_call(
+    store: Store, clock: ManualClock
+) -> None:
+    done = [pending(clock, n, owner="publisher", lease=10 if n == 0 else 60) for n in range(3)]
+    await store.record_pending(done)
+    clock.advance(11)
+    (taken,) = await claim(store, clock, owner="w")  # its lease ran out: a worker has it
+    still_mine = done[1:]
+    again = pending(clock, 7, owner="publisher")
+    await store.record_pending([again])
+    new = [pending(clock, 10 + n, owner="publisher") for n in range(2)]
+    added = await store.remove_then_record_pending(
+        [Succeeded(item) for item in done], "publisher", clock.now(), [*new, again]
+    )
+    assert added == {item.id for item in new}  # the delivery recorded before is not added again
+    for item in still_mine:
+        assert await store.get_retry(item.id) is None
+    assert await store.get_retry(taken.id) == taken  # the worker's lease holds it
+    assert await store.retry_count() == 4
+    assert await store.counters() == Counters()

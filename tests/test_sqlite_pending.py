@@ -577,3 +577,33 @@ async def test_an_idle_worker_wakes_when_another_process_adds_an_item(tmp_path: 
             writer.stdin.close()
             await asyncio.wait_for(writer.wait(), 10)
         assert await store.retry_count() == 0
+
+
+async def test_one_publish_after_another_is_one_write_each(tmp_path: Path) -> None:
+    """A durable publisher's removals ride on its next publish's write: one
+    transaction per publish, not two (the last removal is written on its own)."""
+    store = open_store(f"sqlite:///{tmp_path / 'bus.db'}")
+    calls = {"record_pending": 0, "complete": 0, "remove_then_record_pending": 0}
+    for name in calls:
+        method = getattr(store, name)
+
+        def counted(*args: Any, _method: Any = method, _name: str = name) -> Any:
+            calls[_name] += 1
+            return _method(*args)
+
+        setattr(store, name, counted)
+    bus = EventBus(store)
+    handled: list[int] = []
+
+    async def count(event: Event) -> None:
+        handled.append(event.data["n"])
+
+    bus.subscribe("order.*", count, name="count")
+    async with bus:
+        for n in range(10):
+            result = await bus.publish(Event("order.placed", {"n": n}))
+            assert result.succeeded == ("count",)
+        await bus.core.ledger.flush()
+        assert await store.retry_count() == 0
+    assert handled == list(range(10))
+    assert calls == {"record_pending": 1, "remove_then_record_pending": 9, "complete": 1}

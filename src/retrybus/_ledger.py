@@ -58,11 +58,9 @@ class Ledger:
         self._core = core
         self._hooks: list[DeadLetterHook] = []
         self._listeners: list[Callable[[datetime], None]] = []
-        self._pending: GroupWriter[RetryItem] = GroupWriter(
-            lambda items: self._core.store.record_pending(items)
-        )
+        self._pending: GroupWriter[RetryItem] = GroupWriter(self._write_pending)
         self._finishers: dict[str, GroupWriter[Outcome]] = {}
-        self._removals: dict[str, list[Outcome]] = {}  # by lease owner
+        self._removals: dict[str, list[Succeeded]] = {}  # by lease owner
         self._removers: dict[str, asyncio.Future[None]] = {}
         self._removal_failed = False
 
@@ -115,14 +113,22 @@ class Ledger:
         return added
 
     async def finish_first(
-        self, attempted: Sequence[Attempted], owner: str, context: str
+        self,
+        attempted: Sequence[Attempted],
+        owner: str,
+        context: str,
+        *,
+        removals: Sequence[Attempted] = (),
     ) -> set[str]:
         """Write what followed failed first calls of a durable publish (records
-        rescheduled or dead-lettered, leased to ``owner``), together with other
-        publishes' and through an outage, then announce them."""
+        rescheduled or dead-lettered, leased to ``owner``), with the removals of
+        its successful ones (``removals``: written, not announced; their calls
+        were), together with other publishes' and through an outage, then
+        announce them."""
+        outcomes = [a.outcome for a in (*removals, *attempted)]
         try:
             applied = await self._through_outage(
-                lambda: self._finisher(owner).write([a.outcome for a in attempted]), context
+                lambda: self._finisher(owner).write(outcomes), context
             )
         except BaseException:
             self.unwritten(attempted)
@@ -131,21 +137,49 @@ class Ledger:
         await self._announce(attempted, mine)
         return mine
 
+    async def _write_pending(self, items: Sequence[RetryItem]) -> set[str]:
+        """One group's pending records; on a store that can, with the removals
+        queued meanwhile (one write where there would be two)."""
+        store = self._core.store
+        if not store.joins_removals or not self._removals:
+            return await store.record_pending(items)
+        owner, removals = self._removals.popitem()
+        try:
+            return await store.remove_then_record_pending(
+                removals, owner, self._core.clock.now(), items
+            )
+        except BaseException:
+            self._queue_removals(owner, removals, first=True)  # the remover tries them alone
+            raise
+
     def remove_soon(self, attempted: Sequence[Attempted], owner: str) -> None:
         """Remove the records of first deliveries that succeeded (leased to
         ``owner``) without waiting: they are queued, and one task per owner
         writes whatever has queued meanwhile in one store call, tried again
         through a store outage for up to ``store_timeout``. Should the write
         never happen, a worker runs the delivery again once the lease runs out."""
+        self._queue_removals(
+            owner, [a.outcome for a in attempted if isinstance(a.outcome, Succeeded)]
+        )
+
+    def _queue_removals(
+        self, owner: str, removals: list[Succeeded], *, first: bool = False
+    ) -> None:
         queued = self._removals.get(owner)
         if queued is None:
-            queued = self._removals[owner] = []
-        queued.extend(a.outcome for a in attempted)
+            self._removals[owner] = removals
+        elif first:
+            queued[:0] = removals
+        else:
+            queued += removals
         if owner not in self._removers:
             self._removers[owner] = asyncio.ensure_future(self._remove_queued(owner))
 
     async def _remove_queued(self, owner: str) -> None:
         try:
+            if self._core.store.joins_removals:
+                # one turn of the loop: a pending write starting now takes them along
+                await asyncio.sleep(0)
             while outcomes := self._removals.pop(owner, None):
                 try:
                     await self._through_outage(

@@ -240,7 +240,8 @@ class Publisher:
         pending: tuple[str, ...],
     ) -> PublishResult:
         """Finish each record as a worker would: failures rescheduled or
-        dead-lettered now, successes removed soon (not waited for)."""
+        dead-lettered now (with the successes' removals), otherwise successes
+        removed soon (not waited for)."""
         core = self._core
         now = core.clock.now()
         succeeded: list[str] = []
@@ -259,10 +260,12 @@ class Publisher:
             attempted.append(
                 Attempted(failure_outcome(record, error, policy, now, traceparent), delivery)
             )
-        if removed:
+        if attempted:  # the removals go with the failures' write
+            await core.ledger.finish_first(
+                attempted, core.publish_owner, _context(event), removals=removed
+            )
+        elif removed:
             core.ledger.remove_soon(removed, core.publish_owner)
-        if attempted:
-            await core.ledger.finish_first(attempted, core.publish_owner, _context(event))
         return _result(event, succeeded, attempted, pending)
 
     # deferred ----------------------------------------------------------------

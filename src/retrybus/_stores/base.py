@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal, Self
 
 from .._filters import DeadLetterFilter
 from .._groups import GroupCount
-from .._outcomes import CorruptRecord, Counters, Outcome
+from .._outcomes import CorruptRecord, Counters, Outcome, Succeeded
 from .._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
 
 __all__ = [
@@ -76,6 +76,9 @@ class RetryStore(abc.ABC):
     #: what the store holds outlives this process (the memory store's does not):
     #: publish is durable by default on such a store
     persistent: ClassVar[bool] = True
+    #: ``remove_then_record_pending`` is one step (one transaction, one round
+    #: trip): a durable publisher's removals then ride on its next write
+    joins_removals: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def connect(self) -> None:
@@ -106,6 +109,21 @@ class RetryStore(abc.ABC):
         Ids already stored are skipped (the same delivery recorded twice makes
         no second record). Returns the ids added. They do not count in the
         running totals (``Counters``): a first delivery is not a retry."""
+
+    async def remove_then_record_pending(
+        self,
+        removals: Sequence[Succeeded],
+        owner: str,
+        now: datetime,
+        items: Sequence[RetryItem],
+    ) -> set[str]:
+        """``complete(removals, owner, now)`` (first deliveries that succeeded,
+        leased to ``owner``), then ``record_pending(items)``; returns what
+        ``record_pending`` returns. One step where the engine says so
+        (``joins_removals``); this default makes the two calls in turn."""
+        if removals:
+            await self.complete(removals, owner, now)
+        return await self.record_pending(items)
 
     @abc.abstractmethod
     async def record_failures(
@@ -330,6 +348,9 @@ class Store(RetryStore, AdminStore):
     #: what the store holds outlives this process (the memory store's does not):
     #: publish is durable by default on such a store
     persistent: ClassVar[bool] = True
+    #: ``remove_then_record_pending`` is one step (one transaction, one round
+    #: trip): a durable publisher's removals then ride on its next write
+    joins_removals: ClassVar[bool] = False
 
     @classmethod
     def from_url(cls, url: str) -> Store:

@@ -100,6 +100,8 @@ def _is_busy(exc: sqlite3.Error) -> bool:
 class SQLiteStore(SQLiteAdmin, Store):
     """Both queues in one SQLite file (``sqlite:///path/to.db``)."""
 
+    joins_removals = True
+
     def __init__(
         self,
         path: str,
@@ -313,18 +315,22 @@ class SQLiteStore(SQLiteAdmin, Store):
         as a JSON array), then the rest inserted with one prepared statement."""
         if not items:
             return set()
-        rows: dict[str, dict[str, Any]] = {}
-        for item in items:
-            if item.id not in rows:  # the first of a repeated id is kept
-                rows[item.id] = CODEC.retry_fields(item)
-        ids = json.dumps(list(rows))
+        return await self._write(_pending_insert(items))
+
+    async def remove_then_record_pending(
+        self,
+        removals: Sequence[Succeeded],
+        owner: str,
+        now: datetime,
+        items: Sequence[RetryItem],
+    ) -> set[str]:
+        """Both in one transaction: a durable publisher's removals cost no commit of their own."""
+        remove = _completion(removals, owner, now)
+        insert = _pending_insert(items)
 
         def run(conn: sqlite3.Connection) -> set[str]:
-            for (stored,) in conn.execute(Q["stored_retry_ids"], (ids,)).fetchall():
-                del rows[stored]
-            if rows:
-                conn.executemany(Q["insert_retry"], rows.values())
-            return set(rows)
+            remove(conn)
+            return insert(conn)
 
         return await self._write(run)
 
@@ -392,57 +398,7 @@ class SQLiteStore(SQLiteAdmin, Store):
     async def complete(
         self, outcomes: Sequence[Outcome], owner: str | None, now: datetime
     ) -> set[str]:
-        at = text_time(now)
-        succeeded = [o.item.id for o in outcomes if isinstance(o, Succeeded)]
-        # the item written whole (the query sets no lease and claims 0 itself)
-        rescheduled: list[tuple[dict[str, Any], bool]] = [
-            ({**CODEC.retry_fields(o.item), "owner": owner, "now": at}, o.first_delivery)
-            for o in outcomes
-            if isinstance(o, Rescheduled)
-        ]
-        dead: list[tuple[dict[str, Any], dict[str, Any], bool]] = [
-            (
-                {"id": o.item_id, "owner": owner, "now": at},
-                CODEC.dead_letter_fields(o.dead_letter),
-                o.first_delivery,
-            )
-            for o in outcomes
-            if isinstance(o, DeadLettered)
-        ]
-
-        def run(conn: sqlite3.Connection) -> set[str]:
-            applied: set[str] = set()
-            attempts = done = 0
-            for start in range(0, len(succeeded), CHUNK):
-                chunk = succeeded[start : start + CHUNK]
-                sql = Q["delete_succeeded"].format(ids=placeholders(len(chunk)))
-                cursor = conn.execute(sql, (owner, at, *chunk))
-                for item_id, attempt in cursor.fetchall():
-                    applied.add(item_id)
-                    if attempt:  # attempt 0: a first delivery worked, not a retry
-                        attempts += attempt
-                        done += 1
-            added = 0
-            for params, first_delivery in rescheduled:
-                if conn.execute(Q["reschedule"], params).rowcount:
-                    applied.add(params["id"])
-                    added += first_delivery  # a first failure: a retry added
-            moved = 0
-            for held, dead_row, first_delivery in dead:
-                if conn.execute(Q["delete_held"], held).rowcount:
-                    conn.execute(Q["insert_dead"], dead_row)
-                    applied.add(held["id"])
-                    moved += not first_delivery
-            if done:
-                conn.execute(Q["add_counter"], (done, "retry_succeeded"))
-                conn.execute(Q["add_counter"], (attempts, "retry_succeeded_attempts"))
-            if added:
-                conn.execute(Q["add_counter"], (added, "retry_added"))
-            if moved:
-                conn.execute(Q["add_counter"], (moved, "retry_dead_lettered"))
-            return applied
-
-        return await self._write(run)
+        return await self._write(_completion(outcomes, owner, now))
 
     async def next_due(self, handlers: Collection[str] | None = None) -> datetime | None:
         if handlers is not None:
@@ -511,3 +467,81 @@ class SQLiteStore(SQLiteAdmin, Store):
         rows = await self._read(lambda conn: conn.execute(Q["counters"]).fetchall())
         values = {name: int(value) for name, value in rows}
         return Counters(**{name: values.get(name, 0) for name in Counters.__dataclass_fields__})
+
+
+def _pending_insert(items: Sequence[RetryItem]) -> Callable[[sqlite3.Connection], set[str]]:
+    """The transaction's work for ``record_pending``: the ids already stored
+    skipped, the rest inserted; returns the ids added."""
+    rows: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if item.id not in rows:  # the first of a repeated id is kept
+            rows[item.id] = CODEC.retry_fields(item)
+    ids = json.dumps(list(rows))
+
+    def run(conn: sqlite3.Connection) -> set[str]:
+        if not rows:
+            return set()
+        for (stored,) in conn.execute(Q["stored_retry_ids"], (ids,)).fetchall():
+            del rows[stored]
+        if rows:
+            conn.executemany(Q["insert_retry"], rows.values())
+        return set(rows)
+
+    return run
+
+
+def _completion(
+    outcomes: Sequence[Outcome], owner: str | None, now: datetime
+) -> Callable[[sqlite3.Connection], set[str]]:
+    """The transaction's work for ``complete``; returns the ids applied."""
+    at = text_time(now)
+    succeeded = [o.item.id for o in outcomes if isinstance(o, Succeeded)]
+    # the item written whole (the query sets no lease and claims 0 itself)
+    rescheduled: list[tuple[dict[str, Any], bool]] = [
+        ({**CODEC.retry_fields(o.item), "owner": owner, "now": at}, o.first_delivery)
+        for o in outcomes
+        if isinstance(o, Rescheduled)
+    ]
+    dead: list[tuple[dict[str, Any], dict[str, Any], bool]] = [
+        (
+            {"id": o.item_id, "owner": owner, "now": at},
+            CODEC.dead_letter_fields(o.dead_letter),
+            o.first_delivery,
+        )
+        for o in outcomes
+        if isinstance(o, DeadLettered)
+    ]
+
+    def run(conn: sqlite3.Connection) -> set[str]:
+        applied: set[str] = set()
+        attempts = done = 0
+        for start in range(0, len(succeeded), CHUNK):
+            chunk = succeeded[start : start + CHUNK]
+            sql = Q["delete_succeeded"].format(ids=placeholders(len(chunk)))
+            cursor = conn.execute(sql, (owner, at, *chunk))
+            for item_id, attempt in cursor.fetchall():
+                applied.add(item_id)
+                if attempt:  # attempt 0: a first delivery worked, not a retry
+                    attempts += attempt
+                    done += 1
+        added = 0
+        for params, first_delivery in rescheduled:
+            if conn.execute(Q["reschedule"], params).rowcount:
+                applied.add(params["id"])
+                added += first_delivery  # a first failure: a retry added
+        moved = 0
+        for held, dead_row, first_delivery in dead:
+            if conn.execute(Q["delete_held"], held).rowcount:
+                conn.execute(Q["insert_dead"], dead_row)
+                applied.add(held["id"])
+                moved += not first_delivery
+        if done:
+            conn.execute(Q["add_counter"], (done, "retry_succeeded"))
+            conn.execute(Q["add_counter"], (attempts, "retry_succeeded_attempts"))
+        if added:
+            conn.execute(Q["add_counter"], (added, "retry_added"))
+        if moved:
+            conn.execute(Q["add_counter"], (moved, "retry_dead_lettered"))
+        return applied
+
+    return run
