@@ -205,3 +205,19 @@ async def test_a_handlers_cancelled_error_does_not_stop_the_worker_process(
         ]
         assert len(cancelled_calls) == 2  # both retries ran, each recorded as a failure
         assert "claim loop" not in stderr
+
+
+def test_the_worker_command_line_leaves_the_heavy_modules_unloaded() -> None:
+    """Its memory is a target: no Typer, pydantic or Rich (the other commands'),
+    and no shutil with bz2 and lzma (argparse's own terminal width lookup)."""
+    heavy = ("typer", "click", "pydantic", "rich", "shutil", "bz2", "lzma")
+    code = (
+        "import sys\n"
+        "from retrybus._cli.worker import build_parser\n"
+        "build_parser().parse_args(['app:bus', '--concurrency', '4'])\n"
+        f"print(sorted(name for name in {heavy!r} if name in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout

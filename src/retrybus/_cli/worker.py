@@ -88,9 +88,27 @@ def _port(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's own, given the terminal's width as ``shutil.get_terminal_size``
+    reads it: argparse makes a formatter for every option it adds, and its own
+    lookup imports shutil, bz2 and lzma, half a megabyte in every worker."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            width = int(os.environ["COLUMNS"])
+        except (KeyError, ValueError):
+            try:
+                width = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+            except (AttributeError, ValueError, OSError):
+                width = 80
+        super().__init__(prog, width=max(width - 2, 11))
+
+
 def build_parser(prog: str = "retrybus worker") -> argparse.ArgumentParser:
     """The worker's command line."""
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=DESCRIPTION, formatter_class=_HelpFormatter
+    )
     parser.add_argument("app", metavar="APP", help="your EventBus as module:attribute")
     parser.add_argument(
         "--store",
