@@ -153,6 +153,40 @@ async def test_retries_are_children_of_the_publish_each_linked_to_the_attempt_be
     assert dead.event_extensions["traceparent"] == traceparent_of(publish)
 
 
+async def test_a_workers_first_delivery_is_a_handle_span_child_of_the_publish(
+    provider: TracerProvider, exporter: InMemorySpanExporter, clock: ManualClock, store: Store
+) -> None:
+    bus = traced_bus(provider, clock, store)
+    calls: list[int] = []
+
+    async def count(event: Event) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise TimeoutError("connection timeout")
+
+    bus.subscribe("job", count, name="job")
+    result = await bus.publish(Event("job"), defer=True)
+    assert result.pending == ("job",)
+    worker = RetryWorker(bus)
+    assert await worker.run_once() == 1  # the first delivery: it fails
+    clock.advance(1)
+    assert await worker.run_once() == 1  # its retry: it works
+
+    publish = only(exporter, "publish job")
+    first = only(exporter, "handle job")  # not called a retry: nothing failed before it
+    retry = only(exporter, "retry job")
+    assert first.kind is trace.SpanKind.CONSUMER
+    assert first.parent is not None
+    assert (first.parent.trace_id, first.parent.span_id) == ids(publish)
+    assert first.links == ()
+    assert first.attributes["retrybus.attempt"] == 0  # type: ignore[index]
+    assert first.attributes["retrybus.outcome"] == "retry"  # type: ignore[index]
+    assert retry.parent is not None
+    assert (retry.parent.trace_id, retry.parent.span_id) == ids(publish)
+    (link,) = retry.links
+    assert (link.context.trace_id, link.context.span_id) == ids(first)
+
+
 async def test_reprocess_and_requeue_link_back_to_the_failures_of_the_dead_letter(
     provider: TracerProvider, exporter: InMemorySpanExporter, clock: ManualClock
 ) -> None:

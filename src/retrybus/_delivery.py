@@ -180,12 +180,14 @@ async def deliver(
     observers: Observers,
     clock: Clock,
     default_policy: RetryPolicy,
-    kind: DeliveryKind = "retry",
+    kind: DeliveryKind | None = None,
     time_limit: float | None = None,
 ) -> Attempted:
     """Call ``record``'s handler once and decide what follows: ``Succeeded``,
     ``Rescheduled`` or ``DeadLettered`` (an unknown handler is not called).
-    ``time_limit`` limits the call when the handler has no limit of its own."""
+    ``kind`` is what the observers see (by default ``"deliver"`` for a first
+    delivery, ``"retry"`` for the rest); ``time_limit`` limits the call when the
+    handler has no limit of its own."""
     if subscription is None:
         return Attempted(unknown_handler(record, clock.now()))
     policy = subscription.policy or default_policy
@@ -198,6 +200,8 @@ async def deliver(
                 raise
             return Attempted(failure_outcome(record, exc, policy, clock.now()))
         return Attempted(Succeeded(record))
+    if kind is None:
+        kind = "deliver" if record.attempt == 0 else "retry"
     delivery = Delivery(
         kind,
         event,

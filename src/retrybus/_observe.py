@@ -40,8 +40,9 @@ __all__ = [
 ]
 
 
-#: the first call at publish, a retry by a worker, a dead letter's reprocess
-DeliveryKind = Literal["publish", "retry", "reprocess"]
+#: the first call at publish, a worker's first call (a deferred or scheduled
+#: delivery, or one a publisher left), a retry by a worker, a dead letter's reprocess
+DeliveryKind = Literal["publish", "deliver", "retry", "reprocess"]
 
 #: how many failed attempts a record remembers for its trace links
 MAX_REMEMBERED_ATTEMPTS = 16

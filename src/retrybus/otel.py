@@ -62,6 +62,7 @@ __all__ = ["OpenTelemetryTracing"]
 
 _KINDS = {
     "publish": ("handle", trace.SpanKind.CONSUMER),
+    "deliver": ("handle", trace.SpanKind.CONSUMER),
     "retry": ("retry", trace.SpanKind.CONSUMER),
     "reprocess": ("reprocess", trace.SpanKind.CONSUMER),
 }
