@@ -52,6 +52,21 @@ def delivery_id(event_source: str, event_id: str, handler_name: str) -> str:
     return f"retry_{hashlib.sha256(key).hexdigest()[:32]}"
 
 
+def _event_fields(event: Event, handler_name: str) -> dict[str, Any]:
+    """The fields of a record of ``event``'s delivery to ``handler_name``: the
+    event as it was published, its data a copy of its own."""
+    return {
+        "event_id": event.id,
+        "event_type": event.type,
+        "event_data": json.loads(event.data_json),
+        "event_source": event.source,
+        "event_timestamp": event.time,
+        "event_subject": event.subject,
+        "event_extensions": dict(event.extensions),
+        "handler_name": handler_name,
+    }
+
+
 def new_dead_letter_id() -> str:
     return f"dlq_{_time_ordered_hex()}"
 
@@ -211,15 +226,8 @@ class RetryItem:
     ) -> RetryItem:
         """A new retry item for ``event`` whose ``handler_name`` just failed."""
         return cls(
+            **_event_fields(event, handler_name),
             id=new_retry_id(),
-            event_id=event.id,
-            event_type=event.type,
-            event_data=json.loads(event.data_json),
-            event_source=event.source,
-            event_timestamp=event.time,
-            event_subject=event.subject,
-            event_extensions=dict(event.extensions),
-            handler_name=handler_name,
             error=error.message,
             error_type=error.type,
             traceback=error.traceback,
@@ -250,15 +258,8 @@ class RetryItem:
         Its id is ``delivery_id``'s; its age (retention, a failure's time budget)
         counts from ``due``: a scheduled delivery's from its time, not its publish."""
         return cls(
+            **_event_fields(event, handler_name),
             id=delivery_id(event.source, event.id, handler_name),
-            event_id=event.id,
-            event_type=event.type,
-            event_data=json.loads(event.data_json),
-            event_source=event.source,
-            event_timestamp=event.time,
-            event_subject=event.subject,
-            event_extensions=dict(event.extensions),
-            handler_name=handler_name,
             error="",
             attempt=0,
             max_retries=max_retries,
@@ -392,14 +393,7 @@ class DeadLetterItem:
         """A dead letter for a delivery that failed on publish and will not be retried."""
         return cls(
             id=new_dead_letter_id(),
-            event_id=event.id,
-            event_type=event.type,
-            event_data=json.loads(event.data_json),
-            event_source=event.source,
-            event_timestamp=event.time,
-            event_subject=event.subject,
-            event_extensions=dict(event.extensions),
-            handler_name=handler_name,
+            **_event_fields(event, handler_name),
             error=error.message,
             error_type=error.type,
             traceback=error.traceback,
