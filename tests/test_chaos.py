@@ -193,7 +193,17 @@ async def publisher_main(args: argparse.Namespace) -> int:
     options = {"store_timeout": STORE_TIMEOUT} if takes_timeout else {}
     bus = chaos_bus(store, "publisher", record, **options)
     os.write(log, f"# store_timeout {'yes' if takes_timeout else 'no'}\n".encode())
-    await store.connect()
+    # the server may be restarting as this process starts (a loaded machine starts
+    # it late): it waits for the server as a publish does through an outage
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            await store.connect()
+            break
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
     began = time.monotonic()
     pace = args.seconds / args.count
     for n in range(args.count):
