@@ -18,6 +18,7 @@ from ._observe import Metrics, Tracing
 from ._policy import ExponentialBackoff, RetryPolicy
 from ._publish import Publisher, PublishResult
 from ._queues import RetryQueue
+from ._services import DEFAULT_SERVICE, check_service
 from ._stats import Stats
 from ._stores.base import Store
 from ._stores.memory import MemoryStore
@@ -61,12 +62,18 @@ class EventBus:
     (``retrybus.otel.OpenTelemetryTracing``) turn on Prometheus metrics and
     OpenTelemetry spans for everything the bus, its workers and its dead
     letter queue do; ``instrument`` adds them later.
+
+    ``service`` names the service the bus's handlers belong to (``"default"``
+    unless named; 1 to 64 letters, digits, ``.``, ``_`` or ``-``): its records
+    carry the name. A service other than the default needs a store that keeps
+    services (``Store.keeps_services``); the bus refuses any other.
     """
 
     def __init__(
         self,
         store: Store | None = None,
         *,
+        service: str = DEFAULT_SERVICE,
         default_policy: RetryPolicy | None = None,
         clock: Clock | None = None,
         retry_retention: float | None = SEVEN_DAYS,
@@ -110,8 +117,17 @@ class EventBus:
             )
         if isinstance(max_claims, bool) or not isinstance(max_claims, int) or max_claims < 1:
             raise ValueError(f"max_claims must be an int >= 1, got {max_claims!r}")
+        check_service(service)
+        if store is None:
+            store = MemoryStore()
+        if service != DEFAULT_SERVICE and not store.keeps_services:
+            raise ValueError(
+                f"EventBus(service={service!r}): {type(store).__name__} ({store.url}) does not "
+                f"keep services yet; on it only the default service ({DEFAULT_SERVICE!r}) runs"
+            )
         self._core = BusCore(
-            store if store is not None else MemoryStore(),
+            store,
+            service=service,
             default_policy=default_policy or ExponentialBackoff(),
             clock=clock or SystemClock(),
             retry_retention=retry_retention,
@@ -132,6 +148,11 @@ class EventBus:
         """What this bus's queues and workers share (store, clock, handlers,
         observers, ledger); for workers and tools built on the bus."""
         return self._core
+
+    @property
+    def service(self) -> str:
+        """The service this bus's handlers belong to (``"default"`` unless named)."""
+        return self._core.service
 
     @property
     def default_policy(self) -> RetryPolicy:

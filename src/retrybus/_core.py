@@ -17,6 +17,7 @@ from ._observe import Metrics, Tracing
 from ._observers import Observer, Observers
 from ._policy import RetryPolicy
 from ._reporting import LogObserver, MetricsObserver, TracingObserver
+from ._services import DEFAULT_SERVICE
 from ._stores.base import Store
 
 __all__ = ["BusCore"]
@@ -29,6 +30,7 @@ class BusCore:
         self,
         store: Store,
         *,
+        service: str = DEFAULT_SERVICE,
         default_policy: RetryPolicy,
         clock: Clock,
         retry_retention: float | None,
@@ -39,6 +41,8 @@ class BusCore:
         max_claims: int = 3,
     ) -> None:
         self.store = store
+        #: the service this bus's handlers belong to, which its records carry
+        self.service = service
         #: None: durable when the store is persistent
         self.durable = durable
         self.publish_lease = publish_lease

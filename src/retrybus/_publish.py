@@ -136,7 +136,9 @@ class Publisher:
                 succeeded.append(subscription.name)
                 continue
             policy = subscription.policy or core.default_policy
-            record = first_record(event, subscription.name, policy.max_retries, now, publisher)
+            record = first_record(
+                event, subscription.name, policy.max_retries, now, publisher, core.service
+            )
             delivery = None if calls.deliveries is None else calls.deliveries[index]
             traceparent = None if delivery is None else delivery.traceparent
             attempted.append(
@@ -203,6 +205,7 @@ class Publisher:
                 lease_until=lease_until,
                 # a dict of each record's own: records are separate values
                 metadata=trace_metadata(publisher, None),
+                service=core.service,
             )
             for subscription in subscriptions
         ]

@@ -351,6 +351,10 @@ class Store(RetryStore, AdminStore):
     #: ``remove_then_record_pending`` is one step (one transaction, one round
     #: trip): a durable publisher's removals then ride on its next write
     joins_removals: ClassVar[bool] = False
+    #: it stores each record's service (issue 12): a bus of a service other than
+    #: the default runs only on such a store (an engine that does not yet keeps
+    #: default-service records only, and reads every record as one)
+    keeps_services: ClassVar[bool] = False
 
     @classmethod
     def from_url(cls, url: str) -> Store:
