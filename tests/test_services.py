@@ -13,10 +13,18 @@ from typing import ClassVar
 import pytest
 
 from retrybus import Event, EventBus, ManualClock
+from retrybus._filters import DeadLetterFilter, filter_from
 from retrybus._groups import failure_group_key
+from retrybus._observe import reason_kind
 from retrybus._outcomes import CorruptRecord, corrupt_to_dead_letter
 from retrybus._records import DeadLetterItem, ErrorInfo, RetryItem, delivery_id
-from retrybus._services import DEFAULT_SERVICE, check_service, is_service_name
+from retrybus._services import (
+    DEFAULT_SERVICE,
+    check_service,
+    is_service_name,
+    unsubscribed_reason,
+)
+from retrybus._stores.base import ServiceStore, outside_default
 from retrybus._stores.memory import MemoryStore
 from retrybus._stores.sqlite.codec import CODEC
 
@@ -27,12 +35,6 @@ EVENT = Event("order.placed", {"order": 17}, source="svc", id="event-1", time=NO
 # must keep them (stored records and groups are never recomputed)
 DEFAULT_ID = "retry_f8288aef3d79b98dfcf633492059605e"
 DEFAULT_GROUP = "grp_5ee619fe7242fe99"
-
-
-class ServicesStore(MemoryStore):
-    """A store that keeps services (whatever the memory store says of itself)."""
-
-    keeps_services: ClassVar[bool] = True
 
 
 class OldEngine(MemoryStore):
@@ -247,6 +249,11 @@ def test_any_other_service_name_is_refused_with_the_value(name: object) -> None:
 # the bus ---------------------------------------------------------------------------
 
 
+def test_the_memory_store_keeps_services() -> None:
+    assert MemoryStore.keeps_services
+    assert EventBus(MemoryStore(), service="billing").service == "billing"
+
+
 def test_a_bus_is_of_the_default_service_unless_named() -> None:
     bus = EventBus()
     assert bus.service == DEFAULT_SERVICE == bus.core.service
@@ -255,7 +262,7 @@ def test_a_bus_is_of_the_default_service_unless_named() -> None:
 
 def test_a_bus_refuses_a_service_name_that_is_not_one() -> None:
     with pytest.raises(ValueError, match="'bill/ing'"):
-        EventBus(ServicesStore(), service="bill/ing")
+        EventBus(MemoryStore(), service="bill/ing")
 
 
 def test_a_bus_of_another_service_refuses_an_engine_that_does_not_keep_services() -> None:
@@ -268,7 +275,7 @@ def test_a_bus_of_another_service_refuses_an_engine_that_does_not_keep_services(
 
 async def test_a_service_bus_writes_records_of_its_service() -> None:
     clock = ManualClock(NOW)
-    store = ServicesStore()
+    store = MemoryStore()
     bus = EventBus(store, service="billing", clock=clock)
     assert (bus.service, bus.core.service) == ("billing", "billing")
     bus.subscribe("order.placed", lambda event: None, name="count_like")
@@ -287,7 +294,7 @@ async def test_a_service_bus_writes_records_of_its_service() -> None:
 
 async def test_a_service_bus_records_a_failed_first_call_in_its_service() -> None:
     clock = ManualClock(NOW)
-    store = ServicesStore()
+    store = MemoryStore()
     bus = EventBus(store, service="billing", clock=clock, durable=False)
 
     @bus.handler("order.placed", name="charge")
@@ -298,3 +305,62 @@ async def test_a_service_bus_records_a_failed_first_call_in_its_service() -> Non
     (item,) = result.retry_items
     assert item.service == "billing"
     assert (await store.get_retry(item.id)) == item
+
+
+# the store protocol's services part ----------------------------------------------------
+
+
+class Bare(ServiceStore):
+    """An engine that keeps no services: the protocol's defaults."""
+
+
+async def test_an_engine_without_services_says_so_naming_itself() -> None:
+    store = Bare()
+    assert not store.keeps_services
+    with pytest.raises(NotImplementedError, match=r"Bare\.put_subscriptions: .* services"):
+        await store.put_subscriptions("billing", [], prune=False, now=NOW, actor="a")
+    calls = [
+        store.remove_subscriptions("billing", None, now=NOW, actor="a"),
+        store.list_subscriptions(),
+        store.subscriptions_revision(),
+        store.forget_subscriptions(NOW),
+        store.dead_letter_unsubscribed(now=NOW, limit=10),
+        store.forget_worker("w"),
+        store.list_workers(),
+        store.prune_workers(NOW),
+        store.service_loads(NOW),
+    ]
+    for call in calls:
+        with pytest.raises(NotImplementedError, match="Bare"):
+            await call
+
+
+def test_only_the_default_service_is_inside_an_engine_without_services() -> None:
+    assert not outside_default(None)
+    assert not outside_default(DEFAULT_SERVICE)
+    assert outside_default("billing")
+
+
+# dead letter filters and reasons ---------------------------------------------------
+
+
+def test_a_dead_letter_filter_takes_a_service() -> None:
+    where = DeadLetterFilter.parse({"service": "billing", "handler": "charge"}, NOW)
+    assert where == DeadLetterFilter(service="billing", handler_name="charge")
+    assert where.to_query() == {"handler": "charge", "service": "billing"}
+    assert DeadLetterFilter.from_dict(where.to_dict()) == where
+    assert filter_from(None, {"service": "billing"}) == DeadLetterFilter(service="billing")
+    letter = _retry_item("billing").to_dead_letter(reason="r", now=NOW)
+    assert where.narrowed(handler_name="count_like").matches(letter)
+    assert not DeadLetterFilter(service="shipping").matches(letter)
+    assert not DeadLetterFilter(service=DEFAULT_SERVICE).matches(letter)
+    with pytest.raises(ValueError, match="'bill/ing'"):
+        DeadLetterFilter(service="bill/ing")
+    with pytest.raises(ValueError, match="or service"):
+        DeadLetterFilter.parse({"services": "billing"}, NOW)
+
+
+def test_a_removed_subscriptions_dead_letters_have_a_reason_kind_of_their_own() -> None:
+    reason = unsubscribed_reason("billing", "charge", "alice")
+    assert reason == "subscription removed: billing/charge (by alice)"
+    assert reason_kind(reason) == "subscription_removed"

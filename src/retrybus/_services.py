@@ -20,6 +20,7 @@ from typing import Any, TypeGuard
 
 __all__ = [
     "DEFAULT_SERVICE",
+    "UNSUBSCRIBED",
     "HandlerLoad",
     "Registration",
     "StoredSubscription",
