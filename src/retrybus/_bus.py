@@ -18,6 +18,8 @@ from ._observe import Metrics, Tracing
 from ._policy import ExponentialBackoff, RetryPolicy
 from ._publish import Publisher, PublishResult
 from ._queues import RetryQueue
+from ._routes import subscriptions_changed
+from ._services import DEFAULT_SERVICE, Registration, StoredSubscription, check_service
 from ._stats import Stats
 from ._stores.base import Store
 from ._stores.memory import MemoryStore
@@ -32,6 +34,8 @@ H = TypeVar("H", bound=Handler)
 DEFAULT_STORE_TIMEOUT = 5.0
 DEFAULT_PUBLISH_LEASE = 60.0
 DEFAULT_MAX_CLAIMS = 3
+#: seconds between two checks of the store's subscriptions by a publisher
+DEFAULT_ROUTE_REFRESH = 5.0
 SEVEN_DAYS = 7 * 24 * 3600.0
 THIRTY_DAYS = 30 * 24 * 3600.0
 
@@ -61,12 +65,22 @@ class EventBus:
     (``retrybus.otel.OpenTelemetryTracing``) turn on Prometheus metrics and
     OpenTelemetry spans for everything the bus, its workers and its dead
     letter queue do; ``instrument`` adds them later.
+
+    ``service`` names the service the bus's handlers belong to (``"default"``
+    unless named; 1 to 64 letters, digits, ``.``, ``_`` or ``-``): its records
+    carry the name. A service other than the default needs a store that keeps
+    services (``Store.keeps_services``); the bus refuses any other. On such a
+    store ``publish`` also records a pending delivery for each handler of
+    another service whose stored subscription (``register``) matches the
+    event's type; ``route_refresh`` (seconds, 5 by default; 0: before every
+    publish) is how often it checks the store for subscriptions that changed.
     """
 
     def __init__(
         self,
         store: Store | None = None,
         *,
+        service: str = DEFAULT_SERVICE,
         default_policy: RetryPolicy | None = None,
         clock: Clock | None = None,
         retry_retention: float | None = SEVEN_DAYS,
@@ -77,6 +91,7 @@ class EventBus:
         durable: bool | None = None,
         publish_lease: float = DEFAULT_PUBLISH_LEASE,
         max_claims: int = DEFAULT_MAX_CLAIMS,
+        route_refresh: float = DEFAULT_ROUTE_REFRESH,
     ) -> None:
         if store is not None and not isinstance(store, Store):
             raise TypeError(f"store must be a retrybus store (see open_store), got {store!r}")
@@ -110,8 +125,21 @@ class EventBus:
             )
         if isinstance(max_claims, bool) or not isinstance(max_claims, int) or max_claims < 1:
             raise ValueError(f"max_claims must be an int >= 1, got {max_claims!r}")
+        if (
+            isinstance(route_refresh, bool)
+            or not isinstance(route_refresh, int | float)
+            or not 0 <= route_refresh < float("inf")
+        ):
+            raise ValueError(
+                f"route_refresh must be a number of seconds >= 0, got {route_refresh!r}"
+            )
+        check_service(service)
+        if store is None:
+            store = MemoryStore()
+        _check_keeps_services(service, store)
         self._core = BusCore(
-            store if store is not None else MemoryStore(),
+            store,
+            service=service,
             default_policy=default_policy or ExponentialBackoff(),
             clock=clock or SystemClock(),
             retry_retention=retry_retention,
@@ -120,6 +148,7 @@ class EventBus:
             durable=durable,
             publish_lease=float(publish_lease),
             max_claims=max_claims,
+            route_refresh=float(route_refresh),
         )
         self._publisher = Publisher(self._core)
         self.retry_queue = RetryQueue(self._core)
@@ -132,6 +161,11 @@ class EventBus:
         """What this bus's queues and workers share (store, clock, handlers,
         observers, ledger); for workers and tools built on the bus."""
         return self._core
+
+    @property
+    def service(self) -> str:
+        """The service this bus's handlers belong to (``"default"`` unless named)."""
+        return self._core.service
 
     @property
     def default_policy(self) -> RetryPolicy:
@@ -202,7 +236,48 @@ class EventBus:
         """Switch to another store (for example the one ``retrybus worker --store`` names)."""
         if not isinstance(store, Store):
             raise TypeError(f"store must be a retrybus store (see open_store), got {store!r}")
+        _check_keeps_services(self._core.service, store)
         self._core.store = store
+
+    async def register(self, *, prune: bool = False, actor: str | None = None) -> Registration:
+        """Store this service's subscriptions: each handler's name, patterns,
+        policy (in words), ``max_retries`` and time limit, so that publishers of
+        other services record deliveries for them from now on, and keep doing so
+        while no worker of this service runs (a deploy): the service catches up
+        when one starts. A worker registers when it starts. With ``prune``, the
+        service's stored handlers that this bus no longer has are removed
+        (``actor`` says by whom; what was pending for them is dead-lettered by
+        the workers' sweep, never dropped). Returns what changed."""
+        core = self._core
+        store = core.store
+        if not store.keeps_services:
+            raise ValueError(
+                f"register(): {type(store).__name__} ({store.url}) does not keep services yet"
+            )
+        now = core.clock.now()
+        subscriptions = [
+            StoredSubscription(
+                service=core.service,
+                handler_name=s.name,
+                patterns=s.patterns,
+                policy=repr(s.policy or core.default_policy),
+                max_retries=(s.policy or core.default_policy).max_retries,
+                handler_timeout=s.timeout,
+                registered_at=now,
+                updated_at=now,
+            )
+            for s in core.registry.subscriptions()
+        ]
+        registration = await store.put_subscriptions(
+            core.service,
+            subscriptions,
+            prune=prune,
+            now=now,
+            actor=actor or f"register(prune=True) by {core.publish_owner.removeprefix('publish:')}",
+        )
+        if registration.wrote:
+            subscriptions_changed(store)
+        return registration
 
     async def close(self) -> None:
         """Write what is still on its way to the store (the removals of durable
@@ -371,4 +446,12 @@ class EventBus:
             counters=counters,
             due_within_minute=await store.count_due(now + timedelta(minutes=1)),
             due_within_hour=await store.count_due(now + timedelta(hours=1)),
+        )
+
+
+def _check_keeps_services(service: str, store: Store) -> None:
+    if service != DEFAULT_SERVICE and not store.keeps_services:
+        raise ValueError(
+            f"EventBus(service={service!r}): {type(store).__name__} ({store.url}) does not "
+            f"keep services yet; on it only the default service ({DEFAULT_SERVICE!r}) runs"
         )

@@ -17,6 +17,8 @@ from ._observe import Metrics, Tracing
 from ._observers import Observer, Observers
 from ._policy import RetryPolicy
 from ._reporting import LogObserver, MetricsObserver, TracingObserver
+from ._routes import Routes
+from ._services import DEFAULT_SERVICE
 from ._stores.base import Store
 
 __all__ = ["BusCore"]
@@ -29,6 +31,7 @@ class BusCore:
         self,
         store: Store,
         *,
+        service: str = DEFAULT_SERVICE,
         default_policy: RetryPolicy,
         clock: Clock,
         retry_retention: float | None,
@@ -37,8 +40,11 @@ class BusCore:
         durable: bool | None = None,
         publish_lease: float = 60.0,
         max_claims: int = 3,
+        route_refresh: float = 5.0,
     ) -> None:
         self.store = store
+        #: the service this bus's handlers belong to, which its records carry
+        self.service = service
         #: None: durable when the store is persistent
         self.durable = durable
         self.publish_lease = publish_lease
@@ -55,6 +61,8 @@ class BusCore:
         self.tracing: Tracing | None = None
         self.observers = Observers([LogObserver()])
         self.ledger = Ledger(self)
+        #: other services' handlers that events reach (their stored subscriptions)
+        self.routes = Routes(self, route_refresh)
         self.leases = PublishLeases(
             lambda: self.store,
             lambda: self.clock.now(),

@@ -166,7 +166,7 @@ class DeadLetterQueue:
     ) -> builtins.list[GroupCount]:
         """How many dead letters (matching ``where`` and the filter fields given as
         keyword arguments) there are per ``handler_name``, ``event_type``,
-        ``reason`` or ``failure_group``, largest first."""
+        ``reason``, ``failure_group`` or ``service``, largest first."""
         if field not in DEAD_LETTER_GROUP_FIELDS:
             raise ValueError(
                 f"cannot count dead letters by {field!r}: use {DEAD_LETTER_GROUP_FIELDS}"

@@ -21,6 +21,7 @@ from ._observe import trace_metadata, with_failed_attempt
 from ._observers import Delivery, Observers
 from ._outcomes import DeadLettered, Outcome, Rescheduled, Succeeded
 from ._records import ErrorInfo, RetryItem
+from ._services import DEFAULT_SERVICE
 
 if TYPE_CHECKING:
     from ._clock import Clock
@@ -95,10 +96,16 @@ async def call_observed(
 
 
 def first_record(
-    event: Event, handler: str, max_retries: int, now: datetime, publisher: str | None
+    event: Event,
+    handler: str,
+    max_retries: int,
+    now: datetime,
+    publisher: str | None,
+    service: str = DEFAULT_SERVICE,
 ) -> RetryItem:
-    """The record of a first delivery (attempt 0, due now): what a first failure
-    is decided from, and, with durable delivery, what is stored before the call."""
+    """The record of a first delivery (attempt 0, due now) to ``handler`` of
+    ``service``: what a first failure is decided from, and, with durable
+    delivery, what is stored before the call."""
     return RetryItem.for_failure(
         event,
         handler,
@@ -108,6 +115,7 @@ def first_record(
         next_retry=now,
         now=now,
         metadata=trace_metadata(publisher, None),
+        service=service,
     )
 
 

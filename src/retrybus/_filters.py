@@ -15,6 +15,7 @@ from typing import Any, TypedDict
 
 from ._event import check_text
 from ._records import DeadLetterItem
+from ._services import check_service
 
 __all__ = [
     "DeadLetterFilter",
@@ -44,6 +45,7 @@ _ALIASES = {
     "event": "event_id",
     "group": "failure_group",
     "failure_group": "failure_group",
+    "service": "service",
 }
 
 
@@ -99,6 +101,7 @@ class FilterFieldsExceptProcessed(TypedDict, total=False):
     created_before: datetime | None
     event_id: str | None
     failure_group: str | None
+    service: str | None
 
 
 class FilterFields(FilterFieldsExceptProcessed, total=False):
@@ -113,7 +116,8 @@ class DeadLetterFilter:
     """Dead letters matching every field that is set (None matches anything).
 
     ``created_after`` is inclusive and ``created_before`` exclusive;
-    ``failure_group`` is a group key from ``bus.dead_letters.groups()``.
+    ``failure_group`` is a group key from ``bus.dead_letters.groups()``;
+    ``service`` is the service whose handler the dead letter was for.
     ``cursor`` is a position for keyset paging, the ``(created_at, id)`` of the
     last dead letter seen: only those after it in newest-first order match
     (``created_at`` earlier, or equal with a smaller ``id``).
@@ -129,6 +133,7 @@ class DeadLetterFilter:
     created_before: datetime | None = None
     event_id: str | None = None
     failure_group: str | None = None
+    service: str | None = None
     cursor: tuple[datetime, str] | None = None
 
     def __post_init__(self) -> None:
@@ -138,6 +143,8 @@ class DeadLetterFilter:
                 raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
             if value is not None:
                 check_text(value, name)
+        if self.service is not None:
+            check_service(self.service)
         if self.processed is not None and not isinstance(self.processed, bool):
             raise ValueError(f"processed must be True, False or None, got {self.processed!r}")
         for name in ("created_after", "created_before"):
@@ -171,6 +178,7 @@ class DeadLetterFilter:
             and (self.created_before is None or item.created_at < self.created_before)
             and (self.event_id is None or item.event_id == self.event_id)
             and (self.failure_group is None or item.failure_group == self.failure_group)
+            and (self.service is None or item.service == self.service)
             and (self.cursor is None or (item.created_at, item.id) < self.cursor)
         )
 
@@ -213,14 +221,14 @@ class DeadLetterFilter:
         """A filter from text, as the CLI's ``--filter key=value`` and the dashboard's
         query string give it. Keys: ``type``, ``handler``, ``reason``, ``processed``
         (true/false), ``since`` and ``until`` (ISO 8601 or an age: ``2h``), ``event_id``,
-        ``group``. Empty values are ignored."""
+        ``group``, ``service``. Empty values are ignored."""
         values: dict[str, Any] = {}
         for key, text in pairs.items():
             name = _ALIASES.get(key.strip().lower())
             if name is None:
                 raise ValueError(
                     f"unknown filter {key!r}: use type, handler, reason, processed, since, "
-                    "until, event_id or group"
+                    "until, event_id, group or service"
                 )
             if text is None or not str(text).strip():
                 continue
@@ -244,6 +252,7 @@ class DeadLetterFilter:
             "created_before": "until",
             "event_id": "event_id",
             "failure_group": "group",
+            "service": "service",
         }
         out: dict[str, str] = {}
         for f in fields(self):

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
+from ._services import DEFAULT_SERVICE
+
 __all__ = ["FailureGroup", "GroupCount", "failure_group_key", "message_shape"]
 
 MAX_SHAPE_CHARS = 200
@@ -58,12 +60,20 @@ def message_shape(message: str) -> str:
     return shape
 
 
-def failure_group_key(handler_name: str, error_type: str, error: str) -> str:
+def failure_group_key(
+    handler_name: str, error_type: str, error: str, service: str = DEFAULT_SERVICE
+) -> str:
     """The group a failure belongs to: ``grp_`` and 16 hex digits of a hash of the
-    handler, the error type and the message shape (stable across processes)."""
+    service, the handler, the error type and the message shape (stable across
+    processes). The default service is left out of the hash, so that a group's
+    key is the one it had before services; another's leads the hashed text,
+    joined by NUL, which no handler name, error type or message shape holds: the
+    two kinds of key never collide."""
     import hashlib  # on first use, as the rules: most processes never need it
 
     text = "\x1f".join((handler_name, error_type, message_shape(error)))
+    if service != DEFAULT_SERVICE:
+        text = f"{service}\x00{text}"
     return "grp_" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import functools
 import inspect
-import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from ._event import Event, check_text
+from ._patterns import PatternIndex
 from ._policy import RetryPolicy
 
 __all__ = ["Handler", "HandlerRegistry", "Subscription", "stops_the_caller"]
 
 Handler = Callable[[Event], Awaitable[Any]] | Callable[[Event], Any]
-
-_GLOB_CHARS = frozenset("*?[")
 
 
 def _is_async(handler: Callable[..., Any]) -> bool:
@@ -117,13 +114,11 @@ def check_pattern(pattern: str) -> str:
 
 
 class HandlerRegistry:
-    """Handlers by name, and a cache of which handlers match each event type."""
+    """Handlers by name, and which of them match each event type."""
 
     def __init__(self) -> None:
         self._by_name: dict[str, Subscription] = {}
-        self._exact: dict[str, list[Subscription]] = {}
-        self._globs: list[tuple[re.Pattern[str], Subscription]] = []
-        self._cache: dict[str, tuple[Subscription, ...]] = {}
+        self._index: PatternIndex[Subscription] = PatternIndex()
 
     def add(
         self,
@@ -159,26 +154,13 @@ class HandlerRegistry:
             name, pattern_list, handler, policy, _is_async(handler), timeout
         )
         self._by_name[name] = subscription
-        for pattern in pattern_list:
-            if _GLOB_CHARS.isdisjoint(pattern):
-                self._exact.setdefault(pattern, []).append(subscription)
-            else:
-                self._globs.append((re.compile(fnmatch.translate(pattern)), subscription))
-        self._cache.clear()
+        self._index.add(name, pattern_list, subscription)
         return subscription
 
     def remove(self, name: str) -> Subscription | None:
         subscription = self._by_name.pop(name, None)
-        if subscription is None:
-            return None
-        for pattern in subscription.patterns:
-            subscriptions = self._exact.get(pattern)
-            if subscriptions is not None:
-                subscriptions[:] = [s for s in subscriptions if s is not subscription]
-                if not subscriptions:
-                    del self._exact[pattern]
-        self._globs = [(regex, s) for regex, s in self._globs if s is not subscription]
-        self._cache.clear()
+        if subscription is not None:
+            self._index.remove(name)
         return subscription
 
     def get(self, name: str) -> Subscription | None:
@@ -187,17 +169,10 @@ class HandlerRegistry:
     def names(self) -> list[str]:
         return list(self._by_name)
 
+    def subscriptions(self) -> list[Subscription]:
+        """Every subscription, in subscription order."""
+        return list(self._by_name.values())
+
     def match(self, event_type: str) -> tuple[Subscription, ...]:
         """The subscriptions for ``event_type``, each once, in subscription order."""
-        cached = self._cache.get(event_type)
-        if cached is not None:
-            return cached
-        found = list(self._exact.get(event_type, ()))
-        found.extend(s for regex, s in self._globs if regex.match(event_type))
-        order = {name: index for index, name in enumerate(self._by_name)}
-        unique = {s.name: s for s in found}
-        result = tuple(sorted(unique.values(), key=lambda s: order[s.name]))
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[event_type] = result
-        return result
+        return self._index.match(event_type)

@@ -90,7 +90,7 @@ class Ledger:
             a.outcome.dead_letter for a in attempted if isinstance(a.outcome, DeadLettered)
         ]
         try:
-            await self._through_outage(
+            await self.through_outage(
                 lambda: self._core.store.record_failures(retry_items, dead_letters), context
             )
         except BaseException:
@@ -103,7 +103,7 @@ class Ledger:
         deferred ones), written together with those of concurrent publishes
         (group commit) and retried through an outage for up to ``store_timeout``.
         Returns the ids of ``items`` that were new (the others were recorded before)."""
-        written = await self._through_outage(lambda: self._pending.write(items), context)
+        written = await self.through_outage(lambda: self._pending.write(items), context)
         added = {item.id for item in items if item.id in written}
         deferred = [item for item in items if item.id in added and item.lease_owner is None]
         if deferred:  # this process's idle workers start them (a store's watch hears others)
@@ -127,7 +127,7 @@ class Ledger:
         announce them."""
         outcomes = [a.outcome for a in (*removals, *attempted)]
         try:
-            applied = await self._through_outage(
+            applied = await self.through_outage(
                 lambda: self._finisher(owner).write(outcomes), context
             )
         except BaseException:
@@ -182,7 +182,7 @@ class Ledger:
                 await asyncio.sleep(0)
             while outcomes := self._removals.pop(owner, None):
                 try:
-                    await self._through_outage(
+                    await self.through_outage(
                         lambda: self._core.store.complete(outcomes, owner, self._core.clock.now()),
                         "removals",
                         quiet=True,
@@ -213,7 +213,7 @@ class Ledger:
             )
         return writer
 
-    async def _through_outage(
+    async def through_outage(
         self, write: Callable[[], Awaitable[T]], context: str, *, quiet: bool = False
     ) -> T:
         """``write()``, tried again through a store outage for up to ``store_timeout``

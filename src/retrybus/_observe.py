@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from ._services import UNSUBSCRIBED
+
 if TYPE_CHECKING:
     from ._clock import Clock
     from ._event import Event
@@ -55,14 +57,15 @@ _REASON_KINDS = (
     ("unknown handler", "unknown_handler"),
     ("undecodable record", "undecodable"),
     ("retry decision failed", "policy_error"),
+    (UNSUBSCRIBED, "subscription_removed"),
 )
 
 
 def reason_kind(reason: str) -> str:
     """A dead letter's reason reduced to a word that suits a metric label:
     ``retries_exhausted``, ``non_retryable``, ``time_budget_exhausted``,
-    ``expired``, ``unknown_handler``, ``undecodable``, ``policy_error`` or
-    ``other`` (reasons carry item-specific text; labels must not)."""
+    ``expired``, ``unknown_handler``, ``undecodable``, ``policy_error``,
+    ``subscription_removed`` or ``other`` (reasons carry item-specific text; labels must not)."""
     for prefix, kind in _REASON_KINDS:
         if reason.startswith(prefix):
             return kind

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from ._records import DeadLetterItem, RetryItem, dead_letter_id_for
+from ._services import DEFAULT_SERVICE, is_service_name
 
 __all__ = [
     "CorruptRecord",
@@ -84,6 +85,7 @@ class Counters:
 def corrupt_to_dead_letter(record: CorruptRecord, now: datetime, reason: str) -> DeadLetterItem:
     """A dead letter for a stored record that could not be decoded, keeping its raw fields."""
     raw = record.raw
+    service = raw.get("service")  # what could be read of it, if a name
     return DeadLetterItem(
         id=dead_letter_id_for(record.id),
         event_id=str(raw.get("event_id") or ""),
@@ -98,4 +100,5 @@ def corrupt_to_dead_letter(record: CorruptRecord, now: datetime, reason: str) ->
         reason=reason,
         created_at=now,
         metadata={"raw_record": dict(raw)},
+        service=service if is_service_name(service) else DEFAULT_SERVICE,
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
@@ -29,6 +29,7 @@ from ._observe import trace_metadata
 from ._observers import Delivery, Observers, Publication
 from ._outcomes import DeadLettered, Rescheduled, Succeeded
 from ._records import DeadLetterItem, RetryItem
+from ._routes import Route
 
 if TYPE_CHECKING:
     from ._core import BusCore
@@ -53,6 +54,9 @@ class PublishResult:
     retry_items: tuple[RetryItem, ...] = field(default=(), repr=False)
     dead_letters: tuple[DeadLetterItem, ...] = field(default=(), repr=False)
     pending: tuple[str, ...] = ()
+    #: the handlers of other services the event was recorded for (``service/handler``,
+    #: their stored subscriptions matching its type), or found recorded already
+    routed: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -89,20 +93,52 @@ class Publisher:
         delivery), durably or not."""
         core = self._core
         subscriptions = core.registry.match(event.type)
+        routes = core.routes.match(event.type)
+        if routes is None:  # not read yet, or changed here: read before routing
+            routes = await core.ledger.through_outage(
+                lambda: core.routes.matching(event.type), _context(event)
+            )
+        if routes:
+            return await self._publish_routed(event, subscriptions, routes, durable, due, defer)
         if defer or due is not None:
             return await self._defer(event, subscriptions, due)
         if not durable:
             return await self._run_then_record(event, subscriptions)
         return await self._record_then_run(event, subscriptions)
 
+    async def _publish_routed(
+        self,
+        event: Event,
+        subscriptions: tuple[Subscription, ...],
+        routes: tuple[Route, ...],
+        durable: bool,
+        due: datetime | None,
+        defer: bool,
+    ) -> PublishResult:
+        """A publish that other services' handlers receive as well: their pending
+        records are written in the same store write as this service's (durable,
+        deferred), or before its handlers run (not durable)."""
+        if defer or due is not None:
+            result = await self._defer(event, subscriptions, due, routes)
+        elif not durable:
+            result = await self._run_then_record(event, subscriptions, routes)
+        else:
+            result = await self._record_then_run(event, subscriptions, routes)
+        return replace(result, routed=tuple(route.label for route in routes))
+
     # not durable -------------------------------------------------------------
 
     async def _run_then_record(
-        self, event: Event, subscriptions: tuple[Subscription, ...]
+        self,
+        event: Event,
+        subscriptions: tuple[Subscription, ...],
+        routes: tuple[Route, ...] = (),
     ) -> PublishResult:
         core = self._core
         observers = core.observers
         if not observers.watch_calls:
+            if routes:  # other services' deliveries outlive a crash here
+                await core.ledger.record_pending(self._routed(event, routes, None), _context(event))
             if not subscriptions:
                 return PublishResult(event)
             errors = await _call_plain_all(subscriptions, event)
@@ -111,6 +147,9 @@ class Publisher:
             return await self._record_failures(event, subscriptions, _Calls(errors, None), None)
         with _ObservedPublish(observers, event) as scope:
             event = scope.event  # tracing gave it its traceparent
+            if routes:
+                remote = self._routed(event, routes, scope.traceparent)
+                await core.ledger.record_pending(remote, _context(event))
             calls = scope.calls = _observed_calls(subscriptions, event)
             await _call_observed_all(calls, subscriptions, event, observers)
             if any(calls.errors):
@@ -136,7 +175,9 @@ class Publisher:
                 succeeded.append(subscription.name)
                 continue
             policy = subscription.policy or core.default_policy
-            record = first_record(event, subscription.name, policy.max_retries, now, publisher)
+            record = first_record(
+                event, subscription.name, policy.max_retries, now, publisher, core.service
+            )
             delivery = None if calls.deliveries is None else calls.deliveries[index]
             traceparent = None if delivery is None else delivery.traceparent
             attempted.append(
@@ -148,11 +189,14 @@ class Publisher:
     # durable -----------------------------------------------------------------
 
     async def _record_then_run(
-        self, event: Event, subscriptions: tuple[Subscription, ...]
+        self,
+        event: Event,
+        subscriptions: tuple[Subscription, ...],
+        routes: tuple[Route, ...] = (),
     ) -> PublishResult:
         core = self._core
         observers = core.observers
-        if not subscriptions:
+        if not subscriptions and not routes:
             if observers.watch_calls:
                 publication = Publication(event)
                 observers.publish_started(publication)
@@ -160,7 +204,8 @@ class Publisher:
             return PublishResult(event)
         if not observers.watch_calls:
             records = self._records(event, subscriptions, None, leased=True)
-            run, pending = await self._record(event, subscriptions, records)
+            remote = self._routed(event, routes, None) if routes else ()
+            run, pending = await self._record(event, subscriptions, records, remote)
             if not run:
                 return PublishResult(event, pending=pending)
             errors = await self._held_while(run, _call_plain_all([s for s, _ in run], event))
@@ -168,7 +213,8 @@ class Publisher:
         with _ObservedPublish(observers, event) as scope:
             event = scope.event
             records = self._records(event, subscriptions, scope.traceparent, leased=True)
-            run, pending = await self._record(event, subscriptions, records)
+            remote = self._routed(event, routes, scope.traceparent) if routes else ()
+            run, pending = await self._record(event, subscriptions, records, remote)
             if not run:
                 return PublishResult(event, pending=pending)
             running = [s for s, _ in run]
@@ -203,8 +249,32 @@ class Publisher:
                 lease_until=lease_until,
                 # a dict of each record's own: records are separate values
                 metadata=trace_metadata(publisher, None),
+                service=core.service,
             )
             for subscription in subscriptions
+        ]
+
+    def _routed(
+        self,
+        event: Event,
+        routes: Sequence[Route],
+        publisher: str | None,
+        due: datetime | None = None,
+    ) -> list[RetryItem]:
+        """A pending record for each handler of another service, due at ``due``
+        (now by default) for that service's workers."""
+        now = self._core.clock.now()
+        return [
+            RetryItem.pending(
+                event,
+                route.handler_name,
+                max_retries=route.max_retries,
+                due=due or now,
+                now=now,
+                metadata=trace_metadata(publisher, None),
+                service=route.service,
+            )
+            for route in routes
         ]
 
     async def _record(
@@ -212,10 +282,13 @@ class Publisher:
         event: Event,
         subscriptions: Sequence[Subscription],
         records: list[RetryItem],
+        remote: Sequence[RetryItem] = (),
     ) -> tuple[list[tuple[Subscription, RetryItem]], tuple[str, ...]]:
-        """Write the pending records; the handlers whose record is new (to run
-        here) and the names of those already recorded (left to whoever has them)."""
-        added = await self._core.ledger.record_pending(records, _context(event))
+        """Write the pending records (``remote``: other services', in the same
+        write); the handlers whose record is new (to run here) and the names of
+        those already recorded (left to whoever has them)."""
+        written = [*records, *remote] if remote else records
+        added = await self._core.ledger.record_pending(written, _context(event))
         run = [(s, r) for s, r in zip(subscriptions, records, strict=True) if r.id in added]
         pending = tuple(r.handler_name for r in records if r.id not in added)
         return run, pending
@@ -271,22 +344,31 @@ class Publisher:
     # deferred ----------------------------------------------------------------
 
     async def _defer(
-        self, event: Event, subscriptions: tuple[Subscription, ...], due: datetime | None
+        self,
+        event: Event,
+        subscriptions: tuple[Subscription, ...],
+        due: datetime | None,
+        routes: tuple[Route, ...] = (),
     ) -> PublishResult:
         core = self._core
         observers = core.observers
         if not observers.watch_calls and not observers.watching_publish_ends:
-            if not subscriptions:
+            if not subscriptions and not routes:
                 return PublishResult(event)
             records = self._records(event, subscriptions, None, leased=False, due=due)
-            await core.ledger.record_pending(records, _context(event))
+            remote = self._routed(event, routes, None, due) if routes else ()
+            await core.ledger.record_pending([*records, *remote], _context(event))
             return PublishResult(event, pending=tuple(r.handler_name for r in records))
         with _ObservedPublish(observers, event) as scope:
             event = scope.event
             records = self._records(event, subscriptions, scope.traceparent, leased=False, due=due)
+            if routes:
+                records += self._routed(event, routes, scope.traceparent, due)
             if records:
                 await core.ledger.record_pending(records, _context(event))
-            return PublishResult(event, pending=tuple(r.handler_name for r in records))
+            return PublishResult(
+                event, pending=tuple(r.handler_name for r in records[: len(subscriptions)])
+            )
 
 
 async def _call_plain_all(

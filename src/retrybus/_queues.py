@@ -104,6 +104,7 @@ class RetryQueue:
             max_retries=policy.max_retries,
             next_retry=next_retry,
             now=now,
+            service=self._core.service,
         )
         await self._core.ledger.add_retry(item)
         return item

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from ._event import Event, compact_json, printable
 from ._groups import failure_group_key
+from ._services import DEFAULT_SERVICE
 
 __all__ = ["RETRY_KINDS", "DeadLetterItem", "ErrorInfo", "RetryItem", "RetryKind"]
 
@@ -42,13 +43,23 @@ def new_retry_id() -> str:
     return f"retry_{_time_ordered_hex()}"
 
 
-def delivery_id(event_source: str, event_id: str, handler_name: str) -> str:
-    """The id of the record of one delivery (one event to one handler): derived
-    from the event's ``source`` and ``id`` (which together name an event, as in
-    CloudEvents) and the handler's name, so that recording the same delivery
-    twice (a redelivery after a crash, the same event published twice) finds
-    the record already there instead of making a second one."""
-    key = "\x00".join((event_source, event_id, handler_name)).encode("utf-8", "surrogatepass")
+def delivery_id(
+    event_source: str, event_id: str, handler_name: str, service: str = DEFAULT_SERVICE
+) -> str:
+    """The id of the record of one delivery (one event to one handler of one
+    service): derived from the event's ``source`` and ``id`` (which together name
+    an event, as in CloudEvents), the handler's name and its service, so that
+    recording the same delivery twice (a redelivery after a crash, the same event
+    published twice) finds the record already there instead of making a second
+    one. A default-service delivery's id is that of the stores before services
+    (the service is not in it); another service's hashes four fields, so that
+    the two can never collide (no field holds NUL, which joins them)."""
+    fields = (
+        (event_source, event_id, handler_name)
+        if service == DEFAULT_SERVICE
+        else (service, event_source, event_id, handler_name)
+    )
+    key = "\x00".join(fields).encode("utf-8", "surrogatepass")
     return f"retry_{hashlib.sha256(key).hexdigest()[:32]}"
 
 
@@ -168,7 +179,8 @@ class RetryItem:
     worker (or the publishing process) holds it, ``lease_owner`` and
     ``lease_until`` say who and until when. ``claims`` counts the claims made
     since its last outcome was written: a delivery whose handler keeps killing
-    or hanging its worker is claimed again and again without one.
+    or hanging its worker is claimed again and again without one. ``service``
+    is the service whose handler it is for (``"default"`` unless named).
     """
 
     id: str
@@ -192,6 +204,7 @@ class RetryItem:
     lease_until: datetime | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     claims: int = 0
+    service: str = DEFAULT_SERVICE
 
     @property
     def first_delivery(self) -> bool:
@@ -223,8 +236,9 @@ class RetryItem:
         next_retry: datetime,
         now: datetime,
         metadata: Mapping[str, Any] | None = None,
+        service: str = DEFAULT_SERVICE,
     ) -> RetryItem:
-        """A new retry item for ``event`` whose ``handler_name`` just failed."""
+        """A new retry item for ``event`` whose ``handler_name`` (of ``service``) just failed."""
         return cls(
             **_event_fields(event, handler_name),
             id=new_retry_id(),
@@ -237,6 +251,7 @@ class RetryItem:
             created_at=now,
             updated_at=now,
             metadata=dict(metadata or {}),
+            service=service,
         )
 
     @classmethod
@@ -251,15 +266,16 @@ class RetryItem:
         lease_owner: str | None = None,
         lease_until: datetime | None = None,
         metadata: Mapping[str, Any] | None = None,
+        service: str = DEFAULT_SERVICE,
     ) -> RetryItem:
-        """The record of ``event``'s first delivery to ``handler_name`` (attempt 0),
+        """The record of ``event``'s first delivery to ``handler_name`` of ``service`` (attempt 0),
         due at ``due``: leased to ``lease_owner`` until ``lease_until`` (a durable
         publish about to run it here, counted as one claim) or left for a worker.
         Its id is ``delivery_id``'s; its age (retention, a failure's time budget)
         counts from ``due``: a scheduled delivery's from its time, not its publish."""
         return cls(
             **_event_fields(event, handler_name),
-            id=delivery_id(event.source, event.id, handler_name),
+            id=delivery_id(event.source, event.id, handler_name, service),
             error="",
             attempt=0,
             max_retries=max_retries,
@@ -270,6 +286,7 @@ class RetryItem:
             lease_until=lease_until,
             metadata=dict(metadata or {}),
             claims=0 if lease_owner is None else 1,
+            service=service,
         )
 
     def to_event(self) -> Event:
@@ -344,6 +361,7 @@ class RetryItem:
             processed_at=None,
             first_failed_at=self.created_at,
             metadata=dict(self.metadata if metadata is None else metadata),
+            service=self.service,
         )
 
 
@@ -353,7 +371,8 @@ class DeadLetterItem:
 
     ``attempt`` is how many retries were made; ``reason`` says why it stopped
     ("failed after 3 retries", "non-retryable: ValueError", "expired in retry
-    queue", "unknown handler …", "undecodable record …").
+    queue", "unknown handler …", "undecodable record …", "subscription removed:
+    …"). ``service`` is the service whose handler it was for.
     """
 
     id: str
@@ -376,6 +395,7 @@ class DeadLetterItem:
     processed_at: datetime | None = None
     first_failed_at: datetime | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    service: str = DEFAULT_SERVICE
 
     @classmethod
     def for_failure(
@@ -389,8 +409,10 @@ class DeadLetterItem:
         max_retries: int,
         now: datetime,
         metadata: Mapping[str, Any] | None = None,
+        service: str = DEFAULT_SERVICE,
     ) -> DeadLetterItem:
-        """A dead letter for a delivery that failed on publish and will not be retried."""
+        """A dead letter for a delivery (to ``handler_name`` of ``service``) that
+        failed on publish and will not be retried."""
         return cls(
             id=new_dead_letter_id(),
             **_event_fields(event, handler_name),
@@ -403,6 +425,7 @@ class DeadLetterItem:
             created_at=now,
             first_failed_at=now,
             metadata=dict(metadata or {}),
+            service=service,
         )
 
     def to_event(self) -> Event:
@@ -420,11 +443,13 @@ class DeadLetterItem:
 
     @property
     def failure_group(self) -> str:
-        """The failure group key (``grp_…``): same handler, error type and message shape."""
-        return failure_group_key(self.handler_name, self.error_type, self.error)
+        """The failure group key (``grp_…``): same service, handler, error type and
+        message shape."""
+        return failure_group_key(self.handler_name, self.error_type, self.error, self.service)
 
     def to_retry_item(self, *, max_retries: int, now: datetime) -> RetryItem:
-        """A fresh retry item for this dead letter, due now, with all its retries ahead."""
+        """A fresh retry item for this dead letter (of its service), due now, with all
+        its retries ahead."""
         metadata = dict(self.metadata)
         metadata["requeued_from"] = self.id
         return RetryItem(
@@ -446,4 +471,5 @@ class DeadLetterItem:
             created_at=now,
             updated_at=now,
             metadata=metadata,
+            service=self.service,
         )

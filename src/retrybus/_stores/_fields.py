@@ -2,7 +2,14 @@
 flat mapping of named fields, and back. An engine says only how it keeps a time,
 a JSON value and a flag (ISO text or ``timestamptz``, JSON text or a document,
 0/1 or a boolean); the field names, their order, what is required and how a
-damaged dead letter is still shown are decided here once."""
+damaged dead letter is still shown are decided here once.
+
+``service`` (issue 12) comes last in both records, where a column added to a
+table goes. A record without it (a row or document written before services, a
+column or field an engine does not keep yet) reads as one of the default
+service. An engine that does not store services yet (``keeps_services`` in
+``_stores/base.py``) leaves the field out of what it writes: it holds
+default-service records only."""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from typing import Any
 
 from .._event import compact_json
 from .._records import DeadLetterItem, RetryItem
+from .._services import DEFAULT_SERVICE
 
 __all__ = ["DEAD_LETTER_FIELDS", "RETRY_FIELDS", "RecordCodec", "json_object"]
 
@@ -40,6 +48,7 @@ RETRY_FIELDS: tuple[str, ...] = (
     "lease_until",
     "metadata",
     "claims",
+    "service",
 )
 
 #: a dead letter's fields (with its failure group, stored for filtering), likewise
@@ -65,6 +74,7 @@ DEAD_LETTER_FIELDS: tuple[str, ...] = (
     "first_failed_at",
     "metadata",
     "failure_group",
+    "service",
 )
 
 _REQUIRED = ("event_id", "event_type", "event_data", "event_source", "handler_name")
@@ -80,6 +90,16 @@ def json_object(value: Any) -> dict[str, Any]:
         value = {} if value == "{}" else json.loads(value)
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object, got {str(value)[:80]!r}")
+    return value
+
+
+def _service(row: Mapping[str, Any]) -> str:
+    """A record's service: the default when it has none (missing, or NULL)."""
+    value = row.get("service")
+    if value is None:
+        return DEFAULT_SERVICE
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"service is not a service name: {str(value)[:80]!r}")
     return value
 
 
@@ -143,6 +163,7 @@ class RecordCodec:
             "lease_until": self._time_or_none(item.lease_until),
             "metadata": self.write_json(dict(item.metadata)),
             "claims": item.claims,
+            "service": item.service,
         }
 
     def dead_letter_fields(self, item: DeadLetterItem) -> dict[str, Any]:
@@ -169,11 +190,13 @@ class RecordCodec:
             "first_failed_at": self._time_or_none(item.first_failed_at),
             "metadata": self.write_json(dict(item.metadata)),
             "failure_group": item.failure_group,
+            "service": item.service,
         }
 
     def retry_item(self, row: Mapping[str, Any]) -> RetryItem:
         """The retry item ``row`` holds; raises (``KeyError``, ``ValueError``,
-        ``TypeError``) when it is damaged: the caller dead-letters it."""
+        ``TypeError``) when it is damaged: the caller dead-letters it. A row
+        without ``service`` (or with NULL) is a default-service record."""
         for name in _REQUIRED:
             if row[name] is None and not (name == "event_data" and self.native_json):
                 raise ValueError(f"{name} is missing")
@@ -199,13 +222,20 @@ class RecordCodec:
             lease_until=self._parsed_time_or_none(row["lease_until"]),
             metadata=_object(self._decoded(row["metadata"])),
             claims=int(row.get("claims") or 0),
+            service=_service(row),
         )
 
     def dead_letter(self, row: Mapping[str, Any]) -> DeadLetterItem:
         """The dead letter ``row`` holds. One whose payload or metadata cannot be
         decoded is still shown: its payload as the stored text, and
-        ``metadata == {"undecodable": True}``."""
+        ``metadata == {"undecodable": True}``; one whose service is damaged, as
+        one of the default service. A row without ``service`` (or with NULL) is
+        a default-service dead letter."""
         metadata: dict[str, Any]
+        try:
+            service = _service(row)
+        except ValueError:
+            service = DEFAULT_SERVICE
         try:
             data = None if row["event_data"] is None else self.read_json(row["event_data"])
             metadata = _object(self._decoded(row["metadata"]))
@@ -233,6 +263,7 @@ class RecordCodec:
             processed_at=self._parsed_time_or_none(row["processed_at"]),
             first_failed_at=self._parsed_time_or_none(row["first_failed_at"]),
             metadata=metadata,
+            service=service,
         )
 
     def _decoded(self, value: Any) -> Any:

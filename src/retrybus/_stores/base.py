@@ -5,6 +5,13 @@ the time as an argument (``now``) from the caller, who reads it from the
 bus's clock, so that schedules can be tested without sleeping. Methods that
 finish a claimed item take the claim's ``owner`` token and do nothing for an
 item whose lease another claim has taken over (the fencing check).
+
+Services (issue 12) share one store: each record carries its service's name,
+and the store keeps each service's subscriptions and its workers' heartbeats
+(``ServiceStore``). Engines gain them one at a time: until an engine sets
+``keeps_services``, it holds default-service records only (a claim, a listing
+or a filter naming another service finds nothing there: ``outside_default``)
+and its ``ServiceStore`` methods raise ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -20,6 +27,13 @@ from .._filters import DeadLetterFilter
 from .._groups import GroupCount
 from .._outcomes import CorruptRecord, Counters, Outcome, Succeeded
 from .._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
+from .._services import (
+    DEFAULT_SERVICE,
+    HandlerLoad,
+    Registration,
+    StoredSubscription,
+    WorkerBeat,
+)
 
 __all__ = [
     "DEAD_LETTER_GROUP_FIELDS",
@@ -29,20 +43,25 @@ __all__ = [
     "DeadLetterField",
     "RetryField",
     "RetryStore",
+    "ServiceStore",
     "Store",
     "check_retry_kind",
+    "default_service_dead_groups",
+    "default_service_retry_groups",
+    "outside_default",
 ]
 
 
-DeadLetterField = Literal["failure_group", "handler_name", "event_type", "reason"]
-RetryField = Literal["handler_name", "event_type"]
+DeadLetterField = Literal["failure_group", "handler_name", "event_type", "reason", "service"]
+RetryField = Literal["handler_name", "event_type", "service"]
 DEAD_LETTER_GROUP_FIELDS: tuple[str, ...] = (
     "failure_group",
     "handler_name",
     "event_type",
     "reason",
+    "service",
 )
-RETRY_GROUP_FIELDS: tuple[str, ...] = ("handler_name", "event_type")
+RETRY_GROUP_FIELDS: tuple[str, ...] = ("handler_name", "event_type", "service")
 
 
 def check_retry_kind(kind: str | None, now: datetime | None) -> None:
@@ -54,6 +73,38 @@ def check_retry_kind(kind: str | None, now: datetime | None) -> None:
         raise ValueError(f"kind must be one of {', '.join(RETRY_KINDS)}, got {kind!r}")
     if kind != "retry" and now is None:
         raise ValueError(f"listing {kind} deliveries needs now (when they are due)")
+
+
+def outside_default(service: str | None) -> bool:
+    """For an engine that keeps default-service records only (``keeps_services``
+    False): whether a claim, a listing or a filter for ``service`` (None: any)
+    names another service, of which it holds nothing."""
+    return service is not None and service != DEFAULT_SERVICE
+
+
+async def default_service_dead_groups(
+    store: AdminStore, where: DeadLetterFilter, *, limit: int
+) -> list[GroupCount]:
+    """``group_dead("service", where)`` of an engine that keeps default-service
+    records only: one group, ``default``, of every dead letter ``where`` matches
+    (none when it names another service)."""
+    count = 0 if outside_default(where.service) or limit < 1 else await store.count_dead(where)
+    if count == 0:
+        return []
+    (newest,) = await store.list_dead(where, limit=1, offset=0)
+    (oldest,) = await store.list_dead(where, limit=1, offset=count - 1)
+    return [GroupCount(DEFAULT_SERVICE, count, oldest.created_at, newest.created_at, newest.id)]
+
+
+async def default_service_retry_groups(store: AdminStore, *, limit: int) -> list[GroupCount]:
+    """``group_retry("service")`` of an engine that keeps default-service records
+    only: one group, ``default``, of the whole retry queue."""
+    count = 0 if limit < 1 else await store.retry_count()
+    if count == 0:
+        return []
+    (first,) = await store.list_retry(limit=1, offset=0)
+    (last,) = await store.list_retry(limit=1, offset=count - 1)
+    return [GroupCount(DEFAULT_SERVICE, count, first.next_retry, last.next_retry, first.id)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,12 +192,14 @@ class RetryStore(abc.ABC):
         limit: int,
         owner: str,
         lease_until: datetime,
+        service: str | None = None,
         handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
         """Lease up to ``limit`` items due at ``now`` (earliest first) to ``owner``,
         atomically, adding one to each one's ``claims`` (the items returned carry
-        the new count). With ``handlers``, only items of those handlers (a worker
-        claims only what it can run); an empty collection claims nothing."""
+        the new count). With ``service``, only items of that service (None: of any);
+        with ``handlers``, only items of those handlers (a worker claims only what
+        it can run); an empty collection claims nothing."""
 
     @abc.abstractmethod
     async def extend_leases(self, ids: Sequence[str], owner: str, lease_until: datetime) -> int:
@@ -175,9 +228,12 @@ class RetryStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def next_due(self, handlers: Collection[str] | None = None) -> datetime | None:
+    async def next_due(
+        self, handlers: Collection[str] | None = None, *, service: str | None = None
+    ) -> datetime | None:
         """When the earliest item falls due or its lease runs out (None when
-        empty); with ``handlers``, only among items of those handlers."""
+        empty); with ``handlers``, only among items of those handlers, with
+        ``service``, only among items of that service (None: of any)."""
 
     @abc.abstractmethod
     async def expire_retry(
@@ -223,12 +279,14 @@ class AdminStore(abc.ABC):
         event_type: str | None = None,
         kind: RetryKind | None = None,
         now: datetime | None = None,
+        service: str | None = None,
     ) -> list[RetryItem]:
         """Items by next retry time, earliest first (``id`` among equal times); with
         ``kind``, only records of that kind at ``now`` (``RetryItem.kind``: a retry
         has ``attempt != 0``; a first delivery is pending when ``next_retry <= now``,
         scheduled after). ``now`` is needed for pending and scheduled
-        (``check_retry_kind``)."""
+        (``check_retry_kind``). With ``service``, only records of that service
+        (None: of any)."""
 
     @abc.abstractmethod
     async def count_retry_kinds(self, now: datetime) -> dict[RetryKind, int]:
@@ -253,8 +311,8 @@ class AdminStore(abc.ABC):
 
     @abc.abstractmethod
     async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
-        """Retry items counted per value of ``by`` (``handler_name`` or
-        ``event_type``), largest first, ties by key ascending; ``first_at`` and
+        """Retry items counted per value of ``by`` (``handler_name``, ``event_type``
+        or ``service``), largest first, ties by key ascending; ``first_at`` and
         ``last_at`` are the earliest and latest ``next_retry``, ``sample_id`` the id
         of the item due first (the least id among equally due ones)."""
 
@@ -335,7 +393,112 @@ class AdminStore(abc.ABC):
         """Connect (and create tables) now rather than on first use."""
 
 
-class Store(RetryStore, AdminStore):
+class ServiceStore:
+    """The services part of a store (issue 12): the subscriptions each service
+    keeps there, its workers' heartbeats, and what waits for each of its handlers.
+
+    The methods are not abstract while engines gain them one at a time: an
+    engine that does not keep services (``keeps_services`` False) raises
+    ``NotImplementedError`` naming itself. ``MemoryStore`` is the reference.
+    """
+
+    #: it stores each record's service (issue 12): a bus of a service other than
+    #: the default runs only on such a store (an engine that does not yet keeps
+    #: default-service records only, and reads every record as one)
+    keeps_services: ClassVar[bool] = False
+
+    def _services_missing(self, method: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"{type(self).__name__}.{method}: this engine does not keep services yet"
+        )
+
+    async def put_subscriptions(
+        self,
+        service: str,
+        subscriptions: Sequence[StoredSubscription],
+        *,
+        prune: bool,
+        now: datetime,
+        actor: str,
+    ) -> Registration:
+        """Register ``service``'s handlers in one step (one transaction or script):
+        store each of ``subscriptions`` (only their terms: see
+        ``StoredSubscription``; each must be of ``service``, one per handler), as
+        new, or back after a removal (its tombstone cleared, ``registered_at``
+        now), or with its new terms; with ``prune``, tombstone the service's other
+        live subscriptions (``removed_at`` now, ``removed_by`` ``actor``). What
+        changes gets ``updated_at`` now and the next revision (one for the whole
+        call); a call that changes nothing writes nothing and leaves the revision
+        as it is. Raises ``ValueError`` for a subscription of another service or
+        a handler named twice."""
+        raise self._services_missing("put_subscriptions")
+
+    async def remove_subscriptions(
+        self, service: str, handlers: Collection[str] | None, *, now: datetime, actor: str
+    ) -> list[str]:
+        """Tombstone ``service``'s live subscriptions of ``handlers`` (None: all of
+        them) in one step, ``removed_by`` ``actor``, with the next revision;
+        returns the names of the handlers removed, sorted (handlers unknown or
+        removed already are skipped)."""
+        raise self._services_missing("remove_subscriptions")
+
+    async def list_subscriptions(
+        self, service: str | None = None, *, removed: bool = False
+    ) -> list[StoredSubscription]:
+        """The live subscriptions of ``service`` (None: of every service), by
+        service then handler name; with ``removed``, the tombstones too."""
+        raise self._services_missing("list_subscriptions")
+
+    async def subscriptions_revision(self) -> int:
+        """The revision of the last write of a subscription (0: none yet). It
+        changes with every write that changes a subscription and never goes back
+        (forgetting tombstones does not lower it): a publisher that caches the
+        subscriptions reloads them only when it changed."""
+        raise self._services_missing("subscriptions_revision")
+
+    async def forget_subscriptions(self, before: datetime) -> int:
+        """Delete the tombstones of subscriptions removed before ``before``; returns
+        how many went. The revision does not change (what publishers route to
+        does not)."""
+        raise self._services_missing("forget_subscriptions")
+
+    async def dead_letter_unsubscribed(self, *, now: datetime, limit: int) -> list[DeadLetterItem]:
+        """Move to the dead letter queue up to ``limit`` retry queue records (due
+        first, then by id) of handlers whose subscription is a tombstone and that
+        no live lease holds at ``now`` (a leased one waits for its lease to run
+        out), each with the reason ``subscription removed: SERVICE/HANDLER (by
+        ACTOR)`` (``unsubscribed_reason``) and, as ``expire_retry`` makes them, the
+        retries made as its ``attempt``. Counted as ``expire_retry`` counts.
+        Returns the dead letters; call again until none is left."""
+        raise self._services_missing("dead_letter_unsubscribed")
+
+    async def beat(self, beat: WorkerBeat) -> None:
+        """Store worker ``beat.name``'s heartbeat (in place of its last)."""
+        raise self._services_missing("beat")
+
+    async def forget_worker(self, name: str) -> bool:
+        """Delete worker ``name``'s heartbeat (it stopped); returns whether there was one."""
+        raise self._services_missing("forget_worker")
+
+    async def list_workers(self, service: str | None = None) -> list[WorkerBeat]:
+        """The workers' last heartbeats (of ``service``; None: of every service), by
+        service then name, live or not (``WorkerBeat.live_at``)."""
+        raise self._services_missing("list_workers")
+
+    async def prune_workers(self, before: datetime) -> int:
+        """Delete the heartbeats last seen before ``before``; returns how many went."""
+        raise self._services_missing("prune_workers")
+
+    async def service_loads(self, now: datetime) -> list[HandlerLoad]:
+        """What waits for each ``(service, handler)`` that has records in either
+        queue, by service then handler name (``HandlerLoad``): its retry queue
+        records of each kind at ``now``, those a live lease holds at ``now``, its
+        dead letters processed and not, and the earliest ``next_retry`` of its
+        pending ones."""
+        raise self._services_missing("service_loads")
+
+
+class Store(RetryStore, AdminStore, ServiceStore):
     """One engine holding the retry queue and the dead letter queue.
 
     Use it as an async context manager, or call ``await store.close()``; it

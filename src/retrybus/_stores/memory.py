@@ -2,6 +2,9 @@
 
 Everything lives in this process and is gone when it ends. Each operation runs
 without awaiting in between, so on one event loop every operation is atomic.
+
+It keeps services (``keeps_services``) and is the reference the other engines'
+service methods follow.
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ from .._outcomes import (
     Succeeded,
 )
 from .._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
+from .._services import (
+    HandlerLoad,
+    Registration,
+    StoredSubscription,
+    WorkerBeat,
+    check_service,
+    unsubscribed_reason,
+)
 from .base import (
     ControlRecord,
     DeadLetterField,
@@ -41,6 +52,7 @@ class MemoryStore(Store):
     """A store in a dict: fast, shared by everything in this process, not durable."""
 
     persistent: ClassVar[bool] = False
+    keeps_services: ClassVar[bool] = True
 
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
@@ -48,6 +60,10 @@ class MemoryStore(Store):
         self._dead: dict[str, DeadLetterItem] = {}
         self._counters = Counters()
         self._control: dict[str, ControlRecord] = {}
+        # (service, handler_name) -> its subscription, tombstones included
+        self._subscriptions: dict[tuple[str, str], StoredSubscription] = {}
+        self._revision = 0
+        self._workers: dict[str, WorkerBeat] = {}
 
     async def connect(self) -> None:
         return None
@@ -87,12 +103,15 @@ class MemoryStore(Store):
                 added.add(item.id)
         return added
 
-    def _claimable(self, now: datetime, handlers: Collection[str] | None) -> list[RetryItem]:
+    def _claimable(
+        self, now: datetime, service: str | None, handlers: Collection[str] | None
+    ) -> list[RetryItem]:
         return [
             item
             for item in self._retry.values()
             if item.next_retry <= now
             and (item.lease_until is None or item.lease_until <= now)
+            and (service is None or item.service == service)
             and (handlers is None or item.handler_name in handlers)
         ]
 
@@ -103,10 +122,13 @@ class MemoryStore(Store):
         limit: int,
         owner: str,
         lease_until: datetime,
+        service: str | None = None,
         handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
         due = heapq.nsmallest(
-            limit, self._claimable(now, handlers), key=lambda item: (item.next_retry, item.id)
+            limit,
+            self._claimable(now, service, handlers),
+            key=lambda item: (item.next_retry, item.id),
         )
         claimed: list[RetryItem | CorruptRecord] = []
         for item in due:
@@ -189,11 +211,14 @@ class MemoryStore(Store):
             )
         return applied
 
-    async def next_due(self, handlers: Collection[str] | None = None) -> datetime | None:
+    async def next_due(
+        self, handlers: Collection[str] | None = None, *, service: str | None = None
+    ) -> datetime | None:
         times = [
             max(item.next_retry, item.lease_until) if item.lease_until else item.next_retry
             for item in self._retry.values()
-            if handlers is None or item.handler_name in handlers
+            if (handlers is None or item.handler_name in handlers)
+            and (service is None or item.service == service)
         ]
         return min(times, default=None)
 
@@ -215,6 +240,7 @@ class MemoryStore(Store):
         event_type: str | None = None,
         kind: RetryKind | None = None,
         now: datetime | None = None,
+        service: str | None = None,
     ) -> list[RetryItem]:
         check_retry_kind(kind, now)
         items = [
@@ -222,6 +248,7 @@ class MemoryStore(Store):
             for item in self._retry.values()
             if (handler_name is None or item.handler_name == handler_name)
             and (event_type is None or item.event_type == event_type)
+            and (service is None or item.service == service)
             # check_retry_kind: now is given unless kind is None or "retry"
             and (kind is None or item.kind(now or item.next_retry) == kind)
         ]
@@ -358,6 +385,195 @@ class MemoryStore(Store):
 
     async def delete_control(self, key: str) -> bool:
         return self._control.pop(key, None) is not None
+
+    # services --------------------------------------------------------------
+
+    def _stored(
+        self, terms: StoredSubscription, *, registered_at: datetime, now: datetime, revision: int
+    ) -> StoredSubscription:
+        """``terms`` as stored: live, changed ``now`` at ``revision``, its details a
+        JSON round trip (as the other engines keep them)."""
+        details = json.loads(encode_json(dict(terms.details), f"details of {terms.handler_name}"))
+        return replace(
+            terms,
+            registered_at=registered_at,
+            updated_at=now,
+            removed_at=None,
+            removed_by=None,
+            revision=revision,
+            details=details,
+        )
+
+    def _tombstone(
+        self, current: StoredSubscription, *, now: datetime, actor: str, revision: int
+    ) -> StoredSubscription:
+        return replace(current, removed_at=now, removed_by=actor, updated_at=now, revision=revision)
+
+    async def put_subscriptions(
+        self,
+        service: str,
+        subscriptions: Sequence[StoredSubscription],
+        *,
+        prune: bool,
+        now: datetime,
+        actor: str,
+    ) -> Registration:
+        check_service(service)
+        named: set[str] = set()
+        for terms in subscriptions:
+            if terms.service != service:
+                raise ValueError(
+                    f"subscription {terms.service}/{terms.handler_name} is not of "
+                    f"service {service!r}"
+                )
+            if terms.handler_name in named:
+                raise ValueError(f"handler {terms.handler_name!r} is named twice")
+            named.add(terms.handler_name)
+        revision = self._revision + 1
+        writes: dict[tuple[str, str], StoredSubscription] = {}
+        added: list[str] = []
+        changed: list[str] = []
+        unchanged: list[str] = []
+        removed: list[str] = []
+        for terms in subscriptions:
+            current = self._subscriptions.get(terms.key)
+            if current is None or current.removed:
+                writes[terms.key] = self._stored(
+                    terms, registered_at=now, now=now, revision=revision
+                )
+                added.append(terms.handler_name)
+            elif not current.same_terms(terms):
+                writes[terms.key] = self._stored(
+                    terms, registered_at=current.registered_at, now=now, revision=revision
+                )
+                changed.append(terms.handler_name)
+            else:
+                unchanged.append(terms.handler_name)
+        if prune:
+            for key, current in self._subscriptions.items():
+                if key[0] == service and not current.removed and key[1] not in named:
+                    writes[key] = self._tombstone(current, now=now, actor=actor, revision=revision)
+                    removed.append(key[1])
+        if writes:
+            self._subscriptions.update(writes)
+            self._revision = revision
+        return Registration(
+            added=tuple(sorted(added)),
+            changed=tuple(sorted(changed)),
+            removed=tuple(sorted(removed)),
+            unchanged=tuple(sorted(unchanged)),
+        )
+
+    async def remove_subscriptions(
+        self, service: str, handlers: Collection[str] | None, *, now: datetime, actor: str
+    ) -> list[str]:
+        revision = self._revision + 1
+        removed: list[str] = []
+        for key, current in sorted(self._subscriptions.items()):
+            if (
+                key[0] == service
+                and not current.removed
+                and (handlers is None or key[1] in handlers)
+            ):
+                self._subscriptions[key] = self._tombstone(
+                    current, now=now, actor=actor, revision=revision
+                )
+                removed.append(key[1])
+        if removed:
+            self._revision = revision
+        return removed
+
+    async def list_subscriptions(
+        self, service: str | None = None, *, removed: bool = False
+    ) -> list[StoredSubscription]:
+        return [
+            # details of their own, as the other engines' are
+            replace(subscription, details=copy.deepcopy(subscription.details))
+            for key, subscription in sorted(self._subscriptions.items())
+            if (service is None or key[0] == service) and (removed or not subscription.removed)
+        ]
+
+    async def subscriptions_revision(self) -> int:
+        return self._revision
+
+    async def forget_subscriptions(self, before: datetime) -> int:
+        old = [
+            key
+            for key, subscription in self._subscriptions.items()
+            if subscription.removed_at is not None and subscription.removed_at < before
+        ]
+        for key in old:
+            del self._subscriptions[key]
+        return len(old)
+
+    async def dead_letter_unsubscribed(self, *, now: datetime, limit: int) -> list[DeadLetterItem]:
+        removed = {key: sub for key, sub in self._subscriptions.items() if sub.removed}
+        if not removed or limit < 1:
+            return []
+        orphans = heapq.nsmallest(
+            limit,
+            (
+                item
+                for item in self._retry.values()
+                if (item.service, item.handler_name) in removed and not item.leased_at(now)
+            ),
+            key=lambda item: (item.next_retry, item.id),
+        )
+        moved: list[DeadLetterItem] = []
+        for item in orphans:
+            tombstone = removed[(item.service, item.handler_name)]
+            reason = unsubscribed_reason(
+                item.service, item.handler_name, tombstone.removed_by or "unknown"
+            )
+            dead = item.to_dead_letter(reason=reason, now=now, attempt=max(item.attempt - 1, 0))
+            del self._retry[item.id]
+            self._dead.setdefault(dead.id, dead)
+            moved.append(dead)
+        if moved:
+            self._count(retry_dead_lettered=len(moved))
+        return moved
+
+    async def beat(self, beat: WorkerBeat) -> None:
+        self._workers[beat.name] = beat
+
+    async def forget_worker(self, name: str) -> bool:
+        return self._workers.pop(name, None) is not None
+
+    async def list_workers(self, service: str | None = None) -> list[WorkerBeat]:
+        beats = [beat for beat in self._workers.values() if service in (None, beat.service)]
+        beats.sort(key=lambda beat: (beat.service, beat.name))
+        return beats
+
+    async def prune_workers(self, before: datetime) -> int:
+        old = [name for name, beat in self._workers.items() if beat.last_seen < before]
+        for name in old:
+            del self._workers[name]
+        return len(old)
+
+    async def service_loads(self, now: datetime) -> list[HandlerLoad]:
+        counts: dict[tuple[str, str], dict[str, Any]] = {}
+
+        def load(service: str, handler_name: str) -> dict[str, Any]:
+            return counts.setdefault((service, handler_name), {"oldest_pending_due": None})
+
+        for item in self._retry.values():
+            entry = load(item.service, item.handler_name)
+            kind = item.kind(now)
+            name = "retrying" if kind == "retry" else kind
+            entry[name] = entry.get(name, 0) + 1
+            if item.leased_at(now):
+                entry["leased"] = entry.get("leased", 0) + 1
+            oldest = entry["oldest_pending_due"]
+            if kind == "pending" and (oldest is None or item.next_retry < oldest):
+                entry["oldest_pending_due"] = item.next_retry
+        for dead in self._dead.values():
+            entry = load(dead.service, dead.handler_name)
+            which = "dead_processed" if dead.processed else "dead_unprocessed"
+            entry[which] = entry.get(which, 0) + 1
+        return [
+            HandlerLoad(service=service, handler_name=handler_name, **entry)
+            for (service, handler_name), entry in sorted(counts.items())
+        ]
 
 
 def _group(

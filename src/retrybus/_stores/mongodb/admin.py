@@ -24,7 +24,16 @@ from ..._event import encode_json
 from ..._filters import DeadLetterFilter
 from ..._groups import GroupCount
 from ..._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
-from ..base import AdminStore, ControlRecord, DeadLetterField, RetryField, check_retry_kind
+from ..base import (
+    AdminStore,
+    ControlRecord,
+    DeadLetterField,
+    RetryField,
+    check_retry_kind,
+    default_service_dead_groups,
+    default_service_retry_groups,
+    outside_default,
+)
 from .codec import (
     control_from_document,
     dead_letter_from_document,
@@ -96,8 +105,11 @@ class MongoAdmin(AdminStore):
         event_type: str | None = None,
         kind: RetryKind | None = None,
         now: datetime | None = None,
+        service: str | None = None,
     ) -> list[RetryItem]:
         check_retry_kind(kind, now)
+        if outside_default(service):  # holds default-service records only
+            return []
         if limit <= 0:
             return []
         query: Doc = {} if kind is None else kind_query(kind, now)
@@ -141,6 +153,8 @@ class MongoAdmin(AdminStore):
             return bool((await db[RETRY].delete_one({"_id": item_id})).deleted_count)
 
     async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
+        if by == "service":  # all of the default service
+            return await default_service_retry_groups(self, limit=limit)
         if by not in ("handler_name", "event_type"):
             raise ValueError(f"cannot group retry items by {by!r}")
         if limit <= 0:
@@ -157,6 +171,8 @@ class MongoAdmin(AdminStore):
     async def list_dead(
         self, where: DeadLetterFilter, *, limit: int, offset: int
     ) -> list[DeadLetterItem]:
+        if outside_default(where.service):  # holds default-service records only
+            return []
         if limit <= 0:
             return []
         order = [("created_at", DESCENDING), ("created_at_us", DESCENDING), ("_id", DESCENDING)]
@@ -166,12 +182,18 @@ class MongoAdmin(AdminStore):
         return [dead_letter_from_document(doc) for doc in docs]
 
     async def count_dead(self, where: DeadLetterFilter) -> int:
+        if outside_default(where.service):  # holds default-service records only
+            return 0
         async with self._errors() as db:
             return await db[DEAD].count_documents(dead_letter_query(where))
 
     async def group_dead(
         self, by: DeadLetterField, where: DeadLetterFilter, *, limit: int
     ) -> list[GroupCount]:
+        if outside_default(where.service):  # holds default-service records only
+            return []
+        if by == "service":  # all of the default service
+            return await default_service_dead_groups(self, where, limit=limit)
         if by not in DEAD_GROUP_DEFAULTS:
             raise ValueError(f"cannot group dead letters by {by!r}")
         if limit <= 0:

@@ -224,11 +224,17 @@ def _any_number(doc: Mapping[str, Any], name: str) -> int:
 
 # records <-> documents -----------------------------------------------------------
 
+# fields not kept yet (``keeps_services``): every record is of the default service,
+# which a document without the field reads as
+_UNKEPT = frozenset({"service"})
+
 
 def _document(fields: Mapping[str, Any]) -> Doc:
     """The document of a record's fields (``RecordCodec.retry_fields`` and kin)."""
     doc: Doc = {}
     for name, value in fields.items():
+        if name in _UNKEPT:
+            continue
         if name == "id":
             doc["_id"] = value
         elif name in _TIME_FIELDS:

@@ -78,7 +78,7 @@ from ..._outcomes import (
 from ..._records import DeadLetterItem, RetryItem
 from .._codec import decode_or_corrupt
 from .._url import redact
-from ..base import Store
+from ..base import Store, outside_default
 from .admin import MongoAdmin
 from .codec import (
     dead_letter_document,
@@ -695,8 +695,11 @@ class MongoStore(MongoAdmin, Store):
         limit: int,
         owner: str,
         lease_until: datetime,
+        service: str | None = None,
         handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
+        if outside_default(service):  # holds default-service records only
+            return []
         names = None if handlers is None else sorted(set(handlers))
         if limit <= 0 or names == []:
             return []
@@ -857,7 +860,11 @@ class MongoStore(MongoAdmin, Store):
         await self._count(**totals)
         return applied
 
-    async def next_due(self, handlers: Collection[str] | None = None) -> datetime | None:
+    async def next_due(
+        self, handlers: Collection[str] | None = None, *, service: str | None = None
+    ) -> datetime | None:
+        if outside_default(service):  # holds default-service records only
+            return None
         names = None if handlers is None else sorted(set(handlers))
         if names == []:
             return None

@@ -26,6 +26,9 @@ from ..base import (
     DeadLetterField,
     RetryField,
     check_retry_kind,
+    default_service_dead_groups,
+    default_service_retry_groups,
+    outside_default,
 )
 from .codec import CODEC, retry_values
 from .migrate import fill_failure_groups
@@ -117,8 +120,11 @@ class PostgresAdmin(AdminStore):
         event_type: str | None = None,
         kind: RetryKind | None = None,
         now: datetime | None = None,
+        service: str | None = None,
     ) -> list[RetryItem]:
         check_retry_kind(kind, now)
+        if outside_default(service):  # holds default-service records only
+            return []
         earliest = latest = first = None
         if kind == "retry":
             first = False
@@ -154,6 +160,8 @@ class PostgresAdmin(AdminStore):
         )
 
     async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
+        if by == "service":  # all of the default service
+            return await default_service_retry_groups(self, limit=limit)
         if by not in RETRY_GROUP_FIELDS:
             raise ValueError(f"cannot group retry items by {by!r}: use {RETRY_GROUP_FIELDS}")
         rows = await self._run(lambda conn: conn.fetch(Q["group_retry"], by, limit))
@@ -179,16 +187,24 @@ class PostgresAdmin(AdminStore):
     async def list_dead(
         self, where: DeadLetterFilter, *, limit: int, offset: int
     ) -> list[DeadLetterItem]:
+        if outside_default(where.service):  # holds default-service records only
+            return []
         rows = await self._fetch_dead("list_dead", where, limit, offset)
         return [CODEC.dead_letter(row) for row in rows]
 
     async def count_dead(self, where: DeadLetterFilter) -> int:
+        if outside_default(where.service):  # holds default-service records only
+            return 0
         rows = await self._fetch_dead("count_dead", where)
         return int(rows[0][0])
 
     async def group_dead(
         self, by: DeadLetterField, where: DeadLetterFilter, *, limit: int
     ) -> list[GroupCount]:
+        if outside_default(where.service):  # holds default-service records only
+            return []
+        if by == "service":  # all of the default service
+            return await default_service_dead_groups(self, where, limit=limit)
         if by not in DEAD_LETTER_GROUP_FIELDS:
             raise ValueError(f"cannot group dead letters by {by!r}: use {DEAD_LETTER_GROUP_FIELDS}")
         rows = await self._fetch_dead(

@@ -44,30 +44,36 @@ def _read_json(text: Any) -> Any:
 #: how this engine writes and reads a record's times, JSON values and flag
 CODEC = RecordCodec(write_time=aware, read_time=_stored_time, read_json=_read_json, write_flag=bool)
 
+# the columns this engine's tables have: all the codec's fields but ``service``,
+# which this engine does not keep yet (``keeps_services``: its records are all
+# of the default service, which a row without the column reads as)
+_RETRY_COLUMNS = tuple(name for name in RETRY_FIELDS if name != "service")
+_DEAD_LETTER_COLUMNS = tuple(name for name in DEAD_LETTER_FIELDS if name != "service")
+
 
 def retry_values(item: RetryItem) -> list[Any]:
     """``item``'s column values, in the order of ``retry_queue``'s columns."""
     fields = CODEC.retry_fields(item)
-    return [fields[name] for name in RETRY_FIELDS]
+    return [fields[name] for name in _RETRY_COLUMNS]
 
 
 def dead_letter_values(item: DeadLetterItem) -> list[Any]:
     """``item``'s column values, in the order of ``dead_letter_queue``'s columns
     (``failure_group`` last: the column version 2 of the schema added)."""
     fields = CODEC.dead_letter_fields(item)
-    return [fields[name] for name in DEAD_LETTER_FIELDS]
+    return [fields[name] for name in _DEAD_LETTER_COLUMNS]
 
 
 def retry_columns(items: Sequence[RetryItem]) -> list[list[Any]]:
     """The items as one array per ``retry_queue`` column (the parameters of an
     insert from ``unnest``); 21 empty arrays for no items (``claims`` last: the
     column version 4 of the schema added)."""
-    return _columns(map(retry_values, items), len(RETRY_FIELDS))
+    return _columns(map(retry_values, items), len(_RETRY_COLUMNS))
 
 
 def dead_letter_columns(items: Sequence[DeadLetterItem]) -> list[list[Any]]:
     """The dead letters as one array per ``dead_letter_queue`` column, likewise (21)."""
-    return _columns(map(dead_letter_values, items), len(DEAD_LETTER_FIELDS))
+    return _columns(map(dead_letter_values, items), len(_DEAD_LETTER_COLUMNS))
 
 
 def _columns(rows: Iterable[list[Any]], width: int) -> list[list[Any]]:

@@ -53,7 +53,7 @@ from ..._outcomes import (
 from ..._records import DeadLetterItem, RetryItem
 from .._codec import decode_or_corrupt
 from .._url import redact, split
-from ..base import Store
+from ..base import Store, outside_default
 from .admin import PostgresAdmin
 from .codec import CODEC, dead_letter_columns, retry_columns
 from .migrate import migrate_schema
@@ -430,11 +430,14 @@ class PostgresStore(PostgresAdmin, Store):
         limit: int,
         owner: str,
         lease_until: datetime,
+        service: str | None = None,
         handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
         """Without ``handlers``, the earliest due items of any handler; with them,
         claim_due_for: each handler's earliest from the (handler_name, next_retry)
         index, so that other handlers' items due before them are never read."""
+        if outside_default(service):  # holds default-service records only
+            return []
         if handlers is None:
             query = Q["claim_due"]
             args: tuple[Any, ...] = (
@@ -512,7 +515,11 @@ class PostgresStore(PostgresAdmin, Store):
         rows = await self._run(lambda conn: conn.fetch(Q["complete"], *args))
         return {row[0] for row in rows if row[0] is not None}
 
-    async def next_due(self, handlers: Collection[str] | None = None) -> datetime | None:
+    async def next_due(
+        self, handlers: Collection[str] | None = None, *, service: str | None = None
+    ) -> datetime | None:
+        if outside_default(service):  # holds default-service records only
+            return None
         query = Q["next_due"]
         args: tuple[Any, ...] = ()
         if handlers is not None:

@@ -42,7 +42,16 @@ from ..._event import encode_json
 from ..._filters import DeadLetterFilter
 from ..._groups import GroupCount
 from ..._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
-from ..base import AdminStore, ControlRecord, DeadLetterField, RetryField, check_retry_kind
+from ..base import (
+    AdminStore,
+    ControlRecord,
+    DeadLetterField,
+    RetryField,
+    check_retry_kind,
+    default_service_dead_groups,
+    default_service_retry_groups,
+    outside_default,
+)
 from .codec import (
     dead_letter,
     dead_texts,
@@ -111,8 +120,11 @@ class RedisAdmin(AdminStore):
         event_type: str | None = None,
         kind: RetryKind | None = None,
         now: datetime | None = None,
+        service: str | None = None,
     ) -> list[RetryItem]:
         check_retry_kind(kind, now)
+        if outside_default(service):  # holds default-service records only
+            return []
         if limit <= 0:
             return []
         if handler_name is None and event_type is None and kind is None:
@@ -175,6 +187,8 @@ class RedisAdmin(AdminStore):
         per type, and the per-handler due sets are scored by when an item can be
         claimed, not by its ``next_retry``), ``GROUP_CHUNK`` items per script:
         O(queue length), and not a snapshot while workers change the queue."""
+        if by == "service":  # all of the default service
+            return await default_service_retry_groups(self, limit=limit)
         if by not in ("handler_name", "event_type"):
             raise ValueError(f"cannot group retry items by {by!r}")
         if limit <= 0:
@@ -232,6 +246,8 @@ class RedisAdmin(AdminStore):
     ) -> list[DeadLetterItem]:
         """Dead letters matching ``where``, newest first, from the most selective of
         the index sets the filter names (see the module)."""
+        if outside_default(where.service):  # holds default-service records only
+            return []
         if limit <= 0:
             return []
         await self._upgrade_layout()
@@ -246,6 +262,8 @@ class RedisAdmin(AdminStore):
         """A ``ZCOUNT`` when the filter names at most one index set (and no event id),
         a ``ZINTERCARD`` for several without a time range; otherwise a walk of the most
         selective one (see the module)."""
+        if outside_default(where.service):  # holds default-service records only
+            return 0
         await self._upgrade_layout()
         return int(await self._run("count_dead", *self._filter_args(where)))
 
@@ -255,6 +273,10 @@ class RedisAdmin(AdminStore):
         """Counted per value of ``by`` in one script: from the per-value sets when the
         filter has no other condition than a time range (and ``by``'s own value),
         otherwise by walking the matching dead letters' index entries (see the module)."""
+        if outside_default(where.service):  # holds default-service records only
+            return []
+        if by == "service":  # all of the default service
+            return await default_service_dead_groups(self, where, limit=limit)
         name = _DEAD_KEY_NAMES.get(by)
         if name is None:
             raise ValueError(f"cannot group dead letters by {by!r}")

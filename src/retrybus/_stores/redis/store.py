@@ -36,7 +36,7 @@ from ..._records import DeadLetterItem, RetryItem
 from .._codec import text_time
 from .._queries import load_queries
 from .._url import redact, split
-from ..base import Store
+from ..base import Store, outside_default
 from .admin import RedisAdmin
 from .codec import dead_texts, decode_retry, from_score, retry_json, to_score
 from .common import CHUNK, pairs, text
@@ -279,11 +279,14 @@ class RedisStore(RedisAdmin, Store):
         limit: int,
         owner: str,
         lease_until: datetime,
+        service: str | None = None,
         handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
         """One script: the front of each of the handlers' due sets (``P:retry:due:H``;
         with none given, of every handler's, from ``P:retry:handlers``), merged by due
         time, so that no other handler's items are read."""
+        if outside_default(service):  # holds default-service records only
+            return []
         if limit <= 0 or (handlers is not None and not handlers):
             return []
         await self._upgrade_layout()  # the due sets are layout 3's
@@ -357,9 +360,13 @@ class RedisStore(RedisAdmin, Store):
         )
         return {text(item_id) for item_id in reply}
 
-    async def next_due(self, handlers: Collection[str] | None = None) -> datetime | None:
+    async def next_due(
+        self, handlers: Collection[str] | None = None, *, service: str | None = None
+    ) -> datetime | None:
         """The first entry of each of the handlers' due sets (one script; with none
         given, of every handler's, from ``P:retry:handlers``)."""
+        if outside_default(service):  # holds default-service records only
+            return None
         if handlers is not None and not handlers:
             return None
         await self._upgrade_layout()

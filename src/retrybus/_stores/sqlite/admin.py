@@ -24,6 +24,9 @@ from ..base import (
     DeadLetterField,
     RetryField,
     check_retry_kind,
+    default_service_dead_groups,
+    default_service_retry_groups,
+    outside_default,
 )
 from .codec import CODEC
 from .migrate import read_version
@@ -87,8 +90,11 @@ class SQLiteAdmin(AdminStore):
         event_type: str | None = None,
         kind: RetryKind | None = None,
         now: datetime | None = None,
+        service: str | None = None,
     ) -> list[RetryItem]:
         check_retry_kind(kind, now)
+        if outside_default(service):  # holds default-service records only
+            return []
         params: dict[str, Any] = {
             "handler_name": handler_name,
             "event_type": event_type,
@@ -125,6 +131,8 @@ class SQLiteAdmin(AdminStore):
         )
 
     async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
+        if by == "service":  # all of the default service
+            return await default_service_retry_groups(self, limit=limit)
         if by not in RETRY_GROUP_FIELDS:
             raise ValueError(f"cannot group retry items by {by!r}: use {RETRY_GROUP_FIELDS}")
         sql = Q["group_retry"].format(by=by)
@@ -150,6 +158,8 @@ class SQLiteAdmin(AdminStore):
     async def group_dead(
         self, by: DeadLetterField, where: DeadLetterFilter, *, limit: int
     ) -> list[GroupCount]:
+        if by == "service":  # all of the default service
+            return await default_service_dead_groups(self, where, limit=limit)
         if by not in DEAD_LETTER_GROUP_FIELDS:
             raise ValueError(f"cannot group dead letters by {by!r}: use {DEAD_LETTER_GROUP_FIELDS}")
         condition, params = dead_where(where)

@@ -341,6 +341,8 @@ created_at >= :created_after
 created_at < :created_before
 event_id = :event_id
 failure_group = :failure_group
+-- no service column yet (keeps_services): every row is of the default service
+:service = 'default'
 (created_at, id) < (:cursor, :cursor_id)
 
 -- name: list_dead

@@ -40,7 +40,7 @@ from ..._outcomes import (
 from ..._records import DeadLetterItem, RetryItem
 from .._codec import decode_or_corrupt, parse_text_time, text_time
 from .._queries import placeholders
-from ..base import Store
+from ..base import Store, outside_default
 from .admin import SQLiteAdmin
 from .codec import CODEC
 from .migrate import upgrade
@@ -341,8 +341,11 @@ class SQLiteStore(SQLiteAdmin, Store):
         limit: int,
         owner: str,
         lease_until: datetime,
+        service: str | None = None,
         handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
+        if outside_default(service):  # holds default-service records only
+            return []
         params: dict[str, Any] = {
             "owner": owner,
             "lease_until": text_time(lease_until),
@@ -400,7 +403,11 @@ class SQLiteStore(SQLiteAdmin, Store):
     ) -> set[str]:
         return await self._write(_completion(outcomes, owner, now))
 
-    async def next_due(self, handlers: Collection[str] | None = None) -> datetime | None:
+    async def next_due(
+        self, handlers: Collection[str] | None = None, *, service: str | None = None
+    ) -> datetime | None:
+        if outside_default(service):  # holds default-service records only
+            return None
         if handlers is not None:
             names = list(dict.fromkeys(handlers))
             if not names:
