@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -331,6 +332,10 @@ def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def literal(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
     if isinstance(value, datetime):
@@ -353,10 +358,8 @@ async def explain(
     try:
         await conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
         await conn.execute(f"PREPARE retrybus_probe AS {query}")
-        text = await conn.fetchval(
-            "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE retrybus_probe"
-            f"({', '.join(map(literal, args))})"
-        )
+        values = f"({', '.join(map(literal, args))})" if args else ""
+        text = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE retrybus_probe{values}")
     finally:
         await transaction.rollback()
         await conn.execute("DEALLOCATE retrybus_probe")
@@ -418,6 +421,52 @@ async def test_claiming_ten_of_ones_own_reads_none_of_five_thousand_others_due_b
     assert await store.next_due(["mine"]) == claimed[0].lease_until
     assert await store.next_due(["other.1"]) == now - timedelta(hours=1) + timedelta(seconds=0.1)
     assert elapsed < 0.5, elapsed
+
+
+#: next_due as a scan of every item would compute it (the definition)
+NEXT_DUE_OF_EVERY_ITEM = """
+SELECT min(CASE WHEN lease_until IS NULL THEN next_retry
+                ELSE greatest(next_retry, lease_until) END)
+FROM retry_queue
+WHERE $1::text[] IS NULL OR handler_name = ANY($1::text[])
+"""
+
+
+async def test_next_due_is_when_the_first_item_can_be_claimed_whatever_the_leases(
+    store: PostgresStore, schema: str
+) -> None:
+    """Items with and without leases (some run out before the item is due, some as
+    it falls due, some after), many due at the same times, against the definition:
+    from almost none leased to all of them, and all leases running past their
+    items' times."""
+    rng = random.Random(5)
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    # some a microsecond apart
+    times = [base + timedelta(seconds=s, microseconds=us) for s in range(4) for us in (0, 1, 2, 9)]
+    conn = await raw_connection(schema)
+    try:
+        for share_leased, past_due in [(0.1, 0), (0.7, 0), (0.95, 1), (1.0, 0), (1.0, 1)]:
+            await conn.execute("DELETE FROM retry_queue")
+            items = []
+            for n in range(300):
+                due = rng.choice(times)
+                item = replace(pending(n, f"h{rng.randrange(6)}", now=base), next_retry=due)
+                if rng.random() < share_leased:
+                    lease_until = due + timedelta(microseconds=rng.choice((1, 8, 10**6))) * past_due
+                    lease_until = lease_until if past_due else rng.choice(times)
+                    item = replace(item, lease_owner="w", lease_until=lease_until, claims=1)
+                items.append(item)
+            await store.record_pending(items)
+            for handlers in [None, ["nobody"], *([f"h{k}"] for k in range(6)), ["h1", "h4", "x"]]:
+                picked = [i for i in items if handlers is None or i.handler_name in handlers]
+                expected = min(
+                    (max(i.next_retry, i.lease_until or i.next_retry) for i in picked),
+                    default=None,
+                )
+                assert await conn.fetchval(NEXT_DUE_OF_EVERY_ITEM, handlers) == expected
+                assert await store.next_due(handlers) == expected, (share_leased, handlers)
+    finally:
+        await conn.close()
 
 
 async def test_a_claim_merges_its_handlers_items_in_time_order(store: PostgresStore) -> None:

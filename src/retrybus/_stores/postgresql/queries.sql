@@ -435,29 +435,52 @@ UNION ALL SELECT NULL FROM notified
 UNION ALL SELECT NULL FROM counted;
 
 -- name: next_due
+-- When the first item falls due: the least, over the items, of next_retry, or for
+-- a leased one of greatest(next_retry, lease_until) (a lease that runs out makes
+-- its record claimable again). It needs no index of leases. Let first be the
+-- earliest next_retry of an item that no lease holds past it: no item due at
+-- or after first can fall due before it, so only the leased items due strictly
+-- before first count, the entries that finding first walked past at the front of
+-- the (next_retry, attempt) index: the work in flight (with no first, every
+-- leased item). "< first" is written "<= first - 1 microsecond" (times are whole
+-- microseconds), which is 'infinity' when there is no first. "lease_until <=
+-- next_retry" (a lease that holds nothing back) also keeps a planner without
+-- statistics walking the index, rather than reading and sorting every item; the
+-- lower bound '-infinity' keeps it on the index for the leased ones.
+WITH first AS (
+    SELECT next_retry FROM retry_queue
+    WHERE lease_until IS NULL OR lease_until <= next_retry
+    ORDER BY next_retry
+    LIMIT 1
+)
 SELECT least(
-    (SELECT next_retry FROM retry_queue WHERE lease_until IS NULL ORDER BY next_retry LIMIT 1),
-    (SELECT min(greatest(next_retry, lease_until)) FROM retry_queue WHERE lease_until IS NOT NULL)
+    (SELECT next_retry FROM first),
+    (SELECT min(greatest(next_retry, lease_until)) FROM retry_queue
+     WHERE next_retry BETWEEN '-infinity' AND coalesce(
+               (SELECT next_retry FROM first) - interval '1 microsecond', 'infinity')
+       AND lease_until IS NOT NULL)
 );
 
 -- name: next_due_for
--- next_due among the items of the handlers $1: each one's earliest unleased item
--- from the (handler_name, next_retry) index (the row comparison, as in
--- claim_due_for); the leased ones (the work in flight) from the partial index of
--- leased items
-SELECT least(
-    (SELECT min(first.next_retry)
-     FROM unnest($1::text[]) AS h(name)
-     CROSS JOIN LATERAL (
-         SELECT next_retry FROM retry_queue
-         WHERE (handler_name, next_retry) BETWEEN (h.name, '-infinity') AND (h.name, 'infinity')
-           AND lease_until IS NULL
-         ORDER BY handler_name, next_retry
-         LIMIT 1
-     ) AS first),
-    (SELECT min(greatest(next_retry, lease_until)) FROM retry_queue
-     WHERE lease_until IS NOT NULL AND handler_name = ANY($1::text[]))
-);
+-- next_due among the items of the handlers $1, for each one from its range of the
+-- (handler_name, next_retry) index (the row comparisons, as in claim_due_for): its
+-- first, and its leased items due before that; other handlers' items, leased or
+-- not, are never read
+SELECT min(least(first.next_retry, leased.due))
+FROM unnest($1::text[]) AS h(name)
+LEFT JOIN LATERAL (
+    SELECT next_retry FROM retry_queue
+    WHERE (handler_name, next_retry) BETWEEN (h.name, '-infinity') AND (h.name, 'infinity')
+      AND (lease_until IS NULL OR lease_until <= next_retry)
+    ORDER BY handler_name, next_retry
+    LIMIT 1
+) AS first ON true
+CROSS JOIN LATERAL (
+    SELECT min(greatest(next_retry, lease_until)) AS due FROM retry_queue
+    WHERE (handler_name, next_retry) BETWEEN (h.name, '-infinity')
+              AND (h.name, coalesce(first.next_retry - interval '1 microsecond', 'infinity'))
+      AND lease_until IS NOT NULL
+) AS leased;
 
 -- name: retry_count
 SELECT count(*) FROM retry_queue;
