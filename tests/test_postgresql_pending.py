@@ -1,8 +1,11 @@
 """Pending deliveries on PostgreSQL, beyond the conformance suite: the version 4
-migration (the claims column; old rows read as 0), NOTIFY for deferred records
-only and how soon a watching worker hears of one, the handler filter reading
-nothing of other handlers' items (the plans asked of the server), concurrent
-claims of one handler, and the running totals of a mixed batch of outcomes.
+migration (the claims column; old rows read as 0), the version 5 migration (no
+index of leases: claims, extensions and releases are HOT updates, as the server's
+statistics show), NOTIFY for deferred records only and how soon a watching worker
+hears of one, the handler filter reading nothing of other handlers' items and
+next_due reading only the work in flight (the plans asked of the server),
+concurrent claims of one handler, and the running totals of a mixed batch of
+outcomes.
 
 Every test works in a schema of its own (dropped afterwards) and skips when the
 server is unreachable (fails with CI=true); see tests/engines/postgresql.py.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -134,7 +138,7 @@ async def insert_as_version_3(
 async def test_a_version_3_schema_gains_claims_and_its_records_read_as_claimed_zero_times(
     url: str, schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
     with monkeypatch.context() as patched:
         patched.setattr(postgresql_migrate, "SCHEMA_VERSION", 3)  # what the last release made
         async with open_store(url) as old:
@@ -194,9 +198,119 @@ async def test_a_version_3_schema_gains_claims_and_its_records_read_as_claimed_z
         assert written.claims == 0
     assert tuple(claims_column) == ("integer", "NO", "0")
     assert "(handler_name, next_retry)" in definitions["retry_queue_handler_name"]
-    assert "(handler_name, lease_until)" in definitions["retry_queue_leased"]
-    assert "WHERE (lease_until IS NOT NULL)" in definitions["retry_queue_leased"]
-    assert "retry_queue_lease_until" not in definitions  # replaced by retry_queue_leased
+    # version 4 replaced retry_queue_lease_until by retry_queue_leased, which
+    # version 5 drops (see the version 5 tests below)
+    assert "retry_queue_lease_until" not in definitions
+    assert "retry_queue_leased" not in definitions
+
+
+# the version 5 migration: claims are HOT updates -----------------------------
+
+#: the columns a claim, a lease extension or a release writes: no index may hold one
+LEASE_COLUMNS = ("lease_owner", "lease_until", "updated_at", "claims")
+
+
+def spread(first: int, *, handlers: str, now: datetime) -> list[RetryItem]:
+    """Due records of 16 handlers (``handlers`` followed by 0..15), ten each,
+    recorded in turn: each page of the table holds a couple of each handler's."""
+    return [pending(first + n, f"{handlers}{n % 16}", now=now, due_in=-1) for n in range(160)]
+
+
+async def update_counts(store: PostgresStore) -> tuple[int, int]:
+    """retry_queue's updates and HOT updates so far, as the server counts them:
+    the store's pool is one connection (``pool_max=1``), whose counts are flushed
+    to the statistics at the end of pg_stat_force_next_flush()'s statement."""
+
+    async def read(conn: asyncpg.Connection) -> tuple[int, int]:
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+        row = await conn.fetchrow(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+            " WHERE relid = 'retry_queue'::regclass"
+        )
+        return int(row[0]), int(row[1])
+
+    return await store._run(read)
+
+
+async def lease_updates(store: PostgresStore, handler: str, now: datetime) -> tuple[int, int]:
+    """Claim the handler's items, extend their leases, release them: how many
+    updates that made, and how many of them were HOT."""
+    before = await update_counts(store)
+    claimed = await claim(store, now, [handler])
+    ids = [item.id for item in claimed]
+    assert len(ids) == 10
+    assert await store.extend_leases(ids, "w", now + timedelta(seconds=60)) == 10
+    assert await store.release(ids, "w") == 10
+    after = await update_counts(store)
+    return after[0] - before[0], after[1] - before[1]
+
+
+async def test_a_version_4_schema_with_records_migrates_to_5_where_claims_are_hot_updates(
+    url: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert SCHEMA_VERSION == 5
+    one_connection = f"{url}&pool_max=1"
+    now = datetime.now(UTC)
+    with monkeypatch.context() as patched:
+        patched.setattr(postgresql_migrate, "SCHEMA_VERSION", 4)  # what the last release made
+        async with open_store(one_connection) as old:
+            assert isinstance(old, PostgresStore)
+            assert await old.schema_version() == 4
+            await old.record_pending(spread(0, handlers="old.", now=now))
+            # on version 4 every lease column but claims is in an index: no update is HOT
+            assert await lease_updates(old, "old.0", now) == (30, 0)
+            in_flight = await claim(old, now, ["old.1"])
+    conn = await raw_connection(schema)
+    try:
+        before = {
+            row[0]: row[1]
+            for row in await conn.fetch(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = $1", schema
+            )
+        }
+    finally:
+        await conn.close()
+    assert {"retry_queue_leased", "retry_queue_next_retry"} <= set(before)
+
+    async with open_store(one_connection) as store:
+        assert isinstance(store, PostgresStore)
+        assert await store.migrate() == SCHEMA_VERSION
+        # the records are as they were: those in flight still leased
+        assert await store.retry_count() == 160
+        assert await store.next_due(["old.1"]) == in_flight[0].lease_until
+        assert await store.next_due(["old.2"]) == now - timedelta(seconds=1)
+        leased = await store.get_retry(in_flight[0].id)
+        assert leased is not None
+        assert (leased.lease_owner, leased.claims) == ("w", 1)
+        # new records go to pages written with the fillfactor's room: claiming,
+        # extending and releasing them adds no index entry
+        await store.record_pending(spread(1000, handlers="new.", now=now))
+        updates, hot = await lease_updates(store, "new.0", now)
+        assert updates == 30
+        assert hot >= 27, hot
+        conn = await raw_connection(schema)
+        try:
+            after = {
+                row[0]: row[1]
+                for row in await conn.fetch(
+                    "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = $1", schema
+                )
+            }
+            options = await conn.fetchval(
+                "SELECT reloptions FROM pg_class WHERE oid = 'retry_queue'::regclass"
+            )
+        finally:
+            await conn.close()
+    retry_indexes = {name for name in after if name.startswith("retry_queue")}
+    assert retry_indexes == {
+        "retry_queue_pkey",
+        "retry_queue_handler_name",
+        "retry_queue_next_retry_attempt",
+        "retry_queue_created_at",
+    }
+    for name in retry_indexes:
+        assert not [column for column in LEASE_COLUMNS if column in after[name]], after[name]
+    assert options == ["fillfactor=80"]
 
 
 # NOTIFY ----------------------------------------------------------------------
@@ -331,6 +445,10 @@ def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def literal(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
     if isinstance(value, datetime):
@@ -353,10 +471,8 @@ async def explain(
     try:
         await conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
         await conn.execute(f"PREPARE retrybus_probe AS {query}")
-        text = await conn.fetchval(
-            "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE retrybus_probe"
-            f"({', '.join(map(literal, args))})"
-        )
+        values = f"({', '.join(map(literal, args))})" if args else ""
+        text = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE retrybus_probe{values}")
     finally:
         await transaction.rollback()
         await conn.execute("DEALLOCATE retrybus_probe")
@@ -404,11 +520,28 @@ async def test_claiming_ten_of_ones_own_reads_none_of_five_thousand_others_due_b
             # the same for any handler's items (a generic plan knows no limit)
             nodes = await explain(conn, Q["claim_due"], *args[:4], "off", generic=generic)
             reads = retry_queue_reads(nodes)
-            assert set(reads) == {"retry_queue_next_retry", "retry_queue_pkey"}, reads
+            assert set(reads) == {"retry_queue_next_retry_attempt", "retry_queue_pkey"}, reads
+            assert reads["retry_queue_next_retry_attempt"] <= 50, reads
             nodes = await explain(conn, Q["next_due_for"], ["mine", "nobody"], generic=generic)
             reads = retry_queue_reads(nodes)
-            assert set(reads) <= {"retry_queue_handler_name", "retry_queue_leased"}, reads
+            assert set(reads) <= {"retry_queue_handler_name"}, reads
             assert sum(reads.values()) <= 50, reads
+            nodes = await explain(conn, Q["next_due"], generic=generic)
+            reads = retry_queue_reads(nodes)
+            assert set(reads) <= {"retry_queue_next_retry_attempt"}, reads
+            assert sum(reads.values()) <= 50, reads
+            # the other readers of next_retry keep to the (next_retry, attempt)
+            # index without the next_retry one: the first 50 of the others are due
+            # by early
+            early = now - timedelta(hours=1) + timedelta(seconds=4.95)
+            for query, values in [
+                ("count_due", (early,)),
+                ("list_retry", (None, None, 10, 0, None, early, True)),  # pending by early
+            ]:
+                nodes = await explain(conn, Q[query], *values, generic=generic)
+                reads = retry_queue_reads(nodes)
+                assert set(reads) == {"retry_queue_next_retry_attempt"}, (query, reads)
+                assert sum(reads.values()) <= 60, (query, reads)
     finally:
         await conn.close()
     started = time.perf_counter()
@@ -418,6 +551,104 @@ async def test_claiming_ten_of_ones_own_reads_none_of_five_thousand_others_due_b
     assert await store.next_due(["mine"]) == claimed[0].lease_until
     assert await store.next_due(["other.1"]) == now - timedelta(hours=1) + timedelta(seconds=0.1)
     assert elapsed < 0.5, elapsed
+
+
+#: next_due as a scan of every item would compute it (the definition)
+NEXT_DUE_OF_EVERY_ITEM = """
+SELECT min(CASE WHEN lease_until IS NULL THEN next_retry
+                ELSE greatest(next_retry, lease_until) END)
+FROM retry_queue
+WHERE $1::text[] IS NULL OR handler_name = ANY($1::text[])
+"""
+
+
+@pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
+async def test_next_due_reads_the_work_in_flight_ahead_of_the_first_item_and_nothing_else(
+    store: PostgresStore, schema: str, analyzed: bool
+) -> None:
+    now = datetime.now(UTC)
+    await seed_others_ahead(store, now, 5000)
+    # a thousand of the others in flight: the earliest, at the front of the
+    # next_retry index; a durable publish's thousand of "mine", leased to it, due
+    # after the first of "mine"
+    in_flight = await store.claim_due(
+        now=now, limit=1000, owner="w2", lease_until=now + timedelta(seconds=20)
+    )
+    assert len(in_flight) == 1000
+    await store.record_pending(
+        [pending(200_000 + n, "mine", now=now, owner="publisher") for n in range(1000)]
+    )
+    conn = await raw_connection(schema)
+    try:
+        if analyzed:
+            await conn.execute("ANALYZE retry_queue")
+        for generic in (False, True):
+            # with none of its own in flight ahead of it, a handler's first item is
+            # all there is to read: not the thousand leased after it, nor the
+            # other handlers' items (leased or not) due before
+            nodes = await explain(conn, Q["next_due_for"], ["mine", "nobody"], generic=generic)
+            reads = retry_queue_reads(nodes)
+            assert set(reads) <= {"retry_queue_handler_name"}, reads
+            assert sum(reads.values()) <= 50, reads
+            # any handler's: the thousand in flight ahead of the first item are read
+            # (to find the first, then for their leases; a bitmap scan counts the
+            # entries of versions that a claim of a thousand at once left dead too),
+            # none of the six thousand after it
+            nodes = await explain(conn, Q["next_due"], generic=generic)
+            reads = retry_queue_reads(nodes)
+            assert set(reads) <= {"retry_queue_next_retry_attempt"}, reads
+            assert sum(reads.values()) <= 3 * 1000, reads
+        # five of "mine" in flight, ahead of its first unleased item: those are read too
+        assert len(await claim(store, now, ["mine"], limit=5)) == 5
+        for generic in (False, True):
+            nodes = await explain(conn, Q["next_due_for"], ["mine", "nobody"], generic=generic)
+            reads = retry_queue_reads(nodes)
+            assert set(reads) <= {"retry_queue_handler_name"}, reads
+            assert sum(reads.values()) <= 50, reads
+        for handlers in (["mine"], ["mine", "nobody"], ["other.1"], ["other.2", "mine"], None):
+            expected = await conn.fetchval(NEXT_DUE_OF_EVERY_ITEM, handlers)
+            assert await store.next_due(handlers) == expected, handlers
+    finally:
+        await conn.close()
+    assert await store.next_due(["mine"]) == now - timedelta(seconds=5)  # its sixth
+    assert await store.next_due() == now - timedelta(hours=1) + timedelta(seconds=100)
+
+
+async def test_next_due_is_when_the_first_item_can_be_claimed_whatever_the_leases(
+    store: PostgresStore, schema: str
+) -> None:
+    """Items with and without leases (some run out before the item is due, some as
+    it falls due, some after), many due at the same times, against the definition:
+    from almost none leased to all of them, and all leases running past their
+    items' times."""
+    rng = random.Random(5)
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    # some a microsecond apart
+    times = [base + timedelta(seconds=s, microseconds=us) for s in range(4) for us in (0, 1, 2, 9)]
+    conn = await raw_connection(schema)
+    try:
+        for share_leased, past_due in [(0.1, 0), (0.7, 0), (0.95, 1), (1.0, 0), (1.0, 1)]:
+            await conn.execute("DELETE FROM retry_queue")
+            items = []
+            for n in range(300):
+                due = rng.choice(times)
+                item = replace(pending(n, f"h{rng.randrange(6)}", now=base), next_retry=due)
+                if rng.random() < share_leased:
+                    lease_until = due + timedelta(microseconds=rng.choice((1, 8, 10**6))) * past_due
+                    lease_until = lease_until if past_due else rng.choice(times)
+                    item = replace(item, lease_owner="w", lease_until=lease_until, claims=1)
+                items.append(item)
+            await store.record_pending(items)
+            for handlers in [None, ["nobody"], *([f"h{k}"] for k in range(6)), ["h1", "h4", "x"]]:
+                picked = [i for i in items if handlers is None or i.handler_name in handlers]
+                expected = min(
+                    (max(i.next_retry, i.lease_until or i.next_retry) for i in picked),
+                    default=None,
+                )
+                assert await conn.fetchval(NEXT_DUE_OF_EVERY_ITEM, handlers) == expected
+                assert await store.next_due(handlers) == expected, (share_leased, handlers)
+    finally:
+        await conn.close()
 
 
 async def test_a_claim_merges_its_handlers_items_in_time_order(store: PostgresStore) -> None:

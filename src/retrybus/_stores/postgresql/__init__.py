@@ -14,7 +14,10 @@ version 2 of the schema added it and back-filled existing rows. Control records 
 rows of ``retrybus_control``, written with compare-and-set in one statement.
 Version 4 added ``retry_queue.claims`` (how many claims a record has had since its
 last outcome; existing rows read 0) and put ``next_retry`` into the handler_name
-index, for workers that claim only their own handlers' items.
+index, for workers that claim only their own handlers' items. Version 5 dropped
+the index of leased items (and the ``next_retry`` index, which ``(next_retry,
+attempt)`` covers) and set a fillfactor, so that claims, lease extensions and
+releases, which write no indexed column, are HOT updates.
 
 URL options: ``schema`` (default public), ``pool_min``/``pool_max`` (connections,
 1/10), ``connect_timeout`` (seconds, 10), ``synchronous_commit`` (the server's
