@@ -311,8 +311,7 @@ SELECT (SELECT array_agg(id) FROM ins) AS added, (SELECT count(*) FROM notified)
 -- any handler's items: $1 owner, $2 lease_until, $3 now, $4 limit. The ids chosen
 -- are an array (an InitPlan), so that the rows are updated by primary key look-ups
 -- even in the generic plan of the prepared statement, which knows no limit
--- (with "id IN (…)" it may hash-join a scan of the whole table). $5 is the
--- synchronous_commit of this statement's commit (see RELAXED_COMMIT in store.py).
+-- (with "id IN (…)" it may hash-join a scan of the whole table).
 UPDATE retry_queue
 SET lease_owner = $1, lease_until = $2, updated_at = $3, claims = claims + 1
 WHERE id = ANY(ARRAY(
@@ -322,11 +321,10 @@ WHERE id = ANY(ARRAY(
     LIMIT $4
     FOR UPDATE SKIP LOCKED
 ))
-  AND (SELECT set_config('synchronous_commit', $5, true)) IS NOT NULL
 RETURNING *;
 
 -- name: claim_due_for
--- only the items of the handlers $5 (distinct names); $1..$4 as claim_due, $6 its $5.
+-- only the items of the handlers $5 (distinct names); $1..$4 as claim_due.
 -- For each handler, its earliest claimable items come straight from the
 -- (handler_name, next_retry) index, locked as they are read (SKIP LOCKED below the
 -- LIMIT, so that items another worker is claiming do not count); the earliest
@@ -352,22 +350,18 @@ WHERE id = ANY(ARRAY(
     ORDER BY c.next_retry, c.id
     LIMIT $4
 ))
-  AND (SELECT set_config('synchronous_commit', $6, true)) IS NOT NULL
 RETURNING *;
 
 -- name: extend_leases
--- $4: the synchronous_commit of its commit
 UPDATE retry_queue SET lease_until = $1
-WHERE lease_owner = $2 AND id = ANY($3::text[])
-  AND (SELECT set_config('synchronous_commit', $4, true)) IS NOT NULL;
+WHERE lease_owner = $2 AND id = ANY($3::text[]);
 
 -- name: release
--- the claim that leased them no longer counts; $4: the synchronous_commit of its commit
+-- the claim that leased them no longer counts
 WITH released AS (
     UPDATE retry_queue
     SET lease_owner = NULL, lease_until = NULL, claims = greatest(claims - 1, 0)
     WHERE lease_owner = $1 AND id = ANY($2::text[])
-      AND (SELECT set_config('synchronous_commit', $4, true)) IS NOT NULL
     RETURNING 1
 ), notified AS (
     SELECT pg_notify($3, '') FROM (SELECT 1 FROM released LIMIT 1) AS any_released
@@ -380,15 +374,11 @@ SELECT (SELECT count(*) FROM released), (SELECT count(*) FROM notified);
 -- $14 dead-lettered retry ids, $15 whether each is a first delivery, and $16..$36
 -- their dead letters' columns. The totals count retries only: a first delivery
 -- (attempt 0) that succeeds is not counted, one rescheduled adds a retry, one
--- dead-lettered leaves retry_dead_lettered alone. $37: the synchronous_commit of
--- its commit (set by whichever part writes first).
-WITH relaxed AS (
-    SELECT set_config('synchronous_commit', $37, true) AS setting
-), succeeded AS (
+-- dead-lettered leaves retry_dead_lettered alone.
+WITH succeeded AS (
     DELETE FROM retry_queue
     WHERE id = ANY($4::text[])
       AND (lease_owner = $1 OR ($1::text IS NULL AND (lease_until IS NULL OR lease_until <= $2)))
-      AND (SELECT setting FROM relaxed) IS NOT NULL
     RETURNING id, attempt
 ), rescheduled AS (
     UPDATE retry_queue AS q
@@ -402,7 +392,6 @@ WITH relaxed AS (
     WHERE q.id = n.id
       AND (q.lease_owner = $1
            OR ($1::text IS NULL AND (q.lease_until IS NULL OR q.lease_until <= $2)))
-      AND (SELECT setting FROM relaxed) IS NOT NULL
     RETURNING q.id, n.first
 ), moved AS (
     DELETE FROM retry_queue AS q
@@ -410,7 +399,6 @@ WITH relaxed AS (
     WHERE q.id = m.id
       AND (q.lease_owner = $1
            OR ($1::text IS NULL AND (q.lease_until IS NULL OR q.lease_until <= $2)))
-      AND (SELECT setting FROM relaxed) IS NOT NULL
     RETURNING q.id, m.first
 ), dead AS (
     INSERT INTO dead_letter_queue (

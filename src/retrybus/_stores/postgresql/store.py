@@ -12,8 +12,7 @@ handler's earliest from the ``(handler_name, next_retry)`` index (``claim_due_fo
 in ``queries.sql``), never the other handlers' items due before them. Writes that
 add or release work send a ``NOTIFY`` on a channel of the schema, in their
 transaction; ``watch`` LISTENs on it so that an idle worker wakes at once.
-Claims, extensions, releases and outcomes commit with ``synchronous_commit=off``
-(``RELAXED_COMMIT``), what a publish records with the server's setting. A
+A
 durable publish's records, leased to the publisher, send none (``record_pending``
 notifies only when it adds a deferred record). The admin half is the
 ``PostgresAdmin`` mixin (``admin.py``); the pool runs the migration
@@ -98,13 +97,6 @@ _SYNCHRONOUS_COMMIT = {"on", "off", "local", "remote_write", "remote_apply"}
 # passed through to asyncpg as they are
 _LIBPQ_OPTIONS = {"sslmode", "sslrootcert", "sslcert", "sslkey", "application_name"}
 _LISTEN_BACKOFF_MAX = 10.0
-# The commits of claims, lease extensions, releases and outcomes do not wait for
-# the WAL flush (a worker's every batch would otherwise wait for the disk twice).
-# A server crash can lose the last of them: each loss puts a record back as it
-# was before (claimed, or leased and expiring), so its delivery runs again: at
-# least once still holds. What a publish records (record_pending, record_failures)
-# waits for the flush. A synchronous_commit in the store URL applies to all.
-RELAXED_COMMIT = "off"
 
 # errors that say the server is (for now) out of reach, or that the transaction
 # lost a race and may simply be tried again
@@ -186,7 +178,6 @@ class PostgresStore(PostgresAdmin, Store):
         self._pool_max = pool_max
         self._connect_timeout = connect_timeout
         self._synchronous_commit = synchronous_commit
-        self._relaxed_commit = synchronous_commit or RELAXED_COMMIT
         self._pool: asyncpg.Pool | None = None
         self._opening: asyncio.Lock | None = None
         self._watchers: set[asyncio.Task[None]] = set()
@@ -440,19 +431,13 @@ class PostgresStore(PostgresAdmin, Store):
             return []
         if handlers is None:
             query = Q["claim_due"]
-            args: tuple[Any, ...] = (
-                owner,
-                aware(lease_until),
-                aware(now),
-                limit,
-                self._relaxed_commit,
-            )
+            args: tuple[Any, ...] = (owner, aware(lease_until), aware(now), limit)
         else:
             names = sorted(set(handlers))
             if not names or limit <= 0:
                 return []
             query = Q["claim_due_for"]
-            args = (owner, aware(lease_until), aware(now), limit, names, self._relaxed_commit)
+            args = (owner, aware(lease_until), aware(now), limit, names)
         rows = await self._run(lambda conn: conn.fetch(query, *args))
         rows.sort(key=lambda row: (row["next_retry"], row["id"]))
         return [decode_or_corrupt(row, CODEC.retry_item) for row in rows]
@@ -460,13 +445,13 @@ class PostgresStore(PostgresAdmin, Store):
     async def extend_leases(self, ids: Sequence[str], owner: str, lease_until: datetime) -> int:
         if not ids:
             return 0
-        args = (aware(lease_until), owner, list(ids), self._relaxed_commit)
+        args = (aware(lease_until), owner, list(ids))
         return affected(await self._run(lambda conn: conn.execute(Q["extend_leases"], *args)))
 
     async def release(self, ids: Sequence[str], owner: str) -> int:
         if not ids:
             return 0
-        args = (owner, list(ids), self.channel, self._relaxed_commit)
+        args = (owner, list(ids), self.channel)
         row = await self._run(lambda conn: conn.fetchrow(Q["release"], *args))
         assert row is not None
         return int(row[0])
@@ -510,7 +495,6 @@ class PostgresStore(PostgresAdmin, Store):
             dead_ids,
             dead_first,
             *dead_letter_columns(dead_letters),
-            self._relaxed_commit,
         ]
         rows = await self._run(lambda conn: conn.fetch(Q["complete"], *args))
         return {row[0] for row in rows if row[0] is not None}
