@@ -1,8 +1,9 @@
 """What only the SQLite store has to show about services (issue 12): the upgrade of a
 version 4 file (its records read as the default service's, a version 4 process
 writing on), claims and next_due of one service straight from the handler index
-whatever another service has waiting, and dead letters of a service from their
-index."""
+whatever another service has waiting, dead letters of a service from their index,
+and the services' writes each one transaction (the behaviour itself:
+tests/test_conformance_services.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from retrybus import (
 )
 from retrybus._outcomes import Counters
 from retrybus._records import DeadLetterItem, ErrorInfo
-from retrybus._stores.sqlite import SCHEMA_VERSION
+from retrybus._services import StoredSubscription
+from retrybus._stores.sqlite import SCHEMA_VERSION, SQLiteStore
 from retrybus._stores.sqlite.codec import CODEC
 from retrybus._stores.sqlite.sql import Q, dead_where
 from test_sqlite_pending import claim_sql, next_due_sql, vm_steps
@@ -199,6 +201,7 @@ async def test_a_version_4_database_reads_every_record_back_as_the_default_servi
     scheduled, leased, failed = items
     now = START
     async with open_store(f"sqlite:///{path}") as store:
+        assert store.keeps_services
         for item in items:
             assert (await store.get_retry(item.id)) == item
             assert item.service == "default"
@@ -229,6 +232,10 @@ async def test_a_version_4_database_reads_every_record_back_as_the_default_servi
             handlers=["billing", "mailer"],
         )
         assert [c.id for c in claimed] == [failed.id]  # the scheduled one is not due yet
+        assert [load.handler_name for load in await store.service_loads(now)] == [
+            "billing",
+            "mailer",
+        ]
         # a process still at version 4 goes on writing, without the column
         late = RetryItem.pending(event(9), "mailer", max_retries=3, due=now, now=now)
         write_v4(path, [late], [])
@@ -266,6 +273,7 @@ async def test_two_processes_may_upgrade_a_version_4_file_at_once(tmp_path: Path
         for store in (first, second):
             assert await store.schema_version() == SCHEMA_VERSION
             assert (await store.get_retry(items[0].id)) == items[0]
+            assert await store.subscriptions_revision() == 0
     finally:
         await first.close()
         await second.close()
@@ -346,3 +354,67 @@ async def test_a_services_dead_letters_are_a_seek_in_their_index(tmp_path: Path)
             assert "dead_letter_queue_service (service=?" in plan, plan
             assert "TEMP B-TREE" not in plan  # newest first: the index's order
     conn.close()
+
+
+# One transaction each ---------------------------------------------------------------
+
+
+def terms(handler: str) -> StoredSubscription:
+    return StoredSubscription(
+        service="billing",
+        handler_name=handler,
+        patterns=("order.*",),
+        policy="FixedDelay(delay=1)",
+        max_retries=3,
+        registered_at=START,
+        updated_at=START,
+    )
+
+
+async def test_service_writes_are_one_transaction_each_and_the_sweep_reads_first(
+    tmp_path: Path,
+) -> None:
+    async with open_store(f"sqlite:///{tmp_path / 'r.db'}") as store:
+        assert isinstance(store, SQLiteStore)
+        items = [pending(n, "charge", "billing", due_in=-n) for n in range(5)]
+        await store.record_pending(items)
+        statements: list[str] = []
+        conn = store._conn
+        assert conn is not None
+        conn.set_trace_callback(statements.append)
+
+        def writes() -> int:
+            begun = statements.count("BEGIN IMMEDIATE")
+            assert statements.count("COMMIT") == begun
+            statements.clear()
+            return begun
+
+        # no tombstone: one read, no write
+        assert await store.dead_letter_unsubscribed(now=START, limit=10) == []
+        assert writes() == 0
+        registration = await store.put_subscriptions(
+            "billing", [terms("charge"), terms("refund")], prune=False, now=START, actor="w"
+        )
+        assert registration.added == ("charge", "refund")
+        assert writes() == 1
+        assert await store.remove_subscriptions("billing", None, now=START, actor="alice") == [
+            "charge",
+            "refund",
+        ]
+        assert writes() == 1
+        moved = await store.dead_letter_unsubscribed(now=START, limit=3)
+        assert [d.event_id for d in moved] == ["event-4", "event-3", "event-2"]
+        assert writes() == 1
+        # a claim of one service's handlers: one statement in its transaction
+        claimed = await store.claim_due(
+            now=START,
+            limit=10,
+            owner="w",
+            lease_until=START + timedelta(seconds=30),
+            service="billing",
+            handlers=["charge"],
+        )
+        assert len(claimed) == 2
+        assert len(statements) == 3  # BEGIN IMMEDIATE, the UPDATE … RETURNING, COMMIT
+        assert writes() == 1
+        conn.set_trace_callback(None)

@@ -523,3 +523,107 @@ ORDER BY key;
 -- name: delete_control
 DELETE FROM retrybus_control WHERE key = ?;
 
+-- name: subscriptions_revision
+SELECT value FROM retrybus_counters WHERE name = 'subscriptions_revision';
+
+-- name: next_subscriptions_revision
+-- the revision of a write that changes subscriptions (in its transaction)
+UPDATE retrybus_counters SET value = value + 1 WHERE name = 'subscriptions_revision'
+RETURNING value;
+
+-- name: subscriptions_of_service
+SELECT * FROM retrybus_subscriptions WHERE service = ?;
+
+-- name: put_subscription
+-- a subscription written whole: new, back after a removal (its tombstone cleared),
+-- or with new terms
+INSERT INTO retrybus_subscriptions (
+    service, handler_name, patterns, policy, max_retries, handler_timeout, registered_at,
+    updated_at, removed_at, removed_by, revision, details
+) VALUES (
+    :service, :handler_name, :patterns, :policy, :max_retries, :handler_timeout, :registered_at,
+    :updated_at, NULL, NULL, :revision, :details
+)
+ON CONFLICT (service, handler_name) DO UPDATE SET
+    patterns = excluded.patterns, policy = excluded.policy, max_retries = excluded.max_retries,
+    handler_timeout = excluded.handler_timeout, registered_at = excluded.registered_at,
+    updated_at = excluded.updated_at, removed_at = NULL, removed_by = NULL,
+    revision = excluded.revision, details = excluded.details;
+
+-- name: tombstone_subscription
+UPDATE retrybus_subscriptions
+SET removed_at = :now, removed_by = :actor, updated_at = :now, revision = :revision
+WHERE service = :service AND handler_name = :handler_name AND removed_at IS NULL;
+
+-- name: list_subscriptions
+-- the primary key's order: service, then handler name
+SELECT * FROM retrybus_subscriptions
+WHERE (:service IS NULL OR service = :service) AND (:removed OR removed_at IS NULL)
+ORDER BY service, handler_name;
+
+-- name: forget_subscriptions
+DELETE FROM retrybus_subscriptions WHERE removed_at IS NOT NULL AND removed_at < ?;
+
+-- name: tombstones
+SELECT service, handler_name, removed_by FROM retrybus_subscriptions
+WHERE removed_at IS NOT NULL;
+
+-- name: unsubscribed_items
+-- one tombstoned (service, handler)'s first items no live lease holds, due first: a
+-- seek in retry_queue_handler_name (ties in next_retry sorted by id among themselves)
+SELECT * FROM retry_queue
+WHERE service = :service AND handler_name = :handler_name
+  AND (lease_until IS NULL OR lease_until <= :now)
+ORDER BY next_retry, id
+LIMIT :limit;
+
+-- name: beat
+INSERT INTO retrybus_workers (
+    name, service, host, pid, started_at, last_seen, interval, lanes, lanes_busy, handlers,
+    version
+) VALUES (
+    :name, :service, :host, :pid, :started_at, :last_seen, :interval, :lanes, :lanes_busy,
+    :handlers, :version
+)
+ON CONFLICT (name) DO UPDATE SET
+    service = excluded.service, host = excluded.host, pid = excluded.pid,
+    started_at = excluded.started_at, last_seen = excluded.last_seen,
+    interval = excluded.interval, lanes = excluded.lanes, lanes_busy = excluded.lanes_busy,
+    handlers = excluded.handlers, version = excluded.version;
+
+-- name: forget_worker
+DELETE FROM retrybus_workers WHERE name = ?;
+
+-- name: list_workers
+SELECT * FROM retrybus_workers
+WHERE (:service IS NULL OR service = :service)
+ORDER BY service, name;
+
+-- name: prune_workers
+DELETE FROM retrybus_workers WHERE last_seen < ?;
+
+-- name: service_loads
+-- what waits per (service, handler): the retry queue counted per kind at :now
+-- (kind_retry, kind_pending, kind_scheduled), in the order of retry_queue_handler_name,
+-- and the dead letters, each table grouped before the two are put together
+SELECT service, handler_name, sum(pending), sum(scheduled), sum(retrying), sum(leased),
+       sum(dead_unprocessed), sum(dead_processed), min(oldest_pending_due)
+FROM (
+    SELECT service, handler_name,
+           sum(attempt = 0 AND next_retry <= :now) AS pending,
+           sum(attempt = 0 AND next_retry > :now) AS scheduled,
+           sum(attempt <> 0) AS retrying,
+           sum(lease_until IS NOT NULL AND lease_until > :now) AS leased,
+           0 AS dead_unprocessed,
+           0 AS dead_processed,
+           min(CASE WHEN attempt = 0 AND next_retry <= :now THEN next_retry END)
+               AS oldest_pending_due
+    FROM retry_queue
+    GROUP BY service, handler_name
+    UNION ALL
+    SELECT service, handler_name, 0, 0, 0, 0, sum(processed = 0), sum(processed <> 0), NULL
+    FROM dead_letter_queue
+    GROUP BY service, handler_name
+)
+GROUP BY service, handler_name
+ORDER BY service, handler_name;

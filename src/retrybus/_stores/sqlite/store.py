@@ -1,6 +1,6 @@
 """The SQLite store: the embedded default, durable in one file, safe for many
 processes; its connection and the hot half of the protocol (its admin half is
-``SQLiteAdmin``, which it inherits).
+``SQLiteAdmin``, its services part ``SQLiteServices``, which it inherits).
 
 Every statement runs on the event loop's thread: a local SQLite commit takes
 tens of microseconds, less than a hop to a thread pool would. The database is
@@ -44,6 +44,7 @@ from ..base import Store
 from .admin import SQLiteAdmin
 from .codec import CODEC
 from .migrate import upgrade
+from .services import SQLiteServices
 from .sql import CHUNK, Q, dict_rows, handler_query, service_query
 
 __all__ = ["SQLiteStore"]
@@ -97,10 +98,12 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-class SQLiteStore(SQLiteAdmin, Store):
-    """Both queues in one SQLite file (``sqlite:///path/to.db``)."""
+class SQLiteStore(SQLiteAdmin, SQLiteServices, Store):
+    """Both queues in one SQLite file (``sqlite:///path/to.db``), and what services
+    keep there (``SQLiteServices``)."""
 
     joins_removals = True
+    keeps_services = True
 
     def __init__(
         self,
