@@ -206,9 +206,16 @@ async def test_a_version_3_database_keeps_its_items_and_reads_them_with_claims_0
         assert got.claims == 0
         assert await store.release(["retry_late"], "nobody") == 0
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
-    assert [row[1] for row in conn.execute("PRAGMA table_info(retry_queue)")][-1] == "claims"
-    assert index_columns(conn, "retry_queue_handler_name") == ["handler_name", "next_retry"]
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert [row[1] for row in conn.execute("PRAGMA table_info(retry_queue)")][-2:] == [
+        "claims",
+        "service",
+    ]
+    assert index_columns(conn, "retry_queue_handler_name") == [
+        "service",
+        "handler_name",
+        "next_retry",
+    ]
     conn.close()
 
 
@@ -263,7 +270,10 @@ def vm_steps(path: Path, sql: str, params: dict[str, Any]) -> int:
     return steps
 
 
-def claim_sql(handlers: list[str], now: datetime, limit: int = 10) -> tuple[str, dict[str, Any]]:
+def claim_sql(
+    handlers: list[str], now: datetime, limit: int = 10, service: str | None = "default"
+) -> tuple[str, dict[str, Any]]:
+    """The claim of ``handlers`` of ``service`` (None: of any)."""
     params: dict[str, Any] = {
         "owner": "w",
         "lease_until": (now + timedelta(seconds=30)).isoformat(timespec="microseconds"),
@@ -271,12 +281,19 @@ def claim_sql(handlers: list[str], now: datetime, limit: int = 10) -> tuple[str,
         "limit": limit,
     }
     sql = handler_query(
-        Q["claim_due_of_handlers"], Q["due_of_handler"], Q["due_of_many_handlers"], handlers, params
+        Q["claim_due_of_handlers"],
+        Q["due_of_handler"],
+        Q["due_of_many_handlers"],
+        handlers,
+        params,
+        service,
     )
     return sql, params
 
 
-def next_due_sql(handlers: list[str]) -> tuple[str, dict[str, Any]]:
+def next_due_sql(
+    handlers: list[str], service: str | None = "default"
+) -> tuple[str, dict[str, Any]]:
     params: dict[str, Any] = {}
     sql = handler_query(
         Q["next_due_of_handlers"],
@@ -284,6 +301,7 @@ def next_due_sql(handlers: list[str]) -> tuple[str, dict[str, Any]]:
         Q["first_of_many_handlers"],
         handlers,
         params,
+        service,
     )
     return sql, params
 
@@ -296,11 +314,16 @@ async def test_thousands_of_other_handlers_items_ahead_do_not_slow_a_claim(
         await fill(store, clock, 0, 10)
     async with open_store(f"sqlite:///{busy}") as store:
         own = await fill(store, clock, 5000, 10)
-        # the work does not grow with the other handler's 5,000 items ahead
+        # the work does not grow with the other handler's 5,000 items ahead, for
+        # the service's handlers or those of any service
         for handlers in (["mine"], ["mine", "nobody"], ["nobody", "mine", "x"]):
-            for sql, params in (claim_sql(handlers, clock.now()), next_due_sql(handlers)):
-                steps = vm_steps(busy, sql, params)
-                assert steps < 1.2 * vm_steps(quiet, sql, params) + 50, (handlers, sql)
+            for service in ("default", None):
+                for sql, params in (
+                    claim_sql(handlers, clock.now(), service=service),
+                    next_due_sql(handlers, service),
+                ):
+                    steps = vm_steps(busy, sql, params)
+                    assert steps < 1.2 * vm_steps(quiet, sql, params) + 50, (handlers, sql)
         # one worker's claim gets its own ten, earliest first
         claimed = await claim(store, clock, ["mine"], limit=10)
         assert [i.id for i in claimed] == [i.id for i in own]
@@ -318,21 +341,32 @@ async def test_a_claim_by_handler_is_a_seek_in_the_handler_index(tmp_path: Path)
         await store.health()
     conn = sqlite3.connect(path)
     now = datetime(2025, 1, 7, tzinfo=UTC)
+
+    def plan_of(sql: str, params: dict[str, Any]) -> list[str]:
+        return [str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+
     for handlers in (["a"], ["a", "b", "c"]):
-        for sql, params in (claim_sql(handlers, now), next_due_sql(handlers)):
-            plan = [str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
-            seeks = [step for step in plan if "retry_queue_handler_name" in step]
-            assert len(seeks) == len(handlers), plan
-            assert all("(handler_name=?" in step for step in seeks), plan
-            assert not any(step.startswith("SCAN retry_queue") for step in plan), plan
+        for service in ("default", None):
+            for sql, params in (
+                claim_sql(handlers, now, service=service),
+                next_due_sql(handlers, service),
+            ):
+                plan = plan_of(sql, params)
+                # one seek to each (service, handler); for any service, a seek to each
+                # service the queue holds first (queued_services, the covering steps)
+                seeks = [step for step in plan if "(service=? AND handler_name=?" in step]
+                assert len(seeks) == len(handlers), plan
+                assert all("retry_queue_handler_name" in step for step in seeks), plan
+                others = [s for s in plan if "retry_queue_handler_name" in s and s not in seeks]
+                assert all("COVERING INDEX" in step for step in others), plan
+                assert (service is None) == bool(others), plan
+                assert not any(step.startswith("SCAN retry_queue") for step in plan), plan
         # a claim seeks each handler's due items in due order (the only sort is of the
         # handlers' first few together); next_due reads one item a handler, no sort
-        sql, params = claim_sql(handlers, now)
-        plan = [str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+        plan = plan_of(*claim_sql(handlers, now))
         assert all("next_retry<?" in step for step in plan if "handler_name=?" in step), plan
         assert sum("TEMP B-TREE" in step for step in plan) == 1, plan
-        sql, params = next_due_sql(handlers)
-        plan = [str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+        plan = plan_of(*next_due_sql(handlers))
         assert not any("TEMP B-TREE" in step for step in plan), plan
         assert any("retry_queue_lease_until" in step for step in plan), plan
     conn.close()
@@ -348,9 +382,13 @@ async def test_a_handlers_own_backlog_does_not_slow_its_claims(
             for start in range(0, count, 1000):
                 await store.record_pending(items[start : start + 1000])
     for handlers in (["mine"], ["mine", "other"]):
-        for sql, params in (claim_sql(handlers, clock.now()), next_due_sql(handlers)):
-            steps = vm_steps(backlog, sql, params)
-            assert steps < 1.2 * vm_steps(quiet, sql, params) + 50, (handlers, sql)
+        for service in ("default", None):
+            for sql, params in (
+                claim_sql(handlers, clock.now(), service=service),
+                next_due_sql(handlers, service),
+            ):
+                steps = vm_steps(backlog, sql, params)
+                assert steps < 1.2 * vm_steps(quiet, sql, params) + 50, (handlers, sql)
 
 
 async def test_a_worker_of_very_many_handlers_claims_its_own_in_due_order(

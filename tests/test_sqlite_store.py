@@ -39,7 +39,6 @@ async def test_the_tables_and_indexes_follow_the_seed(tmp_path: Path) -> None:
         row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
     }
     assert {
-        "retry_queue_next_retry",
         "retry_queue_handler_name",
         "retry_queue_next_retry_attempt",
         "retry_queue_created_at",
@@ -47,7 +46,19 @@ async def test_the_tables_and_indexes_follow_the_seed(tmp_path: Path) -> None:
         "dead_letter_queue_processed",
         "dead_letter_queue_event_type",
         "dead_letter_queue_failure_group",
+        "dead_letter_queue_service",
+        "retrybus_subscriptions_removed",
     } <= indexes
+    # version 5 dropped it: retry_queue_next_retry_attempt serves what it did
+    assert "retry_queue_next_retry" not in indexes
+    assert index_columns(conn, "retry_queue_handler_name") == [
+        "service",
+        "handler_name",
+        "next_retry",
+    ]
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"retrybus_subscriptions", "retrybus_workers"} <= tables
+    conn.close()
 
 
 # The schema of version 1 (before failure groups and control records), as
@@ -177,7 +188,7 @@ async def test_a_version_1_database_is_upgraded_and_its_dead_letters_grouped(
         assert (await store.counters()).retry_dead_lettered == 7  # the old rows are kept
         assert await store.put_control("k", {"n": 1}, version=0) == 1  # the new table
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     assert index_columns(conn, "dead_letter_queue_failure_group") == [
         "failure_group",
         "created_at",

@@ -24,9 +24,6 @@ from ..base import (
     DeadLetterField,
     RetryField,
     check_retry_kind,
-    default_service_dead_groups,
-    default_service_retry_groups,
-    outside_default,
 )
 from .codec import CODEC
 from .migrate import read_version
@@ -93,11 +90,10 @@ class SQLiteAdmin(AdminStore):
         service: str | None = None,
     ) -> list[RetryItem]:
         check_retry_kind(kind, now)
-        if outside_default(service):  # holds default-service records only
-            return []
         params: dict[str, Any] = {
             "handler_name": handler_name,
             "event_type": event_type,
+            "service": service,
             "limit": limit,
             "offset": offset,
         }
@@ -131,8 +127,6 @@ class SQLiteAdmin(AdminStore):
         )
 
     async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
-        if by == "service":  # all of the default service
-            return await default_service_retry_groups(self, limit=limit)
         if by not in RETRY_GROUP_FIELDS:
             raise ValueError(f"cannot group retry items by {by!r}: use {RETRY_GROUP_FIELDS}")
         sql = Q["group_retry"].format(by=by)
@@ -158,8 +152,6 @@ class SQLiteAdmin(AdminStore):
     async def group_dead(
         self, by: DeadLetterField, where: DeadLetterFilter, *, limit: int
     ) -> list[GroupCount]:
-        if by == "service":  # all of the default service
-            return await default_service_dead_groups(self, where, limit=limit)
         if by not in DEAD_LETTER_GROUP_FIELDS:
             raise ValueError(f"cannot group dead letters by {by!r}: use {DEAD_LETTER_GROUP_FIELDS}")
         condition, params = dead_where(where)

@@ -18,8 +18,12 @@ T = TypeVar("T")
 
 # 1: the tables; 2: dead_letter_queue.failure_group (back-filled), retrybus_control;
 # 3: the newest-first indexes end with id (keyset paging); 4: retry_queue.claims,
-# retry_queue_handler_name on (handler_name, next_retry) (claims by handler)
-SCHEMA_VERSION = 4
+# retry_queue_handler_name on (handler_name, next_retry) (claims by handler);
+# 5: services (issue 12): retry_queue.service and dead_letter_queue.service,
+# retry_queue_handler_name on (service, handler_name, next_retry),
+# dead_letter_queue_service, retrybus_subscriptions, retrybus_workers, the
+# subscriptions' revision in retrybus_counters; retry_queue_next_retry dropped
+SCHEMA_VERSION = 5
 _BACKFILL_BATCH = 500
 
 
@@ -80,10 +84,13 @@ def _upgrade_schema(conn: sqlite3.Connection) -> None:
     when ``_backfill_failure_groups`` has given every row its group. A version 1 or
     2 file gets the newest-first indexes rebuilt with ``id`` (once: one pass over
     the dead letters, in this transaction). A version 1, 2 or 3 file gets the
-    ``claims`` column (no rewrite: old rows read its default, 0) and the handler
-    index rebuilt on ``(handler_name, next_retry)`` (one pass over the retry
-    items); a version 2 or 3 file is then at SCHEMA_VERSION. Each step checks
-    what is there already, so that an interrupted version 1 upgrade resumes."""
+    ``claims`` column (no rewrite: old rows read its default, 0). A version 1 to
+    4 file gets the ``service`` columns (no rewrite: old rows read "default"),
+    the handler index rebuilt on ``(service, handler_name, next_retry)`` (one
+    pass over the retry items, in this transaction) and loses the index on
+    ``next_retry`` alone; the schema then adds the tables and indexes that are
+    new. A version 2 to 4 file is then at SCHEMA_VERSION. Each step checks what
+    is there already, so that an interrupted version 1 upgrade resumes."""
     version = read_version(conn)
     if version >= SCHEMA_VERSION:
         return
@@ -95,16 +102,23 @@ def _upgrade_schema(conn: sqlite3.Connection) -> None:
         indexed = [row[0] for row in conn.execute(Q["newest_first_index_columns"])]
         if indexed.count("id") < 2:  # not rebuilt yet (a version 1 upgrade can resume)
             _run_script(conn, Q["migrate_3_newest_first_indexes"])
-    if version in (1, 2, 3):
-        if "claims" not in {row[0] for row in conn.execute(Q["retry_columns"])}:
+    if version in (1, 2, 3, 4):
+        retry_columns = {row[0] for row in conn.execute(Q["retry_columns"])}
+        if "claims" not in retry_columns:  # version 1 to 3
             conn.execute(Q["migrate_4_add_claims"])
+        if "service" not in retry_columns:
+            conn.execute(Q["migrate_5_add_retry_service"])
+        if "service" not in {row[0] for row in conn.execute(Q["dead_columns"])}:
+            conn.execute(Q["migrate_5_add_dead_service"])
         if [row[0] for row in conn.execute(Q["handler_index_columns"])] != [
+            "service",
             "handler_name",
             "next_retry",
         ]:
-            conn.execute(Q["migrate_4_handler_index"])
+            conn.execute(Q["migrate_5_handler_index"])
+        conn.execute(Q["migrate_5_drop_next_retry_index"])
     _run_script(conn, Q["schema"])
-    if version in (0, 2, 3):
+    if version in (0, 2, 3, 4):
         _set_version(conn, SCHEMA_VERSION)
 
 
@@ -128,7 +142,7 @@ def _backfill_failure_groups(conn: sqlite3.Connection) -> None:
     conn.executemany(
         Q["set_failure_group"],
         [
-            (failure_group_key(str(handler), str(error_type), str(error)), rowid)
-            for rowid, handler, error_type, error in rows
+            (failure_group_key(str(handler), str(error_type), str(error), str(service)), rowid)
+            for rowid, handler, error_type, error, service in rows
         ],
     )

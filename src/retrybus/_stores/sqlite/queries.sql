@@ -26,13 +26,18 @@ CREATE TABLE IF NOT EXISTS retry_queue (
     lease_until      TEXT,
     metadata         TEXT NOT NULL DEFAULT '{}',
     -- claims made since the last outcome was written (RetryItem.claims)
-    claims           INTEGER NOT NULL DEFAULT 0
+    claims           INTEGER NOT NULL DEFAULT 0,
+    -- RetryItem.service: rows written before version 5 read the default
+    service          TEXT NOT NULL DEFAULT 'default'
 );
-CREATE INDEX IF NOT EXISTS retry_queue_next_retry ON retry_queue (next_retry);
--- a worker's own items in due order (claim_due and next_due with handlers): a seek
--- per handler, whatever other handlers have waiting. lease_until is left out so
--- that claims, extensions and releases do not rewrite this index
-CREATE INDEX IF NOT EXISTS retry_queue_handler_name ON retry_queue (handler_name, next_retry);
+-- a worker's own items in due order (claim_due and next_due with a service and
+-- handlers): a seek per (service, handler), whatever other handlers or other
+-- services have waiting. lease_until is left out so that claims, extensions and
+-- releases do not rewrite this index
+CREATE INDEX IF NOT EXISTS retry_queue_handler_name
+    ON retry_queue (service, handler_name, next_retry);
+-- the time order of the whole queue (claims of any handler, next_due, listings,
+-- counts by kind): also what an index on next_retry alone would serve
 CREATE INDEX IF NOT EXISTS retry_queue_next_retry_attempt ON retry_queue (next_retry, attempt);
 CREATE INDEX IF NOT EXISTS retry_queue_created_at ON retry_queue (created_at);
 CREATE INDEX IF NOT EXISTS retry_queue_lease_until ON retry_queue (lease_until) WHERE lease_until IS NOT NULL;
@@ -60,7 +65,9 @@ CREATE TABLE IF NOT EXISTS dead_letter_queue (
     metadata         TEXT NOT NULL DEFAULT '{}',
     -- DeadLetterItem.failure_group, computed in Python on every write, '' until then
     -- (rows of a version 1 database, or written by a process of that version)
-    failure_group    TEXT NOT NULL DEFAULT ''
+    failure_group    TEXT NOT NULL DEFAULT '',
+    -- DeadLetterItem.service: rows written before version 5 read the default
+    service          TEXT NOT NULL DEFAULT 'default'
 );
 -- newest first (created_at DESC, id DESC) straight from the index, a cursor a seek
 CREATE INDEX IF NOT EXISTS dead_letter_queue_created_at
@@ -72,6 +79,9 @@ CREATE INDEX IF NOT EXISTS dead_letter_queue_event_id ON dead_letter_queue (even
 -- a group's members newest first, and its count
 CREATE INDEX IF NOT EXISTS dead_letter_queue_failure_group
     ON dead_letter_queue (failure_group, created_at DESC, id DESC);
+-- a service's dead letters newest first, and its count
+CREATE INDEX IF NOT EXISTS dead_letter_queue_service
+    ON dead_letter_queue (service, created_at DESC, id DESC);
 
 CREATE TABLE IF NOT EXISTS retrybus_control (
     key     TEXT PRIMARY KEY,
@@ -85,6 +95,46 @@ CREATE TABLE IF NOT EXISTS retrybus_counters (
 );
 INSERT OR IGNORE INTO retrybus_counters (name, value) VALUES
     ('retry_added', 0), ('retry_succeeded', 0), ('retry_succeeded_attempts', 0), ('retry_dead_lettered', 0);
+-- the revision of the stored subscriptions (subscriptions_revision): one up with
+-- every write that changes one, never down (forgetting tombstones leaves it)
+INSERT OR IGNORE INTO retrybus_counters (name, value) VALUES ('subscriptions_revision', 0);
+
+-- each service's handlers (StoredSubscription), one row per (service, handler),
+-- a removed one kept as a tombstone (removed_at, removed_by) until forgotten
+CREATE TABLE IF NOT EXISTS retrybus_subscriptions (
+    service          TEXT NOT NULL,
+    handler_name     TEXT NOT NULL,
+    patterns         TEXT NOT NULL,
+    policy           TEXT NOT NULL,
+    max_retries      INTEGER NOT NULL,
+    handler_timeout  REAL,
+    registered_at    TEXT NOT NULL,
+    updated_at       TEXT NOT NULL,
+    removed_at       TEXT,
+    removed_by       TEXT,
+    revision         INTEGER NOT NULL,
+    details          TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (service, handler_name)
+) WITHOUT ROWID;
+-- the tombstones (dead_letter_unsubscribed, forget_subscriptions): the few there are
+CREATE INDEX IF NOT EXISTS retrybus_subscriptions_removed
+    ON retrybus_subscriptions (removed_at) WHERE removed_at IS NOT NULL;
+
+-- each worker's last heartbeat (WorkerBeat), one row per worker name: a few dozen
+-- rows, each rewritten every few seconds: no index but the key
+CREATE TABLE IF NOT EXISTS retrybus_workers (
+    name        TEXT PRIMARY KEY,
+    service     TEXT NOT NULL,
+    host        TEXT NOT NULL,
+    pid         INTEGER NOT NULL,
+    started_at  TEXT NOT NULL,
+    last_seen   TEXT NOT NULL,
+    interval    REAL NOT NULL,
+    lanes       INTEGER NOT NULL,
+    lanes_busy  INTEGER NOT NULL,
+    handlers    TEXT NOT NULL,
+    version     TEXT NOT NULL
+) WITHOUT ROWID;
 
 -- name: migrate_2_add_failure_group
 -- version 1 -> 2, before the schema above runs again (it adds the index and the
@@ -102,10 +152,25 @@ DROP INDEX IF EXISTS dead_letter_queue_failure_group;
 -- version 3 (or 1, 2) -> 4, when retry_columns lacks claims: old rows read as 0
 ALTER TABLE retry_queue ADD COLUMN claims INTEGER NOT NULL DEFAULT 0;
 
--- name: migrate_4_handler_index
--- version 3 (or 1, 2) -> 4, when handler_index_columns is only handler_name: before
--- the schema above runs again and creates it anew on (handler_name, next_retry)
+-- name: migrate_5_add_retry_service
+-- version 4 (or 1, 2, 3) -> 5, when retry_columns lacks service: no rewrite, old
+-- rows read the default
+ALTER TABLE retry_queue ADD COLUMN service TEXT NOT NULL DEFAULT 'default';
+
+-- name: migrate_5_add_dead_service
+-- likewise for dead_columns
+ALTER TABLE dead_letter_queue ADD COLUMN service TEXT NOT NULL DEFAULT 'default';
+
+-- name: migrate_5_handler_index
+-- version 4 (or 1, 2, 3) -> 5, when handler_index_columns is not (service,
+-- handler_name, next_retry): before the schema above runs again and creates it
+-- anew (one pass over the retry items, in the upgrade's transaction)
 DROP INDEX IF EXISTS retry_queue_handler_name;
+
+-- name: migrate_5_drop_next_retry_index
+-- version 4 (or 1, 2, 3) -> 5: no query chose it over retry_queue_next_retry_attempt,
+-- which begins with the same column; every write of an item kept it up to date
+DROP INDEX IF EXISTS retry_queue_next_retry;
 
 -- name: retry_columns
 SELECT name FROM pragma_table_info('retry_queue');
@@ -122,7 +187,7 @@ SELECT name FROM pragma_index_info('dead_letter_queue_failure_group');
 SELECT name FROM pragma_table_info('dead_letter_queue');
 
 -- name: ungrouped_dead
-SELECT rowid, handler_name, error_type, error FROM dead_letter_queue
+SELECT rowid, handler_name, error_type, error, service FROM dead_letter_queue
 WHERE failure_group = ''
 LIMIT ?;
 
@@ -134,11 +199,12 @@ UPDATE dead_letter_queue SET failure_group = ? WHERE rowid = ? AND failure_group
 INSERT OR IGNORE INTO retry_queue (
     id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
     event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-    next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
+    next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims, service
 ) VALUES (
     :id, :event_id, :event_type, :event_data, :event_source, :event_timestamp, :event_subject,
     :event_extensions, :handler_name, :error, :error_type, :traceback, :attempt, :max_retries,
-    :next_retry, :created_at, :updated_at, :lease_owner, :lease_until, :metadata, :claims
+    :next_retry, :created_at, :updated_at, :lease_owner, :lease_until, :metadata, :claims,
+    :service
 );
 
 -- name: stored_retry_ids
@@ -150,23 +216,38 @@ SELECT id FROM retry_queue WHERE id IN (SELECT value FROM json_each(?));
 INSERT OR IGNORE INTO dead_letter_queue (
     id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
     event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-    reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group
+    reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group,
+    service
 ) VALUES (
     :id, :event_id, :event_type, :event_data, :event_source, :event_timestamp, :event_subject,
     :event_extensions, :handler_name, :error, :error_type, :traceback, :attempt, :max_retries,
-    :reason, :processed, :created_at, :processed_at, :first_failed_at, :metadata, :failure_group
+    :reason, :processed, :created_at, :processed_at, :first_failed_at, :metadata, :failure_group,
+    :service
 );
 
 -- name: claim_due
+-- {service}: TRUE (any service) or service = :service (sql.service_query)
 UPDATE retry_queue
 SET lease_owner = :owner, lease_until = :lease_until, updated_at = :now, claims = claims + 1
 WHERE rowid IN (
     SELECT rowid FROM retry_queue
-    WHERE next_retry <= :now AND (lease_until IS NULL OR lease_until <= :now)
+    WHERE next_retry <= :now AND (lease_until IS NULL OR lease_until <= :now) AND {service}
     ORDER BY next_retry
     LIMIT :limit
 )
 RETURNING *;
+
+-- name: queued_services
+-- The services that have items in the retry queue (and a last NULL), one seek each
+-- in retry_queue_handler_name, which they lead: a claim or next_due of the given
+-- handlers of any service starts with it (sql.handler_query), each handler's seek
+-- then running over these services
+WITH RECURSIVE queued_services (name) AS (
+    SELECT MIN(service) FROM retry_queue
+    UNION ALL
+    SELECT (SELECT MIN(service) FROM retry_queue WHERE service > name) FROM queued_services
+    WHERE name IS NOT NULL
+)
 
 -- name: claim_due_of_handlers
 -- The due slot (filled by sql.handler_query) is a set of (rid, next_retry) rows of
@@ -183,10 +264,13 @@ RETURNING *;
 
 -- name: due_of_handler
 -- one handler's first due items, straight from retry_queue_handler_name (a seek
--- to the handler, then its items in due order until enough are found)
+-- to the service's handler, then its items in due order until enough are found).
+-- {service} is service = :service, or for any service service IN (SELECT name FROM
+-- queued_services): a seek for each, SQLite leaving each once it cannot beat the
+-- items it has
 SELECT rid, next_retry FROM (
     SELECT rowid AS rid, next_retry FROM retry_queue
-    WHERE handler_name = :h{n} AND next_retry <= :now
+    WHERE {service} AND handler_name = :h{n} AND next_retry <= :now
       AND (lease_until IS NULL OR lease_until <= :now)
     ORDER BY next_retry
     LIMIT :limit
@@ -196,7 +280,8 @@ SELECT rid, next_retry FROM (
 -- the due items of the JSON array of handlers: one seek per handler too, but
 -- every due item of theirs is read and sorted
 SELECT rowid AS rid, next_retry FROM retry_queue
-WHERE handler_name IN (SELECT value FROM json_each(:handlers)) AND next_retry <= :now
+WHERE {service} AND handler_name IN (SELECT value FROM json_each(:handlers))
+  AND next_retry <= :now
   AND (lease_until IS NULL OR lease_until <= :now)
 
 -- name: extend_leases
@@ -238,35 +323,43 @@ UPDATE retrybus_counters SET value = value + ? WHERE name = ?;
 SELECT name, value FROM retrybus_counters;
 
 -- name: next_due_unleased
-SELECT next_retry FROM retry_queue WHERE lease_until IS NULL ORDER BY next_retry LIMIT 1;
+-- {service}: as in claim_due
+SELECT next_retry FROM retry_queue WHERE lease_until IS NULL AND {service}
+ORDER BY next_retry LIMIT 1;
 
 -- name: next_lease_end
-SELECT MIN(MAX(next_retry, lease_until)) FROM retry_queue WHERE lease_until IS NOT NULL;
+-- the few leased items, from retry_queue_lease_until; {service} is TRUE or +service =
+-- :service (the + keeps the planner off the handler index)
+SELECT MIN(MAX(next_retry, lease_until)) FROM retry_queue
+WHERE lease_until IS NOT NULL AND {service};
 
 -- name: next_due_of_handlers
 -- The first slot (filled by sql.handler_query) is the earliest unleased item of each
 -- handler (first_of_handler, UNION ALL), or for very many handlers
 -- first_of_many_handlers. The leased items are few (those in flight): read from the
 -- partial index retry_queue_lease_until (the + keeps the planner off the handler
--- index, which would read every item of the handlers)
+-- index, which would read every item of the handlers). {leased_service} is +service =
+-- :service, or TRUE for any service
 SELECT MIN(due) FROM (
     {first}
     UNION ALL
     SELECT MIN(MAX(next_retry, lease_until)) FROM retry_queue
     WHERE lease_until IS NOT NULL AND +handler_name IN (SELECT value FROM json_each(:handlers))
+      AND {leased_service}
 );
 
 -- name: first_of_handler
 SELECT due FROM (
     SELECT next_retry AS due FROM retry_queue
-    WHERE handler_name = :h{n} AND lease_until IS NULL
+    WHERE {service} AND handler_name = :h{n} AND lease_until IS NULL
     ORDER BY next_retry
     LIMIT 1
 )
 
 -- name: first_of_many_handlers
 SELECT MIN(next_retry) AS due FROM retry_queue
-WHERE handler_name IN (SELECT value FROM json_each(:handlers)) AND lease_until IS NULL
+WHERE {service} AND handler_name IN (SELECT value FROM json_each(:handlers))
+  AND lease_until IS NULL
 
 -- name: retry_count
 SELECT COUNT(*) FROM retry_queue;
@@ -284,6 +377,7 @@ SELECT * FROM retry_queue WHERE id = ?;
 SELECT * FROM retry_queue
 WHERE (:handler_name IS NULL OR handler_name = :handler_name)
   AND (:event_type IS NULL OR event_type = :event_type)
+  AND (:service IS NULL OR service = :service)
   AND {kind}
 ORDER BY next_retry, id
 LIMIT :limit OFFSET :offset;
@@ -341,8 +435,7 @@ created_at >= :created_after
 created_at < :created_before
 event_id = :event_id
 failure_group = :failure_group
--- no service column yet (keeps_services): every row is of the default service
-:service = 'default'
+service = :service
 (created_at, id) < (:cursor, :cursor_id)
 
 -- name: list_dead
@@ -429,3 +522,108 @@ ORDER BY key;
 
 -- name: delete_control
 DELETE FROM retrybus_control WHERE key = ?;
+
+-- name: subscriptions_revision
+SELECT value FROM retrybus_counters WHERE name = 'subscriptions_revision';
+
+-- name: next_subscriptions_revision
+-- the revision of a write that changes subscriptions (in its transaction)
+UPDATE retrybus_counters SET value = value + 1 WHERE name = 'subscriptions_revision'
+RETURNING value;
+
+-- name: subscriptions_of_service
+SELECT * FROM retrybus_subscriptions WHERE service = ?;
+
+-- name: put_subscription
+-- a subscription written whole: new, back after a removal (its tombstone cleared),
+-- or with new terms
+INSERT INTO retrybus_subscriptions (
+    service, handler_name, patterns, policy, max_retries, handler_timeout, registered_at,
+    updated_at, removed_at, removed_by, revision, details
+) VALUES (
+    :service, :handler_name, :patterns, :policy, :max_retries, :handler_timeout, :registered_at,
+    :updated_at, NULL, NULL, :revision, :details
+)
+ON CONFLICT (service, handler_name) DO UPDATE SET
+    patterns = excluded.patterns, policy = excluded.policy, max_retries = excluded.max_retries,
+    handler_timeout = excluded.handler_timeout, registered_at = excluded.registered_at,
+    updated_at = excluded.updated_at, removed_at = NULL, removed_by = NULL,
+    revision = excluded.revision, details = excluded.details;
+
+-- name: tombstone_subscription
+UPDATE retrybus_subscriptions
+SET removed_at = :now, removed_by = :actor, updated_at = :now, revision = :revision
+WHERE service = :service AND handler_name = :handler_name AND removed_at IS NULL;
+
+-- name: list_subscriptions
+-- the primary key's order: service, then handler name
+SELECT * FROM retrybus_subscriptions
+WHERE (:service IS NULL OR service = :service) AND (:removed OR removed_at IS NULL)
+ORDER BY service, handler_name;
+
+-- name: forget_subscriptions
+DELETE FROM retrybus_subscriptions WHERE removed_at IS NOT NULL AND removed_at < ?;
+
+-- name: tombstones
+SELECT service, handler_name, removed_by FROM retrybus_subscriptions
+WHERE removed_at IS NOT NULL;
+
+-- name: unsubscribed_items
+-- one tombstoned (service, handler)'s first items no live lease holds, due first: a
+-- seek in retry_queue_handler_name (ties in next_retry sorted by id among themselves)
+SELECT * FROM retry_queue
+WHERE service = :service AND handler_name = :handler_name
+  AND (lease_until IS NULL OR lease_until <= :now)
+ORDER BY next_retry, id
+LIMIT :limit;
+
+-- name: beat
+INSERT INTO retrybus_workers (
+    name, service, host, pid, started_at, last_seen, interval, lanes, lanes_busy, handlers,
+    version
+) VALUES (
+    :name, :service, :host, :pid, :started_at, :last_seen, :interval, :lanes, :lanes_busy,
+    :handlers, :version
+)
+ON CONFLICT (name) DO UPDATE SET
+    service = excluded.service, host = excluded.host, pid = excluded.pid,
+    started_at = excluded.started_at, last_seen = excluded.last_seen,
+    interval = excluded.interval, lanes = excluded.lanes, lanes_busy = excluded.lanes_busy,
+    handlers = excluded.handlers, version = excluded.version;
+
+-- name: forget_worker
+DELETE FROM retrybus_workers WHERE name = ?;
+
+-- name: list_workers
+SELECT * FROM retrybus_workers
+WHERE (:service IS NULL OR service = :service)
+ORDER BY service, name;
+
+-- name: prune_workers
+DELETE FROM retrybus_workers WHERE last_seen < ?;
+
+-- name: service_loads
+-- what waits per (service, handler): the retry queue counted per kind at :now
+-- (kind_retry, kind_pending, kind_scheduled), in the order of retry_queue_handler_name,
+-- and the dead letters, each table grouped before the two are put together
+SELECT service, handler_name, sum(pending), sum(scheduled), sum(retrying), sum(leased),
+       sum(dead_unprocessed), sum(dead_processed), min(oldest_pending_due)
+FROM (
+    SELECT service, handler_name,
+           sum(attempt = 0 AND next_retry <= :now) AS pending,
+           sum(attempt = 0 AND next_retry > :now) AS scheduled,
+           sum(attempt <> 0) AS retrying,
+           sum(lease_until IS NOT NULL AND lease_until > :now) AS leased,
+           0 AS dead_unprocessed,
+           0 AS dead_processed,
+           min(CASE WHEN attempt = 0 AND next_retry <= :now THEN next_retry END)
+               AS oldest_pending_due
+    FROM retry_queue
+    GROUP BY service, handler_name
+    UNION ALL
+    SELECT service, handler_name, 0, 0, 0, 0, sum(processed = 0), sum(processed <> 0), NULL
+    FROM dead_letter_queue
+    GROUP BY service, handler_name
+)
+GROUP BY service, handler_name
+ORDER BY service, handler_name;

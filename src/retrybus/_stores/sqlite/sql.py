@@ -14,7 +14,15 @@ from ..._filters import DeadLetterFilter
 from .._codec import text_time
 from .._queries import load_queries
 
-__all__ = ["CHUNK", "MAX_HANDLER_ARMS", "Q", "dead_where", "dict_rows", "handler_query"]
+__all__ = [
+    "CHUNK",
+    "MAX_HANDLER_ARMS",
+    "Q",
+    "dead_where",
+    "dict_rows",
+    "handler_query",
+    "service_query",
+]
 
 #: the named queries, by name
 Q = load_queries("queries.sql", __package__)
@@ -63,28 +71,58 @@ def dead_where(where: DeadLetterFilter) -> tuple[str, dict[str, Any]]:
     return " AND ".join(conditions) or "TRUE", params
 
 
+def service_query(
+    query: str, params: dict[str, Any], service: str | None, *, condition: str
+) -> str:
+    """Query ``query`` with its ``{service}`` slot filled: ``condition`` (on
+    ``:service``, bound in ``params``) for one service, ``TRUE`` for any (None)."""
+    if service is None:
+        return query.replace("{service}", "TRUE")
+    params["service"] = service
+    return query.replace("{service}", condition)
+
+
 def handler_query(
-    query: str, arm: str, many: str, handlers: list[str], params: dict[str, Any]
+    query: str,
+    arm: str,
+    many: str,
+    handlers: list[str],
+    params: dict[str, Any],
+    service: str | None,
 ) -> str:
     """Query ``query`` with its ``{due}``/``{first}`` slot filled for ``handlers`` (at
-    least one, no repeats): one ``arm`` per handler (its name bound as ``:h0``,
-    ``:h1``…, added to ``params``) joined with ``UNION ALL``, or ``many`` for more
-    than ``MAX_HANDLER_ARMS``. ``params`` gets ``:handlers``, their JSON array,
-    either way. The text depends only on how many handlers there are, so that a
-    worker's statements stay in the connection's statement cache."""
+    least one, no repeats) of ``service``: one ``arm`` per handler (its name bound
+    as ``:h0``, ``:h1``…, added to ``params``) joined with ``UNION ALL``, or
+    ``many`` for more than ``MAX_HANDLER_ARMS``. ``params`` gets ``:handlers``,
+    their JSON array, either way, and ``:service`` when named. Each arm's ``{service}`` is
+    ``service = :service``, or for any service (None) every service the queue
+    holds (``queued_services``, put before the query); the query's
+    ``{leased_service}`` is ``+service = :service``, or ``TRUE``. The text
+    depends only on how many handlers there are and whether a service is named,
+    so that a worker's statements stay in the connection's statement cache."""
     params["handlers"] = json.dumps(handlers)
+    any_service = service is None
+    if not any_service:
+        params["service"] = service
     if len(handlers) > MAX_HANDLER_ARMS:
-        return _filled(query, many, 0)
+        return _filled(query, many, 0, any_service)
     for n, handler in enumerate(handlers):
         params[f"h{n}"] = handler
-    return _filled(query, arm, len(handlers))
+    return _filled(query, arm, len(handlers), any_service)
 
 
 @functools.lru_cache(maxsize=64)
-def _filled(query: str, part: str, arms: int) -> str:
+def _filled(query: str, part: str, arms: int, any_service: bool) -> str:
     """``query`` with ``part`` (its comments left out) in its slot: ``arms`` copies
-    of it, the n-th naming ``:h{n}``, or ``part`` alone for 0."""
+    of it, the n-th naming ``:h{n}``, or ``part`` alone for 0; and the service's
+    conditions (``handler_query``)."""
     code = "\n".join(line for line in part.splitlines() if not line.lstrip().startswith("--"))
+    if any_service:
+        code = code.replace("{service}", "service IN (SELECT name FROM queued_services)")
+        query = Q["queued_services"] + "\n" + query.replace("{leased_service}", "TRUE")
+    else:
+        code = code.replace("{service}", "service = :service")
+        query = query.replace("{leased_service}", "+service = :service")
     filled = (
         "\nUNION ALL\n".join(code.replace("{n}", str(n)) for n in range(arms)) if arms else code
     )

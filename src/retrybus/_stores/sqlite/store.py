@@ -1,6 +1,6 @@
 """The SQLite store: the embedded default, durable in one file, safe for many
 processes; its connection and the hot half of the protocol (its admin half is
-``SQLiteAdmin``, which it inherits).
+``SQLiteAdmin``, its services part ``SQLiteServices``, which it inherits).
 
 Every statement runs on the event loop's thread: a local SQLite commit takes
 tens of microseconds, less than a hop to a thread pool would. The database is
@@ -40,11 +40,12 @@ from ..._outcomes import (
 from ..._records import DeadLetterItem, RetryItem
 from .._codec import decode_or_corrupt, parse_text_time, text_time
 from .._queries import placeholders
-from ..base import Store, outside_default
+from ..base import Store
 from .admin import SQLiteAdmin
 from .codec import CODEC
 from .migrate import upgrade
-from .sql import CHUNK, Q, dict_rows, handler_query
+from .services import SQLiteServices
+from .sql import CHUNK, Q, dict_rows, handler_query, service_query
 
 __all__ = ["SQLiteStore"]
 
@@ -97,10 +98,12 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-class SQLiteStore(SQLiteAdmin, Store):
-    """Both queues in one SQLite file (``sqlite:///path/to.db``)."""
+class SQLiteStore(SQLiteAdmin, SQLiteServices, Store):
+    """Both queues in one SQLite file (``sqlite:///path/to.db``), and what services
+    keep there (``SQLiteServices``)."""
 
     joins_removals = True
+    keeps_services = True
 
     def __init__(
         self,
@@ -344,8 +347,6 @@ class SQLiteStore(SQLiteAdmin, Store):
         service: str | None = None,
         handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
-        if outside_default(service):  # holds default-service records only
-            return []
         params: dict[str, Any] = {
             "owner": owner,
             "lease_until": text_time(lease_until),
@@ -353,7 +354,7 @@ class SQLiteStore(SQLiteAdmin, Store):
             "limit": limit,
         }
         if handlers is None:
-            sql = Q["claim_due"]
+            sql = service_query(Q["claim_due"], params, service, condition="service = :service")
         else:
             names = list(dict.fromkeys(handlers))
             if not names or limit <= 0:
@@ -364,6 +365,7 @@ class SQLiteStore(SQLiteAdmin, Store):
                 Q["due_of_many_handlers"],
                 names,
                 params,
+                service,
             )
         rows = await self._write(lambda conn: dict_rows(conn.execute(sql, params)))
         rows.sort(key=_due_first)  # RETURNING keeps no order: earliest first
@@ -406,26 +408,31 @@ class SQLiteStore(SQLiteAdmin, Store):
     async def next_due(
         self, handlers: Collection[str] | None = None, *, service: str | None = None
     ) -> datetime | None:
-        if outside_default(service):  # holds default-service records only
-            return None
+        params: dict[str, Any] = {}
         if handlers is not None:
             names = list(dict.fromkeys(handlers))
             if not names:
                 return None
-            params: dict[str, Any] = {}
             sql = handler_query(
                 Q["next_due_of_handlers"],
                 Q["first_of_handler"],
                 Q["first_of_many_handlers"],
                 names,
                 params,
+                service,
             )
             found = await self._read(lambda conn: conn.execute(sql, params).fetchone()[0])
             return None if found is None else parse_text_time(found)
+        unleased_sql = service_query(
+            Q["next_due_unleased"], params, service, condition="service = :service"
+        )
+        leased_sql = service_query(
+            Q["next_lease_end"], params, service, condition="+service = :service"
+        )
 
         def run(conn: sqlite3.Connection) -> str | None:
-            unleased = conn.execute(Q["next_due_unleased"]).fetchone()
-            leased = conn.execute(Q["next_lease_end"]).fetchone()
+            unleased = conn.execute(unleased_sql, params).fetchone()
+            leased = conn.execute(leased_sql, params).fetchone()
             times = [row[0] for row in (unleased, leased) if row is not None and row[0] is not None]
             return min(times, default=None)
 
