@@ -9,8 +9,8 @@ The engine's modules:
 - ``admin``: the admin half (browsing, grouping, requeueing, control records), a
   mixin that ``MongoStore`` inherits;
 - ``migrate``: the collections and indexes, set up on connect, the layout's
-  upgrade (``LAYOUT_VERSION``: retry items count their claims) and the back-fill
-  of failure groups;
+  upgrade (``LAYOUT_VERSION``: retry items count their claims; every record has
+  a service) and the back-fill of failure groups;
 - ``codec``: records as documents and back (times to the microsecond, JSON values
   that BSON cannot hold), on the record codec the engines share;
 - ``queries``: query documents (exact time comparisons, dead letter filters) and

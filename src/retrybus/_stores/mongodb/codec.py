@@ -33,6 +33,7 @@ from typing import Any
 from ..._event import compact_json
 from ..._groups import failure_group_key
 from ..._records import DeadLetterItem, RetryItem
+from ..._services import DEFAULT_SERVICE
 from .._fields import RecordCodec
 from ..base import ControlRecord
 from .common import Doc
@@ -224,17 +225,11 @@ def _any_number(doc: Mapping[str, Any], name: str) -> int:
 
 # records <-> documents -----------------------------------------------------------
 
-# fields not kept yet (``keeps_services``): every record is of the default service,
-# which a document without the field reads as
-_UNKEPT = frozenset({"service"})
-
 
 def _document(fields: Mapping[str, Any]) -> Doc:
     """The document of a record's fields (``RecordCodec.retry_fields`` and kin)."""
     doc: Doc = {}
     for name, value in fields.items():
-        if name in _UNKEPT:
-            continue
         if name == "id":
             doc["_id"] = value
         elif name in _TIME_FIELDS:
@@ -288,6 +283,9 @@ _RETRY_READERS: dict[str, Callable[[Mapping[str, Any], str], Any]] = {
     "lease_until": _time_or_none,
     "metadata": _object,
     "claims": _claims,
+    # None when missing (a document written before layout 3, or by a layout-2
+    # process): the codec reads it as the default service
+    "service": lambda doc, name: doc.get(name),
 }
 
 
@@ -337,17 +335,20 @@ def dead_letter_from_document(doc: Mapping[str, Any]) -> DeadLetterItem:
             "processed_at": _lenient_time(doc, "processed_at"),
             "first_failed_at": _lenient_time(doc, "first_failed_at"),
             "metadata": metadata,
+            "service": doc.get("service"),
         }
     )
 
 
 def failure_group_of(doc: Mapping[str, Any]) -> str:
     """The failure group of a stored dead letter, as ``dead_letter_from_document``
-    reads it."""
+    reads it (of its service: the default when it has none, or a damaged one)."""
+    service = doc.get("service")
     return failure_group_key(
         _any_text(doc, "handler_name", "unknown"),
         _any_text(doc, "error_type"),
         _any_text(doc, "error"),
+        service if isinstance(service, str) and service else DEFAULT_SERVICE,
     )
 
 

@@ -28,6 +28,11 @@ incremented after the change, outside any transaction: they are statistics,
 and one hot counter document inside every transaction would make concurrent
 workers conflict on it.
 
+Services. Each record has its service (``service``; a document without it, as
+a layout-2 process writes it, is the default service's, and queries for the
+default service match a missing field too). A claim or ``next_due`` for a
+service's handlers reads only their items, through the (service, handler_name,
+next_retry, …) index.
 Pending deliveries (``record_pending``) are one unordered ``insert_many``: ids
 already stored fail as duplicates and are skipped, the rest are inserted, in one
 round trip and outside any transaction (each record stands alone; a batch cut
@@ -78,7 +83,7 @@ from ..._outcomes import (
 from ..._records import DeadLetterItem, RetryItem
 from .._codec import decode_or_corrupt
 from .._url import redact
-from ..base import Store, outside_default
+from ..base import Store
 from .admin import MongoAdmin
 from .codec import (
     dead_letter_document,
@@ -90,7 +95,7 @@ from .codec import (
 )
 from .common import COUNTERS, DEAD, RETRY, Doc, Session
 from .migrate import set_up
-from .queries import claim_candidates, earlier, lease_free
+from .queries import claim_candidates, earlier, handler_scope, lease_free
 
 __all__ = ["DEFAULT_TIMEOUT", "MongoStore"]
 
@@ -698,12 +703,10 @@ class MongoStore(MongoAdmin, Store):
         service: str | None = None,
         handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
-        if outside_default(service):  # holds default-service records only
-            return []
         names = None if handlers is None else sorted(set(handlers))
         if limit <= 0 or names == []:
             return []
-        candidates = claim_candidates(now, names)
+        candidates = claim_candidates(now, names, service)
         lease = {
             "lease_owner": owner,
             **time_fields("lease_until", lease_until),
@@ -863,14 +866,12 @@ class MongoStore(MongoAdmin, Store):
     async def next_due(
         self, handlers: Collection[str] | None = None, *, service: str | None = None
     ) -> datetime | None:
-        if outside_default(service):  # holds default-service records only
-            return None
         names = None if handlers is None else sorted(set(handlers))
         if names == []:
             return None
-        # handlers first: the index on (handler_name, next_retry, …) serves both reads;
-        # a document without a handler name is every worker's (as in claim_candidates)
-        scope: Doc = {} if names is None else {"handler_name": {"$in": [*names, None]}}
+        # the index on (service, handler_name, next_retry, …) serves both reads; a
+        # document without a handler name is every worker's of its service
+        scope = handler_scope(service, names)
         async with self._errors() as db:
             retry = db[RETRY]
             times: list[datetime] = []
