@@ -8,6 +8,9 @@ The engine's modules:
   ``watch`` (a change stream, where the server has them);
 - ``admin``: the admin half (browsing, grouping, requeueing, control records), a
   mixin that ``MongoStore`` inherits;
+- ``services``: the services part (issue 12: stored subscriptions and their
+  revision, workers' heartbeats, what waits per service and handler), a mixin
+  likewise;
 - ``migrate``: the collections and indexes, set up on connect, the layout's
   upgrade (``LAYOUT_VERSION``: retry items count their claims; every record has
   a service) and the back-fill of failure groups;

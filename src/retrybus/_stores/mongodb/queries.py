@@ -24,6 +24,7 @@ __all__ = [
     "before_position",
     "claim_candidates",
     "dead_letter_query",
+    "dead_loads_pipeline",
     "earlier",
     "group_counts",
     "group_pipeline",
@@ -32,6 +33,8 @@ __all__ = [
     "kind_query",
     "lease_free",
     "not_earlier",
+    "read_moment",
+    "retry_loads_pipeline",
     "service_scope",
     "split_time",
 ]
@@ -140,6 +143,23 @@ def _at_or_before(name: str, now: datetime) -> Doc:
     }
 
 
+def _after(name: str, now: datetime) -> Doc:
+    """Expression: the time field ``name`` is after ``now``, to the microsecond
+    (false for none: null and a missing field sort before every date)."""
+    ms, extra = split_time(now)
+    return {
+        "$or": [
+            {"$gt": [f"${name}", ms]},
+            {
+                "$and": [
+                    {"$eq": [f"${name}", ms]},
+                    {"$gt": [{"$ifNull": [f"${name}_us", 0]}, extra]},
+                ]
+            },
+        ]
+    }
+
+
 def _count(condition: Doc) -> Doc:
     return {"$sum": {"$cond": [condition, 1, 0]}}
 
@@ -174,6 +194,50 @@ def handler_scope(service: str | None, handlers: list[str] | None) -> Doc:
     if service is not None:
         scope["service"] = service_scope(service)
     return scope
+
+
+# what a record of each (service, handler) is grouped under (``HandlerLoad``)
+_LOAD_KEY: Doc = {
+    "service": {"$ifNull": ["$service", DEFAULT_SERVICE]},
+    "handler_name": {"$ifNull": ["$handler_name", "unknown"]},
+}
+
+
+def retry_loads_pipeline(now: datetime) -> list[Doc]:
+    """One ``$group`` per (service, handler) of the retry queue at ``now``: its
+    records of each kind (``pending``, ``scheduled``, ``retrying``), those a live
+    lease holds (``leased``) and the earliest ``next_retry`` of its pending ones
+    (``oldest``, a ``{t, us}`` document; null when none is pending)."""
+    due = _at_or_before("next_retry", now)
+    first: Doc = {"$eq": ["$attempt", 0]}
+    pending: Doc = {"$and": [first, due]}
+    return [
+        {
+            "$group": {
+                "_id": _LOAD_KEY,
+                "pending": _count(pending),
+                "scheduled": _count({"$and": [first, {"$not": [due]}]}),
+                "retrying": _count({"$not": [first]}),
+                "leased": _count(_after("lease_until", now)),
+                "oldest": {"$min": {"$cond": [pending, _moment_of("next_retry"), None]}},
+            }
+        }
+    ]
+
+
+def dead_loads_pipeline() -> list[Doc]:
+    """One ``$group`` per (service, handler) of the dead letter queue: its dead
+    letters processed and not (``processed``, ``unprocessed``)."""
+    processed: Doc = {"$eq": ["$processed", True]}
+    return [
+        {
+            "$group": {
+                "_id": _LOAD_KEY,
+                "processed": _count(processed),
+                "unprocessed": _count({"$not": [processed]}),
+            }
+        }
+    ]
 
 
 def claim_candidates(now: datetime, handlers: list[str] | None, service: str | None = None) -> Doc:
@@ -264,7 +328,8 @@ def group_pipeline(
     ]
 
 
-def _moment(part: Mapping[str, Any]) -> datetime:
+def read_moment(part: Mapping[str, Any]) -> datetime:
+    """The time of a ``{t, us}`` document a pipeline made (``_moment_of``)."""
     value = part.get("t")
     if not isinstance(value, datetime):
         return _EPOCH  # a hand-written document without the time reads back so
@@ -285,8 +350,8 @@ def group_counts(docs: list[Doc], *, newest: bool) -> list[GroupCount]:
             GroupCount(
                 key=str(doc["_id"]),
                 count=int(doc["count"]),
-                first_at=_moment(doc["first"]),
-                last_at=_moment(doc["last"]),
+                first_at=read_moment(doc["first"]),
+                last_at=read_moment(doc["last"]),
                 sample_id=str(sample["id"]),
             )
         )
