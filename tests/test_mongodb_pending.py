@@ -93,10 +93,16 @@ async def claim(
     owner: str = "w",
     limit: int = 100,
     handlers: list[str] | None = None,
+    service: str | None = None,
 ) -> list[RetryItem]:
     now = clock.now()
     claimed = await store.claim_due(
-        now=now, limit=limit, owner=owner, lease_until=now + timedelta(hours=1), handlers=handlers
+        now=now,
+        limit=limit,
+        owner=owner,
+        lease_until=now + timedelta(hours=1),
+        service=service,
+        handlers=handlers,
     )
     items = [record for record in claimed if isinstance(record, RetryItem)]
     assert len(items) == len(claimed)
@@ -137,9 +143,9 @@ async def fresh_database() -> AsyncIterator[tuple[str, AsyncMongoClient[dict[str
 
 
 def layout_1_document(item: RetryItem) -> dict[str, Any]:
-    """A retry item as the previous version (layout 1) wrote it: no ``claims``."""
+    """A retry item as layout 1 wrote it: no ``claims`` (nor ``service``)."""
     doc = retry_document(item)
-    del doc["claims"]
+    del doc["claims"], doc["service"]
     return doc
 
 
@@ -154,9 +160,11 @@ async def test_items_of_layout_1_get_claims_0_and_the_layout_is_recorded() -> No
         assert await layout_version(raw) == 1
 
         async with MongoStore.from_url(url) as store:
-            assert await layout_version(raw) == LAYOUT_VERSION == 2
-            stored = await raw.retry_queue.find({}, {"claims": 1}).sort("_id").to_list()
+            # layout 2, then layout 3 (every record of the default service) at once
+            assert await layout_version(raw) == LAYOUT_VERSION == 3
+            stored = await raw.retry_queue.find({}).sort("_id").to_list()
             assert [doc.get("claims") for doc in stored] == [0, 0]
+            assert [doc.get("service") for doc in stored] == ["default", "default"]
             got = await store.get_retry(waiting.id)
             assert got == replace(waiting, claims=0)
             (claimed,) = await claim(store, clock)
@@ -179,7 +187,7 @@ async def test_an_item_an_older_process_writes_later_reads_as_claims_0(mongo: Mo
     item = pending(clock)
     await db.retry_queue.insert_one(layout_1_document(item))  # after the upgrade
     assert await mongo.get_retry(item.id) == item
-    (claimed,) = await claim(mongo, clock)
+    (claimed,) = await claim(mongo, clock, service="default")
     assert claimed.claims == 1
     assert await mongo.release([item.id], "w") == 1
     released = await mongo.get_retry(item.id)
@@ -209,12 +217,15 @@ async def test_a_layout_recorded_by_a_later_version_is_left_alone() -> None:
         doc = await raw.retry_queue.find_one({"_id": item.id})
         assert doc is not None
         assert "claims" not in doc  # no step of an older layout ran
+        assert "service" not in doc
 
 
-async def test_the_handler_index_exists(mongo: MongoStore) -> None:
+async def test_the_claim_index_leads_with_the_service_then_the_handler(mongo: MongoStore) -> None:
     db = await mongo._database()
     keys = [tuple(i["key"]) for i in (await db.retry_queue.index_information()).values()]
-    assert (("handler_name", 1), ("next_retry", 1), ("next_retry_us", 1), ("_id", 1)) in keys
+    claim_order = (("next_retry", 1), ("next_retry_us", 1), ("_id", 1))
+    assert (("service", 1), ("handler_name", 1), *claim_order) in keys
+    assert (("handler_name", 1), *claim_order) not in keys  # layout 2's, replaced
 
 
 # record_pending --------------------------------------------------------------------
@@ -381,7 +392,7 @@ async def test_a_claim_of_a_workers_handlers_is_not_slowed_by_other_handlers_due
 ) -> None:
     """5,000 items of another handler fall due before the worker's own: a claim of
     its handlers (and next_due) reads only theirs. On a real mongod: the plan is
-    an index scan of (handler_name, next_retry, …) with no blocking sort. On
+    an index scan of (service, handler_name, next_retry, …) with no blocking sort. On
     SecantusDB, whose explain mirrors only part of its planner (it reports a
     collection scan for any query with two ranges, yet runs this one on an
     index): no collection scan of ``retry_queue`` runs during the claim."""
@@ -394,9 +405,9 @@ async def test_a_claim_of_a_workers_handlers_is_not_slowed_by_other_handlers_due
     clock.advance(60)
     scans = [] if REAL_MONGOD else count_collection_scans(monkeypatch)
 
-    assert await mongo.next_due(["billing.charge"]) == mine[0].next_retry
+    assert await mongo.next_due(["billing.charge"], service="default") == mine[0].next_retry
     started = time.perf_counter()
-    claimed = await claim(mongo, clock, limit=10, handlers=["billing.charge"])
+    claimed = await claim(mongo, clock, limit=10, handlers=["billing.charge"], service="default")
     took = time.perf_counter() - started
     assert [item.id for item in claimed] == [item.id for item in mine]
     assert {item.claims for item in claimed} == {1}
@@ -405,12 +416,12 @@ async def test_a_claim_of_a_workers_handlers_is_not_slowed_by_other_handlers_due
 
     if REAL_MONGOD:
         db = await mongo._database()
-        query = claim_candidates(clock.now(), ["billing.charge"])
+        query = claim_candidates(clock.now(), ["billing.charge"], "default")
         order = [("next_retry", 1), ("next_retry_us", 1), ("_id", 1)]
         plan = (await db.retry_queue.find(query).sort(order).limit(10).explain())["queryPlanner"]
         text = str(plan["winningPlan"])
         assert "IXSCAN" in text, text
-        assert "handler_name_1_next_retry_1" in text, text
+        assert "service_1_handler_name_1_next_retry_1" in text, text
         assert "'SORT'" not in text, text  # the index gives the order: nothing to sort
 
 

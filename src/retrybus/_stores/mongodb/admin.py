@@ -30,9 +30,6 @@ from ..base import (
     DeadLetterField,
     RetryField,
     check_retry_kind,
-    default_service_dead_groups,
-    default_service_retry_groups,
-    outside_default,
 )
 from .codec import (
     control_from_document,
@@ -45,6 +42,7 @@ from .codec import (
 from .common import CONTROL, DEAD, RETRY, Doc, Session
 from .queries import (
     DEAD_GROUP_DEFAULTS,
+    RETRY_GROUP_DEFAULTS,
     dead_letter_query,
     earlier,
     group_counts,
@@ -52,6 +50,7 @@ from .queries import (
     kind_counts_pipeline,
     kind_query,
     lease_free,
+    service_scope,
 )
 
 __all__ = ["MongoAdmin"]
@@ -108,11 +107,11 @@ class MongoAdmin(AdminStore):
         service: str | None = None,
     ) -> list[RetryItem]:
         check_retry_kind(kind, now)
-        if outside_default(service):  # holds default-service records only
-            return []
         if limit <= 0:
             return []
         query: Doc = {} if kind is None else kind_query(kind, now)
+        if service is not None:
+            query["service"] = service_scope(service)
         if handler_name is not None:
             query["handler_name"] = handler_name
         if event_type is not None:
@@ -153,14 +152,17 @@ class MongoAdmin(AdminStore):
             return bool((await db[RETRY].delete_one({"_id": item_id})).deleted_count)
 
     async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
-        if by == "service":  # all of the default service
-            return await default_service_retry_groups(self, limit=limit)
-        if by not in ("handler_name", "event_type"):
+        if by not in RETRY_GROUP_DEFAULTS:
             raise ValueError(f"cannot group retry items by {by!r}")
         if limit <= 0:
             return []
         pipeline = group_pipeline(
-            {}, by=by, default="", moment="next_retry", newest=False, limit=limit
+            {},
+            by=by,
+            default=RETRY_GROUP_DEFAULTS[by],
+            moment="next_retry",
+            newest=False,
+            limit=limit,
         )
         async with self._errors() as db:
             docs = await (await db[RETRY].aggregate(pipeline)).to_list()
@@ -171,8 +173,6 @@ class MongoAdmin(AdminStore):
     async def list_dead(
         self, where: DeadLetterFilter, *, limit: int, offset: int
     ) -> list[DeadLetterItem]:
-        if outside_default(where.service):  # holds default-service records only
-            return []
         if limit <= 0:
             return []
         order = [("created_at", DESCENDING), ("created_at_us", DESCENDING), ("_id", DESCENDING)]
@@ -182,18 +182,12 @@ class MongoAdmin(AdminStore):
         return [dead_letter_from_document(doc) for doc in docs]
 
     async def count_dead(self, where: DeadLetterFilter) -> int:
-        if outside_default(where.service):  # holds default-service records only
-            return 0
         async with self._errors() as db:
             return await db[DEAD].count_documents(dead_letter_query(where))
 
     async def group_dead(
         self, by: DeadLetterField, where: DeadLetterFilter, *, limit: int
     ) -> list[GroupCount]:
-        if outside_default(where.service):  # holds default-service records only
-            return []
-        if by == "service":  # all of the default service
-            return await default_service_dead_groups(self, where, limit=limit)
         if by not in DEAD_GROUP_DEFAULTS:
             raise ValueError(f"cannot group dead letters by {by!r}")
         if limit <= 0:

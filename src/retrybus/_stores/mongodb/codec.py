@@ -30,9 +30,10 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ..._event import compact_json
+from ..._event import compact_json, encode_json
 from ..._groups import failure_group_key
 from ..._records import DeadLetterItem, RetryItem
+from ..._services import DEFAULT_SERVICE, StoredSubscription, WorkerBeat
 from .._fields import RecordCodec
 from ..base import ControlRecord
 from .common import Doc
@@ -47,7 +48,12 @@ __all__ = [
     "read_time",
     "retry_document",
     "retry_from_document",
+    "subscription_document",
+    "subscription_from_document",
+    "subscription_id",
     "time_fields",
+    "worker_document",
+    "worker_from_document",
 ]
 
 _MAX_INT64 = 2**63 - 1
@@ -224,17 +230,11 @@ def _any_number(doc: Mapping[str, Any], name: str) -> int:
 
 # records <-> documents -----------------------------------------------------------
 
-# fields not kept yet (``keeps_services``): every record is of the default service,
-# which a document without the field reads as
-_UNKEPT = frozenset({"service"})
-
 
 def _document(fields: Mapping[str, Any]) -> Doc:
     """The document of a record's fields (``RecordCodec.retry_fields`` and kin)."""
     doc: Doc = {}
     for name, value in fields.items():
-        if name in _UNKEPT:
-            continue
         if name == "id":
             doc["_id"] = value
         elif name in _TIME_FIELDS:
@@ -288,6 +288,9 @@ _RETRY_READERS: dict[str, Callable[[Mapping[str, Any], str], Any]] = {
     "lease_until": _time_or_none,
     "metadata": _object,
     "claims": _claims,
+    # None when missing (a document written before layout 3, or by a layout-2
+    # process): the codec reads it as the default service
+    "service": lambda doc, name: doc.get(name),
 }
 
 
@@ -337,17 +340,20 @@ def dead_letter_from_document(doc: Mapping[str, Any]) -> DeadLetterItem:
             "processed_at": _lenient_time(doc, "processed_at"),
             "first_failed_at": _lenient_time(doc, "first_failed_at"),
             "metadata": metadata,
+            "service": doc.get("service"),
         }
     )
 
 
 def failure_group_of(doc: Mapping[str, Any]) -> str:
     """The failure group of a stored dead letter, as ``dead_letter_from_document``
-    reads it."""
+    reads it (of its service: the default when it has none, or a damaged one)."""
+    service = doc.get("service")
     return failure_group_key(
         _any_text(doc, "handler_name", "unknown"),
         _any_text(doc, "error_type"),
         _any_text(doc, "error"),
+        service if isinstance(service, str) and service else DEFAULT_SERVICE,
     )
 
 
@@ -355,3 +361,88 @@ def control_from_document(doc: Mapping[str, Any]) -> ControlRecord:
     """The control record ``doc`` stores (``_id`` the key, ``version``, ``value``)."""
     value = _object(doc, "value")
     return ControlRecord(key=str(doc["_id"]), version=_int(doc, "version"), value=value)
+
+
+# subscriptions and heartbeats -------------------------------------------------------
+
+
+def subscription_id(service: str, handler_name: str) -> str:
+    """The ``_id`` of a stored subscription: ``SERVICE/HANDLER`` (unambiguous: a
+    service name holds no ``/``)."""
+    return f"{service}/{handler_name}"
+
+
+def subscription_document(subscription: StoredSubscription) -> Doc:
+    """The document that stores ``subscription`` whole (times as ``time_fields``;
+    ``details`` a JSON object, refused with ``TypeError`` when it is not JSON)."""
+    details = json.loads(
+        encode_json(dict(subscription.details), f"details of {subscription.handler_name}")
+    )
+    return {
+        "_id": subscription_id(subscription.service, subscription.handler_name),
+        "service": subscription.service,
+        "handler_name": subscription.handler_name,
+        "patterns": list(subscription.patterns),
+        "policy": subscription.policy,
+        "max_retries": subscription.max_retries,
+        "handler_timeout": subscription.handler_timeout,
+        **time_fields("registered_at", subscription.registered_at),
+        **time_fields("updated_at", subscription.updated_at),
+        **time_fields("removed_at", subscription.removed_at),
+        "removed_by": subscription.removed_by,
+        "revision": subscription.revision,
+        **_json_fields("details", details),
+    }
+
+
+def subscription_from_document(doc: Mapping[str, Any]) -> StoredSubscription:
+    """The subscription ``doc`` stores (``subscription_document``)."""
+    timeout = doc.get("handler_timeout")
+    return StoredSubscription(
+        service=_text(doc, "service"),
+        handler_name=_text(doc, "handler_name"),
+        patterns=tuple(doc.get("patterns") or ()),
+        policy=_text_or_empty(doc, "policy"),
+        max_retries=_int(doc, "max_retries"),
+        handler_timeout=None if timeout is None else float(timeout),
+        registered_at=read_time(doc, "registered_at"),
+        updated_at=read_time(doc, "updated_at"),
+        removed_at=_time_or_none(doc, "removed_at"),
+        removed_by=_optional_text(doc, "removed_by"),
+        revision=_int(doc, "revision"),
+        details=_object(doc, "details"),
+    )
+
+
+def worker_document(beat: WorkerBeat) -> Doc:
+    """The document that stores heartbeat ``beat`` (``_id`` the worker's name)."""
+    return {
+        "_id": beat.name,
+        "service": beat.service,
+        "host": beat.host,
+        "pid": beat.pid,
+        **time_fields("started_at", beat.started_at),
+        **time_fields("last_seen", beat.last_seen),
+        "interval": beat.interval,
+        "lanes": beat.lanes,
+        "lanes_busy": beat.lanes_busy,
+        "handlers": list(beat.handlers),
+        "version": beat.version,
+    }
+
+
+def worker_from_document(doc: Mapping[str, Any]) -> WorkerBeat:
+    """The heartbeat ``doc`` stores (``worker_document``)."""
+    return WorkerBeat(
+        name=str(doc["_id"]),
+        service=_text(doc, "service"),
+        host=_text_or_empty(doc, "host"),
+        pid=_int(doc, "pid"),
+        started_at=read_time(doc, "started_at"),
+        last_seen=read_time(doc, "last_seen"),
+        interval=float(doc["interval"]),
+        lanes=_int(doc, "lanes"),
+        lanes_busy=_int(doc, "lanes_busy"),
+        handlers=tuple(doc.get("handlers") or ()),
+        version=_text_or_empty(doc, "version"),
+    )

@@ -7,7 +7,18 @@ from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
-__all__ = ["CONTROL", "COUNTERS", "DEAD", "LAYOUT", "RETRY", "Doc", "Session"]
+__all__ = [
+    "CONTROL",
+    "COUNTERS",
+    "DEAD",
+    "LAYOUT",
+    "RETRY",
+    "REVISION",
+    "SUBSCRIPTIONS",
+    "WORKERS",
+    "Doc",
+    "Session",
+]
 
 RETRY = "retry_queue"
 DEAD = "dead_letter_queue"
@@ -15,6 +26,12 @@ COUNTERS = "retrybus_counters"
 CONTROL = "retrybus_control"
 #: one document, ``{_id: "layout", version: n}``: the layout version (``migrate``)
 LAYOUT = "retrybus_layout"
+#: the stored subscriptions: ``_id`` ``"SERVICE/HANDLER"`` (a service name holds no ``/``)
+SUBSCRIPTIONS = "retrybus_subscriptions"
+#: the workers' heartbeats: ``_id`` the worker's name
+WORKERS = "retrybus_workers"
+#: the ``_id`` of the subscriptions' revision in ``LAYOUT`` (``{_id, revision}``)
+REVISION = "subscriptions"
 
 Doc = dict[str, Any]
 #: the transaction an operation runs in (None: the server has no transactions)

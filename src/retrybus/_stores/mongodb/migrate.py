@@ -7,17 +7,33 @@ plus ``retrybus_counters`` (one document per running total) and
 ``retrybus_control`` (control records: ``_id`` = key, ``version``, ``value``).
 Dead letters also have an index in their newest-first order (``created_at``,
 ``created_at_us``, ``_id``, all descending), which listing and keyset paging
-(``DeadLetterFilter.cursor``) walk. Retry items also have one in a worker's
-claim order within each handler (``handler_name``, ``next_retry``,
-``next_retry_us``, ``_id``): a claim restricted to a worker's handlers walks
-only their items, earliest first, however many of other handlers are due.
+(``DeadLetterFilter.cursor``) walk, and one in that order within each service.
+Retry items also have one in a worker's claim order within each service and
+handler (``service``, ``handler_name``, ``next_retry``, ``next_retry_us``,
+``_id``): a claim restricted to a service's handlers walks only their items,
+earliest first, however many of other handlers or services are due (a stopped
+service's backlog is never read by another's claims).
+
+Services (issue 12) have two collections of their own: ``retrybus_subscriptions``
+(one document per service and handler, ``_id`` ``"SERVICE/HANDLER"``, which is
+unambiguous because a service name holds no ``/``; tombstones included) and
+``retrybus_workers`` (one heartbeat per worker name, TTL of a day on
+``last_seen``). The subscriptions' revision is a document of ``retrybus_layout``,
+``{_id: "subscriptions", revision}``, moved on after the rows are written.
 
 The layout has a version (``retrybus_layout``: ``{_id: "layout", version}``;
 none recorded is version 1). Version 2 gives every retry item ``claims`` (the
 claims made since its last outcome): items written before get ``claims: 0``
 once, in one ``update_many``; an item without the field (written by an older
-process meanwhile) still reads as 0, and a claim sets it. A database recorded
-at a later version than this package knows is left as it is.
+process meanwhile) still reads as 0, and a claim sets it. Version 3 gives every
+retry item and dead letter ``service``: those written before get ``"default"``
+once, in one ``update_many`` per collection; one without the field (written by
+a layout-2 process meanwhile) still reads as one of the default service, and
+queries for the default service match a missing field too. Its claim index
+replaces layout 2's (``handler_name``, ``next_retry``, …), which is dropped
+once the new one exists (on every connect: a layout-2 process that connects
+meanwhile creates it again). A database recorded at a later version than this
+package knows is left as it is.
 
 Each dead letter carries ``failure_group`` (``DeadLetterItem.failure_group``,
 computed in Python when the dead letter is written or changed; indexed), so that
@@ -28,29 +44,39 @@ every connect, so that it also catches those an older process wrote meanwhile).
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, OperationFailure
 
+from ..._services import DEFAULT_SERVICE
 from .codec import failure_group_of
-from .common import DEAD, LAYOUT, RETRY, Doc
+from .common import DEAD, LAYOUT, RETRY, REVISION, SUBSCRIPTIONS, WORKERS, Doc
 
 __all__ = [
     "BACKFILL_BATCH",
     "DEAD_INDEXES",
     "DEAD_LETTER_TTL",
     "LAYOUT_VERSION",
+    "RETIRED_RETRY_INDEXES",
     "RETRY_INDEXES",
+    "SUBSCRIPTION_INDEXES",
+    "WORKER_INDEXES",
+    "WORKER_TTL",
     "layout_version",
     "set_up",
 ]
 
-#: the version of the layout this package writes (1: before ``claims``)
-LAYOUT_VERSION = 2
+#: the version of the layout this package writes (1: before ``claims``; 2: before
+#: ``service``)
+LAYOUT_VERSION = 3
 DEAD_LETTER_TTL = timedelta(days=30)
+#: how long a heartbeat outlives its worker's last beat (workers prune sooner)
+WORKER_TTL = timedelta(days=1)
+_INDEX_NOT_FOUND = 27
 #: dead letters given a failure group per round trip (read at each back-fill: tunable)
 BACKFILL_BATCH = 500
 
@@ -59,10 +85,11 @@ RETRY_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
     ([("handler_name", ASCENDING)], {}),
     ([("next_retry", ASCENDING), ("attempt", ASCENDING)], {}),
     ([("created_at", ASCENDING)], {}),
-    # a claim (and next_due) restricted to a worker's handlers: their items only,
-    # in claim order (one range per handler, merged by the server)
+    # a claim (and next_due) restricted to a service's handlers: their items
+    # only, in claim order (one range per handler, merged by the server)
     (
         [
+            ("service", ASCENDING),
             ("handler_name", ASCENDING),
             ("next_retry", ASCENDING),
             ("next_retry_us", ASCENDING),
@@ -83,6 +110,37 @@ DEAD_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
         [("created_at", ASCENDING)],
         {"expireAfterSeconds": int(DEAD_LETTER_TTL.total_seconds())},
     ),
+    # one service's dead letters, newest first
+    (
+        [
+            ("service", ASCENDING),
+            ("created_at", DESCENDING),
+            ("created_at_us", DESCENDING),
+            ("_id", DESCENDING),
+        ],
+        {},
+    ),
+]
+#: indexes of an earlier layout that a later one replaced: dropped once the new exist
+RETIRED_RETRY_INDEXES: list[list[tuple[str, int]]] = [
+    # layout 2's claim order within each handler (now within each service first)
+    [
+        ("handler_name", ASCENDING),
+        ("next_retry", ASCENDING),
+        ("next_retry_us", ASCENDING),
+        ("_id", ASCENDING),
+    ],
+]
+SUBSCRIPTION_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
+    # listing, by service then handler
+    ([("service", ASCENDING), ("handler_name", ASCENDING)], {}),
+    ([("revision", ASCENDING)], {}),
+    # the tombstones (the sweeps read them)
+    ([("removed_at", ASCENDING)], {}),
+]
+WORKER_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
+    ([("service", ASCENDING), ("_id", ASCENDING)], {}),
+    ([("last_seen", ASCENDING)], {"expireAfterSeconds": int(WORKER_TTL.total_seconds())}),
 ]
 
 
@@ -93,6 +151,7 @@ async def set_up(db: AsyncDatabase[Doc]) -> None:
     await _create_indexes(db)
     await _upgrade_layout(db)
     await _backfill_failure_groups(db)
+    await _create_revision(db)
 
 
 async def layout_version(db: AsyncDatabase[Doc]) -> int:
@@ -104,10 +163,16 @@ async def layout_version(db: AsyncDatabase[Doc]) -> int:
 
 async def _upgrade_layout(db: AsyncDatabase[Doc]) -> None:
     """Bring the layout up to ``LAYOUT_VERSION`` (each step safe to repeat)."""
-    if await layout_version(db) >= LAYOUT_VERSION:
+    version = await layout_version(db)
+    if version >= LAYOUT_VERSION:
         return
-    # version 2: every retry item counts its claims (none made yet)
-    await db[RETRY].update_many({"claims": {"$exists": False}}, {"$set": {"claims": 0}})
+    if version < 2:  # every retry item counts its claims (none made yet)
+        await db[RETRY].update_many({"claims": {"$exists": False}}, {"$set": {"claims": 0}})
+    if version < 3:  # every record is of a service: those before services, the default
+        for name in (RETRY, DEAD):
+            await db[name].update_many(
+                {"service": {"$exists": False}}, {"$set": {"service": DEFAULT_SERVICE}}
+            )
     record = ({"_id": "layout"}, {"$max": {"version": LAYOUT_VERSION}})
     try:
         await db[LAYOUT].update_one(*record, upsert=True)
@@ -115,11 +180,34 @@ async def _upgrade_layout(db: AsyncDatabase[Doc]) -> None:
         await db[LAYOUT].update_one(*record)
 
 
+async def _create_revision(db: AsyncDatabase[Doc]) -> None:
+    """The subscriptions' revision document, at 0 (so that a write of subscriptions
+    in a transaction moves it on without inserting it)."""
+    with contextlib.suppress(DuplicateKeyError):  # another process's upsert came first
+        await db[LAYOUT].update_one(
+            {"_id": REVISION}, {"$setOnInsert": {"revision": 0}}, upsert=True
+        )
+
+
 async def _create_indexes(db: AsyncDatabase[Doc]) -> None:
-    for keys, options in RETRY_INDEXES:
-        await db[RETRY].create_index(keys, **options)
-    for keys, options in DEAD_INDEXES:
-        await db[DEAD].create_index(keys, **options)
+    """Create the indexes that are missing, then drop the retired ones still there
+    (the new ones exist by then: claims never go without an index)."""
+    for collection, indexes in (
+        (RETRY, RETRY_INDEXES),
+        (DEAD, DEAD_INDEXES),
+        (SUBSCRIPTIONS, SUBSCRIPTION_INDEXES),
+        (WORKERS, WORKER_INDEXES),
+    ):
+        for keys, options in indexes:
+            await db[collection].create_index(keys, **options)
+    async for index in await db[RETRY].list_indexes():
+        keys = [(str(name), int(direction)) for name, direction in index["key"].items()]
+        if keys in RETIRED_RETRY_INDEXES:
+            try:
+                await db[RETRY].drop_index(index["name"])
+            except OperationFailure as exc:
+                if exc.code != _INDEX_NOT_FOUND:  # another process dropped it first
+                    raise
 
 
 async def _backfill_failure_groups(db: AsyncDatabase[Doc]) -> None:
@@ -128,7 +216,7 @@ async def _backfill_failure_groups(db: AsyncDatabase[Doc]) -> None:
     batch = BACKFILL_BATCH
     dead = db[DEAD]
     after: Any = None
-    projection = {"handler_name": 1, "error_type": 1, "error": 1}
+    projection = {"handler_name": 1, "error_type": 1, "error": 1, "service": 1}
     while True:
         query: Doc = {"failure_group": None}
         if after is not None:

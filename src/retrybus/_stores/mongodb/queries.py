@@ -15,20 +15,27 @@ from typing import Any
 from ..._filters import DeadLetterFilter
 from ..._groups import GroupCount
 from ..._records import RetryKind
+from ..._services import DEFAULT_SERVICE
 from .common import Doc
 
 __all__ = [
     "DEAD_GROUP_DEFAULTS",
+    "RETRY_GROUP_DEFAULTS",
     "before_position",
     "claim_candidates",
     "dead_letter_query",
+    "dead_loads_pipeline",
     "earlier",
     "group_counts",
     "group_pipeline",
+    "handler_scope",
     "kind_counts_pipeline",
     "kind_query",
     "lease_free",
     "not_earlier",
+    "read_moment",
+    "retry_loads_pipeline",
+    "service_scope",
     "split_time",
 ]
 
@@ -50,7 +57,22 @@ DEAD_GROUP_DEFAULTS: Mapping[str, str] = {
     "handler_name": "unknown",
     "event_type": "unknown",
     "reason": "",
+    "service": DEFAULT_SERVICE,
 }
+# likewise, the retry items' fields they are grouped by
+RETRY_GROUP_DEFAULTS: Mapping[str, str] = {
+    "handler_name": "",
+    "event_type": "",
+    "service": DEFAULT_SERVICE,
+}
+
+
+def service_scope(service: str) -> Any:
+    """The condition on the field ``service`` that selects the records of
+    ``service``. The default service's matches a document without the field
+    too: written before layout 3, or by a layout-2 process during a rolling
+    upgrade (the codec reads it as one of the default service)."""
+    return {"$in": [DEFAULT_SERVICE, None]} if service == DEFAULT_SERVICE else service
 
 
 def split_time(moment: datetime) -> tuple[datetime, int]:
@@ -104,53 +126,134 @@ def kind_query(kind: RetryKind, now: datetime | None) -> Doc:
     return {**due, "attempt": 0}
 
 
-def kind_counts_pipeline(now: datetime) -> list[Doc]:
-    """One ``$group`` counting the retries, pending and scheduled deliveries at
-    ``now`` (the fields ``retry``, ``pending``, ``scheduled``), comparing
-    ``next_retry`` to the microsecond as ``earlier`` does."""
+def _at_or_before(name: str, now: datetime) -> Doc:
+    """Expression: the time field ``name`` is at ``now`` or before it, to the
+    microsecond (as ``earlier(..., or_equal=True)`` filters)."""
     ms, extra = split_time(now)
-    due: Doc = {
+    return {
         "$or": [
-            {"$lt": ["$next_retry", ms]},
+            {"$lt": [f"${name}", ms]},
             {
                 "$and": [
-                    {"$eq": ["$next_retry", ms]},
-                    {"$lte": [{"$ifNull": ["$next_retry_us", 0]}, extra]},
+                    {"$eq": [f"${name}", ms]},
+                    {"$lte": [{"$ifNull": [f"${name}_us", 0]}, extra]},
                 ]
             },
         ]
     }
+
+
+def _after(name: str, now: datetime) -> Doc:
+    """Expression: the time field ``name`` is after ``now``, to the microsecond
+    (false for none: null and a missing field sort before every date)."""
+    ms, extra = split_time(now)
+    return {
+        "$or": [
+            {"$gt": [f"${name}", ms]},
+            {
+                "$and": [
+                    {"$eq": [f"${name}", ms]},
+                    {"$gt": [{"$ifNull": [f"${name}_us", 0]}, extra]},
+                ]
+            },
+        ]
+    }
+
+
+def _count(condition: Doc) -> Doc:
+    return {"$sum": {"$cond": [condition, 1, 0]}}
+
+
+def kind_counts_pipeline(now: datetime) -> list[Doc]:
+    """One ``$group`` counting the retries, pending and scheduled deliveries at
+    ``now`` (the fields ``retry``, ``pending``, ``scheduled``), comparing
+    ``next_retry`` to the microsecond as ``earlier`` does."""
+    due = _at_or_before("next_retry", now)
     first: Doc = {"$eq": ["$attempt", 0]}
-
-    def count(condition: Doc) -> Doc:
-        return {"$sum": {"$cond": [condition, 1, 0]}}
-
     return [
         {
             "$group": {
                 "_id": None,
-                "retry": count({"$not": [first]}),
-                "pending": count({"$and": [first, due]}),
-                "scheduled": count({"$and": [first, {"$not": [due]}]}),
+                "retry": _count({"$not": [first]}),
+                "pending": _count({"$and": [first, due]}),
+                "scheduled": _count({"$and": [first, {"$not": [due]}]}),
             }
         }
     ]
 
 
-def claim_candidates(now: datetime, handlers: list[str] | None) -> Doc:
-    """Filter: the retry items that may be claimable at ``now`` (of ``handlers``
-    only, unless None): due, and no lease or one that ran out, both compared to
-    the millisecond. That is a superset, by the items whose time falls in the
-    millisecond of ``now`` but after it: the caller checks the microseconds of
-    what it reads, and leases with a compare-and-set. Every condition is on one
-    field, with no operator at the top level, so that the server narrows the
-    scan by index bounds (mongod) or by the first indexed field (SecantusDB,
-    which scans the collection for a query with a top-level ``$and``/``$or``):
-    ``handler_name`` comes first, then ``next_retry``."""
+def handler_scope(service: str | None, handlers: list[str] | None) -> Doc:
+    """Filter: the retry items of ``service``'s ``handlers`` (None: of any service,
+    of any handler). A document without a handler name (damaged, or written by
+    hand) is every handler's of its service: claimed, it is dead-lettered as
+    undecodable instead of lingering. ``handler_name`` comes before
+    ``service``: mongod plans on the (service, handler_name, next_retry, …)
+    index whatever the order, SecantusDB looks up the first field it has an
+    index for (so it reads the named handlers' items, not the whole service's)."""
+    scope: Doc = {} if handlers is None else {"handler_name": {"$in": [*handlers, None]}}
+    if service is not None:
+        scope["service"] = service_scope(service)
+    return scope
+
+
+# what a record of each (service, handler) is grouped under (``HandlerLoad``)
+_LOAD_KEY: Doc = {
+    "service": {"$ifNull": ["$service", DEFAULT_SERVICE]},
+    "handler_name": {"$ifNull": ["$handler_name", "unknown"]},
+}
+
+
+def retry_loads_pipeline(now: datetime) -> list[Doc]:
+    """One ``$group`` per (service, handler) of the retry queue at ``now``: its
+    records of each kind (``pending``, ``scheduled``, ``retrying``), those a live
+    lease holds (``leased``) and the earliest ``next_retry`` of its pending ones
+    (``oldest``, a ``{t, us}`` document; null when none is pending)."""
+    due = _at_or_before("next_retry", now)
+    first: Doc = {"$eq": ["$attempt", 0]}
+    pending: Doc = {"$and": [first, due]}
+    return [
+        {
+            "$group": {
+                "_id": _LOAD_KEY,
+                "pending": _count(pending),
+                "scheduled": _count({"$and": [first, {"$not": [due]}]}),
+                "retrying": _count({"$not": [first]}),
+                "leased": _count(_after("lease_until", now)),
+                "oldest": {"$min": {"$cond": [pending, _moment_of("next_retry"), None]}},
+            }
+        }
+    ]
+
+
+def dead_loads_pipeline() -> list[Doc]:
+    """One ``$group`` per (service, handler) of the dead letter queue: its dead
+    letters processed and not (``processed``, ``unprocessed``)."""
+    processed: Doc = {"$eq": ["$processed", True]}
+    return [
+        {
+            "$group": {
+                "_id": _LOAD_KEY,
+                "processed": _count(processed),
+                "unprocessed": _count({"$not": [processed]}),
+            }
+        }
+    ]
+
+
+def claim_candidates(now: datetime, handlers: list[str] | None, service: str | None = None) -> Doc:
+    """Filter: the retry items that may be claimable at ``now`` (of ``service``'s
+    ``handlers`` only: ``handler_scope``): due, and no lease or one that ran
+    out, both compared to the millisecond. That is a superset, by the items
+    whose time falls in the millisecond of ``now`` but after it: the caller
+    checks the microseconds of what it reads, and leases with a compare-and-set.
+    Every condition is on one field, with no operator at the top level, so that
+    the server narrows the scan by index bounds (mongod: the (service,
+    handler_name, next_retry, …) index) or by the first indexed field
+    (SecantusDB, which scans the collection for a query with a top-level
+    ``$and``/``$or``): ``handler_name`` comes first, then ``service``, then
+    ``next_retry``."""
     ms, _extra = split_time(now)
-    # a document without a handler name (damaged, or written by hand) is every
-    # worker's: claimed, it is dead-lettered as undecodable instead of lingering
-    query: Doc = {} if handlers is None else {"handler_name": {"$in": [*handlers, None]}}
+    query = handler_scope(service, handlers)
     query["next_retry"] = {"$lte": ms}
     query["lease_until"] = {"$not": {"$gt": ms}}  # none (null or missing), or ran out
     return query
@@ -178,6 +281,8 @@ def dead_letter_query(where: DeadLetterFilter) -> Doc:
         value = getattr(where, attribute)
         if value is not None:
             query[field] = value
+    if where.service is not None:
+        query["service"] = service_scope(where.service)
     ranges: list[Doc] = []
     if where.created_after is not None:
         ranges.append(not_earlier("created_at", where.created_after))
@@ -223,7 +328,8 @@ def group_pipeline(
     ]
 
 
-def _moment(part: Mapping[str, Any]) -> datetime:
+def read_moment(part: Mapping[str, Any]) -> datetime:
+    """The time of a ``{t, us}`` document a pipeline made (``_moment_of``)."""
     value = part.get("t")
     if not isinstance(value, datetime):
         return _EPOCH  # a hand-written document without the time reads back so
@@ -244,8 +350,8 @@ def group_counts(docs: list[Doc], *, newest: bool) -> list[GroupCount]:
             GroupCount(
                 key=str(doc["_id"]),
                 count=int(doc["count"]),
-                first_at=_moment(doc["first"]),
-                last_at=_moment(doc["last"]),
+                first_at=read_moment(doc["first"]),
+                last_at=read_moment(doc["last"]),
                 sample_id=str(sample["id"]),
             )
         )

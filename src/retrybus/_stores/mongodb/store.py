@@ -28,6 +28,15 @@ incremented after the change, outside any transaction: they are statistics,
 and one hot counter document inside every transaction would make concurrent
 workers conflict on it.
 
+Services. Each record has its service (``service``; a document without it, as
+a layout-2 process writes it, is the default service's, and queries for the
+default service match a missing field too). A claim or ``next_due`` for a
+service's handlers reads only their items, through the (service, handler_name,
+next_retry, …) index. The sweep of a removed handler's records
+(``dead_letter_unsubscribed``) moves them as expiry does, each only if still as
+read (as a claim's compare-and-set), in one transaction where the server has
+them.
+
 Pending deliveries (``record_pending``) are one unordered ``insert_many``: ids
 already stored fail as duplicates and are skipped, the rest are inserted, in one
 round trip and outside any transaction (each record stands alone; a batch cut
@@ -48,7 +57,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from bson.codec_options import CodecOptions
@@ -76,9 +85,10 @@ from ..._outcomes import (
     corrupt_to_dead_letter,
 )
 from ..._records import DeadLetterItem, RetryItem
+from ..._services import unsubscribed_reason
 from .._codec import decode_or_corrupt
 from .._url import redact
-from ..base import Store, outside_default
+from ..base import Store
 from .admin import MongoAdmin
 from .codec import (
     dead_letter_document,
@@ -88,9 +98,17 @@ from .codec import (
     retry_from_document,
     time_fields,
 )
-from .common import COUNTERS, DEAD, RETRY, Doc, Session
+from .common import COUNTERS, DEAD, RETRY, SUBSCRIPTIONS, Doc, Session
 from .migrate import set_up
-from .queries import claim_candidates, earlier, lease_free
+from .queries import (
+    claim_candidates,
+    earlier,
+    handler_scope,
+    lease_free,
+    service_scope,
+    split_time,
+)
+from .services import MongoServices
 
 __all__ = ["DEFAULT_TIMEOUT", "MongoStore"]
 
@@ -161,12 +179,13 @@ def _claims_of(doc: Mapping[str, Any]) -> int:
     return 0
 
 
-def _claimable(doc: Mapping[str, Any], now: datetime) -> bool:
+def _claimable(doc: Mapping[str, Any], now: datetime, *, due: bool = True) -> bool:
     """Whether an item ``claim_candidates`` matched (to the millisecond) is
-    claimable at ``now`` to the microsecond. A damaged one is: the worker
-    dead-letters it as a corrupt record."""
+    claimable at ``now`` to the microsecond (without ``due``: whether no live
+    lease holds it, due or not). A damaged one is: the worker dead-letters it
+    as a corrupt record."""
     try:
-        if read_time(doc, "next_retry") > now:
+        if due and read_time(doc, "next_retry") > now:
             return False
         return doc.get("lease_until") is None or read_time(doc, "lease_until") <= now
     except (KeyError, TypeError, ValueError):
@@ -266,18 +285,31 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= 300 else line[:299] + "…"
 
 
+def _due_order(doc: Mapping[str, Any]) -> tuple[datetime, int, str]:
+    """A stored item's place in claim order (``_CLAIM_ORDER``); a damaged time first."""
+    value = doc.get("next_retry")
+    extra = doc.get("next_retry_us")
+    return (
+        value if isinstance(value, datetime) else _EPOCH,
+        extra if isinstance(extra, int) and not isinstance(extra, bool) else 0,
+        str(doc["_id"]),
+    )
+
+
 def _claim_order(record: RetryItem | CorruptRecord) -> tuple[int, datetime, str]:
     if isinstance(record, CorruptRecord):
         return (0, _EPOCH, record.id)
     return (1, record.next_retry, record.id)
 
 
-class MongoStore(MongoAdmin, Store):
+class MongoStore(MongoAdmin, MongoServices, Store):
     """Both queues in one MongoDB database (``mongodb://host:27017/dbname``).
 
     URL options: ``timeout`` (seconds, default 5) bounds how long an operation
     waits for a reachable server; every other option is pymongo's.
     """
+
+    keeps_services: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -698,12 +730,10 @@ class MongoStore(MongoAdmin, Store):
         service: str | None = None,
         handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
-        if outside_default(service):  # holds default-service records only
-            return []
         names = None if handlers is None else sorted(set(handlers))
         if limit <= 0 or names == []:
             return []
-        candidates = claim_candidates(now, names)
+        candidates = claim_candidates(now, names, service)
         lease = {
             "lease_owner": owner,
             **time_fields("lease_until", lease_until),
@@ -863,14 +893,12 @@ class MongoStore(MongoAdmin, Store):
     async def next_due(
         self, handlers: Collection[str] | None = None, *, service: str | None = None
     ) -> datetime | None:
-        if outside_default(service):  # holds default-service records only
-            return None
         names = None if handlers is None else sorted(set(handlers))
         if names == []:
             return None
-        # handlers first: the index on (handler_name, next_retry, …) serves both reads;
-        # a document without a handler name is every worker's (as in claim_candidates)
-        scope: Doc = {} if names is None else {"handler_name": {"$in": [*names, None]}}
+        # the index on (service, handler_name, next_retry, …) serves both reads; a
+        # document without a handler name is every worker's of its service
+        scope = handler_scope(service, names)
         async with self._errors() as db:
             retry = db[RETRY]
             times: list[datetime] = []
@@ -943,6 +971,86 @@ class MongoStore(MongoAdmin, Store):
                         moved.append(dead)
                     else:
                         skip.add(str(doc["_id"]))  # claimed meanwhile: leave it to its worker
+            return moved
+
+        moved = await self._atomically(run)
+        await self._count(retry_dead_lettered=len(moved))
+        return moved
+
+    async def dead_letter_unsubscribed(self, *, now: datetime, limit: int) -> list[DeadLetterItem]:
+        """Reads the tombstones, then each tombstoned handler's unleased records
+        in due order (one indexed query per handler: tombstones are few), and
+        moves the earliest ``limit`` of them as ``expire_retry`` does: each
+        leased only if still as read (a claim meanwhile leaves it to its worker),
+        in one transaction where the server has them. A handler registered again
+        between the read of its tombstone and the move loses what is moved in
+        that instant (the sweep after a removal is a safety net, not a fence)."""
+        if limit < 1:
+            return []
+        async with self._errors() as db:
+            tombstones = await (
+                db[SUBSCRIPTIONS]
+                .find(
+                    {"removed_at": {"$ne": None}},
+                    {"service": 1, "handler_name": 1, "removed_by": 1},
+                )
+                .to_list()
+            )
+        removed = {
+            (str(doc.get("service")), str(doc.get("handler_name"))): str(
+                doc.get("removed_by") or "unknown"
+            )
+            for doc in tombstones
+        }
+        if not removed:
+            return []
+        ms, _extra = split_time(now)
+
+        async def run(session: Session) -> list[DeadLetterItem]:
+            db = await self._database()
+            retry = db[RETRY]
+            moved: list[DeadLetterItem] = []
+            passed: set[Any] = set()  # leased (to the microsecond) or claimed meanwhile
+            while len(moved) < limit:
+                wanted = limit - len(moved)
+                found: list[tuple[Doc, str]] = []
+                for (service, handler_name), actor in removed.items():
+                    # lease free to the millisecond (the microseconds are checked
+                    # below); of that handler by name (a nameless record is not its)
+                    query: Doc = {
+                        "handler_name": handler_name,
+                        "service": service_scope(service),
+                        "lease_until": {"$not": {"$gt": ms}},
+                    }
+                    if passed:
+                        query["_id"] = {"$nin": sorted(passed)}
+                    docs = (
+                        await retry.find(query, session=session)
+                        .sort(_CLAIM_ORDER)
+                        .limit(wanted)
+                        .to_list()
+                    )
+                    reason = unsubscribed_reason(service, handler_name, actor)
+                    found += [(doc, reason) for doc in docs]
+                if not found:
+                    break
+                found.sort(key=lambda entry: _due_order(entry[0]))
+                for doc, reason in found[:wanted]:
+                    if not _claimable(doc, now, due=False):
+                        passed.add(doc["_id"])
+                        continue
+                    record = decode_or_corrupt(doc, retry_from_document, id_field="_id")
+                    dead = (
+                        corrupt_to_dead_letter(record, now, reason)
+                        if isinstance(record, CorruptRecord)
+                        else record.to_dead_letter(
+                            reason=reason, now=now, attempt=max(record.attempt - 1, 0)
+                        )
+                    )
+                    if await self._move(db, _as_read(doc), dead_letter_document(dead), session):
+                        moved.append(dead)
+                    else:
+                        passed.add(doc["_id"])
             return moved
 
         moved = await self._atomically(run)
