@@ -4,6 +4,13 @@ the hot half of the protocol (what publish and the workers use on every delivery
 Every write is one script of ``scripts.lua``, run with every key of ``KEY_NAMES`` and
 the prefix: atomic, and one round trip. The admin half is ``RedisAdmin``
 (``admin.py``), which ``RedisStore`` inherits.
+
+Services (key layout 4): a record carries its service, and each (service, handler)
+has a due set of its own, its lane (``codec.lane``): a claim or ``next_due`` for a
+service and its handlers reads those lanes' sets only, so that no service's backlog
+is read by another's claims. The default service's lanes are the due sets layout 3
+keeps per handler: nothing moved, and a process of layout 3 still running keeps
+claiming its handlers' (default-service) items.
 """
 
 from __future__ import annotations
@@ -36,9 +43,9 @@ from ..._records import DeadLetterItem, RetryItem
 from .._codec import text_time
 from .._queries import load_queries
 from .._url import redact, split
-from ..base import Store, outside_default
+from ..base import Store
 from .admin import RedisAdmin
-from .codec import dead_texts, decode_retry, from_score, retry_json, to_score
+from .codec import dead_texts, decode_retry, from_score, lane, retry_json, to_score
 from .common import CHUNK, pairs, text
 from .migrate import upgrade_layout
 
@@ -168,6 +175,16 @@ class RedisStore(RedisAdmin, Store):
         await self.health()
         await self._upgrade_layout()
 
+    async def migrate(self) -> int | None:
+        """Upgrade the key layout now, and index by service every dead letter a
+        process of layout 3 wrote or changed, whatever the quick check on connect
+        says (``migrate.upgrade_layout``): run it once the last process of layout 3
+        has stopped."""
+        await self.health()
+        await upgrade_layout(self._command, self._run, self._key, thorough=True)
+        self._layout_ready = True
+        return await self.schema_version()
+
     async def _upgrade_layout(self) -> None:
         """Bring the key layout up to ``LAYOUT_VERSION`` (``migrate.upgrade_layout``),
         once per store object."""
@@ -282,11 +299,10 @@ class RedisStore(RedisAdmin, Store):
         service: str | None = None,
         handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
-        """One script: the front of each of the handlers' due sets (``P:retry:due:H``;
-        with none given, of every handler's, from ``P:retry:handlers``), merged by due
-        time, so that no other handler's items are read."""
-        if outside_default(service):  # holds default-service records only
-            return []
+        """One script: the front of each of the lanes' due sets (``P:retry:due:L``:
+        the service's handlers'; without a service or handlers, of every lane that
+        matches, from ``P:retry:handlers``), merged by due time, so that no other
+        lane's items are read."""
         if limit <= 0 or (handlers is not None and not handlers):
             return []
         await self._upgrade_layout()  # the due sets are layout 3's
@@ -298,7 +314,7 @@ class RedisStore(RedisAdmin, Store):
             owner,
             to_score(lease_until),
             touched,
-            *_handler_args(handlers),
+            *_lane_args(service, handlers),
         )
         # the lease is what the script wrote; exact times come from the arguments
         return [
@@ -335,7 +351,7 @@ class RedisStore(RedisAdmin, Store):
                     item.id,
                     retry_json(item),
                     to_score(item.next_retry),
-                    item.handler_name,
+                    lane(item.service, item.handler_name),
                     _flag(outcome.first_delivery),
                 )
             elif isinstance(outcome, DeadLettered):
@@ -363,14 +379,12 @@ class RedisStore(RedisAdmin, Store):
     async def next_due(
         self, handlers: Collection[str] | None = None, *, service: str | None = None
     ) -> datetime | None:
-        """The first entry of each of the handlers' due sets (one script; with none
-        given, of every handler's, from ``P:retry:handlers``)."""
-        if outside_default(service):  # holds default-service records only
-            return None
+        """The first entry of each of the lanes' due sets (one script; without a
+        service or handlers, of every lane that matches, from ``P:retry:handlers``)."""
         if handlers is not None and not handlers:
             return None
         await self._upgrade_layout()
-        score = await self._run("next_due", *_handler_args(handlers))
+        score = await self._run("next_due", *_lane_args(service, handlers))
         return None if score is None else from_score(score)
 
     async def expire_retry(
@@ -423,26 +437,27 @@ class RedisStore(RedisAdmin, Store):
 
 def _item_args(item: RetryItem) -> tuple[Any, ...]:
     """What ``record_failures`` and ``record_pending`` take of a new item: id, record,
-    next_retry, created_at, handler, claim (time and owner) or '', lease end or '',
+    next_retry, created_at, lane, claim (time and owner) or '', lease end or '',
     claims."""
     return (
         item.id,
         retry_json(item),
         to_score(item.next_retry),
         to_score(item.created_at),
-        item.handler_name,
+        lane(item.service, item.handler_name),
         "" if item.lease_owner is None else text_time(item.updated_at) + item.lease_owner,
         "" if item.lease_until is None else to_score(item.lease_until),
         item.claims,
     )
 
 
-def _handler_args(handlers: Collection[str] | None) -> list[Any]:
-    """A script's handler arguments: how many (-1: every handler) and their names."""
+def _lane_args(service: str | None, handlers: Collection[str] | None) -> list[Any]:
+    """A script's lane arguments (``lane_args`` in ``scripts.lua``): the service
+    ('': any), how many handlers (-1: every handler) and their names."""
     if handlers is None:
-        return [-1]
+        return ["" if service is None else service, -1]
     names = list(dict.fromkeys(handlers))
-    return [len(names), *names]
+    return ["" if service is None else service, len(names), *names]
 
 
 def _flag(value: bool) -> str:
