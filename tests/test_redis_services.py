@@ -2,8 +2,9 @@
 the upgrade from layout 3 (no retry item moves; every record reads as the default
 service's), the keys each service's records get (a default-service record is written
 as layout 3 wrote it), claims that read only the lanes asked for, dead letters that a
-process of layout 3 still running writes or deletes, and the walks of ``group_retry``
-and ``list_retry`` against the memory reference.
+process of layout 3 still running writes or deletes, the subscription rows, the
+fences of ``dead_letter_unsubscribed``, and the walks of ``service_loads``,
+``group_retry`` and ``list_retry`` against the memory reference.
 
 Needs a Redis server (``RETRYBUS_TEST_REDIS_URL``, default redis://127.0.0.1:6379/0):
 without one these tests skip, or fail when CI=true.
@@ -26,9 +27,11 @@ from retrybus import DeadLetterFilter, ManualClock, RetryItem
 from retrybus._event import Event
 from retrybus._outcomes import CorruptRecord, Rescheduled, Succeeded
 from retrybus._records import DeadLetterItem, ErrorInfo
+from retrybus._services import StoredSubscription
 from retrybus._stores.memory import MemoryStore
 from retrybus._stores.redis import LAYOUT_VERSION, RedisStore
 from retrybus._stores.redis import admin as redis_admin
+from retrybus._stores.redis import store as redis_store_module
 from retrybus._stores.redis.codec import dead_texts, retry_json, to_score
 
 
@@ -265,6 +268,12 @@ async def test_a_store_of_layout_three_opens_as_layout_four_and_reads_all_as_def
             assert await upgraded.count_dead(DeadLetterFilter(service="billing")) == 0
             groups = await upgraded.group_dead("service", everything, limit=10)
             assert [(g.key, g.count) for g in groups] == [("default", 5)]
+            loads = await upgraded.service_loads(clock.now())
+            assert [(x.service, x.handler_name, x.queued, x.leased) for x in loads] == [
+                ("default", "a", 4, 1),
+                ("default", "b", 4, 0),
+            ]
+            assert (loads[0].dead_processed, loads[0].dead_unprocessed) == (1, 2)
             # the default service's claims read the due sets layout 3 made
             assert await upgraded.next_due(["a"], service="billing") is None
             assert await upgraded.next_due(["a"], service="default") == items[4].next_retry
@@ -432,6 +441,111 @@ async def test_connect_reads_the_recent_dead_letters_and_the_rest_only_if_counts
     assert await redis_store.count_dead(DeadLetterFilter(service="default")) == 4 + 50
 
 
+# subscriptions ---------------------------------------------------------------------------
+
+
+def subscription(handler: str, **terms: Any) -> StoredSubscription:
+    stamp = ManualClock().now()
+    values: dict[str, Any] = {
+        "service": "billing",
+        "handler_name": handler,
+        "patterns": ("order.*", "zahlung.eingegangen"),
+        "policy": "ExponentialBackoff(max_retries=3)",
+        "max_retries": 3,
+        "handler_timeout": 30.0,
+        "registered_at": stamp,
+        "updated_at": stamp,
+        "details": {"b": 1, "a": {"y": [1, 2], "x": "ü"}},
+    }
+    values.update(terms)
+    return StoredSubscription(**values)
+
+
+async def test_subscription_terms_compare_as_canonical_json(
+    redis_store: RedisStore, raw: aioredis.Redis, clock: ManualClock
+) -> None:
+    now = clock.now()
+    first = await redis_store.put_subscriptions(
+        "billing", [subscription("charge")], prune=False, now=now, actor='w/1 "quoted"'
+    )
+    assert first.added == ("charge",)
+    row = await raw.hget(f"{redis_store.prefix}:subs", "billing\0charge")
+    assert row is not None
+    assert json.loads(row)["terms"]["details"] == {"a": {"x": "ü", "y": [1, 2]}, "b": 1}
+    assert await raw.get(f"{redis_store.prefix}:subs:revision") == "1"
+    # the same terms in another key order, a whole-number timeout: unchanged
+    same = subscription(
+        "charge", details={"a": {"x": "ü", "y": [1, 2]}, "b": 1}, handler_timeout=30
+    )
+    again = await redis_store.put_subscriptions(
+        "billing", [same], prune=True, now=now + timedelta(seconds=1), actor="w"
+    )
+    assert again.unchanged == ("charge",)
+    assert not again.wrote
+    assert await raw.hget(f"{redis_store.prefix}:subs", "billing\0charge") == row
+    # a removal by anyone keeps the actor's text exactly
+    await redis_store.remove_subscriptions("billing", None, now=now, actor='ops "bob" \\ /')
+    (tombstone,) = await redis_store.list_subscriptions("billing", removed=True)
+    assert tombstone.removed_by == 'ops "bob" \\ /'
+    assert tombstone.details == {"a": {"x": "ü", "y": [1, 2]}, "b": 1}
+    assert tombstone.patterns == ("order.*", "zahlung.eingegangen")
+
+
+async def test_dead_lettering_the_unsubscribed_moves_only_what_is_still_as_it_read(
+    redis_store: RedisStore, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the read and the move: a handler back, or an item claimed, stays."""
+    now = clock.now()
+    items = [pending(clock, n, service="billing", due_in=-n) for n in range(3)]
+    other = pending(clock, 9, "g", service="billing")
+    await redis_store.record_pending([*items, other])
+    terms = [subscription("h"), subscription("g")]
+    await redis_store.put_subscriptions("billing", terms, prune=False, now=now, actor="w")
+    await redis_store.remove_subscriptions("billing", ["h", "g"], now=now, actor="alice")
+    run = redis_store._run
+    between: list[Callable[[], Awaitable[Any]]] = []
+
+    async def interposed(script: str, *args: Any) -> Any:
+        reply = await run(script, *args)
+        if script == "unsubscribed_candidates":
+            for step in between:
+                await step()
+        return reply
+
+    monkeypatch.setattr(redis_store, "_run", interposed)
+    between.append(
+        lambda: redis_store.put_subscriptions(
+            "billing", [subscription("g")], prune=False, now=now, actor="w"
+        )
+    )
+    between.append(lambda: claim(redis_store, clock, "billing", ["h"], limit=1))
+    moved = await redis_store.dead_letter_unsubscribed(now=now, limit=10)
+    # items[2] is due first: the claim took it; "g" came back
+    assert [letter.event_id for letter in moved] == ["e-1", "e-0"]
+    assert {letter.reason for letter in moved} == {"subscription removed: billing/h (by alice)"}
+    between.clear()
+    assert await redis_store.dead_letter_unsubscribed(now=now, limit=10) == []
+    left = {item.id for item in await redis_store.list_retry(limit=10, offset=0)}
+    assert left == {items[2].id, other.id}
+
+
+async def test_an_undecodable_record_of_a_removed_handler_is_dead_lettered_too(
+    redis_store: RedisStore, raw: aioredis.Redis, clock: ManualClock
+) -> None:
+    item = pending(clock, 1, service="billing")
+    await redis_store.record_pending([item])
+    await raw.hset(f"{redis_store.prefix}:retry:items", item.id, '{"attempt":0,"id": broken')
+    now = clock.now()
+    await redis_store.put_subscriptions(
+        "billing", [subscription("h")], prune=False, now=now, actor="w"
+    )
+    await redis_store.remove_subscriptions("billing", None, now=now, actor="a")
+    (letter,) = await redis_store.dead_letter_unsubscribed(now=now, limit=10)
+    assert letter.reason == "subscription removed: billing/h (by a)"
+    assert letter.error_type == "retrybus.CorruptRecord"
+    assert await redis_store.retry_count() == 0
+
+
 # walks against the reference -----------------------------------------------------------
 
 
@@ -467,12 +581,15 @@ async def _filled(store: RedisStore, clock: ManualClock) -> MemoryStore:
     return reference
 
 
-async def test_groups_and_listings_match_the_reference_in_small_chunks(
+async def test_service_loads_groups_and_listings_match_the_reference_in_small_chunks(
     redis_store: RedisStore, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(redis_admin, "GROUP_CHUNK", 4)
     monkeypatch.setattr(redis_admin, "CHUNK", 5)
     reference = await _filled(redis_store, clock)
+    for seconds in (0, 2, 120):
+        now = clock.now() + timedelta(seconds=seconds)
+        assert await redis_store.service_loads(now) == await reference.service_loads(now)
     for by in ("service", "handler_name", "event_type"):
         for limit in (1, 10):
             want = await reference.group_retry(by, limit=limit)  # type: ignore[arg-type]
@@ -504,6 +621,7 @@ async def test_service_of_records_in_another_field_order_is_read_whole(
         "service", limit=10
     )
     now = clock.now()
+    assert await redis_store.service_loads(now) == await reference.service_loads(now)
     broken = items[1]
     await raw.hset(f"{redis_store.prefix}:retry:items", broken.id, '{"service": nope')
     groups = {g.key: g.count for g in await redis_store.group_retry("service", limit=10)}
@@ -517,3 +635,16 @@ async def test_service_of_records_in_another_field_order_is_read_whole(
         handlers=[broken.handler_name],
     )
     assert broken.id in {r.id for r in got if isinstance(r, CorruptRecord)}
+
+
+def test_only_the_subscription_scripts_define_the_subscription_helpers() -> None:
+    """Every helper a script defines costs each call of it: the hot paths' scripts
+    (publish, claim, complete) define no subscription helper."""
+    lua = redis_store_module._LUA
+    assert set(lua) >= redis_store_module.SUBSCRIPTION_SCRIPTS
+    for name, body in lua.items():
+        script = redis_store_module._script(name, body)
+        keeps = "local function subscription_row" in script
+        assert keeps == (name in redis_store_module.SUBSCRIPTION_SCRIPTS), name
+    for name in ("record_pending", "claim_due", "complete", "record_failures"):
+        assert "subscription" not in redis_store_module._script(name, lua[name])

@@ -13,7 +13,8 @@ service), by the time each can be claimed: a worker's claim reads the front of i
 service's handlers' sets only, however many items of other handlers or services are
 due before them. Dead letters are indexed per value of each field one filters by
 (event type, handler, reason, failure group, service, processed; event id), which the
-dead letter queries walk (see ``admin``). The key layout has a version
+dead letter queries walk (see ``admin``). Each service's subscriptions and its
+workers' heartbeats are kept too (``services``). The key layout has a version
 (``P:schema``, ``LAYOUT_VERSION``): what an older one wrote gets the indexes it lacked
 on first use (``migrate``).
 
@@ -22,8 +23,8 @@ several buses share one database.
 
 The modules: ``store`` (``RedisStore``: the client, the scripts, errors, the watch and
 the hot half of the protocol), ``admin`` (the admin half, which it inherits),
-``migrate`` (the layout upgrade), ``codec`` (records, lanes, index entries and scores)
-and ``common`` (what they share).
+``services`` (the services half, likewise), ``migrate`` (the layout upgrade),
+``codec`` (records, lanes, index entries and scores) and ``common`` (what they share).
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ The key layout has a version (``P:schema``; none recorded is layout 1).
   name: no retry item moves, and a process of layout 3 still running keeps working
   on default-service records (its claims read its handlers' due sets only). Dead
   letters are indexed by service too (an 8th element of the index entry,
-  ``P:dead:service:S`` and ``P:dead:values:service``).
+  ``P:dead:service:S`` and ``P:dead:values:service``); the subscriptions
+  (``P:subs``, ``P:subs:revision``) and the workers' heartbeats (``P:workers``,
+  ``P:workers:seen``) are new keys.
 
 The retry queue steps run once, on first use (``connect()``, the first claim or the
 first dead letter query), ``CHUNK`` ids at a time, and are safe in several

@@ -1,5 +1,6 @@
 -- All Lua of the Redis store, one named script per block. The store prepends the
--- `helpers` block to every other block before registering it (EVALSHA).
+-- `helpers` block to every other block before registering it (EVALSHA), and the
+-- `subscription_helpers` block after it to the scripts that keep subscriptions.
 --
 -- Every script gets the same KEYS (see KEY_NAMES in store.py) and ARGV[1] = the key
 -- prefix, from which the per-value dead letter index keys and the per-lane due sets
@@ -47,6 +48,13 @@
 --   P:dead:values:type|handler|reason|group|service
 --                     sets  the values that have a non-empty per-value zset (grouping)
 --   P:dead:events     zset  event_id NUL id, all scored 0 (by event id, ZRANGEBYLEX)
+--   P:subs            hash  S NUL H -> a stored subscription (layout 4): JSON
+--                           {registered_at, updated_at, removed_at, removed_by,
+--                           revision, terms}, terms last (the canonical JSON of its
+--                           patterns, policy, max_retries, handler_timeout, details)
+--   P:subs:revision   string  the revision of the last subscription write (INCR)
+--   P:workers         hash  worker name -> its last heartbeat (JSON; layout 4)
+--   P:workers:seen    zset  worker name -> last_seen  (pruning)
 --   P:schema          string  the key layout version (migrate.py: LAYOUT_VERSION)
 --   P:dead_indexed_to string  a created_at score: the dead letters created until then
 --                           are indexed by service (layout 4; see migrate.py)
@@ -60,6 +68,7 @@ local K_ITEMS, K_NEXT, K_LEGACY, K_LEASED, K_CREATED = KEYS[1], KEYS[2], KEYS[3]
 local K_CLAIMS, K_COUNTERS = KEYS[6], KEYS[7]
 local K_DEAD, K_DEAD_CREATED, K_DEAD_INDEX = KEYS[8], KEYS[9], KEYS[10]
 local K_HANDLER_OF, K_HANDLERS, K_CLAIM_COUNT = KEYS[12], KEYS[13], KEYS[14]
+local K_SUBS, K_SUBS_REVISION, K_WORKERS, K_WORKERS_SEEN = KEYS[15], KEYS[16], KEYS[17], KEYS[18]
 local DEFAULT_SERVICE = 'default'
 local STAMP = 32 -- characters of the claim time at the start of a K_CLAIMS value
 local CHUNK = 500 -- members read per ZRANGE while walking an index
@@ -1348,3 +1357,314 @@ if redis.call('ZCARD', key) == 0 then
     redis.call('SREM', values_key('service'), service)
 end
 return n
+
+-- name: retry_loads
+-- ARGV: prefix, now, start, stop (ranks in next_retry, id order). Counts the items of
+-- that rank range per lane (P:retry:handler_of, else read from the record) and kind at
+-- now, and those a live lease holds. Returns {read, then per lane: the lane, retries,
+-- pending, scheduled, leased, the next_retry score of its first pending one or ''}.
+local now = tonumber(ARGV[2])
+local page = redis.call('ZRANGE', K_NEXT, ARGV[3], ARGV[4], 'WITHSCORES')
+local loads, order = {}, {}
+for j = 1, #page, 2 do
+    local id, score = page[j], tonumber(page[j + 1])
+    local json = redis.call('HGET', K_ITEMS, id)
+    local lane = json and (redis.call('HGET', K_HANDLER_OF, id) or lane_of(json))
+    if lane then
+        local load = loads[lane]
+        if load == nil then
+            load = { retry = 0, pending = 0, scheduled = 0, leased = 0, oldest = '' }
+            loads[lane] = load
+            order[#order + 1] = lane
+        end
+        local kind = kind_of(json, score, now)
+        load[kind] = load[kind] + 1
+        if kind == 'pending' and load.oldest == '' then -- ascending: the first is the oldest
+            load.oldest = page[j + 1]
+        end
+        local lease = redis.call('ZSCORE', K_LEASED, id)
+        if lease and tonumber(lease) > now then
+            load.leased = load.leased + 1
+        end
+    end
+end
+local out = { #page / 2 }
+for _, lane in ipairs(order) do
+    local load = loads[lane]
+    out[#out + 1] = lane
+    out[#out + 1] = load.retry
+    out[#out + 1] = load.pending
+    out[#out + 1] = load.scheduled
+    out[#out + 1] = load.leased
+    out[#out + 1] = load.oldest
+end
+return out
+
+-- name: dead_loads
+-- ARGV: prefix. The dead letters of each (service, handler) that has any: {service,
+-- handler, unprocessed, processed} each, from ZINTERCARD of the per-value sets (Redis
+-- 7: each costs the smaller set); without it, a walk of each service's set reading
+-- the index entries.
+local out = {}
+local handlers = redis.call('SMEMBERS', values_key('handler'))
+local done_key = value_key('processed', '1')
+for _, service in ipairs(redis.call('SMEMBERS', values_key('service'))) do
+    local key = value_key('service', service)
+    local fast = true
+    for _, handler in ipairs(handlers) do
+        local handler_key = value_key('handler', handler)
+        local total = redis.pcall('ZINTERCARD', 2, key, handler_key)
+        if type(total) ~= 'number' then
+            fast = false
+            break
+        end
+        if total > 0 then
+            local done = redis.call('ZINTERCARD', 3, key, handler_key, done_key)
+            out[#out + 1] = service
+            out[#out + 1] = handler
+            out[#out + 1] = total - done
+            out[#out + 1] = done
+        end
+    end
+    if not fast then
+        local counts, order = {}, {}
+        for start = 0, redis.call('ZCARD', key) - 1, CHUNK do
+            for _, id in ipairs(redis.call('ZRANGE', key, start, start + CHUNK - 1)) do
+                local index = redis.call('HGET', K_DEAD_INDEX, id)
+                if index then
+                    local ix = cjson.decode(index)
+                    local handler = tostring(ix[2])
+                    local count = counts[handler]
+                    if count == nil then
+                        count = { 0, 0 }
+                        counts[handler] = count
+                        order[#order + 1] = handler
+                    end
+                    local at = tonumber(ix[3]) == 1 and 2 or 1
+                    count[at] = count[at] + 1
+                end
+            end
+        end
+        for _, handler in ipairs(order) do
+            out[#out + 1] = service
+            out[#out + 1] = handler
+            out[#out + 1] = counts[handler][1]
+            out[#out + 1] = counts[handler][2]
+        end
+    end
+end
+return out
+
+-- name: subscription_helpers
+-- Prepended (after `helpers`) to the scripts that read or write P:subs only
+-- (SUBSCRIPTION_SCRIPTS in store.py): every helper costs each script call that
+-- defines it, the hot paths' included.
+
+-- a stored subscription row (see P:subs) from its fields as JSON texts, terms last
+local function subscription_row(registered, updated, removed_at, removed_by, revision, terms)
+    return '{"registered_at":' .. registered .. ',"updated_at":' .. updated .. ',"removed_at":'
+        .. removed_at .. ',"removed_by":' .. removed_by .. ',"revision":' .. revision
+        .. ',"terms":' .. terms .. '}'
+end
+
+-- the terms of a stored subscription row as they were written, and its other fields
+-- decoded (the first ',"terms":' is the field's: the fields before it are times,
+-- JSON-escaped text and a number; the terms are never decoded here)
+local function subscription_terms(row)
+    local at = string.find(row, ',"terms":', 1, true)
+    return string.sub(row, at + 9, -2)
+end
+
+local function subscription_meta(row)
+    local at = string.find(row, ',"terms":', 1, true)
+    return cjson.decode(string.sub(row, 1, at - 1) .. '}')
+end
+
+-- the revision of this script's subscription writes: the next one, taken (INCR) at the
+-- first write, so that a script that writes nothing leaves the revision as it is
+local revision_taken = nil
+local function subscriptions_revision()
+    if revision_taken == nil then
+        revision_taken = redis.call('INCR', K_SUBS_REVISION)
+    end
+    return revision_taken
+end
+
+-- tombstone subscription `key` (its stored row `row`) at `now` by `actor` (JSON texts)
+-- unless it is one already; returns whether it did
+local function tombstone(key, row, now, actor)
+    local old = subscription_meta(row)
+    if old.removed_at ~= cjson.null then
+        return false
+    end
+    redis.call('HSET', K_SUBS, key, subscription_row(
+        cjson.encode(old.registered_at), now, now, actor, subscriptions_revision(),
+        subscription_terms(row)
+    ))
+    return true
+end
+
+-- is subscription `key` a tombstone? (false for none)
+local function unsubscribed(key)
+    local row = redis.call('HGET', K_SUBS, key)
+    return row and subscription_meta(row).removed_at ~= cjson.null or false
+end
+
+-- name: put_subscriptions
+-- ARGV: prefix, service, now (JSON text), actor (JSON text), prune ('1'/'0'), n,
+--       n x (handler name, terms: canonical JSON, see P:subs)
+-- Stores each subscription of the service: new, or back after a removal (added:
+-- registered now), with other terms (changed: registered_at kept), or as it is
+-- (unchanged: not written); with prune, tombstones the service's other live ones.
+-- Every row written gets the same next revision. Returns {one character per
+-- subscription: 'a' added, 'c' changed, 'u' unchanged; then the handlers pruned}.
+local service, now, actor, prune = ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1'
+local flags, named = {}, {}
+for j = 7, 6 + 2 * tonumber(ARGV[6]), 2 do
+    local handler, terms = ARGV[j], ARGV[j + 1]
+    named[handler] = true
+    local key = service .. '\0' .. handler
+    local row = redis.call('HGET', K_SUBS, key)
+    local old = row and subscription_meta(row)
+    if not old or old.removed_at ~= cjson.null then
+        redis.call('HSET', K_SUBS, key, subscription_row(now, now, 'null', 'null', subscriptions_revision(), terms))
+        flags[#flags + 1] = 'a'
+    elseif subscription_terms(row) ~= terms then
+        redis.call('HSET', K_SUBS, key, subscription_row(
+            cjson.encode(old.registered_at), now, 'null', 'null', subscriptions_revision(), terms
+        ))
+        flags[#flags + 1] = 'c'
+    else
+        flags[#flags + 1] = 'u'
+    end
+end
+local out = { table.concat(flags) }
+if prune then
+    local head = service .. '\0'
+    local rows = redis.call('HGETALL', K_SUBS)
+    for j = 1, #rows, 2 do
+        local key = rows[j]
+        local handler = string.sub(key, #head + 1)
+        if string.sub(key, 1, #head) == head and not named[handler] and tombstone(key, rows[j + 1], now, actor) then
+            out[#out + 1] = handler
+        end
+    end
+end
+return out
+
+-- name: remove_subscriptions
+-- ARGV: prefix, service, now (JSON text), actor (JSON text), n (-1: every handler), n
+-- handler names. Tombstones the service's live subscriptions of those handlers (one
+-- next revision for all); returns the handlers removed.
+local service, now, actor, n = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local names = nil
+if n >= 0 then
+    names = {}
+    for j = 6, 5 + n do
+        names[ARGV[j]] = true
+    end
+end
+local head = service .. '\0'
+local out = {}
+local rows = redis.call('HGETALL', K_SUBS)
+for j = 1, #rows, 2 do
+    local key = rows[j]
+    local handler = string.sub(key, #head + 1)
+    if string.sub(key, 1, #head) == head and (names == nil or names[handler]) and tombstone(key, rows[j + 1], now, actor) then
+        out[#out + 1] = handler
+    end
+end
+return out
+
+-- name: forget_subscriptions
+-- ARGV: prefix, before (ISO text, as the rows keep their times: fixed width, UTC).
+-- Deletes the tombstones removed before it; the revision stays. Returns how many.
+local rows = redis.call('HGETALL', K_SUBS)
+local n = 0
+for j = 1, #rows, 2 do
+    local removed_at = subscription_meta(rows[j + 1]).removed_at
+    if removed_at ~= cjson.null and bytes_less(removed_at, ARGV[2]) then
+        n = n + redis.call('HDEL', K_SUBS, rows[j])
+    end
+end
+return n
+
+-- name: unsubscribed_candidates
+-- ARGV: prefix, now, limit. Read only: the tombstones of P:subs, and from the due set
+-- of each tombstoned lane, in its order, up to `limit` items no live lease holds at
+-- now. Returns {n, n x (subscription key, row), then per item: id, json, next_retry
+-- score, subscription key}.
+local now, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+local rows = redis.call('HGETALL', K_SUBS)
+local out, removed = { 0 }, {}
+for j = 1, #rows, 2 do
+    if subscription_meta(rows[j + 1]).removed_at ~= cjson.null then
+        out[1] = out[1] + 1
+        out[#out + 1] = rows[j]
+        out[#out + 1] = rows[j + 1]
+        removed[#removed + 1] = rows[j]
+    end
+end
+for _, key in ipairs(removed) do
+    local due = due_key(lane_for(split_lane(key)))
+    local found, start = 0, 0
+    while found < limit do
+        local page = redis.call('ZRANGE', due, start, start + CHUNK - 1)
+        for _, id in ipairs(page) do
+            local json = redis.call('HGET', K_ITEMS, id)
+            if found < limit and json and held(id, '0', '', now) then
+                found = found + 1
+                out[#out + 1] = id
+                out[#out + 1] = json
+                out[#out + 1] = redis.call('ZSCORE', K_NEXT, id) or ''
+                out[#out + 1] = key
+            end
+        end
+        if #page < CHUNK then
+            break
+        end
+        start = start + CHUNK
+    end
+end
+return out
+
+-- name: unsubscribed_move
+-- ARGV: prefix, now, n x (id, JSON as read, subscription key, dead id, dead json, dead
+-- index). Moves each item still as it was read, held by no live lease, whose
+-- subscription is still a tombstone; returns their ids.
+local now = tonumber(ARGV[2])
+local moved, removed = {}, {}
+for i = 3, #ARGV, 6 do
+    local id, key = ARGV[i], ARGV[i + 2]
+    if removed[key] == nil then
+        removed[key] = unsubscribed(key)
+    end
+    if removed[key] and (redis.call('HGET', K_ITEMS, id) or '') == ARGV[i + 1] and held(id, '0', '', now) then
+        drop_retry(id)
+        put_dead(ARGV[i + 3], ARGV[i + 4], ARGV[i + 5])
+        moved[#moved + 1] = id
+    end
+end
+if #moved > 0 then
+    redis.call('HINCRBY', K_COUNTERS, 'retry_dead_lettered', #moved)
+end
+return moved
+
+-- name: beat
+-- ARGV: prefix, worker name, heartbeat JSON, last_seen score
+redis.call('HSET', K_WORKERS, ARGV[2], ARGV[3])
+redis.call('ZADD', K_WORKERS_SEEN, ARGV[4], ARGV[2])
+return 1
+
+-- name: forget_worker
+-- ARGV: prefix, worker name. Returns 1 if it had a heartbeat, else 0.
+redis.call('ZREM', K_WORKERS_SEEN, ARGV[2])
+return redis.call('HDEL', K_WORKERS, ARGV[2])
+
+-- name: prune_workers
+-- ARGV: prefix, before score. Deletes the heartbeats last seen before it; returns how
+-- many.
+local names = redis.call('ZRANGEBYSCORE', K_WORKERS_SEEN, '-inf', '(' .. ARGV[2])
+bulk('HDEL', K_WORKERS, names)
+bulk('ZREM', K_WORKERS_SEEN, names)
+return #names

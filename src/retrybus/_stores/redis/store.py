@@ -3,7 +3,8 @@ the hot half of the protocol (what publish and the workers use on every delivery
 
 Every write is one script of ``scripts.lua``, run with every key of ``KEY_NAMES`` and
 the prefix: atomic, and one round trip. The admin half is ``RedisAdmin``
-(``admin.py``), which ``RedisStore`` inherits.
+(``admin.py``) and the services half ``RedisServices`` (``services.py``), which
+``RedisStore`` inherits.
 
 Services (key layout 4): a record carries its service, and each (service, handler)
 has a due set of its own, its lane (``codec.lane``): a claim or ``next_due`` for a
@@ -20,7 +21,7 @@ import contextlib
 import re
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 from urllib.parse import parse_qsl, urlencode
 
 import redis.asyncio as aioredis
@@ -48,11 +49,24 @@ from .admin import RedisAdmin
 from .codec import dead_texts, decode_retry, from_score, lane, retry_json, to_score
 from .common import CHUNK, pairs, text
 from .migrate import upgrade_layout
+from .services import RedisServices
 
 __all__ = ["KEY_NAMES", "RedisStore"]
 
 _LUA = load_queries("scripts.lua", __package__)
 _HELPERS = _LUA.pop("helpers")
+_SUBSCRIPTION_HELPERS = _LUA.pop("subscription_helpers")
+#: the scripts that get the subscription helpers too (the others do not define them:
+#: each helper a script defines costs every call of it)
+SUBSCRIPTION_SCRIPTS = frozenset(
+    {
+        "put_subscriptions",
+        "remove_subscriptions",
+        "forget_subscriptions",
+        "unsubscribed_candidates",
+        "unsubscribed_move",
+    }
+)
 #: the KEYS every script gets, in this order (suffixes of the prefix)
 KEY_NAMES = (
     "retry:items",
@@ -69,6 +83,10 @@ KEY_NAMES = (
     "retry:handler_of",
     "retry:handlers",
     "retry:claim_count",
+    "subs",
+    "subs:revision",
+    "workers",
+    "workers:seen",
 )
 _PREFIX = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _WATCH_RETRY = 1.0
@@ -86,8 +104,10 @@ _REDIS_OPTIONS = frozenset(URL_QUERY_ARGUMENT_PARSERS) | {
 _REFUSED_DATA = ("exceeds maximum allowed size", "invalid bulk length")
 
 
-class RedisStore(RedisAdmin, Store):
+class RedisStore(RedisAdmin, RedisServices, Store):
     """Both queues in Redis (``redis://host:6379/0?prefix=retrybus``)."""
+
+    keeps_services: ClassVar[bool] = True
 
     def __init__(self, url: str, *, redis_url: str | None = None, prefix: str = "retrybus") -> None:
         if not _PREFIX.match(prefix):
@@ -151,7 +171,7 @@ class RedisStore(RedisAdmin, Store):
         if self._client is None:
             client = self._new_client()
             self._scripts = {
-                name: client.register_script(f"{_HELPERS}\n{body}") for name, body in _LUA.items()
+                name: client.register_script(_script(name, body)) for name, body in _LUA.items()
             }
             self._client = client
         return self._client
@@ -433,6 +453,14 @@ class RedisStore(RedisAdmin, Store):
         values = await self._command("HGETALL", self._key("counters"))
         got = {text(name): int(value) for name, value in pairs(values)}
         return Counters(**{name: got.get(name, 0) for name in Counters.__dataclass_fields__})
+
+
+def _script(name: str, body: str) -> str:
+    """Script ``name`` of ``scripts.lua`` as it is registered: the helpers, then the
+    subscription helpers if it keeps subscriptions, then its body."""
+    if name in SUBSCRIPTION_SCRIPTS:
+        return f"{_HELPERS}\n{_SUBSCRIPTION_HELPERS}\n{body}"
+    return f"{_HELPERS}\n{body}"
 
 
 def _item_args(item: RetryItem) -> tuple[Any, ...]:
