@@ -353,7 +353,7 @@ async def test_items_of_layout_two_go_into_their_handlers_due_sets_on_first_use(
         upgraded = RedisStore.from_url(store_url(prefix))
         try:
             await upgraded.connect()
-            assert await raw.get(f"{prefix}:schema") == str(LAYOUT_VERSION) == "3"
+            assert await raw.get(f"{prefix}:schema") == str(LAYOUT_VERSION) == "4"
             assert await raw.zrange(f"{prefix}:retry:ready", 0, -1) == ["retry_broken"]
             assert await raw.zcard(f'{prefix}:retry:due:Mail"er') == 600
             assert await raw.smembers(f"{prefix}:retry:handlers") == {'Mail"er', "b", "c"}
@@ -405,7 +405,7 @@ async def test_the_first_claim_upgrades_a_store_not_connected_yet(
         fresh = RedisStore.from_url(store_url(prefix))  # not connected: first use upgrades
         try:
             assert [i.id for i in await claim(fresh, clock, ["h"])] == [leased.id]
-            assert await raw.get(f"{prefix}:schema") == "3"
+            assert await raw.get(f"{prefix}:schema") == str(LAYOUT_VERSION)
         finally:
             await fresh.close()
 

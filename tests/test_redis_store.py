@@ -93,7 +93,8 @@ async def test_every_key_lives_under_the_prefix_and_none_expires(
 
 def _dead_letters(count: int) -> list[DeadLetterItem]:
     """Dead letters of three types, four handlers, three reasons and a few failure groups,
-    some processed, many sharing a time, some events failing in two handlers."""
+    some processed, many sharing a time, some events failing in two handlers, most of
+    the default service and some of two others."""
     rng = random.Random(11)
     base = datetime(2025, 3, 1, tzinfo=UTC)
     letters = []
@@ -126,6 +127,7 @@ def _dead_letters(count: int) -> list[DeadLetterItem]:
             attempt=3,
             max_retries=3,
             now=created,
+            service=rng.choice(["default", "default", "billing", "shipping.eu"]),
         )
         letters.append(replace(letter, processed=rng.random() < 0.3))
     return letters
@@ -159,6 +161,12 @@ def _filters(letters: list[DeadLetterItem]) -> list[DeadLetterFilter]:
         DeadLetterFilter(event_id=sample.event_id, handler_name=sample.handler_name),
         DeadLetterFilter(event_id="no-such-event"),
         DeadLetterFilter(failure_group="grp_0000000000000000"),
+        DeadLetterFilter(service="billing"),
+        DeadLetterFilter(service="default", handler_name="A", processed=False),
+        DeadLetterFilter(service="shipping.eu", created_before=middle),
+        DeadLetterFilter(service=sample.service, failure_group=sample.failure_group),
+        DeadLetterFilter(service="billing", event_id=shared_event),
+        DeadLetterFilter(service="nobody"),
     ]
     return filters
 
@@ -189,6 +197,7 @@ def _cursor_filters(letters: list[DeadLetterItem]) -> list[DeadLetterFilter]:
         DeadLetterFilter(cursor=(middle, sample.id), failure_group=sample.failure_group),
         DeadLetterFilter(cursor=(middle, sample.id), event_id=shared_event),
         DeadLetterFilter(cursor=(tied, tied_ids[-1]), event_id=sample.event_id),
+        DeadLetterFilter(cursor=(middle, sample.id), service="default"),
     ]
 
 
@@ -303,7 +312,8 @@ async def test_dead_letters_of_layout_one_get_the_new_indexes_on_first_use(
 ) -> None:
     """Dead letters as the previous version wrote them (and no layout version) are
     back-filled when a store connects, in batches."""
-    letters = _dead_letters(1200)  # more than one HSCAN batch
+    # more than one HSCAN batch; all of the default service, as layout 1 knew no other
+    letters = [replace(letter, service="default") for letter in _dead_letters(1200)]
     reference = MemoryStore()
     await reference.record_failures([], letters)
     async with open_test_store() as store:
@@ -315,17 +325,19 @@ async def test_dead_letters_of_layout_one_get_the_new_indexes_on_first_use(
             assert isinstance(upgraded, RedisStore)
             assert await raw.get(f"{prefix}:schema") == str(LAYOUT_VERSION)
             indexes = await raw.hvals(f"{prefix}:dead:index")
-            assert {len(json.loads(index)) for index in indexes} == {7}
+            assert {len(json.loads(index)) for index in indexes} == {8}
             for where in _filters(letters)[-12:]:
                 await _assert_like_the_reference(upgraded, reference, where)
-        # the version is recorded: a store opened later does not scan again
+            assert await upgraded.count_dead(DeadLetterFilter(service="default")) == 1200
+        # one an older process writes later is indexed by the next store to start
+        # (tests/test_redis_services.py: the quick check that decides it)
         extra = _dead_letters(3)[0]
         await _write_layout_one(raw, prefix, extra)
         async with open_store(store_url(prefix)) as later:
             assert isinstance(later, RedisStore)
             index = await raw.hget(f"{prefix}:dead:index", extra.id)
             assert index is not None
-            assert len(json.loads(index)) == 4
+            assert len(json.loads(index)) == 8
 
 
 async def test_a_damaged_dead_letter_of_layout_one_is_indexed_as_it_is_shown(

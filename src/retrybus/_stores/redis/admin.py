@@ -2,8 +2,8 @@
 retry items and dead letters, and control records.
 
 Dead letters are indexed per value of each field one filters by (event type, handler,
-reason, failure group, processed: sorted sets by ``created_at``; event id: one
-lexicographic set). A query walks the most selective of the sets its filter names,
+reason, failure group, service, processed: sorted sets by ``created_at``; event id:
+one lexicographic set). A query walks the most selective of the sets its filter names,
 newest first, in one script: a page costs the members of that set up to the page's
 last match, a count with at most one such set is a ``ZCOUNT`` (with several and no
 time range or cursor, a ``ZINTERCARD``), and grouping without other conditions than
@@ -17,7 +17,8 @@ the server waits), as does a page deep into a filter naming several sets.
 ``group_retry`` has no index to use (the per-handler due sets that claims read are
 scored by when an item can be claimed, not by its ``next_retry``; one per event type
 would cost every retry): it reads the retry items in chunks of ``GROUP_CHUNK``, each
-chunk consistent, the whole not a snapshot while workers change the queue.
+chunk consistent, the whole not a snapshot while workers change the queue. Listing
+the retry items of one service walks the queue too (``CHUNK`` per script).
 
 Neither has a record's kind (``RetryKind``) an index: it is the record's ``attempt``
 (read from the front of its JSON, without decoding it) and its ``next_retry`` against
@@ -48,14 +49,12 @@ from ..base import (
     DeadLetterField,
     RetryField,
     check_retry_kind,
-    default_service_dead_groups,
-    default_service_retry_groups,
-    outside_default,
 )
 from .codec import (
     dead_letter,
     dead_texts,
     from_score,
+    lane,
     retry_from_reply,
     retry_json,
     strict,
@@ -74,6 +73,7 @@ _DEAD_KEY_NAMES = {
     "handler_name": "handler",
     "reason": "reason",
     "failure_group": "group",
+    "service": "service",
 }
 
 
@@ -123,11 +123,9 @@ class RedisAdmin(AdminStore):
         service: str | None = None,
     ) -> list[RetryItem]:
         check_retry_kind(kind, now)
-        if outside_default(service):  # holds default-service records only
-            return []
         if limit <= 0:
             return []
-        if handler_name is None and event_type is None and kind is None:
+        if handler_name is None and event_type is None and kind is None and service is None:
             reply = await self._run("page_retry", offset, offset + limit - 1)
             return strict(retry_from_reply(reply))
         # filtered: walk the queue in next_retry order (an admin listing, not a hot path),
@@ -146,8 +144,10 @@ class RedisAdmin(AdminStore):
             if not read:
                 break
             for item in strict(retry_from_reply(reply)):
-                if (handler_name is None or item.handler_name == handler_name) and (
-                    event_type is None or item.event_type == event_type
+                if (
+                    (handler_name is None or item.handler_name == handler_name)
+                    and (event_type is None or item.event_type == event_type)
+                    and (service is None or item.service == service)
                 ):
                     if skipped < offset:
                         skipped += 1
@@ -184,12 +184,10 @@ class RedisAdmin(AdminStore):
 
     async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
         """Counted per value of ``by`` from the records themselves (there is no index
-        per type, and the per-handler due sets are scored by when an item can be
+        per type, and the per-lane due sets are scored by when an item can be
         claimed, not by its ``next_retry``), ``GROUP_CHUNK`` items per script:
         O(queue length), and not a snapshot while workers change the queue."""
-        if by == "service":  # all of the default service
-            return await default_service_retry_groups(self, limit=limit)
-        if by not in ("handler_name", "event_type"):
+        if by not in ("handler_name", "event_type", "service"):
             raise ValueError(f"cannot group retry items by {by!r}")
         if limit <= 0:
             return []
@@ -246,8 +244,6 @@ class RedisAdmin(AdminStore):
     ) -> list[DeadLetterItem]:
         """Dead letters matching ``where``, newest first, from the most selective of
         the index sets the filter names (see the module)."""
-        if outside_default(where.service):  # holds default-service records only
-            return []
         if limit <= 0:
             return []
         await self._upgrade_layout()
@@ -262,8 +258,6 @@ class RedisAdmin(AdminStore):
         """A ``ZCOUNT`` when the filter names at most one index set (and no event id),
         a ``ZINTERCARD`` for several without a time range; otherwise a walk of the most
         selective one (see the module)."""
-        if outside_default(where.service):  # holds default-service records only
-            return 0
         await self._upgrade_layout()
         return int(await self._run("count_dead", *self._filter_args(where)))
 
@@ -273,10 +267,6 @@ class RedisAdmin(AdminStore):
         """Counted per value of ``by`` in one script: from the per-value sets when the
         filter has no other condition than a time range (and ``by``'s own value),
         otherwise by walking the matching dead letters' index entries (see the module)."""
-        if outside_default(where.service):  # holds default-service records only
-            return []
-        if by == "service":  # all of the default service
-            return await default_service_dead_groups(self, where, limit=limit)
         name = _DEAD_KEY_NAMES.get(by)
         if name is None:
             raise ValueError(f"cannot group dead letters by {by!r}")
@@ -333,7 +323,7 @@ class RedisAdmin(AdminStore):
                 retry_json(retry_item),
                 to_score(retry_item.next_retry),
                 to_score(retry_item.created_at),
-                retry_item.handler_name,
+                lane(retry_item.service, retry_item.handler_name),
             )
         )
 

@@ -11,6 +11,17 @@ changes without rewriting the record; none there is 0, as for every record of th
 layouts before 3); a dead letter's failure group is in its index entry
 (``P:dead:index``), not in its record. Records written before must still read back:
 keep the names and the order.
+
+A record's ``service`` is its last field, written only when it is not the default
+(key layout 4): a record without it is of the default service, as every record of
+the layouts before 4 is, and a process of layout 3 reads a default-service record
+written now exactly as it reads its own. The scripts read a retry item's service
+from the end of its record (``service_of`` in ``scripts.lua``). A dead letter's
+index entry ends with its service, always written.
+
+A lane (``lane``) names the due set of one handler of one service: the handler's
+name for the default service (the due set layout 3 keeps for it), the service's
+name, NUL and the handler's name for another (no handler name holds a NUL).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from typing import Any
 from ..._event import compact_json
 from ..._outcomes import CorruptRecord
 from ..._records import DeadLetterItem, RetryItem
+from ..._services import DEFAULT_SERVICE
 from .._codec import parse_text_time, text_time
 from .._fields import DEAD_LETTER_FIELDS, RETRY_FIELDS, RecordCodec
 from .common import text
@@ -38,8 +50,10 @@ __all__ = [
     "dead_texts",
     "decode_retry",
     "from_score",
+    "lane",
     "retry_from_reply",
     "retry_json",
+    "split_lane",
     "strict",
     "to_score",
 ]
@@ -65,6 +79,20 @@ def to_score(moment: datetime) -> str:
 def from_score(score: str | bytes) -> datetime:
     """The time ``to_score`` wrote as ``score``."""
     return EPOCH + timedelta(microseconds=round(float(score) * 1e6))
+
+
+# lanes -------------------------------------------------------------------------
+
+
+def lane(service: str, handler_name: str) -> str:
+    """The lane of ``service``'s handler ``handler_name`` (see the module)."""
+    return handler_name if service == DEFAULT_SERVICE else f"{service}\0{handler_name}"
+
+
+def split_lane(name: str) -> tuple[str, str]:
+    """The service and the handler name of lane ``name``."""
+    service, nul, handler_name = name.partition("\0")
+    return (service, handler_name) if nul else (DEFAULT_SERVICE, name)
 
 
 # the codec ---------------------------------------------------------------------
@@ -94,19 +122,27 @@ CODEC = RecordCodec(
 _FRONT = ("attempt", "id", "handler_name", "event_type")
 # kept beside the record (the scripts change them without rewriting it)
 _BESIDE = ("lease_owner", "lease_until", "claims")
-# not kept yet (``keeps_services``): every record is of the default service, which
-# a record without the field reads as
-_UNKEPT = ("service",)
-#: a retry item record's fields, in the order they are written
-RETRY_RECORD_FIELDS: tuple[str, ...] = _FRONT + tuple(
-    name
-    for name in RETRY_FIELDS
-    if name not in _FRONT and name not in _BESIDE and name not in _UNKEPT
+# last, and only when not the default (the module): the scripts read it from the end
+_SERVICE = "service"
+#: a retry item record's fields, in the order they are written (``service`` only
+#: when it is not the default)
+RETRY_RECORD_FIELDS: tuple[str, ...] = (
+    *_FRONT,
+    *(
+        name
+        for name in RETRY_FIELDS
+        if name not in _FRONT and name not in _BESIDE and name != _SERVICE
+    ),
+    _SERVICE,
 )
-#: a dead letter record's fields, in the order they are written
-DEAD_RECORD_FIELDS: tuple[str, ...] = tuple(
-    name for name in DEAD_LETTER_FIELDS if name != "failure_group" and name not in _UNKEPT
+#: a dead letter record's fields, in the order they are written (``service`` only
+#: when it is not the default)
+DEAD_RECORD_FIELDS: tuple[str, ...] = (
+    *(name for name in DEAD_LETTER_FIELDS if name not in ("failure_group", _SERVICE)),
+    _SERVICE,
 )
+_RETRY_WRITTEN = RETRY_RECORD_FIELDS[:-1]
+_DEAD_WRITTEN = DEAD_RECORD_FIELDS[:-1]
 
 # the fields checked for text when reading: JSON has no schema to do it
 _TEXT = ("id", "event_id", "event_type", "event_source", "handler_name")
@@ -138,7 +174,10 @@ def _row(record: Any, defaults: dict[str, Any], texts: tuple[str, ...]) -> dict[
 def retry_json(item: RetryItem) -> str:
     """``item``'s record (everything but the lease and the claims count)."""
     fields = CODEC.retry_fields(item)
-    return compact_json({name: fields[name] for name in RETRY_RECORD_FIELDS})
+    record = {name: fields[name] for name in _RETRY_WRITTEN}
+    if item.service != DEFAULT_SERVICE:
+        record[_SERVICE] = item.service
+    return compact_json(record)
 
 
 def decode_retry(
@@ -232,7 +271,9 @@ def dead_texts(item: DeadLetterItem) -> tuple[str, str]:
     """``item``'s record and what the scripts need to index it without decoding the
     record (the failure group is computed here: Lua cannot)."""
     fields = CODEC.dead_letter_fields(item)
-    record = compact_json({name: fields[name] for name in DEAD_RECORD_FIELDS})
+    written = {name: fields[name] for name in _DEAD_WRITTEN}
+    if item.service != DEFAULT_SERVICE:
+        written[_SERVICE] = item.service
     index = compact_json(
         [
             item.event_type,
@@ -242,9 +283,10 @@ def dead_texts(item: DeadLetterItem) -> tuple[str, str]:
             item.reason,
             fields["failure_group"],
             item.event_id,
+            item.service,
         ]
     )
-    return record, index
+    return compact_json(written), index
 
 
 def dead_json(item: DeadLetterItem) -> str:

@@ -1,22 +1,29 @@
 -- All Lua of the Redis store, one named script per block. The store prepends the
--- `helpers` block to every other block before registering it (EVALSHA).
+-- `helpers` block to every other block before registering it (EVALSHA), and the
+-- `subscription_helpers` block after it to the scripts that keep subscriptions.
 --
 -- Every script gets the same KEYS (see KEY_NAMES in store.py) and ARGV[1] = the key
--- prefix, from which the per-value dead letter index keys and the per-handler due
--- sets are built. Times are passed in by the caller (never the server's TIME): scores
--- are epoch seconds as floats; the exact times (microseconds) live in the JSON records.
+-- prefix, from which the per-value dead letter index keys and the per-lane due sets
+-- are built. Times are passed in by the caller (never the server's TIME): scores are
+-- epoch seconds as floats; the exact times (microseconds) live in the JSON records.
+--
+-- A lane is a (service, handler) pair as one string: the handler name H for the
+-- default service (the key layouts before services had no other), S NUL H for
+-- service S (a handler name holds no NUL, so the two never collide).
 --
 -- Keys (P = prefix):
 --   P:retry:items     hash  id -> retry item JSON (everything but the lease and the
 --                           claims count; it starts with attempt, id, handler_name,
---                           event_type: see codec.py)
+--                           event_type, and ends with service when it is not the
+--                           default: see codec.py)
 --   P:retry:next      zset  id -> next_retry   (every item: listing, count_due)
---   P:retry:due:H     zset  id -> when the item can be claimed: its next_retry, or
+--   P:retry:due:L     zset  id -> when the item can be claimed: its next_retry, or
 --                           while it is leased, the later of next_retry and the lease's
---                           end (the items of handler H: claim, next_due; since layout 3)
---   P:retry:handler_of hash id -> the handler name H of the item's due set (layout 3)
---   P:retry:handlers  set   the handler names whose due set is not empty (a claim or
---                           next_due for every handler; layout 3)
+--                           end (the items of lane L: claim, next_due; since layout 3,
+--                           lanes of other services than the default since layout 4)
+--   P:retry:handler_of hash id -> the lane L of the item's due set (layout 3)
+--   P:retry:handlers  set   the lanes whose due set is not empty (a claim or next_due
+--                           for every handler or every handler of a service; layout 3)
 --   P:retry:ready     zset  id -> next_retry: until layout 3, every unleased item; now
 --                           only items a process of an older layout made due (or
 --                           damaged ones the upgrade could not read a handler from),
@@ -32,14 +39,25 @@
 --   P:dead:items      hash  id -> dead letter JSON
 --   P:dead:created    zset  id -> created_at   (newest first browsing, cleanup)
 --   P:dead:index      hash  id -> JSON [event_type, handler_name, processed, created_at
---                           score, reason, failure_group, event_id] (the last three since
---                           layout 2; see backfill_dead)
+--                           score, reason, failure_group, event_id, service] (reason,
+--                           group and event id since layout 2, service since layout 4;
+--                           see migrate.py)
 --   P:dead:type:T, P:dead:handler:H, P:dead:processed:0|1, P:dead:reason:R,
---   P:dead:group:G    zsets id -> created_at   (one per value: filtering, counting)
---   P:dead:values:type|handler|reason|group
+--   P:dead:group:G, P:dead:service:S
+--                     zsets id -> created_at   (one per value: filtering, counting)
+--   P:dead:values:type|handler|reason|group|service
 --                     sets  the values that have a non-empty per-value zset (grouping)
 --   P:dead:events     zset  event_id NUL id, all scored 0 (by event id, ZRANGEBYLEX)
+--   P:subs            hash  S NUL H -> a stored subscription (layout 4): JSON
+--                           {registered_at, updated_at, removed_at, removed_by,
+--                           revision, terms}, terms last (the canonical JSON of its
+--                           patterns, policy, max_retries, handler_timeout, details)
+--   P:subs:revision   string  the revision of the last subscription write (INCR)
+--   P:workers         hash  worker name -> its last heartbeat (JSON; layout 4)
+--   P:workers:seen    zset  worker name -> last_seen  (pruning)
 --   P:schema          string  the key layout version (migrate.py: LAYOUT_VERSION)
+--   P:dead_indexed_to string  a created_at score: the dead letters created until then
+--                           are indexed by service (layout 4; see migrate.py)
 --   P:control:rec:K   hash  version, value (JSON): control record K
 --   P:control:index   zset  K, all scored 0 (list_control by prefix, ZRANGEBYLEX)
 --   channel P:changes (PUBLISH when a retry item, or a pending delivery no one leases,
@@ -50,6 +68,8 @@ local K_ITEMS, K_NEXT, K_LEGACY, K_LEASED, K_CREATED = KEYS[1], KEYS[2], KEYS[3]
 local K_CLAIMS, K_COUNTERS = KEYS[6], KEYS[7]
 local K_DEAD, K_DEAD_CREATED, K_DEAD_INDEX = KEYS[8], KEYS[9], KEYS[10]
 local K_HANDLER_OF, K_HANDLERS, K_CLAIM_COUNT = KEYS[12], KEYS[13], KEYS[14]
+local K_SUBS, K_SUBS_REVISION, K_WORKERS, K_WORKERS_SEEN = KEYS[15], KEYS[16], KEYS[17], KEYS[18]
+local DEFAULT_SERVICE = 'default'
 local STAMP = 32 -- characters of the claim time at the start of a K_CLAIMS value
 local CHUNK = 500 -- members read per ZRANGE while walking an index
 
@@ -64,15 +84,32 @@ end
 local PREFIX = ARGV[1]
 local CHANNEL = PREFIX .. ':changes'
 
-local function due_key(handler)
-    return PREFIX .. ':retry:due:' .. handler
+-- the lane of `service`'s `handler` (see the top)
+local function lane_for(service, handler)
+    if service == DEFAULT_SERVICE then
+        return handler
+    end
+    return service .. '\0' .. handler
 end
 
--- the due set item `id` is in: its handler's, or the legacy one
+-- the service and the handler name of a lane
+local function split_lane(lane)
+    local at = string.find(lane, '\0', 1, true)
+    if at then
+        return string.sub(lane, 1, at - 1), string.sub(lane, at + 1)
+    end
+    return DEFAULT_SERVICE, lane
+end
+
+local function due_key(lane)
+    return PREFIX .. ':retry:due:' .. lane
+end
+
+-- the due set item `id` is in: its lane's, or the legacy one
 local function due_key_of(id)
-    local handler = redis.call('HGET', K_HANDLER_OF, id)
-    if handler then
-        return due_key(handler)
+    local lane = redis.call('HGET', K_HANDLER_OF, id)
+    if lane then
+        return due_key(lane)
     end
     return K_LEGACY
 end
@@ -85,34 +122,34 @@ local function later(a, b)
     return a
 end
 
--- take item `id` out of the due sets (its handler's, and the legacy one)
+-- take item `id` out of the due sets (its lane's, and the legacy one)
 local function undue(id)
-    local handler = redis.call('HGET', K_HANDLER_OF, id)
-    if handler then
-        local key = due_key(handler)
+    local lane = redis.call('HGET', K_HANDLER_OF, id)
+    if lane then
+        local key = due_key(lane)
         redis.call('ZREM', key, id)
         if redis.call('ZCARD', key) == 0 then
-            redis.call('SREM', K_HANDLERS, handler)
+            redis.call('SREM', K_HANDLERS, lane)
         end
         redis.call('HDEL', K_HANDLER_OF, id)
     end
     redis.call('ZREM', K_LEGACY, id)
 end
 
--- item `id` of `handler` can be claimed from `score` on (it moves from the due set of
--- another handler or the legacy one if it was there)
-local function set_due(id, handler, score)
+-- item `id` of `lane` can be claimed from `score` on (it moves from the due set of
+-- another lane or the legacy one if it was there)
+local function set_due(id, lane, score)
     local old = redis.call('HGET', K_HANDLER_OF, id)
-    if old ~= handler then
+    if old ~= lane then
         if old then
             undue(id)
         else
             redis.call('ZREM', K_LEGACY, id)
         end
-        redis.call('HSET', K_HANDLER_OF, id, handler)
-        redis.call('SADD', K_HANDLERS, handler)
+        redis.call('HSET', K_HANDLER_OF, id, lane)
+        redis.call('SADD', K_HANDLERS, lane)
     end
-    redis.call('ZADD', due_key(handler), score, id)
+    redis.call('ZADD', due_key(lane), score, id)
 end
 
 -- the claims count of item `id` (absent: 0)
@@ -135,11 +172,11 @@ local function drop_retry(id)
     return gone == 1
 end
 
--- store (or replace) an unleased item of `handler` due at next_score, with `claims`
-local function put_retry(id, json, next_score, created_score, handler, claims)
+-- store (or replace) an unleased item of `lane` due at next_score, with `claims`
+local function put_retry(id, json, next_score, created_score, lane, claims)
     redis.call('HSET', K_ITEMS, id, json)
     redis.call('ZADD', K_NEXT, next_score, id)
-    set_due(id, handler, next_score)
+    set_due(id, lane, next_score)
     if created_score then
         redis.call('ZADD', K_CREATED, created_score, id)
     end
@@ -163,7 +200,7 @@ local function bulk(command, key, args)
 end
 
 -- Adds the `count` items of ARGV[first...] (8 arguments each: id, json, next_retry,
--- created_at, handler, claim (time .. owner) or '', lease_until or '', claims) whose
+-- created_at, lane, claim (time .. owner) or '', lease_until or '', claims) whose
 -- id is not stored yet: one HSETNX each, then one command per index key for the
 -- whole batch (a new id has no lease, claim or due entry to remove). Returns one
 -- character per item ('1' added, '0' already there), how many were added, and
@@ -171,21 +208,21 @@ end
 local function add_items(first, count)
     local flags, added, unleased = {}, 0, false
     local nexts, created, handler_of, leased, claims, counts, no_count = {}, {}, {}, {}, {}, {}, {}
-    local due, names = {}, {}
+    local due, lanes = {}, {}
     for i = first, first + 8 * (count - 1), 8 do
         local id = ARGV[i]
         if redis.call('HSETNX', K_ITEMS, id, ARGV[i + 1]) == 1 then
             flags[#flags + 1] = '1'
             added = added + 1
-            local next_score, handler, lease = ARGV[i + 2], ARGV[i + 4], ARGV[i + 6]
+            local next_score, lane, lease = ARGV[i + 2], ARGV[i + 4], ARGV[i + 6]
             push(nexts, next_score, id)
             push(created, ARGV[i + 3], id)
-            push(handler_of, id, handler)
-            local set = due[handler]
+            push(handler_of, id, lane)
+            local set = due[lane]
             if set == nil then
                 set = {}
-                due[handler] = set
-                names[#names + 1] = handler
+                due[lane] = set
+                lanes[#lanes + 1] = lane
             end
             if lease == '' then
                 push(set, next_score, id)
@@ -207,10 +244,10 @@ local function add_items(first, count)
     bulk('ZADD', K_NEXT, nexts)
     bulk('ZADD', K_CREATED, created)
     bulk('HSET', K_HANDLER_OF, handler_of)
-    for _, handler in ipairs(names) do
-        bulk('ZADD', due_key(handler), due[handler])
+    for _, lane in ipairs(lanes) do
+        bulk('ZADD', due_key(lane), due[lane])
     end
-    bulk('SADD', K_HANDLERS, names)
+    bulk('SADD', K_HANDLERS, lanes)
     bulk('ZADD', K_LEASED, leased)
     bulk('HSET', K_CLAIMS, claims)
     bulk('HSET', K_CLAIM_COUNT, counts)
@@ -232,19 +269,36 @@ local function held(id, has_owner, owner, now)
     return (not lease) or tonumber(lease) <= now
 end
 
--- the handler names ARGV[at] (a count, or -1: every handler with a due set) and the
--- names after it
-local function handler_args(at)
-    local n = tonumber(ARGV[at])
-    if n < 0 then
-        return redis.call('SMEMBERS', K_HANDLERS), nil
+-- The lanes ARGV[at...] names: a service ('': any), then n handler names (n = -1:
+-- every handler) and the names. With a service and names, their lanes; otherwise
+-- the lanes of P:retry:handlers (those whose due set is not empty) that match. Also
+-- returns whether a lane matches.
+local function lane_args(at)
+    local service, n = ARGV[at], tonumber(ARGV[at + 1])
+    local names = nil
+    if n >= 0 then
+        names = {}
+        for j = 1, n do
+            names[ARGV[at + 1 + j]] = true
+        end
     end
-    local names, wanted = {}, {}
-    for j = 1, n do
-        names[j] = ARGV[at + j]
-        wanted[ARGV[at + j]] = true
+    local function wants(lane)
+        local lane_service, handler = split_lane(lane)
+        return (service == '' or lane_service == service) and (names == nil or names[handler] == true)
     end
-    return names, wanted
+    local lanes = {}
+    if service ~= '' and names ~= nil then
+        for j = 1, n do
+            lanes[j] = lane_for(service, ARGV[at + 1 + j])
+        end
+    else
+        for _, lane in ipairs(redis.call('SMEMBERS', K_HANDLERS)) do
+            if wants(lane) then
+                lanes[#lanes + 1] = lane
+            end
+        end
+    end
+    return lanes, wants
 end
 
 -- the per-value index sets of a dead letter: key name, position in the index JSON,
@@ -255,6 +309,7 @@ local DEAD_FIELDS = {
     { 'processed', 3, false },
     { 'reason', 5, true },
     { 'group', 6, true },
+    { 'service', 8, true },
 }
 local K_DEAD_EVENTS = KEYS[11]
 
@@ -266,7 +321,8 @@ local function values_key(name)
     return PREFIX .. ':dead:values:' .. name
 end
 
--- an index of layout 1 has no reason, group or event id: those fields are skipped
+-- an index of layout 1 has no reason, group or event id, one of layouts 1 to 3 no
+-- service: those fields are skipped (migrate.py back-fills them)
 local function index_dead(id, index)
     local ix = cjson.decode(index)
     local created = ix[4]
@@ -537,6 +593,38 @@ local function handler_of(json)
     return nil
 end
 
+-- the service of a retry item record (nil when it cannot be read): codec.py writes it
+-- last, and only when it is not the default (a service name needs no JSON escape):
+-- from the end of the record; a record with no '"service":' anywhere is of the default
+-- service; any other (one whose event names a service, or in another order) is
+-- decoded whole
+local function service_of(json)
+    local service = string.match(json, ',"service":"([A-Za-z0-9._%-]+)"}$')
+    if service then
+        return service
+    end
+    if not string.find(json, '"service":', 1, true) then
+        return DEFAULT_SERVICE
+    end
+    local ok, record = pcall(cjson.decode, json)
+    if not ok or type(record) ~= 'table' then
+        return nil
+    end
+    if type(record.service) == 'string' and record.service ~= '' then
+        return record.service
+    end
+    return DEFAULT_SERVICE
+end
+
+-- the lane of a retry item record (nil when no handler can be read from it)
+local function lane_of(json)
+    local handler = handler_of(json)
+    if handler == nil then
+        return nil
+    end
+    return lane_for(service_of(json) or DEFAULT_SERVICE, handler)
+end
+
 -- the attempt of a retry item record (nil when it cannot be read): from the front of
 -- the record (codec.py writes attempt first), else from the record decoded
 local function attempt_of(json)
@@ -565,7 +653,7 @@ end
 
 -- name: record_failures
 -- ARGV: prefix, n_retry, n_dead,
---       n_retry x (id, json, next, created, handler, claim (time .. owner) or '',
+--       n_retry x (id, json, next, created, lane, claim (time .. owner) or '',
 --                  lease_until or '', claims),
 --       n_dead x (id, json, index)
 -- An id already there is skipped: a write repeated after a lost reply adds nothing twice.
@@ -583,7 +671,7 @@ end
 return added
 
 -- name: record_pending
--- ARGV: prefix, n x (id, json, next, created, handler, claim (time .. owner) or '',
+-- ARGV: prefix, n x (id, json, next, created, lane, claim (time .. owner) or '',
 --       lease_until or '', claims)
 -- First deliveries: each id not stored yet is added (outside the running totals).
 -- Returns one character per item, '1' for those added and '0' for those skipped.
@@ -596,41 +684,41 @@ end
 return flags
 
 -- name: claim_due
--- ARGV: prefix, now, limit, owner, lease_until, now (ISO text), n (-1: every handler
---       with a due set), n handler names
--- The due items of those handlers (unleased, or their lease ran out), earliest first
+-- ARGV: prefix, now, limit, owner, lease_until, now (ISO text), service ('': any),
+--       n (-1: every handler), n handler names (see lane_args)
+-- The due items of those lanes (unleased, or their lease ran out), earliest first
 -- (the time each can be claimed from, then id): up to `limit` from the front of each
--- handler's due set, merged, so that no other handler's items are read. Each claim
--- adds one to the item's claims count. Returns {id, json, claims} per item.
+-- lane's due set, merged, so that no other lane's items are read. Each claim adds
+-- one to the item's claims count. Returns {id, json, claims} per item.
 local now, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
-local names, wanted = handler_args(7)
+local lanes, wants = lane_args(7)
 local picked = {}
-for _, handler in ipairs(names) do
-    local key = due_key(handler)
+for _, lane in ipairs(lanes) do
+    local key = due_key(lane)
     local page = redis.call('ZRANGEBYSCORE', key, '-inf', ARGV[2], 'WITHSCORES', 'LIMIT', 0, limit)
     for j = 1, #page, 2 do
         picked[#picked + 1] = { page[j], tonumber(page[j + 1]), key }
     end
 end
--- items an older layout made due: each moves to its handler's due set (the first claim
--- to see it moves it; it is claimed now if it is one of the handlers asked for)
+-- items an older layout made due: each moves to its lane's due set (the first claim
+-- to see it moves it; it is claimed now if it is in one of the lanes asked for)
 local legacy = redis.call('ZRANGEBYSCORE', K_LEGACY, '-inf', ARGV[2], 'WITHSCORES', 'LIMIT', 0, limit)
 for j = 1, #legacy, 2 do
     local id, score = legacy[j], legacy[j + 1]
     local json = redis.call('HGET', K_ITEMS, id)
-    local handler = json and handler_of(json)
+    local lane = json and lane_of(json)
     if not json then
         drop_retry(id) -- an index entry without its record: nothing to deliver
-    elseif handler then
-        set_due(id, handler, score)
-        if wanted == nil or wanted[handler] then
-            picked[#picked + 1] = { id, tonumber(score), due_key(handler) }
+    elseif lane then
+        set_due(id, lane, score)
+        if wants(lane) then
+            picked[#picked + 1] = { id, tonumber(score), due_key(lane) }
         end
     else -- no handler can be read from it: any worker takes it (to dead-letter it)
         picked[#picked + 1] = { id, tonumber(score), K_LEGACY }
     end
 end
-if #names > 1 or #legacy > 0 then
+if #lanes > 1 or #legacy > 0 then
     table.sort(picked, function(a, b)
         return a[2] < b[2] or (a[2] == b[2] and bytes_less(a[1], b[1]))
     end)
@@ -708,7 +796,7 @@ return n
 -- name: complete
 -- ARGV: prefix, has_owner ('1'/'0'), owner, now, n_succeeded, n_rescheduled, n_dead,
 --       n_succeeded x (id, attempt),
---       n_rescheduled x (id, json, next_retry, handler, first delivery '1'/'0'),
+--       n_rescheduled x (id, json, next_retry, lane, first delivery '1'/'0'),
 --       n_dead x (id, dead id, dead json, dead index, first delivery '1'/'0')
 -- Returns the ids the outcomes were applied to. The running totals count retries
 -- only: a first delivery (attempt 0) that worked is not counted, one rescheduled adds
@@ -776,16 +864,17 @@ end
 return applied
 
 -- name: next_due
--- ARGV: prefix, n (-1: every handler with a due set), n handler names. The earliest
--- time an item of those handlers can be claimed from (its next_retry, or while it is
--- leased, the later of that and the lease's end: its score in the due set), as the
--- stored score text (exact); nil when there is none. Items an older layout made due
--- count for every handler (the next claim moves them to their handler's set).
-local names = handler_args(2)
+-- ARGV: prefix, service ('': any), n (-1: every handler), n handler names (see
+-- lane_args). The earliest time an item of those lanes can be claimed from (its
+-- next_retry, or while it is leased, the later of that and the lease's end: its score
+-- in the due set), as the stored score text (exact); nil when there is none. Items an
+-- older layout made due count for every lane (the next claim moves them to their
+-- lane's set).
+local lanes = lane_args(2)
 local best, best_text = nil, nil
 local keys = { K_LEGACY }
-for _, handler in ipairs(names) do
-    keys[#keys + 1] = due_key(handler)
+for _, lane in ipairs(lanes) do
+    keys[#keys + 1] = due_key(lane)
 end
 for _, key in ipairs(keys) do
     local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
@@ -959,7 +1048,7 @@ end)
 return n
 
 -- name: group_dead
--- ARGV: prefix, field (type, handler, reason or group), own value or '' (the filter's
+-- ARGV: prefix, field (type, handler, reason, group or service), own value or '' (the filter's
 -- value of that field, its zset being among the filter's too), filter (see dead_filter).
 -- Returns {value, count, oldest score, newest score, id of the newest} per group, in
 -- no order. Without other conditions than a time range and a cursor (and the field's
@@ -998,6 +1087,9 @@ local groups, order = {}, {}
 walk_dead(f, 0, function(id, score)
     local index = redis.call('HGET', K_DEAD_INDEX, id)
     local value = index and cjson.decode(index)[position]
+    if value == nil and index and name == 'service' then
+        value = DEFAULT_SERVICE -- an index of an older layout, not back-filled yet
+    end
     if value then
         local group = groups[value]
         if group == nil then -- the walk is newest first: the first one seen is the sample
@@ -1045,7 +1137,7 @@ return 1
 
 
 -- name: requeue_dead
--- ARGV: prefix, dead id, retry id, retry json, next_retry, created_at, handler
+-- ARGV: prefix, dead id, retry id, retry json, next_retry, created_at, lane
 if not drop_dead(ARGV[2]) then
     return 0
 end
@@ -1056,7 +1148,7 @@ return 1
 
 -- name: index_due
 -- ARGV: prefix, ids... The upgrade to layout 3 (migrate.py): each stored item not yet
--- in a due set goes into its handler's, scored by when it can be claimed (its
+-- in a due set goes into its lane's, scored by when it can be claimed (its
 -- next_retry, or while it is leased, the later of that and the lease's end), and out
 -- of P:retry:ready; one no handler can be read from stays in (or joins) P:retry:ready,
 -- which every claim looks at. Returns how many were indexed.
@@ -1067,9 +1159,9 @@ for j = 2, #ARGV do
     local due = redis.call('ZSCORE', K_NEXT, id)
     if json and due and redis.call('HEXISTS', K_HANDLER_OF, id) == 0 then
         due = later(due, redis.call('ZSCORE', K_LEASED, id))
-        local handler = handler_of(json)
-        if handler then
-            set_due(id, handler, due)
+        local lane = lane_of(json)
+        if lane then
+            set_due(id, lane, due)
             n = n + 1
         else
             redis.call('ZADD', K_LEGACY, due, id)
@@ -1105,12 +1197,13 @@ end
 return #ids
 
 -- name: group_retry
--- ARGV: prefix, field (handler_name or event_type), start, stop (ranks in next_retry,
--- id order). Counts the items of that rank range per value of the field. Returns
--- {scanned, then per group: the value as JSON-escaped text, count, earliest score,
--- latest score, id of the item due first}. The field is read from the front of the
--- record (codec.py writes attempt, id, handler_name, event_type first); a record in
--- another order is decoded whole; one that cannot be decoded is not counted.
+-- ARGV: prefix, field (handler_name, event_type or service), start, stop (ranks in
+-- next_retry, id order). Counts the items of that rank range per value of the field.
+-- Returns {scanned, then per group: the value as JSON-escaped text, count, earliest
+-- score, latest score, id of the item due first}. The field is read from the front of
+-- the record (codec.py writes attempt, id, handler_name, event_type first), the
+-- service from its end (service_of); a record in another order is decoded whole; one
+-- that cannot be decoded is not counted.
 local name = ARGV[2]
 local page = redis.call('ZRANGE', K_NEXT, ARGV[3], ARGV[4], 'WITHSCORES')
 local function front_field(json)
@@ -1136,8 +1229,13 @@ local groups, order = {}, {}
 for j = 1, #page, 2 do
     local id, score = page[j], page[j + 1]
     local json = redis.call('HGET', K_ITEMS, id)
-    local value = json and front_field(json)
-    if json and not value then
+    local value = nil
+    if json and name == 'service' then
+        value = service_of(json)
+    elseif json then
+        value = front_field(json)
+    end
+    if json and not value and name ~= 'service' then
         local ok, record = pcall(cjson.decode, json)
         if ok and type(record) == 'table' and type(record[name]) == 'string' then
             value = string.sub(cjson.encode(record[name]), 2, -2)
@@ -1199,3 +1297,374 @@ return out
 -- ARGV: prefix, key
 redis.call('ZREM', PREFIX .. ':control:index', ARGV[2])
 return redis.call('DEL', PREFIX .. ':control:rec:' .. ARGV[2])
+
+-- name: dead_check
+-- ARGV: prefix. What migrate.py checks on connect: {P:dead_indexed_to or '', the
+-- newest dead letter's created_at score or '', how many dead letters there are, how
+-- many members the per-service sets have together}. The two counts are equal once
+-- each dead letter is in its service's set and no set keeps one that went.
+local total = 0
+for _, service in ipairs(redis.call('SMEMBERS', values_key('service'))) do
+    total = total + redis.call('ZCARD', value_key('service', service))
+end
+local newest = redis.call('ZREVRANGE', K_DEAD_CREATED, 0, 0, 'WITHSCORES')
+return {
+    redis.call('GET', PREFIX .. ':dead_indexed_to') or '',
+    newest[2] or '',
+    redis.call('ZCARD', K_DEAD_CREATED),
+    total,
+}
+
+-- name: dead_indexed_to
+-- ARGV: prefix, score. Moves P:dead_indexed_to on to the score (never back).
+local key = PREFIX .. ':dead_indexed_to'
+local current = redis.call('GET', key)
+if not current or tonumber(current) < tonumber(ARGV[2]) then
+    redis.call('SET', key, ARGV[2])
+end
+return 1
+
+-- name: dead_unindexed
+-- ARGV: prefix, min score, offset, count. Read only: of `count` dead letters created
+-- from the score on (from rank `offset`), the id and index entry of each whose entry
+-- has fewer elements than this layout writes (8). Returns {scanned, id, index, ...}.
+local ids = redis.call('ZRANGEBYSCORE', K_DEAD_CREATED, ARGV[2], '+inf', 'LIMIT', ARGV[3], ARGV[4])
+local out = { #ids }
+for _, id in ipairs(ids) do
+    local index = redis.call('HGET', K_DEAD_INDEX, id)
+    if index and #cjson.decode(index) < 8 then
+        out[#out + 1] = id
+        out[#out + 1] = index
+    end
+end
+return out
+
+-- name: unindex_stale_services
+-- ARGV: prefix, service, ids... Takes out of P:dead:service:S each id whose index entry
+-- is gone or names another service (a process of layout 3 deleted or rewrote the
+-- dead letter, unaware of that set), and S out of P:dead:values:service once its set is
+-- empty. Returns how many ids it took out.
+local service = ARGV[2]
+local key = value_key('service', service)
+local n = 0
+for j = 3, #ARGV do
+    local index = redis.call('HGET', K_DEAD_INDEX, ARGV[j])
+    if not index or cjson.decode(index)[8] ~= service then
+        n = n + redis.call('ZREM', key, ARGV[j])
+    end
+end
+if redis.call('ZCARD', key) == 0 then
+    redis.call('SREM', values_key('service'), service)
+end
+return n
+
+-- name: retry_loads
+-- ARGV: prefix, now, start, stop (ranks in next_retry, id order). Counts the items of
+-- that rank range per lane (P:retry:handler_of, else read from the record) and kind at
+-- now, and those a live lease holds. Returns {read, then per lane: the lane, retries,
+-- pending, scheduled, leased, the next_retry score of its first pending one or ''}.
+local now = tonumber(ARGV[2])
+local page = redis.call('ZRANGE', K_NEXT, ARGV[3], ARGV[4], 'WITHSCORES')
+local loads, order = {}, {}
+for j = 1, #page, 2 do
+    local id, score = page[j], tonumber(page[j + 1])
+    local json = redis.call('HGET', K_ITEMS, id)
+    local lane = json and (redis.call('HGET', K_HANDLER_OF, id) or lane_of(json))
+    if lane then
+        local load = loads[lane]
+        if load == nil then
+            load = { retry = 0, pending = 0, scheduled = 0, leased = 0, oldest = '' }
+            loads[lane] = load
+            order[#order + 1] = lane
+        end
+        local kind = kind_of(json, score, now)
+        load[kind] = load[kind] + 1
+        if kind == 'pending' and load.oldest == '' then -- ascending: the first is the oldest
+            load.oldest = page[j + 1]
+        end
+        local lease = redis.call('ZSCORE', K_LEASED, id)
+        if lease and tonumber(lease) > now then
+            load.leased = load.leased + 1
+        end
+    end
+end
+local out = { #page / 2 }
+for _, lane in ipairs(order) do
+    local load = loads[lane]
+    out[#out + 1] = lane
+    out[#out + 1] = load.retry
+    out[#out + 1] = load.pending
+    out[#out + 1] = load.scheduled
+    out[#out + 1] = load.leased
+    out[#out + 1] = load.oldest
+end
+return out
+
+-- name: dead_loads
+-- ARGV: prefix. The dead letters of each (service, handler) that has any: {service,
+-- handler, unprocessed, processed} each, from ZINTERCARD of the per-value sets (Redis
+-- 7: each costs the smaller set); without it, a walk of each service's set reading
+-- the index entries.
+local out = {}
+local handlers = redis.call('SMEMBERS', values_key('handler'))
+local done_key = value_key('processed', '1')
+for _, service in ipairs(redis.call('SMEMBERS', values_key('service'))) do
+    local key = value_key('service', service)
+    local fast = true
+    for _, handler in ipairs(handlers) do
+        local handler_key = value_key('handler', handler)
+        local total = redis.pcall('ZINTERCARD', 2, key, handler_key)
+        if type(total) ~= 'number' then
+            fast = false
+            break
+        end
+        if total > 0 then
+            local done = redis.call('ZINTERCARD', 3, key, handler_key, done_key)
+            out[#out + 1] = service
+            out[#out + 1] = handler
+            out[#out + 1] = total - done
+            out[#out + 1] = done
+        end
+    end
+    if not fast then
+        local counts, order = {}, {}
+        for start = 0, redis.call('ZCARD', key) - 1, CHUNK do
+            for _, id in ipairs(redis.call('ZRANGE', key, start, start + CHUNK - 1)) do
+                local index = redis.call('HGET', K_DEAD_INDEX, id)
+                if index then
+                    local ix = cjson.decode(index)
+                    local handler = tostring(ix[2])
+                    local count = counts[handler]
+                    if count == nil then
+                        count = { 0, 0 }
+                        counts[handler] = count
+                        order[#order + 1] = handler
+                    end
+                    local at = tonumber(ix[3]) == 1 and 2 or 1
+                    count[at] = count[at] + 1
+                end
+            end
+        end
+        for _, handler in ipairs(order) do
+            out[#out + 1] = service
+            out[#out + 1] = handler
+            out[#out + 1] = counts[handler][1]
+            out[#out + 1] = counts[handler][2]
+        end
+    end
+end
+return out
+
+-- name: subscription_helpers
+-- Prepended (after `helpers`) to the scripts that read or write P:subs only
+-- (SUBSCRIPTION_SCRIPTS in store.py): every helper costs each script call that
+-- defines it, the hot paths' included.
+
+-- a stored subscription row (see P:subs) from its fields as JSON texts, terms last
+local function subscription_row(registered, updated, removed_at, removed_by, revision, terms)
+    return '{"registered_at":' .. registered .. ',"updated_at":' .. updated .. ',"removed_at":'
+        .. removed_at .. ',"removed_by":' .. removed_by .. ',"revision":' .. revision
+        .. ',"terms":' .. terms .. '}'
+end
+
+-- the terms of a stored subscription row as they were written, and its other fields
+-- decoded (the first ',"terms":' is the field's: the fields before it are times,
+-- JSON-escaped text and a number; the terms are never decoded here)
+local function subscription_terms(row)
+    local at = string.find(row, ',"terms":', 1, true)
+    return string.sub(row, at + 9, -2)
+end
+
+local function subscription_meta(row)
+    local at = string.find(row, ',"terms":', 1, true)
+    return cjson.decode(string.sub(row, 1, at - 1) .. '}')
+end
+
+-- the revision of this script's subscription writes: the next one, taken (INCR) at the
+-- first write, so that a script that writes nothing leaves the revision as it is
+local revision_taken = nil
+local function subscriptions_revision()
+    if revision_taken == nil then
+        revision_taken = redis.call('INCR', K_SUBS_REVISION)
+    end
+    return revision_taken
+end
+
+-- tombstone subscription `key` (its stored row `row`) at `now` by `actor` (JSON texts)
+-- unless it is one already; returns whether it did
+local function tombstone(key, row, now, actor)
+    local old = subscription_meta(row)
+    if old.removed_at ~= cjson.null then
+        return false
+    end
+    redis.call('HSET', K_SUBS, key, subscription_row(
+        cjson.encode(old.registered_at), now, now, actor, subscriptions_revision(),
+        subscription_terms(row)
+    ))
+    return true
+end
+
+-- is subscription `key` a tombstone? (false for none)
+local function unsubscribed(key)
+    local row = redis.call('HGET', K_SUBS, key)
+    return row and subscription_meta(row).removed_at ~= cjson.null or false
+end
+
+-- name: put_subscriptions
+-- ARGV: prefix, service, now (JSON text), actor (JSON text), prune ('1'/'0'), n,
+--       n x (handler name, terms: canonical JSON, see P:subs)
+-- Stores each subscription of the service: new, or back after a removal (added:
+-- registered now), with other terms (changed: registered_at kept), or as it is
+-- (unchanged: not written); with prune, tombstones the service's other live ones.
+-- Every row written gets the same next revision. Returns {one character per
+-- subscription: 'a' added, 'c' changed, 'u' unchanged; then the handlers pruned}.
+local service, now, actor, prune = ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1'
+local flags, named = {}, {}
+for j = 7, 6 + 2 * tonumber(ARGV[6]), 2 do
+    local handler, terms = ARGV[j], ARGV[j + 1]
+    named[handler] = true
+    local key = service .. '\0' .. handler
+    local row = redis.call('HGET', K_SUBS, key)
+    local old = row and subscription_meta(row)
+    if not old or old.removed_at ~= cjson.null then
+        redis.call('HSET', K_SUBS, key, subscription_row(now, now, 'null', 'null', subscriptions_revision(), terms))
+        flags[#flags + 1] = 'a'
+    elseif subscription_terms(row) ~= terms then
+        redis.call('HSET', K_SUBS, key, subscription_row(
+            cjson.encode(old.registered_at), now, 'null', 'null', subscriptions_revision(), terms
+        ))
+        flags[#flags + 1] = 'c'
+    else
+        flags[#flags + 1] = 'u'
+    end
+end
+local out = { table.concat(flags) }
+if prune then
+    local head = service .. '\0'
+    local rows = redis.call('HGETALL', K_SUBS)
+    for j = 1, #rows, 2 do
+        local key = rows[j]
+        local handler = string.sub(key, #head + 1)
+        if string.sub(key, 1, #head) == head and not named[handler] and tombstone(key, rows[j + 1], now, actor) then
+            out[#out + 1] = handler
+        end
+    end
+end
+return out
+
+-- name: remove_subscriptions
+-- ARGV: prefix, service, now (JSON text), actor (JSON text), n (-1: every handler), n
+-- handler names. Tombstones the service's live subscriptions of those handlers (one
+-- next revision for all); returns the handlers removed.
+local service, now, actor, n = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local names = nil
+if n >= 0 then
+    names = {}
+    for j = 6, 5 + n do
+        names[ARGV[j]] = true
+    end
+end
+local head = service .. '\0'
+local out = {}
+local rows = redis.call('HGETALL', K_SUBS)
+for j = 1, #rows, 2 do
+    local key = rows[j]
+    local handler = string.sub(key, #head + 1)
+    if string.sub(key, 1, #head) == head and (names == nil or names[handler]) and tombstone(key, rows[j + 1], now, actor) then
+        out[#out + 1] = handler
+    end
+end
+return out
+
+-- name: forget_subscriptions
+-- ARGV: prefix, before (ISO text, as the rows keep their times: fixed width, UTC).
+-- Deletes the tombstones removed before it; the revision stays. Returns how many.
+local rows = redis.call('HGETALL', K_SUBS)
+local n = 0
+for j = 1, #rows, 2 do
+    local removed_at = subscription_meta(rows[j + 1]).removed_at
+    if removed_at ~= cjson.null and bytes_less(removed_at, ARGV[2]) then
+        n = n + redis.call('HDEL', K_SUBS, rows[j])
+    end
+end
+return n
+
+-- name: unsubscribed_candidates
+-- ARGV: prefix, now, limit. Read only: the tombstones of P:subs, and from the due set
+-- of each tombstoned lane, in its order, up to `limit` items no live lease holds at
+-- now. Returns {n, n x (subscription key, row), then per item: id, json, next_retry
+-- score, subscription key}.
+local now, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+local rows = redis.call('HGETALL', K_SUBS)
+local out, removed = { 0 }, {}
+for j = 1, #rows, 2 do
+    if subscription_meta(rows[j + 1]).removed_at ~= cjson.null then
+        out[1] = out[1] + 1
+        out[#out + 1] = rows[j]
+        out[#out + 1] = rows[j + 1]
+        removed[#removed + 1] = rows[j]
+    end
+end
+for _, key in ipairs(removed) do
+    local due = due_key(lane_for(split_lane(key)))
+    local found, start = 0, 0
+    while found < limit do
+        local page = redis.call('ZRANGE', due, start, start + CHUNK - 1)
+        for _, id in ipairs(page) do
+            local json = redis.call('HGET', K_ITEMS, id)
+            if found < limit and json and held(id, '0', '', now) then
+                found = found + 1
+                out[#out + 1] = id
+                out[#out + 1] = json
+                out[#out + 1] = redis.call('ZSCORE', K_NEXT, id) or ''
+                out[#out + 1] = key
+            end
+        end
+        if #page < CHUNK then
+            break
+        end
+        start = start + CHUNK
+    end
+end
+return out
+
+-- name: unsubscribed_move
+-- ARGV: prefix, now, n x (id, JSON as read, subscription key, dead id, dead json, dead
+-- index). Moves each item still as it was read, held by no live lease, whose
+-- subscription is still a tombstone; returns their ids.
+local now = tonumber(ARGV[2])
+local moved, removed = {}, {}
+for i = 3, #ARGV, 6 do
+    local id, key = ARGV[i], ARGV[i + 2]
+    if removed[key] == nil then
+        removed[key] = unsubscribed(key)
+    end
+    if removed[key] and (redis.call('HGET', K_ITEMS, id) or '') == ARGV[i + 1] and held(id, '0', '', now) then
+        drop_retry(id)
+        put_dead(ARGV[i + 3], ARGV[i + 4], ARGV[i + 5])
+        moved[#moved + 1] = id
+    end
+end
+if #moved > 0 then
+    redis.call('HINCRBY', K_COUNTERS, 'retry_dead_lettered', #moved)
+end
+return moved
+
+-- name: beat
+-- ARGV: prefix, worker name, heartbeat JSON, last_seen score
+redis.call('HSET', K_WORKERS, ARGV[2], ARGV[3])
+redis.call('ZADD', K_WORKERS_SEEN, ARGV[4], ARGV[2])
+return 1
+
+-- name: forget_worker
+-- ARGV: prefix, worker name. Returns 1 if it had a heartbeat, else 0.
+redis.call('ZREM', K_WORKERS_SEEN, ARGV[2])
+return redis.call('HDEL', K_WORKERS, ARGV[2])
+
+-- name: prune_workers
+-- ARGV: prefix, before score. Deletes the heartbeats last seen before it; returns how
+-- many.
+local names = redis.call('ZRANGEBYSCORE', K_WORKERS_SEEN, '-inf', '(' .. ARGV[2])
+bulk('HDEL', K_WORKERS, names)
+bulk('ZREM', K_WORKERS_SEEN, names)
+return #names

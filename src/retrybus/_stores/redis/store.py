@@ -3,7 +3,15 @@ the hot half of the protocol (what publish and the workers use on every delivery
 
 Every write is one script of ``scripts.lua``, run with every key of ``KEY_NAMES`` and
 the prefix: atomic, and one round trip. The admin half is ``RedisAdmin``
-(``admin.py``), which ``RedisStore`` inherits.
+(``admin.py``) and the services half ``RedisServices`` (``services.py``), which
+``RedisStore`` inherits.
+
+Services (key layout 4): a record carries its service, and each (service, handler)
+has a due set of its own, its lane (``codec.lane``): a claim or ``next_due`` for a
+service and its handlers reads those lanes' sets only, so that no service's backlog
+is read by another's claims. The default service's lanes are the due sets layout 3
+keeps per handler: nothing moved, and a process of layout 3 still running keeps
+claiming its handlers' (default-service) items.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import contextlib
 import re
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 from urllib.parse import parse_qsl, urlencode
 
 import redis.asyncio as aioredis
@@ -36,16 +44,29 @@ from ..._records import DeadLetterItem, RetryItem
 from .._codec import text_time
 from .._queries import load_queries
 from .._url import redact, split
-from ..base import Store, outside_default
+from ..base import Store
 from .admin import RedisAdmin
-from .codec import dead_texts, decode_retry, from_score, retry_json, to_score
+from .codec import dead_texts, decode_retry, from_score, lane, retry_json, to_score
 from .common import CHUNK, pairs, text
 from .migrate import upgrade_layout
+from .services import RedisServices
 
 __all__ = ["KEY_NAMES", "RedisStore"]
 
 _LUA = load_queries("scripts.lua", __package__)
 _HELPERS = _LUA.pop("helpers")
+_SUBSCRIPTION_HELPERS = _LUA.pop("subscription_helpers")
+#: the scripts that get the subscription helpers too (the others do not define them:
+#: each helper a script defines costs every call of it)
+SUBSCRIPTION_SCRIPTS = frozenset(
+    {
+        "put_subscriptions",
+        "remove_subscriptions",
+        "forget_subscriptions",
+        "unsubscribed_candidates",
+        "unsubscribed_move",
+    }
+)
 #: the KEYS every script gets, in this order (suffixes of the prefix)
 KEY_NAMES = (
     "retry:items",
@@ -62,6 +83,10 @@ KEY_NAMES = (
     "retry:handler_of",
     "retry:handlers",
     "retry:claim_count",
+    "subs",
+    "subs:revision",
+    "workers",
+    "workers:seen",
 )
 _PREFIX = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _WATCH_RETRY = 1.0
@@ -79,8 +104,10 @@ _REDIS_OPTIONS = frozenset(URL_QUERY_ARGUMENT_PARSERS) | {
 _REFUSED_DATA = ("exceeds maximum allowed size", "invalid bulk length")
 
 
-class RedisStore(RedisAdmin, Store):
+class RedisStore(RedisAdmin, RedisServices, Store):
     """Both queues in Redis (``redis://host:6379/0?prefix=retrybus``)."""
+
+    keeps_services: ClassVar[bool] = True
 
     def __init__(self, url: str, *, redis_url: str | None = None, prefix: str = "retrybus") -> None:
         if not _PREFIX.match(prefix):
@@ -144,7 +171,7 @@ class RedisStore(RedisAdmin, Store):
         if self._client is None:
             client = self._new_client()
             self._scripts = {
-                name: client.register_script(f"{_HELPERS}\n{body}") for name, body in _LUA.items()
+                name: client.register_script(_script(name, body)) for name, body in _LUA.items()
             }
             self._client = client
         return self._client
@@ -167,6 +194,16 @@ class RedisStore(RedisAdmin, Store):
     async def connect(self) -> None:
         await self.health()
         await self._upgrade_layout()
+
+    async def migrate(self) -> int | None:
+        """Upgrade the key layout now, and index by service every dead letter a
+        process of layout 3 wrote or changed, whatever the quick check on connect
+        says (``migrate.upgrade_layout``): run it once the last process of layout 3
+        has stopped."""
+        await self.health()
+        await upgrade_layout(self._command, self._run, self._key, thorough=True)
+        self._layout_ready = True
+        return await self.schema_version()
 
     async def _upgrade_layout(self) -> None:
         """Bring the key layout up to ``LAYOUT_VERSION`` (``migrate.upgrade_layout``),
@@ -282,11 +319,10 @@ class RedisStore(RedisAdmin, Store):
         service: str | None = None,
         handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
-        """One script: the front of each of the handlers' due sets (``P:retry:due:H``;
-        with none given, of every handler's, from ``P:retry:handlers``), merged by due
-        time, so that no other handler's items are read."""
-        if outside_default(service):  # holds default-service records only
-            return []
+        """One script: the front of each of the lanes' due sets (``P:retry:due:L``:
+        the service's handlers'; without a service or handlers, of every lane that
+        matches, from ``P:retry:handlers``), merged by due time, so that no other
+        lane's items are read."""
         if limit <= 0 or (handlers is not None and not handlers):
             return []
         await self._upgrade_layout()  # the due sets are layout 3's
@@ -298,7 +334,7 @@ class RedisStore(RedisAdmin, Store):
             owner,
             to_score(lease_until),
             touched,
-            *_handler_args(handlers),
+            *_lane_args(service, handlers),
         )
         # the lease is what the script wrote; exact times come from the arguments
         return [
@@ -335,7 +371,7 @@ class RedisStore(RedisAdmin, Store):
                     item.id,
                     retry_json(item),
                     to_score(item.next_retry),
-                    item.handler_name,
+                    lane(item.service, item.handler_name),
                     _flag(outcome.first_delivery),
                 )
             elif isinstance(outcome, DeadLettered):
@@ -363,14 +399,12 @@ class RedisStore(RedisAdmin, Store):
     async def next_due(
         self, handlers: Collection[str] | None = None, *, service: str | None = None
     ) -> datetime | None:
-        """The first entry of each of the handlers' due sets (one script; with none
-        given, of every handler's, from ``P:retry:handlers``)."""
-        if outside_default(service):  # holds default-service records only
-            return None
+        """The first entry of each of the lanes' due sets (one script; without a
+        service or handlers, of every lane that matches, from ``P:retry:handlers``)."""
         if handlers is not None and not handlers:
             return None
         await self._upgrade_layout()
-        score = await self._run("next_due", *_handler_args(handlers))
+        score = await self._run("next_due", *_lane_args(service, handlers))
         return None if score is None else from_score(score)
 
     async def expire_retry(
@@ -421,28 +455,37 @@ class RedisStore(RedisAdmin, Store):
         return Counters(**{name: got.get(name, 0) for name in Counters.__dataclass_fields__})
 
 
+def _script(name: str, body: str) -> str:
+    """Script ``name`` of ``scripts.lua`` as it is registered: the helpers, then the
+    subscription helpers if it keeps subscriptions, then its body."""
+    if name in SUBSCRIPTION_SCRIPTS:
+        return f"{_HELPERS}\n{_SUBSCRIPTION_HELPERS}\n{body}"
+    return f"{_HELPERS}\n{body}"
+
+
 def _item_args(item: RetryItem) -> tuple[Any, ...]:
     """What ``record_failures`` and ``record_pending`` take of a new item: id, record,
-    next_retry, created_at, handler, claim (time and owner) or '', lease end or '',
+    next_retry, created_at, lane, claim (time and owner) or '', lease end or '',
     claims."""
     return (
         item.id,
         retry_json(item),
         to_score(item.next_retry),
         to_score(item.created_at),
-        item.handler_name,
+        lane(item.service, item.handler_name),
         "" if item.lease_owner is None else text_time(item.updated_at) + item.lease_owner,
         "" if item.lease_until is None else to_score(item.lease_until),
         item.claims,
     )
 
 
-def _handler_args(handlers: Collection[str] | None) -> list[Any]:
-    """A script's handler arguments: how many (-1: every handler) and their names."""
+def _lane_args(service: str | None, handlers: Collection[str] | None) -> list[Any]:
+    """A script's lane arguments (``lane_args`` in ``scripts.lua``): the service
+    ('': any), how many handlers (-1: every handler) and their names."""
     if handlers is None:
-        return [-1]
+        return ["" if service is None else service, -1]
     names = list(dict.fromkeys(handlers))
-    return [len(names), *names]
+    return ["" if service is None else service, len(names), *names]
 
 
 def _flag(value: bool) -> str:
