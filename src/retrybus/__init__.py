@@ -36,6 +36,7 @@ from ._observe import Metrics, Tracing, reason_kind
 from ._policy import ExponentialBackoff, FixedDelay, LinearBackoff, RetryPolicy
 from ._queues import RetryQueue
 from ._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
+from ._services import HandlerLoad, Registration, StoredSubscription, WorkerBeat
 from ._stats import Stats
 from ._stores import Store, open_store
 from ._worker import RetryWorker
@@ -67,6 +68,7 @@ __all__ = [
     "FailureGroup",
     "FixedDelay",
     "GroupCount",
+    "HandlerLoad",
     "ItemBusy",
     "ItemNotFound",
     "LinearBackoff",
@@ -79,6 +81,7 @@ __all__ = [
     "Redrive",
     "RedriveConflict",
     "Redrives",
+    "Registration",
     "RetryAfter",
     "RetryItem",
     "RetryKind",
@@ -90,10 +93,12 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "StoreUnusable",
+    "StoredSubscription",
     "Subscription",
     "SystemClock",
     "Tracing",
     "UnknownHandler",
+    "WorkerBeat",
     "__version__",
     "failure_group_key",
     "message_shape",

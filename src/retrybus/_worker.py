@@ -23,6 +23,7 @@ from ._event import check_text
 from ._handlers import check_timeout
 from ._history import DEFAULT_INTERVAL, DepthHistory
 from ._records import RetryItem
+from ._services import WorkerBeat
 
 __all__ = ["RetryWorker"]
 
@@ -31,6 +32,11 @@ logger = logging.getLogger("retrybus.worker")
 _MIN_IDLE = 0.005
 _FLUSH_LINGER = 0.02
 _MAX_OUTAGE_BACKOFF = 30.0
+
+#: seconds between two heartbeats of a worker by default
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
+#: how long ``stop()`` waits for the store to forget the worker's heartbeat
+_FORGET_TIMEOUT = 5.0
 
 
 def _positive(name: str, value: float) -> float:
@@ -75,6 +81,15 @@ class RetryWorker:
     backoff (logged once, and once more when the store is back), as a running
     worker rides out an outage; with ``fail_fast`` its ``start()`` raises
     ``StoreUnavailable`` instead.
+
+    On a store that keeps services (``Store.keeps_services``) a worker claims
+    only records of its bus's service (``bus.service``) and handlers, so workers
+    of two services never take each other's deliveries, even of handlers of the
+    same name. It stores the service's subscriptions when it starts
+    (``bus.register()``, once the store answers), so that publishers of other
+    services record deliveries for them; it sends a heartbeat (``WorkerBeat``:
+    where it runs, its lanes and how many are busy, its handlers) every
+    ``heartbeat_interval`` seconds, which ``stop()`` deletes.
     """
 
     def __init__(
@@ -91,6 +106,7 @@ class RetryWorker:
         name: str | None = None,
         fail_fast: bool = False,
         handler_timeout: float | None = None,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
     ) -> None:
         if not isinstance(bus, EventBus):
             raise TypeError(f"RetryWorker needs an EventBus, got {bus!r}")
@@ -124,6 +140,12 @@ class RetryWorker:
         self._outage_since: float | None = None
         self.fail_fast = bool(fail_fast)
         self.handler_timeout = check_timeout("handler_timeout", handler_timeout)
+        self.heartbeat_interval = _positive("heartbeat_interval", heartbeat_interval)
+        # services (on a store that keeps them): registered, heartbeats
+        self._registered = False
+        self._started_at: datetime | None = None
+        self._beater: asyncio.Task[None] | None = None
+        self._beat_failing = False
         # the claim loop's shared lanes: claimed items wait in _ready for a free lane
         self._ready: asyncio.Queue[tuple[ClaimedBatch, RetryItem] | None] = asyncio.Queue()
         self._busy = 0
@@ -145,24 +167,68 @@ class RetryWorker:
             raise RuntimeError(f"worker {self.name} is already running")
         self._stopping = False
         self._wake = asyncio.Event()
+        self._registered = False
+        self._started_at = self.bus.clock.now()
         watching = False
         try:
             await self.bus.store.connect()
             self._unwatch = await self.bus.store.watch(self._wake_up)
             watching = True
+            await self._register()
         except StoreUnavailable as exc:
             if self.fail_fast:
+                await self._stop_watching()
                 raise
             self._store_failed(exc, 0.5)
+        except BaseException:
+            await self._stop_watching()
+            raise
         self.bus.core.ledger.add_schedule_listener(self._on_retry_scheduled)
+        if self.bus.store.keeps_services:
+            if self._registered:
+                await self._beat()  # listed at once; the loop beats on
+            self._beater = asyncio.create_task(
+                self._beat_continuously(first=not self._registered),
+                name=f"retrybus-heartbeat-{self.name}",
+            )
         self._task = asyncio.create_task(self._loop(watching), name=f"retrybus-worker-{self.name}")
         self._task.add_done_callback(self._loop_ended)
-        logger.info("worker %s started on %s", self.name, self.bus.store.url)
+        logger.info(
+            "worker %s of service %s started on %s",
+            self.name,
+            self.bus.service,
+            self.bus.store.url,
+        )
+
+    async def _stop_watching(self) -> None:
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            with contextlib.suppress(Exception):
+                await unwatch()
+
+    async def _register(self) -> None:
+        """Store the service's subscriptions (once per start, on a store that keeps
+        services), so that other services' publishers record deliveries for them."""
+        if self._registered:
+            return
+        if self.bus.store.keeps_services:
+            registration = await self.bus.register()
+            if registration.wrote:
+                logger.info(
+                    "worker %s: stored the subscriptions of service %s (added: %s; changed: %s)",
+                    self.name,
+                    self.bus.service,
+                    ", ".join(registration.added) or "none",
+                    ", ".join(registration.changed) or "none",
+                )
+        self._registered = True
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         """Say so when the claim loop ends without being asked to: nothing else would."""
         if self._stopping:
             return
+        if self._beater is not None:  # a worker that claims nothing more is not live
+            self._beater.cancel()
         if task.cancelled():
             logger.error(
                 "worker %s: its claim loop was cancelled; it claims nothing more", self.name
@@ -202,10 +268,8 @@ class RetryWorker:
         finally:
             if self._task is task:  # a second stop() waits for the first; one says so
                 self.bus.core.ledger.remove_schedule_listener(self._on_retry_scheduled)
-                unwatch, self._unwatch = self._unwatch, None
-                if unwatch is not None:
-                    with contextlib.suppress(Exception):
-                        await unwatch()
+                await self._stop_watching()
+                await self._stop_beating()
                 self._task = None
                 logger.info("worker %s stopped", self.name)
 
@@ -258,6 +322,84 @@ class RetryWorker:
         await self.bus.store.connect()
         self._unwatch = await self.bus.store.watch(self._wake_up)
 
+    # heartbeats ------------------------------------------------------------
+
+    def _own_service(self) -> str | None:
+        """The service whose records this worker claims (None: any, on a store
+        that keeps default-service records only)."""
+        return self.bus.service if self.bus.store.keeps_services else None
+
+    async def _beat_continuously(self, *, first: bool) -> None:
+        if not first:
+            await asyncio.sleep(self.heartbeat_interval)
+        while True:
+            await self._beat()
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _beat(self) -> None:
+        """Store this worker's heartbeat. A failure is logged (once, until a beat
+        goes through again) and never stops the worker."""
+        store = self.bus.store
+        if not store.keeps_services:
+            return
+        from . import __version__  # the package is loaded whole by now
+
+        now = self.bus.clock.now()
+        beat = WorkerBeat(
+            name=self.name,
+            service=self.bus.service,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self._started_at or now,
+            last_seen=now,
+            interval=self.heartbeat_interval,
+            lanes=self.concurrency,
+            lanes_busy=min(self._busy, self.concurrency),
+            handlers=tuple(self.bus.handler_names),
+            version=__version__,
+        )
+        try:
+            await store.beat(beat)
+        except StoreUnavailable as exc:
+            self._store_failed(exc, self.heartbeat_interval)
+            return
+        except Exception as exc:
+            if not self._beat_failing:
+                self._beat_failing = True
+                logger.warning(
+                    "worker %s: could not store its heartbeat: %s; it goes on working, and "
+                    "tries again every %gs",
+                    self.name,
+                    exc,
+                    self.heartbeat_interval,
+                    exc_info=exc,
+                )
+            else:
+                logger.debug("worker %s: still no heartbeat stored: %s", self.name, exc)
+            return
+        if self._beat_failing:
+            self._beat_failing = False
+            logger.info("worker %s: its heartbeat is stored again", self.name)
+
+    async def _stop_beating(self) -> None:
+        """Stop the heartbeats and delete the last one (best effort: a worker that
+        could not shows as not live once three intervals have passed)."""
+        beater, self._beater = self._beater, None
+        if beater is None:
+            return
+        beater.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beater
+        try:
+            await asyncio.wait_for(self.bus.store.forget_worker(self.name), _FORGET_TIMEOUT)
+        except Exception as exc:
+            logger.warning(
+                "worker %s: could not delete its heartbeat: %s; it shows as not live after %gs",
+                self.name,
+                exc or "timed out",
+                3 * self.heartbeat_interval,
+            )
+
     async def _loop(self, watching: bool = True) -> None:
         lanes = [
             asyncio.create_task(self._lane(), name=f"retrybus-lane-{self.name}-{n}")
@@ -297,6 +439,7 @@ class RetryWorker:
                 if not watching:
                     await self._watch_store()
                     watching = True
+                await self._register()
                 await self._maintain()
                 await self._sample_depth()
                 await self._refresh_metrics()
@@ -371,7 +514,7 @@ class RetryWorker:
 
     async def _idle_time(self) -> float:
         try:
-            due = await self.bus.store.next_due(self.bus.handler_names)
+            due = await self.bus.store.next_due(self.bus.handler_names, service=self._own_service())
         except StoreUnavailable:
             return self.check_interval
         if due is None:
@@ -445,6 +588,7 @@ class RetryWorker:
             lease=self.lease,
             owner=owner,
             handlers=self.bus.handler_names,
+            service=self._own_service(),
         )
         if not items:
             return None
