@@ -1,6 +1,7 @@
 """Workers of many services on one store (issue 12): a worker claims only its
-service's records, stores its service's subscriptions when it starts and sends
-heartbeats; a stopped service's deliveries wait for its next worker. On every engine that keeps
+service's records, stores its service's subscriptions when it starts, sends
+heartbeats, and sweeps what waits for removed subscriptions; a stopped
+service's deliveries wait for its next worker. On every engine that keeps
 services (the others skip these tests); the fault-injecting ones on the memory
 store."""
 
@@ -29,7 +30,9 @@ from retrybus import (
     WorkerBeat,
 )
 from retrybus._cli.worker import WorkerSettings, build_parser, serve
+from retrybus._services import UNSUBSCRIBED
 from retrybus._stores.memory import MemoryStore
+from retrybus._worker import SERVICE_RECORDS_KEPT, UNSUBSCRIBED_SWEEP_INTERVAL
 
 FAST = {"check_interval": 0.02, "heartbeat_interval": 0.05}
 
@@ -327,6 +330,82 @@ async def test_the_worker_command_beats_every_heartbeat_interval(clock: ManualCl
             os.kill(os.getpid(), signal.SIGTERM)  # serve() stops gracefully on it
         await asyncio.wait_for(serving, 10)
     assert await bus.store.list_workers() == []
+
+
+# maintenance ------------------------------------------------------------------------
+
+
+async def test_a_workers_maintenance_deletes_day_old_heartbeats_and_tombstones(
+    store: Store, clock: ManualClock
+) -> None:
+    needs_services(store)
+    bus = EventBus(store, service="billing", clock=clock)
+    bus.subscribe("order.placed", Calls().handler("billing"), name="OnOrder")
+    await bus.register()
+    gone = clock.now()
+    await store.beat(beat_of("billing-gone", "billing", last_seen=gone, handlers=("OnOrder",)))
+    await store.put_subscriptions(
+        "shipping", [stored_terms("shipping", "OnOrder", gone)], prune=False, now=gone, actor="t"
+    )
+    await store.remove_subscriptions("shipping", ["OnOrder"], now=gone, actor="alice")
+    clock.advance(SERVICE_RECORDS_KEPT.total_seconds() - 60)
+    await store.beat(beat_of("billing-recent", "billing", last_seen=clock.now()))
+    clock.advance(61)  # the first beat and the tombstone are a day old, the second is not
+    async with RetryWorker(bus, **FAST) as worker:
+
+        async def pruned() -> bool:
+            names = [beat.name for beat in await store.list_workers()]
+            return names == sorted(["billing-recent", worker.name])
+
+        await until(pruned)
+
+        async def forgotten() -> bool:
+            return await store.list_subscriptions("shipping", removed=True) == []
+
+        await until(forgotten)
+
+
+# the sweep of removed subscriptions -------------------------------------------------
+
+
+async def test_a_worker_sweeps_what_a_stale_publisher_wrote_after_a_removal(
+    store: Store, clock: ManualClock
+) -> None:
+    needs_services(store)
+    calls = Calls()
+    shop, billing, shipping = shop_and_two_services(store, clock, calls)
+    await shipping.register()
+    removal = await shop.services.remove("shipping", "OnOrder", actor="alice")
+    assert (removal.removed, removal.dead_lettered) == (("OnOrder",), 0)
+    dead: list[str] = []
+    billing.on_dead_letter(lambda item: dead.append(item.reason))
+    async with RetryWorker(billing, **FAST):
+        await asyncio.sleep(0.1)  # its first sweep: nothing waits yet
+        # a publisher whose copy of the routes predates the removal writes for it
+        stale = RetryItem.pending(
+            Event("order.placed", {"order": 9}),
+            "OnOrder",
+            max_retries=3,
+            due=clock.now(),
+            now=clock.now(),
+            service="shipping",
+        )
+        await store.record_pending([stale])
+        await asyncio.sleep(0.2)
+        assert [item.id for item in await records(store, "shipping")] == [stale.id]
+        clock.advance(UNSUBSCRIBED_SWEEP_INTERVAL)
+
+        async def swept() -> bool:
+            return not await records(store, "shipping")
+
+        await until(swept)
+    (letter,) = await store.list_dead(
+        retrybus.DeadLetterFilter(service="shipping"), limit=5, offset=0
+    )
+    assert letter.reason == f"{UNSUBSCRIBED}shipping/OnOrder (by alice)"
+    assert (letter.event_id, letter.handler_name) == (stale.event_id, "OnOrder")
+    assert dead == [letter.reason]  # announced through the ledger: hooks, metrics, log
+    assert calls.seen == []  # never handled by anyone
 
 
 # helpers ------------------------------------------------------------------------

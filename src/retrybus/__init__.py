@@ -25,7 +25,9 @@ from ._errors import (
     RetrybusError,
     StoreUnavailable,
     StoreUnusable,
+    SubscriptionInUse,
     UnknownHandler,
+    UnknownSubscription,
 )
 from ._event import Event
 from ._filters import DeadLetterFilter
@@ -36,6 +38,7 @@ from ._observe import Metrics, Tracing, reason_kind
 from ._policy import ExponentialBackoff, FixedDelay, LinearBackoff, RetryPolicy
 from ._queues import RetryQueue
 from ._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
+from ._service_admin import ServiceRemoval, Services
 from ._services import HandlerLoad, Registration, StoredSubscription, WorkerBeat
 from ._stats import Stats
 from ._stores import Store, open_store
@@ -89,15 +92,19 @@ __all__ = [
     "RetryQueue",
     "RetryWorker",
     "RetrybusError",
+    "ServiceRemoval",
+    "Services",
     "Stats",
     "Store",
     "StoreUnavailable",
     "StoreUnusable",
     "StoredSubscription",
     "Subscription",
+    "SubscriptionInUse",
     "SystemClock",
     "Tracing",
     "UnknownHandler",
+    "UnknownSubscription",
     "WorkerBeat",
     "__version__",
     "failure_group_key",

@@ -17,7 +17,9 @@ __all__ = [
     "RetrybusError",
     "StoreUnavailable",
     "StoreUnusable",
+    "SubscriptionInUse",
     "UnknownHandler",
+    "UnknownSubscription",
 ]
 
 
@@ -47,6 +49,34 @@ class UnknownHandler(RetrybusError, LookupError):
     def __init__(self, name: str) -> None:
         super().__init__(f"no handler named {name!r} is subscribed on this bus")
         self.name = name
+
+
+class UnknownSubscription(RetrybusError, LookupError):
+    """The store keeps no subscription (live or removed) of that service and handler."""
+
+    def __init__(self, service: str, handler_name: str | None) -> None:
+        what = f"{service}/{handler_name}" if handler_name else f"of service {service}"
+        super().__init__(f"no subscription {what} is stored")
+        self.service = service
+        self.handler_name = handler_name
+
+
+class SubscriptionInUse(RetrybusError):
+    """A subscription was not removed: live workers run its handler (their
+    heartbeats list it), and would store it again when they restart. ``workers``
+    names them; stop them first, or remove it with ``force``."""
+
+    def __init__(self, service: str, handlers: list[str], workers: list[str]) -> None:
+        shown = ", ".join(workers[:10]) + (", …" if len(workers) > 10 else "")
+        which = ", ".join(f"{service}/{name}" for name in handlers)
+        super().__init__(
+            f"cannot remove {which}: live worker(s) run it ({shown}) and would register it "
+            "again when they restart; stop them (or deploy code without the handler) first, "
+            "or remove it with force"
+        )
+        self.service = service
+        self.handlers = handlers
+        self.workers = workers
 
 
 class ItemNotFound(RetrybusError, LookupError):

@@ -35,6 +35,18 @@ _MAX_OUTAGE_BACKOFF = 30.0
 
 #: seconds between two heartbeats of a worker by default
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
+#: seconds between two sweeps of what waits for removed subscriptions (what a
+#: publisher whose copy of the routes was stale wrote after a removal). A sweep
+#: finds nothing but the tombstones in the common case (a read of the few
+#: subscription rows): cheap enough for every worker, often enough that such a
+#: record is dead-lettered well within a minute (this plus the publishers'
+#: route_refresh, 5 s by default)
+UNSUBSCRIBED_SWEEP_INTERVAL = 15.0
+#: records a sweep moves per store call (a fuller sweep goes on at the next turn)
+UNSUBSCRIBED_BATCH = 500
+#: heartbeats not seen for this long are deleted, and tombstones of subscriptions
+#: removed this long ago forgotten, by the workers' maintenance
+SERVICE_RECORDS_KEPT = timedelta(days=1)
 #: how long ``stop()`` waits for the store to forget the worker's heartbeat
 _FORGET_TIMEOUT = 5.0
 
@@ -89,7 +101,10 @@ class RetryWorker:
     (``bus.register()``, once the store answers), so that publishers of other
     services record deliveries for them; it sends a heartbeat (``WorkerBeat``:
     where it runs, its lanes and how many are busy, its handlers) every
-    ``heartbeat_interval`` seconds, which ``stop()`` deletes.
+    ``heartbeat_interval`` seconds, which ``stop()`` deletes; every
+    ``UNSUBSCRIBED_SWEEP_INTERVAL`` seconds it moves to the dead letter queue
+    what waits for removed subscriptions (``bus.services.sweep()``), and with
+    its maintenance it deletes heartbeats and tombstones a day old.
     """
 
     def __init__(
@@ -141,11 +156,12 @@ class RetryWorker:
         self.fail_fast = bool(fail_fast)
         self.handler_timeout = check_timeout("handler_timeout", handler_timeout)
         self.heartbeat_interval = _positive("heartbeat_interval", heartbeat_interval)
-        # services (on a store that keeps them): registered, heartbeats
+        # services (on a store that keeps them): registered, heartbeats, sweeps
         self._registered = False
         self._started_at: datetime | None = None
         self._beater: asyncio.Task[None] | None = None
         self._beat_failing = False
+        self._next_sweep: datetime | None = None
         # the claim loop's shared lanes: claimed items wait in _ready for a free lane
         self._ready: asyncio.Queue[tuple[ClaimedBatch, RetryItem] | None] = asyncio.Queue()
         self._busy = 0
@@ -513,14 +529,18 @@ class RetryWorker:
                     self._wake_up()  # a free lane and nothing waiting: claim more
 
     async def _idle_time(self) -> float:
+        longest = self.check_interval
+        now = self.bus.clock.now()
+        if self._next_sweep is not None and self.bus.store.keeps_services:
+            longest = min(longest, max((self._next_sweep - now).total_seconds(), _MIN_IDLE))
         try:
             due = await self.bus.store.next_due(self.bus.handler_names, service=self._own_service())
         except StoreUnavailable:
-            return self.check_interval
+            return longest
         if due is None:
-            return self.check_interval
+            return longest
         wait = (due - self.bus.clock.now()).total_seconds()
-        return min(self.check_interval, max(wait, _MIN_IDLE))
+        return min(longest, max(wait, _MIN_IDLE))
 
     async def _sleep(self, seconds: float) -> None:
         wake = self._wake
@@ -532,6 +552,7 @@ class RetryWorker:
 
     async def _maintain(self) -> None:
         now = self.bus.clock.now()
+        await self._sweep_unsubscribed(now)
         if self._next_maintenance is not None and now < self._next_maintenance:
             return
         self._next_maintenance = now + timedelta(seconds=self.maintenance_interval)
@@ -544,6 +565,37 @@ class RetryWorker:
                 expired,
                 deleted,
             )
+        store = self.bus.store
+        if store.keeps_services:
+            pruned = await store.prune_workers(now - SERVICE_RECORDS_KEPT)
+            forgotten = await store.forget_subscriptions(now - SERVICE_RECORDS_KEPT)
+            if pruned or forgotten:
+                logger.info(
+                    "worker %s: deleted %d heartbeats not seen for a day and %d subscriptions "
+                    "removed a day ago",
+                    self.name,
+                    pruned,
+                    forgotten,
+                )
+
+    async def _sweep_unsubscribed(self, now: datetime) -> None:
+        """Every ``UNSUBSCRIBED_SWEEP_INTERVAL`` seconds, move to the dead letter
+        queue what waits for removed subscriptions (one batch; a full one goes on
+        at the next turn of the loop)."""
+        if not self.bus.store.keeps_services or (
+            self._next_sweep is not None and now < self._next_sweep
+        ):
+            return
+        self._next_sweep = now + timedelta(seconds=UNSUBSCRIBED_SWEEP_INTERVAL)
+        moved = await self.bus.services.sweep(limit=UNSUBSCRIBED_BATCH)
+        if moved:
+            logger.info(
+                "worker %s: dead-lettered %d deliveries of removed subscriptions",
+                self.name,
+                moved,
+            )
+        if moved >= UNSUBSCRIBED_BATCH:
+            self._next_sweep = now  # more may wait: the next turn goes on
 
     async def _sample_depth(self) -> None:
         history = self.depth_history
