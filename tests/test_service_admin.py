@@ -1,7 +1,8 @@
 """``bus.services`` (issue 12): the services sharing a store, their subscriptions,
 workers and loads, and the removal of a subscription, which dead-letters what
 waited for it (never drops it) and is refused while a live worker runs the
-handler. On every engine that keeps services (the others skip)."""
+handler; and a dead letter of another service, which is requeued, never
+reprocessed, from here. On every engine that keeps services (the others skip)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from retrybus import (
     Event,
     EventBus,
     ManualClock,
+    OtherService,
     RetryItem,
     RetryWorker,
     Store,
@@ -24,6 +26,7 @@ from retrybus import (
     UnknownSubscription,
     WorkerBeat,
 )
+from retrybus._records import ErrorInfo
 from retrybus._stores.memory import MemoryStore
 
 
@@ -244,3 +247,106 @@ async def test_a_worker_not_seen_for_three_intervals_refuses_nothing(
     assert (await social.services.remove("notifications", "Notify", actor="alice")).removed == (
         "Notify",
     )
+
+
+# a dead letter of another service ------------------------------------------------
+
+
+async def test_a_dead_letter_of_another_service_is_requeued_not_reprocessed(
+    store: Store, clock: ManualClock
+) -> None:
+    needs_services(store)
+    social, notifications, seen = social_and_notifications(store, clock)
+    mine: list[Event] = []
+
+    async def social_notify(event: Event) -> None:  # a handler of the same name in social
+        mine.append(event)
+
+    social.subscribe("like.added", social_notify, name="Notify")
+    await notifications.register()
+    event = Event("like.added", {"post": 1})
+    letter = DeadLetterItem.for_failure(
+        event,
+        "Notify",
+        ErrorInfo("smtp down", "ConnectionError"),
+        reason="failed after 3 retries",
+        attempt=3,
+        max_retries=3,
+        now=clock.now(),
+        service="notifications",
+    )
+    await store.record_failures([], [letter])
+
+    with pytest.raises(OtherService) as refused:
+        await social.dead_letters.reprocess(letter.id)
+    assert str(refused.value) == (
+        f"dead letter {letter.id} belongs to service notifications: requeue it, or "
+        "reprocess it from that service's app"
+    )
+    result = await social.dead_letters.reprocess_many([letter.id])
+    assert result.failed == {letter.id: str(refused.value)}
+    assert mine == []
+    assert seen == []
+    assert not (await store.get_dead(letter.id)).processed  # type: ignore[union-attr]
+
+    retry = await social.dead_letters.requeue(letter.id, actor="alice")
+    assert (retry.service, retry.handler_name, retry.max_retries) == ("notifications", "Notify", 3)
+    assert await RetryWorker(social).run_once() == 0  # not social's to run
+    assert await RetryWorker(notifications).run_once() == 1
+    assert [e.id for e in seen] == [event.id]
+    assert mine == []
+
+    # its own service's app reprocesses it
+    other = DeadLetterItem.for_failure(
+        Event("like.added", {"post": 2}),
+        "Notify",
+        ErrorInfo("smtp down", "ConnectionError"),
+        reason="failed after 3 retries",
+        attempt=3,
+        max_retries=3,
+        now=clock.now(),
+        service="notifications",
+    )
+    await store.record_failures([], [other])
+    assert (await notifications.dead_letters.reprocess(other.id)).processed
+
+
+async def test_a_reprocess_redrive_takes_only_its_own_services_dead_letters(
+    store: Store, clock: ManualClock
+) -> None:
+    needs_services(store)
+    social, notifications, seen = social_and_notifications(store, clock)
+    mine: list[Event] = []
+
+    async def social_notify(event: Event) -> None:
+        mine.append(event)
+
+    social.subscribe("like.added", social_notify, name="Notify")
+    letters = [
+        DeadLetterItem.for_failure(
+            Event("like.added", {"n": n}),
+            "Notify",
+            ErrorInfo("down", "ConnectionError"),
+            reason="failed after 3 retries",
+            attempt=3,
+            max_retries=3,
+            now=clock.now(),
+            service=service,
+        )
+        for n, service in enumerate(["social", "notifications", "social"])
+    ]
+    await store.record_failures([], letters)
+
+    with pytest.raises(OtherService, match="those dead letters belong to service notifications"):
+        await social.redrives.start(action="reprocess", service="notifications")
+
+    redrive = await social.redrives.start(action="reprocess")
+    assert (redrive.where.service, redrive.total) == ("social", 2)
+    assert social.redrives.can_drive(redrive)
+    assert not notifications.redrives.can_drive(redrive)
+    done = await social.redrives.run(redrive.id, interval=0.01)
+    assert (done.state, done.done, done.failed) == ("completed", 2, 0)
+    assert len(mine) == 2
+    assert seen == []
+    unprocessed = await store.list_dead(DeadLetterFilter(processed=False), limit=10, offset=0)
+    assert [(d.service, d.id) for d in unprocessed] == [("notifications", letters[1].id)]

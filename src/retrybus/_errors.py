@@ -10,6 +10,7 @@ __all__ = [
     "ItemBusy",
     "ItemNotFound",
     "NotCancellable",
+    "OtherService",
     "PermanentError",
     "RecordRejected",
     "RedriveConflict",
@@ -77,6 +78,24 @@ class SubscriptionInUse(RetrybusError):
         self.service = service
         self.handlers = handlers
         self.workers = workers
+
+
+class OtherService(RetrybusError):
+    """A dead letter of another service cannot be reprocessed here: only that
+    service's app has its handler. Requeueing it works from anywhere (its
+    service's workers run it). ``item_id`` is None for a reprocess redrive of
+    another service's dead letters."""
+
+    def __init__(self, item_id: str | None, service: str) -> None:
+        super().__init__(
+            f"dead letter {item_id} belongs to service {service}: requeue it, or reprocess "
+            "it from that service's app"
+            if item_id is not None
+            else f"those dead letters belong to service {service}: requeue them, or "
+            "reprocess them from that service's app"
+        )
+        self.item_id = item_id
+        self.service = service
 
 
 class ItemNotFound(RetrybusError, LookupError):
