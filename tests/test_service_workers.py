@@ -169,6 +169,46 @@ async def test_a_stopped_service_accumulates_its_deliveries_and_drains_them_when
     assert len(calls.of("billing")) == len(events)
 
 
+async def test_an_idle_worker_wakes_for_what_another_bus_of_this_process_routes_to_it() -> None:
+    """No check interval passes: the publishing bus's write wakes the idle worker
+    of the service it routed the event to (one store object; a store's watch
+    tells of other processes), and no worker of another service."""
+    store = MemoryStore()
+    calls = Calls()
+    shop, billing, shipping = shop_and_two_services(store, retrybus.SystemClock(), calls)
+    woken: list[str] = []
+    async with (
+        RetryWorker(billing, check_interval=60) as billing_worker,
+        RetryWorker(shipping, check_interval=60) as shipping_worker,
+    ):
+        await asyncio.sleep(0.05)  # both idle, for a minute
+        for worker in (billing_worker, shipping_worker):
+            count_wakes(worker, woken)
+        await billing.store.remove_subscriptions(
+            "shipping", None, now=shop.clock.now(), actor="test"
+        )
+        await shop.publish(Event("order.placed"), defer=True)
+
+        async def handled() -> bool:
+            return len(calls.seen) == 1
+
+        await until(handled, 5)
+    assert calls.of("billing") == [calls.seen[0][1]]
+    assert woken[:1] == ["billing"]
+    assert "shipping" not in woken
+
+
+def count_wakes(worker: RetryWorker, woken: list[str]) -> None:
+    """Note the worker's service in ``woken`` each time something wakes it."""
+    wake = worker._wake_up
+
+    def counted() -> None:
+        woken.append(worker.bus.service)
+        wake()
+
+    worker._wake_up = counted  # type: ignore[method-assign]
+
+
 # registration and heartbeats ----------------------------------------------------------
 
 
