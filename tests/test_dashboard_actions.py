@@ -15,7 +15,8 @@ import pytest
 from markupsafe import escape
 
 from dashboard_support import Dash, dead, open_test_store, running
-from retrybus import DeadLetterFilter, RetryWorker
+from retrybus import DeadLetterFilter, DeadLetterItem, Event, RetryWorker
+from retrybus._records import ErrorInfo
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -124,6 +125,31 @@ def test_reprocess_of_a_handler_the_app_lacks_is_a_409(dash_with_handlers: Dash)
     response = dash.post(f"/dead-letters/{orphan.id}/reprocess")
     assert response.status_code == 409
     assert "&#39;Gone&#39;" in response.text
+
+
+def test_reprocess_of_another_services_dead_letter_is_a_409(dash_with_handlers: Dash) -> None:
+    dash = dash_with_handlers
+    if not dash.bus.store.keeps_services:
+        pytest.skip(f"{type(dash.bus.store).__name__} does not keep services yet")
+    letter = DeadLetterItem.for_failure(
+        Event("like.added", {"n": 1}),
+        "Mailer",  # a handler of the same name in this app
+        ErrorInfo("smtp down", "ConnectionError"),
+        reason="failed after 3 retries",
+        attempt=3,
+        max_retries=3,
+        now=dash.bus.clock.now(),
+        service="billing",
+    )
+    dash.run(dash.bus.store.record_failures, [], [letter])
+    response = dash.post(f"/dead-letters/{letter.id}/reprocess")
+    assert response.status_code == 409
+    assert "belongs to service billing: requeue it" in response.text
+    bulk = dash.post("/dead-letters/bulk", {"action": "reprocess", "f_service": "billing"})
+    assert bulk.status_code == 409
+    assert "those dead letters belong to service billing" in bulk.text
+    assert dash.run(dash.bus.redrives.list) == []
+    assert not dash.run(dash.bus.dead_letters.get, letter.id).processed
 
 
 # edit and requeue -------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from ._errors import (
     ItemBusy,
     ItemNotFound,
     NotCancellable,
+    OtherService,
     PermanentError,
     RecordRejected,
     RedriveConflict,
@@ -25,7 +26,9 @@ from ._errors import (
     RetrybusError,
     StoreUnavailable,
     StoreUnusable,
+    SubscriptionInUse,
     UnknownHandler,
+    UnknownSubscription,
 )
 from ._event import Event
 from ._filters import DeadLetterFilter
@@ -36,6 +39,8 @@ from ._observe import Metrics, Tracing, reason_kind
 from ._policy import ExponentialBackoff, FixedDelay, LinearBackoff, RetryPolicy
 from ._queues import RetryQueue
 from ._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
+from ._service_admin import ServiceRemoval, Services
+from ._services import HandlerLoad, Registration, StoredSubscription, WorkerBeat
 from ._stats import Stats
 from ._stores import Store, open_store
 from ._worker import RetryWorker
@@ -67,18 +72,21 @@ __all__ = [
     "FailureGroup",
     "FixedDelay",
     "GroupCount",
+    "HandlerLoad",
     "ItemBusy",
     "ItemNotFound",
     "LinearBackoff",
     "ManualClock",
     "Metrics",
     "NotCancellable",
+    "OtherService",
     "PermanentError",
     "PublishResult",
     "RecordRejected",
     "Redrive",
     "RedriveConflict",
     "Redrives",
+    "Registration",
     "RetryAfter",
     "RetryItem",
     "RetryKind",
@@ -86,14 +94,20 @@ __all__ = [
     "RetryQueue",
     "RetryWorker",
     "RetrybusError",
+    "ServiceRemoval",
+    "Services",
     "Stats",
     "Store",
     "StoreUnavailable",
     "StoreUnusable",
+    "StoredSubscription",
     "Subscription",
+    "SubscriptionInUse",
     "SystemClock",
     "Tracing",
     "UnknownHandler",
+    "UnknownSubscription",
+    "WorkerBeat",
     "__version__",
     "failure_group_key",
     "message_shape",

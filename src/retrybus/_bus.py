@@ -19,6 +19,7 @@ from ._policy import ExponentialBackoff, RetryPolicy
 from ._publish import Publisher, PublishResult
 from ._queues import RetryQueue
 from ._routes import subscriptions_changed
+from ._service_admin import Services
 from ._services import DEFAULT_SERVICE, Registration, StoredSubscription, check_service
 from ._stats import Stats
 from ._stores.base import Store
@@ -153,6 +154,8 @@ class EventBus:
         self._publisher = Publisher(self._core)
         self.retry_queue = RetryQueue(self._core)
         self.dead_letters = DeadLetterQueue(self._core)
+        #: the services sharing the store: subscriptions, workers, loads, removals
+        self.services = Services(self._core)
         self._redrives: Redrives | None = None
         self.instrument(metrics=metrics, tracing=tracing)
 

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Unpack
 
 from ._delivery import call_observed
-from ._errors import AmbiguousId, ItemBusy, ItemNotFound, UnknownHandler
+from ._errors import AmbiguousId, ItemBusy, ItemNotFound, OtherService, UnknownHandler
 from ._event import check_text, encode_json, printable
 from ._filters import DeadLetterFilter, FilterFields, FilterFieldsExceptProcessed, filter_from
 from ._groups import FailureGroup, GroupCount, message_shape
@@ -220,8 +220,9 @@ class DeadLetterQueue:
         (with ``processed_at``); on failure it stays, carrying the new error.
         Returns the item as stored afterwards.
 
-        Raises ``ItemNotFound``, or ``UnknownHandler`` when no handler of its
-        name is subscribed on this bus.
+        Raises ``ItemNotFound``, ``OtherService`` for a dead letter of another
+        service (whose app has its handler: requeue it, or reprocess it there),
+        or ``UnknownHandler`` when no handler of its name is subscribed on this bus.
         """
         item, _ok = await self.attempt_reprocess(item_id, actor=actor)
         return item
@@ -234,6 +235,8 @@ class DeadLetterQueue:
         processed when the handler fails again)."""
         _check_actor(actor)
         item = await self.get(item_id)
+        if item.service != self._core.service:
+            raise OtherService(item.id, item.service)
         subscription = self._core.subscription(item.handler_name)
         if subscription is None:
             raise UnknownHandler(item.handler_name)
@@ -347,6 +350,8 @@ class DeadLetterQueue:
     ) -> RetryItem:
         """Move the dead letter back into the retry queue, due now, with all its
         retries ahead of it (the handler's current policy). Returns the new item.
+        A dead letter of another service keeps its service: that service's
+        workers run it (with the ``max_retries`` its stored subscription says).
 
         With ``data`` the event's payload is replaced first (edit and requeue): it
         must be JSON, and the item's ``metadata["edits"]`` keeps the original
@@ -371,8 +376,7 @@ class DeadLetterQueue:
             )
             metadata["edits"] = edits
             item = replace(item, event_data=edited, metadata=metadata)
-        policy = self._core.policy_for(item.handler_name)
-        retry_item = item.to_retry_item(max_retries=policy.max_retries, now=now)
+        retry_item = item.to_retry_item(max_retries=await self._max_retries(item), now=now)
         if actor is not None:
             retry_item = replace(retry_item, metadata={**retry_item.metadata, "requeued_by": actor})
         if not await self._core.ledger.requeue(item, retry_item):
@@ -387,6 +391,20 @@ class DeadLetterQueue:
             extra=_log_fields(item),
         )
         return retry_item
+
+    async def _max_retries(self, item: DeadLetterItem) -> int:
+        """The ``max_retries`` of the handler a requeued dead letter goes back to:
+        its policy's on this bus, or for a dead letter of another service, what
+        that service's stored subscription says (the dead letter's own when it
+        has none)."""
+        if item.service == self._core.service:
+            return self._core.policy_for(item.handler_name).max_retries
+        store = self._core.store
+        if store.keeps_services:
+            for subscription in await store.list_subscriptions(item.service):
+                if subscription.handler_name == item.handler_name:
+                    return subscription.max_retries
+        return item.max_retries
 
     async def delete(self, item_id: str) -> None:
         """Delete one dead letter; raises ``ItemNotFound``, or ``ItemBusy`` while it is
@@ -452,7 +470,7 @@ class DeadLetterQueue:
                 item, ok = await self.attempt_reprocess(item_id, actor=actor)
             except ItemNotFound:
                 missing.append(item_id)
-            except (LookupError, ItemBusy) as exc:  # UnknownHandler, or held elsewhere
+            except (LookupError, ItemBusy, OtherService) as exc:  # UnknownHandler, held elsewhere
                 failed[item_id] = str(exc)
             else:
                 if ok:

@@ -10,6 +10,7 @@ __all__ = [
     "ItemBusy",
     "ItemNotFound",
     "NotCancellable",
+    "OtherService",
     "PermanentError",
     "RecordRejected",
     "RedriveConflict",
@@ -17,7 +18,9 @@ __all__ = [
     "RetrybusError",
     "StoreUnavailable",
     "StoreUnusable",
+    "SubscriptionInUse",
     "UnknownHandler",
+    "UnknownSubscription",
 ]
 
 
@@ -47,6 +50,52 @@ class UnknownHandler(RetrybusError, LookupError):
     def __init__(self, name: str) -> None:
         super().__init__(f"no handler named {name!r} is subscribed on this bus")
         self.name = name
+
+
+class UnknownSubscription(RetrybusError, LookupError):
+    """The store keeps no subscription (live or removed) of that service and handler."""
+
+    def __init__(self, service: str, handler_name: str | None) -> None:
+        what = f"{service}/{handler_name}" if handler_name else f"of service {service}"
+        super().__init__(f"no subscription {what} is stored")
+        self.service = service
+        self.handler_name = handler_name
+
+
+class SubscriptionInUse(RetrybusError):
+    """A subscription was not removed: live workers run its handler (their
+    heartbeats list it), and would store it again when they restart. ``workers``
+    names them; stop them first, or remove it with ``force``."""
+
+    def __init__(self, service: str, handlers: list[str], workers: list[str]) -> None:
+        shown = ", ".join(workers[:10]) + (", …" if len(workers) > 10 else "")
+        which = ", ".join(f"{service}/{name}" for name in handlers)
+        super().__init__(
+            f"cannot remove {which}: live worker(s) run it ({shown}) and would register it "
+            "again when they restart; stop them (or deploy code without the handler) first, "
+            "or remove it with force"
+        )
+        self.service = service
+        self.handlers = handlers
+        self.workers = workers
+
+
+class OtherService(RetrybusError):
+    """A dead letter of another service cannot be reprocessed here: only that
+    service's app has its handler. Requeueing it works from anywhere (its
+    service's workers run it). ``item_id`` is None for a reprocess redrive of
+    another service's dead letters."""
+
+    def __init__(self, item_id: str | None, service: str) -> None:
+        super().__init__(
+            f"dead letter {item_id} belongs to service {service}: requeue it, or reprocess "
+            "it from that service's app"
+            if item_id is not None
+            else f"those dead letters belong to service {service}: requeue them, or "
+            "reprocess them from that service's app"
+        )
+        self.item_id = item_id
+        self.service = service
 
 
 class ItemNotFound(RetrybusError, LookupError):

@@ -3,7 +3,12 @@ and then announces it, to the observers (metrics, spans, logs), to the
 ``on_dead_letter`` hooks and to the workers of this process that wait for the
 next retry to fall due. Publish, the worker, both queues and redrives go
 through it, so every state change is counted, traced and logged alike, and
-only once the store has it."""
+only once the store has it.
+
+The workers of this process that wait are told by store object and service:
+what any bus of the process schedules for a service on a store object (a
+retry, a deferred or routed delivery, a requeue) wakes the idle workers of that
+service on that store object, and no other's."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import asyncio
 import inspect
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -34,6 +40,7 @@ class LedgerContext(Protocol):
     it writes: the store, the observers and the ``store_timeout`` may change."""
 
     store: Store
+    service: str
     observers: Observers
     store_timeout: float
     clock: Clock
@@ -50,6 +57,13 @@ T = TypeVar("T")
 _FIRST_PAUSE = 0.05
 _LONGEST_PAUSE = 1.0
 
+Listener = Callable[[datetime], None]
+
+#: this process's schedule listeners (its workers), by store object and service
+_LISTENERS: weakref.WeakKeyDictionary[Store, dict[str, list[Listener]]] = (
+    weakref.WeakKeyDictionary()
+)
+
 
 class Ledger:
     """Writes outcomes to the bus's store, then announces them."""
@@ -57,7 +71,7 @@ class Ledger:
     def __init__(self, core: LedgerContext) -> None:
         self._core = core
         self._hooks: list[DeadLetterHook] = []
-        self._listeners: list[Callable[[datetime], None]] = []
+        self._listening: dict[Listener, tuple[Store, str]] = {}
         self._pending: GroupWriter[RetryItem] = GroupWriter(self._write_pending)
         self._finishers: dict[str, GroupWriter[Outcome]] = {}
         self._removals: dict[str, list[Succeeded]] = {}  # by lease owner
@@ -70,13 +84,40 @@ class Ledger:
         """Call ``hook(item)`` (plain or async) for each new dead letter."""
         self._hooks.append(hook)
 
-    def add_schedule_listener(self, listener: Callable[[datetime], None]) -> None:
-        """Call ``listener(when)`` when this process schedules a retry due at ``when``."""
-        self._listeners.append(listener)
+    def add_schedule_listener(self, listener: Listener) -> None:
+        """Call ``listener(when)`` when a bus of this process schedules a delivery
+        of this bus's service due at ``when`` on this bus's store (the object: a
+        store's ``watch`` tells of other processes' and connections')."""
+        if listener in self._listening:
+            return
+        store, service = self._core.store, self._core.service
+        _LISTENERS.setdefault(store, {}).setdefault(service, []).append(listener)
+        self._listening[listener] = (store, service)
 
-    def remove_schedule_listener(self, listener: Callable[[datetime], None]) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
+    def remove_schedule_listener(self, listener: Listener) -> None:
+        where = self._listening.pop(listener, None)
+        if where is None:
+            return
+        store, service = where
+        listeners = _LISTENERS.get(store, {}).get(service)
+        if listeners is not None and listener in listeners:
+            listeners.remove(listener)
+
+    def _wake(self, items: Iterable[RetryItem]) -> None:
+        """Tell the listeners of each service these records are of when the
+        earliest of its falls due."""
+        by_service = _LISTENERS.get(self._core.store)
+        if not by_service:
+            return
+        earliest: dict[str, datetime] = {}
+        for item in items:
+            if by_service.get(item.service):
+                when = earliest.get(item.service)
+                if when is None or item.next_retry < when:
+                    earliest[item.service] = item.next_retry
+        for service, when in earliest.items():
+            for listener in list(by_service[service]):
+                listener(when)
 
     # writing -----------------------------------------------------------------
 
@@ -105,11 +146,8 @@ class Ledger:
         Returns the ids of ``items`` that were new (the others were recorded before)."""
         written = await self.through_outage(lambda: self._pending.write(items), context)
         added = {item.id for item in items if item.id in written}
-        deferred = [item for item in items if item.id in added and item.lease_owner is None]
-        if deferred:  # this process's idle workers start them (a store's watch hears others)
-            when = min(item.next_retry for item in deferred)
-            for listener in self._listeners:
-                listener(when)
+        # this process's idle workers of their services start the deferred ones
+        self._wake(item for item in items if item.id in added and item.lease_owner is None)
         return added
 
     async def finish_first(
@@ -330,9 +368,7 @@ class Ledger:
 
     def _scheduled(self, items: Sequence[RetryItem]) -> None:
         self._core.observers.retry_scheduled(items)
-        when = min(item.next_retry for item in items)
-        for listener in self._listeners:
-            listener(when)
+        self._wake(items)
 
     async def _run_hooks(self, items: Iterable[DeadLetterItem]) -> None:
         if not self._hooks:

@@ -116,10 +116,12 @@ class RetryQueue:
         lease: float = 60.0,
         owner: str | None = None,
         handlers: Collection[str] | None = None,
+        service: str | None = None,
     ) -> list[RetryItem]:
         """Lease up to ``limit`` due items, earliest first, atomically: no other
         claim gets them until the lease (seconds) runs out or they are finished.
-        With ``handlers``, only items of the handlers so named.
+        With ``handlers``, only items of the handlers so named; with ``service``,
+        only items of that service (None: of any).
 
         A stored record that cannot be decoded is moved to the dead letter
         queue with the reason, not returned.
@@ -133,6 +135,7 @@ class RetryQueue:
             limit=limit,
             owner=owner,
             lease_until=now + timedelta(seconds=lease),
+            service=service,
             handlers=handlers,
         )
         items = [record for record in claimed if isinstance(record, RetryItem)]
@@ -311,10 +314,13 @@ class RetryQueue:
         """How many items fall due within ``within`` seconds from now."""
         return await self._core.store.count_due(self._core.clock.now() + timedelta(seconds=within))
 
-    async def next_due(self, handlers: Collection[str] | None = None) -> datetime | None:
+    async def next_due(
+        self, handlers: Collection[str] | None = None, *, service: str | None = None
+    ) -> datetime | None:
         """When the next item falls due or its lease runs out (None when the queue
-        is empty); with ``handlers``, only among items of the handlers so named."""
-        return await self._core.store.next_due(handlers)
+        is empty); with ``handlers``, only among items of the handlers so named,
+        with ``service``, only among items of that service (None: of any)."""
+        return await self._core.store.next_due(handlers, service=service)
 
     async def cleanup(self, before: datetime | None = None) -> int:
         """Move items created before ``before`` (default: older than the bus's

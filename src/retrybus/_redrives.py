@@ -23,7 +23,14 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Unpack
 
-from ._errors import ItemBusy, ItemNotFound, RedriveConflict, StoreUnavailable, UnknownHandler
+from ._errors import (
+    ItemBusy,
+    ItemNotFound,
+    OtherService,
+    RedriveConflict,
+    StoreUnavailable,
+    UnknownHandler,
+)
 from ._filters import DeadLetterFilter, FilterFields, filter_from
 from ._records import dead_letter_id_for
 from ._redrive import ACTIONS, FINAL, Redrive, parse_rate
@@ -91,7 +98,8 @@ class Redrives:
         have succeeded (for ``requeue``: once a worker has handled them), stopping
         for good if any fails again. ``action="reprocess"`` calls the handlers in
         the process that runs the redrive, which must subscribe them, and takes
-        only unprocessed dead letters.
+        only unprocessed dead letters of this bus's service (on a store that keeps
+        services; ``OtherService`` for a filter naming another).
         """
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
@@ -102,11 +110,19 @@ class Redrives:
             raise ValueError(
                 "a reprocess redrive takes unprocessed dead letters, not processed=True"
             )
+        if (
+            action == "reprocess"
+            and where.service is not None
+            and where.service != self._core.service
+        ):
+            raise OtherService(None, where.service)
         per_second = parse_rate(rate)
         now = self._core.clock.now()
         selected = where.narrowed(created_before=now + timedelta(microseconds=1), cursor=None)
         if action == "reprocess":
             selected = replace(selected, processed=False)
+            if self._core.store.keeps_services:  # only this service has the handlers
+                selected = replace(selected, service=self._core.service)
         total = await self._core.store.count_dead(selected)
         redrive = Redrive(
             id=f"redrive_{time.time_ns() // 1_000_000:012x}{uuid.uuid4().hex[:8]}",
@@ -296,9 +312,12 @@ class Redrives:
             await asyncio.sleep(interval)
 
     def can_drive(self, redrive: Redrive) -> bool:
-        """Whether this bus can drive ``redrive``: a reprocess needs its handlers."""
+        """Whether this bus can drive ``redrive``: a reprocess needs its handlers
+        (and its service's)."""
         if redrive.action != "reprocess":
             return True
+        if redrive.where.service not in (None, self._core.service):
+            return False
         names = self._core.registry.names()
         handler = redrive.where.handler_name
         return bool(names) and (handler is None or handler in names)
@@ -398,7 +417,7 @@ class Redrives:
                 updated, ok = await self._dead_letters.attempt_reprocess(item.id, actor=actor)
             except (ItemNotFound, ItemBusy):
                 continue
-            except UnknownHandler as exc:
+            except (UnknownHandler, OtherService) as exc:
                 taken.failed += 1
                 taken.first_error = taken.first_error or str(exc)
                 continue

@@ -23,6 +23,7 @@ from ._event import check_text
 from ._handlers import check_timeout
 from ._history import DEFAULT_INTERVAL, DepthHistory
 from ._records import RetryItem
+from ._services import WorkerBeat
 
 __all__ = ["RetryWorker"]
 
@@ -31,6 +32,23 @@ logger = logging.getLogger("retrybus.worker")
 _MIN_IDLE = 0.005
 _FLUSH_LINGER = 0.02
 _MAX_OUTAGE_BACKOFF = 30.0
+
+#: seconds between two heartbeats of a worker by default
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
+#: seconds between two sweeps of what waits for removed subscriptions (what a
+#: publisher whose copy of the routes was stale wrote after a removal). A sweep
+#: finds nothing but the tombstones in the common case (a read of the few
+#: subscription rows): cheap enough for every worker, often enough that such a
+#: record is dead-lettered well within a minute (this plus the publishers'
+#: route_refresh, 5 s by default)
+UNSUBSCRIBED_SWEEP_INTERVAL = 15.0
+#: records a sweep moves per store call (a fuller sweep goes on at the next turn)
+UNSUBSCRIBED_BATCH = 500
+#: heartbeats not seen for this long are deleted, and tombstones of subscriptions
+#: removed this long ago forgotten, by the workers' maintenance
+SERVICE_RECORDS_KEPT = timedelta(days=1)
+#: how long ``stop()`` waits for the store to forget the worker's heartbeat
+_FORGET_TIMEOUT = 5.0
 
 
 def _positive(name: str, value: float) -> float:
@@ -75,6 +93,18 @@ class RetryWorker:
     backoff (logged once, and once more when the store is back), as a running
     worker rides out an outage; with ``fail_fast`` its ``start()`` raises
     ``StoreUnavailable`` instead.
+
+    On a store that keeps services (``Store.keeps_services``) a worker claims
+    only records of its bus's service (``bus.service``) and handlers, so workers
+    of two services never take each other's deliveries, even of handlers of the
+    same name. It stores the service's subscriptions when it starts
+    (``bus.register()``, once the store answers), so that publishers of other
+    services record deliveries for them; it sends a heartbeat (``WorkerBeat``:
+    where it runs, its lanes and how many are busy, its handlers) every
+    ``heartbeat_interval`` seconds, which ``stop()`` deletes; every
+    ``UNSUBSCRIBED_SWEEP_INTERVAL`` seconds it moves to the dead letter queue
+    what waits for removed subscriptions (``bus.services.sweep()``), and with
+    its maintenance it deletes heartbeats and tombstones a day old.
     """
 
     def __init__(
@@ -91,6 +121,7 @@ class RetryWorker:
         name: str | None = None,
         fail_fast: bool = False,
         handler_timeout: float | None = None,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
     ) -> None:
         if not isinstance(bus, EventBus):
             raise TypeError(f"RetryWorker needs an EventBus, got {bus!r}")
@@ -124,6 +155,13 @@ class RetryWorker:
         self._outage_since: float | None = None
         self.fail_fast = bool(fail_fast)
         self.handler_timeout = check_timeout("handler_timeout", handler_timeout)
+        self.heartbeat_interval = _positive("heartbeat_interval", heartbeat_interval)
+        # services (on a store that keeps them): registered, heartbeats, sweeps
+        self._registered = False
+        self._started_at: datetime | None = None
+        self._beater: asyncio.Task[None] | None = None
+        self._beat_failing = False
+        self._next_sweep: datetime | None = None
         # the claim loop's shared lanes: claimed items wait in _ready for a free lane
         self._ready: asyncio.Queue[tuple[ClaimedBatch, RetryItem] | None] = asyncio.Queue()
         self._busy = 0
@@ -145,24 +183,68 @@ class RetryWorker:
             raise RuntimeError(f"worker {self.name} is already running")
         self._stopping = False
         self._wake = asyncio.Event()
+        self._registered = False
+        self._started_at = self.bus.clock.now()
         watching = False
         try:
             await self.bus.store.connect()
             self._unwatch = await self.bus.store.watch(self._wake_up)
             watching = True
+            await self._register()
         except StoreUnavailable as exc:
             if self.fail_fast:
+                await self._stop_watching()
                 raise
             self._store_failed(exc, 0.5)
+        except BaseException:
+            await self._stop_watching()
+            raise
         self.bus.core.ledger.add_schedule_listener(self._on_retry_scheduled)
+        if self.bus.store.keeps_services:
+            if self._registered:
+                await self._beat()  # listed at once; the loop beats on
+            self._beater = asyncio.create_task(
+                self._beat_continuously(first=not self._registered),
+                name=f"retrybus-heartbeat-{self.name}",
+            )
         self._task = asyncio.create_task(self._loop(watching), name=f"retrybus-worker-{self.name}")
         self._task.add_done_callback(self._loop_ended)
-        logger.info("worker %s started on %s", self.name, self.bus.store.url)
+        logger.info(
+            "worker %s of service %s started on %s",
+            self.name,
+            self.bus.service,
+            self.bus.store.url,
+        )
+
+    async def _stop_watching(self) -> None:
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            with contextlib.suppress(Exception):
+                await unwatch()
+
+    async def _register(self) -> None:
+        """Store the service's subscriptions (once per start, on a store that keeps
+        services), so that other services' publishers record deliveries for them."""
+        if self._registered:
+            return
+        if self.bus.store.keeps_services:
+            registration = await self.bus.register()
+            if registration.wrote:
+                logger.info(
+                    "worker %s: stored the subscriptions of service %s (added: %s; changed: %s)",
+                    self.name,
+                    self.bus.service,
+                    ", ".join(registration.added) or "none",
+                    ", ".join(registration.changed) or "none",
+                )
+        self._registered = True
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         """Say so when the claim loop ends without being asked to: nothing else would."""
         if self._stopping:
             return
+        if self._beater is not None:  # a worker that claims nothing more is not live
+            self._beater.cancel()
         if task.cancelled():
             logger.error(
                 "worker %s: its claim loop was cancelled; it claims nothing more", self.name
@@ -202,10 +284,8 @@ class RetryWorker:
         finally:
             if self._task is task:  # a second stop() waits for the first; one says so
                 self.bus.core.ledger.remove_schedule_listener(self._on_retry_scheduled)
-                unwatch, self._unwatch = self._unwatch, None
-                if unwatch is not None:
-                    with contextlib.suppress(Exception):
-                        await unwatch()
+                await self._stop_watching()
+                await self._stop_beating()
                 self._task = None
                 logger.info("worker %s stopped", self.name)
 
@@ -258,6 +338,84 @@ class RetryWorker:
         await self.bus.store.connect()
         self._unwatch = await self.bus.store.watch(self._wake_up)
 
+    # heartbeats ------------------------------------------------------------
+
+    def _own_service(self) -> str | None:
+        """The service whose records this worker claims (None: any, on a store
+        that keeps default-service records only)."""
+        return self.bus.service if self.bus.store.keeps_services else None
+
+    async def _beat_continuously(self, *, first: bool) -> None:
+        if not first:
+            await asyncio.sleep(self.heartbeat_interval)
+        while True:
+            await self._beat()
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _beat(self) -> None:
+        """Store this worker's heartbeat. A failure is logged (once, until a beat
+        goes through again) and never stops the worker."""
+        store = self.bus.store
+        if not store.keeps_services:
+            return
+        from . import __version__  # the package is loaded whole by now
+
+        now = self.bus.clock.now()
+        beat = WorkerBeat(
+            name=self.name,
+            service=self.bus.service,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self._started_at or now,
+            last_seen=now,
+            interval=self.heartbeat_interval,
+            lanes=self.concurrency,
+            lanes_busy=min(self._busy, self.concurrency),
+            handlers=tuple(self.bus.handler_names),
+            version=__version__,
+        )
+        try:
+            await store.beat(beat)
+        except StoreUnavailable as exc:
+            self._store_failed(exc, self.heartbeat_interval)
+            return
+        except Exception as exc:
+            if not self._beat_failing:
+                self._beat_failing = True
+                logger.warning(
+                    "worker %s: could not store its heartbeat: %s; it goes on working, and "
+                    "tries again every %gs",
+                    self.name,
+                    exc,
+                    self.heartbeat_interval,
+                    exc_info=exc,
+                )
+            else:
+                logger.debug("worker %s: still no heartbeat stored: %s", self.name, exc)
+            return
+        if self._beat_failing:
+            self._beat_failing = False
+            logger.info("worker %s: its heartbeat is stored again", self.name)
+
+    async def _stop_beating(self) -> None:
+        """Stop the heartbeats and delete the last one (best effort: a worker that
+        could not shows as not live once three intervals have passed)."""
+        beater, self._beater = self._beater, None
+        if beater is None:
+            return
+        beater.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beater
+        try:
+            await asyncio.wait_for(self.bus.store.forget_worker(self.name), _FORGET_TIMEOUT)
+        except Exception as exc:
+            logger.warning(
+                "worker %s: could not delete its heartbeat: %s; it shows as not live after %gs",
+                self.name,
+                exc or "timed out",
+                3 * self.heartbeat_interval,
+            )
+
     async def _loop(self, watching: bool = True) -> None:
         lanes = [
             asyncio.create_task(self._lane(), name=f"retrybus-lane-{self.name}-{n}")
@@ -297,6 +455,7 @@ class RetryWorker:
                 if not watching:
                     await self._watch_store()
                     watching = True
+                await self._register()
                 await self._maintain()
                 await self._sample_depth()
                 await self._refresh_metrics()
@@ -370,14 +529,18 @@ class RetryWorker:
                     self._wake_up()  # a free lane and nothing waiting: claim more
 
     async def _idle_time(self) -> float:
+        longest = self.check_interval
+        now = self.bus.clock.now()
+        if self._next_sweep is not None and self.bus.store.keeps_services:
+            longest = min(longest, max((self._next_sweep - now).total_seconds(), _MIN_IDLE))
         try:
-            due = await self.bus.store.next_due(self.bus.handler_names)
+            due = await self.bus.store.next_due(self.bus.handler_names, service=self._own_service())
         except StoreUnavailable:
-            return self.check_interval
+            return longest
         if due is None:
-            return self.check_interval
+            return longest
         wait = (due - self.bus.clock.now()).total_seconds()
-        return min(self.check_interval, max(wait, _MIN_IDLE))
+        return min(longest, max(wait, _MIN_IDLE))
 
     async def _sleep(self, seconds: float) -> None:
         wake = self._wake
@@ -389,6 +552,7 @@ class RetryWorker:
 
     async def _maintain(self) -> None:
         now = self.bus.clock.now()
+        await self._sweep_unsubscribed(now)
         if self._next_maintenance is not None and now < self._next_maintenance:
             return
         self._next_maintenance = now + timedelta(seconds=self.maintenance_interval)
@@ -401,6 +565,37 @@ class RetryWorker:
                 expired,
                 deleted,
             )
+        store = self.bus.store
+        if store.keeps_services:
+            pruned = await store.prune_workers(now - SERVICE_RECORDS_KEPT)
+            forgotten = await store.forget_subscriptions(now - SERVICE_RECORDS_KEPT)
+            if pruned or forgotten:
+                logger.info(
+                    "worker %s: deleted %d heartbeats not seen for a day and %d subscriptions "
+                    "removed a day ago",
+                    self.name,
+                    pruned,
+                    forgotten,
+                )
+
+    async def _sweep_unsubscribed(self, now: datetime) -> None:
+        """Every ``UNSUBSCRIBED_SWEEP_INTERVAL`` seconds, move to the dead letter
+        queue what waits for removed subscriptions (one batch; a full one goes on
+        at the next turn of the loop)."""
+        if not self.bus.store.keeps_services or (
+            self._next_sweep is not None and now < self._next_sweep
+        ):
+            return
+        self._next_sweep = now + timedelta(seconds=UNSUBSCRIBED_SWEEP_INTERVAL)
+        moved = await self.bus.services.sweep(limit=UNSUBSCRIBED_BATCH)
+        if moved:
+            logger.info(
+                "worker %s: dead-lettered %d deliveries of removed subscriptions",
+                self.name,
+                moved,
+            )
+        if moved >= UNSUBSCRIBED_BATCH:
+            self._next_sweep = now  # more may wait: the next turn goes on
 
     async def _sample_depth(self) -> None:
         history = self.depth_history
@@ -445,6 +640,7 @@ class RetryWorker:
             lease=self.lease,
             owner=owner,
             handlers=self.bus.handler_names,
+            service=self._own_service(),
         )
         if not items:
             return None

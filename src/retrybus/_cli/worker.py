@@ -56,6 +56,7 @@ class WorkerSettings:
     tracing: bool = False
     fail_fast: bool = False
     handler_timeout: float | None = None
+    heartbeat_interval: float = 10.0
 
 
 def _seconds(text: str) -> float:
@@ -184,6 +185,14 @@ def build_parser(prog: str = "retrybus worker") -> argparse.ArgumentParser:
         "thread is left to finish) (default: no limit)",
     )
     parser.add_argument(
+        "--heartbeat-interval",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="store a heartbeat every S seconds, on a store that keeps services: the worker "
+        "counts as live for three of them (10)",
+    )
+    parser.add_argument(
         "--app-dir", default=".", metavar="DIR", help="directory put first on sys.path (.)"
     )
     return parser
@@ -205,6 +214,7 @@ def main(argv: Sequence[str], prog: str = "retrybus worker") -> int:
         tracing=args.tracing,
         fail_fast=args.fail_fast,
         handler_timeout=args.handler_timeout,
+        heartbeat_interval=args.heartbeat_interval,
     )
     store = args.store or os.environ.get("RETRYBUS_STORE") or None
     try:
@@ -308,6 +318,7 @@ async def serve(bus: EventBus, settings: WorkerSettings) -> None:
         name=settings.name,
         fail_fast=settings.fail_fast,
         handler_timeout=settings.handler_timeout,
+        heartbeat_interval=settings.heartbeat_interval,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -337,7 +348,9 @@ async def serve(bus: EventBus, settings: WorkerSettings) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         await worker.start()
-        logger.info("serving handlers: %s", ", ".join(bus.handler_names))
+        logger.info(
+            "serving the handlers of service %s: %s", bus.service, ", ".join(bus.handler_names)
+        )
         await _until_stopped_or_failed(stopping, worker)
         # A second signal cancels the worker's loop, which ends this stop() early.
         with contextlib.suppress(asyncio.CancelledError):

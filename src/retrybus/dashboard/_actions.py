@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.types import Message
 
-from .._errors import ItemNotFound, NotCancellable, UnknownHandler
+from .._errors import ItemNotFound, NotCancellable, OtherService, UnknownHandler
 from .._queues import check_cancellable
 from .._redrive import parse_rate
 from ._auth import LOGIN_COOKIE, SESSION_COOKIE, Forbidden, Identity
@@ -207,7 +207,7 @@ async def item_action(request: Request, form: FormData, identity: Identity) -> R
         raise HTTPError(
             404, "No such dead letter", f"no dead letter has the id {item_id!r}"
         ) from None
-    except UnknownHandler as exc:
+    except (UnknownHandler, OtherService) as exc:
         raise HTTPError(409, "Cannot reprocess", str(exc)) from None
     response = redirect(request, f"/dead-letters/{item_id}")
     if item.processed:
@@ -335,9 +335,12 @@ async def bulk(request: Request, form: FormData, identity: Identity) -> Response
         raise HTTPError(
             400, "Bad probe size", f"the probe size must be a whole number >= 0, got {probe_text!r}"
         )
-    redrive = await bus.redrives.start(
-        where, action=action, rate=rate, probe=int(probe_text), actor=identity.name
-    )
+    try:
+        redrive = await bus.redrives.start(
+            where, action=action, rate=rate, probe=int(probe_text), actor=identity.name
+        )
+    except OtherService as exc:
+        raise HTTPError(409, "Cannot reprocess", str(exc)) from None
     response = redirect(request, f"/redrives/{redrive.id}")
     verb = "requeue" if action == "requeue" else "reprocess"
     return flash(

@@ -1,0 +1,181 @@
+"""The services sharing the bus's store, as people look at and act on them:
+``bus.services``."""
+
+from __future__ import annotations
+
+import builtins
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ._errors import SubscriptionInUse, UnknownSubscription
+from ._event import check_text
+from ._records import DeadLetterItem
+from ._routes import subscriptions_changed
+from ._services import HandlerLoad, StoredSubscription, WorkerBeat, check_service
+
+if TYPE_CHECKING:
+    from ._core import BusCore
+    from ._stores.base import Store
+
+__all__ = ["ServiceRemoval", "Services"]
+
+logger = logging.getLogger("retrybus")
+
+#: records one store call of a sweep moves to the dead letter queue
+SWEEP_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRemoval:
+    """What ``Services.remove`` did: the handlers of ``service`` whose subscription
+    it removed (sorted; none when they were removed before), how many of their
+    deliveries it dead-lettered, and how many more wait for a lease to run out
+    (``leased``: a handler runs them now; the workers' sweep dead-letters those
+    that are still there once it has)."""
+
+    service: str
+    removed: tuple[str, ...]
+    dead_lettered: int
+    leased: int = 0
+
+
+class Services:
+    """The services that share the bus's store: their stored subscriptions, their
+    workers' heartbeats, what waits for each of their handlers; and the removal
+    of a subscription. Needs a store that keeps services (``Store.keeps_services``).
+
+    >>> await bus.services.remove("billing", "SendInvoice", actor="alice")
+    """
+
+    def __init__(self, core: BusCore) -> None:
+        self._core = core
+
+    def _store(self, what: str) -> Store:
+        store = self._core.store
+        if not store.keeps_services:
+            raise ValueError(
+                f"services.{what}(): {type(store).__name__} ({store.url}) does not keep "
+                "services yet"
+            )
+        return store
+
+    async def list(
+        self, service: str | None = None, *, removed: bool = False
+    ) -> builtins.list[StoredSubscription]:
+        """The stored subscriptions (of ``service``; None: of every service), by
+        service then handler name; with ``removed``, the tombstones of removed
+        ones too (kept for a day)."""
+        if service is not None:
+            check_service(service)
+        return await self._store("list").list_subscriptions(service, removed=removed)
+
+    async def workers(self, service: str | None = None) -> builtins.list[WorkerBeat]:
+        """The workers' last heartbeats (of ``service``; None: of every service), by
+        service then name, live or not (``WorkerBeat.live_at``): a worker that
+        stopped deletes its own; one that died is deleted a day after its last."""
+        if service is not None:
+            check_service(service)
+        return await self._store("workers").list_workers(service)
+
+    async def loads(self) -> builtins.list[HandlerLoad]:
+        """What waits for each handler of each service, now (``HandlerLoad``)."""
+        return await self._store("loads").service_loads(self._core.clock.now())
+
+    async def remove(
+        self, service: str, handler: str | None = None, *, actor: str, force: bool = False
+    ) -> ServiceRemoval:
+        """Remove the subscription of ``service``'s ``handler`` (None: of all its
+        handlers), ``actor`` saying by whom: publishers route no more events to
+        it (this process's at once, others' within their ``route_refresh``), and
+        what waited for it is dead-lettered, with the reason ``subscription
+        removed: SERVICE/HANDLER (by ACTOR)``: now what no lease holds, what a
+        handler runs once its lease has run out (the workers' sweep, which also
+        takes what a publisher whose routes were not yet read again records
+        meanwhile). Asked again for a subscription removed already, it only
+        dead-letters what waits for it.
+
+        Refused (``SubscriptionInUse``, naming the workers) while a live worker's
+        heartbeat lists the handler: it would store the subscription again when it
+        restarts. ``force`` removes it anyway. Raises ``UnknownSubscription`` when
+        the store keeps no subscription of it, live or removed."""
+        check_service(service)
+        if handler is not None and (not isinstance(handler, str) or not handler):
+            raise ValueError(f"handler must be a non-empty string or None, got {handler!r}")
+        if not isinstance(actor, str) or not actor:
+            raise ValueError(f"actor must be a non-empty string, got {actor!r}")
+        check_text(actor, "actor")
+        store = self._store("remove")
+        stored = [
+            subscription
+            for subscription in await store.list_subscriptions(service, removed=True)
+            if handler is None or subscription.handler_name == handler
+        ]
+        if not stored:
+            raise UnknownSubscription(service, handler)
+        live = {s.handler_name for s in stored if not s.removed}
+        if live and not force:
+            await self._refuse_while_running(store, service, live)
+        removed = (
+            await store.remove_subscriptions(service, live, now=self._core.clock.now(), actor=actor)
+            if live
+            else []
+        )
+        if removed:
+            subscriptions_changed(store)
+            logger.warning(
+                "removed the subscription of %s, by %s%s",
+                ", ".join(f"{service}/{name}" for name in removed),
+                actor,
+                " (forced)" if force else "",
+            )
+        names = {s.handler_name for s in stored}
+        dead_lettered = 0
+        while True:
+            moved = await self._sweep(SWEEP_BATCH)
+            dead_lettered += sum(
+                1 for item in moved if item.service == service and item.handler_name in names
+            )
+            if len(moved) < SWEEP_BATCH:
+                break
+        leased = sum(
+            load.leased
+            for load in await store.service_loads(self._core.clock.now())
+            if load.service == service and load.handler_name in names
+        )
+        return ServiceRemoval(service, tuple(removed), dead_lettered, leased)
+
+    async def _refuse_while_running(
+        self, store: Store, service: str, handlers: Collection[str]
+    ) -> None:
+        now = self._core.clock.now()
+        running = [
+            beat
+            for beat in await store.list_workers(service)
+            if beat.live_at(now) and not set(handlers).isdisjoint(beat.handlers)
+        ]
+        if running:
+            held = sorted({name for beat in running for name in beat.handlers} & set(handlers))
+            raise SubscriptionInUse(
+                service,
+                held,
+                [f"{beat.name} (pid {beat.pid} on {beat.host})" for beat in running],
+            )
+
+    async def sweep(self, *, limit: int = SWEEP_BATCH) -> int:
+        """Move to the dead letter queue up to ``limit`` deliveries that wait for
+        removed subscriptions (of any service) and that no lease holds, announced
+        as every dead letter is (``on_dead_letter`` hooks, metrics, the log);
+        returns how many moved. Workers do it every few seconds."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+        return len(await self._sweep(limit))
+
+    async def _sweep(self, limit: int) -> builtins.list[DeadLetterItem]:
+        core = self._core
+        moved = await self._store("sweep").dead_letter_unsubscribed(
+            now=core.clock.now(), limit=limit
+        )
+        await core.ledger.dead_lettered(moved)
+        return moved
