@@ -81,6 +81,7 @@ async def test_publish_raises_store_unavailable_once_store_timeout_has_passed(
     failure could not be recorded."""
     bus, calls = counting_bus(store_url(server), store_timeout=1.5)
     await bus.store.connect()
+    await bus.publish(Event("warm.up"))  # it has read the other services' subscriptions
     await asyncio.to_thread(server.stop)
     started = time.monotonic()
     with pytest.raises(StoreUnavailable):
@@ -88,6 +89,23 @@ async def test_publish_raises_store_unavailable_once_store_timeout_has_passed(
     waited = time.monotonic() - started
     assert 1.0 <= waited < 15, waited
     assert len(calls) == (0 if durable else 1)
+    await bus.close()
+
+
+async def test_a_first_publish_that_cannot_read_the_routes_runs_no_handler(
+    server: PrivateServer,
+) -> None:
+    """Which other services an event reaches is in the store: a publish that
+    cannot read it, even one not durable, raises before any handler runs, so no
+    service's delivery is left unrecorded."""
+    bus, calls = counting_bus(store_url(server), store_timeout=1.0)
+    if not bus.store.keeps_services:
+        pytest.skip(f"{type(bus.store).__name__} does not keep services yet")
+    await bus.store.connect()
+    await asyncio.to_thread(server.stop)
+    with pytest.raises(StoreUnavailable):
+        await bus.publish(Event("order.placed", {"order": 3}), durable=False)
+    assert calls == []
     await bus.close()
 
 
