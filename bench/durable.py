@@ -540,7 +540,7 @@ class WorkerProcess:
         while line := await self.process.stderr.readline():
             text = line.decode().rstrip()
             self.log.append(text)
-            if "serving handlers" in text:
+            if "serving the handlers" in text:
                 self.ready.set()
             elif " INFO " not in text:
                 note(f"{self.what}: {text}")
