@@ -275,6 +275,8 @@ def test_reason_kinds() -> None:
     assert reason_kind("unknown handler: no handler named 'x' is subscribed") == "unknown_handler"
     assert reason_kind("undecodable record: bad JSON") == "undecodable"
     assert reason_kind("retry decision failed: ZeroDivisionError: x") == "policy_error"
+    assert reason_kind("undeliverable: claimed 3 times without an outcome") == "undeliverable"
+    assert reason_kind("subscription removed: mail/Notify (by ops)") == "subscription_removed"
     assert reason_kind("left by an operator") == "other"
 
 

@@ -57,6 +57,7 @@ _REASON_KINDS = (
     ("unknown handler", "unknown_handler"),
     ("undecodable record", "undecodable"),
     ("retry decision failed", "policy_error"),
+    ("undeliverable", "undeliverable"),
     (UNSUBSCRIBED, "subscription_removed"),
 )
 
@@ -65,7 +66,7 @@ def reason_kind(reason: str) -> str:
     """A dead letter's reason reduced to a word that suits a metric label:
     ``retries_exhausted``, ``non_retryable``, ``time_budget_exhausted``,
     ``expired``, ``unknown_handler``, ``undecodable``, ``policy_error``,
-    ``subscription_removed`` or ``other`` (reasons carry item-specific text; labels must not)."""
+    ``undeliverable``, ``subscription_removed`` or ``other`` (reasons carry item-specific text; labels must not)."""
     for prefix, kind in _REASON_KINDS:
         if reason.startswith(prefix):
             return kind
