@@ -13,7 +13,7 @@ reads back as one of the default service.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeGuard
@@ -26,6 +26,7 @@ __all__ = [
     "StoredSubscription",
     "WorkerBeat",
     "check_service",
+    "check_subscriptions",
     "is_service_name",
     "unsubscribed_reason",
 ]
@@ -57,6 +58,22 @@ def check_service(name: object) -> str:
             f"a letter or a digit: got {name!r}"
         )
     return name
+
+
+def check_subscriptions(service: str, subscriptions: Sequence[StoredSubscription]) -> set[str]:
+    """The handlers ``subscriptions`` name, once each and all of ``service``
+    (what ``Store.put_subscriptions`` takes); else ``ValueError`` naming the odd one."""
+    check_service(service)
+    named: set[str] = set()
+    for terms in subscriptions:
+        if terms.service != service:
+            raise ValueError(
+                f"subscription {terms.service}/{terms.handler_name} is not of service {service!r}"
+            )
+        if terms.handler_name in named:
+            raise ValueError(f"handler {terms.handler_name!r} is named twice")
+        named.add(terms.handler_name)
+    return named
 
 
 def unsubscribed_reason(service: str, handler_name: str, actor: str) -> str:

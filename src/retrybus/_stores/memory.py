@@ -34,7 +34,7 @@ from .._services import (
     Registration,
     StoredSubscription,
     WorkerBeat,
-    check_service,
+    check_subscriptions,
     unsubscribed_reason,
 )
 from .base import (
@@ -418,17 +418,7 @@ class MemoryStore(Store):
         now: datetime,
         actor: str,
     ) -> Registration:
-        check_service(service)
-        named: set[str] = set()
-        for terms in subscriptions:
-            if terms.service != service:
-                raise ValueError(
-                    f"subscription {terms.service}/{terms.handler_name} is not of "
-                    f"service {service!r}"
-                )
-            if terms.handler_name in named:
-                raise ValueError(f"handler {terms.handler_name!r} is named twice")
-            named.add(terms.handler_name)
+        named = check_subscriptions(service, subscriptions)
         revision = self._revision + 1
         writes: dict[tuple[str, str], StoredSubscription] = {}
         added: list[str] = []

@@ -38,7 +38,7 @@ from ..._services import (
     Registration,
     StoredSubscription,
     WorkerBeat,
-    check_service,
+    check_subscriptions,
 )
 from ..base import ServiceStore
 from .codec import (
@@ -72,22 +72,6 @@ async def _move_revision_on(db: AsyncDatabase[Doc], session: Session) -> None:
     )
 
 
-def _check_terms(service: str, subscriptions: Sequence[StoredSubscription]) -> set[str]:
-    """The handler names of ``subscriptions``; ``ValueError`` for one of another
-    service or a handler named twice (before anything is written)."""
-    check_service(service)
-    named: set[str] = set()
-    for terms in subscriptions:
-        if terms.service != service:
-            raise ValueError(
-                f"subscription {terms.service}/{terms.handler_name} is not of service {service!r}"
-            )
-        if terms.handler_name in named:
-            raise ValueError(f"handler {terms.handler_name!r} is named twice")
-        named.add(terms.handler_name)
-    return named
-
-
 class MongoServices(abc.ABC, ServiceStore):
     """The services part of ``MongoStore`` (``ServiceStore`` but the sweep)."""
 
@@ -116,7 +100,7 @@ class MongoServices(abc.ABC, ServiceStore):
         now: datetime,
         actor: str,
     ) -> Registration:
-        named = _check_terms(service, subscriptions)
+        named = check_subscriptions(service, subscriptions)
         # details that are not JSON are refused before anything is written
         for terms in subscriptions:
             subscription_document(terms)

@@ -42,7 +42,7 @@ from ..._services import (
     Registration,
     StoredSubscription,
     WorkerBeat,
-    check_service,
+    check_subscriptions,
     unsubscribed_reason,
 )
 from .._codec import parse_text_time, text_time
@@ -91,18 +91,9 @@ class RedisServices(ServiceStore):
     ) -> Registration:
         """One script (``put_subscriptions``): each row compared by its terms' text,
         written only when it changes (see the module)."""
-        check_service(service)
-        named: set[str] = set()
+        check_subscriptions(service, subscriptions)
         args: list[Any] = []
         for terms in subscriptions:
-            if terms.service != service:
-                raise ValueError(
-                    f"subscription {terms.service}/{terms.handler_name} is not of "
-                    f"service {service!r}"
-                )
-            if terms.handler_name in named:
-                raise ValueError(f"handler {terms.handler_name!r} is named twice")
-            named.add(terms.handler_name)
             args += (terms.handler_name, _terms_json(terms))
         reply = await self._run(
             "put_subscriptions",

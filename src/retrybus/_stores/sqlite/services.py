@@ -20,7 +20,7 @@ from ..._services import (
     Registration,
     StoredSubscription,
     WorkerBeat,
-    check_service,
+    check_subscriptions,
     unsubscribed_reason,
 )
 from .._codec import decode_or_corrupt, parse_text_time, text_time
@@ -31,21 +31,6 @@ from .sql import Q, dict_rows
 __all__ = ["SQLiteServices"]
 
 T = TypeVar("T")
-
-
-def _checked(service: str, subscriptions: Sequence[StoredSubscription]) -> set[str]:
-    """The handlers named, once each and all of ``service``; else ``ValueError``."""
-    check_service(service)
-    named: set[str] = set()
-    for terms in subscriptions:
-        if terms.service != service:
-            raise ValueError(
-                f"subscription {terms.service}/{terms.handler_name} is not of service {service!r}"
-            )
-        if terms.handler_name in named:
-            raise ValueError(f"handler {terms.handler_name!r} is named twice")
-        named.add(terms.handler_name)
-    return named
 
 
 def _next_revision(conn: sqlite3.Connection) -> int:
@@ -84,7 +69,7 @@ class SQLiteServices(ServiceStore):
         now: datetime,
         actor: str,
     ) -> Registration:
-        named = _checked(service, subscriptions)
+        named = check_subscriptions(service, subscriptions)
         at = text_time(now)
 
         def run(conn: sqlite3.Connection) -> Registration:
