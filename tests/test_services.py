@@ -204,10 +204,11 @@ def test_a_record_without_a_service_is_of_the_default_service() -> None:
 
 
 def test_a_damaged_service_makes_a_retry_item_undecodable_and_a_dead_letter_default() -> None:
-    fields = CODEC.retry_fields(_retry_item())
-    fields["service"] = 17
-    with pytest.raises(ValueError, match="service"):
-        CODEC.retry_item(fields)
+    for damaged in (17, "", "a/b", "billing\x00"):  # a record a store could not key
+        fields = CODEC.retry_fields(_retry_item())
+        fields["service"] = damaged
+        with pytest.raises(ValueError, match="service"):
+            CODEC.retry_item(fields)
     dead_fields = CODEC.dead_letter_fields(_retry_item().to_dead_letter(reason="r", now=NOW))
     dead_fields["service"] = 17
     assert CODEC.dead_letter(dead_fields).service == DEFAULT_SERVICE

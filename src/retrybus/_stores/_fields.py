@@ -21,7 +21,7 @@ from typing import Any
 
 from .._event import compact_json
 from .._records import DeadLetterItem, RetryItem
-from .._services import DEFAULT_SERVICE
+from .._services import DEFAULT_SERVICE, is_service_name
 
 __all__ = ["DEAD_LETTER_FIELDS", "RETRY_FIELDS", "RecordCodec", "json_object"]
 
@@ -98,7 +98,7 @@ def _service(row: Mapping[str, Any]) -> str:
     value = row.get("service")
     if value is None:
         return DEFAULT_SERVICE
-    if not isinstance(value, str) or not value:
+    if not is_service_name(value):
         raise ValueError(f"service is not a service name: {str(value)[:80]!r}")
     return value
 
