@@ -73,12 +73,15 @@ def _open_sqlite(url: str, netloc: str, path: str, options: dict[str, str]) -> S
         busy_timeout = float(options.get("busy_timeout", "30"))
     except ValueError:
         raise ValueError(f"busy_timeout in {url!r} must be a number of seconds") from None
-    return SQLiteStore(
-        file_path,
-        url=url,
-        synchronous=options.get("synchronous", "normal"),
-        busy_timeout=busy_timeout,
-    )
+    try:
+        return SQLiteStore(
+            file_path,
+            url=url,
+            synchronous=options.get("synchronous", "normal"),
+            busy_timeout=busy_timeout,
+        )
+    except ValueError as exc:
+        raise ValueError(f"bad SQLite store URL {url!r}: {exc}") from None
 
 
 def _open_server(url: str, module_name: str, class_name: str, extra: str) -> Store:
