@@ -85,6 +85,54 @@ async def test_services_lists_subscriptions_workers_and_loads(
         assert await social.services.workers("social") == []
 
 
+async def test_the_overview_shows_each_service_its_handlers_workers_and_a_warning(
+    store: Store, clock: ManualClock
+) -> None:
+    needs_services(store)
+    social, notifications, _seen = social_and_notifications(store, clock)
+    await notifications.register()
+    await social.publish(Event("like.added"), defer=True)
+    clock.advance(4)
+    (summary,) = await social.services.overview()
+    assert summary.service == "notifications"
+    assert [h.handler_name for h in summary.handlers] == ["Digest", "Notify"]
+    digest = summary.handlers[0]
+    assert digest.subscription is not None
+    assert digest.subscription.patterns == ("like.added",)
+    assert (digest.load.pending, summary.waiting, summary.workers) == (1, 2, ())
+    assert summary.oldest_pending_age == pytest.approx(4, abs=0.01)
+    assert summary.warning == "no live worker"
+    await store.beat(
+        WorkerBeat(
+            name="n-1",
+            service="notifications",
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=clock.now(),
+            last_seen=clock.now(),
+            interval=10.0,
+            lanes=8,
+            lanes_busy=1,
+            handlers=("Notify", "Digest"),
+        )
+    )
+    (summary,) = await social.services.overview("notifications")
+    assert ([w.name for w in summary.workers], summary.warning) == (["n-1"], None)
+    clock.advance(31)
+    (summary,) = await social.services.overview()
+    assert (summary.workers, summary.stale_workers, summary.warning) == (
+        (),
+        1,
+        "no live worker",
+    )
+    await social.services.remove("notifications", "Digest", actor="alice")
+    (summary,) = await social.services.overview()
+    assert [h.handler_name for h in summary.handlers] == ["Digest", "Notify"]
+    assert summary.handlers[0].removed
+    assert summary.handlers[0].load.dead_unprocessed == 1
+    assert await social.services.overview("social") == []
+
+
 async def test_the_services_facade_needs_a_store_that_keeps_services() -> None:
     class NoServices(MemoryStore):  # as an engine that does not keep them yet
         keeps_services = False

@@ -40,7 +40,14 @@ from ._policy import ExponentialBackoff, FixedDelay, LinearBackoff, RetryPolicy
 from ._queues import RetryQueue
 from ._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
 from ._service_admin import ServiceRemoval, Services
-from ._services import HandlerLoad, Registration, StoredSubscription, WorkerBeat
+from ._services import (
+    HandlerLoad,
+    HandlerSummary,
+    Registration,
+    ServiceSummary,
+    StoredSubscription,
+    WorkerBeat,
+)
 from ._stats import Stats
 from ._stores import Store, open_store
 from ._worker import RetryWorker
@@ -73,6 +80,7 @@ __all__ = [
     "FixedDelay",
     "GroupCount",
     "HandlerLoad",
+    "HandlerSummary",
     "ItemBusy",
     "ItemNotFound",
     "LinearBackoff",
@@ -95,6 +103,7 @@ __all__ = [
     "RetryWorker",
     "RetrybusError",
     "ServiceRemoval",
+    "ServiceSummary",
     "Services",
     "Stats",
     "Store",

@@ -13,7 +13,14 @@ from ._errors import SubscriptionInUse, UnknownSubscription
 from ._event import check_text
 from ._records import DeadLetterItem
 from ._routes import subscriptions_changed
-from ._services import HandlerLoad, StoredSubscription, WorkerBeat, check_service
+from ._services import (
+    HandlerLoad,
+    ServiceSummary,
+    StoredSubscription,
+    WorkerBeat,
+    check_service,
+    summarize_services,
+)
 
 if TYPE_CHECKING:
     from ._core import BusCore
@@ -82,6 +89,24 @@ class Services:
     async def loads(self) -> builtins.list[HandlerLoad]:
         """What waits for each handler of each service, now (``HandlerLoad``)."""
         return await self._store("loads").service_loads(self._core.clock.now())
+
+    async def overview(self, service: str | None = None) -> builtins.list[ServiceSummary]:
+        """Every service sharing the store (or only ``service``), by name: its
+        handlers with their subscriptions and what waits for each, its live
+        workers, and a ``warning`` when work waits and no worker of it is live.
+        What ``retrybus services`` and the dashboard's Services page show."""
+        if service is not None:
+            check_service(service)
+        store = self._store("overview")
+        now = self._core.clock.now()
+        subscriptions = await store.list_subscriptions(service, removed=True)
+        beats = await store.list_workers(service)
+        loads = [
+            load
+            for load in await store.service_loads(now)
+            if service is None or load.service == service
+        ]
+        return summarize_services(subscriptions, beats, loads, now)
 
     async def remove(
         self, service: str, handler: str | None = None, *, actor: str, force: bool = False

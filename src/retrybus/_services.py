@@ -22,12 +22,15 @@ __all__ = [
     "DEFAULT_SERVICE",
     "UNSUBSCRIBED",
     "HandlerLoad",
+    "HandlerSummary",
     "Registration",
+    "ServiceSummary",
     "StoredSubscription",
     "WorkerBeat",
     "check_service",
     "check_subscriptions",
     "is_service_name",
+    "summarize_services",
     "unsubscribed_reason",
 ]
 
@@ -217,3 +220,98 @@ class HandlerLoad:
     def queued(self) -> int:
         """Its records in the retry queue, all kinds."""
         return self.pending + self.scheduled + self.retrying
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSummary:
+    """One handler of a service as ``Services.overview`` shows it: its stored
+    ``subscription`` (None: records wait for a handler the store keeps no
+    subscription of, e.g. written before services) and what waits for it
+    (``load``)."""
+
+    handler_name: str
+    subscription: StoredSubscription | None
+    load: HandlerLoad
+
+    @property
+    def removed(self) -> bool:
+        """Its subscription was removed (records may still wait: leased ones)."""
+        return self.subscription is not None and self.subscription.removed
+
+    def oldest_pending_age(self, now: datetime) -> float | None:
+        """Seconds since its oldest pending delivery fell due (None: none pending)."""
+        due = self.load.oldest_pending_due
+        return None if due is None else max(0.0, (now - due).total_seconds())
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSummary:
+    """One service sharing the store, as ``Services.overview`` shows it at ``at``:
+    its handlers (by name), its live workers (by name) and how many of its
+    workers' heartbeats are stale (``stale_workers``: not seen for three
+    intervals, deleted a day after)."""
+
+    service: str
+    at: datetime
+    handlers: tuple[HandlerSummary, ...]
+    workers: tuple[WorkerBeat, ...]
+    stale_workers: int = 0
+
+    @property
+    def waiting(self) -> int:
+        """Deliveries its workers could run now or soon: pending and retrying
+        records of all its handlers (scheduled ones aside)."""
+        return sum(h.load.pending + h.load.retrying for h in self.handlers)
+
+    @property
+    def dead(self) -> int:
+        """Its dead letters not yet processed."""
+        return sum(h.load.dead_unprocessed for h in self.handlers)
+
+    @property
+    def oldest_pending_age(self) -> float | None:
+        """Seconds since its oldest pending delivery fell due (None: none)."""
+        ages = [a for h in self.handlers if (a := h.oldest_pending_age(self.at)) is not None]
+        return max(ages) if ages else None
+
+    @property
+    def warning(self) -> str | None:
+        """``"no live worker"`` when work waits and no worker of it is live; else None."""
+        return "no live worker" if self.waiting and not self.workers else None
+
+
+def summarize_services(
+    subscriptions: Sequence[StoredSubscription],
+    beats: Sequence[WorkerBeat],
+    loads: Sequence[HandlerLoad],
+    now: datetime,
+) -> list[ServiceSummary]:
+    """Every service named by a subscription, a heartbeat or a load, by name, with
+    its handlers (live subscriptions, and removed ones or unknown ones that still
+    have records) and its workers: what ``Services.overview`` returns."""
+    subs = {(s.service, s.handler_name): s for s in subscriptions}
+    load_of = {(load.service, load.handler_name): load for load in loads}
+    services = (
+        {s.service for s in subscriptions}
+        | {b.service for b in beats}
+        | {load.service for load in loads}
+    )
+    summaries = []
+    for service in sorted(services):
+        names = {h for (s, h), sub in subs.items() if s == service and not sub.removed} | {
+            h
+            for (s, h), load in load_of.items()
+            if s == service and (load.queued or load.dead_unprocessed or load.dead_processed)
+        }
+        handlers = tuple(
+            HandlerSummary(
+                name,
+                subs.get((service, name)),
+                load_of.get((service, name)) or HandlerLoad(service=service, handler_name=name),
+            )
+            for name in sorted(names)
+        )
+        own = sorted((b for b in beats if b.service == service), key=lambda b: b.name)
+        live = tuple(b for b in own if b.live_at(now))
+        summaries.append(ServiceSummary(service, now, handlers, live, len(own) - len(live)))
+    return summaries
