@@ -1,5 +1,5 @@
 """The ``retrybus`` Typer app: its root, ``demo`` and ``worker``; ``dlq``,
-``queue`` and ``stats`` come from their own modules.
+``queue``, ``services`` and ``stats`` come from their own modules.
 
 The demo (and Rich with it) is imported only when ``retrybus demo`` runs.
 """
@@ -17,6 +17,7 @@ from .dashboard import dashboard
 from .dlq import dlq_app
 from .migrate import migrate
 from .queue import queue_app, stats
+from .services import services_app
 from .session import EXIT_USAGE
 from .typer_help import RetrybusTyper
 
@@ -32,6 +33,7 @@ app = RetrybusTyper(
 )
 app.add_typer(dlq_app)
 app.add_typer(queue_app)
+app.add_typer(services_app)
 app.command("stats")(stats)
 app.command("migrate")(migrate)
 app.command("dashboard")(dashboard)

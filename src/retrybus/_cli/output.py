@@ -8,14 +8,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import typer
 
 from .._records import DeadLetterItem, RetryItem
+from .._services import HandlerSummary, ServiceSummary, WorkerBeat
 
-__all__ = ["echo_json", "record_to_dict"]
+__all__ = ["echo_json", "record_to_dict", "service_to_dict"]
 
 
 def _plain(value: Any) -> Any:
@@ -31,6 +32,70 @@ def _plain(value: Any) -> Any:
 def record_to_dict(record: RetryItem | DeadLetterItem) -> dict[str, Any]:
     """Every field of a retry item or dead letter, JSON-ready (times as ISO 8601 strings)."""
     return {field.name: _plain(getattr(record, field.name)) for field in dataclasses.fields(record)}
+
+
+def _utc(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).isoformat()
+
+
+def _age(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
+
+
+def _worker_dict(beat: WorkerBeat, now: datetime) -> dict[str, Any]:
+    return {
+        "name": beat.name,
+        "host": beat.host,
+        "pid": beat.pid,
+        "started_at": _utc(beat.started_at),
+        "last_seen": _utc(beat.last_seen),
+        "last_seen_age": _age(max(0.0, (now - beat.last_seen).total_seconds())),
+        "interval": beat.interval,
+        "lanes": beat.lanes,
+        "lanes_busy": beat.lanes_busy,
+        "handlers": list(beat.handlers),
+        "version": beat.version,
+    }
+
+
+def _handler_dict(handler: HandlerSummary, now: datetime) -> dict[str, Any]:
+    subscription = handler.subscription
+    load = handler.load
+    return {
+        "handler_name": handler.handler_name,
+        "patterns": None if subscription is None else list(subscription.patterns),
+        "policy": None if subscription is None else subscription.policy,
+        "max_retries": None if subscription is None else subscription.max_retries,
+        "handler_timeout": None if subscription is None else subscription.handler_timeout,
+        "registered_at": None if subscription is None else _utc(subscription.registered_at),
+        "removed": handler.removed,
+        "removed_at": None if subscription is None else _utc(subscription.removed_at),
+        "removed_by": None if subscription is None else subscription.removed_by,
+        "pending": load.pending,
+        "scheduled": load.scheduled,
+        "retrying": load.retrying,
+        "leased": load.leased,
+        "dead_unprocessed": load.dead_unprocessed,
+        "dead_processed": load.dead_processed,
+        "oldest_pending_due": _utc(load.oldest_pending_due),
+        "oldest_pending_age": _age(handler.oldest_pending_age(now)),
+    }
+
+
+def service_to_dict(summary: ServiceSummary) -> dict[str, Any]:
+    """One service of ``bus.services.overview()``, JSON-ready: times as ISO 8601
+    UTC strings, ages in seconds (``retrybus services --json`` documents the fields)."""
+    return {
+        "service": summary.service,
+        "at": _utc(summary.at),
+        "warning": summary.warning,
+        "waiting": summary.waiting,
+        "dead": summary.dead,
+        "oldest_pending_age": _age(summary.oldest_pending_age),
+        "stale_workers": summary.stale_workers,
+        "workers": [_worker_dict(beat, summary.at) for beat in summary.workers],
+        "handlers": [_handler_dict(handler, summary.at) for handler in summary.handlers],
+    }
 
 
 def echo_json(value: Any) -> None:

@@ -3,11 +3,14 @@ pending and scheduled deliveries), and cancelling a pending or scheduled deliver
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 
+from .._bus import EventBus
 from .._records import RETRY_KINDS, RetryItem, RetryKind
+from .._services import DEFAULT_SERVICE, check_service
 from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
 from .ids import RetryIdArgument, resolve_retry_id
 from .output import echo_json, record_to_dict
@@ -33,6 +36,20 @@ def kinds_line(counts: dict[RetryKind, int]) -> str:
     )
 
 
+async def _service_kinds(bus: EventBus, service: str, now: datetime) -> dict[RetryKind, int]:
+    """How many items of each kind wait for ``service``'s handlers at ``now``."""
+    if not bus.store.keeps_services:  # then every item is of the default service
+        if service == DEFAULT_SERVICE:
+            return await bus.store.count_retry_kinds(now)
+        return dict.fromkeys(RETRY_KINDS, 0)
+    loads = [load for load in await bus.store.service_loads(now) if load.service == service]
+    return {
+        "retry": sum(load.retrying for load in loads),
+        "pending": sum(load.pending for load in loads),
+        "scheduled": sum(load.scheduled for load in loads),
+    }
+
+
 def _item_dict(item: RetryItem, kind: RetryKind) -> dict[str, Any]:
     return {**record_to_dict(item), "kind": kind}
 
@@ -55,6 +72,9 @@ def list_retry_items(
             show_default=False,
         ),
     ] = None,
+    service: Annotated[
+        str | None, typer.Option(metavar="NAME", help="Only this service's items.")
+    ] = None,
     json: JsonOption = False,
     app: AppOption = None,
     app_dir: AppDirOption = ".",
@@ -64,27 +84,43 @@ def list_retry_items(
     if kind is not None and kind not in RETRY_KINDS:
         fail(f"--kind {kind!r}: use {', '.join(RETRY_KINDS)}", EXIT_USAGE)
     wanted: RetryKind | None = kind  # narrowed by the check above
+    if service is not None:
+        try:
+            check_service(service)
+        except ValueError as exc:
+            fail(f"--service {service!r}: {exc}", EXIT_USAGE)
 
     async def main() -> None:
         async with connected_bus(store, app, app_dir) as bus:
-            items = await bus.retry_queue.list(
-                limit, offset, handler_name=handler, event_type=event_type, kind=wanted
-            )
             now = bus.clock.now()
+            items = await bus.store.list_retry(
+                limit=limit,
+                offset=offset,
+                handler_name=handler,
+                event_type=event_type,
+                kind=wanted,
+                now=None if wanted is None else now,
+                service=service,
+            )
             if json:
                 echo_json([_item_dict(item, item.kind(now)) for item in items])
                 return
             from . import views
 
-            counts = await bus.retry_queue.count_kinds()
             out = views.console()
-            title = f"retry queue — {bus.store.url}"
+            what = "retry queue" if service is None else f"retry queue of service {service}"
             if wanted is not None:
-                title = f"retry queue, {wanted} only — {bus.store.url}"
-            out.print(views.retry_table(items, now, title))
+                what += f", {wanted} only"
+            out.print(views.retry_table(items, now, f"{what} — {bus.store.url}"))
             shown = f"{offset + 1}–{offset + len(items)}" if items else "none"
+            if service is None:
+                counts = await bus.retry_queue.count_kinds()
+                whole = "all handlers and types"
+            else:
+                counts = await _service_kinds(bus, service, now)
+                whole = f"service {service}, all its handlers and types"
             total = sum(counts.values())
-            out.print(f"showing {shown} of {total} (all handlers and types): {kinds_line(counts)}")
+            out.print(f"showing {shown} of {total} ({whole}): {kinds_line(counts)}")
 
     run(main())
 

@@ -39,7 +39,7 @@ FilterOption = Annotated[
         "-f",
         metavar="KEY=VALUE",
         help="Only dead letters matching (repeatable): type, handler, reason, processed "
-        "(true/false), since and until (ISO 8601 or an age: 2h, 7d), event_id, group.",
+        "(true/false), since and until (ISO 8601 or an age: 2h, 7d), event_id, group, service.",
         show_default=False,
     ),
 ]

@@ -25,6 +25,13 @@ from rich.text import Text
 
 from .._groups import FailureGroup, GroupCount
 from .._records import DeadLetterItem, RetryItem
+from .._services import (
+    DEFAULT_SERVICE,
+    HandlerSummary,
+    ServiceSummary,
+    StoredSubscription,
+    WorkerBeat,
+)
 from .._stats import Stats
 
 __all__ = [
@@ -37,8 +44,11 @@ __all__ = [
     "dead_letter_table",
     "duration",
     "failure_group_table",
+    "handler_table",
     "retry_table",
+    "services_view",
     "stats_table",
+    "worker_table",
 ]
 
 _PIPE_WIDTH = 160
@@ -52,6 +62,7 @@ _CELL_PADDING = 2
 _RULE = 1
 
 Row = TypeVar("Row")
+QueueRecord = TypeVar("QueueRecord", RetryItem, DeadLetterItem)
 
 
 def console(*, stderr: bool = False) -> Console:
@@ -244,18 +255,31 @@ def stats_table(stats: Stats, url: str) -> Table:
     return table
 
 
+def _service_column(
+    items: Sequence[QueueRecord], *, wraps_to: int, drop: int
+) -> list[Column[QueueRecord]]:
+    """The column naming each record's service, when the records are not all of
+    the default service (they come from several services, or from another one);
+    else none: a store of one service shows its tables as before services."""
+    if all(item.service == DEFAULT_SERVICE for item in items):
+        return []
+    return [Column("service", lambda item: item.service, wraps_to=wraps_to, drop=drop)]
+
+
 def dead_letter_table(items: Sequence[DeadLetterItem], now: datetime, title: str) -> FittedTable:
-    """Dead letters, one per row, newest first; in a narrow console the retries,
-    creation times, event types, reasons, processed marks and handlers give way
-    (in that order) so that each id stays whole."""
+    """Dead letters, one per row, newest first, with a service column when not all
+    are of the default service; in a narrow console the retries, creation times,
+    event types, reasons, processed marks, services and handlers give way (in that
+    order) so that each id stays whole."""
     columns: list[Column[DeadLetterItem]] = [
         Column("id", lambda item: item.id, style="cyan"),
         Column("created", lambda item: _ago(item.created_at, now), drop=2),
         Column("event type", lambda item: item.event_type, wraps_to=10, drop=3),
-        Column("handler", lambda item: item.handler_name, wraps_to=10, drop=6),
+        *_service_column(items, wraps_to=10, drop=6),
+        Column("handler", lambda item: item.handler_name, wraps_to=10, drop=7),
         Column("retries", lambda item: str(item.attempt), justify="right", drop=1),
         Column("reason", lambda item: item.reason, wraps_to=10, drop=4),
-        Column("error", lambda item: _short(item.error), wraps_to=10, drop=7),
+        Column("error", lambda item: _short(item.error), wraps_to=10, drop=8),
         Column(
             "processed", lambda item: "yes" if item.processed else "no", justify="center", drop=5
         ),
@@ -265,9 +289,10 @@ def dead_letter_table(items: Sequence[DeadLetterItem], now: datetime, title: str
 
 def retry_table(items: Sequence[RetryItem], now: datetime, title: str) -> FittedTable:
     """Retry items, one per row, by next retry, with each one's kind (retry,
-    pending, scheduled); in a narrow console the lease owners, event types, retry
-    counts, kinds, next retries and handlers give way (in that order) so that each
-    id stays whole."""
+    pending, scheduled) and a service column when not all are of the default
+    service; in a narrow console the lease owners, event types, retry counts,
+    kinds, next retries, services and handlers give way (in that order) so that
+    each id stays whole."""
 
     def leased_by(item: RetryItem) -> str:
         if item.lease_owner and item.lease_until and item.lease_until > now:
@@ -279,9 +304,10 @@ def retry_table(items: Sequence[RetryItem], now: datetime, title: str) -> Fitted
         Column("kind", lambda item: item.kind(now), drop=4),
         Column("next retry", lambda item: _due(item.next_retry, now), wraps_to=8, drop=5),
         Column("event type", lambda item: item.event_type, wraps_to=8, drop=2),
-        Column("handler", lambda item: item.handler_name, wraps_to=8, drop=6),
+        *_service_column(items, wraps_to=8, drop=6),
+        Column("handler", lambda item: item.handler_name, wraps_to=8, drop=7),
         Column("retry", lambda item: f"{item.attempt}/{item.max_retries}", justify="right", drop=3),
-        Column("last error", lambda item: _short(item.error), wraps_to=8, drop=7),
+        Column("last error", lambda item: _short(item.error), wraps_to=8, drop=8),
         Column("leased by", leased_by, wraps_to=8, drop=1),
     ]
     return FittedTable(title, columns, items)
@@ -429,3 +455,107 @@ def count_table(
         Column("last due" if due else "last", lambda count: when(count.last_at, now), drop=2),
     ]
     return FittedTable(title, columns, counts)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def services_view(summaries: Sequence[ServiceSummary], url: str) -> Group:
+    """``bus.services.overview()`` as people read it, under a title naming the
+    store: per service a header line (its name, and ``WARNING no live worker``
+    when work waits and no worker of it is live), a line of its totals, its live
+    workers and its handlers."""
+    parts: list[RenderableType] = [Text(f"services — {url}", style="italic")]
+    for summary in summaries:
+        parts.append(Text())
+        parts.append(service_header(summary))
+        parts.append(Text(_service_totals(summary)))
+        if summary.workers:
+            title = f"live workers of {summary.service}"
+            parts.append(worker_table(summary.workers, summary.at, title))
+        if summary.handlers:
+            title = f"handlers of {summary.service}"
+            parts.append(handler_table(summary.handlers, summary.at, title))
+    return Group(*parts)
+
+
+def service_header(summary: ServiceSummary) -> Text:
+    """``service billing``, then ``WARNING no live worker`` (bold yellow) when it warns."""
+    header = Text.assemble("service ", (summary.service, "bold cyan"))
+    if summary.warning:
+        header.append(f"  WARNING {summary.warning}", style="bold yellow")
+    return header
+
+
+def _service_totals(summary: ServiceSummary) -> str:
+    """``3 waiting, 1 dead, oldest pending for 2m05s; 1 live worker, 2 stale beats``."""
+    totals = [f"{summary.waiting} waiting", f"{summary.dead} dead"]
+    age = summary.oldest_pending_age
+    if age is not None:
+        totals.append(f"oldest pending for {duration(age)}")
+    workers = [
+        _plural(len(summary.workers), "live worker") if summary.workers else "no live worker"
+    ]
+    if summary.stale_workers:
+        workers.append(_plural(summary.stale_workers, "stale beat"))
+    return f"{', '.join(totals)}; {', '.join(workers)}"
+
+
+def worker_table(workers: Sequence[WorkerBeat], now: datetime, title: str) -> FittedTable:
+    """Workers' heartbeats, one per row; in a narrow console the versions, start
+    times, pids, hosts, lanes and last-seen ages give way (in that order) so that
+    each worker's name stays whole."""
+    columns: list[Column[WorkerBeat]] = [
+        Column("name", lambda beat: beat.name, style="cyan"),
+        Column("host", lambda beat: beat.host, wraps_to=10, drop=4),
+        Column("pid", lambda beat: str(beat.pid), justify="right", drop=3),
+        Column("started", lambda beat: _ago(beat.started_at, now), drop=2),
+        Column("last seen", lambda beat: _ago(beat.last_seen, now), drop=6),
+        Column(
+            "lanes busy", lambda beat: f"{beat.lanes_busy}/{beat.lanes}", justify="right", drop=5
+        ),
+        Column("version", lambda beat: beat.version or "—", drop=1),
+    ]
+    return FittedTable(title, columns, workers)
+
+
+def _handler_cell(handler: HandlerSummary) -> str:
+    subscription = handler.subscription
+    if subscription is None:
+        return f"{handler.handler_name} (no stored subscription)"
+    if subscription.removed:
+        return f"{handler.handler_name} (removed by {subscription.removed_by or 'unknown'})"
+    return handler.handler_name
+
+
+def handler_table(handlers: Sequence[HandlerSummary], now: datetime, title: str) -> FittedTable:
+    """A service's handlers, one per row: patterns, policy, what waits for each
+    (pending, scheduled, retrying, unprocessed dead letters) and how long its
+    oldest pending delivery has been due; a removed one says by whom. In a narrow
+    console the policies, scheduled counts, oldest pending ages, retrying counts,
+    patterns, dead and pending counts give way (in that order)."""
+
+    def oldest(handler: HandlerSummary) -> str:
+        age = handler.oldest_pending_age(now)
+        return "—" if age is None else duration(age)
+
+    def subscribed(handler: HandlerSummary, text: Callable[[StoredSubscription], str]) -> str:
+        return "—" if handler.subscription is None else text(handler.subscription)
+
+    columns: list[Column[HandlerSummary]] = [
+        Column("handler", _handler_cell, wraps_to=12),
+        Column(
+            "patterns",
+            lambda h: subscribed(h, lambda s: ", ".join(s.patterns)),
+            wraps_to=10,
+            drop=5,
+        ),
+        Column("policy", lambda h: subscribed(h, lambda s: s.policy), wraps_to=12, drop=1),
+        Column("pending", lambda h: str(h.load.pending), justify="right", drop=7),
+        Column("scheduled", lambda h: str(h.load.scheduled), justify="right", drop=2),
+        Column("retrying", lambda h: str(h.load.retrying), justify="right", drop=4),
+        Column("dead", lambda h: str(h.load.dead_unprocessed), justify="right", drop=6),
+        Column("oldest pending", oldest, justify="right", drop=3),
+    ]
+    return FittedTable(title, columns, handlers)
