@@ -40,14 +40,19 @@ def test_metrics_show_the_depths_and_count_the_dashboard_s_actions(
         before = samples(response.text)
         depth = (
             "retrybus_dead_letter_queue_depth",
-            (("handler", "Mailer"), ("processed", "false")),
+            (("handler", "Mailer"), ("processed", "false"), ("service", "default")),
         )
         assert before[depth] == 2
 
         dash.login()
         assert dash.post(f"/dead-letters/{first.id}/reprocess").status_code == 303
         after = samples(dash.get("/metrics").text)
-        labels = (("event_type", "like.added"), ("handler", "Mailer"), ("outcome", "success"))
+        labels = (
+            ("event_type", "like.added"),
+            ("handler", "Mailer"),
+            ("outcome", "success"),
+            ("service", "default"),
+        )
         assert after[("retrybus_reprocessed_total", labels)] == 1
         assert after[("retrybus_handler_calls_total", labels)] == 1
 
@@ -120,4 +125,7 @@ def test_with_the_store_down_the_counters_are_still_served(tmp_path: Path) -> No
     with running(open_test_store("memory", tmp_path), bus_metrics=metrics) as dash:
         response = dash.get("/metrics")
     assert response.status_code == 200
-    assert 'retrybus_events_published_total{event_type="still.counted"} 1.0' in response.text
+    assert (
+        'retrybus_events_published_total{event_type="still.counted",service="default"} 1.0'
+        in response.text
+    )
