@@ -1,6 +1,10 @@
 """Writes docs/grafana-dashboard.json, the Grafana dashboard built on retrybus's
 Prometheus metrics: ``python docs/make_grafana.py``. Import the JSON in Grafana
-(Dashboards → New → Import) and pick your Prometheus data source."""
+(Dashboards → New → Import) and pick your Prometheus data source.
+
+Its variables choose the jobs, the services (``EventBus(service=)``) and their
+handlers; every query keeps to the services chosen, but the retry backlog
+(``retrybus_retry_queue_due``), which is the whole store's."""
 
 from __future__ import annotations
 
@@ -9,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path(__file__).with_name("grafana-dashboard.json")
-SELECT = 'job=~"$job"'
+STORE = 'job=~"$job"'
+SELECT = f'{STORE}, service=~"$service"'
 HANDLERS = f'{SELECT}, handler=~"$handler"'
+# the handlers of the services chosen
+HANDLER_VALUES = 'label_values(retrybus_handler_calls_total{service=~"$service"}, handler)'
 
 
 def target(expr: str, legend: str, ref: str = "A") -> dict[str, Any]:
@@ -46,12 +53,13 @@ def panel(
     }
 
 
-def quantiles(metric: str, by: str) -> list[dict[str, Any]]:
+def quantiles(metric: str) -> list[dict[str, Any]]:
+    """The 50th, 95th and 99th percentiles of histogram ``metric``, per service and handler."""
     return [
         target(
-            f"histogram_quantile({q}, sum by ({by}, le) "
+            f"histogram_quantile({q}, sum by (service, handler, le) "
             f"(rate({metric}_bucket{{{HANDLERS}}}[$__rate_interval])))",
-            f"p{round(q * 100)} {{{{{by}}}}}",
+            f"p{round(q * 100)} {{{{service}}}}/{{{{handler}}}}",
         )
         for q in (0.5, 0.95, 0.99)
     ]
@@ -63,14 +71,20 @@ def dashboard() -> dict[str, Any]:
             "stat",
             "Retry queue",
             "Items waiting for a retry (every worker reads the same store: max across them).",
-            [target(f"sum(max by (handler) (retrybus_retry_queue_depth{{{HANDLERS}}}))", "items")],
+            [
+                target(
+                    f"sum(max by (service, handler) (retrybus_retry_queue_depth{{{HANDLERS}}}))",
+                    "items",
+                )
+            ],
             (0, 0, 6, 4),
         ),
         panel(
             "stat",
             "Retry backlog",
-            "Retry items already due and not yet taken: workers are behind when it stays above 0.",
-            [target(f"max(retrybus_retry_queue_due{{{SELECT}}})", "due")],
+            "Retry items already due and not yet taken, of every service in the store: "
+            "workers are behind when it stays above 0.",
+            [target(f"max(retrybus_retry_queue_due{{{STORE}}})", "due")],
             (6, 0, 6, 4),
         ),
         panel(
@@ -79,7 +93,7 @@ def dashboard() -> dict[str, Any]:
             "Dead letters waiting for a person (reprocess, requeue or delete them).",
             [
                 target(
-                    "sum(max by (handler) "
+                    "sum(max by (service, handler) "
                     f'(retrybus_dead_letter_queue_depth{{{HANDLERS}, processed="false"}}))',
                     "dead letters",
                 )
@@ -101,12 +115,12 @@ def dashboard() -> dict[str, Any]:
         panel(
             "timeseries",
             "Events published",
-            "Events published per second, per event type.",
+            "Events published per second, per publishing service and event type.",
             [
                 target(
-                    "sum by (event_type) "
+                    "sum by (service, event_type) "
                     f"(rate(retrybus_events_published_total{{{SELECT}}}[$__rate_interval]))",
-                    "{{event_type}}",
+                    "{{service}} {{event_type}}",
                 )
             ],
             (0, 4, 12, 8),
@@ -118,9 +132,9 @@ def dashboard() -> dict[str, Any]:
             "First calls, retries and reprocesses per second, per handler and outcome.",
             [
                 target(
-                    "sum by (handler, outcome) "
+                    "sum by (service, handler, outcome) "
                     f"(rate(retrybus_handler_calls_total{{{HANDLERS}}}[$__rate_interval]))",
-                    "{{handler}} {{outcome}}",
+                    "{{service}}/{{handler}} {{outcome}}",
                 )
             ],
             (12, 4, 12, 8),
@@ -130,7 +144,7 @@ def dashboard() -> dict[str, Any]:
             "timeseries",
             "Handler duration",
             "How long handler calls take: 50th, 95th and 99th percentiles per handler.",
-            quantiles("retrybus_handler_duration_seconds", "handler"),
+            quantiles("retrybus_handler_duration_seconds"),
             (0, 12, 12, 8),
             "s",
         ),
@@ -139,7 +153,7 @@ def dashboard() -> dict[str, Any]:
             "Retry lag",
             "How late retries start past their scheduled time (workers too few or too busy "
             "when it grows).",
-            quantiles("retrybus_retry_lag_seconds", "handler"),
+            quantiles("retrybus_retry_lag_seconds"),
             (12, 12, 12, 8),
             "s",
         ),
@@ -149,14 +163,14 @@ def dashboard() -> dict[str, Any]:
             "Failed deliveries put in the retry queue, and retries that worked, per second.",
             [
                 target(
-                    "sum by (handler) "
+                    "sum by (service, handler) "
                     f"(rate(retrybus_retries_scheduled_total{{{HANDLERS}}}[$__rate_interval]))",
-                    "scheduled {{handler}}",
+                    "scheduled {{service}}/{{handler}}",
                 ),
                 target(
-                    "sum by (handler) "
+                    "sum by (service, handler) "
                     f"(rate(retrybus_retries_succeeded_total{{{HANDLERS}}}[$__rate_interval]))",
-                    "succeeded {{handler}}",
+                    "succeeded {{service}}/{{handler}}",
                 ),
             ],
             (0, 20, 12, 8),
@@ -168,9 +182,9 @@ def dashboard() -> dict[str, Any]:
             "Deliveries moved to the dead letter queue per second, by handler and kind of reason.",
             [
                 target(
-                    "sum by (handler, reason) "
+                    "sum by (service, handler, reason) "
                     f"(rate(retrybus_dead_lettered_total{{{HANDLERS}}}[$__rate_interval]))",
-                    "{{handler}} {{reason}}",
+                    "{{service}}/{{handler}} {{reason}}",
                 )
             ],
             (12, 20, 12, 8),
@@ -179,16 +193,16 @@ def dashboard() -> dict[str, Any]:
         panel(
             "timeseries",
             "Queue depth per handler",
-            "Retry queue items and unprocessed dead letters per handler.",
+            "Retry queue items and unprocessed dead letters per service and handler.",
             [
                 target(
-                    f"max by (handler) (retrybus_retry_queue_depth{{{HANDLERS}}})",
-                    "retry {{handler}}",
+                    f"max by (service, handler) (retrybus_retry_queue_depth{{{HANDLERS}}})",
+                    "retry {{service}}/{{handler}}",
                 ),
                 target(
-                    "max by (handler) "
+                    "max by (service, handler) "
                     f'(retrybus_dead_letter_queue_depth{{{HANDLERS}, processed="false"}})',
-                    "dead {{handler}}",
+                    "dead {{service}}/{{handler}}",
                 ),
             ],
             (0, 28, 12, 8),
@@ -199,14 +213,14 @@ def dashboard() -> dict[str, Any]:
             "Dead letters reprocessed (by outcome) and requeued, per second.",
             [
                 target(
-                    "sum by (handler, outcome) "
+                    "sum by (service, handler, outcome) "
                     f"(rate(retrybus_reprocessed_total{{{HANDLERS}}}[$__rate_interval]))",
-                    "reprocessed {{handler}} {{outcome}}",
+                    "reprocessed {{service}}/{{handler}} {{outcome}}",
                 ),
                 target(
-                    "sum by (handler) "
+                    "sum by (service, handler) "
                     f"(rate(retrybus_requeued_total{{{HANDLERS}}}[$__rate_interval]))",
-                    "requeued {{handler}}",
+                    "requeued {{service}}/{{handler}}",
                 ),
             ],
             (12, 28, 12, 8),
@@ -218,7 +232,10 @@ def dashboard() -> dict[str, Any]:
     return {
         "title": "retrybus",
         "uid": "retrybus",
-        "description": "Deliveries, retries and dead letters of retrybus (its Prometheus metrics).",
+        "description": (
+            "Deliveries, retries and dead letters of retrybus (its Prometheus metrics), "
+            "per service and handler."
+        ),
         "tags": ["retrybus"],
         "schemaVersion": 39,
         "version": 1,
@@ -250,15 +267,31 @@ def dashboard() -> dict[str, Any]:
                     "refresh": 2,
                 },
                 {
+                    "name": "service",
+                    "label": "Service",
+                    "type": "query",
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "query": {
+                        "query": "label_values(retrybus_handler_calls_total, service)",
+                        "refId": "service",
+                    },
+                    "definition": "label_values(retrybus_handler_calls_total, service)",
+                    "includeAll": True,
+                    "multi": True,
+                    "allValue": ".*",
+                    "current": {"text": "All", "value": "$__all"},
+                    "refresh": 2,
+                },
+                {
                     "name": "handler",
                     "label": "Handler",
                     "type": "query",
                     "datasource": {"type": "prometheus", "uid": "${datasource}"},
                     "query": {
-                        "query": "label_values(retrybus_handler_calls_total, handler)",
+                        "query": HANDLER_VALUES,
                         "refId": "handler",
                     },
-                    "definition": "label_values(retrybus_handler_calls_total, handler)",
+                    "definition": HANDLER_VALUES,
                     "includeAll": True,
                     "multi": True,
                     "allValue": ".*",

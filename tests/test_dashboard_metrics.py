@@ -40,16 +40,64 @@ def test_metrics_show_the_depths_and_count_the_dashboard_s_actions(
         before = samples(response.text)
         depth = (
             "retrybus_dead_letter_queue_depth",
-            (("handler", "Mailer"), ("processed", "false")),
+            (("handler", "Mailer"), ("processed", "false"), ("service", "default")),
         )
         assert before[depth] == 2
 
         dash.login()
         assert dash.post(f"/dead-letters/{first.id}/reprocess").status_code == 303
         after = samples(dash.get("/metrics").text)
-        labels = (("event_type", "like.added"), ("handler", "Mailer"), ("outcome", "success"))
+        labels = (
+            ("event_type", "like.added"),
+            ("handler", "Mailer"),
+            ("outcome", "success"),
+            ("service", "default"),
+        )
         assert after[("retrybus_reprocessed_total", labels)] == 1
         assert after[("retrybus_handler_calls_total", labels)] == 1
+
+
+def test_metrics_of_one_service_hold_only_its_samples(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry)
+    store = open_test_store("memory", tmp_path)
+    with running(store, handlers=True, bus_metrics=metrics) as dash:
+        billing = EventBus(store, service="billing", clock=dash.clock, metrics=metrics)
+        dash.run(dead, billing, 1, handler="Invoice")
+        dash.run(dead, dash.bus, 2)
+        everything = samples(dash.get("/metrics").text)
+        response = dash.get("/metrics?service=billing")
+        assert response.status_code == 200
+        of_billing = samples(response.text)
+        bad = dash.get("/metrics?service=bill/ing")
+        empty = dash.get("/metrics?service=")
+    assert {dict(labels)["service"] for _, labels in everything if labels} == {
+        "default",
+        "billing",
+    }
+    assert of_billing
+    assert all(dict(labels).get("service") == "billing" for _, labels in of_billing)
+    depth = (
+        "retrybus_dead_letter_queue_depth",
+        (("handler", "Invoice"), ("processed", "false"), ("service", "billing")),
+    )
+    assert of_billing[depth] == 1
+    dead_lettered = (
+        "retrybus_dead_lettered_total",
+        (
+            ("event_type", "like.added"),
+            ("handler", "Invoice"),
+            ("reason", "retries_exhausted"),
+            ("service", "billing"),
+        ),
+    )
+    assert of_billing[dead_lettered] == 1
+    # the store-wide backlog is no service's
+    assert ("retrybus_retry_queue_due", ()) in everything
+    assert ("retrybus_retry_queue_due", ()) not in of_billing
+    assert bad.status_code == 400
+    assert "bill/ing" in bad.text
+    assert empty.status_code == 400
 
 
 def test_openmetrics_is_served_when_asked_for(tmp_path: Path) -> None:
@@ -120,4 +168,7 @@ def test_with_the_store_down_the_counters_are_still_served(tmp_path: Path) -> No
     with running(open_test_store("memory", tmp_path), bus_metrics=metrics) as dash:
         response = dash.get("/metrics")
     assert response.status_code == 200
-    assert 'retrybus_events_published_total{event_type="still.counted"} 1.0' in response.text
+    assert (
+        'retrybus_events_published_total{event_type="still.counted",service="default"} 1.0'
+        in response.text
+    )

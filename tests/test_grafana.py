@@ -19,10 +19,12 @@ from test_metrics import exercised
 DOCS = Path(__file__).parent.parent / "docs"
 DASHBOARD = DOCS / "grafana-dashboard.json"
 # what Grafana substitutes before a query reaches Prometheus
-VARIABLES = {"$__rate_interval": "1m", "$job": ".*", "$handler": ".*"}
+VARIABLES = {"$__rate_interval": "1m", "$job": ".*", "$service": ".*", "$handler": ".*"}
 METRIC = re.compile(r"\bretrybus_[a-z_]+")
 BY = re.compile(r"\bby \(([^)]*)\)")
 MATCHER = re.compile(r"(\w+)=~?\"")
+# the one metric of the whole store, not of a service (see retrybus.prometheus)
+STORE_WIDE = "retrybus_retry_queue_due"
 
 
 def dashboard() -> dict[str, Any]:
@@ -95,3 +97,30 @@ def test_panels_have_unique_ids_and_do_not_overlap() -> None:
         assert not area & cells, f"panel {panel['title']!r} overlaps another"
         cells |= area
         assert panel["datasource"]["uid"] == "${datasource}"
+
+
+def variables() -> dict[str, dict[str, Any]]:
+    return {variable["name"]: variable for variable in dashboard()["templating"]["list"]}
+
+
+def test_every_query_filters_by_the_chosen_services() -> None:
+    for expr in expressions():
+        if METRIC.findall(expr) == [STORE_WIDE]:
+            assert "service" not in expr, expr  # the store's backlog has no service
+            continue
+        assert 'service=~"$service"' in expr, expr
+        # a handler's name is one service's: grouped by handler, grouped by service too
+        for group in BY.findall(expr):
+            labels = {label.strip() for label in group.split(",")}
+            assert "handler" not in labels or "service" in labels, expr
+    assert sum(METRIC.findall(expr) == [STORE_WIDE] for expr in expressions()) == 1
+
+
+def test_services_are_chosen_from_the_exported_ones() -> None:
+    service = variables()["service"]
+    assert service["definition"] == "label_values(retrybus_handler_calls_total, service)"
+    assert service["query"]["query"] == service["definition"]
+    assert (service["multi"], service["includeAll"], service["allValue"]) == (True, True, ".*")
+    assert "service" in exported_labels()["retrybus_handler_calls_total"]
+    # the handlers offered are those of the services chosen
+    assert 'service=~"$service"' in variables()["handler"]["definition"]

@@ -33,7 +33,13 @@ def registry() -> CollectorRegistry:
     return CollectorRegistry()
 
 
-def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+def value(
+    registry: CollectorRegistry, name: str, service: str | None = "default", **labels: str
+) -> float:
+    """A sample's value (0: none), of the default service unless ``service`` says
+    (None: a store-wide sample, without the label)."""
+    if service is not None:
+        labels = {"service": service, **labels}
     found = registry.get_sample_value(name, labels)
     return 0.0 if found is None else found
 
@@ -201,7 +207,7 @@ async def test_refresh_reads_the_queue_depths_per_handler_on_every_engine(
     assert value(registry, "retrybus_retry_queue_depth", handler="alpha") == 3
     assert value(registry, "retrybus_retry_queue_depth", handler="beta") == 1
     assert value(registry, "retrybus_retry_queue_depth", handler="gamma") == 1
-    assert value(registry, "retrybus_retry_queue_due") == 4
+    assert value(registry, "retrybus_retry_queue_due", service=None) == 4
     depth = "retrybus_dead_letter_queue_depth"
     assert value(registry, depth, handler="gamma", processed="false") == 1
     assert value(registry, depth, handler="gamma", processed="true") == 1
@@ -209,8 +215,9 @@ async def test_refresh_reads_the_queue_depths_per_handler_on_every_engine(
     for listed in await bus.retry_queue.list(limit=100):
         await bus.retry_queue.delete(listed.id)
     await metrics.refresh(bus)
-    assert registry.get_sample_value("retrybus_retry_queue_depth", {"handler": "alpha"}) == 0
-    assert value(registry, "retrybus_retry_queue_due") == 0
+    alpha = {"service": "default", "handler": "alpha"}
+    assert registry.get_sample_value("retrybus_retry_queue_depth", alpha) == 0
+    assert value(registry, "retrybus_retry_queue_due", service=None) == 0
 
 
 async def test_the_worker_refreshes_the_depth_gauges_as_it_runs(
@@ -249,8 +256,8 @@ def exercised(registry: CollectorRegistry) -> PrometheusMetrics:
     metrics.reprocessed("t", "h", True)
     metrics.requeued("t", "h")
     figures = metrics._figures
-    figures.retry_depth["h"] = 1
-    figures.dead_depth[("h", "false")] = 1
+    figures.retry_depth[("default", "h")] = 1
+    figures.dead_depth[("default", "h", "false")] = 1
     figures.due = 0
     return metrics
 
@@ -296,7 +303,9 @@ def test_serve_answers_a_scrape_over_http(registry: CollectorRegistry) -> None:
     finally:
         server.shutdown()
         server.server_close()
-    assert 'retrybus_events_published_total{event_type="served.event"} 1.0' in body
+    assert (
+        'retrybus_events_published_total{event_type="served.event",service="default"} 1.0' in body
+    )
     with pytest.raises(ValueError, match=r"metrics port .* got 70000"):
         metrics.serve(70000)
 

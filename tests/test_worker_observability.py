@@ -79,6 +79,7 @@ def test_worker_serves_metrics_and_logs_json_lines(tmp_path: Path) -> None:
                     ("event_type", "like.added"),
                     ("handler", "SocialStatisticsHandler"),
                     ("reason", "retries_exhausted"),
+                    ("service", "default"),
                 ),
             )
             return metrics.get(key) == 1
@@ -89,9 +90,14 @@ def test_worker_serves_metrics_and_logs_json_lines(tmp_path: Path) -> None:
     finally:
         worker.kill()
     assert worker.returncode == 0, "".join(lines) + rest
-    labels = (("event_type", "like.added"), ("handler", "SocialStatisticsHandler"))
+    labels = (
+        ("event_type", "like.added"),
+        ("handler", "SocialStatisticsHandler"),
+        ("service", "default"),
+    )
     assert metrics[("retrybus_retries_succeeded_total", labels)] == 3
-    assert metrics[("retrybus_handler_calls_total", (*labels, ("outcome", "failure")))] == 2
+    failed = (*labels[:2], ("outcome", "failure"), labels[2])
+    assert metrics[("retrybus_handler_calls_total", failed)] == 2
     assert metrics[("retrybus_retry_lag_seconds_count", labels)] == 5
     assert ("retrybus_retry_queue_due", ()) in metrics
     assert all(json.loads(line)["logger"].startswith("retrybus") for line in lines)

@@ -84,7 +84,7 @@ class BusCore:
             self.tracing = tracing
         observers: list[Observer] = []
         if self.metrics is not None:
-            observers.append(MetricsObserver(self.metrics))
+            observers.append(MetricsObserver(self.metrics, self.service))
         if self.tracing is not None:
             observers.append(TracingObserver(self.tracing))
         observers.append(LogObserver())

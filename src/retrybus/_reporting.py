@@ -21,6 +21,7 @@ from ._observe import (
 )
 from ._observers import Delivery, Observer, Publication, Verdict, Written
 from ._outcomes import DeadLettered, Rescheduled
+from ._services import DEFAULT_SERVICE
 
 if TYPE_CHECKING:
     from ._outcomes import Outcome
@@ -32,15 +33,54 @@ logger = logging.getLogger("retrybus")
 
 
 class MetricsObserver(Observer):
-    """Counts what happens for a ``Metrics`` back end."""
+    """Counts what happens for a ``Metrics`` back end, as ``service``'s (the bus's).
 
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
+    A back end with a ``for_service(service)`` method (``PrometheusMetrics``) is
+    given what each service counts through the object it returns: the bus's own
+    service, or a record's service when the bus acts on another service's records
+    (a removal's dead letters, a requeue). One without it (``Metrics`` does not
+    require it) gets every figure itself, as before services."""
+
+    def __init__(self, metrics: Metrics, service: str = DEFAULT_SERVICE) -> None:
+        #: the back end as given (``bus.metrics``)
+        self.backend = metrics
+        self.service = service
+        self._views: dict[str, Metrics] = {}
+        #: what counts ``service``'s figures
+        self.metrics = self._for(service)
         # retrybus's own back end is plain arithmetic; any other is guarded
         self.never_raises = bool(type(metrics).__dict__.get("_never_raises", False))
 
     def __repr__(self) -> str:
-        return repr(self.metrics)
+        return repr(self.backend)
+
+    def _for(self, service: str) -> Metrics:
+        """The back end's view of ``service`` (itself when it has no ``for_service``)."""
+        view = self._views.get(service)
+        if view is None:
+            view = self.backend
+            for_service = getattr(self.backend, "for_service", None)
+            if for_service is not None:
+                try:
+                    view = for_service(service)
+                except Exception:  # a back end that is down must not stop the bus
+                    logger.exception(
+                        "%r.for_service(%r) failed: %s's figures go to the back end itself",
+                        self.backend,
+                        service,
+                        service,
+                    )
+                    view = self.backend
+            if not isinstance(view, Metrics):
+                raise TypeError(
+                    f"{self.backend!r}.for_service({service!r}) must return a "
+                    f"retrybus.Metrics, got {view!r}"
+                )
+            self._views[service] = view
+        return view
+
+    def _of_record(self, service: str) -> Metrics:
+        return self.metrics if service == self.service else self._for(service)
 
     def publish_started(self, publication: Publication) -> None:
         self.metrics.published(publication.event.type)
@@ -64,16 +104,18 @@ class MetricsObserver(Observer):
             self.metrics.reprocessed(delivery.event.type, delivery.handler, verdict == "success")
 
     def retry_scheduled(self, item: RetryItem) -> None:
-        self.metrics.retry_scheduled(item.event_type, item.handler_name)
+        self._of_record(item.service).retry_scheduled(item.event_type, item.handler_name)
 
     def retry_succeeded(self, item: RetryItem) -> None:
-        self.metrics.retry_succeeded(item.event_type, item.handler_name)
+        self._of_record(item.service).retry_succeeded(item.event_type, item.handler_name)
 
     def dead_lettered(self, item: DeadLetterItem) -> None:
-        self.metrics.dead_lettered(item.event_type, item.handler_name, reason_kind(item.reason))
+        self._of_record(item.service).dead_lettered(
+            item.event_type, item.handler_name, reason_kind(item.reason)
+        )
 
     def requeued(self, dead: DeadLetterItem, retry: RetryItem) -> None:
-        self.metrics.requeued(dead.event_type, dead.handler_name)
+        self._of_record(dead.service).requeued(dead.event_type, dead.handler_name)
 
 
 class TracingObserver(Observer):

@@ -8,6 +8,30 @@ in prometheus-client's default registry unless you pass one. Serve them with
 ``retrybus worker --metrics-port 9464``, the dashboard's ``/metrics``,
 ``PrometheusMetrics.serve`` or your own web app (``exposition()``).
 
+Their labels, the service first (``retrybus.EventBus(service=)``)::
+
+    retrybus_events_published_total      service, event_type
+    retrybus_handler_calls_total         service, event_type, handler, outcome
+    retrybus_handler_duration_seconds    service, event_type, handler
+    retrybus_retries_scheduled_total     service, event_type, handler
+    retrybus_retries_succeeded_total     service, event_type, handler
+    retrybus_dead_lettered_total         service, event_type, handler, reason
+    retrybus_reprocessed_total           service, event_type, handler, outcome
+    retrybus_requeued_total              service, event_type, handler
+    retrybus_retry_lag_seconds           service, event_type, handler
+    retrybus_retry_queue_depth           service, handler
+    retrybus_dead_letter_queue_depth     service, handler, processed
+    retrybus_retry_queue_due             (none: the whole store's backlog)
+
+``outcome`` is ``success`` or ``failure``, ``reason`` a ``retrybus.reason_kind``,
+``processed`` ``true`` or ``false``. A delivery's figures carry the service of
+the bus that ran or published it (a record's own service when a bus acts on
+another service's records, as ``bus.services.remove`` and a requeue may). The
+depth gauges are read from the store (``refresh``) for every service it holds;
+a store that does not keep services (``Store.keeps_services``) reports its
+queues as the ``default`` service's. ``exposition(service=)`` keeps one
+service's samples only.
+
 The figures are kept as plain numbers and handed to prometheus-client when it
 is scraped (a custom collector): counting a delivery costs well under a
 microsecond, so that metrics stay cheap beside a handler that does nothing.
@@ -22,10 +46,11 @@ process reads from the same store. prometheus-client's multiprocess mode
 
 from __future__ import annotations
 
+import copy
 import weakref
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 try:
     import prometheus_client
@@ -43,12 +68,15 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
     ) from exc
 
 from ._filters import DeadLetterFilter
+from ._services import DEFAULT_SERVICE, check_service
 
 if TYPE_CHECKING:
+    from datetime import datetime
     from threading import Thread
     from wsgiref.simple_server import WSGIServer
 
     from ._observe import BusView
+    from ._stores.base import Store
 
 __all__ = ["DURATION_BUCKETS", "LAG_BUCKETS", "METRIC_NAMES", "PrometheusMetrics"]
 
@@ -56,7 +84,7 @@ __all__ = ["DURATION_BUCKETS", "LAG_BUCKETS", "METRIC_NAMES", "PrometheusMetrics
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 #: how late retries start past their ``next_retry``, seconds
 LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
-# the most handlers a depth gauge reports (the largest queues first)
+# the most (service, handler) pairs a depth gauge reports (the largest queues first)
 _MAX_DEPTH_SERIES = 500
 
 #: every metric retrybus exports, as Prometheus names it
@@ -75,7 +103,7 @@ METRIC_NAMES = (
     "retrybus_dead_letter_queue_depth",
 )
 
-_PAIR = ["event_type", "handler"]
+_PAIR = ["service", "event_type", "handler"]
 
 
 class _Histogram:
@@ -107,7 +135,7 @@ def _le(bound: float) -> str:
 
 
 class _Series:
-    """The figures of one (event type, handler) pair."""
+    """The figures of one (service, event type, handler)."""
 
     __slots__ = (
         "calls_failed",
@@ -131,15 +159,15 @@ class _Series:
         self.lag = _Histogram(LAG_BUCKETS)
 
 
-class _Figures(Collector):
-    """Every figure reported to one registry, collected on scrape."""
+class _ServiceFigures:
+    """What one service's buses reported: events published per event type, and
+    the figures of each (event type, handler) pair."""
+
+    __slots__ = ("published", "series")
 
     def __init__(self) -> None:
         self.published: dict[str, int] = {}
         self.series: dict[tuple[str, str], _Series] = {}
-        self.retry_depth: dict[str, int] = {}
-        self.dead_depth: dict[tuple[str, str], int] = {}
-        self.due: int | None = None
 
     def of(self, event_type: str, handler: str) -> _Series:
         key = (event_type, handler)
@@ -148,42 +176,66 @@ class _Figures(Collector):
             series = self.series[key] = _Series()
         return series
 
+
+class _Figures(Collector):
+    """Every figure reported to one registry, collected on scrape."""
+
+    def __init__(self) -> None:
+        #: what each service reported, by service
+        self.services: dict[str, _ServiceFigures] = {}
+        #: keyed (service, handler)
+        self.retry_depth: dict[tuple[str, str], int] = {}
+        #: keyed (service, handler, "true" or "false": processed)
+        self.dead_depth: dict[tuple[str, str, str], int] = {}
+        self.due: int | None = None
+
+    def of_service(self, service: str) -> _ServiceFigures:
+        figures = self.services.get(service)
+        if figures is None:
+            figures = self.services[service] = _ServiceFigures()
+        return figures
+
     def describe(self) -> Iterator[Metric]:
         return iter(_Families.new())
 
     def collect(self) -> Iterator[Metric]:
         families = _Families.new()
-        for event_type, count in list(self.published.items()):
-            families.published.add_metric([event_type], count)
-        for (event_type, handler), series in list(self.series.items()):
-            pair = [event_type, handler]
-            if series.calls_ok:
-                families.calls.add_metric([*pair, "success"], series.calls_ok)
-            if series.calls_failed:
-                families.calls.add_metric([*pair, "failure"], series.calls_failed)
-            if series.calls_ok or series.calls_failed:
-                families.duration.add_metric(pair, *series.duration.cumulative())
-            if series.scheduled:
-                families.scheduled.add_metric(pair, series.scheduled)
-            if series.succeeded:
-                families.succeeded.add_metric(pair, series.succeeded)
-            for reason, count in list(series.dead.items()):
-                families.dead.add_metric([*pair, reason], count)
-            if series.reprocessed_ok:
-                families.reprocessed.add_metric([*pair, "success"], series.reprocessed_ok)
-            if series.reprocessed_failed:
-                families.reprocessed.add_metric([*pair, "failure"], series.reprocessed_failed)
-            if series.requeued:
-                families.requeued.add_metric(pair, series.requeued)
-            if any(series.lag.counts):
-                families.lag.add_metric(pair, *series.lag.cumulative())
-        for handler, count in list(self.retry_depth.items()):
-            families.retry_depth.add_metric([handler], count)
+        for service, figures in list(self.services.items()):
+            for event_type, count in list(figures.published.items()):
+                families.published.add_metric([service, event_type], count)
+            for (event_type, handler), series in list(figures.series.items()):
+                _add_series(families, [service, event_type, handler], series)
+        for (service, handler), count in list(self.retry_depth.items()):
+            families.retry_depth.add_metric([service, handler], count)
         if self.due is not None:
             families.due.add_metric([], self.due)
-        for (handler, processed), count in list(self.dead_depth.items()):
-            families.dead_depth.add_metric([handler, processed], count)
+        for labels, count in list(self.dead_depth.items()):
+            families.dead_depth.add_metric(list(labels), count)
         return iter(families)
+
+
+def _add_series(families: _Families, labels: list[str], series: _Series) -> None:
+    """One (service, event type, handler)'s figures into the scrape's ``families``."""
+    if series.calls_ok:
+        families.calls.add_metric([*labels, "success"], series.calls_ok)
+    if series.calls_failed:
+        families.calls.add_metric([*labels, "failure"], series.calls_failed)
+    if series.calls_ok or series.calls_failed:
+        families.duration.add_metric(labels, *series.duration.cumulative())
+    if series.scheduled:
+        families.scheduled.add_metric(labels, series.scheduled)
+    if series.succeeded:
+        families.succeeded.add_metric(labels, series.succeeded)
+    for reason, count in list(series.dead.items()):
+        families.dead.add_metric([*labels, reason], count)
+    if series.reprocessed_ok:
+        families.reprocessed.add_metric([*labels, "success"], series.reprocessed_ok)
+    if series.reprocessed_failed:
+        families.reprocessed.add_metric([*labels, "failure"], series.reprocessed_failed)
+    if series.requeued:
+        families.requeued.add_metric(labels, series.requeued)
+    if any(series.lag.counts):
+        families.lag.add_metric(labels, *series.lag.cumulative())
 
 
 class _Families(NamedTuple):
@@ -206,7 +258,9 @@ class _Families(NamedTuple):
     def new(cls) -> _Families:
         return cls(
             CounterMetricFamily(
-                "retrybus_events_published", "Events published.", labels=["event_type"]
+                "retrybus_events_published",
+                "Events published, by the publishing service.",
+                labels=["service", "event_type"],
             ),
             CounterMetricFamily(
                 "retrybus_handler_calls",
@@ -244,16 +298,42 @@ class _Families(NamedTuple):
             ),
             GaugeMetricFamily(
                 "retrybus_retry_queue_depth",
-                "Items in the retry queue, per handler.",
-                labels=["handler"],
+                "Items in the retry queue, per service and handler.",
+                labels=["service", "handler"],
             ),
-            GaugeMetricFamily("retrybus_retry_queue_due", "Retry items already due (the backlog)."),
+            GaugeMetricFamily(
+                "retrybus_retry_queue_due",
+                "Retry items already due (the backlog), of every service in the store.",
+            ),
             GaugeMetricFamily(
                 "retrybus_dead_letter_queue_depth",
-                "Dead letters, per handler and whether processed.",
-                labels=["handler", "processed"],
+                "Dead letters, per service, handler and whether processed.",
+                labels=["service", "handler", "processed"],
             ),
         )
+
+
+class _OneService(Collector):
+    """The samples of ``registry`` labelled with ``service``."""
+
+    def __init__(self, registry: CollectorRegistry, service: str) -> None:
+        self.registry = registry
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            kept = copy.copy(family)
+            kept.samples = [
+                sample for sample in family.samples if sample.labels.get("service") == self.service
+            ]
+            yield kept
+
+
+def _of_service(registry: CollectorRegistry, service: str) -> CollectorRegistry:
+    """A registry showing only ``service``'s samples of ``registry`` (for one scrape)."""
+    filtered = CollectorRegistry(auto_describe=False)
+    filtered.register(_OneService(registry, service))
+    return filtered
 
 
 _FIGURES: weakref.WeakKeyDictionary[CollectorRegistry, _Figures] = weakref.WeakKeyDictionary()
@@ -270,7 +350,10 @@ def _figures_of(registry: CollectorRegistry) -> _Figures:
 class PrometheusMetrics:
     """Reports a bus's deliveries as Prometheus metrics in ``registry``
     (default: prometheus-client's global ``REGISTRY``). Several instances on
-    one registry share its figures."""
+    one registry share its figures.
+
+    What it counts is labelled with ``service`` (``"default"``; a bus reports
+    through ``for_service(bus.service)``, a view of the same figures)."""
 
     _never_raises = True  # plain arithmetic: the bus calls it unguarded
 
@@ -283,9 +366,28 @@ class PrometheusMetrics:
             registry if registry is not None else prometheus_client.REGISTRY
         )
         self._figures = _figures_of(self.registry)
+        self._count_for(DEFAULT_SERVICE)
+
+    def _count_for(self, service: str) -> None:
+        self._service = service
+        self._own = self._figures.of_service(service)
         # the figures' own dicts, held here: one attribute lookup less per delivery
-        self._published = self._figures.published
-        self._series = self._figures.series
+        self._published = self._own.published
+        self._series = self._own.series
+
+    @property
+    def service(self) -> str:
+        """The ``service`` label of what this object counts."""
+        return self._service
+
+    def for_service(self, service: str) -> PrometheusMetrics:
+        """This back end counting for ``service``: a shallow copy that writes into
+        the same figures (the same registry), labelled ``service``. The bus asks
+        for it with its own service (``EventBus(service=)``)."""
+        check_service(service)
+        view = copy.copy(self)
+        view._count_for(service)
+        return view
 
     # what the bus reports ---------------------------------------------------
 
@@ -294,7 +396,7 @@ class PrometheusMetrics:
         published[event_type] = published.get(event_type, 0) + 1
 
     def handled(self, event_type: str, handler: str, ok: bool, seconds: float) -> None:
-        series = self._series.get((event_type, handler)) or self._figures.of(event_type, handler)
+        series = self._series.get((event_type, handler)) or self._own.of(event_type, handler)
         if ok:
             series.calls_ok += 1
         else:
@@ -304,44 +406,39 @@ class PrometheusMetrics:
         duration.total += seconds
 
     def retry_scheduled(self, event_type: str, handler: str) -> None:
-        self._figures.of(event_type, handler).scheduled += 1
+        self._own.of(event_type, handler).scheduled += 1
 
     def retry_succeeded(self, event_type: str, handler: str) -> None:
-        self._figures.of(event_type, handler).succeeded += 1
+        self._own.of(event_type, handler).succeeded += 1
 
     def retry_lag(self, event_type: str, handler: str, seconds: float) -> None:
-        self._figures.of(event_type, handler).lag.observe(seconds)
+        self._own.of(event_type, handler).lag.observe(seconds)
 
     def dead_lettered(self, event_type: str, handler: str, reason: str) -> None:
-        dead = self._figures.of(event_type, handler).dead
+        dead = self._own.of(event_type, handler).dead
         dead[reason] = dead.get(reason, 0) + 1
 
     def reprocessed(self, event_type: str, handler: str, ok: bool) -> None:
-        series = self._figures.of(event_type, handler)
+        series = self._own.of(event_type, handler)
         if ok:
             series.reprocessed_ok += 1
         else:
             series.reprocessed_failed += 1
 
     def requeued(self, event_type: str, handler: str) -> None:
-        self._figures.of(event_type, handler).requeued += 1
+        self._own.of(event_type, handler).requeued += 1
 
     async def refresh(self, bus: BusView) -> None:
-        """Read the queues' depth from ``bus``'s store into the gauges (a handler
-        whose queue emptied reads 0)."""
+        """Read the queues' depth from ``bus``'s store into the gauges, per service
+        and handler, of every service the store holds (a store that does not keep
+        services: all as the default service's). A queue that emptied reads 0."""
         store = bus.store
-        retry_depth = {
-            group.key: group.count
-            for group in await store.group_retry("handler_name", limit=_MAX_DEPTH_SERIES)
-        }
-        dead_depth: dict[tuple[str, str], int] = {}
-        for processed in (False, True):
-            flag = "true" if processed else "false"
-            for group in await store.group_dead(
-                "handler_name", DeadLetterFilter(processed=processed), limit=_MAX_DEPTH_SERIES
-            ):
-                dead_depth[(group.key, flag)] = group.count
-        due = await store.count_due(bus.clock.now())
+        now = bus.clock.now()
+        if store.keeps_services:
+            retry_depth, dead_depth = await _service_depths(store, now)
+        else:
+            retry_depth, dead_depth = await _default_depths(store)
+        due = await store.count_due(now)
         figures = self._figures
         # a queue that emptied reads 0 rather than vanishing (a stale value would linger)
         figures.retry_depth = {**dict.fromkeys(figures.retry_depth, 0), **retry_depth}
@@ -350,13 +447,19 @@ class PrometheusMetrics:
 
     # serving ----------------------------------------------------------------
 
-    def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
+    def exposition(
+        self, accept: str | None = None, *, service: str | None = None
+    ) -> tuple[bytes, str]:
         """The registry's metrics in Prometheus's text format (or OpenMetrics when
-        ``accept``, a request's Accept header, asks for it): ``(body, content_type)``."""
+        ``accept``, a request's Accept header, asks for it): ``(body, content_type)``.
+        With ``service``, only the samples labelled with that service (each family
+        still described; ``ValueError`` naming a name that is not a service name)."""
         from prometheus_client.exposition import choose_encoder
 
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        if service is None:
+            return encoder(self.registry), content_type
+        return encoder(_of_service(self.registry, check_service(service))), content_type
 
     def serve(self, port: int, host: str = "0.0.0.0") -> tuple[WSGIServer, Thread]:
         """Serve the registry at ``http://host:port/metrics`` from a background
@@ -365,3 +468,54 @@ class PrometheusMetrics:
             raise ValueError(f"metrics port must be a number from 0 to 65535, got {port!r}")
         server, thread = prometheus_client.start_http_server(port, host, registry=self.registry)
         return server, thread
+
+
+_Key = TypeVar("_Key")
+_RetryDepths = dict[tuple[str, str], int]
+_DeadDepths = dict[tuple[str, str, str], int]
+
+
+async def _service_depths(store: Store, now: datetime) -> tuple[_RetryDepths, _DeadDepths]:
+    """Each (service, handler)'s queue depths, from ``service_loads``: at most the
+    ``_MAX_DEPTH_SERIES`` largest of each queue (of processed and of unprocessed
+    dead letters, as ``_default_depths``)."""
+    loads = await store.service_loads(now)
+    retry_depth = _largest(
+        ((load.service, load.handler_name), load.queued) for load in loads if load.queued
+    )
+    dead_depth = {
+        **_largest(
+            ((load.service, load.handler_name, "false"), load.dead_unprocessed)
+            for load in loads
+            if load.dead_unprocessed
+        ),
+        **_largest(
+            ((load.service, load.handler_name, "true"), load.dead_processed)
+            for load in loads
+            if load.dead_processed
+        ),
+    }
+    return retry_depth, dead_depth
+
+
+async def _default_depths(store: Store) -> tuple[_RetryDepths, _DeadDepths]:
+    """The queue depths per handler of a store that does not keep services (its
+    records are all the default service's)."""
+    retry_depth = {
+        (DEFAULT_SERVICE, group.key): group.count
+        for group in await store.group_retry("handler_name", limit=_MAX_DEPTH_SERIES)
+    }
+    dead_depth: _DeadDepths = {}
+    for processed in (False, True):
+        flag = "true" if processed else "false"
+        for group in await store.group_dead(
+            "handler_name", DeadLetterFilter(processed=processed), limit=_MAX_DEPTH_SERIES
+        ):
+            dead_depth[(DEFAULT_SERVICE, group.key, flag)] = group.count
+    return retry_depth, dead_depth
+
+
+def _largest(counts: Iterable[tuple[_Key, int]]) -> dict[_Key, int]:
+    """The ``_MAX_DEPTH_SERIES`` largest ``counts`` (equal ones in the order given)."""
+    ranked = sorted(counts, key=lambda pair: -pair[1])
+    return dict(ranked[:_MAX_DEPTH_SERIES])

@@ -1,5 +1,6 @@
 """``/metrics``: the bus's Prometheus metrics, with the queues' depth read at
-most every few seconds, for Prometheus to scrape (read-only: no token needed)."""
+most every few seconds, for Prometheus to scrape (read-only: no token needed).
+``/metrics?service=NAME`` serves only the samples labelled with that service."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .._services import check_service
 from ._web import Dashboard, HTTPError, state
 
 if TYPE_CHECKING:
@@ -52,9 +54,21 @@ async def metrics(request: Request) -> Response:
             "/metrics serves retrybus.prometheus.PrometheusMetrics: "
             "pip install 'retrybus[prometheus]', and give the bus no other metrics",
         )
+    service = _service_asked(request)
     await _refresh(dashboard, served)
-    body, content_type = served.exposition(request.headers.get("accept"))
+    body, content_type = served.exposition(request.headers.get("accept"), service=service)
     return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+
+
+def _service_asked(request: Request) -> str | None:
+    """``?service=NAME``: only that service's samples (None: every sample)."""
+    service = request.query_params.get("service")
+    if service is None:
+        return None
+    try:
+        return check_service(service)
+    except ValueError as exc:
+        raise HTTPError(400, "Bad service", str(exc)) from None
 
 
 async def _refresh(dashboard: Dashboard, served: PrometheusMetrics) -> None:
