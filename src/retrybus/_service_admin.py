@@ -140,8 +140,8 @@ class Services:
         if not stored:
             raise UnknownSubscription(service, handler)
         live = {s.handler_name for s in stored if not s.removed}
-        if live and not force:
-            await self._refuse_while_running(store, service, live)
+        if live and not force and (refused := await self.in_use(service, live)) is not None:
+            raise refused
         removed = (
             await store.remove_subscriptions(service, live, now=self._core.clock.now(), actor=actor)
             if live
@@ -171,22 +171,25 @@ class Services:
         )
         return ServiceRemoval(service, tuple(removed), dead_lettered, leased)
 
-    async def _refuse_while_running(
-        self, store: Store, service: str, handlers: Collection[str]
-    ) -> None:
+    async def in_use(self, service: str, handlers: Collection[str]) -> SubscriptionInUse | None:
+        """What ``remove`` of ``service``'s ``handlers`` meets now without
+        ``force``: a ``SubscriptionInUse`` naming the handlers that live workers
+        of ``service`` run and those workers; None when no live worker runs any."""
+        check_service(service)
         now = self._core.clock.now()
+        wanted = set(handlers)
         running = [
             beat
-            for beat in await store.list_workers(service)
-            if beat.live_at(now) and not set(handlers).isdisjoint(beat.handlers)
+            for beat in await self._store("in_use").list_workers(service)
+            if beat.live_at(now) and not wanted.isdisjoint(beat.handlers)
         ]
-        if running:
-            held = sorted({name for beat in running for name in beat.handlers} & set(handlers))
-            raise SubscriptionInUse(
-                service,
-                held,
-                [f"{beat.name} (pid {beat.pid} on {beat.host})" for beat in running],
-            )
+        if not running:
+            return None
+        return SubscriptionInUse(
+            service,
+            sorted({name for beat in running for name in beat.handlers} & wanted),
+            [f"{beat.name} (pid {beat.pid} on {beat.host})" for beat in running],
+        )
 
     async def sweep(self, *, limit: int = SWEEP_BATCH) -> int:
         """Move to the dead letter queue up to ``limit`` deliveries that wait for

@@ -7,7 +7,6 @@ runs ``show`` unless its first argument names another of its commands.
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -22,7 +21,7 @@ from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
 from .output import echo_json, service_to_dict
 from .selection import YesOption, actor_name
 from .session import EXIT_USAGE, CliError, connected_bus
-from .typer_help import RetrybusTyper, _Group
+from .typer_help import RetrybusGroup, RetrybusTyper
 
 if TYPE_CHECKING:  # for annotations only, as in typer_help
     from typer._click import Context
@@ -33,7 +32,7 @@ __all__ = ["services_app"]
 _WORKERS_SHOWN = 10
 
 
-class _ShowByDefault(_Group):
+class _ShowByDefault(RetrybusGroup):
     """A group whose first argument, unless it names one of its commands (or asks
     for help), goes to its ``show`` command: ``retrybus services --json billing``
     is ``retrybus services show --json billing``."""
@@ -143,27 +142,6 @@ def _in_use_error(refused: SubscriptionInUse) -> CliError:
         f"cannot remove {which}: live worker(s) run it: {_workers_line(refused.workers)}; "
         "stop them first (they would register it again when they restart), or give "
         "--force to remove it anyway"
-    )
-
-
-async def _refusal(
-    bus: EventBus, service: str, handlers: Collection[str]
-) -> SubscriptionInUse | None:
-    """What a removal of ``handlers`` meets now without ``--force``: the live
-    workers of ``service`` whose heartbeats list any of them (None: no such worker).
-    ``Services.remove`` refuses the same way; asked first, it refuses before the
-    question rather than after."""
-    now = bus.clock.now()
-    beats = [
-        beat
-        for beat in await bus.services.workers(service)
-        if beat.live_at(now) and not set(handlers).isdisjoint(beat.handlers)
-    ]
-    if not beats:
-        return None
-    held = sorted({name for beat in beats for name in beat.handlers} & set(handlers))
-    return SubscriptionInUse(
-        service, held, [f"{beat.name} (pid {beat.pid} on {beat.host})" for beat in beats]
     )
 
 
@@ -289,7 +267,7 @@ def remove_subscriptions(
                 raise CliError(f"{UnknownSubscription(service, handler)} in {bus.store.url}{has}")
             handlers = [s.handler_name for s in chosen]
             live = [s.handler_name for s in chosen if not s.removed]
-            refusal = await _refusal(bus, service, live)
+            refusal = await bus.services.in_use(service, live) if live else None
             if refusal is not None and not force:
                 raise _in_use_error(refusal)
             running = [] if refusal is None else refusal.workers

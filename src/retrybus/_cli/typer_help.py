@@ -18,7 +18,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 if TYPE_CHECKING:  # for annotations only: no run-time use of Typer's private module
     from typer._click import Context, Parameter  # Typer's own Click, which its classes extend
 
-__all__ = ["RetrybusTyper"]
+__all__ = ["RetrybusGroup", "RetrybusTyper"]
 
 CommandFunction = TypeVar("CommandFunction", bound=Callable[..., Any])
 
@@ -46,7 +46,9 @@ class _Command(TyperCommand):
         return _without_type_placeholders(super().get_params(ctx))
 
 
-class _Group(TyperGroup):
+class RetrybusGroup(TyperGroup):
+    """A group whose help shows no type placeholders (the base of every retrybus group)."""
+
     def get_params(self, ctx: Context) -> list[Parameter]:
         return _without_type_placeholders(super().get_params(ctx))
 
@@ -56,7 +58,7 @@ class RetrybusTyper(typer.Typer):
     flags (``--json``, not ``--json <bool>``) or named arguments (``ID``)."""
 
     def __init__(self, *, cls: type[TyperGroup] | None = None, **settings: Any) -> None:
-        super().__init__(cls=cls or _Group, **settings)
+        super().__init__(cls=cls or RetrybusGroup, **settings)
 
     def command(
         self, name: str | None = None, *, cls: type[TyperCommand] | None = None, **settings: Any
