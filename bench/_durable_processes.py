@@ -1,7 +1,8 @@
 """The other processes of bench/durable.py: the app its `retrybus worker`
 processes serve, and the publishing process of its deferred run.
 
-As an app (``retrybus worker _durable_processes:bus --app-dir bench``): one
+As an app (``retrybus worker _durable_processes:bus --app-dir bench``; its
+service is ``RETRYBUS_BENCH_SERVICE``, default ``default``): one
 async handler, ``bench.handle``, for ``bench.*`` events. An event's data is
 ``{"n": N}``, plus ``"sleep": S`` for a call that awaits ``asyncio.sleep(S)``
 (a slow item); every other call returns at once. The handler writes marks on
@@ -20,7 +21,10 @@ As a script, the publishing process:
 
 builds its events, says ``ready``, then for each line ``go`` read on stdin
 publishes a round (``--warmup`` events, then ``--rounds`` rounds of ``--count``)
-with ``publish(event, defer=True)`` from ``--concurrency`` tasks, and writes
+with ``publish(event, defer=True)`` from ``--concurrency`` tasks (with
+``--service NAME``: durable publishes from a bus of that service, which has no
+handlers, so that each only records the deliveries other services' stored
+subscriptions route), and writes
 ``{"start": T, "end": T}`` (monotonic: before the first publish, after the
 last returned).
 
@@ -39,7 +43,8 @@ from retrybus import Event, EventBus, open_store
 HANDLER = "bench.handle"
 EVENT_TYPE = "bench.deferred"
 
-bus = EventBus(open_store("memory://"))  # the worker's --store replaces it
+#: the worker's --store replaces the store; RETRYBUS_BENCH_SERVICE names its service
+bus = EventBus(open_store("memory://"), service=os.environ.get("RETRYBUS_BENCH_SERVICE", "default"))
 
 _starts = os.environ.get("RETRYBUS_BENCH_STARTS") == "1"
 _marks = [int(mark) for mark in os.environ.get("RETRYBUS_BENCH_MARKS", "").split(",") if mark]
@@ -96,12 +101,18 @@ async def publish_all(
     await asyncio.gather(*(publish_share(events[n::concurrency]) for n in range(concurrency)))
 
 
-async def _publish_rounds(url: str, sizes: list[int], concurrency: int) -> None:
+async def _publish_rounds(
+    url: str, sizes: list[int], concurrency: int, service: str | None = None
+) -> None:
     import json
 
     logging_quiet()
-    bus.use_store(open_store(url))
-    await bus.store.connect()
+    if service is None:
+        publisher, defer = bus, True
+        publisher.use_store(open_store(url))
+    else:  # a service with no handlers of its own: its publishes only route
+        publisher, defer = EventBus(open_store(url), service=service), False
+    await publisher.store.connect()
     try:
         numbers = iter(range(sum(sizes)))
         rounds_events = [
@@ -113,11 +124,11 @@ async def _publish_rounds(url: str, sizes: list[int], concurrency: int) -> None:
             if (await asyncio.to_thread(sys.stdin.readline)).strip() != "go":
                 return
             start = time.monotonic()
-            await publish_all(bus, events, concurrency, defer=True)
+            await publish_all(publisher, events, concurrency, defer=defer)
             end = time.monotonic()
             _say(json.dumps({"start": start, "end": end}))
     finally:
-        await bus.close()
+        await publisher.close()
 
 
 def logging_quiet() -> None:
@@ -137,9 +148,15 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument(
+        "--service",
+        default=None,
+        help="publish durably from a bus of this service, which has no handlers "
+        "(default: publish(defer=True) from the app's bus)",
+    )
     args = parser.parse_args()
     sizes = ([args.warmup] if args.warmup else []) + [args.count] * args.rounds
-    asyncio.run(_publish_rounds(args.store, sizes, args.concurrency))
+    asyncio.run(_publish_rounds(args.store, sizes, args.concurrency, args.service))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,9 @@ class Metrics(Protocol):
     Every method is called on the event loop's thread, right after the thing
     it reports happened (a count of stored outcomes only once the store wrote
     them). ``retrybus.prometheus.PrometheusMetrics`` implements it; implement
-    it yourself to send the same figures elsewhere.
+    it yourself to send the same figures elsewhere. A back end may also have
+    ``for_service(service) -> Metrics``: the bus of that service then counts
+    through what it returns (one service's figures).
     """
 
     def published(self, event_type: str) -> None:
