@@ -48,6 +48,7 @@ POST_ENDPOINTS = (
     "/redrives/{redrive}/cancel",
     "/redrives/{redrive}/delete",
     "/retry-queue/{scheduled}/cancel",
+    "/services/remove",
 )
 
 

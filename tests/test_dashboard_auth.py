@@ -49,6 +49,7 @@ def snapshot(dash: Dash) -> tuple[object, ...]:
             sorted((d.id, d.processed, d.error, repr(d.event_data)) for d in letters),
             sorted(i.id for i in await bus.retry_queue.list(limit=1000)),
             sorted((r.id, r.state, r.done) for r in await bus.redrives.list()),
+            [(s.key, s.removed) for s in await bus.store.list_subscriptions(removed=True)],
         )
 
     return dash.run(take)
@@ -61,6 +62,7 @@ def seed(dash: Dash) -> dict[str, str]:
         redrive = await dash.bus.redrives.start(DeadLetterFilter(handler_name="Nobody"), rate=1)
         await dash.bus.publish(Event("reminder.due", {"n": 1}), deliver_in=3600)
         (scheduled,) = await dash.bus.retry_queue.list(kind="scheduled")
+        await dash.bus.register()  # a subscription to remove (default/Mailer)
         return {"id": letter.id, "redrive": redrive.id, "scheduled": scheduled.id}
 
     return dash.run(make)
@@ -72,6 +74,7 @@ def endpoints(ids: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
         "/dead-letters/selected": {"action": "delete", "ids": ids["id"], "confirmed": "yes"},
         "/dead-letters/bulk": {"action": "delete"},
         "/retry-queue/{scheduled}/cancel": {"confirmed": "yes"},
+        "/services/remove": {"service": "default", "confirmed": "yes", "force": "yes"},
         "/login": {"token": SECRET},
     }
     return [(path.format(**ids), forms.get(path, {})) for path in POST_ENDPOINTS]

@@ -41,7 +41,7 @@ REDRIVE_ACTIONS = ("pause", "resume", "cancel", "delete")
 # what the dead letter list's address may hold (a form's "back" keeps only these)
 LIST_KEYS = (
     *("type", "handler", "reason", "processed", "since", "until", "event_id", "group"),
-    *("offset", "limit"),
+    *("service", "offset", "limit"),
 )
 
 Action = Callable[[Request, FormData, Identity], Awaitable[Response]]

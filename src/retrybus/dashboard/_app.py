@@ -23,7 +23,7 @@ from .._bus import EventBus
 from .._errors import AppNotFound, ItemBusy, RetrybusError, StoreUnavailable
 from .._history import DEFAULT_INTERVAL, DepthHistory
 from .._stores import Store, open_store
-from . import _actions, _metrics, _pages
+from . import _actions, _metrics, _pages, _services_page
 from ._auth import DEFAULT_SESSION_MAX_AGE, Auth, TokenSpec
 from ._metrics import attach_metrics
 from ._web import Dashboard, HTTPError, error_page
@@ -214,6 +214,13 @@ def build_app(
             name="cancel_delivery",
         ),
         Route("/retry-queue/{item_id}/payload.json", _pages.retry_payload, name="retry_payload"),
+        Route("/services", _services_page.services, name="services"),
+        Route(
+            "/services/remove",
+            _services_page.remove_subscription,
+            methods=["POST"],
+            name="remove_subscription",
+        ),
         Route("/redrives", _pages.redrives, name="redrives"),
         Route("/redrives/{redrive_id}", _pages.redrive, name="redrive"),
         Route(

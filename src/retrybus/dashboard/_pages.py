@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from datetime import timedelta
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,12 @@ from .._errors import ItemNotFound
 from .._filters import DeadLetterFilter
 from .._history import DepthHistory
 from .._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
+from .._services import HandlerLoad
+from .._stats import Stats
 from ._chart import depth_chart, runs
 from ._display import preview
-from ._web import HTTPError, pretty_json, redirect, render, root, state
+from ._scope import chosen_service, render_page, service_loads
+from ._web import SERVICE_KEY, HTTPError, pretty_json, redirect, root, state
 
 __all__ = [
     "ACTIONS",
@@ -116,28 +120,80 @@ def _drop_empty(request: Request) -> Response | None:
 # overview ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """How many records wait for one handler: a row of the retry queue's breakdown
+    (``first_at``, ``last_at``: the earliest and latest due, where known)."""
+
+    key: str
+    count: int
+    first_at: datetime | None = None
+    last_at: datetime | None = None
+
+
+def kinds_of(loads: Iterable[HandlerLoad]) -> dict[RetryKind, int]:
+    """The retry queue records of each kind that these loads count together."""
+    kinds: dict[RetryKind, int] = {"retry": 0, "pending": 0, "scheduled": 0}
+    for load in loads:
+        kinds["retry"] += load.retrying
+        kinds["pending"] += load.pending
+        kinds["scheduled"] += load.scheduled
+    return kinds
+
+
+def busiest(loads: Sequence[HandlerLoad], limit: int) -> list[HandlerLoad]:
+    """The loads of the handlers with the most records waiting, most first."""
+    waiting = [load for load in loads if load.queued]
+    return sorted(waiting, key=lambda load: (-load.queued, load.handler_name))[:limit]
+
+
 async def overview(request: Request) -> Response:
+    """The totals, the depth chart and the largest groups; with ``?service=``, of
+    that service's records (the retry success figures are the store's: counted
+    for all services together)."""
     dashboard = state(request)
     bus = dashboard.bus
-    stats = await bus.stats()
-    samples = await DepthHistory(bus).samples()
+    service = chosen_service(request)
+    dead_where = DeadLetterFilter(service=service)
+    if service is None:
+        stats = await bus.stats()
+        retry_by_handler: Sequence[Waiting] = [
+            Waiting(g.key, g.count) for g in await bus.store.group_retry("handler_name", limit=10)
+        ]
+    else:
+        loads = await service_loads(bus, service)
+        stats = Stats.from_counts(
+            retry_queue_size=sum(load.queued for load in loads),
+            dead_letter_queue_size=await bus.store.count_dead(dead_where),
+            unprocessed_dead_letters=await bus.store.count_dead(
+                dead_where.narrowed(processed=False)
+            ),
+            counters=await bus.store.counters(),
+            kinds=kinds_of(loads),
+        )
+        retry_by_handler = [Waiting(load.handler_name, load.queued) for load in busiest(loads, 10)]
+    samples = await DepthHistory(bus).samples(service)
     interval = dashboard.history_interval
-    redrives = await bus.redrives.list()
+    redrives = [
+        r for r in await bus.redrives.list() if service is None or r.where.service == service
+    ]
     context = {
         "stats": stats,
         "processed": stats.dead_letter_queue_size - stats.unprocessed_dead_letters,
-        "due_minute": await bus.retry_queue.count_due(within=60),
-        "due_hour": await bus.retry_queue.count_due(within=3600),
-        "by_handler": await bus.dead_letters.counts_by("handler_name", limit=10),
-        "by_type": await bus.dead_letters.counts_by("event_type", limit=10),
-        "retry_by_handler": await bus.store.group_retry("handler_name", limit=10),
-        "top_groups": await bus.dead_letters.groups(DeadLetterFilter(processed=False), limit=5),
+        # the records due soon are counted for all services only
+        "due_minute": None if service else await bus.retry_queue.count_due(within=60),
+        "due_hour": None if service else await bus.retry_queue.count_due(within=3600),
+        "by_handler": await bus.dead_letters.counts_by("handler_name", dead_where, limit=10),
+        "by_type": await bus.dead_letters.counts_by("event_type", dead_where, limit=10),
+        "retry_by_handler": retry_by_handler,
+        "top_groups": await bus.dead_letters.groups(dead_where.narrowed(processed=False), limit=5),
         "chart": depth_chart(samples, interval),
         "samples": samples,
         "gaps": len(runs(samples, interval)) - 1,
         "active_redrives": [r for r in redrives if not r.finished],
+        "keeps_services": bus.store.keeps_services,
     }
-    return render(request, "overview.html", context)
+    return await render_page(request, "overview.html", context)
 
 
 # dead letters -----------------------------------------------------------------
@@ -148,6 +204,7 @@ async def dead_letters(request: Request) -> Response:
     if cleaned is not None:
         return cleaned
     bus = state(request).bus
+    chosen_service(request)  # a bad or unknown service is refused; the filter takes it
     where, query = parse_filter(request, request.query_params.multi_items())
     limit, offset = _paging(request)
     total = await bus.dead_letters.count(where=where)
@@ -168,12 +225,17 @@ async def dead_letters(request: Request) -> Response:
         "pages": _pages(total, offset, limit, query),
         "group": group,
         "choices": {
-            field: [g.key for g in await bus.dead_letters.counts_by(field, limit=100)]
+            field: [
+                g.key
+                for g in await bus.dead_letters.counts_by(
+                    field, DeadLetterFilter(service=where.service), limit=100
+                )
+            ]
             for field in ("handler_name", "event_type", "reason")
         },
         "back": request.url.query,
     }
-    return render(request, "dead_letters.html", context)
+    return await render_page(request, "dead_letters.html", context)
 
 
 async def _dead_letter(request: Request) -> DeadLetterItem:
@@ -188,7 +250,7 @@ async def _dead_letter(request: Request) -> DeadLetterItem:
 
 async def dead_letter(request: Request) -> Response:
     item = await _dead_letter(request)
-    return render(request, "dead_letter.html", dead_letter_context(item))
+    return await render_page(request, "dead_letter.html", dead_letter_context(item))
 
 
 async def dead_letter_payload(request: Request) -> Response:
@@ -244,6 +306,7 @@ async def groups(request: Request) -> Response:
     if cleaned is not None:
         return cleaned
     bus = state(request).bus
+    chosen_service(request)  # a bad or unknown service is refused; the filter takes it
     where, query = parse_filter(request, request.query_params.multi_items())
     found = await bus.dead_letters.groups(where, limit=200)
     context = {
@@ -253,7 +316,7 @@ async def groups(request: Request) -> Response:
         "total": sum(g.count for g in found),
         "largest": max((g.count for g in found), default=0),
     }
-    return render(request, "groups.html", context)
+    return await render_page(request, "groups.html", context)
 
 
 # confirmation of a bulk action ------------------------------------------------------
@@ -266,6 +329,7 @@ async def bulk_confirm(request: Request) -> Response:
         raise HTTPError(
             400, "Bad action", f"action must be requeue, reprocess or delete, got {action!r}"
         )
+    chosen_service(request)  # a bad or unknown service is refused; the filter takes it
     where, query = parse_filter(request, request.query_params.multi_items(), ignore=("action",))
     now = dashboard.bus.clock.now()
     # what the form acts on: what matches now, however long the page stays open
@@ -284,7 +348,7 @@ async def bulk_confirm(request: Request) -> Response:
         "blocked": dashboard.reprocess_disabled if action == "reprocess" else "",
     }
     status = 200 if dashboard.auth.identify(request) is not None else 403
-    return render(request, "confirm.html", context, status=status)
+    return await render_page(request, "confirm.html", context, status=status)
 
 
 def describe(where: DeadLetterFilter) -> list[tuple[str, str]]:
@@ -298,6 +362,7 @@ def describe(where: DeadLetterFilter) -> list[tuple[str, str]]:
         "created_before": "Created before",
         "event_id": "Event id",
         "failure_group": "Failure group",
+        "service": "Service",
     }
     rows = []
     for name, value in where.to_dict().items():
@@ -315,10 +380,12 @@ def describe(where: DeadLetterFilter) -> list[tuple[str, str]]:
 #: the retry queue page's tabs: each kind (``RetryKind``) and its label
 KIND_LABELS: dict[str, str] = {"retry": "Retries", "pending": "Pending", "scheduled": "Scheduled"}
 #: what the retry queue page's address may hold (a cancel form's "back" keeps only these)
-RETRY_LIST_KEYS = ("handler", "kind", *PAGING_KEYS)
+RETRY_LIST_KEYS = ("handler", "kind", SERVICE_KEY, *PAGING_KEYS)
 
 
 async def retry_queue(request: Request) -> Response:
+    """The retry queue: its records by handler and by kind, and a page of them;
+    with ``?service=``, of that service's records (counted from its handlers' loads)."""
     cleaned = _drop_empty(request)
     if cleaned is not None:
         return cleaned
@@ -326,8 +393,11 @@ async def retry_queue(request: Request) -> Response:
     unknown = set(request.query_params) - set(RETRY_LIST_KEYS)
     if unknown:
         raise HTTPError(
-            400, "Bad filter", f"unknown filter {sorted(unknown)[0]!r}: use handler or kind"
+            400,
+            "Bad filter",
+            f"unknown filter {sorted(unknown)[0]!r}: use handler, kind or service",
         )
+    service = chosen_service(request)
     handler = request.query_params.get("handler") or None
     kind = request.query_params.get("kind") or None
     if kind is not None and kind not in RETRY_KINDS:
@@ -336,30 +406,31 @@ async def retry_queue(request: Request) -> Response:
         )
     wanted: RetryKind | None = kind  # narrowed by the check above
     limit, offset = _paging(request)
-    breakdown = await bus.store.group_retry("handler_name", limit=100)
-    rows = []
-    for group in breakdown:
-        sample = await bus.store.get_retry(group.sample_id)
-        rows.append((group, sample))
-    kinds = await bus.retry_queue.count_kinds()
-    total: int | None
-    if handler is None:
-        total = sum(kinds.values()) if wanted is None else kinds[wanted]
-        items = await bus.retry_queue.list(limit, offset, kind=wanted)
-    elif wanted is None:
-        total = next((g.count for g in breakdown if g.key == handler), 0)
-        items = await bus.retry_queue.list(limit, offset, handler_name=handler)
+    now = bus.clock.now()
+    if service is None:
+        breakdown, kinds, total = await _whole_queue(request, handler, wanted)
     else:
-        # no count of one handler's items of one kind: one more item says a page follows
-        total = None
-        items = await bus.retry_queue.list(limit + 1, offset, handler_name=handler, kind=wanted)
+        breakdown, kinds, total = await _service_queue(request, service, handler, wanted)
+    # a total unknown (one handler's items of one kind): one more item says a page follows
+    fetch = limit + 1 if total is None else limit
+    items = await bus.store.list_retry(
+        limit=fetch,
+        offset=offset,
+        handler_name=handler,
+        kind=wanted,
+        now=None if wanted is None else now,
+        service=service,
+    )
     more = len(items) > limit
     items = items[:limit]
-    query = {key: value for key, value in (("handler", handler), ("kind", kind)) if value}
+    query = {
+        key: value
+        for key, value in (("handler", handler), ("kind", kind), (SERVICE_KEY, service))
+        if value
+    }
     pages = _pages(offset + len(items) + more if total is None else total, offset, limit, query)
     if total is None:
         pages["total"] = None
-    now = bus.clock.now()
     context = {
         "items": [(item, item.kind(now), item.leased_at(now)) for item in items],
         "handler": handler,
@@ -367,13 +438,61 @@ async def retry_queue(request: Request) -> Response:
         "kinds": kinds,
         "kind_labels": KIND_LABELS,
         "back": request.url.query,
-        "breakdown": rows,
-        "largest": max((g.count for g in breakdown), default=0),
+        "breakdown": breakdown,
+        "largest": max((g.count for g, _ in breakdown), default=0),
         "pages": pages,
-        "due_minute": await bus.retry_queue.count_due(within=60),
-        "due_now": await bus.retry_queue.count_due(within=0),
+        # the records due soon are counted for all services only
+        "due_minute": None if service else await bus.retry_queue.count_due(within=60),
+        "due_now": None if service else await bus.retry_queue.count_due(within=0),
     }
-    return render(request, "retry_queue.html", context)
+    return await render_page(request, "retry_queue.html", context)
+
+
+Breakdown = list[tuple[Waiting, RetryItem | None]]
+
+
+async def _whole_queue(
+    request: Request, handler: str | None, kind: RetryKind | None
+) -> tuple[Breakdown, dict[RetryKind, int], int | None]:
+    """The whole retry queue's breakdown by handler (each with its next due record),
+    its counts by kind (of every handler), and how many records the page lists
+    (None: not counted)."""
+    store = state(request).bus.store
+    groups = await store.group_retry("handler_name", limit=100)
+    breakdown: Breakdown = [
+        (Waiting(g.key, g.count, g.first_at, g.last_at), await store.get_retry(g.sample_id))
+        for g in groups
+    ]
+    kinds = await state(request).bus.retry_queue.count_kinds()
+    total: int | None
+    if handler is None:
+        total = sum(kinds.values()) if kind is None else kinds[kind]
+    elif kind is None:
+        total = next((g.count for g in groups if g.key == handler), 0)
+    else:
+        total = None
+    return breakdown, kinds, total
+
+
+async def _service_queue(
+    request: Request, service: str, handler: str | None, kind: RetryKind | None
+) -> tuple[Breakdown, dict[RetryKind, int], int]:
+    """``_whole_queue`` for one service's records, from its handlers' loads: the
+    counts by kind are of the handler shown (of all the service's without one);
+    the latest due of each handler is not known."""
+    bus = state(request).bus
+    loads = await service_loads(bus, service)
+    breakdown: Breakdown = []
+    for load in busiest(loads, 100):
+        first = await bus.store.list_retry(
+            limit=1, offset=0, handler_name=load.handler_name, service=service
+        )
+        sample = first[0] if first else None
+        due = None if sample is None else sample.next_retry
+        breakdown.append((Waiting(load.handler_name, load.queued, due), sample))
+    shown = loads if handler is None else [load for load in loads if load.handler_name == handler]
+    kinds = kinds_of(shown)
+    return breakdown, kinds, sum(kinds.values()) if kind is None else kinds[kind]
 
 
 async def _retry_item(request: Request) -> RetryItem:
@@ -394,7 +513,7 @@ async def retry_item(request: Request) -> Response:
         "kind": item.kind(now),
         "running": item.leased_at(now),
     }
-    return render(request, "retry_item.html", context)
+    return await render_page(request, "retry_item.html", context)
 
 
 async def retry_payload(request: Request) -> Response:
@@ -407,9 +526,16 @@ async def retry_payload(request: Request) -> Response:
 
 
 async def redrives(request: Request) -> Response:
-    found = await state(request).bus.redrives.list()
+    """The redrives, newest first; with ``?service=``, those of that service's dead
+    letters (their filter names it)."""
+    service = chosen_service(request)
+    found = [
+        r
+        for r in await state(request).bus.redrives.list()
+        if service is None or r.where.service == service
+    ]
     context = {"redrives": found, "refresh": any(r.active for r in found)}
-    return render(request, "redrives.html", context)
+    return await render_page(request, "redrives.html", context)
 
 
 async def redrive(request: Request) -> Response:
@@ -424,7 +550,7 @@ async def redrive(request: Request) -> Response:
         "refresh": found.active,
         "list_query": found.where.to_query(),
     }
-    return render(request, "redrive.html", context)
+    return await render_page(request, "redrive.html", context)
 
 
 # the icon ---------------------------------------------------------------------------

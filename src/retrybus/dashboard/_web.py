@@ -24,6 +24,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from .._bus import EventBus
 from .._history import DEFAULT_INTERVAL
+from .._services import is_service_name
 
 if TYPE_CHECKING:
     from ..prometheus import PrometheusMetrics
@@ -31,10 +32,23 @@ from ._auth import Auth, Identity
 from ._chart import bar
 from ._display import clip, human_size, preview, public_type_name
 
-__all__ = ["Dashboard", "HTTPError", "flash", "link", "redirect", "render", "state"]
+__all__ = [
+    "SERVICE_KEY",
+    "Dashboard",
+    "HTTPError",
+    "flash",
+    "link",
+    "redirect",
+    "render",
+    "state",
+]
 
 TEMPLATES = Path(__file__).parent / "templates"
 FLASH_COOKIE = "retrybus_flash"
+#: the query key naming the service a page shows (none: all services)
+SERVICE_KEY = "service"
+#: paths whose links never carry the service shown (files, not pages)
+UNSCOPED = ("/static/", "/favicon.ico")
 
 
 class HTTPError(Exception):
@@ -76,6 +90,7 @@ class Dashboard:
         self.env.filters.update(
             when=when,
             ago=lambda moment: ago(moment, self.bus.clock.now()),
+            duration=duration,
             pretty=pretty_json,
             number=lambda n: "—" if n is None else f"{n:,}",
             percent=lambda f: "—" if f is None else f"{f * 100:.1f} %",
@@ -110,8 +125,16 @@ def root(request: Request) -> str:
 
 
 def link(request: Request, path: str, query: Mapping[str, Any] | None = None) -> str:
-    """A URL of this dashboard, under whatever prefix it is mounted at."""
+    """A URL of this dashboard, under whatever prefix it is mounted at. A page
+    shown for one service (``?service=``) links to pages of that service too,
+    unless ``query`` names a ``service`` itself (``""``: all services)."""
     url = root(request) + path
+    query = dict(query or {})
+    if SERVICE_KEY not in query and not path.startswith(UNSCOPED):
+        shown = request.query_params.get(SERVICE_KEY, "").strip()
+        # a bad name, or any on a store without services, is refused by its page: not passed on
+        if is_service_name(shown) and state(request).bus.store.keeps_services:
+            query[SERVICE_KEY] = shown
     if query:
         pairs = {k: str(v) for k, v in query.items() if v is not None and str(v) != ""}
         if pairs:
@@ -153,6 +176,7 @@ def render(
         "can_act": identity is not None,
         "csrf": auth.csrf_token(identity),
         "url": url,
+        "root": root(request),
         "here": request.url.path,
         "flash": message,
         "reprocess_disabled": dashboard.reprocess_disabled,
@@ -228,11 +252,16 @@ def ago(moment: datetime | None, now: datetime) -> str:
     seconds = abs(delta.total_seconds())
     if seconds < 1:
         return "now"
+    text = duration(seconds)
+    return f"in {text}" if future else f"{text} ago"
+
+
+def duration(seconds: float) -> str:
+    """A length of time in its largest whole unit: ``3 min``, ``20 s``."""
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
         if seconds >= size:
-            text = f"{int(seconds // size)} {unit}"
-            break
-    return f"in {text}" if future else f"{text} ago"
+            return f"{int(seconds // size)} {unit}"
+    return "under a second"
 
 
 def pretty_json(value: Any) -> str:

@@ -1,4 +1,5 @@
-// The dashboard works without this file; it only adds "select all" to the dead letter table.
+// The dashboard works without this file; it only adds "select all" to the dead letter table,
+// and shows the service chosen in the top bar's selector at once.
 "use strict";
 document.addEventListener("DOMContentLoaded", function () {
   document.querySelectorAll("[data-select-all]").forEach(function (all) {
@@ -19,5 +20,8 @@ document.addEventListener("DOMContentLoaded", function () {
       if (event.target !== all) { update(); }
     });
     update();
+  });
+  document.querySelectorAll("select[data-autosubmit]").forEach(function (select) {
+    select.addEventListener("change", function () { select.form.submit(); });
   });
 });
