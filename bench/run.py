@@ -19,6 +19,7 @@ import observability
 import postgresql
 import publish
 import redis_engine
+import services
 import worker
 from _common import emit, note
 
@@ -29,7 +30,16 @@ def main() -> None:
         f"{platform.machine()} {platform.system()}"
     )
     start = time.perf_counter()
-    for module in (publish, latency, worker, postgresql, redis_engine, observability, durable):
+    for module in (
+        publish,
+        latency,
+        worker,
+        postgresql,
+        redis_engine,
+        observability,
+        durable,
+        services,
+    ):
         note(f"-- {module.__name__}")
         emit(module.run())
     note(f"bench done in {time.perf_counter() - start:.1f}s")
