@@ -9,13 +9,15 @@ deliveries are dead-lettered with the reason, never dropped and never run as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,9 +46,23 @@ def handler_args(handlers: dict[str, str]) -> list[str]:
     return [f"--handler={name}={pattern}" for name, pattern in handlers.items()]
 
 
+#: the processes the running test started: killed when it ends, failed or not
+_started: list[asyncio.subprocess.Process] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_what_is_left() -> Iterator[None]:
+    yield
+    while _started:
+        process = _started.pop()
+        if process.returncode is None:  # by pid: the test's event loop may be closed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+
+
 async def start(url: str, service: str, record: Path, *args: str) -> asyncio.subprocess.Process:
     log = record.with_suffix(".log").open("ab")
-    return await asyncio.create_subprocess_exec(
+    process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(APP),
         f"--store={url}",
@@ -56,6 +72,8 @@ async def start(url: str, service: str, record: Path, *args: str) -> asyncio.sub
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    _started.append(process)
+    return process
 
 
 async def finish(process: asyncio.subprocess.Process, within: float = 120) -> int | None:
