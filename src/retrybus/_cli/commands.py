@@ -77,7 +77,10 @@ def demo(
         typer.Option(metavar="PATH", help="SQLite file to (re)create and leave for inspection."),
     ] = Path("retrybus-demo.db"),
     events: Annotated[
-        int, typer.Option(min=1, metavar="N", help="How many events to publish.")
+        int,
+        typer.Option(
+            min=1, metavar="N", help="How many likes and comments the social service publishes."
+        ),
     ] = 3000,
     rate: Annotated[
         float,
@@ -98,11 +101,14 @@ def demo(
         float, typer.Option(min=1, metavar="S", help="Give up waiting for retries after S seconds.")
     ] = 120.0,
 ) -> None:
-    """Run a simulated social service whose handlers fail now and then.
+    """Run two simulated services exchanging events, whose handlers fail now and then.
 
-    Likes and comments are published to handlers of which some time out (and succeed
-    on a retry) and some fail for good (and end in the dead letter queue). A worker
-    retries them; the SQLite file is left for `retrybus stats` and `retrybus dlq list`.
+    The social service publishes likes and comments to its handlers, of which some
+    time out (and succeed on a retry); the comments also reach the notifications
+    service, whose emails fail for good now and then (and end in the dead letter
+    queue), and each email sent comes back to social as `notification.sent`. Each
+    service has its own worker on the one SQLite file, left for `retrybus services`,
+    `retrybus stats` and `retrybus dlq list`.
     """
     from .demo import DemoSettings, run_demo
 

@@ -1,12 +1,17 @@
-"""``retrybus demo``: a simulated social service whose handlers fail now and then.
+"""``retrybus demo``: two simulated services exchanging events through one
+SQLite file, each with its own worker, whose handlers fail now and then.
 
-Likes and comments are published to three handlers named as in the seed.
-``SocialStatisticsHandler`` and ``FeedUpdateHandler`` hit a "connection
-timeout" now and then and succeed on a later retry;
-``CommentNotificationHandler`` sometimes finds the "email service unavailable"
-for good (dead-lettered after its retries) or a user without an email address
-(``PermanentError``: dead-lettered at once). The real bus, SQLite store and
-worker do the rest, and every number shown comes from them.
+The ``social`` service publishes likes and comments to its own handlers,
+``SocialStatisticsHandler`` and ``FeedUpdateHandler``, which hit a "connection
+timeout" now and then and succeed on a later retry. The comments also reach the
+``notifications`` service, whose ``CommentNotificationHandler`` emails the
+post's author: the "email service unavailable" for some fails for good
+(dead-lettered after its retries), a user without an email address
+(``PermanentError``) is dead-lettered at once. Each email sent is published as
+``notification.sent``, which social's ``NotificationCounter`` counts. Events
+cross through the store: each service's worker registers its subscriptions,
+then claims only its own service's deliveries. The real buses, store and
+workers do the rest, and every number shown comes from them.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import random
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -28,12 +33,16 @@ from .._errors import PermanentError
 from .._event import Event
 from .._policy import ExponentialBackoff
 from .._worker import RetryWorker
-from .demo_view import Snapshot, Tally, make_view, print_report
+from .demo_view import Crossing, DeadLetterKey, Snapshot, Successes, Tally, make_view, print_report
 from .session import CliError, open_store_url
 
 __all__ = ["DemoSettings", "run_demo"]
 
+SOCIAL = "social"
+NOTIFICATIONS = "notifications"
 SOURCE = "SocialService"
+NOTIFICATIONS_SOURCE = "NotificationService"
+SENT = "notification.sent"
 #: short delays so the demo's retries finish in a second: 0.05 s, 0.1 s, 0.2 s
 POLICY = ExponentialBackoff(max_retries=3, initial_delay=0.05, max_delay=0.5)
 _PUBLISHERS = 64
@@ -52,12 +61,13 @@ class DemoSettings:
     timeout: float
 
 
-# the simulated service ---------------------------------------------------------
+# the simulated services --------------------------------------------------------
 
 
 class _SimulatedHandler:
     """A handler whose failures are drawn per event from the demo's seed, so a
-    delivery that fails transiently fails the same number of times on every run."""
+    delivery that fails transiently fails the same number of times on every run.
+    It counts the deliveries it handled (``successes``)."""
 
     name: ClassVar[str]
     patterns: ClassVar[tuple[str, ...]]
@@ -65,15 +75,21 @@ class _SimulatedHandler:
     def __init__(self, seed: int) -> None:
         self._seed = seed
         self._calls: Counter[int] = Counter()
+        self.successes = Successes()
 
-    def _roll(self, event: Event) -> tuple[float, int]:
-        """This event's draw in [0, 1) and which call of the handler for it this is."""
+    async def __call__(self, event: Event) -> None:
         seq = int(event.data["seq"])
         self._calls[seq] += 1
-        return random.Random(f"{self._seed}:{self.name}:{seq}").random(), self._calls[seq]
-
-    async def _work(self) -> None:
+        call = self._calls[seq]
+        draw = random.Random(f"{self._seed}:{self.name}:{seq}").random()
         await asyncio.sleep(0.001)  # a database or network round trip
+        await self._handle(event, draw, call)
+        self.successes.add(call)
+
+    async def _handle(self, event: Event, draw: float, call: int) -> None:
+        """Handle ``event`` on the ``call``-th call for it (1: the first), or raise;
+        ``draw`` in [0, 1) decides which."""
+        raise NotImplementedError
 
 
 class SocialStatisticsHandler(_SimulatedHandler):
@@ -82,9 +98,7 @@ class SocialStatisticsHandler(_SimulatedHandler):
     name = "SocialStatisticsHandler"
     patterns = ("like.added", "comment.created")
 
-    async def __call__(self, event: Event) -> None:
-        draw, call = self._roll(event)
-        await self._work()
+    async def _handle(self, event: Event, draw: float, call: int) -> None:
         if call <= (2 if draw < 0.02 else 1 if draw < 0.08 else 0):
             raise TimeoutError("connection timeout")
 
@@ -95,31 +109,59 @@ class FeedUpdateHandler(_SimulatedHandler):
     name = "FeedUpdateHandler"
     patterns = ("like.added", "comment.created")
 
-    async def __call__(self, event: Event) -> None:
-        draw, call = self._roll(event)
-        await self._work()
+    async def _handle(self, event: Event, draw: float, call: int) -> None:
         if call <= (1 if draw < 0.05 else 0):
             raise TimeoutError("connection timeout")
 
 
+class NotificationCounter(_SimulatedHandler):
+    """Counts the notifications each user was sent, for the badge on their
+    profile (``counted``: how often each comment's notification was counted);
+    its database times out now and then."""
+
+    name = "NotificationCounter"
+    patterns = (SENT,)
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.counted: Counter[int] = Counter()
+
+    async def _handle(self, event: Event, draw: float, call: int) -> None:
+        if call <= (1 if draw < 0.04 else 0):
+            raise TimeoutError("connection timeout")
+        self.counted[int(event.data["comment_id"])] += 1
+
+
 class CommentNotificationHandler(_SimulatedHandler):
-    """Emails the post's author about a comment; the email service is down for
-    some, and some users have no email address."""
+    """Emails the post's author about a comment, then announces it (``SENT``);
+    the email service is down for some, and some users have no email address."""
 
     name = "CommentNotificationHandler"
     patterns = ("comment.created",)
 
-    async def __call__(self, event: Event) -> None:
-        draw, _ = self._roll(event)
-        await self._work()
+    def __init__(self, seed: int, announce: Callable[[Event], Awaitable[None]]) -> None:
+        super().__init__(seed)
+        self._announce = announce
+
+    async def _handle(self, event: Event, draw: float, call: int) -> None:
+        author = event.data["author_id"]
         if draw < 0.05:
             raise ConnectionError("email service unavailable")
         if draw < 0.065:
-            raise PermanentError(f"user {event.data['author_id']} has no email address")
+            raise PermanentError(f"user {author} has no email address")
+        data = {key: event.data[key] for key in ("seq", "comment_id", "post_id", "author_id")}
+        await self._announce(
+            Event(
+                SENT,
+                {**data, "channel": "email"},
+                source=NOTIFICATIONS_SOURCE,
+                subject=f"users/{author}",
+            )
+        )
 
 
 def social_events(count: int, seed: int) -> Iterator[Event]:
-    """``count`` events of the service: about 70 % likes, 30 % comments."""
+    """``count`` events of the social service: about 70 % likes, 30 % comments."""
     rng = random.Random(seed)
     for seq in range(count):
         post_id = rng.randint(1, 500)
@@ -131,16 +173,45 @@ def social_events(count: int, seed: int) -> Iterator[Event]:
             yield Event("comment.created", data, source=SOURCE, subject=f"posts/{post_id}")
 
 
-# running it --------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class DemoServices:
+    """The demo's two buses on one SQLite file, their handlers subscribed."""
+
+    social: EventBus
+    notifications: EventBus
+    counter: NotificationCounter
+    handlers: dict[str, tuple[_SimulatedHandler, ...]]
+
+    @property
+    def buses(self) -> tuple[EventBus, ...]:
+        return (self.social, self.notifications)
+
+    def successes(self) -> dict[str, dict[str, Successes]]:
+        """Each service's handlers' own counts, by service then handler."""
+        return {
+            service: {handler.name: handler.successes for handler in handlers}
+            for service, handlers in self.handlers.items()
+        }
 
 
-def build_bus(url: str, seed: int) -> EventBus:
-    """The demo's bus on the SQLite store at ``url``, its three handlers subscribed."""
-    bus = EventBus(open_store_url(url), default_policy=POLICY)
-    for handler_class in (SocialStatisticsHandler, FeedUpdateHandler, CommentNotificationHandler):
-        handler = handler_class(seed)
-        bus.subscribe(handler.patterns, handler, name=handler.name)
-    return bus
+def build_services(url: str, seed: int, tally: Tally) -> DemoServices:
+    """The ``social`` and ``notifications`` buses on the SQLite store at ``url``
+    (a store each, as two processes would have), publishing into ``tally``."""
+    social = EventBus(open_store_url(url), service=SOCIAL, default_policy=POLICY)
+    notifications = EventBus(open_store_url(url), service=NOTIFICATIONS, default_policy=POLICY)
+
+    async def announce(event: Event) -> None:
+        tally.add(NOTIFICATIONS, await notifications.publish(event))
+
+    counter = NotificationCounter(seed)
+    handlers: dict[str, tuple[_SimulatedHandler, ...]] = {
+        SOCIAL: (SocialStatisticsHandler(seed), FeedUpdateHandler(seed), counter),
+        NOTIFICATIONS: (CommentNotificationHandler(seed, announce),),
+    }
+    for bus in (social, notifications):
+        for handler in handlers[bus.service]:
+            bus.subscribe(handler.patterns, handler, name=handler.name)
+    return DemoServices(social, notifications, counter, handlers)
 
 
 async def publish_all(bus: EventBus, settings: DemoSettings, tally: Tally) -> None:
@@ -150,7 +221,7 @@ async def publish_all(bus: EventBus, settings: DemoSettings, tally: Tally) -> No
 
     async def publish(event: Event) -> None:
         try:
-            tally.add(await bus.publish(event))
+            tally.add(bus.service, await bus.publish(event))
         finally:
             slots.release()
 
@@ -166,41 +237,68 @@ async def publish_all(bus: EventBus, settings: DemoSettings, tally: Tally) -> No
 
 
 async def run_demo(settings: DemoSettings) -> bool:
-    """Run the demo; True when every delivery ended in success or the DLQ in time."""
+    """Run the demo; True when every delivery ended in success or the DLQ in time
+    and each notification sent was counted once."""
     url = f"sqlite:///{settings.db}"
     reset_database(settings.db)
-    bus = build_bus(url, settings.seed)
-    tally = Tally(settings.events)
+    tally = Tally(settings.events, source=SOCIAL)
+    demo = build_services(url, settings.seed, tally)
+    social = demo.social
     view = make_view(settings.progress, settings.events)
     started = time.monotonic()
     with _quiet_library_logs():
-        async with bus, RetryWorker(bus, check_interval=_TICK, concurrency=32) as worker:
-            publisher = asyncio.create_task(publish_all(bus, settings, tally))
+        async with contextlib.AsyncExitStack() as stack:
+            for bus in demo.buses:
+                await stack.enter_async_context(bus)
+            # each service's worker stores its subscriptions as it starts: before
+            # the first publish, so that the comments reach notifications
+            workers = [RetryWorker(bus, check_interval=_TICK, concurrency=32) for bus in demo.buses]
+            for worker in workers:
+                await stack.enter_async_context(worker)
+            publisher = asyncio.create_task(publish_all(social, settings, tally))
             with view:
                 while True:
                     await asyncio.wait({publisher}, timeout=_TICK)
                     if publisher.done():
                         publisher.result()  # re-raises what stopped the publishing
-                    stats = await bus.stats()
-                    view.update(Snapshot.of(tally, stats))
-                    finished = tally.done and stats.retry_queue_size == 0
+                    snapshot = Snapshot.of(
+                        tally, demo.successes(), await social.services.overview()
+                    )
+                    view.update(snapshot)
+                    finished = tally.done and snapshot.queued == 0
                     if finished or time.monotonic() - started > settings.timeout:
                         break
             publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await publisher
-            await worker.stop()
-            stats = await bus.stats()
-            groups = await _dead_letters_by_reason(bus)
+            for worker in workers:
+                await worker.stop()
+            snapshot = Snapshot.of(tally, demo.successes(), await social.services.overview())
+            stats = await social.stats()
+            groups = await _dead_letters_by_reason(social)
     elapsed = time.monotonic() - started
-    return print_report(Snapshot.of(tally, stats), stats, groups, url, elapsed, finished)
+    crossing = _crossing(demo, tally)
+    return print_report(snapshot, crossing, stats, groups, url, elapsed, finished)
 
 
-async def _dead_letters_by_reason(bus: EventBus) -> Counter[tuple[str, str, str]]:
-    groups: Counter[tuple[str, str, str]] = Counter()
+def _crossing(demo: DemoServices, tally: Tally) -> Crossing:
+    """How the notifications sent reached social's counter."""
+    counts = demo.counter.counted.values()
+    return Crossing(
+        event_type=SENT,
+        publisher=NOTIFICATIONS,
+        handler=f"{SOCIAL}/{NotificationCounter.name}",
+        published=tally.published[NOTIFICATIONS, SENT],
+        counted_once=sum(1 for n in counts if n == 1),
+        counted_more=sum(1 for n in counts if n > 1),
+    )
+
+
+async def _dead_letters_by_reason(bus: EventBus) -> Counter[DeadLetterKey]:
+    groups: Counter[DeadLetterKey] = Counter()
     offset = 0
     while page := await bus.dead_letters.list(500, offset):
-        groups.update((item.reason, item.handler_name, item.error) for item in page)
+        groups.update((item.service, item.reason, item.handler_name, item.error) for item in page)
         offset += len(page)
     return groups
 
