@@ -31,6 +31,13 @@ logger = logging.getLogger("retrybus.worker")
 
 _MIN_IDLE = 0.005
 _FLUSH_LINGER = 0.02
+#: how long, at most, a claimed item should wait for a lane (judged by the
+#: handlers' recent call time): quick handlers get items claimed ahead, up to a
+#: batch, so that claims are large; slow ones none, so that an idle worker can
+#: take what this one could not start soon
+_CLAIM_AHEAD_WAIT = 0.05
+#: weight of the latest call in the running average of handler call times
+_CALL_TIME_WEIGHT = 0.1
 _MAX_OUTAGE_BACKOFF = 30.0
 
 #: seconds between two heartbeats of a worker by default
@@ -74,8 +81,11 @@ class RetryWorker:
     It claims only records of the bus's handlers. ``check_interval`` is the
     longest it sleeps (it wakes sooner when an item falls due sooner, or when
     this process schedules one); up to ``batch_size`` items are claimed at once
-    and run on ``concurrency`` lanes; it claims more as soon as a lane is free
-    and nothing claimed waits, so a slow handler never holds up the others.
+    and run on ``concurrency`` lanes; it claims more as soon as a lane is free,
+    so a slow handler never holds up the others. While its handlers are quick,
+    it also claims ahead what its lanes will start within some 50 ms (at most a
+    batch), so that claims are large; a slow handler's items are never claimed
+    ahead, so that another worker can take them.
     Each item is leased for ``lease`` seconds, extended while its handler runs.
     A delivery claimed ``bus.max_claims`` times without an outcome (its handler
     keeps killing or hanging the worker) is dead-lettered as undeliverable.
@@ -165,6 +175,7 @@ class RetryWorker:
         # the claim loop's shared lanes: claimed items wait in _ready for a free lane
         self._ready: asyncio.Queue[tuple[ClaimedBatch, RetryItem] | None] = asyncio.Queue()
         self._busy = 0
+        self._call_time: float | None = None  # running average, seconds (None: no call yet)
         self._batches: set[asyncio.Task[None]] = set()
         #: set while a lane runs a suspect alone (see _run_alone)
         self._suspect: asyncio.Event | None = None
@@ -459,14 +470,11 @@ class RetryWorker:
                 await self._maintain()
                 await self._sample_depth()
                 await self._refresh_metrics()
-                if (
-                    not self._ready.empty()
-                    or self._busy >= self.concurrency
-                    or self._suspect is not None
-                ):
+                room = self._claim_room()
+                if not room or self._suspect is not None:
                     await self._sleep(self.check_interval)  # a lane that frees wakes it
                     continue
-                batch = await self._claim(min(self.batch_size, self.concurrency - self._busy))
+                batch = await self._claim(room)
                 self._store_answered()
                 backoff = 0.0
             except StoreUnavailable as exc:
@@ -483,6 +491,27 @@ class RetryWorker:
                 await asyncio.sleep(0)  # let the lanes start it
                 continue
             await self._sleep(await self._idle_time())
+
+    def _claim_room(self) -> int:
+        """How many items the next claim takes (0: none yet). Besides an item per
+        lane, items claimed ahead may wait for a lane, as many as the lanes would
+        start within ``_CLAIM_AHEAD_WAIT`` at the handlers' recent call time (at
+        most a batch; none before a call has ended): with quick handlers a lane
+        that frees finds its next item at once and claims are large (one
+        transaction for many items), while slow handlers' items are left to
+        other workers. With items claimed ahead, the next claim waits until half
+        of what may be held fits."""
+        call_time = self._call_time
+        ahead = (
+            0
+            if call_time is None
+            else min(
+                self.batch_size, int(self.concurrency * _CLAIM_AHEAD_WAIT / max(call_time, 1e-6))
+            )
+        )
+        room = self.concurrency + ahead - self._busy - self._ready.qsize()
+        least = max(1, min(self.batch_size, self.concurrency + ahead) // 2) if ahead else 1
+        return min(room, self.batch_size) if room >= least else 0
 
     def _start(self, batch: ClaimedBatch) -> None:
         """Queue the batch's items for the lanes, and run its writes alongside."""
@@ -517,6 +546,7 @@ class RetryWorker:
                 await self._run_alone(batch, item)
                 continue
             self._busy += 1
+            started = time.monotonic()
             try:
                 batch.add(await self._deliver(item))
             except Exception:
@@ -524,9 +554,14 @@ class RetryWorker:
                 logger.exception("worker %s: unexpected error delivering %s", self.name, item.id)
             finally:
                 self._busy -= 1
+                took = time.monotonic() - started
+                average = self._call_time
+                self._call_time = (
+                    took if average is None else average + (took - average) * _CALL_TIME_WEIGHT
+                )
                 batch.item_ended()
-                if self._ready.empty():
-                    self._wake_up()  # a free lane and nothing waiting: claim more
+                if self._claim_room():
+                    self._wake_up()  # room for another claim
 
     async def _idle_time(self) -> float:
         longest = self.check_interval
