@@ -4,7 +4,8 @@ columns of ``retry_queue`` and ``dead_letter_queue``, and rows back as records.
 It is the shared ``RecordCodec`` told how this engine keeps values: times as
 aware datetimes (asyncpg's ``timestamptz``), JSON values as JSON text (asyncpg
 takes and returns ``json`` and ``jsonb`` columns as text) and ``processed`` as a
-boolean. Column order is that of ``RETRY_FIELDS`` and ``DEAD_LETTER_FIELDS``.
+boolean. Column order is that of ``RETRY_FIELDS`` and ``DEAD_LETTER_FIELDS``
+(``service`` last: the column version 6 of the schema added).
 """
 
 from __future__ import annotations
@@ -44,11 +45,9 @@ def _read_json(text: Any) -> Any:
 #: how this engine writes and reads a record's times, JSON values and flag
 CODEC = RecordCodec(write_time=aware, read_time=_stored_time, read_json=_read_json, write_flag=bool)
 
-# the columns this engine's tables have: all the codec's fields but ``service``,
-# which this engine does not keep yet (``keeps_services``: its records are all
-# of the default service, which a row without the column reads as)
-_RETRY_COLUMNS = tuple(name for name in RETRY_FIELDS if name != "service")
-_DEAD_LETTER_COLUMNS = tuple(name for name in DEAD_LETTER_FIELDS if name != "service")
+# the columns of this engine's tables: all the codec's fields
+_RETRY_COLUMNS = RETRY_FIELDS
+_DEAD_LETTER_COLUMNS = DEAD_LETTER_FIELDS
 
 
 def retry_values(item: RetryItem) -> list[Any]:
@@ -59,20 +58,21 @@ def retry_values(item: RetryItem) -> list[Any]:
 
 def dead_letter_values(item: DeadLetterItem) -> list[Any]:
     """``item``'s column values, in the order of ``dead_letter_queue``'s columns
-    (``failure_group`` last: the column version 2 of the schema added)."""
+    (``failure_group`` and ``service`` last: the columns versions 2 and 6 of the
+    schema added)."""
     fields = CODEC.dead_letter_fields(item)
     return [fields[name] for name in _DEAD_LETTER_COLUMNS]
 
 
 def retry_columns(items: Sequence[RetryItem]) -> list[list[Any]]:
     """The items as one array per ``retry_queue`` column (the parameters of an
-    insert from ``unnest``); 21 empty arrays for no items (``claims`` last: the
-    column version 4 of the schema added)."""
+    insert from ``unnest``); 22 empty arrays for no items (``claims`` and
+    ``service`` last: the columns versions 4 and 6 of the schema added)."""
     return _columns(map(retry_values, items), len(_RETRY_COLUMNS))
 
 
 def dead_letter_columns(items: Sequence[DeadLetterItem]) -> list[list[Any]]:
-    """The dead letters as one array per ``dead_letter_queue`` column, likewise (21)."""
+    """The dead letters as one array per ``dead_letter_queue`` column, likewise (22)."""
     return _columns(map(dead_letter_values, items), len(_DEAD_LETTER_COLUMNS))
 
 

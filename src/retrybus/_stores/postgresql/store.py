@@ -7,9 +7,10 @@ Every operation is one statement (so one round trip and one implicit
 transaction) except ``expire_retry``; claiming is ``UPDATE … WHERE id =
 ANY(ARRAY(SELECT … FOR UPDATE SKIP LOCKED)) RETURNING *``, so concurrent workers
 on any number of machines never receive the same item, and each claim adds one to
-the record's ``claims``. A worker claiming only its handlers' items reads each
-handler's earliest from the ``(handler_name, next_retry)`` index (``claim_due_for``
-in ``queries.sql``), never the other handlers' items due before them. Writes that
+the record's ``claims``. A worker claiming only its service's handlers' items
+reads each handler's earliest from the ``(service, handler_name, next_retry)``
+index (``claim_due_for`` in ``queries.sql``), never the other handlers' or the
+other services' items due before them. Writes that
 add or release work send a ``NOTIFY`` on a channel of the schema, in their
 transaction; ``watch`` LISTENs on it so that an idle worker wakes at once.
 A
@@ -52,7 +53,7 @@ from ..._outcomes import (
 from ..._records import DeadLetterItem, RetryItem
 from .._codec import decode_or_corrupt
 from .._url import redact, split
-from ..base import Store, outside_default
+from ..base import Store
 from .admin import PostgresAdmin
 from .codec import CODEC, dead_letter_columns, retry_columns
 from .migrate import migrate_schema
@@ -424,20 +425,28 @@ class PostgresStore(PostgresAdmin, Store):
         service: str | None = None,
         handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
-        """Without ``handlers``, the earliest due items of any handler; with them,
-        claim_due_for: each handler's earliest from the (handler_name, next_retry)
-        index, so that other handlers' items due before them are never read."""
-        if outside_default(service):  # holds default-service records only
-            return []
+        """Without ``handlers``, the earliest due items of any handler (of
+        ``service``); with them, claim_due_for: each handler's earliest from the
+        (service, handler_name, next_retry) index, so that other handlers' and
+        other services' items due before them are never read (for any service,
+        claim_due_for_any_service: the same for each service the queue holds)."""
         if handlers is None:
-            query = Q["claim_due"]
             args: tuple[Any, ...] = (owner, aware(lease_until), aware(now), limit)
+            if service is None:
+                query = Q["claim_due"]
+            else:
+                query = Q["claim_due_of_service"]
+                args = (*args, service)
         else:
             names = sorted(set(handlers))
             if not names or limit <= 0:
                 return []
-            query = Q["claim_due_for"]
             args = (owner, aware(lease_until), aware(now), limit, names)
+            if service is None:
+                query = Q["claim_due_for_any_service"]
+            else:
+                query = Q["claim_due_for"]
+                args = (*args, service)
         rows = await self._run(lambda conn: conn.fetch(query, *args))
         rows.sort(key=lambda row: (row["next_retry"], row["id"]))
         return [decode_or_corrupt(row, CODEC.retry_item) for row in rows]
@@ -502,16 +511,18 @@ class PostgresStore(PostgresAdmin, Store):
     async def next_due(
         self, handlers: Collection[str] | None = None, *, service: str | None = None
     ) -> datetime | None:
-        if outside_default(service):  # holds default-service records only
-            return None
-        query = Q["next_due"]
-        args: tuple[Any, ...] = ()
+        query = Q["next_due"] if service is None else Q["next_due_of_service"]
+        args: tuple[Any, ...] = () if service is None else (service,)
         if handlers is not None:
             names = sorted(set(handlers))
             if not names:
                 return None
-            query = Q["next_due_for"]
-            args = (names,)
+            if service is None:
+                query = Q["next_due_for_any_service"]
+                args = (names,)
+            else:
+                query = Q["next_due_for"]
+                args = (names, service)
         due: datetime | None = await self._run(lambda conn: conn.fetchval(query, *args))
         return due
 
