@@ -32,9 +32,10 @@ commits, never consistency, if the server crashes), and libpq's ``sslmode``,
 ``sslrootcert``, ``sslcert``, ``sslkey`` and ``application_name``.
 
 The package: ``store`` (the class: pool, errors, LISTEN/NOTIFY, the hot half of
-the protocol), ``admin`` (the admin half, a mixin of the store), ``migrate`` (the
-versioned migration), ``codec`` (records as columns and back), ``sql`` (the
-queries of ``queries.sql`` and the helpers all of them share).
+the protocol), ``admin`` (the admin half, a mixin of the store), ``services``
+(the services part, another mixin), ``migrate`` (the versioned migration),
+``codec`` (records as columns and back), ``sql`` (the queries of ``queries.sql``
+and the helpers all of them share).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The PostgreSQL store's record encoding: retry items and dead letters as the
-columns of ``retry_queue`` and ``dead_letter_queue``, and rows back as records.
+columns of ``retry_queue`` and ``dead_letter_queue``, and rows back as records;
+and the rows of the services' tables (a stored subscription, a worker's beat).
 
 It is the shared ``RecordCodec`` told how this engine keeps values: times as
 aware datetimes (asyncpg's ``timestamptz``), JSON values as JSON text (asyncpg
@@ -11,20 +12,26 @@ boolean. Column order is that of ``RETRY_FIELDS`` and ``DEAD_LETTER_FIELDS``
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from ..._event import compact_json, encode_json
 from ..._records import DeadLetterItem, RetryItem
+from ..._services import StoredSubscription, WorkerBeat
 from .._fields import DEAD_LETTER_FIELDS, RETRY_FIELDS, RecordCodec
 from .sql import aware
 
 __all__ = [
     "CODEC",
+    "beat_values",
     "dead_letter_columns",
     "dead_letter_values",
     "retry_columns",
     "retry_values",
+    "stored_subscription",
+    "subscription_columns",
+    "worker_beat",
 ]
 
 
@@ -82,3 +89,81 @@ def _columns(rows: Iterable[list[Any]], width: int) -> list[list[Any]]:
         for column, value in zip(columns, row, strict=True):
             column.append(value)
     return columns
+
+
+# the services' tables ----------------------------------------------------------
+
+
+def subscription_columns(
+    puts: Sequence[tuple[StoredSubscription, datetime]],
+) -> list[list[Any]]:
+    """The subscriptions written whole by ``write_subscriptions``, each with its
+    ``registered_at``, as one array per column (``$4..$10``): handler_name,
+    patterns, policy, max_retries, handler_timeout, registered_at, details (only
+    their terms: the store sets the other times and the revision)."""
+    rows = (
+        [
+            terms.handler_name,
+            compact_json(list(terms.patterns)),
+            terms.policy,
+            terms.max_retries,
+            terms.handler_timeout,
+            aware(registered_at),
+            encode_json(dict(terms.details), f"details of {terms.handler_name}"),
+        ]
+        for terms, registered_at in puts
+    )
+    return _columns(rows, 7)
+
+
+def stored_subscription(row: Mapping[str, Any]) -> StoredSubscription:
+    """The subscription a ``retrybus_subscriptions`` row holds."""
+    timeout = row["handler_timeout"]
+    return StoredSubscription(
+        service=row["service"],
+        handler_name=row["handler_name"],
+        patterns=tuple(json.loads(row["patterns"])),
+        policy=row["policy"],
+        max_retries=int(row["max_retries"]),
+        handler_timeout=None if timeout is None else float(timeout),
+        registered_at=row["registered_at"],
+        updated_at=row["updated_at"],
+        removed_at=row["removed_at"],
+        removed_by=row["removed_by"],
+        revision=int(row["revision"]),
+        details=_read_json(row["details"]),
+    )
+
+
+def beat_values(beat: WorkerBeat) -> list[Any]:
+    """The parameters of ``beat`` (the query) for ``beat``, in its columns' order."""
+    return [
+        beat.name,
+        beat.service,
+        beat.host,
+        beat.pid,
+        aware(beat.started_at),
+        aware(beat.last_seen),
+        beat.interval,
+        beat.lanes,
+        beat.lanes_busy,
+        compact_json(list(beat.handlers)),
+        beat.version,
+    ]
+
+
+def worker_beat(row: Mapping[str, Any]) -> WorkerBeat:
+    """The heartbeat a ``retrybus_workers`` row holds."""
+    return WorkerBeat(
+        name=row["name"],
+        service=row["service"],
+        host=row["host"],
+        pid=int(row["pid"]),
+        started_at=row["started_at"],
+        last_seen=row["last_seen"],
+        interval=float(row["interval"]),
+        lanes=int(row["lanes"]),
+        lanes_busy=int(row["lanes_busy"]),
+        handlers=tuple(json.loads(row["handlers"])),
+        version=row["version"],
+    )

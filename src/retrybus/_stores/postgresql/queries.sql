@@ -944,3 +944,145 @@ DELETE FROM retrybus_control WHERE key = $1;
 -- name: counters
 SELECT retry_added, retry_succeeded, retry_succeeded_attempts, retry_dead_lettered
 FROM retrybus_counters;
+-- name: lock_subscriptions
+-- a write of subscriptions takes the revision's row lock first, held until it
+-- commits: one such write at a time, each reading what the one before wrote
+SELECT revision FROM retrybus_revisions WHERE name = 'subscriptions' FOR UPDATE;
+
+-- name: subscriptions_of_service
+SELECT * FROM retrybus_subscriptions WHERE service = $1;
+
+-- name: write_subscriptions
+-- $1 service, $2 now, $3 actor; the subscriptions written whole (new, back after a
+-- removal: tombstone cleared, or with new terms), one array per column: $4
+-- handler_name, $5 patterns, $6 policy, $7 max_retries, $8 handler_timeout, $9
+-- registered_at, $10 details; $11 the live handlers to tombstone. All with one new
+-- revision. Returns it.
+WITH bumped AS (
+    UPDATE retrybus_revisions SET revision = revision + 1 WHERE name = 'subscriptions'
+    RETURNING revision AS value
+), put AS (
+    INSERT INTO retrybus_subscriptions (
+        service, handler_name, patterns, policy, max_retries, handler_timeout, registered_at,
+        updated_at, removed_at, removed_by, revision, details
+    )
+    SELECT $1::text, p.handler_name, p.patterns::json, p.policy, p.max_retries,
+           p.handler_timeout, p.registered_at, $2::timestamptz, NULL, NULL, bumped.value,
+           p.details::json
+    FROM bumped, unnest(
+        $4::text[], $5::text[], $6::text[], $7::integer[], $8::double precision[],
+        $9::timestamptz[], $10::text[]
+    ) AS p(handler_name, patterns, policy, max_retries, handler_timeout, registered_at, details)
+    ON CONFLICT (service, handler_name) DO UPDATE SET
+        patterns = excluded.patterns, policy = excluded.policy,
+        max_retries = excluded.max_retries, handler_timeout = excluded.handler_timeout,
+        registered_at = excluded.registered_at, updated_at = excluded.updated_at,
+        removed_at = NULL, removed_by = NULL, revision = excluded.revision,
+        details = excluded.details
+    RETURNING 1
+), tombstoned AS (
+    UPDATE retrybus_subscriptions AS s
+    SET removed_at = $2, removed_by = $3, updated_at = $2, revision = bumped.value
+    FROM bumped
+    WHERE s.service = $1 AND s.handler_name = ANY($11::text[]) AND s.removed_at IS NULL
+    RETURNING 1
+)
+SELECT value, (SELECT count(*) FROM put), (SELECT count(*) FROM tombstoned) FROM bumped;
+
+-- name: list_subscriptions
+-- $1 the service (NULL: every one), $2 tombstones too; in the primary key's order
+SELECT * FROM retrybus_subscriptions
+WHERE ($1::text IS NULL OR service = $1) AND ($2::boolean OR removed_at IS NULL)
+ORDER BY service, handler_name;
+
+-- name: subscriptions_revision
+SELECT revision FROM retrybus_revisions WHERE name = 'subscriptions';
+
+-- name: forget_subscriptions
+DELETE FROM retrybus_subscriptions WHERE removed_at < $1;
+
+-- name: any_tombstone
+SELECT EXISTS (SELECT 1 FROM retrybus_subscriptions WHERE removed_at IS NOT NULL);
+
+-- name: lock_tombstones
+-- the tombstones, locked (FOR SHARE) until the transaction ends: a handler put back
+-- meanwhile waits for the sweep (or, put back first, is no longer a tombstone here)
+SELECT service, handler_name, removed_by FROM retrybus_subscriptions
+WHERE removed_at IS NOT NULL
+FOR SHARE;
+
+-- name: take_unsubscribed
+-- $1 now, $2 limit, $3 and $4 the tombstoned (service, handler)s (lock_tombstones):
+-- their first $2 records (due first, then by id) that no live lease holds, deleted.
+-- Each one's records are a range of the (service, handler_name, next_retry) index,
+-- locked as read, skipping those a claim holds; the ids are an array, so that the
+-- rows are deleted by primary key look-ups (as claim_due's are updated).
+DELETE FROM retry_queue
+WHERE id = ANY(ARRAY(
+    SELECT c.id
+    FROM unnest($3::text[], $4::text[]) AS t(service, handler_name)
+    CROSS JOIN LATERAL (
+        SELECT id, next_retry FROM retry_queue
+        WHERE (service, handler_name, next_retry)
+              BETWEEN (t.service, t.handler_name, '-infinity')
+                  AND (t.service, t.handler_name, 'infinity')
+          AND (lease_until IS NULL OR lease_until <= $1)
+        ORDER BY service, handler_name, next_retry, id
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    ORDER BY c.next_retry, c.id
+    LIMIT $2
+))
+RETURNING *;
+
+-- name: beat
+INSERT INTO retrybus_workers (
+    name, service, host, pid, started_at, last_seen, interval, lanes, lanes_busy, handlers,
+    version
+) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::json, $11)
+ON CONFLICT (name) DO UPDATE SET
+    service = excluded.service, host = excluded.host, pid = excluded.pid,
+    started_at = excluded.started_at, last_seen = excluded.last_seen,
+    interval = excluded.interval, lanes = excluded.lanes, lanes_busy = excluded.lanes_busy,
+    handlers = excluded.handlers, version = excluded.version;
+
+-- name: forget_worker
+DELETE FROM retrybus_workers WHERE name = $1;
+
+-- name: list_workers
+SELECT * FROM retrybus_workers
+WHERE ($1::text IS NULL OR service = $1)
+ORDER BY service, name;
+
+-- name: prune_workers
+DELETE FROM retrybus_workers WHERE last_seen < $1;
+
+-- name: service_loads
+-- what waits per (service, handler) at $1: the retry queue counted per kind (as
+-- count_retry_kinds) and its live leases, and the dead letters processed and not,
+-- each table grouped before the two are put together; by service then handler
+-- name as code points
+SELECT service, handler_name, sum(pending) AS pending, sum(scheduled) AS scheduled,
+       sum(retrying) AS retrying, sum(leased) AS leased,
+       sum(dead_unprocessed) AS dead_unprocessed, sum(dead_processed) AS dead_processed,
+       min(oldest_pending_due) AS oldest_pending_due
+FROM (
+    SELECT service, coalesce(handler_name, 'unknown') AS handler_name,
+           count(*) FILTER (WHERE attempt = 0 AND next_retry <= $1) AS pending,
+           count(*) FILTER (WHERE attempt = 0 AND next_retry > $1) AS scheduled,
+           count(*) FILTER (WHERE attempt IS DISTINCT FROM 0) AS retrying,
+           count(*) FILTER (WHERE lease_until > $1) AS leased,
+           0 AS dead_unprocessed,
+           0 AS dead_processed,
+           min(next_retry) FILTER (WHERE attempt = 0 AND next_retry <= $1) AS oldest_pending_due
+    FROM retry_queue
+    GROUP BY 1, 2
+    UNION ALL
+    SELECT service, handler_name, 0, 0, 0, 0,
+           count(*) FILTER (WHERE NOT processed), count(*) FILTER (WHERE processed), NULL
+    FROM dead_letter_queue
+    GROUP BY service, handler_name
+) AS loads
+GROUP BY service, handler_name
+ORDER BY service COLLATE "C", handler_name COLLATE "C";

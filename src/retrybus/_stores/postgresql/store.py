@@ -16,8 +16,8 @@ transaction; ``watch`` LISTENs on it so that an idle worker wakes at once.
 A
 durable publish's records, leased to the publisher, send none (``record_pending``
 notifies only when it adds a deferred record). The admin half is the
-``PostgresAdmin`` mixin (``admin.py``); the pool runs the migration
-(``migrate.py``) when it opens.
+``PostgresAdmin`` mixin (``admin.py``), the services part the ``PostgresServices``
+mixin (``services.py``); the pool runs the migration (``migrate.py``) when it opens.
 
 Connection trouble (refused, lost, the server shutting down or restarting, too
 many connections, a deadlock or serialisation failure) raises ``StoreUnavailable``
@@ -57,6 +57,7 @@ from ..base import Store
 from .admin import PostgresAdmin
 from .codec import CODEC, dead_letter_columns, retry_columns
 from .migrate import migrate_schema
+from .services import PostgresServices
 from .sql import Q, affected, aware, quote
 
 __all__ = ["PostgresStore"]
@@ -141,8 +142,11 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     advisory locks only per transaction; asyncpg still rolls back an open transaction."""
 
 
-class PostgresStore(PostgresAdmin, Store):
-    """Both queues in a PostgreSQL schema, shared by any number of processes and machines."""
+class PostgresStore(PostgresAdmin, PostgresServices, Store):
+    """Both queues in a PostgreSQL schema, shared by any number of processes and
+    machines, and what services keep there (``PostgresServices``)."""
+
+    keeps_services = True
 
     def __init__(
         self,
