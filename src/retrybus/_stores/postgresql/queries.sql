@@ -944,6 +944,7 @@ DELETE FROM retrybus_control WHERE key = $1;
 -- name: counters
 SELECT retry_added, retry_succeeded, retry_succeeded_attempts, retry_dead_lettered
 FROM retrybus_counters;
+
 -- name: lock_subscriptions
 -- a write of subscriptions takes the revision's row lock first, held until it
 -- commits: one such write at a time, each reading what the one before wrote
@@ -957,7 +958,7 @@ SELECT * FROM retrybus_subscriptions WHERE service = $1;
 -- removal: tombstone cleared, or with new terms), one array per column: $4
 -- handler_name, $5 patterns, $6 policy, $7 max_retries, $8 handler_timeout, $9
 -- registered_at, $10 details; $11 the live handlers to tombstone. All with one new
--- revision. Returns it.
+-- revision. Returns it, and how many rows were put and tombstoned.
 WITH bumped AS (
     UPDATE retrybus_revisions SET revision = revision + 1 WHERE name = 'subscriptions'
     RETURNING revision AS value
