@@ -165,9 +165,10 @@ ALTER TABLE retry_queue SET (fillfactor = 80);
 -- list_retry's filter. Like every index of retry_queue it holds no lease column, so
 -- that claims, lease extensions and releases stay HOT updates (schema_v5). It is
 -- rebuilt in this transaction: one pass over the retry items, retry_queue locked
--- meanwhile. A version 5 process claims its handlers' records through the
--- (next_retry, attempt) index until it is upgraded. Dead letters get an index
--- for a service's, newest first.
+-- meanwhile. A version 5 process still running (a rolling upgrade) keeps working,
+-- but its claim_due_for and next_due_for cannot use an index led by the service:
+-- each reads the whole table (a sequential scan per handler) until the process is
+-- upgraded. Dead letters get an index for a service's, newest first.
 ALTER TABLE retry_queue ADD COLUMN IF NOT EXISTS service text NOT NULL DEFAULT 'default';
 ALTER TABLE dead_letter_queue ADD COLUMN IF NOT EXISTS service text NOT NULL DEFAULT 'default';
 DROP INDEX IF EXISTS retry_queue_handler_name;
