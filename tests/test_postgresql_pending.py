@@ -29,8 +29,10 @@ from engines.postgresql import URL, fresh_schema, url_with_schema
 from retrybus import Event, ManualClock, RetryItem, open_store
 from retrybus._outcomes import Counters, DeadLettered, Rescheduled, Succeeded
 from retrybus._records import ErrorInfo, delivery_id
+from retrybus._stores._fields import RETRY_FIELDS
 from retrybus._stores.postgresql import SCHEMA_VERSION, PostgresStore, Q
 from retrybus._stores.postgresql import migrate as postgresql_migrate
+from retrybus._stores.postgresql.codec import CODEC
 
 #: an idle worker hears of a deferred delivery at once: well within this (seconds),
 #: where without the notification it would wait for its check interval (30 s);
@@ -138,7 +140,6 @@ async def insert_as_version_3(
 async def test_a_version_3_schema_gains_claims_and_its_records_read_as_claimed_zero_times(
     url: str, schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert SCHEMA_VERSION == 5
     with monkeypatch.context() as patched:
         patched.setattr(postgresql_migrate, "SCHEMA_VERSION", 3)  # what the last release made
         async with open_store(url) as old:
@@ -197,7 +198,8 @@ async def test_a_version_3_schema_gains_claims_and_its_records_read_as_claimed_z
         assert written is not None
         assert written.claims == 0
     assert tuple(claims_column) == ("integer", "NO", "0")
-    assert "(handler_name, next_retry)" in definitions["retry_queue_handler_name"]
+    # led by the service since version 6
+    assert "(service, handler_name, next_retry)" in definitions["retry_queue_handler_name"]
     # version 4 replaced retry_queue_lease_until by retry_queue_leased, which
     # version 5 drops (see the version 5 tests below)
     assert "retry_queue_lease_until" not in definitions
@@ -216,20 +218,73 @@ def spread(first: int, *, handlers: str, now: datetime) -> list[RetryItem]:
     return [pending(first + n, f"{handlers}{n % 16}", now=now, due_in=-1) for n in range(160)]
 
 
+async def connection_update_counts(conn: asyncpg.Connection) -> tuple[int, int]:
+    """retry_queue's updates and HOT updates so far, as the server counts them,
+    this connection's flushed to the statistics at the end of
+    pg_stat_force_next_flush()'s statement."""
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    row = await conn.fetchrow(
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+        " WHERE relid = 'retry_queue'::regclass"
+    )
+    return int(row[0]), int(row[1])
+
+
 async def update_counts(store: PostgresStore) -> tuple[int, int]:
-    """retry_queue's updates and HOT updates so far, as the server counts them:
-    the store's pool is one connection (``pool_max=1``), whose counts are flushed
-    to the statistics at the end of pg_stat_force_next_flush()'s statement."""
+    """``connection_update_counts`` of the store's pool, one connection (``pool_max=1``)."""
+    return await store._run(connection_update_counts)
 
-    async def read(conn: asyncpg.Connection) -> tuple[int, int]:
-        await conn.execute("SELECT pg_stat_force_next_flush()")
-        row = await conn.fetchrow(
-            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
-            " WHERE relid = 'retry_queue'::regclass"
-        )
-        return int(row[0]), int(row[1])
 
-    return await store._run(read)
+#: retry_queue's columns before version 6 (services)
+COLUMNS_BEFORE_SERVICES = tuple(name for name in RETRY_FIELDS if name != "service")
+
+
+async def insert_before_services(conn: asyncpg.Connection, items: list[RetryItem]) -> None:
+    """``items`` as a retrybus of schema version 4 or 5 wrote them: without a service."""
+    columns = ", ".join(COLUMNS_BEFORE_SERVICES)
+    values = ", ".join(f"${n}" for n in range(1, len(COLUMNS_BEFORE_SERVICES) + 1))
+    await conn.executemany(
+        f"INSERT INTO retry_queue ({columns}) VALUES ({values})",
+        [[CODEC.retry_fields(item)[name] for name in COLUMNS_BEFORE_SERVICES] for item in items],
+    )
+
+
+async def claim_as_version_4(
+    conn: asyncpg.Connection, handler: str, now: datetime
+) -> tuple[list[str], datetime]:
+    """A claim of the handler's due records as a retrybus of version 4 made it (the
+    columns it writes); their ids, and the lease's end."""
+    until = now + timedelta(seconds=30)
+    rows = await conn.fetch(
+        "UPDATE retry_queue SET lease_owner = 'w', lease_until = $2, updated_at = $3,"
+        " claims = claims + 1 WHERE handler_name = $1 AND next_retry <= $3 RETURNING id",
+        handler,
+        until,
+        now,
+    )
+    return [row[0] for row in rows], until
+
+
+async def lease_updates_as_version_4(
+    conn: asyncpg.Connection, handler: str, now: datetime
+) -> tuple[int, int]:
+    """``lease_updates`` by a retrybus of version 4 (the columns its claims, lease
+    extensions and releases write), on ``conn``."""
+    before = await connection_update_counts(conn)
+    ids, _ = await claim_as_version_4(conn, handler, now)
+    assert len(ids) == 10
+    await conn.execute(
+        "UPDATE retry_queue SET lease_until = $1 WHERE lease_owner = 'w' AND id = ANY($2)",
+        now + timedelta(seconds=60),
+        ids,
+    )
+    await conn.execute(
+        "UPDATE retry_queue SET lease_owner = NULL, lease_until = NULL,"
+        " claims = greatest(claims - 1, 0) WHERE lease_owner = 'w' AND id = ANY($1)",
+        ids,
+    )
+    after = await connection_update_counts(conn)
+    return after[0] - before[0], after[1] - before[1]
 
 
 async def lease_updates(store: PostgresStore, handler: str, now: datetime) -> tuple[int, int]:
@@ -248,20 +303,21 @@ async def lease_updates(store: PostgresStore, handler: str, now: datetime) -> tu
 async def test_a_version_4_schema_with_records_migrates_to_5_where_claims_are_hot_updates(
     url: str, schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert SCHEMA_VERSION == 5
+    # to the current version: claims stay HOT updates after version 6 (services)
     one_connection = f"{url}&pool_max=1"
     now = datetime.now(UTC)
     with monkeypatch.context() as patched:
-        patched.setattr(postgresql_migrate, "SCHEMA_VERSION", 4)  # what the last release made
+        patched.setattr(postgresql_migrate, "SCHEMA_VERSION", 4)  # what that release made
         async with open_store(one_connection) as old:
             assert isinstance(old, PostgresStore)
             assert await old.schema_version() == 4
-            await old.record_pending(spread(0, handlers="old.", now=now))
-            # on version 4 every lease column but claims is in an index: no update is HOT
-            assert await lease_updates(old, "old.0", now) == (30, 0)
-            in_flight = await claim(old, now, ["old.1"])
     conn = await raw_connection(schema)
     try:
+        # what a retrybus of version 4 writes (this one writes a service)
+        await insert_before_services(conn, spread(0, handlers="old.", now=now))
+        # on version 4 every lease column but claims is in an index: no update is HOT
+        assert await lease_updates_as_version_4(conn, "old.0", now) == (30, 0)
+        in_flight, in_flight_until = await claim_as_version_4(conn, "old.1", now)
         before = {
             row[0]: row[1]
             for row in await conn.fetch(
@@ -277,11 +333,12 @@ async def test_a_version_4_schema_with_records_migrates_to_5_where_claims_are_ho
         assert await store.migrate() == SCHEMA_VERSION
         # the records are as they were: those in flight still leased
         assert await store.retry_count() == 160
-        assert await store.next_due(["old.1"]) == in_flight[0].lease_until
+        assert await store.next_due(["old.1"]) == in_flight_until
+        assert await store.next_due(["old.1"], service="default") == in_flight_until
         assert await store.next_due(["old.2"]) == now - timedelta(seconds=1)
-        leased = await store.get_retry(in_flight[0].id)
+        leased = await store.get_retry(in_flight[0])
         assert leased is not None
-        assert (leased.lease_owner, leased.claims) == ("w", 1)
+        assert (leased.lease_owner, leased.claims, leased.service) == ("w", 1, "default")
         # new records go to pages written with the fillfactor's room: claiming,
         # extending and releasing them adds no index entry
         await store.record_pending(spread(1000, handlers="new.", now=now))
@@ -510,22 +567,33 @@ async def test_claiming_ten_of_ones_own_reads_none_of_five_thousand_others_due_b
             await conn.execute("ANALYZE retry_queue")
         for generic in (False, True):
             args = ("w", now + timedelta(seconds=30), now, 10, ["mine", "nobody"])
-            nodes = await explain(conn, Q["claim_due_for"], *args, generic=generic)
-            reads = retry_queue_reads(nodes)
-            # the handler's items come from its index in time order, one pkey look-up
-            # each: a few dozen index entries at most (the probes before this one
-            # leave dead ones), never the other handlers' five thousand
-            assert set(reads) == {"retry_queue_handler_name", "retry_queue_pkey"}, reads
-            assert reads["retry_queue_handler_name"] <= 50, reads
+            handlers = ["mine", "nobody"]
+            # a worker's (its service named), and any service's (the services found
+            # in the same index, one look-up each)
+            for query, values in [
+                ("claim_due_for", (*args, "default")),
+                ("claim_due_for_any_service", args),
+            ]:
+                nodes = await explain(conn, Q[query], *values, generic=generic)
+                reads = retry_queue_reads(nodes)
+                # the handler's items come from its index in time order, one pkey
+                # look-up each: a few dozen index entries at most (the probes before
+                # this one leave dead ones), never the other handlers' five thousand
+                assert set(reads) == {"retry_queue_handler_name", "retry_queue_pkey"}, reads
+                assert reads["retry_queue_handler_name"] <= 50, (query, reads)
             # the same for any handler's items (a generic plan knows no limit)
             nodes = await explain(conn, Q["claim_due"], *args[:4], generic=generic)
             reads = retry_queue_reads(nodes)
             assert set(reads) == {"retry_queue_next_retry_attempt", "retry_queue_pkey"}, reads
             assert reads["retry_queue_next_retry_attempt"] <= 50, reads
-            nodes = await explain(conn, Q["next_due_for"], ["mine", "nobody"], generic=generic)
-            reads = retry_queue_reads(nodes)
-            assert set(reads) <= {"retry_queue_handler_name"}, reads
-            assert sum(reads.values()) <= 50, reads
+            for query, values in [
+                ("next_due_for", (handlers, "default")),
+                ("next_due_for_any_service", (handlers,)),
+            ]:
+                nodes = await explain(conn, Q[query], *values, generic=generic)
+                reads = retry_queue_reads(nodes)
+                assert set(reads) <= {"retry_queue_handler_name"}, (query, reads)
+                assert sum(reads.values()) <= 50, (query, reads)
             nodes = await explain(conn, Q["next_due"], generic=generic)
             reads = retry_queue_reads(nodes)
             assert set(reads) <= {"retry_queue_next_retry_attempt"}, reads
@@ -536,7 +604,7 @@ async def test_claiming_ten_of_ones_own_reads_none_of_five_thousand_others_due_b
             early = now - timedelta(hours=1) + timedelta(seconds=4.95)
             for query, values in [
                 ("count_due", (early,)),
-                ("list_retry", (None, None, 10, 0, None, early, True)),  # pending by early
+                ("list_retry", (None, None, 10, 0, None, early, True, None)),  # pending by early
             ]:
                 nodes = await explain(conn, Q[query], *values, generic=generic)
                 reads = retry_queue_reads(nodes)
@@ -586,7 +654,9 @@ async def test_next_due_reads_the_work_in_flight_ahead_of_the_first_item_and_not
             # with none of its own in flight ahead of it, a handler's first item is
             # all there is to read: not the thousand leased after it, nor the
             # other handlers' items (leased or not) due before
-            nodes = await explain(conn, Q["next_due_for"], ["mine", "nobody"], generic=generic)
+            nodes = await explain(
+                conn, Q["next_due_for"], ["mine", "nobody"], "default", generic=generic
+            )
             reads = retry_queue_reads(nodes)
             assert set(reads) <= {"retry_queue_handler_name"}, reads
             assert sum(reads.values()) <= 50, reads
@@ -601,13 +671,16 @@ async def test_next_due_reads_the_work_in_flight_ahead_of_the_first_item_and_not
         # five of "mine" in flight, ahead of its first unleased item: those are read too
         assert len(await claim(store, now, ["mine"], limit=5)) == 5
         for generic in (False, True):
-            nodes = await explain(conn, Q["next_due_for"], ["mine", "nobody"], generic=generic)
+            nodes = await explain(
+                conn, Q["next_due_for"], ["mine", "nobody"], "default", generic=generic
+            )
             reads = retry_queue_reads(nodes)
             assert set(reads) <= {"retry_queue_handler_name"}, reads
             assert sum(reads.values()) <= 50, reads
         for handlers in (["mine"], ["mine", "nobody"], ["other.1"], ["other.2", "mine"], None):
             expected = await conn.fetchval(NEXT_DUE_OF_EVERY_ITEM, handlers)
             assert await store.next_due(handlers) == expected, handlers
+            assert await store.next_due(handlers, service="default") == expected, handlers
     finally:
         await conn.close()
     assert await store.next_due(["mine"]) == now - timedelta(seconds=5)  # its sixth

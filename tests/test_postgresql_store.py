@@ -119,7 +119,7 @@ async def test_a_version_1_schema_is_migrated_and_its_dead_letters_get_failure_g
 
     async with open_store(url) as store:
         assert isinstance(store, PostgresStore)
-        assert await store.schema_version() == SCHEMA_VERSION == 5
+        assert await store.schema_version() == SCHEMA_VERSION == 6
         key = failure_group_key("Mailer", "ConnectionError", "smtp 10.0.0.1:25 refused")
         groups = await store.group_dead("failure_group", DeadLetterFilter(), limit=10)
         assert [(g.key, g.count, g.sample_id) for g in groups] == [
@@ -229,6 +229,9 @@ async def test_the_tables_and_indexes_follow_the_seed(url: str, schema: str) -> 
         "retrybus_counters",
         "retrybus_schema_version",
         "retrybus_control",
+        "retrybus_subscriptions",
+        "retrybus_revisions",
+        "retrybus_workers",
     } <= tables
     assert {
         "retry_queue_handler_name",
@@ -239,6 +242,11 @@ async def test_the_tables_and_indexes_follow_the_seed(url: str, schema: str) -> 
         "dead_letter_queue_event_type",
         "dead_letter_queue_failure_group",
         "dead_letter_queue_event_id",
+        "dead_letter_queue_service",
+        "retrybus_subscriptions_pkey",
+        "retrybus_subscriptions_revision",
+        "retrybus_workers_pkey",
+        "retrybus_workers_service",
     } <= indexes
     # version 5 dropped these: the (next_retry, attempt) index serves what the
     # first served, and with no index of leases claims are HOT updates
@@ -250,6 +258,12 @@ async def test_the_tables_and_indexes_follow_the_seed(url: str, schema: str) -> 
     assert types["retry_queue", "attempt"] == "integer"
     assert types["dead_letter_queue", "failure_group"] == "text"
     assert types["retrybus_control", "value"] == "json"
+    # version 6: services
+    assert types["retry_queue", "service"] == types["dead_letter_queue", "service"] == "text"
+    assert types["retrybus_subscriptions", "patterns"] == "json"
+    assert types["retrybus_subscriptions", "removed_at"] == "timestamp with time zone"
+    assert types["retrybus_revisions", "revision"] == "bigint"
+    assert types["retrybus_workers", "last_seen"] == "timestamp with time zone"
 
 
 async def test_newest_first_paging_and_group_filters_can_use_an_index(
@@ -262,13 +276,25 @@ async def test_newest_first_paging_and_group_filters_can_use_an_index(
         await conn.execute(f'SET search_path = "{schema}"')
         await conn.execute("SET enable_seqscan = off")  # a tiny table: ask what it could do
         await conn.execute("SET plan_cache_mode = force_custom_plan")
-        page = await conn.fetch(f"EXPLAIN {postgresql.Q['list_dead']}", *[None] * 10, 50, 100)
+        page = await conn.fetch(f"EXPLAIN {postgresql.Q['list_dead']}", *[None] * 11, 50, 100)
         grouped = await conn.fetch(
             f"EXPLAIN {postgresql.Q['list_dead']}",
             *[None] * 7,
             "grp_0123456789abcdef",
             None,
             None,
+            None,
+            50,
+            0,
+        )
+        # a service's dead letters, newest first (the dashboard's and the CLI's
+        # --filter service=X), the second page from a cursor
+        by_service = await conn.fetch(
+            f"EXPLAIN {postgresql.Q['list_dead']}",
+            *[None] * 8,
+            datetime(2026, 1, 1, tzinfo=UTC),
+            "dlq_x",
+            "billing",
             50,
             0,
         )
@@ -276,9 +302,15 @@ async def test_newest_first_paging_and_group_filters_can_use_an_index(
         await conn.close()
     page_plan = "\n".join(row[0] for row in page)
     group_plan = "\n".join(row[0] for row in grouped)
+    service_plan = "\n".join(row[0] for row in by_service)
     assert "dead_letter_queue_created_at" in page_plan, page_plan
     assert "dead_letter_queue_failure_group" in group_plan, group_plan
-    assert "Sort" not in page_plan + group_plan, (page_plan, group_plan)
+    assert "dead_letter_queue_service" in service_plan, service_plan
+    assert "Sort" not in page_plan + group_plan + service_plan, (
+        page_plan,
+        group_plan,
+        service_plan,
+    )
 
 
 async def test_the_migrate_command_creates_the_tables_and_prints_the_version(

@@ -17,7 +17,12 @@ last outcome; existing rows read 0) and put ``next_retry`` into the handler_name
 index, for workers that claim only their own handlers' items. Version 5 dropped
 the index of leased items (and the ``next_retry`` index, which ``(next_retry,
 attempt)`` covers) and set a fillfactor, so that claims, lease extensions and
-releases, which write no indexed column, are HOT updates.
+releases, which write no indexed column, are HOT updates. Version 6 keeps services
+(issue 12): each record's ``service`` (existing rows read "default"), the
+handler index led by it (``(service, handler_name, next_retry)``: a worker's
+claims read only its service's handlers' items), a dead-letter index by service,
+and the tables ``retrybus_subscriptions``, ``retrybus_revisions`` (the
+subscriptions' revision) and ``retrybus_workers`` (heartbeats).
 
 URL options: ``schema`` (default public), ``pool_min``/``pool_max`` (connections,
 1/10), ``connect_timeout`` (seconds, 10), ``synchronous_commit`` (the server's
@@ -27,9 +32,10 @@ commits, never consistency, if the server crashes), and libpq's ``sslmode``,
 ``sslrootcert``, ``sslcert``, ``sslkey`` and ``application_name``.
 
 The package: ``store`` (the class: pool, errors, LISTEN/NOTIFY, the hot half of
-the protocol), ``admin`` (the admin half, a mixin of the store), ``migrate`` (the
-versioned migration), ``codec`` (records as columns and back), ``sql`` (the
-queries of ``queries.sql`` and the helpers all of them share).
+the protocol), ``admin`` (the admin half, a mixin of the store), ``services``
+(the services part, another mixin), ``migrate`` (the versioned migration),
+``codec`` (records as columns and back), ``sql`` (the queries of ``queries.sql``
+and the helpers all of them share).
 """
 
 from __future__ import annotations

@@ -26,9 +26,6 @@ from ..base import (
     DeadLetterField,
     RetryField,
     check_retry_kind,
-    default_service_dead_groups,
-    default_service_retry_groups,
-    outside_default,
 )
 from .codec import CODEC, retry_values
 from .migrate import fill_failure_groups
@@ -44,7 +41,7 @@ _MICROSECOND = timedelta(microseconds=1)
 
 
 def _filter_args(where: DeadLetterFilter) -> tuple[Any, ...]:
-    """``$1..$10`` of list_dead, count_dead and group_dead."""
+    """``$1..$11`` of list_dead, count_dead and group_dead."""
     cursor = where.cursor
     return (
         where.event_type,
@@ -57,6 +54,7 @@ def _filter_args(where: DeadLetterFilter) -> tuple[Any, ...]:
         where.failure_group,
         None if cursor is None else aware_or_none(cursor[0]),
         None if cursor is None else cursor[1],
+        where.service,
     )
 
 
@@ -123,8 +121,6 @@ class PostgresAdmin(AdminStore):
         service: str | None = None,
     ) -> list[RetryItem]:
         check_retry_kind(kind, now)
-        if outside_default(service):  # holds default-service records only
-            return []
         earliest = latest = first = None
         if kind == "retry":
             first = False
@@ -134,7 +130,7 @@ class PostgresAdmin(AdminStore):
                 latest = aware(now)
             else:  # scheduled: after now (times are whole microseconds)
                 earliest = aware(now) + _MICROSECOND
-        args = (handler_name, event_type, limit, offset, earliest, latest, first)
+        args = (handler_name, event_type, limit, offset, earliest, latest, first, service)
         rows = await self._run(lambda conn: conn.fetch(Q["list_retry"], *args))
         return [CODEC.retry_item(row) for row in rows]
 
@@ -160,8 +156,6 @@ class PostgresAdmin(AdminStore):
         )
 
     async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
-        if by == "service":  # all of the default service
-            return await default_service_retry_groups(self, limit=limit)
         if by not in RETRY_GROUP_FIELDS:
             raise ValueError(f"cannot group retry items by {by!r}: use {RETRY_GROUP_FIELDS}")
         rows = await self._run(lambda conn: conn.fetch(Q["group_retry"], by, limit))
@@ -172,7 +166,7 @@ class PostgresAdmin(AdminStore):
     async def _fetch_dead(
         self, query: str, where: DeadLetterFilter, *extra: Any, by_group: bool = False
     ) -> list[asyncpg.Record]:
-        """Run a query taking the filter as ``$1..$10``; when it reads failure groups,
+        """Run a query taking the filter as ``$1..$11``; when it reads failure groups,
         first fill those an older retrybus left out (one quick look when there are none)."""
         args = (*_filter_args(where), *extra)
         needs_groups = by_group or where.failure_group is not None
@@ -187,24 +181,16 @@ class PostgresAdmin(AdminStore):
     async def list_dead(
         self, where: DeadLetterFilter, *, limit: int, offset: int
     ) -> list[DeadLetterItem]:
-        if outside_default(where.service):  # holds default-service records only
-            return []
         rows = await self._fetch_dead("list_dead", where, limit, offset)
         return [CODEC.dead_letter(row) for row in rows]
 
     async def count_dead(self, where: DeadLetterFilter) -> int:
-        if outside_default(where.service):  # holds default-service records only
-            return 0
         rows = await self._fetch_dead("count_dead", where)
         return int(rows[0][0])
 
     async def group_dead(
         self, by: DeadLetterField, where: DeadLetterFilter, *, limit: int
     ) -> list[GroupCount]:
-        if outside_default(where.service):  # holds default-service records only
-            return []
-        if by == "service":  # all of the default service
-            return await default_service_dead_groups(self, where, limit=limit)
         if by not in DEAD_LETTER_GROUP_FIELDS:
             raise ValueError(f"cannot group dead letters by {by!r}: use {DEAD_LETTER_GROUP_FIELDS}")
         rows = await self._fetch_dead(

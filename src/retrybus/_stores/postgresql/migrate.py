@@ -25,25 +25,29 @@ __all__ = ["FILL_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "fill_failure_groups", 
 logger = logging.getLogger("retrybus.store.postgresql")
 
 #: the version ``migrate_schema`` brings a schema to
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: dead letters per round trip when failure groups are back-filled
 FILL_BATCH = 1000
 
 
-async def fill_failure_groups(conn: asyncpg.Connection) -> int:
+async def fill_failure_groups(
+    conn: asyncpg.Connection, *, query: str = "dead_without_group"
+) -> int:
     """Compute and store the failure group of every dead letter that has none (all
-    of them when the version 2 migration runs; later, only rows an older retrybus
-    wrote), ``FILL_BATCH`` at a time; returns how many."""
+    of them when the version 2 migration runs, which reads them with ``query``
+    ``dead_without_group_v2``: dead letters had no service yet; later, only rows an
+    older retrybus wrote), ``FILL_BATCH`` at a time; returns how many."""
     batch = FILL_BATCH  # read now: it can be tuned (the tests make it small)
     filled = 0
     after = ""
     while True:
-        rows = await conn.fetch(Q["dead_without_group"], after, batch)
+        rows = await conn.fetch(Q[query], after, batch)
         if not rows:
             return filled
         ids = [row["id"] for row in rows]
         groups = [
-            failure_group_key(row["handler_name"], row["error_type"], row["error"]) for row in rows
+            failure_group_key(row["handler_name"], row["error_type"], row["error"], row["service"])
+            for row in rows
         ]
         filled += affected(await conn.execute(Q["set_failure_groups"], ids, groups))
         after = ids[-1]
@@ -55,7 +59,7 @@ async def _migrate_v1(conn: asyncpg.Connection) -> None:
 
 async def _migrate_v2(conn: asyncpg.Connection) -> None:
     await conn.execute(Q["schema_v2"])
-    filled = await fill_failure_groups(conn)
+    filled = await fill_failure_groups(conn, query="dead_without_group_v2")
     if filled:
         logger.info("stored the failure group of %d dead letters", filled)
     # after the back-fill, so that the new indexes are built once rather than
@@ -77,6 +81,12 @@ async def _migrate_v5(conn: asyncpg.Connection) -> None:
     await conn.execute(Q["schema_v5"])
 
 
+async def _migrate_v6(conn: asyncpg.Connection) -> None:
+    # services: the service of each record, the handler index led by it, the
+    # subscriptions, their revision and the workers' heartbeats
+    await conn.execute(Q["schema_v6"])
+
+
 #: the step that brings a schema to each version
 MIGRATIONS: dict[int, Callable[[asyncpg.Connection], Awaitable[None]]] = {
     1: _migrate_v1,
@@ -84,6 +94,7 @@ MIGRATIONS: dict[int, Callable[[asyncpg.Connection], Awaitable[None]]] = {
     3: _migrate_v3,
     4: _migrate_v4,
     5: _migrate_v5,
+    6: _migrate_v6,
 }
 
 

@@ -154,6 +154,79 @@ DROP INDEX IF EXISTS retry_queue_leased;
 DROP INDEX IF EXISTS retry_queue_next_retry;
 ALTER TABLE retry_queue SET (fillfactor = 80);
 
+-- name: schema_v6
+-- Services (issue 12). Each record keeps its service: a column with a constant
+-- default rewrites nothing (PostgreSQL 11+), so every row stored before reads as
+-- the default service's, and a retrybus of version 5 still running (a rolling
+-- upgrade) inserts rows that get it. The handler index gains the service first, so
+-- that a worker claiming its service's handlers' records reads them in time order
+-- straight from it, however many other services' records are due before them (a
+-- stopped service's backlog is never read); it keeps its name and still serves
+-- list_retry's filter. Like every index of retry_queue it holds no lease column, so
+-- that claims, lease extensions and releases stay HOT updates (schema_v5). It is
+-- rebuilt in this transaction: one pass over the retry items, retry_queue locked
+-- meanwhile. A version 5 process still running (a rolling upgrade) keeps working,
+-- but its claim_due_for and next_due_for cannot use an index led by the service:
+-- each reads the whole table (a sequential scan per handler) until the process is
+-- upgraded. Dead letters get an index for a service's, newest first.
+ALTER TABLE retry_queue ADD COLUMN IF NOT EXISTS service text NOT NULL DEFAULT 'default';
+ALTER TABLE dead_letter_queue ADD COLUMN IF NOT EXISTS service text NOT NULL DEFAULT 'default';
+DROP INDEX IF EXISTS retry_queue_handler_name;
+CREATE INDEX IF NOT EXISTS retry_queue_handler_name
+    ON retry_queue (service, handler_name, next_retry);
+CREATE INDEX IF NOT EXISTS dead_letter_queue_service
+    ON dead_letter_queue (service, created_at DESC, id DESC);
+
+-- each service's handlers (StoredSubscription), one row per (service, handler), a
+-- removed one kept as a tombstone (removed_at, removed_by) until forgotten; a
+-- few rows per service, read whole by publishers when the revision moves on
+CREATE TABLE IF NOT EXISTS retrybus_subscriptions (
+    service          text COLLATE "C" NOT NULL,
+    handler_name     text COLLATE "C" NOT NULL,
+    patterns         json NOT NULL,
+    policy           text NOT NULL,
+    max_retries      integer NOT NULL,
+    handler_timeout  double precision,
+    registered_at    timestamptz NOT NULL,
+    updated_at       timestamptz NOT NULL,
+    removed_at       timestamptz,
+    removed_by       text,
+    revision         bigint NOT NULL,
+    details          json NOT NULL DEFAULT '{}',
+    PRIMARY KEY (service, handler_name)
+);
+CREATE INDEX IF NOT EXISTS retrybus_subscriptions_revision
+    ON retrybus_subscriptions (revision);
+
+-- store-wide revisions, one row each: 'subscriptions', the revision of the last
+-- write of a subscription (subscriptions_revision). It goes up by one in the
+-- transaction of every write that changes subscriptions, whose row lock makes
+-- such writes take turns, and never down (forgetting tombstones leaves it). Not
+-- a sequence: a sequence moves on outside the transaction, so that a reader could
+-- see a revision before the rows written with it.
+CREATE TABLE IF NOT EXISTS retrybus_revisions (
+    name      text COLLATE "C" PRIMARY KEY,
+    revision  bigint NOT NULL DEFAULT 0
+);
+INSERT INTO retrybus_revisions (name) VALUES ('subscriptions') ON CONFLICT (name) DO NOTHING;
+
+-- each worker's last heartbeat (WorkerBeat), one row per worker name, rewritten
+-- every few seconds
+CREATE TABLE IF NOT EXISTS retrybus_workers (
+    name        text COLLATE "C" PRIMARY KEY,
+    service     text COLLATE "C" NOT NULL,
+    host        text NOT NULL,
+    pid         bigint NOT NULL,
+    started_at  timestamptz NOT NULL,
+    last_seen   timestamptz NOT NULL,
+    interval    double precision NOT NULL,
+    lanes       integer NOT NULL,
+    lanes_busy  integer NOT NULL,
+    handlers    json NOT NULL,
+    version     text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS retrybus_workers_service ON retrybus_workers (service, last_seen);
+
 -- name: schema_v2_indexes
 -- newest first (created_at DESC, id DESC) straight from the index; it still serves
 -- cleanup_dead's created_at < $1
@@ -170,7 +243,15 @@ CREATE INDEX IF NOT EXISTS dead_letter_queue_without_group
 
 -- name: dead_without_group
 -- $1: the last id of the previous batch ('' for the first)
-SELECT id, handler_name, error_type, error FROM dead_letter_queue
+SELECT id, handler_name, error_type, error, service FROM dead_letter_queue
+WHERE failure_group IS NULL AND id > $1
+ORDER BY id
+LIMIT $2;
+
+-- name: dead_without_group_v2
+-- dead_without_group in the version 2 migration, before dead letters had a service
+-- (all of them the default service's)
+SELECT id, handler_name, error_type, error, 'default' AS service FROM dead_letter_queue
 WHERE failure_group IS NULL AND id > $1
 ORDER BY id
 LIMIT $2;
@@ -181,26 +262,27 @@ FROM unnest($1::text[], $2::text[]) AS g(id, failure_group)
 WHERE d.id = g.id AND d.failure_group IS NULL;
 
 -- name: record_failures
--- $1..$21: one array per retry_queue column; $22..$42: one per dead letter column; $43: channel
+-- $1..$22: one array per retry_queue column; $23..$44: one per dead letter column; $45: channel
 WITH ins AS (
     INSERT INTO retry_queue (
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims, service
     )
     SELECT r.id, r.event_id, r.event_type, r.event_data::json, r.event_source, r.event_timestamp,
            r.event_subject, r.event_extensions::jsonb, r.handler_name, r.error, r.error_type,
            r.traceback, r.attempt, r.max_retries, r.next_retry, r.created_at, r.updated_at,
-           r.lease_owner, r.lease_until, r.metadata::json, r.claims
+           r.lease_owner, r.lease_until, r.metadata::json, r.claims, r.service
     FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
         $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
         $13::integer[], $14::integer[], $15::timestamptz[], $16::timestamptz[],
-        $17::timestamptz[], $18::text[], $19::timestamptz[], $20::text[], $21::integer[]
+        $17::timestamptz[], $18::text[], $19::timestamptz[], $20::text[], $21::integer[],
+        $22::text[]
     ) AS r(
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims, service
     )
     ON CONFLICT (id) DO NOTHING  -- a write repeated after a lost reply adds nothing twice
     RETURNING 1
@@ -208,21 +290,23 @@ WITH ins AS (
     INSERT INTO dead_letter_queue (
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group
+        reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group,
+        service
     )
     SELECT d.id, d.event_id, d.event_type, d.event_data::json, d.event_source, d.event_timestamp,
            d.event_subject, d.event_extensions::jsonb, d.handler_name, d.error, d.error_type,
            d.traceback, d.attempt, d.max_retries, d.reason, d.processed, d.created_at,
-           d.processed_at, d.first_failed_at, d.metadata::json, d.failure_group
+           d.processed_at, d.first_failed_at, d.metadata::json, d.failure_group, d.service
     FROM unnest(
-        $22::text[], $23::text[], $24::text[], $25::text[], $26::text[], $27::timestamptz[],
-        $28::text[], $29::text[], $30::text[], $31::text[], $32::text[], $33::text[],
-        $34::integer[], $35::integer[], $36::text[], $37::boolean[], $38::timestamptz[],
-        $39::timestamptz[], $40::timestamptz[], $41::text[], $42::text[]
+        $23::text[], $24::text[], $25::text[], $26::text[], $27::text[], $28::timestamptz[],
+        $29::text[], $30::text[], $31::text[], $32::text[], $33::text[], $34::text[],
+        $35::integer[], $36::integer[], $37::text[], $38::boolean[], $39::timestamptz[],
+        $40::timestamptz[], $41::timestamptz[], $42::text[], $43::text[], $44::text[]
     ) AS d(
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group
+        reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group,
+        service
     )
     ON CONFLICT (id) DO NOTHING
     RETURNING 1
@@ -233,32 +317,33 @@ WITH ins AS (
     FROM added WHERE added.n > 0
     RETURNING 1
 ), notified AS (
-    SELECT pg_notify($43, '') FROM added WHERE added.n > 0
+    SELECT pg_notify($45, '') FROM added WHERE added.n > 0
 )
 SELECT (SELECT n FROM added), (SELECT count(*) FROM dead), (SELECT count(*) FROM notified),
        (SELECT count(*) FROM counted);
 
 -- name: record_retries
--- record_failures without dead letters (the common case): $1..$21 retry columns, $22 channel
+-- record_failures without dead letters (the common case): $1..$22 retry columns, $23 channel
 WITH ins AS (
     INSERT INTO retry_queue (
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims, service
     )
     SELECT r.id, r.event_id, r.event_type, r.event_data::json, r.event_source, r.event_timestamp,
            r.event_subject, r.event_extensions::jsonb, r.handler_name, r.error, r.error_type,
            r.traceback, r.attempt, r.max_retries, r.next_retry, r.created_at, r.updated_at,
-           r.lease_owner, r.lease_until, r.metadata::json, r.claims
+           r.lease_owner, r.lease_until, r.metadata::json, r.claims, r.service
     FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
         $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
         $13::integer[], $14::integer[], $15::timestamptz[], $16::timestamptz[],
-        $17::timestamptz[], $18::text[], $19::timestamptz[], $20::text[], $21::integer[]
+        $17::timestamptz[], $18::text[], $19::timestamptz[], $20::text[], $21::integer[],
+        $22::text[]
     ) AS r(
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims, service
     )
     ON CONFLICT (id) DO NOTHING  -- a write repeated after a lost reply adds nothing twice
     RETURNING 1
@@ -269,12 +354,12 @@ WITH ins AS (
     FROM added WHERE added.n > 0
     RETURNING 1
 ), notified AS (
-    SELECT pg_notify($22, '') FROM added WHERE added.n > 0
+    SELECT pg_notify($23, '') FROM added WHERE added.n > 0
 )
 SELECT (SELECT n FROM added), (SELECT count(*) FROM notified), (SELECT count(*) FROM counted);
 
 -- name: record_pending
--- First deliveries not yet made: $1..$21 retry columns, $22 channel. Ids already
+-- First deliveries not yet made: $1..$22 retry columns, $23 channel. Ids already
 -- stored are skipped; the totals are left alone (a first delivery is not a retry).
 -- Only a record added without a lease (deferred, scheduled) wakes the workers: a
 -- durable publish's records are leased to it while it runs them, and a NOTIFY
@@ -284,34 +369,35 @@ WITH ins AS (
     INSERT INTO retry_queue (
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims, service
     )
     SELECT r.id, r.event_id, r.event_type, r.event_data::json, r.event_source, r.event_timestamp,
            r.event_subject, r.event_extensions::jsonb, r.handler_name, r.error, r.error_type,
            r.traceback, r.attempt, r.max_retries, r.next_retry, r.created_at, r.updated_at,
-           r.lease_owner, r.lease_until, r.metadata::json, r.claims
+           r.lease_owner, r.lease_until, r.metadata::json, r.claims, r.service
     FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
         $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
         $13::integer[], $14::integer[], $15::timestamptz[], $16::timestamptz[],
-        $17::timestamptz[], $18::text[], $19::timestamptz[], $20::text[], $21::integer[]
+        $17::timestamptz[], $18::text[], $19::timestamptz[], $20::text[], $21::integer[],
+        $22::text[]
     ) AS r(
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims, service
     )
     ON CONFLICT (id) DO NOTHING  -- the same delivery recorded again: the record is there
     RETURNING id, lease_until
 ), notified AS (
-    SELECT pg_notify($22, '') FROM (SELECT 1 FROM ins WHERE lease_until IS NULL LIMIT 1) AS deferred
+    SELECT pg_notify($23, '') FROM (SELECT 1 FROM ins WHERE lease_until IS NULL LIMIT 1) AS deferred
 )
 SELECT (SELECT array_agg(id) FROM ins) AS added, (SELECT count(*) FROM notified) AS notified;
 
 -- name: claim_due
--- any handler's items: $1 owner, $2 lease_until, $3 now, $4 limit. The ids chosen
--- are an array (an InitPlan), so that the rows are updated by primary key look-ups
--- even in the generic plan of the prepared statement, which knows no limit
--- (with "id IN (…)" it may hash-join a scan of the whole table).
+-- any handler's items, of any service: $1 owner, $2 lease_until, $3 now, $4 limit.
+-- The ids chosen are an array (an InitPlan), so that the rows are updated by
+-- primary key look-ups even in the generic plan of the prepared statement, which
+-- knows no limit (with "id IN (…)" it may hash-join a scan of the whole table).
 UPDATE retry_queue
 SET lease_owner = $1, lease_until = $2, updated_at = $3, claims = claims + 1
 WHERE id = ANY(ARRAY(
@@ -323,17 +409,36 @@ WHERE id = ANY(ARRAY(
 ))
 RETURNING *;
 
+-- name: claim_due_of_service
+-- claim_due ($1..$4) for any handler's items of the service $5 (admin and tests: a
+-- worker names its handlers, claim_due_for): the due items in time order from the
+-- (next_retry, attempt) index, other services' due before them read and passed
+-- over. A query of its own, so that claim_due's generic plan knows no service.
+UPDATE retry_queue
+SET lease_owner = $1, lease_until = $2, updated_at = $3, claims = claims + 1
+WHERE id = ANY(ARRAY(
+    SELECT id FROM retry_queue
+    WHERE next_retry >= '-infinity' AND next_retry <= $3
+      AND (lease_until IS NULL OR lease_until <= $3)
+      AND service = $5
+    ORDER BY next_retry
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+))
+RETURNING *;
+
 -- name: claim_due_for
--- only the items of the handlers $5 (distinct names); $1..$4 as claim_due.
--- For each handler, its earliest claimable items come straight from the
--- (handler_name, next_retry) index, locked as they are read (SKIP LOCKED below the
--- LIMIT, so that items another worker is claiming do not count); the earliest
--- $4 of those are leased. Other handlers' items, however many are due before
--- them, are never read. A handler's rows locked but not among the earliest $4 are
--- let go when the statement ends. The row comparison is handler_name = h.name AND
--- next_retry <= $3 in a form only that index serves: with the equality, the
--- planner may walk the next_retry index instead, filtering out every other
--- handler's item due earlier. The ids are an array, as in claim_due.
+-- only the items of the service $6 and its handlers $5 (distinct names); $1..$4 as
+-- claim_due. For each handler, its earliest claimable items come straight from
+-- the (service, handler_name, next_retry) index, locked as they are read (SKIP
+-- LOCKED below the LIMIT, so that items another worker is claiming do not count);
+-- the earliest $4 of those are leased. Other handlers' items, and other services'
+-- (a stopped service's backlog), however many are due before them, are never
+-- read. A handler's rows locked but not among the earliest $4 are let go when the
+-- statement ends. The row comparison is service = $6 AND handler_name = h.name AND
+-- next_retry <= $3 in a form only that index serves: with the equalities, the
+-- planner may walk the (next_retry, attempt) index instead, filtering out every
+-- other handler's item due earlier. The ids are an array, as in claim_due.
 UPDATE retry_queue
 SET lease_owner = $1, lease_until = $2, updated_at = $3, claims = claims + 1
 WHERE id = ANY(ARRAY(
@@ -341,12 +446,45 @@ WHERE id = ANY(ARRAY(
     FROM unnest($5::text[]) AS h(name)
     CROSS JOIN LATERAL (
         SELECT id, next_retry FROM retry_queue
-        WHERE (handler_name, next_retry) BETWEEN (h.name, '-infinity') AND (h.name, $3)
+        WHERE (service, handler_name, next_retry)
+              BETWEEN ($6::text, h.name, '-infinity') AND ($6::text, h.name, $3)
           AND (lease_until IS NULL OR lease_until <= $3)
-        ORDER BY handler_name, next_retry
+        ORDER BY service, handler_name, next_retry
         LIMIT $4
         FOR UPDATE SKIP LOCKED
     ) AS c
+    ORDER BY c.next_retry, c.id
+    LIMIT $4
+))
+RETURNING *;
+
+-- name: claim_due_for_any_service
+-- claim_due_for ($1..$5) for the handlers $5 of every service (admin and tests: a
+-- worker names its service): the services the queue holds, one look-up each in
+-- the leading column of the (service, handler_name, next_retry) index (a loose
+-- index scan), then each (service, handler)'s range of it as in claim_due_for
+WITH RECURSIVE services (name) AS (
+    SELECT min(service) FROM retry_queue
+    UNION ALL
+    SELECT (SELECT min(service) FROM retry_queue WHERE service > s.name)
+    FROM services AS s WHERE s.name IS NOT NULL
+)
+UPDATE retry_queue
+SET lease_owner = $1, lease_until = $2, updated_at = $3, claims = claims + 1
+WHERE id = ANY(ARRAY(
+    SELECT c.id
+    FROM services AS s
+    CROSS JOIN unnest($5::text[]) AS h(name)
+    CROSS JOIN LATERAL (
+        SELECT id, next_retry FROM retry_queue
+        WHERE (service, handler_name, next_retry)
+              BETWEEN (s.name, h.name, '-infinity') AND (s.name, h.name, $3)
+          AND (lease_until IS NULL OR lease_until <= $3)
+        ORDER BY service, handler_name, next_retry
+        LIMIT $4
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    WHERE s.name IS NOT NULL
     ORDER BY c.next_retry, c.id
     LIMIT $4
 ))
@@ -371,7 +509,7 @@ SELECT (SELECT count(*) FROM released), (SELECT count(*) FROM notified);
 -- name: complete
 -- $1 owner (NULL: only items no live lease holds at $2), $2 now, $3 channel;
 -- $4 succeeded ids; $5..$13 rescheduled columns (the last: first delivery or not);
--- $14 dead-lettered retry ids, $15 whether each is a first delivery, and $16..$36
+-- $14 dead-lettered retry ids, $15 whether each is a first delivery, and $16..$37
 -- their dead letters' columns. The totals count retries only: a first delivery
 -- (attempt 0) that succeeds is not counted, one rescheduled adds a retry, one
 -- dead-lettered leaves retry_dead_lettered alone.
@@ -404,22 +542,24 @@ WITH succeeded AS (
     INSERT INTO dead_letter_queue (
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group
+        reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group,
+        service
     )
     SELECT d.id, d.event_id, d.event_type, d.event_data::json, d.event_source, d.event_timestamp,
            d.event_subject, d.event_extensions::jsonb, d.handler_name, d.error, d.error_type,
            d.traceback, d.attempt, d.max_retries, d.reason, d.processed, d.created_at,
-           d.processed_at, d.first_failed_at, d.metadata::json, d.failure_group
+           d.processed_at, d.first_failed_at, d.metadata::json, d.failure_group, d.service
     FROM unnest(
         $14::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::text[],
         $21::timestamptz[], $22::text[], $23::text[], $24::text[], $25::text[], $26::text[],
         $27::text[], $28::integer[], $29::integer[], $30::text[], $31::boolean[],
-        $32::timestamptz[], $33::timestamptz[], $34::timestamptz[], $35::text[], $36::text[]
+        $32::timestamptz[], $33::timestamptz[], $34::timestamptz[], $35::text[], $36::text[],
+        $37::text[]
     ) AS d(
         retry_id, id, event_id, event_type, event_data, event_source, event_timestamp,
         event_subject, event_extensions, handler_name, error, error_type, traceback, attempt,
         max_retries, reason, processed, created_at, processed_at, first_failed_at, metadata,
-        failure_group
+        failure_group, service
     )
     WHERE d.retry_id IN (SELECT id FROM moved)
     ON CONFLICT (id) DO NOTHING
@@ -447,16 +587,16 @@ UNION ALL SELECT NULL FROM notified
 UNION ALL SELECT NULL FROM counted;
 
 -- name: next_due
--- When the first item falls due: the least, over the items, of next_retry, or for
--- a leased one of greatest(next_retry, lease_until) (a lease that runs out makes
--- its record claimable again). It needs no index of leases. Let first be the
--- earliest next_retry of an item that no lease holds past it: no item due at
--- or after first can fall due before it, so only the leased items due strictly
--- before first count, the entries that finding first walked past at the front of
--- the (next_retry, attempt) index: the work in flight (with no first, every
--- leased item). "< first" is written "<= first - 1 microsecond" (times are whole
--- microseconds), which is 'infinity' when there is no first. "lease_until <=
--- next_retry" (a lease that holds nothing back) also keeps a planner without
+-- When the first item (of any service) falls due: the least, over the items, of
+-- next_retry, or for a leased one of greatest(next_retry, lease_until) (a lease
+-- that runs out makes its record claimable again). It needs no index of leases.
+-- Let first be the earliest next_retry of an item that no lease holds past it: no
+-- item due at or after first can fall due before it, so only the leased items due
+-- strictly before first count, the entries that finding first walked past at the
+-- front of the (next_retry, attempt) index: the work in flight (with no first,
+-- every leased item). "< first" is written "<= first - 1 microsecond" (times are
+-- whole microseconds), which is 'infinity' when there is no first. "lease_until
+-- <= next_retry" (a lease that holds nothing back) also keeps a planner without
 -- statistics walking the index, rather than reading and sorting every item; the
 -- lower bound '-infinity' keeps it on the index for the leased ones.
 WITH first AS (
@@ -473,26 +613,79 @@ SELECT least(
        AND lease_until IS NOT NULL)
 );
 
+-- name: next_due_of_service
+-- next_due among the items of the service $1 (admin and tests: a worker names its
+-- handlers, next_due_for): the same walk of the (next_retry, attempt) index,
+-- other services' items passed over
+WITH first AS (
+    SELECT next_retry FROM retry_queue
+    WHERE next_retry >= '-infinity'
+      AND (lease_until IS NULL OR lease_until <= next_retry)
+      AND service = $1
+    ORDER BY next_retry
+    LIMIT 1
+)
+SELECT least(
+    (SELECT next_retry FROM first),
+    (SELECT min(greatest(next_retry, lease_until)) FROM retry_queue
+     WHERE next_retry BETWEEN '-infinity' AND coalesce(
+               (SELECT next_retry FROM first) - interval '1 microsecond', 'infinity')
+       AND lease_until IS NOT NULL
+       AND service = $1)
+);
+
 -- name: next_due_for
--- next_due among the items of the handlers $1, for each one from its range of the
--- (handler_name, next_retry) index (the row comparisons, as in claim_due_for): its
--- first, and its leased items due before that; other handlers' items, leased or
--- not, are never read
+-- next_due among the items of the service $2 and its handlers $1, for each
+-- handler from its range of the (service, handler_name, next_retry) index (the
+-- row comparisons, as in claim_due_for): its first, and its leased items due
+-- before that; other handlers' and other services' items, leased or not, are
+-- never read
 SELECT min(least(first.next_retry, leased.due))
 FROM unnest($1::text[]) AS h(name)
 LEFT JOIN LATERAL (
     SELECT next_retry FROM retry_queue
-    WHERE (handler_name, next_retry) BETWEEN (h.name, '-infinity') AND (h.name, 'infinity')
+    WHERE (service, handler_name, next_retry)
+          BETWEEN ($2::text, h.name, '-infinity') AND ($2::text, h.name, 'infinity')
       AND (lease_until IS NULL OR lease_until <= next_retry)
-    ORDER BY handler_name, next_retry
+    ORDER BY service, handler_name, next_retry
     LIMIT 1
 ) AS first ON true
 CROSS JOIN LATERAL (
     SELECT min(greatest(next_retry, lease_until)) AS due FROM retry_queue
-    WHERE (handler_name, next_retry) BETWEEN (h.name, '-infinity')
+    WHERE service = $2
+      AND (handler_name, next_retry) BETWEEN (h.name, '-infinity')
               AND (h.name, coalesce(first.next_retry - interval '1 microsecond', 'infinity'))
       AND lease_until IS NOT NULL
 ) AS leased;
+
+-- name: next_due_for_any_service
+-- next_due_for ($1) for the handlers $1 of every service (the services found as
+-- in claim_due_for_any_service)
+WITH RECURSIVE services (name) AS (
+    SELECT min(service) FROM retry_queue
+    UNION ALL
+    SELECT (SELECT min(service) FROM retry_queue WHERE service > s.name)
+    FROM services AS s WHERE s.name IS NOT NULL
+)
+SELECT min(least(first.next_retry, leased.due))
+FROM services AS s
+CROSS JOIN unnest($1::text[]) AS h(name)
+LEFT JOIN LATERAL (
+    SELECT next_retry FROM retry_queue
+    WHERE (service, handler_name, next_retry)
+          BETWEEN (s.name, h.name, '-infinity') AND (s.name, h.name, 'infinity')
+      AND (lease_until IS NULL OR lease_until <= next_retry)
+    ORDER BY service, handler_name, next_retry
+    LIMIT 1
+) AS first ON true
+CROSS JOIN LATERAL (
+    SELECT min(greatest(next_retry, lease_until)) AS due FROM retry_queue
+    WHERE service = s.name
+      AND (handler_name, next_retry) BETWEEN (h.name, '-infinity')
+              AND (h.name, coalesce(first.next_retry - interval '1 microsecond', 'infinity'))
+      AND lease_until IS NOT NULL
+) AS leased
+WHERE s.name IS NOT NULL;
 
 -- name: retry_count
 SELECT count(*) FROM retry_queue;
@@ -510,13 +703,15 @@ SELECT * FROM retry_queue WHERE id = $1;
 -- name: list_retry
 -- $5, $6: the next_retry range of the kind asked for (inclusive; NULL: open), bounds
 -- of the next_retry index scan even in a generic plan; $7: only first deliveries
--- (attempt 0: pending, scheduled), only retries, or NULL: both
+-- (attempt 0: pending, scheduled), only retries, or NULL: both; $8: only records of
+-- that service, or NULL: of any
 SELECT * FROM retry_queue
 WHERE ($1::text IS NULL OR handler_name = $1)
   AND ($2::text IS NULL OR event_type = $2)
   AND next_retry >= coalesce($5::timestamptz, '-infinity')
   AND next_retry <= coalesce($6::timestamptz, 'infinity')
   AND ($7::boolean IS NULL OR (attempt IS NOT DISTINCT FROM 0) = $7)
+  AND ($8::text IS NULL OR service = $8)
 ORDER BY next_retry, id
 LIMIT $3 OFFSET $4;
 
@@ -558,21 +753,23 @@ RETURNING *;
 INSERT INTO dead_letter_queue (
     id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
     event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-    reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group
+    reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group,
+    service
 )
 SELECT d.id, d.event_id, d.event_type, d.event_data::json, d.event_source, d.event_timestamp,
        d.event_subject, d.event_extensions::jsonb, d.handler_name, d.error, d.error_type,
        d.traceback, d.attempt, d.max_retries, d.reason, d.processed, d.created_at,
-       d.processed_at, d.first_failed_at, d.metadata::json, d.failure_group
+       d.processed_at, d.first_failed_at, d.metadata::json, d.failure_group, d.service
 FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
     $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
     $13::integer[], $14::integer[], $15::text[], $16::boolean[], $17::timestamptz[],
-    $18::timestamptz[], $19::timestamptz[], $20::text[], $21::text[]
+    $18::timestamptz[], $19::timestamptz[], $20::text[], $21::text[], $22::text[]
 ) AS d(
     id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
     event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-    reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group
+    reason, processed, created_at, processed_at, first_failed_at, metadata, failure_group,
+    service
 )
 ON CONFLICT (id) DO NOTHING;
 
@@ -580,10 +777,10 @@ ON CONFLICT (id) DO NOTHING;
 UPDATE retrybus_counters SET retry_dead_lettered = retry_dead_lettered + $1;
 
 -- name: list_dead
--- $1..$10: the DeadLetterFilter (event_type, handler_name, reason, processed,
--- created_after, created_before, event_id, failure_group, and the cursor as its
--- created_at and id; NULL matches anything), as in count_dead and group_dead;
--- $11 limit, $12 offset
+-- $1..$11: the DeadLetterFilter (event_type, handler_name, reason, processed,
+-- created_after, created_before, event_id, failure_group, the cursor as its
+-- created_at and id, and service; NULL matches anything), as in count_dead and
+-- group_dead; $12 limit, $13 offset
 SELECT * FROM dead_letter_queue
 WHERE ($1::text IS NULL OR event_type = $1)
   AND ($2::text IS NULL OR handler_name = $2)
@@ -594,8 +791,9 @@ WHERE ($1::text IS NULL OR event_type = $1)
   AND ($7::text IS NULL OR event_id = $7)
   AND ($8::text IS NULL OR failure_group = $8)
   AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::text))
+  AND ($11::text IS NULL OR service = $11)
 ORDER BY created_at DESC, id DESC
-LIMIT $11 OFFSET $12;
+LIMIT $12 OFFSET $13;
 
 -- name: count_dead
 SELECT count(*) FROM dead_letter_queue
@@ -607,18 +805,20 @@ WHERE ($1::text IS NULL OR event_type = $1)
   AND ($6::timestamptz IS NULL OR created_at < $6)
   AND ($7::text IS NULL OR event_id = $7)
   AND ($8::text IS NULL OR failure_group = $8)
-  AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::text));
+  AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::text))
+  AND ($11::text IS NULL OR service = $11);
 
 -- name: group_dead
--- $11 the field, $12 limit. One hash aggregate counts the groups; then, for each group
+-- $12 the field, $13 limit. One hash aggregate counts the groups; then, for each group
 -- kept, the newest item is looked up by its created_at (last_at) in the created_at index.
 -- Keys compare as code points (COLLATE "C"), whatever the database's collation.
 WITH matching AS NOT MATERIALIZED (
-    SELECT CASE $11::text
+    SELECT CASE $12::text
                WHEN 'failure_group' THEN coalesce(failure_group, '')
                WHEN 'handler_name' THEN handler_name
                WHEN 'event_type' THEN event_type
                WHEN 'reason' THEN reason
+               WHEN 'service' THEN service
            END AS key,
            id, created_at
     FROM dead_letter_queue
@@ -631,12 +831,13 @@ WITH matching AS NOT MATERIALIZED (
       AND ($7::text IS NULL OR event_id = $7)
       AND ($8::text IS NULL OR failure_group = $8)
       AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::text))
+      AND ($11::text IS NULL OR service = $11)
 ), groups AS (
     SELECT key, count(*) AS n, min(created_at) AS first_at, max(created_at) AS last_at
     FROM matching
     GROUP BY key
     ORDER BY n DESC, key COLLATE "C"
-    LIMIT $12
+    LIMIT $13
 )
 SELECT key, n, first_at, last_at,
        (SELECT max(m.id) FROM matching AS m
@@ -660,19 +861,19 @@ SET error = $2, error_type = $3, traceback = $4, attempt = $5, processed = $6,
 WHERE id = $1;
 
 -- name: requeue_dead
--- $1 the dead letter's id, $2..$22 the new retry item's columns, $23 channel
+-- $1 the dead letter's id, $2..$23 the new retry item's columns, $24 channel
 WITH removed AS (
     DELETE FROM dead_letter_queue WHERE id = $1 RETURNING id
 ), ins AS (
     INSERT INTO retry_queue (
         id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
         event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
-        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims
+        next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims, service
     )
     SELECT $2::text, $3::text, $4::text, $5::json, $6::text, $7::timestamptz, $8::text,
            $9::jsonb, $10::text, $11::text, $12::text, $13::text, $14::integer, $15::integer,
            $16::timestamptz, $17::timestamptz, $18::timestamptz, $19::text, $20::timestamptz,
-           $21::json, $22::integer
+           $21::json, $22::integer, $23::text
     FROM removed
     RETURNING 1
 ), counted AS (
@@ -680,7 +881,7 @@ WITH removed AS (
     WHERE EXISTS (SELECT 1 FROM ins)
     RETURNING 1
 ), notified AS (
-    SELECT pg_notify($23, '') FROM ins
+    SELECT pg_notify($24, '') FROM ins
 )
 SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM counted), (SELECT count(*) FROM notified);
 
@@ -700,6 +901,7 @@ WITH items AS NOT MATERIALIZED (
     SELECT coalesce(CASE $1::text
                         WHEN 'handler_name' THEN handler_name
                         WHEN 'event_type' THEN event_type
+                        WHEN 'service' THEN service
                     END, 'unknown') AS key,
            id, next_retry
     FROM retry_queue
@@ -743,3 +945,146 @@ DELETE FROM retrybus_control WHERE key = $1;
 -- name: counters
 SELECT retry_added, retry_succeeded, retry_succeeded_attempts, retry_dead_lettered
 FROM retrybus_counters;
+
+-- name: lock_subscriptions
+-- a write of subscriptions takes the revision's row lock first, held until it
+-- commits: one such write at a time, each reading what the one before wrote
+SELECT revision FROM retrybus_revisions WHERE name = 'subscriptions' FOR UPDATE;
+
+-- name: subscriptions_of_service
+SELECT * FROM retrybus_subscriptions WHERE service = $1;
+
+-- name: write_subscriptions
+-- $1 service, $2 now, $3 actor; the subscriptions written whole (new, back after a
+-- removal: tombstone cleared, or with new terms), one array per column: $4
+-- handler_name, $5 patterns, $6 policy, $7 max_retries, $8 handler_timeout, $9
+-- registered_at, $10 details; $11 the live handlers to tombstone. All with one new
+-- revision. Returns it, and how many rows were put and tombstoned.
+WITH bumped AS (
+    UPDATE retrybus_revisions SET revision = revision + 1 WHERE name = 'subscriptions'
+    RETURNING revision AS value
+), put AS (
+    INSERT INTO retrybus_subscriptions (
+        service, handler_name, patterns, policy, max_retries, handler_timeout, registered_at,
+        updated_at, removed_at, removed_by, revision, details
+    )
+    SELECT $1::text, p.handler_name, p.patterns::json, p.policy, p.max_retries,
+           p.handler_timeout, p.registered_at, $2::timestamptz, NULL, NULL, bumped.value,
+           p.details::json
+    FROM bumped, unnest(
+        $4::text[], $5::text[], $6::text[], $7::integer[], $8::double precision[],
+        $9::timestamptz[], $10::text[]
+    ) AS p(handler_name, patterns, policy, max_retries, handler_timeout, registered_at, details)
+    ON CONFLICT (service, handler_name) DO UPDATE SET
+        patterns = excluded.patterns, policy = excluded.policy,
+        max_retries = excluded.max_retries, handler_timeout = excluded.handler_timeout,
+        registered_at = excluded.registered_at, updated_at = excluded.updated_at,
+        removed_at = NULL, removed_by = NULL, revision = excluded.revision,
+        details = excluded.details
+    RETURNING 1
+), tombstoned AS (
+    UPDATE retrybus_subscriptions AS s
+    SET removed_at = $2, removed_by = $3, updated_at = $2, revision = bumped.value
+    FROM bumped
+    WHERE s.service = $1 AND s.handler_name = ANY($11::text[]) AND s.removed_at IS NULL
+    RETURNING 1
+)
+SELECT value, (SELECT count(*) FROM put), (SELECT count(*) FROM tombstoned) FROM bumped;
+
+-- name: list_subscriptions
+-- $1 the service (NULL: every one), $2 tombstones too; in the primary key's order
+SELECT * FROM retrybus_subscriptions
+WHERE ($1::text IS NULL OR service = $1) AND ($2::boolean OR removed_at IS NULL)
+ORDER BY service, handler_name;
+
+-- name: subscriptions_revision
+SELECT revision FROM retrybus_revisions WHERE name = 'subscriptions';
+
+-- name: forget_subscriptions
+DELETE FROM retrybus_subscriptions WHERE removed_at < $1;
+
+-- name: any_tombstone
+SELECT EXISTS (SELECT 1 FROM retrybus_subscriptions WHERE removed_at IS NOT NULL);
+
+-- name: lock_tombstones
+-- the tombstones, locked (FOR SHARE) until the transaction ends: a handler put back
+-- meanwhile waits for the sweep (or, put back first, is no longer a tombstone here)
+SELECT service, handler_name, removed_by FROM retrybus_subscriptions
+WHERE removed_at IS NOT NULL
+FOR SHARE;
+
+-- name: take_unsubscribed
+-- $1 now, $2 limit, $3 and $4 the tombstoned (service, handler)s (lock_tombstones):
+-- their first $2 records (due first, then by id) that no live lease holds, deleted.
+-- Each one's records are a range of the (service, handler_name, next_retry) index,
+-- locked as read, skipping those a claim holds; the ids are an array, so that the
+-- rows are deleted by primary key look-ups (as claim_due's are updated).
+DELETE FROM retry_queue
+WHERE id = ANY(ARRAY(
+    SELECT c.id
+    FROM unnest($3::text[], $4::text[]) AS t(service, handler_name)
+    CROSS JOIN LATERAL (
+        SELECT id, next_retry FROM retry_queue
+        WHERE (service, handler_name, next_retry)
+              BETWEEN (t.service, t.handler_name, '-infinity')
+                  AND (t.service, t.handler_name, 'infinity')
+          AND (lease_until IS NULL OR lease_until <= $1)
+        ORDER BY service, handler_name, next_retry, id
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    ORDER BY c.next_retry, c.id
+    LIMIT $2
+))
+RETURNING *;
+
+-- name: beat
+INSERT INTO retrybus_workers (
+    name, service, host, pid, started_at, last_seen, interval, lanes, lanes_busy, handlers,
+    version
+) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::json, $11)
+ON CONFLICT (name) DO UPDATE SET
+    service = excluded.service, host = excluded.host, pid = excluded.pid,
+    started_at = excluded.started_at, last_seen = excluded.last_seen,
+    interval = excluded.interval, lanes = excluded.lanes, lanes_busy = excluded.lanes_busy,
+    handlers = excluded.handlers, version = excluded.version;
+
+-- name: forget_worker
+DELETE FROM retrybus_workers WHERE name = $1;
+
+-- name: list_workers
+SELECT * FROM retrybus_workers
+WHERE ($1::text IS NULL OR service = $1)
+ORDER BY service, name;
+
+-- name: prune_workers
+DELETE FROM retrybus_workers WHERE last_seen < $1;
+
+-- name: service_loads
+-- what waits per (service, handler) at $1: the retry queue counted per kind (as
+-- count_retry_kinds) and its live leases, and the dead letters processed and not,
+-- each table grouped before the two are put together; by service then handler
+-- name as code points
+SELECT service, handler_name, sum(pending) AS pending, sum(scheduled) AS scheduled,
+       sum(retrying) AS retrying, sum(leased) AS leased,
+       sum(dead_unprocessed) AS dead_unprocessed, sum(dead_processed) AS dead_processed,
+       min(oldest_pending_due) AS oldest_pending_due
+FROM (
+    SELECT service, coalesce(handler_name, 'unknown') AS handler_name,
+           count(*) FILTER (WHERE attempt = 0 AND next_retry <= $1) AS pending,
+           count(*) FILTER (WHERE attempt = 0 AND next_retry > $1) AS scheduled,
+           count(*) FILTER (WHERE attempt IS DISTINCT FROM 0) AS retrying,
+           count(*) FILTER (WHERE lease_until > $1) AS leased,
+           0 AS dead_unprocessed,
+           0 AS dead_processed,
+           min(next_retry) FILTER (WHERE attempt = 0 AND next_retry <= $1) AS oldest_pending_due
+    FROM retry_queue
+    GROUP BY 1, 2
+    UNION ALL
+    SELECT service, handler_name, 0, 0, 0, 0,
+           count(*) FILTER (WHERE NOT processed), count(*) FILTER (WHERE processed), NULL
+    FROM dead_letter_queue
+    GROUP BY service, handler_name
+) AS loads
+GROUP BY service, handler_name
+ORDER BY service COLLATE "C", handler_name COLLATE "C";

@@ -7,16 +7,17 @@ Every operation is one statement (so one round trip and one implicit
 transaction) except ``expire_retry``; claiming is ``UPDATE … WHERE id =
 ANY(ARRAY(SELECT … FOR UPDATE SKIP LOCKED)) RETURNING *``, so concurrent workers
 on any number of machines never receive the same item, and each claim adds one to
-the record's ``claims``. A worker claiming only its handlers' items reads each
-handler's earliest from the ``(handler_name, next_retry)`` index (``claim_due_for``
-in ``queries.sql``), never the other handlers' items due before them. Writes that
+the record's ``claims``. A worker claiming only its service's handlers' items
+reads each handler's earliest from the ``(service, handler_name, next_retry)``
+index (``claim_due_for`` in ``queries.sql``), never the other handlers' or the
+other services' items due before them. Writes that
 add or release work send a ``NOTIFY`` on a channel of the schema, in their
 transaction; ``watch`` LISTENs on it so that an idle worker wakes at once.
 A
 durable publish's records, leased to the publisher, send none (``record_pending``
 notifies only when it adds a deferred record). The admin half is the
-``PostgresAdmin`` mixin (``admin.py``); the pool runs the migration
-(``migrate.py``) when it opens.
+``PostgresAdmin`` mixin (``admin.py``), the services part the ``PostgresServices``
+mixin (``services.py``); the pool runs the migration (``migrate.py``) when it opens.
 
 Connection trouble (refused, lost, the server shutting down or restarting, too
 many connections, a deadlock or serialisation failure) raises ``StoreUnavailable``
@@ -52,10 +53,11 @@ from ..._outcomes import (
 from ..._records import DeadLetterItem, RetryItem
 from .._codec import decode_or_corrupt
 from .._url import redact, split
-from ..base import Store, outside_default
+from ..base import Store
 from .admin import PostgresAdmin
 from .codec import CODEC, dead_letter_columns, retry_columns
 from .migrate import migrate_schema
+from .services import PostgresServices
 from .sql import Q, affected, aware, quote
 
 __all__ = ["PostgresStore"]
@@ -140,8 +142,11 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     advisory locks only per transaction; asyncpg still rolls back an open transaction."""
 
 
-class PostgresStore(PostgresAdmin, Store):
-    """Both queues in a PostgreSQL schema, shared by any number of processes and machines."""
+class PostgresStore(PostgresAdmin, PostgresServices, Store):
+    """Both queues in a PostgreSQL schema, shared by any number of processes and
+    machines, and what services keep there (``PostgresServices``)."""
+
+    keeps_services = True
 
     def __init__(
         self,
@@ -424,20 +429,28 @@ class PostgresStore(PostgresAdmin, Store):
         service: str | None = None,
         handlers: Collection[str] | None = None,
     ) -> list[RetryItem | CorruptRecord]:
-        """Without ``handlers``, the earliest due items of any handler; with them,
-        claim_due_for: each handler's earliest from the (handler_name, next_retry)
-        index, so that other handlers' items due before them are never read."""
-        if outside_default(service):  # holds default-service records only
-            return []
+        """Without ``handlers``, the earliest due items of any handler (of
+        ``service``); with them, claim_due_for: each handler's earliest from the
+        (service, handler_name, next_retry) index, so that other handlers' and
+        other services' items due before them are never read (for any service,
+        claim_due_for_any_service: the same for each service the queue holds)."""
         if handlers is None:
-            query = Q["claim_due"]
             args: tuple[Any, ...] = (owner, aware(lease_until), aware(now), limit)
+            if service is None:
+                query = Q["claim_due"]
+            else:
+                query = Q["claim_due_of_service"]
+                args = (*args, service)
         else:
             names = sorted(set(handlers))
             if not names or limit <= 0:
                 return []
-            query = Q["claim_due_for"]
             args = (owner, aware(lease_until), aware(now), limit, names)
+            if service is None:
+                query = Q["claim_due_for_any_service"]
+            else:
+                query = Q["claim_due_for"]
+                args = (*args, service)
         rows = await self._run(lambda conn: conn.fetch(query, *args))
         rows.sort(key=lambda row: (row["next_retry"], row["id"]))
         return [decode_or_corrupt(row, CODEC.retry_item) for row in rows]
@@ -502,16 +515,18 @@ class PostgresStore(PostgresAdmin, Store):
     async def next_due(
         self, handlers: Collection[str] | None = None, *, service: str | None = None
     ) -> datetime | None:
-        if outside_default(service):  # holds default-service records only
-            return None
-        query = Q["next_due"]
-        args: tuple[Any, ...] = ()
+        query = Q["next_due"] if service is None else Q["next_due_of_service"]
+        args: tuple[Any, ...] = () if service is None else (service,)
         if handlers is not None:
             names = sorted(set(handlers))
             if not names:
                 return None
-            query = Q["next_due_for"]
-            args = (names,)
+            if service is None:
+                query = Q["next_due_for_any_service"]
+                args = (names,)
+            else:
+                query = Q["next_due_for"]
+                args = (names, service)
         due: datetime | None = await self._run(lambda conn: conn.fetchval(query, *args))
         return due
 
