@@ -32,7 +32,7 @@ workers and the publisher started once; routing, 1,500 publishes of each kind
 after 200 warm-up ones, in blocks of 100 taking turns (the machine's speed
 varies from minute to minute). Each engine runs in namespaces of its own,
 removed afterwards (durable.py's). A PostgreSQL or Redis server that cannot be
-reached, or a store that does not keep services, is skipped with a note.
+reached is skipped with a note.
 
 Run alone: .venv/bin/python bench/services.py [--engines sqlite,redis]
 [--only fanout,routing] [--quick]
@@ -77,16 +77,6 @@ QUICK = Sizes(
     route_warmup=20,
     route_block=20,
 )
-
-
-async def keeps_services(engine: str, url: str) -> bool:
-    store = open_store(url)
-    try:
-        if not store.keeps_services:
-            note(f"services {engine}: skipped, {type(store).__name__} does not keep services")
-        return store.keeps_services
-    finally:
-        await store.close()
 
 
 async def wait_registered(url: str, services: tuple[str, ...]) -> None:
@@ -250,13 +240,9 @@ async def measure(
         started = time.perf_counter()
         if "fanout" in parts:
             async with namespace(engine) as url:
-                if not await keeps_services(engine, url):
-                    continue
                 figures += await fanout_throughput(engine, url, sizes)
         if "routing" in parts:
             async with namespace(engine) as one_url, namespace(engine) as fifty_url:
-                if not await keeps_services(engine, one_url):
-                    continue
                 figures += await route_publish_latency(engine, one_url, fifty_url, sizes)
         note(f"services {engine}: {time.perf_counter() - started:.1f}s")
     return figures

@@ -1,7 +1,7 @@
 """``retrybus services`` and ``retrybus services remove`` (issue 12), ``queue list
 --service``, ``dlq list --filter service=`` and the tables' service column: on
-every engine a CLI process can reach that keeps services (the others skip), a
-store holding three services seeded through the library.
+every engine a CLI process can reach, a store holding three services seeded
+through the library.
 
 The seeded store holds ``social`` (a live worker's heartbeat, a scheduled delivery
 and a dead letter), ``notifications`` (deliveries waiting, the oldest due an hour
@@ -184,8 +184,6 @@ async def seeded(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     """The seeded store on each engine a CLI process reaches (memory skipped)."""
     kind = request.param
     async with fresh_store(kind, tmp_path) as store:
-        if not store.keeps_services:
-            pytest.skip(f"{type(store).__name__} does not keep services yet")
         yield await _seed(ENGINES[kind].namespace_url(store), store)
 
 
@@ -588,27 +586,7 @@ async def test_the_json_fields_are_documented_in_the_help(on_sqlite: Seeded) -> 
         assert field in removal
 
 
-# a store that keeps no services ----------------------------------------------------
-
-
-async def test_a_store_that_keeps_no_services_is_a_one_line_usage_error(tmp_path: Path) -> None:
-    (tmp_path / "no_services_app.py").write_text(
-        "from retrybus import EventBus\n"
-        "from retrybus._stores.memory import MemoryStore\n\n\n"
-        "class NoServices(MemoryStore):  # as an engine that does not keep them yet\n"
-        "    keeps_services = False\n\n\n"
-        "bus = EventBus(NoServices())\n"
-    )
-    app_args = ("--app", "no_services_app:bus", "--app-dir", tmp_path)
-    shown = await invoke("services", *app_args)
-    assert one_line_error(shown, 2) == (
-        "Error: NoServices (memory://) does not keep services yet: 'retrybus services' "
-        "needs a store that does"
-    )
-    removed = await invoke("services", "remove", "x", "--yes", *app_args)
-    assert "'retrybus services remove' needs a store that does" in one_line_error(removed, 2)
-    listed = await json_of("queue", "list", "--service", "default", *app_args)
-    assert listed == []
+# a store holding no services -------------------------------------------------------
 
 
 async def test_a_store_without_services_at_all_says_so(tmp_path: Path) -> None:
@@ -618,28 +596,3 @@ async def test_a_store_without_services_at_all_says_so(tmp_path: Path) -> None:
             f"no services in {store.url}: no subscription, worker heartbeat or record of any\n"
         )
         assert await json_of("services", "--store", url) == []
-
-
-@pytest.mark.parametrize("kind", engines_with("shared_across_processes"))
-async def test_on_an_engine_that_keeps_no_services_everything_is_of_the_default_one(
-    kind: str, tmp_path: Path
-) -> None:
-    async with fresh_store(kind, tmp_path) as store:
-        if store.keeps_services:
-            pytest.skip(f"{type(store).__name__} keeps services")
-        url = ENGINES[kind].namespace_url(store)
-        bus = EventBus(store)
-        items = [
-            await bus.retry_queue.add(Event("like.added", {"n": n}), "Feed", "timeout")
-            for n in range(2)
-        ]
-        shown = await invoke("services", "--store", url)
-        assert "does not keep services yet" in one_line_error(shown, 2)
-        default = await json_of("queue", "list", "--service", "default", "--store", url)
-        assert sorted(_ids(default)) == sorted(item.id for item in items)
-        assert await json_of("queue", "list", "--service", "billing", "--store", url) == []
-        table = (await ok("queue", "list", "--service", "default", "--store", url)).stdout
-        assert "showing 1–2 of 2 (service default, all its handlers and types): 2 retries" in table
-        assert "service" not in header_of(table, "id")
-        other = (await ok("queue", "list", "--service", "billing", "--store", url)).stdout
-        assert "showing none of 0 (service billing, all its handlers and types)" in other

@@ -1,11 +1,9 @@
-"""Services (issue 12) on every store engine that keeps them (``Store.keeps_services``;
-the others skip these checks, but the first, which every engine passes): each record
-keeps its service; two services' records of one handler name never cross in claims,
-``next_due`` or listings; the store keeps each service's subscriptions (put,
-tombstone, resurrect, prune, and a revision that moves with every change), dead-letters
-what waits for a removed handler once no lease holds it, keeps the workers'
-heartbeats, counts what waits per service and handler, and filters and groups dead
-letters by service."""
+"""Services (issue 12) on every store engine: each record keeps its service; two
+services' records of one handler name never cross in claims, ``next_due`` or
+listings; the store keeps each service's subscriptions (put, tombstone, resurrect,
+prune, and a revision that moves with every change), dead-letters what waits for a
+removed handler once no lease holds it, keeps the workers' heartbeats, counts what
+waits per service and handler, and filters and groups dead letters by service."""
 
 from __future__ import annotations
 
@@ -34,11 +32,6 @@ ADMIN_START = datetime(2025, 1, 7, 10, 0, 0, 123000, tzinfo=UTC)
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock(START)
-
-
-def needs_services(store: Store) -> None:
-    if not store.keeps_services:
-        pytest.skip(f"{type(store).__name__} does not keep services yet")
 
 
 def event(n: int) -> Event:
@@ -195,7 +188,6 @@ async def test_default_service_records_are_found_by_default_or_any_never_by_anot
 async def test_a_retry_item_and_a_dead_letter_keep_their_service(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     first = pending(clock, 1, service="billing")
     failed = retry(clock, 2, service="billing")
     letter = dead(clock, 3, service="billing")
@@ -239,7 +231,6 @@ async def test_a_retry_item_and_a_dead_letter_keep_their_service(
 async def test_two_services_with_the_same_handler_name_never_cross(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     # the same event to handler "h" of each service: one record each
     billing = [pending(clock, n, service="billing", due_in=-n) for n in range(1, 4)]
     shipping = [pending(clock, n, service="shipping", due_in=-10 * n) for n in range(1, 4)]
@@ -296,7 +287,6 @@ async def test_two_services_with_the_same_handler_name_never_cross(
 
 
 async def test_put_subscriptions_adds_changes_and_leaves_alone(store: Store) -> None:
-    needs_services(store)
     assert await store.subscriptions_revision() == 0
     assert await store.list_subscriptions() == []
     t0 = ADMIN_START
@@ -357,7 +347,6 @@ async def test_put_subscriptions_adds_changes_and_leaves_alone(store: Store) -> 
 
 
 async def test_subscriptions_are_listed_by_service_then_handler(store: Store) -> None:
-    needs_services(store)
     for service, handlers in (("shipping", ["pack", "label"]), ("billing", ["refund", "charge"])):
         await store.put_subscriptions(
             service,
@@ -382,7 +371,6 @@ async def test_subscriptions_are_listed_by_service_then_handler(store: Store) ->
 async def test_put_subscriptions_refuses_another_service_or_a_handler_twice(
     store: Store,
 ) -> None:
-    needs_services(store)
     with pytest.raises(ValueError, match="shipping/charge"):
         await store.put_subscriptions(
             "billing",
@@ -406,7 +394,6 @@ async def test_put_subscriptions_refuses_another_service_or_a_handler_twice(
 async def test_prune_tombstones_what_the_code_no_longer_has_and_a_return_resurrects_it(
     store: Store,
 ) -> None:
-    needs_services(store)
     t0 = ADMIN_START
     await store.put_subscriptions(
         "billing",
@@ -467,7 +454,6 @@ async def test_prune_tombstones_what_the_code_no_longer_has_and_a_return_resurre
 
 
 async def test_remove_subscriptions_tombstones_named_handlers_or_all(store: Store) -> None:
-    needs_services(store)
     t0 = ADMIN_START
     await store.put_subscriptions(
         "billing",
@@ -505,7 +491,6 @@ async def test_remove_subscriptions_tombstones_named_handlers_or_all(store: Stor
 
 
 async def test_forgetting_old_tombstones_keeps_the_revision(store: Store) -> None:
-    needs_services(store)
     t0 = ADMIN_START
     await store.put_subscriptions(
         "billing",
@@ -537,7 +522,6 @@ async def test_forgetting_old_tombstones_keeps_the_revision(store: Store) -> Non
 async def test_removal_dead_letters_unleased_records_and_leased_ones_once_their_lease_ran_out(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     now = clock.now()
     waiting = pending(clock, 1, service="billing", due_in=-5)
     scheduled = pending(clock, 2, service="billing", due_in=3600)
@@ -591,7 +575,6 @@ async def test_removal_dead_letters_unleased_records_and_leased_ones_once_their_
 async def test_a_handler_back_before_the_sweep_keeps_its_records(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     item = pending(clock, 1, service="billing")
     await store.record_pending([item])
     terms = [subscription("billing", "h")]
@@ -622,7 +605,6 @@ def beat(name: str, service: str, seen: datetime, *, busy: int = 0) -> WorkerBea
 
 
 async def test_heartbeats_are_kept_listed_replaced_forgotten_and_pruned(store: Store) -> None:
-    needs_services(store)
     t0 = ADMIN_START
     assert await store.list_workers() == []
     await store.beat(beat("w2", "billing", t0))
@@ -657,7 +639,6 @@ async def test_heartbeats_are_kept_listed_replaced_forgotten_and_pruned(store: S
 async def test_service_loads_count_each_kind_the_leases_and_the_dead_letters(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     assert await store.service_loads(clock.now()) == []
     now = clock.now()
     oldest = pending(clock, 1, service="billing", due_in=-30)
@@ -728,7 +709,6 @@ async def test_service_loads_count_each_kind_the_leases_and_the_dead_letters(
 async def test_dead_letters_are_filtered_and_grouped_by_service(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     letters = []
     for n, service in enumerate(["billing", "shipping", "billing", DEFAULT_SERVICE, "billing"]):
         clock.advance(1)
@@ -769,7 +749,6 @@ async def test_dead_letters_are_filtered_and_grouped_by_service(
 
 
 async def test_retry_items_are_grouped_by_service(store: Store, clock: ManualClock) -> None:
-    needs_services(store)
     await store.record_pending(
         [
             pending(clock, 1, service="billing", due_in=3),

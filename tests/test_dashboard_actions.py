@@ -129,8 +129,6 @@ def test_reprocess_of_a_handler_the_app_lacks_is_a_409(dash_with_handlers: Dash)
 
 def test_reprocess_of_another_services_dead_letter_is_a_409(dash_with_handlers: Dash) -> None:
     dash = dash_with_handlers
-    if not dash.bus.store.keeps_services:
-        pytest.skip(f"{type(dash.bus.store).__name__} does not keep services yet")
     letter = DeadLetterItem.for_failure(
         Event("like.added", {"n": 1}),
         "Mailer",  # a handler of the same name in this app

@@ -1,7 +1,6 @@
 """Each service's queue depth history, which the dashboard's overview charts for
 ``?service=``: a bus (its workers, a dashboard of its app) records the depth of
-its own service's records next to the whole store's, on every engine that keeps
-services; one that does not keeps only the store's."""
+its own service's records next to the whole store's, on every engine."""
 
 from __future__ import annotations
 
@@ -13,15 +12,9 @@ from dashboard_support import dead
 from retrybus import DepthHistory, Event, EventBus, ManualClock, RetryWorker, Store
 
 
-def needs_services(store: Store) -> None:
-    if not store.keeps_services:
-        pytest.skip(f"{type(store).__name__} does not keep services yet")
-
-
 async def test_a_bus_records_the_depth_of_its_own_service_too(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     billing = EventBus(store, service="billing", clock=clock)
     shipping = EventBus(store, service="shipping", clock=clock)
     await billing.retry_queue.add(Event("x", {}), "Ledger", "boom")
@@ -47,7 +40,6 @@ async def test_a_bus_records_the_depth_of_its_own_service_too(
 
 
 async def test_a_worker_records_the_depth_of_its_service(store: Store, clock: ManualClock) -> None:
-    needs_services(store)
     billing = EventBus(store, service="billing", clock=clock)
     billing.subscribe("x", lambda event: None, name="Ledger")
     await dead(billing, 1, handler="Ledger")
@@ -58,17 +50,6 @@ async def test_a_worker_records_the_depth_of_its_service(store: Store, clock: Ma
             await asyncio.sleep(0.01)
     (sample,) = await DepthHistory(billing).samples("billing")
     assert (sample.retry_queue, sample.dead_unprocessed) == (0, 1)
-
-
-async def test_a_store_without_services_keeps_only_its_own_history(
-    store: Store, clock: ManualClock
-) -> None:
-    if store.keeps_services:
-        pytest.skip(f"{type(store).__name__} keeps services")
-    bus = EventBus(store, clock=clock)
-    assert await DepthHistory(bus).record() is not None
-    assert len(await DepthHistory(bus).samples()) == 1
-    assert await DepthHistory(bus).samples("default") == []
 
 
 def test_a_service_history_needs_a_service_name() -> None:

@@ -1,12 +1,10 @@
 """The dashboard and services (issue 12): the Services page (workers, handlers,
 the "no live worker" warning), removing a subscription from it (token, CSRF,
 confirmation, refused while live workers run it), ``?service=`` on every other
-page and the selector that sets it, each service's depth history, and a store
-that does not keep services."""
+page and the selector that sets it, and each service's depth history."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +17,6 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.testclient import TestClient
 
-import retrybus
 from dashboard_support import Dash, dead, hrefs, open_test_store, running
 from retrybus import (
     DeadLetterFilter,
@@ -512,57 +509,3 @@ def test_the_overview_charts_the_history_of_the_service_shown(dash: Dash) -> Non
     assert "3 samples from" in html
     assert "the workers of service billing add one a minute" in html
     assert "No samples of service shipping yet" in dash.get("/?service=shipping").text
-
-
-# a store that does not keep services ------------------------------------------------------
-
-
-@pytest.fixture
-def postgres_dash(tmp_path: Path) -> Iterator[Dash]:
-    """The dashboard over a PostgresStore in a schema of its own (skipped, or failed
-    in CI, when the server does not answer)."""
-    from engines._common import unavailable, unique_name
-    from engines.postgresql import URL, WHAT, drop_schema, url_with_schema
-
-    async def reachable() -> None:
-        import asyncpg  # type: ignore[import-untyped]
-
-        from retrybus._stores.postgresql import PostgresStore
-
-        try:
-            conn = await asyncpg.connect(PostgresStore.from_url(URL)._dsn, timeout=5)
-        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-            unavailable(WHAT, f"{type(exc).__name__}: {exc}")
-        await conn.close()
-
-    asyncio.run(reachable())
-    schema = unique_name()
-    try:
-        with running(retrybus.open_store(url_with_schema(schema))) as opened:
-            yield opened
-    finally:
-        asyncio.run(drop_schema(schema))
-
-
-def test_a_store_without_services_says_so_instead_of_failing(postgres_dash: Dash) -> None:
-    dash = postgres_dash
-    if dash.bus.store.keeps_services:
-        pytest.skip("PostgresStore keeps services now: the other tests cover it")
-    letter = dash.run(dead, dash.bus, 1)
-    html = dash.get("/services").text
-    assert 'id="no-services"' in html
-    assert "PostgresStore</strong> does not keep services yet" in html
-    assert "service-picker" not in dash.get("/").text
-    # every record is of the default service: ?service=default is all of them
-    default = dash.get("/dead-letters?service=default")
-    assert default.status_code == 200
-    assert listed_dead(default.text) == {letter.id}
-    for path in ("/", "/dead-letters", "/retry-queue", "/groups", "/redrives"):
-        response = dash.get(path, params={"service": "billing"})
-        assert response.status_code == 404, path
-        assert "does not keep services yet" in response.text, path
-        assert all("service=" not in link for link in hrefs(response.text)), path
-    dash.login()
-    refused = dash.post("/services/remove", {"service": "default", "confirmed": "yes"})
-    assert refused.status_code == 409
-    assert "does not keep services yet" in refused.text

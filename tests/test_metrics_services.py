@@ -27,7 +27,6 @@ from retrybus._observe import BusView
 from retrybus._stores.memory import MemoryStore
 from retrybus.prometheus import METRIC_NAMES, PrometheusMetrics
 from test_metrics import value
-from test_service_admin import needs_services
 
 # the one family that is of the whole store, not of a service
 STORE_WIDE = "retrybus_retry_queue_due"
@@ -140,7 +139,6 @@ async def test_each_family_is_labelled_with_the_service_that_observed_it(
 async def test_depth_gauges_are_per_service_and_handler_on_every_engine(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     registry = CollectorRegistry()
     metrics = PrometheusMetrics(registry)
     billing = EventBus(store, service="billing", clock=clock, metrics=metrics)

@@ -99,8 +99,6 @@ async def test_a_first_publish_that_cannot_read_the_routes_runs_no_handler(
     cannot read it, even one not durable, raises before any handler runs, so no
     service's delivery is left unrecorded."""
     bus, calls = counting_bus(store_url(server), store_timeout=1.0)
-    if not bus.store.keeps_services:
-        pytest.skip(f"{type(bus.store).__name__} does not keep services yet")
     await bus.store.connect()
     await asyncio.to_thread(server.stop)
     with pytest.raises(StoreUnavailable):

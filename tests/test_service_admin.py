@@ -2,7 +2,7 @@
 workers and loads, and the removal of a subscription, which dead-letters what
 waited for it (never drops it) and is refused while a live worker runs the
 handler; and a dead letter of another service, which is requeued, never
-reprocessed, from here. On every engine that keeps services (the others skip)."""
+reprocessed, from here. On every engine."""
 
 from __future__ import annotations
 
@@ -27,12 +27,6 @@ from retrybus import (
     WorkerBeat,
 )
 from retrybus._records import ErrorInfo
-from retrybus._stores.memory import MemoryStore
-
-
-def needs_services(store: Store) -> None:
-    if not store.keeps_services:
-        pytest.skip(f"{type(store).__name__} does not keep services yet")
 
 
 def social_and_notifications(
@@ -62,7 +56,6 @@ async def waiting(store: Store, service: str, handler: str) -> list[RetryItem]:
 async def test_services_lists_subscriptions_workers_and_loads(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     social, notifications, _seen = social_and_notifications(store, clock)
     await notifications.register()
     await social.publish(Event("like.added"), defer=True)
@@ -88,7 +81,6 @@ async def test_services_lists_subscriptions_workers_and_loads(
 async def test_the_overview_shows_each_service_its_handlers_workers_and_a_warning(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     social, notifications, _seen = social_and_notifications(store, clock)
     await notifications.register()
     await social.publish(Event("like.added"), defer=True)
@@ -133,24 +125,12 @@ async def test_the_overview_shows_each_service_its_handlers_workers_and_a_warnin
     assert await social.services.overview("social") == []
 
 
-async def test_the_services_facade_needs_a_store_that_keeps_services() -> None:
-    class NoServices(MemoryStore):  # as an engine that does not keep them yet
-        keeps_services = False
-
-    bus = EventBus(NoServices())
-    with pytest.raises(ValueError, match=r"services\.list\(\): NoServices .* does not keep"):
-        await bus.services.list()
-    with pytest.raises(ValueError, match=r"services\.remove\(\)"):
-        await bus.services.remove("x", actor="alice")
-
-
 # removing ----------------------------------------------------------------------------
 
 
 async def test_removing_a_subscription_dead_letters_what_waited_for_it_with_the_reason(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     social, notifications, _seen = social_and_notifications(store, clock)
     await notifications.register()
     announced: list[DeadLetterItem] = []
@@ -188,7 +168,6 @@ async def test_removing_a_subscription_dead_letters_what_waited_for_it_with_the_
 async def test_removing_every_handler_of_a_service_and_removing_again(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     social, notifications, _seen = social_and_notifications(store, clock)
     await notifications.register()
     await social.publish(Event("like.added"))
@@ -217,7 +196,6 @@ async def test_removing_every_handler_of_a_service_and_removing_again(
 async def test_a_leased_delivery_is_dead_lettered_once_its_lease_ran_out(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     social, notifications, _seen = social_and_notifications(store, clock)
     await notifications.register()
     now = clock.now()
@@ -245,7 +223,6 @@ async def test_a_leased_delivery_is_dead_lettered_once_its_lease_ran_out(
 async def test_a_removal_is_refused_while_a_live_worker_runs_the_handler(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     social, notifications, _seen = social_and_notifications(store, clock)
     worker = RetryWorker(notifications, check_interval=0.02, name="notifications-1")
     await worker.start()
@@ -273,7 +250,6 @@ async def test_a_removal_is_refused_while_a_live_worker_runs_the_handler(
 async def test_a_worker_not_seen_for_three_intervals_refuses_nothing(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     social, notifications, _seen = social_and_notifications(store, clock)
     await notifications.register()
     await store.beat(
@@ -303,7 +279,6 @@ async def test_a_worker_not_seen_for_three_intervals_refuses_nothing(
 async def test_a_dead_letter_of_another_service_is_requeued_not_reprocessed(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     social, notifications, seen = social_and_notifications(store, clock)
     mine: list[Event] = []
 
@@ -362,7 +337,6 @@ async def test_a_dead_letter_of_another_service_is_requeued_not_reprocessed(
 async def test_a_reprocess_redrive_takes_only_its_own_services_dead_letters(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     social, notifications, seen = social_and_notifications(store, clock)
     mine: list[Event] = []
 

@@ -1,10 +1,10 @@
-"""Services across processes (issue 12), on every engine shared across processes
-that keeps services: three services with two worker processes each and two
-publisher processes, a worker killed with SIGKILL mid-run; a service whose
-workers are all stopped, which catches up when one starts while the others go
-on; a service registered late; pruned and removed subscriptions, whose waiting
-deliveries are dead-lettered with the reason, never dropped and never run as
-"unknown handler". Processes: tests/apps/service_worker.py."""
+"""Services across processes (issue 12), on every engine shared across processes:
+three services with two worker processes each and two publisher processes, a
+worker killed with SIGKILL mid-run; a service whose workers are all stopped, which
+catches up when one starts while the others go on; a service registered late;
+pruned and removed subscriptions, whose waiting deliveries are dead-lettered with
+the reason, never dropped and never run as "unknown handler".
+Processes: tests/apps/service_worker.py."""
 
 from __future__ import annotations
 
@@ -135,12 +135,6 @@ def expected_keys(events: dict[str, str]) -> set[str]:
     }
 
 
-async def services_store(kind: str, store: Store) -> str:
-    if not store.keeps_services:
-        pytest.skip(f"{type(store).__name__} does not keep services yet")
-    return ENGINES[kind].namespace_url(store)
-
-
 async def registered(store: Store, expected: set[str]) -> bool:
     stored = await EventBus(store).services.list()
     return {f"{s.service}/{s.handler_name}" for s in stored} >= expected
@@ -152,7 +146,6 @@ async def test_three_services_two_workers_each_two_publishers_and_a_kill(
 ) -> None:
     per_publisher = 2500 if kind != "mongodb" else 300
     async with killable(kind, tmp_path) as (url, store):
-        await services_store(kind, store)
         records = {
             (service, n): tmp_path / f"{service}-{n}.calls" for service in SERVICES for n in (1, 2)
         }
@@ -240,7 +233,7 @@ async def test_a_stopped_service_accumulates_its_deliveries_and_catches_up(
 ) -> None:
     count = 1000 if kind != "mongodb" else 300
     async with fresh_store(kind, tmp_path) as store:
-        url = await services_store(kind, store)
+        url = ENGINES[kind].namespace_url(store)
         handler = ("--handler=Count=job.*",)
         running = await start(url, "running", tmp_path / "running.calls", *handler)
         paused = await start(url, "paused", tmp_path / "paused-1.calls", *handler)
@@ -289,7 +282,7 @@ async def test_a_service_registered_later_receives_only_later_events(
     kind: str, tmp_path: Path
 ) -> None:
     async with fresh_store(kind, tmp_path) as store:
-        url = await services_store(kind, store)
+        url = ENGINES[kind].namespace_url(store)
         shop = EventBus(store, service="shop", route_refresh=0)
         for n in range(50):
             await shop.publish(Event("job.run", id=f"before-{n}"))
@@ -307,7 +300,7 @@ async def test_a_service_registered_later_receives_only_later_events(
 @needs("shared_across_processes")
 async def test_pruned_and_removed_subscriptions_leave_no_orphans(kind: str, tmp_path: Path) -> None:
     async with fresh_store(kind, tmp_path) as store:
-        url = await services_store(kind, store)
+        url = ENGINES[kind].namespace_url(store)
         reports = {"Daily": "job.*", "Weekly": "job.*", "Monthly": "job.*"}
         worker = await start(url, "reports", tmp_path / "first.calls", *handler_args(reports))
         await eventually(

@@ -1,9 +1,8 @@
 """Workers of many services on one store (issue 12): a worker claims only its
 service's records, stores its service's subscriptions when it starts, sends
 heartbeats, and sweeps what waits for removed subscriptions; a stopped
-service's deliveries wait for its next worker. On every engine that keeps
-services (the others skip these tests); the fault-injecting ones on the memory
-store."""
+service's deliveries wait for its next worker. On every engine; the
+fault-injecting ones on the memory store."""
 
 from __future__ import annotations
 
@@ -35,11 +34,6 @@ from retrybus._stores.memory import MemoryStore
 from retrybus._worker import SERVICE_RECORDS_KEPT, UNSUBSCRIBED_SWEEP_INTERVAL
 
 FAST = {"check_interval": 0.02, "heartbeat_interval": 0.05}
-
-
-def needs_services(store: Store) -> None:
-    if not store.keeps_services:
-        pytest.skip(f"{type(store).__name__} does not keep services yet")
 
 
 async def until(condition: Callable[[], Awaitable[bool]], seconds: float = 10.0) -> None:
@@ -90,7 +84,6 @@ async def records(store: Store, service: str) -> list[RetryItem]:
 async def test_a_worker_claims_only_its_services_records_of_a_handler_name_both_have(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     calls = Calls()
     shop, billing, shipping = shop_and_two_services(store, clock, calls)
     await billing.register()
@@ -119,7 +112,6 @@ async def test_a_worker_claims_only_its_services_records_of_a_handler_name_both_
 async def test_running_workers_of_two_services_each_handle_only_their_own(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     calls = Calls()
     shop, billing, shipping = shop_and_two_services(store, clock, calls)
     async with RetryWorker(billing, **FAST), RetryWorker(shipping, **FAST):  # both register
@@ -140,7 +132,6 @@ async def test_running_workers_of_two_services_each_handle_only_their_own(
 async def test_a_stopped_service_accumulates_its_deliveries_and_drains_them_when_a_worker_starts(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     calls = Calls()
     shop, billing, shipping = shop_and_two_services(store, clock, calls)
     async with RetryWorker(shipping, **FAST):
@@ -215,7 +206,6 @@ def count_wakes(worker: RetryWorker, woken: list[str]) -> None:
 async def test_a_worker_stores_its_services_subscriptions_when_it_starts(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     calls = Calls()
     shop, billing, _shipping = shop_and_two_services(store, clock, calls)
     assert await store.list_subscriptions("billing") == []
@@ -259,7 +249,6 @@ async def test_a_worker_started_while_the_store_is_down_registers_once_it_answer
 async def test_a_worker_beats_with_its_lanes_busy_and_forgets_its_beat_when_it_stops(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     bus = EventBus(store, service="billing", clock=clock)
     started, release = asyncio.Event(), asyncio.Event()
 
@@ -378,7 +367,6 @@ async def test_the_worker_command_beats_every_heartbeat_interval(clock: ManualCl
 async def test_a_workers_maintenance_deletes_day_old_heartbeats_and_tombstones(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     bus = EventBus(store, service="billing", clock=clock)
     bus.subscribe("order.placed", Calls().handler("billing"), name="OnOrder")
     await bus.register()
@@ -411,7 +399,6 @@ async def test_a_workers_maintenance_deletes_day_old_heartbeats_and_tombstones(
 async def test_a_worker_sweeps_what_a_stale_publisher_wrote_after_a_removal(
     store: Store, clock: ManualClock
 ) -> None:
-    needs_services(store)
     calls = Calls()
     shop, billing, shipping = shop_and_two_services(store, clock, calls)
     await shipping.register()

@@ -1,14 +1,13 @@
 """Services (issue 12), names and records: a record carries its service; the default
 service keeps the ids and failure groups of the stores before services, another gets
-ids and groups of its own; service names are checked; a bus of another service runs
-only on a store that keeps services."""
+ids and groups of its own; service names are checked; a store implements the services
+part of the store protocol."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import ClassVar
 
 import pytest
 
@@ -24,7 +23,7 @@ from retrybus._services import (
     is_service_name,
     unsubscribed_reason,
 )
-from retrybus._stores.base import ServiceStore, outside_default
+from retrybus._stores.base import ServiceStore
 from retrybus._stores.memory import MemoryStore
 from retrybus._stores.sqlite.codec import CODEC
 
@@ -35,12 +34,6 @@ EVENT = Event("order.placed", {"order": 17}, source="svc", id="event-1", time=NO
 # must keep them (stored records and groups are never recomputed)
 DEFAULT_ID = "retry_f8288aef3d79b98dfcf633492059605e"
 DEFAULT_GROUP = "grp_5ee619fe7242fe99"
-
-
-class OldEngine(MemoryStore):
-    """An engine that does not keep services yet."""
-
-    keeps_services: ClassVar[bool] = False
 
 
 # ids and failure groups ------------------------------------------------------------
@@ -250,28 +243,19 @@ def test_any_other_service_name_is_refused_with_the_value(name: object) -> None:
 # the bus ---------------------------------------------------------------------------
 
 
-def test_the_memory_store_keeps_services() -> None:
-    assert MemoryStore.keeps_services
+def test_a_bus_of_another_service_runs_on_the_memory_store() -> None:
     assert EventBus(MemoryStore(), service="billing").service == "billing"
 
 
 def test_a_bus_is_of_the_default_service_unless_named() -> None:
     bus = EventBus()
     assert bus.service == DEFAULT_SERVICE == bus.core.service
-    assert EventBus(OldEngine(), service="default").service == DEFAULT_SERVICE
+    assert EventBus(MemoryStore(), service="default").service == DEFAULT_SERVICE
 
 
 def test_a_bus_refuses_a_service_name_that_is_not_one() -> None:
     with pytest.raises(ValueError, match="'bill/ing'"):
         EventBus(MemoryStore(), service="bill/ing")
-
-
-def test_a_bus_of_another_service_refuses_an_engine_that_does_not_keep_services() -> None:
-    with pytest.raises(ValueError, match="does not keep services") as refused:
-        EventBus(OldEngine(), service="billing")
-    message = str(refused.value)
-    assert "service='billing'" in message
-    assert "OldEngine (memory://)" in message
 
 
 async def test_a_service_bus_writes_records_of_its_service() -> None:
@@ -312,34 +296,27 @@ async def test_a_service_bus_records_a_failed_first_call_in_its_service() -> Non
 
 
 class Bare(ServiceStore):
-    """An engine that keeps no services: the protocol's defaults."""
+    """An engine that implements none of the services part."""
 
 
-async def test_an_engine_without_services_says_so_naming_itself() -> None:
-    store = Bare()
-    assert not store.keeps_services
-    with pytest.raises(NotImplementedError, match=r"Bare\.put_subscriptions: .* services"):
-        await store.put_subscriptions("billing", [], prune=False, now=NOW, actor="a")
-    calls = [
-        store.remove_subscriptions("billing", None, now=NOW, actor="a"),
-        store.list_subscriptions(),
-        store.subscriptions_revision(),
-        store.forget_subscriptions(NOW),
-        store.dead_letter_unsubscribed(now=NOW, limit=10),
-        store.forget_worker("w"),
-        store.list_workers(),
-        store.prune_workers(NOW),
-        store.service_loads(NOW),
-    ]
-    for call in calls:
-        with pytest.raises(NotImplementedError, match="Bare"):
-            await call
-
-
-def test_only_the_default_service_is_inside_an_engine_without_services() -> None:
-    assert not outside_default(None)
-    assert not outside_default(DEFAULT_SERVICE)
-    assert outside_default("billing")
+def test_an_engine_must_implement_every_method_of_the_services_part() -> None:
+    assert ServiceStore.__abstractmethods__ == {
+        "put_subscriptions",
+        "remove_subscriptions",
+        "list_subscriptions",
+        "subscriptions_revision",
+        "forget_subscriptions",
+        "dead_letter_unsubscribed",
+        "beat",
+        "forget_worker",
+        "list_workers",
+        "prune_workers",
+        "service_loads",
+    }
+    with pytest.raises(TypeError, match="abstract") as refused:
+        Bare()  # type: ignore[abstract]
+    assert "put_subscriptions" in str(refused.value)
+    assert not MemoryStore.__abstractmethods__
 
 
 # dead letter filters and reasons ---------------------------------------------------

@@ -201,7 +201,6 @@ async def test_a_version_4_database_reads_every_record_back_as_the_default_servi
     scheduled, leased, failed = items
     now = START
     async with open_store(f"sqlite:///{path}") as store:
-        assert store.keeps_services
         for item in items:
             assert (await store.get_retry(item.id)) == item
             assert item.service == "default"

@@ -69,11 +69,9 @@ class EventBus:
 
     ``service`` names the service the bus's handlers belong to (``"default"``
     unless named; 1 to 64 letters, digits, ``.``, ``_`` or ``-``): its records
-    carry the name. A service other than the default needs a store that keeps
-    services (``Store.keeps_services``); the bus refuses any other. On such a
-    store ``publish`` also records a pending delivery for each handler of
-    another service whose stored subscription (``register``) matches the
-    event's type; ``route_refresh`` (seconds, 5 by default; 0: before every
+    carry the name. ``publish`` also records a pending delivery for each
+    handler of another service whose stored subscription (``register``) matches
+    the event's type; ``route_refresh`` (seconds, 5 by default; 0: before every
     publish) is how often it checks the store for subscriptions that changed.
     """
 
@@ -137,7 +135,6 @@ class EventBus:
         check_service(service)
         if store is None:
             store = MemoryStore()
-        _check_keeps_services(service, store)
         self._core = BusCore(
             store,
             service=service,
@@ -239,7 +236,6 @@ class EventBus:
         """Switch to another store (for example the one ``retrybus worker --store`` names)."""
         if not isinstance(store, Store):
             raise TypeError(f"store must be a retrybus store (see open_store), got {store!r}")
-        _check_keeps_services(self._core.service, store)
         self._core.store = store
 
     async def register(self, *, prune: bool = False, actor: str | None = None) -> Registration:
@@ -253,10 +249,6 @@ class EventBus:
         the workers' sweep, never dropped). Returns what changed."""
         core = self._core
         store = core.store
-        if not store.keeps_services:
-            raise ValueError(
-                f"register(): {type(store).__name__} ({store.url}) does not keep services yet"
-            )
         now = core.clock.now()
         subscriptions = [
             StoredSubscription(
@@ -449,12 +441,4 @@ class EventBus:
             counters=counters,
             due_within_minute=await store.count_due(now + timedelta(minutes=1)),
             due_within_hour=await store.count_due(now + timedelta(hours=1)),
-        )
-
-
-def _check_keeps_services(service: str, store: Store) -> None:
-    if service != DEFAULT_SERVICE and not store.keeps_services:
-        raise ValueError(
-            f"EventBus(service={service!r}): {type(store).__name__} ({store.url}) does not "
-            f"keep services yet; on it only the default service ({DEFAULT_SERVICE!r}) runs"
         )

@@ -399,11 +399,9 @@ class DeadLetterQueue:
         has none)."""
         if item.service == self._core.service:
             return self._core.policy_for(item.handler_name).max_retries
-        store = self._core.store
-        if store.keeps_services:
-            for subscription in await store.list_subscriptions(item.service):
-                if subscription.handler_name == item.handler_name:
-                    return subscription.max_retries
+        for subscription in await self._core.store.list_subscriptions(item.service):
+            if subscription.handler_name == item.handler_name:
+                return subscription.max_retries
         return item.max_retries
 
     async def delete(self, item_id: str) -> None:

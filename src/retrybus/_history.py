@@ -6,9 +6,9 @@ the dashboard) adds to one history, and it outlives them. A sample is added
 only when the newest is older than the interval, so many recorders add one
 sample per interval between them.
 
-On a store that keeps services, each recorder also adds a sample of its own
-bus's service (its records only) to that service's history
-(``depth_history/<service>``): the workers of a service keep its chart.
+Each recorder also adds a sample of its own bus's service (its records only)
+to that service's history (``depth_history/<service>``): the workers of a
+service keep its chart.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class DepthHistory:
 
     async def samples(self, service: str | None = None) -> list[DepthSample]:
         """The samples kept, oldest first: of the whole store, or of ``service``'s
-        records (recorded by that service's workers, on a store that keeps services)."""
+        records (recorded by that service's workers)."""
         record = await self._bus.store.get_control(history_key(service))
         if record is None:
             return []
@@ -77,13 +77,12 @@ class DepthHistory:
         """Add a sample of now, unless the newest is younger than the interval (or
         another process added one meanwhile). Returns the sample added, or None.
 
-        On a store that keeps services, a sample of the bus's own service
-        (``bus.service``) goes to that service's history too, on the same terms."""
-        store = self._bus.store
+        A sample of the bus's own service (``bus.service``) goes to that
+        service's history too, on the same terms."""
         added = await self._add(history_key(), self._measure_store)
         # any BusView may record; only a bus of a service (an EventBus) has one
         service = getattr(self._bus, "service", None)
-        if store.keeps_services and is_service_name(service):
+        if is_service_name(service):
             await self._add(history_key(service), lambda now: self._measure_service(service, now))
         return added
 

@@ -120,9 +120,8 @@ class Redrives:
         now = self._core.clock.now()
         selected = where.narrowed(created_before=now + timedelta(microseconds=1), cursor=None)
         if action == "reprocess":
-            selected = replace(selected, processed=False)
-            if self._core.store.keeps_services:  # only this service has the handlers
-                selected = replace(selected, service=self._core.service)
+            # this service's own dead letters only: it has their handlers
+            selected = replace(selected, processed=False, service=self._core.service)
         total = await self._core.store.count_dead(selected)
         redrive = Redrive(
             id=f"redrive_{time.time_ns() // 1_000_000:012x}{uuid.uuid4().hex[:8]}",

@@ -83,8 +83,6 @@ class Routes:
         ``await matching()``). Starts a check of the store's revision in the
         background when one is due."""
         store = self._core.store
-        if not store.keeps_services:
-            return ()
         table = self._table
         if (
             table is None
@@ -111,8 +109,6 @@ class Routes:
         """Read the store's subscriptions into the copy, unless its revision shows
         the copy is current. Raises what the store raises."""
         store = self._core.store
-        if not store.keeps_services:
-            return
         changes = _CHANGES.get(store, 0)
         revision = await store.subscriptions_revision()
         if self._table is None or self._store is not store or revision != self._revision:

@@ -24,7 +24,6 @@ from ._services import (
 
 if TYPE_CHECKING:
     from ._core import BusCore
-    from ._stores.base import Store
 
 __all__ = ["ServiceRemoval", "Services"]
 
@@ -51,22 +50,13 @@ class ServiceRemoval:
 class Services:
     """The services that share the bus's store: their stored subscriptions, their
     workers' heartbeats, what waits for each of their handlers; and the removal
-    of a subscription. Needs a store that keeps services (``Store.keeps_services``).
+    of a subscription.
 
     >>> await bus.services.remove("billing", "SendInvoice", actor="alice")
     """
 
     def __init__(self, core: BusCore) -> None:
         self._core = core
-
-    def _store(self, what: str) -> Store:
-        store = self._core.store
-        if not store.keeps_services:
-            raise ValueError(
-                f"services.{what}(): {type(store).__name__} ({store.url}) does not keep "
-                "services yet"
-            )
-        return store
 
     async def list(
         self, service: str | None = None, *, removed: bool = False
@@ -76,7 +66,7 @@ class Services:
         ones too (kept for a day)."""
         if service is not None:
             check_service(service)
-        return await self._store("list").list_subscriptions(service, removed=removed)
+        return await self._core.store.list_subscriptions(service, removed=removed)
 
     async def workers(self, service: str | None = None) -> builtins.list[WorkerBeat]:
         """The workers' last heartbeats (of ``service``; None: of every service), by
@@ -84,11 +74,11 @@ class Services:
         stopped deletes its own; one that died is deleted a day after its last."""
         if service is not None:
             check_service(service)
-        return await self._store("workers").list_workers(service)
+        return await self._core.store.list_workers(service)
 
     async def loads(self) -> builtins.list[HandlerLoad]:
         """What waits for each handler of each service, now (``HandlerLoad``)."""
-        return await self._store("loads").service_loads(self._core.clock.now())
+        return await self._core.store.service_loads(self._core.clock.now())
 
     async def overview(self, service: str | None = None) -> builtins.list[ServiceSummary]:
         """Every service sharing the store (or only ``service``), by name: its
@@ -97,7 +87,7 @@ class Services:
         What ``retrybus services`` and the dashboard's Services page show."""
         if service is not None:
             check_service(service)
-        store = self._store("overview")
+        store = self._core.store
         now = self._core.clock.now()
         subscriptions = await store.list_subscriptions(service, removed=True)
         beats = await store.list_workers(service)
@@ -131,7 +121,7 @@ class Services:
         if not isinstance(actor, str) or not actor:
             raise ValueError(f"actor must be a non-empty string, got {actor!r}")
         check_text(actor, "actor")
-        store = self._store("remove")
+        store = self._core.store
         stored = [
             subscription
             for subscription in await store.list_subscriptions(service, removed=True)
@@ -180,7 +170,7 @@ class Services:
         wanted = set(handlers)
         running = [
             beat
-            for beat in await self._store("in_use").list_workers(service)
+            for beat in await self._core.store.list_workers(service)
             if beat.live_at(now) and not wanted.isdisjoint(beat.handlers)
         ]
         if not running:
@@ -202,8 +192,6 @@ class Services:
 
     async def _sweep(self, limit: int) -> builtins.list[DeadLetterItem]:
         core = self._core
-        moved = await self._store("sweep").dead_letter_unsubscribed(
-            now=core.clock.now(), limit=limit
-        )
+        moved = await core.store.dead_letter_unsubscribed(now=core.clock.now(), limit=limit)
         await core.ledger.dead_lettered(moved)
         return moved

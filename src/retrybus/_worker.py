@@ -104,17 +104,16 @@ class RetryWorker:
     worker rides out an outage; with ``fail_fast`` its ``start()`` raises
     ``StoreUnavailable`` instead.
 
-    On a store that keeps services (``Store.keeps_services``) a worker claims
-    only records of its bus's service (``bus.service``) and handlers, so workers
-    of two services never take each other's deliveries, even of handlers of the
-    same name. It stores the service's subscriptions when it starts
-    (``bus.register()``, once the store answers), so that publishers of other
-    services record deliveries for them; it sends a heartbeat (``WorkerBeat``:
-    where it runs, its lanes and how many are busy, its handlers) every
-    ``heartbeat_interval`` seconds, which ``stop()`` deletes; every
-    ``UNSUBSCRIBED_SWEEP_INTERVAL`` seconds it moves to the dead letter queue
-    what waits for removed subscriptions (``bus.services.sweep()``), and with
-    its maintenance it deletes heartbeats and tombstones a day old.
+    A worker claims only records of its bus's service (``bus.service``) and
+    handlers, so workers of two services never take each other's deliveries, even
+    of handlers of the same name. It stores the service's subscriptions when it
+    starts (``bus.register()``, once the store answers), so that publishers of
+    other services record deliveries for them; it sends a heartbeat
+    (``WorkerBeat``: where it runs, its lanes and how many are busy, its handlers)
+    every ``heartbeat_interval`` seconds, which ``stop()`` deletes; every
+    ``UNSUBSCRIBED_SWEEP_INTERVAL`` seconds it moves to the dead letter queue what
+    waits for removed subscriptions (``bus.services.sweep()``), and with its
+    maintenance it deletes heartbeats and tombstones a day old.
     """
 
     def __init__(
@@ -211,13 +210,12 @@ class RetryWorker:
             await self._stop_watching()
             raise
         self.bus.core.ledger.add_schedule_listener(self._on_retry_scheduled)
-        if self.bus.store.keeps_services:
-            if self._registered:
-                await self._beat()  # listed at once; the loop beats on
-            self._beater = asyncio.create_task(
-                self._beat_continuously(first=not self._registered),
-                name=f"retrybus-heartbeat-{self.name}",
-            )
+        if self._registered:
+            await self._beat()  # listed at once; the loop beats on
+        self._beater = asyncio.create_task(
+            self._beat_continuously(first=not self._registered),
+            name=f"retrybus-heartbeat-{self.name}",
+        )
         self._task = asyncio.create_task(self._loop(watching), name=f"retrybus-worker-{self.name}")
         self._task.add_done_callback(self._loop_ended)
         logger.info(
@@ -234,20 +232,19 @@ class RetryWorker:
                 await unwatch()
 
     async def _register(self) -> None:
-        """Store the service's subscriptions (once per start, on a store that keeps
-        services), so that other services' publishers record deliveries for them."""
+        """Store the service's subscriptions (once per start), so that other
+        services' publishers record deliveries for them."""
         if self._registered:
             return
-        if self.bus.store.keeps_services:
-            registration = await self.bus.register()
-            if registration.wrote:
-                logger.info(
-                    "worker %s: stored the subscriptions of service %s (added: %s; changed: %s)",
-                    self.name,
-                    self.bus.service,
-                    ", ".join(registration.added) or "none",
-                    ", ".join(registration.changed) or "none",
-                )
+        registration = await self.bus.register()
+        if registration.wrote:
+            logger.info(
+                "worker %s: stored the subscriptions of service %s (added: %s; changed: %s)",
+                self.name,
+                self.bus.service,
+                ", ".join(registration.added) or "none",
+                ", ".join(registration.changed) or "none",
+            )
         self._registered = True
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
@@ -351,11 +348,6 @@ class RetryWorker:
 
     # heartbeats ------------------------------------------------------------
 
-    def _own_service(self) -> str | None:
-        """The service whose records this worker claims (None: any, on a store
-        that keeps default-service records only)."""
-        return self.bus.service if self.bus.store.keeps_services else None
-
     async def _beat_continuously(self, *, first: bool) -> None:
         if not first:
             await asyncio.sleep(self.heartbeat_interval)
@@ -367,8 +359,6 @@ class RetryWorker:
         """Store this worker's heartbeat. A failure is logged (once, until a beat
         goes through again) and never stops the worker."""
         store = self.bus.store
-        if not store.keeps_services:
-            return
         from . import __version__  # the package is loaded whole by now
 
         now = self.bus.clock.now()
@@ -566,10 +556,10 @@ class RetryWorker:
     async def _idle_time(self) -> float:
         longest = self.check_interval
         now = self.bus.clock.now()
-        if self._next_sweep is not None and self.bus.store.keeps_services:
+        if self._next_sweep is not None:
             longest = min(longest, max((self._next_sweep - now).total_seconds(), _MIN_IDLE))
         try:
-            due = await self.bus.store.next_due(self.bus.handler_names, service=self._own_service())
+            due = await self.bus.store.next_due(self.bus.handler_names, service=self.bus.service)
         except StoreUnavailable:
             return longest
         if due is None:
@@ -601,25 +591,22 @@ class RetryWorker:
                 deleted,
             )
         store = self.bus.store
-        if store.keeps_services:
-            pruned = await store.prune_workers(now - SERVICE_RECORDS_KEPT)
-            forgotten = await store.forget_subscriptions(now - SERVICE_RECORDS_KEPT)
-            if pruned or forgotten:
-                logger.info(
-                    "worker %s: deleted %d heartbeats not seen for a day and %d subscriptions "
-                    "removed a day ago",
-                    self.name,
-                    pruned,
-                    forgotten,
-                )
+        pruned = await store.prune_workers(now - SERVICE_RECORDS_KEPT)
+        forgotten = await store.forget_subscriptions(now - SERVICE_RECORDS_KEPT)
+        if pruned or forgotten:
+            logger.info(
+                "worker %s: deleted %d heartbeats not seen for a day and %d subscriptions "
+                "removed a day ago",
+                self.name,
+                pruned,
+                forgotten,
+            )
 
     async def _sweep_unsubscribed(self, now: datetime) -> None:
         """Every ``UNSUBSCRIBED_SWEEP_INTERVAL`` seconds, move to the dead letter
         queue what waits for removed subscriptions (one batch; a full one goes on
         at the next turn of the loop)."""
-        if not self.bus.store.keeps_services or (
-            self._next_sweep is not None and now < self._next_sweep
-        ):
+        if self._next_sweep is not None and now < self._next_sweep:
             return
         self._next_sweep = now + timedelta(seconds=UNSUBSCRIBED_SWEEP_INTERVAL)
         moved = await self.bus.services.sweep(limit=UNSUBSCRIBED_BATCH)
@@ -675,7 +662,7 @@ class RetryWorker:
             lease=self.lease,
             owner=owner,
             handlers=self.bus.handler_names,
-            service=self._own_service(),
+            service=self.bus.service,
         )
         if not items:
             return None

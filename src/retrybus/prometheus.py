@@ -27,10 +27,8 @@ Their labels, the service first (``retrybus.EventBus(service=)``)::
 ``processed`` ``true`` or ``false``. A delivery's figures carry the service of
 the bus that ran or published it (a record's own service when a bus acts on
 another service's records, as ``bus.services.remove`` and a requeue may). The
-depth gauges are read from the store (``refresh``) for every service it holds;
-a store that does not keep services (``Store.keeps_services``) reports its
-queues as the ``default`` service's. ``exposition(service=)`` keeps one
-service's samples only.
+depth gauges are read from the store (``refresh``) for every service it holds.
+``exposition(service=)`` keeps one service's samples only.
 
 The figures are kept as plain numbers and handed to prometheus-client when it
 is scraped (a custom collector): counting a delivery costs well under a
@@ -67,7 +65,6 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
         f"retrybus metrics need {exc.name}: pip install 'retrybus[prometheus]'"
     ) from exc
 
-from ._filters import DeadLetterFilter
 from ._services import DEFAULT_SERVICE, check_service
 
 if TYPE_CHECKING:
@@ -430,14 +427,10 @@ class PrometheusMetrics:
 
     async def refresh(self, bus: BusView) -> None:
         """Read the queues' depth from ``bus``'s store into the gauges, per service
-        and handler, of every service the store holds (a store that does not keep
-        services: all as the default service's). A queue that emptied reads 0."""
+        and handler, of every service the store holds. A queue that emptied reads 0."""
         store = bus.store
         now = bus.clock.now()
-        if store.keeps_services:
-            retry_depth, dead_depth = await _service_depths(store, now)
-        else:
-            retry_depth, dead_depth = await _default_depths(store)
+        retry_depth, dead_depth = await _service_depths(store, now)
         due = await store.count_due(now)
         figures = self._figures
         # a queue that emptied reads 0 rather than vanishing (a stale value would linger)
@@ -477,8 +470,8 @@ _DeadDepths = dict[tuple[str, str, str], int]
 
 async def _service_depths(store: Store, now: datetime) -> tuple[_RetryDepths, _DeadDepths]:
     """Each (service, handler)'s queue depths, from ``service_loads``: at most the
-    ``_MAX_DEPTH_SERIES`` largest of each queue (of processed and of unprocessed
-    dead letters, as ``_default_depths``)."""
+    ``_MAX_DEPTH_SERIES`` largest of the retry queue, of the unprocessed dead
+    letters and of the processed ones."""
     loads = await store.service_loads(now)
     retry_depth = _largest(
         ((load.service, load.handler_name), load.queued) for load in loads if load.queued
@@ -495,23 +488,6 @@ async def _service_depths(store: Store, now: datetime) -> tuple[_RetryDepths, _D
             if load.dead_processed
         ),
     }
-    return retry_depth, dead_depth
-
-
-async def _default_depths(store: Store) -> tuple[_RetryDepths, _DeadDepths]:
-    """The queue depths per handler of a store that does not keep services (its
-    records are all the default service's)."""
-    retry_depth = {
-        (DEFAULT_SERVICE, group.key): group.count
-        for group in await store.group_retry("handler_name", limit=_MAX_DEPTH_SERIES)
-    }
-    dead_depth: _DeadDepths = {}
-    for processed in (False, True):
-        flag = "true" if processed else "false"
-        for group in await store.group_dead(
-            "handler_name", DeadLetterFilter(processed=processed), limit=_MAX_DEPTH_SERIES
-        ):
-            dead_depth[(DEFAULT_SERVICE, group.key, flag)] = group.count
     return retry_depth, dead_depth
 
 

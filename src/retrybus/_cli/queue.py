@@ -10,7 +10,7 @@ import typer
 
 from .._bus import EventBus
 from .._records import RETRY_KINDS, RetryItem, RetryKind
-from .._services import DEFAULT_SERVICE, check_service
+from .._services import check_service
 from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
 from .ids import RetryIdArgument, resolve_retry_id
 from .output import echo_json, record_to_dict
@@ -38,10 +38,6 @@ def kinds_line(counts: dict[RetryKind, int]) -> str:
 
 async def _service_kinds(bus: EventBus, service: str, now: datetime) -> dict[RetryKind, int]:
     """How many items of each kind wait for ``service``'s handlers at ``now``."""
-    if not bus.store.keeps_services:  # then every item is of the default service
-        if service == DEFAULT_SERVICE:
-            return await bus.store.count_retry_kinds(now)
-        return dict.fromkeys(RETRY_KINDS, 0)
     loads = [load for load in await bus.store.service_loads(now) if load.service == service]
     return {
         "retry": sum(load.retrying for load in loads),

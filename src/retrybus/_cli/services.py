@@ -16,7 +16,6 @@ from .._errors import SubscriptionInUse, UnknownSubscription
 from .._event import check_text
 from .._service_admin import ServiceRemoval
 from .._services import check_service
-from .._stores import Store
 from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
 from .output import echo_json, service_to_dict
 from .selection import YesOption, actor_name
@@ -60,15 +59,6 @@ def _check_service_name(value: str) -> None:
         fail(f"SERVICE {value!r}: {exc}", EXIT_USAGE)
 
 
-def _require_services(store: Store, command: str) -> None:
-    if not store.keeps_services:
-        raise CliError(
-            f"{type(store).__name__} ({store.url}) does not keep services yet: "
-            f"'retrybus services{command}' needs a store that does",
-            EXIT_USAGE,
-        )
-
-
 @services_app.command("show")
 def show_services(
     service: Annotated[
@@ -106,7 +96,6 @@ def show_services(
 
     async def main() -> None:
         async with connected_bus(store, app, app_dir) as bus:
-            _require_services(bus.store, "")
             summaries = await bus.services.overview(service)
             if service is not None and not summaries:
                 known = ", ".join(s.service for s in await bus.services.overview()) or "none"
@@ -258,7 +247,6 @@ def remove_subscriptions(
 
     async def main() -> tuple[ServiceRemoval, list[str]]:
         async with connected_bus(store, app, app_dir) as bus:
-            _require_services(bus.store, " remove")
             stored = await bus.services.list(service, removed=True)
             chosen = [s for s in stored if handler is None or s.handler_name == handler]
             if not chosen:

@@ -189,8 +189,7 @@ def build_parser(prog: str = "retrybus worker") -> argparse.ArgumentParser:
         type=_seconds,
         default=10.0,
         metavar="S",
-        help="store a heartbeat every S seconds, on a store that keeps services: the worker "
-        "counts as live for three of them (10)",
+        help="store a heartbeat every S seconds: the worker counts as live for three of them (10)",
     )
     parser.add_argument(
         "--app-dir", default=".", metavar="DIR", help="directory put first on sys.path (.)"

@@ -5,11 +5,8 @@ a JSON value and a flag (ISO text or ``timestamptz``, JSON text or a document,
 damaged dead letter is still shown are decided here once.
 
 ``service`` (issue 12) comes last in both records, where a column added to a
-table goes. A record without it (a row or document written before services, a
-column or field an engine does not keep yet) reads as one of the default
-service. An engine that does not store services yet (``keeps_services`` in
-``_stores/base.py``) leaves the field out of what it writes: it holds
-default-service records only."""
+table goes. A record without it (a row or document written before services)
+reads as one of the default service."""
 
 from __future__ import annotations
 

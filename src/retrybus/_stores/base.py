@@ -1,4 +1,5 @@
-"""The store protocol: what every engine (memory, SQLite, later servers) implements.
+"""The store protocol: what every engine (memory, SQLite, PostgreSQL, Redis,
+MongoDB, or a store of your own) implements.
 
 A store keeps both queues and moves items between them atomically. It takes
 the time as an argument (``now``) from the caller, who reads it from the
@@ -8,10 +9,7 @@ item whose lease another claim has taken over (the fencing check).
 
 Services (issue 12) share one store: each record carries its service's name,
 and the store keeps each service's subscriptions and its workers' heartbeats
-(``ServiceStore``). Engines gain them one at a time: until an engine sets
-``keeps_services``, it holds default-service records only (a claim, a listing
-or a filter naming another service finds nothing there: ``outside_default``)
-and its ``ServiceStore`` methods raise ``NotImplementedError``.
+(``ServiceStore``). Every engine keeps them; ``MemoryStore`` is the reference.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from .._groups import GroupCount
 from .._outcomes import CorruptRecord, Counters, Outcome, Succeeded
 from .._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
 from .._services import (
-    DEFAULT_SERVICE,
     HandlerLoad,
     Registration,
     StoredSubscription,
@@ -46,9 +43,6 @@ __all__ = [
     "ServiceStore",
     "Store",
     "check_retry_kind",
-    "default_service_dead_groups",
-    "default_service_retry_groups",
-    "outside_default",
 ]
 
 
@@ -73,38 +67,6 @@ def check_retry_kind(kind: str | None, now: datetime | None) -> None:
         raise ValueError(f"kind must be one of {', '.join(RETRY_KINDS)}, got {kind!r}")
     if kind != "retry" and now is None:
         raise ValueError(f"listing {kind} deliveries needs now (when they are due)")
-
-
-def outside_default(service: str | None) -> bool:
-    """For an engine that keeps default-service records only (``keeps_services``
-    False): whether a claim, a listing or a filter for ``service`` (None: any)
-    names another service, of which it holds nothing."""
-    return service is not None and service != DEFAULT_SERVICE
-
-
-async def default_service_dead_groups(
-    store: AdminStore, where: DeadLetterFilter, *, limit: int
-) -> list[GroupCount]:
-    """``group_dead("service", where)`` of an engine that keeps default-service
-    records only: one group, ``default``, of every dead letter ``where`` matches
-    (none when it names another service)."""
-    count = 0 if outside_default(where.service) or limit < 1 else await store.count_dead(where)
-    if count == 0:
-        return []
-    (newest,) = await store.list_dead(where, limit=1, offset=0)
-    (oldest,) = await store.list_dead(where, limit=1, offset=count - 1)
-    return [GroupCount(DEFAULT_SERVICE, count, oldest.created_at, newest.created_at, newest.id)]
-
-
-async def default_service_retry_groups(store: AdminStore, *, limit: int) -> list[GroupCount]:
-    """``group_retry("service")`` of an engine that keeps default-service records
-    only: one group, ``default``, of the whole retry queue."""
-    count = 0 if limit < 1 else await store.retry_count()
-    if count == 0:
-        return []
-    (first,) = await store.list_retry(limit=1, offset=0)
-    (last,) = await store.list_retry(limit=1, offset=count - 1)
-    return [GroupCount(DEFAULT_SERVICE, count, first.next_retry, last.next_retry, first.id)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,25 +355,13 @@ class AdminStore(abc.ABC):
         """Connect (and create tables) now rather than on first use."""
 
 
-class ServiceStore:
+class ServiceStore(abc.ABC):
     """The services part of a store (issue 12): the subscriptions each service
     keeps there, its workers' heartbeats, and what waits for each of its handlers.
-
-    The methods are not abstract while engines gain them one at a time: an
-    engine that does not keep services (``keeps_services`` False) raises
-    ``NotImplementedError`` naming itself. ``MemoryStore`` is the reference.
+    ``MemoryStore`` is the reference.
     """
 
-    #: it stores each record's service (issue 12): a bus of a service other than
-    #: the default runs only on such a store (an engine that does not yet keeps
-    #: default-service records only, and reads every record as one)
-    keeps_services: ClassVar[bool] = False
-
-    def _services_missing(self, method: str) -> NotImplementedError:
-        return NotImplementedError(
-            f"{type(self).__name__}.{method}: this engine does not keep services yet"
-        )
-
+    @abc.abstractmethod
     async def put_subscriptions(
         self,
         service: str,
@@ -431,8 +381,8 @@ class ServiceStore:
         call); a call that changes nothing writes nothing and leaves the revision
         as it is. Raises ``ValueError`` for a subscription of another service or
         a handler named twice."""
-        raise self._services_missing("put_subscriptions")
 
+    @abc.abstractmethod
     async def remove_subscriptions(
         self, service: str, handlers: Collection[str] | None, *, now: datetime, actor: str
     ) -> list[str]:
@@ -440,28 +390,28 @@ class ServiceStore:
         them) in one step, ``removed_by`` ``actor``, with the next revision;
         returns the names of the handlers removed, sorted (handlers unknown or
         removed already are skipped)."""
-        raise self._services_missing("remove_subscriptions")
 
+    @abc.abstractmethod
     async def list_subscriptions(
         self, service: str | None = None, *, removed: bool = False
     ) -> list[StoredSubscription]:
         """The live subscriptions of ``service`` (None: of every service), by
         service then handler name; with ``removed``, the tombstones too."""
-        raise self._services_missing("list_subscriptions")
 
+    @abc.abstractmethod
     async def subscriptions_revision(self) -> int:
         """The revision of the last write of a subscription (0: none yet). It
         changes with every write that changes a subscription and never goes back
         (forgetting tombstones does not lower it): a publisher that caches the
         subscriptions reloads them only when it changed."""
-        raise self._services_missing("subscriptions_revision")
 
+    @abc.abstractmethod
     async def forget_subscriptions(self, before: datetime) -> int:
         """Delete the tombstones of subscriptions removed before ``before``; returns
         how many went. The revision does not change (what publishers route to
         does not)."""
-        raise self._services_missing("forget_subscriptions")
 
+    @abc.abstractmethod
     async def dead_letter_unsubscribed(self, *, now: datetime, limit: int) -> list[DeadLetterItem]:
         """Move to the dead letter queue up to ``limit`` retry queue records (due
         first, then by id) of handlers whose subscription is a tombstone and that
@@ -470,32 +420,31 @@ class ServiceStore:
         ACTOR)`` (``unsubscribed_reason``) and, as ``expire_retry`` makes them, the
         retries made as its ``attempt``. Counted as ``expire_retry`` counts.
         Returns the dead letters; call again until none is left."""
-        raise self._services_missing("dead_letter_unsubscribed")
 
+    @abc.abstractmethod
     async def beat(self, beat: WorkerBeat) -> None:
         """Store worker ``beat.name``'s heartbeat (in place of its last)."""
-        raise self._services_missing("beat")
 
+    @abc.abstractmethod
     async def forget_worker(self, name: str) -> bool:
         """Delete worker ``name``'s heartbeat (it stopped); returns whether there was one."""
-        raise self._services_missing("forget_worker")
 
+    @abc.abstractmethod
     async def list_workers(self, service: str | None = None) -> list[WorkerBeat]:
         """The workers' last heartbeats (of ``service``; None: of every service), by
         service then name, live or not (``WorkerBeat.live_at``)."""
-        raise self._services_missing("list_workers")
 
+    @abc.abstractmethod
     async def prune_workers(self, before: datetime) -> int:
         """Delete the heartbeats last seen before ``before``; returns how many went."""
-        raise self._services_missing("prune_workers")
 
+    @abc.abstractmethod
     async def service_loads(self, now: datetime) -> list[HandlerLoad]:
         """What waits for each ``(service, handler)`` that has records in either
         queue, by service then handler name (``HandlerLoad``): its retry queue
         records of each kind at ``now``, those a live lease holds at ``now``, its
         dead letters processed and not, and the earliest ``next_retry`` of its
         pending ones."""
-        raise self._services_missing("service_loads")
 
 
 class Store(RetryStore, AdminStore, ServiceStore):

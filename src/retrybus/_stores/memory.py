@@ -3,8 +3,8 @@
 Everything lives in this process and is gone when it ends. Each operation runs
 without awaiting in between, so on one event loop every operation is atomic.
 
-It keeps services (``keeps_services``) and is the reference the other engines'
-service methods follow.
+It is the reference the other engines follow, their services part
+(``ServiceStore``: subscriptions, worker heartbeats, loads) included.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ class MemoryStore(Store):
     """A store in a dict: fast, shared by everything in this process, not durable."""
 
     persistent: ClassVar[bool] = False
-    keeps_services: ClassVar[bool] = True
 
     def __init__(self, url: str = "memory://") -> None:
         self.url = url

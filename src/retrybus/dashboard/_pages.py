@@ -191,7 +191,6 @@ async def overview(request: Request) -> Response:
         "samples": samples,
         "gaps": len(runs(samples, interval)) - 1,
         "active_redrives": [r for r in redrives if not r.finished],
-        "keeps_services": bus.store.keeps_services,
     }
     return await render_page(request, "overview.html", context)
 

@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from .._bus import EventBus
 from .._filters import DeadLetterFilter
-from .._services import DEFAULT_SERVICE, HandlerLoad, check_service
+from .._services import HandlerLoad, check_service
 from ._web import SERVICE_KEY, HTTPError, render, root, state
 
 __all__ = ["chosen_service", "known_services", "render_page", "service_loads"]
@@ -27,9 +27,7 @@ MAX_SERVICES = 200
 
 def chosen_service(request: Request) -> str | None:
     """The service the address names (None: all services). A name that is no
-    service name is refused (400); on a store that does not keep services, every
-    record is of the default service: ``default`` means all of them, any other
-    name is refused (404)."""
+    service name is refused (400)."""
     text = request.query_params.get(SERVICE_KEY, "").strip()
     if not text:
         return None
@@ -37,25 +35,13 @@ def chosen_service(request: Request) -> str | None:
         check_service(text)
     except ValueError as exc:
         raise HTTPError(400, "Bad service", str(exc)) from None
-    store = state(request).bus.store
-    if store.keeps_services:
-        return text
-    if text == DEFAULT_SERVICE:
-        return None
-    raise HTTPError(
-        404,
-        "No such service",
-        f"{type(store).__name__} ({store.url}) does not keep services yet: every record "
-        f"is of the {DEFAULT_SERVICE!r} service, none of {text!r}",
-    )
+    return text
 
 
 async def known_services(bus: EventBus) -> list[str]:
     """The services the store knows, by name: those with subscriptions (removed
-    ones too), heartbeats or records (none when it does not keep services)."""
+    ones too), heartbeats or records."""
     store = bus.store
-    if not store.keeps_services:
-        return []
     names = {s.service for s in await store.list_subscriptions(removed=True)}
     names |= {beat.service for beat in await store.list_workers()}
     names |= {g.key for g in await store.group_retry("service", limit=MAX_SERVICES)}
@@ -66,7 +52,7 @@ async def known_services(bus: EventBus) -> list[str]:
 
 
 async def service_loads(bus: EventBus, service: str) -> list[HandlerLoad]:
-    """What waits for each handler of ``service`` now (a store that keeps services)."""
+    """What waits for each handler of ``service`` now."""
     loads = await bus.store.service_loads(bus.clock.now())
     return [load for load in loads if load.service == service]
 

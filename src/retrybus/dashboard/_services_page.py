@@ -22,17 +22,10 @@ __all__ = ["remove_subscription", "services"]
 async def services(request: Request) -> Response:
     """Each service (or the one ``?service=`` names): its live workers, its
     handlers with their subscription and load, and a warning when work waits and
-    no worker of it is live. A store that does not keep services gets a note."""
+    no worker of it is live."""
     bus = state(request).bus
-    service = chosen_service(request)
-    store = bus.store
-    summaries = await bus.services.overview(service) if store.keeps_services else []
-    context = {
-        "summaries": summaries,
-        "runners": _runners(summaries),
-        "keeps_services": store.keeps_services,
-        "store_kind": type(store).__name__,
-    }
+    summaries = await bus.services.overview(chosen_service(request))
+    context = {"summaries": summaries, "runners": _runners(summaries)}
     return await render_page(request, "services.html", context)
 
 
@@ -63,14 +56,6 @@ async def remove_subscription(request: Request, form: FormData, identity: Identi
         check_service(service)
     except ValueError as exc:
         raise HTTPError(400, "Bad service", str(exc)) from None
-    store = bus.store
-    if not store.keeps_services:
-        raise HTTPError(
-            409,
-            "Cannot remove",
-            f"{type(store).__name__} ({store.url}) does not keep services yet: "
-            "it stores no subscription to remove",
-        )
     if _field(form, "confirmed") != "yes":
         return await _confirm(request, identity, service, handler)
     try:

@@ -132,8 +132,8 @@ def link(request: Request, path: str, query: Mapping[str, Any] | None = None) ->
     query = dict(query or {})
     if SERVICE_KEY not in query and not path.startswith(UNSCOPED):
         shown = request.query_params.get(SERVICE_KEY, "").strip()
-        # a bad name, or any on a store without services, is refused by its page: not passed on
-        if is_service_name(shown) and state(request).bus.store.keeps_services:
+        # a bad name is refused by its page: not passed on
+        if is_service_name(shown):
             query[SERVICE_KEY] = shown
     if query:
         pairs = {k: str(v) for k, v in query.items() if v is not None and str(v) != ""}

@@ -72,7 +72,7 @@ async def _move_revision_on(db: AsyncDatabase[Doc], session: Session) -> None:
     )
 
 
-class MongoServices(abc.ABC, ServiceStore):
+class MongoServices(ServiceStore):
     """The services part of ``MongoStore`` (``ServiceStore`` but the sweep)."""
 
     # the store's helpers this part uses (``MongoStore`` implements them) ---------

@@ -57,7 +57,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from bson.codec_options import CodecOptions
@@ -308,8 +308,6 @@ class MongoStore(MongoAdmin, MongoServices, Store):
     URL options: ``timeout`` (seconds, default 5) bounds how long an operation
     waits for a reachable server; every other option is pymongo's.
     """
-
-    keeps_services: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -146,8 +146,6 @@ class PostgresStore(PostgresAdmin, PostgresServices, Store):
     """Both queues in a PostgreSQL schema, shared by any number of processes and
     machines, and what services keep there (``PostgresServices``)."""
 
-    keeps_services = True
-
     def __init__(
         self,
         dsn: str,

@@ -21,7 +21,7 @@ import contextlib
 import re
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode
 
 import redis.asyncio as aioredis
@@ -106,8 +106,6 @@ _REFUSED_DATA = ("exceeds maximum allowed size", "invalid bulk length")
 
 class RedisStore(RedisAdmin, RedisServices, Store):
     """Both queues in Redis (``redis://host:6379/0?prefix=retrybus``)."""
-
-    keeps_services: ClassVar[bool] = True
 
     def __init__(self, url: str, *, redis_url: str | None = None, prefix: str = "retrybus") -> None:
         if not _PREFIX.match(prefix):

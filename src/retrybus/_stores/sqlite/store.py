@@ -103,7 +103,6 @@ class SQLiteStore(SQLiteAdmin, SQLiteServices, Store):
     keep there (``SQLiteServices``)."""
 
     joins_removals = True
-    keeps_services = True
 
     def __init__(
         self,
