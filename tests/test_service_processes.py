@@ -260,6 +260,7 @@ async def test_a_stopped_service_accumulates_its_deliveries_and_catches_up(
         # the running service handles everything while the paused one waits
         await eventually(lambda: handled("running.calls", "running") == every, "running done")
         bus = EventBus(store)
+        await eventually(lambda: _nothing_waits(bus, "running"), "running's outcomes written")
         summaries = {s.service: s for s in await bus.services.overview()}
         assert (summaries["paused"].waiting, summaries["running"].waiting) == (count, 0)
         assert summaries["paused"].warning == "no live worker"
@@ -337,6 +338,10 @@ async def test_pruned_and_removed_subscriptions_leave_no_orphans(kind: str, tmp_
             ("Monthly", "subscription removed: reports/Monthly (by deploy 42)"): 40,
         }
         assert not any("unknown handler" in d.reason for d in dead)
+
+
+async def _nothing_waits(bus: EventBus, service: str) -> bool:
+    return all(s.waiting == 0 for s in await bus.services.overview(service))
 
 
 async def _empty(store: Store) -> bool:
