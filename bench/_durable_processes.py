@@ -25,8 +25,8 @@ with ``publish(event, defer=True)`` from ``--concurrency`` tasks (with
 ``--service NAME``: durable publishes from a bus of that service, which has no
 handlers, so that each only records the deliveries other services' stored
 subscriptions route), and writes
-``{"start": T, "end": T}`` (monotonic: before the first publish, after the
-last returned).
+``{"start": T, "end": T, "cpu": S}`` (monotonic: before the first publish,
+after the last returned; the process's CPU time so far).
 
 Nothing else is imported: the worker's peak RSS is retrybus's and Python's.
 """
@@ -126,7 +126,7 @@ async def _publish_rounds(
             start = time.monotonic()
             await publish_all(publisher, events, concurrency, defer=defer)
             end = time.monotonic()
-            _say(json.dumps({"start": start, "end": end}))
+            _say(json.dumps({"start": start, "end": end, "cpu": time.process_time()}))
     finally:
         await publisher.close()
 

@@ -13,6 +13,13 @@ Figures (ENGINE is sqlite, postgresql or redis):
   fanout_floor_ENGINE_round_trip_p50 ms, the store's floor operation (durable.py's: a bare
                                      commit, INSERT or SET) timed every 25 ms by this
                                      process meanwhile
+  fanout_cpu_per_event_ENGINE        us, the CPU time (user + system) the publisher and the
+                                     three workers spent per event in the measured rounds
+                                     (stderr: each process's share); the store server's
+                                     own CPU (PostgreSQL, Redis) is not in it
+  fanout_cpu_ceiling_ENGINE          events/s, the machine's CPUs divided by that: the rate
+                                     at which these four processes would use every CPU of
+                                     the machine and nothing else did
   route_publish_latency_ENGINE_1sub_p50
                                      ms, `await bus.publish(event)` from a service with no
                                      handlers of its own, the store keeping one other
@@ -43,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -95,6 +103,13 @@ async def wait_registered(url: str, services: tuple[str, ...]) -> None:
 # fan-out -----------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) process ``pid`` has used so far (Linux)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def fanout_throughput(engine: str, url: str, sizes: Sizes) -> list[Figure]:
     counts = [sizes.fanout_warmup] + [sizes.fanout_events] * sizes.fanout_rounds
     marks = ",".join(str(sum(counts[: n + 1])) for n in range(len(counts)))
@@ -108,6 +123,7 @@ async def fanout_throughput(engine: str, url: str, sizes: Sizes) -> list[Figure]
     sampler = FloorSampler(engine)
     rates: list[float] = []
     details: list[str] = []
+    cpu: list[float] = []  # per process: seconds over the measured rounds
     try:
         await wait_registered(url, FANOUT_SERVICES)
         publisher = await asyncio.create_subprocess_exec(
@@ -134,11 +150,14 @@ async def fanout_throughput(engine: str, url: str, sizes: Sizes) -> list[Figure]
         await sampler.__aenter__()
         if (await asyncio.wait_for(publisher.stdout.readline(), 60)).strip() != b"ready":
             raise RuntimeError("the publishing process did not start")
+        pids = [worker.process.pid for worker in workers]
         for index, count in enumerate(counts):
             publisher.stdin.write(b"go\n")
             await publisher.stdin.drain()
             sent = json.loads(await asyncio.wait_for(publisher.stdout.readline(), 300))
             lasts = [float((await worker.mark("done"))[2]) for worker in workers]
+            if index == 0:  # the warm-up round: count from here
+                cpu = [-sent["cpu"]] + [-cpu_seconds(pid) for pid in pids]
             if index:
                 rates.append(count / (max(lasts) - sent["start"]))
                 details.append(
@@ -146,6 +165,9 @@ async def fanout_throughput(engine: str, url: str, sizes: Sizes) -> list[Figure]
                     + ", ".join(f"{last - sent['end']:.2f}s" for last in lasts)
                     + " after the last publish"
                 )
+        cpu = [cpu[0] + sent["cpu"]] + [
+            spent + cpu_seconds(pid) for spent, pid in zip(cpu[1:], pids, strict=True)
+        ]
         publisher.stdin.close()
         await asyncio.wait_for(publisher.wait(), 30)
     finally:
@@ -155,10 +177,23 @@ async def fanout_throughput(engine: str, url: str, sizes: Sizes) -> list[Figure]
         for worker in workers:
             await worker.stop()
         await sampler.__aexit__(None, None, None)
+    measured = sum(counts[1:])
+    per_event = sum(cpu) / measured * 1e6
     note(f"fan-out {engine}: {[round(r) for r in rates]} events/s; " + "; ".join(details))
+    note(
+        f"fan-out {engine}: CPU per event {per_event:.0f} us: publisher "
+        f"{cpu[0] / measured * 1e6:.0f} us, "
+        + ", ".join(
+            f"{service} {spent / measured * 1e6:.0f} us"
+            for service, spent in zip(FANOUT_SERVICES, cpu[1:], strict=True)
+        )
+        + f"; {os.cpu_count()} CPUs"
+    )
     return [
         sampler.figure(f"fanout_floor_{engine}_round_trip_p50"),
         Figure(f"fanout_throughput_{engine}", median(rates), "events/s"),
+        Figure(f"fanout_cpu_per_event_{engine}", per_event, "us"),
+        Figure(f"fanout_cpu_ceiling_{engine}", (os.cpu_count() or 1) / per_event * 1e6, "events/s"),
     ]
 
 
