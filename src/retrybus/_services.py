@@ -26,9 +26,11 @@ __all__ = [
     "Registration",
     "ServiceSummary",
     "StoredSubscription",
+    "SubscriptionChanges",
     "WorkerBeat",
     "check_service",
     "check_subscriptions",
+    "compare_subscriptions",
     "is_service_name",
     "summarize_services",
     "unsubscribed_reason",
@@ -166,6 +168,67 @@ class Registration:
     def wrote(self) -> bool:
         """Whether anything stored changed (and with it the revision)."""
         return bool(self.added or self.changed or self.removed)
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionChanges:
+    """What registering a service's subscriptions changes in what its store
+    keeps (``compare_subscriptions``): the subscriptions to write (``puts``: the
+    terms, with the ``registered_at`` to keep, None for a new registration, which
+    is registered now), the handlers whose stored subscription a ``prune``
+    removes, and the ``Registration`` that ``put_subscriptions`` returns."""
+
+    puts: tuple[tuple[StoredSubscription, datetime | None], ...]
+    removed: tuple[str, ...]
+    registration: Registration
+
+    @property
+    def writes(self) -> bool:
+        """Whether anything is to be written (and the revision to move)."""
+        return bool(self.puts or self.removed)
+
+
+def compare_subscriptions(
+    stored: Mapping[str, StoredSubscription],
+    subscriptions: Sequence[StoredSubscription],
+    *,
+    prune: bool,
+) -> SubscriptionChanges:
+    """What putting ``subscriptions`` (of one service, checked by
+    ``check_subscriptions``) over the service's ``stored`` ones (by handler name,
+    tombstones included) changes: new ones, and ones back after a removal, are
+    added; ones with other terms changed (their ``registered_at`` kept); with
+    ``prune``, the stored live ones not among them removed."""
+    puts: list[tuple[StoredSubscription, datetime | None]] = []
+    added: list[str] = []
+    changed: list[str] = []
+    unchanged: list[str] = []
+    for terms in subscriptions:
+        current = stored.get(terms.handler_name)
+        if current is None or current.removed:
+            puts.append((terms, None))
+            added.append(terms.handler_name)
+        elif not current.same_terms(terms):
+            puts.append((terms, current.registered_at))
+            changed.append(terms.handler_name)
+        else:
+            unchanged.append(terms.handler_name)
+    named = {terms.handler_name for terms in subscriptions}
+    removed = sorted(
+        name
+        for name, current in stored.items()
+        if prune and not current.removed and name not in named
+    )
+    return SubscriptionChanges(
+        tuple(puts),
+        tuple(removed),
+        Registration(
+            added=tuple(sorted(added)),
+            changed=tuple(sorted(changed)),
+            removed=tuple(removed),
+            unchanged=tuple(sorted(unchanged)),
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,6 +35,7 @@ from .._services import (
     StoredSubscription,
     WorkerBeat,
     check_subscriptions,
+    compare_subscriptions,
     unsubscribed_reason,
 )
 from .base import (
@@ -417,41 +418,21 @@ class MemoryStore(Store):
         now: datetime,
         actor: str,
     ) -> Registration:
-        named = check_subscriptions(service, subscriptions)
+        check_subscriptions(service, subscriptions)
         revision = self._revision + 1
-        writes: dict[tuple[str, str], StoredSubscription] = {}
-        added: list[str] = []
-        changed: list[str] = []
-        unchanged: list[str] = []
-        removed: list[str] = []
-        for terms in subscriptions:
-            current = self._subscriptions.get(terms.key)
-            if current is None or current.removed:
-                writes[terms.key] = self._stored(
-                    terms, registered_at=now, now=now, revision=revision
-                )
-                added.append(terms.handler_name)
-            elif not current.same_terms(terms):
-                writes[terms.key] = self._stored(
-                    terms, registered_at=current.registered_at, now=now, revision=revision
-                )
-                changed.append(terms.handler_name)
-            else:
-                unchanged.append(terms.handler_name)
-        if prune:
-            for key, current in self._subscriptions.items():
-                if key[0] == service and not current.removed and key[1] not in named:
-                    writes[key] = self._tombstone(current, now=now, actor=actor, revision=revision)
-                    removed.append(key[1])
-        if writes:
-            self._subscriptions.update(writes)
+        stored = {h: sub for (s, h), sub in self._subscriptions.items() if s == service}
+        changes = compare_subscriptions(stored, subscriptions, prune=prune)
+        for terms, since in changes.puts:
+            self._subscriptions[terms.key] = self._stored(
+                terms, registered_at=now if since is None else since, now=now, revision=revision
+            )
+        for name in changes.removed:
+            self._subscriptions[service, name] = self._tombstone(
+                stored[name], now=now, actor=actor, revision=revision
+            )
+        if changes.writes:
             self._revision = revision
-        return Registration(
-            added=tuple(sorted(added)),
-            changed=tuple(sorted(changed)),
-            removed=tuple(sorted(removed)),
-            unchanged=tuple(sorted(unchanged)),
-        )
+        return changes.registration
 
     async def remove_subscriptions(
         self, service: str, handlers: Collection[str] | None, *, now: datetime, actor: str

@@ -39,6 +39,7 @@ from ..._services import (
     StoredSubscription,
     WorkerBeat,
     check_subscriptions,
+    compare_subscriptions,
 )
 from ..base import ServiceStore
 from .codec import (
@@ -100,7 +101,7 @@ class MongoServices(ServiceStore):
         now: datetime,
         actor: str,
     ) -> Registration:
-        named = check_subscriptions(service, subscriptions)
+        check_subscriptions(service, subscriptions)
         # details that are not JSON are refused before anything is written
         for terms in subscriptions:
             subscription_document(terms)
@@ -113,32 +114,27 @@ class MongoServices(ServiceStore):
                 for doc in await rows.find({"service": service}, session=session).to_list()
             }
             revision = await read_revision(db, session) + 1
-            writes: list[StoredSubscription] = []
-            added: list[str] = []
-            changed: list[str] = []
-            unchanged: list[str] = []
-            removed: list[str] = []
-            for terms in subscriptions:
-                current = stored.get(terms.handler_name)
-                live = replace(terms, updated_at=now, removed_at=None, removed_by=None)
-                if current is None or current.removed:
-                    writes.append(replace(live, registered_at=now, revision=revision))
-                    added.append(terms.handler_name)
-                elif not current.same_terms(terms):
-                    writes.append(
-                        replace(live, registered_at=current.registered_at, revision=revision)
-                    )
-                    changed.append(terms.handler_name)
-                else:
-                    unchanged.append(terms.handler_name)
-            if prune:
-                for name, current in stored.items():
-                    if not current.removed and name not in named:
-                        tombstone = replace(
-                            current, removed_at=now, removed_by=actor, updated_at=now
-                        )
-                        writes.append(replace(tombstone, revision=revision))
-                        removed.append(name)
+            changes = compare_subscriptions(stored, subscriptions, prune=prune)
+            writes = [
+                replace(
+                    terms,
+                    registered_at=now if since is None else since,
+                    updated_at=now,
+                    removed_at=None,
+                    removed_by=None,
+                    revision=revision,
+                )
+                for terms, since in changes.puts
+            ] + [
+                replace(
+                    stored[name],
+                    removed_at=now,
+                    removed_by=actor,
+                    updated_at=now,
+                    revision=revision,
+                )
+                for name in changes.removed
+            ]
             if writes:
                 await rows.bulk_write(
                     [
@@ -153,12 +149,7 @@ class MongoServices(ServiceStore):
                     session=session,
                 )
                 await _move_revision_on(db, session)
-            return Registration(
-                added=tuple(sorted(added)),
-                changed=tuple(sorted(changed)),
-                removed=tuple(sorted(removed)),
-                unchanged=tuple(sorted(unchanged)),
-            )
+            return changes.registration
 
         return await self._atomically(run)
 

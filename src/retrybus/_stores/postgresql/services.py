@@ -28,6 +28,7 @@ from ..._services import (
     StoredSubscription,
     WorkerBeat,
     check_subscriptions,
+    compare_subscriptions,
     unsubscribed_reason,
 )
 from .._codec import decode_or_corrupt
@@ -93,7 +94,7 @@ class PostgresServices(ServiceStore):
         """One transaction: the revision's lock, the service's stored subscriptions
         read and compared with ``subscriptions`` (their terms), then, when anything
         changes, one statement that writes it with the next revision."""
-        named = check_subscriptions(service, subscriptions)
+        check_subscriptions(service, subscriptions)
         at = aware(now)
 
         async def run(conn: asyncpg.Connection) -> Registration:
@@ -101,37 +102,15 @@ class PostgresServices(ServiceStore):
                 await conn.execute(Q["lock_subscriptions"])
                 rows = await conn.fetch(Q["subscriptions_of_service"], service)
                 current = {str(row["handler_name"]): stored_subscription(row) for row in rows}
-                puts: list[tuple[StoredSubscription, datetime]] = []  # (terms, registered_at)
-                added: list[str] = []
-                changed: list[str] = []
-                unchanged: list[str] = []
-                for terms in subscriptions:
-                    stored = current.get(terms.handler_name)
-                    if stored is None or stored.removed:
-                        puts.append((terms, at))
-                        added.append(terms.handler_name)
-                    elif not stored.same_terms(terms):
-                        puts.append((terms, stored.registered_at))
-                        changed.append(terms.handler_name)
-                    else:
-                        unchanged.append(terms.handler_name)
-                removed = (
-                    [
-                        name
-                        for name, stored in current.items()
-                        if not stored.removed and name not in named
+                changes = compare_subscriptions(current, subscriptions, prune=prune)
+                if changes.writes:
+                    puts = [
+                        (terms, at if since is None else since) for terms, since in changes.puts
                     ]
-                    if prune
-                    else []
-                )
-                if puts or removed:
-                    await _write_subscriptions(conn, service, puts, removed, now=at, actor=actor)
-            return Registration(
-                added=tuple(sorted(added)),
-                changed=tuple(sorted(changed)),
-                removed=tuple(sorted(removed)),
-                unchanged=tuple(sorted(unchanged)),
-            )
+                    await _write_subscriptions(
+                        conn, service, puts, list(changes.removed), now=at, actor=actor
+                    )
+                return changes.registration
 
         return await self._run(run)
 

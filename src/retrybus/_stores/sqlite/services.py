@@ -21,6 +21,7 @@ from ..._services import (
     StoredSubscription,
     WorkerBeat,
     check_subscriptions,
+    compare_subscriptions,
     unsubscribed_reason,
 )
 from .._codec import decode_or_corrupt, parse_text_time, text_time
@@ -69,54 +70,34 @@ class SQLiteServices(ServiceStore):
         now: datetime,
         actor: str,
     ) -> Registration:
-        named = check_subscriptions(service, subscriptions)
+        check_subscriptions(service, subscriptions)
         at = text_time(now)
 
         def run(conn: sqlite3.Connection) -> Registration:
             rows = dict_rows(conn.execute(Q["subscriptions_of_service"], (service,)))
             current = {str(row["handler_name"]): stored_subscription(row) for row in rows}
-            puts: list[tuple[StoredSubscription, str]] = []  # (terms, registered_at)
-            added: list[str] = []
-            changed: list[str] = []
-            unchanged: list[str] = []
-            for terms in subscriptions:
-                stored = current.get(terms.handler_name)
-                if stored is None or stored.removed:
-                    puts.append((terms, at))
-                    added.append(terms.handler_name)
-                elif not stored.same_terms(terms):
-                    puts.append((terms, text_time(stored.registered_at)))
-                    changed.append(terms.handler_name)
-                else:
-                    unchanged.append(terms.handler_name)
-            removed = (
-                [
-                    name
-                    for name, stored in current.items()
-                    if not stored.removed and name not in named
-                ]
-                if prune
-                else []
-            )
-            if puts or removed:
+            changes = compare_subscriptions(current, subscriptions, prune=prune)
+            if changes.writes:
                 revision = _next_revision(conn)
                 conn.executemany(
                     Q["put_subscription"],
                     [
-                        subscription_fields(terms, registered_at=since, now=at, revision=revision)
-                        for terms, since in puts
+                        subscription_fields(
+                            terms,
+                            registered_at=at if since is None else text_time(since),
+                            now=at,
+                            revision=revision,
+                        )
+                        for terms, since in changes.puts
                     ],
                 )
                 conn.executemany(
                     Q["tombstone_subscription"],
-                    _tombstone_rows(service, removed, now=at, actor=actor, revision=revision),
+                    _tombstone_rows(
+                        service, changes.removed, now=at, actor=actor, revision=revision
+                    ),
                 )
-            return Registration(
-                added=tuple(sorted(added)),
-                changed=tuple(sorted(changed)),
-                removed=tuple(sorted(removed)),
-                unchanged=tuple(sorted(unchanged)),
-            )
+            return changes.registration
 
         return await self._write(run)
 
