@@ -26,7 +26,7 @@ from call_records import Call, clashes, read_calls
 from conftest import ENGINES, fresh_store
 from retrybus import Event, EventBus, Store, open_store
 from test_conformance_engines import needs
-from test_durable_processes import killable
+from test_durable_processes import finish, killable
 
 APP = Path(__file__).parent / "apps" / "service_worker.py"
 
@@ -74,15 +74,6 @@ async def start(url: str, service: str, record: Path, *args: str) -> asyncio.sub
     )
     _started.append(process)
     return process
-
-
-async def finish(process: asyncio.subprocess.Process, within: float = 120) -> int | None:
-    try:
-        return await asyncio.wait_for(process.wait(), within)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        return None
 
 
 async def stop(process: asyncio.subprocess.Process) -> None:
