@@ -135,7 +135,7 @@ async def registered(store: Store, expected: set[str]) -> bool:
 async def test_three_services_two_workers_each_two_publishers_and_a_kill(
     kind: str, tmp_path: Path
 ) -> None:
-    per_publisher = 2500 if kind != "mongodb" else 300
+    per_publisher = 2500 if kind != "mongodb" else 150
     async with killable(kind, tmp_path) as (url, store):
         records = {
             (service, n): tmp_path / f"{service}-{n}.calls" for service in SERVICES for n in (1, 2)
