@@ -19,6 +19,8 @@ __all__ = [
     "StoreUnavailable",
     "StoreUnusable",
     "SubscriptionInUse",
+    "TransportUnavailable",
+    "TransportUnusable",
     "UnknownHandler",
     "UnknownSubscription",
 ]
@@ -36,6 +38,17 @@ class StoreUnusable(RetrybusError):
     """The store answered but cannot be used: its file is not a database or is
     damaged, or its schema is newer than this retrybus knows. Trying again will
     not help; the message says what is wrong."""
+
+
+class TransportUnavailable(RetrybusError):
+    """The broker could not be reached or did not answer; the message names its
+    URL (password hidden). The transport reconnects on its next call."""
+
+
+class TransportUnusable(RetrybusError):
+    """The broker answered but refuses what retrybus asks of it (JetStream off,
+    a queue declared with other arguments). Trying again will not help; the
+    message says what is wrong."""
 
 
 class RecordRejected(RetrybusError, ValueError):
