@@ -148,6 +148,22 @@ async def test_every_claim_is_counted_and_a_release_takes_one_back(
     assert (released.claims, released.lease_owner) == (3, None)
 
 
+async def test_an_unleased_pending_record_keeps_its_claims(
+    store: Store, clock: ManualClock
+) -> None:
+    """A delivery a broker made twice without an outcome becomes a pending record
+    that counts those deliveries: the next claim is its third."""
+    event = make_event()
+    now = clock.now()
+    item = RetryItem.pending(event, "h", max_retries=3, due=now, now=now, claims=2)
+    assert await store.record_pending([item]) == {item.id}
+    stored = await store.get_retry(item.id)
+    assert stored is not None
+    assert (stored.claims, stored.lease_owner) == (2, None)
+    (claimed,) = await claim(store, clock)
+    assert claimed.claims == 3
+
+
 async def test_claims_are_restricted_to_the_workers_handlers(
     store: Store, clock: ManualClock
 ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from typing import TYPE_CHECKING
 
 from ._clock import Clock
 from ._handlers import HandlerRegistry, Subscription
@@ -20,6 +21,9 @@ from ._reporting import LogObserver, MetricsObserver, TracingObserver
 from ._routes import Routes
 from ._services import DEFAULT_SERVICE
 from ._stores.base import Store
+
+if TYPE_CHECKING:
+    from ._transports.base import Transport
 
 __all__ = ["BusCore"]
 
@@ -57,6 +61,10 @@ class BusCore:
         self.dead_letter_retention = dead_letter_retention
         self.store_timeout = store_timeout
         self.registry = HandlerRegistry()
+        #: the broker that carries first deliveries (None: the store carries them)
+        self.transport: Transport | None = None
+        #: handlers of retrybus's own records, claimed as the registry's are (by name)
+        self.builtins: dict[str, Subscription] = {}
         self.metrics: Metrics | None = None
         self.tracing: Tracing | None = None
         self.observers = Observers([LogObserver()])
@@ -91,12 +99,22 @@ class BusCore:
         self.observers = Observers(observers)
 
     def subscription(self, name: str) -> Subscription | None:
-        """The handler subscribed as ``name`` (None: there is none)."""
-        return self.registry.get(name)
+        """The handler subscribed as ``name``, or retrybus's own of that name (None:
+        there is none)."""
+        subscription = self.registry.get(name)
+        if subscription is None and self.builtins:
+            return self.builtins.get(name)
+        return subscription
+
+    def claimable_handlers(self) -> list[str]:
+        """The handler names whose records this bus's workers claim: the
+        subscribed handlers' and retrybus's own."""
+        names = self.registry.names()
+        return [*names, *self.builtins] if self.builtins else names
 
     def policy_for(self, handler_name: str) -> RetryPolicy:
         """The policy that governs ``handler_name`` (the bus default if it has none)."""
-        subscription = self.registry.get(handler_name)
+        subscription = self.subscription(handler_name)
         if subscription is not None and subscription.policy is not None:
             return subscription.policy
         return self.default_policy

@@ -9,7 +9,9 @@ the plain path: no timing, no ``Delivery`` record, nothing but the call.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -30,11 +32,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Attempted",
+    "Calls",
+    "call_all_observed",
+    "call_all_plain",
     "call_observed",
     "call_plain",
     "deliver",
     "failure_outcome",
     "first_record",
+    "observed_calls",
     "undeliverable",
     "unknown_handler",
 ]
@@ -49,11 +55,14 @@ class Attempted:
     delivery: Delivery | None = None
 
 
-async def call_plain(subscription: Subscription, event: Event) -> BaseException | None:
+async def call_plain(
+    subscription: Subscription, event: Event, time_limit: float | None = None
+) -> BaseException | None:
     """Call the handler with its own copy of ``event``; the error it failed with,
-    if any. A cancellation of the caller (``stops_the_caller``) propagates."""
+    if any. A cancellation of the caller (``stops_the_caller``) propagates.
+    ``time_limit`` limits the call when the handler has no limit of its own."""
     try:
-        await subscription.call(event.copy())
+        await subscription.call(event.copy(), time_limit)
     except BaseException as exc:
         if stops_the_caller(exc):
             raise
@@ -102,10 +111,12 @@ def first_record(
     now: datetime,
     publisher: str | None,
     service: str = DEFAULT_SERVICE,
+    record_id: str | None = None,
 ) -> RetryItem:
     """The record of a first delivery (attempt 0, due now) to ``handler`` of
     ``service``: what a first failure is decided from, and, with durable
-    delivery, what is stored before the call."""
+    delivery, what is stored before the call. ``record_id`` fixes its id (None:
+    a new one)."""
     return RetryItem.for_failure(
         event,
         handler,
@@ -116,6 +127,7 @@ def first_record(
         now=now,
         metadata=trace_metadata(publisher, None),
         service=service,
+        id=record_id,
     )
 
 
@@ -158,6 +170,73 @@ def failure_outcome(
         ),
         first_delivery=record.first_delivery,
     )
+
+
+class Calls:
+    """The handler calls of one first delivery: their errors, and the observers'
+    view of each (None when no observer watches calls)."""
+
+    __slots__ = ("deliveries", "errors")
+
+    def __init__(self, errors: list[BaseException | None], deliveries: list[Delivery] | None):
+        self.errors = errors
+        self.deliveries = deliveries
+
+
+async def call_all_plain(
+    subscriptions: Sequence[Subscription], event: Event, time_limit: float | None = None
+) -> list[BaseException | None]:
+    """Call each handler with its own copy of ``event``, concurrently; their errors."""
+    if len(subscriptions) == 1:
+        return [await call_plain(subscriptions[0], event, time_limit)]
+    return list(await asyncio.gather(*(call_plain(s, event, time_limit) for s in subscriptions)))
+
+
+def observed_calls(
+    subscriptions: Sequence[Subscription],
+    event: Event,
+    kind: DeliveryKind = "publish",
+    metadata: Mapping[str, Any] | None = None,
+) -> Calls:
+    """The observers' record of each call, made before the calls start (a
+    delivery cancelled midway still closes what it opened for them);
+    ``metadata`` carries the publisher's ``traceparent`` when it comes from elsewhere."""
+    if metadata is None:
+        return Calls([], [Delivery(kind, event, s.name, 0) for s in subscriptions])
+    return Calls([], [Delivery(kind, event, s.name, 0, metadata) for s in subscriptions])
+
+
+async def call_all_observed(
+    calls: Calls,
+    subscriptions: Sequence[Subscription],
+    event: Event,
+    observers: Observers,
+    time_limit: float | None = None,
+) -> Calls:
+    """Call each handler as ``calls`` records it (``observed_calls``), concurrently,
+    between the observers' start and end of each; a success has nothing to write."""
+    deliveries = calls.deliveries
+    assert deliveries is not None
+    if len(subscriptions) == 1:
+        await call_observed(
+            subscriptions[0],
+            deliveries[0],
+            observers,
+            event.copy(),
+            nothing_to_write=True,
+            time_limit=time_limit,
+        )
+    else:
+        await asyncio.gather(
+            *(
+                call_observed(
+                    s, d, observers, event.copy(), nothing_to_write=True, time_limit=time_limit
+                )
+                for s, d in zip(subscriptions, deliveries, strict=True)
+            )
+        )
+    calls.errors = [d.error for d in deliveries]
+    return calls
 
 
 def unknown_handler(record: RetryItem, now: datetime) -> DeadLettered:

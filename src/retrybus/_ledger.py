@@ -252,17 +252,25 @@ class Ledger:
         return writer
 
     async def through_outage(
-        self, write: Callable[[], Awaitable[T]], context: str, *, quiet: bool = False
+        self,
+        write: Callable[[], Awaitable[T]],
+        context: str,
+        *,
+        quiet: bool = False,
+        unavailable: type[Exception] = StoreUnavailable,
+        give_up_after: float | None = None,
     ) -> T:
-        """``write()``, tried again through a store outage for up to ``store_timeout``
-        (``quiet``: without the warning; the caller says what failed in the end)."""
+        """``write()``, tried again through an outage (``unavailable`` raised: the
+        store's, or the broker's) for up to ``give_up_after`` (None: ``store_timeout``)
+        seconds (``quiet``: without the warning; the caller says what failed in the end)."""
         started = time.monotonic()
         pause = _FIRST_PAUSE
+        limit = self._core.store_timeout if give_up_after is None else give_up_after
         while True:
             try:
                 return await write()
-            except StoreUnavailable as exc:
-                remaining = self._core.store_timeout - (time.monotonic() - started)
+            except unavailable as exc:
+                remaining = limit - (time.monotonic() - started)
                 if remaining <= 0:
                     raise
                 if pause == _FIRST_PAUSE and not quiet:  # once per publish
@@ -270,7 +278,7 @@ class Ledger:
                         "publish of %s: %s; retrying for up to %gs",
                         context,
                         exc,
-                        self._core.store_timeout,
+                        limit,
                     )
                 await asyncio.sleep(min(pause, remaining))  # the last try at the deadline
                 pause = min(pause * 2, _LONGEST_PAUSE)

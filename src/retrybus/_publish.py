@@ -15,18 +15,25 @@ first and only failures are written, as the seed did.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
-from ._delivery import Attempted, call_observed, call_plain, failure_outcome, first_record
+from ._delivery import (
+    Attempted,
+    Calls,
+    call_all_observed,
+    call_all_plain,
+    failure_outcome,
+    first_record,
+    observed_calls,
+)
 from ._event import Event
 from ._handlers import Subscription
 from ._observe import trace_metadata
-from ._observers import Delivery, Observers, Publication
+from ._observers import Observers, Publication
 from ._outcomes import DeadLettered, Rescheduled, Succeeded
 from ._records import DeadLetterItem, RetryItem
 from ._routes import Route
@@ -63,16 +70,6 @@ class PublishResult:
         """No matching handler failed on its first call (pending ones have not
         been called yet)."""
         return not self.retrying and not self.dead_lettered
-
-
-class _Calls:
-    """The handler calls of one publish: their errors, and the observers' view."""
-
-    __slots__ = ("deliveries", "errors")
-
-    def __init__(self, errors: list[BaseException | None], deliveries: list[Delivery] | None):
-        self.errors = errors
-        self.deliveries = deliveries
 
 
 class Publisher:
@@ -141,17 +138,17 @@ class Publisher:
                 await core.ledger.record_pending(self._routed(event, routes, None), _context(event))
             if not subscriptions:
                 return PublishResult(event)
-            errors = await _call_plain_all(subscriptions, event)
+            errors = await call_all_plain(subscriptions, event)
             if not any(errors):
                 return PublishResult(event, tuple(s.name for s in subscriptions))
-            return await self._record_failures(event, subscriptions, _Calls(errors, None), None)
+            return await self._record_failures(event, subscriptions, Calls(errors, None), None)
         with _ObservedPublish(observers, event) as scope:
             event = scope.event  # tracing gave it its traceparent
             if routes:
                 remote = self._routed(event, routes, scope.traceparent)
                 await core.ledger.record_pending(remote, _context(event))
-            calls = scope.calls = _observed_calls(subscriptions, event)
-            await _call_observed_all(calls, subscriptions, event, observers)
+            calls = scope.calls = observed_calls(subscriptions, event)
+            await call_all_observed(calls, subscriptions, event, observers)
             if any(calls.errors):
                 return await self._record_failures(event, subscriptions, calls, scope.traceparent)
             return PublishResult(event, tuple(s.name for s in subscriptions))
@@ -160,7 +157,7 @@ class Publisher:
         self,
         event: Event,
         subscriptions: Sequence[Subscription],
-        calls: _Calls,
+        calls: Calls,
         publisher: str | None,
     ) -> PublishResult:
         """Decide and store what follows each failed first call, then the result."""
@@ -208,8 +205,8 @@ class Publisher:
             run, pending = await self._record(event, subscriptions, records, remote)
             if not run:
                 return PublishResult(event, pending=pending)
-            errors = await self._held_while(run, _call_plain_all([s for s, _ in run], event))
-            return await self._finish(event, run, _Calls(errors, None), pending)
+            errors = await self._held_while(run, call_all_plain([s for s, _ in run], event))
+            return await self._finish(event, run, Calls(errors, None), pending)
         with _ObservedPublish(observers, event) as scope:
             event = scope.event
             records = self._records(event, subscriptions, scope.traceparent, leased=True)
@@ -218,8 +215,8 @@ class Publisher:
             if not run:
                 return PublishResult(event, pending=pending)
             running = [s for s, _ in run]
-            calls = scope.calls = _observed_calls(running, event)
-            await self._held_while(run, _call_observed_all(calls, running, event, observers))
+            calls = scope.calls = observed_calls(running, event)
+            await self._held_while(run, call_all_observed(calls, running, event, observers))
             return await self._finish(event, run, calls, pending)
 
     def _records(
@@ -309,7 +306,7 @@ class Publisher:
         self,
         event: Event,
         run: list[tuple[Subscription, RetryItem]],
-        calls: _Calls,
+        calls: Calls,
         pending: tuple[str, ...],
     ) -> PublishResult:
         """Finish each record as a worker would: failures rescheduled or
@@ -371,14 +368,6 @@ class Publisher:
             )
 
 
-async def _call_plain_all(
-    subscriptions: Sequence[Subscription], event: Event
-) -> list[BaseException | None]:
-    if len(subscriptions) == 1:
-        return [await call_plain(subscriptions[0], event)]
-    return list(await asyncio.gather(*(call_plain(s, event) for s in subscriptions)))
-
-
 class _ObservedPublish:
     """One publish as its observers see it: ``publish_started`` on entry, and
     ``publish_ended`` on the way out, after closing (for an error) the calls
@@ -387,7 +376,7 @@ class _ObservedPublish:
     def __init__(self, observers: Observers, event: Event) -> None:
         self._observers = observers
         self._publication = Publication(event)
-        self.calls: _Calls | None = None
+        self.calls: Calls | None = None
 
     def __enter__(self) -> _ObservedPublish:
         self._observers.publish_started(self._publication)
@@ -416,33 +405,7 @@ class _ObservedPublish:
             self._observers.publish_ended(self._publication, None)
 
 
-def _observed_calls(subscriptions: Sequence[Subscription], event: Event) -> _Calls:
-    """The observers' record of each call, made before the calls start (a
-    publish cancelled midway still closes what it opened for them)."""
-    return _Calls([], [Delivery("publish", event, s.name, 0) for s in subscriptions])
-
-
-async def _call_observed_all(
-    calls: _Calls, subscriptions: Sequence[Subscription], event: Event, observers: Observers
-) -> _Calls:
-    deliveries = calls.deliveries
-    assert deliveries is not None
-    if len(subscriptions) == 1:
-        await call_observed(
-            subscriptions[0], deliveries[0], observers, event.copy(), nothing_to_write=True
-        )
-    else:
-        await asyncio.gather(
-            *(
-                call_observed(s, d, observers, event.copy(), nothing_to_write=True)
-                for s, d in zip(subscriptions, deliveries, strict=True)
-            )
-        )
-    calls.errors = [d.error for d in deliveries]
-    return calls
-
-
-def _unrecorded(calls: _Calls | None, observers: Observers) -> None:
+def _unrecorded(calls: Calls | None, observers: Observers) -> None:
     """Close, for the observers, the failures whose outcome was never written."""
     if calls is None or calls.deliveries is None:
         return

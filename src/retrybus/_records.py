@@ -237,11 +237,13 @@ class RetryItem:
         now: datetime,
         metadata: Mapping[str, Any] | None = None,
         service: str = DEFAULT_SERVICE,
+        id: str | None = None,
     ) -> RetryItem:
-        """A new retry item for ``event`` whose ``handler_name`` (of ``service``) just failed."""
+        """A new retry item for ``event`` whose ``handler_name`` (of ``service``) just
+        failed; its id is ``id`` (None: a new one)."""
         return cls(
             **_event_fields(event, handler_name),
-            id=new_retry_id(),
+            id=new_retry_id() if id is None else id,
             error=error.message,
             error_type=error.type,
             traceback=error.traceback,
@@ -267,10 +269,13 @@ class RetryItem:
         lease_until: datetime | None = None,
         metadata: Mapping[str, Any] | None = None,
         service: str = DEFAULT_SERVICE,
+        claims: int | None = None,
     ) -> RetryItem:
         """The record of ``event``'s first delivery to ``handler_name`` of ``service`` (attempt 0),
         due at ``due``: leased to ``lease_owner`` until ``lease_until`` (a durable
         publish about to run it here, counted as one claim) or left for a worker.
+        ``claims`` counts the deliveries made already without an outcome (None: 1
+        when leased, else 0), which ``max_claims`` bounds.
         Its id is ``delivery_id``'s; its age (retention, a failure's time budget)
         counts from ``due``: a scheduled delivery's from its time, not its publish."""
         return cls(
@@ -285,7 +290,7 @@ class RetryItem:
             lease_owner=lease_owner,
             lease_until=lease_until,
             metadata=dict(metadata or {}),
-            claims=0 if lease_owner is None else 1,
+            claims=(0 if lease_owner is None else 1) if claims is None else claims,
             service=service,
         )
 

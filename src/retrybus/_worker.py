@@ -559,7 +559,9 @@ class RetryWorker:
         if self._next_sweep is not None:
             longest = min(longest, max((self._next_sweep - now).total_seconds(), _MIN_IDLE))
         try:
-            due = await self.bus.store.next_due(self.bus.handler_names, service=self.bus.service)
+            due = await self.bus.store.next_due(
+                self.bus.core.claimable_handlers(), service=self.bus.service
+            )
         except StoreUnavailable:
             return longest
         if due is None:
@@ -661,7 +663,7 @@ class RetryWorker:
             limit or self.batch_size,
             lease=self.lease,
             owner=owner,
-            handlers=self.bus.handler_names,
+            handlers=self.bus.core.claimable_handlers(),
             service=self.bus.service,
         )
         if not items:
