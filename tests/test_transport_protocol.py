@@ -5,11 +5,8 @@ tests/transports/<kind>.py (tests/transports/_common.py says how)."""
 from __future__ import annotations
 
 import asyncio
-import importlib
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -17,13 +14,9 @@ from retrybus import Event
 from retrybus._errors import TransportUnavailable
 from retrybus._transports import open_transport
 from retrybus._transports.base import Inbound, Receiver, Transport, TransportSettings
+from transports._common import all_transports
 
-TRANSPORTS_DIR = Path(__file__).parent / "transports"
-TRANSPORTS: dict[str, ModuleType] = {
-    path.stem: importlib.import_module(f"transports.{path.stem}")
-    for path in sorted(TRANSPORTS_DIR.glob("*.py"), key=lambda p: (p.stem != "memory", p.stem))
-    if not path.stem.startswith("_")
-}
+TRANSPORTS = all_transports()
 SETTINGS = TransportSettings(lease=30.0, max_claims=3, prefetch=16)
 SHORT_LEASE = TransportSettings(lease=1.0, max_claims=3, prefetch=16)
 

@@ -27,6 +27,8 @@ from ._errors import (
     StoreUnavailable,
     StoreUnusable,
     SubscriptionInUse,
+    TransportUnavailable,
+    TransportUnusable,
     UnknownHandler,
     UnknownSubscription,
 )
@@ -50,6 +52,7 @@ from ._services import (
 )
 from ._stats import Stats
 from ._stores import Store, open_store
+from ._transports import Transport, open_transport
 from ._worker import RetryWorker
 
 if _TYPE_CHECKING:
@@ -114,6 +117,9 @@ __all__ = [
     "SubscriptionInUse",
     "SystemClock",
     "Tracing",
+    "Transport",
+    "TransportUnavailable",
+    "TransportUnusable",
     "UnknownHandler",
     "UnknownSubscription",
     "WorkerBeat",
@@ -121,6 +127,7 @@ __all__ = [
     "failure_group_key",
     "message_shape",
     "open_store",
+    "open_transport",
     "reason_kind",
 ]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._clock import Clock, SystemClock
 from ._core import BusCore
@@ -16,23 +16,27 @@ from ._handlers import Handler, Subscription
 from ._ledger import DeadLetterHook
 from ._observe import Metrics, Tracing
 from ._policy import ExponentialBackoff, RetryPolicy
-from ._publish import Publisher, PublishResult
+from ._publish import Publisher, Publishing, PublishResult
 from ._queues import RetryQueue
 from ._routes import subscriptions_changed
+from ._send import SEND_HANDLER, TransportPublisher
 from ._service_admin import Services
 from ._services import DEFAULT_SERVICE, Registration, StoredSubscription, check_service
 from ._stats import Stats
 from ._stores.base import Store
 from ._stores.memory import MemoryStore
+from ._transports.base import Transport
 
 if TYPE_CHECKING:
     from ._redrives import Redrives
+    from ._worker import RetryWorker
 
 __all__ = ["EventBus", "PublishResult"]
 
 H = TypeVar("H", bound=Handler)
 
 DEFAULT_STORE_TIMEOUT = 5.0
+DEFAULT_TRANSPORT_TIMEOUT = 5.0
 DEFAULT_PUBLISH_LEASE = 60.0
 DEFAULT_MAX_CLAIMS = 3
 #: seconds between two checks of the store's subscriptions by a publisher
@@ -73,6 +77,14 @@ class EventBus:
     handler of another service whose stored subscription (``register``) matches
     the event's type; ``route_refresh`` (seconds, 5 by default; 0: before every
     publish) is how often it checks the store for subscriptions that changed.
+
+    ``transport`` (``open_transport(url)``: Redis Streams, RabbitMQ, NATS
+    JetStream, or ``memory://`` in tests) makes a broker carry each event's first
+    delivery instead of the store: ``publish`` returns once the broker confirmed
+    the event (retrying through an outage for up to ``transport_timeout``
+    seconds, then raising ``TransportUnavailable``), and the workers of every
+    subscribed service consume it from there; retries, scheduled deliveries and
+    dead letters stay in the store.
     """
 
     def __init__(
@@ -91,6 +103,8 @@ class EventBus:
         publish_lease: float = DEFAULT_PUBLISH_LEASE,
         max_claims: int = DEFAULT_MAX_CLAIMS,
         route_refresh: float = DEFAULT_ROUTE_REFRESH,
+        transport: Transport | None = None,
+        transport_timeout: float = DEFAULT_TRANSPORT_TIMEOUT,
     ) -> None:
         if store is not None and not isinstance(store, Store):
             raise TypeError(f"store must be a retrybus store (see open_store), got {store!r}")
@@ -132,6 +146,15 @@ class EventBus:
             raise ValueError(
                 f"route_refresh must be a number of seconds >= 0, got {route_refresh!r}"
             )
+        if (
+            isinstance(transport_timeout, bool)
+            or not isinstance(transport_timeout, int | float)
+            or not 0 <= transport_timeout < float("inf")
+        ):
+            raise ValueError(
+                f"transport_timeout must be a number of seconds >= 0, got {transport_timeout!r}"
+            )
+        self._transport_timeout = float(transport_timeout)
         check_service(service)
         if store is None:
             store = MemoryStore()
@@ -148,7 +171,9 @@ class EventBus:
             max_claims=max_claims,
             route_refresh=float(route_refresh),
         )
-        self._publisher = Publisher(self._core)
+        self._publisher: Publishing = Publisher(self._core)
+        if transport is not None:
+            self.use_transport(transport)
         self.retry_queue = RetryQueue(self._core)
         self.dead_letters = DeadLetterQueue(self._core)
         #: the services sharing the store: subscriptions, workers, loads, removals
@@ -238,6 +263,39 @@ class EventBus:
             raise TypeError(f"store must be a retrybus store (see open_store), got {store!r}")
         self._core.store = store
 
+    @property
+    def transport(self) -> Transport | None:
+        """The broker that carries first deliveries (None: the store carries them)."""
+        return self._core.transport
+
+    def use_transport(self, transport: Transport) -> None:
+        """Carry first deliveries on ``transport`` from now on (for example the one
+        ``retrybus worker --transport`` names). A bus asked to publish without
+        durability (``durable=False``) cannot: a broker's publish is durable."""
+        if not isinstance(transport, Transport):
+            raise TypeError(
+                f"transport must be a retrybus transport (see open_transport), got {transport!r}"
+            )
+        if self._core.durable is False:
+            raise ValueError(
+                "a bus with a transport publishes through it, durably: durable=False "
+                "cannot be kept (leave durable unset)"
+            )
+        if SEND_HANDLER in self._core.registry.names():
+            raise ValueError(f"the handler name {SEND_HANDLER!r} is retrybus's own")
+        publisher = TransportPublisher(self._core, transport, self._transport_timeout)
+        self._core.transport = transport
+        self._core.builtins[SEND_HANDLER] = publisher.send_subscription
+        self._publisher = publisher
+
+    def consumer(self, **options: Any) -> RetryWorker:
+        """A worker of this bus (``RetryWorker(bus, **options)``) for ``async with``:
+        with a transport it consumes the service's messages from the broker, and
+        retries from the store, as ``retrybus worker`` does."""
+        from ._worker import RetryWorker
+
+        return RetryWorker(self, **options)
+
     async def register(self, *, prune: bool = False, actor: str | None = None) -> Registration:
         """Store this service's subscriptions: each handler's name, patterns,
         policy (in words), ``max_retries`` and time limit, so that publishers of
@@ -277,11 +335,16 @@ class EventBus:
     async def close(self) -> None:
         """Write what is still on its way to the store (the removals of durable
         deliveries that succeeded), then close the store."""
+        await self._publisher.flush()
         await self._core.ledger.flush()
+        if self._core.transport is not None:
+            await self._core.transport.close()
         await self._core.store.close()
 
     async def __aenter__(self) -> EventBus:
         await self._core.store.connect()
+        if self._core.transport is not None:
+            await self._core.transport.connect()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -397,6 +460,11 @@ class EventBus:
             raise TypeError(f"defer must be True or False, got {defer!r}")
         due = self._due(deliver_at, deliver_in)
         core = self._core
+        if durable is False and core.transport is not None:
+            raise ValueError(
+                "a bus with a transport publishes through it, durably: durable=False is "
+                "not possible (the broker's confirm is the durability point)"
+            )
         return await self._publisher.publish(
             event,
             durable=core.publishes_durably if durable is None else durable,

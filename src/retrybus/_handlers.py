@@ -139,6 +139,10 @@ class HandlerRegistry:
             name = default_name(handler)
         elif not isinstance(name, str) or not name:
             raise ValueError(f"handler name must be a non-empty string, got {name!r}")
+        elif name.startswith("retrybus:"):
+            raise ValueError(
+                f"handler names starting with 'retrybus:' are retrybus's own: {name!r}"
+            )
         check_text(name, "handler name")
         if name in self._by_name:
             raise ValueError(

@@ -56,6 +56,7 @@ _REASON_KINDS = (
     ("expired in retry queue", "expired"),
     ("unknown handler", "unknown_handler"),
     ("undecodable record", "undecodable"),
+    ("undecodable message", "undecodable"),
     ("retry decision failed", "policy_error"),
     ("undeliverable", "undeliverable"),
     (UNSUBSCRIBED, "subscription_removed"),

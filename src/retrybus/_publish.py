@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from ._delivery import (
     Attempted,
@@ -41,7 +41,7 @@ from ._routes import Route
 if TYPE_CHECKING:
     from ._core import BusCore
 
-__all__ = ["PublishResult", "Publisher"]
+__all__ = ["PublishResult", "Publisher", "Publishing"]
 
 
 R = TypeVar("R")
@@ -64,12 +64,35 @@ class PublishResult:
     #: the handlers of other services the event was recorded for (``service/handler``,
     #: their stored subscriptions matching its type), or found recorded already
     routed: tuple[str, ...] = ()
+    #: the broker's name for the message that carries the event (a bus with a
+    #: transport; None: no transport, a scheduled publish, or no service subscribes)
+    receipt: str | None = None
 
     @property
     def ok(self) -> bool:
         """No matching handler failed on its first call (pending ones have not
         been called yet)."""
         return not self.retrying and not self.dead_lettered
+
+
+class Publishing(Protocol):
+    """What runs a bus's publishes: ``Publisher`` (the store carries first
+    deliveries) or ``TransportPublisher`` (a broker does)."""
+
+    async def publish(
+        self,
+        event: Event,
+        *,
+        durable: bool,
+        due: datetime | None,
+        defer: bool,
+    ) -> PublishResult:
+        """Publish ``event`` (``due``: a scheduled delivery)."""
+        ...
+
+    async def flush(self) -> None:
+        """Wait for what this publisher still has on its way."""
+        ...
 
 
 class Publisher:
@@ -122,6 +145,9 @@ class Publisher:
         else:
             result = await self._record_then_run(event, subscriptions, routes)
         return replace(result, routed=tuple(route.label for route in routes))
+
+    async def flush(self) -> None:
+        """Nothing waits here (the ledger flushes the removals)."""
 
     # not durable -------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from types import TracebackType
 
 from ._batch import ClaimedBatch
 from ._bus import EventBus
+from ._consumer import TransportConsumer
 from ._delivery import Attempted, deliver, undeliverable
 from ._errors import StoreUnavailable
 from ._event import check_text
@@ -114,6 +115,11 @@ class RetryWorker:
     ``UNSUBSCRIBED_SWEEP_INTERVAL`` seconds it moves to the dead letter queue what
     waits for removed subscriptions (``bus.services.sweep()``), and with its
     maintenance it deletes heartbeats and tombstones a day old.
+
+    On a bus with a transport it also consumes its service's messages from the
+    broker, on ``prefetch`` lanes of its own (``concurrency`` by default): each
+    message's matching handlers run, failures become retry records, and the
+    message is acked once that is written (see ``TransportConsumer``).
     """
 
     def __init__(
@@ -131,6 +137,7 @@ class RetryWorker:
         fail_fast: bool = False,
         handler_timeout: float | None = None,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        prefetch: int | None = None,
     ) -> None:
         if not isinstance(bus, EventBus):
             raise TypeError(f"RetryWorker needs an EventBus, got {bus!r}")
@@ -138,6 +145,10 @@ class RetryWorker:
         self.check_interval = _positive("check_interval", check_interval)
         self.batch_size = _positive_int("batch_size", batch_size)
         self.concurrency = _positive_int("concurrency", concurrency)
+        #: messages a consumer of the bus's transport handles at once (its own lanes)
+        self.prefetch = (
+            self.concurrency if prefetch is None else _positive_int("prefetch", prefetch)
+        )
         self.lease = _positive("lease", lease)
         self.maintenance_interval = _positive("maintenance_interval", maintenance_interval)
         self.depth_history = (
@@ -178,6 +189,8 @@ class RetryWorker:
         self._batches: set[asyncio.Task[None]] = set()
         #: set while a lane runs a suspect alone (see _run_alone)
         self._suspect: asyncio.Event | None = None
+        #: the consumer of the bus's transport while the loop runs (None: no transport)
+        self._consumer: TransportConsumer | None = None
 
     # lifecycle -------------------------------------------------------------
 
@@ -282,6 +295,8 @@ class RetryWorker:
         self._stopping = True
         if self._wake is not None:
             self._wake.set()
+        if self._consumer is not None:
+            self._consumer.stop_receiving()
         try:
             if not task.done():  # a loop that failed on its own has said so already
                 await asyncio.wait_for(asyncio.shield(task), timeout)
@@ -422,6 +437,20 @@ class RetryWorker:
             asyncio.create_task(self._lane(), name=f"retrybus-lane-{self.name}-{n}")
             for n in range(self.concurrency)
         ]
+        transport = self.bus.transport
+        if transport is not None:
+            self._consumer = TransportConsumer(
+                self.bus.core,
+                transport,
+                name=self.name,
+                prefetch=self.prefetch,
+                lease=self.lease,
+                handler_timeout=self.handler_timeout,
+                suspect=lambda: self._suspect,
+            )
+            lanes.append(
+                asyncio.create_task(self._consumer.run(), name=f"retrybus-consumer-{self.name}")
+            )
         try:
             await self._claim_continuously(watching)
             current = asyncio.current_task()
@@ -431,8 +460,10 @@ class RetryWorker:
                 raise asyncio.CancelledError
             # stopping: lanes start nothing more; each batch writes what finished
             # and gives back what no lane started
-            for _ in lanes:
+            for _ in range(self.concurrency):
                 self._ready.put_nowait(None)
+            if self._consumer is not None:
+                self._consumer.stop_receiving()
             for task in list(self._batches):
                 batch = getattr(task, "batch", None)
                 if isinstance(batch, ClaimedBatch):
@@ -448,6 +479,7 @@ class RetryWorker:
                 await asyncio.gather(*running, return_exceptions=True)
             self._ready = asyncio.Queue()
             self._busy = 0
+            self._consumer = None
 
     async def _claim_continuously(self, watching: bool) -> None:
         backoff = 0.0
@@ -808,6 +840,8 @@ class RetryWorker:
             self._wake_up()
 
     def _quiet(self) -> bool:
+        if self._consumer is not None and not self._consumer.quiet:
+            return False
         return all(task.batch.quiet for task in self._batches if hasattr(task, "batch"))
 
     async def _give_back_unstarted(self) -> None:

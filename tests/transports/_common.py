@@ -23,7 +23,10 @@ A transport plugs in as ``tests/transports/<kind>.py`` with:
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 
 @dataclass(frozen=True)
@@ -44,3 +47,13 @@ class TransportFeatures:
     """The broker caps deliveries itself and hands the rest to ``given_up``."""
     has_url_with_password: bool
     """Its URLs may carry a password, which ``transport.url`` and errors hide."""
+
+
+def all_transports() -> dict[str, ModuleType]:
+    """Every transport's test module (tests/transports/<kind>.py), memory first."""
+    directory = Path(__file__).parent
+    stems = sorted(
+        (path.stem for path in directory.glob("*.py") if not path.stem.startswith("_")),
+        key=lambda stem: (stem != "memory", stem),
+    )
+    return {stem: importlib.import_module(f"transports.{stem}") for stem in stems}
