@@ -55,6 +55,8 @@ _LONGEST_PAUSE = 30.0
 #: acks sent in one call at most, and how long a lone ack waits for company
 _ACK_BATCH = 100
 _ACK_GATHER = 0.002
+#: seconds between two looks at what the broker gave up on
+_GIVEN_UP_INTERVAL = 5.0
 #: the first bytes of an unreadable message kept in its dead letter
 _RAW_KEPT = 64 * 1024
 
@@ -112,16 +114,19 @@ class TransportConsumer:
         ``stop_receiving``, then finish what was received, ack it and close."""
         acker = asyncio.create_task(self._ack_continuously(), name=f"retrybus-acks-{self._name}")
         heartbeat = asyncio.create_task(self._extend_continuously())
+        drainer: asyncio.Task[None] | None = None
         try:
             if await self._open():
+                drainer = asyncio.create_task(self._drain_given_up())
                 await self._receive_continuously()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._flush_acks()
         finally:
-            for task in (acker, heartbeat, *self._tasks):
+            background = [acker, heartbeat, *([drainer] if drainer else []), *self._tasks]
+            for task in background:
                 task.cancel()
-            await asyncio.gather(acker, heartbeat, *self._tasks, return_exceptions=True)
+            await asyncio.gather(*background, return_exceptions=True)
             receiver, self._receiver = self._receiver, None
             if receiver is not None:
                 with contextlib.suppress(Exception):
@@ -192,6 +197,23 @@ class TransportConsumer:
             pause = 0.5
             self._broker_answered()
             for message in messages:
+                self._start(message)
+
+    async def _drain_given_up(self) -> None:
+        """Every few seconds, hand the store what the broker stopped delivering by
+        its own cap (RabbitMQ's dead-letter queue, NATS's max-deliveries
+        advisories): a record past ``max_claims``, which the worker's next claim
+        dead-letters as undeliverable."""
+        receiver = self._receiver
+        assert receiver is not None
+        while not self._stopping:
+            await asyncio.sleep(_GIVEN_UP_INTERVAL)
+            try:
+                messages = await receiver.given_up(_ACK_BATCH)
+            except TransportUnavailable:
+                continue  # the receive loop says so
+            for message in messages:
+                message.deliveries = max(message.deliveries, self._core.max_claims + 1)
                 self._start(message)
 
     def _start(self, message: Inbound) -> None:
