@@ -9,10 +9,10 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 import redis.asyncio as aioredis
+
 from engines._common import unique_name
 from engines.redis import REDIS_URL, delete_prefix, ping
 from private_servers import PrivateRedis
-
 from retrybus._transports.base import Transport
 from retrybus._transports.redis import RedisTransport
 

@@ -207,11 +207,17 @@ for k = 1, #KEYS do
   if #mine > 0 then
     if mode == 'ack' then
       done = done + redis.call('XACK', KEYS[k], group, unpack(mine))
-    elseif mode == 'extend' then
-      done = done + #redis.call('XCLAIM', KEYS[k], group, me, 0, unpack(mine), 'JUSTID')
     else
-      done = done + #redis.call('XCLAIM', KEYS[k], group, me, 0, unpack(mine),
-        'IDLE', ARGV[#ARGV], 'JUSTID')
+      -- XCLAIM <ids> JUSTID: idle reset (or IDLE: made idle), delivery count kept;
+      -- unpack() must come last in a call, or Lua keeps only its first value
+      local claim = {'XCLAIM', KEYS[k], group, me, 0}
+      for _, id in ipairs(mine) do claim[#claim + 1] = id end
+      if mode == 'release' then
+        claim[#claim + 1] = 'IDLE'
+        claim[#claim + 1] = ARGV[#ARGV]
+      end
+      claim[#claim + 1] = 'JUSTID'
+      done = done + #redis.call(unpack(claim))
     end
   end
 end
