@@ -81,6 +81,26 @@ async def test_receipts_name_the_word_and_the_entry(transport: RedisTransport) -
     await receiver.close()
 
 
+async def test_a_receive_over_several_streams_keeps_to_its_limit(
+    transport: RedisTransport,
+) -> None:
+    await transport.declare("audit", ["*"], SETTINGS)
+    sent = [Event(f"{word}.happened", n) for word in ("like", "post", "order") for n in range(7)]
+    await transport.send(sent)
+    receiver = await transport.receiver("audit", "w1", SETTINGS)
+    got: list[Inbound] = []
+    deadline = time.monotonic() + 10
+    while len(got) < len(sent) and time.monotonic() < deadline:
+        batch = await receiver.receive(5, 0.5)
+        assert len(batch) <= 5  # XREADGROUP's COUNT is per stream
+        got += batch
+    assert sorted(m.receipt for m in got) == sorted({m.receipt for m in got})
+    assert ids(got) == {e.id for e in sent}
+    await receiver.ack(got)
+    assert await transport.lag("audit") == 0
+    await receiver.close()
+
+
 async def test_trimming_never_drops_an_entry_a_group_has_not_acked(
     transport: RedisTransport, raw: aioredis.Redis
 ) -> None:

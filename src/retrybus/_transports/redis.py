@@ -189,10 +189,11 @@ return 1
 
 # KEYS: streams; ARGV: group, consumer, mode (ack, extend, release), then per
 # stream its count and (id, deliveries) pairs. Only entries this consumer still
-# holds at that delivery count are touched (one another consumer took over is theirs).
+# holds at that delivery count are touched (one another consumer took over is
+# theirs); returns per stream the ids touched.
 _SETTLE = """
 local group, me, mode = ARGV[1], ARGV[2], ARGV[3]
-local at, done = 4, 0
+local at, done = 4, {}
 for k = 1, #KEYS do
   local count = tonumber(ARGV[at])
   local mine = {}
@@ -206,7 +207,7 @@ for k = 1, #KEYS do
   at = at + 1 + 2 * count
   if #mine > 0 then
     if mode == 'ack' then
-      done = done + redis.call('XACK', KEYS[k], group, unpack(mine))
+      redis.call('XACK', KEYS[k], group, unpack(mine))
     else
       -- XCLAIM <ids> JUSTID: idle reset (or IDLE: made idle), delivery count kept;
       -- unpack() must come last in a call, or Lua keeps only its first value
@@ -217,9 +218,10 @@ for k = 1, #KEYS do
         claim[#claim + 1] = ARGV[#ARGV]
       end
       claim[#claim + 1] = 'JUSTID'
-      done = done + #redis.call(unpack(claim))
+      redis.call(unpack(claim))
     end
   end
+  done[k] = mine
 end
 return done
 """
@@ -614,11 +616,15 @@ class _RedisReceiver(Receiver):
         self._cursors: dict[str, str] = {}
         # receipt -> (word, entry id, deliveries): what close gives back
         self._held: dict[str, tuple[str, str, int]] = {}
+        # read beyond a receive's limit (XREADGROUP's COUNT is per stream)
+        self._surplus: list[Inbound] = []
         self._lost_said = False
 
     async def receive(self, limit: int, wait: float) -> list[Inbound]:
         deadline = time.monotonic() + wait
-        messages: list[Inbound] = []
+        messages = await self._take_surplus(limit)
+        if messages:
+            return messages
         await self._housekeeping()
         while True:
             await self._refresh()
@@ -629,9 +635,30 @@ class _RedisReceiver(Receiver):
             if len(messages) >= limit:
                 return messages
             block = 0.0 if messages else min(max(deadline - now, 0.0), _BLOCK)
-            messages += await self._read(limit - len(messages), block)
+            try:
+                messages += await self._read(limit - len(messages), block)
+            except TransportUnavailable:
+                if messages:  # taken over already: hand them out
+                    return messages
+                raise
+            if len(messages) > limit:
+                self._surplus = messages[limit:]
+                return messages[:limit]
             if messages or time.monotonic() >= deadline:
                 return messages
+
+    async def _take_surplus(self, limit: int) -> list[Inbound]:
+        """Entries read beyond an earlier limit, those still this consumer's, their
+        lease started again."""
+        if not self._surplus:
+            return []
+        taken = self._surplus[:limit]
+        mine = await self._settle(taken, "extend")
+        del self._surplus[:limit]
+        for message in taken:
+            if message.token not in mine:
+                self._held.pop(message.receipt, None)
+        return [m for m in taken if m.token in mine]
 
     async def _housekeeping(self) -> None:
         if time.monotonic() < self._trim_due:
@@ -772,17 +799,22 @@ class _RedisReceiver(Receiver):
     async def extend(self, messages: Sequence[Inbound]) -> None:
         await self._settle(messages, "extend")
 
-    async def _settle(self, messages: Sequence[Inbound], mode: str) -> None:
+    async def _settle(self, messages: Sequence[Inbound], mode: str) -> set[tuple[str, str]]:
         items = [(m.token[0], m.token[1], m.deliveries) for m in messages]
+        touched: set[tuple[str, str]] = set()
         for start in range(0, len(items), _ACK_CHUNK):
-            await self._settle_items(items[start : start + _ACK_CHUNK], mode)
+            touched |= await self._settle_items(items[start : start + _ACK_CHUNK], mode)
+        return touched
 
-    async def _settle_items(self, items: Sequence[tuple[str, str, int]], mode: str) -> None:
+    async def _settle_items(
+        self, items: Sequence[tuple[str, str, int]], mode: str
+    ) -> set[tuple[str, str]]:
+        """Run ``settle`` on (word, id, deliveries); the (word, id) it touched."""
         by_word: dict[str, list[tuple[str, int]]] = {}
         for word, entry_id, deliveries in items:
             by_word.setdefault(word, []).append((entry_id, deliveries))
         if not by_word:
-            return
+            return set()
         args: list[Any] = [self.service, self.consumer, mode]
         for entries in by_word.values():
             args.append(len(entries))
@@ -790,8 +822,15 @@ class _RedisReceiver(Receiver):
                 args += [entry_id, deliveries]
         args.append(_RELEASE_IDLE_MS)
         keys = [self._t.stream_key(w) for w in by_word]
-        with contextlib.suppress(_NoGroup):  # XPENDING runs under pcall
-            await self._t._script("settle", keys, args)
+        try:
+            reply = await self._t._script("settle", keys, args)
+        except _NoGroup:  # pragma: no cover - XPENDING runs under pcall
+            return set()
+        return {
+            (word, _text(entry_id))
+            for word, ids in zip(by_word, reply, strict=True)
+            for entry_id in ids
+        }
 
     async def close(self) -> None:
         """Give back what this consumer holds (idle at once: the next claim of any
