@@ -621,6 +621,8 @@ class _RedisReceiver(Receiver):
         self._lost_said = False
 
     async def receive(self, limit: int, wait: float) -> list[Inbound]:
+        if limit <= 0:  # XREADGROUP's COUNT 0 would mean no limit
+            return []
         deadline = time.monotonic() + wait
         messages = await self._take_surplus(limit)
         if messages:
