@@ -411,6 +411,7 @@ class _RabbitReceiver(Receiver):
         self.service = service
         self._consumer = consumer
         self._prefetch = settings.prefetch
+        self._max_claims = settings.max_claims
         self._name = transport._queue_name(service)
         self._channel: AbstractChannel | None = None
         self._generation = -1
@@ -521,9 +522,15 @@ class _RabbitReceiver(Receiver):
             event, problem = decode(body), None
         except ValueError as exc:
             event, problem = None, str(exc)
-        count = (message.headers or {}).get("x-delivery-count")
-        if isinstance(count, int):
-            deliveries = count if given_up else count + 1
+        headers = message.headers or {}
+        count = headers.get("x-delivery-count")
+        if given_up:
+            # 3.10 keeps no count in a dead letter; past the limit means delivered
+            # max_claims + 1 times (x-delivery-limit = max_claims)
+            limited = headers.get("x-first-death-reason") == "delivery_limit"
+            deliveries = self._max_claims + 1 if limited else 0
+        elif isinstance(count, int):
+            deliveries = count + 1
         else:
             deliveries = 2 if message.redelivered else 1
         tag = message.delivery_tag
@@ -550,7 +557,8 @@ class _RabbitReceiver(Receiver):
 
     async def given_up(self, limit: int) -> list[Inbound]:
         """Messages the queue dead-lettered past ``x-delivery-limit``, from
-        ``X.<service>.undeliverable``; ``deliveries`` is the count they reached."""
+        ``X.<service>.undeliverable``; ``deliveries`` is ``max_claims + 1``, what
+        the limit allows (0 for one dead-lettered for another reason)."""
         await self.start()
         channel = self._channel
         assert channel is not None
@@ -626,7 +634,7 @@ def _parse(url: str, shown: str) -> tuple[str, str, float]:
             f"bad exchange {exchange!r} in RabbitMQ URL {shown!r}: 1-200 of A-Z a-z 0-9 _ . : -"
         )
     try:
-        timeout = float(options.get("timeout", ["10"])[-1])
+        timeout = float(options.get("timeout", ["5"])[-1])
     except ValueError:
         timeout = -1.0
     if not 0 < timeout <= 600:
