@@ -83,6 +83,7 @@ class RabbitTransport(Transport):
         self._amqp_url, self.exchange, self._timeout = _parse(url, self.url)
         self._connection: AbstractConnection | None = None
         self._exchange: AbstractExchange | None = None
+        self._publisher: AbstractChannel | None = None
         self._generation = 0
         self._lock = asyncio.Lock()
         self._declared: dict[str, tuple[tuple[str, ...], TransportSettings]] = {}
@@ -99,11 +100,17 @@ class RabbitTransport(Transport):
 
     async def _connected(self) -> AbstractConnection:
         connection = self._connection
-        if connection is not None and not connection.is_closed:
+        if connection is not None and not connection.is_closed and self._publishing():
             return connection
         async with self._lock:
-            if self._connection is not None and not self._connection.is_closed:
-                return self._connection
+            connection = self._connection
+            if connection is not None and not connection.is_closed:
+                if self._publishing():
+                    return connection
+                # the publisher channel alone was closed: start afresh
+                connection.close_callbacks.discard(self._on_lost)
+                with contextlib.suppress(*_BROKER_ERRORS):
+                    await connection.close()
             try:
                 return await asyncio.wait_for(self._open(), self._timeout)
             except _BROKER_ERRORS as exc:
@@ -117,6 +124,7 @@ class RabbitTransport(Transport):
         )
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._publisher = channel
             self._exchange = await channel.declare_exchange(
                 self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
             )
@@ -136,6 +144,10 @@ class RabbitTransport(Transport):
             logger.info("broker %s is back after %.1fs", self.url, waited)
             self._lost_at = None
         return connection
+
+    def _publishing(self) -> bool:
+        channel = self._publisher
+        return channel is not None and not channel.is_closed
 
     def _on_lost(self, sender: object, exc: BaseException | None) -> None:
         # aio-pika's is_closed stays False after the broker closed it: drop it here
