@@ -158,7 +158,6 @@ async def test_a_consumer_killer_is_dead_lettered_after_max_claims(
     store = f"sqlite:///{tmp_path / 'store.db'}"
     record = tmp_path / "calls"
     args = ("--service=billing", "--handler=count=job.*", "--poison=job.poison", "--lease=2")
-    await publish(store, transport, record, 0)  # nothing: the service is not declared yet
     worker = await start(store, transport, record, *args)
     await asyncio.sleep(2.0)
     await publish(store, transport, record, 100, "--type=job.run", "--id-prefix=a")
