@@ -35,7 +35,10 @@ FEATURES = TransportFeatures(
 MALFORMED_URLS = [
     ("nats://127.0.0.1:4222?stream=a.b", "bad stream name"),
     ("nats://127.0.0.1:4222?stream=", "bad stream name"),
-    ("nats://u:secret@127.0.0.1:4222?exchange=x&stream=S", r"unknown option\(s\) exchange.*u:\*\*\*@"),
+    (
+        "nats://u:secret@127.0.0.1:4222?exchange=x&stream=S",
+        r"unknown option\(s\) exchange.*u:\*\*\*@",
+    ),
     ("nats://127.0.0.1:4222/path", "no path"),
     ("nats://:4222", "malformed NATS transport URL"),
     ("tls://127.0.0.1:4222?bogus=1", "bogus"),

@@ -147,7 +147,9 @@ class NatsTransport(Transport):
         if parts.path not in ("", "/"):
             raise ValueError(f"malformed NATS transport URL {self.url!r}: it has no path")
         try:
-            options = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+            options = parse_qs(
+                parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)
+            )
         except ValueError:
             raise ValueError(f"malformed query in NATS transport URL {self.url!r}") from None
         unknown = sorted(set(options) - _OPTIONS)
@@ -206,7 +208,8 @@ class NatsTransport(Transport):
                 if self._nc is None or self._nc.is_closed:
                     await self._open()
         nc, js = self._nc, self._js
-        assert nc is not None and js is not None
+        assert nc is not None
+        assert js is not None
         if not nc.is_connected:
             raise self._unavailable("the connection is lost; reconnecting", self._last_error)
         if not self._topology_ready:
@@ -394,7 +397,9 @@ class NatsTransport(Transport):
         name = consumer_name(service)
         for stream in (self.stream, self.advisories):
             with contextlib.suppress(TransportUnusable):  # not there: nothing to forget
-                await self._call(f"deleting consumer {stream}/{name}", js.delete_consumer(stream, name))
+                await self._call(
+                    f"deleting consumer {stream}/{name}", js.delete_consumer(stream, name)
+                )
         self._has_consumers = (0.0, False)
 
     # sending -------------------------------------------------------------------
@@ -444,7 +449,6 @@ class NatsTransport(Transport):
 
     async def receiver(self, service: str, consumer: str, settings: TransportSettings) -> Receiver:
         """A receiver of ``service``'s durable consumer (declared already)."""
-        _, js = await self._client()
         name = consumer_name(service)
         info = await self._consumer_info(self.stream, name)
         if info is None:
@@ -457,7 +461,7 @@ class NatsTransport(Transport):
     async def lag(self, service: str) -> int | None:
         """Messages waiting for ``service`` plus those its consumers hold."""
         info = await self._consumer_info(self.stream, consumer_name(service))
-        return None if info is None else info.num_pending + info.num_ack_pending
+        return None if info is None else _backlog(info)
 
     async def _consumer_info(self, stream: str, name: str) -> ConsumerInfo | None:
         _, js = await self._client()
@@ -505,15 +509,15 @@ class NatsTransport(Transport):
                 f"consumer {self.stream}/{info.name} (filter {config.filter_subject}, "
                 f"ack_wait {config.ack_wait}s, max_deliver {config.max_deliver})"
             ],
-            lag=info.num_pending + info.num_ack_pending,
-            in_flight=info.num_ack_pending,
+            lag=_backlog(info),
+            in_flight=info.num_ack_pending or 0,
         )
         advisory = await self._consumer_info(self.advisories, info.name)
         if advisory is None:
             topology.problems.append(f"no advisory consumer {self.advisories}/{info.name}")
         else:
             topology.holders.append(f"consumer {self.advisories}/{info.name}")
-            given_up[service] = advisory.num_pending + advisory.num_ack_pending
+            given_up[service] = _backlog(advisory)
         return topology
 
     def _closed(self, receiver: _NatsReceiver) -> None:
@@ -586,13 +590,8 @@ class _NatsReceiver(Receiver):
     def _inbound(self, msg: Msg) -> Inbound:
         meta = msg.metadata
         self._held[msg.reply] = msg
-        body = msg.data
-        try:
-            event, problem = decode(body), None
-        except ValueError as exc:
-            event, problem = None, str(exc)
         receipt = f"{self._transport.stream}#{meta.sequence.stream}"
-        return Inbound(event, body, problem, meta.num_delivered, receipt, token=msg)
+        return _read(msg.data, meta.num_delivered, receipt, msg)
 
     async def ack(self, messages: Sequence[Inbound]) -> None:
         """Ack each message (the last one waits for the server, so all are in when it returns)."""
@@ -643,11 +642,7 @@ class _NatsReceiver(Receiver):
             problem = f"message {receipt} is gone from the stream"
             return Inbound(None, b"", problem, deliveries, receipt, token=token)
         body = stored.data or b""
-        try:
-            event, problem = decode(body), None
-        except ValueError as exc:
-            event, problem = None, str(exc)
-        return Inbound(event, body, problem, deliveries, receipt, token=token)
+        return _read(body, deliveries, receipt, token)
 
     async def close(self) -> None:
         """Give back what this receiver holds (``-NAK``: delivered again at once)."""
@@ -666,6 +661,19 @@ class _NatsReceiver(Receiver):
                 await pull.unsubscribe()
         with contextlib.suppress(TransportUnavailable, TransportUnusable):
             await t._call("close", _publish_all(nc, replies, Msg.Ack.Nak, sync=True))
+
+
+def _read(body: bytes, deliveries: int, receipt: str, token: Any) -> Inbound:
+    """``body`` as an ``Inbound``: its event, or why there is none."""
+    try:
+        return Inbound(decode(body), body, None, deliveries, receipt, token)
+    except ValueError as exc:
+        return Inbound(None, body, str(exc), deliveries, receipt, token)
+
+
+def _backlog(info: ConsumerInfo) -> int:
+    """Messages a consumer has still to deliver, plus those delivered and not acked."""
+    return (info.num_pending or 0) + (info.num_ack_pending or 0)
 
 
 def _described_prefixes(info: ConsumerInfo) -> frozenset[str] | None:
@@ -711,4 +719,4 @@ async def _publish_all(
     if sync:
         await nc.request(subjects[-1], payload, timeout=_REQUEST_TIMEOUT)
     else:
-        await nc.flush(timeout=_REQUEST_TIMEOUT)
+        await nc.flush(timeout=int(_REQUEST_TIMEOUT))
