@@ -56,7 +56,7 @@ _OPTIONS = frozenset({"stream"})
 _DEFAULT_STREAM = "RETRYBUS"
 #: what a stream name may be here (NATS forbids spaces, ".", "*", ">", path separators)
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_CONNECT_BUDGET = 5.0  # seconds the first connection of a call may take
+_CONNECT_BUDGET = 2.5  # seconds a first connection may take (each call tries again)
 _REQUEST_TIMEOUT = 5.0
 _DUPLICATE_WINDOW = 120.0  # seconds within which a resent event is not stored again
 _ADVISORY_AGE = 7 * 24 * 3600.0
@@ -536,7 +536,8 @@ class _NatsReceiver(Receiver):
         self._pull: JetStreamContext.PullSubscription | None = None
         self._advisory_pull: JetStreamContext.PullSubscription | None = None
         self._bound_to: Client | None = None
-        self._held: dict[str, Msg] = {}
+        #: by stream sequence, the latest delivery of each message received and not acked
+        self._held: dict[int, Msg] = {}
         #: when they were read, and the coarse prefixes of the service's patterns
         self.prefixes: tuple[float, frozenset[str] | None] = (0.0, None)
 
@@ -589,7 +590,7 @@ class _NatsReceiver(Receiver):
 
     def _inbound(self, msg: Msg) -> Inbound:
         meta = msg.metadata
-        self._held[msg.reply] = msg
+        self._held[meta.sequence.stream] = msg
         receipt = f"{self._transport.stream}#{meta.sequence.stream}"
         return _read(msg.data, meta.num_delivered, receipt, msg)
 
@@ -608,7 +609,9 @@ class _NatsReceiver(Receiver):
                 subjects.append(token.advisory.reply)
             elif isinstance(token, Msg):
                 subjects.append(token.reply)
-                self._held.pop(token.reply, None)
+                sequence = token.metadata.sequence.stream
+                if self._held.get(sequence) is token:
+                    del self._held[sequence]
         await t._call("ack", _ack_all(nc, subjects))
 
     async def extend(self, messages: Sequence[Inbound]) -> None:
@@ -650,7 +653,7 @@ class _NatsReceiver(Receiver):
         t._closed(self)
         pulls = [p for p in (self._pull, self._advisory_pull) if p is not None]
         self._pull = self._advisory_pull = None
-        replies = list(self._held)
+        replies = [msg.reply for msg in self._held.values()]
         self._held.clear()
         nc = t._nc
         if nc is None or not nc.is_connected:
