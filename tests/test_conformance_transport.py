@@ -265,22 +265,36 @@ async def test_a_reopened_consumer_loses_nothing(store: MemoryStore, transport: 
     social = bus_of(store, transport, "social")
     events = [Event("like.added", n) for n in range(5000)]
 
+    receipts: dict[str, str | None] = {}
+
     async def publish_all() -> None:
         for start in range(0, 5000, 100):
-            await asyncio.gather(*(social.publish(e) for e in events[start : start + 100]))
+            results = await asyncio.gather(
+                *(social.publish(e) for e in events[start : start + 100])
+            )
+            receipts.update((r.event.id, r.receipt) for r in results)
             await asyncio.sleep(0.01)
 
+    worker = await started(billing, lease=2.0)  # the service is declared before it publishes
     publishing = asyncio.create_task(publish_all())
     for _ in range(5):
-        worker = await started(billing, lease=2.0)
         await asyncio.sleep(0.3)
         await worker.stop()
+        worker = await started(billing, lease=2.0)
     await publishing
-    worker = await started(billing, lease=2.0)
+    assert all(receipts.values())
     try:
         await until(
             lambda: calls.ids("count") >= {e.id for e in events}, within=60, what="every event"
         )
+    except AssertionError:
+        missing = {e.id for e in events} - calls.ids("count")
+        dead = await dead_letters(store)
+        raise AssertionError(
+            f"{len(missing)} missing ({sorted(events.index(e) for e in events if e.id in missing)[:3]}, "
+            f"receipts {[receipts.get(m) for m in list(missing)[:3]]}); {len(dead)} dead ({dead[:1]}); "
+            f"{await store.retry_count()} in the retry queue; lag {await transport.lag('billing')}"
+        ) from None
     finally:
         await worker.stop()
 

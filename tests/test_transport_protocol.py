@@ -17,7 +17,8 @@ from retrybus._transports.base import Inbound, Receiver, Transport, TransportSet
 from transports._common import all_transports
 
 TRANSPORTS = all_transports()
-SETTINGS = TransportSettings(lease=30.0, max_claims=3, prefetch=16)
+#: room for every message a test holds at once (a receiver holds at most ``prefetch``)
+SETTINGS = TransportSettings(lease=30.0, max_claims=3, prefetch=200)
 SHORT_LEASE = TransportSettings(lease=1.0, max_claims=3, prefetch=16)
 
 

@@ -91,6 +91,7 @@ class TransportConsumer:
         self._room = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._acks: list[tuple[Inbound, float]] = []
+        self._acking = asyncio.Lock()
         self._ack_wanted = asyncio.Event()
         self._broker_down_since: float | None = None
         self._store_down_since: float | None = None
@@ -371,23 +372,24 @@ class TransportConsumer:
             await self._flush_acks()
 
     async def _flush_acks(self) -> None:
-        receiver = self._receiver
-        pause = 0.05
-        while self._acks and receiver is not None:
-            batch = self._acks[:_ACK_BATCH]
-            try:
-                await receiver.ack([message for message, _ in batch])
-            except TransportUnavailable as exc:
-                # past its lease the broker delivers it again, and the store takes it
-                expired = time.monotonic() - self._settings.lease
-                self._acks = [(m, at) for m, at in self._acks if at > expired]
-                if self._stopping or not self._acks:
-                    logger.warning("worker %s: acks not sent: %s", self._name, exc)
-                    return
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
-                continue
-            del self._acks[: len(batch)]
+        async with self._acking:  # the acker and the stop never ack one message twice
+            receiver = self._receiver
+            pause = 0.05
+            while self._acks and receiver is not None:
+                batch = self._acks[:_ACK_BATCH]
+                del self._acks[: len(batch)]
+                try:
+                    await receiver.ack([message for message, _ in batch])
+                except TransportUnavailable as exc:
+                    # past its lease the broker delivers it again, and the store takes it
+                    expired = time.monotonic() - self._settings.lease
+                    self._acks[:0] = [(m, at) for m, at in batch if at > expired]
+                    if self._stopping or not self._acks:
+                        logger.warning("worker %s: acks not sent: %s", self._name, exc)
+                        self._acks.clear()
+                        return
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 1.0)
 
     async def _extend_continuously(self) -> None:
         interval = self._settings.lease / 3

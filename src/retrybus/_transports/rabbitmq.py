@@ -489,7 +489,6 @@ class _RabbitReceiver(Receiver):
         if self._closed:
             raise RuntimeError("receiver is closed")
         await self.start()
-        await self._widen(limit)
         messages = self._drain(limit)
         if messages or wait <= 0:
             return messages
@@ -502,17 +501,6 @@ class _RabbitReceiver(Receiver):
                 f"RabbitMQ at {self._transport.url} closed the channel of {self._name}"
             )
         return [self._inbound(first), *self._drain(limit - 1)]
-
-    async def _widen(self, limit: int) -> None:
-        """Let the broker deliver ``limit`` more than what is held: a caller that
-        asks for more than ``prefetch`` before acking gets them."""
-        wanted = len(self._held) + limit
-        if wanted <= self._qos:
-            return
-        try:
-            await self._consume(wanted)
-        except _BROKER_ERRORS as exc:
-            raise self._transport._failure(exc, f"consume {self._name}") from exc
 
     def _drain(self, limit: int) -> list[Inbound]:
         messages: list[Inbound] = []
