@@ -33,6 +33,7 @@ from .._services import (
     WorkerBeat,
 )
 from .._stats import Stats
+from .._transports.base import ServiceTopology, TransportReport
 
 __all__ = [
     "SHOWN_BYTES",
@@ -48,6 +49,7 @@ __all__ = [
     "retry_table",
     "services_view",
     "stats_table",
+    "transport_view",
     "worker_table",
 ]
 
@@ -559,3 +561,58 @@ def handler_table(handlers: Sequence[HandlerSummary], now: datetime, title: str)
         Column("oldest pending", oldest, justify="right", drop=3),
     ]
     return FittedTable(title, columns, handlers)
+
+
+def transport_view(report: TransportReport) -> Group:
+    """``Transport.check``'s report as people read it: a title naming the broker,
+    a table per service (its holders, lag, in flight, consumers and problems), the
+    rest of the topology (``extra``), the warnings and a last line saying whether
+    every service is in order."""
+    parts: list[RenderableType] = [Text(f"transport {report.kind} — {report.url}", style="italic")]
+    if not report.services:
+        parts.append(Text("no services on the broker: none declared, none asked for"))
+    for topology in report.services:
+        parts.append(Text())
+        parts.append(_topology_table(topology))
+    if report.extra:
+        parts.append(Text())
+        parts.append(_extra_table(report.extra))
+    for warning in report.warnings:
+        parts.append(Text(f"WARNING {warning}", style="bold yellow"))
+    parts.append(Text())
+    troubled = sum(1 for topology in report.services if topology.problems)
+    if troubled:
+        parts.append(Text(f"{_plural(troubled, 'service')} with problems", style="bold red"))
+    else:
+        parts.append(Text("healthy", style="bold green"))
+    return Group(*parts)
+
+
+def _known(value: int | None) -> str:
+    return "—" if value is None else str(value)
+
+
+def _topology_table(topology: ServiceTopology) -> Table:
+    """One service's holders, lag, in flight, consumers and problems, one per row."""
+    title = f"service {topology.service}" + ("  PROBLEM" if topology.problems else "")
+    table = Table(title=escape(title), show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("holders", Text("\n".join(topology.holders) or "—"))
+    table.add_row("lag", _known(topology.lag))
+    table.add_row("in flight", _known(topology.in_flight))
+    table.add_row("consumers", _known(topology.consumers))
+    problems = "\n".join(topology.problems)
+    table.add_row("problems", Text(problems, style="bold red") if problems else Text("none"))
+    return table
+
+
+def _extra_table(extra: dict[str, Any]) -> Table:
+    """The rest of a broker's topology, by name (values not text as JSON)."""
+    table = Table(title="broker", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for name, value in extra.items():
+        shown = value if isinstance(value, str) else json.dumps(value, default=str)
+        table.add_row(Text(str(name)), Text(shown))
+    return table
