@@ -19,9 +19,8 @@ from typer.testing import CliRunner, Result
 
 from retrybus import Event, EventBus, open_store
 from retrybus._cli.app import app
-from retrybus._cli.session import CliError
+from retrybus._cli.session import CliError, use_transport_url
 from retrybus._cli.transport import check_report, show_report
-from retrybus._cli.worker import use_transport_url
 from retrybus._transports.base import Transport, TransportSettings
 from retrybus._transports.memory import MemoryTransport
 from transports._common import all_transports

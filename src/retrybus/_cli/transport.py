@@ -14,11 +14,10 @@ from typing import Annotated
 import typer
 
 from .._services import check_service
-from .._stores._url import redact
-from .._transports import Transport, TransportReport, open_transport
+from .._transports import Transport, TransportReport
 from .common import JsonOption, fail, run
 from .output import echo_json, transport_report_to_dict
-from .session import EXIT_FAILURE, EXIT_USAGE, CliError
+from .session import EXIT_FAILURE, EXIT_USAGE, CliError, open_transport_url
 from .typer_help import RetrybusTyper
 
 __all__ = ["check_report", "show_report", "transport_app"]
@@ -46,7 +45,7 @@ async def check_report(
 
 
 async def _check_url(url: str, services: Collection[str], within: float) -> TransportReport:
-    transport = _open(url)
+    transport = open_transport_url(url, "URL")
     try:
         return await check_report(transport, services, within)
     finally:
@@ -64,16 +63,6 @@ def show_report(report: TransportReport, as_json: bool = False) -> int:
 
         views.console().print(views.transport_view(report))
     return 0 if report.healthy else EXIT_FAILURE
-
-
-def _open(url: str) -> Transport:
-    try:
-        return open_transport(url)
-    except (ValueError, ImportError) as exc:
-        message = str(exc)
-        shown = redact(url)
-        named = "URL" if shown in message else f"URL {shown!r}"
-        fail(f"{named}: {message}", EXIT_USAGE)
 
 
 def _check_services(names: list[str]) -> list[str]:

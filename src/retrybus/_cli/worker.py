@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from .._bus import EventBus
 from .._errors import RetrybusError
 from .._worker import RetryWorker
-from .session import EXIT_USAGE, CliError, build_bus, error_line
+from .session import EXIT_USAGE, CliError, build_bus, error_line, use_transport_url
 
-__all__ = ["WorkerSettings", "configure_logging", "main", "serve", "use_transport_url"]
+__all__ = ["WorkerSettings", "configure_logging", "main", "serve"]
 
 logger = logging.getLogger("retrybus.cli")
 
@@ -246,24 +246,6 @@ def main(argv: Sequence[str], prog: str = "retrybus worker") -> int:
         print(error_line(str(exc)), file=sys.stderr)
         return 1
     return 0
-
-
-def use_transport_url(bus: EventBus, url: str, source: str = "--transport") -> None:
-    """Carry ``bus``'s first deliveries on the broker ``url`` names
-    (``bus.use_transport(open_transport(url))``); ``CliError`` (a usage error)
-    naming ``source`` (the option or variable that gave it) and the URL, its
-    password hidden, when it is malformed, of an unknown kind, needs a client
-    library not installed, or the bus cannot take it."""
-    from .._stores._url import redact
-    from .._transports import open_transport
-
-    try:
-        bus.use_transport(open_transport(url))
-    except (ValueError, ImportError) as exc:
-        message = str(exc)
-        shown = redact(url)
-        named = source if shown in message else f"{source} {shown!r}"
-        raise CliError(f"{named}: {message}", EXIT_USAGE) from None
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:
