@@ -94,6 +94,7 @@ def service_to_dict(summary: ServiceSummary) -> dict[str, Any]:
         "dead": summary.dead,
         "oldest_pending_age": _age(summary.oldest_pending_age),
         "stale_workers": summary.stale_workers,
+        "broker_lag": summary.broker_lag,
         "workers": [_worker_dict(beat, summary.at) for beat in summary.workers],
         "handlers": [_handler_dict(handler, summary.at) for handler in summary.handlers],
     }

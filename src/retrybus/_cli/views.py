@@ -463,16 +463,21 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def services_view(summaries: Sequence[ServiceSummary], url: str) -> Group:
+def services_view(
+    summaries: Sequence[ServiceSummary], url: str, broker: str | None = None
+) -> Group:
     """``bus.services.overview()`` as people read it, under a title naming the
-    store: per service a header line (its name, and ``WARNING no live worker``
-    when work waits and no worker of it is live), a line of its totals, its live
-    workers and its handlers."""
-    parts: list[RenderableType] = [Text(f"services — {url}", style="italic")]
+    store (and ``broker``, the URL of the bus's transport, when it has one): per
+    service a header line (its name, and ``WARNING no live worker`` when work
+    waits and no worker of it is live), a line of its totals (with a transport,
+    its broker lag, ``—`` when the broker did not say), its live workers and its
+    handlers."""
+    title = f"services — {url}" + ("" if broker is None else f", broker {broker}")
+    parts: list[RenderableType] = [Text(title, style="italic")]
     for summary in summaries:
         parts.append(Text())
         parts.append(service_header(summary))
-        parts.append(Text(_service_totals(summary)))
+        parts.append(Text(_service_totals(summary, broker is not None)))
         if summary.workers:
             title = f"live workers of {summary.service}"
             parts.append(worker_table(summary.workers, summary.at, title))
@@ -490,8 +495,9 @@ def service_header(summary: ServiceSummary) -> Text:
     return header
 
 
-def _service_totals(summary: ServiceSummary) -> str:
-    """``3 waiting, 1 dead, oldest pending for 2m05s; 1 live worker, 2 stale beats``."""
+def _service_totals(summary: ServiceSummary, broker: bool = False) -> str:
+    """``3 waiting, 1 dead, oldest pending for 2m05s; 1 live worker, 2 stale beats``,
+    and with a ``broker``, ``; broker lag 12`` (``—``: the broker did not say)."""
     totals = [f"{summary.waiting} waiting", f"{summary.dead} dead"]
     age = summary.oldest_pending_age
     if age is not None:
@@ -501,7 +507,8 @@ def _service_totals(summary: ServiceSummary) -> str:
     ]
     if summary.stale_workers:
         workers.append(_plural(summary.stale_workers, "stale beat"))
-    return f"{', '.join(totals)}; {', '.join(workers)}"
+    line = f"{', '.join(totals)}; {', '.join(workers)}"
+    return line + (f"; broker lag {_known(summary.broker_lag)}" if broker else "")
 
 
 def worker_table(workers: Sequence[WorkerBeat], now: datetime, title: str) -> FittedTable:
