@@ -226,6 +226,19 @@ def dashboard() -> dict[str, Any]:
             (12, 28, 12, 8),
             "ops",
         ),
+        panel(
+            "timeseries",
+            "Broker lag per service",
+            "Messages a broker (a transport) holds for each service: waiting, or received "
+            "and not yet acked (max across its workers, which each read it).",
+            [
+                target(
+                    f"max by (service) (retrybus_transport_lag{{{SELECT}}})",
+                    "{{service}}",
+                )
+            ],
+            (0, 36, 12, 8),
+        ),
     ]
     for number, item in enumerate(panels, start=1):
         item["id"] = number

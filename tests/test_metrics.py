@@ -259,6 +259,7 @@ def exercised(registry: CollectorRegistry) -> PrometheusMetrics:
     figures.retry_depth[("default", "h")] = 1
     figures.dead_depth[("default", "h", "false")] = 1
     figures.due = 0
+    metrics.set_transport_lag("default", 0)
     return metrics
 
 

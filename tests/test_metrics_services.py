@@ -25,6 +25,8 @@ from retrybus import (
 )
 from retrybus._observe import BusView
 from retrybus._stores.memory import MemoryStore
+from retrybus._transports.base import TransportSettings
+from retrybus._transports.memory import MemoryTransport
 from retrybus.prometheus import METRIC_NAMES, PrometheusMetrics
 from test_metrics import value
 
@@ -90,6 +92,10 @@ async def test_each_family_is_labelled_with_the_service_that_observed_it(
     # social requeues notifications' dead letter: counted as notifications'
     await social.dead_letters.requeue(second.id)
     await metrics.refresh(social)
+    # a bus with a transport: its refresh sets its own service's broker lag
+    broker = MemoryTransport()
+    await broker.declare("notifications", ["like.*"], TransportSettings())
+    await metrics.refresh(EventBus(store, service="notifications", clock=clock, transport=broker))
 
     families = samples_of(registry)
     for family, samples in families.items():
@@ -134,6 +140,7 @@ async def test_each_family_is_labelled_with_the_service_that_observed_it(
     assert registry.get_sample_value("retrybus_retry_queue_depth", depth) == 1
     dead_depth = {**depth, "processed": "false"}
     assert registry.get_sample_value("retrybus_dead_letter_queue_depth", dead_depth) == 1
+    assert registry.get_sample_value("retrybus_transport_lag", of_notifications) == 0
 
 
 async def test_depth_gauges_are_per_service_and_handler_on_every_engine(

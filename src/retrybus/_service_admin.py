@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import dataclasses
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from ._services import (
 
 if TYPE_CHECKING:
     from ._core import BusCore
+    from ._transports.base import Transport
 
 __all__ = ["ServiceRemoval", "Services"]
 
@@ -31,6 +34,8 @@ logger = logging.getLogger("retrybus")
 
 #: records one store call of a sweep moves to the dead letter queue
 SWEEP_BATCH = 500
+#: seconds ``Services.overview`` waits for the broker's lag of each service
+LAG_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +88,10 @@ class Services:
     async def overview(self, service: str | None = None) -> builtins.list[ServiceSummary]:
         """Every service sharing the store (or only ``service``), by name: its
         handlers with their subscriptions and what waits for each, its live
-        workers, and a ``warning`` when work waits and no worker of it is live.
-        What ``retrybus services`` and the dashboard's Services page show."""
+        workers, a ``warning`` when work waits and no worker of it is live, and,
+        on a bus with a transport, its ``broker_lag`` (None when the broker does
+        not answer within a second). What ``retrybus services`` and the
+        dashboard's Services page show."""
         if service is not None:
             check_service(service)
         store = self._core.store
@@ -96,7 +103,15 @@ class Services:
             for load in await store.service_loads(now)
             if service is None or load.service == service
         ]
-        return summarize_services(subscriptions, beats, loads, now)
+        summaries = summarize_services(subscriptions, beats, loads, now)
+        transport = self._core.transport
+        if transport is None or not summaries:
+            return summaries
+        lags = await asyncio.gather(*(_lag(transport, s.service) for s in summaries))
+        return [
+            dataclasses.replace(summary, broker_lag=lag)
+            for summary, lag in zip(summaries, lags, strict=True)
+        ]
 
     async def remove(
         self, service: str, handler: str | None = None, *, actor: str, force: bool = False
@@ -195,3 +210,13 @@ class Services:
         moved = await core.store.dead_letter_unsubscribed(now=core.clock.now(), limit=limit)
         await core.ledger.dead_lettered(moved)
         return moved
+
+
+async def _lag(transport: Transport, service: str) -> int | None:
+    """``transport.lag(service)``, or None when the broker fails or takes longer
+    than ``LAG_TIMEOUT`` (a page of services is not worth failing for it)."""
+    try:
+        return await asyncio.wait_for(transport.lag(service), LAG_TIMEOUT)
+    except Exception as exc:  # TransportUnavailable, TimeoutError, a broker's own
+        logger.debug("no broker lag of service %s from %s: %r", service, transport.url, exc)
+        return None

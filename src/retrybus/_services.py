@@ -310,15 +310,18 @@ class HandlerSummary:
 @dataclass(frozen=True, slots=True)
 class ServiceSummary:
     """One service sharing the store, as ``Services.overview`` shows it at ``at``:
-    its handlers (by name), its live workers (by name) and how many of its
+    its handlers (by name), its live workers (by name), how many of its
     workers' heartbeats are stale (``stale_workers``: not seen for three
-    intervals, deleted a day after)."""
+    intervals, deleted a day after) and, on a bus with a transport, the messages
+    the broker holds for it (``broker_lag``: waiting, or received and not yet
+    acked; None without a transport, or when the broker did not say)."""
 
     service: str
     at: datetime
     handlers: tuple[HandlerSummary, ...]
     workers: tuple[WorkerBeat, ...]
     stale_workers: int = 0
+    broker_lag: int | None = None
 
     @property
     def waiting(self) -> int:

@@ -22,12 +22,16 @@ Their labels, the service first (``retrybus.EventBus(service=)``)::
     retrybus_retry_queue_depth           service, handler
     retrybus_dead_letter_queue_depth     service, handler, processed
     retrybus_retry_queue_due             (none: the whole store's backlog)
+    retrybus_transport_lag               service
 
 ``outcome`` is ``success`` or ``failure``, ``reason`` a ``retrybus.reason_kind``,
 ``processed`` ``true`` or ``false``. A delivery's figures carry the service of
 the bus that ran or published it (a record's own service when a bus acts on
 another service's records, as ``bus.services.remove`` and a requeue may). The
-depth gauges are read from the store (``refresh``) for every service it holds.
+depth gauges are read from the store (``refresh``) for every service it holds;
+``retrybus_transport_lag``, the messages a broker holds for a service (waiting,
+or received and not yet acked), from the refreshing bus's transport, for its
+own service (``set_transport_lag`` sets it for any).
 ``exposition(service=)`` keeps one service's samples only.
 
 The figures are kept as plain numbers and handed to prometheus-client when it
@@ -44,7 +48,9 @@ process reads from the same store. prometheus-client's multiprocess mode
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import logging
 import weakref
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
@@ -74,6 +80,7 @@ if TYPE_CHECKING:
 
     from ._observe import BusView
     from ._stores.base import Store
+    from ._transports.base import Transport
 
 __all__ = ["DURATION_BUCKETS", "LAG_BUCKETS", "METRIC_NAMES", "PrometheusMetrics"]
 
@@ -83,6 +90,10 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 # the most (service, handler) pairs a depth gauge reports (the largest queues first)
 _MAX_DEPTH_SERIES = 500
+#: seconds ``refresh`` waits for the broker's lag of the bus's service
+TRANSPORT_LAG_TIMEOUT = 1.0
+
+logger = logging.getLogger("retrybus")
 
 #: every metric retrybus exports, as Prometheus names it
 METRIC_NAMES = (
@@ -98,6 +109,7 @@ METRIC_NAMES = (
     "retrybus_retry_queue_depth",
     "retrybus_retry_queue_due",
     "retrybus_dead_letter_queue_depth",
+    "retrybus_transport_lag",
 )
 
 _PAIR = ["service", "event_type", "handler"]
@@ -185,6 +197,8 @@ class _Figures(Collector):
         #: keyed (service, handler, "true" or "false": processed)
         self.dead_depth: dict[tuple[str, str, str], int] = {}
         self.due: int | None = None
+        #: the messages a broker holds for each service, by service
+        self.transport_lag: dict[str, int] = {}
 
     def of_service(self, service: str) -> _ServiceFigures:
         figures = self.services.get(service)
@@ -208,6 +222,8 @@ class _Figures(Collector):
             families.due.add_metric([], self.due)
         for labels, count in list(self.dead_depth.items()):
             families.dead_depth.add_metric(list(labels), count)
+        for service, lag in list(self.transport_lag.items()):
+            families.transport_lag.add_metric([service], lag)
         return iter(families)
 
 
@@ -250,6 +266,7 @@ class _Families(NamedTuple):
     retry_depth: GaugeMetricFamily
     due: GaugeMetricFamily
     dead_depth: GaugeMetricFamily
+    transport_lag: GaugeMetricFamily
 
     @classmethod
     def new(cls) -> _Families:
@@ -306,6 +323,11 @@ class _Families(NamedTuple):
                 "retrybus_dead_letter_queue_depth",
                 "Dead letters, per service, handler and whether processed.",
                 labels=["service", "handler", "processed"],
+            ),
+            GaugeMetricFamily(
+                "retrybus_transport_lag",
+                "Messages the broker holds for a service: waiting, or received and not yet acked.",
+                labels=["service"],
             ),
         )
 
@@ -425,9 +447,24 @@ class PrometheusMetrics:
     def requeued(self, event_type: str, handler: str) -> None:
         self._own.of(event_type, handler).requeued += 1
 
+    def set_transport_lag(self, service: str, lag: int | None) -> None:
+        """Set ``retrybus_transport_lag{service}``, the messages the broker holds
+        for ``service``; None (the broker did not say) removes the sample rather
+        than leave a stale value. ``ValueError`` naming a bad service or lag."""
+        check_service(service)
+        if lag is None:
+            self._figures.transport_lag.pop(service, None)
+            return
+        if isinstance(lag, bool) or not isinstance(lag, int) or lag < 0:
+            raise ValueError(f"a transport lag is a whole number >= 0 or None, got {lag!r}")
+        self._figures.transport_lag[service] = lag
+
     async def refresh(self, bus: BusView) -> None:
         """Read the queues' depth from ``bus``'s store into the gauges, per service
-        and handler, of every service the store holds. A queue that emptied reads 0."""
+        and handler, of every service the store holds. A queue that emptied reads 0.
+        A bus with a transport (an ``EventBus`` given one) also sets its service's
+        ``retrybus_transport_lag``, asking the broker for at most a second (no
+        sample while it does not answer)."""
         store = bus.store
         now = bus.clock.now()
         retry_depth, dead_depth = await _service_depths(store, now)
@@ -437,6 +474,10 @@ class PrometheusMetrics:
         figures.retry_depth = {**dict.fromkeys(figures.retry_depth, 0), **retry_depth}
         figures.dead_depth = {**dict.fromkeys(figures.dead_depth, 0), **dead_depth}
         figures.due = due
+        transport: Transport | None = getattr(bus, "transport", None)
+        if transport is not None:
+            service = getattr(bus, "service", self._service)
+            self.set_transport_lag(service, await _transport_lag(transport, service))
 
     # serving ----------------------------------------------------------------
 
@@ -461,6 +502,16 @@ class PrometheusMetrics:
             raise ValueError(f"metrics port must be a number from 0 to 65535, got {port!r}")
         server, thread = prometheus_client.start_http_server(port, host, registry=self.registry)
         return server, thread
+
+
+async def _transport_lag(transport: Transport, service: str) -> int | None:
+    """``transport.lag(service)``; None when the broker fails or takes longer than
+    ``TRANSPORT_LAG_TIMEOUT`` (a gauge is not worth failing the refresh for)."""
+    try:
+        return await asyncio.wait_for(transport.lag(service), TRANSPORT_LAG_TIMEOUT)
+    except Exception as exc:  # TransportUnavailable, TimeoutError, a broker's own
+        logger.debug("no broker lag of service %s from %s: %r", service, transport.url, exc)
+        return None
 
 
 _Key = TypeVar("_Key")

@@ -1,5 +1,5 @@
 """The ``retrybus`` Typer app: its root, ``demo`` and ``worker``; ``dlq``,
-``queue``, ``services`` and ``stats`` come from their own modules.
+``queue``, ``services``, ``stats`` and ``transport`` come from their own modules.
 
 The demo (and Rich with it) is imported only when ``retrybus demo`` runs.
 """
@@ -19,6 +19,7 @@ from .migrate import migrate
 from .queue import queue_app, stats
 from .services import services_app
 from .session import EXIT_USAGE
+from .transport import transport_app
 from .typer_help import RetrybusTyper
 
 __all__ = ["app"]
@@ -34,6 +35,7 @@ app = RetrybusTyper(
 app.add_typer(dlq_app)
 app.add_typer(queue_app)
 app.add_typer(services_app)
+app.add_typer(transport_app)
 app.command("stats")(stats)
 app.command("migrate")(migrate)
 app.command("dashboard")(dashboard)

@@ -15,8 +15,9 @@ import typer
 
 from .._records import DeadLetterItem, RetryItem
 from .._services import HandlerSummary, ServiceSummary, WorkerBeat
+from .._transports import TransportReport
 
-__all__ = ["echo_json", "record_to_dict", "service_to_dict"]
+__all__ = ["echo_json", "record_to_dict", "service_to_dict", "transport_report_to_dict"]
 
 
 def _plain(value: Any) -> Any:
@@ -93,8 +94,21 @@ def service_to_dict(summary: ServiceSummary) -> dict[str, Any]:
         "dead": summary.dead,
         "oldest_pending_age": _age(summary.oldest_pending_age),
         "stale_workers": summary.stale_workers,
+        "broker_lag": summary.broker_lag,
         "workers": [_worker_dict(beat, summary.at) for beat in summary.workers],
         "handlers": [_handler_dict(handler, summary.at) for handler in summary.handlers],
+    }
+
+
+def transport_report_to_dict(report: TransportReport) -> dict[str, Any]:
+    """What ``Transport.check`` found, JSON-ready (``retrybus transport check --json``)."""
+    return {
+        "url": report.url,
+        "kind": report.kind,
+        "healthy": report.healthy,
+        "services": [dataclasses.asdict(service) for service in report.services],
+        "extra": _plain(report.extra),
+        "warnings": list(report.warnings),
     }
 
 

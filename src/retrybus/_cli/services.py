@@ -19,7 +19,7 @@ from .._services import check_service
 from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
 from .output import echo_json, service_to_dict
 from .selection import YesOption, actor_name
-from .session import EXIT_USAGE, CliError, connected_bus
+from .session import EXIT_USAGE, CliError, connected_bus, use_transport_url
 from .typer_help import RetrybusGroup, RetrybusTyper
 
 if TYPE_CHECKING:  # for annotations only, as in typer_help
@@ -66,12 +66,24 @@ def show_services(
         typer.Argument(metavar="SERVICE", help="Only this service.", show_default=False),
     ] = None,
     store: StoreOption = None,
+    transport: Annotated[
+        str | None,
+        typer.Option(
+            "--transport",
+            envvar="RETRYBUS_TRANSPORT",
+            metavar="URL",
+            help="The broker carrying first deliveries, for each service's broker lag "
+            "(default: the --app bus's transport, else none).",
+            show_default=False,
+        ),
+    ] = None,
     json: JsonOption = False,
     app: AppOption = None,
     app_dir: AppDirOption = ".",
 ) -> None:
     """Every service sharing the store (or only SERVICE): its live workers, its
-    handlers and what waits for each.
+    handlers and what waits for each; with a transport (--transport, or the --app
+    bus's), the messages the broker holds for each (broker lag).
 
     A service with work waiting and no live worker is marked `WARNING no live worker`.
 
@@ -81,7 +93,9 @@ def show_services(
     * `service`; `at`, when this was read; `warning`, "no live worker" or null;
       `waiting`, its pending and retrying deliveries; `dead`, its unprocessed dead
       letters; `oldest_pending_age` (null: none pending); `stale_workers`, how many
-      heartbeats were not seen for three intervals;
+      heartbeats were not seen for three intervals; `broker_lag`, the messages
+      the broker holds for it (null without a transport, or when the broker did
+      not answer within a second);
     * `workers`, the live ones, each with `name`, `host`, `pid`, `started_at`,
       `last_seen`, `last_seen_age`, `interval`, `lanes`, `lanes_busy`, `handlers`,
       `version`;
@@ -96,6 +110,8 @@ def show_services(
 
     async def main() -> None:
         async with connected_bus(store, app, app_dir) as bus:
+            if transport is not None:
+                use_transport_url(bus, transport)
             summaries = await bus.services.overview(service)
             if service is not None and not summaries:
                 known = ", ".join(s.service for s in await bus.services.overview()) or "none"
@@ -114,7 +130,8 @@ def show_services(
                 return
             from . import views
 
-            views.console().print(views.services_view(summaries, bus.store.url))
+            broker = None if bus.transport is None else bus.transport.url
+            views.console().print(views.services_view(summaries, bus.store.url, broker))
 
     run(main())
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._bus import EventBus
 from .._errors import AppNotFound, StoreUnavailable
 from .._stores import Store, open_store
+
+if TYPE_CHECKING:
+    from .._transports.base import Transport
 
 __all__ = [
     "EXIT_FAILURE",
@@ -22,6 +26,8 @@ __all__ = [
     "connected_bus",
     "error_line",
     "open_store_url",
+    "open_transport_url",
+    "use_transport_url",
 ]
 
 #: exit status for a failure at run time (unknown id, store unavailable, ...)
@@ -91,3 +97,30 @@ async def connected_bus(
         yield bus
     finally:
         await bus.close()
+
+
+def open_transport_url(url: str, source: str = "--transport") -> Transport:
+    """``open_transport(url)``, with a malformed URL, an unknown kind or a client
+    library not installed reported as a usage error naming ``source`` (the
+    option, argument or variable that gave it) and the URL, its password hidden."""
+    from .._stores._url import redact
+    from .._transports import open_transport
+
+    try:
+        return open_transport(url)
+    except (ValueError, ImportError) as exc:
+        message = str(exc)
+        shown = redact(url)
+        named = source if shown in message else f"{source} {shown!r}"
+        raise CliError(f"{named}: {message}", EXIT_USAGE) from None
+
+
+def use_transport_url(bus: EventBus, url: str, source: str = "--transport") -> None:
+    """Carry ``bus``'s first deliveries on the broker ``url`` names
+    (``bus.use_transport(open_transport_url(url, source))``); a usage error as
+    there, and when the bus cannot take a transport (``durable=False``)."""
+    transport = open_transport_url(url, source)
+    try:
+        bus.use_transport(transport)
+    except ValueError as exc:
+        raise CliError(f"{source} {transport.url!r}: {exc}", EXIT_USAGE) from None

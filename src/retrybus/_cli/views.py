@@ -33,6 +33,7 @@ from .._services import (
     WorkerBeat,
 )
 from .._stats import Stats
+from .._transports.base import ServiceTopology, TransportReport
 
 __all__ = [
     "SHOWN_BYTES",
@@ -48,6 +49,7 @@ __all__ = [
     "retry_table",
     "services_view",
     "stats_table",
+    "transport_view",
     "worker_table",
 ]
 
@@ -461,16 +463,21 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def services_view(summaries: Sequence[ServiceSummary], url: str) -> Group:
+def services_view(
+    summaries: Sequence[ServiceSummary], url: str, broker: str | None = None
+) -> Group:
     """``bus.services.overview()`` as people read it, under a title naming the
-    store: per service a header line (its name, and ``WARNING no live worker``
-    when work waits and no worker of it is live), a line of its totals, its live
-    workers and its handlers."""
-    parts: list[RenderableType] = [Text(f"services — {url}", style="italic")]
+    store (and ``broker``, the URL of the bus's transport, when it has one): per
+    service a header line (its name, and ``WARNING no live worker`` when work
+    waits and no worker of it is live), a line of its totals (with a transport,
+    its broker lag, ``—`` when the broker did not say), its live workers and its
+    handlers."""
+    title = f"services — {url}" + ("" if broker is None else f", broker {broker}")
+    parts: list[RenderableType] = [Text(title, style="italic")]
     for summary in summaries:
         parts.append(Text())
         parts.append(service_header(summary))
-        parts.append(Text(_service_totals(summary)))
+        parts.append(Text(_service_totals(summary, broker is not None)))
         if summary.workers:
             title = f"live workers of {summary.service}"
             parts.append(worker_table(summary.workers, summary.at, title))
@@ -488,8 +495,9 @@ def service_header(summary: ServiceSummary) -> Text:
     return header
 
 
-def _service_totals(summary: ServiceSummary) -> str:
-    """``3 waiting, 1 dead, oldest pending for 2m05s; 1 live worker, 2 stale beats``."""
+def _service_totals(summary: ServiceSummary, broker: bool = False) -> str:
+    """``3 waiting, 1 dead, oldest pending for 2m05s; 1 live worker, 2 stale beats``,
+    and with a ``broker``, ``; broker lag 12`` (``—``: the broker did not say)."""
     totals = [f"{summary.waiting} waiting", f"{summary.dead} dead"]
     age = summary.oldest_pending_age
     if age is not None:
@@ -499,7 +507,8 @@ def _service_totals(summary: ServiceSummary) -> str:
     ]
     if summary.stale_workers:
         workers.append(_plural(summary.stale_workers, "stale beat"))
-    return f"{', '.join(totals)}; {', '.join(workers)}"
+    line = f"{', '.join(totals)}; {', '.join(workers)}"
+    return line + (f"; broker lag {_known(summary.broker_lag)}" if broker else "")
 
 
 def worker_table(workers: Sequence[WorkerBeat], now: datetime, title: str) -> FittedTable:
@@ -559,3 +568,58 @@ def handler_table(handlers: Sequence[HandlerSummary], now: datetime, title: str)
         Column("oldest pending", oldest, justify="right", drop=3),
     ]
     return FittedTable(title, columns, handlers)
+
+
+def transport_view(report: TransportReport) -> Group:
+    """``Transport.check``'s report as people read it: a title naming the broker,
+    a table per service (its holders, lag, in flight, consumers and problems), the
+    rest of the topology (``extra``), the warnings and a last line saying whether
+    every service is in order."""
+    parts: list[RenderableType] = [Text(f"transport {report.kind} — {report.url}", style="italic")]
+    if not report.services:
+        parts.append(Text("no services on the broker: none declared, none asked for"))
+    for topology in report.services:
+        parts.append(Text())
+        parts.append(_topology_table(topology))
+    if report.extra:
+        parts.append(Text())
+        parts.append(_extra_table(report.extra))
+    for warning in report.warnings:
+        parts.append(Text(f"WARNING {warning}", style="bold yellow"))
+    parts.append(Text())
+    troubled = sum(1 for topology in report.services if topology.problems)
+    if troubled:
+        parts.append(Text(f"{_plural(troubled, 'service')} with problems", style="bold red"))
+    else:
+        parts.append(Text("healthy", style="bold green"))
+    return Group(*parts)
+
+
+def _known(value: int | None) -> str:
+    return "—" if value is None else str(value)
+
+
+def _topology_table(topology: ServiceTopology) -> Table:
+    """One service's holders, lag, in flight, consumers and problems, one per row."""
+    title = f"service {topology.service}" + ("  PROBLEM" if topology.problems else "")
+    table = Table(title=escape(title), show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("holders", Text("\n".join(topology.holders) or "—"))
+    table.add_row("lag", _known(topology.lag))
+    table.add_row("in flight", _known(topology.in_flight))
+    table.add_row("consumers", _known(topology.consumers))
+    problems = "\n".join(topology.problems)
+    table.add_row("problems", Text(problems, style="bold red") if problems else Text("none"))
+    return table
+
+
+def _extra_table(extra: dict[str, Any]) -> Table:
+    """The rest of a broker's topology, by name (values not text as JSON)."""
+    table = Table(title="broker", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for name, value in extra.items():
+        shown = value if isinstance(value, str) else json.dumps(value, default=str)
+        table.add_row(Text(str(name)), Text(shown))
+    return table

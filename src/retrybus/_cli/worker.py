@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from .._bus import EventBus
 from .._errors import RetrybusError
 from .._worker import RetryWorker
-from .session import EXIT_USAGE, CliError, build_bus, error_line
+from .session import EXIT_USAGE, CliError, build_bus, error_line, use_transport_url
 
 __all__ = ["WorkerSettings", "configure_logging", "main", "serve"]
 
@@ -57,6 +57,8 @@ class WorkerSettings:
     fail_fast: bool = False
     handler_timeout: float | None = None
     heartbeat_interval: float = 10.0
+    #: messages the broker's consumer handles at once (None: ``concurrency``)
+    prefetch: int | None = None
 
 
 def _seconds(text: str) -> float:
@@ -118,6 +120,12 @@ def build_parser(prog: str = "retrybus worker") -> argparse.ArgumentParser:
         "default: $RETRYBUS_STORE, else the bus's own store",
     )
     parser.add_argument(
+        "--transport",
+        metavar="URL",
+        help="broker carrying first deliveries (redis://…, amqp://…, nats://…, memory://); "
+        "default: $RETRYBUS_TRANSPORT, else the bus's own transport, else none",
+    )
+    parser.add_argument(
         "--check-interval", type=_seconds, default=10.0, metavar="S", help="longest sleep (10)"
     )
     parser.add_argument(
@@ -125,6 +133,12 @@ def build_parser(prog: str = "retrybus worker") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--concurrency", type=_count, default=16, metavar="N", help="handlers run at once (16)"
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=_count,
+        metavar="N",
+        help="messages from the broker handled at once (default: --concurrency)",
     )
     parser.add_argument(
         "--lease", type=_seconds, default=60.0, metavar="S", help="seconds a claim holds (60)"
@@ -214,10 +228,17 @@ def main(argv: Sequence[str], prog: str = "retrybus worker") -> int:
         fail_fast=args.fail_fast,
         handler_timeout=args.handler_timeout,
         heartbeat_interval=args.heartbeat_interval,
+        prefetch=args.prefetch,
     )
     store = args.store or os.environ.get("RETRYBUS_STORE") or None
+    transport, source = args.transport, "--transport"
+    if not transport:
+        transport, source = os.environ.get("RETRYBUS_TRANSPORT") or None, "$RETRYBUS_TRANSPORT"
     try:
-        asyncio.run(serve(build_bus(store, args.app, args.app_dir), settings))
+        bus = build_bus(store, args.app, args.app_dir)
+        if transport is not None:
+            use_transport_url(bus, transport, source)
+        asyncio.run(serve(bus, settings))
     except CliError as exc:
         print(error_line(str(exc)), file=sys.stderr)
         return exc.code
@@ -318,6 +339,7 @@ async def serve(bus: EventBus, settings: WorkerSettings) -> None:
         fail_fast=settings.fail_fast,
         handler_timeout=settings.handler_timeout,
         heartbeat_interval=settings.heartbeat_interval,
+        prefetch=settings.prefetch,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -21,11 +21,13 @@ __all__ = ["remove_subscription", "services"]
 
 async def services(request: Request) -> Response:
     """Each service (or the one ``?service=`` names): its live workers, its
-    handlers with their subscription and load, and a warning when work waits and
-    no worker of it is live."""
+    handlers with their subscription and load, a warning when work waits and no
+    worker of it is live, and, when the bus has a transport, the messages the
+    broker holds for it (its broker lag)."""
     bus = state(request).bus
     summaries = await bus.services.overview(chosen_service(request))
-    context = {"summaries": summaries, "runners": _runners(summaries)}
+    broker = None if bus.transport is None else bus.transport.url
+    context = {"summaries": summaries, "runners": _runners(summaries), "broker": broker}
     return await render_page(request, "services.html", context)
 
 
