@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import os
+import socket
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -64,6 +67,10 @@ SHARED_POSTGRES_URL = os.environ.get(
     "RETRYBUS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 SHARED_REDIS_URL = os.environ.get("RETRYBUS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+SHARED_NATS_URL = os.environ.get("RETRYBUS_TEST_NATS_URL", "nats://127.0.0.1:4222")
+SHARED_RABBITMQ_URL = os.environ.get(
+    "RETRYBUS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"
+)
 GUARD_TIMEOUT = 3.0  # seconds; a shared server that takes longer counts as not answering
 
 
@@ -107,6 +114,38 @@ def _redis_run_id() -> str | None:
         client.close()
 
 
+def _nats_server_id() -> str | None:
+    """The shared NATS server's ``server_id`` (new at every start, sent in its
+    INFO line); None if it does not answer."""
+    parts = urlsplit(SHARED_NATS_URL)
+    try:
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or 4222), timeout=GUARD_TIMEOUT
+        ) as sock:
+            line = sock.recv(65536).decode()
+        return str(json.loads(line.split(" ", 1)[1])["server_id"])
+    except Exception:
+        return None
+
+
+def _rabbitmq_pid() -> str | None:
+    """The OS pid of the shared RabbitMQ node (a local one only: ``rabbitmqctl``);
+    None if it does not answer."""
+    if urlsplit(SHARED_RABBITMQ_URL).hostname not in ("127.0.0.1", "localhost"):
+        return None
+    try:
+        done = subprocess.run(
+            ["rabbitmqctl", "-q", "eval", "os:getpid()."],
+            capture_output=True,
+            text=True,
+            timeout=GUARD_TIMEOUT * 5,
+            check=True,
+        )
+    except Exception:
+        return None
+    return done.stdout.strip() or None
+
+
 def _redacted(url: str) -> str:
     parts = urlsplit(url)
     host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
@@ -116,11 +155,13 @@ def _redacted(url: str) -> str:
 @pytest.fixture(scope="session", autouse=True)
 def _shared_servers_are_not_restarted() -> Iterator[None]:
     """Fail the session when a test restarted (or stopped) the machine's shared
-    PostgreSQL or Redis: a test that restarts a server must start a private one
+    PostgreSQL, Redis, NATS or RabbitMQ: a test that restarts a server must start a private one
     (tests/private_servers.py). A server unreachable at the start is not checked."""
     checks = [
         ("PostgreSQL", SHARED_POSTGRES_URL, "start time", _postgres_start_time),
         ("Redis", SHARED_REDIS_URL, "run_id", _redis_run_id),
+        ("NATS", SHARED_NATS_URL, "server_id", _nats_server_id),
+        ("RabbitMQ", SHARED_RABBITMQ_URL, "node pid", _rabbitmq_pid),
     ]
     before = {name: read() for name, _url, _what, read in checks}
     yield

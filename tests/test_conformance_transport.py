@@ -513,3 +513,50 @@ async def test_publish_with_the_broker_down_raises_after_transport_timeout(kind:
 @pytest.fixture(params=list(TRANSPORTS))
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.mark.slow
+async def test_broker_restarts_lose_nothing(kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    """10,000 events from 20 publishers while the broker restarts at a third and
+    at a half of them: every publish returns (riding out the restarts), every
+    event published is handled, and the consumer says once that the broker went
+    away and once that it is back."""
+    module = TRANSPORTS[kind]
+    if not module.FEATURES.restartable:
+        pytest.skip(f"{kind} cannot be restarted by the tests")
+    caplog.set_level("INFO", logger="retrybus")
+    total, publishers = 10_000, 20
+    with module.private_broker() as broker:
+        store = MemoryStore()
+        calls = Calls()
+        billing = EventBus(store, service="billing", transport=open_transport(broker.url))
+        billing.subscribe("like.*", calls.handler("count"), name="count")
+        social = EventBus(
+            store, service="social", transport=open_transport(broker.url), transport_timeout=60
+        )
+        worker = await started(billing)
+        published: set[str] = set()
+
+        async def publisher(n: int) -> None:
+            for m in range(total // publishers):
+                result = await social.publish(Event("like.added", [n, m]))
+                assert result.receipt
+                published.add(result.event.id)
+
+        async def restarts() -> None:
+            for share in (3, 2):
+                await until(lambda s=share: len(published) >= total // s, within=120, what="")
+                await asyncio.to_thread(broker.restart)
+
+        try:
+            await asyncio.gather(restarts(), *(publisher(n) for n in range(publishers)))
+            await until(lambda: calls.ids("count") >= published, within=90, what="every event")
+        finally:
+            await worker.stop()
+            await social.close()
+            await billing.close()
+    assert len(published) == total
+    lost = [r for r in caplog.records if "broker unavailable" in r.getMessage()]
+    back = [r for r in caplog.records if "is back after" in r.getMessage()]
+    assert 1 <= len(lost) <= 2, [r.getMessage() for r in lost]
+    assert len(back) == len(lost)

@@ -322,7 +322,7 @@ async def _until_stopped_or_failed(stopping: asyncio.Event, worker: RetryWorker)
 
 async def serve(bus: EventBus, settings: WorkerSettings) -> None:
     """Run a worker on ``bus`` until SIGINT or SIGTERM, then stop it gracefully."""
-    if not bus.handler_names:
+    if not bus.handler_names and bus.transport is None:
         raise CliError(
             "the APP's bus has no handlers subscribed: a worker claims only the records "
             "of its handlers, so it would have nothing to do",
@@ -370,7 +370,9 @@ async def serve(bus: EventBus, settings: WorkerSettings) -> None:
     try:
         await worker.start()
         logger.info(
-            "serving the handlers of service %s: %s", bus.service, ", ".join(bus.handler_names)
+            "serving the handlers of service %s: %s",
+            bus.service,
+            ", ".join(bus.handler_names) or "none (it sends the service's scheduled events)",
         )
         await _until_stopped_or_failed(stopping, worker)
         # A second signal cancels the worker's loop, which ends this stop() early.

@@ -53,6 +53,18 @@ __all__ = ["RabbitTransport"]
 
 logger = logging.getLogger("retrybus")
 
+
+class _ReportedHere(logging.Filter):
+    """aiormq logs every failed connect at ERROR; the transport raises
+    ``TransportUnavailable`` for it instead, and the consumer says so once per
+    outage, not once per try."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("error when creating transport")
+
+
+logging.getLogger("aiormq.connection").addFilter(_ReportedHere())
+
 _OPTIONS = {"exchange", "timeout"}
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 _MAX_KEY = 255  # bytes in a routing key, a binding key or a queue name
