@@ -318,6 +318,7 @@ class Consumer:
         self.probe = run.tmp / f"{ns}.probe"
         self.log = run.tmp / f"{ns}-consumer.log"
         self.system = system
+        self.probe.unlink(missing_ok=True)  # never read a file an earlier consumer left
         self._out = open(self.log, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             consumer_command(system, ns),
@@ -434,7 +435,7 @@ def ms(ns: float) -> float:
 def measure_system(
     run: Run, results: Results, broker: str, system: str, events: int
 ) -> None:
-    base = f"{run.tag}-{system[:4]}"
+    base = f"{run.tag}-{broker[:4]}-{system[:4]}"
     publishes = min(PUBLISHES, events)
     paced = min(PACED, events)
 
@@ -606,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure_retry_add(run: Run, results: Results) -> None:
-    ns = f"{run.tag}-retr-radd"
+    ns = f"{run.tag}-redi-retr-radd"
     try:
         out = publisher(run, "retrybus", "redis", ns, "plain", "retryadd", PUBLISHES)
         results.add("redis", "retrybus", "retry_add_p50", ms(percentile(out["samples_ns"], 0.5)))

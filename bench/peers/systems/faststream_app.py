@@ -126,8 +126,8 @@ async def _ready() -> None:
 
 
 async def _setup() -> None:
-    await prepare()
     await broker.connect()
+    await prepare()
 
 
 if __name__ == "__main__":
