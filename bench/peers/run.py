@@ -417,6 +417,10 @@ class Results:
         note(f"  peers_{broker}_{system}_{figure}: n/a: {why}")
 
     def ratios(self) -> None:
+        brokers = {broker for broker, _, _ in self.values}
+        for broker in sorted(brokers):
+            if not any(b == broker and s == "retrybus" for b, s, f in self.values if f != "retry_add_p50"):
+                note(f"{broker}: no ratios: retrybus has no figures on it in this run")
         for (broker, system, figure), value in self.values.items():
             if system == "retrybus" or figure not in FIGURE_UNITS:
                 continue
