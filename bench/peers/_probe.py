@@ -7,7 +7,7 @@ The file protocol (``PEERS_PROBE`` names the file; the orchestrator reads it):
 a daemon thread started by ``ready()`` rewrites it, atomically (a temporary
 file renamed over it), every 20 ms while something changed, as one JSON object:
 
-    {"pid": ..., "ready": READY_NS, "hits": N, "done": DONE_NS or null,
+    {"pid": ..., "ready": READY_NS, "hits": N, "calls": C, "done": DONE_NS or null,
      "hwm_kb": VmHWM, "rss_kb": VmRSS, "latencies_ns": [...] (once done)}
 
 READY_NS and DONE_NS are ``time.monotonic_ns()`` (CLOCK_MONOTONIC, shared by the
@@ -27,12 +27,19 @@ _path = os.environ.get("PEERS_PROBE", "")
 _target = int(os.environ.get("PEERS_TARGET", "0") or 0)
 _counter = itertools.count(1)
 _hits = 0
+_calls = 0  # every call of the handler, failed ones too (progress, for the stall check)
 _ready_ns: int | None = None
 _done_ns: int | None = None
 _latencies: list[int] = []
 _seen: set[object] = set()
 _thread: threading.Thread | None = None
 _lock = threading.Lock()
+
+
+def call() -> None:
+    """The handler was called (it may still fail). Not exact across threads: progress only."""
+    global _calls
+    _calls += 1
 
 
 def hit() -> None:
@@ -93,6 +100,7 @@ def _state() -> dict[str, object]:
         "pid": os.getpid(),
         "ready": _ready_ns,
         "hits": _hits,
+        "calls": _calls,
         "done": done,
         "hwm_kb": hwm,
         "rss_kb": rss,
@@ -110,7 +118,7 @@ def _write(state: dict[str, object]) -> None:
 def _write_continuously() -> None:
     last: tuple[object, ...] | None = None
     while True:
-        key = (_ready_ns, _hits, _done_ns)
+        key = (_ready_ns, _hits, _calls, _done_ns)
         if key != last:
             _write(_state())
             last = key

@@ -39,7 +39,7 @@ async def redis_floor(url: str, ns: str, publishes: int, events: int) -> dict[st
         stream = f"{ns}-pub"
         clock = time.perf_counter_ns
         samples = []
-        for n in range(WARMUP + publishes):
+        for _ in range(WARMUP + publishes):
             start = clock()
             await client.xadd(stream, {"body": BODY})
             samples.append(clock() - start)

@@ -147,7 +147,7 @@ class Run:
                 asyncio.run(_nats_delete(prefix))
             elif broker == "rabbitmq" and prefix == self.tag:
                 self.close_vhost()
-        except Exception as exc:  # noqa: BLE001 - cleaning up; say so and go on
+        except Exception as exc:  # cleaning up: say so and go on
             note(f"  cleanup of {prefix} on {broker} failed: {exc!r}")
 
 
@@ -236,7 +236,7 @@ def server_version(broker: str) -> str:
                     await client.close()
 
             return asyncio.run(nats_version())
-    except Exception as exc:  # noqa: BLE001 - only reported
+    except Exception as exc:  # only reported
         return f"{broker} version unknown ({exc!r})"
     return broker
 
@@ -359,18 +359,20 @@ class Consumer:
             time.sleep(0.02)
 
     def wait_done(self, target: int) -> dict[str, Any]:
-        last_hits, last_change = -1, time.monotonic()
+        last_progress, last_change = (-1, -1), time.monotonic()
         while True:
             state = self.state() or {}
             if state.get("done"):
                 return state
             hits = state.get("hits", 0)
+            progress = (hits, state.get("calls", 0))  # failed calls are progress too
             now = time.monotonic()
-            if hits != last_hits:
-                last_hits, last_change = hits, now
+            if progress != last_progress:
+                last_progress, last_change = progress, now
             elif now - last_change > STALL_TIMEOUT:
                 raise PhaseFailed(
-                    f"{self.system} consumer stalled at {hits} of {target} handler calls "
+                    f"{self.system} consumer stalled at {hits} of {target} successful calls, "
+                    f"{progress[1]} calls in all, none for {STALL_TIMEOUT:.0f} s "
                     f"({_tail(self.log, 3)})"
                 )
             self._check_alive()
@@ -392,7 +394,9 @@ class Consumer:
 
 
 @contextlib.contextmanager
-def consumer(run: Run, system: str, broker: str, ns: str, kind: str, target: int) -> Iterator[Consumer]:
+def consumer(
+    run: Run, system: str, broker: str, ns: str, kind: str, target: int
+) -> Iterator[Consumer]:
     started = Consumer(run, system, broker, ns, kind, target)
     try:
         yield started
@@ -419,7 +423,9 @@ class Results:
     def ratios(self) -> None:
         brokers = {broker for broker, _, _ in self.values}
         for broker in sorted(brokers):
-            if not any(b == broker and s == "retrybus" for b, s, f in self.values if f != "retry_add_p50"):
+            if not any(
+                b == broker and s == "retrybus" for b, s, f in self.values if f != "retry_add_p50"
+            ):
                 note(f"{broker}: no ratios: retrybus has no figures on it in this run")
         for (broker, system, figure), value in self.values.items():
             if system == "retrybus" or figure not in FIGURE_UNITS:
@@ -436,9 +442,7 @@ def ms(ns: float) -> float:
     return ns / 1e6
 
 
-def measure_system(
-    run: Run, results: Results, broker: str, system: str, events: int
-) -> None:
+def measure_system(run: Run, results: Results, broker: str, system: str, events: int) -> None:
     base = f"{run.tag}-{broker[:4]}-{system[:4]}"
     publishes = min(PUBLISHES, events)
     paced = min(PACED, events)
@@ -453,7 +457,7 @@ def measure_system(
             work()
         except PhaseFailed as exc:
             note(f"  {broker}/{system} {name}: FAILED: {exc}")
-        except Exception as exc:  # noqa: BLE001 - one phase failing leaves the others
+        except Exception as exc:  # one phase failing leaves the others
             note(f"  {broker}/{system} {name}: FAILED: {exc!r}")
         else:
             note(f"  {broker}/{system} {name}: {time.monotonic() - started:.1f} s")
@@ -567,11 +571,17 @@ def main(argv: list[str] | None = None) -> int:
                     note(f"  vhost {run.vhost}")
                 if not args.no_floors:
                     try:
-                        url = run.amqp_url() if broker == "rabbitmq" else (REDIS if broker == "redis" else NATS)
+                        url = (
+                            run.amqp_url()
+                            if broker == "rabbitmq"
+                            else (REDIS if broker == "redis" else NATS)
+                        )
                         floor = asyncio.run(
                             FLOORS[broker](url, f"{run.tag}-floor", PUBLISHES, args.events)
                         )
-                        print(Figure(f"floor_{broker}_publish_p50", floor["publish_p50"], "ms").line())
+                        print(
+                            Figure(f"floor_{broker}_publish_p50", floor["publish_p50"], "ms").line()
+                        )
                         print(
                             Figure(
                                 f"floor_{broker}_consume_throughput",
@@ -580,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
                             ).line(),
                             flush=True,
                         )
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         note(f"  floor on {broker}: FAILED: {exc!r}")
                 for system in systems:
                     if broker not in SUPPORTED[system]:
@@ -615,7 +625,7 @@ def measure_retry_add(run: Run, results: Results) -> None:
     try:
         out = publisher(run, "retrybus", "redis", ns, "plain", "retryadd", PUBLISHES)
         results.add("redis", "retrybus", "retry_add_p50", ms(percentile(out["samples_ns"], 0.5)))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         note(f"  redis/retrybus retry_add: FAILED: {exc!r}")
     finally:
         run.clean("redis", ns)

@@ -174,6 +174,7 @@ def handle(data: dict[str, Any]) -> None:
     phase, note the latency of events that carry their publish time, count the hit."""
     import _probe
 
+    _probe.call()
     if KIND == "failonce" and _probe.first(data["n"]):
         raise FailOnce(f"first call of event {data['n']}")
     sent = data.get("t")

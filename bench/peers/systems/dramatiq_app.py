@@ -42,9 +42,7 @@ def plain(data: dict[str, Any]) -> None:
     handle(data)
 
 
-@dramatiq.actor(
-    queue_name=NS, actor_name="failonce", max_retries=1, min_backoff=1, max_backoff=1
-)
+@dramatiq.actor(queue_name=NS, actor_name="failonce", max_retries=1, min_backoff=1, max_backoff=1)
 def failonce(data: dict[str, Any]) -> None:
     handle(data)
 

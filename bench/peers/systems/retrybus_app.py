@@ -71,7 +71,9 @@ async def _handler(event: Event) -> None:
 
 
 def consumer_bus() -> EventBus:
-    bus = EventBus(open_store(store_url()), service=SERVICE, transport=open_transport(transport_url()))
+    bus = EventBus(
+        open_store(store_url()), service=SERVICE, transport=open_transport(transport_url())
+    )
     policy = FixedDelay(delay=0, max_retries=1) if KIND == "failonce" else None
     bus.subscribe(EVENT_TYPE, _handler, name="handle", policy=policy)
     return bus
@@ -107,14 +109,18 @@ async def declare(bus: EventBus) -> None:
 def publish(mode: str, count: int) -> None:
     from _common import run_publisher
 
-    bus = EventBus(open_store(store_url()), service="peers-pub", transport=open_transport(transport_url()))
+    bus = EventBus(
+        open_store(store_url()), service="peers-pub", transport=open_transport(transport_url())
+    )
 
     async def setup() -> None:
         await bus.store.connect()
         await declare(bus)
 
     async def send(n: int, data: dict[str, Any]) -> None:
-        await bus.publish(Event(EVENT_TYPE, data, source="/peers"))
+        result = await bus.publish(Event(EVENT_TYPE, data, source="/peers"))
+        if result.receipt is None:
+            raise SystemExit(f"the broker kept nothing of event {n}: no service declared for it")
 
     run_publisher(send, setup=setup, close=bus.close, argv=[mode, str(count)])
 
