@@ -153,7 +153,7 @@ class RabbitTransport(Transport):
         self._generation += 1
         if self._lost_at is not None:
             waited = asyncio.get_running_loop().time() - self._lost_at
-            logger.info("broker %s is back after %.1fs", self.url, waited)
+            logger.debug("broker %s is back after %.1fs", self.url, waited)
             self._lost_at = None
         return connection
 
@@ -168,7 +168,8 @@ class RabbitTransport(Transport):
         if self._lost_at is not None:
             return  # told already
         self._lost_at = asyncio.get_running_loop().time()
-        logger.warning("broker %s: connection lost (%s); reconnecting on next use", self.url, exc)
+        # the consumer and the publisher say so, once per outage
+        logger.debug("broker %s: connection lost (%s); reconnecting on next use", self.url, exc)
 
     def _failure(self, exc: BaseException, what: str) -> Exception:
         """The error a caller sees for ``exc`` met while doing ``what``."""
