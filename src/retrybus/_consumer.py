@@ -150,6 +150,13 @@ class TransportConsumer:
                 self._broker_failed(exc, pause)
             except StoreUnavailable as exc:
                 self._store_failed(exc, pause)
+            except Exception:  # a broker that refuses (TransportUnusable): loudly, and on
+                logger.exception(
+                    "worker %s: cannot consume from %s; trying again in %.1fs",
+                    self._name,
+                    self._transport.url,
+                    pause,
+                )
             else:
                 self._broker_answered()
                 self._store_answered()
@@ -192,6 +199,17 @@ class TransportConsumer:
                 messages = await receiver.receive(room, _RECEIVE_WAIT)
             except TransportUnavailable as exc:
                 self._broker_failed(exc, pause)
+                await self._pause(pause)
+                pause = min(pause * 2, _LONGEST_PAUSE)
+                continue
+            except Exception:
+                # never a consumer silently stopped: say why, and go on trying
+                logger.exception(
+                    "worker %s: receiving from %s failed; trying again in %.1fs",
+                    self._name,
+                    self._transport.url,
+                    pause,
+                )
                 await self._pause(pause)
                 pause = min(pause * 2, _LONGEST_PAUSE)
                 continue

@@ -222,6 +222,9 @@ class RabbitTransport(Transport):
         await self._connected()
         exchange = self._exchange
         assert exchange is not None
+        if len(events) == 1:  # one publish alone: no task to gather
+            event = events[0]
+            return [await self._publish(exchange, event.type, encode(event), event.id)]
         results = await asyncio.gather(
             *(self._publish(exchange, event.type, encode(event), event.id) for event in events),
             return_exceptions=True,
