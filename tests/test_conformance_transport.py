@@ -362,7 +362,7 @@ async def test_a_slow_handler_keeps_its_message(store: MemoryStore, transport: T
     billing = bus_of(store, transport, "billing")
 
     async def slow(event: Event) -> None:
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(2.5)  # more than two leases
         await calls.handler("slow")(event)
 
     billing.subscribe("like.added", slow, name="slow")

@@ -88,6 +88,16 @@ async def stop(process: asyncio.subprocess.Process) -> None:
         await asyncio.wait_for(process.wait(), 30)
 
 
+async def consuming(record: Path, workers: int) -> None:
+    """Wait until ``workers`` worker processes have said they consume."""
+    log = record.with_suffix(".log")
+    await until(
+        lambda: log.exists() and log.read_text().count("consuming from") >= workers,
+        30,
+        f"{workers} consuming worker(s)",
+    )
+
+
 def finished(record: Path, handler: str = "billing/count/") -> set[str]:
     return {
         c.event_id.removeprefix(handler)
@@ -112,7 +122,7 @@ async def test_killed_consumer_redelivers_its_messages(
     record = tmp_path / "calls"
     worker_args = ("--service=billing", "--handler=count=job.*", "--sleep=0.2", "--lease=2")
     workers = [await start(store, transport, record, *worker_args) for _ in range(2)]
-    await asyncio.sleep(2.0)  # both consuming
+    await consuming(record, 2)
     await publish(store, transport, record, 300, "--type=job.run")
     await until(lambda: len(finished(record)) >= 60, 60, "60 events handled")
     workers[0].kill()
@@ -129,7 +139,7 @@ async def test_killed_before_ack_leaves_one_retry_record(
     record = tmp_path / "calls"
     args = ("--service=billing", "--broken=broken=job.*", "--lease=2")
     dying = await start(store, transport, record, *args, "--kill-before-ack")
-    await asyncio.sleep(2.0)
+    await consuming(record, 1)
     await publish(store, transport, record, 1, "--type=job.run")
     assert await asyncio.wait_for(dying.wait(), 30) == -signal.SIGKILL
     worker = await start(store, transport, record, *args)
@@ -159,7 +169,7 @@ async def test_a_consumer_killer_is_dead_lettered_after_max_claims(
     record = tmp_path / "calls"
     args = ("--service=billing", "--handler=count=job.*", "--poison=job.poison", "--lease=2")
     worker = await start(store, transport, record, *args)
-    await asyncio.sleep(2.0)
+    await consuming(record, 1)
     await publish(store, transport, record, 100, "--type=job.run", "--id-prefix=a")
     await publish(store, transport, record, 1, "--type=job.poison", "--id-prefix=poison")
     await publish(store, transport, record, 100, "--type=job.run", "--id-prefix=b")

@@ -208,7 +208,7 @@ async def test_extend_keeps_a_message_past_its_lease(transport: Transport) -> No
     got = await receive_all(holder, 1)
     other = await transport.receiver("billing", "w2", settings)
     stolen: list[Inbound] = []
-    deadline = time.monotonic() + settings.lease * 3
+    deadline = time.monotonic() + settings.lease * 2.5
     while time.monotonic() < deadline:
         await holder.extend(got)
         stolen += await other.receive(10, settings.lease / 4)
@@ -267,7 +267,7 @@ async def test_a_service_declared_later_gets_only_what_is_sent_after(
     await transport.declare("search", ["like.*"], SETTINGS)
     await transport.send([Event("like.added", "after")])
     receiver = await transport.receiver("search", "w1", SETTINGS)
-    got = await receive_all(receiver, 2, within=3)
+    got = await receive_all(receiver, 2, within=1.5)
     assert [m.event.data for m in got if m.event is not None] == ["after"]
     await receiver.ack(got)
     await receiver.close()

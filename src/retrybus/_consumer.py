@@ -48,8 +48,8 @@ logger = logging.getLogger("retrybus.worker")
 
 T = TypeVar("T")
 
-#: seconds one receive waits for a message
-_RECEIVE_WAIT = 1.0
+#: seconds one receive waits for a message (a stop waits for it to return)
+_RECEIVE_WAIT = 0.25
 #: longest pause between tries while the broker or the store is down
 _LONGEST_PAUSE = 30.0
 #: acks sent in one call at most, and how long a lone ack waits for company

@@ -195,4 +195,6 @@ async def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    # "… consuming from URL": the tests wait for it instead of sleeping
+    logging.getLogger("retrybus.worker").setLevel(logging.INFO)
     sys.exit(asyncio.run(main(parse_args(sys.argv[1:]))))

@@ -23,6 +23,7 @@ import math
 import re
 import time
 from collections.abc import Collection, Iterator, Sequence
+from importlib import resources
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -81,214 +82,28 @@ _RELEASE_IDLE_MS = 30 * 86_400_000  # a closed receiver's entries: idle at once 
 _SEND_CHUNK = 1000  # events per publish script
 _ACK_CHUNK = 500  # entries per ack/extend script
 
-# Lua ---------------------------------------------------------------------------
+# Lua: redis.lua, one block per script ------------------------------------------
 
-_HELPERS = """
-local function covers(prefixes, word)
-  local ok, list = pcall(cjson.decode, prefixes)
-  if not ok or type(list) ~= 'table' then return false end
-  for _, prefix in ipairs(list) do
-    if prefix == '*' or string.match(prefix, '^[^.]*') == word then return true end
-  end
-  return false
-end
-local function create_group(stream, service, start)
-  local ok, err = pcall(redis.call, 'XGROUP', 'CREATE', stream, service, start, 'MKSTREAM')
-  if not ok and not string.find(tostring(err.err or err), 'BUSYGROUP', 1, true) then
-    error(err)
-  end
-end
--- every service whose prefixes cover word gets its group on stream
-local function ensure_groups(groups_key, stream, word, start)
-  local services = redis.call('HGETALL', groups_key)
-  for i = 1, #services, 2 do
-    if covers(services[i + 1], word) then create_group(stream, services[i], start) end
-  end
-end
--- service's group leaves stream; a stream no group reads any more goes
-local function drop_group(streams_key, stream, word, service)
-  if redis.call('EXISTS', stream) == 0 then
-    redis.call('SREM', streams_key, word)
-    return
-  end
-  redis.call('XGROUP', 'DESTROY', stream, service)
-  if #redis.call('XINFO', 'GROUPS', stream) == 0 then
-    redis.call('DEL', stream)
-    redis.call('SREM', streams_key, word)
-  end
-end
-"""
 
-# KEYS: streams, groups, then a stream per word; ARGV: the words, their counts,
-# then the bodies word by word. Returns an entry id (or false: no group) per body.
-_PUBLISH = """
-local words = #KEYS - 2
-local ids = {}
-local at = 2 * words + 1
-for j = 1, words do
-  local stream, word, count = KEYS[j + 2], ARGV[j], tonumber(ARGV[words + j])
-  if redis.call('EXISTS', stream) == 0 then ensure_groups(KEYS[2], stream, word, '0') end
-  local live = redis.call('EXISTS', stream) == 1
-  if live then redis.call('SADD', KEYS[1], word) end
-  for i = 0, count - 1 do
-    if live then
-      ids[#ids + 1] = redis.call('XADD', stream, '*', 'e', ARGV[at + i])
-    else
-      ids[#ids + 1] = false
-    end
-  end
-  at = at + count
-end
-return ids
-"""
+def _scripts() -> dict[str, str]:
+    """The scripts of ``redis.lua`` by name (each after its ``--! NAME`` line)."""
+    text = resources.files(__package__).joinpath("redis.lua").read_text(encoding="utf-8")
+    scripts: dict[str, str] = {}
+    for block in text.split("\n--! ")[1:]:
+        name, _, body = block.partition("\n")
+        scripts[name.strip()] = body
+    return scripts
 
-# KEYS: streams, groups, forgotten; ARGV: service, prefixes (JSON), stream key
-# prefix, the words its prefixes name. The group starts at '$' where it is new.
-_DECLARE = """
-local service, prefixes, head = ARGV[1], ARGV[2], ARGV[3]
-redis.call('HSET', KEYS[2], service, prefixes)
-redis.call('HDEL', KEYS[3], service)
-local words = {}
-for _, word in ipairs(redis.call('SMEMBERS', KEYS[1])) do words[word] = true end
-for i = 4, #ARGV do words[ARGV[i]] = true end
-for word in pairs(words) do
-  local stream = head .. word
-  if covers(prefixes, word) then
-    create_group(stream, service, '$')
-    redis.call('SADD', KEYS[1], word)
-  elseif redis.call('EXISTS', stream) == 1 then
-    local groups = redis.call('XINFO', 'GROUPS', stream)
-    for _, group in ipairs(groups) do
-      if group[2] == service then drop_group(KEYS[1], stream, word, service) end
-    end
-  end
-end
-return 1
-"""
 
-# KEYS: streams, groups, forgotten; ARGV: service, stream key prefix
-_FORGET = """
-local service, head = ARGV[1], ARGV[2]
-redis.call('HDEL', KEYS[2], service)
-redis.call('HSET', KEYS[3], service, '1')
-for _, word in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  drop_group(KEYS[1], head .. word, word, service)
-end
-return 1
-"""
-
-# KEYS: streams, groups; ARGV: stream key prefix, words: the groups of every
-# service covering each word, made again at '$' (a stream or group that vanished)
-_REPAIR = """
-for i = 2, #ARGV do
-  ensure_groups(KEYS[2], ARGV[1] .. ARGV[i], ARGV[i], '$')
-  redis.call('SADD', KEYS[1], ARGV[i])
-end
-return 1
-"""
-
-# KEYS: streams; ARGV: group, consumer, mode (ack, extend, release), then per
-# stream its count and (id, deliveries) pairs. Only entries this consumer still
-# holds at that delivery count are touched (one another consumer took over is
-# theirs); returns per stream the ids touched.
-_SETTLE = """
-local group, me, mode = ARGV[1], ARGV[2], ARGV[3]
-local at, done = 4, {}
-for k = 1, #KEYS do
-  local count = tonumber(ARGV[at])
-  local mine = {}
-  for i = 0, count - 1 do
-    local id = ARGV[at + 1 + 2 * i]
-    local ok, p = pcall(redis.call, 'XPENDING', KEYS[k], group, id, id, 1)
-    if ok and p[1] and p[1][2] == me and p[1][4] == tonumber(ARGV[at + 2 + 2 * i]) then
-      mine[#mine + 1] = id
-    end
-  end
-  at = at + 1 + 2 * count
-  if #mine > 0 then
-    if mode == 'ack' then
-      redis.call('XACK', KEYS[k], group, unpack(mine))
-    else
-      -- XCLAIM <ids> JUSTID: idle reset (or IDLE: made idle), delivery count kept;
-      -- unpack() must come last in a call, or Lua keeps only its first value
-      local claim = {'XCLAIM', KEYS[k], group, me, 0}
-      for _, id in ipairs(mine) do claim[#claim + 1] = id end
-      if mode == 'release' then
-        claim[#claim + 1] = 'IDLE'
-        claim[#claim + 1] = ARGV[#ARGV]
-      end
-      claim[#claim + 1] = 'JUSTID'
-      redis.call(unpack(claim))
-    end
-  end
-  done[k] = mine
-end
-return done
-"""
-
-# KEYS: streams; ARGV: group, consumer, min idle ms, count, then a cursor per
-# stream. Returns per stream {next cursor, {{id, fields, deliveries}}, deleted ids}.
-_CLAIM = """
-local group, me, idle, left = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local out = {}
-for k = 1, #KEYS do
-  if left <= 0 then
-    out[k] = {ARGV[4 + k], {}, {}}
-  else
-    local r = redis.call('XAUTOCLAIM', KEYS[k], group, me, idle, ARGV[4 + k], 'COUNT', left)
-    local entries = {}
-    for _, e in ipairs(r[2]) do
-      local p = redis.call('XPENDING', KEYS[k], group, e[1], e[1], 1)
-      entries[#entries + 1] = {e[1], e[2], p[1] and p[1][4] or 1}
-    end
-    left = left - #entries
-    out[k] = {r[1], entries, r[3] or {}}
-  end
-end
-return out
-"""
-
-# KEYS: streams; ARGV: idle ms after which a consumer holding nothing is removed.
-# Each stream is cut before the oldest entry a group still needs: its oldest
-# pending entry, else its last delivered one (MINID keeps the entries at or after).
-_TRIM = """
-local function parse(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(seq)
-end
-local function older(a, b)
-  local ams, aseq = parse(a)
-  local bms, bseq = parse(b)
-  return ams < bms or (ams == bms and aseq < bseq)
-end
-local trimmed = 0
-for k = 1, #KEYS do
-  local stream = KEYS[k]
-  if redis.call('EXISTS', stream) == 1 then
-    local keep = nil
-    for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-      local f = {}
-      for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
-      local id = f['last-delivered-id']
-      if f['pending'] > 0 then id = redis.call('XPENDING', stream, f['name'])[2] end
-      if keep == nil or older(id, keep) then keep = id end
-      for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', stream, f['name'])) do
-        local cf = {}
-        for i = 1, #c, 2 do cf[c[i]] = c[i + 1] end
-        if cf['pending'] == 0 and cf['idle'] > tonumber(ARGV[1]) then
-          redis.call('XGROUP', 'DELCONSUMER', stream, f['name'], cf['name'])
-        end
-      end
-    end
-    if keep == nil then
-      local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-      if #last > 0 then keep = last[1][1] end
-    end
-    if keep ~= nil then trimmed = trimmed + redis.call('XTRIM', stream, 'MINID', keep) end
-  end
-end
-return trimmed
-"""
+_LUA = _scripts()
+_HELPERS = _LUA["helpers"]
+_PUBLISH = _LUA["publish"]
+_DECLARE = _LUA["declare"]
+_FORGET = _LUA["forget"]
+_REPAIR = _LUA["repair"]
+_SETTLE = _LUA["settle"]
+_CLAIM = _LUA["claim"]
+_TRIM = _LUA["trim"]
 
 _SCRIPTS = {
     "publish": _PUBLISH,
@@ -616,6 +431,8 @@ class _RedisReceiver(Receiver):
         self._cursors: dict[str, str] = {}
         # receipt -> (word, entry id, deliveries): what close gives back
         self._held: dict[str, tuple[str, str, int]] = {}
+        #: a read failed with the connection: entries it took may wait in our pending list
+        self._read_lost = False
         # read beyond a receive's limit (XREADGROUP's COUNT is per stream)
         self._surplus: list[Inbound] = []
         self._lost_said = False
@@ -628,6 +445,9 @@ class _RedisReceiver(Receiver):
         if messages:
             return messages
         await self._housekeeping()
+        if self._read_lost:  # a read cut off by a lost connection: what it took is ours
+            messages += await self._own_pending(limit)
+            self._read_lost = False
         while True:
             await self._refresh()
             now = time.monotonic()
@@ -640,6 +460,7 @@ class _RedisReceiver(Receiver):
             try:
                 messages += await self._read(limit - len(messages), block)
             except TransportUnavailable:
+                self._read_lost = True
                 if messages:  # taken over already: hand them out
                     return messages
                 raise
@@ -746,6 +567,32 @@ class _RedisReceiver(Receiver):
             word = words[_text(key)]
             for entry_id, fields in entries:
                 messages.append(self._inbound(word, _text(entry_id), fields, 1))
+        return messages
+
+    async def _own_pending(self, limit: int) -> list[Inbound]:
+        """This consumer's pending entries it holds no record of: a read whose
+        reply the lost connection cut off delivered them here, and nobody would
+        take them before the lease runs out. Their earlier delivery counts (2)."""
+        if not self._words:
+            return []
+        client = cast(Any, self._t._redis())
+        streams = {self._t.stream_key(w): "0" for w in self._words}
+        try:
+            with self._t._errors():
+                reply = await client.xreadgroup(
+                    self.service, self.consumer, streams, count=limit + len(self._held)
+                )
+        except _NoGroup as exc:
+            await self._recover(str(exc))
+            return []
+        words = {self._t.stream_key(w): w for w in self._words}
+        messages: list[Inbound] = []
+        for key, entries in reply or []:
+            word = words[_text(key)]
+            for entry_id, fields in entries:
+                if f"{word}/{_text(entry_id)}" in self._held or len(messages) >= limit:
+                    continue
+                messages.append(self._inbound(word, _text(entry_id), fields, 2))
         return messages
 
     async def _claim(self, limit: int) -> list[Inbound]:
