@@ -15,6 +15,7 @@ from ._filters import DeadLetterFilter
 from ._handlers import Handler, Subscription
 from ._ledger import DeadLetterHook
 from ._observe import Metrics, Tracing
+from ._outbox import Outbox
 from ._policy import ExponentialBackoff, RetryPolicy
 from ._publish import Publisher, Publishing, PublishResult
 from ._queues import RetryQueue
@@ -85,6 +86,13 @@ class EventBus:
     seconds, then raising ``TransportUnavailable``), and the workers of every
     subscribed service consume it from there; retries, scheduled deliveries and
     dead letters stay in the store.
+
+    ``outbox`` is the URL of your application's database
+    (``postgresql://…[?schema=NAME]`` or ``sqlite:///app.db``) when it is not
+    the store's: ``bus.outbox.stage(event, connection=conn)`` writes events to
+    its ``retrybus_outbox`` table inside your transaction, and every worker of
+    the bus relays them from there (``bus.outbox.relay()``). When your
+    transaction is on the store's own database, ``stage`` needs no relay.
     """
 
     def __init__(
@@ -105,6 +113,7 @@ class EventBus:
         route_refresh: float = DEFAULT_ROUTE_REFRESH,
         transport: Transport | None = None,
         transport_timeout: float = DEFAULT_TRANSPORT_TIMEOUT,
+        outbox: str | None = None,
     ) -> None:
         if store is not None and not isinstance(store, Store):
             raise TypeError(f"store must be a retrybus store (see open_store), got {store!r}")
@@ -171,7 +180,8 @@ class EventBus:
             max_claims=max_claims,
             route_refresh=float(route_refresh),
         )
-        self._publisher: Publishing = Publisher(self._core)
+        store_publisher = Publisher(self._core)
+        self._publisher: Publishing = store_publisher
         if transport is not None:
             self.use_transport(transport)
         self.retry_queue = RetryQueue(self._core)
@@ -179,6 +189,8 @@ class EventBus:
         #: the services sharing the store: subscriptions, workers, loads, removals
         self.services = Services(self._core)
         self._redrives: Redrives | None = None
+        #: the transactional outbox: ``stage`` an event in your own transaction
+        self.outbox = Outbox(self._core, lambda: store_publisher, lambda: self._publisher, outbox)
         self.instrument(metrics=metrics, tracing=tracing)
 
     @property

@@ -149,6 +149,25 @@ class Publisher:
     async def flush(self) -> None:
         """Nothing waits here (the ledger flushes the removals)."""
 
+    async def deferred_records(
+        self, event: Event, routes: Sequence[Route] | None = None, *, local: bool = True
+    ) -> list[RetryItem]:
+        """The pending records a deferred publish of ``event`` writes (one per
+        matching handler of this bus unless not ``local``, and one per
+        ``routes``, by default those of the other services' stored
+        subscriptions), due now, none written: the outbox writes them elsewhere
+        (an application's transaction, a relay's batch)."""
+        core = self._core
+        if routes is None:
+            routes = await core.ledger.through_outage(
+                lambda: core.routes.matching(event.type), _context(event)
+            )
+        subscriptions = core.registry.match(event.type) if local else ()
+        return [
+            *self._records(event, subscriptions, None, leased=False),
+            *self._routed(event, routes, None),
+        ]
+
     # not durable -------------------------------------------------------------
 
     async def _run_then_record(

@@ -58,8 +58,15 @@ class RouteContext(Protocol):
     """What the routes read from the bus's shared state (``BusCore``), each time:
     the store may change."""
 
-    store: Store
-    service: str
+    @property
+    def store(self) -> Store:
+        """The bus's store."""
+        ...
+
+    @property
+    def service(self) -> str:
+        """The bus's service (its subscriptions are left out)."""
+        ...
 
 
 class Routes:

@@ -23,6 +23,7 @@ from ._errors import StoreUnavailable
 from ._event import check_text
 from ._handlers import check_timeout
 from ._history import DEFAULT_INTERVAL, DepthHistory
+from ._outbox import OutboxRelay
 from ._records import RetryItem
 from ._services import WorkerBeat
 
@@ -120,6 +121,10 @@ class RetryWorker:
     broker, on ``prefetch`` lanes of its own (``concurrency`` by default): each
     message's matching handlers run, failures become retry records, and the
     message is acked once that is written (see ``TransportConsumer``).
+
+    When the bus has an outbox database (``EventBus(outbox=URL)``), the worker
+    also relays its ``retrybus_outbox`` table (``OutboxRelay``; ``relay=False``
+    leaves that to ``retrybus relay``): any number of workers share it.
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class RetryWorker:
         handler_timeout: float | None = None,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         prefetch: int | None = None,
+        relay: bool = True,
     ) -> None:
         if not isinstance(bus, EventBus):
             raise TypeError(f"RetryWorker needs an EventBus, got {bus!r}")
@@ -191,6 +197,10 @@ class RetryWorker:
         self._suspect: asyncio.Event | None = None
         #: the consumer of the bus's transport while the loop runs (None: no transport)
         self._consumer: TransportConsumer | None = None
+        #: whether the worker relays its bus's outbox table (``EventBus(outbox=URL)``)
+        self.relay = bool(relay)
+        #: the relay of the bus's outbox while the loop runs (None: none)
+        self._relay: OutboxRelay | None = None
 
     # lifecycle -------------------------------------------------------------
 
@@ -451,6 +461,9 @@ class RetryWorker:
             lanes.append(
                 asyncio.create_task(self._consumer.run(), name=f"retrybus-consumer-{self.name}")
             )
+        if self.relay and self.bus.outbox.url is not None:
+            self._relay = self.bus.outbox.relay()
+            lanes.append(asyncio.create_task(self._relay.run(), name=f"retrybus-relay-{self.name}"))
         try:
             await self._claim_continuously(watching)
             current = asyncio.current_task()
@@ -464,6 +477,8 @@ class RetryWorker:
                 self._ready.put_nowait(None)
             if self._consumer is not None:
                 self._consumer.stop_receiving()
+            if self._relay is not None:
+                self._relay.stop()
             for task in list(self._batches):
                 batch = getattr(task, "batch", None)
                 if isinstance(batch, ClaimedBatch):
@@ -480,6 +495,9 @@ class RetryWorker:
             self._ready = asyncio.Queue()
             self._busy = 0
             self._consumer = None
+            if self._relay is not None:
+                await self._relay.close()
+                self._relay = None
 
     async def _claim_continuously(self, watching: bool) -> None:
         backoff = 0.0

@@ -17,6 +17,7 @@ from .dashboard import dashboard
 from .dlq import dlq_app
 from .migrate import migrate
 from .queue import queue_app, stats
+from .relay import relay
 from .services import services_app
 from .session import EXIT_USAGE
 from .transport import transport_app
@@ -38,6 +39,7 @@ app.add_typer(services_app)
 app.add_typer(transport_app)
 app.command("stats")(stats)
 app.command("migrate")(migrate)
+app.command("relay")(relay)
 app.command("dashboard")(dashboard)
 
 

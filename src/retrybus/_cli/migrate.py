@@ -1,38 +1,75 @@
-"""``retrybus migrate``: create or upgrade a store's tables now, and show its schema version.
+"""``retrybus migrate``: create or upgrade a store's tables now, and show its
+schema version; with ``--outbox URL``, create the ``retrybus_outbox`` table of an
+application's database.
 
-Every store migrates itself on first use; this command does it ahead of time (for
-example in a deployment step, before workers start) and reports the version
-(``Store.migrate``; None for an engine that keeps no versioned schema).
+Every store migrates itself on first use, and the outbox table is created on
+first use too; this command does it ahead of time (for example in a deployment
+step, before workers start) and reports the version (``Store.migrate``; None for
+an engine that keeps no versioned schema).
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
+from .._outbox import open_outbox_database
 from .common import JsonOption, StoreOption, run
 from .output import echo_json
 from .session import EXIT_USAGE, CliError, open_store_url
 
-__all__ = ["migrate"]
+__all__ = ["OutboxOption", "migrate"]
+
+OutboxOption = Annotated[
+    str | None,
+    typer.Option(
+        "--outbox",
+        envvar="RETRYBUS_OUTBOX",
+        metavar="URL",
+        help="Your application's database holding the retrybus_outbox table: "
+        "postgresql://…[?schema=NAME] or sqlite:///path/to/app.db.",
+        show_default=False,
+    ),
+]
 
 
-def migrate(store: StoreOption = None, json: JsonOption = False) -> None:
-    """Create or upgrade the tables of the store at --store URL and print its schema version."""
-    if store is None:
-        raise CliError("give --store URL (or set RETRYBUS_STORE)", EXIT_USAGE)
-    url = store
+def migrate(
+    store: StoreOption = None, outbox: OutboxOption = None, json: JsonOption = False
+) -> None:
+    """Create or upgrade the tables of the store at --store URL and print its schema
+    version; with --outbox URL, create the retrybus_outbox table there too."""
+    if store is None and outbox is None:
+        raise CliError("give --store URL (or set RETRYBUS_STORE), or --outbox URL", EXIT_USAGE)
 
     async def main() -> None:
-        opened = open_store_url(url)
-        try:
-            version = await opened.migrate()
-        finally:
-            await opened.close()
+        report: dict[str, object] = {}
+        if store is not None:
+            opened = open_store_url(store)
+            try:
+                version = await opened.migrate()
+            finally:
+                await opened.close()
+            report.update(store=opened.url, schema_version=version)
+            if json:
+                ...  # printed below, with the outbox
+            elif version is None:
+                typer.echo(f"{opened.url}: nothing to migrate (this engine keeps no schema)")
+            else:
+                typer.echo(f"{opened.url}: schema version {version}")
+        if outbox is not None:
+            try:
+                database = open_outbox_database(outbox)
+            except ValueError as exc:
+                raise CliError(f"--outbox: {exc}", EXIT_USAGE) from None
+            try:
+                await database.create()
+            finally:
+                await database.close()
+            report["outbox"] = database.url
+            if not json:
+                typer.echo(f"{database.url}: retrybus_outbox table ready")
         if json:
-            echo_json({"store": opened.url, "schema_version": version})
-        elif version is None:
-            typer.echo(f"{opened.url}: nothing to migrate (this engine keeps no schema)")
-        else:
-            typer.echo(f"{opened.url}: schema version {version}")
+            echo_json(report)
 
     run(main())

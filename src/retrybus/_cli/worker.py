@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from .._bus import EventBus
 from .._errors import RetrybusError
+from .._stores._url import redact
 from .._worker import RetryWorker
 from .session import EXIT_USAGE, CliError, build_bus, error_line, use_transport_url
 
@@ -59,6 +60,8 @@ class WorkerSettings:
     heartbeat_interval: float = 10.0
     #: messages the broker's consumer handles at once (None: ``concurrency``)
     prefetch: int | None = None
+    #: relay the bus's outbox table (when it has one)
+    relay: bool = True
 
 
 def _seconds(text: str) -> float:
@@ -124,6 +127,17 @@ def build_parser(prog: str = "retrybus worker") -> argparse.ArgumentParser:
         metavar="URL",
         help="broker carrying first deliveries (redis://…, amqp://…, nats://…, memory://); "
         "default: $RETRYBUS_TRANSPORT, else the bus's own transport, else none",
+    )
+    parser.add_argument(
+        "--outbox",
+        metavar="URL",
+        help="your application's database whose retrybus_outbox table the worker relays "
+        "(postgresql://…, sqlite:///…); default: $RETRYBUS_OUTBOX, else the bus's own outbox",
+    )
+    parser.add_argument(
+        "--no-relay",
+        action="store_true",
+        help="do not relay the bus's outbox table (leave it to `retrybus relay`)",
     )
     parser.add_argument(
         "--check-interval", type=_seconds, default=10.0, metavar="S", help="longest sleep (10)"
@@ -229,6 +243,7 @@ def main(argv: Sequence[str], prog: str = "retrybus worker") -> int:
         handler_timeout=args.handler_timeout,
         heartbeat_interval=args.heartbeat_interval,
         prefetch=args.prefetch,
+        relay=not args.no_relay,
     )
     store = args.store or os.environ.get("RETRYBUS_STORE") or None
     transport, source = args.transport, "--transport"
@@ -238,6 +253,12 @@ def main(argv: Sequence[str], prog: str = "retrybus worker") -> int:
         bus = build_bus(store, args.app, args.app_dir)
         if transport is not None:
             use_transport_url(bus, transport, source)
+        outbox = args.outbox or os.environ.get("RETRYBUS_OUTBOX") or None
+        if outbox is not None:
+            try:
+                bus.outbox.use(outbox)
+            except ValueError as exc:
+                raise CliError(f"--outbox: {exc}", EXIT_USAGE) from None
         asyncio.run(serve(bus, settings))
     except CliError as exc:
         print(error_line(str(exc)), file=sys.stderr)
@@ -340,6 +361,7 @@ async def serve(bus: EventBus, settings: WorkerSettings) -> None:
         handler_timeout=settings.handler_timeout,
         heartbeat_interval=settings.heartbeat_interval,
         prefetch=settings.prefetch,
+        relay=settings.relay,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -374,6 +396,8 @@ async def serve(bus: EventBus, settings: WorkerSettings) -> None:
             bus.service,
             ", ".join(bus.handler_names) or "none (it sends the service's scheduled events)",
         )
+        if settings.relay and bus.outbox.url is not None:
+            logger.info("relaying the outbox table of %s", redact(bus.outbox.url))
         await _until_stopped_or_failed(stopping, worker)
         # A second signal cancels the worker's loop, which ends this stop() early.
         with contextlib.suppress(asyncio.CancelledError):

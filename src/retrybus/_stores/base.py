@@ -21,6 +21,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, ClassVar, Literal, Self
 
+from .._appdb import AppConnection
 from .._filters import DeadLetterFilter
 from .._groups import GroupCount
 from .._outcomes import CorruptRecord, Counters, Outcome, Succeeded
@@ -112,6 +113,27 @@ class RetryStore(abc.ABC):
         stops watching, or None when the engine cannot watch: workers then rely
         on their check interval."""
         return None
+
+    async def same_database(self, connection: AppConnection) -> bool:
+        """Whether ``connection`` (one of the application's) is to the database
+        that holds this store, so that the outbox can write pending deliveries
+        into the store's tables in the caller's transaction (``stage_pending``).
+        Engines that cannot say False: the outbox then uses its own table."""
+        return False
+
+    async def stage_pending(self, connection: AppConnection, items: Sequence[RetryItem]) -> None:
+        """Add first deliveries (no lease, due at ``item.next_retry``) on the
+        application's ``connection``, in the transaction the caller has open
+        there, skipping ids already stored; only called when ``same_database``
+        said so. Sends no NOTIFY in the caller's transaction."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot stage into an application's transaction"
+        )
+
+    async def staged(self) -> None:  # noqa: B027 - a hook most engines leave empty
+        """Deliveries staged on an application connection have just committed:
+        wake the workers watching this store (``watch``). Engines whose watch
+        sees every commit on its own do nothing."""
 
     @abc.abstractmethod
     async def record_pending(self, items: Sequence[RetryItem]) -> set[str]:

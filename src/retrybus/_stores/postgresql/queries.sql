@@ -1088,3 +1088,38 @@ FROM (
 ) AS loads
 GROUP BY service, handler_name
 ORDER BY service COLLATE "C", handler_name COLLATE "C";
+
+-- name: database_identity
+-- What names this database on this server while it runs: the outbox compares the
+-- store's answer with an application connection's (same_database).
+SELECT current_database(), inet_server_port(), pg_postmaster_start_time();
+
+-- name: stage_pending
+-- record_pending on an application's connection, in its open transaction: every
+-- name qualified with the store's schema ({schema}), no NOTIFY (a NOTIFY makes
+-- every notifying transaction of the server commit in turn; the store notifies
+-- after the caller's commit instead). $1..$22 the retry columns.
+INSERT INTO {schema}.retry_queue (
+    id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
+    event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
+    next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims, service
+)
+SELECT r.id, r.event_id, r.event_type, r.event_data::json, r.event_source, r.event_timestamp,
+       r.event_subject, r.event_extensions::jsonb, r.handler_name, r.error, r.error_type,
+       r.traceback, r.attempt, r.max_retries, r.next_retry, r.created_at, r.updated_at,
+       r.lease_owner, r.lease_until, r.metadata::json, r.claims, r.service
+FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+    $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
+    $13::integer[], $14::integer[], $15::timestamptz[], $16::timestamptz[],
+    $17::timestamptz[], $18::text[], $19::timestamptz[], $20::text[], $21::integer[],
+    $22::text[]
+) AS r(
+    id, event_id, event_type, event_data, event_source, event_timestamp, event_subject,
+    event_extensions, handler_name, error, error_type, traceback, attempt, max_retries,
+    next_retry, created_at, updated_at, lease_owner, lease_until, metadata, claims, service
+)
+ON CONFLICT (id) DO NOTHING;
+
+-- name: notify
+SELECT pg_notify($1, '');

@@ -17,7 +17,8 @@ A
 durable publish's records, leased to the publisher, send none (``record_pending``
 notifies only when it adds a deferred record). The admin half is the
 ``PostgresAdmin`` mixin (``admin.py``), the services part the ``PostgresServices``
-mixin (``services.py``); the pool runs the migration (``migrate.py``) when it opens.
+mixin (``services.py``), the outbox's same-database staging the
+``PostgresStaging`` mixin (``staging.py``); the pool runs the migration (``migrate.py``) when it opens.
 
 Connection trouble (refused, lost, the server shutting down or restarting, too
 many connections, a deadlock or serialisation failure) raises ``StoreUnavailable``
@@ -59,6 +60,7 @@ from .codec import CODEC, dead_letter_columns, retry_columns
 from .migrate import migrate_schema
 from .services import PostgresServices
 from .sql import Q, affected, aware, quote
+from .staging import PostgresStaging
 
 __all__ = ["PostgresStore"]
 
@@ -142,7 +144,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     advisory locks only per transaction; asyncpg still rolls back an open transaction."""
 
 
-class PostgresStore(PostgresAdmin, PostgresServices, Store):
+class PostgresStore(PostgresAdmin, PostgresServices, PostgresStaging, Store):
     """Both queues in a PostgreSQL schema, shared by any number of processes and
     machines, and what services keep there (``PostgresServices``)."""
 

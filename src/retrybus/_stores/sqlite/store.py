@@ -46,6 +46,7 @@ from .codec import CODEC
 from .migrate import upgrade
 from .services import SQLiteServices
 from .sql import CHUNK, Q, dict_rows, handler_query, service_query
+from .staging import SQLiteStaging
 
 __all__ = ["SQLiteStore"]
 
@@ -98,7 +99,7 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-class SQLiteStore(SQLiteAdmin, SQLiteServices, Store):
+class SQLiteStore(SQLiteAdmin, SQLiteServices, SQLiteStaging, Store):
     """Both queues in one SQLite file (``sqlite:///path/to.db``), and what services
     keep there (``SQLiteServices``)."""
 

@@ -1,0 +1,291 @@
+"""``bus.outbox``: stage an event in the caller's open transaction, so that it is
+delivered if and only if that transaction commits.
+
+Two ways, chosen per connection: when the connection is to the database that
+holds the bus's store (the same PostgreSQL database, the same SQLite file), the
+pending deliveries themselves are written there, one per matching handler of
+this service and of every other subscribed service, and workers run them once
+the transaction commits: no relay. Otherwise the event goes into the
+``retrybus_outbox`` table of the connection's database (created on first use)
+and a relay (``OutboxRelay``: in every worker of a bus given ``outbox=URL``, or
+``retrybus relay``) publishes it after the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from .._appdb import AppConnection, app_connection
+from .._event import Event
+from .._records import DeadLetterItem, RetryItem, dead_letter_id_for, delivery_id
+from .._routes import Routes
+from .._stores._codec import text_time
+from .._transports.wire import decode, encode
+from .database import open_outbox_database
+from .table import INSERT, OutboxRow, create_table, table_exists
+
+if TYPE_CHECKING:
+    from .._core import BusCore
+    from .._publish import Publisher, Publishing
+    from .._stores.base import Store
+    from .database import OutboxDatabase
+    from .relay import OutboxRelay
+
+__all__ = ["Outbox", "Staged"]
+
+logger = logging.getLogger("retrybus.outbox")
+
+#: seconds between two looks at whether a staging transaction has ended, at
+#: first and at most (doubling in between); then the store wakes its workers
+_COMMIT_POLL_FIRST = 0.001
+_COMMIT_POLL_MAX = 0.05
+#: a transaction still open after this long is left to the workers' own polling
+_COMMIT_WAIT_MAX = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """What ``stage`` did with an event: ``"store"``, pending deliveries written
+    into the store's own tables (``handlers``: ``service/handler`` of each), or
+    ``"outbox"``, a row of the ``retrybus_outbox`` table for a relay."""
+
+    event: Event
+    into: Literal["store", "outbox"]
+    handlers: tuple[str, ...] = ()
+
+
+class Outbox:
+    """The bus's transactional outbox (``bus.outbox``)."""
+
+    def __init__(
+        self,
+        core: BusCore,
+        publisher: Callable[[], Publisher],
+        publishing: Callable[[], Publishing],
+        url: str | None,
+    ) -> None:
+        self._core = core
+        self._publisher = publisher
+        self._publishing = publishing
+        if url is not None:
+            open_outbox_database(url)  # a ValueError naming a URL of the wrong kind
+        # every service's stored subscriptions: a relay publishes rows that any
+        # service staged
+        self._every_service = Routes(_EveryService(core), core.routes.refresh)
+        #: the application database whose ``retrybus_outbox`` this bus's workers relay
+        self.url = url
+        # what is known of a connection object while it lives: whether it is to
+        # the store's database
+        self._same: weakref.WeakKeyDictionary[object, bool] = weakref.WeakKeyDictionary()
+        self._table_ready: set[str] = set()
+        self._watching: dict[int, asyncio.Task[None]] = {}
+        self._wakers: list[Callable[[], None]] = []
+
+    def use(self, url: str | None) -> None:
+        """Relay the outbox table at ``url`` from this bus's workers from now on
+        (None: none); ``ValueError`` naming a URL that is no PostgreSQL or
+        SQLite database."""
+        if url is not None:
+            open_outbox_database(url)
+        self.url = url
+
+    async def stage(self, event: Event, *, connection: object) -> Staged:
+        """Stage ``event`` in the transaction open on ``connection`` (an asyncpg
+        connection, a SQLAlchemy ``AsyncConnection`` or ``AsyncSession``, a
+        ``sqlite3`` or aiosqlite connection): it is delivered if and only if that
+        transaction commits. Nothing commits here; call it inside the
+        transaction, after (or before) the rows the event announces.
+
+        Raises ``TypeError`` for another kind of connection, and what the
+        database raises (the caller's transaction then fails with it)."""
+        if not isinstance(event, Event):
+            raise TypeError(f"stage takes a retrybus.Event, got {event!r}")
+        app = await app_connection(connection)
+        core = self._core
+        if await self._same_database(app):
+            records = await self._publisher().deferred_records(event)
+            await core.store.stage_pending(app, records)
+            self._wake_after_commit(app, core.store.staged)
+            return Staged(event, "store", tuple(f"{r.service}/{r.handler_name}" for r in records))
+        await self._ensure_table(app)
+        now = core.clock.now()
+        staged_at = now if app.dialect == "postgresql" else text_time(now)
+        await app.execute(
+            INSERT[app.dialect], [core.service, encode(event).decode(), None, staged_at]
+        )
+        if self._wakers:
+            self._wake_after_commit(app, self._wake_relays)
+        return Staged(event, "outbox")
+
+    async def _same_database(self, app: AppConnection) -> bool:
+        try:
+            return self._same[app.raw]
+        except (KeyError, TypeError):  # TypeError: an object without weak references
+            pass
+        same = await self._core.store.same_database(app)
+        with contextlib.suppress(TypeError):
+            self._same[app.raw] = same
+        return same
+
+    async def _ensure_table(self, app: AppConnection) -> None:
+        if app.dialect in self._table_ready:
+            return
+        if not await table_exists(app):
+            await create_table(app)
+        self._table_ready.add(app.dialect)
+
+    # relaying -------------------------------------------------------------
+
+    def relay(self, database: OutboxDatabase | str | None = None, **options: Any) -> OutboxRelay:
+        """A relay of the outbox table at ``database`` (a URL, by default the
+        bus's ``outbox=``) to this bus's store or transport; ``options`` are
+        ``OutboxRelay``'s (``poll_interval``, ``batch``, ``lease``)."""
+        from .relay import OutboxRelay
+
+        target = database if database is not None else self.url
+        if target is None:
+            raise ValueError("no outbox database to relay: give EventBus(outbox=URL) or relay(URL)")
+        return OutboxRelay(self, target, **options)
+
+    def now(self) -> datetime:
+        """The bus's clock's time."""
+        return self._core.clock.now()
+
+    async def publish_staged(self, rows: Sequence[OutboxRow]) -> None:
+        """Publish claimed outbox rows (a relay's batch) to the bus's carrier: one
+        store write of every pending delivery (this service's handlers, as a
+        deferred publish routes them, for rows this service staged; every
+        subscribed service's stored subscriptions for another's), or one broker
+        message per event. A row that holds no readable event becomes a dead
+        letter keeping its text. Raises ``StoreUnavailable`` when the carrier
+        cannot take them."""
+        core = self._core
+        events: list[tuple[str, Event]] = []
+        unreadable: list[DeadLetterItem] = []
+        for row in rows:
+            try:
+                events.append((row.service, decode(row.event.encode())))
+            except ValueError as exc:
+                unreadable.append(_unreadable_row(row, str(exc), core.clock.now()))
+        if unreadable:
+            await core.ledger.add_dead_letters(unreadable)
+        if core.transport is not None:
+            publishing = self._publishing()
+            await asyncio.gather(
+                *(
+                    publishing.publish(event, durable=True, due=None, defer=False)
+                    for _, event in events
+                )
+            )
+            return
+        publisher = self._publisher()
+        records: list[RetryItem] = []
+        # this bus's own handlers where it has them: a bus that registered none
+        # (``retrybus relay``) routes its own service by the stored subscriptions
+        local = bool(core.registry.subscriptions())
+        for service, event in events:
+            if service == core.service and local:
+                records += await publisher.deferred_records(event)
+            else:
+                routes = await self._every_service.matching(event.type)
+                records += await publisher.deferred_records(event, routes, local=False)
+        if records:
+            await core.ledger.record_pending(records, f"{len(events)} staged events")
+
+    # waking --------------------------------------------------------------
+
+    def on_staged(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call ``wake()`` after each transaction that staged into the outbox
+        table in this process ends (a relay here then runs at once rather than
+        at its next poll); returns the function that stops it."""
+        self._wakers.append(wake)
+        return lambda: self._wakers.remove(wake)
+
+    async def _wake_relays(self) -> None:
+        for wake in list(self._wakers):
+            wake()
+
+    def _wake_after_commit(self, app: AppConnection, wake: Callable[[], object]) -> None:
+        """Run ``wake`` once the caller's transaction on ``app`` has ended (a
+        rollback wakes for nothing, which costs a look). Never a statement on the
+        caller's connection: it may be in use again by then."""
+        if app.dialect == "sqlite" and wake != self._wake_relays:
+            return  # the SQLite store's watch sees every commit on its own
+        key = id(app.raw)
+        if key in self._watching:
+            return
+        task = asyncio.ensure_future(self._after_commit(app, wake))
+        self._watching[key] = task
+        task.add_done_callback(lambda _: self._watching.pop(key, None))
+
+    async def _after_commit(self, app: AppConnection, wake: Callable[[], object]) -> None:
+        pause = _COMMIT_POLL_FIRST
+        waited = 0.0
+        while waited < _COMMIT_WAIT_MAX and _in_transaction(app.raw):
+            await asyncio.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, _COMMIT_POLL_MAX)
+        try:
+            result = wake()
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception as exc:  # the workers' own polling finds the records
+            logger.debug("could not wake the workers after a staging commit: %s", exc)
+
+
+class _EveryService:
+    """The routes' view of the bus with no service of its own (no service is
+    named ""): every stored subscription is a route."""
+
+    service = ""
+
+    def __init__(self, core: BusCore) -> None:
+        self._core = core
+
+    @property
+    def store(self) -> Store:
+        return self._core.store
+
+
+#: how much of an unreadable row a dead letter keeps
+_RAW_KEPT = 64 * 1024
+
+
+def _unreadable_row(row: OutboxRow, problem: str, now: datetime) -> DeadLetterItem:
+    """A dead letter for an outbox row that holds no readable event."""
+    record_id = delivery_id("", f"outbox-{row.id}-{row.staged_at.isoformat()}", "*", row.service)
+    return DeadLetterItem(
+        id=dead_letter_id_for(record_id),
+        event_id="",
+        event_type="unknown",
+        event_data=None,
+        event_source="",
+        event_timestamp=row.staged_at,
+        handler_name="*",
+        error=problem,
+        error_type="retrybus.UndecodableMessage",
+        attempt=0,
+        reason=f"undecodable outbox row: {problem}",
+        created_at=now,
+        metadata={"raw_message": row.event[:_RAW_KEPT], "outbox_row": row.id},
+        service=row.service,
+    )
+
+
+def _in_transaction(connection: object) -> bool:
+    """Whether the caller still has a transaction open on ``connection`` (False
+    once it cannot say: released to a pool, closed)."""
+    try:
+        probe = getattr(connection, "is_in_transaction", None)  # asyncpg
+        if probe is None:
+            probe = connection.in_transaction  # type: ignore[attr-defined]
+        return bool(probe() if callable(probe) else probe)
+    except Exception:
+        return False
