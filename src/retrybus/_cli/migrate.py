@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from .._outbox import open_outbox_database
-from .common import JsonOption, StoreOption, run
+from .common import JsonOption, StoreOption, fail, run
 from .output import echo_json
 from .session import EXIT_USAGE, CliError, open_store_url
 
@@ -40,7 +40,7 @@ def migrate(
     """Create or upgrade the tables of the store at --store URL and print its schema
     version; with --outbox URL, create the retrybus_outbox table there too."""
     if store is None and outbox is None:
-        raise CliError("give --store URL (or set RETRYBUS_STORE), or --outbox URL", EXIT_USAGE)
+        fail("give --store URL (or set RETRYBUS_STORE), or --outbox URL", EXIT_USAGE)
 
     async def main() -> None:
         report: dict[str, object] = {}

@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from .._bus import EventBus
-from .common import AppDirOption, AppOption, JsonOption, StoreOption, run
+from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
 from .migrate import OutboxOption
 from .output import echo_json
 from .session import EXIT_USAGE, CliError, build_bus, use_transport_url
@@ -58,6 +58,20 @@ def relay(
 ) -> None:
     """Publish the events staged in the outbox table at --outbox URL to the store
     (--store, or the --app bus's) or the broker (--transport)."""
+    try:
+        bus = _relay_bus(outbox, store, app, app_dir, transport)
+    except CliError as exc:
+        fail(str(exc), exc.code)
+    if not once:
+        logging.basicConfig(
+            level="INFO", format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+        )
+    run(_relay(bus, poll_interval, batch, once, json))
+
+
+def _relay_bus(
+    outbox: str | None, store: str | None, app: str | None, app_dir: str, transport: str | None
+) -> EventBus:
     if outbox is None:
         raise CliError("give --outbox URL (or set RETRYBUS_OUTBOX)", EXIT_USAGE)
     bus = build_bus(store, app, app_dir)
@@ -67,11 +81,7 @@ def relay(
         raise CliError(f"--outbox: {exc}", EXIT_USAGE) from None
     if transport is not None:
         use_transport_url(bus, transport)
-    if not once:
-        logging.basicConfig(
-            level="INFO", format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-        )
-    run(_relay(bus, poll_interval, batch, once, json))
+    return bus
 
 
 async def _relay(bus: EventBus, poll_interval: float, batch: int, once: bool, json: bool) -> None:
