@@ -239,6 +239,22 @@ def dashboard() -> dict[str, Any]:
             ],
             (0, 36, 12, 8),
         ),
+        panel(
+            "timeseries",
+            "Outbox: staged, not relayed yet",
+            "Events staged in each application's outbox table that no relay has published "
+            "yet, and how long the oldest has waited (max across the workers, which each "
+            "read it). A growing age means no relay runs, or it cannot reach the store.",
+            [
+                target(f"max by (outbox) (retrybus_outbox_depth{{{STORE}}})", "rows {{outbox}}"),
+                target(
+                    f"max by (outbox) (retrybus_outbox_oldest_age_seconds{{{STORE}}})",
+                    "oldest age (s) {{outbox}}",
+                    "B",
+                ),
+            ],
+            (12, 36, 12, 8),
+        ),
     ]
     for number, item in enumerate(panels, start=1):
         item["id"] = number

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -105,6 +106,30 @@ def test_the_overview_shows_the_numbers_and_the_chart(dash: Dash) -> None:
     assert "1 sample from" in html
     # the retry queue's breakdown by handler
     assert 'href="/retry-queue?handler=Mailer"' in html
+
+
+def test_the_overview_shows_the_outbox_depth_when_the_bus_has_one(
+    dash: Dash, tmp_path: Path
+) -> None:
+    assert 'id="stat-outbox"' not in dash.get("/").text
+    app_db = tmp_path / "app.db"
+    dash.bus.outbox.use(f"sqlite:///{app_db}")
+
+    async def stage() -> None:
+        conn = sqlite3.connect(app_db)
+        for n in range(3):
+            await dash.bus.outbox.stage(Event("like.added", {"n": n}), connection=conn)
+        conn.commit()
+        conn.close()
+
+    dash.run(stage)
+    dash.clock.advance(90)
+    card = dash.get("/").text.split('id="stat-outbox"', 1)[1].split("</div>", 1)[0]
+    assert '<span class="stat-value">3</span>' in card
+    assert "staged in app.db, not relayed yet · oldest 90.0s" in card
+    dash.bus.outbox.use(f"sqlite:///{tmp_path / 'missing' / 'app.db'}")
+    card = dash.get("/").text.split('id="stat-outbox"', 1)[1].split("</div>", 1)[0]
+    assert "app.db cannot be read" in card
 
 
 def test_the_chart_draws_every_sample(dash: Dash) -> None:

@@ -260,6 +260,7 @@ def exercised(registry: CollectorRegistry) -> PrometheusMetrics:
     figures.dead_depth[("default", "h", "false")] = 1
     figures.due = 0
     metrics.set_transport_lag("default", 0)
+    figures.outbox["app"] = (0, 0.0)
     return metrics
 
 

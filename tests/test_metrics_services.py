@@ -98,7 +98,13 @@ async def test_each_family_is_labelled_with_the_service_that_observed_it(
     await metrics.refresh(EventBus(store, service="notifications", clock=clock, transport=broker))
 
     families = samples_of(registry)
+    # the outbox gauges are labelled with an application database, not a service
+    # (tests/test_outbox.py); these buses have none
+    outbox_wide = {"retrybus_outbox_depth", "retrybus_outbox_oldest_age_seconds"}
     for family, samples in families.items():
+        if family in outbox_wide:
+            assert samples == []
+            continue
         assert samples, f"{family} has no samples"
         if family == STORE_WIDE:
             assert all(labels == {} for labels in samples)

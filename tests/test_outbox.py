@@ -20,6 +20,7 @@ from pathlib import Path
 import aiosqlite
 import asyncpg  # type: ignore[import-untyped]
 import pytest
+from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from typer.testing import CliRunner
@@ -30,6 +31,7 @@ from retrybus import Event, EventBus, RetryWorker, Store, open_store
 from retrybus._cli.app import app
 from retrybus._outbox import open_outbox_database
 from retrybus._stores.postgresql import PostgresStore
+from retrybus.prometheus import PrometheusMetrics
 
 LIKE = "like.added"
 
@@ -275,6 +277,32 @@ async def test_an_unreadable_row_becomes_a_dead_letter_and_the_batch_goes_on(
         assert await pending_count(pg_store) == 1
     finally:
         await conn.close()
+
+
+async def test_the_outbox_depth_and_oldest_age_are_gauges(
+    pg_store: PostgresStore, app_database: str
+) -> None:
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry)
+    bus = EventBus(pg_store, outbox=app_database, metrics=metrics)
+    conn = await asyncpg.connect(app_database)
+    try:
+        async with conn.transaction():
+            for _ in range(2):
+                await bus.outbox.stage(Event(type=LIKE, data={}), connection=conn)
+        await conn.execute("UPDATE retrybus_outbox SET staged_at = now() - interval '90 seconds'")
+    finally:
+        await conn.close()
+    await metrics.refresh(bus)
+    label = app_database.rsplit("/", 1)[1]
+    assert registry.get_sample_value("retrybus_outbox_depth", {"outbox": label}) == 2
+    age = registry.get_sample_value("retrybus_outbox_oldest_age_seconds", {"outbox": label})
+    assert age is not None
+    assert 89 <= age < 300
+    depth = await bus.outbox.depth()
+    assert depth is not None
+    assert depth.rows == 2
+    await bus.outbox.close()
 
 
 def test_cli_migrate_creates_the_table_and_relay_once_relays(

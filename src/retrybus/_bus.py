@@ -351,6 +351,7 @@ class EventBus:
         await self._core.ledger.flush()
         if self._core.transport is not None:
             await self._core.transport.close()
+        await self.outbox.close()
         await self._core.store.close()
 
     async def __aenter__(self) -> EventBus:

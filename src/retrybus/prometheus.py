@@ -23,6 +23,8 @@ Their labels, the service first (``retrybus.EventBus(service=)``)::
     retrybus_dead_letter_queue_depth     service, handler, processed
     retrybus_retry_queue_due             (none: the whole store's backlog)
     retrybus_transport_lag               service
+    retrybus_outbox_depth                outbox
+    retrybus_outbox_oldest_age_seconds   outbox
 
 ``outcome`` is ``success`` or ``failure``, ``reason`` a ``retrybus.reason_kind``,
 ``processed`` ``true`` or ``false``. A delivery's figures carry the service of
@@ -31,7 +33,10 @@ another service's records, as ``bus.services.remove`` and a requeue may). The
 depth gauges are read from the store (``refresh``) for every service it holds;
 ``retrybus_transport_lag``, the messages a broker holds for a service (waiting,
 or received and not yet acked), from the refreshing bus's transport, for its
-own service (``set_transport_lag`` sets it for any).
+own service (``set_transport_lag`` sets it for any). The outbox gauges (the
+events staged in an application's ``retrybus_outbox`` table and how long the
+oldest has waited) come from the refreshing bus's outbox database
+(``EventBus(outbox=URL)``), labelled with its name (``OutboxDatabase.label``).
 ``exposition(service=)`` keeps one service's samples only.
 
 The figures are kept as plain numbers and handed to prometheus-client when it
@@ -79,6 +84,7 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from ._observe import BusView
+    from ._outbox import Outbox, OutboxDepth
     from ._stores.base import Store
     from ._transports.base import Transport
 
@@ -110,6 +116,8 @@ METRIC_NAMES = (
     "retrybus_retry_queue_due",
     "retrybus_dead_letter_queue_depth",
     "retrybus_transport_lag",
+    "retrybus_outbox_depth",
+    "retrybus_outbox_oldest_age_seconds",
 )
 
 _PAIR = ["service", "event_type", "handler"]
@@ -199,6 +207,8 @@ class _Figures(Collector):
         self.due: int | None = None
         #: the messages a broker holds for each service, by service
         self.transport_lag: dict[str, int] = {}
+        #: each outbox table's rows waiting and the oldest's age (seconds), by label
+        self.outbox: dict[str, tuple[int, float]] = {}
 
     def of_service(self, service: str) -> _ServiceFigures:
         figures = self.services.get(service)
@@ -224,6 +234,9 @@ class _Figures(Collector):
             families.dead_depth.add_metric(list(labels), count)
         for service, lag in list(self.transport_lag.items()):
             families.transport_lag.add_metric([service], lag)
+        for label, (rows, age) in list(self.outbox.items()):
+            families.outbox_depth.add_metric([label], rows)
+            families.outbox_age.add_metric([label], age)
         return iter(families)
 
 
@@ -267,6 +280,8 @@ class _Families(NamedTuple):
     due: GaugeMetricFamily
     dead_depth: GaugeMetricFamily
     transport_lag: GaugeMetricFamily
+    outbox_depth: GaugeMetricFamily
+    outbox_age: GaugeMetricFamily
 
     @classmethod
     def new(cls) -> _Families:
@@ -328,6 +343,16 @@ class _Families(NamedTuple):
                 "retrybus_transport_lag",
                 "Messages the broker holds for a service: waiting, or received and not yet acked.",
                 labels=["service"],
+            ),
+            GaugeMetricFamily(
+                "retrybus_outbox_depth",
+                "Events staged in an application's outbox table, not relayed yet.",
+                labels=["outbox"],
+            ),
+            GaugeMetricFamily(
+                "retrybus_outbox_oldest_age_seconds",
+                "How long the oldest event staged in an outbox table has waited (0: none).",
+                labels=["outbox"],
             ),
         )
 
@@ -478,6 +503,13 @@ class PrometheusMetrics:
         if transport is not None:
             service = getattr(bus, "service", self._service)
             self.set_transport_lag(service, await _transport_lag(transport, service))
+        outbox: Outbox | None = getattr(bus, "outbox", None)
+        if outbox is not None and outbox.label is not None:
+            depth = await _outbox_depth(outbox)
+            if depth is None:
+                figures.outbox.pop(outbox.label, None)
+            else:
+                figures.outbox[outbox.label] = (depth.rows, depth.age(now))
 
     # serving ----------------------------------------------------------------
 
@@ -511,6 +543,16 @@ async def _transport_lag(transport: Transport, service: str) -> int | None:
         return await asyncio.wait_for(transport.lag(service), TRANSPORT_LAG_TIMEOUT)
     except Exception as exc:  # TransportUnavailable, TimeoutError, a broker's own
         logger.debug("no broker lag of service %s from %s: %r", service, transport.url, exc)
+        return None
+
+
+async def _outbox_depth(outbox: Outbox) -> OutboxDepth | None:
+    """``outbox.depth()``; None when its database fails or takes longer than
+    ``TRANSPORT_LAG_TIMEOUT``."""
+    try:
+        return await asyncio.wait_for(outbox.depth(), TRANSPORT_LAG_TIMEOUT)
+    except Exception as exc:  # StoreUnavailable, TimeoutError
+        logger.debug("no outbox depth from %s: %r", outbox.label, exc)
         return None
 
 

@@ -49,6 +49,17 @@ AppDirOption = Annotated[
         help="Directory put first on sys.path to import the app from.",
     ),
 ]
+OutboxOption = Annotated[
+    str | None,
+    typer.Option(
+        "--outbox",
+        envvar="RETRYBUS_OUTBOX",
+        metavar="URL",
+        help="Your application's database holding the retrybus_outbox table: "
+        "postgresql://…[?schema=NAME] or sqlite:///path/to/app.db.",
+        show_default=False,
+    ),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .._errors import RetrybusError
-from .common import AppDirOption, AppOption, StoreOption, fail
+from .common import AppDirOption, AppOption, OutboxOption, StoreOption, fail
 from .session import EXIT_USAGE, CliError, _require_existing_file, build_bus
 
 __all__ = ["dashboard"]
@@ -56,6 +56,7 @@ def dashboard(
     ] = 8000,
     app: AppOption = None,
     app_dir: AppDirOption = ".",
+    outbox: OutboxOption = None,
     root_path: Annotated[
         str,
         typer.Option(
@@ -106,6 +107,11 @@ def dashboard(
     try:
         bus = build_bus(store, app, app_dir)
         _require_existing_file(bus.store)
+        if outbox is not None:
+            try:
+                bus.outbox.use(outbox)
+            except ValueError as exc:
+                raise CliError(f"--outbox: {exc}", EXIT_USAGE) from None
         if store is not None:
             asyncio.run(_check_store(store))
     except CliError as exc:

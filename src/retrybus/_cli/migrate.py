@@ -10,28 +10,14 @@ an engine that keeps no versioned schema).
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
 
 from .._outbox import open_outbox_database
-from .common import JsonOption, StoreOption, fail, run
+from .common import JsonOption, OutboxOption, StoreOption, fail, run
 from .output import echo_json
 from .session import EXIT_USAGE, CliError, open_store_url
 
-__all__ = ["OutboxOption", "migrate"]
-
-OutboxOption = Annotated[
-    str | None,
-    typer.Option(
-        "--outbox",
-        envvar="RETRYBUS_OUTBOX",
-        metavar="URL",
-        help="Your application's database holding the retrybus_outbox table: "
-        "postgresql://…[?schema=NAME] or sqlite:///path/to/app.db.",
-        show_default=False,
-    ),
-]
+__all__ = ["migrate"]
 
 
 def migrate(

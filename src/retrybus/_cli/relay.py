@@ -19,8 +19,7 @@ from typing import Annotated
 import typer
 
 from .._bus import EventBus
-from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
-from .migrate import OutboxOption
+from .common import AppDirOption, AppOption, JsonOption, OutboxOption, StoreOption, fail, run
 from .output import echo_json
 from .session import EXIT_USAGE, CliError, build_bus, use_transport_url
 

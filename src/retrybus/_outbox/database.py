@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import sqlite3
 import uuid
@@ -72,7 +73,11 @@ class OutboxDepth:
 class OutboxDatabase:
     """What a relay does to one application database's outbox table."""
 
+    #: the URL, password removed
     url: str
+    #: a short name of the database (the metrics' ``outbox`` label): PostgreSQL's
+    #: database name (``/schema`` added when given), SQLite's file name
+    label: str
 
     async def create(self) -> None:
         """Create the table unless it exists."""
@@ -97,6 +102,8 @@ class OutboxDatabase:
 class _Postgres(OutboxDatabase):
     def __init__(self, url: str, dsn: str, schema: str | None) -> None:
         self.url = redact(url)
+        database = split(url).path.lstrip("/") or "postgres"
+        self.label = f"{database}/{schema}" if schema else database
         self._dsn = dsn
         self._schema = schema
         self._pool: Any = None
@@ -180,6 +187,7 @@ class _Postgres(OutboxDatabase):
 class _Sqlite(OutboxDatabase):
     def __init__(self, url: str, path: str, busy_timeout: float = 30.0) -> None:
         self.url = url
+        self.label = os.path.basename(path)
         self._path = path
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None

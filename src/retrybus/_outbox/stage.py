@@ -27,15 +27,15 @@ from .._event import Event
 from .._records import DeadLetterItem, RetryItem, dead_letter_id_for, delivery_id
 from .._routes import Routes
 from .._stores._codec import text_time
+from .._stores._url import redact
 from .._transports.wire import decode, encode
-from .database import open_outbox_database
+from .database import OutboxDatabase, OutboxDepth, open_outbox_database
 from .table import INSERT, OutboxRow, create_table, table_exists
 
 if TYPE_CHECKING:
     from .._core import BusCore
     from .._publish import Publisher, Publishing
     from .._stores.base import Store
-    from .database import OutboxDatabase
     from .relay import OutboxRelay
 
 __all__ = ["Outbox", "Staged"]
@@ -87,6 +87,7 @@ class Outbox:
         self._table_ready: set[str] = set()
         self._watching: dict[int, asyncio.Task[None]] = {}
         self._wakers: list[Callable[[], None]] = []
+        self._reader: OutboxDatabase | None = None
 
     def use(self, url: str | None) -> None:
         """Relay the outbox table at ``url`` from this bus's workers from now on
@@ -153,6 +154,30 @@ class Outbox:
         if target is None:
             raise ValueError("no outbox database to relay: give EventBus(outbox=URL) or relay(URL)")
         return OutboxRelay(self, target, **options)
+
+    async def depth(self) -> OutboxDepth | None:
+        """How many staged events wait in the bus's outbox table (``outbox=``),
+        and since when the oldest (None: the bus has no outbox database).
+        Raises ``StoreUnavailable`` when that database cannot be reached."""
+        if self.url is None:
+            return None
+        reader = self._reader
+        if reader is None or reader.url != redact(self.url):
+            if reader is not None:
+                await reader.close()
+            reader = self._reader = open_outbox_database(self.url)
+        return await reader.depth()
+
+    @property
+    def label(self) -> str | None:
+        """The outbox database's short name (None: none), as the metrics label it."""
+        return None if self.url is None else open_outbox_database(self.url).label
+
+    async def close(self) -> None:
+        """Release the connection ``depth`` keeps."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
 
     def now(self) -> datetime:
         """The bus's clock's time."""

@@ -12,7 +12,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
-from .._errors import ItemNotFound
+from .._bus import EventBus
+from .._errors import ItemNotFound, StoreUnavailable
 from .._filters import DeadLetterFilter
 from .._history import DepthHistory
 from .._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
@@ -191,8 +192,23 @@ async def overview(request: Request) -> Response:
         "samples": samples,
         "gaps": len(runs(samples, interval)) - 1,
         "active_redrives": [r for r in redrives if not r.finished],
+        "outbox": await _outbox_card(bus),
     }
     return await render_page(request, "overview.html", context)
+
+
+async def _outbox_card(bus: EventBus) -> dict[str, Any] | None:
+    """The outbox table's depth and oldest age (None: the bus has no outbox
+    database); an unreachable database says so instead of failing the page."""
+    label = bus.outbox.label
+    if label is None:
+        return None
+    try:
+        depth = await bus.outbox.depth()
+    except StoreUnavailable as exc:
+        return {"label": label, "error": str(exc), "rows": None, "age": 0.0}
+    assert depth is not None
+    return {"label": label, "error": None, "rows": depth.rows, "age": depth.age(bus.clock.now())}
 
 
 # dead letters -----------------------------------------------------------------
