@@ -145,31 +145,29 @@ class _Postgres(OutboxDatabase):
     async def claim(
         self, limit: int, lease: float, now: datetime
     ) -> AsyncIterator[list[OutboxRow]]:
+        conn: Any = None
+        transaction: Any = None
+        pool: Any = None
         try:
             pool = await self._get_pool()
             conn = await pool.acquire()
-        except Exception as exc:
-            raise StoreUnavailable(f"outbox database {self.url} failed: {exc}") from exc
-        try:
             transaction = conn.transaction()
             await transaction.start()
-            try:
-                rows = [OutboxRow(*row) for row in await conn.fetch(_PG_CLAIM, limit)]
-            except Exception as exc:
-                await transaction.rollback()
-                raise StoreUnavailable(f"outbox database {self.url} failed: {exc}") from exc
-            try:
-                yield rows
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await transaction.rollback()
-                raise
-            try:
-                await transaction.commit()
-            except Exception as exc:
-                raise StoreUnavailable(
-                    f"outbox database {self.url} failed to delete relayed rows: {exc}"
-                ) from exc
+            rows = [OutboxRow(*row) for row in await conn.fetch(_PG_CLAIM, limit)]
+        except Exception as exc:
+            await _give_back(pool, conn, transaction)
+            raise StoreUnavailable(f"outbox database {self.url} failed: {exc}") from exc
+        try:
+            yield rows
+        except BaseException:
+            await _give_back(pool, conn, transaction)
+            raise
+        try:
+            await transaction.commit()
+        except Exception as exc:
+            raise StoreUnavailable(
+                f"outbox database {self.url} failed to delete relayed rows: {exc}"
+            ) from exc
         finally:
             with contextlib.suppress(Exception):
                 await pool.release(conn)
@@ -280,6 +278,17 @@ class _Sqlite(OutboxDatabase):
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+async def _give_back(pool: Any, conn: Any, transaction: Any) -> None:
+    """Roll back what a claim began and return its connection (each step only if
+    it was reached; a connection the server dropped fails quietly)."""
+    if transaction is not None:
+        with contextlib.suppress(Exception):
+            await transaction.rollback()
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            await pool.release(conn)
 
 
 def _delete(conn: sqlite3.Connection, ids: list[int], owner: str) -> None:

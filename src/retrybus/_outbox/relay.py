@@ -90,9 +90,13 @@ class OutboxRelay:
                 self._wake.clear()
                 try:
                     relayed = await self.relay_once()
-                except StoreUnavailable as exc:
+                except Exception as exc:  # StoreUnavailable, or a bug: never stop relaying
                     if not self._failing:
-                        logger.warning("outbox relay cannot relay now, it keeps trying: %s", exc)
+                        logger.warning(
+                            "outbox relay cannot relay now, it keeps trying: %s",
+                            exc,
+                            exc_info=not isinstance(exc, StoreUnavailable),
+                        )
                     self._failing = True
                     pause = min(max(pause * 2, 0.5), _LONGEST_PAUSE)
                     await self._sleep(pause)

@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from .._appdb import AppConnection, app_connection
+from .._errors import RecordRejected
 from .._event import Event
 from .._records import DeadLetterItem, RetryItem, dead_letter_id_for, delivery_id
 from .._routes import Routes
@@ -138,9 +139,12 @@ class Outbox:
     async def _ensure_table(self, app: AppConnection) -> None:
         if app.dialect in self._table_ready:
             return
-        if not await table_exists(app):
+        if await table_exists(app):
+            self._table_ready.add(app.dialect)
+        else:
+            # in the caller's transaction: a rollback takes the table back with it,
+            # so it counts as there only once a later stage finds it
             await create_table(app)
-        self._table_ready.add(app.dialect)
 
     # relaying -------------------------------------------------------------
 
@@ -192,11 +196,11 @@ class Outbox:
         letter keeping its text. Raises ``StoreUnavailable`` when the carrier
         cannot take them."""
         core = self._core
-        events: list[tuple[str, Event]] = []
+        events: list[tuple[OutboxRow, Event]] = []
         unreadable: list[DeadLetterItem] = []
         for row in rows:
             try:
-                events.append((row.service, decode(row.event.encode())))
+                events.append((row, decode(row.event.encode())))
             except ValueError as exc:
                 unreadable.append(_unreadable_row(row, str(exc), core.clock.now()))
         if unreadable:
@@ -206,23 +210,35 @@ class Outbox:
             await asyncio.gather(
                 *(
                     publishing.publish(event, durable=True, due=None, defer=False)
-                    for _, event in events
+                    for _row, event in events
                 )
             )
             return
+        records = [await self._records(row.service, event) for row, event in events]
+        try:
+            await core.ledger.record_pending(
+                [r for each in records for r in each], f"{len(events)} staged events"
+            )
+        except RecordRejected:
+            # one row the store refuses must not hold up the others for ever: each
+            # on its own, and what is still refused becomes a dead letter
+            for (row, event), each in zip(events, records, strict=True):
+                try:
+                    await core.ledger.record_pending(each, _context(event))
+                except RecordRejected as exc:
+                    await core.ledger.add_dead_letters(
+                        [_unreadable_row(row, str(exc), core.clock.now(), "rejected")]
+                    )
+
+    async def _records(self, service: str, event: Event) -> list[RetryItem]:
+        """The pending records of a staged ``event`` that ``service`` staged."""
         publisher = self._publisher()
-        records: list[RetryItem] = []
         # this bus's own handlers where it has them: a bus that registered none
         # (``retrybus relay``) routes its own service by the stored subscriptions
-        local = bool(core.registry.subscriptions())
-        for service, event in events:
-            if service == core.service and local:
-                records += await publisher.deferred_records(event)
-            else:
-                routes = await self._every_service.matching(event.type)
-                records += await publisher.deferred_records(event, routes, local=False)
-        if records:
-            await core.ledger.record_pending(records, f"{len(events)} staged events")
+        if service == self._core.service and self._core.registry.subscriptions():
+            return await publisher.deferred_records(event)
+        routes = await self._every_service.matching(event.type)
+        return await publisher.deferred_records(event, routes, local=False)
 
     # waking --------------------------------------------------------------
 
@@ -283,8 +299,11 @@ class _EveryService:
 _RAW_KEPT = 64 * 1024
 
 
-def _unreadable_row(row: OutboxRow, problem: str, now: datetime) -> DeadLetterItem:
-    """A dead letter for an outbox row that holds no readable event."""
+def _unreadable_row(
+    row: OutboxRow, problem: str, now: datetime, what: str = "undecodable"
+) -> DeadLetterItem:
+    """A dead letter for an outbox row that holds no readable event (or one the
+    store refuses: ``what`` is ``"rejected"``)."""
     record_id = delivery_id("", f"outbox-{row.id}-{row.staged_at.isoformat()}", "*", row.service)
     return DeadLetterItem(
         id=dead_letter_id_for(record_id),
@@ -295,13 +314,19 @@ def _unreadable_row(row: OutboxRow, problem: str, now: datetime) -> DeadLetterIt
         event_timestamp=row.staged_at,
         handler_name="*",
         error=problem,
-        error_type="retrybus.UndecodableMessage",
+        error_type="retrybus.RecordRejected"
+        if what == "rejected"
+        else "retrybus.UndecodableMessage",
         attempt=0,
-        reason=f"undecodable outbox row: {problem}",
+        reason=f"{what} outbox row: {problem}",
         created_at=now,
         metadata={"raw_message": row.event[:_RAW_KEPT], "outbox_row": row.id},
         service=row.service,
     )
+
+
+def _context(event: Event) -> str:
+    return f"staged event {event.id} ({event.type})"
 
 
 def _in_transaction(connection: object) -> bool:
