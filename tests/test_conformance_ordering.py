@@ -103,7 +103,8 @@ async def test_a_keyed_record_waits_for_the_time_of_its_head(
     assert await store.next_due() == clock.now() + timedelta(seconds=60)
     clock.advance(61)
     (again,) = await claim(store, clock)
-    assert again.id == head.id and again.attempt == 1
+    assert again.id == head.id
+    assert again.attempt == 1
     dead = again.to_dead_letter(reason="failed after 1 retries", now=clock.now())
     assert await store.complete(
         [DeadLettered(again.id, dead, first_delivery=False)], "w", clock.now()
