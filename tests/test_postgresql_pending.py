@@ -137,6 +137,13 @@ async def insert_as_version_3(
     )
 
 
+def unkeyed(reads: dict[str, int]) -> set[str]:
+    """The indexes a query over unkeyed records read: the ordering index appears in
+    its plan (the in_turn condition) but is never read for them."""
+    assert reads.get("retry_queue_ordering", 0) == 0, reads
+    return set(reads) - {"retry_queue_ordering"}
+
+
 async def test_a_version_3_schema_gains_claims_and_its_records_read_as_claimed_zero_times(
     url: str, schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -364,6 +371,7 @@ async def test_a_version_4_schema_with_records_migrates_to_5_where_claims_are_ho
         "retry_queue_handler_name",
         "retry_queue_next_retry_attempt",
         "retry_queue_created_at",
+        "retry_queue_ordering",
     }
     for name in retry_indexes:
         assert not [column for column in LEASE_COLUMNS if column in after[name]], after[name]
@@ -579,12 +587,12 @@ async def test_claiming_ten_of_ones_own_reads_none_of_five_thousand_others_due_b
                 # the handler's items come from its index in time order, one pkey
                 # look-up each: a few dozen index entries at most (the probes before
                 # this one leave dead ones), never the other handlers' five thousand
-                assert set(reads) == {"retry_queue_handler_name", "retry_queue_pkey"}, reads
+                assert unkeyed(reads) == {"retry_queue_handler_name", "retry_queue_pkey"}, reads
                 assert reads["retry_queue_handler_name"] <= 50, (query, reads)
             # the same for any handler's items (a generic plan knows no limit)
             nodes = await explain(conn, Q["claim_due"], *args[:4], generic=generic)
             reads = retry_queue_reads(nodes)
-            assert set(reads) == {"retry_queue_next_retry_attempt", "retry_queue_pkey"}, reads
+            assert unkeyed(reads) == {"retry_queue_next_retry_attempt", "retry_queue_pkey"}, reads
             assert reads["retry_queue_next_retry_attempt"] <= 50, reads
             for query, values in [
                 ("next_due_for", (handlers, "default")),
@@ -592,11 +600,11 @@ async def test_claiming_ten_of_ones_own_reads_none_of_five_thousand_others_due_b
             ]:
                 nodes = await explain(conn, Q[query], *values, generic=generic)
                 reads = retry_queue_reads(nodes)
-                assert set(reads) <= {"retry_queue_handler_name"}, (query, reads)
+                assert unkeyed(reads) <= {"retry_queue_handler_name"}, (query, reads)
                 assert sum(reads.values()) <= 50, (query, reads)
             nodes = await explain(conn, Q["next_due"], generic=generic)
             reads = retry_queue_reads(nodes)
-            assert set(reads) <= {"retry_queue_next_retry_attempt"}, reads
+            assert unkeyed(reads) <= {"retry_queue_next_retry_attempt"}, reads
             assert sum(reads.values()) <= 50, reads
             # the other readers of next_retry keep to the (next_retry, attempt)
             # index without the next_retry one: the first 50 of the others are due
@@ -608,7 +616,7 @@ async def test_claiming_ten_of_ones_own_reads_none_of_five_thousand_others_due_b
             ]:
                 nodes = await explain(conn, Q[query], *values, generic=generic)
                 reads = retry_queue_reads(nodes)
-                assert set(reads) == {"retry_queue_next_retry_attempt"}, (query, reads)
+                assert unkeyed(reads) == {"retry_queue_next_retry_attempt"}, (query, reads)
                 assert sum(reads.values()) <= 60, (query, reads)
     finally:
         await conn.close()
@@ -658,7 +666,7 @@ async def test_next_due_reads_the_work_in_flight_ahead_of_the_first_item_and_not
                 conn, Q["next_due_for"], ["mine", "nobody"], "default", generic=generic
             )
             reads = retry_queue_reads(nodes)
-            assert set(reads) <= {"retry_queue_handler_name"}, reads
+            assert unkeyed(reads) <= {"retry_queue_handler_name"}, reads
             assert sum(reads.values()) <= 50, reads
             # any handler's: the thousand in flight ahead of the first item are read
             # (to find the first, then for their leases; a bitmap scan counts the
@@ -666,7 +674,7 @@ async def test_next_due_reads_the_work_in_flight_ahead_of_the_first_item_and_not
             # none of the six thousand after it
             nodes = await explain(conn, Q["next_due"], generic=generic)
             reads = retry_queue_reads(nodes)
-            assert set(reads) <= {"retry_queue_next_retry_attempt"}, reads
+            assert unkeyed(reads) <= {"retry_queue_next_retry_attempt"}, reads
             assert sum(reads.values()) <= 3 * 1000, reads
         # five of "mine" in flight, ahead of its first unleased item: those are read too
         assert len(await claim(store, now, ["mine"], limit=5)) == 5
@@ -675,7 +683,7 @@ async def test_next_due_reads_the_work_in_flight_ahead_of_the_first_item_and_not
                 conn, Q["next_due_for"], ["mine", "nobody"], "default", generic=generic
             )
             reads = retry_queue_reads(nodes)
-            assert set(reads) <= {"retry_queue_handler_name"}, reads
+            assert unkeyed(reads) <= {"retry_queue_handler_name"}, reads
             assert sum(reads.values()) <= 50, reads
         for handlers in (["mine"], ["mine", "nobody"], ["other.1"], ["other.2", "mine"], None):
             expected = await conn.fetchval(NEXT_DUE_OF_EVERY_ITEM, handlers)

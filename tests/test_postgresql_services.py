@@ -166,10 +166,17 @@ async def layout(conn: asyncpg.Connection, schema: str) -> dict[str, Any]:
     return {"indexes": indexes, "nodes": nodes}
 
 
+def unkeyed(reads: dict[str, int]) -> set[str]:
+    """The indexes a query over unkeyed records read: the ordering index appears in
+    its plan (the in_turn condition) but is never read for them."""
+    assert reads.get("retry_queue_ordering", 0) == 0, reads
+    return set(reads) - {"retry_queue_ordering"}
+
+
 async def test_a_version_5_schema_with_records_and_dead_letters_migrates_to_6(
     url: str, schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert SCHEMA_VERSION == 6
+    assert SCHEMA_VERSION >= 6
     with monkeypatch.context() as patched:
         patched.setattr(postgresql_migrate, "SCHEMA_VERSION", 5)  # what the last release made
         async with open_store(url) as old:
@@ -190,7 +197,7 @@ async def test_a_version_5_schema_with_records_and_dead_letters_migrates_to_6(
 
     async with open_store(url) as store:
         assert isinstance(store, PostgresStore)
-        assert await store.migrate() == 6
+        assert await store.migrate() == SCHEMA_VERSION
         # every record and dead letter reads back whole, of the default service
         for item in items:
             assert (await store.get_retry(item.id)) == item
@@ -255,7 +262,7 @@ async def test_a_version_5_schema_with_records_and_dead_letters_migrates_to_6(
             )
         ] == [late.id]
         assert await store.count_dead(DeadLetterFilter(service="default")) == 4
-    assert sorted(row[0] for row in versions) == [1, 2, 3, 4, 5, 6]
+    assert sorted(row[0] for row in versions) == list(range(1, SCHEMA_VERSION + 1))
     # no table was rewritten: the columns came with their default
     assert after["nodes"] == before["nodes"]
     # the handler index is led by the service now (the old one is gone), and the
@@ -362,7 +369,7 @@ async def test_a_claim_reads_none_of_another_services_backlog_of_the_same_handle
                 ("next_due_for", (["mine", "nobody"], "live")),
             ]:
                 reads = await retry_queue_reads(conn, Q[query], *args, generic=generic)
-                assert set(reads) <= {"retry_queue_handler_name", "retry_queue_pkey"}, reads
+                assert unkeyed(reads) <= {"retry_queue_handler_name", "retry_queue_pkey"}, reads
                 assert reads["retry_queue_handler_name"] <= 50, (query, reads)
     finally:
         await conn.close()
@@ -396,7 +403,7 @@ async def test_the_sweep_reads_only_the_removed_handlers_records(
             reads = await retry_queue_reads(
                 conn, Q["take_unsubscribed"], NOW, 100, ["live"], ["gone"], generic=generic
             )
-            assert set(reads) <= {"retry_queue_handler_name", "retry_queue_pkey"}, reads
+            assert unkeyed(reads) <= {"retry_queue_handler_name", "retry_queue_pkey"}, reads
             assert sum(reads.values()) <= 50, reads
     finally:
         await conn.close()

@@ -244,10 +244,14 @@ async def test_a_version_4_database_reads_every_record_back_as_the_default_servi
             late.id,
         }
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     for table in ("retry_queue", "dead_letter_queue"):
         columns = conn.execute(f"PRAGMA table_info({table})").fetchall()
-        assert (columns[-1][1], columns[-1][4]) == ("service", "'default'")  # (name, default)
+        # (name, default) of the last column of version 5 (the ordering columns follow)
+        service = next(column for column in columns if column[1] == "service")
+        assert service[4] == "'default'"
+        names = [column[1] for column in columns]
+        assert names[names.index("service") + 1 :] in ([], ["ordering_key", "ordering_sequence"])
     assert index_columns(conn, "retry_queue_handler_name") == [
         "service",
         "handler_name",

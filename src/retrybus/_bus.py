@@ -15,6 +15,7 @@ from ._filters import DeadLetterFilter
 from ._handlers import Handler, Subscription
 from ._ledger import DeadLetterHook
 from ._observe import Metrics, Tracing
+from ._ordering import keyed, ordering_key_of
 from ._outbox import Outbox
 from ._policy import ExponentialBackoff, RetryPolicy
 from ._publish import Publisher, Publishing, PublishResult
@@ -181,6 +182,7 @@ class EventBus:
             route_refresh=float(route_refresh),
         )
         store_publisher = Publisher(self._core)
+        self._store_publisher = store_publisher
         self._publisher: Publishing = store_publisher
         if transport is not None:
             self.use_transport(transport)
@@ -446,6 +448,7 @@ class EventBus:
         defer: bool = False,
         deliver_at: datetime | None = None,
         deliver_in: float | None = None,
+        ordering_key: str | None = None,
     ) -> PublishResult:
         """Deliver ``event`` to every handler matching its type.
 
@@ -464,9 +467,18 @@ class EventBus:
         Store writes are retried through an outage for up to ``store_timeout``
         seconds; raises ``StoreUnavailable`` when they could still not be made,
         or ``RecordRejected`` when the store refuses the record (not worth retrying).
+
+        ``ordering_key`` (a non-empty str of at most 200 characters; it travels
+        as the event's CloudEvents ``partitionkey`` extension, and an event that
+        carries one is keyed too): each handler of a service gets the events of
+        one key one at a time, in publish order. A keyed event is recorded
+        pending and left to the workers (it never runs inline, where it could
+        overtake an earlier one of its key), also on a bus with a transport,
+        whose competing consumers could not keep the order.
         """
         if not isinstance(event, Event):
             raise TypeError(f"publish takes a retrybus.Event, got {event!r}")
+        event = keyed(event, ordering_key)
         if durable is not None and not isinstance(durable, bool):
             raise TypeError(f"durable must be True, False or None, got {durable!r}")
         if not isinstance(defer, bool):
@@ -478,6 +490,8 @@ class EventBus:
                 "a bus with a transport publishes through it, durably: durable=False is "
                 "not possible (the broker's confirm is the durability point)"
             )
+        if ordering_key_of(event.extensions) is not None:
+            return await self._store_publisher.publish(event, durable=True, due=due, defer=True)
         return await self._publisher.publish(
             event,
             durable=core.publishes_durably if durable is None else durable,

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from ._event import Event, compact_json, printable
 from ._groups import failure_group_key
+from ._ordering import ordering_key_of
 from ._services import DEFAULT_SERVICE
 
 __all__ = ["RETRY_KINDS", "DeadLetterItem", "ErrorInfo", "RetryItem", "RetryKind"]
@@ -205,6 +206,13 @@ class RetryItem:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     claims: int = 0
     service: str = DEFAULT_SERVICE
+
+    @property
+    def ordering_key(self) -> str | None:
+        """The event's ordering key (its ``partitionkey`` extension; None: none):
+        a store claims this record only once no record of the same service,
+        handler and key written before it is left in the retry queue."""
+        return ordering_key_of(self.event_extensions)
 
     @property
     def first_delivery(self) -> bool:

@@ -2,6 +2,11 @@
 database (``postgresql://…[?schema=NAME]`` or ``sqlite:///path``), the claims,
 the deletions, and the depth the dashboard and the metrics show.
 
+Ordering keys: a claim takes only the earliest row of each key (a row waits
+while an earlier one of its key is there, claimed by another relay or not), so
+the rows of a key are published one batch after another, in id order, which the
+staging lock (``ORDER_LOCK``) makes their commit order.
+
 PostgreSQL: a claim is one transaction that deletes a batch of rows
 ``FOR UPDATE SKIP LOCKED`` (so any number of relays share the table, none
 waiting on another's rows) and stays open while the relay publishes them: a
@@ -37,7 +42,11 @@ _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 _PG_CLAIM = f"""
 DELETE FROM {TABLE} o USING (
-    SELECT id FROM {TABLE} ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+    SELECT id FROM {TABLE} AS t
+    WHERE t.ordering_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM {TABLE} AS e WHERE e.ordering_key = t.ordering_key AND e.id < t.id
+    )
+    ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
 ) AS picked
 WHERE o.id = picked.id
 RETURNING o.id, o.service, o.event::text, o.ordering_key, o.staged_at
@@ -47,8 +56,11 @@ _PG_DEPTH = f"SELECT count(*), min(staged_at) FROM {TABLE}"
 _SQLITE_CLAIM = f"""
 UPDATE {TABLE} SET claimed_by = ?, claimed_until = ?
 WHERE id IN (
-    SELECT id FROM {TABLE}
-    WHERE claimed_until IS NULL OR claimed_until <= ?
+    SELECT id FROM {TABLE} AS t
+    WHERE (claimed_until IS NULL OR claimed_until <= ?)
+      AND (t.ordering_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM {TABLE} AS e WHERE e.ordering_key = t.ordering_key AND e.id < t.id
+      ))
     ORDER BY id LIMIT ?
 )
 RETURNING id, service, event, ordering_key, staged_at

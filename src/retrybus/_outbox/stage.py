@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from .._appdb import AppConnection, app_connection
 from .._errors import RecordRejected
 from .._event import Event
+from .._ordering import keyed, ordering_key_of
 from .._records import DeadLetterItem, RetryItem, dead_letter_id_for, delivery_id
 from .._routes import Routes
 from .._stores._codec import text_time
 from .._stores._url import redact
 from .._transports.wire import decode, encode
 from .database import OutboxDatabase, OutboxDepth, open_outbox_database
-from .table import INSERT, OutboxRow, create_table, table_exists
+from .table import INSERT, ORDER_LOCK, OutboxRow, create_table, table_exists
 
 if TYPE_CHECKING:
     from .._core import BusCore
@@ -98,18 +99,32 @@ class Outbox:
             open_outbox_database(url)
         self.url = url
 
-    async def stage(self, event: Event, *, connection: object) -> Staged:
+    async def stage(
+        self, event: Event, *, connection: object, ordering_key: str | None = None
+    ) -> Staged:
         """Stage ``event`` in the transaction open on ``connection`` (an asyncpg
         connection, a SQLAlchemy ``AsyncConnection`` or ``AsyncSession``, a
         ``sqlite3`` or aiosqlite connection): it is delivered if and only if that
         transaction commits. Nothing commits here; call it inside the
         transaction, after (or before) the rows the event announces.
 
-        Raises ``TypeError`` for another kind of connection, and what the
-        database raises (the caller's transaction then fails with it)."""
+        ``ordering_key`` (as on ``publish``: a non-empty str of at most 200
+        characters, carried as the ``partitionkey`` extension): each handler gets
+        the events of one key one at a time, in commit order. On PostgreSQL a
+        keyed stage takes a transaction-level advisory lock on the key
+        (``pg_advisory_xact_lock``), held until the transaction ends: another
+        transaction staging the same key waits for it at its stage.
+
+        Raises ``TypeError`` for another kind of connection, ``ValueError`` for a
+        bad key, and what the database raises (the caller's transaction then
+        fails with it)."""
         if not isinstance(event, Event):
             raise TypeError(f"stage takes a retrybus.Event, got {event!r}")
+        event = keyed(event, ordering_key)
+        key = ordering_key_of(event.extensions)
         app = await app_connection(connection)
+        if key is not None and app.dialect == "postgresql":
+            await app.execute(ORDER_LOCK, [key])
         core = self._core
         if await self._same_database(app):
             records = await self._publisher().deferred_records(event)
@@ -120,7 +135,7 @@ class Outbox:
         now = core.clock.now()
         staged_at = now if app.dialect == "postgresql" else text_time(now)
         await app.execute(
-            INSERT[app.dialect], [core.service, encode(event).decode(), None, staged_at]
+            INSERT[app.dialect], [core.service, encode(event).decode(), key, staged_at]
         )
         if self._wakers:
             self._wake_after_commit(app, self._wake_relays)
@@ -206,14 +221,19 @@ class Outbox:
         if unreadable:
             await core.ledger.add_dead_letters(unreadable)
         if core.transport is not None:
+            # a keyed event is recorded pending in the store (a broker's
+            # competing consumers could not keep its key's order)
             publishing = self._publishing()
             await asyncio.gather(
                 *(
                     publishing.publish(event, durable=True, due=None, defer=False)
                     for _row, event in events
+                    if ordering_key_of(event.extensions) is None
                 )
             )
-            return
+            events = [(row, event) for row, event in events if ordering_key_of(event.extensions)]
+            if not events:
+                return
         records = [await self._records(row.service, event) for row, event in events]
         try:
             await core.ledger.record_pending(

@@ -17,7 +17,16 @@ from datetime import datetime
 
 from .._appdb import AppConnection, Dialect
 
-__all__ = ["CREATE", "EXISTS", "INSERT", "TABLE", "OutboxRow", "create_table", "table_exists"]
+__all__ = [
+    "CREATE",
+    "EXISTS",
+    "INSERT",
+    "ORDER_LOCK",
+    "TABLE",
+    "OutboxRow",
+    "create_table",
+    "table_exists",
+]
 
 #: the table's name, in the connection's schema (PostgreSQL's search_path)
 TABLE = "retrybus_outbox"
@@ -32,6 +41,10 @@ CREATE: dict[Dialect, tuple[str, ...]] = {
             ordering_key  text,
             staged_at     timestamptz NOT NULL
         )""",
+        # the rows of one ordering key in id order: a relay's claim skips a row
+        # while an earlier one of its key is there
+        f"""CREATE INDEX IF NOT EXISTS {TABLE}_ordering ON {TABLE} (ordering_key, id)
+            WHERE ordering_key IS NOT NULL""",
     ),
     "sqlite": (
         # AUTOINCREMENT: an id is never taken again after its row is deleted, so
@@ -45,6 +58,8 @@ CREATE: dict[Dialect, tuple[str, ...]] = {
             claimed_by     TEXT,
             claimed_until  TEXT
         )""",
+        f"""CREATE INDEX IF NOT EXISTS {TABLE}_ordering ON {TABLE} (ordering_key, id)
+            WHERE ordering_key IS NOT NULL""",
     ),
 }
 
@@ -56,6 +71,12 @@ INSERT: dict[Dialect, str] = {
     ),
     "sqlite": f"INSERT INTO {TABLE} (service, event, ordering_key, staged_at) VALUES (?, ?, ?, ?)",
 }
+
+#: taken in the caller's PostgreSQL transaction before a keyed event is staged
+#: (``$1``: the key), held until it commits or rolls back: transactions staging
+#: one key commit in the order they took their numbers (a sequence value, an
+#: outbox row id), so the order of a key is its commit order
+ORDER_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('retrybus.order:' || $1, 0))"
 
 #: whether the table exists, on the caller's connection (no error in its transaction)
 EXISTS: dict[Dialect, str] = {

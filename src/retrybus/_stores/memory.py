@@ -64,6 +64,9 @@ class MemoryStore(Store):
         self._subscriptions: dict[tuple[str, str], StoredSubscription] = {}
         self._revision = 0
         self._workers: dict[str, WorkerBeat] = {}
+        # a keyed record's sequence number (its ordering key's order), by id
+        self._sequence: dict[str, int] = {}
+        self._last_sequence = 0
 
     async def connect(self) -> None:
         return None
@@ -82,13 +85,48 @@ class MemoryStore(Store):
 
     # retry queue -----------------------------------------------------------
 
+    def _add(self, item: RetryItem) -> None:
+        """Put a new record in the retry queue, numbered when it has an ordering key."""
+        self._retry[item.id] = item
+        if item.ordering_key is not None:
+            self._last_sequence += 1
+            self._sequence[item.id] = self._last_sequence
+
+    def _heads(self) -> dict[tuple[str, str, str], int]:
+        """The lowest sequence number of each (service, handler, ordering key) in
+        the retry queue: only that record of a key may be claimed."""
+        heads: dict[tuple[str, str, str], int] = {}
+        live: dict[str, int] = {}
+        for item_id, number in self._sequence.items():
+            item = self._retry.get(item_id)
+            if item is None:
+                continue
+            live[item_id] = number
+            key = item.ordering_key
+            if key is None:
+                continue
+            group = (item.service, item.handler_name, key)
+            if number < heads.get(group, number + 1):
+                heads[group] = number
+        if len(live) != len(self._sequence):
+            self._sequence = live  # forget the records that left
+        return heads
+
+    def _in_turn(self, item: RetryItem, heads: dict[tuple[str, str, str], int]) -> bool:
+        """Whether no earlier record of ``item``'s ordering key holds it back."""
+        key = item.ordering_key
+        if key is None:
+            return True
+        number = self._sequence.get(item.id)
+        return number is None or heads.get((item.service, item.handler_name, key)) == number
+
     async def record_failures(
         self, retry_items: Sequence[RetryItem], dead_letters: Sequence[DeadLetterItem]
     ) -> None:
         added = 0
         for item in retry_items:
             if item.id not in self._retry:  # a repeated write adds nothing twice
-                self._retry[item.id] = item
+                self._add(item)
                 added += 1
         for dead in dead_letters:
             self._dead.setdefault(dead.id, dead)
@@ -99,13 +137,14 @@ class MemoryStore(Store):
         added: set[str] = set()
         for item in items:
             if item.id not in self._retry:
-                self._retry[item.id] = item
+                self._add(item)
                 added.add(item.id)
         return added
 
     def _claimable(
         self, now: datetime, service: str | None, handlers: Collection[str] | None
     ) -> list[RetryItem]:
+        heads = self._heads() if self._sequence else {}
         return [
             item
             for item in self._retry.values()
@@ -113,6 +152,7 @@ class MemoryStore(Store):
             and (item.lease_until is None or item.lease_until <= now)
             and (service is None or item.service == service)
             and (handlers is None or item.handler_name in handlers)
+            and (not heads or self._in_turn(item, heads))
         ]
 
     async def claim_due(
@@ -214,11 +254,13 @@ class MemoryStore(Store):
     async def next_due(
         self, handlers: Collection[str] | None = None, *, service: str | None = None
     ) -> datetime | None:
+        heads = self._heads() if self._sequence else {}
         times = [
             max(item.next_retry, item.lease_until) if item.lease_until else item.next_retry
             for item in self._retry.values()
             if (handlers is None or item.handler_name in handlers)
             and (service is None or item.service == service)
+            and (not heads or self._in_turn(item, heads))
         ]
         return min(times, default=None)
 
@@ -332,7 +374,7 @@ class MemoryStore(Store):
     async def requeue_dead(self, item_id: str, retry_item: RetryItem) -> bool:
         if self._dead.pop(item_id, None) is None:
             return False
-        self._retry[retry_item.id] = retry_item
+        self._add(retry_item)
         self._count(retry_added=1)
         return True
 

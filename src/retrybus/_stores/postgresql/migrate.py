@@ -25,7 +25,7 @@ __all__ = ["FILL_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "fill_failure_groups", 
 logger = logging.getLogger("retrybus.store.postgresql")
 
 #: the version ``migrate_schema`` brings a schema to
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: dead letters per round trip when failure groups are back-filled
 FILL_BATCH = 1000
 
@@ -87,6 +87,11 @@ async def _migrate_v6(conn: asyncpg.Connection) -> None:
     await conn.execute(Q["schema_v6"])
 
 
+async def _migrate_v7(conn: asyncpg.Connection) -> None:
+    # ordering keys: the columns, their index, the trigger that numbers keyed rows
+    await conn.execute(Q["schema_v7"])
+
+
 #: the step that brings a schema to each version
 MIGRATIONS: dict[int, Callable[[asyncpg.Connection], Awaitable[None]]] = {
     1: _migrate_v1,
@@ -95,6 +100,7 @@ MIGRATIONS: dict[int, Callable[[asyncpg.Connection], Awaitable[None]]] = {
     4: _migrate_v4,
     5: _migrate_v5,
     6: _migrate_v6,
+    7: _migrate_v7,
 }
 
 

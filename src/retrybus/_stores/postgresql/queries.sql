@@ -154,6 +154,54 @@ DROP INDEX IF EXISTS retry_queue_leased;
 DROP INDEX IF EXISTS retry_queue_next_retry;
 ALTER TABLE retry_queue SET (fillfactor = 80);
 
+-- name: schema_v7
+-- Ordering keys (issue 14). A record whose event carries a partitionkey extension
+-- (1 to 200 characters) gets it as ordering_key and the next number of
+-- retry_queue_ordering_seq as ordering_sequence, from a BEFORE INSERT trigger, so
+-- that every writer (the store, a stage in an application's transaction, an older
+-- retrybus in a rolling upgrade) numbers it; the trigger's WHEN test keeps the
+-- function from running for unkeyed rows. The sequence is named through the
+-- table's own schema: an application's connection may have another search_path.
+-- The columns are added without a default (no rewrite): rows stored before read
+-- NULL (unordered). The partial index holds only keyed records: what the claims'
+-- in_turn condition looks up.
+CREATE SEQUENCE IF NOT EXISTS retry_queue_ordering_seq;
+ALTER TABLE retry_queue ADD COLUMN IF NOT EXISTS ordering_key text COLLATE "C",
+    ADD COLUMN IF NOT EXISTS ordering_sequence bigint;
+CREATE INDEX IF NOT EXISTS retry_queue_ordering
+    ON retry_queue (service, handler_name, ordering_key, ordering_sequence)
+    WHERE ordering_key IS NOT NULL;
+CREATE OR REPLACE FUNCTION retry_queue_ordering() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.ordering_key := NEW.event_extensions ->> 'partitionkey';
+    IF length(NEW.ordering_key) BETWEEN 1 AND 200 THEN
+        NEW.ordering_sequence := nextval(
+            format('%I.retry_queue_ordering_seq', TG_TABLE_SCHEMA)::regclass);
+    ELSE
+        NEW.ordering_key := NULL;
+        NEW.ordering_sequence := NULL;
+    END IF;
+    RETURN NEW;
+END
+$$;
+DROP TRIGGER IF EXISTS retry_queue_ordering ON retry_queue;
+CREATE TRIGGER retry_queue_ordering BEFORE INSERT ON retry_queue FOR EACH ROW
+    WHEN (NEW.event_extensions ? 'partitionkey')
+    EXECUTE FUNCTION retry_queue_ordering();
+
+-- name: in_turn
+-- (substituted for {in_turn} in the claims and next_due queries by sql.py) a
+-- keyed record waits while an earlier record of its (service, handler, key) is
+-- in the queue; an unkeyed record is never held up (the first test decides)
+(retry_queue.ordering_key IS NULL OR NOT EXISTS (
+    SELECT 1 FROM retry_queue AS earlier
+    WHERE earlier.service = retry_queue.service
+      AND earlier.handler_name = retry_queue.handler_name
+      AND earlier.ordering_key = retry_queue.ordering_key
+      AND earlier.ordering_sequence < retry_queue.ordering_sequence
+))
+
 -- name: schema_v6
 -- Services (issue 12). Each record keeps its service: a column with a constant
 -- default rewrites nothing (PostgreSQL 11+), so every row stored before reads as
@@ -402,7 +450,7 @@ UPDATE retry_queue
 SET lease_owner = $1, lease_until = $2, updated_at = $3, claims = claims + 1
 WHERE id = ANY(ARRAY(
     SELECT id FROM retry_queue
-    WHERE next_retry <= $3 AND (lease_until IS NULL OR lease_until <= $3)
+    WHERE next_retry <= $3 AND (lease_until IS NULL OR lease_until <= $3) AND {in_turn}
     ORDER BY next_retry
     LIMIT $4
     FOR UPDATE SKIP LOCKED
@@ -420,7 +468,7 @@ WHERE id = ANY(ARRAY(
     SELECT id FROM retry_queue
     WHERE next_retry >= '-infinity' AND next_retry <= $3
       AND (lease_until IS NULL OR lease_until <= $3)
-      AND service = $5
+      AND service = $5 AND {in_turn}
     ORDER BY next_retry
     LIMIT $4
     FOR UPDATE SKIP LOCKED
@@ -448,7 +496,7 @@ WHERE id = ANY(ARRAY(
         SELECT id, next_retry FROM retry_queue
         WHERE (service, handler_name, next_retry)
               BETWEEN ($6::text, h.name, '-infinity') AND ($6::text, h.name, $3)
-          AND (lease_until IS NULL OR lease_until <= $3)
+          AND (lease_until IS NULL OR lease_until <= $3) AND {in_turn}
         ORDER BY service, handler_name, next_retry
         LIMIT $4
         FOR UPDATE SKIP LOCKED
@@ -479,7 +527,7 @@ WHERE id = ANY(ARRAY(
         SELECT id, next_retry FROM retry_queue
         WHERE (service, handler_name, next_retry)
               BETWEEN (s.name, h.name, '-infinity') AND (s.name, h.name, $3)
-          AND (lease_until IS NULL OR lease_until <= $3)
+          AND (lease_until IS NULL OR lease_until <= $3) AND {in_turn}
         ORDER BY service, handler_name, next_retry
         LIMIT $4
         FOR UPDATE SKIP LOCKED
@@ -601,7 +649,7 @@ UNION ALL SELECT NULL FROM counted;
 -- lower bound '-infinity' keeps it on the index for the leased ones.
 WITH first AS (
     SELECT next_retry FROM retry_queue
-    WHERE lease_until IS NULL OR lease_until <= next_retry
+    WHERE (lease_until IS NULL OR lease_until <= next_retry) AND {in_turn}
     ORDER BY next_retry
     LIMIT 1
 )
@@ -621,7 +669,7 @@ WITH first AS (
     SELECT next_retry FROM retry_queue
     WHERE next_retry >= '-infinity'
       AND (lease_until IS NULL OR lease_until <= next_retry)
-      AND service = $1
+      AND service = $1 AND {in_turn}
     ORDER BY next_retry
     LIMIT 1
 )
@@ -646,7 +694,7 @@ LEFT JOIN LATERAL (
     SELECT next_retry FROM retry_queue
     WHERE (service, handler_name, next_retry)
           BETWEEN ($2::text, h.name, '-infinity') AND ($2::text, h.name, 'infinity')
-      AND (lease_until IS NULL OR lease_until <= next_retry)
+      AND (lease_until IS NULL OR lease_until <= next_retry) AND {in_turn}
     ORDER BY service, handler_name, next_retry
     LIMIT 1
 ) AS first ON true
@@ -674,7 +722,7 @@ LEFT JOIN LATERAL (
     SELECT next_retry FROM retry_queue
     WHERE (service, handler_name, next_retry)
           BETWEEN (s.name, h.name, '-infinity') AND (s.name, h.name, 'infinity')
-      AND (lease_until IS NULL OR lease_until <= next_retry)
+      AND (lease_until IS NULL OR lease_until <= next_retry) AND {in_turn}
     ORDER BY service, handler_name, next_retry
     LIMIT 1
 ) AS first ON true

@@ -22,8 +22,10 @@ T = TypeVar("T")
 # 5: services (issue 12): retry_queue.service and dead_letter_queue.service,
 # retry_queue_handler_name on (service, handler_name, next_retry),
 # dead_letter_queue_service, retrybus_subscriptions, retrybus_workers, the
-# subscriptions' revision in retrybus_counters; retry_queue_next_retry dropped
-SCHEMA_VERSION = 5
+# subscriptions' revision in retrybus_counters; retry_queue_next_retry dropped;
+# 6: ordering keys (issue 14): retry_queue.ordering_key and ordering_sequence,
+# retry_queue_ordering, the retry_queue_ordering trigger that fills them
+SCHEMA_VERSION = 6
 _BACKFILL_BATCH = 500
 
 
@@ -89,7 +91,9 @@ def _upgrade_schema(conn: sqlite3.Connection) -> None:
     the handler index rebuilt on ``(service, handler_name, next_retry)`` (one
     pass over the retry items, in this transaction) and loses the index on
     ``next_retry`` alone; the schema then adds the tables and indexes that are
-    new. A version 2 to 4 file is then at SCHEMA_VERSION. Each step checks what
+    new. A version 1 to 5 file gets the ordering columns (old rows read NULL:
+    unordered), their index and the trigger that fills them. A version 2 to 5
+    file is then at SCHEMA_VERSION. Each step checks what
     is there already, so that an interrupted version 1 upgrade resumes."""
     version = read_version(conn)
     if version >= SCHEMA_VERSION:
@@ -117,8 +121,15 @@ def _upgrade_schema(conn: sqlite3.Connection) -> None:
         ]:
             conn.execute(Q["migrate_5_handler_index"])
         conn.execute(Q["migrate_5_drop_next_retry_index"])
+    if version in (1, 2, 3, 4, 5):
+        retry_columns = {row[0] for row in conn.execute(Q["retry_columns"])}
+        if "ordering_key" not in retry_columns:
+            conn.execute(Q["migrate_6_add_ordering_key"])
+        if "ordering_sequence" not in retry_columns:
+            conn.execute(Q["migrate_6_add_ordering_sequence"])
     _run_script(conn, Q["schema"])
-    if version in (0, 2, 3, 4):
+    conn.execute(Q["ordering_trigger"])  # one statement, semicolons inside
+    if version in (0, 2, 3, 4, 5):
         _set_version(conn, SCHEMA_VERSION)
 
 

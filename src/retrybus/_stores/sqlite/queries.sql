@@ -28,8 +28,19 @@ CREATE TABLE IF NOT EXISTS retry_queue (
     -- claims made since the last outcome was written (RetryItem.claims)
     claims           INTEGER NOT NULL DEFAULT 0,
     -- RetryItem.service: rows written before version 5 read the default
-    service          TEXT NOT NULL DEFAULT 'default'
+    service          TEXT NOT NULL DEFAULT 'default',
+    -- RetryItem.ordering_key (the event's partitionkey extension) and the record's
+    -- place in its key's order, both set on insert by retry_queue_ordering (the
+    -- trigger below), NULL for records without a key
+    ordering_key     TEXT,
+    ordering_sequence INTEGER
 );
+-- the records of one (service, handler, key) in sequence order: what the claims'
+-- in_turn condition looks up, and the trigger's next number (unkeyed records are
+-- left out of it)
+CREATE INDEX IF NOT EXISTS retry_queue_ordering
+    ON retry_queue (service, handler_name, ordering_key, ordering_sequence)
+    WHERE ordering_key IS NOT NULL;
 -- a worker's own items in due order (claim_due and next_due with a service and
 -- handlers): a seek per (service, handler), whatever other handlers or other
 -- services have waiting. lease_until is left out so that claims, extensions and
@@ -136,6 +147,46 @@ CREATE TABLE IF NOT EXISTS retrybus_workers (
     version     TEXT NOT NULL
 ) WITHOUT ROWID;
 
+-- name: ordering_trigger
+-- A keyed record (its event carries a partitionkey extension of 1 to 200
+-- characters) gets its key and the next number of its (service, handler, key) as
+-- it is written, by whatever writes it (the store, the outbox's staging in an
+-- application's transaction): writers to one file take turns, so numbers follow
+-- the order of the writes. The instr test keeps unkeyed inserts from parsing JSON.
+CREATE TRIGGER IF NOT EXISTS retry_queue_ordering AFTER INSERT ON retry_queue
+WHEN instr(NEW.event_extensions, '"partitionkey"') > 0
+  AND length(json_extract(NEW.event_extensions, '$.partitionkey')) BETWEEN 1 AND 200
+BEGIN
+    UPDATE retry_queue
+    SET ordering_key = json_extract(NEW.event_extensions, '$.partitionkey'),
+        ordering_sequence = (
+            SELECT coalesce(max(ordering_sequence), 0) + 1 FROM retry_queue
+            WHERE service = NEW.service AND handler_name = NEW.handler_name
+              AND ordering_key = json_extract(NEW.event_extensions, '$.partitionkey')
+        )
+    WHERE rowid = NEW.rowid;
+END;
+
+-- name: in_turn
+-- (substituted for {in_turn} in the claims and next_due queries by sql.py) a
+-- keyed record waits while an earlier record of its (service, handler, key) is
+-- in the queue; an unkeyed record is never held up (the first test decides)
+(retry_queue.ordering_key IS NULL OR NOT EXISTS (
+    SELECT 1 FROM retry_queue AS earlier
+    WHERE earlier.service = retry_queue.service
+      AND earlier.handler_name = retry_queue.handler_name
+      AND earlier.ordering_key = retry_queue.ordering_key
+      AND earlier.ordering_sequence < retry_queue.ordering_sequence
+))
+
+-- name: migrate_6_add_ordering_key
+-- version 5 (or 1 to 4) -> 6, when retry_columns lacks ordering_key: old rows
+-- read NULL (unordered)
+ALTER TABLE retry_queue ADD COLUMN ordering_key TEXT;
+
+-- name: migrate_6_add_ordering_sequence
+ALTER TABLE retry_queue ADD COLUMN ordering_sequence INTEGER;
+
 -- name: migrate_2_add_failure_group
 -- version 1 -> 2, before the schema above runs again (it adds the index and the
 -- control table); the store then back-fills failure_group in batches
@@ -232,6 +283,7 @@ SET lease_owner = :owner, lease_until = :lease_until, updated_at = :now, claims 
 WHERE rowid IN (
     SELECT rowid FROM retry_queue
     WHERE next_retry <= :now AND (lease_until IS NULL OR lease_until <= :now) AND {service}
+      AND {in_turn}
     ORDER BY next_retry
     LIMIT :limit
 )
@@ -271,7 +323,7 @@ RETURNING *;
 SELECT rid, next_retry FROM (
     SELECT rowid AS rid, next_retry FROM retry_queue
     WHERE {service} AND handler_name = :h{n} AND next_retry <= :now
-      AND (lease_until IS NULL OR lease_until <= :now)
+      AND (lease_until IS NULL OR lease_until <= :now) AND {in_turn}
     ORDER BY next_retry
     LIMIT :limit
 )
@@ -282,7 +334,7 @@ SELECT rid, next_retry FROM (
 SELECT rowid AS rid, next_retry FROM retry_queue
 WHERE {service} AND handler_name IN (SELECT value FROM json_each(:handlers))
   AND next_retry <= :now
-  AND (lease_until IS NULL OR lease_until <= :now)
+  AND (lease_until IS NULL OR lease_until <= :now) AND {in_turn}
 
 -- name: extend_leases
 UPDATE retry_queue SET lease_until = ? WHERE lease_owner = ? AND id IN ({ids});
@@ -324,7 +376,7 @@ SELECT name, value FROM retrybus_counters;
 
 -- name: next_due_unleased
 -- {service}: as in claim_due
-SELECT next_retry FROM retry_queue WHERE lease_until IS NULL AND {service}
+SELECT next_retry FROM retry_queue WHERE lease_until IS NULL AND {service} AND {in_turn}
 ORDER BY next_retry LIMIT 1;
 
 -- name: next_lease_end
@@ -351,7 +403,7 @@ SELECT MIN(due) FROM (
 -- name: first_of_handler
 SELECT due FROM (
     SELECT next_retry AS due FROM retry_queue
-    WHERE {service} AND handler_name = :h{n} AND lease_until IS NULL
+    WHERE {service} AND handler_name = :h{n} AND lease_until IS NULL AND {in_turn}
     ORDER BY next_retry
     LIMIT 1
 )
@@ -359,7 +411,7 @@ SELECT due FROM (
 -- name: first_of_many_handlers
 SELECT MIN(next_retry) AS due FROM retry_queue
 WHERE {service} AND handler_name IN (SELECT value FROM json_each(:handlers))
-  AND lease_until IS NULL
+  AND lease_until IS NULL AND {in_turn}
 
 -- name: retry_count
 SELECT COUNT(*) FROM retry_queue;

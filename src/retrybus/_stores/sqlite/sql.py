@@ -26,6 +26,12 @@ __all__ = [
 
 #: the named queries, by name
 Q = load_queries("queries.sql", __package__)
+# every claim and next_due query holds back a keyed record behind an earlier one
+# of its key: one condition, written once (its comments left out)
+_IN_TURN = " ".join(
+    line for line in Q["in_turn"].splitlines() if not line.lstrip().startswith("--")
+)
+Q = {name: query.replace("{in_turn}", _IN_TURN) for name, query in Q.items()}
 #: ids per ``IN (…)`` list, well under SQLite's limit on a statement's parameters
 CHUNK = 500
 #: handlers a worker may name and still get one seek-and-stop arm each (a UNION ALL
