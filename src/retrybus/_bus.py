@@ -13,6 +13,7 @@ from ._errors import UnknownHandler
 from ._event import Event
 from ._filters import DeadLetterFilter
 from ._handlers import Handler, Subscription
+from ._inbox import Inbox
 from ._ledger import DeadLetterHook
 from ._observe import Metrics, Tracing
 from ._outbox import Outbox
@@ -93,6 +94,17 @@ class EventBus:
     its ``retrybus_outbox`` table inside your transaction, and every worker of
     the bus relays them from there (``bus.outbox.relay()``). When your
     transaction is on the store's own database, ``stage`` needs no relay.
+
+    ``inbox=True`` makes the store remember each handler's successful
+    deliveries for ``inbox_retention`` seconds (7 days by default; None:
+    forever): a delivery of an event whose handler already succeeded (a
+    duplicate publish, a redelivery after a crash, a broker's redelivery) is
+    not run again, but finished as a success and counted as skipped
+    (``subscribe(..., inbox=True)`` turns it on for one handler). A redrive or
+    reprocess of a dead letter, an operator's explicit action, still runs it.
+    ``bus.inbox.claim(event, connection=conn)`` makes an effect in your own
+    database happen once, whatever the setting (its claims are kept for
+    ``inbox_retention`` too).
     """
 
     def __init__(
@@ -114,14 +126,19 @@ class EventBus:
         transport: Transport | None = None,
         transport_timeout: float = DEFAULT_TRANSPORT_TIMEOUT,
         outbox: str | None = None,
+        inbox: bool = False,
+        inbox_retention: float | None = SEVEN_DAYS,
     ) -> None:
         if store is not None and not isinstance(store, Store):
             raise TypeError(f"store must be a retrybus store (see open_store), got {store!r}")
         if default_policy is not None and not isinstance(default_policy, RetryPolicy):
             raise TypeError(f"default_policy must implement RetryPolicy, got {default_policy!r}")
+        if not isinstance(inbox, bool):
+            raise TypeError(f"inbox must be True or False, got {inbox!r}")
         for name, value in (
             ("retry_retention", retry_retention),
             ("dead_letter_retention", dead_letter_retention),
+            ("inbox_retention", inbox_retention),
         ):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
@@ -179,6 +196,8 @@ class EventBus:
             publish_lease=float(publish_lease),
             max_claims=max_claims,
             route_refresh=float(route_refresh),
+            inbox=inbox,
+            inbox_retention=None if inbox_retention is None else float(inbox_retention),
         )
         store_publisher = Publisher(self._core)
         self._publisher: Publishing = store_publisher
@@ -191,6 +210,8 @@ class EventBus:
         self._redrives: Redrives | None = None
         #: the transactional outbox: ``stage`` an event in your own transaction
         self.outbox = Outbox(self._core, lambda: store_publisher, lambda: self._publisher, outbox)
+        #: the idempotent inbox: ``claim`` a delivery in your handler's transaction
+        self.inbox = Inbox(self._core)
         self.instrument(metrics=metrics, tracing=tracing)
 
     @property
@@ -372,6 +393,7 @@ class EventBus:
         name: str | None = None,
         policy: RetryPolicy | None = None,
         handler_timeout: float | None = None,
+        inbox: bool | None = None,
     ) -> Subscription:
         """Run ``handler`` for events whose type matches ``pattern`` (an exact type,
         a glob such as ``like.*`` or ``*``, or a list of them).
@@ -382,9 +404,11 @@ class EventBus:
         each call: past it, an async handler is cancelled and the delivery fails
         with ``TimeoutError`` under the policy (a plain handler's thread cannot be
         stopped: its delivery fails and the thread is left to finish).
+        ``inbox`` (None: the bus's ``inbox`` setting) makes the store remember
+        this handler's successes and skip an event it already handled.
         """
         return self._core.registry.add(
-            pattern, handler, name=name, policy=policy, timeout=handler_timeout
+            pattern, handler, name=name, policy=policy, timeout=handler_timeout, inbox=inbox
         )
 
     def handler(
@@ -394,12 +418,18 @@ class EventBus:
         name: str | None = None,
         policy: RetryPolicy | None = None,
         handler_timeout: float | None = None,
+        inbox: bool | None = None,
     ) -> Callable[[H], H]:
         """Decorator form of ``subscribe``; returns the function unchanged."""
 
         def register(function: H) -> H:
             self.subscribe(
-                pattern, function, name=name, policy=policy, handler_timeout=handler_timeout
+                pattern,
+                function,
+                name=name,
+                policy=policy,
+                handler_timeout=handler_timeout,
+                inbox=inbox,
             )
             return function
 
@@ -509,7 +539,8 @@ class EventBus:
     async def stats(self) -> Stats:
         """Queue sizes, retry success rate and average attempts (the seed's monitoring),
         how many retries fall due within a minute and an hour, and the retry queue
-        by kind (retries, pending and scheduled deliveries)."""
+        by kind (retries, pending and scheduled deliveries), and the deliveries
+        this process skipped because the inbox says they succeeded before."""
         store = self._core.store
         counters = await store.counters()
         now = self._core.clock.now()
@@ -521,4 +552,5 @@ class EventBus:
             counters=counters,
             due_within_minute=await store.count_due(now + timedelta(minutes=1)),
             due_within_hour=await store.count_due(now + timedelta(hours=1)),
+            inbox_skipped=self._core.inbox_skips,
         )

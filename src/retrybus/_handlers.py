@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ._current import current_handler
+from ._errors import AlreadyHandled
 from ._event import Event, check_text
 from ._patterns import PatternIndex
 from ._policy import RetryPolicy
@@ -63,25 +65,38 @@ class Subscription:
     #: seconds a call may take before it fails with ``TimeoutError`` (None: the
     #: worker's default, else no limit)
     timeout: float | None = None
+    #: whether the store remembers this handler's successes and skips an event
+    #: it already handled (None: as the bus says, ``EventBus(inbox=)``)
+    inbox: bool | None = None
 
     async def call(self, event: Event, default_limit: float | None = None) -> None:
         """Run the handler on ``event``: async ones awaited, plain ones in a thread.
         Past its ``timeout`` (else ``default_limit``, seconds), an async handler is cancelled and
         a plain one left to finish in its thread; either way the call raises
-        ``TimeoutError``."""
+        ``TimeoutError``. The handler's name is ``current_handler`` during the
+        call (``bus.inbox.claim`` reads it), and ``AlreadyHandled`` out of the
+        handler is a success."""
         limit = self.timeout or default_limit
-        if limit is None:
-            await self._run(event)
-            return
+        token = current_handler.set(self.name)
         try:
-            async with asyncio.timeout(limit) as scope:
+            if limit is None:
                 await self._run(event)
-        except TimeoutError:
-            if scope.expired():
-                raise TimeoutError(
-                    f"handler {self.name!r} did not finish within {limit:g}s"
-                ) from None
-            raise
+                return
+            try:
+                async with asyncio.timeout(limit) as scope:
+                    await self._run(event)
+            except TimeoutError:
+                if scope.expired():
+                    raise TimeoutError(
+                        f"handler {self.name!r} did not finish within {limit:g}s"
+                    ) from None
+                raise
+        except AlreadyHandled:
+            # ``bus.inbox.claim`` found this delivery's effect committed before
+            # (and counted the skip): the delivery succeeded
+            return
+        finally:
+            current_handler.reset(token)
 
     async def _run(self, event: Event) -> None:
         if self.is_async:
@@ -128,6 +143,7 @@ class HandlerRegistry:
         name: str | None,
         policy: RetryPolicy | None,
         timeout: float | None = None,
+        inbox: bool | None = None,
     ) -> Subscription:
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {handler!r}")
@@ -154,8 +170,10 @@ class HandlerRegistry:
                 f"policy must implement RetryPolicy (should_retry, delay, max_retries), got {policy!r}"
             )
         timeout = check_timeout("handler_timeout", timeout)
+        if inbox is not None and not isinstance(inbox, bool):
+            raise TypeError(f"inbox must be True, False or None, got {inbox!r}")
         subscription = Subscription(
-            name, pattern_list, handler, policy, _is_async(handler), timeout
+            name, pattern_list, handler, policy, _is_async(handler), timeout, inbox
         )
         self._by_name[name] = subscription
         self._index.add(name, pattern_list, subscription)

@@ -110,6 +110,7 @@ METRIC_NAMES = (
     "retrybus_retry_queue_due",
     "retrybus_dead_letter_queue_depth",
     "retrybus_transport_lag",
+    "retrybus_inbox_skipped_total",
 )
 
 _PAIR = ["service", "event_type", "handler"]
@@ -172,11 +173,13 @@ class _ServiceFigures:
     """What one service's buses reported: events published per event type, and
     the figures of each (event type, handler) pair."""
 
-    __slots__ = ("published", "series")
+    __slots__ = ("inbox_skipped", "published", "series")
 
     def __init__(self) -> None:
         self.published: dict[str, int] = {}
         self.series: dict[tuple[str, str], _Series] = {}
+        #: deliveries the inbox skipped, by handler
+        self.inbox_skipped: dict[str, int] = {}
 
     def of(self, event_type: str, handler: str) -> _Series:
         key = (event_type, handler)
@@ -216,6 +219,8 @@ class _Figures(Collector):
                 families.published.add_metric([service, event_type], count)
             for (event_type, handler), series in list(figures.series.items()):
                 _add_series(families, [service, event_type, handler], series)
+            for handler, count in list(figures.inbox_skipped.items()):
+                families.inbox_skipped.add_metric([service, handler], count)
         for (service, handler), count in list(self.retry_depth.items()):
             families.retry_depth.add_metric([service, handler], count)
         if self.due is not None:
@@ -267,6 +272,7 @@ class _Families(NamedTuple):
     due: GaugeMetricFamily
     dead_depth: GaugeMetricFamily
     transport_lag: GaugeMetricFamily
+    inbox_skipped: CounterMetricFamily
 
     @classmethod
     def new(cls) -> _Families:
@@ -328,6 +334,12 @@ class _Families(NamedTuple):
                 "retrybus_transport_lag",
                 "Messages the broker holds for a service: waiting, or received and not yet acked.",
                 labels=["service"],
+            ),
+            CounterMetricFamily(
+                "retrybus_inbox_skipped",
+                "Deliveries not run (or inbox.claim blocks skipped): the handler had "
+                "succeeded for the event before.",
+                labels=["service", "handler"],
             ),
         )
 
@@ -446,6 +458,11 @@ class PrometheusMetrics:
 
     def requeued(self, event_type: str, handler: str) -> None:
         self._own.of(event_type, handler).requeued += 1
+
+    def inbox_skipped(self, event_type: str, handler: str) -> None:
+        """A delivery to ``handler`` was skipped by the inbox (it succeeded before)."""
+        skipped = self._own.inbox_skipped
+        skipped[handler] = skipped.get(handler, 0) + 1
 
     def set_transport_lag(self, service: str, lag: int | None) -> None:
         """Set ``retrybus_transport_lag{service}``, the messages the broker holds
