@@ -46,7 +46,6 @@ class BusCore:
         publish_lease: float = 60.0,
         max_claims: int = 3,
         route_refresh: float = 5.0,
-        inbox: bool = False,
         inbox_retention: float | None = 7 * 24 * 3600.0,
     ) -> None:
         self.store = store
@@ -63,9 +62,7 @@ class BusCore:
         self.retry_retention = retry_retention
         self.dead_letter_retention = dead_letter_retention
         self.store_timeout = store_timeout
-        #: whether the store remembers every handler's successes (``EventBus(inbox=)``)
-        self.inbox = inbox
-        #: seconds successes and inbox claims are remembered (None: forever)
+        #: seconds inbox claims are kept (None: forever)
         self.inbox_retention = inbox_retention
         #: deliveries skipped by this process because their handler succeeded before
         self.inbox_skips = 0

@@ -65,9 +65,6 @@ class Subscription:
     #: seconds a call may take before it fails with ``TimeoutError`` (None: the
     #: worker's default, else no limit)
     timeout: float | None = None
-    #: whether the store remembers this handler's successes and skips an event
-    #: it already handled (None: as the bus says, ``EventBus(inbox=)``)
-    inbox: bool | None = None
 
     async def call(self, event: Event, default_limit: float | None = None) -> None:
         """Run the handler on ``event``: async ones awaited, plain ones in a thread.
@@ -143,7 +140,6 @@ class HandlerRegistry:
         name: str | None,
         policy: RetryPolicy | None,
         timeout: float | None = None,
-        inbox: bool | None = None,
     ) -> Subscription:
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {handler!r}")
@@ -170,10 +166,8 @@ class HandlerRegistry:
                 f"policy must implement RetryPolicy (should_retry, delay, max_retries), got {policy!r}"
             )
         timeout = check_timeout("handler_timeout", timeout)
-        if inbox is not None and not isinstance(inbox, bool):
-            raise TypeError(f"inbox must be True, False or None, got {inbox!r}")
         subscription = Subscription(
-            name, pattern_list, handler, policy, _is_async(handler), timeout, inbox
+            name, pattern_list, handler, policy, _is_async(handler), timeout
         )
         self._by_name[name] = subscription
         self._index.add(name, pattern_list, subscription)
