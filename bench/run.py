@@ -14,6 +14,7 @@ import sys
 import time
 
 import durable
+import inbox
 import latency
 import observability
 import postgresql
@@ -39,6 +40,7 @@ def main() -> None:
         observability,
         durable,
         services,
+        inbox,
     ):
         note(f"-- {module.__name__}")
         emit(module.run())

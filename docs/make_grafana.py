@@ -255,6 +255,21 @@ def dashboard() -> dict[str, Any]:
             ],
             (12, 36, 12, 8),
         ),
+        panel(
+            "timeseries",
+            "Inbox: deliveries skipped",
+            "Deliveries whose handler had already succeeded for the event (an inbox claim "
+            "found), per second: redeliveries the inbox kept from running twice.",
+            [
+                target(
+                    "sum by (service, handler) "
+                    f"(rate(retrybus_inbox_skipped_total{{{HANDLERS}}}[$__rate_interval]))",
+                    "{{service}}/{{handler}}",
+                )
+            ],
+            (0, 44, 12, 8),
+            "ops",
+        ),
     ]
     for number, item in enumerate(panels, start=1):
         item["id"] = number

@@ -91,6 +91,8 @@ async def test_each_family_is_labelled_with_the_service_that_observed_it(
     await notifications.dead_letters.reprocess(first.id)  # fails again
     # social requeues notifications' dead letter: counted as notifications'
     await social.dead_letters.requeue(second.id)
+    # the inbox skips a delivery of notifications' that succeeded before
+    notifications.core.inbox_skipped("Notify", Event("like.added", {"n": 1}))
     await metrics.refresh(social)
     # a bus with a transport: its refresh sets its own service's broker lag
     broker = MemoryTransport()

@@ -13,6 +13,7 @@ from ._bus import EventBus, PublishResult
 from ._clock import Clock, ManualClock, SystemClock
 from ._dead_letters import BulkResult, DeadLetterQueue
 from ._errors import (
+    AlreadyHandled,
     AmbiguousId,
     AppNotFound,
     ItemBusy,
@@ -37,6 +38,7 @@ from ._filters import DeadLetterFilter
 from ._groups import FailureGroup, GroupCount, failure_group_key, message_shape
 from ._handlers import Subscription
 from ._history import DepthHistory, DepthSample
+from ._inbox import Inbox
 from ._observe import Metrics, Tracing, reason_kind
 from ._policy import ExponentialBackoff, FixedDelay, LinearBackoff, RetryPolicy
 from ._queues import RetryQueue
@@ -67,6 +69,7 @@ _logging.getLogger("retrybus").addHandler(_logging.NullHandler())
 
 __all__ = [
     "RETRY_KINDS",
+    "AlreadyHandled",
     "AmbiguousId",
     "AppNotFound",
     "BulkResult",
@@ -84,6 +87,7 @@ __all__ = [
     "GroupCount",
     "HandlerLoad",
     "HandlerSummary",
+    "Inbox",
     "ItemBusy",
     "ItemNotFound",
     "LinearBackoff",

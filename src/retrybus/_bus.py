@@ -13,6 +13,7 @@ from ._errors import UnknownHandler
 from ._event import Event
 from ._filters import DeadLetterFilter
 from ._handlers import Handler, Subscription
+from ._inbox import Inbox
 from ._ledger import DeadLetterHook
 from ._observe import Metrics, Tracing
 from ._ordering import keyed, ordering_key_of
@@ -94,6 +95,12 @@ class EventBus:
     its ``retrybus_outbox`` table inside your transaction, and every worker of
     the bus relays them from there (``bus.outbox.relay()``). When your
     transaction is on the store's own database, ``stage`` needs no relay.
+
+    ``bus.inbox.claim(event, connection=conn)`` inside a handler's transaction
+    on your own database makes the handler's effect there happen once: a
+    redelivery finds the claim and skips the block (``AlreadyHandled``, a
+    success, counted). Claims are kept ``inbox_retention`` seconds (7 days by
+    default; None: forever).
     """
 
     def __init__(
@@ -115,6 +122,7 @@ class EventBus:
         transport: Transport | None = None,
         transport_timeout: float = DEFAULT_TRANSPORT_TIMEOUT,
         outbox: str | None = None,
+        inbox_retention: float | None = SEVEN_DAYS,
     ) -> None:
         if store is not None and not isinstance(store, Store):
             raise TypeError(f"store must be a retrybus store (see open_store), got {store!r}")
@@ -123,6 +131,7 @@ class EventBus:
         for name, value in (
             ("retry_retention", retry_retention),
             ("dead_letter_retention", dead_letter_retention),
+            ("inbox_retention", inbox_retention),
         ):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
@@ -180,6 +189,7 @@ class EventBus:
             publish_lease=float(publish_lease),
             max_claims=max_claims,
             route_refresh=float(route_refresh),
+            inbox_retention=None if inbox_retention is None else float(inbox_retention),
         )
         store_publisher = Publisher(self._core)
         self._store_publisher = store_publisher
@@ -193,6 +203,8 @@ class EventBus:
         self._redrives: Redrives | None = None
         #: the transactional outbox: ``stage`` an event in your own transaction
         self.outbox = Outbox(self._core, lambda: store_publisher, lambda: self._publisher, outbox)
+        #: the idempotent inbox: ``claim`` a delivery in your handler's transaction
+        self.inbox = Inbox(self._core)
         self.instrument(metrics=metrics, tracing=tracing)
 
     @property
@@ -402,7 +414,11 @@ class EventBus:
 
         def register(function: H) -> H:
             self.subscribe(
-                pattern, function, name=name, policy=policy, handler_timeout=handler_timeout
+                pattern,
+                function,
+                name=name,
+                policy=policy,
+                handler_timeout=handler_timeout,
             )
             return function
 
@@ -524,7 +540,8 @@ class EventBus:
     async def stats(self) -> Stats:
         """Queue sizes, retry success rate and average attempts (the seed's monitoring),
         how many retries fall due within a minute and an hour, and the retry queue
-        by kind (retries, pending and scheduled deliveries)."""
+        by kind (retries, pending and scheduled deliveries), and the deliveries
+        this process skipped because the inbox says they succeeded before."""
         store = self._core.store
         counters = await store.counters()
         now = self._core.clock.now()
@@ -536,4 +553,5 @@ class EventBus:
             counters=counters,
             due_within_minute=await store.count_due(now + timedelta(minutes=1)),
             due_within_hour=await store.count_due(now + timedelta(hours=1)),
+            inbox_skipped=self._core.inbox_skips,
         )

@@ -11,6 +11,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from ._clock import Clock
+from ._event import Event
 from ._handlers import HandlerRegistry, Subscription
 from ._leases import PublishLeases
 from ._ledger import Ledger
@@ -45,6 +46,7 @@ class BusCore:
         publish_lease: float = 60.0,
         max_claims: int = 3,
         route_refresh: float = 5.0,
+        inbox_retention: float | None = 7 * 24 * 3600.0,
     ) -> None:
         self.store = store
         #: the service this bus's handlers belong to, which its records carry
@@ -60,6 +62,10 @@ class BusCore:
         self.retry_retention = retry_retention
         self.dead_letter_retention = dead_letter_retention
         self.store_timeout = store_timeout
+        #: seconds inbox claims are kept (None: forever)
+        self.inbox_retention = inbox_retention
+        #: deliveries skipped by this process because their handler succeeded before
+        self.inbox_skips = 0
         self.registry = HandlerRegistry()
         #: the broker that carries first deliveries (None: the store carries them)
         self.transport: Transport | None = None
@@ -97,6 +103,12 @@ class BusCore:
             observers.append(TracingObserver(self.tracing))
         observers.append(LogObserver())
         self.observers = Observers(observers)
+
+    def inbox_skipped(self, handler: str, event: Event) -> None:
+        """A delivery of ``event`` to ``handler`` was not run: the inbox says it
+        succeeded before. Counted (``Stats.inbox_skipped``) and announced."""
+        self.inbox_skips += 1
+        self.observers.inbox_skipped(self.service, handler, event)
 
     def subscription(self, name: str) -> Subscription | None:
         """The handler subscribed as ``name``, or retrybus's own of that name (None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 __all__ = [
+    "AlreadyHandled",
     "AmbiguousId",
     "AppNotFound",
     "ItemBusy",
@@ -28,6 +29,23 @@ __all__ = [
 
 class RetrybusError(Exception):
     """Base class of every error retrybus raises itself."""
+
+
+class AlreadyHandled(RetrybusError):
+    """Raised on entering ``bus.inbox.claim(event, ...)`` when the inbox already
+    holds the claim of this delivery (the event's handler did its effect in an
+    earlier, committed transaction): the ``async with`` body is skipped, and the
+    delivery counts as a success (skipped), neither retried nor dead-lettered.
+    Let it propagate out of the handler (it rolls back nothing that matters:
+    the transaction has written nothing yet)."""
+
+    def __init__(self, service: str, handler: str, event_id: str) -> None:
+        super().__init__(
+            f"event {event_id} was already handled by {handler!r} of service {service!r}"
+        )
+        self.service = service
+        self.handler = handler
+        self.event_id = event_id
 
 
 class StoreUnavailable(RetrybusError):

@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ._current import current_handler
+from ._errors import AlreadyHandled
 from ._event import Event, check_text
 from ._patterns import PatternIndex
 from ._policy import RetryPolicy
@@ -68,20 +70,30 @@ class Subscription:
         """Run the handler on ``event``: async ones awaited, plain ones in a thread.
         Past its ``timeout`` (else ``default_limit``, seconds), an async handler is cancelled and
         a plain one left to finish in its thread; either way the call raises
-        ``TimeoutError``."""
+        ``TimeoutError``. The handler's name is ``current_handler`` during the
+        call (``bus.inbox.claim`` reads it), and ``AlreadyHandled`` out of the
+        handler is a success."""
         limit = self.timeout or default_limit
-        if limit is None:
-            await self._run(event)
-            return
+        token = current_handler.set(self.name)
         try:
-            async with asyncio.timeout(limit) as scope:
+            if limit is None:
                 await self._run(event)
-        except TimeoutError:
-            if scope.expired():
-                raise TimeoutError(
-                    f"handler {self.name!r} did not finish within {limit:g}s"
-                ) from None
-            raise
+                return
+            try:
+                async with asyncio.timeout(limit) as scope:
+                    await self._run(event)
+            except TimeoutError:
+                if scope.expired():
+                    raise TimeoutError(
+                        f"handler {self.name!r} did not finish within {limit:g}s"
+                    ) from None
+                raise
+        except AlreadyHandled:
+            # ``bus.inbox.claim`` found this delivery's effect committed before
+            # (and counted the skip): the delivery succeeded
+            return
+        finally:
+            current_handler.reset(token)
 
     async def _run(self, event: Event) -> None:
         if self.is_async:

@@ -107,6 +107,7 @@ _HOOKS = (
     "retry_succeeded",
     "dead_lettered",
     "requeued",
+    "inbox_skipped",
 )
 
 
@@ -160,6 +161,10 @@ class Observer:
     def requeued(self, dead: DeadLetterItem, retry: RetryItem) -> None:
         """A dead letter went back to the retry queue as ``retry``."""
 
+    def inbox_skipped(self, service: str, handler: str, event: Event) -> None:
+        """A delivery of ``event`` to ``handler`` of ``service`` was not run (or
+        its ``inbox.claim`` block was skipped): it succeeded before."""
+
 
 def _overrides(observer: Observer, hook: str) -> bool:
     return getattr(type(observer), hook) is not getattr(Observer, hook)
@@ -193,6 +198,7 @@ class Observers:
         self._retry_succeeded = hooks["retry_succeeded"]
         self._dead_lettered = hooks["dead_lettered"]
         self._requeued = hooks["requeued"]
+        self._inbox_skipped = hooks["inbox_skipped"]
         #: whether any observer implements ``call_started`` (most calls skip it then)
         self.watching_call_starts = bool(hooks["call_started"])
         #: whether any observer implements ``publish_ended``
@@ -295,3 +301,6 @@ class Observers:
 
     def requeued(self, dead: DeadLetterItem, retry: RetryItem) -> None:
         self._emit(self._requeued, "requeued", dead, retry)
+
+    def inbox_skipped(self, service: str, handler: str, event: Event) -> None:
+        self._emit(self._inbox_skipped, "inbox_skipped", service, handler, event)

@@ -117,6 +117,12 @@ class MetricsObserver(Observer):
     def requeued(self, dead: DeadLetterItem, retry: RetryItem) -> None:
         self._of_record(dead.service).requeued(dead.event_type, dead.handler_name)
 
+    def inbox_skipped(self, service: str, handler: str, event: Event) -> None:
+        # not part of ``Metrics`` (a back end written before the inbox has none)
+        count = getattr(self._of_record(service), "inbox_skipped", None)
+        if count is not None:
+            count(event.type, handler)
+
 
 class TracingObserver(Observer):
     """Spans for a ``Tracing`` back end: one around each publish, one around each
@@ -281,6 +287,22 @@ class LogObserver(Observer):
                 item.error,
                 extra=fields,
             )
+
+    def inbox_skipped(self, service: str, handler: str, event: Event) -> None:
+        logger.debug(
+            "skipped event %s (%s) for handler %s of service %s: the inbox says it "
+            "was handled before",
+            event.id,
+            event.type,
+            handler,
+            service,
+            extra={
+                "event_id": event.id,
+                "event_type": event.type,
+                "handler": handler,
+                "service": service,
+            },
+        )
 
     def dead_lettered(self, item: DeadLetterItem) -> None:
         logger.warning(

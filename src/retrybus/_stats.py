@@ -39,6 +39,9 @@ class Stats:
     retry_queue_retries: int = 0
     retry_queue_pending: int = 0
     retry_queue_scheduled: int = 0
+    #: deliveries this process did not run because the inbox says their handler
+    #: succeeded before (remembered successes and ``inbox.claim`` alike)
+    inbox_skipped: int = 0
 
     @classmethod
     def from_counts(
@@ -51,6 +54,7 @@ class Stats:
         due_within_minute: int = 0,
         due_within_hour: int = 0,
         kinds: Mapping[RetryKind, int] | None = None,
+        inbox_skipped: int = 0,
     ) -> Stats:
         ended = counters.retry_succeeded + counters.retry_dead_lettered
         return cls(
@@ -71,6 +75,7 @@ class Stats:
             retry_queue_retries=(kinds or {}).get("retry", 0),
             retry_queue_pending=(kinds or {}).get("pending", 0),
             retry_queue_scheduled=(kinds or {}).get("scheduled", 0),
+            inbox_skipped=inbox_skipped,
         )
 
     def to_dict(self) -> dict[str, int | float | None]:

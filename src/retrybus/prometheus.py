@@ -25,6 +25,7 @@ Their labels, the service first (``retrybus.EventBus(service=)``)::
     retrybus_transport_lag               service
     retrybus_outbox_depth                outbox
     retrybus_outbox_oldest_age_seconds   outbox
+    retrybus_inbox_skipped_total         service, handler
 
 ``outcome`` is ``success`` or ``failure``, ``reason`` a ``retrybus.reason_kind``,
 ``processed`` ``true`` or ``false``. A delivery's figures carry the service of
@@ -118,6 +119,7 @@ METRIC_NAMES = (
     "retrybus_transport_lag",
     "retrybus_outbox_depth",
     "retrybus_outbox_oldest_age_seconds",
+    "retrybus_inbox_skipped_total",
 )
 
 _PAIR = ["service", "event_type", "handler"]
@@ -180,11 +182,13 @@ class _ServiceFigures:
     """What one service's buses reported: events published per event type, and
     the figures of each (event type, handler) pair."""
 
-    __slots__ = ("published", "series")
+    __slots__ = ("inbox_skipped", "published", "series")
 
     def __init__(self) -> None:
         self.published: dict[str, int] = {}
         self.series: dict[tuple[str, str], _Series] = {}
+        #: deliveries the inbox skipped, by handler
+        self.inbox_skipped: dict[str, int] = {}
 
     def of(self, event_type: str, handler: str) -> _Series:
         key = (event_type, handler)
@@ -226,6 +230,8 @@ class _Figures(Collector):
                 families.published.add_metric([service, event_type], count)
             for (event_type, handler), series in list(figures.series.items()):
                 _add_series(families, [service, event_type, handler], series)
+            for handler, count in list(figures.inbox_skipped.items()):
+                families.inbox_skipped.add_metric([service, handler], count)
         for (service, handler), count in list(self.retry_depth.items()):
             families.retry_depth.add_metric([service, handler], count)
         if self.due is not None:
@@ -282,6 +288,7 @@ class _Families(NamedTuple):
     transport_lag: GaugeMetricFamily
     outbox_depth: GaugeMetricFamily
     outbox_age: GaugeMetricFamily
+    inbox_skipped: CounterMetricFamily
 
     @classmethod
     def new(cls) -> _Families:
@@ -353,6 +360,12 @@ class _Families(NamedTuple):
                 "retrybus_outbox_oldest_age_seconds",
                 "How long the oldest event staged in an outbox table has waited (0: none).",
                 labels=["outbox"],
+            ),
+            CounterMetricFamily(
+                "retrybus_inbox_skipped",
+                "Deliveries not run (or inbox.claim blocks skipped): the handler had "
+                "succeeded for the event before.",
+                labels=["service", "handler"],
             ),
         )
 
@@ -471,6 +484,11 @@ class PrometheusMetrics:
 
     def requeued(self, event_type: str, handler: str) -> None:
         self._own.of(event_type, handler).requeued += 1
+
+    def inbox_skipped(self, event_type: str, handler: str) -> None:
+        """A delivery to ``handler`` was skipped by the inbox (it succeeded before)."""
+        skipped = self._own.inbox_skipped
+        skipped[handler] = skipped.get(handler, 0) + 1
 
     def set_transport_lag(self, service: str, lag: int | None) -> None:
         """Set ``retrybus_transport_lag{service}``, the messages the broker holds

@@ -1,6 +1,6 @@
 """``retrybus migrate``: create or upgrade a store's tables now, and show its
-schema version; with ``--outbox URL``, create the ``retrybus_outbox`` table of an
-application's database.
+schema version; with ``--outbox URL``, create the ``retrybus_outbox`` and
+``retrybus_inbox`` tables of an application's database.
 
 Every store migrates itself on first use, and the outbox table is created on
 first use too; this command does it ahead of time (for example in a deployment
@@ -24,7 +24,8 @@ def migrate(
     store: StoreOption = None, outbox: OutboxOption = None, json: JsonOption = False
 ) -> None:
     """Create or upgrade the tables of the store at --store URL and print its schema
-    version; with --outbox URL, create the retrybus_outbox table there too."""
+    version; with --outbox URL, create the retrybus_outbox and retrybus_inbox tables
+    there too."""
     if store is None and outbox is None:
         fail("give --store URL (or set RETRYBUS_STORE), or --outbox URL", EXIT_USAGE)
 
@@ -54,7 +55,7 @@ def migrate(
                 await database.close()
             report["outbox"] = database.url
             if not json:
-                typer.echo(f"{database.url}: retrybus_outbox table ready")
+                typer.echo(f"{database.url}: retrybus_outbox and retrybus_inbox tables ready")
         if json:
             echo_json(report)
 

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 from .._errors import StoreUnavailable
+from .._inbox.table import CREATE as INBOX_CREATE
 from .._stores._codec import parse_text_time, text_time
 from .._stores._url import redact, split
 from .table import CREATE, TABLE, OutboxRow
@@ -92,7 +93,7 @@ class OutboxDatabase:
     label: str
 
     async def create(self) -> None:
-        """Create the table unless it exists."""
+        """Create the table (and the inbox's, ``retrybus_inbox``) unless they exist."""
         raise NotImplementedError
 
     def claim(
@@ -149,6 +150,11 @@ class _Postgres(OutboxDatabase):
                     "SELECT pg_advisory_xact_lock(hashtext('retrybus.outbox.create'))"
                 )
                 for statement in CREATE["postgresql"]:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext('retrybus.inbox.create'))"
+                )
+                for statement in INBOX_CREATE["postgresql"]:
                     await conn.execute(statement)
 
         await self._run(run)
@@ -244,7 +250,7 @@ class _Sqlite(OutboxDatabase):
 
     async def create(self) -> None:
         def run(conn: sqlite3.Connection) -> None:
-            for statement in CREATE["sqlite"]:
+            for statement in (*CREATE["sqlite"], *INBOX_CREATE["sqlite"]):
                 conn.execute(statement)
 
         await self._write(run)
