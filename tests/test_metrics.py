@@ -255,6 +255,7 @@ def exercised(registry: CollectorRegistry) -> PrometheusMetrics:
     metrics.dead_lettered("t", "h", "expired")
     metrics.reprocessed("t", "h", True)
     metrics.requeued("t", "h")
+    metrics.inbox_skipped("t", "h")
     figures = metrics._figures
     figures.retry_depth[("default", "h")] = 1
     figures.dead_depth[("default", "h", "false")] = 1

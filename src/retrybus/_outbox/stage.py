@@ -129,7 +129,8 @@ class Outbox:
         if await self._same_database(app):
             records = await self._publisher().deferred_records(event)
             await core.store.stage_pending(app, records)
-            self._wake_after_commit(app, core.store.staged)
+            if app.dialect == "postgresql":  # SQLite's watch sees every commit on its own
+                self._wake_after_commit(app, core.store.staged)
             return Staged(event, "store", tuple(f"{r.service}/{r.handler_name}" for r in records))
         await self._ensure_table(app)
         now = core.clock.now()
@@ -277,8 +278,6 @@ class Outbox:
         """Run ``wake`` once the caller's transaction on ``app`` has ended (a
         rollback wakes for nothing, which costs a look). Never a statement on the
         caller's connection: it may be in use again by then."""
-        if app.dialect == "sqlite" and wake != self._wake_relays:
-            return  # the SQLite store's watch sees every commit on its own
         key = id(app.raw)
         if key in self._watching:
             return
