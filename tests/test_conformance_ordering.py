@@ -15,17 +15,6 @@ from retrybus._outcomes import DeadLettered, Rescheduled, Succeeded
 from retrybus._records import ErrorInfo
 from test_conformance_services import ADMIN_START, subscription
 
-#: engines whose claims do not hold keyed records back yet (issue 14, next step)
-NOT_YET = ("MongoStore",)
-
-
-@pytest.fixture(autouse=True)
-def _gated(request: pytest.FixtureRequest) -> None:
-    if "store" in request.fixturenames:
-        store = request.getfixturevalue("store")
-        if type(store).__name__ in NOT_YET:
-            pytest.xfail(f"{type(store).__name__}: ordering keys not implemented yet")
-
 
 def keyed_pending(
     clock: ManualClock,

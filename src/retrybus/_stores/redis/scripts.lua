@@ -37,12 +37,12 @@
 --                           (layout 3; RetryItem.claims)
 --   P:retry:order:G   zset  id -> sequence number: the queued records of ordering group
 --                           G (a lane and an ordering key: #lane ':' lane ':' key), in
---                           the order they were written (layout 5). Only the first
+--                           the order they were written (since ordering keys; no layout change: records written before are unkeyed). Only the first
 --                           member (the group's head) is in its lane's due set; the
 --                           others are parked (no due set, no P:retry:handler_of entry)
 --                           until every record before them has left the queue
---   P:retry:order_of  hash  id -> G, for each keyed record (layout 5)
---   P:retry:order_seq string  the last sequence number given (INCR; layout 5)
+--   P:retry:order_of  hash  id -> G, for each keyed record (since ordering keys; no layout change: records written before are unkeyed)
+--   P:retry:order_seq string  the last sequence number given (INCR)
 --   P:counters        hash  name -> running total
 --   P:dead:items      hash  id -> dead letter JSON
 --   P:dead:created    zset  id -> created_at   (newest first browsing, cleanup)
@@ -130,7 +130,7 @@ local function later(a, b)
     return a
 end
 
--- Ordering keys (layout 5): a keyed record joins its group's zset when it is written;
+-- Ordering keys (since ordering keys; no layout change: records written before are unkeyed): a keyed record joins its group's zset when it is written;
 -- it is in its lane's due set only while it is the group's head, so that claims and
 -- next_due never see the records an earlier one of their key holds back.
 local K_ORDER_OF = PREFIX .. ':retry:order_of'
