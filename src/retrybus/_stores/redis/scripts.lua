@@ -41,7 +41,8 @@
 --                           member (the group's head) is in its lane's due set; the
 --                           others are parked (no due set, no P:retry:handler_of entry)
 --                           until every record before them has left the queue
---   P:retry:order_of  hash  id -> G, for each keyed record (since ordering keys; no layout change: records written before are unkeyed)
+--   P:retry:order_of  hash  id -> G, for each keyed record (no layout change: a
+--                           record written before ordering keys is unkeyed)
 --   P:retry:order_seq string  the last sequence number given (INCR)
 --   P:counters        hash  name -> running total
 --   P:dead:items      hash  id -> dead letter JSON
