@@ -13,17 +13,7 @@ from retrybus import Event, ManualClock, RetryItem, Store
 from retrybus._ordering import PARTITION_KEY, keyed
 from retrybus._outcomes import DeadLettered, Rescheduled, Succeeded
 from retrybus._records import ErrorInfo
-
-#: engines whose claims do not hold keyed records back yet (issue 14, next step)
-NOT_YET = ("RedisStore", "MongoStore")
-
-
-@pytest.fixture(autouse=True)
-def _gated(request: pytest.FixtureRequest) -> None:
-    if "store" in request.fixturenames:
-        store = request.getfixturevalue("store")
-        if type(store).__name__ in NOT_YET:
-            pytest.xfail(f"{type(store).__name__}: ordering keys not implemented yet")
+from test_conformance_services import ADMIN_START, subscription
 
 
 def keyed_pending(
@@ -130,3 +120,77 @@ async def test_a_released_head_is_claimed_again_before_the_rest(
     (head,) = await claim(store, clock, handlers=["h"])
     assert await store.release([head.id], "w") == 1
     assert ns(await claim(store, clock, handlers=["h"])) == [1]
+
+
+async def test_a_head_deleted_or_expired_frees_its_key_and_next_due_sees_the_next(
+    store: Store, clock: ManualClock
+) -> None:
+    await store.record_pending([keyed_pending(clock, n, "a") for n in range(1, 4)])
+    (head,) = await claim(store, clock)
+    assert await store.release([head.id], "w") == 1
+    assert await store.delete_retry(head.id)
+    assert await store.next_due() == clock.now()
+    (second,) = await claim(store, clock)
+    assert second.event_data["n"] == 2
+    assert await store.release([second.id], "w") == 1
+    clock.advance(10)
+    expired = await store.expire_retry(before=clock.now(), now=clock.now(), reason="expired")
+    assert sorted(letter.event_data["n"] for letter in expired) == [2, 3]
+    assert await store.next_due() is None
+    assert await store.retry_count() == 0
+
+
+async def test_a_parked_record_deleted_leaves_the_order_of_the_rest(
+    store: Store, clock: ManualClock
+) -> None:
+    items = [keyed_pending(clock, n, "a") for n in range(1, 4)]
+    await store.record_pending(items)
+    assert await store.delete_retry(items[1].id)  # the middle one, held back
+    (head,) = await claim(store, clock)
+    assert await store.complete([Succeeded(head)], "w", clock.now()) == {head.id}
+    assert ns(await claim(store, clock)) == [3]
+
+
+async def test_a_requeued_dead_letter_goes_behind_the_records_of_its_key(
+    store: Store, clock: ManualClock
+) -> None:
+    await store.record_pending([keyed_pending(clock, 1, "a")])
+    (head,) = await claim(store, clock)
+    dead = head.to_dead_letter(reason="non-retryable: KeyError", now=clock.now())
+    assert await store.complete(
+        [DeadLettered(head.id, dead, first_delivery=True)], "w", clock.now()
+    )
+    await store.record_pending([keyed_pending(clock, 2, "a")])
+    again = dead.to_retry_item(max_retries=3, now=clock.now())
+    assert again.ordering_key == "a"
+    assert await store.requeue_dead(dead.id, again)
+    (second,) = await claim(store, clock)
+    assert second.event_data["n"] == 2  # the requeued one waits behind it
+    assert await store.complete([Succeeded(second)], "w", clock.now()) == {second.id}
+    (third,) = await claim(store, clock)
+    assert third.id == again.id
+
+
+async def test_removing_a_handler_dead_letters_its_held_back_records_too(
+    store: Store, clock: ManualClock
+) -> None:
+    await store.record_pending(
+        [keyed_pending(clock, n, "a", service="billing") for n in range(1, 4)]
+        + [keyed_pending(clock, 4, "a", service="billing", handler="g")]
+    )
+    await store.put_subscriptions(
+        "billing",
+        [subscription("billing", "h"), subscription("billing", "g")],
+        prune=False,
+        now=ADMIN_START,
+        actor="w",
+    )
+    await store.remove_subscriptions("billing", ["h"], now=clock.now(), actor="alice")
+    moved: list[int] = []
+    for _ in range(5):  # a sweep moves what it can see; a few rounds move every one
+        letters = await store.dead_letter_unsubscribed(now=clock.now(), limit=100)
+        moved += [letter.event_data["n"] for letter in letters]
+        if not letters:
+            break
+    assert sorted(moved) == [1, 2, 3]
+    assert ns(await claim(store, clock)) == [4]

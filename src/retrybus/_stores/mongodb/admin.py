@@ -31,6 +31,7 @@ from ..base import (
     RetryField,
     check_retry_kind,
 )
+from . import ordering
 from .codec import (
     control_from_document,
     dead_letter_from_document,
@@ -143,13 +144,25 @@ class MongoAdmin(AdminStore):
         return [str(doc["_id"]) for doc in docs]
 
     async def cancel_delivery(self, item_id: str, *, now: datetime) -> bool:
-        query = {"_id": item_id, "attempt": 0, **lease_free(now)}
-        async with self._errors() as db:
-            return bool((await db[RETRY].delete_one(query)).deleted_count)
+        return await self._delete_retry({"_id": item_id, "attempt": 0, **lease_free(now)})
 
     async def delete_retry(self, item_id: str) -> bool:
+        return await self._delete_retry({"_id": item_id})
+
+    async def _delete_retry(self, query: Doc) -> bool:
+        """Delete the record ``query`` matches, if any; the next record of its
+        ordering key (if it has one) is no longer held back."""
         async with self._errors() as db:
-            return bool((await db[RETRY].delete_one({"_id": item_id})).deleted_count)
+            doc = await db[RETRY].find_one_and_delete(
+                query, projection={"service": 1, "handler_name": 1, "ordering_key": 1}
+            )
+            if doc is None:
+                return False
+            key = doc.get("ordering_key")
+            if isinstance(key, str):
+                group = (str(doc.get("service")), str(doc.get("handler_name")), key)
+                await ordering.unblock(db[RETRY], [group])
+            return True
 
     async def group_retry(self, by: RetryField, *, limit: int) -> list[GroupCount]:
         if by not in RETRY_GROUP_DEFAULTS:
@@ -243,6 +256,8 @@ class MongoAdmin(AdminStore):
 
     async def requeue_dead(self, item_id: str, retry_item: RetryItem) -> bool:
         doc = retry_document(retry_item)
+        async with self._errors() as db:
+            groups = await ordering.number(db, [retry_item], [doc])
 
         async def run(session: Session) -> bool:
             db = await self._database()
@@ -260,6 +275,9 @@ class MongoAdmin(AdminStore):
 
         requeued = await self._atomically(run)
         if requeued:
+            if groups:
+                async with self._errors() as db:
+                    await ordering.unblock(db[RETRY], groups)
             await self._count(retry_added=1)
         return requeued
 

@@ -97,6 +97,16 @@ RETRY_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
         ],
         {},
     ),
+    # the records of an ordering key in order: the head of each (``ordering.unblock``)
+    (
+        [
+            ("service", ASCENDING),
+            ("handler_name", ASCENDING),
+            ("ordering_key", ASCENDING),
+            ("ordering_sequence", ASCENDING),
+        ],
+        {"partialFilterExpression": {"ordering_key": {"$exists": True}}},
+    ),
 ]
 DEAD_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
     ([("created_at", DESCENDING)], {}),

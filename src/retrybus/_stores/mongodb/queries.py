@@ -17,6 +17,7 @@ from ..._groups import GroupCount
 from ..._records import RetryKind
 from ..._services import DEFAULT_SERVICE
 from .common import Doc
+from .ordering import BLOCKED
 
 __all__ = [
     "DEAD_GROUP_DEFAULTS",
@@ -256,6 +257,7 @@ def claim_candidates(now: datetime, handlers: list[str] | None, service: str | N
     query = handler_scope(service, handlers)
     query["next_retry"] = {"$lte": ms}
     query["lease_until"] = {"$not": {"$gt": ms}}  # none (null or missing), or ran out
+    query[BLOCKED] = None  # not held back by an earlier record of its ordering key
     return query
 
 

@@ -89,6 +89,7 @@ from ..._services import unsubscribed_reason
 from .._codec import decode_or_corrupt
 from .._url import redact
 from ..base import Store
+from . import ordering
 from .admin import MongoAdmin
 from .codec import (
     dead_letter_document,
@@ -677,6 +678,8 @@ class MongoStore(MongoAdmin, MongoServices, Store):
         dead_docs = [dead_letter_document(item) for item in dead_letters]
         if not retry_docs and not dead_docs:
             return
+        async with self._errors() as db:
+            groups = await ordering.number(db, retry_items, retry_docs)
 
         async def run(session: Session) -> int:
             db = await self._database()
@@ -702,7 +705,14 @@ class MongoStore(MongoAdmin, MongoServices, Store):
             return added
 
         added = await self._atomically(run)
+        await self._unblock(groups)
         await self._count(retry_added=added)
+
+    async def _unblock(self, groups: set[ordering.Group]) -> None:
+        """Unblock the head of each of ``groups`` (``ordering.unblock``)."""
+        if groups:
+            async with self._errors() as db:
+                await ordering.unblock(db[RETRY], groups)
 
     async def record_pending(self, items: Sequence[RetryItem]) -> set[str]:
         """One unordered ``insert_many``: the ids already stored fail as duplicates
@@ -712,10 +722,13 @@ class MongoStore(MongoAdmin, MongoServices, Store):
         docs = [retry_document(item) for item in items]
         skipped: set[int] = set()
         async with self._errors() as db:
+            groups = await ordering.number(db, items, docs)
             try:
                 await db[RETRY].insert_many(docs, ordered=False)
             except BulkWriteError as exc:
                 skipped = _duplicates(exc)
+            if groups:
+                await ordering.unblock(db[RETRY], groups)
         return {str(doc["_id"]) for n, doc in enumerate(docs) if n not in skipped}
 
     async def claim_due(
@@ -885,6 +898,15 @@ class MongoStore(MongoAdmin, MongoServices, Store):
         # process killed in the middle: a publisher removes its successes often).
         moves = any(isinstance(outcome, DeadLettered) for outcome in outcomes)
         applied = await self._atomically(run, transaction=moves)
+        await self._unblock(
+            ordering.groups_of(
+                outcome.item if isinstance(outcome, Succeeded) else outcome.dead_letter
+                for outcome in outcomes
+                if not isinstance(outcome, Rescheduled)
+                and (outcome.item.id if isinstance(outcome, Succeeded) else outcome.item_id)
+                in applied
+            )
+        )
         await self._count(**totals)
         return applied
 
@@ -896,7 +918,7 @@ class MongoStore(MongoAdmin, MongoServices, Store):
             return None
         # the index on (service, handler_name, next_retry, …) serves both reads; a
         # document without a handler name is every worker's of its service
-        scope = handler_scope(service, names)
+        scope = {**handler_scope(service, names), ordering.BLOCKED: None}
         async with self._errors() as db:
             retry = db[RETRY]
             times: list[datetime] = []
@@ -972,6 +994,9 @@ class MongoStore(MongoAdmin, MongoServices, Store):
             return moved
 
         moved = await self._atomically(run)
+        await self._unblock(ordering.groups_of(moved))
+        async with self._errors() as db:
+            await ordering.heal(db[RETRY])  # groups a dead process left blocked
         await self._count(retry_dead_lettered=len(moved))
         return moved
 
@@ -1052,6 +1077,7 @@ class MongoStore(MongoAdmin, MongoServices, Store):
             return moved
 
         moved = await self._atomically(run)
+        await self._unblock(ordering.groups_of(moved))
         await self._count(retry_dead_lettered=len(moved))
         return moved
 

@@ -324,6 +324,7 @@ class RedisAdmin(AdminStore):
                 to_score(retry_item.next_retry),
                 to_score(retry_item.created_at),
                 lane(retry_item.service, retry_item.handler_name),
+                retry_item.ordering_key or "",
             )
         )
 

@@ -35,6 +35,15 @@
 --                           it still holds the item (fencing)
 --   P:retry:claim_count hash id -> the item's claims since its last outcome, when not 0
 --                           (layout 3; RetryItem.claims)
+--   P:retry:order:G   zset  id -> sequence number: the queued records of ordering group
+--                           G (a lane and an ordering key: #lane ':' lane ':' key), in
+--                           the order they were written (since ordering keys; no layout change: records written before are unkeyed). Only the first
+--                           member (the group's head) is in its lane's due set; the
+--                           others are parked (no due set, no P:retry:handler_of entry)
+--                           until every record before them has left the queue
+--   P:retry:order_of  hash  id -> G, for each keyed record (no layout change: a
+--                           record written before ordering keys is unkeyed)
+--   P:retry:order_seq string  the last sequence number given (INCR)
 --   P:counters        hash  name -> running total
 --   P:dead:items      hash  id -> dead letter JSON
 --   P:dead:created    zset  id -> created_at   (newest first browsing, cleanup)
@@ -122,6 +131,51 @@ local function later(a, b)
     return a
 end
 
+-- Ordering keys (since ordering keys; no layout change: records written before are unkeyed): a keyed record joins its group's zset when it is written;
+-- it is in its lane's due set only while it is the group's head, so that claims and
+-- next_due never see the records an earlier one of their key holds back.
+local K_ORDER_OF = PREFIX .. ':retry:order_of'
+local turned = false -- a parked record was made due (the script publishes on CHANNEL)
+
+local function order_key(group)
+    return PREFIX .. ':retry:order:' .. group
+end
+
+-- the head of group `group` (nil: empty), after taking out the members whose record
+-- is gone (a process of an older layout deleted it without knowing of the group)
+local function order_head(group)
+    local key = order_key(group)
+    while true do
+        local first = redis.call('ZRANGE', key, 0, 0)[1]
+        if not first or redis.call('HEXISTS', K_ITEMS, first) == 1 then
+            return first
+        end
+        redis.call('ZREM', key, first)
+        redis.call('HDEL', K_ORDER_OF, first)
+    end
+end
+
+-- item `id` (of `lane`) joins the group of ordering key `key` ('': none) at the back;
+-- returns whether it is held back (not the group's head)
+local function enqueue_keyed(id, lane, key)
+    if key == '' then
+        return false
+    end
+    local group = #lane .. ':' .. lane .. ':' .. key
+    redis.call('ZADD', order_key(group), redis.call('INCR', PREFIX .. ':retry:order_seq'), id)
+    redis.call('HSET', K_ORDER_OF, id, group)
+    return order_head(group) ~= id
+end
+
+-- is item `id` held back by an earlier record of its ordering group?
+local function held_back(id)
+    local group = redis.call('HGET', K_ORDER_OF, id)
+    if not group then
+        return false
+    end
+    return order_head(group) ~= id
+end
+
 -- take item `id` out of the due sets (its lane's, and the legacy one)
 local function undue(id)
     local lane = redis.call('HGET', K_HANDLER_OF, id)
@@ -161,6 +215,27 @@ local function set_claims(id, claims)
     end
 end
 
+-- item `id` leaves its ordering group (if it has one); the group's next record, if
+-- it was parked, is due from its next_retry (or its lease's end) on
+local function leave_group(id)
+    local group = redis.call('HGET', K_ORDER_OF, id)
+    if not group then
+        return
+    end
+    redis.call('HDEL', K_ORDER_OF, id)
+    redis.call('ZREM', order_key(group), id)
+    local head = order_head(group)
+    if head and redis.call('HEXISTS', K_HANDLER_OF, head) == 0 then
+        local colon = string.find(group, ':', 1, true)
+        local lane = string.sub(group, colon + 1, colon + tonumber(string.sub(group, 1, colon - 1)))
+        local due = redis.call('ZSCORE', K_NEXT, head)
+        if due then
+            set_due(head, lane, later(due, redis.call('ZSCORE', K_LEASED, head)))
+            turned = true
+        end
+    end
+end
+
 local function drop_retry(id)
     local gone = redis.call('HDEL', K_ITEMS, id)
     redis.call('ZREM', K_NEXT, id)
@@ -169,14 +244,27 @@ local function drop_retry(id)
     redis.call('ZREM', K_CREATED, id)
     redis.call('HDEL', K_CLAIMS, id)
     redis.call('HDEL', K_CLAIM_COUNT, id)
+    leave_group(id)
     return gone == 1
 end
 
--- store (or replace) an unleased item of `lane` due at next_score, with `claims`
+-- a script that made a parked record due tells the watchers
+local function announce_turn()
+    if turned then
+        redis.call('PUBLISH', CHANNEL, 'turn')
+    end
+end
+
+-- store (or replace) an unleased item of `lane` due at next_score, with `claims` (in
+-- no due set while an earlier record of its ordering group holds it back)
 local function put_retry(id, json, next_score, created_score, lane, claims)
     redis.call('HSET', K_ITEMS, id, json)
     redis.call('ZADD', K_NEXT, next_score, id)
-    set_due(id, lane, next_score)
+    if held_back(id) then
+        undue(id)
+    else
+        set_due(id, lane, next_score)
+    end
     if created_score then
         redis.call('ZADD', K_CREATED, created_score, id)
     end
@@ -199,17 +287,18 @@ local function bulk(command, key, args)
     end
 end
 
--- Adds the `count` items of ARGV[first...] (8 arguments each: id, json, next_retry,
--- created_at, lane, claim (time .. owner) or '', lease_until or '', claims) whose
--- id is not stored yet: one HSETNX each, then one command per index key for the
--- whole batch (a new id has no lease, claim or due entry to remove). Returns one
--- character per item ('1' added, '0' already there), how many were added, and
--- whether an unleased one was.
+-- Adds the `count` items of ARGV[first...] (9 arguments each: id, json, next_retry,
+-- created_at, lane, claim (time .. owner) or '', lease_until or '', claims, ordering
+-- key or '') whose id is not stored yet: one HSETNX each, then one command per index
+-- key for the whole batch (a new id has no lease, claim or due entry to remove); a
+-- keyed item joins its ordering group, and is parked (left out of its due set) behind
+-- an earlier one. Returns one character per item ('1' added, '0' already there), how
+-- many were added, and whether an unleased one was made due.
 local function add_items(first, count)
     local flags, added, unleased = {}, 0, false
     local nexts, created, handler_of, leased, claims, counts, no_count = {}, {}, {}, {}, {}, {}, {}
     local due, lanes = {}, {}
-    for i = first, first + 8 * (count - 1), 8 do
+    for i = first, first + 9 * (count - 1), 9 do
         local id = ARGV[i]
         if redis.call('HSETNX', K_ITEMS, id, ARGV[i + 1]) == 1 then
             flags[#flags + 1] = '1'
@@ -217,18 +306,25 @@ local function add_items(first, count)
             local next_score, lane, lease = ARGV[i + 2], ARGV[i + 4], ARGV[i + 6]
             push(nexts, next_score, id)
             push(created, ARGV[i + 3], id)
-            push(handler_of, id, lane)
+            local parked = enqueue_keyed(id, lane, ARGV[i + 8])
             local set = due[lane]
-            if set == nil then
+            if set == nil and not parked then
                 set = {}
                 due[lane] = set
                 lanes[#lanes + 1] = lane
             end
+            if not parked then
+                push(handler_of, id, lane)
+            end
             if lease == '' then
-                push(set, next_score, id)
-                unleased = true
+                if not parked then
+                    push(set, next_score, id)
+                    unleased = true
+                end
             else
-                push(set, later(next_score, lease), id)
+                if not parked then
+                    push(set, later(next_score, lease), id)
+                end
                 push(leased, lease, id)
                 push(claims, id, ARGV[i + 5])
             end
@@ -654,12 +750,12 @@ end
 -- name: record_failures
 -- ARGV: prefix, n_retry, n_dead,
 --       n_retry x (id, json, next, created, lane, claim (time .. owner) or '',
---                  lease_until or '', claims),
+--                  lease_until or '', claims, ordering key or ''),
 --       n_dead x (id, json, index)
 -- An id already there is skipped: a write repeated after a lost reply adds nothing twice.
 local n_retry, n_dead = tonumber(ARGV[2]), tonumber(ARGV[3])
 local _, added = add_items(4, n_retry)
-local i = 4 + 8 * n_retry
+local i = 4 + 9 * n_retry
 for _ = 1, n_dead do
     put_dead(ARGV[i], ARGV[i + 1], ARGV[i + 2])
     i = i + 3
@@ -672,12 +768,12 @@ return added
 
 -- name: record_pending
 -- ARGV: prefix, n x (id, json, next, created, lane, claim (time .. owner) or '',
---       lease_until or '', claims)
+--       lease_until or '', claims, ordering key or '')
 -- First deliveries: each id not stored yet is added (outside the running totals).
 -- Returns one character per item, '1' for those added and '0' for those skipped.
 -- Publishes only when an unleased (deferred) one was added: a leased one's publisher
 -- delivers it, and its lease's end is next_due.
-local flags, _, deferred = add_items(2, (#ARGV - 1) / 8)
+local flags, _, deferred = add_items(2, (#ARGV - 1) / 9)
 if deferred then
     redis.call('PUBLISH', CHANNEL, 'pending')
 end
@@ -709,6 +805,8 @@ for j = 1, #legacy, 2 do
     local lane = json and lane_of(json)
     if not json then
         drop_retry(id) -- an index entry without its record: nothing to deliver
+    elseif lane and held_back(id) then
+        redis.call('ZREM', K_LEGACY, id) -- parked: its group's head leaving makes it due
     elseif lane then
         set_due(id, lane, score)
         if wants(lane) then
@@ -861,6 +959,7 @@ end
 if again > 0 then
     redis.call('PUBLISH', CHANNEL, 'rescheduled')
 end
+announce_turn()
 return applied
 
 -- name: next_due
@@ -898,7 +997,9 @@ return fetch_retry(redis.call('ZRANGE', K_NEXT, ARGV[2], ARGV[3]))
 
 -- name: delete_retry
 -- ARGV: prefix, id
-if drop_retry(ARGV[2]) then
+local gone = drop_retry(ARGV[2])
+announce_turn()
+if gone then
     return 1
 end
 return 0
@@ -953,6 +1054,7 @@ if not json or attempt_of(json) ~= 0 or not held(id, '0', '', now) then
     return 0
 end
 drop_retry(id)
+announce_turn()
 return 1
 
 -- name: expire_candidates
@@ -1007,6 +1109,7 @@ end
 if #moved > 0 then
     redis.call('HINCRBY', K_COUNTERS, 'retry_dead_lettered', #moved)
 end
+announce_turn()
 return moved
 
 -- name: list_dead
@@ -1137,9 +1240,13 @@ return 1
 
 
 -- name: requeue_dead
--- ARGV: prefix, dead id, retry id, retry json, next_retry, created_at, lane
+-- ARGV: prefix, dead id, retry id, retry json, next_retry, created_at, lane, ordering
+-- key or ''. A keyed record joins the back of its group.
 if not drop_dead(ARGV[2]) then
     return 0
+end
+if redis.call('HEXISTS', K_ORDER_OF, ARGV[3]) == 0 then
+    enqueue_keyed(ARGV[3], ARGV[7], ARGV[8] or '')
 end
 put_retry(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], 0)
 redis.call('HINCRBY', K_COUNTERS, 'retry_added', 1)
@@ -1160,7 +1267,9 @@ for j = 2, #ARGV do
     if json and due and redis.call('HEXISTS', K_HANDLER_OF, id) == 0 then
         due = later(due, redis.call('ZSCORE', K_LEASED, id))
         local lane = lane_of(json)
-        if lane then
+        if lane and held_back(id) then
+            redis.call('ZREM', K_LEGACY, id)
+        elseif lane then
             set_due(id, lane, due)
             n = n + 1
         else
@@ -1591,8 +1700,9 @@ return n
 
 -- name: unsubscribed_candidates
 -- ARGV: prefix, now, limit. Read only: the tombstones of P:subs, and from the due set
--- of each tombstoned lane, in its order, up to `limit` items no live lease holds at
--- now. Returns {n, n x (subscription key, row), then per item: id, json, next_retry
+-- of each tombstoned lane, in its order (each followed by the records its ordering
+-- group parks behind it), up to `limit` items no live lease holds at now. Returns
+-- {n, n x (subscription key, row), then per item: id, json, next_retry
 -- score, subscription key}.
 local now, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
 local rows = redis.call('HGETALL', K_SUBS)
@@ -1610,7 +1720,7 @@ for _, key in ipairs(removed) do
     local found, start = 0, 0
     while found < limit do
         local page = redis.call('ZRANGE', due, start, start + CHUNK - 1)
-        for _, id in ipairs(page) do
+        local function take(id)
             local json = redis.call('HGET', K_ITEMS, id)
             if found < limit and json and held(id, '0', '', now) then
                 found = found + 1
@@ -1618,6 +1728,16 @@ for _, key in ipairs(removed) do
                 out[#out + 1] = json
                 out[#out + 1] = redis.call('ZSCORE', K_NEXT, id) or ''
                 out[#out + 1] = key
+            end
+        end
+        for _, id in ipairs(page) do
+            take(id)
+            -- the records its ordering group parks behind it (in no due set)
+            local group = redis.call('HGET', K_ORDER_OF, id)
+            if group and found < limit then
+                for _, parked in ipairs(redis.call('ZRANGE', order_key(group), 1, limit - found)) do
+                    take(parked)
+                end
             end
         end
         if #page < CHUNK then
@@ -1648,6 +1768,7 @@ end
 if #moved > 0 then
     redis.call('HINCRBY', K_COUNTERS, 'retry_dead_lettered', #moved)
 end
+announce_turn()
 return moved
 
 -- name: beat

@@ -464,7 +464,7 @@ def _script(name: str, body: str) -> str:
 def _item_args(item: RetryItem) -> tuple[Any, ...]:
     """What ``record_failures`` and ``record_pending`` take of a new item: id, record,
     next_retry, created_at, lane, claim (time and owner) or '', lease end or '',
-    claims."""
+    claims, ordering key or ''."""
     return (
         item.id,
         retry_json(item),
@@ -474,6 +474,7 @@ def _item_args(item: RetryItem) -> tuple[Any, ...]:
         "" if item.lease_owner is None else text_time(item.updated_at) + item.lease_owner,
         "" if item.lease_until is None else to_score(item.lease_until),
         item.claims,
+        item.ordering_key or "",
     )
 
 
