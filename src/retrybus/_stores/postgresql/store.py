@@ -567,6 +567,23 @@ class PostgresStore(PostgresAdmin, PostgresServices, PostgresStaging, Store):
         at = aware(before)
         return affected(await self._run(lambda conn: conn.execute(Q["cleanup_dead"], at)))
 
+    async def remember_successes(self, ids: Sequence[str], until: datetime) -> None:
+        if not ids:
+            return
+        args = (list(dict.fromkeys(ids)), aware(until))
+        await self._run(lambda conn: conn.execute(Q["remember_successes"], *args))
+
+    async def remembered(self, ids: Collection[str], now: datetime) -> set[str]:
+        if not ids:
+            return set()
+        args = (list(ids), aware(now))
+        rows = await self._run(lambda conn: conn.fetch(Q["remembered"], *args))
+        return {row[0] for row in rows}
+
+    async def forget_successes(self, before: datetime) -> int:
+        at = aware(before)
+        return affected(await self._run(lambda conn: conn.execute(Q["forget_successes"], at)))
+
     async def counters(self) -> Counters:
         row = await self._run(lambda conn: conn.fetchrow(Q["counters"]))
         if row is None:

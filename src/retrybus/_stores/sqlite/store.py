@@ -477,6 +477,34 @@ class SQLiteStore(SQLiteAdmin, SQLiteServices, SQLiteStaging, Store):
             )
         )
 
+    async def remember_successes(self, ids: Sequence[str], until: datetime) -> None:
+        if not ids:
+            return
+        rows = [(delivery_id, text_time(until)) for delivery_id in dict.fromkeys(ids)]
+        await self._write(lambda conn: conn.executemany(Q["remember_successes"], rows))
+
+    async def remembered(self, ids: Collection[str], now: datetime) -> set[str]:
+        if not ids:
+            return set()
+        wanted, at = list(ids), text_time(now)
+
+        def read(conn: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(wanted), CHUNK):
+                chunk = wanted[start : start + CHUNK]
+                sql = Q["remembered"].format(ids=placeholders(len(chunk)))
+                found.update(row[0] for row in conn.execute(sql, (*chunk, at)))
+            return found
+
+        return await self._read(read)
+
+    async def forget_successes(self, before: datetime) -> int:
+        return int(
+            await self._write(
+                lambda conn: conn.execute(Q["forget_successes"], (text_time(before),)).rowcount
+            )
+        )
+
     async def counters(self) -> Counters:
         rows = await self._read(lambda conn: conn.execute(Q["counters"]).fetchall())
         values = {name: int(value) for name, value in rows}
