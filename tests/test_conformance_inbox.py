@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from retrybus import ManualClock, Store
+from retrybus import Event, ManualClock, RetryItem, Store
+from retrybus._outcomes import Succeeded
 
 
 async def test_remembered_ids_are_found_until_their_time(store: Store, clock: ManualClock) -> None:
@@ -59,3 +60,21 @@ async def test_many_ids_at_once(store: Store, clock: ManualClock) -> None:
     await store.remember_successes(ids[::2], until)
     found = await store.remembered(ids, clock.now())
     assert found == set(ids[::2])
+
+
+async def test_complete_remembering_removes_and_remembers_in_one_step(
+    store: Store, clock: ManualClock
+) -> None:
+    now = clock.now()
+    record = RetryItem.pending(Event("x", {}), "h", max_retries=3, due=now, now=now)
+    await store.record_pending([record])
+    [claimed] = await store.claim_due(
+        now=now, limit=10, owner="w", lease_until=now + timedelta(minutes=1)
+    )
+    assert isinstance(claimed, RetryItem)
+    applied = await store.complete_remembering(
+        [Succeeded(claimed)], "w", now, ["d1", "d2"], now + timedelta(hours=1)
+    )
+    assert applied == {record.id}
+    assert await store.retry_count() == 0
+    assert await store.remembered({"d1", "d2", "d3"}, now) == {"d1", "d2"}

@@ -257,16 +257,20 @@ class Ledger:
     async def _complete_remembering(
         self, outcomes: Sequence[Outcome], owner: str | None, now: datetime | None = None
     ) -> set[str]:
-        """``store.complete``, after remembering the successes among ``outcomes``
-        of handlers with the inbox on (first: a crash in between leaves a
-        success remembered and its record, which the next delivery finishes
-        without running it; never a record removed and its success forgotten)."""
+        """``store.complete``, with the successes among ``outcomes`` of handlers
+        with the inbox on remembered (in the same transaction on the SQL
+        engines; elsewhere first: a crash in between leaves a success remembered
+        and its record, which the next delivery finishes without running it,
+        never a record removed and its success forgotten)."""
         core = self._core
         if now is None:
             now = core.clock.now()
-        if core.remembered.in_use:
-            await core.remembered.remember(outcomes, now)
-        return await core.store.complete(outcomes, owner, now)
+        remembered = core.remembered
+        if not remembered.in_use:
+            return await core.store.complete(outcomes, owner, now)
+        return await core.store.complete_remembering(
+            outcomes, owner, now, remembered.ids_of(outcomes), remembered.until(now)
+        )
 
     async def through_outage(
         self,

@@ -245,6 +245,21 @@ class RetryStore(abc.ABC):
         event and handler) as handled successfully, until ``until`` (an id
         remembered already gets the later of the two). One step."""
 
+    async def complete_remembering(
+        self,
+        outcomes: Sequence[Outcome],
+        owner: str | None,
+        now: datetime,
+        remember: Sequence[str],
+        until: datetime,
+    ) -> set[str]:
+        """``remember_successes(remember, until)`` then ``complete(outcomes, owner,
+        now)``; the SQL engines do both in one transaction (one commit). Returns
+        what ``complete`` returns."""
+        if remember:
+            await self.remember_successes(remember, until)
+        return await self.complete(outcomes, owner, now)
+
     @abc.abstractmethod
     async def remembered(self, ids: Collection[str], now: datetime) -> set[str]:
         """Which of ``ids`` are remembered (``remember_successes``) past ``now``:

@@ -405,6 +405,25 @@ class SQLiteStore(SQLiteAdmin, SQLiteServices, SQLiteStaging, Store):
     ) -> set[str]:
         return await self._write(_completion(outcomes, owner, now))
 
+    async def complete_remembering(
+        self,
+        outcomes: Sequence[Outcome],
+        owner: str | None,
+        now: datetime,
+        remember: Sequence[str],
+        until: datetime,
+    ) -> set[str]:
+        if not remember:
+            return await self.complete(outcomes, owner, now)
+        rows = [(delivery_id, text_time(until)) for delivery_id in dict.fromkeys(remember)]
+        completion = _completion(outcomes, owner, now)
+
+        def run(conn: sqlite3.Connection) -> set[str]:
+            conn.executemany(Q["remember_successes"], rows)
+            return completion(conn)
+
+        return await self._write(run)
+
     async def next_due(
         self, handlers: Collection[str] | None = None, *, service: str | None = None
     ) -> datetime | None:
