@@ -12,9 +12,20 @@ from typing import Any
 
 import pytest
 
+from conftest import fresh_store
 from inbox_apps import APP_KINDS, AppDb, app_db
-from retrybus import AlreadyHandled, Event, EventBus, FixedDelay, ManualClock, open_store
+from retrybus import (
+    AlreadyHandled,
+    Event,
+    EventBus,
+    FixedDelay,
+    ManualClock,
+    RetryItem,
+    open_store,
+)
 from retrybus._outbox import open_outbox_database
+from retrybus._transports.base import TransportSettings
+from transports._common import all_transports
 
 
 def new_event(kind: str = "order.placed") -> Event:
@@ -224,3 +235,190 @@ async def test_migrate_outbox_creates_the_inbox_table(tmp_path: Path) -> None:
     db = AppDb("sqlite3", path=tmp_path / "app.db")
     names = await db.rows("SELECT name FROM sqlite_master WHERE type = 'table'")
     assert ("retrybus_inbox",) in names
+
+
+# remembered successes (EventBus(inbox=True)) ---------------------------------
+
+REMEMBERING_KINDS = ["memory", "sqlite", "postgresql", "redis", "mongodb"]
+
+
+@pytest.fixture(params=REMEMBERING_KINDS)
+async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    async with fresh_store(request.param, tmp_path) as opened:
+        yield opened
+
+
+def counting_bus(store: Any, calls: list[str], **settings: Any) -> EventBus:
+    bus = EventBus(store, clock=settings.pop("clock", None), **settings)
+
+    @bus.handler("order.placed", name="ship")
+    async def ship(event: Event) -> None:
+        calls.append(event.id)
+
+    return bus
+
+
+@pytest.mark.parametrize("inbox", [True, False], ids=["inbox", "no-inbox"])
+async def test_a_duplicate_publish_of_a_handled_event_is_skipped(
+    any_store: Any, inbox: bool
+) -> None:
+    calls: list[str] = []
+    bus = counting_bus(any_store, calls, inbox=inbox)
+    event = new_event()
+    first = await bus.publish(event)
+    await bus.core.ledger.flush()  # the success's removal (and memory) written
+    second = await bus.publish(event)
+    await bus.core.ledger.flush()
+    assert first.succeeded == second.succeeded == ("ship",)
+    assert calls == ([event.id] if inbox else [event.id, event.id])
+    stats = await bus.stats()
+    assert stats.inbox_skipped == (1 if inbox else 0)
+    assert stats.retry_queue_size == 0
+    assert await bus.publish(new_event()) is not None
+    assert len(calls) == (2 if inbox else 3)  # another event runs
+
+
+async def test_a_not_durable_publish_remembers_too(tmp_path: Path) -> None:
+    calls: list[str] = []
+    async with fresh_store("sqlite", tmp_path) as store:
+        bus = counting_bus(store, calls, inbox=True, durable=False)
+        event = new_event()
+        await bus.publish(event)
+        await bus.publish(event)
+        assert calls == [event.id]
+        assert (await bus.stats()).inbox_skipped == 1
+
+
+async def test_the_worker_skips_a_claimed_delivery_already_handled(any_store: Any) -> None:
+    calls: list[str] = []
+    bus = counting_bus(any_store, calls, inbox=True)
+    event = new_event()
+    await bus.publish(event, defer=True)
+    worker = bus.consumer(relay=False)
+    assert await worker.run_once() == 1
+    assert calls == [event.id]
+    await bus.publish(event, defer=True)  # a deferred duplicate: one more record
+    assert await bus.retry_queue.count() == 1
+    assert await worker.run_once() == 1  # finished as a success, not called
+    assert calls == [event.id]
+    stats = await bus.stats()
+    assert stats.inbox_skipped == 1
+    assert stats.retry_queue_size == 0
+    assert stats.dead_letter_queue_size == 0
+
+
+async def test_a_retry_that_succeeds_is_remembered(tmp_path: Path, clock: ManualClock) -> None:
+    calls: list[str] = []
+    async with fresh_store("sqlite", tmp_path) as store:
+        bus = EventBus(store, clock=clock, inbox=True)
+
+        @bus.handler("order.placed", name="ship", policy=FixedDelay(delay=1.0))
+        async def ship(event: Event) -> None:
+            calls.append(event.id)
+            if len(calls) == 1:
+                raise RuntimeError("down")
+
+        event = new_event()
+        assert (await bus.publish(event)).retrying == ("ship",)
+        clock.advance(2)
+        assert await bus.consumer(relay=False).run_once() == 1
+        assert len(calls) == 2
+        await bus.publish(event)
+        assert len(calls) == 2
+        assert (await bus.stats()).inbox_skipped == 1
+
+
+async def test_a_handlers_own_setting_wins_over_the_buss(tmp_path: Path) -> None:
+    calls: dict[str, int] = {"on": 0, "off": 0, "bus": 0}
+    async with fresh_store("sqlite", tmp_path) as store:
+        for bus_inbox in (False, True):
+            bus = EventBus(store, inbox=bus_inbox, service=f"s{int(bus_inbox)}")
+            for name, own in (("on", True), ("off", False), ("bus", None)):
+
+                def count(event: Event, name: str = name) -> None:
+                    calls[name] += 1
+
+                bus.subscribe("order.placed", count, name=name, inbox=own)
+            event = new_event()
+            for _ in range(2):
+                await bus.publish(event)
+                await bus.core.ledger.flush()
+            expected_bus = 1 if bus_inbox else 2
+            assert calls == {"on": 1, "off": 2, "bus": expected_bus}
+            assert (await bus.stats()).inbox_skipped == 1 + (1 if bus_inbox else 0)
+            calls.update(dict.fromkeys(calls, 0))
+
+
+async def test_a_success_is_forgotten_after_the_retention(
+    any_store: Any, clock: ManualClock
+) -> None:
+    calls: list[str] = []
+    bus = counting_bus(any_store, calls, inbox=True, inbox_retention=60, clock=clock)
+    event = new_event()
+    await bus.publish(event)
+    await bus.core.ledger.flush()
+    clock.advance(59)
+    await bus.publish(event)
+    assert len(calls) == 1
+    clock.advance(1)
+    await bus.publish(event)  # forgotten: it runs again
+    await bus.core.ledger.flush()
+    assert len(calls) == 2
+    clock.advance(61)
+    assert await any_store.forget_successes(clock.now()) == 1  # the worker's sweep
+
+
+async def test_a_requeued_dead_letter_runs_its_handler(tmp_path: Path) -> None:
+    calls: list[str] = []
+    async with fresh_store("sqlite", tmp_path) as store:
+        bus = counting_bus(store, calls, inbox=True)
+        event = new_event()
+        await bus.publish(event)
+        await bus.core.ledger.flush()
+        # an operator's dead letter of that delivery (made by hand), requeued
+        now = bus.clock.now()
+        record = RetryItem.pending(event, "ship", max_retries=3, due=now, now=now)
+        dead = await bus.dead_letters.add(record, reason="lost")
+        assert await bus.dead_letters.requeue(dead.id)
+        assert await bus.consumer(relay=False).run_once() == 1
+        assert calls == [event.id, event.id]
+
+
+async def _until(check: Any, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if await check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+@pytest.mark.parametrize("inbox", [True, False], ids=["inbox", "no-inbox"])
+async def test_the_transport_consumer_skips_a_message_already_handled(
+    broker: str, inbox: bool
+) -> None:
+    transports = all_transports()
+    async with transports[broker].open_test_transport() as transport:
+        calls: list[str] = []
+        bus = EventBus(open_store("memory://"), transport=transport, inbox=inbox)
+        bus.subscribe("order.placed", lambda event: calls.append(event.id), name="ship")
+        event = new_event()
+        await transport.declare(bus.service, ["order.placed"], TransportSettings())
+        async with bus.consumer(relay=False, check_interval=0.05):
+            await bus.publish(event)
+            await _until(lambda: _async(len(calls) == 1))
+            await bus.publish(event)  # the same event, a first delivery again
+
+            async def second_done() -> bool:
+                return len(calls) == 2 or (await bus.stats()).inbox_skipped == 1
+
+            await _until(second_done)
+            other = new_event()
+            await bus.publish(other)
+            await _until(lambda: _async(other.id in calls))
+        assert calls == ([event.id, other.id] if inbox else [event.id, event.id, other.id])
+        assert (await bus.stats()).inbox_skipped == (1 if inbox else 0)
+
+
+async def _async(value: bool) -> bool:
+    return value

@@ -119,7 +119,7 @@ async def test_a_version_1_schema_is_migrated_and_its_dead_letters_get_failure_g
 
     async with open_store(url) as store:
         assert isinstance(store, PostgresStore)
-        assert await store.schema_version() == SCHEMA_VERSION == 7
+        assert await store.schema_version() == SCHEMA_VERSION == 8
         key = failure_group_key("Mailer", "ConnectionError", "smtp 10.0.0.1:25 refused")
         groups = await store.group_dead("failure_group", DeadLetterFilter(), limit=10)
         assert [(g.key, g.count, g.sample_id) for g in groups] == [

@@ -206,7 +206,7 @@ async def test_a_version_3_database_keeps_its_items_and_reads_them_with_claims_0
         assert got.claims == 0
         assert await store.release(["retry_late"], "nobody") == 0
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
     assert [row[1] for row in conn.execute("PRAGMA table_info(retry_queue)")][-4:] == [
         "claims",
         "service",

@@ -244,7 +244,7 @@ async def test_a_version_4_database_reads_every_record_back_as_the_default_servi
             late.id,
         }
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
     for table in ("retry_queue", "dead_letter_queue"):
         columns = conn.execute(f"PRAGMA table_info({table})").fetchall()
         # (name, default) of the last column of version 5 (the ordering columns follow)

@@ -188,7 +188,7 @@ async def test_a_version_1_database_is_upgraded_and_its_dead_letters_grouped(
         assert (await store.counters()).retry_dead_lettered == 7  # the old rows are kept
         assert await store.put_control("k", {"n": 1}, version=0) == 1  # the new table
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
     assert index_columns(conn, "dead_letter_queue_failure_group") == [
         "failure_group",
         "created_at",

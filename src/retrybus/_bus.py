@@ -96,11 +96,16 @@ class EventBus:
     the bus relays them from there (``bus.outbox.relay()``). When your
     transaction is on the store's own database, ``stage`` needs no relay.
 
-    ``bus.inbox.claim(event, connection=conn)`` inside a handler's transaction
-    on your own database makes the handler's effect there happen once: a
-    redelivery finds the claim and skips the block (``AlreadyHandled``, a
-    success, counted). Claims are kept ``inbox_retention`` seconds (7 days by
-    default; None: forever).
+    ``inbox=True`` makes the store remember each handler's successful
+    deliveries for ``inbox_retention`` seconds (7 days by default; None:
+    forever): a delivery of an event whose handler already succeeded (a
+    duplicate publish, a redelivery after a crash, a broker's redelivery) is
+    not run again, but finished as a success and counted as skipped
+    (``subscribe(..., inbox=True)`` turns it on for one handler). A redrive or
+    reprocess of a dead letter, an operator's explicit action, still runs it.
+    ``bus.inbox.claim(event, connection=conn)`` makes an effect in your own
+    database happen once, whatever the setting (its claims are kept for
+    ``inbox_retention`` too).
     """
 
     def __init__(
@@ -122,12 +127,15 @@ class EventBus:
         transport: Transport | None = None,
         transport_timeout: float = DEFAULT_TRANSPORT_TIMEOUT,
         outbox: str | None = None,
+        inbox: bool = False,
         inbox_retention: float | None = SEVEN_DAYS,
     ) -> None:
         if store is not None and not isinstance(store, Store):
             raise TypeError(f"store must be a retrybus store (see open_store), got {store!r}")
         if default_policy is not None and not isinstance(default_policy, RetryPolicy):
             raise TypeError(f"default_policy must implement RetryPolicy, got {default_policy!r}")
+        if not isinstance(inbox, bool):
+            raise TypeError(f"inbox must be True or False, got {inbox!r}")
         for name, value in (
             ("retry_retention", retry_retention),
             ("dead_letter_retention", dead_letter_retention),
@@ -189,6 +197,7 @@ class EventBus:
             publish_lease=float(publish_lease),
             max_claims=max_claims,
             route_refresh=float(route_refresh),
+            inbox=inbox,
             inbox_retention=None if inbox_retention is None else float(inbox_retention),
         )
         store_publisher = Publisher(self._core)
@@ -387,6 +396,7 @@ class EventBus:
         name: str | None = None,
         policy: RetryPolicy | None = None,
         handler_timeout: float | None = None,
+        inbox: bool | None = None,
     ) -> Subscription:
         """Run ``handler`` for events whose type matches ``pattern`` (an exact type,
         a glob such as ``like.*`` or ``*``, or a list of them).
@@ -397,9 +407,11 @@ class EventBus:
         each call: past it, an async handler is cancelled and the delivery fails
         with ``TimeoutError`` under the policy (a plain handler's thread cannot be
         stopped: its delivery fails and the thread is left to finish).
+        ``inbox`` (None: the bus's ``inbox`` setting) makes the store remember
+        this handler's successes and skip an event it already handled.
         """
         return self._core.registry.add(
-            pattern, handler, name=name, policy=policy, timeout=handler_timeout
+            pattern, handler, name=name, policy=policy, timeout=handler_timeout, inbox=inbox
         )
 
     def handler(
@@ -409,6 +421,7 @@ class EventBus:
         name: str | None = None,
         policy: RetryPolicy | None = None,
         handler_timeout: float | None = None,
+        inbox: bool | None = None,
     ) -> Callable[[H], H]:
         """Decorator form of ``subscribe``; returns the function unchanged."""
 
@@ -419,6 +432,7 @@ class EventBus:
                 name=name,
                 policy=policy,
                 handler_timeout=handler_timeout,
+                inbox=inbox,
             )
             return function
 

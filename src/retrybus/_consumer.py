@@ -284,16 +284,33 @@ class TransportConsumer:
         core = self._core
         observers = core.observers
         publisher = event.extensions.get("traceparent")
+        remembering = core.remembered.in_use
+        if remembering:
+            # the inbox: one look per message; a handler that handled it is not run
+            handled = await self._stored(
+                lambda: core.remembered.handled_handlers(event, subscriptions, core.clock.now())
+            )
+            if handled:
+                subscriptions = tuple(s for s in subscriptions if s.name not in handled)
+                if not subscriptions:
+                    return
         if not observers.watch_calls:
             errors = await call_all_plain(subscriptions, event, self._handler_timeout)
-            if not any(errors):
-                return
             calls = Calls(errors, None)
         else:
             calls = observed_calls(subscriptions, event, "deliver", trace_metadata(publisher, None))
             await call_all_observed(calls, subscriptions, event, observers, self._handler_timeout)
-            if not any(calls.errors):
-                return
+        if remembering:
+            # before the ack: a broker's redelivery finds them
+            succeeded = [
+                s for s, error in zip(subscriptions, calls.errors, strict=True) if error is None
+            ]
+            if succeeded:
+                await self._stored(
+                    lambda: core.remembered.remember_handlers(event, succeeded, core.clock.now())
+                )
+        if not any(calls.errors):
+            return
         now = core.clock.now()
         attempted: list[Attempted] = []
         for index, (subscription, error) in enumerate(

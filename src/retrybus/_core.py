@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ._clock import Clock
 from ._event import Event
 from ._handlers import HandlerRegistry, Subscription
+from ._inbox.remembered import RememberedSuccesses
 from ._leases import PublishLeases
 from ._ledger import Ledger
 from ._observe import Metrics, Tracing
@@ -46,6 +47,7 @@ class BusCore:
         publish_lease: float = 60.0,
         max_claims: int = 3,
         route_refresh: float = 5.0,
+        inbox: bool = False,
         inbox_retention: float | None = 7 * 24 * 3600.0,
     ) -> None:
         self.store = store
@@ -62,10 +64,14 @@ class BusCore:
         self.retry_retention = retry_retention
         self.dead_letter_retention = dead_letter_retention
         self.store_timeout = store_timeout
-        #: seconds inbox claims are kept (None: forever)
+        #: whether the store remembers every handler's successes (``EventBus(inbox=)``)
+        self.inbox = inbox
+        #: seconds successes and inbox claims are remembered (None: forever)
         self.inbox_retention = inbox_retention
         #: deliveries skipped by this process because their handler succeeded before
         self.inbox_skips = 0
+        #: the store's remembered successes, as this bus uses them
+        self.remembered = RememberedSuccesses(self)
         self.registry = HandlerRegistry()
         #: the broker that carries first deliveries (None: the store carries them)
         self.transport: Transport | None = None

@@ -65,6 +65,9 @@ class Subscription:
     #: seconds a call may take before it fails with ``TimeoutError`` (None: the
     #: worker's default, else no limit)
     timeout: float | None = None
+    #: whether the store remembers this handler's successes and skips an event
+    #: it already handled (None: as the bus says, ``EventBus(inbox=)``)
+    inbox: bool | None = None
 
     async def call(self, event: Event, default_limit: float | None = None) -> None:
         """Run the handler on ``event``: async ones awaited, plain ones in a thread.
@@ -131,6 +134,8 @@ class HandlerRegistry:
     def __init__(self) -> None:
         self._by_name: dict[str, Subscription] = {}
         self._index: PatternIndex[Subscription] = PatternIndex()
+        #: how many subscriptions have ``inbox=True`` of their own
+        self.inboxes = 0
 
     def add(
         self,
@@ -140,6 +145,7 @@ class HandlerRegistry:
         name: str | None,
         policy: RetryPolicy | None,
         timeout: float | None = None,
+        inbox: bool | None = None,
     ) -> Subscription:
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {handler!r}")
@@ -166,17 +172,23 @@ class HandlerRegistry:
                 f"policy must implement RetryPolicy (should_retry, delay, max_retries), got {policy!r}"
             )
         timeout = check_timeout("handler_timeout", timeout)
+        if inbox is not None and not isinstance(inbox, bool):
+            raise TypeError(f"inbox must be True, False or None, got {inbox!r}")
         subscription = Subscription(
-            name, pattern_list, handler, policy, _is_async(handler), timeout
+            name, pattern_list, handler, policy, _is_async(handler), timeout, inbox
         )
         self._by_name[name] = subscription
         self._index.add(name, pattern_list, subscription)
+        if inbox:
+            self.inboxes += 1
         return subscription
 
     def remove(self, name: str) -> Subscription | None:
         subscription = self._by_name.pop(name, None)
         if subscription is not None:
             self._index.remove(name)
+            if subscription.inbox:
+                self.inboxes -= 1
         return subscription
 
     def get(self, name: str) -> Subscription | None:

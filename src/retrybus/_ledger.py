@@ -31,6 +31,7 @@ from ._reporting import verdict_of
 
 if TYPE_CHECKING:
     from ._clock import Clock
+    from ._inbox.remembered import RememberedSuccesses
     from ._observers import Observers
     from ._stores.base import Store
 
@@ -44,6 +45,7 @@ class LedgerContext(Protocol):
     observers: Observers
     store_timeout: float
     clock: Clock
+    remembered: RememberedSuccesses
 
 
 __all__ = ["DeadLetterHook", "Ledger", "LedgerContext"]
@@ -183,9 +185,10 @@ class Ledger:
             return await store.record_pending(items)
         owner, removals = self._removals.popitem()
         try:
-            return await store.remove_then_record_pending(
-                removals, owner, self._core.clock.now(), items
-            )
+            now = self._core.clock.now()
+            if self._core.remembered.in_use:
+                await self._core.remembered.remember(removals, now)
+            return await store.remove_then_record_pending(removals, owner, now, items)
         except BaseException:
             self._queue_removals(owner, removals, first=True)  # the remover tries them alone
             raise
@@ -221,7 +224,7 @@ class Ledger:
             while outcomes := self._removals.pop(owner, None):
                 try:
                     await self.through_outage(
-                        lambda: self._core.store.complete(outcomes, owner, self._core.clock.now()),
+                        lambda: self._complete_remembering(outcomes, owner),
                         "removals",
                         quiet=True,
                     )
@@ -247,9 +250,27 @@ class Ledger:
         writer = self._finishers.get(owner)
         if writer is None:
             writer = self._finishers[owner] = GroupWriter(
-                lambda outcomes: self._core.store.complete(outcomes, owner, self._core.clock.now())
+                lambda outcomes: self._complete_remembering(outcomes, owner)
             )
         return writer
+
+    async def _complete_remembering(
+        self, outcomes: Sequence[Outcome], owner: str | None, now: datetime | None = None
+    ) -> set[str]:
+        """``store.complete``, with the successes among ``outcomes`` of handlers
+        with the inbox on remembered (in the same transaction on the SQL
+        engines; elsewhere first: a crash in between leaves a success remembered
+        and its record, which the next delivery finishes without running it,
+        never a record removed and its success forgotten)."""
+        core = self._core
+        if now is None:
+            now = core.clock.now()
+        remembered = core.remembered
+        if not remembered.in_use:
+            return await core.store.complete(outcomes, owner, now)
+        return await core.store.complete_remembering(
+            outcomes, owner, now, remembered.ids_of(outcomes), remembered.until(now)
+        )
 
     async def through_outage(
         self,
@@ -291,7 +312,7 @@ class Ledger:
         applied; the others were taken over by another worker. Returns the ids
         of the records the outcomes were applied to. Raises ``StoreUnavailable``
         (nothing announced: the caller may try again)."""
-        applied = await self._core.store.complete([a.outcome for a in attempted], owner, now)
+        applied = await self._complete_remembering([a.outcome for a in attempted], owner, now)
         await self._announce(attempted, applied)
         return applied
 

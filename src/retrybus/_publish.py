@@ -118,13 +118,58 @@ class Publisher:
             routes = await core.ledger.through_outage(
                 lambda: core.routes.matching(event.type), _context(event)
             )
-        if routes:
-            return await self._publish_routed(event, subscriptions, routes, durable, due, defer)
         if defer or due is not None:
+            if routes:
+                return await self._publish_routed(event, subscriptions, routes, durable, due, defer)
             return await self._defer(event, subscriptions, due)
-        if not durable:
-            return await self._run_then_record(event, subscriptions)
-        return await self._record_then_run(event, subscriptions)
+        handled: tuple[str, ...] = ()
+        if subscriptions and core.remembered.in_use:
+            subscriptions, handled = await self._unhandled(event, subscriptions)
+        if routes:
+            result = await self._publish_routed(event, subscriptions, routes, durable, due, defer)
+        elif not durable:
+            result = await self._run_then_record(event, subscriptions)
+        else:
+            result = await self._record_then_run(event, subscriptions)
+        if handled:  # the inbox's skips: successes before
+            result = replace(result, succeeded=(*handled, *result.succeeded))
+        return result
+
+    async def _unhandled(
+        self, event: Event, subscriptions: tuple[Subscription, ...]
+    ) -> tuple[tuple[Subscription, ...], tuple[str, ...]]:
+        """The inbox, once per publish: the subscriptions to run, and the names of
+        those the store remembers as having handled ``event`` (not run: counted
+        as skipped)."""
+        core = self._core
+        handled = await core.ledger.through_outage(
+            lambda: core.remembered.handled_handlers(event, subscriptions, core.clock.now()),
+            _context(event),
+        )
+        if not handled:
+            return subscriptions, ()
+        return (
+            tuple(s for s in subscriptions if s.name not in handled),
+            tuple(s.name for s in subscriptions if s.name in handled),
+        )
+
+    async def _remember(
+        self,
+        event: Event,
+        subscriptions: Sequence[Subscription],
+        errors: Sequence[BaseException | None],
+    ) -> None:
+        """A not durable publish's successes, remembered for the handlers with the
+        inbox on (there is no record to remove with them)."""
+        core = self._core
+        if not core.remembered.in_use:
+            return
+        succeeded = [s for s, error in zip(subscriptions, errors, strict=True) if error is None]
+        if succeeded:
+            await core.ledger.through_outage(
+                lambda: core.remembered.remember_handlers(event, succeeded, core.clock.now()),
+                _context(event),
+            )
 
     async def _publish_routed(
         self,
@@ -184,6 +229,7 @@ class Publisher:
             if not subscriptions:
                 return PublishResult(event)
             errors = await call_all_plain(subscriptions, event)
+            await self._remember(event, subscriptions, errors)
             if not any(errors):
                 return PublishResult(event, tuple(s.name for s in subscriptions))
             return await self._record_failures(event, subscriptions, Calls(errors, None), None)
@@ -194,6 +240,7 @@ class Publisher:
                 await core.ledger.record_pending(remote, _context(event))
             calls = scope.calls = observed_calls(subscriptions, event)
             await call_all_observed(calls, subscriptions, event, observers)
+            await self._remember(event, subscriptions, calls.errors)
             if any(calls.errors):
                 return await self._record_failures(event, subscriptions, calls, scope.traceparent)
             return PublishResult(event, tuple(s.name for s in subscriptions))

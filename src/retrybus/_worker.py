@@ -11,7 +11,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 
@@ -24,6 +24,7 @@ from ._event import check_text
 from ._handlers import check_timeout
 from ._history import DEFAULT_INTERVAL, DepthHistory
 from ._outbox import OutboxRelay
+from ._outcomes import Succeeded
 from ._records import RetryItem
 from ._services import WorkerBeat
 
@@ -173,6 +174,8 @@ class RetryWorker:
             name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", "worker name"
         )
         self._claims = itertools.count(1)
+        #: claimed records the inbox says were handled before (``_check_inbox``)
+        self._handled: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake: asyncio.Event | None = None
@@ -643,6 +646,12 @@ class RetryWorker:
                 deleted,
             )
         store = self.bus.store
+        if self.bus.core.remembered.in_use:
+            forgot = await store.forget_successes(now)
+            if forgot:
+                logger.info(
+                    "worker %s: forgot %d successes past the inbox's retention", self.name, forgot
+                )
         pruned = await store.prune_workers(now - SERVICE_RECORDS_KEPT)
         forgotten = await store.forget_subscriptions(now - SERVICE_RECORDS_KEPT)
         if pruned or forgotten:
@@ -718,7 +727,23 @@ class RetryWorker:
         )
         if not items:
             return None
+        remembered = self.bus.core.remembered
+        if remembered.in_use:
+            await self._check_inbox(items, owner)
         return ClaimedBatch(owner, items, lease_deadline=time.monotonic() + self.lease)
+
+    async def _check_inbox(self, items: Sequence[RetryItem], owner: str) -> None:
+        """One look at the store's remembered successes for a claimed batch: the
+        records found there are finished as successes without a call
+        (``_deliver``). Should the look fail, the batch is given back."""
+        try:
+            self._handled |= await self.bus.core.remembered.handled_records(
+                items, self.bus.clock.now()
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.bus.store.release([item.id for item in items], owner)
+            raise
 
     async def _run_batch(self, batch: ClaimedBatch, work: Awaitable[object]) -> None:
         """Keep the batch's leases and write its outcomes while ``work`` runs its items."""
@@ -800,6 +825,11 @@ class RetryWorker:
         core = self.bus.core
         if item.claims > core.max_claims:
             return Attempted(undeliverable(item, core.max_claims, core.clock.now()))
+        if self._handled and item.id in self._handled:
+            # the inbox: this handler succeeded with this event before
+            self._handled.discard(item.id)
+            core.inbox_skipped(item.handler_name, item.to_event())
+            return Attempted(Succeeded(item))
         return await deliver(
             item,
             core.subscription(item.handler_name),

@@ -237,6 +237,40 @@ class RetryStore(abc.ABC):
     @abc.abstractmethod
     async def counters(self) -> Counters: ...
 
+    # the inbox: remembered successes ------------------------------------------
+
+    @abc.abstractmethod
+    async def remember_successes(self, ids: Sequence[str], until: datetime) -> None:
+        """Remember these delivery ids (``retrybus._records.delivery_id``: service,
+        event and handler) as handled successfully, until ``until`` (an id
+        remembered already gets the later of the two). One step."""
+
+    async def complete_remembering(
+        self,
+        outcomes: Sequence[Outcome],
+        owner: str | None,
+        now: datetime,
+        remember: Sequence[str],
+        until: datetime,
+    ) -> set[str]:
+        """``remember_successes(remember, until)`` then ``complete(outcomes, owner,
+        now)``; the SQL engines do both in one transaction (one commit). Returns
+        what ``complete`` returns."""
+        if remember:
+            await self.remember_successes(remember, until)
+        return await self.complete(outcomes, owner, now)
+
+    @abc.abstractmethod
+    async def remembered(self, ids: Collection[str], now: datetime) -> set[str]:
+        """Which of ``ids`` are remembered (``remember_successes``) past ``now``:
+        an entry whose ``until`` is ``now`` or earlier is forgotten, swept or not."""
+
+    @abc.abstractmethod
+    async def forget_successes(self, before: datetime) -> int:
+        """Delete the remembered successes whose ``until`` is ``before`` or
+        earlier (a worker's maintenance); returns how many went (engines that
+        expire them on their own, MongoDB's TTL index, may say fewer)."""
+
 
 class AdminStore(abc.ABC):
     """The admin half of a store: what people use to look at and act on the

@@ -67,6 +67,8 @@ class MemoryStore(Store):
         # a keyed record's sequence number (its ordering key's order), by id
         self._sequence: dict[str, int] = {}
         self._last_sequence = 0
+        # remembered successes (the inbox): until when, by delivery id
+        self._successes: dict[str, datetime] = {}
 
     async def connect(self) -> None:
         return None
@@ -402,6 +404,25 @@ class MemoryStore(Store):
 
     async def counters(self) -> Counters:
         return self._counters
+
+    # the inbox ---------------------------------------------------------------
+
+    async def remember_successes(self, ids: Sequence[str], until: datetime) -> None:
+        successes = self._successes
+        for delivery_id in ids:
+            known = successes.get(delivery_id)
+            if known is None or known < until:
+                successes[delivery_id] = until
+
+    async def remembered(self, ids: Collection[str], now: datetime) -> set[str]:
+        successes = self._successes
+        return {i for i in ids if (until := successes.get(i)) is not None and until > now}
+
+    async def forget_successes(self, before: datetime) -> int:
+        old = [i for i, until in self._successes.items() if until <= before]
+        for delivery_id in old:
+            del self._successes[delivery_id]
+        return len(old)
 
     # control records -------------------------------------------------------
 

@@ -11,6 +11,7 @@ __all__ = [
     "CONTROL",
     "COUNTERS",
     "DEAD",
+    "INBOX",
     "LAYOUT",
     "RETRY",
     "REVISION",
@@ -24,6 +25,9 @@ RETRY = "retry_queue"
 DEAD = "dead_letter_queue"
 COUNTERS = "retrybus_counters"
 CONTROL = "retrybus_control"
+#: the inbox's remembered successes: ``_id`` the delivery id, ``until`` (a BSON
+#: date, for the TTL index) and ``until_at`` (microseconds since the epoch, exact)
+INBOX = "retrybus_inbox_successes"
 #: one document, ``{_id: "layout", version: n}``: the layout version (``migrate``)
 LAYOUT = "retrybus_layout"
 #: the stored subscriptions: ``_id`` ``"SERVICE/HANDLER"`` (a service name holds no ``/``)

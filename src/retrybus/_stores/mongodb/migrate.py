@@ -54,12 +54,13 @@ from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from ..._services import DEFAULT_SERVICE
 from .codec import failure_group_of
-from .common import DEAD, LAYOUT, RETRY, REVISION, SUBSCRIPTIONS, WORKERS, Doc
+from .common import DEAD, INBOX, LAYOUT, RETRY, REVISION, SUBSCRIPTIONS, WORKERS, Doc
 
 __all__ = [
     "BACKFILL_BATCH",
     "DEAD_INDEXES",
     "DEAD_LETTER_TTL",
+    "INBOX_INDEXES",
     "LAYOUT_VERSION",
     "RETIRED_RETRY_INDEXES",
     "RETRY_INDEXES",
@@ -153,6 +154,14 @@ WORKER_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
     ([("last_seen", ASCENDING)], {"expireAfterSeconds": int(WORKER_TTL.total_seconds())}),
 ]
 
+#: the inbox's remembered successes: the server deletes them once ``until`` has
+#: passed (its TTL monitor runs about once a minute: reads test ``until_at`` too),
+#: and the worker's maintenance sweeps them by ``until_at``
+INBOX_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
+    ([("until", ASCENDING)], {"expireAfterSeconds": 0}),
+    ([("until_at", ASCENDING)], {}),
+]
+
 
 async def set_up(db: AsyncDatabase[Doc]) -> None:
     """Create the indexes that are missing, upgrade the layout and back-fill
@@ -207,6 +216,7 @@ async def _create_indexes(db: AsyncDatabase[Doc]) -> None:
         (DEAD, DEAD_INDEXES),
         (SUBSCRIPTIONS, SUBSCRIPTION_INDEXES),
         (WORKERS, WORKER_INDEXES),
+        (INBOX, INBOX_INDEXES),
     ):
         for keys, options in indexes:
             await db[collection].create_index(keys, **options)

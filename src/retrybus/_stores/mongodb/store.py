@@ -56,7 +56,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -99,7 +99,7 @@ from .codec import (
     retry_from_document,
     time_fields,
 )
-from .common import COUNTERS, DEAD, RETRY, SUBSCRIPTIONS, Doc, Session
+from .common import COUNTERS, DEAD, INBOX, RETRY, SUBSCRIPTIONS, Doc, Session
 from .migrate import set_up
 from .queries import (
     claim_candidates,
@@ -1086,8 +1086,42 @@ class MongoStore(MongoAdmin, MongoServices, Store):
             result = await db[DEAD].delete_many(earlier("created_at", before))
         return result.deleted_count
 
+    async def remember_successes(self, ids: Sequence[str], until: datetime) -> None:
+        if not ids:
+            return
+        moment = {"until": split_time(until)[0], "until_at": _microseconds(until)}
+        writes = [
+            UpdateOne({"_id": delivery_id}, {"$max": moment}, upsert=True)
+            for delivery_id in dict.fromkeys(ids)
+        ]
+        async with self._errors() as db:
+            await db[INBOX].bulk_write(writes, ordered=False)
+
+    async def remembered(self, ids: Collection[str], now: datetime) -> set[str]:
+        if not ids:
+            return set()
+        query = {"_id": {"$in": list(ids)}, "until_at": {"$gt": _microseconds(now)}}
+        async with self._errors() as db:
+            docs = await db[INBOX].find(query, {"_id": 1}).to_list()
+        return {str(doc["_id"]) for doc in docs}
+
+    async def forget_successes(self, before: datetime) -> int:
+        async with self._errors() as db:
+            result = await db[INBOX].delete_many({"until_at": {"$lte": _microseconds(before)}})
+        return result.deleted_count
+
     async def counters(self) -> Counters:
         async with self._errors() as db:
             docs = await db[COUNTERS].find({}).to_list()
         values = {doc["_id"]: int(doc.get("value") or 0) for doc in docs}
         return Counters(**{name: values.get(name, 0) for name in Counters.__dataclass_fields__})
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _microseconds(moment: datetime) -> int:
+    """An aware time as whole microseconds since the epoch (exact, and ordered)."""
+    if moment.tzinfo is None:
+        raise ValueError(f"stored times must be timezone-aware, got {moment!r}")
+    return (moment - _EPOCH) // timedelta(microseconds=1)

@@ -25,7 +25,7 @@ __all__ = ["FILL_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "fill_failure_groups", 
 logger = logging.getLogger("retrybus.store.postgresql")
 
 #: the version ``migrate_schema`` brings a schema to
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 #: dead letters per round trip when failure groups are back-filled
 FILL_BATCH = 1000
 
@@ -92,6 +92,11 @@ async def _migrate_v7(conn: asyncpg.Connection) -> None:
     await conn.execute(Q["schema_v7"])
 
 
+async def _migrate_v8(conn: asyncpg.Connection) -> None:
+    # the inbox: remembered successes
+    await conn.execute(Q["schema_v8"])
+
+
 #: the step that brings a schema to each version
 MIGRATIONS: dict[int, Callable[[asyncpg.Connection], Awaitable[None]]] = {
     1: _migrate_v1,
@@ -101,6 +106,7 @@ MIGRATIONS: dict[int, Callable[[asyncpg.Connection], Awaitable[None]]] = {
     5: _migrate_v5,
     6: _migrate_v6,
     7: _migrate_v7,
+    8: _migrate_v8,
 }
 
 

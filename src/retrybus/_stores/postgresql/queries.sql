@@ -190,6 +190,18 @@ CREATE TRIGGER retry_queue_ordering BEFORE INSERT ON retry_queue FOR EACH ROW
     WHEN (NEW.event_extensions ? 'partitionkey')
     EXECUTE FUNCTION retry_queue_ordering();
 
+-- name: schema_v8
+-- The inbox (issue 14): the deliveries that succeeded for handlers with the inbox
+-- on, by delivery id (service, event, handler), until when they are remembered.
+-- A retrybus of version 7 still running (a rolling upgrade) never reads or writes
+-- it. The worker's maintenance deletes what has expired (forget_successes); reads
+-- test until themselves, so an entry not yet swept is not remembered either.
+CREATE TABLE IF NOT EXISTS inbox_successes (
+    id     text COLLATE "C" PRIMARY KEY,
+    until  timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inbox_successes_until ON inbox_successes (until);
+
 -- name: in_turn
 -- (substituted for {in_turn} in the claims and next_due queries by sql.py) a
 -- keyed record waits while an earlier record of its (service, handler, key) is
@@ -941,6 +953,18 @@ DELETE FROM dead_letter_queue WHERE id = ANY($1::text[]);
 
 -- name: cleanup_dead
 DELETE FROM dead_letter_queue WHERE created_at < $1;
+
+-- name: remember_successes
+-- the ids are distinct (the caller sees to it): one row is updated once
+INSERT INTO inbox_successes (id, until)
+SELECT id, $2 FROM unnest($1::text[]) AS given (id)
+ON CONFLICT (id) DO UPDATE SET until = greatest(inbox_successes.until, excluded.until);
+
+-- name: remembered
+SELECT id FROM inbox_successes WHERE id = ANY($1::text[]) AND until > $2;
+
+-- name: forget_successes
+DELETE FROM inbox_successes WHERE until <= $1;
 
 -- name: group_retry
 -- $1 the field, $2 limit; as group_dead, by next_retry, the sample being the item due first

@@ -474,6 +474,14 @@ class PostgresStore(PostgresAdmin, PostgresServices, PostgresStaging, Store):
     ) -> set[str]:
         if not outcomes:
             return set()
+        args = self._completion_args(outcomes, owner, now)
+        rows = await self._run(lambda conn: conn.fetch(Q["complete"], *args))
+        return {row[0] for row in rows if row[0] is not None}
+
+    def _completion_args(
+        self, outcomes: Sequence[Outcome], owner: str | None, now: datetime
+    ) -> list[Any]:
+        """The parameters of the ``complete`` query for ``outcomes``."""
         succeeded = [o.item.id for o in outcomes if isinstance(o, Succeeded)]
         rescheduled: list[list[Any]] = [[] for _ in range(9)]
         dead_ids: list[str] = []
@@ -499,7 +507,7 @@ class PostgresStore(PostgresAdmin, PostgresServices, PostgresStaging, Store):
                 dead_ids.append(outcome.item_id)
                 dead_first.append(outcome.first_delivery)
                 dead_letters.append(outcome.dead_letter)
-        args = [
+        return [
             owner,
             aware(now),
             self.channel,
@@ -509,8 +517,27 @@ class PostgresStore(PostgresAdmin, PostgresServices, PostgresStaging, Store):
             dead_first,
             *dead_letter_columns(dead_letters),
         ]
-        rows = await self._run(lambda conn: conn.fetch(Q["complete"], *args))
-        return {row[0] for row in rows if row[0] is not None}
+
+    async def complete_remembering(
+        self,
+        outcomes: Sequence[Outcome],
+        owner: str | None,
+        now: datetime,
+        remember: Sequence[str],
+        until: datetime,
+    ) -> set[str]:
+        if not remember or not outcomes:
+            return await super().complete_remembering(outcomes, owner, now, remember, until)
+        args = self._completion_args(outcomes, owner, now)
+        remembered = (list(dict.fromkeys(remember)), aware(until))
+
+        async def run(conn: asyncpg.Connection) -> set[str]:
+            async with conn.transaction():  # one commit for both
+                await conn.execute(Q["remember_successes"], *remembered)
+                rows = await conn.fetch(Q["complete"], *args)
+            return {row[0] for row in rows if row[0] is not None}
+
+        return await self._run(run)
 
     async def next_due(
         self, handlers: Collection[str] | None = None, *, service: str | None = None
@@ -566,6 +593,23 @@ class PostgresStore(PostgresAdmin, PostgresServices, PostgresStaging, Store):
     async def cleanup_dead(self, before: datetime) -> int:
         at = aware(before)
         return affected(await self._run(lambda conn: conn.execute(Q["cleanup_dead"], at)))
+
+    async def remember_successes(self, ids: Sequence[str], until: datetime) -> None:
+        if not ids:
+            return
+        args = (list(dict.fromkeys(ids)), aware(until))
+        await self._run(lambda conn: conn.execute(Q["remember_successes"], *args))
+
+    async def remembered(self, ids: Collection[str], now: datetime) -> set[str]:
+        if not ids:
+            return set()
+        args = (list(ids), aware(now))
+        rows = await self._run(lambda conn: conn.fetch(Q["remembered"], *args))
+        return {row[0] for row in rows}
+
+    async def forget_successes(self, before: datetime) -> int:
+        at = aware(before)
+        return affected(await self._run(lambda conn: conn.execute(Q["forget_successes"], at)))
 
     async def counters(self) -> Counters:
         row = await self._run(lambda conn: conn.fetchrow(Q["counters"]))

@@ -88,6 +88,8 @@ KEY_NAMES = (
     "workers",
     "workers:seen",
 )
+#: the inbox's remembered successes (a sorted set; no script uses it)
+_SUCCESSES = "inbox:successes"
 _PREFIX = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _WATCH_RETRY = 1.0
 _CONNECT_TIMEOUT = 5.0  # seconds, unless the URL says socket_connect_timeout=
@@ -446,6 +448,35 @@ class RedisStore(RedisAdmin, RedisServices, Store):
             total += deleted
             if deleted < CHUNK:
                 return total
+
+    # the inbox: a sorted set of delivery ids scored by until when they are
+    # remembered (ZADD GT and ZMSCORE: Redis 6.2+); reads compare the score with
+    # now, and the worker's maintenance prunes what has expired
+
+    async def remember_successes(self, ids: Sequence[str], until: datetime) -> None:
+        if not ids:
+            return
+        score = to_score(until)
+        members: list[str] = []
+        for delivery_id in dict.fromkeys(ids):
+            members += (score, delivery_id)
+        await self._command("ZADD", self._key(_SUCCESSES), "GT", *members)
+
+    async def remembered(self, ids: Collection[str], now: datetime) -> set[str]:
+        if not ids:
+            return set()
+        wanted = list(ids)
+        scores = await self._command("ZMSCORE", self._key(_SUCCESSES), *wanted)
+        at = float(to_score(now))
+        return {
+            delivery_id
+            for delivery_id, score in zip(wanted, scores, strict=True)
+            if score is not None and float(score) > at
+        }
+
+    async def forget_successes(self, before: datetime) -> int:
+        key = self._key(_SUCCESSES)
+        return int(await self._command("ZREMRANGEBYSCORE", key, "-inf", to_score(before)))
 
     async def counters(self) -> Counters:
         values = await self._command("HGETALL", self._key("counters"))

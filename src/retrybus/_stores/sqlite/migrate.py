@@ -24,8 +24,9 @@ T = TypeVar("T")
 # dead_letter_queue_service, retrybus_subscriptions, retrybus_workers, the
 # subscriptions' revision in retrybus_counters; retry_queue_next_retry dropped;
 # 6: ordering keys (issue 14): retry_queue.ordering_key and ordering_sequence,
-# retry_queue_ordering, the retry_queue_ordering trigger that fills them
-SCHEMA_VERSION = 6
+# retry_queue_ordering, the retry_queue_ordering trigger that fills them;
+# 7: the inbox (issue 14): inbox_successes (remembered successes, by delivery id)
+SCHEMA_VERSION = 7
 _BACKFILL_BATCH = 500
 
 
@@ -92,8 +93,9 @@ def _upgrade_schema(conn: sqlite3.Connection) -> None:
     pass over the retry items, in this transaction) and loses the index on
     ``next_retry`` alone; the schema then adds the tables and indexes that are
     new. A version 1 to 5 file gets the ordering columns (old rows read NULL:
-    unordered), their index and the trigger that fills them. A version 2 to 5
-    file is then at SCHEMA_VERSION. Each step checks what
+    unordered), their index and the trigger that fills them. Every version gets
+    the inbox's table (in the schema). A version 2 to 6 file is then at
+    SCHEMA_VERSION. Each step checks what
     is there already, so that an interrupted version 1 upgrade resumes."""
     version = read_version(conn)
     if version >= SCHEMA_VERSION:
@@ -129,7 +131,7 @@ def _upgrade_schema(conn: sqlite3.Connection) -> None:
             conn.execute(Q["migrate_6_add_ordering_sequence"])
     _run_script(conn, Q["schema"])
     conn.execute(Q["ordering_trigger"])  # one statement, semicolons inside
-    if version in (0, 2, 3, 4, 5):
+    if version in (0, 2, 3, 4, 5, 6):
         _set_version(conn, SCHEMA_VERSION)
 
 

@@ -133,6 +133,11 @@ CREATE INDEX IF NOT EXISTS retrybus_subscriptions_removed
 
 -- each worker's last heartbeat (WorkerBeat), one row per worker name: a few dozen
 -- rows, each rewritten every few seconds: no index but the key
+CREATE TABLE IF NOT EXISTS inbox_successes (
+    id     TEXT PRIMARY KEY,
+    until  TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS inbox_successes_until ON inbox_successes (until);
 CREATE TABLE IF NOT EXISTS retrybus_workers (
     name        TEXT PRIMARY KEY,
     service     TEXT NOT NULL,
@@ -679,3 +684,13 @@ FROM (
 )
 GROUP BY service, handler_name
 ORDER BY service, handler_name;
+
+-- name: remember_successes
+INSERT INTO inbox_successes (id, until) VALUES (?, ?)
+ON CONFLICT (id) DO UPDATE SET until = max(inbox_successes.until, excluded.until);
+
+-- name: remembered
+SELECT id FROM inbox_successes WHERE id IN ({ids}) AND until > ?;
+
+-- name: forget_successes
+DELETE FROM inbox_successes WHERE until <= ?;

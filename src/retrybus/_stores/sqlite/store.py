@@ -405,6 +405,25 @@ class SQLiteStore(SQLiteAdmin, SQLiteServices, SQLiteStaging, Store):
     ) -> set[str]:
         return await self._write(_completion(outcomes, owner, now))
 
+    async def complete_remembering(
+        self,
+        outcomes: Sequence[Outcome],
+        owner: str | None,
+        now: datetime,
+        remember: Sequence[str],
+        until: datetime,
+    ) -> set[str]:
+        if not remember:
+            return await self.complete(outcomes, owner, now)
+        rows = [(delivery_id, text_time(until)) for delivery_id in dict.fromkeys(remember)]
+        completion = _completion(outcomes, owner, now)
+
+        def run(conn: sqlite3.Connection) -> set[str]:
+            conn.executemany(Q["remember_successes"], rows)
+            return completion(conn)
+
+        return await self._write(run)
+
     async def next_due(
         self, handlers: Collection[str] | None = None, *, service: str | None = None
     ) -> datetime | None:
@@ -474,6 +493,34 @@ class SQLiteStore(SQLiteAdmin, SQLiteServices, SQLiteStaging, Store):
         return int(
             await self._write(
                 lambda conn: conn.execute(Q["cleanup_dead"], (text_time(before),)).rowcount
+            )
+        )
+
+    async def remember_successes(self, ids: Sequence[str], until: datetime) -> None:
+        if not ids:
+            return
+        rows = [(delivery_id, text_time(until)) for delivery_id in dict.fromkeys(ids)]
+        await self._write(lambda conn: conn.executemany(Q["remember_successes"], rows))
+
+    async def remembered(self, ids: Collection[str], now: datetime) -> set[str]:
+        if not ids:
+            return set()
+        wanted, at = list(ids), text_time(now)
+
+        def read(conn: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(wanted), CHUNK):
+                chunk = wanted[start : start + CHUNK]
+                sql = Q["remembered"].format(ids=placeholders(len(chunk)))
+                found.update(row[0] for row in conn.execute(sql, (*chunk, at)))
+            return found
+
+        return await self._read(read)
+
+    async def forget_successes(self, before: datetime) -> int:
+        return int(
+            await self._write(
+                lambda conn: conn.execute(Q["forget_successes"], (text_time(before),)).rowcount
             )
         )
 
