@@ -16,7 +16,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
-__all__ = ["AppConnection", "Dialect", "app_connection"]
+__all__ = ["AppConnection", "Dialect", "app_connection", "create_tables", "has_table"]
 
 Dialect = Literal["postgresql", "sqlite"]
 
@@ -177,3 +177,27 @@ async def app_connection(connection: object) -> AppConnection:
         "AsyncSession, a sqlite3 connection or an aiosqlite connection, got "
         f"{type(connection).__module__}.{type(connection).__qualname__}"
     )
+
+
+async def has_table(connection: AppConnection, name: str) -> bool:
+    """Whether table ``name`` exists where ``connection`` looks for it (its
+    search_path on PostgreSQL), asked so that no error can abort the caller's
+    transaction."""
+    query = (
+        "SELECT to_regclass($1) IS NOT NULL"
+        if connection.dialect == "postgresql"
+        else "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?"
+    )
+    rows = await connection.fetch(query, [name])
+    return bool(rows[0][0])
+
+
+async def create_tables(connection: AppConnection, statements: Sequence[str], lock: str) -> None:
+    """Run ``statements`` (``CREATE … IF NOT EXISTS``) on ``connection``, in the
+    caller's transaction when one is open; on PostgreSQL under a
+    transaction-level advisory lock named ``lock``, so that two first uses at
+    once do not both create (``IF NOT EXISTS`` is not safe then)."""
+    if connection.dialect == "postgresql":
+        await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", [lock])
+    for statement in statements:
+        await connection.execute(statement)

@@ -47,9 +47,12 @@ def relay(
     app_dir: AppDirOption = ".",
     transport: TransportOption = None,
     poll_interval: Annotated[
-        float, typer.Option("--poll-interval", min=0.001, help="Seconds between two looks.")
+        float,
+        typer.Option("--poll-interval", min=0.001, metavar="S", help="Seconds between two looks."),
     ] = 0.1,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Rows claimed at once.")] = 500,
+    batch: Annotated[
+        int, typer.Option("--batch", min=1, metavar="N", help="Rows claimed at once.")
+    ] = 500,
     once: Annotated[
         bool, typer.Option("--once", help="Relay what the table holds now, then exit.")
     ] = False,

@@ -11,12 +11,11 @@ another transaction's rows.
 
 from __future__ import annotations
 
-from .._appdb import AppConnection, Dialect
+from .._appdb import AppConnection, Dialect, create_tables, has_table
 
 __all__ = [
     "CLAIM",
     "CREATE",
-    "EXISTS",
     "PRUNE",
     "PRUNE_BATCH",
     "PRUNE_EVERY",
@@ -82,26 +81,13 @@ PRUNE: dict[Dialect, str] = {
     ),
 }
 
-#: whether the table exists, on the caller's connection (no error in its transaction)
-EXISTS: dict[Dialect, str] = {
-    "postgresql": f"SELECT to_regclass('{TABLE}') IS NOT NULL",
-    "sqlite": f"SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = '{TABLE}'",
-}
-
-#: one transaction-level lock while the table is created (two first uses at once)
-_CREATE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('retrybus.inbox.create'))"
-
 
 async def create_table(connection: AppConnection) -> None:
     """Create the table on ``connection`` unless it exists (in the caller's
     transaction, when one is open)."""
-    if connection.dialect == "postgresql":
-        await connection.execute(_CREATE_LOCK)
-    for statement in CREATE[connection.dialect]:
-        await connection.execute(statement)
+    await create_tables(connection, CREATE[connection.dialect], "retrybus.inbox.create")
 
 
 async def table_exists(connection: AppConnection) -> bool:
     """Whether the table exists where ``connection`` looks for it."""
-    rows = await connection.fetch(EXISTS[connection.dialect])
-    return bool(rows[0][0])
+    return await has_table(connection, TABLE)

@@ -15,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from .._appdb import AppConnection, Dialect
+from .._appdb import AppConnection, Dialect, create_tables, has_table
 
 __all__ = [
     "CREATE",
-    "EXISTS",
     "INSERT",
     "ORDER_LOCK",
     "TABLE",
@@ -78,16 +77,6 @@ INSERT: dict[Dialect, str] = {
 #: outbox row id), so the order of a key is its commit order
 ORDER_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('retrybus.order:' || $1, 0))"
 
-#: whether the table exists, on the caller's connection (no error in its transaction)
-EXISTS: dict[Dialect, str] = {
-    "postgresql": f"SELECT to_regclass('{TABLE}') IS NOT NULL",
-    "sqlite": f"SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = '{TABLE}'",
-}
-
-#: one transaction-level lock while the table is created, so that two first
-#: uses at once do not both create it (CREATE … IF NOT EXISTS is not safe then)
-_CREATE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('retrybus.outbox.create'))"
-
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
@@ -103,13 +92,9 @@ class OutboxRow:
 async def create_table(connection: AppConnection) -> None:
     """Create the table on ``connection`` unless it exists (in the caller's
     transaction, when one is open)."""
-    if connection.dialect == "postgresql":
-        await connection.execute(_CREATE_LOCK)
-    for statement in CREATE[connection.dialect]:
-        await connection.execute(statement)
+    await create_tables(connection, CREATE[connection.dialect], "retrybus.outbox.create")
 
 
 async def table_exists(connection: AppConnection) -> bool:
     """Whether the table exists where ``connection`` looks for it."""
-    rows = await connection.fetch(EXISTS[connection.dialect])
-    return bool(rows[0][0])
+    return await has_table(connection, TABLE)
