@@ -30,6 +30,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -106,6 +107,9 @@ class Process:
         self.process: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.kills = 0
+        # two stagers may reach kill points at once: one kill (and start) at a
+        # time, or a process started by the first would be left running
+        self._turn = threading.Lock()
 
     def start(self) -> None:
         with self.log.open("ab") as log:
@@ -121,14 +125,19 @@ class Process:
 
     def kill(self) -> None:
         """SIGKILL (after ``wait_uptime``), then start it again."""
-        assert self.process is not None
-        self.wait_uptime()
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-        self.kills += 1
-        self.start()
+        with self._turn:
+            assert self.process is not None
+            self.wait_uptime()
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(30)
+            self.kills += 1
+            self.start()
 
     def stop(self) -> None:
+        with self._turn:
+            self._stop()
+
+    def _stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -271,7 +280,7 @@ def postgres() -> Iterator[PrivatePostgres]:
 
 
 @settings(
-    max_examples=4,
+    max_examples=3,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -369,7 +378,7 @@ async def postgresql_run(server: PrivatePostgres, directory: Path, plan: Plan) -
 
 
 @settings(
-    max_examples=4,
+    max_examples=3,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -82,7 +82,6 @@ class OutboxRelay:
         """Relay until ``stop()``: a full batch goes on at once, otherwise it
         waits for ``poll_interval`` or a staging commit in this process. An
         unreachable database or carrier is logged once and tried again."""
-        self._stopping = False
         stop_hearing = self._outbox.on_staged(self._wake.set)
         pause = self.poll_interval
         try:
@@ -115,7 +114,8 @@ class OutboxRelay:
             await asyncio.wait_for(self._wake.wait(), seconds)
 
     def stop(self) -> None:
-        """Let ``run()`` return after the turn it is in."""
+        """Let ``run()`` return after the turn it is in (at once when it has not
+        begun: a relay runs once)."""
         self._stopping = True
         self._wake.set()
 
