@@ -4,7 +4,9 @@ and how long a staged event takes to reach its handler.
 
 Figures:
   outbox_floor_select1_postgresql_p50         ms  a bare SELECT 1 round trip (the floor)
-  outbox_floor_commit_postgresql_p50          ms  BEGIN; INSERT a row; COMMIT
+  outbox_floor_commit_postgresql_p50          ms  BEGIN; INSERT a business row; COMMIT
+  outbox_floor_one_insert_postgresql_p50      ms  what one more small INSERT adds to it (the
+                                                  least a stage, one statement, can add)
   outbox_stage_store_overhead_postgresql_p50  ms  what stage adds to that transaction, the
                                                   connection to the store's own database
                                                   (pending deliveries written there)
@@ -47,8 +49,9 @@ BASE_URL = os.environ.get(
     "RETRYBUS_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 REDIS_URL = os.environ.get("RETRYBUS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-SAMPLES = 2_000
+SAMPLES = 1_500
 WARMUP = 200
+SETTLE = 0.003
 RELAY_ROWS = 20_000
 LATENCY_EVENTS = 400
 LATENCY_RATE = 200  # staged per second
@@ -71,17 +74,25 @@ async def _alternating(
             start = time.perf_counter()
             await step(index)
             times[name].append((time.perf_counter() - start) * 1000)
+            # what a step leaves running (the store's NOTIFY after a staging
+            # commit) ends before the next step is timed
+            await asyncio.sleep(SETTLE)
     return times
 
 
-async def _stage_overheads(store_url: str, app_url: str, same_db_dsn: str) -> list[Figure]:
+async def _stage_overheads(
+    store_url: str, app_url: str, same_db_dsn: str, schema: str
+) -> list[Figure]:
     bus = EventBus(open_store(store_url), service="shop")
     bus.subscribe("order.placed", lambda event: None, name="confirm")
     await bus.store.connect()
     same = await asyncpg.connect(same_db_dsn)
     other = await asyncpg.connect(app_url)
-    for conn in (same, other):
-        await conn.execute("CREATE TEMP TABLE orders (id bigint)")
+    # business rows in real tables (a temporary one writes no WAL, so its commit
+    # would flush nothing and make every durable write look expensive)
+    await same.execute(f'CREATE TABLE "{schema}".orders (id bigint)')
+    await same.execute(f'SET search_path TO "{schema}"')
+    await other.execute("CREATE TABLE orders (id bigint)")
     events = [Event("order.placed", {"order": n}) for n in range(SAMPLES + WARMUP)]
 
     async def select1(_: int) -> None:
@@ -90,6 +101,11 @@ async def _stage_overheads(store_url: str, app_url: str, same_db_dsn: str) -> li
     async def commit(index: int) -> None:
         async with same.transaction():
             await same.execute("INSERT INTO orders VALUES ($1)", index)
+
+    async def one_more_insert(index: int) -> None:
+        async with same.transaction():
+            await same.execute("INSERT INTO orders VALUES ($1)", index)
+            await same.execute("INSERT INTO orders VALUES ($1)", -index)
 
     async def staged_in_store(index: int) -> None:
         async with same.transaction():
@@ -109,6 +125,7 @@ async def _stage_overheads(store_url: str, app_url: str, same_db_dsn: str) -> li
         {
             "select1": select1,
             "commit": commit,
+            "insert": one_more_insert,
             "store": staged_in_store,
             "plain_other": plain_other,
             "table": staged_in_table,
@@ -121,6 +138,8 @@ async def _stage_overheads(store_url: str, app_url: str, same_db_dsn: str) -> li
     return [
         Figure("outbox_floor_select1_postgresql_p50", p50["select1"], "ms"),
         Figure("outbox_floor_commit_postgresql_p50", p50["commit"], "ms"),
+        # the least a stage can add: one more small statement in the transaction
+        Figure("outbox_floor_one_insert_postgresql_p50", p50["insert"] - p50["commit"], "ms"),
         Figure("outbox_stage_store_overhead_postgresql_p50", p50["store"] - p50["commit"], "ms"),
         Figure(
             "outbox_stage_table_overhead_postgresql_p50",
@@ -231,10 +250,11 @@ async def measure() -> list[Figure]:
     same_db_dsn = BASE_URL.split("?", 1)[0]
     figures: list[Figure] = []
     try:
-        figures += await _stage_overheads(store_url, app_url, same_db_dsn)
+        figures += await _stage_overheads(store_url, app_url, same_db_dsn, schema)
         figures += await _relay_rates(store_url, app_url)
-        relayed = await _latency(store_url, app_url, True, app_url)
-        direct = await _latency(store_url, same_db_dsn, False, app_url)
+        # stores of their own: the relay benchmarks left 20,000 deliveries queued
+        relayed = await _latency(f"{store_url}_relayed", app_url, True, app_url)
+        direct = await _latency(f"{store_url}_direct", same_db_dsn, False, app_url)
         for name, values in (("relayed", relayed), ("store", direct)):
             figures.append(
                 Figure(f"outbox_stage_to_handler_{name}_p50", percentile(values, 0.5), "ms")
@@ -243,7 +263,8 @@ async def measure() -> list[Figure]:
                 Figure(f"outbox_stage_to_handler_{name}_p99", percentile(values, 0.99), "ms")
             )
     finally:
-        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        for name in (schema, f"{schema}_relayed", f"{schema}_direct"):
+            await admin.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
         await admin.execute(f'DROP DATABASE IF EXISTS "{app_db}" WITH (FORCE)')
         await admin.close()
     return figures

@@ -60,6 +60,21 @@ class PostgresStaging(abc.ABC):
             query = Q["stage_pending"].replace("{schema}", quote(self.schema))
             await connection.execute(query, retry_columns(items))
 
+    _notifying: bool = False
+    _notify_again: bool = False
+
     async def staged(self) -> None:
-        """A NOTIFY on the store's channel, from the store's own connection."""
-        await self._run(lambda conn: conn.execute(Q["notify"], self.channel))
+        """A NOTIFY on the store's channel, from the store's own connection; while
+        one is on its way, the commits that end meanwhile share the next one."""
+        if self._notifying:
+            self._notify_again = True
+            return
+        self._notifying = True
+        try:
+            while True:
+                self._notify_again = False
+                await self._run(lambda conn: conn.execute(Q["notify"], self.channel))
+                if not self._notify_again:
+                    return
+        finally:
+            self._notifying = False
