@@ -17,6 +17,7 @@ import durable
 import inbox
 import latency
 import observability
+import outbox
 import postgresql
 import publish
 import redis_engine
@@ -41,6 +42,7 @@ def main() -> None:
         durable,
         services,
         inbox,
+        outbox,
     ):
         note(f"-- {module.__name__}")
         emit(module.run())
