@@ -53,7 +53,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 ORDER = "order.placed"
 STAGERS = 6
 #: seconds a relay or worker process runs at least before it is killed
-UPTIME = 1.5
+UPTIME = 1.0
 #: the longest pause of a stager between two transactions (seconds)
 PAUSE = 0.03
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def worker_process(outbox: str, store: str, directory: Path) -> Process:
     )
 
 
-async def busy(effects: Callable[[], Awaitable[int]], within: float = 5.0) -> None:
+async def busy(effects: Callable[[], Awaitable[int]], within: float = 1.5) -> None:
     """Wait until the worker is making effects (the count moves on within 50 ms),
     for at most ``within`` seconds: a kill then cuts off handlers after their
     effect, whose deliveries run again."""
@@ -280,7 +280,7 @@ def postgres() -> Iterator[PrivatePostgres]:
 
 
 @settings(
-    max_examples=3,
+    max_examples=2,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -378,7 +378,7 @@ async def postgresql_run(server: PrivatePostgres, directory: Path, plan: Plan) -
 
 
 @settings(
-    max_examples=3,
+    max_examples=2,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
