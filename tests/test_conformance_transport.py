@@ -342,9 +342,18 @@ async def test_a_lost_ack_leaves_one_retry_record(store: MemoryStore, transport:
     await until(lambda: len(lossy.lost) == 1, what="the lost ack")
     await worker.stop()  # as a crash would: the message goes back to the broker
     worker = await started(billing, lease=2.0)
+    # nats-server 2.9.10 sometimes reports a first redelivery as delivery 1 (see
+    # the README): the message then runs as a first delivery, still once more
+    reported_as_first = transport.url.startswith("nats")
     try:
         await until(
-            lambda: worker._consumer is not None and worker._consumer.redelivered == 1,
+            lambda: (
+                worker._consumer is not None
+                and (
+                    worker._consumer.redelivered == 1
+                    or (reported_as_first and calls.by_handler["steady"][event.id] == 2)
+                )
+            ),
             within=20,
             what="the redelivery",
         )
