@@ -16,6 +16,7 @@ from ._errors import (
     AlreadyHandled,
     AmbiguousId,
     AppNotFound,
+    InvalidEventData,
     ItemBusy,
     ItemNotFound,
     NotCancellable,
@@ -32,8 +33,12 @@ from ._errors import (
     TransportUnusable,
     UnknownHandler,
     UnknownSubscription,
+    UnknownVersion,
+    UpcastFailed,
+    VersionError,
 )
 from ._event import Event
+from ._event_types import EventType
 from ._filters import DeadLetterFilter
 from ._groups import FailureGroup, GroupCount, failure_group_key, message_shape
 from ._handlers import Subscription
@@ -81,6 +86,7 @@ __all__ = [
     "DepthSample",
     "Event",
     "EventBus",
+    "EventType",
     "ExponentialBackoff",
     "FailureGroup",
     "FixedDelay",
@@ -88,6 +94,7 @@ __all__ = [
     "HandlerLoad",
     "HandlerSummary",
     "Inbox",
+    "InvalidEventData",
     "ItemBusy",
     "ItemNotFound",
     "LinearBackoff",
@@ -126,6 +133,9 @@ __all__ = [
     "TransportUnusable",
     "UnknownHandler",
     "UnknownSubscription",
+    "UnknownVersion",
+    "UpcastFailed",
+    "VersionError",
     "WorkerBeat",
     "__version__",
     "failure_group_key",

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ._clock import Clock, SystemClock
 from ._core import BusCore
 from ._dead_letters import DeadLetterQueue
 from ._errors import UnknownHandler
 from ._event import Event
+from ._event_types import EventType, Upcaster, Validation
 from ._filters import DeadLetterFilter
 from ._handlers import Handler, Subscription
 from ._inbox import Inbox
@@ -336,26 +337,34 @@ class EventBus:
         policy (in words), ``max_retries`` and time limit, so that publishers of
         other services record deliveries for them from now on, and keep doing so
         while no worker of this service runs (a deploy): the service catches up
-        when one starts. A worker registers when it starts. With ``prune``, the
+        when one starts. Each handler's record also names the version of every
+        registered event type it receives, and the service's registered types
+        are stored beside (``Services.event_types``): what the services page
+        compares producers and consumers by. A worker registers when it starts.
+        With ``prune``, the
         service's stored handlers that this bus no longer has are removed
         (``actor`` says by whom; what was pending for them is dead-lettered by
         the workers' sweep, never dropped). Returns what changed."""
         core = self._core
         store = core.store
         now = core.clock.now()
-        subscriptions = [
-            StoredSubscription(
-                service=core.service,
-                handler_name=s.name,
-                patterns=s.patterns,
-                policy=repr(s.policy or core.default_policy),
-                max_retries=(s.policy or core.default_policy).max_retries,
-                handler_timeout=s.timeout,
-                registered_at=now,
-                updated_at=now,
+        subscriptions = []
+        for s in core.registry.subscriptions():
+            patterns, details = core.types.stored_terms(s.patterns)
+            subscriptions.append(
+                StoredSubscription(
+                    service=core.service,
+                    handler_name=s.name,
+                    patterns=patterns,
+                    policy=repr(s.policy or core.default_policy),
+                    max_retries=(s.policy or core.default_policy).max_retries,
+                    handler_timeout=s.timeout,
+                    registered_at=now,
+                    updated_at=now,
+                    details=details,
+                )
             )
-            for s in core.registry.subscriptions()
-        ]
+        await self.services.record_event_types()
         registration = await store.put_subscriptions(
             core.service,
             subscriptions,
@@ -459,6 +468,63 @@ class EventBus:
         """The policy that governs ``handler_name`` (the bus default if it has none)."""
         return self._core.policy_for(handler_name)
 
+    # event types ------------------------------------------------------------
+
+    def event_type(
+        self,
+        name: str,
+        *,
+        version: int = 1,
+        schema: object = None,
+        upcasters: Mapping[int, Upcaster] | None = None,
+        aliases: Iterable[str] = (),
+        validate: Validation = "publish",
+        unknown_version: Literal["dead_letter", "deliver"] = "dead_letter",
+        dataschema: str | None = None,
+    ) -> EventType:
+        """Register the event type ``name`` at its current ``version``.
+
+        ``schema`` is what its data is at that version: a pydantic model (the
+        ``retrybus[pydantic]`` extra), or any callable that takes the data and
+        raises when it is invalid (what it returns, unless None, is what a typed
+        handler receives). ``upcasters[n]`` lifts version n's data to n+1: a pure
+        function of the data (``fn(data)``), or of the data and the event
+        (``fn(data, event)``). ``aliases`` are old names of the type, still
+        accepted: an event published under one reaches this type's handlers as
+        this type. ``validate`` says when the data is checked against the
+        schema: at ``"publish"`` (the default: bad data raises ``ValueError``
+        naming the field, and nothing is recorded), at ``"deliver"``, ``"both"``
+        or never (None). ``unknown_version`` is what a version newer than
+        ``version`` meets: the dead letter queue (``"dead_letter"``, the
+        default: after the deploy that knows it, a redrive delivers it), or the
+        handlers as it is (``"deliver"``). ``dataschema`` is a URI stamped on
+        every event published (CloudEvents ``dataschema``).
+
+        ``publish`` stamps ``dataversion`` (an event without one is version 1);
+        every delivery (inline, by a worker, a reprocess, a requeue, a redrive,
+        from a broker) reads the stored event as the current version, its data
+        upcast on a copy: the stored payload and version are never rewritten.
+        An upcaster that raises dead-letters the delivery (``UpcastFailed``, not
+        retried), as does an unknown version (``UnknownVersion``).
+
+        Registering a name again replaces its registration. Returns the type.
+        """
+        return self._core.types.register(
+            name,
+            version=version,
+            schema=schema,
+            upcasters=upcasters,
+            aliases=aliases,
+            validate=validate,
+            unknown_version=unknown_version,
+            dataschema=dataschema,
+        )
+
+    @property
+    def event_types(self) -> list[EventType]:
+        """The registered event types, in registration order."""
+        return list(self._core.types)
+
     def on_dead_letter(self, callback: DeadLetterHook) -> DeadLetterHook:
         """Call ``callback(item)`` (plain or async) for each new dead letter, for
         alerts. Its own failure is logged; the dead letter is kept regardless.
@@ -509,12 +575,14 @@ class EventBus:
         if not isinstance(event, Event):
             raise TypeError(f"publish takes a retrybus.Event, got {event!r}")
         event = keyed(event, ordering_key)
+        core = self._core
+        if core.types.active:
+            event = core.types.stamp(event)
         if durable is not None and not isinstance(durable, bool):
             raise TypeError(f"durable must be True, False or None, got {durable!r}")
         if not isinstance(defer, bool):
             raise TypeError(f"defer must be True or False, got {defer!r}")
         due = self._due(deliver_at, deliver_in)
-        core = self._core
         if durable is False and core.transport is not None:
             raise ValueError(
                 "a bus with a transport publishes through it, durably: durable=False is "

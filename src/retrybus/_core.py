@@ -73,6 +73,8 @@ class BusCore:
         #: the store's remembered successes, as this bus uses them
         self.remembered = RememberedSuccesses(self)
         self.registry = HandlerRegistry()
+        #: the event types this bus knows (``EventBus.event_type``)
+        self.types = self.registry.types
         #: the broker that carries first deliveries (None: the store carries them)
         self.transport: Transport | None = None
         #: handlers of retrybus's own records, claimed as the registry's are (by name)

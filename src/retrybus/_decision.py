@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from ._errors import PermanentError, RetryAfter
+from ._errors import PermanentError, RetryAfter, VersionError
 from ._policy import RetryPolicy
 
 __all__ = ["Decision", "decide"]
@@ -51,6 +51,8 @@ def _decide(
 ) -> Decision:
     budget = policy.max_retries
     if isinstance(error, PermanentError):
+        if isinstance(error, VersionError):  # its message says which version, which step
+            return Decision(None, reason=str(error))
         return Decision(None, reason=f"non-retryable: {type(error).__name__}")
     if attempt > budget:
         return Decision(None, reason=f"failed after {budget} retries")

@@ -8,6 +8,7 @@ __all__ = [
     "AlreadyHandled",
     "AmbiguousId",
     "AppNotFound",
+    "InvalidEventData",
     "ItemBusy",
     "ItemNotFound",
     "NotCancellable",
@@ -24,6 +25,9 @@ __all__ = [
     "TransportUnusable",
     "UnknownHandler",
     "UnknownSubscription",
+    "UnknownVersion",
+    "UpcastFailed",
+    "VersionError",
 ]
 
 
@@ -182,6 +186,36 @@ class PermanentError(Exception):
 
     >>> raise PermanentError("customer 42 does not exist")
     """
+
+
+class VersionError(PermanentError):
+    """A delivery whose stored event this code cannot read as the current version
+    of its type: dead-lettered at once with its message as the reason (never
+    retried: the same code would fail the same way). The stored event is kept as
+    it was, so that a redrive after the fix, or after the deploy that knows its
+    version, delivers it. ``event_type`` is the registered type, ``version`` the
+    stored version."""
+
+    def __init__(self, message: str, event_type: str, version: int | str) -> None:
+        super().__init__(message)
+        self.event_type = event_type
+        self.version = version
+
+
+class UpcastFailed(VersionError):
+    """An upcaster raised while lifting the stored data one version up:
+    ``upcast failed v1→v2: KeyError 'post' (like.added)``."""
+
+
+class UnknownVersion(VersionError):
+    """The stored event is of a version this code does not know: newer than the
+    registered one (a consumer deployed after its producer), older than the
+    first upcaster, or not a version number at all."""
+
+
+class InvalidEventData(VersionError):
+    """The current-version data of a delivery does not pass its type's schema
+    (``validate="deliver"`` or ``"both"``, or a handler asking for the model)."""
 
 
 class RetryAfter(Exception):

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["Event", "check_text", "encode_json", "printable"]
+__all__ = ["Event", "check_text", "encode_json", "printable", "stamped"]
 
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,64}$")
 _RESERVED = frozenset(
@@ -24,7 +24,6 @@ _RESERVED = frozenset(
         "data",
         "subject",
         "datacontenttype",
-        "dataschema",
         "data_base64",
     }
 )
@@ -316,6 +315,12 @@ class Event:
             subject=document.get("subject"),
             extensions=extensions,
         )
+
+
+def stamped(event: Event, extensions: Mapping[str, str]) -> Event:
+    """``event`` with ``extensions`` added, for extensions retrybus made itself and
+    knows to be valid (a registered type's ``dataversion``): no checks."""
+    return event._with_checked_extensions(extensions)
 
 
 class _NotJsonForm(Exception):

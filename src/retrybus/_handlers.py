@@ -5,19 +5,23 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import typing
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from ._current import current_handler
-from ._errors import AlreadyHandled
+from ._errors import AlreadyHandled, InvalidEventData
 from ._event import Event, check_text
+from ._event_types import EventTypes, describe_invalid
 from ._patterns import PatternIndex
 from ._policy import RetryPolicy
 
 __all__ = ["Handler", "HandlerRegistry", "Subscription", "stops_the_caller"]
 
-Handler = Callable[[Event], Awaitable[Any]] | Callable[[Event], Any]
+#: a handler: ``handler(event)``, or ``handler(event, data)`` and ``handler(data:
+#: Model)`` for the validated data of a registered type
+Handler = Callable[..., Awaitable[Any]] | Callable[..., Any]
 
 
 def _is_async(handler: Callable[..., Any]) -> bool:
@@ -44,6 +48,50 @@ def stops_the_caller(error: BaseException) -> bool:
     return False
 
 
+#: how a handler takes a delivery: ``handler(event)``, ``handler(event, data)``
+#: (its second parameter the validated data) or ``handler(data)`` (its one
+#: parameter annotated with a pydantic model)
+EVENT_ONLY, EVENT_AND_DATA, DATA_ONLY = 0, 1, 2
+
+
+def delivery_form(handler: Callable[..., Any]) -> tuple[int, Any]:
+    """How ``handler`` takes a delivery (``EVENT_ONLY``, ``EVENT_AND_DATA`` or
+    ``DATA_ONLY``) and the annotation of its data parameter (None: none)."""
+    target = handler.func if isinstance(handler, functools.partial) else handler
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return EVENT_ONLY, None
+    required = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if len(required) not in (1, 2):
+        return EVENT_ONLY, None
+    parameter = required[-1]
+    annotation = parameter.annotation
+    if isinstance(annotation, str):
+        try:
+            hinted = target if inspect.isroutine(target) else type(target).__call__
+            hints = typing.get_type_hints(hinted)
+        except Exception:
+            hints = {}
+        annotation = hints.get(parameter.name, annotation)
+    if annotation is parameter.empty or isinstance(annotation, str):
+        annotation = None
+    if len(required) == 2:
+        return EVENT_AND_DATA, annotation
+    if isinstance(annotation, type) and annotation is not Event and _is_model(annotation):
+        return DATA_ONLY, annotation
+    return EVENT_ONLY, None
+
+
+def _is_model(annotation: type) -> bool:
+    """Whether ``annotation`` is a pydantic model (it has ``model_validate``)."""
+    return callable(getattr(annotation, "model_validate", None))
+
+
 def default_name(handler: Callable[..., Any]) -> str:
     """A handler's name when none is given: its qualified name."""
     target = handler.func if isinstance(handler, functools.partial) else handler
@@ -68,6 +116,13 @@ class Subscription:
     #: whether the store remembers this handler's successes and skips an event
     #: it already handled (None: as the bus says, ``EventBus(inbox=)``)
     inbox: bool | None = None
+    #: the bus's event types: each call reads the event as the current version
+    #: of its type (None: events are handed over as stored)
+    types: EventTypes | None = None
+    #: how the handler takes a delivery (``delivery_form``)
+    form: int = EVENT_ONLY
+    #: the annotation of the handler's data parameter (None: none)
+    data_annotation: Any = None
 
     async def call(self, event: Event, default_limit: float | None = None) -> None:
         """Run the handler on ``event``: async ones awaited, plain ones in a thread.
@@ -75,16 +130,26 @@ class Subscription:
         a plain one left to finish in its thread; either way the call raises
         ``TimeoutError``. The handler's name is ``current_handler`` during the
         call (``bus.inbox.claim`` reads it), and ``AlreadyHandled`` out of the
-        handler is a success."""
+        handler is a success.
+
+        ``event`` must be the call's own (its data is upcast in place): with
+        event types registered it is read as the current version of its type
+        first, and a ``VersionError`` (an upcaster raising, an unknown version,
+        data failing the schema) is the call's failure, the handler not run."""
+        types = self.types
+        if types is not None and types.active:
+            event = types.read(event)
+            types.check_delivery(event)
+        arguments = (event,) if self.form == EVENT_ONLY else self._with_data(event)
         limit = self.timeout or default_limit
         token = current_handler.set(self.name)
         try:
             if limit is None:
-                await self._run(event)
+                await self._run(arguments)
                 return
             try:
                 async with asyncio.timeout(limit) as scope:
-                    await self._run(event)
+                    await self._run(arguments)
             except TimeoutError:
                 if scope.expired():
                     raise TimeoutError(
@@ -98,11 +163,31 @@ class Subscription:
         finally:
             current_handler.reset(token)
 
-    async def _run(self, event: Event) -> None:
+    def _with_data(self, event: Event) -> tuple[Any, ...]:
+        """The arguments of a handler that asks for the data: the schema's
+        validated model (the registered type's, else the annotation's when it
+        is a pydantic model), else the data as it is."""
+        types = self.types
+        if types is not None and types.has_schema(event.type):
+            data = types.model(event)
+        elif isinstance(self.data_annotation, type) and _is_model(self.data_annotation):
+            try:
+                data = self.data_annotation.model_validate(event.data)  # type: ignore[attr-defined]
+            except Exception as exc:
+                raise InvalidEventData(
+                    f"invalid {event.type} data for handler {self.name!r}: {describe_invalid(exc)}",
+                    event.type,
+                    event.extensions.get("dataversion", "1"),
+                ) from exc
+        else:
+            data = event.data
+        return (event, data) if self.form == EVENT_AND_DATA else (data,)
+
+    async def _run(self, arguments: tuple[Any, ...]) -> None:
         if self.is_async:
-            await self.handler(event)
+            await self.handler(*arguments)
             return
-        result = await asyncio.to_thread(self.handler, event)
+        result = await asyncio.to_thread(self.handler, *arguments)
         if inspect.isawaitable(result):
             # a plain function that hands back a coroutine (a lambda around an
             # async call, a sync decorator on an async function): run it too
@@ -131,7 +216,9 @@ def check_pattern(pattern: str) -> str:
 class HandlerRegistry:
     """Handlers by name, and which of them match each event type."""
 
-    def __init__(self) -> None:
+    def __init__(self, types: EventTypes | None = None) -> None:
+        #: the bus's event types, which every subscription reads events by
+        self.types = EventTypes() if types is None else types
         self._by_name: dict[str, Subscription] = {}
         self._index: PatternIndex[Subscription] = PatternIndex()
         #: how many subscriptions have ``inbox=True`` of their own
@@ -174,8 +261,18 @@ class HandlerRegistry:
         timeout = check_timeout("handler_timeout", timeout)
         if inbox is not None and not isinstance(inbox, bool):
             raise TypeError(f"inbox must be True, False or None, got {inbox!r}")
+        form, annotation = delivery_form(handler)
         subscription = Subscription(
-            name, pattern_list, handler, policy, _is_async(handler), timeout, inbox
+            name,
+            pattern_list,
+            handler,
+            policy,
+            _is_async(handler),
+            timeout,
+            inbox,
+            self.types,
+            form,
+            annotation,
         )
         self._by_name[name] = subscription
         self._index.add(name, pattern_list, subscription)
@@ -202,5 +299,12 @@ class HandlerRegistry:
         return list(self._by_name.values())
 
     def match(self, event_type: str) -> tuple[Subscription, ...]:
-        """The subscriptions for ``event_type``, each once, in subscription order."""
-        return self._index.match(event_type)
+        """The subscriptions for ``event_type``, each once, in subscription order;
+        for an alias of a registered type, those of the type as well."""
+        found = self._index.match(event_type)
+        if self.types.active:
+            canonical = self.types.canonical(event_type)
+            if canonical is not None:
+                more = self._index.match(canonical)
+                found = (*found, *(s for s in more if s not in found))
+        return found

@@ -9,10 +9,11 @@ import dataclasses
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._errors import SubscriptionInUse, UnknownSubscription
 from ._event import check_text
+from ._event_types import TYPES_CONTROL_PREFIX
 from ._records import DeadLetterItem
 from ._routes import subscriptions_changed
 from ._services import (
@@ -112,6 +113,35 @@ class Services:
             dataclasses.replace(summary, broker_lag=lag)
             for summary, lag in zip(summaries, lags, strict=True)
         ]
+
+    async def record_event_types(self) -> None:
+        """Store the event types this bus registers (its service's control record
+        ``event-types:<service>``), when they differ from what is stored: the
+        versions this service publishes, which the services page compares its
+        consumers' against. Nothing is stored for a bus with none."""
+        core = self._core
+        described = core.types.describe()
+        if not described:
+            return
+        key = TYPES_CONTROL_PREFIX + core.service
+        stored = await core.store.get_control(key)
+        if stored is not None and stored.value.get("types") == described:
+            return
+        value = {
+            "service": core.service,
+            "types": described,
+            "updated_at": core.clock.now().isoformat(),
+        }
+        await core.store.put_control(key, value, version=0 if stored is None else stored.version)
+
+    async def event_types(self) -> dict[str, builtins.list[dict[str, Any]]]:
+        """The event types each service registers (``record_event_types``), by
+        service: each as ``EventType.describe`` gives it."""
+        records = await self._core.store.list_control(TYPES_CONTROL_PREFIX)
+        return {
+            record.key.removeprefix(TYPES_CONTROL_PREFIX): list(record.value.get("types", []))
+            for record in sorted(records, key=lambda r: r.key)
+        }
 
     async def remove(
         self, service: str, handler: str | None = None, *, actor: str, force: bool = False

@@ -116,11 +116,13 @@ class Outbox:
         transaction staging the same key waits for it at its stage.
 
         Raises ``TypeError`` for another kind of connection, ``ValueError`` for a
-        bad key, and what the database raises (the caller's transaction then
+        bad key or data that fails its registered type's schema, and what the database raises (the caller's transaction then
         fails with it)."""
         if not isinstance(event, Event):
             raise TypeError(f"stage takes a retrybus.Event, got {event!r}")
         event = keyed(event, ordering_key)
+        if self._core.types.active:  # as publish does: stamped, validated
+            event = self._core.types.stamp(event)
         key = ordering_key_of(event.extensions)
         app = await app_connection(connection)
         if key is not None and app.dialect == "postgresql":
