@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
-from ._errors import InvalidEventData, UnknownVersion, UpcastFailed
+from ._errors import InvalidEventData, UnknownVersion, UpcastFailed, VersionError
 from ._event import Event, check_text, stamped
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "VERSION_EXTENSION",
     "EventType",
     "EventTypes",
+    "Reading",
     "Upcaster",
     "Validation",
     "describe_invalid",
@@ -448,3 +449,43 @@ class EventTypes:
                 if event_type.name in patterns:
                     stored.extend(a for a in event_type.aliases if a not in stored)
         return tuple(stored), ({"versions": versions} if versions else {})
+
+    def preview(self, event: Event) -> Reading:
+        """How this code reads ``event`` (a stored one, untouched: the preview
+        works on a copy): its stored and current versions, and the data a
+        handler would get, or the reason it would be dead-lettered. For the
+        dashboard's detail page, ``retrybus dlq show`` and edit-and-requeue."""
+        event_type = self._by_name.get(event.type)
+        stored = stored_version(event)
+        if event_type is None:
+            return Reading(event.type, stored, None, event.data, None)
+        try:
+            current = self.read(event.copy())
+            self.check_delivery(current)
+        except VersionError as exc:
+            return Reading(event_type.name, stored, event_type.version, None, str(exc))
+        return Reading(event_type.name, stored, event_type.version, current.data, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """How this code reads one stored event (``EventTypes.preview``): its type
+    (the registered name when it came by an alias), the ``stored_version`` it
+    carries, the ``current_version`` this code knows (None: the type is not
+    registered), and the ``data`` a handler gets, or the ``error`` that would
+    dead-letter it."""
+
+    event_type: str
+    stored_version: int | str
+    current_version: int | None
+    data: Any
+    error: str | None
+
+    @property
+    def upcast(self) -> bool:
+        """Whether the data a handler gets is lifted from an older version."""
+        return (
+            self.current_version is not None
+            and isinstance(self.stored_version, int)
+            and self.stored_version < self.current_version
+        )
