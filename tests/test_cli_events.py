@@ -82,7 +82,8 @@ def test_events_table_shows_versions_schema_and_aliases_with_the_app_from_the_en
 
 
 def test_events_without_an_app_is_a_usage_error() -> None:
-    assert "--app" in one_line_error(invoke("events", env={"RETRYBUS_APP": ""}), code=2)
+    error = one_line_error(invoke("events", env={"RETRYBUS_APP": ""}), code=2)
+    assert error == "Error: give --app MODULE:ATTR naming your EventBus (or set RETRYBUS_APP)"
 
 
 def test_events_with_an_app_that_cannot_be_imported_is_a_usage_error() -> None:
