@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 from ._delivery import call_observed
 from ._errors import AmbiguousId, ItemBusy, ItemNotFound, OtherService, UnknownHandler
 from ._event import check_text, encode_json, printable
+from ._event_types import SCHEMA_EXTENSION, VERSION_EXTENSION, Reading, stored_version
 from ._filters import DeadLetterFilter, FilterFields, FilterFieldsExceptProcessed, filter_from
 from ._groups import FailureGroup, GroupCount, message_shape
 from ._observe import last_failed_attempt, log_fields, with_failed_attempt
@@ -356,26 +357,21 @@ class DeadLetterQueue:
         With ``data`` the event's payload is replaced first (edit and requeue): it
         must be JSON, and the item's ``metadata["edits"]`` keeps the original
         payload, the new one, who (``actor``) and when, as an audit trail that
-        follows the item through later failures.
+        follows the item through later failures. When this bus registers the
+        event's type, ``data`` is the payload at the type's current version
+        (what ``reading`` shows, upcast): it is validated against the type's
+        schema (``ValueError`` naming the field, nothing changed), stored as the
+        current version (``dataversion``, and ``dataschema`` when the type has
+        one; the type name stays as stored), and the edit also records the
+        ``original_version`` and the new ``version``. Without ``data`` the
+        stored payload and version are kept: the next delivery upcasts them.
         """
         _check_actor(actor)
         item = await self.get(item_id)
         await self._check_free(item_id)
         now = self._core.clock.now()
         if data is not UNSET:
-            edited = json.loads(encode_json(data, f"the new payload of dead letter {item_id!r}"))
-            metadata = dict(item.metadata)
-            edits = list(metadata.get("edits", []))
-            edits.append(
-                {
-                    "at": now.isoformat(),
-                    "by": actor or "unknown",
-                    "original_data": item.event_data,
-                    "data": edited,
-                }
-            )
-            metadata["edits"] = edits
-            item = replace(item, event_data=edited, metadata=metadata)
+            item = self._edited(item, data, actor, now)
         retry_item = item.to_retry_item(max_retries=await self._max_retries(item), now=now)
         if actor is not None:
             retry_item = replace(retry_item, metadata={**retry_item.metadata, "requeued_by": actor})
@@ -391,6 +387,41 @@ class DeadLetterQueue:
             extra=_log_fields(item),
         )
         return retry_item
+
+    def _edited(
+        self, item: DeadLetterItem, data: Any, actor: str | None, now: datetime
+    ) -> DeadLetterItem:
+        """``item`` with ``data`` as its payload (at the current version of its
+        type, when this bus registers it) and the edit recorded in its metadata."""
+        edited = json.loads(encode_json(data, f"the new payload of dead letter {item.id!r}"))
+        edit: dict[str, Any] = {
+            "at": now.isoformat(),
+            "by": actor or "unknown",
+            "original_data": item.event_data,
+            "data": edited,
+        }
+        extensions = item.event_extensions
+        event_type = self._core.types.get(item.event_type)
+        if event_type is not None:
+            event_type.validated(edited)
+            extensions = {**extensions, VERSION_EXTENSION: str(event_type.version)}
+            if event_type.dataschema is not None:
+                extensions[SCHEMA_EXTENSION] = event_type.dataschema
+            edit["original_version"] = stored_version(item.to_event())
+            edit["version"] = event_type.version
+        metadata = dict(item.metadata)
+        metadata["edits"] = [*list(metadata.get("edits", [])), edit]
+        return replace(item, event_data=edited, event_extensions=extensions, metadata=metadata)
+
+    async def reading(self, item: str | DeadLetterItem | RetryItem) -> Reading:
+        """How this bus reads a dead letter (its id, or the item; a retry item
+        too): the type's stored and current versions, and the data a handler
+        would get (upcast, on a copy) or the reason it would be dead-lettered.
+        What ``retrybus dlq show``, the dashboard and edit-and-requeue show and
+        prefill. Raises ``ItemNotFound`` for an unknown id."""
+        if isinstance(item, str):
+            item = await self.get(item)
+        return self._core.types.preview(item.to_event())
 
     async def _max_retries(self, item: DeadLetterItem) -> int:
         """The ``max_retries`` of the handler a requeued dead letter goes back to:

@@ -1,5 +1,5 @@
 """The ``retrybus`` Typer app: its root, ``demo`` and ``worker``; ``dlq``,
-``queue``, ``services``, ``stats`` and ``transport`` come from their own modules.
+``events``, ``queue``, ``services``, ``stats`` and ``transport`` come from their own modules.
 
 The demo (and Rich with it) is imported only when ``retrybus demo`` runs.
 """
@@ -15,6 +15,7 @@ from .. import __version__
 from .common import fail, run
 from .dashboard import dashboard
 from .dlq import dlq_app
+from .events import events_app
 from .migrate import migrate
 from .queue import queue_app, stats
 from .relay import relay
@@ -34,6 +35,7 @@ app = RetrybusTyper(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(dlq_app)
+app.add_typer(events_app)
 app.add_typer(queue_app)
 app.add_typer(services_app)
 app.add_typer(transport_app)

@@ -12,7 +12,7 @@ from .._filters import DeadLetterFilter
 from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
 from .dlq_actions import delete_dead_letters, reprocess_dead_letters, requeue_dead_letters
 from .ids import DeadLetterIdArgument, resolve_dead_letter_id
-from .output import echo_json, record_to_dict
+from .output import echo_json, reading_to_dict, record_to_dict
 from .redrive import redrive_app
 from .selection import FilterOption, describe, parse_filter
 from .session import EXIT_USAGE, connected_bus
@@ -111,17 +111,28 @@ def show_dead_letter(
     app_dir: AppDirOption = ".",
 ) -> None:
     """Show one dead letter: event, error, traceback, metadata (the first 64 KB of
-    each of the last three, unless --full)."""
+    each of the last three, unless --full).
+
+    With an --app that registers the event's type: its stored and current
+    versions, and the data as the handler gets it (upcast), or why it cannot be
+    read (in --json: "reading")."""
 
     async def main() -> None:
         async with connected_bus(store, app, app_dir) as bus:
             item = await bus.dead_letters.get(await resolve_dead_letter_id(bus, item_id))
+            reading = await bus.dead_letters.reading(item)
+            known = reading.current_version is not None
             if json:
-                echo_json(record_to_dict(item))
+                shown = record_to_dict(item)
+                echo_json({**shown, "reading": reading_to_dict(reading)} if known else shown)
                 return
             from . import views
 
-            views.console().print(views.dead_letter_detail(item, bus.clock.now(), full=full))
+            views.console().print(
+                views.dead_letter_detail(
+                    item, bus.clock.now(), full=full, reading=reading if known else None
+                )
+            )
 
     run(main())
 

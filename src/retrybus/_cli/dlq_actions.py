@@ -15,6 +15,7 @@ import typer
 from .._bus import EventBus
 from .._dead_letters import BulkResult
 from .._filters import DeadLetterFilter
+from .._records import RetryItem
 from .._redrive import Redrive, parse_rate
 from .common import EXIT_INTERRUPTED, AppDirOption, AppOption, JsonOption, StoreOption, fail, run
 from .ids import DeadLetterIdsArgument, resolve_dead_letter_ids
@@ -166,6 +167,13 @@ def _load_data(data: str | None, data_file: Path | None) -> Any:
         fail(f"the new payload is not valid JSON: {exc}", EXIT_USAGE)
 
 
+def _at_version(item: RetryItem) -> str:
+    """`` as v3`` when an edit was stored at its type's current version."""
+    edits = item.metadata.get("edits")
+    last = edits[-1] if isinstance(edits, list) and edits else None
+    return f" as v{last['version']}" if isinstance(last, dict) and "version" in last else ""
+
+
 def requeue_dead_letters(
     ids: DeadLetterIdsArgument = None,
     store: StoreOption = None,
@@ -181,7 +189,9 @@ def requeue_dead_letters(
             "--data",
             metavar="JSON",
             help="Edit and requeue: replace the event's payload with this JSON first "
-            "(one ID; the original is kept in the item's metadata).",
+            "(one ID; the original is kept in the item's metadata). With an --app that "
+            "registers the event's type, this is the payload at its current version "
+            "(as 'dlq show ID --app APP' shows it), checked against its schema.",
             show_default=False,
         ),
     ] = None,
@@ -237,13 +247,16 @@ def requeue_dead_letters(
                 return None
             (target,) = targets
             if editing:
-                item = await bus.dead_letters.requeue(target, data=payload, actor=actor_name())
+                try:
+                    item = await bus.dead_letters.requeue(target, data=payload, actor=actor_name())
+                except ValueError as exc:  # the type's schema refuses the new payload
+                    fail(str(exc), EXIT_USAGE)
             else:
                 item = await bus.dead_letters.requeue(target, actor=actor_name())
             if json:
                 echo_json(record_to_dict(item))
             else:
-                edited = " with the new payload" if editing else ""
+                edited = f" with the new payload{_at_version(item)}" if editing else ""
                 typer.echo(
                     f"requeued {target} as {item.id}{edited}: due now for {item.handler_name}, "
                     f"{item.max_retries} retries ahead; a running worker will pick it up"

@@ -13,11 +13,18 @@ from typing import Any
 
 import typer
 
+from .._event_types import Reading
 from .._records import DeadLetterItem, RetryItem
 from .._services import HandlerSummary, ServiceSummary, WorkerBeat
 from .._transports import TransportReport
 
-__all__ = ["echo_json", "record_to_dict", "service_to_dict", "transport_report_to_dict"]
+__all__ = [
+    "echo_json",
+    "reading_to_dict",
+    "record_to_dict",
+    "service_to_dict",
+    "transport_report_to_dict",
+]
 
 
 def _plain(value: Any) -> Any:
@@ -33,6 +40,18 @@ def _plain(value: Any) -> Any:
 def record_to_dict(record: RetryItem | DeadLetterItem) -> dict[str, Any]:
     """Every field of a retry item or dead letter, JSON-ready (times as ISO 8601 strings)."""
     return {field.name: _plain(getattr(record, field.name)) for field in dataclasses.fields(record)}
+
+
+def reading_to_dict(reading: Reading) -> dict[str, Any]:
+    """How an app reads a stored event (``bus.dead_letters.reading``), JSON-ready."""
+    return {
+        "type": reading.event_type,
+        "stored_version": reading.stored_version,
+        "current_version": reading.current_version,
+        "upcast": reading.upcast,
+        "data": reading.data,
+        "error": reading.error,
+    }
 
 
 def _utc(moment: datetime | None) -> str | None:

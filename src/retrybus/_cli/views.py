@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from .._event_types import Reading
 from .._groups import FailureGroup, GroupCount
 from .._records import DeadLetterItem, RetryItem
 from .._services import (
@@ -315,12 +316,23 @@ def retry_table(items: Sequence[RetryItem], now: datetime, title: str) -> Fitted
     return FittedTable(title, columns, items)
 
 
-def dead_letter_detail(item: DeadLetterItem, now: datetime, *, full: bool = False) -> Group:
+def dead_letter_detail(
+    item: DeadLetterItem, now: datetime, *, full: bool = False, reading: Reading | None = None
+) -> Group:
     """One dead letter: its fields, the event's data, metadata and traceback; the
     last three cut after their first ``SHOWN_BYTES`` (with a line saying so)
-    unless ``full``."""
-    parts: list[RenderableType] = [_dead_letter_fields(item, now)]
+    unless ``full``. With the ``reading`` of an app that registers its type: the
+    stored and current versions, and the data as a handler gets it (upcast), or
+    the reason it would be dead-lettered."""
+    parts: list[RenderableType] = [_dead_letter_fields(item, now, reading)]
     parts += _json_section("event data", item.event_data, full)
+    if reading is not None and reading.current_version is not None:
+        if reading.error is not None:
+            parts += _text_section("as this app reads it", reading.error, full=True, style="red")
+        elif reading.upcast:
+            parts += _json_section(
+                f"as this app reads it (upcast to v{reading.current_version})", reading.data, full
+            )
     if item.metadata:
         parts += _json_section("metadata", dict(item.metadata), full)
     if item.traceback:
@@ -328,7 +340,7 @@ def dead_letter_detail(item: DeadLetterItem, now: datetime, *, full: bool = Fals
     return Group(*parts)
 
 
-def _dead_letter_fields(item: DeadLetterItem, now: datetime) -> Table:
+def _dead_letter_fields(item: DeadLetterItem, now: datetime, reading: Reading | None) -> Table:
     fields = Table.grid(padding=(0, 2))
     fields.add_column(style="bold")
     fields.add_column()
@@ -351,6 +363,10 @@ def _dead_letter_fields(item: DeadLetterItem, now: datetime) -> Table:
     ]
     if item.event_subject is not None:
         rows.append(("event subject", item.event_subject))
+    if reading is not None and reading.current_version is not None:
+        rows.append(
+            ("version", f"stored {reading.stored_version}, current {reading.current_version}")
+        )
     rows.extend((f"extension {k}", v) for k, v in item.event_extensions.items())
     for name, value in rows:
         fields.add_row(name, Text(value))

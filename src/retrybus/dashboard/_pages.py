@@ -14,6 +14,7 @@ from starlette.responses import FileResponse, Response
 
 from .._bus import EventBus
 from .._errors import ItemNotFound, StoreUnavailable
+from .._event_types import Reading
 from .._filters import DeadLetterFilter
 from .._history import DepthHistory
 from .._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
@@ -265,7 +266,8 @@ async def _dead_letter(request: Request) -> DeadLetterItem:
 
 async def dead_letter(request: Request) -> Response:
     item = await _dead_letter(request)
-    return await render_page(request, "dead_letter.html", dead_letter_context(item))
+    reading = await state(request).bus.dead_letters.reading(item)
+    return await render_page(request, "dead_letter.html", dead_letter_context(item, reading))
 
 
 async def dead_letter_payload(request: Request) -> Response:
@@ -275,16 +277,25 @@ async def dead_letter_payload(request: Request) -> Response:
 
 
 def dead_letter_context(
-    item: DeadLetterItem, *, edit_text: str | None = None, edit_error: str = ""
+    item: DeadLetterItem,
+    reading: Reading | None = None,
+    *,
+    edit_text: str | None = None,
+    edit_error: str = "",
 ) -> dict[str, Any]:
     """What the detail page shows; ``edit_text`` and ``edit_error`` after a refused edit.
 
     A payload longer than a preview is shown cut, and not offered for editing: a
-    cut text sent back would replace the payload with its start."""
+    cut text sent back would replace the payload with its start. The payload
+    offered for editing is the one a handler gets (upcast to the current
+    version, which an edit is stored as) when the ``reading`` says so."""
     payload = pretty_json(item.event_data)
     context = _item_context(item, payload)
-    if edit_text is None and not context["payload"].truncated:
-        edit_text = payload
+    editable = payload
+    if reading is not None and reading.upcast and reading.error is None:
+        editable = pretty_json(reading.data)
+    if edit_text is None and not preview(editable).truncated:
+        edit_text = editable
     return {**context, "edit_text": edit_text, "edit_error": edit_error}
 
 
