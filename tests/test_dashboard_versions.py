@@ -195,3 +195,72 @@ def test_other_failure_groups_show_no_version(dash: Dash) -> None:
     page = dash.get("/groups").text
     assert "counter down" in page
     assert "group-version" not in page.split("<tbody>")[1]
+
+
+# the services page ------------------------------------------------------------------
+
+
+def register_services(dash: Dash) -> None:
+    """social registers like.added v3 (and a hostile type name at v2); feed reads
+    like.added at v2; audit reads everything unversioned; billing only orders."""
+
+    async def make() -> None:
+        store, clock = dash.bus.store, dash.clock
+        social = EventBus(store, service="social", clock=clock, route_refresh=0)
+        like_v3(social)
+        social.event_type(XSS, version=2, upcasters={1: dict})
+        social.subscribe("like.added", lambda event: None, name="Notify")
+        feed = EventBus(store, service="feed", clock=clock, route_refresh=0)
+        feed.event_type("like.added", version=2, upcasters={1: post_id})
+        feed.subscribe("like.added", lambda event: None, name="Count")
+        audit = EventBus(store, service="audit", clock=clock, route_refresh=0)
+        audit.subscribe("*", lambda event: None, name="Log")
+        billing = EventBus(store, service="billing", clock=clock, route_refresh=0)
+        billing.subscribe("order.paid", lambda event: None, name="Invoice")
+        for bus in (social, feed, audit, billing):
+            await bus.register()
+
+    dash.run(make)
+
+
+def type_rows(html: str) -> dict[str, str]:
+    """The Event types table: each row's text (tags left out) by type."""
+    rows = re.findall(r'<tr data-type="([^"]*)"[^>]*>(.*?)</tr>', html, re.S)
+    return {
+        unescape(name): " ".join(unescape(re.sub(r"<[^>]+>", " ", row)).split())
+        for name, row in rows
+    }
+
+
+def test_the_services_page_shows_producers_and_consumers_of_each_type(dash: Dash) -> None:
+    register_services(dash)
+    page = dash.get("/services").text
+    assert XSS not in page
+    rows = type_rows(page)
+    assert set(rows) == {"like.added", XSS}
+    assert rows["like.added"] == (
+        "like.added feed v2 social v3 audit/Log unversioned behind v3 "
+        "feed/Count v2 behind v3 social/Notify v3"
+    )
+    assert rows[XSS] == f"{XSS} social v2 audit/Log unversioned behind v2"
+    consumers = re.findall(r'<div class="consumer" data-consumer="([^"]*)">(.*?)</div>', page)
+    flagged = sorted((unescape(key), "badge-behind" in cell) for key, cell in consumers)
+    assert flagged == [
+        ("audit/Log", True),
+        ("audit/Log", True),
+        ("feed/Count", True),
+        ("social/Notify", False),
+    ]
+
+
+def test_the_services_page_of_one_service_shows_its_types_only(dash: Dash) -> None:
+    register_services(dash)
+    assert set(type_rows(dash.get("/services?service=feed").text)) == {"like.added"}
+    billing = dash.get("/services?service=billing").text
+    assert type_rows(billing) == {}
+    assert 'id="event-types"' not in billing
+
+
+def test_the_services_page_without_registered_types_has_no_event_types(dash: Dash) -> None:
+    dash.run(dash.bus.register)
+    assert 'id="event-types"' not in dash.get("/services").text
