@@ -4,15 +4,28 @@ store when they register, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
+from typer.testing import CliRunner
 
 from conftest import fresh_store
-from retrybus import EventBus, ManualClock, Store, StoredSubscription, TypeVersions
+from retrybus import (
+    EventBus,
+    ManualClock,
+    Store,
+    StoredSubscription,
+    TypeVersions,
+    open_store,
+)
+from retrybus._cli import views
+from retrybus._cli.app import app
 from retrybus._versions_view import type_versions
 
 NOW = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
@@ -144,3 +157,43 @@ async def test_services_versions_of_two_registered_buses(store: Store) -> None:
     assert after.behind == ()
     with pytest.raises(ValueError, match="service"):
         await social.services.versions("no such/service")
+
+
+async def test_the_services_command_shows_the_event_types(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    async with open_store(url) as store:
+        social = EventBus(store, service="social", route_refresh=0)
+        social.event_type("like.added", version=3, upcasters={1: dict, 2: dict})
+        feed = EventBus(store, service="feed", route_refresh=0)
+        feed.event_type("like.added", version=2, upcasters={1: dict})
+        feed.subscribe("like.added", lambda event: None, name="Count")
+        audit = EventBus(store, service="audit", route_refresh=0)
+        audit.subscribe("*", lambda event: None, name="Log")
+        for bus in (social, feed, audit):
+            await bus.register()
+    monkeypatch.setattr(views, "console", lambda stderr=False: Console(width=100))
+
+    shown = await asyncio.to_thread(CliRunner().invoke, app, ["services", "--store", url])
+    assert shown.exit_code == 0, shown.output
+    table = shown.stdout[shown.stdout.index("event types") :]
+    row = " ".join(table[table.index("like.added") :].split())
+    assert row.startswith("like.added │ feed v2, social v3 │ audit/Log unversioned (BEHIND v3),")
+    assert "feed/Count v2 (BEHIND v3)" in row
+    assert "WARNING 2 consumers behind the newest producer" in shown.stdout
+
+    listed = await asyncio.to_thread(
+        CliRunner().invoke, app, ["services", "--store", url, "--json"]
+    )
+    assert listed.exit_code == 0, listed.output
+    by_service = {s["service"]: s["event_types"] for s in json.loads(listed.stdout)}
+    like = {
+        "type": "like.added",
+        "newest": 3,
+        "producers": {"feed": 2, "social": 3},
+        "consumers": {"audit/Log": None, "feed/Count": 2},
+        "behind": ["audit/Log", "feed/Count"],
+    }
+    # social has no handler, no worker, no record: no service of the list, a producer all the same
+    assert by_service == {"audit": [like], "feed": [like]}
