@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -51,3 +53,46 @@ def test_a_shape_is_its_own_shape(message: str) -> None:
     shape = message_shape(message)
     assert len(shape) <= 200
     assert message_shape(shape) == shape
+
+
+UNKNOWN_VERSION = "retrybus._errors.UnknownVersion"
+
+
+def test_an_unknown_version_keeps_its_stored_version_in_the_shape() -> None:
+    four = "unknown version 4 of like.added (this code knows up to 3)"
+    five = "unknown version 5 of like.added (this code knows up to 3)"
+    assert message_shape(four, UNKNOWN_VERSION) == (
+        "unknown version 4 of like.added (this code knows up to <n>)"
+    )
+    assert failure_group_key("Count", UNKNOWN_VERSION, four) != failure_group_key(
+        "Count", UNKNOWN_VERSION, five
+    )
+    assert failure_group_key("Count", UNKNOWN_VERSION, five) == failure_group_key(
+        "Count", UNKNOWN_VERSION, "unknown version 5 of like.added (this code knows up to 4)"
+    )
+    not_a_number = "unknown version 'x1' of like.added (not a version number)"
+    assert message_shape(not_a_number, UNKNOWN_VERSION) == message_shape(not_a_number)
+
+
+def test_other_errors_shape_as_before() -> None:
+    message = "unknown version 4 of like.added (this code knows up to 3)"
+    shape = "unknown version <n> of like.added (this code knows up to <n>)"
+    assert message_shape(message) == shape
+    assert message_shape(message, "ValueError") == shape
+    assert message_shape(message, "retrybus._errors.UpcastFailed") == shape
+    # the key of a group that existed before versions is what it was
+    text = "Mailer\x1fConnectionError\x1fsmtp <ip> refused"
+    expected = "grp_" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert failure_group_key("Mailer", "ConnectionError", "smtp 10.0.0.3:25 refused") == expected
+    upcast = "upcast failed v1→v2: KeyError 'post' (like.added)"
+    assert message_shape(upcast, "retrybus._errors.UpcastFailed") == (
+        "upcast failed v1→v2: KeyError '<str>' (like.added)"
+    )
+
+
+@given(st.text(max_size=300))
+def test_an_unknown_version_shape_is_its_own_shape(tail: str) -> None:
+    shape = message_shape(f"unknown version 7 of {tail}", UNKNOWN_VERSION)
+    assert shape.startswith("unknown version 7 of ")
+    assert len(shape) <= 200
+    assert message_shape(shape, UNKNOWN_VERSION) == shape

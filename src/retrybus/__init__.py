@@ -60,6 +60,7 @@ from ._services import (
 from ._stats import Stats
 from ._stores import Store, open_store
 from ._transports import Transport, open_transport
+from ._versions_view import TypeVersions
 from ._worker import RetryWorker
 
 if _TYPE_CHECKING:
@@ -131,6 +132,7 @@ __all__ = [
     "Transport",
     "TransportUnavailable",
     "TransportUnusable",
+    "TypeVersions",
     "UnknownHandler",
     "UnknownSubscription",
     "UnknownVersion",

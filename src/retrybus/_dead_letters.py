@@ -203,7 +203,7 @@ class DeadLetterQueue:
                     key=group.key,
                     handler_name=sample.handler_name,
                     error_type=sample.error_type,
-                    shape=message_shape(sample.error),
+                    shape=message_shape(sample.error, sample.error_type),
                     count=group.count,
                     first_at=group.first_at,
                     last_at=group.last_at,

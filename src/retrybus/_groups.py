@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
+from ._errors import UnknownVersion
 from ._services import DEFAULT_SERVICE
 
 __all__ = ["FailureGroup", "GroupCount", "failure_group_key", "message_shape"]
@@ -43,18 +44,36 @@ _SHAPE_RULES: tuple[tuple[str, str], ...] = (
 )
 
 
+#: the error type (as dead letters record it) whose message keeps its stored version
+_UNKNOWN_VERSION_TYPE = f"{UnknownVersion.__module__}.{UnknownVersion.__qualname__}"
+_UNKNOWN_VERSION_LEAD = re.compile(r"unknown version \d+ of ")
+
+
 @functools.cache
 def _compiled_rules() -> tuple[tuple[re.Pattern[str], str], ...]:
     # compiled on first use: a worker that never dead-letters never pays for them
     return tuple((re.compile(pattern), placeholder) for pattern, placeholder in _SHAPE_RULES)
 
 
-def message_shape(message: str) -> str:
-    """``message`` with its varying parts replaced by placeholders (see the module)."""
+def message_shape(message: str, error_type: str = "") -> str:
+    """``message`` with its varying parts replaced by placeholders (see the module).
+
+    For an ``UnknownVersion`` (``error_type`` as dead letters record it,
+    ``retrybus._errors.UnknownVersion``) the stored version stays: ``unknown
+    version 4 of like.added`` and ``unknown version 5 of like.added`` wait for
+    different deploys, so they are two groups."""
+    if error_type == _UNKNOWN_VERSION_TYPE:
+        lead = _UNKNOWN_VERSION_LEAD.match(message)
+        if lead is not None:
+            rest = message_shape(message[lead.end() : MAX_SOURCE_CHARS])
+            return _bounded(lead.group() + rest)
     shape = message[:MAX_SOURCE_CHARS]
     for pattern, placeholder in _compiled_rules():
         shape = pattern.sub(placeholder, shape)
-    shape = " ".join(shape.split())
+    return _bounded(" ".join(shape.split()))
+
+
+def _bounded(shape: str) -> str:
     if len(shape) > MAX_SHAPE_CHARS:
         shape = shape[: MAX_SHAPE_CHARS - 1] + "…"
     return shape
@@ -71,7 +90,7 @@ def failure_group_key(
     two kinds of key never collide."""
     import hashlib  # on first use, as the rules: most processes never need it
 
-    text = "\x1f".join((handler_name, error_type, message_shape(error)))
+    text = "\x1f".join((handler_name, error_type, message_shape(error, error_type)))
     if service != DEFAULT_SERVICE:
         text = f"{service}\x00{text}"
     return "grp_" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]

@@ -24,6 +24,7 @@ from ._services import (
     check_service,
     summarize_services,
 )
+from ._versions_view import TypeVersions, type_versions
 
 if TYPE_CHECKING:
     from ._core import BusCore
@@ -142,6 +143,18 @@ class Services:
             record.key.removeprefix(TYPES_CONTROL_PREFIX): list(record.value.get("types", []))
             for record in sorted(records, key=lambda r: r.key)
         }
+
+    async def versions(self, service: str | None = None) -> builtins.list[TypeVersions]:
+        """Each event type with its producers (the services registering it, each at
+        its version: ``event_types``) and its consumers (the stored subscriptions
+        receiving it, each at the version it reads, None when it registered none),
+        and the consumers behind the newest producer (``TypeVersions``); with
+        ``service``, the types it produces or consumes. What the services page and
+        ``retrybus services`` show under "Event types"."""
+        if service is not None:
+            check_service(service)
+        found = type_versions(await self.event_types(), await self.list())
+        return found if service is None else [t for t in found if t.involves(service)]
 
     async def remove(
         self, service: str, handler: str | None = None, *, actor: str, force: bool = False

@@ -87,6 +87,10 @@ def show_services(
 
     A service with work waiting and no live worker is marked `WARNING no live worker`.
 
+    When services register event types (their `bus.event_type`), an "event
+    types" table follows: each type's producers and consumers version beside
+    version, the consumers behind the newest producer marked `BEHIND`.
+
     With --json, a list of services, each an object with these fields (times are
     ISO 8601 in UTC, ages seconds):
 
@@ -103,7 +107,13 @@ def show_services(
       `max_retries`, `handler_timeout`, `registered_at` (all null when the store
       keeps none of it), `removed`, `removed_at`, `removed_by`; what waits for it:
       `pending`, `scheduled`, `retrying`, `leased`, `dead_unprocessed`,
-      `dead_processed`, `oldest_pending_due`, `oldest_pending_age`.
+      `dead_processed`, `oldest_pending_due`, `oldest_pending_age`;
+    * `event_types`, the types the service produces or consumes, each with
+      `type`; `newest`, the highest version a service registers (null: none
+      does); `producers`, the services registering it, each to its version;
+      `consumers`, the stored subscriptions receiving it (`service/handler`),
+      each to the version it reads (null: unversioned, it registered none);
+      `behind`, the consumers reading a version older than `newest`.
     """
     if service is not None:
         _check_service_name(service)
@@ -119,8 +129,19 @@ def show_services(
                     f"no service {service!r} in {bus.store.url}: no subscription, worker "
                     f"heartbeat or record of it (services: {known})"
                 )
+            versions = await bus.services.versions(service)
             if json:
-                echo_json([service_to_dict(summary) for summary in summaries])
+                echo_json(
+                    [
+                        {
+                            **service_to_dict(summary),
+                            "event_types": [
+                                t.to_dict() for t in versions if t.involves(summary.service)
+                            ],
+                        }
+                        for summary in summaries
+                    ]
+                )
                 return
             if not summaries:
                 typer.echo(
@@ -132,6 +153,10 @@ def show_services(
 
             broker = None if bus.transport is None else bus.transport.url
             views.console().print(views.services_view(summaries, bus.store.url, broker))
+            if versions:
+                from .versions_view import event_types_view
+
+                views.console().print(event_types_view(versions))
 
     run(main())
 

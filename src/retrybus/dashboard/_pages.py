@@ -23,6 +23,7 @@ from .._stats import Stats
 from ._chart import depth_chart, runs
 from ._display import preview
 from ._scope import chosen_service, render_page, service_loads
+from ._versions import group_versions
 from ._web import SERVICE_KEY, HTTPError, pretty_json, redirect, root, state
 
 __all__ = [
@@ -337,6 +338,7 @@ async def groups(request: Request) -> Response:
     found = await bus.dead_letters.groups(where, limit=200)
     context = {
         "groups": found,
+        "versions": await group_versions(bus.store, found),
         "where": where,
         "query": query,
         "total": sum(g.count for g in found),

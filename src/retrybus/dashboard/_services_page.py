@@ -23,11 +23,19 @@ async def services(request: Request) -> Response:
     """Each service (or the one ``?service=`` names): its live workers, its
     handlers with their subscription and load, a warning when work waits and no
     worker of it is live, and, when the bus has a transport, the messages the
-    broker holds for it (its broker lag)."""
+    broker holds for it (its broker lag); then each event type its services
+    produce or consume, version beside version, the consumers behind their
+    producers flagged."""
     bus = state(request).bus
-    summaries = await bus.services.overview(chosen_service(request))
+    service = chosen_service(request)
+    summaries = await bus.services.overview(service)
     broker = None if bus.transport is None else bus.transport.url
-    context = {"summaries": summaries, "runners": _runners(summaries), "broker": broker}
+    context = {
+        "summaries": summaries,
+        "runners": _runners(summaries),
+        "broker": broker,
+        "type_versions": await bus.services.versions(service),
+    }
     return await render_page(request, "services.html", context)
 
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 from ._auth import Auth, Identity
 from ._chart import bar
 from ._display import clip, human_size, preview, public_type_name
+from ._versions import item_version
 
 __all__ = [
     "SERVICE_KEY",
@@ -102,6 +103,7 @@ class Dashboard:
             size=human_size,
         )
         self.env.globals["bar"] = lambda fraction: Markup(bar(fraction))
+        self.env.globals["version_of"] = lambda item: item_version(self.bus.core.types, item)
 
     @property
     def reprocess_disabled(self) -> str:
