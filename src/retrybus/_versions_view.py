@@ -7,7 +7,9 @@ A service produces the types its control record ``event-types:<service>`` lists
 (``EventBus.register`` writes it). A stored subscription consumes a type its
 patterns match (or one of the type's aliases), at the version its
 ``details["versions"]`` records for it; a handler that registered no version of
-the type reads what it gets as it is (unversioned: taken as version 1).
+the type reads what it gets as it is (unversioned): one subscribed to the type
+by name is taken as reading version 1, one matching it by a glob (an audit
+log's ``*``) is never counted behind.
 """
 
 from __future__ import annotations
@@ -105,15 +107,20 @@ def type_versions(
     for name in sorted(producers.keys() | recorded):
         known_as = (name, *sorted(aliases.get(name, ())))
         consumers: dict[str, int | None] = {}
+        named: set[str] = set()  # consumers whose patterns name the type (no glob)
         for s in live:
             if any(fnmatch.fnmatchcase(n, p) for n in known_as for p in s.patterns):
-                consumers[f"{s.service}/{s.handler_name}"] = _consumed_version(s, known_as)
+                key = f"{s.service}/{s.handler_name}"
+                consumers[key] = _consumed_version(s, known_as)
+                if any(n in s.patterns for n in known_as):
+                    named.add(key)
         newest = max(producers.get(name, {}).values(), default=None)
         behind = tuple(
             sorted(
                 key
                 for key, version in consumers.items()
-                if newest is not None and (version or 1) < newest
+                if newest is not None
+                and (version < newest if version is not None else key in named and newest > 1)
             )
         )
         found.append(
