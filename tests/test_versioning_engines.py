@@ -1,0 +1,219 @@
+"""Event versioning on every engine and every delivery path: events stored by code
+that knows v1 of ``like.added`` (dead letters, scheduled deliveries, retries) are
+read as v3 by code that knows v3, through the worker, a reprocess and a redrive,
+and their stored payloads are never rewritten; a buggy upcaster and a version
+newer than the code dead-letter, and a redrive after the fix delivers; brokers,
+aliases across services, inline, deferred and outbox publishes upcast too
+(tests/versioning_types.py has the type)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from retrybus import (
+    DeadLetterFilter,
+    DeadLetterItem,
+    Event,
+    EventBus,
+    FixedDelay,
+    ManualClock,
+    PermanentError,
+    RetryItem,
+    RetryWorker,
+    Store,
+)
+from retrybus._event_types import Upcaster
+from versioning_types import (
+    TYPE,
+    UPCASTERS_V3,
+    V1_DATA,
+    V3_DATA,
+    LikeAdded,
+    register_v1,
+    register_v3,
+)
+
+#: a v1 event as a v1 bus that registers nothing stores it, and as one that registers v1
+UNSTAMPED: dict[str, str] = {}
+STAMPED_V1 = {"dataversion": "1"}
+
+
+def stored_json(data: Any) -> str:
+    """A payload as text to compare (keys sorted: PostgreSQL's jsonb keeps no order)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def stored_form(record: RetryItem | DeadLetterItem) -> tuple[str, dict[str, str]]:
+    """What a record holds of its event's payload and version."""
+    return stored_json(record.event_data), dict(record.event_extensions)
+
+
+class Seen:
+    """What each read gave the first upcaster of the chain, by event id: the
+    stored payload and extensions exactly as they came out of the store."""
+
+    def __init__(self) -> None:
+        self.inputs: dict[str, list[tuple[str, dict[str, str]]]] = {}
+
+    def upcasters(self, chain: Mapping[int, Upcaster] = UPCASTERS_V3) -> dict[int, Upcaster]:
+        first = chain[1]
+
+        def watched(data: Any, event: Event) -> Any:
+            self.inputs.setdefault(event.id, []).append((stored_json(data), dict(event.extensions)))
+            return first(data)
+
+        return {**chain, 1: watched}
+
+
+class Received:
+    """What a v3 handler named ``count`` was given, by event id; it fails the
+    first call of each event id in ``fail_once``."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list[tuple[str, dict[str, str], Any]]] = {}
+        self.fail_once: set[str] = set()
+
+    def subscribe(self, bus: EventBus, **options: Any) -> None:
+        async def count(event: Event, data: LikeAdded) -> None:
+            self.calls.setdefault(event.id, []).append((event.type, dict(event.extensions), data))
+            if event.id in self.fail_once:
+                self.fail_once.discard(event.id)
+                raise ConnectionError("the counter blinked")
+
+        bus.subscribe(TYPE, count, name="count", **options)
+
+    def models(self, event_id: str) -> list[Any]:
+        return [data for _type, _extensions, data in self.calls.get(event_id, [])]
+
+
+def v1_bus(store: Store, clock: ManualClock, *, stamps: bool) -> EventBus:
+    """A bus of the code that knows v1: registering nothing, or v1 itself
+    (``stamps``). Its ``count`` handler dead-letters every event at once except
+    those with the subject ``retry``, which it leaves to a retry."""
+    bus = EventBus(store, clock=clock)
+    if stamps:
+        register_v1(bus)
+
+    def count(event: Event) -> None:
+        if event.subject == "retry":
+            raise ConnectionError("the counter is down")
+        raise PermanentError("the v1 counter cannot count this")
+
+    bus.subscribe(TYPE, count, name="count", policy=FixedDelay(delay=1, max_retries=3))
+    return bus
+
+
+def v3_bus(store: Store, clock: ManualClock, seen: Seen, received: Received) -> EventBus:
+    bus = EventBus(store, clock=clock)
+    register_v3(bus, seen.upcasters())
+    received.subscribe(bus, policy=FixedDelay(delay=1, max_retries=3))
+    return bus
+
+
+async def dead_letter_of(bus: EventBus, event_id: str) -> DeadLetterItem:
+    (letter,) = await bus.dead_letters.list(event_id=event_id)
+    return letter
+
+
+# 1. what v1 code stored, read as v3 -------------------------------------------------
+
+
+async def test_v1_scheduled_deliveries_and_dead_letters_are_read_as_v3_and_never_rewritten(
+    store: Store, clock: ManualClock
+) -> None:
+    plain = v1_bus(store, clock, stamps=False)
+    stamping = v1_bus(store, clock, stamps=True)
+    reprocessed = await plain.publish(Event(TYPE, V1_DATA, source="/social"))
+    redriven = await stamping.publish(Event(TYPE, V1_DATA, source="/social"))
+    assert reprocessed.dead_lettered == redriven.dead_lettered == ("count",)
+    in_a_minute = await plain.publish(Event(TYPE, V1_DATA, source="/social"), deliver_in=60)
+    at_two = await stamping.publish(
+        Event(TYPE, V1_DATA, source="/social"), deliver_at=clock.now() + timedelta(minutes=2)
+    )
+    assert in_a_minute.pending == at_two.pending == ("count",)
+    written = {
+        reprocessed.event.id: (stored_json(V1_DATA), UNSTAMPED),
+        in_a_minute.event.id: (stored_json(V1_DATA), UNSTAMPED),
+        redriven.event.id: (stored_json(V1_DATA), STAMPED_V1),
+        at_two.event.id: (stored_json(V1_DATA), STAMPED_V1),
+    }
+    scheduled = {item.event_id: item for item in await plain.retry_queue.list()}
+    assert set(scheduled) == {in_a_minute.event.id, at_two.event.id}
+    for event_id, item in scheduled.items():
+        assert item.kind(clock.now()) == "scheduled"
+        assert stored_form(item) == written[event_id]
+    for result in (reprocessed, redriven):
+        assert stored_form(await dead_letter_of(plain, result.event.id)) == written[result.event.id]
+
+    seen, received = Seen(), Received()
+    v3 = v3_bus(store, clock, seen, received)
+    v3_model = LikeAdded(**V3_DATA)
+
+    # a reprocess calls the v3 handler here, and keeps the dead letter as it was
+    done = await v3.dead_letters.reprocess(
+        (await dead_letter_of(v3, reprocessed.event.id)).id, actor="alice"
+    )
+    assert done.processed is True
+    assert received.models(reprocessed.event.id) == [v3_model]
+    after = await v3.dead_letters.get(done.id)
+    assert (after.processed, stored_form(after)) == (True, written[reprocessed.event.id])
+
+    # a redrive requeues the stored event as it is; the worker reads it as v3
+    redrive = await v3.redrives.start(
+        DeadLetterFilter(event_id=redriven.event.id, processed=False), actor="alice"
+    )
+    finished = await v3.redrives.run(redrive.id, interval=0)
+    assert (finished.state, finished.done, finished.failed) == ("completed", 1, 0)
+    requeued = [i for i in await v3.retry_queue.list() if i.event_id == redriven.event.id]
+    assert [stored_form(i) for i in requeued] == [written[redriven.event.id]]
+
+    worker = RetryWorker(v3)
+    assert await worker.run_once() == 1  # the redriven one: the scheduled ones wait
+    assert received.models(redriven.event.id) == [v3_model]
+    clock.advance(60)
+    assert await worker.run_once() == 1
+    assert received.models(in_a_minute.event.id) == [v3_model]
+    clock.advance(60)
+    assert await worker.run_once() == 1
+    assert received.models(at_two.event.id) == [v3_model]
+    assert await v3.retry_queue.count() == 0
+
+    for event_id, calls in received.calls.items():
+        # the handler got the event as v3, under its registered name
+        assert [(t, e) for t, e, _data in calls] == [(TYPE, {"dataversion": "3"})]
+        # and the read was given exactly what the store held, once per delivery
+        assert seen.inputs[event_id] == [written[event_id]]
+    assert set(received.calls) == set(written)
+    assert await v3.dead_letters.count() == 1  # the reprocessed one, kept and marked
+    kept = await dead_letter_of(v3, reprocessed.event.id)
+    assert stored_form(kept) == written[reprocessed.event.id]
+
+
+async def test_a_v1_retry_fails_once_at_v3_and_stays_v1_in_the_store_between_attempts(
+    store: Store, clock: ManualClock
+) -> None:
+    v1 = v1_bus(store, clock, stamps=True)
+    published = await v1.publish(Event(TYPE, V1_DATA, source="/social", subject="retry"))
+    assert published.retrying == ("count",)
+    (item,) = await v1.retry_queue.list()
+    written = (stored_json(V1_DATA), STAMPED_V1)
+    assert (item.attempt, stored_form(item)) == (1, written)
+
+    seen, received = Seen(), Received()
+    v3 = v3_bus(store, clock, seen, received)
+    received.fail_once.add(published.event.id)
+    worker = RetryWorker(v3)
+    clock.advance(1)
+    assert await worker.run_once() == 1
+    (again,) = await v3.retry_queue.list()
+    assert (again.id, again.attempt, again.error) == (item.id, 2, "the counter blinked")
+    assert stored_form(again) == written
+    clock.advance(1)
+    assert await worker.run_once() == 1
+    assert await v3.retry_queue.count() == 0
+    assert await v3.dead_letters.count() == 0
+    assert received.models(published.event.id) == [LikeAdded(**V3_DATA)] * 2
+    assert seen.inputs[published.event.id] == [written, written]
