@@ -31,9 +31,13 @@ from versioning_types import (
     UPCASTERS_V3,
     V1_DATA,
     V3_DATA,
+    V4_DATA,
     LikeAdded,
+    LikeAddedV4,
+    buggy_v1_to_v2,
     register_v1,
     register_v3,
+    register_v4,
 )
 
 #: a v1 event as a v1 bus that registers nothing stores it, and as one that registers v1
@@ -217,3 +221,75 @@ async def test_a_v1_retry_fails_once_at_v3_and_stays_v1_in_the_store_between_att
     assert await v3.dead_letters.count() == 0
     assert received.models(published.event.id) == [LikeAdded(**V3_DATA)] * 2
     assert seen.inputs[published.event.id] == [written, written]
+
+
+# 2. a buggy upcaster, fixed ---------------------------------------------------------
+
+
+async def test_a_buggy_upcaster_dead_letters_and_a_redrive_after_the_fix_delivers_the_original(
+    store: Store, clock: ManualClock
+) -> None:
+    v1 = v1_bus(store, clock, stamps=False)
+    deferred = await v1.publish(Event(TYPE, V1_DATA, source="/social"), defer=True)
+    retried = await v1.publish(Event(TYPE, V1_DATA, source="/social", subject="retry"))
+    assert (deferred.pending, retried.retrying) == (("count",), ("count",))
+    written = (stored_json(V1_DATA), UNSTAMPED)
+
+    received = Received()
+    v3 = EventBus(store, clock=clock)
+    register_v3(v3, {**UPCASTERS_V3, 1: buggy_v1_to_v2})
+    received.subscribe(v3, policy=FixedDelay(delay=1, max_retries=3))
+    clock.advance(1)
+    assert await RetryWorker(v3).run_once() == 2
+    assert received.calls == {}
+    assert await v3.retry_queue.count() == 0  # not retried
+    for result, attempt in ((deferred, 0), (retried, 1)):
+        letter = await dead_letter_of(v3, result.event.id)
+        assert letter.reason == "upcast failed v1→v2: KeyError 'postid' (like.added)"
+        assert (letter.error_type, letter.attempt) == ("retrybus._errors.UpcastFailed", attempt)
+        assert stored_form(letter) == written
+
+    seen = Seen()
+    register_v3(v3, seen.upcasters())  # the fix, deployed: registered again
+    redrive = await v3.redrives.start(action="reprocess", actor="alice")
+    finished = await v3.redrives.run(redrive.id, interval=0)
+    assert (finished.state, finished.done, finished.failed) == ("completed", 2, 0)
+    for result in (deferred, retried):
+        assert received.models(result.event.id) == [LikeAdded(**V3_DATA)]
+        assert seen.inputs[result.event.id] == [written]
+        letter = await dead_letter_of(v3, result.event.id)
+        assert (letter.processed, stored_form(letter)) == (True, written)
+
+
+# 3. a version newer than the code ---------------------------------------------------
+
+
+async def test_a_v4_event_parks_on_a_v3_bus_until_it_learns_v4(
+    store: Store, clock: ManualClock
+) -> None:
+    v4 = EventBus(store, clock=clock)
+    register_v4(v4)
+    v4.subscribe(TYPE, lambda event: None, name="count")
+    published = await v4.publish(Event(TYPE, V4_DATA, source="/social"), defer=True)
+    assert published.pending == ("count",)
+    written = (stored_json(V4_DATA), {"dataversion": "4"})
+
+    seen, received = Seen(), Received()
+    v3 = v3_bus(store, clock, seen, received)
+    assert await RetryWorker(v3).run_once() == 1
+    letter = await dead_letter_of(v3, published.event.id)
+    assert letter.reason == "unknown version 4 of like.added (this code knows up to 3)"
+    assert (letter.error_type, letter.attempt) == ("retrybus._errors.UnknownVersion", 0)
+    assert stored_form(letter) == written
+    assert received.calls == {}
+    assert await v3.retry_queue.count() == 0
+
+    register_v4(v3)  # the deploy that knows v4
+    redrive = await v3.redrives.start(event_id=published.event.id, actor="alice")
+    assert (await v3.redrives.run(redrive.id, interval=0)).done == 1
+    (requeued,) = await v3.retry_queue.list()
+    assert stored_form(requeued) == written
+    assert await RetryWorker(v3).run_once() == 1
+    assert received.models(published.event.id) == [LikeAddedV4(**V4_DATA)]
+    assert await v3.dead_letters.count() == 0
+    assert await v3.retry_queue.count() == 0
