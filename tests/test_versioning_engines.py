@@ -8,10 +8,16 @@ aliases across services, inline, deferred and outbox publishes upcast too
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Mapping
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from retrybus import (
     DeadLetterFilter,
@@ -24,9 +30,14 @@ from retrybus import (
     RetryItem,
     RetryWorker,
     Store,
+    open_store,
 )
 from retrybus._event_types import Upcaster
+from retrybus._stores.memory import MemoryStore
+from retrybus._transports.base import Transport
+from transports._common import all_transports
 from versioning_types import (
+    ALIAS,
     TYPE,
     UPCASTERS_V3,
     V1_DATA,
@@ -293,3 +304,154 @@ async def test_a_v4_event_parks_on_a_v3_bus_until_it_learns_v4(
     assert received.models(published.event.id) == [LikeAddedV4(**V4_DATA)]
     assert await v3.dead_letters.count() == 0
     assert await v3.retry_queue.count() == 0
+
+
+# 5. through a broker ----------------------------------------------------------------
+
+TRANSPORTS = all_transports()
+
+
+@pytest.fixture(params=list(TRANSPORTS))
+async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
+    async with TRANSPORTS[request.param].open_test_transport() as opened:
+        yield opened
+
+
+async def until(condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {within}s waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_v1_events_through_a_broker_reach_the_v3_handler_as_v3(
+    transport: Transport,
+) -> None:
+    store = MemoryStore()
+    seen, received = Seen(), Received()
+    consumer = EventBus(store, service="stats", transport=transport)
+    register_v3(consumer, seen.upcasters())
+    received.subscribe(consumer)
+    producer = EventBus(store, service="social", transport=transport)  # knows no types
+    worker = RetryWorker(consumer, check_interval=0.2)
+    await worker.start()
+    try:
+        await until(
+            lambda: worker._consumer is not None and worker._consumer._receiver is not None,
+            "the consumer to open",
+        )
+        current = await producer.publish(Event(TYPE, V1_DATA, source="/social"))
+        renamed = await producer.publish(Event(ALIAS, V1_DATA, source="/social"))
+        assert current.receipt is not None
+        assert renamed.receipt is not None
+        await until(lambda: len(received.calls) == 2, "both events")
+    finally:
+        await worker.stop()
+    written = [(stored_json(V1_DATA), UNSTAMPED)]
+    for result in (current, renamed):
+        assert received.calls[result.event.id] == [
+            (TYPE, {"dataversion": "3"}, LikeAdded(**V3_DATA))
+        ]
+        assert seen.inputs[result.event.id] == written
+    assert await store.retry_count() == 0
+
+
+# 6. an old name, routed to another service ------------------------------------------
+
+
+async def test_an_old_name_published_by_a_service_that_knows_no_aliases_reaches_the_type(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    async with open_store(f"sqlite:///{tmp_path / 'bus.db'}") as store:
+        seen, received = Seen(), Received()
+        stats = EventBus(store, service="stats", clock=clock)
+        like_added = register_v3(stats, seen.upcasters())
+        received.subscribe(stats)
+        await stats.register()
+        (stored,) = await store.list_subscriptions("stats")
+        assert (stored.patterns, stored.details) == ((TYPE, ALIAS), {"versions": {TYPE: 3}})
+
+        social = EventBus(store, service="social", clock=clock, route_refresh=0)
+        assert await social.services.event_types() == {"stats": [like_added.describe()]}
+        published = await social.publish(Event(ALIAS, V1_DATA, source="/social"))
+        assert published.routed == ("stats/count",)
+        (item,) = await social.retry_queue.list()
+        assert (item.service, item.handler_name, item.event_type) == ("stats", "count", ALIAS)
+        written = (stored_json(V1_DATA), UNSTAMPED)
+        assert stored_form(item) == written
+
+        assert await RetryWorker(stats).run_once() == 1
+        assert received.calls[published.event.id] == [
+            (TYPE, {"dataversion": "3"}, LikeAdded(**V3_DATA))
+        ]
+        assert seen.inputs[published.event.id] == [written]
+
+
+# 7. inline, deferred and staged publishes -------------------------------------------
+
+
+async def test_a_v1_event_published_on_a_v3_bus_is_read_as_v3_inline_durably_and_deferred(
+    store: Store, clock: ManualClock
+) -> None:
+    seen, received = Seen(), Received()
+    v3 = v3_bus(store, clock, seen, received)
+    written = (stored_json(V1_DATA), STAMPED_V1)
+    results = {}
+    for durable in (False, True, None):  # None: as the store says (durable when it persists)
+        result = await v3.publish(
+            Event(TYPE, V1_DATA, source="/social", extensions=STAMPED_V1), durable=durable
+        )
+        assert result.succeeded == ("count",)
+        results[result.event.id] = result
+    # a durable publish's records are removed behind its success: as stored, v1
+    assert all(stored_form(item) == written for item in await v3.retry_queue.list())
+    await v3.core.ledger.flush()
+    assert await v3.retry_queue.count() == 0
+    deferred = await v3.publish(
+        Event(TYPE, V1_DATA, source="/social", extensions=STAMPED_V1), defer=True
+    )
+    assert deferred.pending == ("count",)
+    (item,) = await v3.retry_queue.list()
+    assert stored_form(item) == written
+    assert await RetryWorker(v3).run_once() == 1
+    results[deferred.event.id] = deferred
+
+    assert set(received.calls) == set(results)
+    for event_id, result in results.items():
+        assert result.event.extensions == STAMPED_V1  # publish keeps the version it states
+        assert received.calls[event_id] == [(TYPE, {"dataversion": "3"}, LikeAdded(**V3_DATA))]
+        # publish reads it too, to validate it as v3; every read saw the v1 payload
+        assert seen.inputs[event_id]
+        assert all(given == written for given in seen.inputs[event_id])
+    assert await v3.retry_queue.count() == 0
+    assert await v3.dead_letters.count() == 0
+
+
+async def test_the_outbox_stages_events_stamped_and_a_v1_one_is_delivered_as_v3(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    path = tmp_path / "app.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        seen, received = Seen(), Received()
+        v3 = v3_bus(store, clock, seen, received)
+        app = sqlite3.connect(path)
+        try:
+            old = Event(TYPE, V1_DATA, source="/social", extensions=STAMPED_V1)
+            new = Event(TYPE, V3_DATA, source="/social")
+            assert (await v3.outbox.stage(old, connection=app)).into == "store"
+            await v3.outbox.stage(new, connection=app)
+            with pytest.raises(ValueError, match="post_id"):
+                await v3.outbox.stage(Event(TYPE, V1_DATA), connection=app)  # v1 data as v3
+            app.commit()
+        finally:
+            app.close()
+        stored = {item.event_id: stored_form(item) for item in await v3.retry_queue.list()}
+        assert stored == {
+            old.id: (stored_json(V1_DATA), STAMPED_V1),
+            new.id: (stored_json(V3_DATA), {"dataversion": "3"}),
+        }
+        assert await RetryWorker(v3).run_once() == 2
+        model = LikeAdded(**V3_DATA)
+        assert received.models(old.id) == received.models(new.id) == [model]
+        assert seen.inputs[old.id][-1] == stored[old.id]
+        assert new.id not in seen.inputs  # nothing to upcast
