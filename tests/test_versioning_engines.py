@@ -395,34 +395,48 @@ async def test_a_v1_event_published_on_a_v3_bus_is_read_as_v3_inline_durably_and
 ) -> None:
     seen, received = Seen(), Received()
     v3 = v3_bus(store, clock, seen, received)
+    models: list[LikeAdded] = []
+    plain: list[tuple[str, Any]] = []
+
+    async def tally(data: LikeAdded) -> None:
+        models.append(data)
+
+    def log(event: Event) -> None:
+        plain.append((event.type, event.data))
+
+    v3.subscribe(TYPE, tally, name="tally")
+    v3.subscribe(TYPE, log, name="log")
+    handlers = ("count", "tally", "log")
     written = (stored_json(V1_DATA), STAMPED_V1)
     results = {}
     for durable in (False, True, None):  # None: as the store says (durable when it persists)
         result = await v3.publish(
             Event(TYPE, V1_DATA, source="/social", extensions=STAMPED_V1), durable=durable
         )
-        assert result.succeeded == ("count",)
+        assert result.succeeded == handlers
         results[result.event.id] = result
-    # a durable publish's records are removed behind its success: as stored, v1
+    # a durable publish's records are removed behind its success; until then, v1
     assert all(stored_form(item) == written for item in await v3.retry_queue.list())
     await v3.core.ledger.flush()
     assert await v3.retry_queue.count() == 0
     deferred = await v3.publish(
         Event(TYPE, V1_DATA, source="/social", extensions=STAMPED_V1), defer=True
     )
-    assert deferred.pending == ("count",)
-    (item,) = await v3.retry_queue.list()
-    assert stored_form(item) == written
-    assert await RetryWorker(v3).run_once() == 1
+    assert deferred.pending == handlers
+    assert [stored_form(item) for item in await v3.retry_queue.list()] == [written] * 3
+    assert await RetryWorker(v3).run_once() == 3
     results[deferred.event.id] = deferred
 
     assert set(received.calls) == set(results)
+    model = LikeAdded(**V3_DATA)
     for event_id, result in results.items():
         assert result.event.extensions == STAMPED_V1  # publish keeps the version it states
-        assert received.calls[event_id] == [(TYPE, {"dataversion": "3"}, LikeAdded(**V3_DATA))]
-        # publish reads it too, to validate it as v3; every read saw the v1 payload
-        assert seen.inputs[event_id]
+        assert received.calls[event_id] == [(TYPE, {"dataversion": "3"}, model)]
+        # each handler's call reads it (publish too, to validate it): all saw the v1 payload
+        assert len(seen.inputs[event_id]) >= len(handlers)
         assert all(given == written for given in seen.inputs[event_id])
+    assert models == [model] * len(results)
+    assert plain == [(TYPE, V3_DATA)] * len(results)
     assert await v3.retry_queue.count() == 0
     assert await v3.dead_letters.count() == 0
 
