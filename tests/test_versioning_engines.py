@@ -331,8 +331,10 @@ async def test_v1_events_through_a_broker_reach_the_v3_handler_as_v3(
     seen, received = Seen(), Received()
     consumer = EventBus(store, service="stats", transport=transport)
     register_v3(consumer, seen.upcasters())
-    received.subscribe(consumer)
+    received.subscribe(consumer, policy=FixedDelay(delay=3600, max_retries=3))
     producer = EventBus(store, service="social", transport=transport)  # knows no types
+    renamed = Event(ALIAS, V1_DATA, source="/social")
+    received.fail_once.add(renamed.id)  # its retry waits in the store
     worker = RetryWorker(consumer, check_interval=0.2)
     await worker.start()
     try:
@@ -341,19 +343,22 @@ async def test_v1_events_through_a_broker_reach_the_v3_handler_as_v3(
             "the consumer to open",
         )
         current = await producer.publish(Event(TYPE, V1_DATA, source="/social"))
-        renamed = await producer.publish(Event(ALIAS, V1_DATA, source="/social"))
         assert current.receipt is not None
-        assert renamed.receipt is not None
+        assert (await producer.publish(renamed)).receipt is not None
         await until(lambda: len(received.calls) == 2, "both events")
+        deadline = time.monotonic() + 30
+        while (retries := await store.list_retry(limit=10, offset=0)) == []:
+            assert time.monotonic() < deadline, "no retry record"
+            await asyncio.sleep(0.02)
     finally:
         await worker.stop()
-    written = [(stored_json(V1_DATA), UNSTAMPED)]
-    for result in (current, renamed):
-        assert received.calls[result.event.id] == [
-            (TYPE, {"dataversion": "3"}, LikeAdded(**V3_DATA))
-        ]
-        assert seen.inputs[result.event.id] == written
-    assert await store.retry_count() == 0
+    written = (stored_json(V1_DATA), UNSTAMPED)
+    for event_id in (current.event.id, renamed.id):
+        assert received.calls[event_id] == [(TYPE, {"dataversion": "3"}, LikeAdded(**V3_DATA))]
+        assert seen.inputs[event_id] == [written]
+    (retry,) = retries
+    assert (retry.event_id, retry.event_type, retry.attempt) == (renamed.id, ALIAS, 1)
+    assert stored_form(retry) == written
 
 
 # 6. an old name, routed to another service ------------------------------------------
