@@ -436,9 +436,10 @@ class EventTypes:
     def stored_terms(self, patterns: Iterable[str]) -> tuple[tuple[str, ...], dict[str, Any]]:
         """What a service's stored subscription says for a handler subscribed to
         ``patterns``: the patterns with the aliases of each registered type a
-        pattern names (so that a publisher of another service routes events
-        published under an old name to it), and ``details`` with the version
-        of each registered type it receives (``{"versions": {"like.added": 3}}``)."""
+        pattern matches (as the handler receives them here: so that a publisher
+        of another service routes events published under an old name to it),
+        and ``details`` with the version of each registered type it receives
+        (``{"versions": {"like.added": 3}}``)."""
         patterns = tuple(patterns)
         if not self.active:
             return patterns, {}
@@ -447,8 +448,11 @@ class EventTypes:
         for event_type in self._types.values():
             if any(fnmatch.fnmatchcase(event_type.name, p) for p in patterns):
                 versions[event_type.name] = event_type.version
-                if event_type.name in patterns:
-                    stored.extend(a for a in event_type.aliases if a not in stored)
+                stored.extend(
+                    a
+                    for a in event_type.aliases
+                    if a not in stored and not any(fnmatch.fnmatchcase(a, p) for p in patterns)
+                )
         return tuple(stored), ({"versions": versions} if versions else {})
 
     def preview(self, event: Event) -> Reading:
