@@ -372,24 +372,35 @@ async def test_an_old_name_published_by_a_service_that_knows_no_aliases_reaches_
         stats = EventBus(store, service="stats", clock=clock)
         like_added = register_v3(stats, seen.upcasters())
         received.subscribe(stats)
+        wild: list[tuple[str, Any]] = []
+        stats.subscribe("like.*", lambda event: wild.append((event.type, event.data)), name="wild")
         await stats.register()
-        (stored,) = await store.list_subscriptions("stats")
-        assert (stored.patterns, stored.details) == ((TYPE, ALIAS), {"versions": {TYPE: 3}})
+        stored = {s.handler_name: s for s in await store.list_subscriptions("stats")}
+        # a handler receives the type's old names as it receives the type, by name or pattern
+        assert {name: s.patterns for name, s in stored.items()} == {
+            "count": (TYPE, ALIAS),
+            "wild": ("like.*", ALIAS),
+        }
+        assert {s.details["versions"][TYPE] for s in stored.values()} == {3}
 
         social = EventBus(store, service="social", clock=clock, route_refresh=0)
         assert await social.services.event_types() == {"stats": [like_added.describe()]}
         published = await social.publish(Event(ALIAS, V1_DATA, source="/social"))
-        assert published.routed == ("stats/count",)
-        (item,) = await social.retry_queue.list()
-        assert (item.service, item.handler_name, item.event_type) == ("stats", "count", ALIAS)
+        assert published.routed == ("stats/count", "stats/wild")
         written = (stored_json(V1_DATA), UNSTAMPED)
-        assert stored_form(item) == written
+        records = await social.retry_queue.list()
+        assert sorted((i.service, i.handler_name, i.event_type) for i in records) == [
+            ("stats", "count", ALIAS),
+            ("stats", "wild", ALIAS),
+        ]
+        assert [stored_form(i) for i in records] == [written] * 2
 
-        assert await RetryWorker(stats).run_once() == 1
+        assert await RetryWorker(stats).run_once() == 2
         assert received.calls[published.event.id] == [
             (TYPE, {"dataversion": "3"}, LikeAdded(**V3_DATA))
         ]
-        assert seen.inputs[published.event.id] == [written]
+        assert wild == [(TYPE, V3_DATA)]
+        assert seen.inputs[published.event.id] == [written] * 2
 
 
 # 7. inline, deferred and staged publishes -------------------------------------------
