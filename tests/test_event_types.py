@@ -349,7 +349,7 @@ async def test_register_stores_versions_aliases_and_the_services_types() -> None
     stored = {s.handler_name: s for s in await bus.services.list("social")}
     assert stored["count"].patterns == ("like.added", "social.like")
     assert stored["count"].details == {"versions": {"like.added": 3}}
-    assert stored["all_likes"].patterns == ("like.*",)
+    assert stored["all_likes"].patterns == ("like.*", "social.like")
     assert stored["all_likes"].details == {"versions": {"like.added": 3}}
     assert stored["comments"].details == {}
     (described,) = (await bus.services.event_types())["social"]
