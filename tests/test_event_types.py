@@ -373,3 +373,34 @@ def test_preview_reads_a_stored_event_without_changing_it() -> None:
     assert types.preview(Event("other", {})).current_version is None
     with pytest.raises(UpcastFailed):
         types.read(v1({"id": 9}).copy())
+
+
+async def test_an_upcaster_that_changes_its_data_in_place_changes_nothing_stored() -> None:
+    clock = ManualClock()
+    bus = EventBus(clock=clock)
+
+    def in_place(data: dict[str, Any]) -> dict[str, Any]:
+        data["post_id"] = int(data.pop("post"))
+        return data
+
+    bus.event_type("like.added", version=2, upcasters={1: in_place})
+    seen: list[Any] = []
+
+    @bus.handler("like.added", name="first")
+    async def first(event: Event) -> None:
+        seen.append(event.data)
+        raise ConnectionError("down")
+
+    bus.subscribe("like.added", lambda e: seen.append(e.data), name="second")
+    published = v1({"post": "4"})
+    result = await bus.publish(published)
+    assert result.retrying == ("first",)
+    assert seen == [{"post_id": 4}, {"post_id": 4}]
+    assert published.data == {"post": "4"}
+    (item,) = await bus.retry_queue.list()
+    assert item.event_data == {"post": "4"}
+    clock.advance(3600)
+    await RetryWorker(bus).run_once()
+    assert seen[-1] == {"post_id": 4}
+    (item,) = await bus.retry_queue.list()
+    assert item.event_data == {"post": "4"}
