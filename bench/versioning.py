@@ -40,7 +40,8 @@ Figures:
 
 <store>: ``memory`` and ``sqlite``.
 
-Run alone: .venv/bin/python bench/versioning.py [--quick] [--profile DIR]
+Run alone: .venv/bin/python bench/versioning.py [--only publish,read,worker] [--quick]
+[--profile DIR]
 (--quick: tiny sizes, to try it out; --profile: cProfile a registered publish
 loop, the read loops and a v1 worker drain into DIR/<what>.prof).
 """
@@ -70,6 +71,7 @@ UNREGISTERED = "bench.plain"
 REGISTERED = "bench.liked"
 VALIDATED = "bench.checked"
 VERSION = 3
+PARTS = ("publish", "read", "worker")
 PUBLISH_KINDS = ("unregistered", "registered", "validated")
 TYPE_OF = {"unregistered": UNREGISTERED, "registered": REGISTERED, "validated": VALIDATED}
 
@@ -82,7 +84,7 @@ class Sizes:
     reads: int = 20_000
     read_rounds: int = 15
     worker_items: int = 2_000
-    worker_rounds: int = 7
+    worker_rounds: int = 11
 
 
 QUICK = Sizes(
@@ -347,17 +349,20 @@ async def profile(directory: str, sizes: Sizes) -> None:
     note(f"profiles in {directory}")
 
 
-async def measure(sizes: Sizes) -> list[Figure]:
+async def measure(sizes: Sizes, parts: tuple[str, ...] = PARTS) -> list[Figure]:
     quiet_logging()
     figures: list[Figure] = []
-    with tempfile.TemporaryDirectory(prefix="retrybus-bench-") as directory:
-        figures += await measure_publish("memory", "memory://", sizes)
-        figures += await measure_publish(
-            "sqlite", f"sqlite:///{os.path.join(directory, 'publish.db')}", sizes
-        )
-    figures += measure_reads(sizes)
-    figures += await measure_worker("memory", sizes)
-    figures += await measure_worker("sqlite", sizes)
+    if "publish" in parts:
+        with tempfile.TemporaryDirectory(prefix="retrybus-bench-") as directory:
+            figures += await measure_publish("memory", "memory://", sizes)
+            figures += await measure_publish(
+                "sqlite", f"sqlite:///{os.path.join(directory, 'publish.db')}", sizes
+            )
+    if "read" in parts:
+        figures += measure_reads(sizes)
+    if "worker" in parts:
+        figures += await measure_worker("memory", sizes)
+        figures += await measure_worker("sqlite", sizes)
     return figures
 
 
@@ -369,15 +374,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to try it out")
     parser.add_argument("--profile", metavar="DIR", help="cProfile the hot paths into DIR")
     args = parser.parse_args()
+    parts = tuple(p for p in args.only.split(",") if p)
+    if set(parts) - set(PARTS):
+        parser.error(f"unknown part: {', '.join(sorted(set(parts) - set(PARTS)))}")
     sizes = QUICK if args.quick else Sizes()
     if args.profile:
         quiet_logging()
         asyncio.run(profile(args.profile, sizes))
         return
-    emit(asyncio.run(measure(sizes)))
+    emit(asyncio.run(measure(sizes, parts)))
 
 
 if __name__ == "__main__":
