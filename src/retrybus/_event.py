@@ -210,15 +210,14 @@ class Event:
         """Rebuild an event read back from a store, skipping the checks it passed
         when it was first built (for store engines and records, not for new events)."""
         event = object.__new__(cls)
-        setter = object.__setattr__
-        setter(event, "type", type)
-        setter(event, "data", data)
-        setter(event, "source", source)
-        setter(event, "id", id)
-        setter(event, "time", time)
-        setter(event, "subject", subject)
-        setter(event, "extensions", MappingProxyType(dict(extensions)) if extensions else _EMPTY)
-        setter(event, "_data_json", "")
+        _set_type(event, type)
+        _set_data(event, data)
+        _set_source(event, source)
+        _set_id(event, id)
+        _set_time(event, time)
+        _set_subject(event, subject)
+        _set_extensions(event, MappingProxyType(dict(extensions)) if extensions else _EMPTY)
+        _set_data_json(event, "")
         return event
 
     def __hash__(self) -> int:
@@ -231,16 +230,19 @@ class Event:
 
     def _with_checked_extensions(self, extensions: Mapping[str, str]) -> Event:
         """``with_extensions`` for extensions already known to be valid."""
+        if not self.extensions and type(extensions) is MappingProxyType:
+            merged = extensions  # read-only already: shared
+        else:
+            merged = MappingProxyType({**self.extensions, **extensions})
         event = object.__new__(type(self))
-        setter = object.__setattr__
-        setter(event, "type", self.type)
-        setter(event, "data", self.data)
-        setter(event, "source", self.source)
-        setter(event, "id", self.id)
-        setter(event, "time", self.time)
-        setter(event, "subject", self.subject)
-        setter(event, "extensions", MappingProxyType({**self.extensions, **extensions}))
-        setter(event, "_data_json", self._data_json)
+        _set_type(event, self.type)
+        _set_data(event, self.data)
+        _set_source(event, self.source)
+        _set_id(event, self.id)
+        _set_time(event, self.time)
+        _set_subject(event, self.subject)
+        _set_extensions(event, merged)
+        _set_data_json(event, self._data_json)
         return event
 
     def copy(self) -> Event:
@@ -250,15 +252,14 @@ class Event:
         if type(self.data) in _IMMUTABLE_JSON:
             return self
         event = object.__new__(type(self))
-        setter = object.__setattr__
-        setter(event, "type", self.type)
-        setter(event, "data", _json_copy(self.data))
-        setter(event, "source", self.source)
-        setter(event, "id", self.id)
-        setter(event, "time", self.time)
-        setter(event, "subject", self.subject)
-        setter(event, "extensions", self.extensions)
-        setter(event, "_data_json", self._data_json)
+        _set_type(event, self.type)
+        _set_data(event, _json_copy(self.data))
+        _set_source(event, self.source)
+        _set_id(event, self.id)
+        _set_time(event, self.time)
+        _set_subject(event, self.subject)
+        _set_extensions(event, self.extensions)
+        _set_data_json(event, self._data_json)
         return event
 
     @property
@@ -317,9 +318,28 @@ class Event:
         )
 
 
+# the slots' own setters: the fast constructors above fill a new event through
+# them (a frozen dataclass's fields, without object.__setattr__'s lookup by name)
+(
+    _set_type,
+    _set_data,
+    _set_source,
+    _set_id,
+    _set_time,
+    _set_subject,
+    _set_extensions,
+    _set_data_json,
+) = (
+    vars(Event)[name].__set__
+    for name in ("type", "data", "source", "id", "time", "subject", "extensions", "_data_json")
+)
+
+
 def stamped(event: Event, extensions: Mapping[str, str]) -> Event:
     """``event`` with ``extensions`` added, for extensions retrybus made itself and
-    knows to be valid (a registered type's ``dataversion``): no checks."""
+    knows to be valid (a registered type's ``dataversion``): no checks. A
+    ``MappingProxyType`` given is shared by the events that carry no other
+    extensions (the caller must not change what it reads)."""
     return event._with_checked_extensions(extensions)
 
 

@@ -15,6 +15,7 @@ import fnmatch
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal, TypeAlias
 
 from ._errors import InvalidEventData, UnknownVersion, UpcastFailed, VersionError
@@ -149,6 +150,17 @@ class EventType:
     _validate: Callable[[Any], Any] | None = field(default=None, repr=False)
     _with_event: frozenset[int] = field(default=frozenset(), repr=False)
     _stamp: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # derived in __post_init__, read on every publish and delivery
+    _version_text: str = field(default="", init=False, repr=False)
+    _on_publish: bool = field(default=False, init=False, repr=False)
+    _on_delivery: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        setter = object.__setattr__
+        setter(self, "_version_text", str(self.version))
+        validates = self._validate is not None
+        setter(self, "_on_publish", validates and self.validate in ("publish", "both"))
+        setter(self, "_on_delivery", validates and self.validate in ("deliver", "both"))
 
     @property
     def oldest_version(self) -> int:
@@ -162,11 +174,11 @@ class EventType:
 
     @property
     def validates_on_publish(self) -> bool:
-        return self._validate is not None and self.validate in ("publish", "both")
+        return self._on_publish
 
     @property
     def validates_on_delivery(self) -> bool:
-        return self._validate is not None and self.validate in ("deliver", "both")
+        return self._on_delivery
 
     def describe(self) -> dict[str, Any]:
         """This type as a JSON-ready dict (for ``retrybus events --json``)."""
@@ -319,7 +331,7 @@ class EventTypes:
             dataschema,
             _validator(schema),
             frozenset(step for step, fn in chain.items() if _takes_event(fn)),
-            stamp,
+            MappingProxyType(stamp),
         )
         previous = self._types.pop(name, None)
         if previous is not None:
@@ -355,10 +367,10 @@ class EventTypes:
             return event
         stated = event.extensions.get(VERSION_EXTENSION)
         if stated is None:
-            if event_type.validates_on_publish:
+            if event_type._on_publish:
                 event_type.validated(event.data)
             return stamped(event, event_type._stamp)
-        if event_type.validates_on_publish:
+        if event_type._on_publish:
             version = stored_version(event)
             if isinstance(version, int) and version > event_type.version:
                 return event  # a newer version than this code knows: its consumers judge it
@@ -376,6 +388,11 @@ class EventTypes:
         it cannot be read."""
         event_type = self._by_name.get(event.type)
         if event_type is None:
+            return event
+        if (
+            event.extensions.get(VERSION_EXTENSION) == event_type._version_text
+            and event.type == event_type.name
+        ):
             return event
         version = stored_version(event)
         if version == event_type.version:
@@ -426,8 +443,23 @@ class EventTypes:
         """``InvalidEventData`` when ``event`` (already read) fails a schema its type
         validates on delivery."""
         event_type = self._by_name.get(event.type)
-        if event_type is not None and event_type.validates_on_delivery:
+        if event_type is not None and event_type._on_delivery:
             self.model(event)
+
+    def delivered(self, event: Event) -> Event:
+        """``event`` as a handler call receives it: ``read``, then checked as
+        ``check_delivery`` does (one lookup of its type for both)."""
+        event_type = self._by_name.get(event.type)
+        if event_type is None:
+            return event
+        if (
+            event.extensions.get(VERSION_EXTENSION) != event_type._version_text
+            or event.type != event_type.name
+        ):
+            event = self.read(event)
+        if event_type._on_delivery:
+            self.model(event)
+        return event
 
     def describe(self) -> list[dict[str, Any]]:
         """Every registered type as ``EventType.describe`` gives it."""

@@ -138,8 +138,7 @@ class Subscription:
         data failing the schema) is the call's failure, the handler not run."""
         types = self.types
         if types is not None and types.active:
-            event = types.read(event)
-            types.check_delivery(event)
+            event = types.delivered(event)
         arguments = (event,) if self.form == EVENT_ONLY else self._with_data(event)
         limit = self.timeout or default_limit
         token = current_handler.set(self.name)
