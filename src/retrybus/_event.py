@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["Event", "check_text", "encode_json", "printable", "stamped"]
+__all__ = ["Event", "check_text", "encode_json", "lifted", "printable", "stamped"]
 
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,64}$")
 _RESERVED = frozenset(
@@ -230,20 +230,7 @@ class Event:
 
     def _with_checked_extensions(self, extensions: Mapping[str, str]) -> Event:
         """``with_extensions`` for extensions already known to be valid."""
-        if not self.extensions and type(extensions) is MappingProxyType:
-            merged = extensions  # read-only already: shared
-        else:
-            merged = MappingProxyType({**self.extensions, **extensions})
-        event = object.__new__(type(self))
-        _set_type(event, self.type)
-        _set_data(event, self.data)
-        _set_source(event, self.source)
-        _set_id(event, self.id)
-        _set_time(event, self.time)
-        _set_subject(event, self.subject)
-        _set_extensions(event, merged)
-        _set_data_json(event, self._data_json)
-        return event
+        return _derived(self, self.type, self.data, self._data_json, extensions)
 
     def copy(self) -> Event:
         """This event with a payload of its own (a copy of ``data``, which is
@@ -338,9 +325,36 @@ class Event:
 def stamped(event: Event, extensions: Mapping[str, str]) -> Event:
     """``event`` with ``extensions`` added, for extensions retrybus made itself and
     knows to be valid (a registered type's ``dataversion``): no checks. A
-    ``MappingProxyType`` given is shared by the events that carry no other
-    extensions (the caller must not change what it reads)."""
-    return event._with_checked_extensions(extensions)
+    ``MappingProxyType`` given is shared by the events whose own extensions it
+    all replaces (the caller must not change what it reads)."""
+    return _derived(event, event.type, event.data, event._data_json, extensions)
+
+
+def lifted(event: Event, name: str, data: Any, extensions: Mapping[str, str]) -> Event:
+    """``event`` read as the type ``name`` with ``data`` (what upcasters made of its data,
+    or its data itself) and ``extensions`` added, as ``stamped`` adds them."""
+    data_json = event._data_json if data is event.data else ""
+    return _derived(event, name, data, data_json, extensions)
+
+
+def _derived(
+    event: Event, name: str, data: Any, data_json: str, extensions: Mapping[str, str]
+) -> Event:
+    own = event.extensions
+    if type(extensions) is MappingProxyType and (not own or own.keys() <= extensions.keys()):
+        merged = extensions  # read-only already, and nothing of the event's own is left
+    else:
+        merged = MappingProxyType({**own, **extensions})
+    derived = object.__new__(type(event))
+    _set_type(derived, name)
+    _set_data(derived, data)
+    _set_source(derived, event.source)
+    _set_id(derived, event.id)
+    _set_time(derived, event.time)
+    _set_subject(derived, event.subject)
+    _set_extensions(derived, merged)
+    _set_data_json(derived, data_json)
+    return derived
 
 
 class _NotJsonForm(Exception):

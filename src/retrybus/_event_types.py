@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeAlias
 
 from ._errors import InvalidEventData, UnknownVersion, UpcastFailed, VersionError
-from ._event import Event, check_text, stamped
+from ._event import Event, check_text, lifted, stamped
 
 __all__ = [
     "SCHEMA_EXTENSION",
@@ -48,6 +48,7 @@ Upcaster: TypeAlias = Callable[..., Any]
 #: the control record of the event types a service registers (``event-types:<service>``)
 TYPES_CONTROL_PREFIX = "event-types:"
 
+_EMPTY: Mapping[str, str] = MappingProxyType({})
 _VALIDATIONS = ("publish", "deliver", "both", None)
 _UNKNOWN_VERSION_ACTIONS = ("dead_letter", "deliver")
 
@@ -232,19 +233,6 @@ class EventType:
         return data
 
 
-def _renamed(event: Event, name: str) -> Event:
-    """``event`` under its registered ``name`` (it came by an alias)."""
-    return Event.from_stored(
-        type=name,
-        data=event.data,
-        source=event.source,
-        id=event.id,
-        time=event.time,
-        subject=event.subject,
-        extensions=event.extensions,
-    )
-
-
 class EventTypes:
     """The event types a bus knows, by name and by alias."""
 
@@ -396,7 +384,11 @@ class EventTypes:
             return event
         version = stored_version(event)
         if version == event_type.version:
-            return event if event.type == event_type.name else _renamed(event, event_type.name)
+            return (
+                event
+                if event.type == event_type.name
+                else lifted(event, event_type.name, event.data, _EMPTY)
+            )
         if not isinstance(version, int) or version < 1:
             raise UnknownVersion(
                 f"unknown version {version!r} of {event_type.name} (not a version number)",
@@ -405,7 +397,11 @@ class EventTypes:
             )
         if version > event_type.version:
             if event_type.unknown_version == "deliver":
-                return event if event.type == event_type.name else _renamed(event, event_type.name)
+                return (
+                    event
+                    if event.type == event_type.name
+                    else lifted(event, event_type.name, event.data, _EMPTY)
+                )
             raise UnknownVersion(
                 f"unknown version {version} of {event_type.name} "
                 f"(this code knows up to {event_type.version})",
@@ -413,15 +409,7 @@ class EventTypes:
                 version,
             )
         data = event_type.upcast(event.data, version, event)
-        return Event.from_stored(
-            type=event_type.name,
-            data=data,
-            source=event.source,
-            id=event.id,
-            time=event.time,
-            subject=event.subject,
-            extensions={**event.extensions, **event_type._stamp},
-        )
+        return lifted(event, event_type.name, data, event_type._stamp)
 
     def has_schema(self, name: str) -> bool:
         """Whether the type ``name`` (or the one it is an alias of) has a schema."""
