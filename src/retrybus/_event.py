@@ -230,7 +230,7 @@ class Event:
 
     def _with_checked_extensions(self, extensions: Mapping[str, str]) -> Event:
         """``with_extensions`` for extensions already known to be valid."""
-        return _derived(self, self.type, self.data, self._data_json, extensions)
+        return stamped(self, extensions)
 
     def copy(self) -> Event:
         """This event with a payload of its own (a copy of ``data``, which is
@@ -327,22 +327,30 @@ def stamped(event: Event, extensions: Mapping[str, str]) -> Event:
     knows to be valid (a registered type's ``dataversion``): no checks. A
     ``MappingProxyType`` given is shared by the events whose own extensions it
     all replaces (the caller must not change what it reads)."""
-    return _derived(event, event.type, event.data, event._data_json, extensions)
-
-
-def lifted(event: Event, name: str, data: Any, extensions: Mapping[str, str]) -> Event:
-    """``event`` read as the type ``name`` with ``data`` (what upcasters made of its data,
-    or its data itself) and ``extensions`` added, as ``stamped`` adds them."""
-    data_json = event._data_json if data is event.data else ""
-    return _derived(event, name, data, data_json, extensions)
-
-
-def _derived(
-    event: Event, name: str, data: Any, data_json: str, extensions: Mapping[str, str]
-) -> Event:
+    # built here, not through lifted: this runs on every publish of a registered type
     own = event.extensions
     if type(extensions) is MappingProxyType and (not own or own.keys() <= extensions.keys()):
         merged = extensions  # read-only already, and nothing of the event's own is left
+    else:
+        merged = MappingProxyType({**own, **extensions})
+    derived = object.__new__(type(event))
+    _set_type(derived, event.type)
+    _set_data(derived, event.data)
+    _set_source(derived, event.source)
+    _set_id(derived, event.id)
+    _set_time(derived, event.time)
+    _set_subject(derived, event.subject)
+    _set_extensions(derived, merged)
+    _set_data_json(derived, event._data_json)
+    return derived
+
+
+def lifted(event: Event, name: str, data: Any, extensions: Mapping[str, str]) -> Event:
+    """``event`` read as the type ``name`` with ``data`` (what upcasters made of its
+    data, or its data itself) and ``extensions`` added, as ``stamped`` adds them."""
+    own = event.extensions
+    if type(extensions) is MappingProxyType and (not own or own.keys() <= extensions.keys()):
+        merged = extensions
     else:
         merged = MappingProxyType({**own, **extensions})
     derived = object.__new__(type(event))
@@ -353,7 +361,7 @@ def _derived(
     _set_time(derived, event.time)
     _set_subject(derived, event.subject)
     _set_extensions(derived, merged)
-    _set_data_json(derived, data_json)
+    _set_data_json(derived, event._data_json if data is event.data else "")
     return derived
 
 
