@@ -22,6 +22,7 @@ import postgresql
 import publish
 import redis_engine
 import services
+import versioning
 import worker
 from _common import emit, note
 
@@ -43,6 +44,7 @@ def main() -> None:
         services,
         inbox,
         outbox,
+        versioning,
     ):
         note(f"-- {module.__name__}")
         emit(module.run())
