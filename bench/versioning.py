@@ -34,6 +34,11 @@ Figures:
   versioning_upcast_step                     µs per read with one step, minus the
                                              read with nothing to do
   versioning_model_validate                  µs per EventTypes.model
+  versioning_floor_event_build               µs to build one event with a stamp (an
+                                             event is immutable: the least a stamp costs)
+  versioning_floor_share_memory              % of an unregistered inline publish on
+                                             the memory store that floor is (the
+                                             overhead target cannot be below it)
   versioning_worker_current_<store>          items/s, current-version items
   versioning_worker_upcast_<store>           items/s, v1 items (two upcasts each)
   versioning_worker_slowdown_<store>         % lower, the v1 figure than the current one
@@ -63,6 +68,7 @@ from _common import Figure, emit, median, note, quiet_logging
 from pydantic import BaseModel
 
 from retrybus import Event, EventBus, RetryWorker, open_store
+from retrybus._event import stamped  # the floor: one event built with its stamp
 from retrybus._event_types import EventTypes  # the registry a bus keeps, alone
 from retrybus._records import RetryItem  # seeding builds the rows as publish(defer=True) does
 
@@ -228,6 +234,10 @@ def measure_reads(sizes: Sizes) -> list[Figure]:
     if types.read(v2).data != v3.data or types.read(v3) is not v3:
         raise RuntimeError("the bench's upcast does not give the current data")
     read, model, validate = types.read, types.model, Liked.model_validate
+    # an immutable event cannot take a stamp in place: the least a stamp costs is
+    # building one event (its eight fields) with the type's read-only extensions
+    unstamped = Event(REGISTERED, current_data(7), source="bench")
+    stamp = stamped(unstamped, {"dataversion": "3"}).extensions
     if model(v3) != Liked(**current_data(7)):
         raise RuntimeError("the bench's model does not validate")
     loops: dict[str, tuple[Callable[[Event], Any], Event]] = {
@@ -236,6 +246,7 @@ def measure_reads(sizes: Sizes) -> list[Figure]:
         "model": (model, v3),
         "pydantic": (lambda event: validate(event.data), v3),
         "upcaster": (lambda event: _v2_to_v3(event.data), v2),
+        "floor": (lambda event: stamped(event, stamp), unstamped),
     }
     times: dict[str, list[float]] = {name: [] for name in loops}
     for call, event in loops.values():  # warm-up
@@ -258,6 +269,7 @@ def measure_reads(sizes: Sizes) -> list[Figure]:
         Figure("versioning_read_current", median(times["current"]), "µs"),
         Figure("versioning_upcast_step", median(steps), "µs"),
         Figure("versioning_model_validate", median(times["model"]), "µs"),
+        Figure("versioning_floor_event_build", median(times["floor"]), "µs"),
     ]
 
 
@@ -363,6 +375,11 @@ async def measure(sizes: Sizes, parts: tuple[str, ...] = PARTS) -> list[Figure]:
             )
     if "read" in parts:
         figures += measure_reads(sizes)
+        built = {f.name: f.value for f in figures}
+        if "versioning_publish_unregistered_memory" in built:
+            floor = built["versioning_floor_event_build"]
+            share = 100 * floor / built["versioning_publish_unregistered_memory"]
+            figures.append(Figure("versioning_floor_share_memory", share, "%"))
     if "worker" in parts:
         figures += await measure_worker("memory", sizes)
         figures += await measure_worker("sqlite", sizes)

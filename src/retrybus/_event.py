@@ -327,22 +327,7 @@ def stamped(event: Event, extensions: Mapping[str, str]) -> Event:
     knows to be valid (a registered type's ``dataversion``): no checks. A
     ``MappingProxyType`` given is shared by the events whose own extensions it
     all replaces (the caller must not change what it reads)."""
-    # built here, not through lifted: this runs on every publish of a registered type
-    own = event.extensions
-    if type(extensions) is MappingProxyType and (not own or own.keys() <= extensions.keys()):
-        merged = extensions  # read-only already, and nothing of the event's own is left
-    else:
-        merged = MappingProxyType({**own, **extensions})
-    derived = object.__new__(type(event))
-    _set_type(derived, event.type)
-    _set_data(derived, event.data)
-    _set_source(derived, event.source)
-    _set_id(derived, event.id)
-    _set_time(derived, event.time)
-    _set_subject(derived, event.subject)
-    _set_extensions(derived, merged)
-    _set_data_json(derived, event._data_json)
-    return derived
+    return lifted(event, event.type, event.data, extensions)
 
 
 def lifted(event: Event, name: str, data: Any, extensions: Mapping[str, str]) -> Event:
