@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-README = Path(__file__).parent.parent / "README.md"
+from readme_examples import README, run_script
 
 
 def quick_start() -> str:
@@ -16,17 +14,7 @@ def quick_start() -> str:
 
 
 def test_the_quick_start_runs_as_pasted(tmp_path: Path) -> None:
-    script = tmp_path / "quick_start.py"
-    script.write_text(quick_start(), encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_script(quick_start(), tmp_path)
     lines = done.stdout.splitlines()
     assert lines[0] == "('SocialStatisticsHandler',) () ()"
     assert "PAGE: CommentNotificationHandler: non-retryable: PermanentError" in lines

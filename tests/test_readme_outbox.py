@@ -3,26 +3,13 @@ PostgreSQL database of its own (``DATABASE_URL``)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from appdb import fresh_database
-
-README = Path(__file__).parent.parent / "README.md"
-
-
-def example(marker: str) -> str:
-    """The README's Python block that starts with ``# <marker>``."""
-    text = README.read_text(encoding="utf-8")
-    for block in text.split("```python\n")[1:]:
-        code = block.split("```", 1)[0]
-        if code.startswith(f"# {marker}\n"):
-            return code
-    raise AssertionError(f"no README example marked {marker!r}")
+from readme_examples import example, run_script
 
 
 @pytest.fixture
@@ -32,19 +19,8 @@ async def database() -> AsyncIterator[str]:
 
 
 def run(code: str, database: str, directory: Path) -> str:
-    script = directory / "example.py"
-    script.write_text(code, encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=directory,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={"DATABASE_URL": database, "PATH": "/usr/bin:/bin"},
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    env = {"DATABASE_URL": database, "PATH": "/usr/bin:/bin"}
+    return run_script(code, directory, env=env, timeout=120).stdout
 
 
 @pytest.mark.parametrize(

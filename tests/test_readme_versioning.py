@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-README = Path(__file__).parent.parent / "README.md"
-
-
-def example() -> str:
-    text = README.read_text(encoding="utf-8")
-    block = text.split("```python\n# versioning example\n", 1)[1]
-    return block.split("```", 1)[0]
+from readme_examples import example, run_script
 
 
 def test_the_versioning_example_runs_as_pasted(tmp_path: Path) -> None:
-    script = tmp_path / "versioning.py"
-    script.write_text(example(), encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_script(example("versioning example"), tmp_path)
     assert done.stdout.splitlines() == [
         "3 post_id=7 user_id=None source='web'",
         "3 post_id=8 user_id=None source='web'",
