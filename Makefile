@@ -20,8 +20,12 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed-base
 	$(BIN)/retrybus demo
 
+# the suite in two processes (pytest-xdist), each test file in one of them: most
+# tests wait on servers and subprocesses, so two halve the time on two cores
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed-dev chromium
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The dashboard's browser tests drive Debian's chromium through Playwright (no
 # browser download: `playwright install` is never run). Installed when missing.
