@@ -6,7 +6,7 @@ import builtins
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Unpack
@@ -347,7 +347,12 @@ class DeadLetterQueue:
         }
 
     async def requeue(
-        self, item_id: str, *, data: Any = UNSET, actor: str | None = None
+        self,
+        item_id: str,
+        *,
+        data: Any = UNSET,
+        actor: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> RetryItem:
         """Move the dead letter back into the retry queue, due now, with all its
         retries ahead of it (the handler's current policy). Returns the new item.
@@ -365,6 +370,7 @@ class DeadLetterQueue:
         one; the type name stays as stored), and the edit also records the
         ``original_version`` and the new ``version``. Without ``data`` the
         stored payload and version are kept: the next delivery upcasts them.
+        ``metadata`` is added to the new item's (a redrive marks its probe items).
         """
         _check_actor(actor)
         item = await self.get(item_id)
@@ -375,6 +381,8 @@ class DeadLetterQueue:
         retry_item = item.to_retry_item(max_retries=await self._max_retries(item), now=now)
         if actor is not None:
             retry_item = replace(retry_item, metadata={**retry_item.metadata, "requeued_by": actor})
+        if metadata:
+            retry_item = replace(retry_item, metadata={**retry_item.metadata, **metadata})
         if not await self._core.ledger.requeue(item, retry_item):
             raise ItemNotFound(item_id)
         logger.info(

@@ -266,7 +266,7 @@ class Ledger:
         if now is None:
             now = core.clock.now()
         remembered = core.remembered
-        if not remembered.in_use:
+        if not remembered.in_use and not remembered.probes_in(outcomes):
             return await core.store.complete(outcomes, owner, now)
         return await core.store.complete_remembering(
             outcomes, owner, now, remembered.ids_of(outcomes), remembered.until(now)

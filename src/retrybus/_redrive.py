@@ -9,7 +9,8 @@ stopped. A runner leases the redrive it is driving, so two runners never drive
 one at once, and a runner that dies lets go when its lease runs out.
 
 States: ``probing`` → ``running`` → ``completed``; ``paused`` (and back);
-``stopped`` (the probe failed again) and ``cancelled`` are final.
+``stopped`` (the probe failed again, or no worker handled it within
+``probe_timeout``) and ``cancelled`` are final.
 """
 
 from __future__ import annotations
@@ -21,12 +22,24 @@ from typing import Any
 
 from ._filters import DeadLetterFilter
 
-__all__ = ["ACTIONS", "ACTIVE", "FINAL", "STATES", "Redrive", "parse_rate"]
+__all__ = [
+    "ACTIONS",
+    "ACTIVE",
+    "DEFAULT_PROBE_TIMEOUT",
+    "FINAL",
+    "STATES",
+    "Redrive",
+    "check_probe_timeout",
+    "duration_text",
+    "parse_rate",
+]
 
 ACTIONS = ("requeue", "reprocess")
 ACTIVE = ("probing", "running")
 FINAL = ("completed", "stopped", "cancelled")
 STATES = (*ACTIVE, "paused", *FINAL)
+#: how long a requeue's probe waits for a worker to handle its items (seconds)
+DEFAULT_PROBE_TIMEOUT = 600.0
 
 
 def _time(text: str | None) -> datetime | None:
@@ -46,7 +59,11 @@ class Redrive:
     successfully), ``failed`` reprocesses that failed again; ``total`` is how many
     matched when it started (those created later are never taken). ``cursor`` is
     the position (``created_at``, ``id``) of the last dead letter it took, newest
-    first: it goes on after it."""
+    first: it goes on after it. A requeue's probe waits up to ``probe_timeout``
+    seconds (None: for ever) from ``probe_since`` (when its items were requeued,
+    or the redrive resumed) for a worker to handle them; ``probe_deliveries``
+    are its items' delivery ids (``_records.delivery_id``), by which a success
+    is remembered."""
 
     id: str
     action: str
@@ -58,6 +75,9 @@ class Redrive:
     done: int = 0
     failed: int = 0
     probe_ids: tuple[str, ...] = ()
+    probe_deliveries: tuple[str, ...] = ()
+    probe_timeout: float | None = DEFAULT_PROBE_TIMEOUT
+    probe_since: datetime | None = None
     cursor: tuple[datetime, str] | None = None
     message: str = ""
     created_by: str | None = None
@@ -101,6 +121,9 @@ class Redrive:
             "done": self.done,
             "failed": self.failed,
             "probe_ids": list(self.probe_ids),
+            "probe_deliveries": list(self.probe_deliveries),
+            "probe_timeout": self.probe_timeout,
+            "probe_since": _iso(self.probe_since),
             "cursor": None if self.cursor is None else [self.cursor[0].isoformat(), self.cursor[1]],
             "message": self.message,
             "created_by": self.created_by,
@@ -134,6 +157,10 @@ class Redrive:
             done=int(data.get("done", 0)),
             failed=int(data.get("failed", 0)),
             probe_ids=tuple(data.get("probe_ids", ())),
+            # a record written before probe timeouts gets the default
+            probe_deliveries=tuple(data.get("probe_deliveries", ())),
+            probe_timeout=data.get("probe_timeout", DEFAULT_PROBE_TIMEOUT),
+            probe_since=_time(data.get("probe_since")),
             cursor=None if position is None or not cursor else (position, str(cursor[1])),
             message=data.get("message", ""),
             created_by=data.get("created_by"),
@@ -147,6 +174,36 @@ class Redrive:
             last_step_at=_time(data.get("last_step_at")),
             version=version,
         )
+
+
+def check_probe_timeout(value: float | None) -> float | None:
+    """``value`` as a probe timeout in seconds (> 0, or None: no limit); raises
+    ``ValueError`` naming it otherwise."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"probe_timeout must be a number of seconds > 0 or None, got {value!r}")
+    return float(value)
+
+
+def duration_text(seconds: float) -> str:
+    """``600`` as ``10m``, ``5400`` as ``1h30m``, ``45`` as ``45s``."""
+    whole = round(seconds)
+    if whole != seconds or whole < 60:
+        return f"{seconds:g}s"
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [
+        f"{hours}h" if hours else "",
+        f"{minutes}m" if minutes else "",
+        f"{secs}s" if secs else "",
+    ]
+    return "".join(parts)
 
 
 def parse_rate(text: str | float | None) -> float | None:

@@ -32,8 +32,17 @@ from ._errors import (
     UnknownHandler,
 )
 from ._filters import DeadLetterFilter, FilterFields, filter_from
-from ._records import dead_letter_id_for
-from ._redrive import ACTIONS, FINAL, Redrive, parse_rate
+from ._inbox.remembered import PROBE_MARK
+from ._records import RetryItem, dead_letter_id_for, delivery_id
+from ._redrive import (
+    ACTIONS,
+    DEFAULT_PROBE_TIMEOUT,
+    FINAL,
+    Redrive,
+    check_probe_timeout,
+    duration_text,
+    parse_rate,
+)
 
 if TYPE_CHECKING:
     from ._core import BusCore
@@ -60,8 +69,28 @@ class _Taken:
     succeeded: int = 0
     failed: int = 0
     retry_ids: list[str] = field(default_factory=list)
+    delivery_ids: list[str] = field(default_factory=list)
     first_error: str = ""
     cursor: tuple[datetime, str] | None = None
+
+
+@dataclass(slots=True)
+class _ProbeCount:
+    """How a requeue's probe items went so far: handled successfully (a worker
+    of this release remembers each success of a probe item, ``PROBE_MARK``),
+    failed again, gone from both queues without a remembered success (deleted by
+    someone, or handled by a worker that does not remember them: not a success,
+    not a failure), and the items still waiting for a worker."""
+
+    succeeded: int = 0
+    failed: int = 0
+    gone: int = 0
+    first_error: str = ""
+    waiting: list[RetryItem] = field(default_factory=list)
+
+    @property
+    def handled(self) -> int:
+        return self.succeeded + self.failed + self.gone
 
 
 class Redrives:
@@ -87,6 +116,7 @@ class Redrives:
         action: str = "requeue",
         rate: float | str | None = None,
         probe: int = 0,
+        probe_timeout: float | None = DEFAULT_PROBE_TIMEOUT,
         actor: str | None = None,
         **fields: Unpack[FilterFields],
     ) -> Redrive:
@@ -96,7 +126,13 @@ class Redrives:
         ``rate`` bounds it to that many items per second (``10``, ``"600/m"``);
         ``probe`` first takes that many items alone and goes on only once they
         have succeeded (for ``requeue``: once a worker has handled them), stopping
-        for good if any fails again. ``action="reprocess"`` calls the handlers in
+        for good if any fails again. A requeue's probe waits for a worker of the
+        items' service (its message says when none is running) for at most
+        ``probe_timeout`` seconds (None: for ever), then stops the redrive (what
+        it requeued stays queued). A probe item that disappears without a
+        success being remembered (someone deleted it) is neither a success nor a
+        failure: when all are gone so, the probe takes the next items.
+        ``action="reprocess"`` calls the handlers in
         the process that runs the redrive, which must subscribe them, and takes
         only unprocessed dead letters of this bus's service (on a store that keeps
         services; ``OtherService`` for a filter naming another).
@@ -105,6 +141,7 @@ class Redrives:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         if isinstance(probe, bool) or not isinstance(probe, int) or probe < 0:
             raise ValueError(f"probe must be an int >= 0, got {probe!r}")
+        probe_timeout = check_probe_timeout(probe_timeout)
         where = filter_from(where, fields)
         if action == "reprocess" and where.processed is True:
             raise ValueError(
@@ -129,6 +166,7 @@ class Redrives:
             where=selected,
             rate=per_second,
             probe=probe,
+            probe_timeout=probe_timeout,
             state="probing" if probe else "running",
             total=total,
             created_by=actor,
@@ -203,6 +241,8 @@ class Redrives:
             state=redrive.resume_state or "running",
             resume_state=None,
             message="resumed",
+            # the probe's time limit counts again from now
+            probe_since=None if redrive.probe_since is None else now,
             allowance=1.0,
             last_step_at=None,
             runner=None,
@@ -375,6 +415,8 @@ class Redrives:
                 failed=current.failed + failed_delta,
                 cursor=changes.get("cursor", current.cursor),
                 probe_ids=changes.get("probe_ids", current.probe_ids),
+                probe_deliveries=changes.get("probe_deliveries", current.probe_deliveries),
+                probe_since=changes.get("probe_since", current.probe_since),
                 updated_at=self._core.clock.now(),
             )
             saved = await self._save(merged)
@@ -392,8 +434,11 @@ class Redrives:
         take = int(allowance)
         return take, allowance - take
 
-    async def _take(self, redrive: Redrive, count: int, lost: asyncio.Event) -> _Taken:
-        """Requeue or reprocess up to ``count`` dead letters after the cursor."""
+    async def _take(
+        self, redrive: Redrive, count: int, lost: asyncio.Event, *, probe: bool = False
+    ) -> _Taken:
+        """Requeue or reprocess up to ``count`` dead letters after the cursor
+        (``probe``: requeued marked as the redrive's probe items)."""
         where = redrive.where.narrowed(cursor=redrive.cursor)
         items = await self._core.store.list_dead(where, limit=count, offset=0)
         taken = _Taken(cursor=redrive.cursor)
@@ -406,11 +451,21 @@ class Redrives:
             taken.cursor = (item.created_at, item.id)
             if redrive.action == "requeue":
                 try:
-                    retry_item = await self._dead_letters.requeue(item.id, actor=actor)
+                    retry_item = await self._dead_letters.requeue(
+                        item.id, actor=actor, metadata={PROBE_MARK: redrive.id} if probe else None
+                    )
                 except (ItemNotFound, ItemBusy):
                     continue  # requeued, deleted or being reprocessed by someone else
                 taken.succeeded += 1
                 taken.retry_ids.append(retry_item.id)
+                taken.delivery_ids.append(
+                    delivery_id(
+                        retry_item.event_source,
+                        retry_item.event_id,
+                        retry_item.handler_name,
+                        retry_item.service,
+                    )
+                )
                 continue
             try:
                 updated, ok = await self._dead_letters.attempt_reprocess(item.id, actor=actor)
@@ -468,7 +523,7 @@ class Redrives:
                 cursor=taken.cursor,
             )
         if not redrive.probe_ids:
-            taken = await self._take(redrive, redrive.probe, lost)
+            taken = await self._take(redrive, redrive.probe, lost, probe=True)
             if taken.listed == 0:
                 return await self._nothing_matched(redrive, lost)
             message = (
@@ -480,17 +535,66 @@ class Redrives:
                 redrive,
                 done=redrive.done + taken.succeeded,
                 probe_ids=tuple(taken.retry_ids),
+                probe_deliveries=tuple(taken.delivery_ids),
+                probe_since=now if taken.retry_ids else None,
                 cursor=taken.cursor,
                 message=message,
                 last_step_at=now,
             )
-        handled, failed, error = await self._probe_results(redrive.probe_ids)
-        if failed or handled == len(redrive.probe_ids):
-            return await self._probe_outcome(redrive, len(redrive.probe_ids), failed, error)
-        return await self._finish_step(
-            redrive,
-            message=f"probe: {handled} of {len(redrive.probe_ids)} handled, waiting for a worker",
-        )
+        size = len(redrive.probe_ids)
+        count = await self._probe_results(redrive, now)
+        if count.failed:
+            return await self._probe_outcome(redrive, size, count.failed, count.first_error)
+        if not count.waiting and count.succeeded:
+            return await self._probe_outcome(redrive, size, 0, "", gone=count.gone)
+        if not count.waiting:
+            # every item went without a success: no evidence either way, probe the next
+            return await self._finish_step(
+                redrive,
+                probe_ids=(),
+                probe_deliveries=(),
+                probe_since=None,
+                message=f"probe: {count.gone} of {size} gone without a success "
+                "(deleted by someone?): neither passed nor failed, probing the next items",
+            )
+        since = redrive.probe_since or redrive.last_step_at or redrive.updated_at
+        if redrive.probe_timeout is not None and now - since >= timedelta(
+            seconds=redrive.probe_timeout
+        ):
+            return await self._finish_step(
+                redrive,
+                state="stopped",
+                message=f"probe timed out after {duration_text(redrive.probe_timeout)}: "
+                f"{count.handled} of {size} handled"
+                + _gone_note(count.gone)
+                + " (the rest stay queued)",
+                finished_at=self._core.clock.now(),
+            )
+        idle = await self._idle_services(count.waiting, now)
+        if idle:
+            message = (
+                f"no worker of service {', '.join(idle)} is running: the probe waits for one "
+                f"({count.handled} of {size} handled)"
+            )
+        else:
+            message = f"probe: {count.handled} of {size} handled, waiting for a worker"
+        return await self._finish_step(redrive, message=message + _gone_note(count.gone))
+
+    async def _idle_services(
+        self, waiting: builtins.list[RetryItem], now: datetime
+    ) -> builtins.list[str]:
+        """The services of the waiting probe items that have no live worker
+        running their handler (a heartbeat naming no handlers counts as running
+        all)."""
+        idle = []
+        wanted: dict[str, set[str]] = {}
+        for item in waiting:
+            wanted.setdefault(item.service, set()).add(item.handler_name)
+        for service, handlers in sorted(wanted.items()):
+            live = [b for b in await self._core.store.list_workers(service) if b.live_at(now)]
+            if not any(not b.handlers or handlers & set(b.handlers) for b in live):
+                idle.append(service)
+        return idle
 
     async def _nothing_matched(self, redrive: Redrive, lost: asyncio.Event) -> Redrive:
         if lost.is_set():
@@ -505,7 +609,14 @@ class Redrives:
         )
 
     async def _probe_outcome(
-        self, redrive: Redrive, size: int, failures: int, error: str, **changes: Any
+        self,
+        redrive: Redrive,
+        size: int,
+        failures: int,
+        error: str,
+        *,
+        gone: int = 0,
+        **changes: Any,
     ) -> Redrive:
         if failures:
             return await self._finish_step(
@@ -518,33 +629,48 @@ class Redrives:
         return await self._finish_step(
             redrive,
             state="running",
-            message=f"probe passed: {size} of {size} succeeded",
+            message=f"probe passed: {size - gone} of {size} succeeded" + _gone_note(gone),
             allowance=1.0,
             last_step_at=None,
             **changes,
         )
 
-    async def _probe_results(self, retry_ids: tuple[str, ...]) -> tuple[int, int, str]:
-        """How the requeued probe items went: (handled, failed again, first error).
-
-        An item still queued at attempt 1 is waiting; one rescheduled (attempt > 1)
-        or back in the dead letter queue failed again; one gone from both succeeded."""
-        handled = failed = 0
-        first_error = ""
-        for retry_id in retry_ids:
+    async def _probe_results(self, redrive: Redrive, now: datetime) -> _ProbeCount:
+        """How the requeued probe items went. An item still queued at attempt 1
+        is waiting; one rescheduled (attempt > 1) or back in the dead letter
+        queue failed again; one gone from both succeeded if the store remembers
+        its success (``PROBE_MARK``), else it is gone: deleted by someone, most
+        likely, and counted as neither."""
+        count = _ProbeCount()
+        gone: list[str] = []
+        for retry_id in redrive.probe_ids:
             item = await self._core.store.get_retry(retry_id)
             if item is not None:
                 if item.attempt > 1:
-                    handled += 1
-                    failed += 1
-                    first_error = first_error or f"{item.error_type}: {item.error}"
+                    count.failed += 1
+                    count.first_error = count.first_error or f"{item.error_type}: {item.error}"
+                else:
+                    count.waiting.append(item)
                 continue
             dead = await self._core.store.get_dead(dead_letter_id_for(retry_id))
-            handled += 1
             if dead is not None:
-                failed += 1
-                first_error = first_error or f"{dead.error_type}: {dead.error}"
-        return handled, failed, first_error
+                count.failed += 1
+                count.first_error = count.first_error or f"{dead.error_type}: {dead.error}"
+                continue
+            gone.append(retry_id)
+        if gone:
+            ids = dict(zip(redrive.probe_ids, redrive.probe_deliveries, strict=False))
+            remembered = await self._core.store.remembered(ids.values(), now) if ids else set()
+            for retry_id in gone:
+                if ids.get(retry_id) in remembered:
+                    count.succeeded += 1
+                else:
+                    count.gone += 1
+        return count
+
+
+def _gone_note(gone: int) -> str:
+    return f"; {gone} gone without a success (deleted by someone?)" if gone else ""
 
 
 def _summary(action: str, done: int, failed: int) -> str:

@@ -28,11 +28,15 @@ if TYPE_CHECKING:
     from .._handlers import HandlerRegistry, Subscription
     from .._stores.base import Store
 
-__all__ = ["REQUEUED", "RememberedSuccesses"]
+__all__ = ["PROBE_MARK", "REQUEUED", "RememberedSuccesses"]
 
 #: the metadata key of a record made from a dead letter (a redrive, a requeue):
 #: the handler runs whatever the store remembers
 REQUEUED = "requeued_from"
+#: the metadata key of a redrive's probe item (its value: the redrive's id): its
+#: success is remembered whether or not the inbox is on, so that the probe can
+#: tell a success from a record someone deleted (both leave no record)
+PROBE_MARK = "redrive_probe"
 #: what "forever" means (``inbox_retention=None``): far enough, and a time every
 #: engine stores
 _FOREVER = timedelta(days=100 * 365)
@@ -123,12 +127,19 @@ class RememberedSuccesses:
 
     def ids_of(self, outcomes: Iterable[Outcome]) -> list[str]:
         """The delivery ids to remember among ``outcomes``: their successes of
-        handlers with the inbox on."""
+        handlers with the inbox on, and of redrives' probe items."""
         return [
             delivery_id(o.item.event_source, o.item.event_id, o.item.handler_name, o.item.service)
             for o in outcomes
-            if isinstance(o, Succeeded) and self._on_for_name(o.item.handler_name)
+            if isinstance(o, Succeeded)
+            and (PROBE_MARK in o.item.metadata or self._on_for_name(o.item.handler_name))
         ]
+
+    @staticmethod
+    def probes_in(outcomes: Iterable[Outcome]) -> bool:
+        """Whether ``outcomes`` hold the success of a redrive's probe item (to be
+        remembered even on a bus without the inbox)."""
+        return any(isinstance(o, Succeeded) and PROBE_MARK in o.item.metadata for o in outcomes)
 
     async def remember(self, outcomes: Iterable[Outcome], now: datetime) -> None:
         """Remember the successes among ``outcomes`` (one store call, none when
