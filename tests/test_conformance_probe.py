@@ -124,7 +124,8 @@ async def test_a_deleted_probe_item_is_not_a_success(bus: EventBus, clock: Manua
         "neither passed nor failed, probing the next items"
     )
     second = await bus.redrives.step(redrive.id)  # the next item is the probe now
-    assert len(second.probe_ids) == 1 and second.probe_ids != first.probe_ids
+    assert len(second.probe_ids) == 1
+    assert second.probe_ids != first.probe_ids
     await RetryWorker(bus).run_once()
     passed = await bus.redrives.step(redrive.id)
     assert (passed.state, passed.message) == ("running", "probe passed: 1 of 1 succeeded")
