@@ -30,6 +30,7 @@ from retrybus import (
 )
 from retrybus._records import dead_letter_id_for
 from retrybus._stores.mongodb import MongoStore
+from retrybus._stores.mongodb.migrate import set_up
 
 EVENT_TIME = datetime(2025, 1, 7, 9, 59, 59, 123456, tzinfo=UTC)
 
@@ -77,7 +78,26 @@ async def test_the_seed_collections_and_indexes_exist(mongo: MongoStore) -> None
     ):
         assert keys in dead, dead
     assert (("created_at", -1), ("created_at_us", -1), ("_id", -1)) in dead  # newest first
-    assert dead[(("created_at", 1),)]["expireAfterSeconds"] == 30 * 24 * 3600
+    # dead letters follow the bus's dead_letter_retention (workers' cleanup), no TTL
+    assert not [i for i in dead.values() if "expireAfterSeconds" in i], dead
+
+
+async def test_connecting_drops_the_fixed_dead_letter_ttl_of_earlier_releases(
+    mongo: MongoStore,
+) -> None:
+    """A store set up by an earlier release has a 30-day TTL on dead letters, which
+    would delete them before a longer dead_letter_retention: connecting drops it."""
+    db = await mongo._database()
+    await db.dead_letter_queue.create_index([("created_at", 1)], expireAfterSeconds=30 * 24 * 3600)
+    old = datetime.now(UTC) - timedelta(days=90)
+    await db.dead_letter_queue.insert_one({"_id": "dlq_old", "created_at": old})
+    await set_up(db)
+    indexes = (await db.dead_letter_queue.index_information()).values()
+    assert not [i for i in indexes if "expireAfterSeconds" in i], indexes
+    await set_up(db)  # again: nothing to drop
+    bus = EventBus(mongo, dead_letter_retention=None)
+    assert await bus.dead_letters.cleanup() == 0
+    assert await db.dead_letter_queue.count_documents({"_id": "dlq_old"}) == 1
 
 
 async def test_documents_use_the_seed_field_names_and_bson_dates(mongo: MongoStore) -> None:

@@ -2,7 +2,7 @@
 upgrade of the layout to ``LAYOUT_VERSION``, and the back-fill of failure groups.
 
 Collections and indexes follow the seed: ``retry_queue`` (``_id`` = ``retry_…``)
-and ``dead_letter_queue`` (``_id`` = ``dlq_…``, TTL of 30 days on ``created_at``),
+and ``dead_letter_queue`` (``_id`` = ``dlq_…``),
 plus ``retrybus_counters`` (one document per running total) and
 ``retrybus_control`` (control records: ``_id`` = key, ``version``, ``value``).
 Dead letters also have an index in their newest-first order (``created_at``,
@@ -35,6 +35,13 @@ once the new one exists (on every connect: a layout-2 process that connects
 meanwhile creates it again). A database recorded at a later version than this
 package knows is left as it is.
 
+Dead letters have no TTL index: they are deleted after the bus's
+``dead_letter_retention`` (None: never) by the workers' maintenance
+(``dead_letters.cleanup``), as on every engine. Earlier releases had a fixed
+30-day TTL on ``created_at``, which deleted the dead letters of a bus keeping
+them longer: a connect drops it (every connect, as a process of an earlier
+release creates it again meanwhile).
+
 Each dead letter carries ``failure_group`` (``DeadLetterItem.failure_group``,
 computed in Python when the dead letter is written or changed; indexed), so that
 filtering and grouping by it are queries of the server. Dead letters written
@@ -45,6 +52,7 @@ every connect, so that it also catches those an older process wrote meanwhile).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -59,9 +67,9 @@ from .common import DEAD, INBOX, LAYOUT, RETRY, REVISION, SUBSCRIPTIONS, WORKERS
 __all__ = [
     "BACKFILL_BATCH",
     "DEAD_INDEXES",
-    "DEAD_LETTER_TTL",
     "INBOX_INDEXES",
     "LAYOUT_VERSION",
+    "RETIRED_DEAD_TTL",
     "RETIRED_RETRY_INDEXES",
     "RETRY_INDEXES",
     "SUBSCRIPTION_INDEXES",
@@ -74,7 +82,8 @@ __all__ = [
 #: the version of the layout this package writes (1: before ``claims``; 2: before
 #: ``service``)
 LAYOUT_VERSION = 3
-DEAD_LETTER_TTL = timedelta(days=30)
+#: the keys of the fixed dead letter TTL index of earlier releases: dropped on connect
+RETIRED_DEAD_TTL: list[tuple[str, int]] = [("created_at", ASCENDING)]
 #: how long a heartbeat outlives its worker's last beat (workers prune sooner)
 WORKER_TTL = timedelta(days=1)
 _INDEX_NOT_FOUND = 27
@@ -117,10 +126,6 @@ DEAD_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
     ([("event_type", ASCENDING)], {}),
     ([("failure_group", ASCENDING)], {}),
     ([("handler_name", ASCENDING)], {}),
-    (
-        [("created_at", ASCENDING)],
-        {"expireAfterSeconds": int(DEAD_LETTER_TTL.total_seconds())},
-    ),
     # one service's dead letters, newest first
     (
         [
@@ -221,13 +226,23 @@ async def _create_indexes(db: AsyncDatabase[Doc]) -> None:
         for keys, options in indexes:
             await db[collection].create_index(keys, **options)
     async for index in await db[RETRY].list_indexes():
-        keys = [(str(name), int(direction)) for name, direction in index["key"].items()]
-        if keys in RETIRED_RETRY_INDEXES:
-            try:
-                await db[RETRY].drop_index(index["name"])
-            except OperationFailure as exc:
-                if exc.code != _INDEX_NOT_FOUND:  # another process dropped it first
-                    raise
+        if _keys(index) in RETIRED_RETRY_INDEXES:
+            await _drop_index(db, RETRY, index["name"])
+    async for index in await db[DEAD].list_indexes():
+        if _keys(index) == RETIRED_DEAD_TTL and "expireAfterSeconds" in index:
+            await _drop_index(db, DEAD, index["name"])
+
+
+def _keys(index: Mapping[str, Any]) -> list[tuple[str, int]]:
+    return [(str(name), int(direction)) for name, direction in index["key"].items()]
+
+
+async def _drop_index(db: AsyncDatabase[Doc], collection: str, name: str) -> None:
+    try:
+        await db[collection].drop_index(name)
+    except OperationFailure as exc:
+        if exc.code != _INDEX_NOT_FOUND:  # another process dropped it first
+            raise
 
 
 async def _backfill_failure_groups(db: AsyncDatabase[Doc]) -> None:
