@@ -102,6 +102,12 @@ class Redrive:
         return self.state in FINAL
 
     @property
+    def probe_limit(self) -> str:
+        """How long a requeue's probe waits for a worker, as text (``10m``; ``no
+        limit``)."""
+        return "no limit" if self.probe_timeout is None else duration_text(self.probe_timeout)
+
+    @property
     def progress(self) -> float:
         """Share of ``total`` dealt with, 0.0 to 1.0."""
         if self.total <= 0:

@@ -26,10 +26,13 @@ redrive_app = RetrybusTyper(
 
 def _line(redrive: Redrive) -> str:
     rate = f"{redrive.rate:g}/s" if redrive.rate else "no limit"
+    probe = f"probe {redrive.probe}"
+    if redrive.probe and redrive.action == "requeue":
+        probe += f" (waits {redrive.probe_limit})"
     return (
         f"{redrive.id}  {redrive.action} {redrive.state:<9} {redrive.done}/{redrive.total} done"
         f"{f', {redrive.failed} failed' if redrive.failed else ''}  [{describe(redrive.where)}]"
-        f"  {rate}, probe {redrive.probe}  by {redrive.created_by or '?'}  — {redrive.message}"
+        f"  {rate}, {probe}  by {redrive.created_by or '?'}  — {redrive.message}"
     )
 
 
