@@ -52,6 +52,7 @@ def test_the_command_is_listed_with_its_options() -> None:
         ),
         (["--store", "memory://", "--app", "nomodule_here:bus"], {}, 2, "nomodule_here"),
         ([], {"RETRYBUS_STORE": None, "RETRYBUS_APP": None}, 2, "--store"),
+        (["--store", "memory://", "--trusted-origin", "ops.example.com"], {}, 2, "'ops.example"),
     ],
 )
 def test_bad_arguments_give_one_line(

@@ -3,6 +3,7 @@ bodies from strangers, paging and time values at the edges, JSON nested too deep
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from dashboard_support import BASE, SECRET, Dash, dead, open_test_store, running
 from retrybus._cli.dashboard import _allowed_hosts
+from retrybus.dashboard import create_app
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -95,3 +97,79 @@ def test_json_nested_too_deep_is_refused_with_the_edit_form(dash: Dash) -> None:
     assert response.status_code == 400
     assert "Not valid JSON" in response.text
     assert dash.run(dash.bus.dead_letters.count) == 1
+
+
+# the Origin check compares the scheme ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("http://testserver", True),
+        ("http://testserver:80", True),  # the default port, written out
+        ("https://testserver", False),  # same host, another scheme: another origin
+        ("http://testserver:8080", False),
+        ("https://ops.example.com", True),
+        ("https://ops.example.com:443", True),
+        ("http://ops.example.com", False),
+        ("ops.example.com", False),
+    ],
+)
+def test_the_origin_check_compares_the_scheme_too(
+    tmp_path: Path, origin: str, allowed: bool
+) -> None:
+    with running(
+        open_test_store("memory", tmp_path), trusted_origins=["https://ops.example.com"]
+    ) as dash:
+        letter = dash.run(dead, dash.bus, 1)
+        dash.login()
+        response = dash.post(f"/dead-letters/{letter.id}/delete", headers={"origin": origin})
+        assert response.status_code == (303 if allowed else 403), origin
+        assert dash.count() == (0 if allowed else 1)
+
+
+@pytest.mark.parametrize("origin", ["ops.example.com", "https://", "ftp://ops.example.com"])
+def test_a_trusted_origin_without_scheme_and_host_is_refused_naming_it(
+    tmp_path: Path, origin: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(repr(origin))):
+        create_app(open_test_store("memory", tmp_path), tokens=SECRET, trusted_origins=[origin])
+
+
+# ids holding a "/" ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", ["/dead-letters", "/retry-queue", "/redrives"])
+@pytest.mark.parametrize("slash", ["/", "%2F", "%2f"])
+@pytest.mark.parametrize("suffix", ["", "/payload.json"])
+def test_an_id_holding_a_slash_is_a_404_page(
+    dash: Dash, page: str, slash: str, suffix: str
+) -> None:
+    for word in ("b", "anything"):
+        response = dash.get(f"{page}/a{slash}{word}{suffix}")
+        assert response.status_code == 404, (page, slash, word, suffix)
+        assert "Not found" in response.text or "No such" in response.text
+
+
+@pytest.mark.parametrize("slash", ["/", "%2F"])
+def test_an_action_on_an_id_holding_a_slash_is_a_404_and_changes_nothing(
+    dash: Dash, slash: str
+) -> None:
+    letter = dash.run(dead, dash.bus, 1)
+    dash.login()
+    for path in (
+        f"/dead-letters/{letter.id}{slash}x/delete",
+        f"/dead-letters/x{slash}{letter.id}/delete",
+        f"/redrives/x{slash}y/cancel",
+        f"/retry-queue/x{slash}y/cancel",
+    ):
+        assert dash.post(path).status_code == 404, path
+    assert dash.count() == 1
+
+
+def test_an_action_url_fetched_with_get_is_still_a_405(dash: Dash) -> None:
+    letter = dash.run(dead, dash.bus, 1)
+    for action in ("requeue", "reprocess", "delete"):
+        assert dash.get(f"/dead-letters/{letter.id}/{action}").status_code == 405
+    assert dash.get("/redrives/x/pause").status_code == 405
+    assert dash.get(f"/dead-letters/{letter.id}/frobnicate").status_code == 404

@@ -81,8 +81,9 @@ def dashboard(
         typer.Option(
             "--trusted-origin",
             metavar="URL",
-            help="Another origin whose forms may post (https://ops.example.com), for a proxy "
-            "that rewrites the Host header (repeatable).",
+            help="Another origin whose forms may post, scheme included "
+            "(https://ops.example.com), for a proxy that rewrites the Host header or "
+            "serves HTTPS without X-Forwarded-Proto (repeatable).",
             show_default=False,
         ),
     ] = None,
@@ -125,13 +126,16 @@ def dashboard(
             "NAME for the names it is reached by",
             err=True,
         )
-    web = build_app(
-        bus,
-        tokens=tokens,
-        owns_bus=True,
-        allowed_hosts=hosts,
-        trusted_origins=trusted_origins or (),
-    )
+    try:
+        web = build_app(
+            bus,
+            tokens=tokens,
+            owns_bus=True,
+            allowed_hosts=hosts,
+            trusted_origins=trusted_origins or (),
+        )
+    except ValueError as exc:  # a --trusted-origin without scheme or host
+        fail(f"--trusted-origin: {exc}", EXIT_USAGE)
     shown_host = f"[{host}]" if ":" in host else host
     behind = f" (links under {root_path.rstrip('/')}/, for a proxy)" if root_path.strip("/") else ""
     typer.echo(f"retrybus dashboard on http://{shown_host}:{port}/{behind}")

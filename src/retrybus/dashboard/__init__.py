@@ -62,8 +62,12 @@ def create_app(
     While the app runs (its lifespan), it records a queue depth sample every
     ``history_interval`` seconds and drives the redrives started from its pages
     (``background=False`` turns both off). ``trusted_origins`` lists other
-    origins (``"https://ops.example.com"``) whose forms may post to it, for a
-    proxy that changes the Host header. ``allowed_hosts`` (e.g. ``["ops.example.com",
+    origins, scheme included (``"https://ops.example.com"``), whose forms may
+    post to it, for a proxy that changes the Host header or serves HTTPS to a
+    dashboard that sees plain HTTP (``http://`` and ``https://`` are different
+    origins). Logging out ends the session everywhere (revoked in the store,
+    for every dashboard on it); ``/login`` allows 10 failed attempts a minute per
+    client address. ``allowed_hosts`` (e.g. ``["ops.example.com",
     "127.0.0.1"]``) refuses requests naming any other Host, against DNS rebinding;
     None answers to every Host, as suits a dashboard mounted in an app that checks
     Host itself (``retrybus dashboard`` sets it).

@@ -81,12 +81,24 @@ def acting(action: Action) -> Callable[[Request], Awaitable[Response]]:
             form = await _form(request)
             csrf = form.get("csrf")
             identity = auth.check_post(request, csrf if isinstance(csrf, str) else None)
+            await _check_not_revoked(request, identity)
         except Forbidden as exc:
             raise HTTPError(403, "Forbidden", str(exc)) from None
         return await action(request, form, identity)
 
     endpoint.__name__ = action.__name__
     return endpoint
+
+
+async def _check_not_revoked(request: Request, identity: Identity) -> None:
+    """Refuse a session logged out anywhere (the store is asked, not a cache)."""
+    revocations = state(request).revocations
+    if (
+        identity.via == "session"
+        and revocations is not None
+        and await revocations.is_revoked(identity.session_id)
+    ):
+        raise Forbidden("this session was logged out: log in with a token to change data")
 
 
 def _text(form: FormData, name: str) -> str:
@@ -141,18 +153,43 @@ def _local(request: Request, path: str) -> bool:
     return path.startswith(prefix) and not path.startswith("//") and "\\" not in path
 
 
+def _client(request: Request) -> str:
+    """The address log-in attempts are counted under (behind a proxy, the proxy's
+    unless the server takes the client's from its headers, as uvicorn's
+    ``--proxy-headers`` does)."""
+    return request.client.host if request.client is not None else "unknown"
+
+
 async def login(request: Request) -> Response:
-    auth = state(request).auth
+    dashboard = state(request)
+    auth, limiter = dashboard.auth, dashboard.login_limiter
+    client = _client(request)
+    wait = None if limiter is None else limiter.retry_after(client)
+    if limiter is not None and wait is not None:
+        raise HTTPError(
+            429,
+            "Too many log-in attempts",
+            f"{limiter.limit} failed log-ins from {client} within {limiter.window:g} s: "
+            f"try again in {wait} s",
+            headers={"retry-after": str(wait)},
+        )
     try:
         form = await _form(request)
         auth.check_login_post(request, _text(form, "csrf"))
     except Forbidden as exc:
+        if limiter is not None:
+            limiter.failed(client)
         raise HTTPError(403, "Forbidden", str(exc)) from None
     target = _text(form, "next")
     name = auth.name_for_login(_text(form, "token"))
     if name is None:
+        if limiter is not None:
+            limiter.failed(client)
         error = "That is not one of the configured tokens."
         return await login_form(request, status=403, error=error, next_path=target)
+    if limiter is not None:
+        limiter.succeeded(client)
+    await _revoke(request, auth.identify(request))  # the session this one replaces
     response: Response = (
         RedirectResponse(target, status_code=303)
         if _local(request, target)
@@ -171,8 +208,16 @@ async def login(request: Request) -> Response:
     return flash(request, response, "ok", f"Logged in as {name}.")
 
 
+async def _revoke(request: Request, identity: Identity | None) -> None:
+    revocations = state(request).revocations
+    if identity is not None and identity.via == "session" and revocations is not None:
+        await revocations.revoke(identity.session_id, identity.expires, identity.name)
+
+
 @acting
 async def logout(request: Request, form: FormData, identity: Identity) -> Response:
+    """End the session for every copy of its cookie (a bearer token has none to end)."""
+    await _revoke(request, identity)
     response = redirect(request, "/")
     response.delete_cookie(SESSION_COOKIE, path=root(request) or "/")
     return flash(request, response, "ok", f"Logged out ({identity.name}).")
@@ -181,17 +226,25 @@ async def logout(request: Request, form: FormData, identity: Identity) -> Respon
 # one dead letter ----------------------------------------------------------------
 
 
-@acting
-async def item_action(request: Request, form: FormData, identity: Identity) -> Response:
+def item_action(action: str) -> Callable[[Request], Awaitable[Response]]:
+    """The endpoint of one action on a dead letter (``requeue``, ``reprocess`` or
+    ``delete``): one route each, so that no route takes any word after an id (a
+    GET of ``/dead-letters/a/b`` is a 404, not a 405)."""
+    if action not in ACTIONS:
+        raise ValueError(f"dead letters can be requeued, reprocessed or deleted, not {action!r}")
+
+    async def act(request: Request, form: FormData, identity: Identity) -> Response:
+        return await _item_action(request, form, identity, action)
+
+    act.__name__ = f"dead_letter_{action}"
+    return acting(act)
+
+
+async def _item_action(
+    request: Request, form: FormData, identity: Identity, action: str
+) -> Response:
     bus = state(request).bus
     item_id = request.path_params["item_id"]
-    action = request.path_params["action"]
-    if action not in ACTIONS:
-        raise HTTPError(
-            404,
-            "No such action",
-            f"dead letters can be requeued, reprocessed or deleted, not {action!r}",
-        )
     try:
         if action == "requeue":
             retry = await bus.dead_letters.requeue(item_id, actor=identity.name)
@@ -351,17 +404,22 @@ async def bulk(request: Request, form: FormData, identity: Identity) -> Response
 # redrives ---------------------------------------------------------------------------
 
 
-@acting
-async def redrive_action(request: Request, form: FormData, identity: Identity) -> Response:
+def redrive_action(action: str) -> Callable[[Request], Awaitable[Response]]:
+    """The endpoint of one action on a redrive (``pause``, ``resume``, ``cancel``,
+    ``delete``), one route each as for dead letters."""
+    if action not in REDRIVE_ACTIONS:
+        raise ValueError(f"a redrive can be paused, resumed, cancelled or deleted, not {action!r}")
+
+    async def act(request: Request, form: FormData, identity: Identity) -> Response:
+        return await _redrive_action(request, form, action)
+
+    act.__name__ = f"redrive_{action}"
+    return acting(act)
+
+
+async def _redrive_action(request: Request, form: FormData, action: str) -> Response:
     redrives = state(request).bus.redrives
     redrive_id = request.path_params["redrive_id"]
-    action = request.path_params["action"]
-    if action not in REDRIVE_ACTIONS:
-        raise HTTPError(
-            404,
-            "No such action",
-            f"a redrive can be paused, resumed, cancelled or deleted, not {action!r}",
-        )
     try:
         if action == "delete":
             await redrives.delete(redrive_id)

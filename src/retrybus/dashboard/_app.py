@@ -24,8 +24,11 @@ from .._errors import AppNotFound, ItemBusy, RetrybusError, StoreUnavailable
 from .._history import DEFAULT_INTERVAL, DepthHistory
 from .._stores import Store, open_store
 from . import _actions, _metrics, _pages, _services_page
-from ._auth import DEFAULT_SESSION_MAX_AGE, Auth, TokenSpec
+from ._auth import DEFAULT_SESSION_MAX_AGE, SESSION_COOKIE, Auth, TokenSpec
+from ._login_limit import LoginLimiter
 from ._metrics import attach_metrics
+from ._pages import ACTIONS
+from ._sessions import Revocations
 from ._web import Dashboard, HTTPError, error_page
 
 __all__ = ["build_app"]
@@ -68,6 +71,29 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class FreshSessions:
+    """Before a request with a session cookie, asks the store whether the session
+    was logged out elsewhere, unless it asked a moment ago (``_sessions.FRESH_FOR``),
+    so that pages stop offering forms to a revoked session without a store read
+    per page view. Data-changing requests ask again, uncached."""
+
+    def __init__(self, app: ASGIApp, auth: Auth, revocations: Revocations) -> None:
+        self.app = app
+        self.auth = auth
+        self.revocations = revocations
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            cookie = Request(scope).cookies.get(SESSION_COOKIE, "")
+            session = self.auth.session(cookie) if cookie else None
+            if session is not None:
+                try:
+                    await self.revocations.refresh(session.id)
+                except RetrybusError as exc:  # the page itself shows the outage
+                    log.warning("could not check whether a session was logged out: %s", exc)
+        await self.app(scope, receive, send)
 
 
 def _resolve_bus(
@@ -145,10 +171,22 @@ def build_app(
     (default: when the dashboard opened it)."""
     bus, opened = _resolve_bus(bus_or_store_url, app, app_dir)
     owns_bus = opened if owns_bus is None else owns_bus
-    auth = Auth(tokens, session_max_age=session_max_age, trusted_origins=trusted_origins)
+    revocations = Revocations(bus.store)
+    auth = Auth(
+        tokens,
+        session_max_age=session_max_age,
+        trusted_origins=trusted_origins,
+        revocations=revocations,
+    )
     history = DepthHistory(bus, interval=history_interval)
     dashboard = Dashboard(
-        bus=bus, auth=auth, owns_bus=owns_bus, title=title, history_interval=history.interval
+        bus=bus,
+        auth=auth,
+        owns_bus=owns_bus,
+        title=title,
+        history_interval=history.interval,
+        revocations=revocations,
+        login_limiter=LoginLimiter(lambda: bus.clock.now().timestamp()),
     )
     if metrics:
         dashboard.metrics = attach_metrics(bus)
@@ -198,11 +236,16 @@ def build_app(
             name="dead_letter_payload",
         ),
         Route("/dead-letters/{item_id}/edit", _actions.edit, methods=["POST"], name="edit"),
-        Route(
-            "/dead-letters/{item_id}/{action}",
-            _actions.item_action,
-            methods=["POST"],
-            name="item_action",
+        # one route per action, none taking any word after an id: an id holding a "/"
+        # finds no route (404) instead of a POST-only one (405)
+        *(
+            Route(
+                f"/dead-letters/{{item_id}}/{action}",
+                _actions.item_action(action),
+                methods=["POST"],
+                name=f"dead_letter_{action}",
+            )
+            for action in ACTIONS
         ),
         Route("/groups", _pages.groups, name="groups"),
         Route("/retry-queue", _pages.retry_queue, name="retry_queue"),
@@ -223,11 +266,14 @@ def build_app(
         ),
         Route("/redrives", _pages.redrives, name="redrives"),
         Route("/redrives/{redrive_id}", _pages.redrive, name="redrive"),
-        Route(
-            "/redrives/{redrive_id}/{action}",
-            _actions.redrive_action,
-            methods=["POST"],
-            name="redrive_action",
+        *(
+            Route(
+                f"/redrives/{{redrive_id}}/{action}",
+                _actions.redrive_action(action),
+                methods=["POST"],
+                name=f"redrive_{action}",
+            )
+            for action in _actions.REDRIVE_ACTIONS
         ),
         Route("/metrics", _metrics.metrics, name="metrics"),
         Route("/favicon.ico", _pages.favicon, name="favicon"),
@@ -280,6 +326,7 @@ def build_app(
                 else []
             ),
             Middleware(SecurityHeaders),
+            *([] if auth.read_only else [Middleware(FreshSessions, auth, revocations)]),
         ],
         exception_handlers=handlers,
         lifespan=lifespan,

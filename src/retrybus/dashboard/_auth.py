@@ -1,11 +1,13 @@
 """Who may change data on the dashboard: tokens, session cookies, CSRF and Origin checks.
 
 A token is ``name:secret`` (a bare ``secret`` is named ``admin``). A person logs
-in by pasting a secret; the session cookie then holds the token's name, the
-time it was issued and an HMAC of both under a key derived from that token's
-secret alone, so sessions survive a restart and end when the token is rotated
-or removed. Every form carries a CSRF token, an HMAC of the session cookie under
-the same key. Scripts send ``Authorization: Bearer <secret>`` instead (no
+in by pasting a secret; the session cookie then holds the token's name, a random
+session id, when it was issued and when it ends, and an HMAC of all four under a
+key derived from that token's secret alone, so sessions survive a restart and
+end at once, everywhere, when the token is rotated or removed. Logging out
+revokes the session id in the store (``_sessions``), so a copy of the cookie
+stops working too. Every form carries a CSRF token, an HMAC of the session
+cookie under the same key. Scripts send ``Authorization: Bearer <secret>`` instead (no
 cookie, so no CSRF token is needed). Secrets are compared with
 ``hmac.compare_digest``.
 """
@@ -19,6 +21,7 @@ import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
@@ -28,6 +31,8 @@ __all__ = [
     "Auth",
     "Forbidden",
     "Identity",
+    "Session",
+    "parse_origin",
     "parse_tokens",
 ]
 
@@ -35,7 +40,11 @@ SESSION_COOKIE = "retrybus_session"
 LOGIN_COOKIE = "retrybus_login"
 DEFAULT_SESSION_MAX_AGE = 12 * 3600
 _NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
+_SESSION_VERSION = "v2"  # v1 cookies (no session id, not revocable) are refused
 _SESSION_LABEL = b"retrybus-dashboard session v1"
+# a cookie issued up to this long "in the future" is accepted (clocks of two hosts differ)
+CLOCK_SKEW = 60
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
 _LOGIN_LABEL = b"retrybus-dashboard login v1"
 
 TokenSpec = str | Mapping[str, str] | Iterable[str] | None
@@ -46,12 +55,31 @@ class Forbidden(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Session:
+    """What a valid session cookie says: the token's name, the session's id, and
+    when it was issued and ends (Unix seconds)."""
+
+    name: str
+    id: str
+    issued: int
+    expires: int
+
+
+class RevocationCache(Protocol):
+    """What ``Auth`` asks about revoked sessions without waiting (``_sessions.Revocations``)."""
+
+    def known_revoked(self, session_id: str) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
 class Identity:
     """Who sent a request: a token's name, and how it was proven."""
 
     name: str
     via: str  # "session" or "bearer"
     session: str = ""  # the session cookie's value (the CSRF token derives from it)
+    session_id: str = ""
+    expires: int = 0  # when the session ends (Unix seconds; 0 for a bearer token)
 
 
 def parse_tokens(spec: TokenSpec) -> dict[str, str]:
@@ -99,6 +127,7 @@ class Auth:
         *,
         session_max_age: int = DEFAULT_SESSION_MAX_AGE,
         trusted_origins: Iterable[str] = (),
+        revocations: RevocationCache | None = None,
     ) -> None:
         self._tokens = parse_tokens(tokens)
         self._keys = {
@@ -108,7 +137,10 @@ class Auth:
         joined = "\x1f".join(f"{n}\x1e{s}" for n, s in sorted(self._tokens.items()))
         self._login_key = hmac.new(joined.encode(), _LOGIN_LABEL, hashlib.sha256).digest()
         self.session_max_age = session_max_age
-        self._trusted = {_origin_netloc(o) for o in trusted_origins}
+        if isinstance(trusted_origins, str):
+            trusted_origins = [trusted_origins]
+        self._trusted = {parse_origin(o, strict=True) for o in trusted_origins}
+        self.revocations = revocations
 
     @property
     def read_only(self) -> bool:
@@ -138,28 +170,43 @@ class Auth:
         return found
 
     def new_session(self, name: str, now: float | None = None) -> str:
-        """A session cookie value for the token ``name``."""
+        """A session cookie value for the token ``name``, with a new session id."""
         issued = int(time.time() if now is None else now)
-        body = f"v1:{name}:{issued}"
+        expires = issued + self.session_max_age
+        session_id = secrets.token_urlsafe(16)
+        body = f"{_SESSION_VERSION}:{name}:{session_id}:{issued}:{expires}"
         return f"{body}:{self._mac(name, body)}"
 
     def _mac(self, name: str, text: str) -> str:
         return hmac.new(self._keys[name], text.encode(), hashlib.sha256).hexdigest()
 
-    def session_name(self, value: str, now: float | None = None) -> str | None:
-        """The token name a session cookie proves, or None (forged, expired, or its
-        token no longer configured)."""
+    def session(self, value: str, now: float | None = None) -> Session | None:
+        """What a session cookie proves, or None (forged, expired, from an older
+        release, or its token no longer configured or rotated). Revocation is
+        not checked here."""
         parts = value.split(":")
-        if len(parts) != 4 or parts[0] != "v1" or parts[1] not in self._keys:
+        if len(parts) != 6 or parts[0] != _SESSION_VERSION or parts[1] not in self._keys:
             return None
-        _, name, issued, mac = parts
-        if not hmac.compare_digest(mac, self._mac(name, f"v1:{name}:{issued}")):
+        _, name, session_id, issued_text, expires_text, mac = parts
+        body = value.rsplit(":", 1)[0]
+        if not hmac.compare_digest(mac, self._mac(name, body)):
             return None
         try:
-            age = (time.time() if now is None else now) - int(issued)
+            issued, expires = int(issued_text), int(expires_text)
         except ValueError:
             return None
-        return name if -60 <= age <= self.session_max_age else None
+        moment = time.time() if now is None else now
+        age = moment - issued
+        # the cookie's own end bounds it (a revocation is kept until then); this
+        # dashboard's session_max_age too, when it is shorter than the issuer's
+        if not (-CLOCK_SKEW <= age <= self.session_max_age and moment < expires):
+            return None
+        return Session(name, session_id, issued, expires)
+
+    def session_name(self, value: str, now: float | None = None) -> str | None:
+        """The token name a session cookie proves (see ``session``), or None."""
+        found = self.session(value, now)
+        return None if found is None else found.name
 
     def identify(self, request: Request) -> Identity | None:
         """Who the request comes from: a bearer token, else a valid session cookie."""
@@ -171,8 +218,12 @@ class Auth:
             name = self.name_for_secret(credentials)
             return None if name is None else Identity(name, "bearer")
         cookie = request.cookies.get(SESSION_COOKIE, "")
-        name = self.session_name(cookie) if cookie else None
-        return None if name is None else Identity(name, "session", cookie)
+        found = self.session(cookie) if cookie else None
+        if found is None:
+            return None
+        if self.revocations is not None and self.revocations.known_revoked(found.id):
+            return None
+        return Identity(found.name, "session", cookie, found.id, found.expires)
 
     # CSRF -------------------------------------------------------------------
 
@@ -201,9 +252,9 @@ class Auth:
             origin = referer
         if origin == "null":
             raise Forbidden("refused: the request comes from an opaque origin")
-        netloc = _origin_netloc(origin)
-        own = request.headers.get("host", "").lower()
-        if netloc != own and netloc not in self._trusted:
+        sender = parse_origin(origin)
+        own = parse_origin(f"{request.url.scheme}://{request.headers.get('host', '')}")
+        if sender != own and sender not in self._trusted:
             raise Forbidden(f"refused: the request comes from another origin ({origin})")
 
     def check_login_post(self, request: Request, form_csrf: str) -> None:
@@ -249,6 +300,19 @@ def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
-def _origin_netloc(origin: str) -> str:
+def parse_origin(origin: str, *, strict: bool = False) -> tuple[str, str]:
+    """An origin (or a URL) as ``(scheme, host[:port])``, lower case, a default
+    port left out: ``http://host`` and ``https://host`` differ. ``strict`` (a
+    trusted origin given in the configuration) raises ``ValueError`` naming the
+    value when it has no scheme or host."""
     parts = urlsplit(origin.strip())
-    return (parts.netloc or parts.path).lower()
+    scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
+    host, colon, port = netloc.rpartition(":")
+    if colon and "]" not in port and port == _DEFAULT_PORTS.get(scheme):
+        netloc = host
+    if strict and (scheme not in _DEFAULT_PORTS or not netloc):
+        raise ValueError(
+            f"trusted origin {origin!r} must be a scheme and a host, such as "
+            "'https://ops.example.com'"
+        )
+    return scheme, netloc

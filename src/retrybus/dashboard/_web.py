@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 from ._auth import Auth, Identity
 from ._chart import bar
 from ._display import clip, human_size, preview, public_type_name
+from ._login_limit import LoginLimiter
+from ._sessions import Revocations
 from ._versions import item_version
 
 __all__ = [
@@ -55,11 +57,18 @@ UNSCOPED = ("/static/", "/favicon.ico")
 class HTTPError(Exception):
     """A request the dashboard refuses, shown as an error page with this status."""
 
-    def __init__(self, status: int, title: str, detail: str = "") -> None:
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(f"{status} {title}: {detail}")
         self.status = status
         self.title = title
         self.detail = detail
+        self.headers = dict(headers or {})
 
 
 @dataclass
@@ -78,6 +87,10 @@ class Dashboard:
     #: the /metrics refresh lock, and (weakly) the event loop it serves
     metrics_lock: tuple[weakref.ref[asyncio.AbstractEventLoop], asyncio.Lock] | None = None
     flash_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    #: the sessions revoked by logging out (None: nothing is revocable, as without a store)
+    revocations: Revocations | None = None
+    #: failed log-ins per client (None: not limited)
+    login_limiter: LoginLimiter | None = None
     env: jinja2.Environment = field(init=False)
 
     def __post_init__(self) -> None:
@@ -194,12 +207,14 @@ def render(
 
 
 def error_page(request: Request, error: HTTPError) -> Response:
-    return render(
+    response = render(
         request,
         "error.html",
         {"status": error.status, "heading": error.title, "detail": error.detail},
         status=error.status,
     )
+    response.headers.update(error.headers)
+    return response
 
 
 # flash messages: one message carried over a redirect, in a signed cookie ---------
