@@ -10,10 +10,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import fresh_store
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import fresh_store
 from retrybus import (
     CircuitBreaker,
     Event,
@@ -68,8 +68,10 @@ def test_opens_once_min_calls_are_reached_at_the_failure_ratio(clock: ManualCloc
         assert m.record(True) is None
     assert m.state == "closed"
     opened = m.record(True)
-    assert opened is not None and opened.state == "open"
-    assert m.state == "open" and not m.allows()
+    assert opened is not None
+    assert opened.state == "open"
+    assert m.state == "open"
+    assert not m.allows()
     assert m.status.reason == "4 of 4 calls failed in 10s"
     assert m.status.trips == 1
 
@@ -102,16 +104,20 @@ def test_half_opens_after_open_for_and_closes_when_every_probe_succeeds(
     for _ in range(4):
         m.record(True)
     clock.advance(29.9)
-    assert m.state == "open" and not m.allows()
+    assert m.state == "open"
+    assert not m.allows()
     clock.advance(0.1)
     assert m.state == "half_open"
-    assert m.allows() and m.allows()
+    assert m.allows()
+    assert m.allows()
     assert not m.allows()  # two probes at most
     m.record(False)
     assert m.state == "half_open"
     closed = m.record(False)
-    assert closed is not None and closed.state == "closed"
-    assert m.allows() and m.window.calls == 0
+    assert closed is not None
+    assert closed.state == "closed"
+    assert m.allows()
+    assert m.window.calls == 0
 
 
 def test_a_failed_probe_reopens_for_twice_as_long_up_to_max_open_for(
@@ -134,7 +140,8 @@ def test_a_failed_probe_reopens_for_twice_as_long_up_to_max_open_for(
     for _ in range(2):
         assert m.allows()
         m.record(False)
-    assert m.state == "closed" and m.status.open_for == 30.0
+    assert m.state == "closed"
+    assert m.status.open_for == 30.0
     for _ in range(4):
         m.record(True)
     assert m.status.half_open_at == clock.now() + timedelta(seconds=30)
@@ -145,7 +152,8 @@ def test_calls_ending_while_open_are_ignored(clock: ManualClock) -> None:
     for _ in range(4):
         m.record(True)
     before = m.status
-    assert m.record(True) is None and m.record(False) is None
+    assert m.record(True) is None
+    assert m.record(False) is None
     assert m.status == before
 
 
@@ -163,7 +171,8 @@ def test_stuck_probes_are_taken_again_after_the_probe_timeout(clock: ManualClock
     assert status is not None
     clock.advance(30)
     taken = status.take_probe(clock.now(), breaker)
-    assert taken is not None and taken.take_probe(clock.now(), breaker) is None
+    assert taken is not None
+    assert taken.take_probe(clock.now(), breaker) is None
     clock.advance(breaker.probe_timeout)  # that probe's process never said
     assert taken.take_probe(clock.now(), breaker) is not None
 
@@ -207,7 +216,8 @@ def test_state_machine_invariants(steps: list[tuple[str, float]]) -> None:
             status.probes_taken == 0
         )
         if status.trips != before.trips:  # it just opened
-            assert status.state == "open" and status.opened_at == clock.now()
+            assert status.state == "open"
+            assert status.opened_at == clock.now()
             assert status.half_open_at == clock.now() + timedelta(seconds=status.open_for)
         if status.state != "open" or status.trips != before.trips:
             in_flight_probes = 0
@@ -277,7 +287,8 @@ async def test_an_open_breaker_pauses_deliveries_without_using_attempts(
         ]
         # published while open: recorded pending, due when it half-opens, not called
         result = await bus.publish(Event("order.paid", {"n": 4}))
-        assert result.pending == ("save_order",) and not result.retrying
+        assert result.pending == ("save_order",)
+        assert not result.retrying
         assert len(dependency.calls) == 4
         clock.advance(5)  # the first failures' retries fall due: not claimed
         assert await worker.run_once() == 0
@@ -317,7 +328,9 @@ async def test_a_failed_probe_reopens_for_twice_as_long(
     assert await worker.run_once() == 2  # both probes fail
     assert len(dependency.calls) == 6
     info = await bus.breakers.get("db")
-    assert info.state == "open" and info.open_for == 60 and info.trips == 2
+    assert info.state == "open"
+    assert info.open_for == 60
+    assert info.trips == 2
     clock.advance(59)
     assert await worker.run_once() == 0
     assert len(dependency.calls) == 6
@@ -356,7 +369,8 @@ async def test_two_buses_share_one_breaker_through_the_store(
     assert await other_worker.run_once() == 0
     assert second.calls == []
     result = await other.publish(Event("order.paid", {"n": 9}))
-    assert result.pending == ("save_order",) and second.calls == []
+    assert result.pending == ("save_order",)
+    assert second.calls == []
     # half-open: probes are shared, two in all
     first.up = second.up = True
     clock.advance(25)
@@ -381,7 +395,8 @@ async def test_isolate_holds_it_open_until_reset_in_every_process(
     one = bus_on(shared_store, clock, first)
     other = bus_on(shared_store, clock, second)
     info = await one.breakers.isolate("db", actor="alice")
-    assert info.state == "isolated" and info.reason == "isolated by alice"
+    assert info.state == "isolated"
+    assert info.reason == "isolated by alice"
     await other.breakers.refresh()
     await other.publish(Event("order.paid", {"n": 1}))
     clock.advance(3600)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from ._clock import Clock
+from ._clock import Clock, SystemClock
 from ._errors import PermanentError, RetryAfter
 from ._policy import RetryPolicy
 
@@ -373,6 +374,11 @@ class BreakerMachine:
         self.clock = clock
         self.status = BreakerStatus.initial(breaker)
         self.window = CallWindow(breaker.window)
+        #: the clock's time in seconds: the hot path counts calls by it (the
+        #: system clock's is read without building a datetime)
+        self.seconds: Callable[[], float] = (
+            time.time if type(clock) is SystemClock else lambda: clock.now().timestamp()
+        )
 
     @property
     def state(self) -> BreakerState:
@@ -390,7 +396,7 @@ class BreakerMachine:
         self.status = taken
         return True
 
-    def record(self, failed: bool, error: str = "") -> BreakerStatus | None:
+    def record(self, failed: bool, error: BaseException | str = "") -> BreakerStatus | None:
         """Count a call's outcome (``failed``: a failure that counts,
         ``counts_as_failure``); returns the new status when it changed state."""
         transition = self.after_call(failed, error)
@@ -405,29 +411,30 @@ class BreakerMachine:
             self.window.clear()
         return change
 
-    def after_call(self, failed: bool, error: str = "") -> Transition | None:
+    def after_call(self, failed: bool, error: BaseException | str = "") -> Transition | None:
         """The transition a call's outcome asks for (None: none). A closed
         breaker counts the call in its window and asks to trip past the
         threshold; a half-open one takes it as a probe's verdict; an open one
         ignores it (a call started before it opened). The transition is a
         function of the status, so that a process that loses a compare-and-set
         applies it again to the status it reads back."""
-        status = self.status
-        now = self.clock.now()
         breaker = self.breaker
-        if status.state == "closed":
+        if self.status.state == "closed":
             window = self.window
-            window.add(now.timestamp(), failed)
+            window.add(self.seconds(), failed)
             if (
                 failed
                 and window.calls >= breaker.min_calls
                 and window.failures >= breaker.failure_ratio * window.calls
             ):
+                now = self.clock.now()
                 calls, failures = window.calls, window.failures
                 return lambda s: s.trip(now, breaker, calls, failures)
             return None
-        if status.state_at(now) != "half_open":
+        now = self.clock.now()
+        if self.status.state_at(now) != "half_open":
             return None
         if failed:
-            return lambda s: s.probe_failed(now, breaker, error)
+            text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            return lambda s: s.probe_failed(now, breaker, text)
         return lambda s: s.probe_passed(now, breaker)

@@ -107,7 +107,7 @@ class SharedBreaker:
         """A call through the breaker succeeded (an awaitable: a transition to share)."""
         machine = self.machine
         if machine.status.state == "closed":
-            machine.window.add(machine.clock.now().timestamp(), False)
+            machine.window.add(machine.seconds(), False)
             return None
         return self._after(False, "")
 
@@ -115,10 +115,9 @@ class SharedBreaker:
         """A call through the breaker failed with ``error``; it counts against the
         breaker when ``policy`` (None: the bus's default) would retry it, else as
         a call that reached the dependency."""
-        counted = counts_as_failure(error, policy or self._core.default_policy)
-        return self._after(counted, f"{type(error).__name__}: {error}" if counted else "")
+        return self._after(counts_as_failure(error, policy or self._core.default_policy), error)
 
-    def _after(self, failed: bool, error: str) -> Awaitable[object] | None:
+    def _after(self, failed: bool, error: BaseException | str) -> Awaitable[object] | None:
         transition = self.machine.after_call(failed, error)
         if transition is None or transition(self.machine.status) is None:
             return None
