@@ -80,6 +80,11 @@ def measure(calls: int, rounds: int) -> list[Figure]:
     ]
 
 
+def run() -> list[Figure]:
+    """The figures at full size (``bench/run.py``)."""
+    return measure(200_000, 7)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to try it out")
