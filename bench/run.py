@@ -13,6 +13,7 @@ import sqlite3
 import sys
 import time
 
+import breakers
 import durable
 import inbox
 import latency
@@ -45,6 +46,7 @@ def main() -> None:
         inbox,
         outbox,
         versioning,
+        breakers,
     ):
         note(f"-- {module.__name__}")
         emit(module.run())

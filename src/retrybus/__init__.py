@@ -9,6 +9,8 @@ that a person can browse, reprocess and clean.
 import logging as _logging
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
+from ._breaker import CircuitBreaker
+from ._breakers import BreakerInfo, Breakers
 from ._bus import EventBus, PublishResult
 from ._clock import Clock, ManualClock, SystemClock
 from ._dead_letters import BulkResult, DeadLetterQueue
@@ -78,7 +80,10 @@ __all__ = [
     "AlreadyHandled",
     "AmbiguousId",
     "AppNotFound",
+    "BreakerInfo",
+    "Breakers",
     "BulkResult",
+    "CircuitBreaker",
     "Clock",
     "DeadLetterFilter",
     "DeadLetterItem",

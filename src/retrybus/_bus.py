@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from ._breaker import CircuitBreaker
+from ._breakers import Breakers
 from ._clock import Clock, SystemClock
 from ._core import BusCore
 from ._dead_letters import DeadLetterQueue
@@ -289,6 +291,12 @@ class EventBus:
         return self._redrives
 
     @property
+    def breakers(self) -> Breakers:
+        """The circuit breakers in front of this bus's handlers: list, get,
+        isolate, reset (``Breakers``)."""
+        return self._core.breakers
+
+    @property
     def store(self) -> Store:
         """The store holding the retry queue and the dead letter queue."""
         return self._core.store
@@ -406,6 +414,7 @@ class EventBus:
         policy: RetryPolicy | None = None,
         handler_timeout: float | None = None,
         inbox: bool | None = None,
+        breaker: CircuitBreaker | str | None = None,
     ) -> Subscription:
         """Run ``handler`` for events whose type matches ``pattern`` (an exact type,
         a glob such as ``like.*`` or ``*``, or a list of them).
@@ -418,10 +427,25 @@ class EventBus:
         stopped: its delivery fails and the thread is left to finish).
         ``inbox`` (None: the bus's ``inbox`` setting) makes the store remember
         this handler's successes and skip an event it already handled.
+        ``breaker`` (a ``CircuitBreaker``, or the name of one given to an earlier
+        handler: handlers share a breaker by name) pauses the handler's
+        deliveries while the dependency it calls keeps failing, without using
+        their attempts (see ``CircuitBreaker``, ``bus.breakers``).
         """
-        return self._core.registry.add(
-            pattern, handler, name=name, policy=policy, timeout=handler_timeout, inbox=inbox
+        core = self._core
+        shared = None if breaker is None else core.breakers.resolve(breaker)
+        subscription = core.registry.add(
+            pattern,
+            handler,
+            name=name,
+            policy=policy,
+            timeout=handler_timeout,
+            inbox=inbox,
+            breaker=shared,
         )
+        if shared is not None:
+            core.breakers.attach(subscription.name, shared)
+        return subscription
 
     def handler(
         self,
@@ -431,6 +455,7 @@ class EventBus:
         policy: RetryPolicy | None = None,
         handler_timeout: float | None = None,
         inbox: bool | None = None,
+        breaker: CircuitBreaker | str | None = None,
     ) -> Callable[[H], H]:
         """Decorator form of ``subscribe``; returns the function unchanged."""
 
@@ -442,6 +467,7 @@ class EventBus:
                 policy=policy,
                 handler_timeout=handler_timeout,
                 inbox=inbox,
+                breaker=breaker,
             )
             return function
 
@@ -451,6 +477,7 @@ class EventBus:
         """Remove the handler called ``name``; raises ``UnknownHandler``."""
         if self._core.registry.remove(name) is None:
             raise UnknownHandler(name)
+        self._core.breakers.detach(name)
 
     def subscription(self, name: str) -> Subscription:
         """The subscription of the handler called ``name``; raises ``UnknownHandler``."""

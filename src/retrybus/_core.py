@@ -10,6 +10,7 @@ import socket
 import uuid
 from typing import TYPE_CHECKING
 
+from ._breakers import Breakers
 from ._clock import Clock
 from ._event import Event
 from ._handlers import HandlerRegistry, Subscription
@@ -85,6 +86,8 @@ class BusCore:
         self.ledger = Ledger(self)
         #: other services' handlers that events reach (their stored subscriptions)
         self.routes = Routes(self, route_refresh)
+        #: the circuit breakers in front of handlers (``bus.breakers``)
+        self.breakers = Breakers(self)
         self.leases = PublishLeases(
             lambda: self.store,
             lambda: self.clock.now(),
@@ -128,8 +131,11 @@ class BusCore:
 
     def claimable_handlers(self) -> list[str]:
         """The handler names whose records this bus's workers claim: the
-        subscribed handlers' and retrybus's own."""
+        subscribed handlers' and retrybus's own, but for those whose circuit
+        breaker holds their deliveries back."""
         names = self.registry.names()
+        if self.breakers.active:
+            names = self.breakers.claimable(names)
         return [*names, *self.builtins] if self.builtins else names
 
     def policy_for(self, handler_name: str) -> RetryPolicy:

@@ -8,7 +8,7 @@ import inspect
 import typing
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ._current import current_handler
 from ._errors import AlreadyHandled, InvalidEventData
@@ -17,11 +17,22 @@ from ._event_types import EventTypes, describe_invalid
 from ._patterns import PatternIndex
 from ._policy import RetryPolicy
 
-__all__ = ["Handler", "HandlerRegistry", "Subscription", "stops_the_caller"]
+__all__ = ["CallGuard", "Handler", "HandlerRegistry", "Subscription", "stops_the_caller"]
 
 #: a handler: ``handler(event)``, or ``handler(event, data)`` and ``handler(data:
 #: Model)`` for the validated data of a registered type
 Handler = Callable[..., Awaitable[Any]] | Callable[..., Any]
+
+
+class CallGuard(Protocol):
+    """What a handler's calls report to (its circuit breaker): each returns None,
+    or an awaitable when the outcome changes the breaker's state (to write)."""
+
+    def succeeded(self) -> Awaitable[object] | None: ...
+
+    def failed(
+        self, error: BaseException, policy: RetryPolicy | None
+    ) -> Awaitable[object] | None: ...
 
 
 def _is_async(handler: Callable[..., Any]) -> bool:
@@ -123,6 +134,8 @@ class Subscription:
     form: int = EVENT_ONLY
     #: the annotation of the handler's data parameter (None: none)
     data_annotation: Any = None
+    #: the circuit breaker each call's outcome is reported to (None: none)
+    breaker: CallGuard | None = None
 
     async def call(self, event: Event, default_limit: float | None = None) -> None:
         """Run the handler on ``event``: async ones awaited, plain ones in a thread.
@@ -135,7 +148,25 @@ class Subscription:
         ``event`` must be the call's own (its data is upcast in place): with
         event types registered it is read as the current version of its type
         first, and a ``VersionError`` (an upcaster raising, an unknown version,
-        data failing the schema) is the call's failure, the handler not run."""
+        data failing the schema) is the call's failure, the handler not run.
+        The outcome is reported to the handler's ``breaker``, if any."""
+        guard = self.breaker
+        if guard is None:
+            await self._call(event, default_limit)
+            return
+        try:
+            await self._call(event, default_limit)
+        except BaseException as exc:
+            if not stops_the_caller(exc):
+                sharing = guard.failed(exc, self.policy)
+                if sharing is not None:
+                    await sharing
+            raise
+        sharing = guard.succeeded()
+        if sharing is not None:
+            await sharing
+
+    async def _call(self, event: Event, default_limit: float | None) -> None:
         types = self.types
         if types is not None and types.active:
             event = types.delivered(event)
@@ -232,6 +263,7 @@ class HandlerRegistry:
         policy: RetryPolicy | None,
         timeout: float | None = None,
         inbox: bool | None = None,
+        breaker: CallGuard | None = None,
     ) -> Subscription:
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {handler!r}")
@@ -272,6 +304,7 @@ class HandlerRegistry:
             self.types,
             form,
             annotation,
+            breaker,
         )
         self._by_name[name] = subscription
         self._index.add(name, pattern_list, subscription)

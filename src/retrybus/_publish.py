@@ -15,6 +15,7 @@ first and only failures are written, as the seed did.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -30,6 +31,7 @@ from ._delivery import (
     first_record,
     observed_calls,
 )
+from ._errors import StoreUnavailable
 from ._event import Event
 from ._handlers import Subscription
 from ._observe import trace_metadata
@@ -125,6 +127,9 @@ class Publisher:
         handled: tuple[str, ...] = ()
         if subscriptions and core.remembered.in_use:
             subscriptions, handled = await self._unhandled(event, subscriptions)
+        held: tuple[str, ...] = ()
+        if subscriptions and core.breakers.active:
+            subscriptions, held = await self._hold_back(event, subscriptions)
         if routes:
             result = await self._publish_routed(event, subscriptions, routes, durable, due, defer)
         elif not durable:
@@ -133,7 +138,32 @@ class Publisher:
             result = await self._record_then_run(event, subscriptions)
         if handled:  # the inbox's skips: successes before
             result = replace(result, succeeded=(*handled, *result.succeeded))
+        if held:
+            result = replace(result, pending=(*result.pending, *held))
         return result
+
+    async def _hold_back(
+        self, event: Event, subscriptions: tuple[Subscription, ...]
+    ) -> tuple[tuple[Subscription, ...], tuple[str, ...]]:
+        """The subscriptions to run, and the names of those whose circuit breaker
+        holds deliveries back: a pending record is written for each (attempt 0,
+        due when the breaker half-opens), its handler not called."""
+        core = self._core
+        breakers = core.breakers
+        with contextlib.suppress(StoreUnavailable):  # the cached state serves meanwhile
+            await breakers.refresh_if_due()
+        run: list[Subscription] = []
+        records: list[RetryItem] = []
+        for subscription in subscriptions:
+            due = breakers.held_until(subscription.name)
+            if due is None:
+                run.append(subscription)
+            else:
+                records += self._records(event, (subscription,), None, leased=False, due=due)
+        if not records:
+            return subscriptions, ()
+        await core.ledger.record_pending(records, _context(event))
+        return tuple(run), tuple(r.handler_name for r in records)
 
     async def _unhandled(
         self, event: Event, subscriptions: tuple[Subscription, ...]

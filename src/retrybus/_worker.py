@@ -591,7 +591,7 @@ class RetryWorker:
             self._busy += 1
             started = time.monotonic()
             try:
-                batch.add(await self._deliver(item))
+                await self._run_item(batch, item)
             except Exception:
                 # its lease runs out and the item is claimed again
                 logger.exception("worker %s: unexpected error delivering %s", self.name, item.id)
@@ -617,6 +617,9 @@ class RetryWorker:
             )
         except StoreUnavailable:
             return longest
+        half_open = self.bus.core.breakers.next_change()
+        if half_open is not None and (due is None or half_open < due):
+            due = half_open  # a breaker's probes fall due then
         if due is None:
             return longest
         wait = (due - self.bus.clock.now()).total_seconds()
@@ -718,13 +721,28 @@ class RetryWorker:
 
     async def _claim(self, limit: int | None = None) -> ClaimedBatch | None:
         owner = f"{self.name}:{next(self._claims)}"
+        limit = limit or self.batch_size
+        breakers = self.bus.core.breakers
+        if breakers.active:
+            await breakers.refresh_if_due()
         items = await self.bus.retry_queue.claim_due(
-            limit or self.batch_size,
+            limit,
             lease=self.lease,
             owner=owner,
             handlers=self.bus.core.claimable_handlers(),
             service=self.bus.service,
         )
+        if breakers.active and len(items) < limit:  # a half-open breaker's probes
+            items += await breakers.claim_probes(
+                lambda count, handlers: self.bus.retry_queue.claim_due(
+                    count,
+                    lease=self.lease,
+                    owner=owner,
+                    handlers=handlers,
+                    service=self.bus.service,
+                ),
+                limit - len(items),
+            )
         if not items:
             return None
         remembered = self.bus.core.remembered
@@ -775,7 +793,7 @@ class RetryWorker:
                 item = batch.next_item()
                 if item is None:
                     return
-                batch.add(await self._deliver(item))
+                await self._run_item(batch, item)
 
         lanes = min(self.concurrency, len(batch.items))
         if lanes == 1:
@@ -821,8 +839,15 @@ class RetryWorker:
             finally:
                 batch.writing = False
 
-    async def _deliver(self, item: RetryItem) -> Attempted:
+    async def _deliver(self, item: RetryItem, batch: ClaimedBatch) -> Attempted | None:
+        """Run ``item``; None when its breaker opened since it was claimed: it is
+        given back uncalled (due as it was, its attempt unused)."""
         core = self.bus.core
+        if core.breakers.active and not core.breakers.admits_claimed(item):
+            batch.handled.add(item.id)  # no outcome will come: not held, not counted
+            with contextlib.suppress(StoreUnavailable):  # else its lease runs out
+                await self.bus.store.release([item.id], batch.owner)
+            return None
         if item.claims > core.max_claims:
             return Attempted(undeliverable(item, core.max_claims, core.clock.now()))
         if self._handled and item.id in self._handled:
@@ -838,6 +863,11 @@ class RetryWorker:
             default_policy=core.default_policy,
             time_limit=self.handler_timeout,
         )
+
+    async def _run_item(self, batch: ClaimedBatch, item: RetryItem) -> None:
+        attempted = await self._deliver(item, batch)
+        if attempted is not None:
+            batch.add(attempted)
 
     async def _complete(self, attempted: list[Attempted], batch: ClaimedBatch) -> None:
         ledger = self.bus.core.ledger
@@ -875,7 +905,7 @@ class RetryWorker:
             while self._busy > 1 or not self._quiet():  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
             await self._give_back_unstarted()
-            batch.add(await self._deliver(item))
+            await self._run_item(batch, item)
             while not self._quiet():  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
         except Exception:
