@@ -706,3 +706,25 @@ def test_error_types_are_shown_by_their_public_names(dash: Dash) -> None:
         html = re.sub(r'<pre class="code traceback">.*?</pre>', "", html, flags=re.S)
         assert "retrybus._errors" not in html, path
         assert "retrybus.PermanentError" in html, path
+
+
+def test_the_retry_queue_shows_each_handlers_newest_error_not_the_next_due(dash: Dash) -> None:
+    async def make() -> None:
+        now = dash.clock.now()
+        await dash.bus.retry_queue.add(
+            Event("like.added", {"n": 1}), "Mailer", "older error", next_retry=now
+        )
+        dash.clock.advance(60)
+        await dash.bus.retry_queue.add(
+            Event("like.added", {"n": 2}),
+            "Mailer",
+            "newer error",
+            next_retry=now + timedelta(hours=1),
+        )
+
+    dash.run(make)
+    for path in ("/retry-queue", "/retry-queue?service=default"):
+        table = dash.get(path).text.split("By handler", 1)[1].split("</table>", 1)[0]
+        assert "Last error" in table
+        assert "newer error" in table
+        assert "older error" not in table

@@ -335,6 +335,16 @@ class AdminStore(abc.ABC):
         of the item due first (the least id among equally due ones)."""
 
     @abc.abstractmethod
+    async def newest_failures(self, *, service: str | None = None, limit: int) -> list[RetryItem]:
+        """Per (service, handler), the retry (``attempt > 0``: a failure, not a first
+        delivery) written last: the greatest ``updated_at``, the greatest id among
+        equal times. ``updated_at`` is the time of the item's last failure, or of a
+        claim made since (a retry running, or one whose worker stopped): its error
+        is still the newest that item had. Newest first (ties by service, handler),
+        at most ``limit`` (the dashboard's "last error" of each handler). With
+        ``service``, that service's handlers only."""
+
+    @abc.abstractmethod
     async def list_dead(
         self, where: DeadLetterFilter, *, limit: int, offset: int
     ) -> list[DeadLetterItem]:

@@ -38,6 +38,7 @@ from .._services import (
     compare_subscriptions,
     unsubscribed_reason,
 )
+from ._newest import check_limit, newest_first
 from .base import (
     ControlRecord,
     DeadLetterField,
@@ -401,6 +402,18 @@ class MemoryStore(Store):
             newest=False,
             limit=limit,
         )
+
+    async def newest_failures(self, *, service: str | None = None, limit: int) -> list[RetryItem]:
+        check_limit(limit)
+        newest: dict[tuple[str, str], RetryItem] = {}
+        for item in self._retry.values():
+            if item.attempt == 0 or (service is not None and item.service != service):
+                continue
+            key = (item.service, item.handler_name)
+            known = newest.get(key)
+            if known is None or (item.updated_at, item.id) > (known.updated_at, known.id):
+                newest[key] = item
+        return newest_first(newest.values(), limit)
 
     async def counters(self) -> Counters:
         return self._counters

@@ -479,17 +479,31 @@ async def retry_queue(request: Request) -> Response:
 Breakdown = list[tuple[Waiting, RetryItem | None]]
 
 
+#: (service, handler) pairs whose last error the retry-queue page reads
+MAX_LAST_ERRORS = 1000
+
+
+async def _last_errors(request: Request, service: str | None) -> dict[str, RetryItem]:
+    """Per handler (of ``service``; None: of any), its newest failure: the retry
+    written last (``Store.newest_failures``), of whichever service failed last."""
+    found = await state(request).bus.store.newest_failures(service=service, limit=MAX_LAST_ERRORS)
+    newest: dict[str, RetryItem] = {}
+    for item in found:  # newest first: the first of each handler is its newest
+        newest.setdefault(item.handler_name, item)
+    return newest
+
+
 async def _whole_queue(
     request: Request, handler: str | None, kind: RetryKind | None
 ) -> tuple[Breakdown, dict[RetryKind, int], int | None]:
-    """The whole retry queue's breakdown by handler (each with its next due record),
-    its counts by kind (of every handler), and how many records the page lists
-    (None: not counted)."""
+    """The whole retry queue's breakdown by handler (each with its last error: its
+    newest failure, None when it has only first deliveries), its counts by kind (of
+    every handler), and how many records the page lists (None: not counted)."""
     store = state(request).bus.store
     groups = await store.group_retry("handler_name", limit=100)
+    last_errors = await _last_errors(request, None)
     breakdown: Breakdown = [
-        (Waiting(g.key, g.count, g.first_at, g.last_at), await store.get_retry(g.sample_id))
-        for g in groups
+        (Waiting(g.key, g.count, g.first_at, g.last_at), last_errors.get(g.key)) for g in groups
     ]
     kinds = await state(request).bus.retry_queue.count_kinds()
     total: int | None
@@ -510,14 +524,15 @@ async def _service_queue(
     the latest due of each handler is not known."""
     bus = state(request).bus
     loads = await service_loads(bus, service)
+    last_errors = await _last_errors(request, service)
     breakdown: Breakdown = []
     for load in busiest(loads, 100):
         first = await bus.store.list_retry(
             limit=1, offset=0, handler_name=load.handler_name, service=service
         )
-        sample = first[0] if first else None
-        due = None if sample is None else sample.next_retry
-        breakdown.append((Waiting(load.handler_name, load.queued, due), sample))
+        due = first[0].next_retry if first else None
+        waiting = Waiting(load.handler_name, load.queued, due)
+        breakdown.append((waiting, last_errors.get(load.handler_name)))
     shown = loads if handler is None else [load for load in loads if load.handler_name == handler]
     kinds = kinds_of(shown)
     return breakdown, kinds, sum(kinds.values()) if kind is None else kinds[kind]

@@ -24,6 +24,7 @@ from ..._event import encode_json
 from ..._filters import DeadLetterFilter
 from ..._groups import GroupCount
 from ..._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
+from .._newest import check_limit, newest_first
 from ..base import (
     AdminStore,
     ControlRecord,
@@ -51,6 +52,7 @@ from .queries import (
     kind_counts_pipeline,
     kind_query,
     lease_free,
+    newest_failures_pipeline,
     service_scope,
 )
 
@@ -180,6 +182,15 @@ class MongoAdmin(AdminStore):
         async with self._errors() as db:
             docs = await (await db[RETRY].aggregate(pipeline)).to_list()
         return group_counts(docs, newest=False)
+
+    async def newest_failures(self, *, service: str | None = None, limit: int) -> list[RetryItem]:
+        check_limit(limit)
+        pipeline = newest_failures_pipeline(service)
+        async with self._errors() as db:
+            groups = await (await db[RETRY].aggregate(pipeline)).to_list()
+            ids = [group["newest"]["id"] for group in groups]
+            docs = await db[RETRY].find({"_id": {"$in": ids}}).to_list() if ids else []
+        return newest_first((retry_from_document(doc) for doc in docs), limit)
 
     # dead letter queue -----------------------------------------------------
 

@@ -33,6 +33,7 @@ __all__ = [
     "kind_counts_pipeline",
     "kind_query",
     "lease_free",
+    "newest_failures_pipeline",
     "not_earlier",
     "read_moment",
     "retry_loads_pipeline",
@@ -223,6 +224,25 @@ def retry_loads_pipeline(now: datetime) -> list[Doc]:
                 "oldest": {"$min": {"$cond": [pending, _moment_of("next_retry"), None]}},
             }
         }
+    ]
+
+
+def newest_failures_pipeline(service: str | None) -> list[Doc]:
+    """One ``$group`` per (service, handler) of the retries (``attempt != 0``) of
+    ``service`` (None: of every service): the greatest ``(updated_at, _id)`` of its
+    records (``newest``, a ``{t, us, id}`` document). Its ``$max`` of small
+    documents reads each record once and sorts nothing."""
+    query: Doc = {"attempt": {"$ne": 0}}
+    if service is not None:
+        query["service"] = service_scope(service)
+    return [
+        {"$match": query},
+        {
+            "$group": {
+                "_id": _LOAD_KEY,
+                "newest": {"$max": {**_moment_of("updated_at"), "id": "$_id"}},
+            }
+        },
     ]
 
 

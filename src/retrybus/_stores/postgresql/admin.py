@@ -18,6 +18,7 @@ from ..._filters import DeadLetterFilter
 from ..._groups import GroupCount
 from ..._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
 from .._fields import json_object
+from .._newest import check_limit, newest_first
 from ..base import (
     DEAD_LETTER_GROUP_FIELDS,
     RETRY_GROUP_FIELDS,
@@ -160,6 +161,11 @@ class PostgresAdmin(AdminStore):
             raise ValueError(f"cannot group retry items by {by!r}: use {RETRY_GROUP_FIELDS}")
         rows = await self._run(lambda conn: conn.fetch(Q["group_retry"], by, limit))
         return [_group_from_row(row) for row in rows]
+
+    async def newest_failures(self, *, service: str | None = None, limit: int) -> list[RetryItem]:
+        check_limit(limit)
+        rows = await self._run(lambda conn: conn.fetch(Q["newest_failures"], service, limit))
+        return newest_first((CODEC.retry_item(row) for row in rows), limit)
 
     # dead letter queue -------------------------------------------------------
 

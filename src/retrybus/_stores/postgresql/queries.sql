@@ -990,6 +990,21 @@ SELECT key, n, first_at, last_at,
 FROM groups AS g
 ORDER BY n DESC, key COLLATE "C";
 
+-- name: newest_failures
+-- $1 service (NULL: every one), $2 limit: per (service, handler), the retry
+-- (attempt != 0) with the greatest (updated_at, id); newest first. No index holds
+-- updated_at (every claim writes it, and an index on it would keep claims from
+-- being HOT updates): one pass over the retry queue and a sort of its retries' keys.
+SELECT q.* FROM retry_queue AS q
+WHERE q.id = ANY(ARRAY(
+    SELECT DISTINCT ON (service, handler_name) id
+    FROM retry_queue
+    WHERE attempt != 0 AND ($1::text IS NULL OR service = $1::text)
+    ORDER BY service, handler_name, updated_at DESC, id COLLATE "C" DESC
+))
+ORDER BY q.updated_at DESC, q.service COLLATE "C", q.handler_name COLLATE "C"
+LIMIT $2;
+
 -- name: get_control
 SELECT key, version, value::text AS value FROM retrybus_control WHERE key = $1;
 

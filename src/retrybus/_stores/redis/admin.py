@@ -43,6 +43,7 @@ from ..._event import encode_json
 from ..._filters import DeadLetterFilter
 from ..._groups import GroupCount
 from ..._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
+from .._newest import check_limit, newest_first
 from ..base import (
     AdminStore,
     ControlRecord,
@@ -217,6 +218,35 @@ class RedisAdmin(AdminStore):
         ]
         groups.sort(key=lambda group: (-group.count, group.key))
         return groups[:limit]
+
+    async def newest_failures(self, *, service: str | None = None, limit: int) -> list[RetryItem]:
+        """Read from the records themselves, as ``group_retry`` is (no index holds
+        ``updated_at``: every claim would write it), ``GROUP_CHUNK`` items per
+        script: O(queue length), and not a snapshot while workers change the queue.
+        The winners are read again whole at the end (one that has gone since is
+        left out)."""
+        check_limit(limit)
+        # (service, handler) -> (updated_at text, id)
+        newest: dict[tuple[str, str], tuple[str, str]] = {}
+        start = 0
+        while True:
+            reply = await self._run(
+                "newest_failures", service or "", start, start + GROUP_CHUNK - 1
+            )
+            for i in range(1, len(reply), 4):
+                key = (text(reply[i]), text(reply[i + 1]))
+                found = (text(reply[i + 2]), text(reply[i + 3]))
+                known = newest.get(key)
+                if known is None or found > known:
+                    newest[key] = found
+            if int(reply[0]) < GROUP_CHUNK:
+                break
+            start += GROUP_CHUNK
+        if not newest:
+            return []
+        ids = [item_id for _, item_id in newest.values()]
+        read = retry_from_reply(await self._run("fetch_retry", *ids))
+        return newest_first((item for item in read if isinstance(item, RetryItem)), limit)
 
     # dead letter queue -----------------------------------------------------
 

@@ -1372,6 +1372,67 @@ for _, value in ipairs(order) do
 end
 return out
 
+-- name: newest_failures
+-- ARGV: prefix, service ('' for every one), start, stop (ranks in next_retry, id
+-- order). Per (service, handler) of the retries (attempt != 0) of that rank range,
+-- the one with the greatest (updated_at, id): its claim's time when a claim holds
+-- one (K_CLAIMS), else the record's. Returns {scanned, then per group: service,
+-- handler, updated_at (STAMP characters of fixed-width text), id}. The attempt and
+-- handler are read from the front of the record, the service from its end, and
+-- updated_at by its key when the key appears once (an event's data may hold the
+-- same text: then the record is decoded whole); a record that cannot be read is
+-- passed over.
+local wanted = ARGV[2]
+local page = redis.call('ZRANGE', K_NEXT, ARGV[3], ARGV[4])
+local function updated_of(json)
+    local head = '"updated_at":"'
+    local _, at = string.find(json, head, 1, true)
+    if at and not string.find(json, head, at + 1, true) then
+        return string.sub(json, at + 1, at + STAMP)
+    end
+    local ok, record = pcall(cjson.decode, json)
+    if ok and type(record) == 'table' and type(record.updated_at) == 'string' then
+        return record.updated_at
+    end
+    return nil
+end
+local newest, order = {}, {}
+for _, id in ipairs(page) do
+    local json = redis.call('HGET', K_ITEMS, id)
+    local attempt = json and string.match(json, '^{"attempt":(%-?%d+),')
+    if json and not attempt then
+        local ok, record = pcall(cjson.decode, json)
+        if ok and type(record) == 'table' and type(record.attempt) == 'number' then
+            attempt = tostring(record.attempt)
+        end
+    end
+    if attempt and tonumber(attempt) ~= 0 then
+        local service = service_of(json)
+        local handler = handler_of(json)
+        if service and handler and (wanted == '' or service == wanted) then
+            local claim = redis.call('HGET', K_CLAIMS, id)
+            local stamp = claim and string.sub(claim, 1, STAMP) or updated_of(json)
+            if stamp then
+                local key = service .. '\0' .. handler
+                local best = newest[key]
+                if best == nil then
+                    newest[key] = { service, handler, stamp, id }
+                    order[#order + 1] = key
+                elseif stamp > best[3] or (stamp == best[3] and id > best[4]) then
+                    best[3], best[4] = stamp, id
+                end
+            end
+        end
+    end
+end
+local out = { #page }
+for _, key in ipairs(order) do
+    for _, value in ipairs(newest[key]) do
+        out[#out + 1] = value
+    end
+end
+return out
+
 -- name: put_control
 -- ARGV: prefix, key, expected version (0: none yet), value JSON. Writes the record if
 -- its version is the expected one; returns the new version, or 0 on a conflict.

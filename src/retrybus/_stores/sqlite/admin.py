@@ -15,6 +15,7 @@ from ..._filters import DeadLetterFilter
 from ..._groups import GroupCount
 from ..._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
 from .._codec import parse_text_time, text_time
+from .._newest import check_limit, newest_first
 from .._queries import placeholders
 from ..base import (
     DEAD_LETTER_GROUP_FIELDS,
@@ -132,6 +133,12 @@ class SQLiteAdmin(AdminStore):
         sql = Q["group_retry"].format(by=by)
         params = {"limit": limit}
         return _group_counts(await self._read(lambda conn: conn.execute(sql, params).fetchall()))
+
+    async def newest_failures(self, *, service: str | None = None, limit: int) -> list[RetryItem]:
+        check_limit(limit)
+        params = {"service": service, "limit": limit}
+        rows = await self._read(lambda conn: dict_rows(conn.execute(Q["newest_failures"], params)))
+        return newest_first((CODEC.retry_item(row) for row in rows), limit)
 
     # dead letter queue -----------------------------------------------------
 

@@ -560,6 +560,24 @@ SELECT key, n, first_at, last_at, (
 FROM counted
 ORDER BY n DESC, key;
 
+-- name: newest_failures
+-- per (service, handler), the retry (attempt != 0) with the greatest (updated_at, id),
+-- of the service :service (NULL: of every one); newest first, at most :limit. No
+-- index holds updated_at (every claim writes it): one pass over the retry queue.
+SELECT * FROM retry_queue
+WHERE id IN (
+    SELECT id FROM (
+        SELECT id, row_number() OVER (
+            PARTITION BY service, handler_name ORDER BY updated_at DESC, id DESC
+        ) AS place
+        FROM retry_queue
+        WHERE attempt != 0 AND (:service IS NULL OR service = :service)
+    )
+    WHERE place = 1
+)
+ORDER BY updated_at DESC, service, handler_name
+LIMIT :limit;
+
 -- name: get_control
 SELECT key, version, value FROM retrybus_control WHERE key = ?;
 
