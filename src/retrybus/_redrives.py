@@ -281,14 +281,15 @@ class Redrives:
 
     # driving ---------------------------------------------------------------
 
-    async def step(self, redrive_id: str) -> Redrive:
+    async def step(self, redrive_id: str, *, stop: asyncio.Event | None = None) -> Redrive:
         """Advance one redrive by what its rate allows now, if no other runner holds
-        it. Returns it as stored afterwards."""
+        it. Returns it as stored afterwards. Once ``stop`` is set, the step takes no
+        more items (what it took is written)."""
         lock = self._steps.setdefault(redrive_id, asyncio.Lock())
         async with lock:
-            return await self._step(redrive_id)
+            return await self._step(redrive_id, stop)
 
-    async def _step(self, redrive_id: str) -> Redrive:
+    async def _step(self, redrive_id: str, stop: asyncio.Event | None = None) -> Redrive:
         redrive = await self.get(redrive_id)
         if not redrive.active:
             return redrive
@@ -310,7 +311,7 @@ class Redrives:
         if held is None:
             return await self.get(redrive_id)  # changed meanwhile: next step
         lost = asyncio.Event()
-        keeper = asyncio.create_task(self._keep_lease(held.id, lost))
+        keeper = asyncio.create_task(self._keep_lease(held.id, lost, stop))
         try:
             if held.state == "probing":
                 return await self._probe_step(held, now, lost)
@@ -320,10 +321,18 @@ class Redrives:
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
 
-    async def _keep_lease(self, redrive_id: str, lost: asyncio.Event) -> None:
-        """Renew this runner's lease while a step runs; set ``lost`` when it is gone."""
+    async def _keep_lease(
+        self, redrive_id: str, lost: asyncio.Event, stop: asyncio.Event | None = None
+    ) -> None:
+        """Renew this runner's lease while a step runs; set ``lost`` when it is gone,
+        or when ``stop`` is set (the step then ends at its next item)."""
+        stop = stop or asyncio.Event()
         while True:
-            await asyncio.sleep(RUNNER_LEASE / 3)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RUNNER_LEASE / 3)
+            if stop.is_set():
+                lost.set()
+                return
             while True:
                 current = await self.get(redrive_id)
                 if current.runner != self.owner or not current.active:
@@ -363,28 +372,82 @@ class Redrives:
 
     async def run_all(self, *, interval: float = 0.5, stop: asyncio.Event | None = None) -> None:
         """Drive every active redrive in the store that this bus can drive, for as
-        long as this runs (the dashboard runs it in the background). A store outage
-        or a failing redrive is logged; the others go on."""
+        long as this runs (the dashboard and every ``RetryWorker`` run it in the
+        background); returns soon after ``stop`` is set (a step under way stops
+        before its next item), letting go of the redrives it holds so that another
+        runner goes on with them at once. Runners cooperate: a redrive another
+        runner holds is left to it. A store outage is logged once (and once more
+        when the store is back); a failing redrive is logged, the others go on."""
         stop = stop or asyncio.Event()
-        while not stop.is_set():
+        outage: _Outage = _Outage()
+        held: set[str] = set()
+        try:
+            while not stop.is_set():
+                await self._drive_once(interval, stop, outage, held)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+        finally:
+            if held:
+                await asyncio.shield(self._let_go_all(held))
+
+    async def _drive_once(
+        self, interval: float, stop: asyncio.Event, outage: _Outage, held: set[str]
+    ) -> None:
+        """One pass of ``run_all``: a step of each active redrive this bus can drive."""
+        try:
+            redrives = await self.list()
+        except StoreUnavailable as exc:
+            outage.failed(f"cannot list redrives, again in {interval:.1f}s: {exc}")
+            return
+        except Exception:
+            logger.exception("cannot list redrives, again in %.1fs", interval)
+            return
+        outage.answered()
+        for redrive in redrives:
+            if stop.is_set():
+                return
+            if not redrive.active or not self.can_drive(redrive):
+                continue
             try:
-                redrives = await self.list()
+                after = await self.step(redrive.id, stop=stop)
             except StoreUnavailable as exc:
-                logger.warning("cannot list redrives, again in %.1fs: %s", interval, exc)
-                redrives = []
-            for redrive in redrives:
-                if stop.is_set():
-                    return
-                if not redrive.active or not self.can_drive(redrive):
-                    continue
-                try:
-                    await self.step(redrive.id)
-                except StoreUnavailable as exc:
-                    logger.warning("redrive %s: store unavailable: %s", redrive.id, exc)
-                except Exception:
-                    logger.exception("redrive %s: step failed", redrive.id)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+                outage.failed(f"redrive {redrive.id}: store unavailable: {exc}")
+                continue
+            except Exception:
+                logger.exception("redrive %s: step failed", redrive.id)
+                continue
+            if after.runner == self.owner:
+                held.add(redrive.id)
+            else:
+                held.discard(redrive.id)
+
+    async def _let_go_all(self, redrive_ids: set[str]) -> None:
+        for redrive_id in redrive_ids:
+            try:
+                await self.let_go(redrive_id)
+            except StoreUnavailable as exc:
+                logger.warning(
+                    "redrive %s: could not let go (another runner takes over once its "
+                    "lease runs out): %s",
+                    redrive_id,
+                    exc,
+                )
+            except Exception:
+                logger.exception("redrive %s: could not let go", redrive_id)
+
+    async def let_go(self, redrive_id: str) -> Redrive:
+        """Give up this runner's lease on a redrive (after a step), so that another
+        runner need not wait for it to run out; returns the redrive as stored. A
+        redrive held by another runner, or none, is left as it is."""
+        lock = self._steps.setdefault(redrive_id, asyncio.Lock())
+        async with lock:
+            while True:
+                current = await self.get(redrive_id)
+                if current.runner != self.owner:
+                    return current
+                saved = await self._save(replace(current, runner=None, runner_until=None))
+                if saved is not None:
+                    return saved
 
     async def _finish_step(self, redrive: Redrive, **changes: Any) -> Redrive:
         """Write a step's result. When the record changed meanwhile (a lease renewal,
@@ -671,6 +734,27 @@ class Redrives:
 
 def _gone_note(gone: int) -> str:
     return f"; {gone} gone without a success (deleted by someone?)" if gone else ""
+
+
+class _Outage:
+    """Logs a store outage met while driving redrives once, and its end once."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def failed(self, message: str) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            logger.warning("%s (logged once until the store answers)", message)
+        else:
+            logger.debug("%s", message)
+
+    def answered(self) -> None:
+        if self.since is not None:
+            logger.info(
+                "store is back after %.1fs: driving redrives again", time.monotonic() - self.since
+            )
+            self.since = None
 
 
 def _summary(action: str, done: int, failed: int) -> str:

@@ -59,6 +59,8 @@ UNSUBSCRIBED_BATCH = 500
 SERVICE_RECORDS_KEPT = timedelta(days=1)
 #: how long ``stop()`` waits for the store to forget the worker's heartbeat
 _FORGET_TIMEOUT = 5.0
+#: seconds between two passes over the active redrives by default
+DEFAULT_REDRIVE_INTERVAL = 1.0
 
 
 def _positive(name: str, value: float) -> float:
@@ -126,6 +128,12 @@ class RetryWorker:
     When the bus has an outbox database (``EventBus(outbox=URL)``), the worker
     also relays its ``retrybus_outbox`` table (``OutboxRelay``; ``relay=False``
     leaves that to ``retrybus relay``): any number of workers share it.
+
+    Every ``redrive_interval`` seconds it also drives the active redrives it can
+    drive (``bus.redrives.run_all``: a reprocess needs the handlers), so that a
+    redrive started from the dashboard or the CLI goes on with neither attached.
+    Any number of workers and dashboards cooperate: one at a time holds a redrive,
+    the others leave it be. ``drive_redrives=False`` leaves redrives to others.
     """
 
     def __init__(
@@ -145,6 +153,8 @@ class RetryWorker:
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         prefetch: int | None = None,
         relay: bool = True,
+        drive_redrives: bool = True,
+        redrive_interval: float = DEFAULT_REDRIVE_INTERVAL,
     ) -> None:
         if not isinstance(bus, EventBus):
             raise TypeError(f"RetryWorker needs an EventBus, got {bus!r}")
@@ -204,6 +214,11 @@ class RetryWorker:
         self.relay = bool(relay)
         #: the relay of the bus's outbox while the loop runs (None: none)
         self._relay: OutboxRelay | None = None
+        #: whether the worker drives the active redrives it can (``bus.redrives``)
+        self.drive_redrives = bool(drive_redrives)
+        self.redrive_interval = _positive("redrive_interval", redrive_interval)
+        self._driver: asyncio.Task[None] | None = None
+        self._driver_stop = asyncio.Event()
 
     # lifecycle -------------------------------------------------------------
 
@@ -244,6 +259,12 @@ class RetryWorker:
         )
         self._task = asyncio.create_task(self._loop(watching), name=f"retrybus-worker-{self.name}")
         self._task.add_done_callback(self._loop_ended)
+        if self.drive_redrives:
+            self._driver_stop = asyncio.Event()
+            self._driver = asyncio.create_task(
+                self.bus.redrives.run_all(interval=self.redrive_interval, stop=self._driver_stop),
+                name=f"retrybus-redrives-{self.name}",
+            )
         logger.info(
             "worker %s of service %s started on %s",
             self.name,
@@ -279,6 +300,7 @@ class RetryWorker:
             return
         if self._beater is not None:  # a worker that claims nothing more is not live
             self._beater.cancel()
+        self._driver_stop.set()
         if task.cancelled():
             logger.error(
                 "worker %s: its claim loop was cancelled; it claims nothing more", self.name
@@ -306,10 +328,12 @@ class RetryWorker:
         if task is None:
             return
         self._stopping = True
+        self._driver_stop.set()  # a redrive step under way ends at its next item
         if self._wake is not None:
             self._wake.set()
         if self._consumer is not None:
             self._consumer.stop_receiving()
+        started = time.monotonic()
         try:
             if not task.done():  # a loop that failed on its own has said so already
                 await asyncio.wait_for(asyncio.shield(task), timeout)
@@ -321,9 +345,27 @@ class RetryWorker:
             if self._task is task:  # a second stop() waits for the first; one says so
                 self.bus.core.ledger.remove_schedule_listener(self._on_retry_scheduled)
                 await self._stop_watching()
+                await self._stop_driving(
+                    None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+                )
                 await self._stop_beating()
                 self._task = None
                 logger.info("worker %s stopped", self.name)
+
+    async def _stop_driving(self, grace: float | None) -> None:
+        """Wait for the redrive driver to end (it stops before its next item and
+        lets go of its redrives); after ``grace`` seconds it is cancelled, and its
+        redrives wait for their lease to run out."""
+        driver, self._driver = self._driver, None
+        if driver is None:
+            return
+        self._driver_stop.set()
+        done, _ = await asyncio.wait([driver], timeout=grace)
+        if not done:
+            driver.cancel()
+            await asyncio.wait([driver])
+        elif not driver.cancelled() and (error := driver.exception()) is not None:
+            logger.error("worker %s: its redrive driver failed", self.name, exc_info=error)
 
     async def __aenter__(self) -> RetryWorker:
         await self.start()

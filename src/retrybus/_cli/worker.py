@@ -62,6 +62,8 @@ class WorkerSettings:
     prefetch: int | None = None
     #: relay the bus's outbox table (when it has one)
     relay: bool = True
+    #: drive the active redrives the worker can drive
+    redrives: bool = True
 
 
 def _seconds(text: str) -> float:
@@ -138,6 +140,12 @@ def build_parser(prog: str = "retrybus worker") -> argparse.ArgumentParser:
         "--no-relay",
         action="store_true",
         help="do not relay the bus's outbox table (leave it to `retrybus relay`)",
+    )
+    parser.add_argument(
+        "--no-redrives",
+        action="store_true",
+        help="do not drive redrives (leave them to the dashboard, `retrybus dlq redrive` "
+        "or other workers); by default the worker drives every active redrive it can",
     )
     parser.add_argument(
         "--check-interval", type=_seconds, default=10.0, metavar="S", help="longest sleep (10)"
@@ -244,6 +252,7 @@ def main(argv: Sequence[str], prog: str = "retrybus worker") -> int:
         heartbeat_interval=args.heartbeat_interval,
         prefetch=args.prefetch,
         relay=not args.no_relay,
+        redrives=not args.no_redrives,
     )
     store = args.store or os.environ.get("RETRYBUS_STORE") or None
     transport, source = args.transport, "--transport"
@@ -362,6 +371,7 @@ async def serve(bus: EventBus, settings: WorkerSettings) -> None:
         heartbeat_interval=settings.heartbeat_interval,
         prefetch=settings.prefetch,
         relay=settings.relay,
+        drive_redrives=settings.redrives,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
