@@ -150,48 +150,44 @@ class Subscription:
         first, and a ``VersionError`` (an upcaster raising, an unknown version,
         data failing the schema) is the call's failure, the handler not run.
         The outcome is reported to the handler's ``breaker``, if any."""
-        guard = self.breaker
-        if guard is None:
-            await self._call(event, default_limit)
-            return
+        # one coroutine, no inner one: this runs for every delivery
+        token = current_handler.set(self.name)
         try:
-            await self._call(event, default_limit)
+            types = self.types
+            if types is not None and types.active:
+                event = types.delivered(event)
+            arguments = (event,) if self.form == EVENT_ONLY else self._with_data(event)
+            limit = self.timeout or default_limit
+            if limit is None:
+                await self._run(arguments)
+            else:
+                try:
+                    async with asyncio.timeout(limit) as scope:
+                        await self._run(arguments)
+                except TimeoutError:
+                    if scope.expired():
+                        raise TimeoutError(
+                            f"handler {self.name!r} did not finish within {limit:g}s"
+                        ) from None
+                    raise
+        except AlreadyHandled:
+            # ``bus.inbox.claim`` found this delivery's effect committed before
+            # (and counted the skip): the delivery succeeded
+            pass
         except BaseException as exc:
-            if not stops_the_caller(exc):
+            guard = self.breaker
+            if guard is not None and not stops_the_caller(exc):
                 sharing = guard.failed(exc, self.policy)
                 if sharing is not None:
                     await sharing
             raise
-        sharing = guard.succeeded()
-        if sharing is not None:
-            await sharing
-
-    async def _call(self, event: Event, default_limit: float | None) -> None:
-        types = self.types
-        if types is not None and types.active:
-            event = types.delivered(event)
-        arguments = (event,) if self.form == EVENT_ONLY else self._with_data(event)
-        limit = self.timeout or default_limit
-        token = current_handler.set(self.name)
-        try:
-            if limit is None:
-                await self._run(arguments)
-                return
-            try:
-                async with asyncio.timeout(limit) as scope:
-                    await self._run(arguments)
-            except TimeoutError:
-                if scope.expired():
-                    raise TimeoutError(
-                        f"handler {self.name!r} did not finish within {limit:g}s"
-                    ) from None
-                raise
-        except AlreadyHandled:
-            # ``bus.inbox.claim`` found this delivery's effect committed before
-            # (and counted the skip): the delivery succeeded
-            return
         finally:
             current_handler.reset(token)
+        guard = self.breaker
+        if guard is not None:
+            sharing = guard.succeeded()
+            if sharing is not None:
+                await sharing
 
     def _with_data(self, event: Event) -> tuple[Any, ...]:
         """The arguments of a handler that asks for the data: the schema's
