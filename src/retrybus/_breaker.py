@@ -239,29 +239,23 @@ class BreakerStatus:
 
     def isolate(self, now: datetime, reason: str) -> BreakerStatus:
         """An operator holds the breaker open until it is reset."""
-        return replace(
-            self,
-            state="isolated",
-            half_open_at=None,
-            probes_taken=0,
-            probes_passed=0,
-            probe_at=None,
-            reason=reason,
-            changed_at=now,
-        )
+        return self._settled(now, reason, state="isolated")
 
     def reset(self, now: datetime, breaker: CircuitBreaker, reason: str) -> BreakerStatus:
         """An operator closes the breaker (the doubling starts over)."""
+        return self._settled(now, reason, state="closed", open_for=breaker.open_for)
+
+    def _settled(self, now: datetime, reason: str, **changes: Any) -> BreakerStatus:
+        """This status set by an operator: no half-open time, no probes."""
         return replace(
             self,
-            state="closed",
-            open_for=breaker.open_for,
             half_open_at=None,
             probes_taken=0,
             probes_passed=0,
             probe_at=None,
             reason=reason,
             changed_at=now,
+            **changes,
         )
 
     def _opened(self, now: datetime, open_for: float, reason: str) -> BreakerStatus:
