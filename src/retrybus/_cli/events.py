@@ -15,29 +15,16 @@ from .common import AppDirOption, AppOption, JsonOption, fail
 from .events_check import EventsCheck, check_event_types
 from .output import echo_json
 from .session import EXIT_FAILURE, EXIT_USAGE, CliError, build_bus
-from .typer_help import RetrybusGroup, RetrybusTyper
+from .typer_help import RetrybusTyper, group_defaulting_to
 
 if TYPE_CHECKING:  # for annotations only, as in typer_help
-    from typer._click import Context
-
     from .views import FittedTable
 
 __all__ = ["events_app"]
 
 
-class _ListByDefault(RetrybusGroup):
-    """A group whose first argument, unless it names one of its commands (or asks
-    for help), goes to its ``list`` command: ``retrybus events --json`` is
-    ``retrybus events list --json``."""
-
-    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
-        if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
-            args = ["list", *args]
-        return super().parse_args(ctx, args)
-
-
 events_app = RetrybusTyper(
-    cls=_ListByDefault,
+    cls=group_defaulting_to("list"),
     name="events",
     help="The event types your app registers: versions, schemas, aliases "
     "(`retrybus events [--app APP]`, the same as `list`); `check` runs sample payloads "

@@ -7,7 +7,7 @@ runs ``show`` unless its first argument names another of its commands.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
@@ -20,10 +20,7 @@ from .common import AppDirOption, AppOption, JsonOption, StoreOption, fail, run
 from .output import echo_json, service_to_dict
 from .selection import YesOption, actor_name
 from .session import EXIT_USAGE, CliError, connected_bus, use_transport_url
-from .typer_help import RetrybusGroup, RetrybusTyper
-
-if TYPE_CHECKING:  # for annotations only, as in typer_help
-    from typer._click import Context
+from .typer_help import RetrybusTyper, group_defaulting_to
 
 __all__ = ["services_app"]
 
@@ -31,19 +28,8 @@ __all__ = ["services_app"]
 _WORKERS_SHOWN = 10
 
 
-class _ShowByDefault(RetrybusGroup):
-    """A group whose first argument, unless it names one of its commands (or asks
-    for help), goes to its ``show`` command: ``retrybus services --json billing``
-    is ``retrybus services show --json billing``."""
-
-    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
-        if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
-            args = ["show", *args]
-        return super().parse_args(ctx, args)
-
-
 services_app = RetrybusTyper(
-    cls=_ShowByDefault,
+    cls=group_defaulting_to("show"),
     name="services",
     help="The services sharing the store: their live workers, their handlers and what "
     "waits for each (`retrybus services [SERVICE]`, the same as `show`); remove a "

@@ -18,7 +18,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 if TYPE_CHECKING:  # for annotations only: no run-time use of Typer's private module
     from typer._click import Context, Parameter  # Typer's own Click, which its classes extend
 
-__all__ = ["RetrybusGroup", "RetrybusTyper"]
+__all__ = ["RetrybusGroup", "RetrybusTyper", "group_defaulting_to"]
 
 CommandFunction = TypeVar("CommandFunction", bound=Callable[..., Any])
 
@@ -51,6 +51,20 @@ class RetrybusGroup(TyperGroup):
 
     def get_params(self, ctx: Context) -> list[Parameter]:
         return _without_type_placeholders(super().get_params(ctx))
+
+
+def group_defaulting_to(command: str) -> type[RetrybusGroup]:
+    """A group whose first argument, unless it names one of its commands (or asks
+    for help), goes to its ``command``: ``retrybus services --json billing`` is
+    ``retrybus services show --json billing``."""
+
+    class DefaultingGroup(RetrybusGroup):
+        def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+            if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
+                args = [command, *args]
+            return super().parse_args(ctx, args)
+
+    return DefaultingGroup
 
 
 class RetrybusTyper(typer.Typer):
