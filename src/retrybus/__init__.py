@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from ._breaker import CircuitBreaker
 from ._breakers import BreakerInfo, Breakers
+from ._budget import RetryBudget
 from ._bus import EventBus, PublishResult
 from ._clock import Clock, ManualClock, SystemClock
 from ._dead_letters import BulkResult, DeadLetterQueue
@@ -116,6 +117,7 @@ __all__ = [
     "Redrives",
     "Registration",
     "RetryAfter",
+    "RetryBudget",
     "RetryItem",
     "RetryKind",
     "RetryPolicy",

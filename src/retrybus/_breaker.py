@@ -337,6 +337,12 @@ class CallWindow:
             self._failures[position] += 1
             self.failures += 1
 
+    def move_to(self, at: float) -> None:
+        """Let the calls older than the window at ``at`` leave it, counting nothing."""
+        index = int(at // self._width)
+        if index > self._current:
+            self._advance(index)
+
     def _advance(self, index: int) -> None:
         if self._current < 0 or index - self._current >= WINDOW_SLICES:
             self.clear()

@@ -11,6 +11,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from ._breakers import Breakers
+from ._budget import RetryBudgets
 from ._clock import Clock
 from ._event import Event
 from ._handlers import HandlerRegistry, Subscription
@@ -88,6 +89,8 @@ class BusCore:
         self.routes = Routes(self, route_refresh)
         #: the circuit breakers in front of handlers (``bus.breakers``)
         self.breakers = Breakers(self)
+        #: the retry budgets of this process's workers (None: no worker has one)
+        self.retry_budgets: RetryBudgets | None = None
         self.leases = PublishLeases(
             lambda: self.store,
             lambda: self.clock.now(),

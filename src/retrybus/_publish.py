@@ -130,6 +130,9 @@ class Publisher:
         held: tuple[str, ...] = ()
         if subscriptions and core.breakers.active:
             subscriptions, held = await self._hold_back(event, subscriptions)
+        if core.retry_budgets is not None and not routes:
+            for subscription in subscriptions:  # first deliveries made here
+                core.retry_budgets.first_delivery(subscription.name)
         if routes:
             result = await self._publish_routed(event, subscriptions, routes, durable, due, defer)
         elif not durable:

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 
 from ._batch import ClaimedBatch
+from ._budget import RetryBudget, RetryBudgets
 from ._bus import EventBus
 from ._consumer import TransportConsumer
 from ._delivery import Attempted, deliver, undeliverable
@@ -155,6 +156,7 @@ class RetryWorker:
         relay: bool = True,
         drive_redrives: bool = True,
         redrive_interval: float = DEFAULT_REDRIVE_INTERVAL,
+        retry_budget: RetryBudget | None = None,
     ) -> None:
         if not isinstance(bus, EventBus):
             raise TypeError(f"RetryWorker needs an EventBus, got {bus!r}")
@@ -219,6 +221,22 @@ class RetryWorker:
         self.redrive_interval = _positive("redrive_interval", redrive_interval)
         self._driver: asyncio.Task[None] | None = None
         self._driver_stop = asyncio.Event()
+        #: the budget the handlers' retries are kept within (None: none)
+        self.retry_budget = retry_budget
+        if retry_budget is not None:
+            self._use_budget(retry_budget)
+
+    def _use_budget(self, budget: RetryBudget) -> None:
+        """Count the bus's deliveries against ``budget`` (one per process: workers
+        of one bus share it, so they must agree on it)."""
+        core = self.bus.core
+        if core.retry_budgets is None:
+            core.retry_budgets = RetryBudgets(budget, self.bus.clock)
+        elif core.retry_budgets.budget != budget:
+            raise ValueError(
+                f"another worker of this bus counts retries against {core.retry_budgets.budget!r}; "
+                f"workers of one bus share one retry budget, got {budget!r}"
+            )
 
     # lifecycle -------------------------------------------------------------
 
@@ -774,6 +792,9 @@ class RetryWorker:
             handlers=self.bus.core.claimable_handlers(),
             service=self.bus.service,
         )
+        budgets = self.bus.core.retry_budgets
+        if budgets is not None and items:
+            items = await self._within_budget(budgets, items, owner)
         if breakers.active and len(items) < limit:  # a half-open breaker's probes
             items += await breakers.claim_probes(
                 lambda count, handlers: self.bus.retry_queue.claim_due(
@@ -791,6 +812,22 @@ class RetryWorker:
         if remembered.in_use:
             await self._check_inbox(items, owner)
         return ClaimedBatch(owner, items, lease_deadline=time.monotonic() + self.lease)
+
+    async def _within_budget(
+        self, budgets: RetryBudgets, items: list[RetryItem], owner: str
+    ) -> list[RetryItem]:
+        """The claimed records to run: the retries over the handlers' retry budget
+        go back to the queue at once, due later, their attempt unused (written
+        directly, not announced: no handler was called). Should that write fail,
+        they are given back as they were."""
+        run, postponed = budgets.sort_claimed(items)
+        if postponed:
+            try:
+                await self.bus.store.complete(postponed, owner, self.bus.clock.now())
+            except StoreUnavailable:
+                with contextlib.suppress(StoreUnavailable):  # else their leases run out
+                    await self.bus.store.release([p.item.id for p in postponed], owner)
+        return run
 
     async def _check_inbox(self, items: Sequence[RetryItem], owner: str) -> None:
         """One look at the store's remembered successes for a claimed batch: the

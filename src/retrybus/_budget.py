@@ -1,0 +1,166 @@
+"""Retry budgets: a handler's retries kept to a share of its first deliveries.
+
+``RetryBudget`` is the setting (``RetryWorker(bus, retry_budget=...)``);
+``RetryBudgets`` counts, per handler, the first deliveries and the retries this
+process made in the last ``window`` seconds and says whether one more retry
+fits: at most ``percent`` of the first deliveries, and never fewer than
+``min_per_second`` a second. A retry that does not fit is not called: the
+worker puts it back in the queue, due when the budget should have room for it
+again, its attempt unused (``postpone_until``).
+
+When every delivery fails (a dependency is down), each first delivery adds a
+retry to the queue, but only ``percent`` of them are called again within the
+window: the calls the dependency sees stay within ``1 + percent/100`` times the
+first deliveries (or the floor), instead of growing with every retry.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from ._breaker import CallWindow
+from ._clock import Clock, SystemClock
+from ._outcomes import Rescheduled
+from ._records import RetryItem
+
+__all__ = ["RetryBudget", "RetryBudgets"]
+
+
+def _positive(name: str, value: float, *, zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        least = ">= 0" if zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {least}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    """How many retries a worker calls, per handler: within any ``window``
+    seconds, at most ``percent`` % of the handler's first deliveries in that
+    window, but at least ``min_per_second`` a second (so that a handler with
+    few first deliveries still gets its retries through). Retries over the
+    budget wait in the retry queue: none is lost and no attempt is used.
+
+    >>> RetryWorker(bus, retry_budget=RetryBudget(percent=20, min_per_second=10, window=10))
+    """
+
+    percent: float = 20.0
+    min_per_second: float = 10.0
+    window: float = 10.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "percent", _positive("percent", self.percent, zero=True))
+        object.__setattr__(
+            self, "min_per_second", _positive("min_per_second", self.min_per_second, zero=True)
+        )
+        object.__setattr__(self, "window", _positive("window", self.window))
+        if self.percent == 0 and self.min_per_second == 0:
+            raise ValueError(
+                "a retry budget with percent=0 and min_per_second=0 never lets a retry "
+                "through; leave retry_budget unset or allow one of them"
+            )
+
+
+class _HandlerBudget:
+    """One handler's deliveries in the window: ``calls`` are all of them and
+    ``failures`` (the window's second count) are the retries among them."""
+
+    __slots__ = ("window",)
+
+    def __init__(self, seconds: float) -> None:
+        self.window = CallWindow(seconds)
+
+    @property
+    def retries(self) -> int:
+        return self.window.failures
+
+    @property
+    def first_deliveries(self) -> int:
+        return self.window.calls - self.window.failures
+
+
+class RetryBudgets:
+    """The retry budget of every handler of one process (``RetryBudget``
+    applied per handler name), counted on ``clock``."""
+
+    def __init__(self, budget: RetryBudget, clock: Clock) -> None:
+        if not isinstance(budget, RetryBudget):
+            raise TypeError(f"retry_budget must be a RetryBudget, got {budget!r}")
+        self.budget = budget
+        self._clock = clock
+        self._handlers: dict[str, _HandlerBudget] = {}
+        self._floor = budget.min_per_second * budget.window
+        self._share = budget.percent / 100.0
+        #: the clock's time in seconds (the system clock's read without a datetime)
+        self._seconds: Callable[[], float] = (
+            time.time if type(clock) is SystemClock else lambda: clock.now().timestamp()
+        )
+
+    def _of(self, handler: str) -> _HandlerBudget:
+        counted = self._handlers.get(handler)
+        if counted is None:
+            counted = self._handlers[handler] = _HandlerBudget(self.budget.window)
+        return counted
+
+    def first_delivery(self, handler: str) -> None:
+        """``handler`` is called for a first delivery (it adds to the budget)."""
+        self._of(handler).window.add(self._seconds(), False)
+
+    def try_retry(self, handler: str) -> bool:
+        """Whether one more retry of ``handler`` fits the budget now; counted if it does."""
+        window = self._of(handler).window
+        now = self._seconds()
+        window.move_to(now)
+        first_deliveries = window.calls - window.failures
+        if window.failures + 1 > max(self._floor, self._share * first_deliveries):
+            return False
+        window.add(now, True)
+        return True
+
+    def retries_per_second(self, handler: str) -> float:
+        """The retries a second ``handler``'s budget allows at the rate of its
+        first deliveries in the window (at least ``min_per_second``)."""
+        counted = self._of(handler)
+        share = self._share * counted.first_deliveries / self.budget.window
+        return max(self.budget.min_per_second, share)
+
+    def postpone_until(self, handler: str, waiting: int) -> datetime:
+        """When the ``waiting``-th retry of ``handler`` refused now (from 1) should
+        fall due again: spread at the rate the budget allows, so that the retries
+        over the budget come back as it has room, not all at once."""
+        rate = self.retries_per_second(handler)
+        longest = self.budget.window * 10
+        seconds = self.budget.window if rate <= 0 else min(waiting / rate, longest)
+        return self._clock.now() + timedelta(seconds=max(seconds, 0.05))
+
+    def usage(self, handler: str) -> tuple[int, int]:
+        """(first deliveries, retries) of ``handler`` in the window now."""
+        counted = self._of(handler)
+        return counted.first_deliveries, counted.retries
+
+    def sort_claimed(self, items: Sequence[RetryItem]) -> tuple[list[RetryItem], list[Rescheduled]]:
+        """Of records a worker claimed, those to run and those whose retry does not
+        fit the budget: the latter as outcomes that put them back in the queue,
+        due when the budget should have room (``postpone_until``), their attempt
+        and error unchanged. First deliveries always run (and add to the budget)."""
+        run: list[RetryItem] = []
+        postponed: list[Rescheduled] = []
+        refused: dict[str, int] = {}
+        for item in items:
+            name = item.handler_name
+            if item.attempt == 0:
+                self.first_delivery(name)
+                run.append(item)
+            elif self.try_retry(name):
+                run.append(item)
+            else:
+                waiting = refused[name] = refused.get(name, 0) + 1
+                due = self.postpone_until(name, waiting)
+                postponed.append(Rescheduled(replace(item, next_retry=due)))
+        return run, postponed

@@ -1,0 +1,133 @@
+"""Retry budgets: the counting on the manual clock, and a worker whose handler's
+dependency is down (memory, SQLite and PostgreSQL): the calls stay within the
+budget's share of the first deliveries, the retries over it wait with their
+attempt unused, and every event is delivered once the dependency is back."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from conftest import fresh_store
+from retrybus import Event, EventBus, FixedDelay, ManualClock, RetryBudget, RetryWorker, Store
+from retrybus._budget import RetryBudgets
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"percent": -1}, ValueError, "percent must be a finite number >= 0, got -1"),
+        ({"min_per_second": float("nan")}, ValueError, "min_per_second"),
+        ({"window": 0}, ValueError, "window must be a finite number > 0, got 0"),
+        ({"percent": "20"}, TypeError, "percent must be a number, got '20'"),
+        ({"percent": 0, "min_per_second": 0}, ValueError, "never lets a retry through"),
+    ],
+)
+def test_bad_settings_raise_naming_the_value(
+    options: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        RetryBudget(**options)  # type: ignore[arg-type]
+
+
+def test_retries_stay_within_the_share_of_first_deliveries(clock: ManualClock) -> None:
+    budgets = RetryBudgets(RetryBudget(percent=20, min_per_second=1, window=10), clock)
+    for _ in range(100):
+        budgets.first_delivery("save")
+    allowed = sum(budgets.try_retry("save") for _ in range(50))
+    assert allowed == 20  # 20 % of 100, above the floor of 1/s x 10 s
+    assert budgets.usage("save") == (100, 20)
+    assert budgets.try_retry("other")  # another handler has its own budget
+
+
+def test_the_floor_lets_min_per_second_through_without_first_deliveries(
+    clock: ManualClock,
+) -> None:
+    budgets = RetryBudgets(RetryBudget(percent=20, min_per_second=2, window=10), clock)
+    assert sum(budgets.try_retry("save") for _ in range(50)) == 20
+    clock.advance(5)
+    assert not budgets.try_retry("save")
+    clock.advance(5)  # the first retries leave the window
+    assert sum(budgets.try_retry("save") for _ in range(50)) == 20
+
+
+def test_refused_retries_come_back_spread_at_the_allowed_rate(clock: ManualClock) -> None:
+    budgets = RetryBudgets(RetryBudget(percent=50, min_per_second=1, window=10), clock)
+    for _ in range(100):
+        budgets.first_delivery("save")
+    assert budgets.retries_per_second("save") == 5.0  # 50 % of 100 first deliveries in 10 s
+    now = clock.now()
+    delays = [(budgets.postpone_until("save", n) - now).total_seconds() for n in (1, 2, 10)]
+    assert delays == [0.2, 0.4, 2.0]
+
+
+class Dependency:
+    """A handler whose database is down until ``up``; counts its calls by event."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.calls: Counter[str] = Counter()
+
+    async def __call__(self, event: Event) -> None:
+        self.calls[event.id] += 1
+        if not self.up:
+            raise ConnectionError("database unreachable")
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+async def budget_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    async with fresh_store(request.param, tmp_path) as opened:
+        yield opened
+
+
+@pytest.mark.parametrize("defer", [False, True], ids=["published-inline", "deferred"])
+async def test_an_outage_costs_at_most_the_budget_and_loses_nothing(
+    budget_store: Store, clock: ManualClock, defer: bool
+) -> None:
+    dependency = Dependency()
+    bus = EventBus(budget_store, clock=clock, default_policy=FixedDelay(delay=1.0, max_retries=100))
+    bus.subscribe("order.paid", dependency, name="save_order")
+    worker = RetryWorker(
+        bus, batch_size=500, retry_budget=RetryBudget(percent=20, min_per_second=1, window=10)
+    )
+    events = [Event("order.paid", {"n": n}) for n in range(200)]
+    for event in events:
+        await bus.publish(event, defer=defer)
+    if defer:  # the worker makes the first deliveries (and counts them)
+        assert await worker.run_once() == 200
+    assert sum(dependency.calls.values()) == 200
+
+    for _ in range(10):  # ten seconds of outage, a claim each second
+        clock.advance(1)
+        await worker.run_once()
+    calls = sum(dependency.calls.values())
+    assert 200 < calls <= 1.2 * 200  # the retries: 20 % of the first deliveries
+    items = await budget_store.list_retry(limit=500, offset=0)
+    assert len(items) == 200
+    # a retry waiting over the budget has its attempt unused: attempts == calls made
+    assert all(item.attempt == dependency.calls[item.event_id] for item in items)
+    assert await bus.dead_letters.count() == 0
+
+    dependency.up = True  # the dependency is back: everything goes through, once
+    for _ in range(200):
+        clock.advance(1)
+        await worker.run_once()
+        if not await budget_store.retry_count():
+            break
+    assert await budget_store.retry_count() == 0
+    assert await bus.dead_letters.count() == 0
+    assert set(dependency.calls) == {event.id for event in events}
+    await bus.close()
+
+
+def test_workers_of_one_bus_share_one_budget() -> None:
+    bus = EventBus()
+    budget = RetryBudget(percent=10)
+    first = RetryWorker(bus, retry_budget=budget)
+    second = RetryWorker(bus, retry_budget=RetryBudget(percent=10))
+    assert first.retry_budget == second.retry_budget
+    with pytest.raises(ValueError, match="share one retry budget"):
+        RetryWorker(bus, retry_budget=RetryBudget(percent=30))
