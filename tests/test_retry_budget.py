@@ -131,3 +131,23 @@ def test_workers_of_one_bus_share_one_budget() -> None:
     assert first.retry_budget == second.retry_budget
     with pytest.raises(ValueError, match="share one retry budget"):
         RetryWorker(bus, retry_budget=RetryBudget(percent=30))
+
+
+def test_the_worker_command_takes_a_retry_budget() -> None:
+    from retrybus._cli.worker import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["app:bus"]).retry_budget is None
+    assert parse(["app:bus", "--retry-budget", "20"]).retry_budget == RetryBudget(percent=20)
+    assert parse(["app:bus", "--retry-budget", "5,2,30"]).retry_budget == RetryBudget(5, 2, 30)
+
+
+@pytest.mark.parametrize("text", ["lots", "20,1,2,3", "-5", "0,0"])
+def test_the_worker_command_refuses_a_bad_retry_budget(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from retrybus._cli.worker import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["app:bus", "--retry-budget", text])
+    assert f"expected PERCENT[,MIN_PER_SECOND[,WINDOW]], got {text!r}" in capsys.readouterr().err

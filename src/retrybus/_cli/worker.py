@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .._budget import RetryBudget
 from .._bus import EventBus
 from .._errors import RetrybusError
 from .._stores._url import redact
@@ -64,6 +65,8 @@ class WorkerSettings:
     relay: bool = True
     #: drive the active redrives the worker can drive
     redrives: bool = True
+    #: the budget the handlers' retries are kept within (None: none)
+    retry_budget: RetryBudget | None = None
 
 
 def _seconds(text: str) -> float:
@@ -84,6 +87,20 @@ def _count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
     return value
+
+
+def _budget(text: str) -> RetryBudget:
+    """``PERCENT[,MIN_PER_SECOND[,WINDOW]]`` as a ``RetryBudget``."""
+    parts = text.split(",")
+    try:
+        if len(parts) > 3:
+            raise ValueError("at most three numbers")
+        numbers = [float(part) for part in parts]
+        return RetryBudget(*numbers)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected PERCENT[,MIN_PER_SECOND[,WINDOW]], got {text!r}: {exc}"
+        ) from None
 
 
 def _port(text: str) -> int:
@@ -146,6 +163,14 @@ def build_parser(prog: str = "retrybus worker") -> argparse.ArgumentParser:
         action="store_true",
         help="do not drive redrives (leave them to the dashboard, `retrybus dlq redrive` "
         "or other workers); by default the worker drives every active redrive it can",
+    )
+    parser.add_argument(
+        "--retry-budget",
+        type=_budget,
+        metavar="PERCENT[,MIN/S[,WINDOW]]",
+        help="call each handler's retries only while they stay within PERCENT %% of its first "
+        "deliveries, at least MIN/S a second, over WINDOW seconds (defaults 10 and 10); the "
+        "others wait, their attempt unused (default: no budget)",
     )
     parser.add_argument(
         "--check-interval", type=_seconds, default=10.0, metavar="S", help="longest sleep (10)"
@@ -253,6 +278,7 @@ def main(argv: Sequence[str], prog: str = "retrybus worker") -> int:
         prefetch=args.prefetch,
         relay=not args.no_relay,
         redrives=not args.no_redrives,
+        retry_budget=args.retry_budget,
     )
     store = args.store or os.environ.get("RETRYBUS_STORE") or None
     transport, source = args.transport, "--transport"
@@ -372,6 +398,7 @@ async def serve(bus: EventBus, settings: WorkerSettings) -> None:
         prefetch=settings.prefetch,
         relay=settings.relay,
         drive_redrives=settings.redrives,
+        retry_budget=settings.retry_budget,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
