@@ -14,6 +14,7 @@ import sys
 import time
 
 import breakers
+import budget
 import durable
 import inbox
 import latency
@@ -47,6 +48,7 @@ def main() -> None:
         outbox,
         versioning,
         breakers,
+        budget,
     ):
         note(f"-- {module.__name__}")
         emit(module.run())

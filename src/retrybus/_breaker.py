@@ -338,10 +338,20 @@ class CallWindow:
             self.failures += 1
 
     def move_to(self, at: float) -> None:
-        """Let the calls older than the window at ``at`` leave it, counting nothing."""
+        """Let the calls older than the window at ``at`` leave it, counting nothing
+        (``add_now`` then counts a call at ``at``)."""
         index = int(at // self._width)
         if index > self._current:
             self._advance(index)
+
+    def add_now(self, failed: bool) -> None:
+        """Count a call at the time of the last ``add`` or ``move_to``."""
+        position = self._current % WINDOW_SLICES
+        self._calls[position] += 1
+        self.calls += 1
+        if failed:
+            self._failures[position] += 1
+            self.failures += 1
 
     def _advance(self, index: int) -> None:
         if self._current < 0 or index - self._current >= WINDOW_SLICES:

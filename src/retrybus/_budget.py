@@ -67,24 +67,6 @@ class RetryBudget:
             )
 
 
-class _HandlerBudget:
-    """One handler's deliveries in the window: ``calls`` are all of them and
-    ``failures`` (the window's second count) are the retries among them."""
-
-    __slots__ = ("window",)
-
-    def __init__(self, seconds: float) -> None:
-        self.window = CallWindow(seconds)
-
-    @property
-    def retries(self) -> int:
-        return self.window.failures
-
-    @property
-    def first_deliveries(self) -> int:
-        return self.window.calls - self.window.failures
-
-
 class RetryBudgets:
     """The retry budget of every handler of one process (``RetryBudget``
     applied per handler name), counted on ``clock``."""
@@ -94,7 +76,7 @@ class RetryBudgets:
             raise TypeError(f"retry_budget must be a RetryBudget, got {budget!r}")
         self.budget = budget
         self._clock = clock
-        self._handlers: dict[str, _HandlerBudget] = {}
+        self._windows: dict[str, CallWindow] = {}
         self._floor = budget.min_per_second * budget.window
         self._share = budget.percent / 100.0
         #: the clock's time in seconds (the system clock's read without a datetime)
@@ -102,33 +84,34 @@ class RetryBudgets:
             time.time if type(clock) is SystemClock else lambda: clock.now().timestamp()
         )
 
-    def _of(self, handler: str) -> _HandlerBudget:
-        counted = self._handlers.get(handler)
-        if counted is None:
-            counted = self._handlers[handler] = _HandlerBudget(self.budget.window)
-        return counted
+    def _window(self, handler: str) -> CallWindow:
+        """``handler``'s deliveries in the window: ``calls`` counts all of them,
+        ``failures`` (the window's second count) the retries among them."""
+        window = self._windows.get(handler)
+        if window is None:
+            window = self._windows[handler] = CallWindow(self.budget.window)
+        return window
 
     def first_delivery(self, handler: str) -> None:
         """``handler`` is called for a first delivery (it adds to the budget)."""
-        self._of(handler).window.add(self._seconds(), False)
+        window = self._windows.get(handler) or self._window(handler)
+        window.add(self._seconds(), False)
 
     def try_retry(self, handler: str) -> bool:
         """Whether one more retry of ``handler`` fits the budget now; counted if it does."""
-        window = self._of(handler).window
-        now = self._seconds()
-        window.move_to(now)
-        first_deliveries = window.calls - window.failures
-        if window.failures + 1 > max(self._floor, self._share * first_deliveries):
+        window = self._windows.get(handler) or self._window(handler)
+        window.move_to(self._seconds())
+        retries = window.failures
+        if retries >= self._floor and retries >= self._share * (window.calls - retries):
             return False
-        window.add(now, True)
+        window.add_now(True)
         return True
 
     def retries_per_second(self, handler: str) -> float:
         """The retries a second ``handler``'s budget allows at the rate of its
         first deliveries in the window (at least ``min_per_second``)."""
-        counted = self._of(handler)
-        share = self._share * counted.first_deliveries / self.budget.window
-        return max(self.budget.min_per_second, share)
+        first_deliveries, _ = self.usage(handler)
+        return max(self.budget.min_per_second, self._share * first_deliveries / self.budget.window)
 
     def postpone_until(self, handler: str, waiting: int) -> datetime:
         """When the ``waiting``-th retry of ``handler`` refused now (from 1) should
@@ -141,8 +124,9 @@ class RetryBudgets:
 
     def usage(self, handler: str) -> tuple[int, int]:
         """(first deliveries, retries) of ``handler`` in the window now."""
-        counted = self._of(handler)
-        return counted.first_deliveries, counted.retries
+        window = self._window(handler)
+        window.move_to(self._seconds())
+        return window.calls - window.failures, window.failures
 
     def sort_claimed(self, items: Sequence[RetryItem]) -> tuple[list[RetryItem], list[Rescheduled]]:
         """Of records a worker claimed, those to run and those whose retry does not
