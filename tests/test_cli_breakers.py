@@ -20,6 +20,7 @@ from typer.testing import CliRunner, Result
 
 from engines import postgresql
 from retrybus import CircuitBreaker, Event, EventBus, FixedDelay, ManualClock, Store, open_store
+from retrybus._breaker import BreakerStatus
 from retrybus._cli.app import app
 
 runner = CliRunner()
@@ -152,3 +153,18 @@ async def test_an_unknown_name_is_a_one_line_error_naming_it(seeded: Seeded) -> 
     assert (named["service"], named["state"]) == ("reporting", "isolated")
     bad = await invoke("breakers", "list", "--service", "bad name", "--store", seeded.url)
     assert "--service" in one_line_error(bad, 2)
+
+
+async def test_a_record_without_settings_is_listed_and_isolated_but_not_reset(
+    seeded: Seeded,
+) -> None:
+    # as an older release writes it: the status alone
+    old = BreakerStatus(state="open", open_for=60.0, trips=3, reason="old").to_json()
+    assert await seeded.store.put_control("breaker:legacy:cache", old, version=0) == 1
+    (listed,) = await json_of("breakers", "--service", "legacy", "--store", seeded.url)
+    assert (listed["name"], listed["trips"], listed["settings"]) == ("cache", 3, None)
+    assert listed["handlers"] == []
+    refused = await invoke("breakers", "reset", "cache", "--store", seeded.url)
+    assert "has no settings" in one_line_error(refused, 1)
+    isolated = await json_of("breakers", "isolate", "cache", "--store", seeded.url)
+    assert isolated["state"] == "isolated"
