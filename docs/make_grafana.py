@@ -65,6 +65,45 @@ def quantiles(metric: str) -> list[dict[str, Any]]:
     ]
 
 
+#: the numbers of ``retrybus_breaker_state``
+BREAKER_STATES = {"0": "closed", "1": "half-open", "2": "open", "3": "isolated"}
+
+
+def breaker_panel(grid: tuple[int, int, int, int]) -> dict[str, Any]:
+    """Each circuit breaker's state over time, and its trips (openings) per interval."""
+    item = panel(
+        "timeseries",
+        "Circuit breakers",
+        "Each breaker's state: 0 closed, 1 half-open, 2 open, 3 isolated (every process "
+        "reads the same store: max across them); and how many times it opened in each "
+        "interval.",
+        [
+            target(
+                f"max by (service, breaker) (retrybus_breaker_state{{{SELECT}}})",
+                "state {{service}}/{{breaker}}",
+            ),
+            target(
+                "max by (service, breaker) "
+                f"(increase(retrybus_breaker_trips_total{{{SELECT}}}[$__rate_interval]))",
+                "trips {{service}}/{{breaker}}",
+            ),
+        ],
+        grid,
+    )
+    # the states' names on the state query only (a count of trips is a number)
+    states = {"type": "value", "options": {k: {"text": v} for k, v in BREAKER_STATES.items()}}
+    item["fieldConfig"]["overrides"] = [
+        {
+            "matcher": {"id": "byFrameRefID", "options": "A"},
+            "properties": [
+                {"id": "mappings", "value": [states]},
+                {"id": "custom.lineInterpolation", "value": "stepAfter"},
+            ],
+        }
+    ]
+    return item
+
+
 def dashboard() -> dict[str, Any]:
     panels = [
         panel(
@@ -270,6 +309,7 @@ def dashboard() -> dict[str, Any]:
             (0, 44, 12, 8),
             "ops",
         ),
+        breaker_panel((12, 44, 12, 8)),
     ]
     for number, item in enumerate(panels, start=1):
         item["id"] = number

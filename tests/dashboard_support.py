@@ -49,6 +49,8 @@ POST_ENDPOINTS = (
     "/redrives/{redrive}/delete",
     "/retry-queue/{scheduled}/cancel",
     "/services/remove",
+    "/breakers/isolate",
+    "/breakers/reset",
 )
 
 

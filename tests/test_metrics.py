@@ -262,6 +262,7 @@ def exercised(registry: CollectorRegistry) -> PrometheusMetrics:
     figures.due = 0
     metrics.set_transport_lag("default", 0)
     figures.outbox["app"] = (0, 0.0)
+    metrics.set_breaker_state("default", "db", "open", 1)
     return metrics
 
 

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import retrybus.prometheus
 from retrybus import (
+    CircuitBreaker,
     Event,
     EventBus,
     FixedDelay,
@@ -43,7 +44,8 @@ async def social_and_notifications(
     store: Store, clock: ManualClock, metrics: PrometheusMetrics
 ) -> tuple[EventBus, EventBus]:
     """Two services counting into ``metrics``: social publishes likes and counts
-    them (Stats); notifications runs Notify (fails once) and Digest (never works)."""
+    them (Stats); notifications runs Notify (fails once, behind breaker "mail") and
+    Digest (never works)."""
     policy = FixedDelay(delay=1, max_retries=2)
     social = EventBus(
         store,
@@ -67,7 +69,8 @@ async def social_and_notifications(
     async def digest(event: Event) -> None:
         raise PermanentError("no digest for this user")
 
-    notifications.subscribe("like.*", notify, name="Notify")
+    # a breaker that never trips: its record (stored by register) gives its gauges
+    notifications.subscribe("like.*", notify, name="Notify", breaker=CircuitBreaker("mail"))
     notifications.subscribe("like.added", digest, name="Digest")
     await notifications.register()
     return social, notifications
@@ -149,6 +152,9 @@ async def test_each_family_is_labelled_with_the_service_that_observed_it(
     dead_depth = {**depth, "processed": "false"}
     assert registry.get_sample_value("retrybus_dead_letter_queue_depth", dead_depth) == 1
     assert registry.get_sample_value("retrybus_transport_lag", of_notifications) == 0
+    mail = {**of_notifications, "breaker": "mail"}
+    assert registry.get_sample_value("retrybus_breaker_state", mail) == 0  # closed
+    assert registry.get_sample_value("retrybus_breaker_trips_total", mail) == 0
 
 
 async def test_depth_gauges_are_per_service_and_handler_on_every_engine(

@@ -26,6 +26,7 @@ from ._breaker import (
     Transition,
     counts_as_failure,
 )
+from ._breaker_records import breaker_record
 from ._errors import StoreUnavailable
 from ._records import RetryItem
 
@@ -136,7 +137,8 @@ class SharedBreaker:
                 new = transition(self.machine.status)
                 if new is None:
                     return False
-                version = await store.put_control(self.key, new.to_json(), version=self.version)
+                value = breaker_record(new, self.breaker, self.handlers)
+                version = await store.put_control(self.key, value, version=self.version)
                 if version is not None:
                     self._adopt(new, version, announce=actor or "")
                     return True
@@ -190,6 +192,23 @@ class SharedBreaker:
             machine.window.clear()
         if status.state != before.state or status.trips != before.trips:
             self._log(status, announce)
+        self._report(status)
+
+    def _report(self, status: BreakerStatus) -> None:
+        """Tell the bus's metrics (``set_breaker_state``, when they have it) the
+        state this process now knows."""
+        report = getattr(self._core.metrics, "set_breaker_state", None)
+        if report is None:
+            return
+        try:
+            report(
+                self._core.service,
+                self.breaker.name,
+                status.state_at(self._core.clock.now()),
+                status.trips,
+            )
+        except Exception:  # a gauge is not worth failing a transition for
+            logger.exception("breaker %s: the metrics refused its state", self.breaker.name)
 
     def _log(self, status: BreakerStatus, actor: str | None) -> None:
         name = self.breaker.name
@@ -208,6 +227,36 @@ class SharedBreaker:
             logger.info("breaker %s closed%s: %s", name, by, status.reason)
         else:
             logger.warning("breaker %s isolated%s: %s", name, by, status.reason)
+
+    async def store_settings(self) -> None:
+        """Write the breaker's settings and handlers into its record beside the
+        status found there (a new record: closed), unless they are there already:
+        what lets a store-only reader (``retrybus breakers``) list and reset it."""
+        store = self._core.store
+        for _ in range(_CAS_TRIES):
+            record = await store.get_control(self.key)
+            if record is None:
+                status, version, stored = BreakerStatus.initial(self.breaker), 0, {}
+            else:
+                version, stored = record.version, dict(record.value)
+                try:
+                    status = BreakerStatus.from_json(stored)
+                except ValueError as exc:
+                    logger.warning("breaker %s: %s; read as closed", self.breaker.name, exc)
+                    status = BreakerStatus.initial(self.breaker)
+            value = {**stored, **breaker_record(status, self.breaker, self.handlers)}
+            if record is not None and value == record.value:
+                self.adopt_stored(record.value, record.version)
+                return
+            written = await store.put_control(self.key, value, version=version)
+            if written is not None:
+                self.adopt_stored(value, written)
+                return
+        logger.warning(
+            "breaker %s: gave up storing its settings after %d lost compare-and-sets",
+            self.breaker.name,
+            _CAS_TRIES,
+        )
 
     async def take_probes(self, wanted: int) -> int:
         """Take up to ``wanted`` of the half-open breaker's probes; how many."""
@@ -413,6 +462,14 @@ class Breakers:
                 shared.adopt_stored(None, 0)
             else:
                 shared.adopt_stored(record.value, record.version)
+
+    async def store_settings(self) -> None:
+        """Write each breaker's settings and handlers into its control record
+        (``bus.register()`` does, as a worker starts): a breaker that never
+        tripped is listed by ``retrybus breakers`` and the dashboard too."""
+        for shared in self._by_name.values():
+            if shared.handlers:
+                await shared.store_settings()
 
     # operators -------------------------------------------------------------
 

@@ -348,7 +348,9 @@ class EventBus:
         when one starts. Each handler's record also names the version of every
         registered event type it receives, and the service's registered types
         are stored beside (``Services.event_types``): what the services page
-        compares producers and consumers by. A worker registers when it starts.
+        compares producers and consumers by. Each circuit breaker's settings
+        and handlers go into its control record (what ``retrybus breakers``
+        reads without the app). A worker registers when it starts.
         With ``prune``, the
         service's stored handlers that this bus no longer has are removed
         (``actor`` says by whom; what was pending for them is dead-lettered by
@@ -382,6 +384,7 @@ class EventBus:
         )
         if registration.wrote:
             subscriptions_changed(store)
+        await core.breakers.store_settings()  # `retrybus breakers` lists and resets them
         return registration
 
     async def close(self) -> None:

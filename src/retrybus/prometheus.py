@@ -26,6 +26,8 @@ Their labels, the service first (``retrybus.EventBus(service=)``)::
     retrybus_outbox_depth                outbox
     retrybus_outbox_oldest_age_seconds   outbox
     retrybus_inbox_skipped_total         service, handler
+    retrybus_breaker_state               service, breaker
+    retrybus_breaker_trips_total         service, breaker
 
 ``outcome`` is ``success`` or ``failure``, ``reason`` a ``retrybus.reason_kind``,
 ``processed`` ``true`` or ``false``. A delivery's figures carry the service of
@@ -38,6 +40,13 @@ own service (``set_transport_lag`` sets it for any). The outbox gauges (the
 events staged in an application's ``retrybus_outbox`` table and how long the
 oldest has waited) come from the refreshing bus's outbox database
 (``EventBus(outbox=URL)``), labelled with its name (``OutboxDatabase.label``).
+``retrybus_breaker_state`` is each circuit breaker's state: 0 closed, 1
+half-open, 2 open, 3 isolated; ``retrybus_breaker_trips_total`` how many times
+it opened, as the service shares it (every process reports the same count:
+take ``max`` across instances, as for the depth gauges, and ``increase`` over
+time). Both are read from the store's breaker records on each ``refresh``, of
+every service, and set when this process sees a breaker change
+(``set_breaker_state``).
 ``exposition(service=)`` keeps one service's samples only.
 
 The figures are kept as plain numbers and handed to prometheus-client when it
@@ -77,6 +86,7 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
         f"retrybus metrics need {exc.name}: pip install 'retrybus[prometheus]'"
     ) from exc
 
+from ._breaker_records import BREAKER_STATES, read_breakers
 from ._services import DEFAULT_SERVICE, check_service
 
 if TYPE_CHECKING:
@@ -120,6 +130,8 @@ METRIC_NAMES = (
     "retrybus_outbox_depth",
     "retrybus_outbox_oldest_age_seconds",
     "retrybus_inbox_skipped_total",
+    "retrybus_breaker_state",
+    "retrybus_breaker_trips_total",
 )
 
 _PAIR = ["service", "event_type", "handler"]
@@ -213,6 +225,8 @@ class _Figures(Collector):
         self.transport_lag: dict[str, int] = {}
         #: each outbox table's rows waiting and the oldest's age (seconds), by label
         self.outbox: dict[str, tuple[int, float]] = {}
+        #: each circuit breaker's state (``BREAKER_STATES``) and trips, keyed (service, name)
+        self.breakers: dict[tuple[str, str], tuple[int, int]] = {}
 
     def of_service(self, service: str) -> _ServiceFigures:
         figures = self.services.get(service)
@@ -243,6 +257,9 @@ class _Figures(Collector):
         for label, (rows, age) in list(self.outbox.items()):
             families.outbox_depth.add_metric([label], rows)
             families.outbox_age.add_metric([label], age)
+        for (service, name), (state, trips) in list(self.breakers.items()):
+            families.breaker_state.add_metric([service, name], state)
+            families.breaker_trips.add_metric([service, name], trips)
         return iter(families)
 
 
@@ -289,6 +306,8 @@ class _Families(NamedTuple):
     outbox_depth: GaugeMetricFamily
     outbox_age: GaugeMetricFamily
     inbox_skipped: CounterMetricFamily
+    breaker_state: GaugeMetricFamily
+    breaker_trips: CounterMetricFamily
 
     @classmethod
     def new(cls) -> _Families:
@@ -366,6 +385,17 @@ class _Families(NamedTuple):
                 "Deliveries not run (or inbox.claim blocks skipped): the handler had "
                 "succeeded for the event before.",
                 labels=["service", "handler"],
+            ),
+            GaugeMetricFamily(
+                "retrybus_breaker_state",
+                "A circuit breaker's state: 0 closed, 1 half-open, 2 open, 3 isolated.",
+                labels=["service", "breaker"],
+            ),
+            CounterMetricFamily(
+                "retrybus_breaker_trips",
+                "How many times a circuit breaker opened (the service's count, shared "
+                "through the store: the same in every process).",
+                labels=["service", "breaker"],
             ),
         )
 
@@ -502,12 +532,24 @@ class PrometheusMetrics:
             raise ValueError(f"a transport lag is a whole number >= 0 or None, got {lag!r}")
         self._figures.transport_lag[service] = lag
 
+    def set_breaker_state(self, service: str, breaker: str, state: str, trips: int) -> None:
+        """Set ``retrybus_breaker_state{service,breaker}`` (``state``: ``closed``,
+        ``half_open``, ``open`` or ``isolated``) and its trips; ``ValueError``
+        naming an unknown state. The bus calls it when a breaker changes."""
+        code = BREAKER_STATES.get(state)  # type: ignore[call-overload]
+        if code is None:
+            raise ValueError(
+                f"a breaker state is one of {', '.join(BREAKER_STATES)}, got {state!r}"
+            )
+        self._figures.breakers[(check_service(service), breaker)] = (code, int(trips))
+
     async def refresh(self, bus: BusView) -> None:
         """Read the queues' depth from ``bus``'s store into the gauges, per service
         and handler, of every service the store holds. A queue that emptied reads 0.
         A bus with a transport (an ``EventBus`` given one) also sets its service's
         ``retrybus_transport_lag``, asking the broker for at most a second (no
-        sample while it does not answer)."""
+        sample while it does not answer). Each circuit breaker's state and trips
+        are read from the store's breaker records, of every service."""
         store = bus.store
         now = bus.clock.now()
         retry_depth, dead_depth = await _service_depths(store, now)
@@ -517,6 +559,10 @@ class PrometheusMetrics:
         figures.retry_depth = {**dict.fromkeys(figures.retry_depth, 0), **retry_depth}
         figures.dead_depth = {**dict.fromkeys(figures.dead_depth, 0), **dead_depth}
         figures.due = due
+        figures.breakers = {
+            (b.service, b.name): (BREAKER_STATES[b.state], b.trips)
+            for b in await read_breakers(store, now=now)
+        }
         transport: Transport | None = getattr(bus, "transport", None)
         if transport is not None:
             service = getattr(bus, "service", self._service)

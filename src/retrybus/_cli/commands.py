@@ -1,4 +1,4 @@
-"""The ``retrybus`` Typer app: its root, ``demo`` and ``worker``; ``dlq``,
+"""The ``retrybus`` Typer app: its root, ``demo`` and ``worker``; ``breakers``, ``dlq``,
 ``events``, ``queue``, ``services``, ``stats`` and ``transport`` come from their own modules.
 
 The demo (and Rich with it) is imported only when ``retrybus demo`` runs.
@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
+from .breakers import breakers_app
 from .common import fail, run
 from .dashboard import dashboard
 from .dlq import dlq_app
@@ -34,6 +35,7 @@ app = RetrybusTyper(
     rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+app.add_typer(breakers_app)
 app.add_typer(dlq_app)
 app.add_typer(events_app)
 app.add_typer(queue_app)

@@ -23,7 +23,7 @@ from .._bus import EventBus
 from .._errors import AppNotFound, ItemBusy, RetrybusError, StoreUnavailable
 from .._history import DEFAULT_INTERVAL, DepthHistory
 from .._stores import Store, open_store
-from . import _actions, _metrics, _pages, _services_page
+from . import _actions, _breakers_page, _metrics, _pages, _services_page
 from ._auth import DEFAULT_SESSION_MAX_AGE, SESSION_COOKIE, Auth, TokenSpec
 from ._login_limit import LoginLimiter
 from ._metrics import attach_metrics
@@ -264,6 +264,11 @@ def build_app(
             methods=["POST"],
             name="remove_subscription",
         ),
+        Route("/breakers", _breakers_page.breakers, name="breakers"),
+        Route(
+            "/breakers/isolate", _breakers_page.isolate, methods=["POST"], name="breaker_isolate"
+        ),
+        Route("/breakers/reset", _breakers_page.reset, methods=["POST"], name="breaker_reset"),
         Route("/redrives", _pages.redrives, name="redrives"),
         Route("/redrives/{redrive_id}", _pages.redrive, name="redrive"),
         *(

@@ -17,7 +17,7 @@ from ._web import SERVICE_KEY, HTTPError, render, root, state
 __all__ = ["chosen_service", "known_services", "render_page", "service_loads"]
 
 #: the pages the selector leads to: the section a page is in (any other: the overview)
-SECTIONS = ("/dead-letters", "/groups", "/retry-queue", "/redrives", "/services")
+SECTIONS = ("/dead-letters", "/groups", "/retry-queue", "/redrives", "/services", "/breakers")
 #: what the selector leaves out of the address it keeps (a page number means
 #: nothing in another service's list)
 NOT_KEPT = (SERVICE_KEY, "offset")
