@@ -209,6 +209,8 @@ async def test_a_layout_recorded_by_a_later_version_is_left_alone() -> None:
         name = url.rsplit("/", 1)[1].split("?")[0]
         raw = client[name]
         await raw.retrybus_layout.insert_one({"_id": "layout", "version": 9})
+        # layout 9 says this package (layout 3) can still use it
+        await raw.retrybus_layout.insert_one({"_id": "compatible_from", "9": 3})
         item = pending(clock)
         await raw.retry_queue.insert_one(layout_1_document(item))
         async with MongoStore.from_url(url) as store:

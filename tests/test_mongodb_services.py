@@ -300,6 +300,8 @@ async def test_a_layout_recorded_by_a_later_version_keeps_its_records_as_they_ar
     item = pending(clock, 1)
     async with fresh_database() as (url, raw):
         await raw.retrybus_layout.insert_one({"_id": "layout", "version": 9})
+        # layout 9 says this package (layout 3) can still use it
+        await raw.retrybus_layout.insert_one({"_id": "compatible_from", "9": 3})
         await raw.retry_queue.insert_one(layout_2(retry_document(item)))
         async with MongoStore.from_url(url) as store:
             assert await store.get_retry(item.id) == item

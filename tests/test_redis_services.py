@@ -317,7 +317,11 @@ async def test_each_services_records_get_their_keys_the_defaults_as_layout_three
     assert await redis_store.complete([Succeeded(mine)], None, now) == {mine.id}
     assert await redis_store.delete_dead(letter.id)
     left = [key async for key in raw.scan_iter(match=f"{prefix}:*")]
-    assert sorted(left) == [f"{prefix}:counters", f"{prefix}:schema"]
+    assert sorted(left) == [
+        f"{prefix}:counters",
+        f"{prefix}:schema",
+        f"{prefix}:schema:compatible_from",
+    ]
 
 
 async def test_a_claim_for_a_service_reads_only_its_lanes(

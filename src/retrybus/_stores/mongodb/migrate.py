@@ -32,8 +32,11 @@ a layout-2 process meanwhile) still reads as one of the default service, and
 queries for the default service match a missing field too. Its claim index
 replaces layout 2's (``handler_name``, ``next_retry``, …), which is dropped
 once the new one exists (on every connect: a layout-2 process that connects
-meanwhile creates it again). A database recorded at a later version than this
-package knows is left as it is.
+meanwhile creates it again). Each layout records its compatible-from (the oldest
+layout whose code can still use it, ``retrybus_layout``: ``{_id:
+"compatible_from", "<layout>": version}``; ``_stores/_compatibility.py``): a
+database recorded at a later layout than this package knows is left as it is
+when that layout is compatible from this one or earlier, and refused otherwise.
 
 Dead letters have no TTL index: they are deleted after the bus's
 ``dead_letter_retention`` (None: never) by the workers' maintenance
@@ -61,11 +64,13 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from ..._services import DEFAULT_SERVICE
+from .._compatibility import check_later_version, compatible_from
 from .codec import failure_group_of
 from .common import DEAD, INBOX, LAYOUT, RETRY, REVISION, SUBSCRIPTIONS, WORKERS, Doc
 
 __all__ = [
     "BACKFILL_BATCH",
+    "COMPATIBLE_FROM",
     "DEAD_INDEXES",
     "INBOX_INDEXES",
     "LAYOUT_VERSION",
@@ -82,6 +87,12 @@ __all__ = [
 #: the version of the layout this package writes (1: before ``claims``; 2: before
 #: ``service``)
 LAYOUT_VERSION = 3
+#: the oldest layout whose code can still use a database of LAYOUT_VERSION
+#: (``_stores/_compatibility.py``): a process of layout 2 keeps working, its
+#: records without ``service`` read as the default service's
+COMPATIBLE_FROM = 2
+#: the ``_id`` in ``retrybus_layout`` of ``{"<layout>": compatible-from, …}``
+COMPATIBILITY = "compatible_from"
 #: the keys of the fixed dead letter TTL index of earlier releases: dropped on connect
 RETIRED_DEAD_TTL: list[tuple[str, int]] = [("created_at", ASCENDING)]
 #: how long a heartbeat outlives its worker's last beat (workers prune sooner)
@@ -168,10 +179,17 @@ INBOX_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
 ]
 
 
-async def set_up(db: AsyncDatabase[Doc]) -> None:
+async def set_up(db: AsyncDatabase[Doc], *, name: str = "MongoDB store") -> None:
     """Create the indexes that are missing, upgrade the layout and back-fill
     failure groups (all idempotent: every connect runs them, and several
-    processes may run them at once)."""
+    processes may run them at once). A database of a later layout is used when
+    that layout is compatible from ``LAYOUT_VERSION`` or earlier, and refused
+    (``StoreUnusable``, naming the store as ``name``) otherwise."""
+    version = await layout_version(db)
+    if version > LAYOUT_VERSION:
+        check_later_version(
+            name, version, LAYOUT_VERSION, await _recorded_compatible_from(db, version)
+        )
     await _create_indexes(db)
     await _upgrade_layout(db)
     await _backfill_failure_groups(db)
@@ -188,7 +206,11 @@ async def layout_version(db: AsyncDatabase[Doc]) -> int:
 async def _upgrade_layout(db: AsyncDatabase[Doc]) -> None:
     """Bring the layout up to ``LAYOUT_VERSION`` (each step safe to repeat)."""
     version = await layout_version(db)
-    if version >= LAYOUT_VERSION:
+    if version > LAYOUT_VERSION:
+        return
+    if version == LAYOUT_VERSION:
+        if await _recorded_compatible_from(db, version) is None:
+            await _record_compatible_from(db)
         return
     if version < 2:  # every retry item counts its claims (none made yet)
         await db[RETRY].update_many({"claims": {"$exists": False}}, {"$set": {"claims": 0}})
@@ -202,6 +224,25 @@ async def _upgrade_layout(db: AsyncDatabase[Doc]) -> None:
         await db[LAYOUT].update_one(*record, upsert=True)
     except DuplicateKeyError:  # another process's upsert inserted it first
         await db[LAYOUT].update_one(*record)
+    await _record_compatible_from(db)
+
+
+async def _recorded_compatible_from(db: AsyncDatabase[Doc], version: int) -> int | None:
+    """The compatible-from recorded for layout ``version``; None when there is none."""
+    doc = await db[LAYOUT].find_one({"_id": COMPATIBILITY})
+    recorded = None if doc is None else doc.get(str(version))
+    return recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else None
+
+
+async def _record_compatible_from(db: AsyncDatabase[Doc]) -> None:
+    """Record this layout's compatible-from, unless recorded already."""
+    field = str(LAYOUT_VERSION)
+    with contextlib.suppress(DuplicateKeyError):  # the document exists: the field too
+        await db[LAYOUT].update_one(
+            {"_id": COMPATIBILITY, field: {"$exists": False}},
+            {"$set": {field: compatible_from(COMPATIBLE_FROM, LAYOUT_VERSION)}},
+            upsert=True,
+        )
 
 
 async def _create_revision(db: AsyncDatabase[Doc]) -> None:

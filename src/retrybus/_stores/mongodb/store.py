@@ -432,7 +432,7 @@ class MongoStore(MongoAdmin, MongoServices, Store):
                 self._transactions = replicated
             else:
                 self._transactions = self._want_transactions
-            await set_up(db)
+            await set_up(db, name=f"MongoDB store {self.url}")
         except ConnectionFailure as exc:
             await client.close()
             raise StoreUnavailable(

@@ -4,7 +4,9 @@
 ``store.connect()`` or ``store.migrate()``): under a transaction-level advisory
 lock per schema, so one process at a time, it creates the schema and the version
 table and runs each step from the recorded version up to ``SCHEMA_VERSION``,
-recording each.
+recording each, and the version's compatible-from (``_stores/_compatibility.py``).
+A schema at a later version is used as it is when that version's compatible-from
+is ``SCHEMA_VERSION`` or earlier, and refused (``StoreUnusable``) otherwise.
 """
 
 from __future__ import annotations
@@ -15,17 +17,28 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from ..._groups import failure_group_key
+from .._compatibility import check_later_version, compatible_from
 from .sql import Q, affected, quote
 
 if TYPE_CHECKING:
     import asyncpg  # type: ignore[import-untyped]
 
-__all__ = ["FILL_BATCH", "MIGRATIONS", "SCHEMA_VERSION", "fill_failure_groups", "migrate_schema"]
+__all__ = [
+    "COMPATIBLE_FROM",
+    "FILL_BATCH",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "fill_failure_groups",
+    "migrate_schema",
+]
 
 logger = logging.getLogger("retrybus.store.postgresql")
 
 #: the version ``migrate_schema`` brings a schema to
 SCHEMA_VERSION = 8
+#: the oldest schema version whose code can still use a schema at SCHEMA_VERSION
+#: (``_stores/_compatibility.py``): 8 only added a table that version 7 never reads
+COMPATIBLE_FROM = 7
 #: dead letters per round trip when failure groups are back-filled
 FILL_BATCH = 1000
 
@@ -125,10 +138,21 @@ async def migrate_schema(conn: asyncpg.Connection, *, schema: str, url: str) -> 
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(schema))
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(schema)}")
         await conn.execute(Q["version_table"])
+        await conn.execute(Q["compatibility_table"])
         version = int(await conn.fetchval(Q["current_version"]))
+        if version > SCHEMA_VERSION:
+            # a later release's schema: used as it is if that release says this one can
+            recorded = await conn.fetchval(Q["compatible_from"], version)
+            check_later_version(f"PostgreSQL store {url}", version, SCHEMA_VERSION, recorded)
+            return version
         for target in range(version + 1, SCHEMA_VERSION + 1):
             await MIGRATIONS[target](conn)
             await conn.execute(Q["record_version"], target)
             logger.info("migrated %s (schema %s) to version %d", url, schema, target)
             version = target
+        await conn.execute(
+            Q["record_compatible_from"],
+            SCHEMA_VERSION,
+            compatible_from(COMPATIBLE_FROM, SCHEMA_VERSION),
+        )
         return version

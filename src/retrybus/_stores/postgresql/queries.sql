@@ -18,6 +18,22 @@ SELECT coalesce(max(version), 0) FROM retrybus_schema_version;
 -- name: record_version
 INSERT INTO retrybus_schema_version (version) VALUES ($1) ON CONFLICT (version) DO NOTHING;
 
+-- name: compatibility_table
+-- per schema version, the oldest version whose code can still use a schema at it
+-- (migrate.COMPATIBLE_FROM; _stores/_compatibility.py): written by the release
+-- that brought the schema to that version, read by older ones
+CREATE TABLE IF NOT EXISTS retrybus_schema_compatibility (
+    version         integer PRIMARY KEY,
+    compatible_from integer NOT NULL
+);
+
+-- name: compatible_from
+SELECT compatible_from FROM retrybus_schema_compatibility WHERE version = $1;
+
+-- name: record_compatible_from
+INSERT INTO retrybus_schema_compatibility (version, compatible_from) VALUES ($1, $2)
+ON CONFLICT (version) DO NOTHING;
+
 -- name: schema_v1
 CREATE TABLE IF NOT EXISTS retry_queue (
     id               text PRIMARY KEY,

@@ -57,13 +57,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..._event import compact_json
+from .._compatibility import check_later_version, compatible_from
 from .codec import dead_letter
 from .common import CHUNK, pairs, text
 
-__all__ = ["LAYOUT_VERSION", "upgrade_layout"]
+__all__ = ["COMPATIBLE_FROM", "LAYOUT_VERSION", "upgrade_layout"]
 
 #: the version of the key layout this package writes
 LAYOUT_VERSION = 4
+#: the oldest layout whose code can still use keys of LAYOUT_VERSION
+#: (``_stores/_compatibility.py``): a process of layout 3 keeps working on
+#: default-service records, and the dead letters it writes are mended (above)
+COMPATIBLE_FROM = 3
 
 #: the elements of a dead letter's index entry in this layout (``codec.dead_texts``)
 _INDEX_LENGTH = 8
@@ -74,18 +79,38 @@ Call = Callable[..., Awaitable[Any]]
 
 
 async def upgrade_layout(
-    command: Call, run: Call, key: Callable[[str], str], *, thorough: bool = False
+    command: Call,
+    run: Call,
+    key: Callable[[str], str],
+    *,
+    thorough: bool = False,
+    name: str = "Redis store",
 ) -> None:
     """Bring the key layout up to ``LAYOUT_VERSION``: ``command`` runs a Redis
     command, ``run`` a script of ``scripts.lua``, ``key`` names a key of the store.
     The dead letters are indexed by service whatever the version says, after a
-    quick check unless ``thorough`` (see the module)."""
+    quick check unless ``thorough`` (see the module). Keys of a later layout are
+    left as they are when it is compatible from ``LAYOUT_VERSION`` or earlier
+    (``P:schema:compatible_from``, a hash of layout -> compatible-from), and
+    refused (``StoreUnusable``, naming the store as ``name``) otherwise."""
     version = await command("GET", key("schema"))
     found = 1 if version is None else int(version)
+    if found > LAYOUT_VERSION:
+        recorded = await command("HGET", key("schema:compatible_from"), found)
+        check_later_version(
+            name, found, LAYOUT_VERSION, None if recorded is None else int(recorded)
+        )
+        return  # the later layout's processes keep its indexes
     if found < 3:
         await _index_due(command, run, key)
     if found < LAYOUT_VERSION:
         await command("SET", key("schema"), LAYOUT_VERSION)
+    await command(
+        "HSETNX",
+        key("schema:compatible_from"),
+        LAYOUT_VERSION,
+        compatible_from(COMPATIBLE_FROM, LAYOUT_VERSION),
+    )
     await _index_dead(command, run, key, thorough=thorough or found < LAYOUT_VERSION)
 
 

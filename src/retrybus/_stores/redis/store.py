@@ -201,7 +201,9 @@ class RedisStore(RedisAdmin, RedisServices, Store):
         says (``migrate.upgrade_layout``): run it once the last process of layout 3
         has stopped."""
         await self.health()
-        await upgrade_layout(self._command, self._run, self._key, thorough=True)
+        await upgrade_layout(
+            self._command, self._run, self._key, thorough=True, name=f"Redis store {self.url}"
+        )
         self._layout_ready = True
         return await self.schema_version()
 
@@ -210,7 +212,7 @@ class RedisStore(RedisAdmin, RedisServices, Store):
         once per store object."""
         if self._layout_ready:
             return
-        await upgrade_layout(self._command, self._run, self._key)
+        await upgrade_layout(self._command, self._run, self._key, name=f"Redis store {self.url}")
         self._layout_ready = True
 
     async def close(self) -> None:

@@ -8,11 +8,11 @@ import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
-from ..._errors import StoreUnusable
 from ..._groups import failure_group_key
+from .._compatibility import check_later_version, compatible_from
 from .sql import Q
 
-__all__ = ["SCHEMA_VERSION", "RetryBusy", "read_version", "upgrade"]
+__all__ = ["COMPATIBLE_FROM", "SCHEMA_VERSION", "RetryBusy", "read_version", "upgrade"]
 
 T = TypeVar("T")
 
@@ -27,6 +27,9 @@ T = TypeVar("T")
 # retry_queue_ordering, the retry_queue_ordering trigger that fills them;
 # 7: the inbox (issue 14): inbox_successes (remembered successes, by delivery id)
 SCHEMA_VERSION = 7
+#: the oldest schema version whose code can still use a file at SCHEMA_VERSION
+#: (``_stores/_compatibility.py``): 7 only added a table that version 6 never reads
+COMPATIBLE_FROM = 6
 _BACKFILL_BATCH = 500
 
 
@@ -48,15 +51,37 @@ async def upgrade(conn: sqlite3.Connection, *, url: str, retry_busy: RetryBusy) 
     interrupted upgrade resumes."""
     version = await retry_busy(lambda: read_version(conn))
     if version > SCHEMA_VERSION:
-        raise StoreUnusable(
-            f"SQLite store {url} has schema version {version}, newer than this "
-            f"retrybus knows ({SCHEMA_VERSION}): upgrade retrybus to use it"
-        )
+        # a later release's file: used as it is if that release says this one can
+        recorded = await retry_busy(lambda: _recorded_compatible_from(conn, version))
+        check_later_version(f"SQLite store {url}", version, SCHEMA_VERSION, recorded)
+        return
     if version < SCHEMA_VERSION:
         await retry_busy(lambda: _transaction(conn, _upgrade_schema))
     while await retry_busy(lambda: _needs_backfill(conn)):
         await retry_busy(lambda: _transaction(conn, _backfill_failure_groups))
         await asyncio.sleep(0)  # let the event loop run between batches
+    if await retry_busy(lambda: _recorded_compatible_from(conn, SCHEMA_VERSION)) is None:
+        await retry_busy(lambda: _transaction(conn, _record_compatible_from))
+
+
+def _recorded_compatible_from(conn: sqlite3.Connection, version: int) -> int | None:
+    """The compatible-from recorded for ``version``; None when there is none (or no
+    table yet: a file no release of the record has migrated)."""
+    try:
+        row = conn.execute(Q["compatible_from"], (version,)).fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+        raise
+    return None if row is None else int(row[0])
+
+
+def _record_compatible_from(conn: sqlite3.Connection) -> None:
+    conn.execute(Q["compatibility_table"])
+    conn.execute(
+        Q["record_compatible_from"],
+        (SCHEMA_VERSION, compatible_from(COMPATIBLE_FROM, SCHEMA_VERSION)),
+    )
 
 
 def _transaction(conn: sqlite3.Connection, step: Callable[[sqlite3.Connection], None]) -> None:

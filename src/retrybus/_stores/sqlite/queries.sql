@@ -184,6 +184,21 @@ END;
       AND earlier.ordering_sequence < retry_queue.ordering_sequence
 ))
 
+-- name: compatibility_table
+-- per schema version, the oldest version whose code can still use a file at it
+-- (migrate.COMPATIBLE_FROM; _stores/_compatibility.py): written by the release
+-- that brought the file to that version, read by older ones
+CREATE TABLE IF NOT EXISTS retrybus_schema_compatibility (
+    version         INTEGER PRIMARY KEY,
+    compatible_from INTEGER NOT NULL
+);
+
+-- name: compatible_from
+SELECT compatible_from FROM retrybus_schema_compatibility WHERE version = ?;
+
+-- name: record_compatible_from
+INSERT OR IGNORE INTO retrybus_schema_compatibility (version, compatible_from) VALUES (?, ?);
+
 -- name: migrate_6_add_ordering_key
 -- version 5 (or 1 to 4) -> 6, when retry_columns lacks ordering_key: old rows
 -- read NULL (unordered)

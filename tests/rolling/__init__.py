@@ -1,0 +1,1 @@
+"""The rolling-upgrade tests ' support: the previous release, its app, fresh namespaces."""
