@@ -21,6 +21,7 @@ import observability
 import outbox
 import postgresql
 import publish
+import rate
 import redis_engine
 import services
 import versioning
@@ -47,6 +48,7 @@ def main() -> None:
         outbox,
         versioning,
         breakers,
+        rate,
     ):
         note(f"-- {module.__name__}")
         emit(module.run())
