@@ -22,6 +22,7 @@ import observability
 import outbox
 import postgresql
 import publish
+import rate
 import redis_engine
 import services
 import versioning
@@ -49,6 +50,7 @@ def main() -> None:
         versioning,
         breakers,
         budget,
+        rate,
     ):
         note(f"-- {module.__name__}")
         emit(module.run())

@@ -50,6 +50,7 @@ from ._inbox import Inbox
 from ._observe import Metrics, Tracing, reason_kind
 from ._policy import ExponentialBackoff, FixedDelay, LinearBackoff, RetryPolicy
 from ._queues import RetryQueue
+from ._rate import Rate
 from ._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
 from ._service_admin import ServiceRemoval, Services
 from ._services import (
@@ -111,6 +112,7 @@ __all__ = [
     "OtherService",
     "PermanentError",
     "PublishResult",
+    "Rate",
     "RecordRejected",
     "Redrive",
     "RedriveConflict",

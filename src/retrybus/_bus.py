@@ -24,6 +24,7 @@ from ._outbox import Outbox
 from ._policy import ExponentialBackoff, RetryPolicy
 from ._publish import Publisher, Publishing, PublishResult
 from ._queues import RetryQueue
+from ._rate import Rate
 from ._routes import subscriptions_changed
 from ._send import SEND_HANDLER, TransportPublisher
 from ._service_admin import Services
@@ -418,6 +419,8 @@ class EventBus:
         handler_timeout: float | None = None,
         inbox: bool | None = None,
         breaker: CircuitBreaker | str | None = None,
+        rate: str | Rate | None = None,
+        max_concurrency: int | None = None,
     ) -> Subscription:
         """Run ``handler`` for events whose type matches ``pattern`` (an exact type,
         a glob such as ``like.*`` or ``*``, or a list of them).
@@ -434,6 +437,13 @@ class EventBus:
         handler: handlers share a breaker by name) pauses the handler's
         deliveries while the dependency it calls keeps failing, without using
         their attempts (see ``CircuitBreaker``, ``bus.breakers``).
+        ``rate`` (``"200/s"``, ``"30/m"``, ``"100/h"`` or a ``Rate``) limits the
+        handler's calls across every worker of the service (a token bucket in
+        the store): workers claim its records only as tokens allow, and a
+        durable publish records its deliveries for them instead of calling it
+        (a publish that is not durable calls it if a token is free now, else
+        does the same). ``max_concurrency`` allows at most that many calls of it
+        at once in this process (publish and workers alike).
         """
         core = self._core
         shared = None if breaker is None else core.breakers.resolve(breaker)
@@ -445,6 +455,8 @@ class EventBus:
             timeout=handler_timeout,
             inbox=inbox,
             breaker=shared,
+            rate=rate,
+            max_concurrency=max_concurrency,
         )
         if shared is not None:
             core.breakers.attach(subscription.name, shared)
@@ -459,6 +471,8 @@ class EventBus:
         handler_timeout: float | None = None,
         inbox: bool | None = None,
         breaker: CircuitBreaker | str | None = None,
+        rate: str | Rate | None = None,
+        max_concurrency: int | None = None,
     ) -> Callable[[H], H]:
         """Decorator form of ``subscribe``; returns the function unchanged."""
 
@@ -471,6 +485,8 @@ class EventBus:
                 handler_timeout=handler_timeout,
                 inbox=inbox,
                 breaker=breaker,
+                rate=rate,
+                max_concurrency=max_concurrency,
             )
             return function
 

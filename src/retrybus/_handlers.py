@@ -10,12 +10,14 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ._concurrency import ConcurrencyLimit, check_max_concurrency
 from ._current import current_handler
 from ._errors import AlreadyHandled, InvalidEventData
 from ._event import Event, check_text
 from ._event_types import EventTypes, describe_invalid
 from ._patterns import PatternIndex
 from ._policy import RetryPolicy
+from ._rate import Rate, parse_rate
 
 __all__ = ["CallGuard", "Handler", "HandlerRegistry", "Subscription", "stops_the_caller"]
 
@@ -136,6 +138,12 @@ class Subscription:
     data_annotation: Any = None
     #: the circuit breaker each call's outcome is reported to (None: none)
     breaker: CallGuard | None = None
+    #: the handler's rate across every worker of its service (None: no limit):
+    #: workers claim its records only as the store's token bucket allows, and a
+    #: durable publish leaves its deliveries to them
+    rate: Rate | None = None
+    #: at most this many calls at once in this process (None: no limit)
+    gate: ConcurrencyLimit | None = None
 
     async def call(self, event: Event, default_limit: float | None = None) -> None:
         """Run the handler on ``event``: async ones awaited, plain ones in a thread.
@@ -149,8 +157,12 @@ class Subscription:
         event types registered it is read as the current version of its type
         first, and a ``VersionError`` (an upcaster raising, an unknown version,
         data failing the schema) is the call's failure, the handler not run.
-        The outcome is reported to the handler's ``breaker``, if any."""
+        The outcome is reported to the handler's ``breaker``, if any. With a
+        ``gate`` (``max_concurrency``) the call first waits for a free slot."""
         # one coroutine, no inner one: this runs for every delivery
+        gate = self.gate
+        if gate is not None and not gate.try_enter():
+            await gate.wait_enter()
         token = current_handler.set(self.name)
         try:
             types = self.types
@@ -183,6 +195,8 @@ class Subscription:
             raise
         finally:
             current_handler.reset(token)
+            if gate is not None:
+                gate.leave()
         guard = self.breaker
         if guard is not None:
             sharing = guard.succeeded()
@@ -249,6 +263,8 @@ class HandlerRegistry:
         self._index: PatternIndex[Subscription] = PatternIndex()
         #: how many subscriptions have ``inbox=True`` of their own
         self.inboxes = 0
+        #: how many subscriptions have a rate or a concurrency limit
+        self.limited = 0
 
     def add(
         self,
@@ -260,6 +276,8 @@ class HandlerRegistry:
         timeout: float | None = None,
         inbox: bool | None = None,
         breaker: CallGuard | None = None,
+        rate: str | Rate | None = None,
+        max_concurrency: int | None = None,
     ) -> Subscription:
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {handler!r}")
@@ -288,6 +306,8 @@ class HandlerRegistry:
         timeout = check_timeout("handler_timeout", timeout)
         if inbox is not None and not isinstance(inbox, bool):
             raise TypeError(f"inbox must be True, False or None, got {inbox!r}")
+        parsed_rate = None if rate is None else parse_rate(rate)
+        limit = check_max_concurrency(max_concurrency)
         form, annotation = delivery_form(handler)
         subscription = Subscription(
             name,
@@ -301,11 +321,15 @@ class HandlerRegistry:
             form,
             annotation,
             breaker,
+            parsed_rate,
+            None if limit is None else ConcurrencyLimit(limit),
         )
         self._by_name[name] = subscription
         self._index.add(name, pattern_list, subscription)
         if inbox:
             self.inboxes += 1
+        if subscription.rate is not None or subscription.gate is not None:
+            self.limited += 1
         return subscription
 
     def remove(self, name: str) -> Subscription | None:
@@ -314,6 +338,8 @@ class HandlerRegistry:
             self._index.remove(name)
             if subscription.inbox:
                 self.inboxes -= 1
+            if subscription.rate is not None or subscription.gate is not None:
+                self.limited -= 1
         return subscription
 
     def get(self, name: str) -> Subscription | None:

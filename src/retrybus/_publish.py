@@ -37,6 +37,7 @@ from ._handlers import Subscription
 from ._observe import trace_metadata
 from ._observers import Observers, Publication
 from ._outcomes import DeadLettered, Rescheduled, Succeeded
+from ._rate import bucket_key
 from ._records import DeadLetterItem, RetryItem
 from ._routes import Route
 
@@ -128,8 +129,8 @@ class Publisher:
         if subscriptions and core.remembered.in_use:
             subscriptions, handled = await self._unhandled(event, subscriptions)
         held: tuple[str, ...] = ()
-        if subscriptions and core.breakers.active:
-            subscriptions, held = await self._hold_back(event, subscriptions)
+        if subscriptions and (core.breakers.active or core.registry.limited):
+            subscriptions, held = await self._hold_back(event, subscriptions, durable)
         if core.retry_budgets is not None and not routes:
             for subscription in subscriptions:  # first deliveries made here
                 core.retry_budgets.first_delivery(subscription.name)
@@ -146,19 +147,29 @@ class Publisher:
         return result
 
     async def _hold_back(
-        self, event: Event, subscriptions: tuple[Subscription, ...]
+        self, event: Event, subscriptions: tuple[Subscription, ...], durable: bool
     ) -> tuple[tuple[Subscription, ...], tuple[str, ...]]:
-        """The subscriptions to run, and the names of those whose circuit breaker
-        holds deliveries back: a pending record is written for each (attempt 0,
-        due when the breaker half-opens), its handler not called."""
+        """The subscriptions to run, and the names of those held back: a pending
+        record is written for each (attempt 0), its handler not called. A circuit
+        breaker that is not closed holds its handlers' deliveries until it
+        half-opens; a rate (``rate=``) leaves them to the workers, due now,
+        unless the publish is not durable and the handler's bucket has a token
+        now (see ``_token_now``)."""
         core = self._core
         breakers = core.breakers
-        with contextlib.suppress(StoreUnavailable):  # the cached state serves meanwhile
-            await breakers.refresh_if_due()
+        if breakers.active:
+            with contextlib.suppress(StoreUnavailable):  # the cached state serves meanwhile
+                await breakers.refresh_if_due()
         run: list[Subscription] = []
         records: list[RetryItem] = []
         for subscription in subscriptions:
-            due = breakers.held_until(subscription.name)
+            due = breakers.held_until(subscription.name) if breakers.active else None
+            if (
+                due is None
+                and subscription.rate is not None
+                and (durable or not await self._token_now(subscription))
+            ):
+                due = core.clock.now()  # the workers' (durable, or no token now)
             if due is None:
                 run.append(subscription)
             else:
@@ -167,6 +178,26 @@ class Publisher:
             return subscriptions, ()
         await core.ledger.record_pending(records, _context(event))
         return tuple(run), tuple(r.handler_name for r in records)
+
+    async def _token_now(self, subscription: Subscription) -> bool:
+        """Whether a publish that is not durable may call ``subscription``'s
+        rate-limited handler now: one token of its bucket (the store's, shared
+        with the service's workers) was free. Never waits: without one (or
+        without the store) the delivery is left to the workers."""
+        core = self._core
+        rate = subscription.rate
+        assert rate is not None
+        try:
+            granted = await core.store.take_tokens(
+                bucket_key(core.service, subscription.name),
+                want=1,
+                rate=rate.per_second,
+                burst=rate.capacity,
+                now=core.clock.now(),
+            )
+        except StoreUnavailable:
+            return False
+        return granted == 1
 
     async def _unhandled(
         self, event: Event, subscriptions: tuple[Subscription, ...]

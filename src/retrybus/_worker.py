@@ -11,6 +11,7 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -22,6 +23,7 @@ from ._consumer import TransportConsumer
 from ._delivery import Attempted, deliver, undeliverable
 from ._errors import StoreUnavailable
 from ._event import check_text
+from ._flow import ClaimFlow
 from ._handlers import check_timeout
 from ._history import DEFAULT_INTERVAL, DepthHistory
 from ._outbox import OutboxRelay
@@ -221,6 +223,8 @@ class RetryWorker:
         self.redrive_interval = _positive("redrive_interval", redrive_interval)
         self._driver: asyncio.Task[None] | None = None
         self._driver_stop = asyncio.Event()
+        #: claims of the handlers with a rate or a concurrency limit
+        self._flow = ClaimFlow(bus.core)
         #: the budget the handlers' retries are kept within (None: none)
         self.retry_budget = retry_budget
         if retry_budget is not None:
@@ -671,15 +675,20 @@ class RetryWorker:
         now = self.bus.clock.now()
         if self._next_sweep is not None:
             longest = min(longest, max((self._next_sweep - now).total_seconds(), _MIN_IDLE))
+        handlers = self.bus.core.claimable_handlers()
+        flow = self._flow
+        if flow.active:  # those waiting for tokens or a free slot wake it otherwise
+            handlers = flow.not_held(handlers)
         try:
-            due = await self.bus.store.next_due(
-                self.bus.core.claimable_handlers(), service=self.bus.service
-            )
+            due = await self.bus.store.next_due(handlers, service=self.bus.service)
         except StoreUnavailable:
             return longest
         half_open = self.bus.core.breakers.next_change()
         if half_open is not None and (due is None or half_open < due):
             due = half_open  # a breaker's probes fall due then
+        tokens = flow.next_tokens() if flow.active else None
+        if tokens is not None and (due is None or tokens < due):
+            due = tokens  # a rate-limited handler's tokens fall due then
         if due is None:
             return longest
         wait = (due - self.bus.clock.now()).total_seconds()
@@ -785,27 +794,31 @@ class RetryWorker:
         breakers = self.bus.core.breakers
         if breakers.active:
             await breakers.refresh_if_due()
-        items = await self.bus.retry_queue.claim_due(
-            limit,
-            lease=self.lease,
-            owner=owner,
-            handlers=self.bus.core.claimable_handlers(),
-            service=self.bus.service,
-        )
+
+        def claim(count: int, handlers: list[str]) -> Awaitable[list[RetryItem]]:
+            return self.bus.retry_queue.claim_due(
+                count, lease=self.lease, owner=owner, handlers=handlers, service=self.bus.service
+            )
+
+        handlers = self.bus.core.claimable_handlers()
+        flow = self._flow
+        if not flow.active:
+            items = await claim(limit, handlers)
+        else:  # limited handlers first, each on its own: as many as it may run now
+            handlers, limited = flow.split(handlers)
+            items = await flow.claim(claim, limited, limit, self._waiting)
+            if handlers and len(items) < limit:
+                try:
+                    items += await claim(limit - len(items), handlers)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await self.bus.store.release([item.id for item in items], owner)
+                    raise
         budgets = self.bus.core.retry_budgets
         if budgets is not None and items:
             items = await self._within_budget(budgets, items, owner)
         if breakers.active and len(items) < limit:  # a half-open breaker's probes
-            items += await breakers.claim_probes(
-                lambda count, handlers: self.bus.retry_queue.claim_due(
-                    count,
-                    lease=self.lease,
-                    owner=owner,
-                    handlers=handlers,
-                    service=self.bus.service,
-                ),
-                limit - len(items),
-            )
+            items += await breakers.claim_probes(claim, limit - len(items))
         if not items:
             return None
         remembered = self.bus.core.remembered
@@ -828,6 +841,16 @@ class RetryWorker:
                 with contextlib.suppress(StoreUnavailable):  # else their leases run out
                     await self.bus.store.release([p.item.id for p in postponed], owner)
         return run
+
+    def _waiting(self) -> Counter[str]:
+        """Claimed records no lane has started yet, by handler (a batch's items
+        start in order)."""
+        return Counter(
+            item.handler_name
+            for task in self._batches
+            if isinstance(batch := getattr(task, "batch", None), ClaimedBatch)
+            for item in batch.items[batch.started :]
+        )
 
     async def _check_inbox(self, items: Sequence[RetryItem], owner: str) -> None:
         """One look at the store's remembered successes for a claimed batch: the

@@ -25,6 +25,7 @@ from .._appdb import AppConnection
 from .._filters import DeadLetterFilter
 from .._groups import GroupCount
 from .._outcomes import CorruptRecord, Counters, Outcome, Succeeded
+from .._rate import check_take, take_from_bucket
 from .._records import RETRY_KINDS, DeadLetterItem, RetryItem, RetryKind
 from .._services import (
     HandlerLoad,
@@ -45,6 +46,9 @@ __all__ = [
     "Store",
     "check_retry_kind",
 ]
+
+#: compare-and-set attempts of ``Store.take_tokens`` before it grants nothing
+_TOKEN_TRIES = 8
 
 
 DeadLetterField = Literal["failure_group", "handler_name", "event_type", "reason", "service"]
@@ -550,3 +554,31 @@ class Store(RetryStore, AdminStore, ServiceStore):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"
+
+    async def take_tokens(
+        self, key: str, *, want: int, rate: float, burst: float, now: datetime
+    ) -> int:
+        """Take up to ``want`` tokens from the token bucket in control record
+        ``key`` (created full), refilled at ``rate`` tokens a second up to
+        ``burst`` since it was last taken from; returns how many were granted
+        (0 to ``want``). Atomic across processes: whatever the takers, the grants
+        since the bucket was made never exceed ``burst + rate * elapsed``.
+
+        This default reads the record and writes it back with compare-and-set,
+        trying again on a lost race (after ``_TOKEN_TRIES`` it grants nothing:
+        fewer calls are always safe); an engine may do it in one step (Redis: a
+        script)."""
+        check_take(want, rate, burst)
+        if want == 0:
+            return 0
+        at = now.timestamp()
+        for _ in range(_TOKEN_TRIES):
+            record = await self.get_control(key)
+            stored = None if record is None else record.value
+            granted, bucket = take_from_bucket(stored, want=want, rate=rate, burst=burst, now=at)
+            if granted == 0 and record is not None:
+                return 0  # the bucket as stored says the same: nothing to write
+            version = 0 if record is None else record.version
+            if await self.put_control(key, bucket, version=version) is not None:
+                return granted
+        return 0

@@ -1468,6 +1468,36 @@ return out
 redis.call('ZREM', PREFIX .. ':control:index', ARGV[2])
 return redis.call('DEL', PREFIX .. ':control:rec:' .. ARGV[2])
 
+-- name: take_tokens
+-- ARGV: prefix, key, want, rate (tokens a second), burst, now (epoch seconds). The token
+-- bucket in control record K (value {"tokens", "at"}; none or unreadable: a full one),
+-- refilled for the time since `at` (never for a `now` before it) up to burst; takes up
+-- to `want` whole tokens and returns how many (Store.take_tokens, in one step).
+local record = PREFIX .. ':control:rec:' .. ARGV[2]
+local want, rate, burst, now = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local stored = redis.call('HMGET', record, 'version', 'value')
+local version = tonumber(stored[1] or '0')
+local tokens, at = burst, now
+if stored[2] then
+    local ok, bucket = pcall(cjson.decode, stored[2])
+    if ok and type(bucket) == 'table' and type(bucket.tokens) == 'number'
+        and type(bucket.at) == 'number' then
+        tokens, at = bucket.tokens, bucket.at
+        if now > at then
+            tokens, at = tokens + (now - at) * rate, now
+        end
+        tokens = math.min(tokens, burst)
+    end
+end
+local granted = math.max(0, math.min(want, math.floor(tokens)))
+if granted == 0 and stored[2] then
+    return 0
+end
+redis.call('HSET', record, 'version', version + 1,
+    'value', cjson.encode({tokens = tokens - granted, at = at}))
+redis.call('ZADD', PREFIX .. ':control:index', 0, ARGV[2])
+return granted
+
 -- name: dead_check
 -- ARGV: prefix. What migrate.py checks on connect: {P:dead_indexed_to or '', the
 -- newest dead letter's created_at score or '', how many dead letters there are, how

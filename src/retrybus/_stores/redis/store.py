@@ -40,6 +40,7 @@ from ..._outcomes import (
     Succeeded,
     corrupt_to_dead_letter,
 )
+from ..._rate import check_take
 from ..._records import DeadLetterItem, RetryItem
 from .._codec import text_time
 from .._queries import load_queries
@@ -479,6 +480,24 @@ class RedisStore(RedisAdmin, RedisServices, Store):
     async def forget_successes(self, before: datetime) -> int:
         key = self._key(_SUCCESSES)
         return int(await self._command("ZREMRANGEBYSCORE", key, "-inf", to_score(before)))
+
+    async def take_tokens(
+        self, key: str, *, want: int, rate: float, burst: float, now: datetime
+    ) -> int:
+        """The token bucket in one script (``take_tokens``): one round trip, atomic."""
+        check_take(want, rate, burst)
+        if want == 0:
+            return 0
+        return int(
+            await self._run(
+                "take_tokens",
+                key,
+                want,
+                repr(float(rate)),
+                repr(float(burst)),
+                repr(now.timestamp()),
+            )
+        )
 
     async def counters(self) -> Counters:
         values = await self._command("HGETALL", self._key("counters"))
