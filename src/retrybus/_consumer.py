@@ -12,6 +12,11 @@ counting the deliveries made without an outcome as claims, so that the worker's
 deliveries: a message that keeps killing its consumer ends in the dead letter
 queue as ``undeliverable``. Writing that record before the ack makes a crash in
 between harmless: the next delivery finds the record there and adds nothing.
+
+A handler whose circuit breaker holds deliveries back (open or isolated) is not
+called either: its delivery becomes the same pending record, due when the
+breaker half-opens and without a claim, written before the ack; the message's
+other handlers run as usual.
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ from ._delivery import (
 )
 from ._errors import StoreUnavailable, TransportUnavailable
 from ._event import Event
+from ._held_back import split_held_back
 from ._observe import trace_metadata
 from ._records import DeadLetterItem, RetryItem, dead_letter_id_for, delivery_id
 from ._transports.base import Inbound, Receiver, TransportSettings
 
 if TYPE_CHECKING:
     from ._core import BusCore
+    from ._handlers import Subscription
     from ._transports.base import Transport
 
 __all__ = ["TransportConsumer"]
@@ -99,6 +106,8 @@ class TransportConsumer:
         self.unmatched = 0
         #: messages that came a second time or more, handed to the store
         self.redelivered = 0
+        #: deliveries to a handler whose breaker held them back, handed to the store
+        self.held_back = 0
 
     @property
     def quiet(self) -> bool:
@@ -294,6 +303,10 @@ class TransportConsumer:
                 subscriptions = tuple(s for s in subscriptions if s.name not in handled)
                 if not subscriptions:
                     return
+        if core.breakers.active:
+            subscriptions = await self._hold_back(event, subscriptions, publisher)
+            if not subscriptions:
+                return
         if not observers.watch_calls:
             errors = await call_all_plain(subscriptions, event, self._handler_timeout)
             calls = Calls(errors, None)
@@ -335,6 +348,21 @@ class TransportConsumer:
             )
         context = f"event {event.id} ({event.type})"
         await self._stored(lambda: core.ledger.record_first_failures(attempted, context))
+
+    async def _hold_back(
+        self, event: Event, subscriptions: tuple[Subscription, ...], publisher: str | None
+    ) -> tuple[Subscription, ...]:
+        """The subscriptions to call; a pending record written for each of the
+        others, whose breaker holds deliveries back (uncalled, no attempt used)."""
+        core = self._core
+        with contextlib.suppress(StoreUnavailable):  # the cached state serves meanwhile
+            await core.breakers.refresh_if_due()  # one read every few seconds, not per message
+        run, records = split_held_back(core, event, subscriptions, trace_metadata(publisher, None))
+        if records:
+            context = f"event {event.id} ({event.type})"
+            await self._stored(lambda: core.ledger.record_pending(records, context))
+            self.held_back += len(records)
+        return run
 
     async def _to_store(self, event: Event, deliveries: int) -> None:
         """A redelivered message: a pending record per matching handler, its

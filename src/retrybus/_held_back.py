@@ -1,0 +1,53 @@
+"""First deliveries a circuit breaker holds back: instead of a call, the
+delivery's pending record (attempt 0, no claim), due when the breaker
+half-opens, which a worker's claim (a half-open breaker's probes first) takes
+as any other. The record has the delivery's own id, the one a failure of the
+same delivery would get, so that a delivery recorded twice (a broker's
+redelivery after a crash before the ack) finds it there and adds nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._records import RetryItem
+
+if TYPE_CHECKING:
+    from ._core import BusCore
+    from ._event import Event
+    from ._handlers import Subscription
+
+__all__ = ["split_held_back"]
+
+
+def split_held_back(
+    core: BusCore,
+    event: Event,
+    subscriptions: Sequence[Subscription],
+    metadata: Mapping[str, Any] | None,
+) -> tuple[tuple[Subscription, ...], list[RetryItem]]:
+    """The ``subscriptions`` to call now, and a pending record for each of the
+    others, whose breaker holds deliveries back (as the cached state says: the
+    caller refreshes it when due), due when that breaker half-opens."""
+    breakers = core.breakers
+    run: list[Subscription] = []
+    records: list[RetryItem] = []
+    now = core.clock.now()
+    for subscription in subscriptions:
+        due = breakers.held_until(subscription.name)
+        if due is None:
+            run.append(subscription)
+            continue
+        records.append(
+            RetryItem.pending(
+                event,
+                subscription.name,
+                max_retries=(subscription.policy or core.default_policy).max_retries,
+                due=due,
+                now=now,
+                metadata=metadata,
+                service=core.service,
+            )
+        )
+    return tuple(run), records
