@@ -239,3 +239,26 @@ async def test_a_crash_between_the_record_and_the_ack_adds_nothing(
     finally:
         await worker.stop()
         await billing.close()
+
+
+async def test_a_rate_limited_handler_is_left_to_the_workers_claims(
+    store: Store, transport: Transport
+) -> None:
+    """A consumer does not call a handler with a rate: its deliveries become
+    pending records due now, which the worker claims as the bucket allows."""
+    save, audit = Dependency(), Dependency()
+    billing = EventBus(store, service="billing", transport=transport)
+    billing.subscribe("order.paid", save, name="save", rate="1000/s")
+    billing.subscribe("order.paid", audit, name="audit")
+    worker = await started(billing)
+    try:
+        events = await publish(transport, store, N)
+        await until(lambda: held_back(worker) == N, "every delivery left to the claims")
+        await until(lambda: len(save.calls) == N, "the worker delivers them")
+        await until(_empty(store), "the records removed")
+        assert save.calls == Counter({e.id: 1 for e in events})
+        assert audit.calls == Counter({e.id: 1 for e in events})
+        assert await billing.dead_letters.count() == 0
+    finally:
+        await worker.stop()
+        await billing.close()

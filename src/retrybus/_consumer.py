@@ -303,10 +303,14 @@ class TransportConsumer:
                 subscriptions = tuple(s for s in subscriptions if s.name not in handled)
                 if not subscriptions:
                     return
-        if core.breakers.active:
+        if core.breakers.active or core.registry.limited:
             subscriptions = await self._hold_back(event, subscriptions, publisher)
             if not subscriptions:
                 return
+        budgets = core.retry_budgets
+        if budgets is not None:
+            for subscription in subscriptions:  # first deliveries made here
+                budgets.first_delivery(subscription.name)
         if not observers.watch_calls:
             errors = await call_all_plain(subscriptions, event, self._handler_timeout)
             calls = Calls(errors, None)
@@ -353,10 +357,12 @@ class TransportConsumer:
         self, event: Event, subscriptions: tuple[Subscription, ...], publisher: str | None
     ) -> tuple[Subscription, ...]:
         """The subscriptions to call; a pending record written for each of the
-        others, whose breaker holds deliveries back (uncalled, no attempt used)."""
+        others, whose breaker holds deliveries back or whose rate leaves them to
+        the workers (uncalled, no attempt used)."""
         core = self._core
-        with contextlib.suppress(StoreUnavailable):  # the cached state serves meanwhile
-            await core.breakers.refresh_if_due()  # one read every few seconds, not per message
+        if core.breakers.active:
+            with contextlib.suppress(StoreUnavailable):  # the cached state serves meanwhile
+                await core.breakers.refresh_if_due()  # one read every few seconds, not per message
         run, records = split_held_back(core, event, subscriptions, trace_metadata(publisher, None))
         if records:
             context = f"event {event.id} ({event.type})"

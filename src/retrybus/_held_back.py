@@ -1,7 +1,8 @@
-"""First deliveries a circuit breaker holds back: instead of a call, the
-delivery's pending record (attempt 0, no claim), due when the breaker
-half-opens, which a worker's claim (a half-open breaker's probes first) takes
-as any other. The record has the delivery's own id, the one a failure of the
+"""First deliveries a circuit breaker holds back, or a rate leaves to the
+workers: instead of a call, the delivery's pending record (attempt 0, no
+claim), due when the breaker half-opens (now, for a rate-limited handler: the
+workers claim its records as its token bucket allows), which a worker's claim
+(a half-open breaker's probes first) takes as any other. The record has the delivery's own id, the one a failure of the
 same delivery would get, so that a delivery recorded twice (a broker's
 redelivery after a crash before the ack) finds it there and adds nothing.
 """
@@ -28,14 +29,17 @@ def split_held_back(
     metadata: Mapping[str, Any] | None,
 ) -> tuple[tuple[Subscription, ...], list[RetryItem]]:
     """The ``subscriptions`` to call now, and a pending record for each of the
-    others, whose breaker holds deliveries back (as the cached state says: the
-    caller refreshes it when due), due when that breaker half-opens."""
+    others: those whose breaker holds deliveries back (as the cached state says:
+    the caller refreshes it when due), due when that breaker half-opens, and
+    those with a rate (``rate=``), due now for the workers."""
     breakers = core.breakers
     run: list[Subscription] = []
     records: list[RetryItem] = []
     now = core.clock.now()
     for subscription in subscriptions:
         due = breakers.held_until(subscription.name)
+        if due is None and subscription.rate is not None:
+            due = now
         if due is None:
             run.append(subscription)
             continue
