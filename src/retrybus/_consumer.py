@@ -39,9 +39,9 @@ from ._delivery import (
 )
 from ._errors import StoreUnavailable, TransportUnavailable
 from ._event import Event
-from ._held_back import split_held_back
+from ._held_back import pending_record, split_held_back
 from ._observe import trace_metadata
-from ._records import DeadLetterItem, RetryItem, dead_letter_id_for, delivery_id
+from ._records import DeadLetterItem, dead_letter_id_for, delivery_id
 from ._transports.base import Inbound, Receiver, TransportSettings
 
 if TYPE_CHECKING:
@@ -377,15 +377,8 @@ class TransportConsumer:
         now = core.clock.now()
         metadata = trace_metadata(event.extensions.get("traceparent"), None)
         records = [
-            RetryItem.pending(
-                event,
-                subscription.name,
-                max_retries=(subscription.policy or core.default_policy).max_retries,
-                due=now,
-                now=now,
-                metadata=metadata,
-                service=core.service,
-                claims=deliveries - 1,
+            pending_record(
+                core, event, subscription, due=now, metadata=metadata, claims=deliveries - 1
             )
             for subscription in core.registry.match(event.type)
         ]

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 from ._records import RetryItem
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from ._core import BusCore
     from ._event import Event
     from ._handlers import Subscription
 
-__all__ = ["split_held_back"]
+__all__ = ["pending_record", "split_held_back"]
 
 
 def split_held_back(
@@ -43,15 +45,28 @@ def split_held_back(
         if due is None:
             run.append(subscription)
             continue
-        records.append(
-            RetryItem.pending(
-                event,
-                subscription.name,
-                max_retries=(subscription.policy or core.default_policy).max_retries,
-                due=due,
-                now=now,
-                metadata=metadata,
-                service=core.service,
-            )
-        )
+        records.append(pending_record(core, event, subscription, due=due, metadata=metadata))
     return tuple(run), records
+
+
+def pending_record(
+    core: BusCore,
+    event: Event,
+    subscription: Subscription,
+    *,
+    due: datetime,
+    metadata: Mapping[str, Any] | None,
+    claims: int = 0,
+) -> RetryItem:
+    """The pending record of ``event``'s first delivery to ``subscription``
+    (attempt 0, the delivery's own id), due at ``due``, counting ``claims``."""
+    return RetryItem.pending(
+        event,
+        subscription.name,
+        max_retries=(subscription.policy or core.default_policy).max_retries,
+        due=due,
+        now=core.clock.now(),
+        metadata=metadata,
+        service=core.service,
+        claims=claims,
+    )
