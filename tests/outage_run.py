@@ -94,6 +94,10 @@ class OpenPeriod:
     open_for: float
     ended_at: float | None
 
+    def holds_open(self, moment: float) -> bool:
+        """Whether it was open (not yet half-open) at ``moment``."""
+        return self.opened_at <= moment < self.half_open_at
+
 
 @dataclass
 class OutageRun:
@@ -122,11 +126,7 @@ class OutageRun:
 
     def calls_while_open(self) -> list[Call]:
         """Calls that started while the shared breaker was open (not half-open)."""
-        return [
-            call
-            for call in self.calls
-            if any(p.opened_at <= call.start < p.half_open_at for p in self.periods)
-        ]
+        return [call for call in self.calls if any(p.holds_open(call.start) for p in self.periods)]
 
     def calls_while_half_open(self) -> dict[int, list[Call]]:
         """trip -> the calls that started while that opening was half-open."""
