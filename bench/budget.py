@@ -5,6 +5,7 @@ the system clock; and what sorting a claimed batch costs per record.
 Figures:
   budget_first_delivery_bookkeeping  µs per first delivery counted
   budget_retry_bookkeeping           µs per retry let through (within the budget)
+  budget_retry_success_bookkeeping   µs per retry that succeeded (no longer counted)
   budget_refused_retry_bookkeeping   µs per retry refused (over the budget)
   budget_sort_claimed                µs per claimed record sorted (half of them
                                      retries, half of those refused and postponed)
@@ -72,6 +73,11 @@ def measure(calls: int, rounds: int) -> list[Figure]:
         for _ in range(n):
             allow("save_order")
 
+    def succeeded(n: int) -> None:
+        refund = roomy.retry_succeeded
+        for _ in range(n):
+            refund("save_order")
+
     def refused(n: int) -> None:
         allow = full.try_retry
         for _ in range(n):
@@ -89,6 +95,7 @@ def measure(calls: int, rounds: int) -> list[Figure]:
             "budget_first_delivery_bookkeeping", _per_call(first_deliveries, calls, rounds), "µs"
         ),
         Figure("budget_retry_bookkeeping", _per_call(retries, calls, rounds), "µs"),
+        Figure("budget_retry_success_bookkeeping", _per_call(succeeded, calls, rounds), "µs"),
         Figure("budget_refused_retry_bookkeeping", _per_call(refused, calls, rounds), "µs"),
         Figure("budget_sort_claimed", _per_call(sort_batches, calls, rounds), "µs"),
     ]

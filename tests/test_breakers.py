@@ -395,6 +395,35 @@ async def test_two_buses_share_one_breaker_through_the_store(
     await other.close()
 
 
+async def test_a_process_whose_calls_fail_learns_of_an_opening_within_half_a_second(
+    shared_store: Store, clock: ManualClock
+) -> None:
+    first, second = Dependency(), Dependency()
+    one = bus_on(shared_store, clock, first)
+    other = bus_on(shared_store, clock, second)
+    await other.publish(Event("order.paid", {"n": 0}))  # reads the state; its call fails
+    assert len(second.calls) == 1
+    await trip(one, first)  # the other process has not tripped it: one failure of 4 calls
+    clock.advance(0.5)  # not the 5 s refresh: its failing call asked for a read sooner
+    result = await other.publish(Event("order.paid", {"n": 1}))
+    assert result.pending == ("save_order",)
+    assert len(second.calls) == 1
+    # a process whose calls succeed reads it at the usual refresh only
+    third = Dependency()
+    third.up = True
+    quiet = bus_on(shared_store, clock, third)
+    await one.breakers.reset("db")
+    await quiet.publish(Event("order.paid", {"n": 2}))
+    fourth = Dependency()
+    tripping = bus_on(shared_store, clock, fourth)
+    await trip(tripping, fourth)
+    clock.advance(0.5)
+    await quiet.publish(Event("order.paid", {"n": 3}))
+    assert len(third.calls) == 2  # it still knew the breaker closed
+    for bus in (one, other, quiet, tripping):
+        await bus.close()
+
+
 async def test_isolate_holds_it_open_until_reset_in_every_process(
     shared_store: Store, clock: ManualClock
 ) -> None:

@@ -54,6 +54,17 @@ def test_the_floor_lets_min_per_second_through_without_first_deliveries(
     assert sum(budgets.try_retry("save") for _ in range(50)) == 20
 
 
+def test_retries_that_succeed_no_longer_count(clock: ManualClock) -> None:
+    budgets = RetryBudgets(RetryBudget(percent=20, min_per_second=1, window=10), clock)
+    assert sum(budgets.try_retry("save") for _ in range(50)) == 10  # the floor
+    for _ in range(4):
+        budgets.retry_succeeded("save")  # the dependency answers again
+    assert budgets.usage("save") == (0, 6)
+    assert sum(budgets.try_retry("save") for _ in range(50)) == 4
+    clock.advance(10)  # all of them leave the window
+    assert budgets.usage("save") == (0, 0)
+
+
 def test_refused_retries_come_back_spread_at_the_allowed_rate(clock: ManualClock) -> None:
     budgets = RetryBudgets(RetryBudget(percent=50, min_per_second=1, window=10), clock)
     for _ in range(100):

@@ -41,6 +41,9 @@ logger = logging.getLogger("retrybus.breakers")
 PREFIX = "breaker:"
 #: seconds between two reads of the breakers' shared state by default
 DEFAULT_REFRESH = 5.0
+#: seconds between two reads while this process's calls through a closed breaker
+#: fail: another process may have opened it (an outage is seen by all at once)
+FAILING_REFRESH = 0.5
 #: compare-and-set attempts before a transition is given up (and logged)
 _CAS_TRIES = 8
 
@@ -116,7 +119,10 @@ class SharedBreaker:
         """A call through the breaker failed with ``error``; it counts against the
         breaker when ``policy`` (None: the bus's default) would retry it, else as
         a call that reached the dependency."""
-        return self._after(counts_as_failure(error, policy or self._core.default_policy), error)
+        failed = counts_as_failure(error, policy or self._core.default_policy)
+        if failed and self.machine.status.state == "closed":
+            self._core.breakers.refresh_soon()
+        return self._after(failed, error)
 
     def _after(self, failed: bool, error: BaseException | str) -> Awaitable[object] | None:
         transition = self.machine.after_call(failed, error)
@@ -324,6 +330,9 @@ class Breakers:
         self._probes: set[str] = set()
         self.refresh_interval = refresh
         self._next_refresh: datetime | None = None
+        self._last_refresh: datetime | None = None
+        #: a call through a closed breaker failed since the last read
+        self._failing = False
 
     @property
     def active(self) -> bool:
@@ -450,9 +459,23 @@ class Breakers:
             return
         await self.refresh()
 
+    def refresh_soon(self) -> None:
+        """A call through a closed breaker failed: read the shared state again
+        ``FAILING_REFRESH`` seconds after the last read rather than
+        ``refresh`` (once per read, however many calls fail)."""
+        if self._failing:
+            return
+        self._failing = True
+        if self._last_refresh is not None:
+            soon = self._last_refresh + timedelta(seconds=FAILING_REFRESH)
+            if self._next_refresh is None or soon < self._next_refresh:
+                self._next_refresh = soon
+
     async def refresh(self) -> None:
         """Read every breaker's shared state from the store now (one read)."""
         now = self._core.clock.now()
+        self._last_refresh = now
+        self._failing = False
         self._next_refresh = now + timedelta(seconds=self.refresh_interval)
         prefix = control_key(self._core.service, "")
         stored = {r.key: r for r in await self._core.store.list_control(prefix)}

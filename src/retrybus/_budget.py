@@ -4,7 +4,9 @@
 ``RetryBudgets`` counts, per handler, the first deliveries and the retries this
 process made in the last ``window`` seconds and says whether one more retry
 fits: at most ``percent`` of the first deliveries, and never fewer than
-``min_per_second`` a second. A retry that does not fit is not called: the
+``min_per_second`` a second; a retry that succeeded no longer counts (the
+budget bounds what a failing dependency gets, not how fast a backlog drains
+once it answers again). A retry that does not fit is not called: the
 worker puts it back in the queue, due when the budget should have room for it
 again, its attempt unused (``postpone_until``).
 
@@ -77,6 +79,8 @@ class RetryBudgets:
         self.budget = budget
         self._clock = clock
         self._windows: dict[str, CallWindow] = {}
+        #: per handler, the retries let through that succeeded, in the window
+        self._refunds: dict[str, CallWindow] = {}
         self._floor = budget.min_per_second * budget.window
         self._share = budget.percent / 100.0
         #: the clock's time in seconds (the system clock's read without a datetime)
@@ -97,15 +101,34 @@ class RetryBudgets:
         window = self._windows.get(handler) or self._window(handler)
         window.add(self._seconds(), False)
 
+    def _counted(self, handler: str) -> tuple[CallWindow, int]:
+        """``handler``'s window moved to now, and the retries in it that count
+        (let through, less those that succeeded)."""
+        now = self._seconds()
+        window = self._windows.get(handler) or self._window(handler)
+        window.move_to(now)
+        refunds = self._refunds.get(handler)
+        if refunds is None:
+            return window, window.failures
+        refunds.move_to(now)
+        return window, max(window.failures - refunds.calls, 0)
+
     def try_retry(self, handler: str) -> bool:
         """Whether one more retry of ``handler`` fits the budget now; counted if it does."""
-        window = self._windows.get(handler) or self._window(handler)
-        window.move_to(self._seconds())
-        retries = window.failures
-        if retries >= self._floor and retries >= self._share * (window.calls - retries):
+        window, retries = self._counted(handler)
+        if retries >= self._floor and retries >= self._share * (window.calls - window.failures):
             return False
         window.add_now(True)
         return True
+
+    def retry_succeeded(self, handler: str) -> None:
+        """A retry of ``handler`` let through succeeded: it no longer counts (the
+        budget bounds the calls a failing dependency gets; once it answers again,
+        the retries waiting go through as fast as they succeed)."""
+        refunds = self._refunds.get(handler)
+        if refunds is None:
+            refunds = self._refunds[handler] = CallWindow(self.budget.window)
+        refunds.add(self._seconds(), False)
 
     def retries_per_second(self, handler: str) -> float:
         """The retries a second ``handler``'s budget allows at the rate of its
@@ -123,10 +146,10 @@ class RetryBudgets:
         return self._clock.now() + timedelta(seconds=max(seconds, 0.05))
 
     def usage(self, handler: str) -> tuple[int, int]:
-        """(first deliveries, retries) of ``handler`` in the window now."""
-        window = self._window(handler)
-        window.move_to(self._seconds())
-        return window.calls - window.failures, window.failures
+        """(first deliveries, retries that count: let through and not succeeded)
+        of ``handler`` in the window now."""
+        window, retries = self._counted(handler)
+        return window.calls - window.failures, retries
 
     def sort_claimed(self, items: Sequence[RetryItem]) -> tuple[list[RetryItem], list[Rescheduled]]:
         """Of records a worker claimed, those to run and those whose retry does not

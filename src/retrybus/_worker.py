@@ -970,6 +970,9 @@ class RetryWorker:
         attempted = await self._deliver(item, batch)
         if attempted is not None:
             batch.add(attempted)
+            budgets = self.bus.core.retry_budgets
+            if budgets is not None and item.attempt and isinstance(attempted.outcome, Succeeded):
+                budgets.retry_succeeded(item.handler_name)
 
     async def _complete(self, attempted: list[Attempted], batch: ClaimedBatch) -> None:
         ledger = self.bus.core.ledger
