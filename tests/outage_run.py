@@ -154,6 +154,13 @@ class OutageRun:
             moment += step
         return None
 
+    def first_calls(self) -> dict[str, Call]:
+        """Each event's first call (its first delivery), by event id."""
+        first: dict[str, Call] = {}
+        for call in sorted(self.calls, key=lambda c: c.start):
+            first.setdefault(call.event_id, call)
+        return first
+
     def attempts(self) -> Counter[str]:
         """event id -> how many times its handler was called."""
         return Counter(call.event_id for call in self.calls)

@@ -16,6 +16,11 @@ after its first call, well within the outage.
   one claim interval of the dependency's recovery.
 - Without a breaker, the same run for comparison: the dead letters and calls
   are printed; nothing is lost.
+- With a retry budget (``RetryBudget(percent=20, min_per_second=1, window=10)``)
+  and no breaker: the retries of any period of the outage stay within 20 % of
+  the first deliveries made then and in the window before (the budget's
+  allowance reaches back one window): the calls come to about 1.2 times the
+  first deliveries; nothing is lost.
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ BREAKER = {
 #: the workers' claim interval (``check_interval``): the longest a worker sleeps
 CLAIM_INTERVAL = 1.0
 WORKER = {"check_interval": CLAIM_INTERVAL, "batch_size": 50, "concurrency": 16, "lease": 30}
-#: a process re-reads the breakers' shared state this often (README: every 5 s):
-#: a process that has not tripped the breaker itself learns it opened by then
-REFRESH = 5.0
+#: a process whose calls fail re-reads the breakers' shared state this long after
+#: its last read (README: 0.5 s), at its next claim: a process that has not
+#: tripped the breaker itself learns it opened by then
+REFRESH = 0.5 + CLAIM_INTERVAL
 
 
 def summary(name: str, run: OutageRun) -> str:
@@ -140,3 +146,42 @@ async def test_without_a_breaker_the_outage_fills_the_dead_letter_queue(tmp_path
     assert not successes.keys() & run.dead_letters.keys()
     assert len(successes) + sum(run.dead_letters.values()) == len(run.published)
     assert successes.keys() | run.dead_letters.keys() == run.published.keys()
+
+
+async def test_a_retry_budget_bounds_the_calls_during_an_outage(tmp_path: Path) -> None:
+    budget = {"percent": 20, "min_per_second": 1, "window": 10}
+    worker = {**WORKER, "retry_budget": budget}
+    run = await run_outage(Scenario(policy=POLICY, breaker=None, worker=worker), tmp_path)
+    print(summary("with a retry budget", run))
+    first_calls = run.first_calls()
+    window = budget["window"]
+
+    def count(start: float, end: float) -> tuple[int, int]:
+        """(calls, first deliveries) started in [start, end)."""
+        calls = [c for c in run.calls if start <= c.start < end]
+        return len(calls), sum(1 for c in calls if first_calls[c.event_id] is c)
+
+    calls, first_deliveries = count(run.down, run.up)
+    print(
+        f"  during the outage: {calls} calls for {first_deliveries} first deliveries "
+        f"({calls / first_deliveries:.3f}x)"
+    )
+    # the budget's own bound: the retries of any period stay within 20 % of the first
+    # deliveries of that period and of the window before it (its allowance reaches
+    # back one window: a share of the last `window` seconds' first deliveries)
+    for start in (run.down, run.down + window, run.down + 2 * window):
+        calls, first_deliveries = count(start, run.up)
+        _, allowing = count(start - window, run.up)
+        retries = calls - first_deliveries
+        print(
+            f"  from {start - run.started:.0f}s: {retries} retries for {first_deliveries} first "
+            f"deliveries ({calls / first_deliveries:.3f}x), {allowing} in the window before too"
+        )
+        assert retries <= 0.2 * allowing
+    assert calls / first_deliveries <= 1.25
+    # nothing lost: every event handled once or dead-lettered (its retries used up)
+    assert run.retry_queue_left == 0
+    successes = run.successes()
+    assert not successes.keys() & run.dead_letters.keys()
+    assert successes.keys() | run.dead_letters.keys() == run.published.keys()
+    assert set(successes.values()) == {1}

@@ -116,7 +116,8 @@ class RetryBudgets:
     def try_retry(self, handler: str) -> bool:
         """Whether one more retry of ``handler`` fits the budget now; counted if it does."""
         window, retries = self._counted(handler)
-        if retries >= self._floor and retries >= self._share * (window.calls - window.failures):
+        retries += 1  # with this one: the budget is never exceeded, even by one
+        if retries > self._floor and retries > self._share * (window.calls - window.failures):
             return False
         window.add_now(True)
         return True

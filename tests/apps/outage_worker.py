@@ -9,7 +9,8 @@ are appended to), ``dependency`` (a file: while it exists the dependency is down
 and the handler raises ``ConnectionError``), ``ready`` (a file created once the
 worker runs), ``name``, ``policy`` (``ExponentialBackoff`` keyword arguments),
 ``breaker`` (``CircuitBreaker`` keyword arguments, or null for none), ``worker``
-(``RetryWorker`` keyword arguments) and ``handler_sleep`` (seconds per call).
+(``RetryWorker`` keyword arguments; ``retry_budget``: ``RetryBudget`` keyword
+arguments) and ``handler_sleep`` (seconds per call).
 
 Every call appends one line to ``record`` once it returns (one ``os.write``):
 
@@ -38,7 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import retrybus
-from retrybus import CircuitBreaker, Event, EventBus, ExponentialBackoff, RetryWorker
+from retrybus import (
+    CircuitBreaker,
+    Event,
+    EventBus,
+    ExponentialBackoff,
+    RetryBudget,
+    RetryWorker,
+)
 
 
 def make_bus(config: dict[str, Any], record: int) -> EventBus:
@@ -82,7 +90,10 @@ async def main(config: dict[str, Any]) -> int:
     try:
         stopping = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
-        async with bus, RetryWorker(bus, name=config["name"], **config["worker"]):
+        options = dict(config["worker"])
+        if options.get("retry_budget") is not None:
+            options["retry_budget"] = RetryBudget(**options["retry_budget"])
+        async with bus, RetryWorker(bus, name=config["name"], **options):
             Path(config["ready"]).write_bytes(b"")  # noqa: ASYNC240 (once, an empty file)
             with contextlib.suppress(asyncio.CancelledError):
                 await stopping.wait()
