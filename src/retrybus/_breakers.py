@@ -89,17 +89,16 @@ class SharedBreaker:
         self.machine = BreakerMachine(breaker, core.clock)
         self.handlers: list[str] = []
         self.version = 0
+        #: closed, as last known here (the hot path's check; kept with the status)
+        self.closed = True
         self._core = core
+        self._window = self.machine.window
+        self._seconds = self.machine.seconds
 
     @property
     def key(self) -> str:
         """Its control record's key."""
         return control_key(self._core.service, self.breaker.name)
-
-    @property
-    def closed(self) -> bool:
-        """Closed, as last known here (the hot path's check)."""
-        return self.machine.status.state == "closed"
 
     def state(self) -> BreakerState:
         """The state now, as last known here."""
@@ -109,9 +108,8 @@ class SharedBreaker:
 
     def succeeded(self) -> Awaitable[object] | None:
         """A call through the breaker succeeded (an awaitable: a transition to share)."""
-        machine = self.machine
-        if machine.status.state == "closed":
-            machine.window.add(machine.seconds(), False)
+        if self.closed:
+            self._window.add(self._seconds(), False)
             return None
         return self._after(False, "")
 
@@ -193,6 +191,7 @@ class SharedBreaker:
         machine = self.machine
         before = machine.status
         machine.status = status
+        self.closed = status.state == "closed"
         self.version = version
         if status.state == "closed" and before.state != "closed":
             machine.window.clear()
@@ -407,7 +406,7 @@ class Breakers:
         """Whether a worker runs ``item``, claimed earlier: its breaker is closed,
         or it was claimed as one of a half-open breaker's probes."""
         shared = self._by_handler.get(item.handler_name)
-        if shared is None:
+        if shared is None or (shared.closed and not self._probes):
             return True
         if item.id in self._probes:
             self._probes.discard(item.id)
