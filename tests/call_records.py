@@ -32,7 +32,10 @@ def read_calls(record: Path) -> list[Call]:
     if not record.exists():
         return []
     for line in record.read_text().splitlines():
-        kind, event_id, pid, start, *rest = line.split()
+        fields = line.split()
+        if len(fields) < 4 or (fields[0] == "E" and len(fields) < 5):
+            continue  # a line still being written, or cut short by a kill
+        kind, event_id, pid, start, *rest = fields
         key = (event_id, int(pid), int(start))
         call = calls.setdefault(key, Call(event_id, int(pid), int(start)))
         if kind == "E":
