@@ -314,23 +314,35 @@ class CallWindow:
     slices: a slice leaves the window whole, so the window holds between 9/10
     of ``seconds`` and ``seconds`` of calls."""
 
-    __slots__ = ("_calls", "_current", "_failures", "_width", "calls", "failures")
+    __slots__ = (
+        "_calls",
+        "_current",
+        "_failures",
+        "_position",
+        "_until",
+        "_width",
+        "calls",
+        "failures",
+    )
 
     def __init__(self, seconds: float) -> None:
         self._width = seconds / WINDOW_SLICES
         self._calls = [0] * WINDOW_SLICES
         self._failures = [0] * WINDOW_SLICES
+        #: the current slice: its number since the clock's 0, its place in the
+        #: lists, and when the next one begins (the hot path compares times only)
         self._current = -1
+        self._position = 0
+        self._until = -math.inf
         #: calls and failures in the window
         self.calls = 0
         self.failures = 0
 
     def add(self, at: float, failed: bool) -> None:
         """Count a call made at ``at`` (seconds on the clock's scale)."""
-        index = int(at // self._width)
-        if index > self._current:
-            self._advance(index)
-        position = self._current % WINDOW_SLICES  # a clock gone back counts as now
+        if at >= self._until:
+            self._advance(int(at // self._width))
+        position = self._position  # a clock gone back counts as now
         self._calls[position] += 1
         self.calls += 1
         if failed:
@@ -340,13 +352,12 @@ class CallWindow:
     def move_to(self, at: float) -> None:
         """Let the calls older than the window at ``at`` leave it, counting nothing
         (``add_now`` then counts a call at ``at``)."""
-        index = int(at // self._width)
-        if index > self._current:
-            self._advance(index)
+        if at >= self._until:
+            self._advance(int(at // self._width))
 
     def add_now(self, failed: bool) -> None:
         """Count a call at the time of the last ``add`` or ``move_to``."""
-        position = self._current % WINDOW_SLICES
+        position = self._position
         self._calls[position] += 1
         self.calls += 1
         if failed:
@@ -354,6 +365,8 @@ class CallWindow:
             self.failures += 1
 
     def _advance(self, index: int) -> None:
+        if index <= self._current:
+            return
         if self._current < 0 or index - self._current >= WINDOW_SLICES:
             self.clear()
         else:
@@ -363,6 +376,8 @@ class CallWindow:
                 self.failures -= self._failures[position]
                 self._calls[position] = self._failures[position] = 0
         self._current = index
+        self._position = index % WINDOW_SLICES
+        self._until = (index + 1) * self._width
 
     def clear(self) -> None:
         """Forget every call."""

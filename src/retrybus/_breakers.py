@@ -325,6 +325,8 @@ class Breakers:
         self._core = core
         self._by_name: dict[str, SharedBreaker] = {}
         self._by_handler: dict[str, SharedBreaker] = {}
+        #: whether any handler of the bus has a breaker (the hot path's check)
+        self.active = False
         #: claimed probe records this worker may run though the breaker is not closed
         self._probes: set[str] = set()
         self.refresh_interval = refresh
@@ -332,11 +334,6 @@ class Breakers:
         self._last_refresh: datetime | None = None
         #: a call through a closed breaker failed since the last read
         self._failing = False
-
-    @property
-    def active(self) -> bool:
-        """Whether any handler of the bus has a breaker."""
-        return bool(self._by_handler)
 
     def add(self, breaker: CircuitBreaker) -> SharedBreaker:
         """Register ``breaker`` (again: the same settings share it); raises
@@ -370,11 +367,13 @@ class Breakers:
     def attach(self, handler: str, shared: SharedBreaker) -> None:
         """Put ``handler``'s calls behind ``shared``."""
         self._by_handler[handler] = shared
+        self.active = True
         shared.handlers.append(handler)
 
     def detach(self, handler: str) -> None:
         """``handler`` is no longer subscribed."""
         shared = self._by_handler.pop(handler, None)
+        self.active = bool(self._by_handler)
         if shared is not None:
             shared.handlers.remove(handler)
 
