@@ -13,7 +13,7 @@ import pytest
 
 from conftest import fresh_store
 from retrybus import Event, EventBus, FixedDelay, ManualClock, RetryBudget, RetryWorker, Store
-from retrybus._budget import RetryBudgets
+from retrybus._budget import WAITS_KEY, RetryBudgets
 
 
 @pytest.mark.parametrize(
@@ -132,6 +132,40 @@ async def test_an_outage_costs_at_most_the_budget_and_loses_nothing(
     assert await bus.dead_letters.count() == 0
     assert set(dependency.calls) == {event.id for event in events}
     await bus.close()
+
+
+async def test_first_deliveries_made_elsewhere_count_through_their_first_retries(
+    budget_store: Store, clock: ManualClock
+) -> None:
+    """A web process publishes inline (no budget there); the worker's budget counts
+    each failed first delivery once, as its first retry is first claimed."""
+    policy = FixedDelay(delay=1.0, max_retries=100)
+    web, calls_in_web = EventBus(budget_store, clock=clock, default_policy=policy), Dependency()
+    web.subscribe("order.paid", calls_in_web, name="save_order")
+    workers, calls_in_worker = (
+        EventBus(budget_store, clock=clock, default_policy=policy),
+        Dependency(),
+    )
+    workers.subscribe("order.paid", calls_in_worker, name="save_order")
+    worker = RetryWorker(
+        workers, batch_size=500, retry_budget=RetryBudget(percent=20, min_per_second=0.1, window=10)
+    )
+    for n in range(100):
+        await web.publish(Event("order.paid", {"n": n}))
+    assert sum(calls_in_web.calls.values()) == 100
+
+    clock.advance(1)
+    await worker.run_once()
+    assert sum(calls_in_worker.calls.values()) == 20  # 20 % of the 100 first deliveries
+    waiting = [i for i in await budget_store.list_retry(limit=500, offset=0) if i.attempt == 1]
+    assert len(waiting) == 80
+    assert {i.metadata.get(WAITS_KEY) for i in waiting} == {1}
+
+    clock.advance(10)  # those first deliveries leave the window; a waiting retry is no new one
+    await worker.run_once()
+    assert sum(calls_in_worker.calls.values()) == 21  # the floor: 0.1 a second over 10 s
+    await web.close()
+    await workers.close()
 
 
 def test_workers_of_one_bus_share_one_budget() -> None:

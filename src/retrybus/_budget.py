@@ -29,7 +29,10 @@ from ._clock import Clock, SystemClock
 from ._outcomes import Rescheduled
 from ._records import RetryItem
 
-__all__ = ["RetryBudget", "RetryBudgets"]
+__all__ = ["WAITS_KEY", "RetryBudget", "RetryBudgets"]
+
+#: the metadata key counting the times a retry waited for the budget
+WAITS_KEY = "retry_budget_waits"
 
 
 def _positive(name: str, value: float, *, zero: bool = False) -> float:
@@ -156,19 +159,36 @@ class RetryBudgets:
         """Of records a worker claimed, those to run and those whose retry does not
         fit the budget: the latter as outcomes that put them back in the queue,
         due when the budget should have room (``postpone_until``), their attempt
-        and error unchanged. First deliveries always run (and add to the budget)."""
+        and error unchanged, ``metadata["retry_budget_waits"]`` counting the
+        times. First deliveries always run. A first retry claimed for the first
+        time is also a first delivery that failed, wherever it was made (a
+        publisher's process, this worker, another one): it adds to the budget
+        before it asks it for room, which is how the first deliveries of other
+        processes count (this process counts its own successes, ``succeeded``)."""
         run: list[RetryItem] = []
         postponed: list[Rescheduled] = []
         refused: dict[str, int] = {}
         for item in items:
             name = item.handler_name
             if item.attempt == 0:
+                run.append(item)
+                continue
+            waits = item.metadata.get(WAITS_KEY, 0) if item.metadata else 0
+            if item.attempt == 1 and not waits:
                 self.first_delivery(name)
+            if self.try_retry(name):
                 run.append(item)
-            elif self.try_retry(name):
-                run.append(item)
-            else:
-                waiting = refused[name] = refused.get(name, 0) + 1
-                due = self.postpone_until(name, waiting)
-                postponed.append(Rescheduled(replace(item, next_retry=due)))
+                continue
+            waiting = refused[name] = refused.get(name, 0) + 1
+            due = self.postpone_until(name, waiting)
+            metadata = {**item.metadata, WAITS_KEY: (waits if isinstance(waits, int) else 0) + 1}
+            postponed.append(Rescheduled(replace(item, next_retry=due, metadata=metadata)))
         return run, postponed
+
+    def succeeded(self, item: RetryItem) -> None:
+        """A claimed record's call succeeded: a first delivery adds to the budget,
+        a retry no longer counts (``retry_succeeded``)."""
+        if item.attempt:
+            self.retry_succeeded(item.handler_name)
+        else:
+            self.first_delivery(item.handler_name)

@@ -307,16 +307,17 @@ class TransportConsumer:
             subscriptions = await self._hold_back(event, subscriptions, publisher)
             if not subscriptions:
                 return
-        budgets = core.retry_budgets
-        if budgets is not None:
-            for subscription in subscriptions:  # first deliveries made here
-                budgets.first_delivery(subscription.name)
         if not observers.watch_calls:
             errors = await call_all_plain(subscriptions, event, self._handler_timeout)
             calls = Calls(errors, None)
         else:
             calls = observed_calls(subscriptions, event, "deliver", trace_metadata(publisher, None))
             await call_all_observed(calls, subscriptions, event, observers, self._handler_timeout)
+        budgets = core.retry_budgets
+        if budgets is not None:  # first deliveries that succeeded here
+            for subscription, error in zip(subscriptions, calls.errors, strict=True):
+                if error is None:
+                    budgets.first_delivery(subscription.name)
         if remembering:
             # before the ack: a broker's redelivery finds them
             succeeded = [

@@ -131,15 +131,16 @@ class Publisher:
         held: tuple[str, ...] = ()
         if subscriptions and (core.breakers.active or core.registry.limited):
             subscriptions, held = await self._hold_back(event, subscriptions, durable)
-        if core.retry_budgets is not None and not routes:
-            for subscription in subscriptions:  # first deliveries made here
-                core.retry_budgets.first_delivery(subscription.name)
         if routes:
             result = await self._publish_routed(event, subscriptions, routes, durable, due, defer)
         elif not durable:
             result = await self._run_then_record(event, subscriptions)
         else:
             result = await self._record_then_run(event, subscriptions)
+        budgets = core.retry_budgets
+        if budgets is not None:  # first deliveries that succeeded here
+            for name in result.succeeded:
+                budgets.first_delivery(name)
         if handled:  # the inbox's skips: successes before
             result = replace(result, succeeded=(*handled, *result.succeeded))
         if held:

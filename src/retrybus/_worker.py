@@ -971,8 +971,8 @@ class RetryWorker:
         if attempted is not None:
             batch.add(attempted)
             budgets = self.bus.core.retry_budgets
-            if budgets is not None and item.attempt and isinstance(attempted.outcome, Succeeded):
-                budgets.retry_succeeded(item.handler_name)
+            if budgets is not None and isinstance(attempted.outcome, Succeeded):
+                budgets.succeeded(item)
 
     async def _complete(self, attempted: list[Attempted], batch: ClaimedBatch) -> None:
         ledger = self.bus.core.ledger
