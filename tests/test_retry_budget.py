@@ -5,6 +5,7 @@ attempt unused, and every event is delivered once the dependency is back."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -96,7 +97,7 @@ async def budget_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 
 @pytest.mark.parametrize("defer", [False, True], ids=["published-inline", "deferred"])
 async def test_an_outage_costs_at_most_the_budget_and_loses_nothing(
-    budget_store: Store, clock: ManualClock, defer: bool
+    budget_store: Store, clock: ManualClock, defer: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     dependency = Dependency()
     bus = EventBus(budget_store, clock=clock, default_policy=FixedDelay(delay=1.0, max_retries=100))
@@ -111,9 +112,15 @@ async def test_an_outage_costs_at_most_the_budget_and_loses_nothing(
         assert await worker.run_once() == 200
     assert sum(dependency.calls.values()) == 200
 
-    for _ in range(10):  # ten seconds of outage, a claim each second
-        clock.advance(1)
-        await worker.run_once()
+    with caplog.at_level(logging.INFO, logger="retrybus.worker"):
+        for _ in range(10):  # ten seconds of outage, a claim each second
+            clock.advance(1)
+            await worker.run_once()
+    told = [
+        r.getMessage() for r in caplog.records if "retry budget of save_order" in r.getMessage()
+    ]
+    assert 1 <= len(told) <= 2, told  # a line per window at most, never one per retry
+    assert "retries wait, their attempts unused" in told[0]
     calls = sum(dependency.calls.values())
     assert 200 < calls <= 1.2 * 200  # the retries: 20 % of the first deliveries
     items = await budget_store.list_retry(limit=500, offset=0)

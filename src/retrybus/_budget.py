@@ -84,6 +84,8 @@ class RetryBudgets:
         self._windows: dict[str, CallWindow] = {}
         #: per handler, the retries let through that succeeded, in the window
         self._refunds: dict[str, CallWindow] = {}
+        #: per handler, until when no more is logged of its waiting retries
+        self._quiet_until: dict[str, float] = {}
         self._floor = budget.min_per_second * budget.window
         self._share = budget.percent / 100.0
         #: the clock's time in seconds (the system clock's read without a datetime)
@@ -184,6 +186,29 @@ class RetryBudgets:
             metadata = {**item.metadata, WAITS_KEY: (waits if isinstance(waits, int) else 0) + 1}
             postponed.append(Rescheduled(replace(item, next_retry=due, metadata=metadata)))
         return run, postponed
+
+    def news(self, postponed: Sequence[Rescheduled]) -> list[str]:
+        """What to log of ``postponed``: a line per handler whose retries started
+        waiting for its budget, at most one per ``window`` seconds (never one per
+        retry)."""
+        now = self._seconds()
+        counts: dict[str, int] = {}
+        for outcome in postponed:
+            name = outcome.item.handler_name
+            counts[name] = counts.get(name, 0) + 1
+        lines = []
+        for name, count in counts.items():
+            if now < self._quiet_until.get(name, 0.0):
+                continue
+            self._quiet_until[name] = now + self.budget.window
+            first_deliveries, retries = self.usage(name)
+            lines.append(
+                f"retry budget of {name}: {count} retries wait, their attempts unused "
+                f"({retries} retries for {first_deliveries} first deliveries in the last "
+                f"{self.budget.window:g}s; {self.budget.percent:g} %, at least "
+                f"{self.budget.min_per_second:g}/s)"
+            )
+        return lines
 
     def succeeded(self, item: RetryItem) -> None:
         """A claimed record's call succeeded: a first delivery adds to the budget,

@@ -835,6 +835,8 @@ class RetryWorker:
         they are given back as they were."""
         run, postponed = budgets.sort_claimed(items)
         if postponed:
+            for line in budgets.news(postponed):
+                logger.info("worker %s: %s", self.name, line)
             try:
                 await self.bus.store.complete(postponed, owner, self.bus.clock.now())
             except StoreUnavailable:
