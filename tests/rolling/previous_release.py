@@ -17,7 +17,8 @@ whose records know no service, which no deployment upgrading today runs.
 
 ``source_tree()`` extracts the release's ``src`` with ``git archive`` into a
 directory of the test session: a subprocess with ``PYTHONPATH=<that>/src`` runs
-it. Without the commit (a shallow clone) the tests skip, or fail when CI=true.
+it. A shallow clone is deepened from its origin first; without the commit the
+tests skip, or fail when CI=true.
 """
 
 from __future__ import annotations
@@ -62,8 +63,12 @@ def source_tree(directory: Path) -> Path:
         return src
     root = repository()
     archive = _git("archive", "--format=tar", PREVIOUS_RELEASE, "src", cwd=root)
+    shallow = _git("rev-parse", "--is-shallow-repository", cwd=root).stdout.decode().strip()
+    if archive.returncode != 0 and shallow == "true":
+        # a shallow clone (as some CI checkouts are): its origin has the history
+        _git("fetch", "--quiet", "--unshallow", cwd=root)
+        archive = _git("archive", "--format=tar", PREVIOUS_RELEASE, "src", cwd=root)
     if archive.returncode != 0:
-        shallow = _git("rev-parse", "--is-shallow-repository", cwd=root).stdout.decode().strip()
         why = "a shallow clone" if shallow == "true" else archive.stderr.decode().strip()
         _unavailable(f"commit {PREVIOUS_RELEASE[:12]} is not in {root} ({why})")
     with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
