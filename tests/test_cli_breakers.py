@@ -6,48 +6,20 @@ and PostgreSQL; commands run in a thread through CliRunner (each its own loop)."
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
-from typer.testing import CliRunner, Result
 
+from cli_runner import invoke, json_of, ok, one_line_error
 from engines import postgresql
 from retrybus import CircuitBreaker, Event, EventBus, FixedDelay, ManualClock, Store, open_store
 from retrybus._breaker import BreakerStatus
-from retrybus._cli.app import app
-
-runner = CliRunner()
 
 DB = CircuitBreaker("orders-db", min_calls=4, failure_ratio=0.5, open_for=300, probes=2)
-
-
-async def invoke(*args: object) -> Result:
-    return await asyncio.to_thread(runner.invoke, app, [str(arg) for arg in args])
-
-
-async def ok(*args: object) -> Result:
-    result = await invoke(*args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-async def json_of(*args: object) -> Any:
-    return json.loads((await ok(*args, "--json")).stdout)
-
-
-def one_line_error(result: Result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: "), result.stderr
-    return lines[0]
 
 
 async def failing(event: Event) -> None:

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner, Result
 
 import retrybus
+from cli_runner import invoke, json_of, ok
 from engines import mongodb, postgresql, redis
 from retrybus import (
     Event,
@@ -37,7 +37,6 @@ from retrybus import (
     Store,
     StoreUnavailable,
 )
-from retrybus._cli.app import app
 from retrybus._cli.output import record_to_dict
 
 APPS = Path(__file__).parent / "apps"
@@ -45,8 +44,6 @@ WITH_APP = ("--app", "cli_app:bus", "--app-dir", str(APPS))
 RETRYBUS = Path(sys.executable).parent / "retrybus"
 ENGINES = ["postgresql", "redis", "mongodb"]
 PASSWORD = "s3cretPa55"
-
-runner = CliRunner()
 
 
 def store_url(kind: str, store: Store) -> str:
@@ -59,21 +56,6 @@ def store_url(kind: str, store: Store) -> str:
 
 
 # running the command line --------------------------------------------------------------
-
-
-async def invoke(*args: object) -> Result:
-    """``retrybus ARGS`` through CliRunner, in a thread: the command runs its own loop."""
-    return await asyncio.to_thread(runner.invoke, app, [str(arg) for arg in args])
-
-
-async def ok(*args: object) -> Result:
-    result = await invoke(*args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-async def json_of(*args: object) -> Any:
-    return json.loads((await ok(*args, "--json")).stdout)
 
 
 def run_retrybus(*args: object, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -14,8 +14,6 @@ process's).
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import re
 import socket
@@ -27,8 +25,8 @@ from typing import Any
 
 import pytest
 from rich.console import Console
-from typer.testing import CliRunner, Result
 
+from cli_runner import invoke, json_of, ok, one_line_error
 from conftest import ENGINES, fresh_store
 from retrybus import (
     DeadLetterFilter,
@@ -40,40 +38,12 @@ from retrybus import (
     open_store,
 )
 from retrybus._cli import views
-from retrybus._cli.app import app
 from retrybus._services import HandlerLoad, HandlerSummary, ServiceSummary
 from seeding import dead_letter
 from test_conformance_engines import engines_with
 
-runner = CliRunner()
-
 HOST = socket.gethostname()
 WORKER = "social-1"
-
-
-async def invoke(*args: object, input: str | None = None) -> Result:
-    """``retrybus ARGS`` through CliRunner, in a thread: the command runs its own loop."""
-    return await asyncio.to_thread(runner.invoke, app, [str(arg) for arg in args], input=input)
-
-
-async def ok(*args: object, input: str | None = None) -> Result:
-    result = await invoke(*args, input=input)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-async def json_of(*args: object) -> Any:
-    return json.loads((await ok(*args, "--json")).stdout)
-
-
-def one_line_error(result: Result, code: int) -> str:
-    """The command exited with ``code`` and said why in one ``Error:`` line on stderr."""
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 # the seeded store ------------------------------------------------------------------
