@@ -303,7 +303,7 @@ class TransportConsumer:
                 subscriptions = tuple(s for s in subscriptions if s.name not in handled)
                 if not subscriptions:
                     return
-        if core.breakers.active or core.registry.limited:
+        if core.breakers.active or core.registry.rated:
             subscriptions = await self._hold_back(event, subscriptions, publisher)
             if not subscriptions:
                 return

@@ -265,6 +265,8 @@ class HandlerRegistry:
         self.inboxes = 0
         #: how many subscriptions have a rate or a concurrency limit
         self.limited = 0
+        #: how many subscriptions have a rate (their deliveries are left to workers)
+        self.rated = 0
 
     def add(
         self,
@@ -330,6 +332,8 @@ class HandlerRegistry:
             self.inboxes += 1
         if subscription.rate is not None or subscription.gate is not None:
             self.limited += 1
+        if subscription.rate is not None:
+            self.rated += 1
         return subscription
 
     def remove(self, name: str) -> Subscription | None:
@@ -340,6 +344,8 @@ class HandlerRegistry:
                 self.inboxes -= 1
             if subscription.rate is not None or subscription.gate is not None:
                 self.limited -= 1
+            if subscription.rate is not None:
+                self.rated -= 1
         return subscription
 
     def get(self, name: str) -> Subscription | None:

@@ -129,7 +129,7 @@ class Publisher:
         if subscriptions and core.remembered.in_use:
             subscriptions, handled = await self._unhandled(event, subscriptions)
         held: tuple[str, ...] = ()
-        if subscriptions and (core.breakers.active or core.registry.limited):
+        if subscriptions and (core.breakers.active or core.registry.rated):
             subscriptions, held = await self._hold_back(event, subscriptions, durable)
         if routes:
             result = await self._publish_routed(event, subscriptions, routes, durable, due, defer)
