@@ -8,12 +8,22 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from conftest import fresh_store
-from retrybus import Event, EventBus, FixedDelay, ManualClock, RetryBudget, RetryWorker, Store
+from retrybus import (
+    Event,
+    EventBus,
+    FixedDelay,
+    ManualClock,
+    RetryBudget,
+    RetryItem,
+    RetryWorker,
+    Store,
+)
 from retrybus._budget import WAITS_KEY, RetryBudgets
 
 
@@ -64,6 +74,36 @@ def test_retries_that_succeed_no_longer_count(clock: ManualClock) -> None:
     assert sum(budgets.try_retry("save") for _ in range(50)) == 4
     clock.advance(10)  # all of them leave the window
     assert budgets.usage("save") == (0, 0)
+
+
+def test_a_retry_claimed_again_without_an_outcome_is_not_asked_again(
+    clock: ManualClock,
+) -> None:
+    """Its worker died mid-call: the budget let it through once; postponing it now
+    would reset the claims that dead-letter a record killing its workers."""
+    budgets = RetryBudgets(RetryBudget(percent=20, min_per_second=0.1, window=10), clock)
+    assert budgets.try_retry("save")  # the floor's one retry is used up
+    now = clock.now()
+    item = RetryItem(
+        id="r1",
+        event_id="e1",
+        event_type="order.paid",
+        event_data={},
+        event_source="test",
+        event_timestamp=now,
+        handler_name="save",
+        error="ConnectionError: down",
+        attempt=2,
+        max_retries=5,
+        next_retry=now,
+        created_at=now,
+        updated_at=now,
+        claims=2,
+    )
+    run, postponed = budgets.sort_claimed([item, replace(item, id="r2", claims=1)])
+    assert [i.id for i in run] == ["r1"]
+    assert [p.item.id for p in postponed] == ["r2"]
+    assert budgets.usage("save") == (0, 1)  # not counted twice
 
 
 def test_refused_retries_come_back_spread_at_the_allowed_rate(clock: ManualClock) -> None:

@@ -162,7 +162,8 @@ class RetryBudgets:
         fit the budget: the latter as outcomes that put them back in the queue,
         due when the budget should have room (``postpone_until``), their attempt
         and error unchanged, ``metadata["retry_budget_waits"]`` counting the
-        times. First deliveries always run. A first retry claimed for the first
+        times. First deliveries always run, and so do records claimed again
+        without an outcome (let through once already). A first retry claimed for the first
         time is also a first delivery that failed, wherever it was made (a
         publisher's process, this worker, another one): it adds to the budget
         before it asks it for room, which is how the first deliveries of other
@@ -172,7 +173,10 @@ class RetryBudgets:
         refused: dict[str, int] = {}
         for item in items:
             name = item.handler_name
-            if item.attempt == 0:
+            if item.attempt == 0 or item.claims > 1:
+                # a first delivery; or a retry claimed again without an outcome (its
+                # worker died or hung): let through before, and postponing it would
+                # reset the claims that end a record killing its workers
                 run.append(item)
                 continue
             waits = item.metadata.get(WAITS_KEY, 0) if item.metadata else 0
